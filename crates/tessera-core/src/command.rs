@@ -1,0 +1,57 @@
+//! Commands: everything that changes the ledger. Each enters the replicated log as a
+//! [`Stamped`] entry carrying the time the primary stamped on it, so that applying the same
+//! log gives the same state on every host, whenever it is applied.
+
+use serde::{Deserialize, Serialize};
+
+use crate::key::LicenseKey;
+
+/// A command with the primary's time. `at_ms` is milliseconds since the Unix epoch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stamped {
+    pub at_ms: i64,
+    pub command: Command,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Command {
+    /// Adds a vendor-signed key. The ledger verifies it again on apply.
+    ImportKey { key: LicenseKey },
+    /// Removes a key; its leases end with it.
+    RemoveKey { key_id: String },
+    /// A station asks for a license of `component`. `lease_id` is used only if a new lease
+    /// is created; the primary draws it before proposing, so replicas agree on it.
+    Checkout {
+        lease_id: String,
+        component: String,
+        station: String,
+        user: String,
+        host: String,
+        lease_ttl_ms: i64,
+    },
+    /// Extends a live lease by `lease_ttl_ms` from now.
+    Heartbeat { lease_id: String, lease_ttl_ms: i64 },
+    /// The station returns its license.
+    Checkin { lease_id: String },
+    /// An administrator takes a license back from a station.
+    ForceRelease { lease_id: String },
+    /// Ends every lease whose time has run out. Proposed by the primary's timer; replicas
+    /// never expire anything on their own.
+    Expire,
+}
+
+impl Command {
+    /// A short name for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::ImportKey { .. } => "import_key",
+            Command::RemoveKey { .. } => "remove_key",
+            Command::Checkout { .. } => "checkout",
+            Command::Heartbeat { .. } => "heartbeat",
+            Command::Checkin { .. } => "checkin",
+            Command::ForceRelease { .. } => "force_release",
+            Command::Expire => "expire",
+        }
+    }
+}

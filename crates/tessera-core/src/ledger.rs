@@ -1,0 +1,597 @@
+//! The ledger: license keys, leases and the rules that tie them together.
+//!
+//! `Ledger::apply` is the only way to change it. It is deterministic: it reads no clock and
+//! draws no randomness; the time is the `at_ms` the primary stamped, never moving backwards
+//! (an entry stamped earlier than the last applied one is applied at the last time).
+//!
+//! Rules:
+//! - A lease is active while `at < expires_at_ms`. Every apply first ends the leases whose
+//!   time has run out, so expiry is exact whatever command comes next; the primary also
+//!   proposes `Expire` on a timer so idle servers free licenses and record the expiry.
+//! - A station holds at most one license of a key, whichever of the key's components it
+//!   uses. Asking again for a component covered by a key it holds returns that lease.
+//! - When several keys cover a component, the station gets a license from the key that ends
+//!   first (ties broken by key id), so longer-lived keys stay free for later.
+//! - A lease never outlives its key: its expiry is capped at the key's `valid_until`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use crate::command::{Command, Stamped};
+use crate::identity::PublicKey;
+use crate::key::{KeyError, LicenseKey, is_name};
+use crate::outcome::{Outcome, Refusal};
+
+/// Upper bound on a lease's time to live, so a mistaken request cannot pin a seat for years.
+pub const LEASE_TTL_MS_MAX: i64 = 7 * 24 * 3600 * 1000;
+pub const FREE_TEXT_LENGTH_MAX: usize = 256;
+
+/// What every replica of a server is configured with, identically.
+#[derive(Clone, Debug, Default)]
+pub struct LedgerConfig {
+    /// Vendor root keys whose signatures this server accepts.
+    pub trusted_vendors: Vec<PublicKey>,
+    /// This license server's ID, if it has one; keys issued to another ID are refused.
+    pub server_id: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseView {
+    pub lease_id: String,
+    pub key_id: String,
+    /// The components the station asked for under this lease, sorted.
+    pub components: Vec<String>,
+    pub station: String,
+    pub user: String,
+    pub host: String,
+    pub issued_at_ms: i64,
+    pub renewed_at_ms: i64,
+    pub expires_at_ms: i64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyState {
+    /// Not valid yet.
+    Pending,
+    Active,
+    Expired,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyView {
+    pub key: LicenseKey,
+    pub state: KeyState,
+    pub in_use: u32,
+}
+
+#[derive(Clone, Debug)]
+struct KeyRecord {
+    key: LicenseKey,
+    in_use: u32,
+}
+
+/// The ledger's state as it is stored in a snapshot; indexes are rebuilt on restore.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerSnapshot {
+    pub last_at_ms: i64,
+    pub keys: Vec<LicenseKey>,
+    pub leases: Vec<LeaseView>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Ledger {
+    config: LedgerConfig,
+    last_at_ms: i64,
+    keys: BTreeMap<String, KeyRecord>,
+    leases: HashMap<String, LeaseView>,
+    /// (station, key id) → lease id: the one-license-per-station-per-key rule.
+    by_station: HashMap<(String, String), String>,
+    /// (expires at, lease id), so expiry touches only the leases that are due.
+    expiry: BTreeSet<(i64, String)>,
+}
+
+impl Ledger {
+    pub fn new(config: LedgerConfig) -> Ledger {
+        Ledger {
+            config,
+            last_at_ms: i64::MIN,
+            keys: BTreeMap::new(),
+            leases: HashMap::new(),
+            by_station: HashMap::new(),
+            expiry: BTreeSet::new(),
+        }
+    }
+
+    pub fn config(&self) -> &LedgerConfig {
+        &self.config
+    }
+
+    /// The latest time applied: the persisted high-water mark of time for clock checks.
+    pub fn last_at_ms(&self) -> i64 {
+        self.last_at_ms
+    }
+
+    pub fn apply(&mut self, entry: &Stamped) -> Outcome {
+        let at = entry.at_ms.max(self.last_at_ms);
+        self.last_at_ms = at;
+        let ended = self.end_due_leases(at);
+        let outcome = match &entry.command {
+            Command::ImportKey { key } => self.import_key(key, at),
+            Command::RemoveKey { key_id } => self.remove_key(key_id),
+            Command::Checkout {
+                lease_id,
+                component,
+                station,
+                user,
+                host,
+                lease_ttl_ms,
+            } => self.checkout(
+                CheckoutRequest {
+                    lease_id,
+                    component,
+                    station,
+                    user,
+                    host,
+                    lease_ttl_ms: *lease_ttl_ms,
+                },
+                at,
+            ),
+            Command::Heartbeat {
+                lease_id,
+                lease_ttl_ms,
+            } => self.heartbeat(lease_id, *lease_ttl_ms, at),
+            Command::Checkin { lease_id } | Command::ForceRelease { lease_id } => {
+                self.release(lease_id)
+            }
+            Command::Expire => Outcome::Expired {
+                leases_ended: ended,
+            },
+        };
+        #[cfg(debug_assertions)]
+        if let Err(violation) = self.check_invariants() {
+            panic!("ledger invariant violated after {entry:?}: {violation}");
+        }
+        outcome
+    }
+
+    fn import_key(&mut self, key: &LicenseKey, at: i64) -> Outcome {
+        let refuse = |error: KeyError| Outcome::Refused {
+            refusal: Refusal::KeyRejected { error },
+        };
+        let payload = match key.verify(&self.config.trusted_vendors) {
+            Ok(payload) => payload,
+            Err(error) => return refuse(error),
+        };
+        if payload.valid_until_ms() <= at {
+            return refuse(KeyError::Expired {
+                key_id: payload.key_id.clone(),
+                valid_until: payload.valid_until.to_string(),
+            });
+        }
+        if let Some(issued_to) = &payload.server_id
+            && self.config.server_id.as_deref() != Some(issued_to.as_str())
+        {
+            return refuse(KeyError::OtherServer {
+                key_id: payload.key_id.clone(),
+                issued_to: issued_to.clone(),
+                this_server: self
+                    .config
+                    .server_id
+                    .clone()
+                    .unwrap_or_else(|| "no server ID".into()),
+            });
+        }
+        if self.keys.contains_key(&payload.key_id) {
+            return Outcome::Refused {
+                refusal: Refusal::KeyAlreadyImported {
+                    key_id: payload.key_id.clone(),
+                },
+            };
+        }
+        let key_id = payload.key_id.clone();
+        self.keys.insert(
+            key_id.clone(),
+            KeyRecord {
+                key: key.clone(),
+                in_use: 0,
+            },
+        );
+        Outcome::KeyImported { key_id }
+    }
+
+    fn remove_key(&mut self, key_id: &str) -> Outcome {
+        if !self.keys.contains_key(key_id) {
+            return Outcome::Refused {
+                refusal: Refusal::KeyNotFound {
+                    key_id: key_id.into(),
+                },
+            };
+        }
+        let doomed: Vec<String> = self
+            .leases
+            .values()
+            .filter(|lease| lease.key_id == key_id)
+            .map(|lease| lease.lease_id.clone())
+            .collect();
+        for lease_id in &doomed {
+            self.remove_lease(lease_id);
+        }
+        self.keys.remove(key_id);
+        Outcome::KeyRemoved {
+            key_id: key_id.into(),
+            leases_ended: doomed.len() as u32,
+        }
+    }
+
+    fn checkout(&mut self, request: CheckoutRequest<'_>, at: i64) -> Outcome {
+        if let Err(reason) = request.validate() {
+            return Outcome::Refused {
+                refusal: Refusal::InvalidRequest { reason },
+            };
+        }
+        let component = request.component;
+        let covering: Vec<&KeyRecord> = self
+            .keys
+            .values()
+            .filter(|record| is_active(record, at) && record.key.payload.covers(component))
+            .collect();
+        if covering.is_empty() {
+            return Outcome::Refused {
+                refusal: Refusal::ComponentNotLicensed {
+                    component: component.into(),
+                },
+            };
+        }
+        // The same station asking again: hand back the license it holds (idempotent). If it
+        // holds several covering keys, the one chosen is the one a new lease would use.
+        let held = covering
+            .iter()
+            .filter_map(|record| {
+                let key_id = record.key.payload.key_id.clone();
+                let lease_id = self
+                    .by_station
+                    .get(&(request.station.to_string(), key_id))?;
+                Some((
+                    (record.key.payload.valid_until_ms(), record.key.key_id()),
+                    lease_id,
+                ))
+            })
+            .min()
+            .map(|(_, lease_id)| lease_id.clone());
+        if let Some(lease_id) = held {
+            let valid_until = self.keys[&self.leases[&lease_id].key_id]
+                .key
+                .payload
+                .valid_until_ms();
+            let lease = self.extend_lease(&lease_id, at, request.lease_ttl_ms, valid_until);
+            if let Err(position) = lease.components.binary_search(&component.to_string()) {
+                lease.components.insert(position, component.to_string());
+            }
+            return Outcome::LeaseGranted {
+                lease: lease.clone(),
+                created: false,
+            };
+        }
+        let licenses: u32 = covering.iter().map(|r| r.key.payload.licenses).sum();
+        let Some(chosen) = covering
+            .iter()
+            .filter(|record| record.in_use < record.key.payload.licenses)
+            .min_by_key(|record| {
+                (
+                    record.key.payload.valid_until_ms(),
+                    record.key.payload.key_id.clone(),
+                )
+            })
+        else {
+            return Outcome::Refused {
+                refusal: Refusal::NoLicensesAvailable {
+                    component: component.into(),
+                    licenses,
+                },
+            };
+        };
+        if self.leases.contains_key(request.lease_id) {
+            return Outcome::Refused {
+                refusal: Refusal::InvalidRequest {
+                    reason: format!("lease id {} is already in use", request.lease_id),
+                },
+            };
+        }
+        let key_id = chosen.key.payload.key_id.clone();
+        let expires_at_ms = (at + request.lease_ttl_ms).min(chosen.key.payload.valid_until_ms());
+        let lease = LeaseView {
+            lease_id: request.lease_id.to_string(),
+            key_id: key_id.clone(),
+            components: vec![component.to_string()],
+            station: request.station.to_string(),
+            user: request.user.to_string(),
+            host: request.host.to_string(),
+            issued_at_ms: at,
+            renewed_at_ms: at,
+            expires_at_ms,
+        };
+        self.insert_lease(lease.clone());
+        Outcome::LeaseGranted {
+            lease,
+            created: true,
+        }
+    }
+
+    fn heartbeat(&mut self, lease_id: &str, lease_ttl_ms: i64, at: i64) -> Outcome {
+        if !(1..=LEASE_TTL_MS_MAX).contains(&lease_ttl_ms) {
+            return Outcome::Refused {
+                refusal: Refusal::InvalidRequest {
+                    reason: format!("lease_ttl_ms must be 1 to {LEASE_TTL_MS_MAX}"),
+                },
+            };
+        }
+        let Some(lease) = self.leases.get(lease_id) else {
+            return lease_not_found(lease_id);
+        };
+        let valid_until = self.keys[&lease.key_id].key.payload.valid_until_ms();
+        let lease = self.extend_lease(lease_id, at, lease_ttl_ms, valid_until);
+        Outcome::LeaseRenewed {
+            lease: lease.clone(),
+        }
+    }
+
+    fn release(&mut self, lease_id: &str) -> Outcome {
+        match self.remove_lease(lease_id) {
+            Some(lease) => Outcome::LeaseReleased { lease },
+            None => lease_not_found(lease_id),
+        }
+    }
+
+    fn extend_lease(
+        &mut self,
+        lease_id: &str,
+        at: i64,
+        lease_ttl_ms: i64,
+        valid_until_ms: i64,
+    ) -> &mut LeaseView {
+        let lease = self
+            .leases
+            .get_mut(lease_id)
+            .expect("caller checked the lease exists");
+        self.expiry
+            .remove(&(lease.expires_at_ms, lease_id.to_string()));
+        // A renewal never shortens a lease: a late, duplicated heartbeat must not cut it.
+        lease.expires_at_ms = lease
+            .expires_at_ms
+            .max((at + lease_ttl_ms).min(valid_until_ms));
+        lease.renewed_at_ms = at;
+        self.expiry
+            .insert((lease.expires_at_ms, lease_id.to_string()));
+        lease
+    }
+
+    fn insert_lease(&mut self, lease: LeaseView) {
+        let record = self
+            .keys
+            .get_mut(&lease.key_id)
+            .expect("lease's key exists");
+        record.in_use += 1;
+        assert!(
+            record.in_use <= record.key.payload.licenses,
+            "over-issued key {}",
+            lease.key_id
+        );
+        self.by_station.insert(
+            (lease.station.clone(), lease.key_id.clone()),
+            lease.lease_id.clone(),
+        );
+        self.expiry
+            .insert((lease.expires_at_ms, lease.lease_id.clone()));
+        self.leases.insert(lease.lease_id.clone(), lease);
+    }
+
+    fn remove_lease(&mut self, lease_id: &str) -> Option<LeaseView> {
+        let lease = self.leases.remove(lease_id)?;
+        self.by_station
+            .remove(&(lease.station.clone(), lease.key_id.clone()));
+        self.expiry
+            .remove(&(lease.expires_at_ms, lease.lease_id.clone()));
+        if let Some(record) = self.keys.get_mut(&lease.key_id) {
+            record.in_use -= 1;
+        }
+        Some(lease)
+    }
+
+    /// Ends every lease with `expires_at_ms <= at`; returns how many ended.
+    fn end_due_leases(&mut self, at: i64) -> u32 {
+        let mut ended = 0;
+        while let Some((expires_at_ms, lease_id)) = self.expiry.first().cloned() {
+            if expires_at_ms > at {
+                break;
+            }
+            self.remove_lease(&lease_id);
+            ended += 1;
+        }
+        ended
+    }
+
+    // ---- reads ----
+
+    pub fn lease(&self, lease_id: &str) -> Option<&LeaseView> {
+        self.leases.get(lease_id)
+    }
+
+    pub fn lease_count(&self) -> usize {
+        self.leases.len()
+    }
+
+    /// Leases sorted by key, then station (for stable listings).
+    pub fn leases(&self) -> Vec<&LeaseView> {
+        let mut leases: Vec<&LeaseView> = self.leases.values().collect();
+        leases.sort_by(|a, b| (&a.key_id, &a.station).cmp(&(&b.key_id, &b.station)));
+        leases
+    }
+
+    pub fn keys(&self, at: i64) -> Vec<KeyView> {
+        self.keys
+            .values()
+            .map(|record| KeyView {
+                key: record.key.clone(),
+                state: key_state(record, at),
+                in_use: record.in_use,
+            })
+            .collect()
+    }
+
+    pub fn key(&self, key_id: &str) -> Option<&LicenseKey> {
+        self.keys.get(key_id).map(|record| &record.key)
+    }
+
+    /// When the next lease runs out, so the primary knows when to propose `Expire`.
+    pub fn next_expiry_ms(&self) -> Option<i64> {
+        self.expiry.first().map(|(at, _)| *at)
+    }
+
+    // ---- snapshots ----
+
+    pub fn snapshot(&self) -> LedgerSnapshot {
+        let mut leases: Vec<LeaseView> = self.leases.values().cloned().collect();
+        leases.sort_by(|a, b| a.lease_id.cmp(&b.lease_id));
+        LedgerSnapshot {
+            last_at_ms: self.last_at_ms,
+            keys: self.keys.values().map(|r| r.key.clone()).collect(),
+            leases,
+        }
+    }
+
+    /// Rebuilds a ledger from a snapshot this server wrote itself (keys are not verified
+    /// again: they were verified when their import was applied).
+    pub fn restore(config: LedgerConfig, snapshot: LedgerSnapshot) -> Ledger {
+        let mut ledger = Ledger::new(config);
+        ledger.last_at_ms = snapshot.last_at_ms;
+        for key in snapshot.keys {
+            ledger
+                .keys
+                .insert(key.payload.key_id.clone(), KeyRecord { key, in_use: 0 });
+        }
+        for lease in snapshot.leases {
+            ledger.insert_lease(lease);
+        }
+        ledger
+    }
+
+    // ---- invariants ----
+
+    /// Checks every invariant; returns the first violation found. Runs after every apply in
+    /// debug builds (tests, simulation).
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut counted: HashMap<&str, u32> = HashMap::new();
+        for (lease_id, lease) in &self.leases {
+            if lease_id != &lease.lease_id {
+                return Err(format!("lease {lease_id} stored under another id"));
+            }
+            let Some(record) = self.keys.get(&lease.key_id) else {
+                return Err(format!(
+                    "lease {lease_id} refers to missing key {}",
+                    lease.key_id
+                ));
+            };
+            if lease.expires_at_ms <= self.last_at_ms {
+                return Err(format!("lease {lease_id} outlived its expiry"));
+            }
+            if lease.expires_at_ms > record.key.payload.valid_until_ms() {
+                return Err(format!("lease {lease_id} outlives its key"));
+            }
+            if self
+                .by_station
+                .get(&(lease.station.clone(), lease.key_id.clone()))
+                != Some(lease_id)
+            {
+                return Err(format!("lease {lease_id} missing from the station index"));
+            }
+            if !self
+                .expiry
+                .contains(&(lease.expires_at_ms, lease_id.clone()))
+            {
+                return Err(format!("lease {lease_id} missing from the expiry index"));
+            }
+            *counted.entry(lease.key_id.as_str()).or_default() += 1;
+        }
+        if self.by_station.len() != self.leases.len() || self.expiry.len() != self.leases.len() {
+            return Err("indexes hold entries for leases that do not exist".into());
+        }
+        for (key_id, record) in &self.keys {
+            let in_use = counted.get(key_id.as_str()).copied().unwrap_or(0);
+            if in_use != record.in_use {
+                return Err(format!(
+                    "key {key_id} counts {} in use, leases say {in_use}",
+                    record.in_use
+                ));
+            }
+            if in_use > record.key.payload.licenses {
+                return Err(format!(
+                    "key {key_id} over-issued: {in_use} leases for {} licenses",
+                    record.key.payload.licenses
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+struct CheckoutRequest<'a> {
+    lease_id: &'a str,
+    component: &'a str,
+    station: &'a str,
+    user: &'a str,
+    host: &'a str,
+    lease_ttl_ms: i64,
+}
+
+impl CheckoutRequest<'_> {
+    fn validate(&self) -> Result<(), String> {
+        if !is_name(self.component) {
+            return Err(format!(
+                "component {:?} is not a valid name (1-128 of A-Z a-z 0-9 - _ .)",
+                self.component
+            ));
+        }
+        if self.station.is_empty() || self.station.len() > FREE_TEXT_LENGTH_MAX {
+            return Err(format!(
+                "station must have 1 to {FREE_TEXT_LENGTH_MAX} characters"
+            ));
+        }
+        if self.user.len() > FREE_TEXT_LENGTH_MAX || self.host.len() > FREE_TEXT_LENGTH_MAX {
+            return Err(format!(
+                "user and host have at most {FREE_TEXT_LENGTH_MAX} characters"
+            ));
+        }
+        if !is_name(self.lease_id) {
+            return Err("lease id is not a valid name".into());
+        }
+        if !(1..=LEASE_TTL_MS_MAX).contains(&self.lease_ttl_ms) {
+            return Err(format!("lease_ttl_ms must be 1 to {LEASE_TTL_MS_MAX}"));
+        }
+        Ok(())
+    }
+}
+
+fn key_state(record: &KeyRecord, at: i64) -> KeyState {
+    let payload = &record.key.payload;
+    if at < payload.valid_from_ms() {
+        KeyState::Pending
+    } else if at < payload.valid_until_ms() {
+        KeyState::Active
+    } else {
+        KeyState::Expired
+    }
+}
+
+fn is_active(record: &KeyRecord, at: i64) -> bool {
+    key_state(record, at) == KeyState::Active
+}
+
+fn lease_not_found(lease_id: &str) -> Outcome {
+    Outcome::Refused {
+        refusal: Refusal::LeaseNotFound {
+            lease_id: lease_id.into(),
+        },
+    }
+}

@@ -1,0 +1,70 @@
+//! Outcomes: what the ledger answered. A refusal ("no licenses available") is a normal
+//! answer, not an error; errors (not the primary, storage failed) live in the server.
+
+use serde::{Deserialize, Serialize};
+
+use crate::key::KeyError;
+use crate::ledger::LeaseView;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    /// `created` is false when the station already held a lease covering the component.
+    LeaseGranted {
+        lease: LeaseView,
+        created: bool,
+    },
+    LeaseRenewed {
+        lease: LeaseView,
+    },
+    LeaseReleased {
+        lease: LeaseView,
+    },
+    KeyImported {
+        key_id: String,
+    },
+    KeyRemoved {
+        key_id: String,
+        leases_ended: u32,
+    },
+    Expired {
+        leases_ended: u32,
+    },
+    Refused {
+        refusal: Refusal,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[serde(tag = "refusal", rename_all = "snake_case")]
+pub enum Refusal {
+    #[error("no licenses available for component {component}: all {licenses} are in use")]
+    NoLicensesAvailable { component: String, licenses: u32 },
+    #[error("no valid license key covers component {component}")]
+    ComponentNotLicensed { component: String },
+    #[error("no active lease {lease_id} (unknown, checked in, or expired)")]
+    LeaseNotFound { lease_id: String },
+    #[error("license key {key_id} is already imported")]
+    KeyAlreadyImported { key_id: String },
+    #[error("no license key {key_id}")]
+    KeyNotFound { key_id: String },
+    #[error(transparent)]
+    KeyRejected { error: KeyError },
+    #[error("invalid request: {reason}")]
+    InvalidRequest { reason: String },
+}
+
+impl Refusal {
+    /// Stable machine-readable code for the JSON error body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::NoLicensesAvailable { .. } => "no_licenses_available",
+            Refusal::ComponentNotLicensed { .. } => "component_not_licensed",
+            Refusal::LeaseNotFound { .. } => "lease_not_found",
+            Refusal::KeyAlreadyImported { .. } => "key_already_imported",
+            Refusal::KeyNotFound { .. } => "key_not_found",
+            Refusal::KeyRejected { error } => error.code(),
+            Refusal::InvalidRequest { .. } => "invalid_request",
+        }
+    }
+}

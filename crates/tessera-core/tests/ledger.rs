@@ -1,0 +1,523 @@
+//! Ledger behaviour, and a property test of the ledger against a simple reference model.
+
+use jiff::Timestamp;
+use proptest::prelude::*;
+use proptest_state_machine::{ReferenceStateMachine, StateMachineTest, prop_state_machine};
+use tessera_core::{
+    Command, KeyError, Ledger, LedgerConfig, LicenseKey, LicenseKeyPayload, Outcome, Refusal,
+    SecretKey, Stamped,
+};
+
+const BASE_MS: i64 = 1_800_000_000_000;
+const TTL_MS: i64 = 30_000;
+
+fn vendor() -> SecretKey {
+    SecretKey::from_seed([9; 32])
+}
+
+fn key(key_id: &str, components: &[&str], licenses: u32, until_ms: i64) -> LicenseKey {
+    key_for(key_id, components, licenses, until_ms, None)
+}
+
+fn key_for(
+    key_id: &str,
+    components: &[&str],
+    licenses: u32,
+    until_ms: i64,
+    server_id: Option<&str>,
+) -> LicenseKey {
+    LicenseKey::sign(
+        LicenseKeyPayload {
+            key_id: key_id.into(),
+            customer: "acme".into(),
+            components: components.iter().map(|c| c.to_string()).collect(),
+            licenses,
+            valid_from: Timestamp::from_millisecond(BASE_MS - 1000).unwrap(),
+            valid_until: Timestamp::from_millisecond(until_ms).unwrap(),
+            server_id: server_id.map(str::to_string),
+            renews: None,
+            issued_at: Timestamp::from_millisecond(BASE_MS - 1000).unwrap(),
+        },
+        &vendor(),
+    )
+    .unwrap()
+}
+
+fn ledger() -> Ledger {
+    Ledger::new(LedgerConfig {
+        trusted_vendors: vec![vendor().public_key()],
+        server_id: Some("srv-1".into()),
+    })
+}
+
+fn at(at_ms: i64, command: Command) -> Stamped {
+    Stamped { at_ms, command }
+}
+
+fn checkout(lease_id: &str, station: &str, component: &str) -> Command {
+    Command::Checkout {
+        lease_id: lease_id.into(),
+        component: component.into(),
+        station: station.into(),
+        user: "ann".into(),
+        host: "ws".into(),
+        lease_ttl_ms: TTL_MS,
+    }
+}
+
+fn import(ledger: &mut Ledger, key: LicenseKey) {
+    let outcome = ledger.apply(&at(BASE_MS, Command::ImportKey { key }));
+    assert!(
+        matches!(outcome, Outcome::KeyImported { .. }),
+        "{outcome:?}"
+    );
+}
+
+fn refusal(outcome: Outcome) -> Refusal {
+    match outcome {
+        Outcome::Refused { refusal } => refusal,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn checkout_when_pool_exhausted_is_refused() {
+    let mut ledger = ledger();
+    import(&mut ledger, key("k1", &["cad"], 1, BASE_MS + 1_000_000));
+    ledger.apply(&at(BASE_MS, checkout("l1", "ws-1", "cad")));
+    let refused = refusal(ledger.apply(&at(BASE_MS, checkout("l2", "ws-2", "cad"))));
+    assert_eq!(refused.code(), "no_licenses_available");
+    assert_eq!(ledger.lease_count(), 1);
+}
+
+#[test]
+fn the_same_station_asking_again_gets_its_lease_back() {
+    let mut ledger = ledger();
+    import(
+        &mut ledger,
+        key("k1", &["cad", "cam"], 1, BASE_MS + 1_000_000),
+    );
+    let first = ledger.apply(&at(BASE_MS, checkout("l1", "ws-1", "cad")));
+    let again = ledger.apply(&at(BASE_MS + 5, checkout("l2", "ws-1", "cam")));
+    match (first, again) {
+        (
+            Outcome::LeaseGranted {
+                lease: a,
+                created: true,
+            },
+            Outcome::LeaseGranted {
+                lease: b,
+                created: false,
+            },
+        ) => {
+            assert_eq!(a.lease_id, b.lease_id);
+            assert_eq!(b.components, vec!["cad".to_string(), "cam".to_string()]);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(ledger.lease_count(), 1);
+}
+
+#[test]
+fn the_key_that_ends_first_is_used_first() {
+    let mut ledger = ledger();
+    import(&mut ledger, key("late", &["cad"], 1, BASE_MS + 2_000_000));
+    import(&mut ledger, key("soon", &["cad"], 1, BASE_MS + 1_000_000));
+    let Outcome::LeaseGranted { lease, .. } =
+        ledger.apply(&at(BASE_MS, checkout("l1", "a", "cad")))
+    else {
+        panic!()
+    };
+    assert_eq!(lease.key_id, "soon");
+}
+
+#[test]
+fn a_lease_ends_exactly_at_its_expiry_and_never_outlives_its_key() {
+    let mut ledger = ledger();
+    import(&mut ledger, key("k1", &["cad"], 1, BASE_MS + 10_000));
+    let Outcome::LeaseGranted { lease, .. } =
+        ledger.apply(&at(BASE_MS, checkout("l1", "a", "cad")))
+    else {
+        panic!()
+    };
+    assert_eq!(
+        lease.expires_at_ms,
+        BASE_MS + 10_000,
+        "capped at the key's end"
+    );
+    ledger.apply(&at(BASE_MS + 9_999, Command::Expire));
+    assert_eq!(ledger.lease_count(), 1);
+    let outcome = ledger.apply(&at(BASE_MS + 10_000, Command::Expire));
+    assert_eq!(outcome, Outcome::Expired { leases_ended: 1 });
+    let heartbeat = Command::Heartbeat {
+        lease_id: "l1".into(),
+        lease_ttl_ms: TTL_MS,
+    };
+    assert_eq!(
+        refusal(ledger.apply(&at(BASE_MS + 10_001, heartbeat))).code(),
+        "lease_not_found"
+    );
+}
+
+#[test]
+fn time_stamped_before_the_last_entry_is_applied_at_the_last_time() {
+    let mut ledger = ledger();
+    import(&mut ledger, key("k1", &["cad"], 1, BASE_MS + 1_000_000));
+    ledger.apply(&at(BASE_MS + 100_000, Command::Expire));
+    let Outcome::LeaseGranted { lease, .. } =
+        ledger.apply(&at(BASE_MS, checkout("l1", "a", "cad")))
+    else {
+        panic!()
+    };
+    assert_eq!(lease.issued_at_ms, BASE_MS + 100_000);
+    assert_eq!(ledger.last_at_ms(), BASE_MS + 100_000);
+}
+
+#[test]
+fn keys_that_are_expired_for_another_server_or_duplicated_are_refused_and_change_nothing() {
+    let mut ledger = ledger();
+    let expired = key("old", &["cad"], 1, BASE_MS - 1);
+    assert!(matches!(
+        refusal(ledger.apply(&at(BASE_MS, Command::ImportKey { key: expired }))),
+        Refusal::KeyRejected {
+            error: KeyError::Expired { .. }
+        }
+    ));
+    let other = key_for("other", &["cad"], 1, BASE_MS + 1000, Some("srv-2"));
+    assert_eq!(
+        refusal(ledger.apply(&at(BASE_MS, Command::ImportKey { key: other }))).code(),
+        "key_other_server"
+    );
+    let mine = key_for("mine", &["cad"], 1, BASE_MS + 1000, Some("srv-1"));
+    import(&mut ledger, mine.clone());
+    assert_eq!(
+        refusal(ledger.apply(&at(BASE_MS, Command::ImportKey { key: mine }))).code(),
+        "key_already_imported"
+    );
+    assert_eq!(ledger.keys(BASE_MS).len(), 1);
+}
+
+#[test]
+fn removing_a_key_ends_its_leases() {
+    let mut ledger = ledger();
+    import(&mut ledger, key("k1", &["cad"], 2, BASE_MS + 1_000_000));
+    ledger.apply(&at(BASE_MS, checkout("l1", "a", "cad")));
+    ledger.apply(&at(BASE_MS, checkout("l2", "b", "cad")));
+    let outcome = ledger.apply(&at(
+        BASE_MS,
+        Command::RemoveKey {
+            key_id: "k1".into(),
+        },
+    ));
+    assert_eq!(
+        outcome,
+        Outcome::KeyRemoved {
+            key_id: "k1".into(),
+            leases_ended: 2
+        }
+    );
+    assert_eq!(ledger.lease_count(), 0);
+}
+
+#[test]
+fn a_snapshot_restores_the_same_ledger() {
+    let mut ledger = ledger();
+    import(&mut ledger, key("k1", &["cad"], 2, BASE_MS + 1_000_000));
+    ledger.apply(&at(BASE_MS, checkout("l1", "a", "cad")));
+    let restored = Ledger::restore(ledger.config().clone(), ledger.snapshot());
+    assert_eq!(restored.snapshot(), ledger.snapshot());
+    restored.check_invariants().unwrap();
+}
+
+// ---- property test against a reference model ----
+
+/// The reference: the same rules written the plain way, with linear scans.
+#[derive(Clone, Debug)]
+struct Model {
+    now_ms: i64,
+    next_lease: u32,
+    /// (key id, components, licenses, valid until)
+    keys: Vec<(&'static str, Vec<&'static str>, u32, i64)>,
+    leases: Vec<ModelLease>,
+    expected: Expected,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct ModelLease {
+    lease_id: String,
+    station: u8,
+    key_id: &'static str,
+    expires_at_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Expected {
+    Nothing,
+    Granted { lease_id: String, created: bool },
+    Renewed { lease_id: String },
+    Released { lease_id: String },
+    Refused(&'static str),
+    Expired(u32),
+}
+
+#[derive(Clone, Debug)]
+enum Step {
+    Checkout {
+        station: u8,
+        component: &'static str,
+    },
+    Heartbeat {
+        lease: u32,
+    },
+    Checkin {
+        lease: u32,
+    },
+    Advance {
+        ms: i64,
+    },
+    Expire,
+}
+
+const COMPONENTS: [&str; 3] = ["cad", "cam", "sim"];
+
+impl Model {
+    fn end_due(&mut self) -> u32 {
+        let before = self.leases.len();
+        let now = self.now_ms;
+        self.leases.retain(|lease| lease.expires_at_ms > now);
+        (before - self.leases.len()) as u32
+    }
+
+    fn key_until(&self, key_id: &str) -> i64 {
+        self.keys.iter().find(|k| k.0 == key_id).unwrap().3
+    }
+}
+
+impl ReferenceStateMachine for Model {
+    type State = Model;
+    type Transition = Step;
+
+    fn init_state() -> BoxedStrategy<Model> {
+        Just(Model {
+            now_ms: BASE_MS,
+            next_lease: 0,
+            keys: vec![
+                ("k1", vec!["cad"], 2, BASE_MS + 50_000),
+                ("k2", vec!["cad", "cam"], 3, BASE_MS + 200_000),
+                ("k3", vec!["cam"], 1, BASE_MS + 120_000),
+            ],
+            leases: vec![],
+            expected: Expected::Nothing,
+        })
+        .boxed()
+    }
+
+    fn transitions(state: &Model) -> BoxedStrategy<Step> {
+        let issued = state.next_lease.max(1);
+        prop_oneof![
+            4 => (0u8..5, 0usize..3).prop_map(|(station, c)| Step::Checkout { station, component: COMPONENTS[c] }),
+            2 => (0..issued).prop_map(|lease| Step::Heartbeat { lease }),
+            2 => (0..issued).prop_map(|lease| Step::Checkin { lease }),
+            2 => (0i64..40_000).prop_map(|ms| Step::Advance { ms }),
+            1 => Just(Step::Expire),
+        ]
+        .boxed()
+    }
+
+    fn apply(mut state: Model, step: &Step) -> Model {
+        if let Step::Advance { ms } = step {
+            state.now_ms += ms;
+            state.expected = Expected::Nothing;
+            return state;
+        }
+        let ended = state.end_due();
+        let now = state.now_ms;
+        state.expected = match step {
+            Step::Checkout { station, component } => {
+                let covering: Vec<_> = state
+                    .keys
+                    .iter()
+                    .filter(|k| k.3 > now && k.1.contains(component))
+                    .cloned()
+                    .collect();
+                let held = state
+                    .leases
+                    .iter_mut()
+                    .filter_map(|lease| {
+                        let key = covering.iter().find(|k| k.0 == lease.key_id)?;
+                        (lease.station == *station).then_some(((key.3, key.0), lease))
+                    })
+                    .min_by_key(|(order, _)| *order)
+                    .map(|(_, lease)| lease);
+                if covering.is_empty() {
+                    Expected::Refused("component_not_licensed")
+                } else if let Some(lease) = held {
+                    let until = covering.iter().find(|k| k.0 == lease.key_id).unwrap().3;
+                    lease.expires_at_ms = lease.expires_at_ms.max((now + TTL_MS).min(until));
+                    Expected::Granted {
+                        lease_id: lease.lease_id.clone(),
+                        created: false,
+                    }
+                } else {
+                    let mut free: Vec<_> = covering
+                        .iter()
+                        .filter(|k| {
+                            (state.leases.iter().filter(|l| l.key_id == k.0).count() as u32) < k.2
+                        })
+                        .collect();
+                    free.sort_by_key(|k| (k.3, k.0));
+                    match free.first() {
+                        None => Expected::Refused("no_licenses_available"),
+                        Some(chosen) => {
+                            let lease_id = format!("L{}", state.next_lease);
+                            state.next_lease += 1;
+                            state.leases.push(ModelLease {
+                                lease_id: lease_id.clone(),
+                                station: *station,
+                                key_id: chosen.0,
+                                expires_at_ms: (now + TTL_MS).min(chosen.3),
+                            });
+                            Expected::Granted {
+                                lease_id,
+                                created: true,
+                            }
+                        }
+                    }
+                }
+            }
+            Step::Heartbeat { lease } => {
+                let lease_id = format!("L{lease}");
+                let until = state
+                    .leases
+                    .iter()
+                    .find(|l| l.lease_id == lease_id)
+                    .map(|l| state.key_until(l.key_id));
+                match until {
+                    None => Expected::Refused("lease_not_found"),
+                    Some(until) => {
+                        let lease = state
+                            .leases
+                            .iter_mut()
+                            .find(|l| l.lease_id == lease_id)
+                            .unwrap();
+                        lease.expires_at_ms = lease.expires_at_ms.max((now + TTL_MS).min(until));
+                        Expected::Renewed { lease_id }
+                    }
+                }
+            }
+            Step::Checkin { lease } => {
+                let lease_id = format!("L{lease}");
+                match state.leases.iter().position(|l| l.lease_id == lease_id) {
+                    None => Expected::Refused("lease_not_found"),
+                    Some(position) => {
+                        state.leases.remove(position);
+                        Expected::Released { lease_id }
+                    }
+                }
+            }
+            Step::Expire => Expected::Expired(ended),
+            Step::Advance { .. } => unreachable!(),
+        };
+        state
+    }
+}
+
+struct LedgerUnderTest {
+    ledger: Ledger,
+    now_ms: i64,
+    next_lease: u32,
+}
+
+impl StateMachineTest for LedgerUnderTest {
+    type SystemUnderTest = LedgerUnderTest;
+    type Reference = Model;
+
+    fn init_test(model: &Model) -> LedgerUnderTest {
+        let mut ledger = ledger();
+        for (key_id, components, licenses, until) in &model.keys {
+            import(&mut ledger, key(key_id, components, *licenses, *until));
+        }
+        LedgerUnderTest {
+            ledger,
+            now_ms: model.now_ms,
+            next_lease: 0,
+        }
+    }
+
+    fn apply(mut sut: LedgerUnderTest, model: &Model, step: Step) -> LedgerUnderTest {
+        let command = match step {
+            Step::Advance { ms } => {
+                sut.now_ms += ms;
+                return sut;
+            }
+            Step::Checkout { station, component } => checkout(
+                &format!("L{}", sut.next_lease),
+                &format!("ws-{station}"),
+                component,
+            ),
+            Step::Heartbeat { lease } => Command::Heartbeat {
+                lease_id: format!("L{lease}"),
+                lease_ttl_ms: TTL_MS,
+            },
+            Step::Checkin { lease } => Command::Checkin {
+                lease_id: format!("L{lease}"),
+            },
+            Step::Expire => Command::Expire,
+        };
+        let outcome = sut.ledger.apply(&at(sut.now_ms, command));
+        let got = match outcome {
+            Outcome::LeaseGranted { lease, created } => {
+                if created {
+                    sut.next_lease += 1;
+                }
+                Expected::Granted {
+                    lease_id: lease.lease_id,
+                    created,
+                }
+            }
+            Outcome::LeaseRenewed { lease } => Expected::Renewed {
+                lease_id: lease.lease_id,
+            },
+            Outcome::LeaseReleased { lease } => Expected::Released {
+                lease_id: lease.lease_id,
+            },
+            Outcome::Expired { leases_ended } => Expected::Expired(leases_ended),
+            Outcome::Refused { refusal } => Expected::Refused(refusal.code()),
+            other => panic!("unexpected outcome {other:?}"),
+        };
+        assert_eq!(got, model.expected);
+        sut
+    }
+
+    fn check_invariants(sut: &LedgerUnderTest, model: &Model) {
+        sut.ledger.check_invariants().unwrap();
+        let mut expected: Vec<(String, String, i64)> = model
+            .leases
+            .iter()
+            .filter(|l| l.expires_at_ms > sut.ledger.last_at_ms())
+            .map(|l| (l.lease_id.clone(), l.key_id.to_string(), l.expires_at_ms))
+            .collect();
+        expected.sort();
+        let mut actual: Vec<(String, String, i64)> = sut
+            .ledger
+            .leases()
+            .into_iter()
+            .filter(|l| l.expires_at_ms > sut.ledger.last_at_ms())
+            .map(|l| (l.lease_id.clone(), l.key_id.clone(), l.expires_at_ms))
+            .collect();
+        actual.sort();
+        assert_eq!(actual, expected, "no lease lost or duplicated");
+        for key in sut.ledger.keys(sut.now_ms) {
+            assert!(
+                key.in_use <= key.key.payload.licenses,
+                "never more leases than licenses"
+            );
+        }
+    }
+}
+
+prop_state_machine! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+    #[test]
+    fn ledger_matches_the_reference_model(sequential 1..60 => LedgerUnderTest);
+}
