@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::key::LicenseKey;
+use crate::sync::SyncResponse;
 
 /// A command with the primary's time. `at_ms` is milliseconds since the Unix epoch.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +40,11 @@ pub enum Command {
     /// Ends every lease whose time has run out. Proposed by the primary's timer; replicas
     /// never expire anything on their own.
     Expire,
+    /// Starts a sync with the vendor: the next request gets sequence `last completed + 1` and
+    /// this nonce. Only the latest begun request can be completed.
+    BeginSync { nonce: String },
+    /// Applies the vendor's answer to the awaited request.
+    CompleteSync { response: Box<SyncResponse> },
 }
 
 impl Command {
@@ -52,6 +58,8 @@ impl Command {
             Command::Checkin { .. } => "checkin",
             Command::ForceRelease { .. } => "force_release",
             Command::Expire => "expire",
+            Command::BeginSync { .. } => "begin_sync",
+            Command::CompleteSync { .. } => "complete_sync",
         }
     }
 }

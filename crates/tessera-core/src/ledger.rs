@@ -22,6 +22,7 @@ use crate::command::{Command, Stamped};
 use crate::identity::PublicKey;
 use crate::key::{KeyError, LicenseKey, is_name};
 use crate::outcome::{Outcome, Refusal};
+use crate::sync::{ServerCertificate, SyncError, SyncResponse};
 
 /// Upper bound on a lease's time to live, so a mistaken request cannot pin a seat for years.
 pub const LEASE_TTL_MS_MAX: i64 = 7 * 24 * 3600 * 1000;
@@ -34,6 +35,35 @@ pub struct LedgerConfig {
     pub trusted_vendors: Vec<PublicKey>,
     /// This license server's ID, if it has one; keys issued to another ID are refused.
     pub server_id: Option<String>,
+    /// This server's identity key: a sync response must certify exactly this key.
+    pub server_public_key: Option<PublicKey>,
+}
+
+/// Where this server stands with the vendor. Replicated, so every host of a domain knows
+/// whether the server may issue from keys bound to its server ID.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncState {
+    pub certificate: Option<ServerCertificate>,
+    /// Sequence of the last completed sync; 0 before the first.
+    pub completed_sequence: u64,
+    /// The request a response must answer: (sequence, nonce).
+    pub awaited: Option<(u64, String)>,
+    pub last_sync_at_ms: Option<i64>,
+    /// Renewal keys held for this server, by the key id they renew.
+    pub renewals: BTreeMap<String, LicenseKey>,
+}
+
+impl SyncState {
+    /// The 366-day deadline: when the certificate runs out.
+    pub fn deadline_ms(&self) -> Option<i64> {
+        self.certificate
+            .as_ref()
+            .map(ServerCertificate::valid_until_ms)
+    }
+
+    pub fn is_synchronized(&self, at: i64) -> bool {
+        self.deadline_ms().is_some_and(|deadline| at < deadline)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +108,8 @@ pub struct LedgerSnapshot {
     pub last_at_ms: i64,
     pub keys: Vec<LicenseKey>,
     pub leases: Vec<LeaseView>,
+    #[serde(default)]
+    pub sync: SyncState,
 }
 
 #[derive(Clone, Debug)]
@@ -90,6 +122,7 @@ pub struct Ledger {
     by_station: HashMap<(String, String), String>,
     /// (expires at, lease id), so expiry touches only the leases that are due.
     expiry: BTreeSet<(i64, String)>,
+    sync: SyncState,
 }
 
 impl Ledger {
@@ -101,6 +134,7 @@ impl Ledger {
             leases: HashMap::new(),
             by_station: HashMap::new(),
             expiry: BTreeSet::new(),
+            sync: SyncState::default(),
         }
     }
 
@@ -148,6 +182,8 @@ impl Ledger {
             Command::Expire => Outcome::Expired {
                 leases_ended: ended,
             },
+            Command::BeginSync { nonce } => self.begin_sync(nonce),
+            Command::CompleteSync { response } => self.complete_sync(response, at),
         };
         #[cfg(debug_assertions)]
         if let Err(violation) = self.check_invariants() {
@@ -232,17 +268,23 @@ impl Ledger {
             };
         }
         let component = request.component;
-        let covering: Vec<&KeyRecord> = self
+        let synchronized = self.sync.is_synchronized(at);
+        let (covering, unsynchronized): (Vec<&KeyRecord>, Vec<&KeyRecord>) = self
             .keys
             .values()
             .filter(|record| is_active(record, at) && record.key.payload.covers(component))
-            .collect();
+            .partition(|record| synchronized || record.key.payload.server_id.is_none());
         if covering.is_empty() {
-            return Outcome::Refused {
-                refusal: Refusal::ComponentNotLicensed {
+            let refusal = if unsynchronized.is_empty() {
+                Refusal::ComponentNotLicensed {
                     component: component.into(),
-                },
+                }
+            } else {
+                Refusal::ServerNotSynchronized {
+                    deadline_ms: self.sync.deadline_ms(),
+                }
             };
+            return Outcome::Refused { refusal };
         }
         // The same station asking again: hand back the license it holds (idempotent). If it
         // holds several covering keys, the one chosen is the one a new lease would use.
@@ -316,6 +358,104 @@ impl Ledger {
         Outcome::LeaseGranted {
             lease,
             created: true,
+        }
+    }
+
+    fn begin_sync(&mut self, nonce: &str) -> Outcome {
+        if self.config.server_id.is_none() {
+            return sync_refused(SyncError::NoServerId);
+        }
+        if !is_name(nonce) {
+            return Outcome::Refused {
+                refusal: Refusal::InvalidRequest {
+                    reason: "sync nonce is not a valid name".into(),
+                },
+            };
+        }
+        let sequence = self.sync.completed_sequence + 1;
+        self.sync.awaited = Some((sequence, nonce.to_string()));
+        Outcome::SyncBegun {
+            sequence,
+            nonce: nonce.to_string(),
+        }
+    }
+
+    /// Verifies a vendor response completely before changing anything, then applies it.
+    fn complete_sync(&mut self, response: &SyncResponse, at: i64) -> Outcome {
+        let Some(server_id) = self.config.server_id.clone() else {
+            return sync_refused(SyncError::NoServerId);
+        };
+        let payload = match response.verify(&self.config.trusted_vendors) {
+            Ok(payload) => payload,
+            Err(error) => return sync_refused(error),
+        };
+        for (what, for_server) in [
+            ("sync response", &payload.server_id),
+            ("server certificate", &payload.certificate.payload.server_id),
+        ] {
+            if for_server != &server_id {
+                return sync_refused(SyncError::OtherServer {
+                    what: what.into(),
+                    for_server: for_server.clone(),
+                    this_server: server_id,
+                });
+            }
+        }
+        let answered = (payload.sequence, payload.request_nonce.clone());
+        if self.sync.awaited.as_ref() != Some(&answered) {
+            return sync_refused(SyncError::NotAwaited {
+                sequence: payload.sequence,
+                nonce: payload.request_nonce.clone(),
+                expected: match &self.sync.awaited {
+                    Some((sequence, nonce)) => format!("{sequence} ({nonce})"),
+                    None => "none: export a new request first".into(),
+                },
+            });
+        }
+        if let Some(ours) = &self.config.server_public_key
+            && payload.certificate.payload.public_key != ours.to_base64()
+        {
+            return sync_refused(SyncError::WrongServerKey {
+                certified: payload.certificate.payload.public_key.clone(),
+                ours: ours.to_base64(),
+            });
+        }
+        let mut imported = Vec::new();
+        for key in &payload.keys {
+            if self.keys.contains_key(key.key_id()) {
+                continue;
+            }
+            // A key that fails (expired meanwhile, say) is skipped; the rest still apply.
+            if let Outcome::KeyImported { key_id } = self.import_key(key, at) {
+                imported.push(key_id);
+            }
+        }
+        let mut revoked = Vec::new();
+        for key_id in &payload.revoked {
+            if let Outcome::KeyRemoved { key_id, .. } = self.remove_key(key_id) {
+                revoked.push(key_id);
+            }
+        }
+        let mut renewals = Vec::new();
+        for key in &payload.renewals {
+            let Ok(renewal) = key.verify(&self.config.trusted_vendors) else {
+                continue;
+            };
+            if let Some(renews) = &renewal.renews {
+                renewals.push(renewal.key_id.clone());
+                self.sync.renewals.insert(renews.clone(), key.clone());
+            }
+        }
+        self.sync.certificate = Some(payload.certificate.clone());
+        self.sync.completed_sequence = payload.sequence;
+        self.sync.awaited = None;
+        self.sync.last_sync_at_ms = Some(at);
+        Outcome::Synced {
+            sequence: payload.sequence,
+            imported,
+            revoked,
+            renewals,
+            certificate_valid_until_ms: payload.certificate.valid_until_ms(),
         }
     }
 
@@ -444,6 +584,10 @@ impl Ledger {
         self.keys.get(key_id).map(|record| &record.key)
     }
 
+    pub fn sync_state(&self) -> &SyncState {
+        &self.sync
+    }
+
     /// When the next lease runs out, so the primary knows when to propose `Expire`.
     pub fn next_expiry_ms(&self) -> Option<i64> {
         self.expiry.first().map(|(at, _)| *at)
@@ -458,6 +602,7 @@ impl Ledger {
             last_at_ms: self.last_at_ms,
             keys: self.keys.values().map(|r| r.key.clone()).collect(),
             leases,
+            sync: self.sync.clone(),
         }
     }
 
@@ -466,6 +611,7 @@ impl Ledger {
     pub fn restore(config: LedgerConfig, snapshot: LedgerSnapshot) -> Ledger {
         let mut ledger = Ledger::new(config);
         ledger.last_at_ms = snapshot.last_at_ms;
+        ledger.sync = snapshot.sync;
         for key in snapshot.keys {
             ledger
                 .keys
@@ -586,6 +732,12 @@ fn key_state(record: &KeyRecord, at: i64) -> KeyState {
 
 fn is_active(record: &KeyRecord, at: i64) -> bool {
     key_state(record, at) == KeyState::Active
+}
+
+fn sync_refused(error: SyncError) -> Outcome {
+    Outcome::Refused {
+        refusal: Refusal::SyncRejected { error },
+    }
 }
 
 fn lease_not_found(lease_id: &str) -> Outcome {

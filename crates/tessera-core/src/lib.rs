@@ -17,10 +17,11 @@ pub mod identity;
 pub mod key;
 pub mod ledger;
 pub mod outcome;
+pub mod sync;
 
 pub use clock::Clock;
 pub use command::{Command, Stamped};
 pub use identity::{IdentityError, PublicKey, SecretKey};
 pub use key::{KeyError, LicenseKey, LicenseKeyPayload};
-pub use ledger::{KeyState, KeyView, LeaseView, Ledger, LedgerConfig, LedgerSnapshot};
+pub use ledger::{KeyState, KeyView, LeaseView, Ledger, LedgerConfig, LedgerSnapshot, SyncState};
 pub use outcome::{Outcome, Refusal};

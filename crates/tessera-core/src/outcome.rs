@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::key::KeyError;
 use crate::ledger::LeaseView;
+use crate::sync::SyncError;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
@@ -30,6 +31,17 @@ pub enum Outcome {
     Expired {
         leases_ended: u32,
     },
+    SyncBegun {
+        sequence: u64,
+        nonce: String,
+    },
+    Synced {
+        sequence: u64,
+        imported: Vec<String>,
+        revoked: Vec<String>,
+        renewals: Vec<String>,
+        certificate_valid_until_ms: i64,
+    },
     Refused {
         refusal: Refusal,
     },
@@ -52,6 +64,22 @@ pub enum Refusal {
     KeyRejected { error: KeyError },
     #[error("invalid request: {reason}")]
     InvalidRequest { reason: String },
+    #[error("{}", not_synchronized_message(.deadline_ms))]
+    ServerNotSynchronized { deadline_ms: Option<i64> },
+    #[error(transparent)]
+    SyncRejected { error: SyncError },
+}
+
+fn not_synchronized_message(deadline_ms: &Option<i64>) -> String {
+    let action = "synchronize with the vendor (`tessera sync`, or `tessera sync export` / `tessera sync import` by file)";
+    match deadline_ms.and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok()) {
+        Some(deadline) => format!(
+            "this license server was last synchronized more than 366 days ago (its certificate expired at {deadline}); it issues no licenses from keys bound to its server ID until you {action}"
+        ),
+        None => format!(
+            "this license server has never synchronized with the vendor; it issues no licenses from keys bound to its server ID until you {action}"
+        ),
+    }
 }
 
 impl Refusal {
@@ -65,6 +93,8 @@ impl Refusal {
             Refusal::KeyNotFound { .. } => "key_not_found",
             Refusal::KeyRejected { error } => error.code(),
             Refusal::InvalidRequest { .. } => "invalid_request",
+            Refusal::ServerNotSynchronized { .. } => "server_not_synchronized",
+            Refusal::SyncRejected { .. } => "sync_rejected",
         }
     }
 }

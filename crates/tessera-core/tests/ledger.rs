@@ -3,6 +3,9 @@
 use jiff::Timestamp;
 use proptest::prelude::*;
 use proptest_state_machine::{ReferenceStateMachine, StateMachineTest, prop_state_machine};
+use tessera_core::sync::{
+    CertificatePayload, ServerCertificate, SyncError, SyncResponse, SyncResponsePayload,
+};
 use tessera_core::{
     Command, KeyError, Ledger, LedgerConfig, LicenseKey, LicenseKeyPayload, Outcome, Refusal,
     SecretKey, Stamped,
@@ -47,7 +50,12 @@ fn ledger() -> Ledger {
     Ledger::new(LedgerConfig {
         trusted_vendors: vec![vendor().public_key()],
         server_id: Some("srv-1".into()),
+        server_public_key: Some(server_identity().public_key()),
     })
+}
+
+fn server_identity() -> SecretKey {
+    SecretKey::from_seed([5; 32])
 }
 
 fn at(at_ms: i64, command: Command) -> Stamped {
@@ -227,6 +235,145 @@ fn a_snapshot_restores_the_same_ledger() {
     let restored = Ledger::restore(ledger.config().clone(), ledger.snapshot());
     assert_eq!(restored.snapshot(), ledger.snapshot());
     restored.check_invariants().unwrap();
+}
+
+// ---- synchronization with the vendor ----
+
+fn response(
+    server_id: &str,
+    sequence: u64,
+    nonce: &str,
+    at_ms: i64,
+    keys: Vec<LicenseKey>,
+    revoked: Vec<String>,
+) -> SyncResponse {
+    let at = Timestamp::from_millisecond(at_ms).unwrap();
+    let certificate = ServerCertificate::sign(
+        CertificatePayload {
+            server_id: server_id.into(),
+            customer: "acme".into(),
+            public_key: server_identity().public_key().to_base64(),
+            issued_at: at,
+            valid_until: Timestamp::from_millisecond(at_ms + 366 * 86_400_000).unwrap(),
+        },
+        &vendor(),
+    );
+    SyncResponse::sign(
+        SyncResponsePayload {
+            server_id: server_id.into(),
+            request_nonce: nonce.into(),
+            sequence,
+            issued_at: at,
+            certificate,
+            keys,
+            revoked,
+            renewals: vec![],
+        },
+        &vendor(),
+    )
+}
+
+fn complete(ledger: &mut Ledger, at_ms: i64, response: SyncResponse) -> Outcome {
+    ledger.apply(&at(
+        at_ms,
+        Command::CompleteSync {
+            response: Box::new(response),
+        },
+    ))
+}
+
+#[test]
+fn keys_bound_to_the_server_issue_only_under_a_valid_certificate() {
+    let mut ledger = ledger();
+    let bound = key_for(
+        "bound",
+        &["cad"],
+        2,
+        BASE_MS + 800 * 86_400_000,
+        Some("srv-1"),
+    );
+    import(&mut ledger, bound.clone());
+    let refused = refusal(ledger.apply(&at(BASE_MS, checkout("l1", "a", "cad"))));
+    assert_eq!(
+        refused,
+        Refusal::ServerNotSynchronized { deadline_ms: None }
+    );
+    ledger.apply(&at(BASE_MS, Command::BeginSync { nonce: "n1".into() }));
+    let synced = complete(
+        &mut ledger,
+        BASE_MS,
+        response("srv-1", 1, "n1", BASE_MS, vec![bound], vec![]),
+    );
+    assert!(
+        matches!(synced, Outcome::Synced { sequence: 1, .. }),
+        "{synced:?}"
+    );
+    assert!(matches!(
+        ledger.apply(&at(BASE_MS, checkout("l1", "a", "cad"))),
+        Outcome::LeaseGranted { .. }
+    ));
+    let deadline = BASE_MS + 366 * 86_400_000;
+    let late = refusal(ledger.apply(&at(deadline, checkout("l2", "b", "cad"))));
+    assert_eq!(
+        late,
+        Refusal::ServerNotSynchronized {
+            deadline_ms: Some(deadline)
+        }
+    );
+    assert!(late.to_string().contains("tessera sync"), "{late}");
+}
+
+#[test]
+fn a_replayed_stale_foreign_or_edited_sync_response_is_refused_and_changes_nothing() {
+    let mut ledger = ledger();
+    let new_key = key_for(
+        "new",
+        &["cad"],
+        2,
+        BASE_MS + 800 * 86_400_000,
+        Some("srv-1"),
+    );
+    ledger.apply(&at(BASE_MS, Command::BeginSync { nonce: "n1".into() }));
+    let first = response("srv-1", 1, "n1", BASE_MS, vec![new_key.clone()], vec![]);
+    assert!(matches!(
+        complete(&mut ledger, BASE_MS, first.clone()),
+        Outcome::Synced { .. }
+    ));
+    let before = ledger.snapshot();
+    let replayed = refusal(complete(&mut ledger, BASE_MS + 1, first));
+    assert!(
+        matches!(
+            replayed,
+            Refusal::SyncRejected {
+                error: SyncError::NotAwaited { .. }
+            }
+        ),
+        "{replayed}"
+    );
+    ledger.apply(&at(BASE_MS + 2, Command::BeginSync { nonce: "n2".into() }));
+    let foreign = response("srv-9", 2, "n2", BASE_MS, vec![], vec![]);
+    assert!(matches!(
+        refusal(complete(&mut ledger, BASE_MS + 3, foreign)),
+        Refusal::SyncRejected {
+            error: SyncError::OtherServer { .. }
+        }
+    ));
+    let mut edited = response("srv-1", 2, "n2", BASE_MS, vec![], vec!["new".into()]);
+    edited.payload.revoked.clear();
+    assert!(matches!(
+        refusal(complete(&mut ledger, BASE_MS + 4, edited)),
+        Refusal::SyncRejected {
+            error: SyncError::BadSignature { .. }
+        }
+    ));
+    assert_eq!(ledger.snapshot().keys, before.keys);
+    assert_eq!(ledger.sync_state().completed_sequence, 1);
+    let revoke = response("srv-1", 2, "n2", BASE_MS, vec![], vec!["new".into()]);
+    assert!(matches!(
+        complete(&mut ledger, BASE_MS + 5, revoke),
+        Outcome::Synced { .. }
+    ));
+    assert!(ledger.keys(BASE_MS).is_empty(), "the revoked key is gone");
 }
 
 // ---- property test against a reference model ----

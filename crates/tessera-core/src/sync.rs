@@ -1,0 +1,270 @@
+//! Documents exchanged with the vendor authority: the server certificate, and the sync
+//! request and response (the same documents travel online and as files for air-gapped sites).
+//!
+//! - A **sync request** is signed by the license server's identity key. It carries the server
+//!   ID, the public key, a sequence number one above the last completed sync, and a fresh nonce.
+//! - A **sync response** is signed by the vendor. It answers one request (same nonce and
+//!   sequence) and carries the server certificate, the keys issued to this server, the revoked
+//!   key ids and the renewal keys held for it.
+//! - A **server certificate** binds a server ID to its public key until `valid_until` (last
+//!   sync + 366 days). Keys issued to a server ID are usable only under a valid certificate.
+//!
+//! Every signature covers `context || compact JSON of the payload`, as for license keys.
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::identity::{PublicKey, SecretKey};
+use crate::key::LicenseKey;
+
+pub const CERTIFICATE_FORMAT: &str = "tessera-server-certificate";
+pub const REQUEST_FORMAT: &str = "tessera-sync-request";
+pub const RESPONSE_FORMAT: &str = "tessera-sync-response";
+pub const SYNC_FORMAT_VERSION: u32 = 1;
+/// How long a certificate lasts after a sync: the 366-day rule.
+pub const CERTIFICATE_VALIDITY_DAYS: i64 = 366;
+
+fn signed_bytes<T: Serialize>(format: &str, payload: &T) -> Vec<u8> {
+    let mut bytes = format!("{format}/v{SYNC_FORMAT_VERSION}\n").into_bytes();
+    bytes.extend(serde_json::to_vec(payload).expect("payload serializes"));
+    bytes
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum SyncError {
+    #[error("the {what} is not valid JSON of the expected shape (truncated or edited?): {detail}")]
+    Malformed { what: String, detail: String },
+    #[error("unsupported {what} format `{format}` version {version}")]
+    UnsupportedFormat {
+        what: String,
+        format: String,
+        version: u32,
+    },
+    #[error("the {what} was signed by vendor key {signed_by}, which this server does not trust")]
+    WrongVendor { what: String, signed_by: String },
+    #[error("the {what} has an invalid signature: it was altered after it was signed")]
+    BadSignature { what: String },
+    #[error("the {what} is for license server {for_server}, not for this server ({this_server})")]
+    OtherServer {
+        what: String,
+        for_server: String,
+        this_server: String,
+    },
+    #[error(
+        "this sync response answers request {sequence} ({nonce}), which is not the request this server is waiting for ({expected}): it is stale or replayed"
+    )]
+    NotAwaited {
+        sequence: u64,
+        nonce: String,
+        expected: String,
+    },
+    #[error("the server certificate binds public key {certified}, but this server's key is {ours}")]
+    WrongServerKey { certified: String, ours: String },
+    #[error("this server has no server ID: configure server_id before synchronizing")]
+    NoServerId,
+}
+
+/// The vendor's statement: this server ID belongs to this public key until `valid_until`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificatePayload {
+    pub server_id: String,
+    pub customer: String,
+    /// The server's Ed25519 public key, base64.
+    pub public_key: String,
+    pub issued_at: Timestamp,
+    pub valid_until: Timestamp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerCertificate {
+    pub format: String,
+    pub version: u32,
+    pub payload: CertificatePayload,
+    pub signed_by: String,
+    pub signature: String,
+}
+
+impl ServerCertificate {
+    pub fn sign(payload: CertificatePayload, vendor: &SecretKey) -> ServerCertificate {
+        let signature = vendor.sign_base64(&signed_bytes(CERTIFICATE_FORMAT, &payload));
+        ServerCertificate {
+            format: CERTIFICATE_FORMAT.into(),
+            version: SYNC_FORMAT_VERSION,
+            payload,
+            signed_by: vendor.public_key().fingerprint(),
+            signature,
+        }
+    }
+
+    pub fn verify(&self, trusted: &[PublicKey]) -> Result<&CertificatePayload, SyncError> {
+        check_format(
+            "server certificate",
+            &self.format,
+            self.version,
+            CERTIFICATE_FORMAT,
+        )?;
+        verify_vendor(
+            "server certificate",
+            trusted,
+            &self.signed_by,
+            &signed_bytes(CERTIFICATE_FORMAT, &self.payload),
+            &self.signature,
+        )?;
+        Ok(&self.payload)
+    }
+
+    pub fn valid_until_ms(&self) -> i64 {
+        self.payload.valid_until.as_millisecond()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncRequestPayload {
+    pub server_id: String,
+    /// The server's Ed25519 public key, base64: bound to the server ID on first sync.
+    pub public_key: String,
+    /// One above the last completed sync; the authority refuses anything not above the last
+    /// sequence it answered.
+    pub sequence: u64,
+    pub nonce: String,
+    pub created_at: Timestamp,
+    /// Ids of the keys this server holds from the vendor.
+    pub keys: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncRequest {
+    pub format: String,
+    pub version: u32,
+    pub payload: SyncRequestPayload,
+    pub signature: String,
+}
+
+impl SyncRequest {
+    pub fn sign(payload: SyncRequestPayload, server: &SecretKey) -> SyncRequest {
+        let signature = server.sign_base64(&signed_bytes(REQUEST_FORMAT, &payload));
+        SyncRequest {
+            format: REQUEST_FORMAT.into(),
+            version: SYNC_FORMAT_VERSION,
+            payload,
+            signature,
+        }
+    }
+
+    pub fn from_json(text: &str) -> Result<SyncRequest, SyncError> {
+        serde_json::from_str(text).map_err(|error| SyncError::Malformed {
+            what: "sync request".into(),
+            detail: error.to_string(),
+        })
+    }
+
+    /// Checks that the request is signed by the key it names (proof of possession). Whether
+    /// that key is the one bound to the server ID is the authority's decision.
+    pub fn verify(&self) -> Result<(&SyncRequestPayload, PublicKey), SyncError> {
+        check_format("sync request", &self.format, self.version, REQUEST_FORMAT)?;
+        let bad = || SyncError::BadSignature {
+            what: "sync request".into(),
+        };
+        let key = PublicKey::from_base64(&self.payload.public_key).map_err(|_| bad())?;
+        match key.verify_base64(
+            &signed_bytes(REQUEST_FORMAT, &self.payload),
+            &self.signature,
+        ) {
+            Ok(true) => Ok((&self.payload, key)),
+            _ => Err(bad()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncResponsePayload {
+    pub server_id: String,
+    pub request_nonce: String,
+    pub sequence: u64,
+    pub issued_at: Timestamp,
+    pub certificate: ServerCertificate,
+    /// Every key currently issued to this server (new and changed ones included).
+    pub keys: Vec<LicenseKey>,
+    /// Key ids the vendor revoked.
+    pub revoked: Vec<String>,
+    /// Renewal keys held for keys of this server, each naming the key it renews.
+    pub renewals: Vec<LicenseKey>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncResponse {
+    pub format: String,
+    pub version: u32,
+    pub payload: SyncResponsePayload,
+    pub signed_by: String,
+    pub signature: String,
+}
+
+impl SyncResponse {
+    pub fn sign(payload: SyncResponsePayload, vendor: &SecretKey) -> SyncResponse {
+        let signature = vendor.sign_base64(&signed_bytes(RESPONSE_FORMAT, &payload));
+        SyncResponse {
+            format: RESPONSE_FORMAT.into(),
+            version: SYNC_FORMAT_VERSION,
+            payload,
+            signed_by: vendor.public_key().fingerprint(),
+            signature,
+        }
+    }
+
+    pub fn from_json(text: &str) -> Result<SyncResponse, SyncError> {
+        serde_json::from_str(text).map_err(|error| SyncError::Malformed {
+            what: "sync response".into(),
+            detail: error.to_string(),
+        })
+    }
+
+    pub fn verify(&self, trusted: &[PublicKey]) -> Result<&SyncResponsePayload, SyncError> {
+        check_format("sync response", &self.format, self.version, RESPONSE_FORMAT)?;
+        verify_vendor(
+            "sync response",
+            trusted,
+            &self.signed_by,
+            &signed_bytes(RESPONSE_FORMAT, &self.payload),
+            &self.signature,
+        )?;
+        self.payload.certificate.verify(trusted)?;
+        Ok(&self.payload)
+    }
+}
+
+fn check_format(what: &str, format: &str, version: u32, expected: &str) -> Result<(), SyncError> {
+    if format != expected || version != SYNC_FORMAT_VERSION {
+        return Err(SyncError::UnsupportedFormat {
+            what: what.into(),
+            format: format.into(),
+            version,
+        });
+    }
+    Ok(())
+}
+
+fn verify_vendor(
+    what: &str,
+    trusted: &[PublicKey],
+    signed_by: &str,
+    bytes: &[u8],
+    signature: &str,
+) -> Result<(), SyncError> {
+    let Some(vendor) = trusted.iter().find(|k| k.fingerprint() == signed_by) else {
+        return Err(SyncError::WrongVendor {
+            what: what.into(),
+            signed_by: signed_by.into(),
+        });
+    };
+    match vendor.verify_base64(bytes, signature) {
+        Ok(true) => Ok(()),
+        _ => Err(SyncError::BadSignature { what: what.into() }),
+    }
+}
