@@ -45,6 +45,11 @@ pub enum Command {
     BeginSync { nonce: String },
     /// Applies the vendor's answer to the awaited request.
     CompleteSync { response: Box<SyncResponse> },
+    /// Automatic key renewal: replaces keys by the renewal keys held for them, where the
+    /// renewal covers the same components and at least as many licenses.
+    RenewKeys,
+    /// An administrator allocates a key to this server's stations, or takes it away.
+    AllocateKey { key_id: String, stations: bool },
 }
 
 impl Command {
@@ -60,6 +65,8 @@ impl Command {
             Command::Expire => "expire",
             Command::BeginSync { .. } => "begin_sync",
             Command::CompleteSync { .. } => "complete_sync",
+            Command::RenewKeys => "renew_keys",
+            Command::AllocateKey { .. } => "allocate_key",
         }
     }
 }

@@ -94,19 +94,54 @@ pub struct KeyView {
     pub key: LicenseKey,
     pub state: KeyState,
     pub in_use: u32,
+    pub meta: KeyMeta,
+}
+
+/// What the ledger knows about a key beyond the vendor's document: where it is allocated,
+/// and how its automatic renewal went.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyMeta {
+    /// Allocated to this server's stations. A key added by an automatic renewal that could
+    /// not be allocated (fewer components or licenses) stays unallocated until an
+    /// administrator allocates it.
+    pub stations: bool,
+    /// Set once a renewal key took this key's place; the key is removed when nothing uses it.
+    pub replaced_by: Option<String>,
+    /// The last renewal attempt's result for this key, for status and notifications.
+    pub renewal: Option<RenewalResult>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum RenewalResult {
+    /// The renewal key was added and allocated to every object of this key.
+    Allocated { renewal_key_id: String },
+    /// The renewal key was added but not allocated; `reason` says why.
+    NotAllocated {
+        renewal_key_id: String,
+        reason: String,
+    },
+}
+
+/// A key as kept in a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredKey {
+    pub key: LicenseKey,
+    pub meta: KeyMeta,
 }
 
 #[derive(Clone, Debug)]
 struct KeyRecord {
     key: LicenseKey,
     in_use: u32,
+    meta: KeyMeta,
 }
 
 /// The ledger's state as it is stored in a snapshot; indexes are rebuilt on restore.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LedgerSnapshot {
     pub last_at_ms: i64,
-    pub keys: Vec<LicenseKey>,
+    pub keys: Vec<StoredKey>,
     pub leases: Vec<LeaseView>,
     #[serde(default)]
     pub sync: SyncState,
@@ -184,7 +219,10 @@ impl Ledger {
             },
             Command::BeginSync { nonce } => self.begin_sync(nonce),
             Command::CompleteSync { response } => self.complete_sync(response, at),
+            Command::RenewKeys => self.renew_keys(at),
+            Command::AllocateKey { key_id, stations } => self.allocate_key(key_id, *stations),
         };
+        self.retire_replaced_keys(at);
         #[cfg(debug_assertions)]
         if let Err(violation) = self.check_invariants() {
             panic!("ledger invariant violated after {entry:?}: {violation}");
@@ -232,6 +270,10 @@ impl Ledger {
             KeyRecord {
                 key: key.clone(),
                 in_use: 0,
+                meta: KeyMeta {
+                    stations: true,
+                    ..KeyMeta::default()
+                },
             },
         );
         Outcome::KeyImported { key_id }
@@ -272,7 +314,11 @@ impl Ledger {
         let (covering, unsynchronized): (Vec<&KeyRecord>, Vec<&KeyRecord>) = self
             .keys
             .values()
-            .filter(|record| is_active(record, at) && record.key.payload.covers(component))
+            .filter(|record| {
+                record.meta.stations
+                    && is_active(record, at)
+                    && record.key.payload.covers(component)
+            })
             .partition(|record| synchronized || record.key.payload.server_id.is_none());
         if covering.is_empty() {
             let refusal = if unsynchronized.is_empty() {
@@ -459,6 +505,184 @@ impl Ledger {
         }
     }
 
+    fn allocate_key(&mut self, key_id: &str, stations: bool) -> Outcome {
+        let Some(record) = self.keys.get_mut(key_id) else {
+            return Outcome::Refused {
+                refusal: Refusal::KeyNotFound {
+                    key_id: key_id.into(),
+                },
+            };
+        };
+        record.meta.stations = stations;
+        Outcome::KeyAllocated {
+            key_id: key_id.into(),
+            stations,
+        }
+    }
+
+    /// The renewal candidates: renewal keys held from the vendor, and keys already imported
+    /// (by an administrator) that name a key they renew. Each as (old key id, renewal key).
+    fn renewal_candidates(&self) -> Vec<(String, LicenseKey)> {
+        let mut candidates: BTreeMap<String, LicenseKey> = self.sync.renewals.clone();
+        for record in self.keys.values() {
+            if let Some(old) = &record.key.payload.renews {
+                candidates
+                    .entry(old.clone())
+                    .or_insert_with(|| record.key.clone());
+            }
+        }
+        candidates
+            .into_iter()
+            .filter(|(old, renewal)| {
+                self.keys.get(old).is_some_and(|record| {
+                    record.meta.replaced_by.as_deref() != Some(renewal.key_id())
+                })
+            })
+            .collect()
+    }
+
+    /// Automatic key renewal, as the vendor's manual describes it: a renewal key with the
+    /// same or more components and at least as many licenses is added and allocated to every
+    /// object of the old key; otherwise it is added but not allocated, with the reason.
+    fn renew_keys(&mut self, at: i64) -> Outcome {
+        let mut renewed = Vec::new();
+        let (mut leases_moved, mut leases_ended) = (0, 0);
+        for (old_id, renewal) in self.renewal_candidates() {
+            self.sync.renewals.remove(&old_id);
+            let renewal_id = renewal.key_id().to_string();
+            if !self.keys.contains_key(&renewal_id) {
+                match self.import_key(&renewal, at) {
+                    Outcome::KeyImported { .. } => {
+                        // Allocation is decided below, not by the import default.
+                        self.keys
+                            .get_mut(&renewal_id)
+                            .expect("imported")
+                            .meta
+                            .stations = false;
+                    }
+                    Outcome::Refused { refusal } => {
+                        let result = RenewalResult::NotAllocated {
+                            renewal_key_id: renewal_id,
+                            reason: refusal.to_string(),
+                        };
+                        self.keys.get_mut(&old_id).expect("candidate").meta.renewal =
+                            Some(result.clone());
+                        renewed.push((old_id, result));
+                        continue;
+                    }
+                    other => unreachable!("import answered {other:?}"),
+                }
+            }
+            let old = &self.keys[&old_id];
+            let new = &self.keys[&renewal_id];
+            let missing: Vec<&String> = old
+                .key
+                .payload
+                .components
+                .iter()
+                .filter(|c| !new.key.payload.covers(c))
+                .collect();
+            let mut reasons = Vec::new();
+            if !missing.is_empty() {
+                reasons.push(format!(
+                    "the renewal key {renewal_id} does not license {}",
+                    missing
+                        .iter()
+                        .map(|c| c.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            if new.key.payload.licenses < old.key.payload.licenses {
+                reasons.push(format!(
+                    "the renewal key {renewal_id} has {} licenses, fewer than the {} of {old_id}",
+                    new.key.payload.licenses, old.key.payload.licenses
+                ));
+            }
+            let result = if reasons.is_empty() {
+                let old_stations = old.meta.stations;
+                let renewal_active = key_state(new, at) == KeyState::Active;
+                self.keys
+                    .get_mut(&renewal_id)
+                    .expect("renewal")
+                    .meta
+                    .stations |= old_stations;
+                let old = self.keys.get_mut(&old_id).expect("old");
+                old.meta.replaced_by = Some(renewal_id.clone());
+                if renewal_active {
+                    // The renewal serves from now on: move the old key's leases onto it.
+                    old.meta.stations = false;
+                    let (moved, ended) = self.move_leases(&old_id, &renewal_id);
+                    leases_moved += moved;
+                    leases_ended += ended;
+                }
+                RenewalResult::Allocated {
+                    renewal_key_id: renewal_id,
+                }
+            } else {
+                RenewalResult::NotAllocated {
+                    renewal_key_id: renewal_id,
+                    reason: reasons.join("; "),
+                }
+            };
+            self.keys.get_mut(&old_id).expect("old").meta.renewal = Some(result.clone());
+            renewed.push((old_id, result));
+        }
+        Outcome::KeysRenewed {
+            renewed,
+            leases_moved,
+            leases_ended,
+        }
+    }
+
+    /// Moves leases from one key to another while it has free licenses; the rest end, and
+    /// their stations get a license again at their next checkout if one is free.
+    fn move_leases(&mut self, from: &str, to: &str) -> (u32, u32) {
+        let mut ids: Vec<String> = self
+            .leases
+            .values()
+            .filter(|lease| lease.key_id == from)
+            .map(|lease| lease.lease_id.clone())
+            .collect();
+        ids.sort();
+        let (mut moved, mut ended) = (0, 0);
+        let until = self.keys[to].key.payload.valid_until_ms();
+        for lease_id in ids {
+            let mut lease = self.remove_lease(&lease_id).expect("listed");
+            let target = &self.keys[to];
+            let taken = self
+                .by_station
+                .contains_key(&(lease.station.clone(), to.to_string()));
+            if target.in_use < target.key.payload.licenses && !taken {
+                lease.key_id = to.to_string();
+                lease.expires_at_ms = lease.expires_at_ms.min(until);
+                self.insert_lease(lease);
+                moved += 1;
+            } else {
+                ended += 1;
+            }
+        }
+        (moved, ended)
+    }
+
+    /// Removes keys that a renewal replaced once nothing uses them any more: no lease, and
+    /// either expired or no longer allocated to stations.
+    fn retire_replaced_keys(&mut self, at: i64) {
+        let retired: Vec<String> = self
+            .keys
+            .iter()
+            .filter(|(_, record)| {
+                record.meta.replaced_by.is_some()
+                    && record.in_use == 0
+                    && (!record.meta.stations || key_state(record, at) == KeyState::Expired)
+            })
+            .map(|(key_id, _)| key_id.clone())
+            .collect();
+        for key_id in retired {
+            self.keys.remove(&key_id);
+        }
+    }
+
     fn heartbeat(&mut self, lease_id: &str, lease_ttl_ms: i64, at: i64) -> Outcome {
         if !(1..=LEASE_TTL_MS_MAX).contains(&lease_ttl_ms) {
             return Outcome::Refused {
@@ -576,6 +800,7 @@ impl Ledger {
                 key: record.key.clone(),
                 state: key_state(record, at),
                 in_use: record.in_use,
+                meta: record.meta.clone(),
             })
             .collect()
     }
@@ -600,7 +825,14 @@ impl Ledger {
         leases.sort_by(|a, b| a.lease_id.cmp(&b.lease_id));
         LedgerSnapshot {
             last_at_ms: self.last_at_ms,
-            keys: self.keys.values().map(|r| r.key.clone()).collect(),
+            keys: self
+                .keys
+                .values()
+                .map(|r| StoredKey {
+                    key: r.key.clone(),
+                    meta: r.meta.clone(),
+                })
+                .collect(),
             leases,
             sync: self.sync.clone(),
         }
@@ -613,9 +845,14 @@ impl Ledger {
         ledger.last_at_ms = snapshot.last_at_ms;
         ledger.sync = snapshot.sync;
         for key in snapshot.keys {
-            ledger
-                .keys
-                .insert(key.payload.key_id.clone(), KeyRecord { key, in_use: 0 });
+            ledger.keys.insert(
+                key.key.payload.key_id.clone(),
+                KeyRecord {
+                    key: key.key,
+                    in_use: 0,
+                    meta: key.meta,
+                },
+            );
         }
         for lease in snapshot.leases {
             ledger.insert_lease(lease);

@@ -23,5 +23,8 @@ pub use clock::Clock;
 pub use command::{Command, Stamped};
 pub use identity::{IdentityError, PublicKey, SecretKey};
 pub use key::{KeyError, LicenseKey, LicenseKeyPayload};
-pub use ledger::{KeyState, KeyView, LeaseView, Ledger, LedgerConfig, LedgerSnapshot, SyncState};
+pub use ledger::{
+    KeyMeta, KeyState, KeyView, LeaseView, Ledger, LedgerConfig, LedgerSnapshot, RenewalResult,
+    StoredKey, SyncState,
+};
 pub use outcome::{Outcome, Refusal};

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::key::KeyError;
-use crate::ledger::LeaseView;
+use crate::ledger::{LeaseView, RenewalResult};
 use crate::sync::SyncError;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +41,16 @@ pub enum Outcome {
         revoked: Vec<String>,
         renewals: Vec<String>,
         certificate_valid_until_ms: i64,
+    },
+    /// One entry per key a renewal key was found for; keys without one are not listed.
+    KeysRenewed {
+        renewed: Vec<(String, RenewalResult)>,
+        leases_moved: u32,
+        leases_ended: u32,
+    },
+    KeyAllocated {
+        key_id: String,
+        stations: bool,
     },
     Refused {
         refusal: Refusal,
@@ -94,7 +104,7 @@ impl Refusal {
             Refusal::KeyRejected { error } => error.code(),
             Refusal::InvalidRequest { .. } => "invalid_request",
             Refusal::ServerNotSynchronized { .. } => "server_not_synchronized",
-            Refusal::SyncRejected { .. } => "sync_rejected",
+            Refusal::SyncRejected { error } => error.code(),
         }
     }
 }

@@ -64,6 +64,22 @@ pub enum SyncError {
     NoServerId,
 }
 
+impl SyncError {
+    /// Stable machine-readable code for the JSON error body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            SyncError::Malformed { .. } => "sync_malformed",
+            SyncError::UnsupportedFormat { .. } => "sync_unsupported_format",
+            SyncError::WrongVendor { .. } => "sync_wrong_vendor",
+            SyncError::BadSignature { .. } => "sync_bad_signature",
+            SyncError::OtherServer { .. } => "sync_other_server",
+            SyncError::NotAwaited { .. } => "sync_not_awaited",
+            SyncError::WrongServerKey { .. } => "sync_wrong_server_key",
+            SyncError::NoServerId => "no_server_id",
+        }
+    }
+}
+
 /// The vendor's statement: this server ID belongs to this public key until `valid_until`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -8,7 +8,7 @@ use tessera_core::sync::{
 };
 use tessera_core::{
     Command, KeyError, Ledger, LedgerConfig, LicenseKey, LicenseKeyPayload, Outcome, Refusal,
-    SecretKey, Stamped,
+    RenewalResult, SecretKey, Stamped,
 };
 
 const BASE_MS: i64 = 1_800_000_000_000;
@@ -247,6 +247,18 @@ fn response(
     keys: Vec<LicenseKey>,
     revoked: Vec<String>,
 ) -> SyncResponse {
+    response_with_renewals(server_id, sequence, nonce, at_ms, keys, revoked, vec![])
+}
+
+fn response_with_renewals(
+    server_id: &str,
+    sequence: u64,
+    nonce: &str,
+    at_ms: i64,
+    keys: Vec<LicenseKey>,
+    revoked: Vec<String>,
+    renewals: Vec<LicenseKey>,
+) -> SyncResponse {
     let at = Timestamp::from_millisecond(at_ms).unwrap();
     let certificate = ServerCertificate::sign(
         CertificatePayload {
@@ -267,7 +279,7 @@ fn response(
             certificate,
             keys,
             revoked,
-            renewals: vec![],
+            renewals,
         },
         &vendor(),
     )
@@ -374,6 +386,190 @@ fn a_replayed_stale_foreign_or_edited_sync_response_is_refused_and_changes_nothi
         Outcome::Synced { .. }
     ));
     assert!(ledger.keys(BASE_MS).is_empty(), "the revoked key is gone");
+}
+
+// ---- automatic key renewal ----
+
+fn renewal(
+    key_id: &str,
+    renews: &str,
+    components: &[&str],
+    licenses: u32,
+    from_ms: i64,
+) -> LicenseKey {
+    LicenseKey::sign(
+        LicenseKeyPayload {
+            key_id: key_id.into(),
+            customer: "acme".into(),
+            components: components.iter().map(|c| c.to_string()).collect(),
+            licenses,
+            valid_from: Timestamp::from_millisecond(from_ms).unwrap(),
+            valid_until: Timestamp::from_millisecond(from_ms + 365 * 86_400_000).unwrap(),
+            server_id: Some("srv-1".into()),
+            renews: Some(renews.into()),
+            issued_at: Timestamp::from_millisecond(BASE_MS - 1000).unwrap(),
+        },
+        &vendor(),
+    )
+    .unwrap()
+}
+
+/// A synced ledger holding `old` (bound to srv-1) and the given renewal keys from the vendor.
+fn synced_with_renewals(old: LicenseKey, renewals: Vec<LicenseKey>) -> Ledger {
+    let mut ledger = ledger();
+    ledger.apply(&at(BASE_MS, Command::BeginSync { nonce: "n1".into() }));
+    let answer = response_with_renewals("srv-1", 1, "n1", BASE_MS, vec![old], vec![], renewals);
+    assert!(matches!(
+        complete(&mut ledger, BASE_MS, answer),
+        Outcome::Synced { .. }
+    ));
+    ledger
+}
+
+fn renewed(outcome: Outcome) -> Vec<(String, RenewalResult)> {
+    match outcome {
+        Outcome::KeysRenewed { renewed, .. } => renewed,
+        other => panic!("expected KeysRenewed, got {other:?}"),
+    }
+}
+
+#[test]
+fn an_equal_or_better_renewal_takes_over_every_lease_and_the_old_key_goes() {
+    let old = key_for("old", &["cad"], 2, BASE_MS + 10 * 86_400_000, Some("srv-1"));
+    let new = renewal("new", "old", &["cad", "cam"], 3, BASE_MS - 1000);
+    let mut ledger = synced_with_renewals(old, vec![new]);
+    let Outcome::LeaseGranted { lease, .. } =
+        ledger.apply(&at(BASE_MS, checkout("l1", "a", "cad")))
+    else {
+        panic!()
+    };
+    let outcome = ledger.apply(&at(BASE_MS + 1, Command::RenewKeys));
+    assert!(
+        matches!(
+            outcome,
+            Outcome::KeysRenewed {
+                leases_moved: 1,
+                leases_ended: 0,
+                ..
+            }
+        ),
+        "{outcome:?}"
+    );
+    assert_eq!(ledger.lease(&lease.lease_id).unwrap().key_id, "new");
+    assert!(
+        ledger.key("old").is_none(),
+        "the old key is removed once unused"
+    );
+    assert!(matches!(
+        ledger.apply(&at(BASE_MS + 2, checkout("l2", "b", "cam"))),
+        Outcome::LeaseGranted { .. }
+    ));
+    assert!(
+        renewed(ledger.apply(&at(BASE_MS + 3, Command::RenewKeys))).is_empty(),
+        "done once"
+    );
+}
+
+#[test]
+fn a_renewal_with_fewer_licenses_or_components_is_added_but_not_allocated() {
+    let old = key_for(
+        "old",
+        &["cad", "cam"],
+        5,
+        BASE_MS + 10 * 86_400_000,
+        Some("srv-1"),
+    );
+    let new = renewal("new", "old", &["cad"], 3, BASE_MS - 1000);
+    let mut ledger = synced_with_renewals(old, vec![new]);
+    let results = renewed(ledger.apply(&at(BASE_MS, Command::RenewKeys)));
+    let [(old_id, RenewalResult::NotAllocated { reason, .. })] = &results[..] else {
+        panic!("{results:?}")
+    };
+    assert_eq!(old_id, "old");
+    assert!(
+        reason.contains("does not license cam") && reason.contains("3 licenses"),
+        "{reason}"
+    );
+    let Outcome::LeaseGranted { lease, .. } =
+        ledger.apply(&at(BASE_MS, checkout("l1", "a", "cad")))
+    else {
+        panic!()
+    };
+    assert_eq!(lease.key_id, "old", "the unallocated renewal serves nobody");
+    ledger.apply(&at(
+        BASE_MS,
+        Command::AllocateKey {
+            key_id: "old".into(),
+            stations: false,
+        },
+    ));
+    ledger.apply(&at(
+        BASE_MS,
+        Command::AllocateKey {
+            key_id: "new".into(),
+            stations: true,
+        },
+    ));
+    let Outcome::LeaseGranted { lease, .. } =
+        ledger.apply(&at(BASE_MS, checkout("l2", "b", "cad")))
+    else {
+        panic!()
+    };
+    assert_eq!(lease.key_id, "new", "allocated by hand, it serves");
+}
+
+#[test]
+fn a_renewal_valid_later_takes_over_when_the_old_key_expires() {
+    let old_until = BASE_MS + 10 * 86_400_000;
+    let old = key_for("old", &["cad"], 2, old_until, Some("srv-1"));
+    let new = renewal("new", "old", &["cad"], 2, old_until);
+    let mut ledger = synced_with_renewals(old, vec![new]);
+    renewed(ledger.apply(&at(BASE_MS, Command::RenewKeys)));
+    let Outcome::LeaseGranted { lease, .. } =
+        ledger.apply(&at(BASE_MS, checkout("l1", "a", "cad")))
+    else {
+        panic!()
+    };
+    assert_eq!(lease.key_id, "old");
+    ledger.apply(&at(old_until, Command::Expire));
+    assert!(ledger.key("old").is_none());
+    let Outcome::LeaseGranted { lease, .. } =
+        ledger.apply(&at(old_until, checkout("l2", "a", "cad")))
+    else {
+        panic!()
+    };
+    assert_eq!(lease.key_id, "new");
+}
+
+#[test]
+fn when_a_manually_used_renewal_lacks_room_the_extra_stations_lose_their_license() {
+    let old = key_for("old", &["cad"], 2, BASE_MS + 10 * 86_400_000, Some("srv-1"));
+    let mut ledger = synced_with_renewals(old, vec![]);
+    ledger.apply(&at(BASE_MS, checkout("l1", "a", "cad")));
+    ledger.apply(&at(BASE_MS, checkout("l2", "b", "cad")));
+    // The administrator added the renewal key by hand and a station already uses it.
+    import(
+        &mut ledger,
+        renewal("new", "old", &["cad"], 2, BASE_MS - 1000),
+    );
+    ledger.apply(&at(BASE_MS, checkout("l3", "c", "cad")));
+    let outcome = ledger.apply(&at(BASE_MS + 1, Command::RenewKeys));
+    assert!(
+        matches!(
+            outcome,
+            Outcome::KeysRenewed {
+                leases_moved: 1,
+                leases_ended: 1,
+                ..
+            }
+        ),
+        "{outcome:?}"
+    );
+    assert!(
+        ledger.key("old").is_none(),
+        "removed anyway, as the manual says"
+    );
+    assert_eq!(ledger.lease_count(), 2);
 }
 
 // ---- property test against a reference model ----
