@@ -1,1 +1,198 @@
-//! placeholder
+//! JSON wire types shared by the server, the client SDK, the CLI and the console.
+//!
+//! Timestamps are RFC 3339 strings; durations carry their unit in the field name. Request
+//! types refuse unknown fields, so a typo in a client is an error rather than a silent default.
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// `POST /v1/leases`
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CheckoutRequest {
+    /// The component the station wants to run, e.g. `cad`.
+    pub component: String,
+    /// A stable name for the station (machine); the same station asking again gets the
+    /// same lease back.
+    pub station: String,
+    #[serde(default)]
+    pub user: String,
+    #[serde(default)]
+    pub host: String,
+}
+
+/// A lease as the station and administrators see it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Lease {
+    pub lease_id: String,
+    /// The component asked for in this request (for listings: the first one).
+    pub component: String,
+    /// Every component the station uses under this lease.
+    pub components: Vec<String>,
+    pub key_id: String,
+    pub station: String,
+    pub user: String,
+    pub host: String,
+    #[schema(value_type = String, format = DateTime)]
+    pub issued_at: Timestamp,
+    #[schema(value_type = String, format = DateTime)]
+    pub renewed_at: Timestamp,
+    #[schema(value_type = String, format = DateTime)]
+    pub expires_at: Timestamp,
+    /// Send a heartbeat at least this often to keep the lease.
+    pub heartbeat_interval_s: u64,
+}
+
+/// The stable error body: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct KeySummary {
+    pub key_id: String,
+    pub customer: String,
+    pub components: Vec<String>,
+    pub licenses: u32,
+    pub in_use: u32,
+    pub free: u32,
+    #[schema(value_type = String, format = DateTime)]
+    pub valid_from: Timestamp,
+    #[schema(value_type = String, format = DateTime)]
+    pub valid_until: Timestamp,
+    /// `pending`, `active` or `expired`.
+    pub state: String,
+    pub server_id: Option<String>,
+    pub renews: Option<String>,
+    /// Whether the key serves this server's stations.
+    pub allocated: bool,
+    /// The renewal key that replaced this one, if any.
+    pub replaced_by: Option<String>,
+    /// The last automatic renewal result for this key, in words.
+    pub renewal: Option<String>,
+}
+
+/// `POST /v1/keys/update`: check for renewal keys and replace keys ("check for updates").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct KeyUpdateReport {
+    /// The online sync made first, if an authority is configured.
+    pub sync: Option<SyncSummary>,
+    pub sync_error: Option<String>,
+    pub renewals: Vec<RenewalReport>,
+    pub leases_moved: u32,
+    pub leases_ended: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RenewalReport {
+    pub key_id: String,
+    pub renewal_key_id: String,
+    /// True: added and allocated to every object of the old key. False: added, not allocated.
+    pub allocated: bool,
+    pub reason: Option<String>,
+}
+
+/// `POST /v1/keys/{key_id}/allocate`
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AllocateRequest {
+    pub stations: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ComponentStatus {
+    pub component: String,
+    /// Licenses of the active keys covering this component. Components of one key share its
+    /// licenses, so these numbers can overlap between components.
+    pub licenses: u32,
+    pub in_use: u32,
+    pub free: u32,
+    pub holders: Vec<Holder>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Holder {
+    pub lease_id: String,
+    pub station: String,
+    pub user: String,
+    pub host: String,
+    pub key_id: String,
+    #[schema(value_type = String, format = DateTime)]
+    pub since: Timestamp,
+    #[schema(value_type = String, format = DateTime)]
+    pub expires_at: Timestamp,
+}
+
+/// `GET /v1/status`
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Status {
+    pub server_id: Option<String>,
+    #[schema(value_type = String, format = DateTime)]
+    pub now: Timestamp,
+    pub role: String,
+    pub keys: Vec<KeySummary>,
+    pub components: Vec<ComponentStatus>,
+    pub leases: Vec<Lease>,
+    pub sync: SyncStatus,
+}
+
+/// `POST /v1/keys` answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct KeyImported {
+    pub key_id: String,
+}
+
+/// `DELETE /v1/keys/{key_id}` answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct KeyRemoved {
+    pub key_id: String,
+    pub leases_ended: u32,
+}
+
+/// `GET /healthz`
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+    pub role: String,
+}
+
+/// Where this server stands with the vendor (`GET /v1/sync`, and inside `/v1/status`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SyncStatus {
+    pub server_id: Option<String>,
+    /// True while the server certificate is valid: keys bound to the server ID can be used.
+    pub synchronized: bool,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub last_sync_at: Option<Timestamp>,
+    /// The 366-day deadline: after it, no licenses from keys bound to this server ID.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub deadline: Option<Timestamp>,
+    pub days_left: Option<i64>,
+    pub completed_sequence: u64,
+    /// Sequence of an exported request still waiting for its response.
+    pub awaiting_sequence: Option<u64>,
+    /// Renewal keys held for this server, by the key they renew.
+    pub renewals: Vec<String>,
+    /// `off`, `daily` or `weekly`.
+    pub schedule: String,
+    pub authority: Option<String>,
+}
+
+/// What a completed sync changed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SyncSummary {
+    pub sequence: u64,
+    pub imported: Vec<String>,
+    pub revoked: Vec<String>,
+    pub renewals: Vec<String>,
+    #[schema(value_type = String, format = DateTime)]
+    pub certificate_valid_until: Timestamp,
+}

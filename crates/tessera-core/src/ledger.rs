@@ -418,7 +418,14 @@ impl Ledger {
                 },
             };
         }
-        let sequence = self.sync.completed_sequence + 1;
+        // Above every request sent so far, not only the completed ones: if an answer was
+        // lost, the retry must not look like a replay to the authority.
+        let last_sent = self
+            .sync
+            .awaited
+            .as_ref()
+            .map_or(0, |(sequence, _)| *sequence);
+        let sequence = self.sync.completed_sequence.max(last_sent) + 1;
         self.sync.awaited = Some((sequence, nonce.to_string()));
         Outcome::SyncBegun {
             sequence,

@@ -1,0 +1,103 @@
+//! Starting and stopping the authority. The caller hands in the listener and the clock, so
+//! tests run it on port 0 with a manual clock, exactly as the license server is run.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use tessera_core::{Clock, PublicKey};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::data_dir::DataDir;
+use crate::error::AuthorityError;
+use crate::http::{Shared, router};
+use crate::store;
+
+pub struct AuthorityConfig {
+    /// Holds vendor.key, vendor.pub, admin.token and authority.sqlite; created if missing.
+    pub data_dir: PathBuf,
+    pub clock: Arc<dyn Clock>,
+}
+
+/// The wall clock, for production.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        jiff::Timestamp::now().as_millisecond()
+    }
+}
+
+pub struct RunningAuthority {
+    pub addr: SocketAddr,
+    /// The bearer token for the admin API (also in DATA/admin.token).
+    pub admin_token: String,
+    pub vendor_public_key: PublicKey,
+    pub data_dir: PathBuf,
+    shutdown: watch::Sender<bool>,
+    http: JoinHandle<()>,
+}
+
+impl RunningAuthority {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting, lets in-flight requests finish (each is one committed transaction or
+    /// none), then closes the database.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.http.await;
+    }
+}
+
+/// Opens (or creates) the data directory and the database, then serves on `listener`.
+pub async fn start(
+    listener: TcpListener,
+    config: AuthorityConfig,
+) -> Result<RunningAuthority, AuthorityError> {
+    let AuthorityConfig { data_dir, clock } = config;
+    let addr = listener.local_addr().map_err(AuthorityError::Listen)?;
+    // Key files and migrations are blocking work; keep them off the async threads.
+    let (data, database) = tokio::task::spawn_blocking(move || {
+        let data = DataDir::open_or_init(&data_dir)?;
+        let database = store::open(&data.database_path())?;
+        Ok::<_, AuthorityError>((data, database))
+    })
+    .await
+    .map_err(|e| AuthorityError::Internal(format!("start-up task failed: {e}")))??;
+
+    let vendor_public_key = data.vendor.public_key();
+    let state = Arc::new(Shared {
+        database: Mutex::new(database),
+        vendor_pub_text: vendor_public_key.to_file_text(),
+        vendor: data.vendor,
+        admin_token: data.admin_token.clone(),
+        clock,
+    });
+    let app = router(state);
+    let (shutdown, mut shutdown_rx) = watch::channel(false);
+    let http = tokio::spawn(async move {
+        let signal = async move {
+            let _ = shutdown_rx.wait_for(|stop| *stop).await;
+        };
+        if let Err(error) = axum::serve(listener, app)
+            .with_graceful_shutdown(signal)
+            .await
+        {
+            tracing::error!(%error, "authority HTTP server failed");
+        }
+    });
+    tracing::info!(%addr, vendor_key = %vendor_public_key.fingerprint(), "vendor authority listening");
+    Ok(RunningAuthority {
+        addr,
+        admin_token: data.admin_token,
+        vendor_public_key,
+        data_dir: data.path,
+        shutdown,
+        http,
+    })
+}

@@ -1,0 +1,242 @@
+//! Answering a sync request: the binding rule, the replay rule, and the response.
+//!
+//! The rules, in order:
+//! 1. The request must be signed by the key it carries (proof of possession).
+//! 2. The server ID must be registered (`unknown_server`).
+//! 3. An unbound ID is bound to the request's key; an ID bound to another key is refused
+//!    (`server_id_in_use`) until the vendor resets it. So a server ID that leaks is useless
+//!    without the key pair that first synchronized it.
+//! 4. The sequence must be above the last one answered (`replayed_request`), so a captured
+//!    request cannot be played again to obtain a fresh certificate.
+//! 5. The answer carries a certificate valid 366 days from now, the live keys issued to the
+//!    ID, the revoked ids, and the renewal keys held for it; the server row records the
+//!    sequence and the time. All of it in one transaction: either the server's state moved
+//!    and it got the signed answer, or neither.
+
+use rusqlite::{Connection, TransactionBehavior, params};
+use tessera_core::sync::{
+    CERTIFICATE_VALIDITY_DAYS, CertificatePayload, ServerCertificate, SyncError, SyncRequest,
+    SyncResponse, SyncResponsePayload,
+};
+use tessera_core::{PublicKey, SecretKey};
+
+use crate::error::AuthorityError;
+use crate::store::{self, DAY_MS, ServerRow, timestamp};
+
+/// What accepting a request does to the server ID's binding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Binding {
+    /// First sync (or first after a reset): bind the request's key.
+    Bind,
+    /// Already bound to the request's key.
+    Keep,
+}
+
+/// Rules 3 and 4, on the server's row as stored. Pure, so the rule is testable on its own.
+pub fn check_binding(
+    server: &ServerRow,
+    offered: &PublicKey,
+    sequence: u64,
+) -> Result<Binding, AuthorityError> {
+    let binding = match &server.public_key {
+        None => Binding::Bind,
+        // Compared as keys, not as base64 text, so an equivalent encoding cannot slip by.
+        Some(bound) => match PublicKey::from_base64(bound) {
+            Ok(bound) if bound == *offered => Binding::Keep,
+            Ok(bound) => {
+                return Err(AuthorityError::ServerIdInUse {
+                    server_id: server.server_id.clone(),
+                    bound_fingerprint: bound.fingerprint(),
+                    offered_fingerprint: offered.fingerprint(),
+                });
+            }
+            Err(error) => {
+                return Err(AuthorityError::Internal(format!(
+                    "stored public key of {}: {error}",
+                    server.server_id
+                )));
+            }
+        },
+    };
+    // After a (re)binding the count restarts, so only a kept binding can replay.
+    if binding == Binding::Keep && sequence <= server.last_sequence {
+        return Err(AuthorityError::ReplayedRequest {
+            server_id: server.server_id.clone(),
+            sequence,
+            last_sequence: server.last_sequence,
+        });
+    }
+    if sequence == 0 {
+        return Err(AuthorityError::invalid(
+            "a sync request's sequence starts at 1",
+        ));
+    }
+    Ok(binding)
+}
+
+/// Rule 1: the request is signed by the key it carries.
+fn verify_request(request: &SyncRequest) -> Result<PublicKey, AuthorityError> {
+    match request.verify() {
+        Ok((_, key)) => Ok(key),
+        Err(SyncError::UnsupportedFormat {
+            format, version, ..
+        }) => Err(AuthorityError::UnsupportedFormat { format, version }),
+        Err(SyncError::BadSignature { .. }) => Err(AuthorityError::BadSignature),
+        Err(other) => Err(AuthorityError::invalid(other.to_string())),
+    }
+}
+
+/// Answers one sync request at `now_ms`; see the module documentation for the rules.
+pub fn answer(
+    connection: &mut Connection,
+    vendor: &SecretKey,
+    request: &SyncRequest,
+    now_ms: i64,
+) -> Result<SyncResponse, AuthorityError> {
+    let offered = verify_request(request)?;
+    let asked = &request.payload;
+    // SQLite integers are signed; a larger sequence could never be stored.
+    let sequence = i64::try_from(asked.sequence).map_err(|_| {
+        AuthorityError::invalid(format!("sequence {} is out of range", asked.sequence))
+    })?;
+    let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let server = store::server(&transaction, &asked.server_id)?;
+    let binding = match check_binding(&server, &offered, asked.sequence) {
+        Ok(binding) => binding,
+        Err(refusal) => {
+            tracing::warn!(
+                server_id = asked.server_id,
+                code = refusal.code(),
+                "sync refused"
+            );
+            return Err(refusal);
+        }
+    };
+
+    let keys = store::keys_where(
+        &transaction,
+        "server_id = ?1 AND renews IS NULL AND revoked_at_ms IS NULL AND valid_until_ms > ?2",
+        params![server.server_id, now_ms],
+    )?;
+    let renewals = store::keys_where(
+        &transaction,
+        "server_id = ?1 AND renews IS NOT NULL AND revoked_at_ms IS NULL AND valid_until_ms > ?2",
+        params![server.server_id, now_ms],
+    )?;
+    // A revoked key that has expired anyway needs no notice, unless the server still lists
+    // it: this keeps the list bounded over years of revocations.
+    let revoked: Vec<String> = store::keys_where(
+        &transaction,
+        "server_id = ?1 AND revoked_at_ms IS NOT NULL",
+        params![server.server_id],
+    )?
+    .into_iter()
+    .filter(|row| row.valid_until_ms > now_ms || asked.keys.contains(&row.key_id))
+    .map(|row| row.key_id)
+    .collect();
+
+    let now = timestamp(now_ms)?;
+    let certificate = ServerCertificate::sign(
+        CertificatePayload {
+            server_id: server.server_id.clone(),
+            customer: server.customer.clone(),
+            public_key: offered.to_base64(),
+            issued_at: now,
+            valid_until: timestamp(now_ms + CERTIFICATE_VALIDITY_DAYS * DAY_MS)?,
+        },
+        vendor,
+    );
+    let response = SyncResponse::sign(
+        SyncResponsePayload {
+            server_id: server.server_id.clone(),
+            request_nonce: asked.nonce.clone(),
+            sequence: asked.sequence,
+            issued_at: now,
+            certificate,
+            keys: keys.into_iter().map(|row| row.key).collect(),
+            revoked,
+            renewals: renewals.into_iter().map(|row| row.key).collect(),
+        },
+        vendor,
+    );
+
+    match binding {
+        Binding::Bind => transaction.execute(
+            "UPDATE servers SET public_key = ?2, bound_at_ms = ?3, last_sequence = ?4, \
+                                last_sync_at_ms = ?3 WHERE server_id = ?1",
+            params![server.server_id, offered.to_base64(), now_ms, sequence],
+        )?,
+        Binding::Keep => transaction.execute(
+            "UPDATE servers SET last_sequence = ?2, last_sync_at_ms = ?3 WHERE server_id = ?1",
+            params![server.server_id, sequence, now_ms],
+        )?,
+    };
+    transaction.commit()?;
+    tracing::info!(
+        server_id = server.server_id,
+        sequence = asked.sequence,
+        bound = binding == Binding::Bind,
+        keys = response.payload.keys.len(),
+        renewals = response.payload.renewals.len(),
+        revoked = response.payload.revoked.len(),
+        "sync answered"
+    );
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(public_key: Option<&PublicKey>, last_sequence: u64) -> ServerRow {
+        ServerRow {
+            server_id: "LS-AAAA-BBBB".into(),
+            customer: "acme".into(),
+            created_at_ms: 0,
+            public_key: public_key.map(PublicKey::to_base64),
+            bound_at_ms: public_key.map(|_| 0),
+            last_sequence,
+            last_sync_at_ms: None,
+        }
+    }
+
+    #[test]
+    fn an_unbound_id_binds_the_first_key_that_asks() {
+        let ours = SecretKey::from_seed([1; 32]).public_key();
+        assert_eq!(
+            check_binding(&row(None, 0), &ours, 1).unwrap(),
+            Binding::Bind
+        );
+    }
+
+    #[test]
+    fn a_bound_id_keeps_its_key_and_refuses_any_other() {
+        let ours = SecretKey::from_seed([1; 32]).public_key();
+        let theirs = SecretKey::from_seed([2; 32]).public_key();
+        let bound = row(Some(&ours), 3);
+        assert_eq!(check_binding(&bound, &ours, 4).unwrap(), Binding::Keep);
+        let error = check_binding(&bound, &theirs, 4).unwrap_err();
+        assert_eq!(error.code(), "server_id_in_use");
+        assert!(
+            error
+                .to_string()
+                .contains("tessera authority server reset LS-AAAA-BBBB")
+        );
+    }
+
+    #[test]
+    fn sequences_not_above_the_last_answered_are_replays() {
+        let ours = SecretKey::from_seed([1; 32]).public_key();
+        let bound = row(Some(&ours), 3);
+        for sequence in [0, 1, 3] {
+            assert_eq!(
+                check_binding(&bound, &ours, sequence).unwrap_err().code(),
+                "replayed_request"
+            );
+        }
+        assert_eq!(
+            check_binding(&row(None, 0), &ours, 0).unwrap_err().code(),
+            "invalid_request"
+        );
+    }
+}

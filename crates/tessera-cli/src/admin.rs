@@ -1,0 +1,305 @@
+//! Client commands: `tessera keys`, `tessera lease`, `tessera status`.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use tessera_api::CheckoutRequest;
+use tessera_client::Client;
+
+use crate::{Remote, read_file};
+
+#[derive(Subcommand)]
+pub enum KeysCommand {
+    /// Import a license key file.
+    Add { file: PathBuf },
+    /// List the server's keys.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a key; its leases end.
+    Remove { key_id: String },
+    /// Print a key file exactly as the vendor signed it.
+    Export { key_id: String },
+    /// Check for renewal keys and replace license keys (syncs first if the server has an
+    /// authority configured).
+    Update,
+    /// Allocate a key to this server's stations (or take it away with --stations false).
+    Allocate {
+        key_id: String,
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        stations: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum LeaseCommand {
+    /// Take a license for a component; prints the lease as JSON.
+    Checkout {
+        #[arg(long)]
+        component: String,
+        #[arg(long)]
+        station: String,
+        #[arg(long, default_value = "")]
+        user: String,
+        #[arg(long, default_value = "")]
+        host: String,
+    },
+    /// Keep a lease alive.
+    Heartbeat { lease_id: String },
+    /// Return a lease.
+    Checkin { lease_id: String },
+    /// Take a lease back from a station (admin).
+    Release { lease_id: String },
+}
+
+#[derive(clap::Args)]
+pub struct SyncArgs {
+    #[command(subcommand)]
+    command: Option<SyncCommand>,
+    #[command(flatten)]
+    remote: Remote,
+}
+
+#[derive(Subcommand)]
+pub enum SyncCommand {
+    /// Write a signed sync request to carry to the vendor (air-gapped sites).
+    Export {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Apply the vendor's response file.
+    Import { file: PathBuf },
+    /// Show the last sync, the 366-day deadline and held renewal keys.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn print_summary(summary: &tessera_api::SyncSummary) {
+    println!("synchronized (sequence {})", summary.sequence);
+    println!(
+        "  certificate valid until {}",
+        summary.certificate_valid_until
+    );
+    for (label, ids) in [
+        ("imported", &summary.imported),
+        ("revoked", &summary.revoked),
+        ("renewal keys", &summary.renewals),
+    ] {
+        if !ids.is_empty() {
+            println!("  {label}: {}", ids.join(", "));
+        }
+    }
+}
+
+pub async fn run_sync(args: SyncArgs) -> anyhow::Result<()> {
+    let remote = &args.remote;
+    match args.command {
+        None => print_summary(&client(remote).sync_now().await?),
+        Some(SyncCommand::Export { out }) => {
+            let request = client(remote).export_sync_request().await?;
+            std::fs::write(&out, request)
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
+            println!(
+                "sync request written to {}: send it to the vendor",
+                out.display()
+            );
+        }
+        Some(SyncCommand::Import { file }) => print_summary(
+            &client(remote)
+                .import_sync_response(read_file(&file)?)
+                .await?,
+        ),
+        Some(SyncCommand::Status { json }) => {
+            let status = client(remote).sync_status().await?;
+            if json {
+                return print_json(&status);
+            }
+            println!(
+                "server ID:      {}",
+                status.server_id.as_deref().unwrap_or("(none)")
+            );
+            println!("synchronized:   {}", status.synchronized);
+            println!(
+                "last sync:      {}",
+                status
+                    .last_sync_at
+                    .map(|t| t.to_string())
+                    .unwrap_or_else(|| "never".into())
+            );
+            match (status.deadline, status.days_left) {
+                (Some(deadline), Some(days)) => {
+                    println!("deadline:       {deadline} ({days} days left)")
+                }
+                _ => println!("deadline:       none (never synchronized)"),
+            }
+            println!("schedule:       {}", status.schedule);
+        }
+    }
+    Ok(())
+}
+
+fn client(remote: &Remote) -> Client {
+    Client::new(&remote.server, remote.token.clone())
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+pub async fn run_keys(command: KeysCommand, remote: &Remote) -> anyhow::Result<()> {
+    let client = client(remote);
+    match command {
+        KeysCommand::Add { file } => {
+            let imported = client.import_key(read_file(&file)?).await?;
+            println!("imported {}", imported.key_id);
+        }
+        KeysCommand::List { json } => {
+            let keys = client.list_keys().await?;
+            if json {
+                return print_json(&keys);
+            }
+            println!(
+                "{:<16} {:<14} {:<24} {:>8} {:>7} {:>6}  {:<10} VALID UNTIL",
+                "KEY", "CUSTOMER", "COMPONENTS", "LICENSES", "IN USE", "FREE", "STATE"
+            );
+            for key in keys {
+                println!(
+                    "{:<16} {:<14} {:<24} {:>8} {:>7} {:>6}  {:<10} {}",
+                    key.key_id,
+                    key.customer,
+                    key.components.join(","),
+                    key.licenses,
+                    key.in_use,
+                    key.free,
+                    key.state,
+                    key.valid_until
+                );
+            }
+        }
+        KeysCommand::Remove { key_id } => {
+            let removed = client.remove_key(&key_id).await?;
+            println!(
+                "removed {} ({} leases ended)",
+                removed.key_id, removed.leases_ended
+            );
+        }
+        KeysCommand::Export { key_id } => print!("{}", client.export_key(&key_id).await?),
+        KeysCommand::Update => {
+            let report = client.update_keys().await?;
+            if let Some(error) = &report.sync_error {
+                eprintln!("warning: sync failed, applying renewal keys already held: {error}");
+            }
+            if report.renewals.is_empty() {
+                println!("no renewal keys available");
+            }
+            for renewal in &report.renewals {
+                match &renewal.reason {
+                    None => println!(
+                        "{} updated: replaced by {}",
+                        renewal.key_id, renewal.renewal_key_id
+                    ),
+                    Some(reason) => println!(
+                        "{} cannot be automatically updated: {reason} (renewal key {} added, not allocated)",
+                        renewal.key_id, renewal.renewal_key_id
+                    ),
+                }
+            }
+            if report.leases_moved + report.leases_ended > 0 {
+                println!(
+                    "{} leases moved to renewal keys, {} ended",
+                    report.leases_moved, report.leases_ended
+                );
+            }
+        }
+        KeysCommand::Allocate { key_id, stations } => {
+            client.allocate_key(&key_id, stations).await?;
+            println!("{key_id}: allocated to stations = {stations}");
+        }
+    }
+    Ok(())
+}
+
+pub async fn run_lease(command: LeaseCommand, remote: &Remote) -> anyhow::Result<()> {
+    let client = client(remote);
+    match command {
+        LeaseCommand::Checkout {
+            component,
+            station,
+            user,
+            host,
+        } => {
+            let request = CheckoutRequest {
+                component,
+                station,
+                user,
+                host,
+            };
+            let (lease, _) = client.checkout(&request).await?;
+            print_json(&lease)
+        }
+        LeaseCommand::Heartbeat { lease_id } => print_json(&client.heartbeat(&lease_id).await?),
+        LeaseCommand::Checkin { lease_id } => {
+            client.checkin(&lease_id).await?;
+            println!("returned {lease_id}");
+            Ok(())
+        }
+        LeaseCommand::Release { lease_id } => print_json(&client.force_release(&lease_id).await?),
+    }
+}
+
+pub async fn run_events(json: bool, remote: &Remote) -> anyhow::Result<()> {
+    let events = client(remote).events().await?;
+    if json {
+        return print_json(&events);
+    }
+    for event in events {
+        println!(
+            "{} {:<8} {:<20} {}",
+            event["at"].as_str().unwrap_or(""),
+            event["severity"].as_str().unwrap_or(""),
+            event["kind"].as_str().unwrap_or(""),
+            event["message"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+pub async fn run_status(json: bool, remote: &Remote) -> anyhow::Result<()> {
+    let status = client(remote).status().await?;
+    if json {
+        return print_json(&status);
+    }
+    println!(
+        "License server {} ({}) at {}",
+        status.server_id.as_deref().unwrap_or("(no server ID)"),
+        status.role,
+        status.now
+    );
+    println!();
+    println!(
+        "{:<20} {:>8} {:>7} {:>6}",
+        "COMPONENT", "LICENSES", "IN USE", "FREE"
+    );
+    for component in &status.components {
+        println!(
+            "{:<20} {:>8} {:>7} {:>6}",
+            component.component, component.licenses, component.in_use, component.free
+        );
+        for holder in &component.holders {
+            println!(
+                "    {} {}@{} since {} (key {}, lease {})",
+                holder.station,
+                holder.user,
+                holder.host,
+                holder.since,
+                holder.key_id,
+                holder.lease_id
+            );
+        }
+    }
+    Ok(())
+}

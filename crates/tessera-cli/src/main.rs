@@ -1,0 +1,133 @@
+//! `tessera`: the one binary. Runs the license server, the demo and the benchmark, and is the
+//! command-line client for administrators and stations.
+//!
+//! # Layout
+//! - `main.rs`: arguments and dispatch.
+//! - `vendor.rs`: offline vendor tooling (root key, issuing key files).
+//! - `serve.rs`: `tessera server` and `tessera demo`.
+//! - `admin.rs`: client commands (keys, lease, status).
+//! - `bench.rs`: the checkout+checkin benchmark against a no-op baseline.
+
+mod admin;
+mod authority;
+mod bench;
+mod serve;
+mod vendor;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "tessera", version, about = "Tessera license server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the server is and how to prove you are its administrator.
+#[derive(Args, Clone, Debug)]
+pub struct Remote {
+    /// The license server's URL.
+    #[arg(
+        long,
+        env = "TESSERA_SERVER",
+        default_value = "http://127.0.0.1:7400",
+        global = true
+    )]
+    pub server: String,
+    /// The admin token (DATA/admin.token).
+    #[arg(long, env = "TESSERA_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a license server.
+    Server(serve::ServerArgs),
+    /// Run the vendor authority, or manage customers, server IDs and keys on it.
+    Authority(authority::AuthorityArgs),
+    /// Run a complete local setup: a vendor, sample keys, a server on 127.0.0.1:7400.
+    Demo(serve::DemoArgs),
+    /// Offline vendor tooling: create the root key, issue license keys.
+    #[command(subcommand)]
+    Vendor(vendor::VendorCommand),
+    /// Manage the license keys of a server.
+    Keys {
+        #[command(subcommand)]
+        command: admin::KeysCommand,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Take, keep and return a lease, as a station does.
+    Lease {
+        #[command(subcommand)]
+        command: admin::LeaseCommand,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Show licenses per component, keys and holders.
+    Status {
+        /// Print the JSON status instead of tables.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Recent notifications (key updates, sync, deadlines, clock), newest first.
+    Events {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Synchronize with the vendor: online (no subcommand), or by file (export / import).
+    Sync(admin::SyncArgs),
+    /// Measure checkout+checkin cycles/s against a no-op HTTP baseline in the same run.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,openraft=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = runtime.block_on(run(cli.command));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Server(args) => serve::run_server(args).await,
+        Command::Demo(args) => serve::run_demo(args).await,
+        Command::Authority(args) => authority::run(args).await,
+        Command::Vendor(command) => vendor::run(command),
+        Command::Keys { command, remote } => admin::run_keys(command, &remote).await,
+        Command::Lease { command, remote } => admin::run_lease(command, &remote).await,
+        Command::Status { json, remote } => admin::run_status(json, &remote).await,
+        Command::Events { json, remote } => admin::run_events(json, &remote).await,
+        Command::Sync(args) => admin::run_sync(args).await,
+        Command::Bench(args) => bench::run(args).await,
+    }
+}
+
+/// Reads a file, naming it in the error.
+pub fn read_file(path: &PathBuf) -> anyhow::Result<String> {
+    std::fs::read_to_string(path)
+        .map_err(|error| anyhow::anyhow!("cannot read {}: {error}", path.display()))
+}

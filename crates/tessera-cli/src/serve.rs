@@ -1,0 +1,177 @@
+//! `tessera server` and `tessera demo`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use jiff::Timestamp;
+use tessera_core::{LicenseKey, Refusal};
+use tessera_server::clock::SystemClock;
+use tessera_server::config::{SyncSchedule, parse_duration};
+use tessera_server::error::ApiError;
+use tessera_server::ids::LeaseIds;
+use tessera_server::{RunningServer, ServerConfig, ServerOptions};
+
+use crate::vendor::{self, IssueArgs, VENDOR_PUB};
+
+#[derive(Args)]
+pub struct ServerArgs {
+    /// Configuration file (TOML); flags given here override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Data directory [default: ./tessera-data].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:7400].
+    #[arg(long)]
+    listen: Option<String>,
+    /// Vendor public key file to trust (repeatable).
+    #[arg(long)]
+    trust: Vec<PathBuf>,
+    /// This license server's ID, as the vendor issued it.
+    #[arg(long)]
+    server_id: Option<String>,
+    /// Lease time without heartbeat, e.g. 2m.
+    #[arg(long)]
+    lease_ttl: Option<String>,
+    /// The vendor authority's URL, for online sync.
+    #[arg(long)]
+    authority: Option<String>,
+    /// Automatic online sync: off, daily or weekly.
+    #[arg(long)]
+    sync_schedule: Option<String>,
+}
+
+impl ServerArgs {
+    fn into_config(self) -> anyhow::Result<ServerConfig> {
+        let mut config = match &self.config {
+            Some(path) => ServerConfig::from_file(path)?,
+            None => ServerConfig::default(),
+        };
+        if let Some(data) = self.data {
+            config.data_dir = data;
+        }
+        if let Some(listen) = self.listen {
+            config.listen = listen;
+        }
+        config.trust.extend(self.trust);
+        if self.server_id.is_some() {
+            config.server_id = self.server_id;
+        }
+        if let Some(ttl) = self.lease_ttl {
+            config.lease_ttl = parse_duration("--lease-ttl", &ttl)?;
+        }
+        if self.authority.is_some() {
+            config.authority = self.authority;
+        }
+        if let Some(schedule) = self.sync_schedule {
+            config.sync_schedule = SyncSchedule::parse(&schedule)?;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let options = ServerOptions {
+        config,
+        clock: Arc::new(SystemClock),
+        ids: LeaseIds::from_os()?,
+        run_timers: true,
+    };
+    Ok(tessera_server::start(listener, options).await?)
+}
+
+async fn wait_for_ctrl_c(server: RunningServer) -> anyhow::Result<()> {
+    tokio::signal::ctrl_c().await?;
+    eprintln!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}
+
+pub async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
+    let config = args.into_config()?;
+    let data_dir = config.data_dir.clone();
+    let server = start(config).await?;
+    // Whoever started us may close stdout after reading the URL; that must not stop the server.
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "Tessera license server on {}", server.url());
+    let _ = writeln!(
+        out,
+        "admin token in {}",
+        data_dir.join("admin.token").display()
+    );
+    let _ = out.flush();
+    wait_for_ctrl_c(server).await
+}
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Where the demo keeps its vendor, keys and server data (reused on the next run).
+    #[arg(long, default_value = "./tessera-demo")]
+    dir: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    listen: String,
+}
+
+/// The sample keys: (key id, components, licenses).
+const SAMPLE_KEYS: [(&str, &[&str], u32); 3] = [
+    ("DEMO-CAD", &["cad"], 5),
+    ("DEMO-SUITE", &["cam", "sim"], 3),
+    ("DEMO-VIEWER", &["viewer"], 50),
+];
+
+pub async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
+    let vendor_dir = args.dir.join("vendor");
+    if !vendor_dir.join(VENDOR_PUB).exists() {
+        vendor::init(&vendor_dir)?;
+    }
+    let keys_dir = args.dir.join("keys");
+    std::fs::create_dir_all(&keys_dir)?;
+    let mut keys = Vec::new();
+    for (key_id, components, licenses) in SAMPLE_KEYS {
+        let out = keys_dir.join(format!("{key_id}.json"));
+        if !out.exists() {
+            vendor::issue(
+                &IssueArgs {
+                    dir: vendor_dir.clone(),
+                    customer: "Demo Customer".into(),
+                    components: components.iter().map(|c| c.to_string()).collect(),
+                    licenses,
+                    valid_days: 365,
+                    server_id: None,
+                    renews: None,
+                    key_id: Some(key_id.into()),
+                    out: out.clone(),
+                },
+                Timestamp::now(),
+            )?;
+        }
+        keys.push(LicenseKey::from_json(&std::fs::read_to_string(&out)?)?);
+    }
+    let config = ServerConfig {
+        data_dir: args.dir.join("server"),
+        listen: args.listen.clone(),
+        trust: vec![vendor_dir.join(VENDOR_PUB)],
+        ..ServerConfig::default()
+    };
+    let server = start(config).await?;
+    for key in keys {
+        match server.state.import_key(key).await {
+            Ok(_) | Err(ApiError::Refused(Refusal::KeyAlreadyImported { .. })) => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    let url = server.url();
+    let token = server.state.admin_token.clone();
+    println!(
+        "\nTessera demo is running.\n\n  Console:      {url}/\n  Status JSON:  {url}/v1/status\n  Metrics:      {url}/metrics\n  OpenAPI:      {url}/v1/openapi.json\n  Admin token:  {token}\n  Data:         {dir}\n\nTry, in another terminal:\n  export TESSERA_TOKEN={token}\n  cargo run --release -- lease checkout --component cad --station ws-17 --user ann --host ws17\n  cargo run --release -- status\n  cargo run --release -- keys list\n  curl -s -X POST {url}/v1/leases -H 'content-type: application/json' -d '{{\"component\":\"cam\",\"station\":\"ws-18\",\"user\":\"bob\",\"host\":\"ws18\"}}'\n\nPress Ctrl-C to stop.",
+        dir = args.dir.display()
+    );
+    wait_for_ctrl_c(server).await
+}

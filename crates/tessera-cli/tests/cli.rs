@@ -1,0 +1,545 @@
+//! The `tessera` binary as a user runs it: real processes, real files, real HTTP.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tessera");
+
+fn tessera(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("TESSERA_TOKEN")
+        .env_remove("TESSERA_SERVER")
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let output = tessera(args);
+    assert!(
+        output.status.success(),
+        "tessera {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+struct ServerProcess {
+    child: Child,
+    url: String,
+}
+
+impl ServerProcess {
+    /// Starts `tessera server` on a free port and waits for the line announcing its URL.
+    fn start(dir: &Path) -> ServerProcess {
+        let data = dir.join("data");
+        let trust = dir.join("vendor").join("vendor.pub");
+        ServerProcess::spawn(
+            &[
+                "server",
+                "--listen",
+                "127.0.0.1:0",
+                "--lease-ttl",
+                "10m",
+                "--data",
+                data.to_str().unwrap(),
+                "--trust",
+                trust.to_str().unwrap(),
+            ],
+            "Tessera license server on ",
+        )
+    }
+
+    /// Runs `tessera ARGS` and reads the URL from its first line, which starts with `prefix`.
+    fn spawn(args: &[&str], prefix: &str) -> ServerProcess {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        // Keep draining what the process prints after its first line.
+        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+        let url = line
+            .trim()
+            .strip_prefix(prefix)
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        ServerProcess { child, url }
+    }
+
+    fn kill_9(mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn setup_vendor(dir: &Path) -> String {
+    let vendor = dir.join("vendor");
+    ok(&["vendor", "init", "--dir", vendor.to_str().unwrap()]);
+    let key_file = dir.join("cad.json");
+    let key_id = ok(&[
+        "vendor",
+        "issue",
+        "--dir",
+        vendor.to_str().unwrap(),
+        "--customer",
+        "acme",
+        "--components",
+        "cad,cam",
+        "--licenses",
+        "2",
+        "--valid-days",
+        "30",
+        "--out",
+        key_file.to_str().unwrap(),
+    ]);
+    key_id.trim().to_string()
+}
+
+fn token(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("data").join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn vendor_tooling_writes_an_owner_only_secret_and_refuses_to_overwrite_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    setup_vendor(dir.path());
+    let mode = std::fs::metadata(dir.path().join("vendor/vendor.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let again = tessera(&[
+        "vendor",
+        "init",
+        "--dir",
+        dir.path().join("vendor").to_str().unwrap(),
+    ]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("refusing to replace"));
+}
+
+#[test]
+fn an_administrator_imports_a_key_and_a_station_checks_out_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_id = setup_vendor(dir.path());
+    let server = ServerProcess::start(dir.path());
+    let token = token(dir.path());
+    let key_file = dir.path().join("cad.json");
+    let remote = ["--server", server.url.as_str(), "--token", token.as_str()];
+    let imported = ok(&[&["keys", "add", key_file.to_str().unwrap()][..], &remote].concat());
+    assert!(imported.contains(&key_id));
+    let lease: serde_json::Value = serde_json::from_str(&ok(&[
+        &[
+            "lease",
+            "checkout",
+            "--component",
+            "cad",
+            "--station",
+            "ws-17",
+            "--user",
+            "ann",
+            "--host",
+            "ws17",
+        ][..],
+        &remote,
+    ]
+    .concat()))
+    .unwrap();
+    assert_eq!(lease["station"], "ws-17");
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&[&["status", "--json"][..], &remote].concat())).unwrap();
+    assert_eq!(status["keys"][0]["in_use"], 1);
+    let table = ok(&[&["status"][..], &remote].concat());
+    assert!(table.contains("cad") && table.contains("ws-17"), "{table}");
+    let lease_id = lease["lease_id"].as_str().unwrap();
+    ok(&[&["lease", "checkin", lease_id][..], &remote].concat());
+    let listing = ok(&[&["keys", "list"][..], &remote].concat());
+    assert!(listing.contains(&key_id));
+}
+
+#[test]
+fn errors_exit_non_zero_with_the_reason_on_stderr() {
+    let dir = tempfile::tempdir().unwrap();
+    setup_vendor(dir.path());
+    let server = ServerProcess::start(dir.path());
+    let token = token(dir.path());
+    let key_file = dir.path().join("cad.json");
+    let text = std::fs::read_to_string(&key_file)
+        .unwrap()
+        .replace("\"licenses\": 2", "\"licenses\": 20");
+    let tampered = dir.path().join("tampered.json");
+    std::fs::write(&tampered, text).unwrap();
+    let output = tessera(&[
+        "keys",
+        "add",
+        tampered.to_str().unwrap(),
+        "--server",
+        &server.url,
+        "--token",
+        &token,
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("key_bad_signature"), "{stderr}");
+    let output = tessera(&["keys", "list", "--server", &server.url]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unauthorized"));
+}
+
+#[test]
+fn an_acknowledged_lease_survives_kill_9_of_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    setup_vendor(dir.path());
+    let server = ServerProcess::start(dir.path());
+    let token = token(dir.path());
+    let remote = ["--server", server.url.as_str(), "--token", token.as_str()];
+    ok(&[
+        &["keys", "add", dir.path().join("cad.json").to_str().unwrap()][..],
+        &remote,
+    ]
+    .concat());
+    let mut acknowledged = Vec::new();
+    for station in ["ws-1", "ws-2"] {
+        let lease: serde_json::Value = serde_json::from_str(&ok(&[
+            &[
+                "lease",
+                "checkout",
+                "--component",
+                "cad",
+                "--station",
+                station,
+            ][..],
+            &remote,
+        ]
+        .concat()))
+        .unwrap();
+        acknowledged.push(lease["lease_id"].as_str().unwrap().to_string());
+    }
+    server.kill_9();
+    let server = ServerProcess::start(dir.path());
+    let remote = ["--server", server.url.as_str(), "--token", token.as_str()];
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&[&["status", "--json"][..], &remote].concat())).unwrap();
+    let mut held: Vec<String> = status["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|lease| lease["lease_id"].as_str().unwrap().to_string())
+        .collect();
+    held.sort();
+    acknowledged.sort();
+    assert_eq!(held, acknowledged);
+    let refused = tessera(
+        &[
+            &[
+                "lease",
+                "checkout",
+                "--component",
+                "cad",
+                "--station",
+                "ws-3",
+            ][..],
+            &remote,
+        ]
+        .concat(),
+    );
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("no_licenses_available"));
+}
+
+fn last_line(text: &str) -> String {
+    text.lines().last().unwrap_or_default().trim().to_string()
+}
+
+fn fails_with(args: &[&str], code: &str) {
+    let output = tessera(args);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains(code),
+        "tessera {args:?}: expected {code}, got {stderr}"
+    );
+}
+
+/// The vendor, a customer, an online and an air-gapped license server, and a key renewal,
+/// all as separate processes talking HTTP, as docs/sync-and-renewal.md describes.
+#[test]
+fn online_and_air_gapped_servers_stay_licensed_across_a_key_renewal() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let authority = ServerProcess::spawn(
+        &[
+            "authority",
+            "--data",
+            &d("authority"),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        "Tessera authority on ",
+    );
+    let vendor_token = std::fs::read_to_string(dir.path().join("authority/admin.token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let vendor = [
+        "--authority",
+        authority.url.as_str(),
+        "--token",
+        vendor_token.as_str(),
+    ];
+    let online_id = last_line(&ok(&[
+        &["authority", "server", "add", "--customer", "acme"][..],
+        &vendor,
+    ]
+    .concat()));
+    let offline_id = last_line(&ok(&[
+        &["authority", "server", "add", "--customer", "acme"][..],
+        &vendor,
+    ]
+    .concat()));
+    let mut keys = Vec::new();
+    for server_id in [&online_id, &offline_id] {
+        keys.push(last_line(&ok(&[
+            &[
+                "authority",
+                "key",
+                "issue",
+                "--server-id",
+                server_id,
+                "--components",
+                "cad",
+                "--licenses",
+                "2",
+                "--valid-days",
+                "30",
+            ][..],
+            &vendor,
+        ]
+        .concat())));
+    }
+    let trust = d("authority/vendor.pub");
+    let online = ServerProcess::spawn(
+        &[
+            "server",
+            "--data",
+            &d("online"),
+            "--listen",
+            "127.0.0.1:0",
+            "--server-id",
+            &online_id,
+            "--authority",
+            &authority.url,
+            "--trust",
+            &trust,
+        ],
+        "Tessera license server on ",
+    );
+    let offline = ServerProcess::spawn(
+        &[
+            "server",
+            "--data",
+            &d("offline"),
+            "--listen",
+            "127.0.0.1:0",
+            "--server-id",
+            &offline_id,
+            "--trust",
+            &trust,
+        ],
+        "Tessera license server on ",
+    );
+    let online_token = std::fs::read_to_string(dir.path().join("online/admin.token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let offline_token = std::fs::read_to_string(dir.path().join("offline/admin.token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let on = [
+        "--server",
+        online.url.as_str(),
+        "--token",
+        online_token.as_str(),
+    ];
+    let off = [
+        "--server",
+        offline.url.as_str(),
+        "--token",
+        offline_token.as_str(),
+    ];
+    let checkout = |remote: &[&str], station: &str| -> serde_json::Value {
+        serde_json::from_str(&ok(&[
+            &[
+                "lease",
+                "checkout",
+                "--component",
+                "cad",
+                "--station",
+                station,
+            ][..],
+            remote,
+        ]
+        .concat()))
+        .unwrap()
+    };
+
+    // Online: one command.
+    let synced = ok(&[&["sync"][..], &on].concat());
+    assert!(synced.contains(&keys[0]), "{synced}");
+    let online_lease = checkout(&on, "ws-1");
+
+    // Air-gapped: a request file to the vendor, a response file back.
+    fails_with(
+        &[
+            &[
+                "lease",
+                "checkout",
+                "--component",
+                "cad",
+                "--station",
+                "ws-9",
+            ][..],
+            &off,
+        ]
+        .concat(),
+        "component_not_licensed",
+    );
+    ok(&[&["sync", "export", "--out", &d("request.tsync")][..], &off].concat());
+    ok(&[
+        &[
+            "authority",
+            "process",
+            "--in",
+            &d("request.tsync"),
+            "--out",
+            &d("response.tsync"),
+        ][..],
+        &vendor,
+    ]
+    .concat());
+    let imported = ok(&[&["sync", "import", &d("response.tsync")][..], &off].concat());
+    assert!(imported.contains(&keys[1]), "{imported}");
+    checkout(&off, "ws-9");
+    fails_with(
+        &[&["sync", "import", &d("response.tsync")][..], &off].concat(),
+        "sync_not_awaited",
+    );
+
+    // The vendor registers renewal keys with more licenses; both servers pick them up.
+    let renewals: Vec<String> = keys
+        .iter()
+        .map(|key| {
+            last_line(&ok(&[
+                &[
+                    "authority",
+                    "key",
+                    "renew",
+                    "--key",
+                    key,
+                    "--valid-days",
+                    "365",
+                    "--licenses",
+                    "3",
+                ][..],
+                &vendor,
+            ]
+            .concat()))
+        })
+        .collect();
+    let updated = ok(&[&["keys", "update"][..], &on].concat());
+    assert!(
+        updated.contains(&format!("replaced by {}", renewals[0])),
+        "{updated}"
+    );
+    ok(&[&["sync", "export", "--out", &d("request2.tsync")][..], &off].concat());
+    ok(&[
+        &[
+            "authority",
+            "process",
+            "--in",
+            &d("request2.tsync"),
+            "--out",
+            &d("response2.tsync"),
+        ][..],
+        &vendor,
+    ]
+    .concat());
+    ok(&[&["sync", "import", &d("response2.tsync")][..], &off].concat());
+    let updated = ok(&[&["keys", "update"][..], &off].concat());
+    assert!(
+        updated.contains(&format!("replaced by {}", renewals[1])),
+        "{updated}"
+    );
+    for (remote, old, new) in [
+        (&on, &keys[0], &renewals[0]),
+        (&off, &keys[1], &renewals[1]),
+    ] {
+        let status: serde_json::Value =
+            serde_json::from_str(&ok(&[&["status", "--json"][..], &remote[..]].concat())).unwrap();
+        let old_key = status["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| &k["key_id"] == old)
+            .unwrap();
+        assert_eq!(&old_key["replaced_by"], new);
+        let new_key = status["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| &k["key_id"] == new)
+            .unwrap();
+        assert_eq!(new_key["allocated"], true);
+        assert!(status["sync"]["synchronized"].as_bool().unwrap());
+    }
+    let lease_id = online_lease["lease_id"].as_str().unwrap();
+    ok(&[&["lease", "heartbeat", lease_id][..], &on].concat());
+
+    // A reinstalled server (new key pair) cannot use the bound server ID until the vendor resets it.
+    let thief = ServerProcess::spawn(
+        &[
+            "server",
+            "--data",
+            &d("reinstalled"),
+            "--listen",
+            "127.0.0.1:0",
+            "--server-id",
+            &online_id,
+            "--authority",
+            &authority.url,
+            "--trust",
+            &trust,
+        ],
+        "Tessera license server on ",
+    );
+    let thief_token = std::fs::read_to_string(dir.path().join("reinstalled/admin.token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let thief_remote = [
+        "--server",
+        thief.url.as_str(),
+        "--token",
+        thief_token.as_str(),
+    ];
+    fails_with(&[&["sync"][..], &thief_remote].concat(), "server_id_in_use");
+    ok(&[&["authority", "server", "reset", &online_id][..], &vendor].concat());
+    ok(&[&["sync"][..], &thief_remote].concat());
+}

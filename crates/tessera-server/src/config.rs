@@ -1,0 +1,194 @@
+//! Server configuration: a TOML file (`--config tessera.toml`) with command-line flags on top.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::StartError;
+
+/// The configuration file's shape. Every field is optional; defaults are in [`ServerConfig`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub data: Option<PathBuf>,
+    pub listen: Option<String>,
+    /// Vendor public key files whose signatures this server trusts.
+    #[serde(default)]
+    pub trust: Vec<PathBuf>,
+    pub server_id: Option<String>,
+    /// How long a lease lives without a heartbeat, e.g. "2m".
+    pub lease_ttl: Option<String>,
+    /// How far the wall clock may fall behind the last stamped time before the server refuses
+    /// to issue, e.g. "5s".
+    pub clock_tolerance: Option<String>,
+    /// Largest accepted request body, in bytes.
+    pub body_limit_bytes: Option<usize>,
+    /// The vendor authority's URL, for online synchronization.
+    pub authority: Option<String>,
+    /// Automatic online synchronization: "off" (default), "daily" or "weekly". Each scheduled
+    /// sync is followed by the automatic key renewal.
+    pub sync_schedule: Option<String>,
+    /// Notification channels, per event kind.
+    #[serde(default, rename = "notification")]
+    pub notifications: Vec<crate::events::NotificationRule>,
+}
+
+/// How often the server synchronizes with the vendor by itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SyncSchedule {
+    #[default]
+    Off,
+    Daily,
+    Weekly,
+}
+
+impl SyncSchedule {
+    pub fn parse(text: &str) -> Result<SyncSchedule, StartError> {
+        match text {
+            "off" => Ok(SyncSchedule::Off),
+            "daily" => Ok(SyncSchedule::Daily),
+            "weekly" => Ok(SyncSchedule::Weekly),
+            other => Err(StartError::Config {
+                message: format!(
+                    "sync_schedule = {other:?}: expected \"off\", \"daily\" or \"weekly\""
+                ),
+            }),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SyncSchedule::Off => "off",
+            SyncSchedule::Daily => "daily",
+            SyncSchedule::Weekly => "weekly",
+        }
+    }
+
+    pub fn period_ms(self) -> Option<i64> {
+        match self {
+            SyncSchedule::Off => None,
+            SyncSchedule::Daily => Some(86_400_000),
+            SyncSchedule::Weekly => Some(7 * 86_400_000),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    pub listen: String,
+    pub trust: Vec<PathBuf>,
+    pub server_id: Option<String>,
+    pub lease_ttl: Duration,
+    pub clock_tolerance: Duration,
+    pub body_limit_bytes: usize,
+    pub authority: Option<String>,
+    pub sync_schedule: SyncSchedule,
+    pub notifications: Vec<crate::events::NotificationRule>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> ServerConfig {
+        ServerConfig {
+            data_dir: PathBuf::from("./tessera-data"),
+            listen: "127.0.0.1:7400".into(),
+            trust: Vec::new(),
+            server_id: None,
+            lease_ttl: Duration::from_secs(120),
+            clock_tolerance: Duration::from_secs(5),
+            body_limit_bytes: 64 * 1024,
+            authority: None,
+            sync_schedule: SyncSchedule::Off,
+            notifications: Vec::new(),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Reads a configuration file; relative paths in it are relative to the file.
+    pub fn from_file(path: &Path) -> Result<ServerConfig, StartError> {
+        let text = std::fs::read_to_string(path).map_err(|error| StartError::Config {
+            message: format!("cannot read {}: {error}", path.display()),
+        })?;
+        let file: ConfigFile = toml::from_str(&text).map_err(|error| StartError::Config {
+            message: format!("{}: {error}", path.display()),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut config = ServerConfig::default();
+        config.apply_file(file, base)?;
+        Ok(config)
+    }
+
+    fn apply_file(&mut self, file: ConfigFile, base: &Path) -> Result<(), StartError> {
+        if let Some(data) = file.data {
+            self.data_dir = base.join(data);
+        }
+        if let Some(listen) = file.listen {
+            self.listen = listen;
+        }
+        self.trust
+            .extend(file.trust.into_iter().map(|path| base.join(path)));
+        if file.server_id.is_some() {
+            self.server_id = file.server_id;
+        }
+        if let Some(ttl) = file.lease_ttl {
+            self.lease_ttl = parse_duration("lease_ttl", &ttl)?;
+        }
+        if let Some(tolerance) = file.clock_tolerance {
+            self.clock_tolerance = parse_duration("clock_tolerance", &tolerance)?;
+        }
+        if let Some(limit) = file.body_limit_bytes {
+            self.body_limit_bytes = limit;
+        }
+        if file.authority.is_some() {
+            self.authority = file.authority;
+        }
+        if let Some(schedule) = file.sync_schedule {
+            self.sync_schedule = SyncSchedule::parse(&schedule)?;
+        }
+        for mut rule in file.notifications {
+            rule.hook = rule.hook.map(|hook| base.join(hook));
+            self.notifications.push(rule);
+        }
+        self.validate()
+    }
+
+    pub fn validate(&self) -> Result<(), StartError> {
+        let ttl_ms = self.lease_ttl.as_millis();
+        if !(3_000..=tessera_core::ledger::LEASE_TTL_MS_MAX as u128).contains(&ttl_ms) {
+            return Err(StartError::Config {
+                message: format!(
+                    "lease_ttl must be between 3s and 7d, not {}",
+                    humantime::format_duration(self.lease_ttl)
+                ),
+            });
+        }
+        if self.sync_schedule != SyncSchedule::Off && self.authority.is_none() {
+            return Err(StartError::Config {
+                message: format!(
+                    "sync_schedule = \"{}\" needs the authority's URL: set authority = \"http://...\"",
+                    self.sync_schedule.name()
+                ),
+            });
+        }
+        if self.body_limit_bytes < 1024 {
+            return Err(StartError::Config {
+                message: "body_limit_bytes must be at least 1024".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Stations are told to heartbeat at a third of the lease time, so two lost heartbeats
+    /// in a row still keep the lease.
+    pub fn heartbeat_interval_s(&self) -> u64 {
+        (self.lease_ttl.as_secs() / 3).max(1)
+    }
+}
+
+pub fn parse_duration(name: &str, text: &str) -> Result<Duration, StartError> {
+    humantime::parse_duration(text).map_err(|error| StartError::Config {
+        message: format!("{name} = {text:?} is not a duration like \"30s\" or \"2m\": {error}"),
+    })
+}

@@ -1,0 +1,111 @@
+//! Errors, and the one place where outcomes and errors become HTTP statuses.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use tessera_api::{ErrorBody, ErrorDetail};
+use tessera_core::Refusal;
+
+use crate::consensus::ConsensusError;
+
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("configuration: {message}")]
+    Config { message: String },
+    #[error("data directory {path}: {message}")]
+    DataDir { path: String, message: String },
+    #[error("trusted vendor key {path}: {message}")]
+    Trust { path: String, message: String },
+    #[error("consensus: {0}")]
+    Consensus(#[from] ConsensusError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// Everything an HTTP handler can answer other than success.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error("{0}")]
+    Consensus(#[from] ConsensusError),
+    #[error(
+        "the clock reads {now} but this server already stamped {high_water}: the clock was set back; no licenses are issued until it is corrected"
+    )]
+    ClockSetBack { now: String, high_water: String },
+    #[error(
+        "missing or wrong admin token: send Authorization: Bearer <token from DATA/admin.token>"
+    )]
+    Unauthorized,
+    #[error("{message}")]
+    BadRequest { code: &'static str, message: String },
+    #[error("request body is larger than the limit of {limit_bytes} bytes")]
+    PayloadTooLarge { limit_bytes: usize },
+    #[error("the vendor authority refused: {code}: {message}")]
+    Authority { code: String, message: String },
+    #[error("cannot reach the vendor authority at {url}: {message}")]
+    AuthorityUnreachable { url: String, message: String },
+    #[error("no route {path}")]
+    NoRoute { path: String },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The mapping table: (status, stable code). Keep it the only one.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::Refused(refusal) => {
+                let status = match refusal {
+                    Refusal::NoLicensesAvailable { .. } => StatusCode::CONFLICT,
+                    Refusal::ComponentNotLicensed { .. } => StatusCode::NOT_FOUND,
+                    Refusal::LeaseNotFound { .. } => StatusCode::NOT_FOUND,
+                    Refusal::KeyAlreadyImported { .. } => StatusCode::CONFLICT,
+                    Refusal::KeyNotFound { .. } => StatusCode::NOT_FOUND,
+                    Refusal::KeyRejected { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+                    Refusal::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+                    Refusal::ServerNotSynchronized { .. } => StatusCode::SERVICE_UNAVAILABLE,
+                    Refusal::SyncRejected { error } => match error {
+                        tessera_core::sync::SyncError::NotAwaited { .. } => StatusCode::CONFLICT,
+                        tessera_core::sync::SyncError::NoServerId => StatusCode::CONFLICT,
+                        _ => StatusCode::UNPROCESSABLE_ENTITY,
+                    },
+                };
+                (status, refusal.code())
+            }
+            ApiError::Consensus(error) => match error {
+                ConsensusError::NotPrimary { .. } => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not_primary")
+                }
+                ConsensusError::NoQuorum => (StatusCode::SERVICE_UNAVAILABLE, "no_quorum"),
+                _ => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            },
+            ApiError::ClockSetBack { .. } => (StatusCode::SERVICE_UNAVAILABLE, "clock_set_back"),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
+            ApiError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            ApiError::NoRoute { .. } => (StatusCode::NOT_FOUND, "no_route"),
+            ApiError::Authority { .. } => (StatusCode::BAD_GATEWAY, "authority_refused"),
+            ApiError::AuthorityUnreachable { .. } => {
+                (StatusCode::BAD_GATEWAY, "authority_unreachable")
+            }
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: code.to_string(),
+                message: self.to_string(),
+            },
+        };
+        (status, axum::Json(body)).into_response()
+    }
+}

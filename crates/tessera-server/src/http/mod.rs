@@ -1,0 +1,107 @@
+//! The HTTP API: routes, extractors and handlers. Handlers translate JSON to calls on
+//! [`AppState`] and back; the status mapping lives in [`crate::error`].
+
+mod admin;
+mod console;
+mod extract;
+mod leases;
+mod openapi;
+mod sync;
+
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::header;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use tessera_api::Health;
+
+use crate::error::ApiError;
+use crate::metrics::RouteLabel;
+use crate::state::SharedState;
+
+pub use openapi::openapi_json;
+
+pub fn router(state: SharedState) -> Router {
+    let body_limit_bytes = state.config.body_limit_bytes;
+    Router::new()
+        .route("/", get(console::page))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/v1/openapi.json", get(openapi::serve))
+        .route("/v1/status", get(status))
+        .route("/v1/leases", post(leases::checkout))
+        .route("/v1/leases/{lease_id}/heartbeat", post(leases::heartbeat))
+        .route("/v1/leases/{lease_id}", delete(leases::checkin))
+        .route("/v1/leases/{lease_id}/release", post(admin::force_release))
+        .route("/v1/keys", post(admin::import_key).get(admin::list_keys))
+        .route("/v1/keys/update", post(admin::update_keys))
+        .route("/v1/keys/{key_id}/allocate", post(admin::allocate_key))
+        .route("/v1/events", get(admin::events))
+        .route(
+            "/v1/keys/{key_id}",
+            get(admin::export_key).delete(admin::remove_key),
+        )
+        .route("/v1/sync", get(sync::status).post(sync::sync_now))
+        .route("/v1/sync/request", post(sync::export_request))
+        .route("/v1/sync/response", post(sync::import_response))
+        .fallback(no_route)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            record_latency,
+        ))
+        .layer(DefaultBodyLimit::max(body_limit_bytes))
+        .with_state(state)
+}
+
+async fn record_latency(
+    State(state): State<SharedState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|path| path.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = request.method().to_string();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    state
+        .metrics
+        .requests
+        .get_or_create(&RouteLabel { method, route })
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn no_route(request: Request) -> ApiError {
+    ApiError::NoRoute {
+        path: request.uri().path().to_string(),
+    }
+}
+
+#[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health)))]
+async fn healthz(State(state): State<SharedState>) -> axum::Json<Health> {
+    axum::Json(Health {
+        status: "ok".into(),
+        role: state.role().into(),
+    })
+}
+
+async fn metrics(State(state): State<SharedState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.render_metrics(),
+    )
+}
+
+#[utoipa::path(get, path = "/v1/status", responses((status = 200, body = tessera_api::Status)))]
+async fn status(State(state): State<SharedState>) -> axum::Json<tessera_api::Status> {
+    axum::Json(state.status())
+}

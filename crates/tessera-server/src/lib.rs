@@ -1,0 +1,31 @@
+//! The license server daemon.
+//!
+//! # Layout
+//! - [`server`]: start a server on a listener with an injected clock; stop it.
+//! - [`config`]: `tessera.toml` and defaults.
+//! - [`data_dir`]: first-start creation of the identity key pair and the admin token.
+//! - [`state`]: shared state and the operations (checkout, heartbeat, ...) that stamp time
+//!   and propose commands through consensus.
+//! - [`consensus`]: openraft glue: the replicated log in SQLite, the ledger as state machine.
+//! - [`http`]: routes, extractors, handlers, OpenAPI, the overview page.
+//! - [`sync`]: synchronizing with the vendor authority, online and by file.
+//! - [`events`]: notifications to the log, webhooks and user hooks.
+//! - [`error`]: errors and the single table mapping them to HTTP.
+//! - [`clock`], [`ids`], [`metrics`]: time, lease ids, Prometheus.
+
+pub mod clock;
+pub mod config;
+#[path = "consensus_local.rs"]
+pub mod consensus;
+pub mod data_dir;
+pub mod error;
+pub mod events;
+pub mod http;
+pub mod ids;
+pub mod metrics;
+pub mod server;
+pub mod state;
+pub mod sync;
+
+pub use config::ServerConfig;
+pub use server::{RunningServer, ServerOptions, start};

@@ -1,0 +1,169 @@
+//! Prometheus metrics. One registry per server, so many servers can live in one process.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ComponentLabel {
+    pub component: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub method: String,
+    pub route: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.1 ms to ~1.6 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 15))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub checkouts: Family<OutcomeLabel, Counter>,
+    pub denials: Family<ComponentLabel, Counter>,
+    pub heartbeats: Counter,
+    pub checkins: Counter,
+    pub expired_leases: Counter,
+    pub requests: Family<RouteLabel, Histogram, fn() -> Histogram>,
+    licenses: Family<ComponentLabel, Gauge>,
+    licenses_in_use: Family<ComponentLabel, Gauge>,
+    licenses_free: Family<ComponentLabel, Gauge>,
+    active_leases: Gauge,
+    is_primary: Gauge,
+}
+
+/// Per-component numbers read from the ledger when Prometheus scrapes.
+pub struct ComponentGauges {
+    pub component: String,
+    pub licenses: u32,
+    pub in_use: u32,
+    pub free: u32,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("tessera");
+        let metrics = Metrics {
+            checkouts: Family::default(),
+            denials: Family::default(),
+            heartbeats: Counter::default(),
+            checkins: Counter::default(),
+            expired_leases: Counter::default(),
+            requests: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            licenses: Family::default(),
+            licenses_in_use: Family::default(),
+            licenses_free: Family::default(),
+            active_leases: Gauge::default(),
+            is_primary: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "checkouts",
+            "Checkout requests by outcome",
+            metrics.checkouts.clone(),
+        );
+        registry.register(
+            "denials",
+            "Checkouts refused because no license was free, by component",
+            metrics.denials.clone(),
+        );
+        registry.register(
+            "heartbeats",
+            "Lease heartbeats accepted",
+            metrics.heartbeats.clone(),
+        );
+        registry.register(
+            "checkins",
+            "Leases returned by stations or released by admins",
+            metrics.checkins.clone(),
+        );
+        registry.register(
+            "expired_leases",
+            "Leases ended because their time ran out",
+            metrics.expired_leases.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency by route",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            "licenses",
+            "Licenses of active keys, by component",
+            metrics.licenses.clone(),
+        );
+        registry.register(
+            "licenses_in_use",
+            "Licenses leased, by component",
+            metrics.licenses_in_use.clone(),
+        );
+        registry.register(
+            "licenses_free",
+            "Licenses free, by component",
+            metrics.licenses_free.clone(),
+        );
+        registry.register(
+            "active_leases",
+            "Leases currently active",
+            metrics.active_leases.clone(),
+        );
+        registry.register(
+            "consensus_is_primary",
+            "1 if this host is the primary",
+            metrics.is_primary.clone(),
+        );
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// Renders the text exposition format after refreshing the gauges read from the ledger.
+    pub fn render(
+        &self,
+        components: &[ComponentGauges],
+        active_leases: usize,
+        is_primary: bool,
+    ) -> String {
+        self.licenses.clear();
+        self.licenses_in_use.clear();
+        self.licenses_free.clear();
+        for gauges in components {
+            let label = ComponentLabel {
+                component: gauges.component.clone(),
+            };
+            self.licenses
+                .get_or_create(&label)
+                .set(gauges.licenses.into());
+            self.licenses_in_use
+                .get_or_create(&label)
+                .set(gauges.in_use.into());
+            self.licenses_free
+                .get_or_create(&label)
+                .set(gauges.free.into());
+        }
+        self.active_leases.set(active_leases as i64);
+        self.is_primary.set(i64::from(is_primary));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}

@@ -1,0 +1,179 @@
+//! Starting a server: data directory, trusted keys, consensus, HTTP, timers. The caller
+//! hands in the listener, the clock, the id source and the shutdown signal, so tests can run
+//! many servers in one process on port 0 with a manual clock.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tessera_core::{Clock, LedgerConfig, PublicKey};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::clock::Stamper;
+use crate::config::ServerConfig;
+use crate::consensus::{Consensus, ConsensusConfig};
+use crate::data_dir::DataDir;
+use crate::error::StartError;
+use crate::ids::LeaseIds;
+use crate::metrics::Metrics;
+use crate::state::{AppState, SharedState};
+
+/// How often the primary's timer looks for due leases (real time). Expiry itself is exact:
+/// every command ends due leases before it runs; the timer only makes idle servers tidy up.
+pub const TIMER_PERIOD: Duration = Duration::from_millis(250);
+
+pub struct ServerOptions {
+    pub config: ServerConfig,
+    pub clock: Arc<dyn Clock>,
+    pub ids: LeaseIds,
+    /// Run the expiry timer in the background. Tests that drive time by hand turn it off and
+    /// call [`AppState::tick`] themselves.
+    pub run_timers: bool,
+}
+
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub state: SharedState,
+    shutdown: watch::Sender<bool>,
+    http: JoinHandle<()>,
+    timers: Option<JoinHandle<()>>,
+}
+
+impl RunningServer {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops serving, waits for in-flight requests, then shuts consensus down.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        if let Some(timers) = self.timers {
+            timers.abort();
+        }
+        let _ = self.http.await;
+        self.state.consensus.shutdown().await;
+    }
+}
+
+pub fn load_trusted_vendors(config: &ServerConfig) -> Result<Vec<PublicKey>, StartError> {
+    if config.trust.is_empty() {
+        return Err(StartError::Config {
+            message:
+                "no trusted vendor key: pass --trust VENDOR.pub (or trust = [..] in the config)"
+                    .into(),
+        });
+    }
+    config
+        .trust
+        .iter()
+        .map(|path| {
+            let fail = |message: String| StartError::Trust {
+                path: path.display().to_string(),
+                message,
+            };
+            let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+            PublicKey::from_file_text(&text).map_err(|e| fail(e.to_string()))
+        })
+        .collect()
+}
+
+pub async fn start(
+    listener: TcpListener,
+    options: ServerOptions,
+) -> Result<RunningServer, StartError> {
+    let ServerOptions {
+        config,
+        clock,
+        ids,
+        run_timers,
+    } = options;
+    config.validate()?;
+    let trusted_vendors = load_trusted_vendors(&config)?;
+    let data = DataDir::open_or_init(&config.data_dir)?;
+    let addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: config.listen.clone(),
+        source,
+    })?;
+    let consensus = Consensus::start(ConsensusConfig {
+        data_dir: config.data_dir.clone(),
+        node_id: 1,
+        advertise_addr: addr.to_string(),
+        ledger: LedgerConfig {
+            trusted_vendors,
+            server_id: config.server_id.clone(),
+            server_public_key: Some(data.identity.public_key()),
+        },
+        members: [(1, addr.to_string())].into_iter().collect(),
+    })
+    .await?;
+    let high_water_ms = consensus.read(|ledger| ledger.last_at_ms());
+    let stamper = Stamper::new(
+        clock,
+        high_water_ms,
+        config.clock_tolerance.as_millis() as i64,
+    );
+    let notifier =
+        crate::events::Notifier::start(config.server_id.clone(), config.notifications.clone());
+    let state: SharedState = Arc::new(AppState {
+        notifier,
+        deadline_notices: Default::default(),
+        last_clock_event_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
+        config,
+        consensus: consensus.clone(),
+        stamper,
+        ids,
+        admin_token: data.admin_token,
+        metrics: Metrics::new(),
+        identity: data.identity,
+    });
+    let router = crate::http::router(state.clone()).merge(consensus.router());
+    let (shutdown, mut shutdown_rx) = watch::channel(false);
+    let http = tokio::spawn(async move {
+        let signal = async move {
+            let _ = shutdown_rx.wait_for(|stop| *stop).await;
+        };
+        if let Err(error) = axum::serve(listener, router)
+            .with_graceful_shutdown(signal)
+            .await
+        {
+            tracing::error!(%error, "HTTP server failed");
+        }
+    });
+    let timers = run_timers.then(|| tokio::spawn(run_timer_loop(state.clone())));
+    tracing::info!(%addr, "license server listening");
+    Ok(RunningServer {
+        addr,
+        state,
+        shutdown,
+        http,
+        timers,
+    })
+}
+
+async fn run_timer_loop(state: SharedState) {
+    let mut interval = tokio::time::interval(TIMER_PERIOD);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A failed automatic sync is retried after this long rather than on every tick.
+    const SYNC_RETRY_MS: i64 = 15 * 60 * 1000;
+    let mut next_sync_attempt_ms = i64::MIN;
+    loop {
+        interval.tick().await;
+        if let Err(error) = state.tick().await {
+            tracing::warn!(%error, "expiry timer");
+        }
+        let now_ms = state.stamper.now_ms();
+        if now_ms >= next_sync_attempt_ms && state.sync_due(now_ms) {
+            next_sync_attempt_ms = now_ms + SYNC_RETRY_MS;
+            // The scheduled task syncs, then renews keys, as "check for updates" does.
+            match state.update_keys().await {
+                Ok(report) => tracing::info!(
+                    renewals = report.renewals.len(),
+                    "scheduled key update done"
+                ),
+                Err(error) => tracing::warn!(%error, "scheduled key update failed"),
+            }
+        }
+    }
+}

@@ -1,0 +1,416 @@
+//! The server's shared state and the operations HTTP handlers and timers perform on it.
+//! Every mutation is stamped here and proposed through consensus; reads go to the local
+//! ledger replica.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use jiff::Timestamp;
+use tessera_api::{ComponentStatus, Holder, KeySummary, Lease, Status};
+use tessera_core::ledger::KeyState;
+use tessera_core::{Command, LeaseView, Ledger, LicenseKey, Outcome, SecretKey, Stamped};
+
+use crate::clock::Stamper;
+use crate::config::ServerConfig;
+use crate::consensus::Consensus;
+use crate::error::ApiError;
+use crate::ids::LeaseIds;
+use crate::metrics::{ComponentGauges, Metrics};
+
+/// Without any command for this long, the primary proposes an `Expire` anyway, so the
+/// high-water mark of time in the log stays recent (clock set-back detection).
+pub const TIME_BEACON_MS: i64 = 60_000;
+
+pub struct AppState {
+    pub config: ServerConfig,
+    pub consensus: Consensus,
+    pub stamper: Stamper,
+    pub ids: LeaseIds,
+    pub admin_token: String,
+    pub metrics: Metrics,
+    /// The server's identity key: signs sync requests; its public half is certified by the
+    /// vendor.
+    pub identity: SecretKey,
+    pub notifier: crate::events::Notifier,
+    /// (deadline, smallest threshold in days already notified) for the 366-day warnings.
+    pub deadline_notices: std::sync::Mutex<(Option<i64>, i64)>,
+    /// When a clock set back was last reported, so a stuck clock does not flood the channels.
+    pub last_clock_event_ms: std::sync::atomic::AtomicI64,
+}
+
+/// Days before the sync deadline at which a `sync_deadline_near` notification goes out.
+pub const DEADLINE_NOTICE_DAYS: [i64; 3] = [30, 7, 1];
+
+pub type SharedState = Arc<AppState>;
+
+pub fn timestamp(ms: i64) -> Timestamp {
+    Timestamp::from_millisecond(ms).unwrap_or(Timestamp::MAX)
+}
+
+impl AppState {
+    fn lease_ttl_ms(&self) -> i64 {
+        self.config.lease_ttl.as_millis() as i64
+    }
+
+    pub fn lease_to_api(&self, lease: &LeaseView, component: Option<&str>) -> Lease {
+        Lease {
+            lease_id: lease.lease_id.clone(),
+            component: component
+                .map(str::to_string)
+                .or_else(|| lease.components.first().cloned())
+                .unwrap_or_default(),
+            components: lease.components.clone(),
+            key_id: lease.key_id.clone(),
+            station: lease.station.clone(),
+            user: lease.user.clone(),
+            host: lease.host.clone(),
+            issued_at: timestamp(lease.issued_at_ms),
+            renewed_at: timestamp(lease.renewed_at_ms),
+            expires_at: timestamp(lease.expires_at_ms),
+            heartbeat_interval_s: self.config.heartbeat_interval_s(),
+        }
+    }
+
+    /// Stamps and proposes a command that may hand out or extend licenses.
+    pub(crate) async fn propose_issuing(&self, command: Command) -> Result<Outcome, ApiError> {
+        let at_ms = self.stamper.stamp().map_err(|set_back| {
+            let error = ApiError::ClockSetBack {
+                now: timestamp(set_back.now_ms).to_string(),
+                high_water: timestamp(set_back.high_water_ms).to_string(),
+            };
+            let last = self.last_clock_event_ms.load(std::sync::atomic::Ordering::Relaxed);
+            if set_back.now_ms.saturating_sub(last).abs() >= 60_000 {
+                self.last_clock_event_ms
+                    .store(set_back.now_ms, std::sync::atomic::Ordering::Relaxed);
+                self.notifier.emit(
+                    set_back.high_water_ms,
+                    "clock_set_back",
+                    "error",
+                    error.to_string(),
+                    serde_json::json!({"now_ms": set_back.now_ms, "high_water_ms": set_back.high_water_ms}),
+                );
+            }
+            error
+        })?;
+        self.propose_at(at_ms, command).await
+    }
+
+    pub(crate) async fn propose_at(
+        &self,
+        at_ms: i64,
+        command: Command,
+    ) -> Result<Outcome, ApiError> {
+        match self.consensus.propose(Stamped { at_ms, command }).await? {
+            Outcome::Refused { refusal } => Err(ApiError::Refused(refusal)),
+            outcome => Ok(outcome),
+        }
+    }
+
+    /// Returns the lease and whether it was created (false: the station already held it).
+    pub async fn checkout(
+        &self,
+        request: tessera_api::CheckoutRequest,
+    ) -> Result<(Lease, bool), ApiError> {
+        let command = Command::Checkout {
+            lease_id: self.ids.next_id(),
+            component: request.component.clone(),
+            station: request.station,
+            user: request.user,
+            host: request.host,
+            lease_ttl_ms: self.lease_ttl_ms(),
+        };
+        let result = self.propose_issuing(command).await;
+        let label = match &result {
+            Ok(Outcome::LeaseGranted { created: true, .. }) => "granted".to_string(),
+            Ok(_) => "existing".to_string(),
+            Err(error) => error.status_and_code().1.to_string(),
+        };
+        self.metrics
+            .checkouts
+            .get_or_create(&crate::metrics::OutcomeLabel { outcome: label })
+            .inc();
+        if let Err(ApiError::Refused(tessera_core::Refusal::NoLicensesAvailable { .. })) = &result {
+            self.metrics
+                .denials
+                .get_or_create(&crate::metrics::ComponentLabel {
+                    component: request.component.clone(),
+                })
+                .inc();
+        }
+        match result? {
+            Outcome::LeaseGranted { lease, created } => {
+                Ok((self.lease_to_api(&lease, Some(&request.component)), created))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn heartbeat(&self, lease_id: String) -> Result<Lease, ApiError> {
+        let command = Command::Heartbeat {
+            lease_id,
+            lease_ttl_ms: self.lease_ttl_ms(),
+        };
+        match self.propose_issuing(command).await? {
+            Outcome::LeaseRenewed { lease } => {
+                self.metrics.heartbeats.inc();
+                Ok(self.lease_to_api(&lease, None))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Checkin (station) or force-release (admin): both only give a license back, so they are
+    /// accepted even while the clock is set back.
+    pub async fn release(&self, lease_id: String, forced: bool) -> Result<Lease, ApiError> {
+        let command = if forced {
+            Command::ForceRelease { lease_id }
+        } else {
+            Command::Checkin { lease_id }
+        };
+        let at_ms = self.stamper.stamp_lenient();
+        match self.propose_at(at_ms, command).await? {
+            Outcome::LeaseReleased { lease } => {
+                self.metrics.checkins.inc();
+                Ok(self.lease_to_api(&lease, None))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn import_key(&self, key: LicenseKey) -> Result<String, ApiError> {
+        match self.propose_issuing(Command::ImportKey { key }).await? {
+            Outcome::KeyImported { key_id } => {
+                self.notifier.emit(
+                    self.stamper.now_ms(),
+                    "key_imported",
+                    "info",
+                    format!("license key {key_id} added"),
+                    serde_json::json!({"key_id": key_id}),
+                );
+                Ok(key_id)
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn remove_key(&self, key_id: String) -> Result<(String, u32), ApiError> {
+        let at_ms = self.stamper.stamp_lenient();
+        match self
+            .propose_at(at_ms, Command::RemoveKey { key_id })
+            .await?
+        {
+            Outcome::KeyRemoved {
+                key_id,
+                leases_ended,
+            } => Ok((key_id, leases_ended)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// One round of the primary's timer: propose `Expire` when a lease is due, or when no
+    /// command has carried time into the log for a while. Returns the leases ended.
+    pub async fn tick(&self) -> Result<u32, ApiError> {
+        if !self.consensus.is_primary() {
+            return Ok(0);
+        }
+        let now_ms = self.stamper.now_ms();
+        self.notify_deadline(now_ms);
+        let (next_expiry_ms, last_at_ms) = self
+            .consensus
+            .read(|ledger| (ledger.next_expiry_ms(), ledger.last_at_ms()));
+        let due = next_expiry_ms.is_some_and(|at| at <= now_ms);
+        if !due && now_ms.saturating_sub(last_at_ms) < TIME_BEACON_MS {
+            return Ok(0);
+        }
+        match self.propose_issuing(Command::Expire).await? {
+            Outcome::Expired { leases_ended } => {
+                self.metrics.expired_leases.inc_by(leases_ended.into());
+                Ok(leases_ended)
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub fn role(&self) -> &'static str {
+        if self.consensus.is_primary() {
+            "primary"
+        } else {
+            "backup"
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        let now_ms = self.stamper.now_ms();
+        let (keys, components, leases, sync) = self.consensus.read(|ledger| {
+            let leases: Vec<Lease> = ledger
+                .leases()
+                .into_iter()
+                .map(|lease| self.lease_to_api(lease, None))
+                .collect();
+            (
+                key_summaries(ledger, now_ms),
+                component_status(ledger, now_ms),
+                leases,
+                self.sync_status_of(ledger, now_ms),
+            )
+        });
+        Status {
+            server_id: self.config.server_id.clone(),
+            now: timestamp(now_ms),
+            role: self.role().to_string(),
+            keys,
+            components,
+            leases,
+            sync,
+        }
+    }
+
+    pub fn render_metrics(&self) -> String {
+        let now_ms = self.stamper.now_ms();
+        let (components, active) = self
+            .consensus
+            .read(|ledger| (component_status(ledger, now_ms), ledger.lease_count()));
+        let gauges: Vec<ComponentGauges> = components
+            .into_iter()
+            .map(|c| ComponentGauges {
+                component: c.component,
+                licenses: c.licenses,
+                in_use: c.in_use,
+                free: c.free,
+            })
+            .collect();
+        self.metrics
+            .render(&gauges, active, self.consensus.is_primary())
+    }
+}
+
+pub(crate) fn unexpected(outcome: Outcome) -> ApiError {
+    ApiError::Internal(format!("unexpected outcome {outcome:?}"))
+}
+
+impl AppState {
+    /// Sends `sync_deadline_near` once per threshold (30, 7, 1 days) for the current deadline.
+    fn notify_deadline(&self, now_ms: i64) {
+        let deadline_ms = self
+            .consensus
+            .read(|ledger| ledger.sync_state().deadline_ms());
+        let Some(deadline_ms) = deadline_ms else {
+            return;
+        };
+        let days_left = (deadline_ms - now_ms).div_euclid(86_400_000);
+        let mut notices = self.deadline_notices.lock().expect("notices lock");
+        if notices.0 != Some(deadline_ms) {
+            *notices = (Some(deadline_ms), i64::MAX);
+        }
+        let Some(threshold) = DEADLINE_NOTICE_DAYS
+            .iter()
+            .copied()
+            .filter(|days| days_left <= *days && *days < notices.1)
+            .min()
+        else {
+            return;
+        };
+        notices.1 = threshold;
+        drop(notices);
+        let message = if days_left < 0 {
+            format!(
+                "the server certificate expired at {}: this server issues no licenses from keys bound to its server ID until it synchronizes with the vendor",
+                timestamp(deadline_ms)
+            )
+        } else {
+            format!(
+                "synchronize with the vendor before {} ({days_left} days left), or this server stops issuing licenses from keys bound to its server ID",
+                timestamp(deadline_ms)
+            )
+        };
+        self.notifier.emit(
+            now_ms,
+            "sync_deadline_near",
+            "warning",
+            message,
+            serde_json::json!({"deadline_ms": deadline_ms, "days_left": days_left, "threshold_days": threshold}),
+        );
+    }
+}
+
+fn state_name(state: KeyState) -> &'static str {
+    match state {
+        KeyState::Pending => "pending",
+        KeyState::Active => "active",
+        KeyState::Expired => "expired",
+    }
+}
+
+pub fn key_summaries(ledger: &Ledger, now_ms: i64) -> Vec<KeySummary> {
+    ledger
+        .keys(now_ms)
+        .into_iter()
+        .map(|view| {
+            let payload = &view.key.payload;
+            KeySummary {
+                key_id: payload.key_id.clone(),
+                customer: payload.customer.clone(),
+                components: payload.components.clone(),
+                licenses: payload.licenses,
+                in_use: view.in_use,
+                free: payload.licenses - view.in_use,
+                valid_from: payload.valid_from,
+                valid_until: payload.valid_until,
+                state: state_name(view.state).to_string(),
+                server_id: payload.server_id.clone(),
+                renews: payload.renews.clone(),
+                allocated: view.meta.stations,
+                replaced_by: view.meta.replaced_by.clone(),
+                renewal: view.meta.renewal.as_ref().map(|result| match result {
+                    tessera_core::RenewalResult::Allocated { renewal_key_id } => {
+                        format!("replaced by {renewal_key_id}")
+                    }
+                    tessera_core::RenewalResult::NotAllocated {
+                        renewal_key_id,
+                        reason,
+                    } => format!("renewal key {renewal_key_id} added but not allocated: {reason}"),
+                }),
+            }
+        })
+        .collect()
+}
+
+/// Per component: the licenses of active keys covering it, their use, and who holds them.
+pub fn component_status(ledger: &Ledger, now_ms: i64) -> Vec<ComponentStatus> {
+    let mut components: BTreeMap<String, ComponentStatus> = BTreeMap::new();
+    for view in ledger.keys(now_ms) {
+        if view.state != KeyState::Active {
+            continue;
+        }
+        for component in &view.key.payload.components {
+            let entry = components
+                .entry(component.clone())
+                .or_insert_with(|| ComponentStatus {
+                    component: component.clone(),
+                    licenses: 0,
+                    in_use: 0,
+                    free: 0,
+                    holders: Vec::new(),
+                });
+            entry.licenses += view.key.payload.licenses;
+            entry.in_use += view.in_use;
+            entry.free += view.key.payload.licenses - view.in_use;
+        }
+    }
+    for lease in ledger.leases() {
+        for component in &lease.components {
+            if let Some(entry) = components.get_mut(component) {
+                entry.holders.push(Holder {
+                    lease_id: lease.lease_id.clone(),
+                    station: lease.station.clone(),
+                    user: lease.user.clone(),
+                    host: lease.host.clone(),
+                    key_id: lease.key_id.clone(),
+                    since: timestamp(lease.issued_at_ms),
+                    expires_at: timestamp(lease.expires_at_ms),
+                });
+            }
+        }
+    }
+    components.into_values().collect()
+}

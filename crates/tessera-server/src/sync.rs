@@ -1,0 +1,270 @@
+//! Synchronizing with the vendor authority: online, or by file for air-gapped sites.
+//!
+//! Both ways are the same two replicated steps: `BeginSync` fixes the request's sequence and
+//! nonce in the log, the request is signed with the server's identity key; the vendor's
+//! response is applied by `CompleteSync`, which the ledger refuses unless it answers exactly
+//! that request. A response file can therefore be imported once, and only the newest one.
+
+use std::time::Duration;
+
+use tessera_api::{KeyUpdateReport, RenewalReport, SyncStatus, SyncSummary};
+use tessera_core::sync::{SyncRequest, SyncRequestPayload, SyncResponse};
+use tessera_core::{Command, Ledger, Outcome, Refusal, RenewalResult};
+
+use crate::error::ApiError;
+use crate::state::{AppState, timestamp, unexpected};
+
+/// An online sync that takes longer than this is abandoned; the next attempt starts anew.
+const AUTHORITY_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl AppState {
+    /// Starts a sync: replicates the new sequence and nonce, returns the signed request.
+    pub async fn export_sync_request(&self) -> Result<SyncRequest, ApiError> {
+        let nonce = self.ids.next_id();
+        let at_ms = self.stamper.stamp_lenient();
+        let (sequence, nonce) = match self.propose_at(at_ms, Command::BeginSync { nonce }).await? {
+            Outcome::SyncBegun { sequence, nonce } => (sequence, nonce),
+            other => return Err(unexpected(other)),
+        };
+        let server_id = self.config.server_id.clone().unwrap_or_default();
+        let keys = self.consensus.read(|ledger| {
+            ledger
+                .keys(at_ms)
+                .into_iter()
+                .filter(|view| view.key.payload.server_id.as_deref() == Some(server_id.as_str()))
+                .map(|view| view.key.payload.key_id)
+                .collect()
+        });
+        let payload = SyncRequestPayload {
+            server_id,
+            public_key: self.identity.public_key().to_base64(),
+            sequence,
+            nonce,
+            created_at: timestamp(at_ms),
+            keys,
+        };
+        Ok(SyncRequest::sign(payload, &self.identity))
+    }
+
+    /// Applies the vendor's response; refused unless it answers the awaited request.
+    pub async fn import_sync_response(
+        &self,
+        response: SyncResponse,
+    ) -> Result<SyncSummary, ApiError> {
+        let at_ms = self.stamper.stamp_lenient();
+        let command = Command::CompleteSync {
+            response: Box::new(response),
+        };
+        match self.propose_at(at_ms, command).await {
+            Ok(Outcome::Synced {
+                sequence,
+                imported,
+                revoked,
+                renewals,
+                certificate_valid_until_ms,
+            }) => {
+                self.notifier.emit(
+                    at_ms,
+                    "sync_completed",
+                    "info",
+                    format!(
+                        "synchronized with the vendor (sequence {sequence}): {} keys added, {} revoked, {} renewal keys held; certificate valid until {}",
+                        imported.len(),
+                        revoked.len(),
+                        renewals.len(),
+                        timestamp(certificate_valid_until_ms)
+                    ),
+                    serde_json::json!({"sequence": sequence, "imported": imported, "revoked": revoked, "renewals": renewals}),
+                );
+                Ok(SyncSummary {
+                    sequence,
+                    imported,
+                    revoked,
+                    renewals,
+                    certificate_valid_until: timestamp(certificate_valid_until_ms),
+                })
+            }
+            Ok(other) => Err(unexpected(other)),
+            Err(error) => {
+                self.notify_sync_failed(&error);
+                Err(error)
+            }
+        }
+    }
+
+    /// Online sync: request, send it to the authority, apply the answer.
+    pub async fn sync_online(&self) -> Result<SyncSummary, ApiError> {
+        let Some(authority) = self.config.authority.clone() else {
+            return Err(ApiError::BadRequest {
+                code: "no_authority",
+                message: "no authority URL configured: start the server with --authority URL, or sync by file (tessera sync export / import)".into(),
+            });
+        };
+        let request = self.export_sync_request().await?;
+        let url = format!("{}/v1/sync", authority.trim_end_matches('/'));
+        let unreachable = |message: String| ApiError::AuthorityUnreachable {
+            url: url.clone(),
+            message,
+        };
+        let response = reqwest::Client::new()
+            .post(&url)
+            .timeout(AUTHORITY_TIMEOUT)
+            .json(&request)
+            .send()
+            .await
+            .map_err(|e| {
+                let error = unreachable(e.to_string());
+                self.notify_sync_failed(&error);
+                error
+            })?;
+        let status = response.status();
+        let text = response
+            .text()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        if !status.is_success() {
+            let (code, message) = match serde_json::from_str::<tessera_api::ErrorBody>(&text) {
+                Ok(body) => (body.error.code, body.error.message),
+                Err(_) => (format!("http_{}", status.as_u16()), text),
+            };
+            let error = ApiError::Authority { code, message };
+            self.notify_sync_failed(&error);
+            return Err(error);
+        }
+        let response =
+            SyncResponse::from_json(&text).map_err(|error| Refusal::SyncRejected { error })?;
+        self.import_sync_response(response).await
+    }
+
+    fn notify_sync_failed(&self, error: &ApiError) {
+        self.notifier.emit(
+            self.stamper.now_ms(),
+            "sync_failed",
+            "warning",
+            format!("synchronization with the vendor failed: {error}"),
+            serde_json::json!({"code": error.status_and_code().1}),
+        );
+    }
+
+    /// "Check for updates and replace license keys": an online sync if an authority is
+    /// configured (a failure is reported but held renewal keys are still applied), then the
+    /// automatic renewal. Each key renewed or not renewed is a notification.
+    pub async fn update_keys(&self) -> Result<KeyUpdateReport, ApiError> {
+        let (sync, sync_error) = if self.config.authority.is_some() {
+            match self.sync_online().await {
+                Ok(summary) => (Some(summary), None),
+                Err(error) => (None, Some(error.to_string())),
+            }
+        } else {
+            (None, None)
+        };
+        let at_ms = self.stamper.stamp_lenient();
+        let (renewed, leases_moved, leases_ended) =
+            match self.propose_at(at_ms, Command::RenewKeys).await? {
+                Outcome::KeysRenewed {
+                    renewed,
+                    leases_moved,
+                    leases_ended,
+                } => (renewed, leases_moved, leases_ended),
+                other => return Err(unexpected(other)),
+            };
+        let mut renewals = Vec::new();
+        for (key_id, result) in renewed {
+            let report = match result {
+                RenewalResult::Allocated { renewal_key_id } => {
+                    self.notifier.emit(
+                        at_ms,
+                        "key_updated",
+                        "info",
+                        format!("license key {key_id} automatically updated: renewal key {renewal_key_id} added and allocated to every object of the old key"),
+                        serde_json::json!({"key_id": key_id, "renewal_key_id": renewal_key_id}),
+                    );
+                    RenewalReport {
+                        key_id,
+                        renewal_key_id,
+                        allocated: true,
+                        reason: None,
+                    }
+                }
+                RenewalResult::NotAllocated {
+                    renewal_key_id,
+                    reason,
+                } => {
+                    self.notifier.emit(
+                        at_ms,
+                        "key_not_updated",
+                        "warning",
+                        format!("license key {key_id} cannot be automatically updated: {reason}; allocate {renewal_key_id} by hand"),
+                        serde_json::json!({"key_id": key_id, "renewal_key_id": renewal_key_id, "reason": reason}),
+                    );
+                    RenewalReport {
+                        key_id,
+                        renewal_key_id,
+                        allocated: false,
+                        reason: Some(reason),
+                    }
+                }
+            };
+            renewals.push(report);
+        }
+        Ok(KeyUpdateReport {
+            sync,
+            sync_error,
+            renewals,
+            leases_moved,
+            leases_ended,
+        })
+    }
+
+    pub async fn allocate_key(&self, key_id: String, stations: bool) -> Result<(), ApiError> {
+        let at_ms = self.stamper.stamp_lenient();
+        match self
+            .propose_at(at_ms, Command::AllocateKey { key_id, stations })
+            .await?
+        {
+            Outcome::KeyAllocated { .. } => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Whether the automatic schedule calls for an online sync now.
+    pub fn sync_due(&self, now_ms: i64) -> bool {
+        let Some(period_ms) = self.config.sync_schedule.period_ms() else {
+            return false;
+        };
+        if self.config.authority.is_none() || !self.consensus.is_primary() {
+            return false;
+        }
+        let last = self
+            .consensus
+            .read(|ledger| ledger.sync_state().last_sync_at_ms);
+        last.is_none_or(|last_ms| now_ms - last_ms >= period_ms)
+    }
+
+    pub fn sync_status(&self) -> SyncStatus {
+        let now_ms = self.stamper.now_ms();
+        self.consensus
+            .read(|ledger| self.sync_status_of(ledger, now_ms))
+    }
+
+    pub(crate) fn sync_status_of(&self, ledger: &Ledger, now_ms: i64) -> SyncStatus {
+        let sync = ledger.sync_state();
+        let deadline_ms = sync.deadline_ms();
+        SyncStatus {
+            server_id: self.config.server_id.clone(),
+            synchronized: sync.is_synchronized(now_ms),
+            last_sync_at: sync.last_sync_at_ms.map(timestamp),
+            deadline: deadline_ms.map(timestamp),
+            days_left: deadline_ms.map(|deadline| (deadline - now_ms).div_euclid(86_400_000)),
+            completed_sequence: sync.completed_sequence,
+            awaiting_sequence: sync.awaited.as_ref().map(|(sequence, _)| *sequence),
+            renewals: sync
+                .renewals
+                .values()
+                .map(|key| key.payload.key_id.clone())
+                .collect(),
+            schedule: self.config.sync_schedule.name().to_string(),
+            authority: self.config.authority.clone(),
+        }
+    }
+}

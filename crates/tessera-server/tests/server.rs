@@ -1,0 +1,805 @@
+//! The server over real HTTP, with real SQLite files and a manual clock. One test binary.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use tessera_api::CheckoutRequest;
+use tessera_client::{Client, ClientError};
+use tessera_core::{LicenseKey, LicenseKeyPayload, SecretKey};
+use tessera_server::clock::ManualClock;
+use tessera_server::ids::LeaseIds;
+use tessera_server::{RunningServer, ServerConfig, ServerOptions};
+
+const START_MS: i64 = 1_800_000_000_000;
+const LEASE_TTL: Duration = Duration::from_secs(60);
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    vendor: SecretKey,
+    clock: ManualClock,
+    server: RunningServer,
+}
+
+impl Fixture {
+    async fn start() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let vendor = SecretKey::from_seed([42; 32]);
+        std::fs::write(
+            dir.path().join("vendor.pub"),
+            vendor.public_key().to_file_text(),
+        )
+        .unwrap();
+        let clock = ManualClock::new(START_MS);
+        let server = start_server(dir.path(), &clock, 1).await;
+        Fixture {
+            dir,
+            vendor,
+            clock,
+            server,
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::new(&self.server.url(), None)
+    }
+
+    fn admin(&self) -> Client {
+        Client::new(
+            &self.server.url(),
+            Some(self.server.state.admin_token.clone()),
+        )
+    }
+
+    fn key(&self, key_id: &str, components: &[&str], licenses: u32) -> LicenseKey {
+        sign(
+            &self.vendor,
+            key_id,
+            components,
+            licenses,
+            START_MS + 30 * 86_400_000,
+            None,
+        )
+    }
+
+    async fn import(&self, key: &LicenseKey) {
+        self.admin().import_key(key.to_json_pretty()).await.unwrap();
+    }
+
+    async fn restart(self) -> Fixture {
+        let Fixture {
+            dir,
+            vendor,
+            clock,
+            server,
+        } = self;
+        server.shutdown().await;
+        let server = start_server(dir.path(), &clock, 2).await;
+        Fixture {
+            dir,
+            vendor,
+            clock,
+            server,
+        }
+    }
+}
+
+async fn start_server(dir: &Path, clock: &ManualClock, seed: u8) -> RunningServer {
+    start_server_with(dir, clock, seed, vec![]).await
+}
+
+async fn start_server_with(
+    dir: &Path,
+    clock: &ManualClock,
+    seed: u8,
+    notifications: Vec<tessera_server::events::NotificationRule>,
+) -> RunningServer {
+    let config = ServerConfig {
+        notifications,
+        data_dir: dir.join("data"),
+        listen: "127.0.0.1:0".into(),
+        trust: vec![dir.join("vendor.pub")],
+        server_id: Some("srv-test".into()),
+        lease_ttl: LEASE_TTL,
+        body_limit_bytes: 4096,
+        ..ServerConfig::default()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    tessera_server::start(
+        listener,
+        ServerOptions {
+            config,
+            clock: Arc::new(clock.clone()),
+            ids: LeaseIds::from_seed([seed; 32]),
+            run_timers: false,
+        },
+    )
+    .await
+    .unwrap()
+}
+
+fn sign(
+    vendor: &SecretKey,
+    key_id: &str,
+    components: &[&str],
+    licenses: u32,
+    until_ms: i64,
+    server_id: Option<&str>,
+) -> LicenseKey {
+    LicenseKey::sign(
+        LicenseKeyPayload {
+            key_id: key_id.into(),
+            customer: "acme".into(),
+            components: components.iter().map(|c| c.to_string()).collect(),
+            licenses,
+            valid_from: Timestamp::from_millisecond(START_MS - 86_400_000).unwrap(),
+            valid_until: Timestamp::from_millisecond(until_ms).unwrap(),
+            server_id: server_id.map(str::to_string),
+            renews: None,
+            issued_at: Timestamp::from_millisecond(START_MS - 86_400_000).unwrap(),
+        },
+        vendor,
+    )
+    .unwrap()
+}
+
+fn request(component: &str, station: &str) -> CheckoutRequest {
+    CheckoutRequest {
+        component: component.into(),
+        station: station.into(),
+        user: "ann".into(),
+        host: station.into(),
+    }
+}
+
+fn code(error: ClientError) -> (u16, String) {
+    match error {
+        ClientError::Api { status, code, .. } => (status, code),
+        other => panic!("expected an API error, got {other}"),
+    }
+}
+
+async fn raw(
+    url: &str,
+    method: reqwest::Method,
+    body: &str,
+    content_type: &str,
+) -> (u16, serde_json::Value) {
+    let response = reqwest::Client::new()
+        .request(method, url)
+        .header("content-type", content_type)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    )
+}
+
+#[tokio::test]
+async fn checkout_is_201_then_200_with_the_same_lease_for_the_same_station() {
+    let f = Fixture::start().await;
+    f.import(&f.key("k1", &["cad"], 2)).await;
+    let (first, created) = f.client().checkout(&request("cad", "ws-17")).await.unwrap();
+    assert!(created);
+    assert_eq!(first.heartbeat_interval_s, 20);
+    assert_eq!(
+        first.expires_at,
+        Timestamp::from_millisecond(START_MS + 60_000).unwrap()
+    );
+    let (again, created) = f.client().checkout(&request("cad", "ws-17")).await.unwrap();
+    assert!(!created);
+    assert_eq!(again.lease_id, first.lease_id);
+    let status = f.client().status().await.unwrap();
+    assert_eq!(status.components[0].in_use, 1);
+    assert_eq!(status.components[0].holders[0].station, "ws-17");
+}
+
+#[tokio::test]
+async fn checkout_when_pool_exhausted_is_409_no_licenses_available() {
+    let f = Fixture::start().await;
+    f.import(&f.key("k1", &["cad"], 1)).await;
+    f.client().checkout(&request("cad", "ws-1")).await.unwrap();
+    let refused = f
+        .client()
+        .checkout(&request("cad", "ws-2"))
+        .await
+        .unwrap_err();
+    assert_eq!(code(refused), (409, "no_licenses_available".into()));
+    let unknown = f
+        .client()
+        .checkout(&request("nothing", "ws-2"))
+        .await
+        .unwrap_err();
+    assert_eq!(code(unknown), (404, "component_not_licensed".into()));
+    let metrics = reqwest::get(format!("{}/metrics", f.server.url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tessera_denials_total{component=\"cad\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn heartbeat_extends_and_checkin_returns_the_license() {
+    let f = Fixture::start().await;
+    f.import(&f.key("k1", &["cad"], 1)).await;
+    let (lease, _) = f.client().checkout(&request("cad", "ws-1")).await.unwrap();
+    f.clock.advance_ms(50_000);
+    let renewed = f.client().heartbeat(&lease.lease_id).await.unwrap();
+    assert_eq!(
+        renewed.expires_at,
+        Timestamp::from_millisecond(START_MS + 110_000).unwrap()
+    );
+    f.client().checkin(&lease.lease_id).await.unwrap();
+    let again = f.client().checkin(&lease.lease_id).await.unwrap_err();
+    assert_eq!(code(again), (404, "lease_not_found".into()));
+    let unknown = f.client().heartbeat("feedface").await.unwrap_err();
+    assert_eq!(code(unknown), (404, "lease_not_found".into()));
+    f.client().checkout(&request("cad", "ws-2")).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_lease_without_heartbeat_expires_when_the_clock_passes_its_end() {
+    let f = Fixture::start().await;
+    f.import(&f.key("k1", &["cad"], 1)).await;
+    let (lease, _) = f.client().checkout(&request("cad", "ws-1")).await.unwrap();
+    f.clock.advance_ms(59_999);
+    assert_eq!(f.server.state.tick().await.unwrap(), 0);
+    f.clock.advance_ms(1);
+    assert_eq!(
+        f.server.state.tick().await.unwrap(),
+        1,
+        "the timer proposes Expire"
+    );
+    assert_eq!(f.client().status().await.unwrap().components[0].free, 1);
+    let late = f.client().heartbeat(&lease.lease_id).await.unwrap_err();
+    assert_eq!(code(late), (404, "lease_not_found".into()));
+}
+
+#[tokio::test]
+async fn admin_endpoints_refuse_a_missing_or_wrong_token_and_change_nothing() {
+    let f = Fixture::start().await;
+    let key = f.key("k1", &["cad"], 1).to_json_pretty();
+    let anonymous = f.client().import_key(key.clone()).await.unwrap_err();
+    assert_eq!(code(anonymous), (401, "unauthorized".into()));
+    let wrong = Client::new(&f.server.url(), Some("0".repeat(64)));
+    assert_eq!(code(wrong.import_key(key).await.unwrap_err()).0, 401);
+    assert_eq!(code(f.client().list_keys().await.unwrap_err()).0, 401);
+    assert!(f.admin().list_keys().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn bad_keys_are_refused_with_a_clear_error_and_change_nothing() {
+    let f = Fixture::start().await;
+    let mut tampered = f.key("k1", &["cad"], 5);
+    tampered.payload.licenses = 500;
+    let other_vendor = sign(
+        &SecretKey::from_seed([1; 32]),
+        "k2",
+        &["cad"],
+        5,
+        START_MS + 1_000_000,
+        None,
+    );
+    let expired = sign(&f.vendor, "k3", &["cad"], 5, START_MS - 1, None);
+    let elsewhere = sign(
+        &f.vendor,
+        "k4",
+        &["cad"],
+        5,
+        START_MS + 1_000_000,
+        Some("srv-other"),
+    );
+    let cases = [
+        (tampered.to_json_pretty(), "key_bad_signature"),
+        (other_vendor.to_json_pretty(), "key_wrong_vendor"),
+        (expired.to_json_pretty(), "key_expired"),
+        (elsewhere.to_json_pretty(), "key_other_server"),
+        ("{not json".to_string(), "key_malformed"),
+    ];
+    for (text, expected) in cases {
+        let error = f.admin().import_key(text).await.unwrap_err();
+        let message = error.to_string();
+        assert_eq!(code(error), (422, expected.to_string()), "{message}");
+    }
+    assert!(f.admin().list_keys().await.unwrap().is_empty());
+    let mine = sign(
+        &f.vendor,
+        "k5",
+        &["cad"],
+        5,
+        START_MS + 1_000_000,
+        Some("srv-test"),
+    );
+    f.import(&mine).await;
+    let duplicate = f
+        .admin()
+        .import_key(mine.to_json_pretty())
+        .await
+        .unwrap_err();
+    assert_eq!(code(duplicate), (409, "key_already_imported".into()));
+    assert_eq!(f.admin().list_keys().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn malformed_unknown_and_oversized_requests_get_json_errors() {
+    let f = Fixture::start().await;
+    f.import(&f.key("k1", &["cad"], 1)).await;
+    let url = format!("{}/v1/leases", f.server.url());
+    let (status, body) = raw(
+        &url,
+        reqwest::Method::POST,
+        "{\"component\":",
+        "application/json",
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("malformed_json"))
+    );
+    let unknown = r#"{"component":"cad","station":"a","colour":"red"}"#;
+    let (status, body) = raw(&url, reqwest::Method::POST, unknown, "application/json").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_json"))
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("colour")
+    );
+    let huge = format!(
+        r#"{{"component":"cad","station":"{}"}}"#,
+        "x".repeat(10_000)
+    );
+    let (status, body) = raw(&url, reqwest::Method::POST, &huge, "application/json").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (413, Some("body_too_large"))
+    );
+    let (status, body) = raw(
+        &format!("{}/v1/nowhere", f.server.url()),
+        reqwest::Method::GET,
+        "",
+        "text/plain",
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("no_route"))
+    );
+    assert_eq!(f.client().status().await.unwrap().leases.len(), 0);
+}
+
+#[tokio::test]
+async fn a_clock_set_back_stops_issuing_but_licenses_can_still_be_returned() {
+    let f = Fixture::start().await;
+    f.import(&f.key("k1", &["cad"], 2)).await;
+    let (lease, _) = f.client().checkout(&request("cad", "ws-1")).await.unwrap();
+    f.clock.advance_ms(-3_600_000);
+    let refused = f
+        .client()
+        .checkout(&request("cad", "ws-2"))
+        .await
+        .unwrap_err();
+    assert_eq!(code(refused), (503, "clock_set_back".into()));
+    let heartbeat = f.client().heartbeat(&lease.lease_id).await.unwrap_err();
+    assert_eq!(code(heartbeat).1, "clock_set_back");
+    f.client().checkin(&lease.lease_id).await.unwrap();
+    assert!(f.client().status().await.unwrap().leases.is_empty());
+    f.clock.advance_ms(3_600_000);
+    f.client().checkout(&request("cad", "ws-2")).await.unwrap();
+}
+
+#[tokio::test]
+async fn leases_and_keys_survive_a_restart_and_the_clock_mark_is_kept() {
+    let f = Fixture::start().await;
+    f.import(&f.key("k1", &["cad"], 2)).await;
+    let (lease, _) = f.client().checkout(&request("cad", "ws-1")).await.unwrap();
+    f.clock.advance_ms(10_000);
+    f.client().heartbeat(&lease.lease_id).await.unwrap();
+    let f = f.restart().await;
+    let status = f.client().status().await.unwrap();
+    assert_eq!(status.leases.len(), 1);
+    assert_eq!(status.leases[0].lease_id, lease.lease_id);
+    assert_eq!(
+        status.leases[0].expires_at,
+        Timestamp::from_millisecond(START_MS + 70_000).unwrap()
+    );
+    f.clock.advance_ms(-60_000);
+    let refused = f
+        .client()
+        .checkout(&request("cad", "ws-2"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        code(refused).1,
+        "clock_set_back",
+        "the high-water mark survived the restart"
+    );
+}
+
+#[tokio::test]
+async fn force_release_and_key_removal_by_the_administrator() {
+    let f = Fixture::start().await;
+    f.import(&f.key("k1", &["cad"], 2)).await;
+    let (a, _) = f.client().checkout(&request("cad", "ws-1")).await.unwrap();
+    f.client().checkout(&request("cad", "ws-2")).await.unwrap();
+    assert_eq!(
+        code(f.client().force_release(&a.lease_id).await.unwrap_err()).0,
+        401
+    );
+    let released = f.admin().force_release(&a.lease_id).await.unwrap();
+    assert_eq!(released.station, "ws-1");
+    let exported = f.admin().export_key("k1").await.unwrap();
+    assert_eq!(
+        LicenseKey::from_json(&exported).unwrap(),
+        f.key("k1", &["cad"], 2)
+    );
+    let removed = f.admin().remove_key("k1").await.unwrap();
+    assert_eq!(removed.leases_ended, 1);
+    assert_eq!(
+        code(f.admin().remove_key("k1").await.unwrap_err()),
+        (404, "key_not_found".into())
+    );
+}
+
+#[tokio::test]
+async fn health_metrics_and_openapi_are_served() {
+    let f = Fixture::start().await;
+    f.import(&f.key("k1", &["cad", "cam"], 3)).await;
+    f.client().checkout(&request("cad", "ws-1")).await.unwrap();
+    let health = f.client().health().await.unwrap();
+    assert_eq!(
+        (health.status.as_str(), health.role.as_str()),
+        ("ok", "primary")
+    );
+    let metrics = reqwest::get(format!("{}/metrics", f.server.url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tessera_licenses_in_use{component=\"cam\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tessera_checkouts_total{outcome=\"granted\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tessera_http_request_duration_seconds_bucket"),
+        "{metrics}"
+    );
+    let openapi: serde_json::Value = reqwest::get(format!("{}/v1/openapi.json", f.server.url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(openapi["paths"]["/v1/leases"]["post"].is_object());
+    assert!(openapi["components"]["schemas"]["Lease"].is_object());
+    let page = reqwest::get(f.server.url())
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("ws-1") && page.contains("cad"));
+}
+
+#[tokio::test]
+async fn the_data_dir_holds_an_identity_and_an_owner_only_admin_token() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = Fixture::start().await;
+    let data = f.dir.path().join("data");
+    for file in ["admin.token", "server.key"] {
+        let mode = std::fs::metadata(data.join(file))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{file}");
+    }
+    let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    assert_eq!(token.trim(), f.server.state.admin_token);
+}
+
+/// Plays the vendor for one request: a response certifying the server's key, with `keys`.
+fn vendor_answer(f: &Fixture, request_text: &str, keys: Vec<LicenseKey>) -> String {
+    vendor_answer_with_renewals(f, request_text, keys, vec![])
+}
+
+fn vendor_answer_with_renewals(
+    f: &Fixture,
+    request_text: &str,
+    keys: Vec<LicenseKey>,
+    renewals: Vec<LicenseKey>,
+) -> String {
+    use tessera_core::sync::{
+        CertificatePayload, ServerCertificate, SyncRequest, SyncResponse, SyncResponsePayload,
+    };
+    let request = SyncRequest::from_json(request_text).unwrap();
+    let (payload, _) = request.verify().unwrap();
+    let now = Timestamp::from_millisecond(f.clock_now()).unwrap();
+    let certificate = ServerCertificate::sign(
+        CertificatePayload {
+            server_id: payload.server_id.clone(),
+            customer: "acme".into(),
+            public_key: payload.public_key.clone(),
+            issued_at: now,
+            valid_until: Timestamp::from_millisecond(f.clock_now() + 366 * 86_400_000).unwrap(),
+        },
+        &f.vendor,
+    );
+    let response = SyncResponse::sign(
+        SyncResponsePayload {
+            server_id: payload.server_id.clone(),
+            request_nonce: payload.nonce.clone(),
+            sequence: payload.sequence,
+            issued_at: now,
+            certificate,
+            keys,
+            revoked: vec![],
+            renewals,
+        },
+        &f.vendor,
+    );
+    serde_json::to_string_pretty(&response).unwrap()
+}
+
+impl Fixture {
+    fn clock_now(&self) -> i64 {
+        use tessera_core::Clock;
+        self.clock.now_ms()
+    }
+}
+
+#[tokio::test]
+async fn a_file_sync_makes_bound_keys_usable_until_366_days_pass() {
+    let f = Fixture::start().await;
+    let bound = sign(
+        &f.vendor,
+        "bound",
+        &["cad"],
+        3,
+        START_MS + 800 * 86_400_000,
+        Some("srv-test"),
+    );
+    f.import(&bound).await;
+    let refused = f
+        .client()
+        .checkout(&request("cad", "ws-1"))
+        .await
+        .unwrap_err();
+    let message = refused.to_string();
+    assert_eq!(code(refused), (503, "server_not_synchronized".into()));
+    assert!(message.contains("never synchronized"), "{message}");
+
+    let request_text = f.admin().export_sync_request().await.unwrap();
+    assert!(request_text.contains("\"sequence\": 1") || request_text.contains("\"sequence\":1"));
+    let response_text = vendor_answer(&f, &request_text, vec![bound]);
+    let summary = f
+        .admin()
+        .import_sync_response(response_text.clone())
+        .await
+        .unwrap();
+    assert_eq!(summary.sequence, 1);
+    f.client().checkout(&request("cad", "ws-1")).await.unwrap();
+    let sync = f.client().sync_status().await.unwrap();
+    assert!(sync.synchronized);
+    assert_eq!(sync.days_left, Some(366));
+
+    let replayed = f
+        .admin()
+        .import_sync_response(response_text)
+        .await
+        .unwrap_err();
+    assert_eq!(code(replayed), (409, "sync_not_awaited".into()));
+    let truncated = vendor_answer(&f, &f.admin().export_sync_request().await.unwrap(), vec![]);
+    let cut = truncated[..truncated.len() / 2].to_string();
+    assert_eq!(
+        code(f.admin().import_sync_response(cut).await.unwrap_err()),
+        (422, "sync_malformed".into())
+    );
+    let edited = truncated.replace("\"sequence\": 2", "\"sequence\": 3");
+    assert_eq!(
+        code(f.admin().import_sync_response(edited).await.unwrap_err()).1,
+        "sync_bad_signature"
+    );
+    assert_eq!(
+        f.client().sync_status().await.unwrap().completed_sequence,
+        1,
+        "nothing changed"
+    );
+
+    f.clock.advance_ms(366 * 86_400_000);
+    let late = f
+        .client()
+        .checkout(&request("cad", "ws-2"))
+        .await
+        .unwrap_err();
+    assert_eq!(code(late), (503, "server_not_synchronized".into()));
+    assert!(!f.client().status().await.unwrap().sync.synchronized);
+}
+
+#[tokio::test]
+async fn check_for_updates_replaces_a_key_by_its_renewal_and_notifies() {
+    let f = Fixture::start().await;
+    let old = sign(
+        &f.vendor,
+        "old",
+        &["cad"],
+        2,
+        START_MS + 20 * 86_400_000,
+        Some("srv-test"),
+    );
+    let mut payload = sign(
+        &f.vendor,
+        "new",
+        &["cad", "cam"],
+        4,
+        START_MS + 400 * 86_400_000,
+        Some("srv-test"),
+    )
+    .payload;
+    payload.renews = Some("old".into());
+    let new = LicenseKey::sign(payload, &f.vendor).unwrap();
+    let request_text = f.admin().export_sync_request().await.unwrap();
+    let answer = vendor_answer_with_renewals(&f, &request_text, vec![old], vec![new]);
+    assert_eq!(
+        f.admin()
+            .import_sync_response(answer)
+            .await
+            .unwrap()
+            .renewals,
+        vec!["new".to_string()]
+    );
+    let (lease, _) = f.client().checkout(&request("cad", "ws-1")).await.unwrap();
+    assert_eq!(lease.key_id, "old");
+
+    let report = f.admin().update_keys().await.unwrap();
+    assert_eq!(report.renewals.len(), 1);
+    assert!(report.renewals[0].allocated);
+    assert_eq!(report.leases_moved, 1);
+    let status = f.client().status().await.unwrap();
+    assert_eq!(
+        status
+            .keys
+            .iter()
+            .map(|k| k.key_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["new"]
+    );
+    assert_eq!(
+        status.leases[0].lease_id, lease.lease_id,
+        "the station kept its lease"
+    );
+    assert_eq!(status.leases[0].key_id, "new");
+    let events = f.admin().events().await.unwrap();
+    assert_eq!(events[0]["kind"], "key_updated", "{events:?}");
+    assert!(
+        f.admin().update_keys().await.unwrap().renewals.is_empty(),
+        "nothing left to do"
+    );
+}
+
+#[tokio::test]
+async fn notifications_reach_a_signed_webhook_and_then_the_user_hook() {
+    use axum::routing::post;
+    let dir = tempfile::tempdir().unwrap();
+    let vendor = SecretKey::from_seed([42; 32]);
+    std::fs::write(
+        dir.path().join("vendor.pub"),
+        vendor.public_key().to_file_text(),
+    )
+    .unwrap();
+    let (sender, mut received) = tokio::sync::mpsc::channel::<(String, String)>(8);
+    let receiver = axum::Router::new().route(
+        "/hook",
+        post(move |headers: axum::http::HeaderMap, body: String| {
+            let sender = sender.clone();
+            async move {
+                let signature = headers[tessera_server::events::SIGNATURE_HEADER]
+                    .to_str()
+                    .unwrap()
+                    .to_string();
+                sender.send((signature, body)).await.unwrap();
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let webhook = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, receiver).await.unwrap() });
+    let hook_out = dir.path().join("hook.out");
+    let hook = dir.path().join("hook.sh");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\ncat > {}.tmp && mv {0}.tmp {0}\n",
+            hook_out.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let rules = vec![tessera_server::events::NotificationRule {
+        events: vec!["key_imported".into()],
+        webhook: Some(webhook),
+        secret: Some("s3cret".into()),
+        hook: Some(hook),
+        hook_timeout: Some("5s".into()),
+    }];
+    let clock = ManualClock::new(START_MS);
+    let server = start_server_with(dir.path(), &clock, 1, rules).await;
+    let admin = Client::new(&server.url(), Some(server.state.admin_token.clone()));
+    let key = sign(&vendor, "k1", &["cad"], 1, START_MS + 1_000_000, None);
+    admin.import_key(key.to_json_pretty()).await.unwrap();
+    let (signature, body) = tokio::time::timeout(Duration::from_secs(10), received.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        signature,
+        tessera_server::events::sign_body("s3cret", body.as_bytes())
+    );
+    let event: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(event["kind"], "key_imported");
+    assert_eq!(event["details"]["key_id"], "k1");
+    // The hook runs after the webhook; wait for the process to write its file.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !hook_out.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the user hook never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let hooked: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&hook_out).unwrap()).unwrap();
+    assert_eq!(hooked, event);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_sync_deadline_is_announced_30_7_and_1_days_before() {
+    let f = Fixture::start().await;
+    let request_text = f.admin().export_sync_request().await.unwrap();
+    f.admin()
+        .import_sync_response(vendor_answer(&f, &request_text, vec![]))
+        .await
+        .unwrap();
+    let notices = |events: Vec<serde_json::Value>| {
+        events
+            .iter()
+            .filter(|e| e["kind"] == "sync_deadline_near")
+            .map(|e| e["details"]["threshold_days"].as_i64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    for (day, expected) in [
+        (300, vec![]),
+        (337, vec![30]),
+        (340, vec![30]),
+        (359, vec![7, 30]),
+        (365, vec![1, 7, 30]),
+    ] {
+        f.clock.set_ms(START_MS + day * 86_400_000);
+        f.server.state.tick().await.unwrap();
+        assert_eq!(
+            notices(f.admin().events().await.unwrap()),
+            expected,
+            "day {day}"
+        );
+    }
+}
