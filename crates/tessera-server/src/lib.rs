@@ -15,7 +15,6 @@
 
 pub mod clock;
 pub mod config;
-#[path = "consensus_local.rs"]
 pub mod consensus;
 pub mod data_dir;
 pub mod error;

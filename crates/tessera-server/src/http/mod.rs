@@ -1,5 +1,5 @@
 //! The HTTP API: routes, extractors and handlers. Handlers translate JSON to calls on
-//! [`AppState`] and back; the status mapping lives in [`crate::error`].
+//! [`AppState`](crate::state::AppState) and back; the status mapping lives in [`crate::error`].
 
 mod admin;
 mod console;

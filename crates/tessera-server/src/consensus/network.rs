@@ -1,0 +1,190 @@
+//! openraft's network over HTTP/JSON: each RPC is a POST to `http://{peer}/v1/raft/{rpc}`,
+//! answered by [`super::rpc`] with the JSON of `Result<Response, RaftError>`.
+//!
+//! Error mapping, which drives openraft's retry backoff:
+//! - cannot connect, or the peer's Raft has stopped: `Unreachable` (openraft backs off);
+//! - timeout, HTTP error status, undecodable body: `NetworkError` (retried at once).
+
+use std::future::Future;
+use std::time::Duration;
+
+use openraft::errors::{
+    NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, OptionalSend, RaftNetworkV2};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tessera_store::TypeConfig;
+use tessera_store::state_machine::SnapshotData;
+
+use super::rpc::SnapshotHeader;
+
+type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotData>;
+type Vote = openraft::type_config::alias::VoteOf<TypeConfig>;
+
+/// A TCP connect to a live host on the LAN takes well under this; a dead one should fail
+/// fast so the leader backs off instead of holding a replication slot.
+const CONNECT_TIMEOUT_MS: u64 = 500;
+
+/// Creates one [`HttpPeer`] per target; all share one connection pool.
+pub struct HttpNetwork {
+    client: reqwest::Client,
+}
+
+impl HttpNetwork {
+    pub fn new() -> HttpNetwork {
+        let client = reqwest::Client::builder()
+            // Peers are addressed directly; a proxy from the environment must not intercept.
+            .no_proxy()
+            .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
+            .tcp_nodelay(true)
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        HttpNetwork { client }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for HttpNetwork {
+    type Network = HttpPeer;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> HttpPeer {
+        HttpPeer {
+            target,
+            base_url: format!("http://{}/v1/raft", node.addr),
+            client: self.client.clone(),
+        }
+    }
+}
+
+/// The connection to one peer.
+pub struct HttpPeer {
+    target: u64,
+    base_url: String,
+    client: reqwest::Client,
+}
+
+impl HttpPeer {
+    async fn post_json<Req, Resp>(
+        &self,
+        rpc: &str,
+        request: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, RPCError<TypeConfig>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+    {
+        let body = serde_json::to_vec(request).map_err(|e| NetworkError::new(&e))?;
+        self.post(rpc, body, "application/json", timeout).await
+    }
+
+    async fn post<Resp>(
+        &self,
+        rpc: &str,
+        body: Vec<u8>,
+        content_type: &'static str,
+        timeout: Duration,
+    ) -> Result<Resp, RPCError<TypeConfig>>
+    where
+        Resp: DeserializeOwned,
+    {
+        let url = format!("{}/{rpc}", self.base_url);
+        let response = self
+            .client
+            .post(&url)
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(body)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_connect() {
+                    RPCError::Unreachable(Unreachable::new(&e))
+                } else {
+                    RPCError::Network(NetworkError::new(&e))
+                }
+            })?;
+        let status = response.status();
+        if !status.is_success() {
+            let text = response.text().await.unwrap_or_default();
+            return Err(RPCError::Network(NetworkError::from_string(format!(
+                "HTTP {status} from node {} at {url}: {text}",
+                self.target
+            ))));
+        }
+        let answer: Result<Resp, RaftError<TypeConfig>> =
+            response.json().await.map_err(|e| NetworkError::new(&e))?;
+        // The only error a peer's Raft API returns here is Fatal: that peer has stopped.
+        answer.map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for HttpPeer {
+    type SnapshotData = SnapshotData;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.post_json("append", &rpc, option.soft_ttl()).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.post_json("vote", &rpc, option.soft_ttl()).await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.post_json("pre-vote", &rpc, option.soft_ttl()).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        // Body: one JSON line (vote, meta), then the snapshot bytes as stored, so a large
+        // ledger is not re-encoded into a JSON array of numbers.
+        let header = SnapshotHeader {
+            vote,
+            meta: snapshot.meta,
+        };
+        let mut body = serde_json::to_vec(&header).map_err(|e| NetworkError::new(&e))?;
+        body.push(b'\n');
+        body.extend_from_slice(&snapshot.snapshot);
+        let send = self.post(
+            "snapshot",
+            body,
+            "application/octet-stream",
+            option.hard_ttl(),
+        );
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            result = send => Ok(result?),
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.post_json("transfer-leader", &req, option.soft_ttl())
+            .await
+    }
+}

@@ -1,0 +1,99 @@
+//! The routes peers call: `POST /v1/raft/{append,vote,pre-vote,snapshot,transfer-leader}`.
+//! Each answers 200 with the JSON of `Result<Response, RaftError>`, as openraft's API
+//! returns it; a malformed request is a 400/422 from the extractor.
+//!
+//! `snapshot` takes `application/octet-stream`: one JSON line `{"vote":..,"meta":..}`, a
+//! newline, then the snapshot data (the ledger snapshot's JSON) as stored.
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::routing::post;
+use openraft::Snapshot;
+use openraft::errors::RaftError;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+use serde::{Deserialize, Serialize};
+use tessera_store::TypeConfig;
+
+use super::RaftNode;
+
+/// Largest Raft request accepted: a full snapshot of a big ledger arrives in one body.
+pub const RAFT_BODY_BYTES_MAX: usize = 1 << 30;
+
+#[derive(Serialize, Deserialize)]
+pub(super) struct SnapshotHeader {
+    pub vote: openraft::type_config::alias::VoteOf<TypeConfig>,
+    pub meta: openraft::type_config::alias::SnapshotMetaOf<TypeConfig>,
+}
+
+type Answer<T> = Json<Result<T, RaftError<TypeConfig>>>;
+
+pub(super) fn router(raft: RaftNode) -> Router {
+    Router::new()
+        .route("/v1/raft/append", post(append))
+        .route("/v1/raft/vote", post(vote))
+        .route("/v1/raft/pre-vote", post(pre_vote))
+        .route("/v1/raft/snapshot", post(snapshot))
+        .route("/v1/raft/transfer-leader", post(transfer_leader))
+        .layer(DefaultBodyLimit::max(RAFT_BODY_BYTES_MAX))
+        .with_state(raft)
+}
+
+async fn append(
+    State(raft): State<RaftNode>,
+    Json(request): Json<AppendEntriesRequest<TypeConfig>>,
+) -> Answer<AppendEntriesResponse<TypeConfig>> {
+    Json(raft.append_entries(request).await)
+}
+
+async fn vote(
+    State(raft): State<RaftNode>,
+    Json(request): Json<VoteRequest<TypeConfig>>,
+) -> Answer<VoteResponse<TypeConfig>> {
+    Json(raft.vote(request).await)
+}
+
+async fn pre_vote(
+    State(raft): State<RaftNode>,
+    Json(request): Json<VoteRequest<TypeConfig>>,
+) -> Answer<VoteResponse<TypeConfig>> {
+    Json(raft.pre_vote(request).await)
+}
+
+async fn snapshot(
+    State(raft): State<RaftNode>,
+    body: Bytes,
+) -> Result<Answer<SnapshotResponse<TypeConfig>>, (StatusCode, String)> {
+    let bad = |message: String| (StatusCode::BAD_REQUEST, message);
+    let newline = body
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or_else(|| bad("snapshot body has no header line".into()))?;
+    let header: SnapshotHeader = serde_json::from_slice(&body[..newline])
+        .map_err(|e| bad(format!("snapshot header: {e}")))?;
+    let snapshot = Snapshot {
+        meta: header.meta,
+        snapshot: body[newline + 1..].to_vec(),
+    };
+    let answer = raft
+        .install_full_snapshot(header.vote, snapshot)
+        .await
+        .map_err(RaftError::Fatal);
+    Ok(Json(answer))
+}
+
+async fn transfer_leader(
+    State(raft): State<RaftNode>,
+    Json(request): Json<TransferLeaderRequest<TypeConfig>>,
+) -> Answer<TransferLeaderResponse<TypeConfig>> {
+    Json(
+        raft.handle_transfer_leader(request)
+            .await
+            .map_err(RaftError::Fatal),
+    )
+}

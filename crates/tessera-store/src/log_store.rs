@@ -1,0 +1,198 @@
+//! The Raft log: openraft's `RaftLogStorage` and `RaftLogReader` over SQLite.
+//!
+//! The entries present in the log are mirrored in memory: reads (replication, apply) are
+//! served from the mirror, SQLite is the durable copy. The mirror is bounded because the
+//! snapshot policy purges applied entries every [`crate::SNAPSHOT_EVERY_LOGS`].
+//!
+//! Durability per operation:
+//! - `append`: the entries are readable when it returns; the IO-flushed callback fires only
+//!   after the transaction holding them committed (group commit in [`crate::writer`]).
+//! - `save_vote`: returns after the vote is durable, as Raft requires.
+//! - `save_committed`, `truncate_after`, `purge`: queued behind earlier writes without
+//!   waiting. Losing them in a crash is safe: a lost committed id only means fewer entries
+//!   re-applied at start (the leader commits them again), a lost truncation or purge leaves
+//!   entries openraft will truncate or ignore again.
+
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use openraft::entry::RaftEntry;
+use openraft::storage::{IOFlushed, RaftLogStorage};
+use openraft::{LogState, OptionalSend, RaftLogReader};
+
+use crate::types::{Entry, LogId, TypeConfig, Vote};
+use crate::writer::{Done, LoadedLog, META_COMMITTED, META_VOTE, Write, Writer, WriterStats};
+
+/// The Raft log store. Cheap to clone; clones share the log (a clone is the log reader).
+#[derive(Clone)]
+pub struct LogStore {
+    writer: Arc<Writer>,
+    state: Arc<Mutex<LoadedLog>>,
+}
+
+impl LogStore {
+    pub(crate) fn new(writer: Arc<Writer>, loaded: LoadedLog) -> LogStore {
+        LogStore {
+            writer,
+            state: Arc::new(Mutex::new(loaded)),
+        }
+    }
+
+    /// Counters of the store's writer thread (shared with every clone).
+    pub fn stats(&self) -> WriterStats {
+        self.writer.stats()
+    }
+
+    fn state(&self) -> MutexGuard<'_, LoadedLog> {
+        // The guarded data is only ever replaced whole or by BTreeMap operations that do not
+        // panic halfway, so a poisoned lock still holds a consistent log.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> io::Result<String> {
+    serde_json::to_string(value).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// `range` as a half-open `[start, end)`; `None` when empty.
+fn half_open(range: &impl RangeBounds<u64>) -> Option<(u64, u64)> {
+    let start = match range.start_bound() {
+        Bound::Included(&i) => i,
+        Bound::Excluded(&i) => i.checked_add(1)?,
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&i) => i.saturating_add(1),
+        Bound::Excluded(&i) => i,
+        Bound::Unbounded => u64::MAX,
+    };
+    (start < end).then_some((start, end))
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        let Some((start, end)) = half_open(&range) else {
+            return Ok(Vec::new());
+        };
+        Ok(self
+            .state()
+            .entries
+            .range(start..end)
+            .map(|(_, entry)| entry.clone())
+            .collect())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        Ok(self.state().vote)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
+        let state = self.state();
+        let last_purged_log_id = state.last_purged;
+        let last_log_id = state
+            .entries
+            .last_key_value()
+            .map(|(_, entry)| entry.log_id())
+            .or(last_purged_log_id);
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        self.writer
+            .write(Write::Meta {
+                name: META_VOTE,
+                value: Some(encode(vote)?),
+            })
+            .await?;
+        self.state().vote = Some(*vote);
+        Ok(())
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        let value = committed.as_ref().map(encode).transpose()?;
+        self.state().committed = committed;
+        self.writer.submit(
+            Write::Meta {
+                name: META_COMMITTED,
+                value,
+            },
+            Done::Nothing,
+        );
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        Ok(self.state().committed)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let rows = entries
+            .iter()
+            .map(|entry| {
+                serde_json::to_vec(entry)
+                    .map(|json| (entry.index(), json))
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        {
+            let mut state = self.state();
+            for entry in entries {
+                state.entries.insert(entry.index(), entry);
+            }
+        }
+        self.writer
+            .submit(Write::Append(rows), Done::Flushed(callback));
+        Ok(())
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        let first_removed = last_log_id.map_or(0, |log_id| log_id.index() + 1);
+        drop(self.state().entries.split_off(&first_removed));
+        self.writer
+            .submit(Write::TruncateFrom(first_removed), Done::Nothing);
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        let last_purged = encode(&log_id)?;
+        {
+            let mut state = self.state();
+            let kept = state.entries.split_off(&(log_id.index() + 1));
+            state.entries = kept;
+            state.last_purged = Some(log_id);
+        }
+        self.writer.submit(
+            Write::PurgeUpTo {
+                index: log_id.index(),
+                last_purged,
+            },
+            Done::Nothing,
+        );
+        Ok(())
+    }
+}

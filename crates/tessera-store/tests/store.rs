@@ -1,0 +1,274 @@
+//! Integration tests of the SQLite store: openraft's storage suite, plus durability across
+//! reopening the file, truncate/purge, snapshots, and re-applying committed entries on start.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use openraft::entry::RaftEntry;
+use openraft::storage::{IOFlushed, RaftLogStorage, RaftStateMachine};
+use openraft::testing::log::{StoreBuilder, Suite};
+use openraft::type_config::TypeConfigExt;
+use openraft::{
+    BasicNode, Entry, EntryPayload, LogId, Membership, RaftLogReader, RaftSnapshotBuilder,
+    StorageError, StorageHelper, StoredMembership, Vote,
+};
+use tempfile::TempDir;
+use tessera_core::{Command, LedgerConfig, Stamped};
+use tessera_store::{LedgerStateMachine, LogStore, Proposal, TypeConfig};
+
+type LogIdT = openraft::type_config::alias::LogIdOf<TypeConfig>;
+type EntryT = openraft::type_config::alias::EntryOf<TypeConfig>;
+
+struct TempStore;
+
+impl StoreBuilder<TypeConfig, LogStore, LedgerStateMachine, TempDir> for TempStore {
+    async fn build(
+        &self,
+    ) -> Result<(TempDir, LogStore, LedgerStateMachine), StorageError<TypeConfig>> {
+        let dir =
+            tempfile::tempdir().map_err(|e| StorageError::write(TypeConfig::err_from_error(&e)))?;
+        let (log, sm) = tessera_store::open(&db_path(dir.path()), ledger_config())
+            .map_err(|e| StorageError::write(TypeConfig::err_from_error(&e)))?;
+        Ok((dir, log, sm))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openraft_storage_suite() {
+    Suite::test_all(TempStore)
+        .await
+        .expect("openraft storage suite");
+}
+
+fn db_path(dir: &Path) -> PathBuf {
+    dir.join("raft.sqlite")
+}
+
+fn ledger_config() -> LedgerConfig {
+    LedgerConfig {
+        server_id: Some("server-1".into()),
+        ..LedgerConfig::default()
+    }
+}
+
+fn open(dir: &Path) -> (LogStore, LedgerStateMachine) {
+    tessera_store::open(&db_path(dir), ledger_config()).expect("open store")
+}
+
+fn log_id(term: u64, index: u64) -> LogIdT {
+    LogId::new(
+        openraft::impls::leader_id_adv::LeaderId { term, node_id: 1 },
+        index,
+    )
+}
+
+fn blank(term: u64, index: u64) -> EntryT {
+    Entry {
+        log_id: log_id(term, index),
+        payload: EntryPayload::Blank,
+    }
+}
+
+fn begin_sync(term: u64, index: u64, at_ms: i64, nonce: &str) -> EntryT {
+    Entry {
+        log_id: log_id(term, index),
+        payload: EntryPayload::Normal(Proposal(Stamped {
+            at_ms,
+            command: Command::BeginSync {
+                nonce: nonce.into(),
+            },
+        })),
+    }
+}
+
+fn membership(term: u64, index: u64) -> EntryT {
+    let nodes: BTreeMap<u64, BasicNode> = [(1, BasicNode::new("127.0.0.1:1"))].into();
+    Entry {
+        log_id: log_id(term, index),
+        payload: EntryPayload::Membership(Membership::new(vec![[1].into()], nodes).unwrap()),
+    }
+}
+
+/// Appends and waits for the flush callback, as openraft would.
+async fn append(log: &mut LogStore, entries: Vec<EntryT>) {
+    let (tx, rx) = TypeConfig::oneshot();
+    log.append(entries, IOFlushed::signal(tx))
+        .await
+        .expect("append");
+    rx.await.expect("callback fired").expect("flushed");
+}
+
+async fn indexes(log: &mut LogStore) -> Vec<u64> {
+    log.try_get_log_entries(..)
+        .await
+        .expect("read")
+        .iter()
+        .map(|entry| entry.index())
+        .collect()
+}
+
+async fn apply(sm: &mut LedgerStateMachine, entries: Vec<EntryT>) {
+    let stream = futures::stream::iter(entries.into_iter().map(|entry| Ok((entry, None))));
+    sm.apply(stream).await.expect("apply");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_vote_and_committed_survive_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let vote = Vote::new_committed(3, 1);
+    {
+        let (mut log, _sm) = open(dir.path());
+        append(&mut log, vec![membership(1, 1), blank(1, 2)]).await;
+        append(&mut log, vec![begin_sync(1, 3, 1_000, "n1")]).await;
+        log.save_vote(&vote).await.unwrap();
+        log.save_committed(Some(log_id(1, 2))).await.unwrap();
+    }
+    let (mut log, _sm) = open(dir.path());
+    assert_eq!(indexes(&mut log).await, vec![1, 2, 3]);
+    let entries = log.try_get_log_entries(3..4).await.unwrap();
+    assert_eq!(entries, vec![begin_sync(1, 3, 1_000, "n1")]);
+    assert_eq!(log.read_vote().await.unwrap(), Some(vote));
+    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 2)));
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_log_id, Some(log_id(1, 3)));
+    assert_eq!(state.last_purged_log_id, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_and_purge_survive_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut log, _sm) = open(dir.path());
+        append(&mut log, (1..=10).map(|i| blank(1, i)).collect()).await;
+        log.truncate_after(Some(log_id(1, 7))).await.unwrap();
+        assert_eq!(indexes(&mut log).await, (1..=7).collect::<Vec<_>>());
+        log.purge(log_id(1, 3)).await.unwrap();
+        assert_eq!(indexes(&mut log).await, vec![4, 5, 6, 7]);
+        // Entries replacing a truncated tail, in a later term.
+        append(&mut log, vec![blank(2, 8)]).await;
+    }
+    let (mut log, _sm) = open(dir.path());
+    assert_eq!(indexes(&mut log).await, vec![4, 5, 6, 7, 8]);
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id, Some(log_id(1, 3)));
+    assert_eq!(state.last_log_id, Some(log_id(2, 8)));
+
+    // Purging everything leaves the last purged id as the last log id.
+    log.purge(log_id(2, 8)).await.unwrap();
+    drop((log, _sm));
+    let (mut log, _sm) = open(dir.path());
+    assert!(indexes(&mut log).await.is_empty());
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_log_id, Some(log_id(2, 8)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_round_trip_through_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let expected_meta;
+    {
+        let (_log, mut sm) = open(dir.path());
+        apply(
+            &mut sm,
+            vec![membership(1, 1), begin_sync(1, 2, 5_000, "nonce-a")],
+        )
+        .await;
+        let snapshot = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        assert_eq!(snapshot.meta.last_log_id, Some(log_id(1, 2)));
+        assert_eq!(
+            snapshot.meta.last_membership,
+            StoredMembership::new(Some(log_id(1, 1)), membership_of(&membership(1, 1)))
+        );
+        expected_meta = snapshot.meta;
+    }
+    let (_log, mut sm) = open(dir.path());
+    let reader = sm.reader();
+    assert_eq!(
+        reader.last_applied_index(),
+        None,
+        "starts empty: openraft restores it"
+    );
+    assert_eq!(
+        reader.read(|ledger| ledger.sync_state().awaited.clone()),
+        None
+    );
+    let stored = sm
+        .get_current_snapshot()
+        .await
+        .unwrap()
+        .expect("stored snapshot");
+    assert_eq!(stored.meta, expected_meta);
+
+    // Install it on a second, empty store, as a follower would.
+    let other = tempfile::tempdir().unwrap();
+    let (_other_log, mut other_sm) = open(other.path());
+    other_sm
+        .install_snapshot(&stored.meta, stored.snapshot)
+        .await
+        .unwrap();
+    let other_reader = other_sm.reader();
+    assert_eq!(other_reader.read(|ledger| ledger.last_at_ms()), 5_000);
+    assert_eq!(
+        other_reader.read(|ledger| ledger.sync_state().awaited.clone().map(|(_, nonce)| nonce)),
+        Some("nonce-a".to_string())
+    );
+    assert_eq!(other_reader.last_applied_index(), Some(2));
+    assert_eq!(
+        other_sm.applied_state().await.unwrap().0,
+        Some(log_id(1, 2))
+    );
+    let installed = other_sm.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(installed.meta, expected_meta);
+}
+
+fn membership_of(entry: &EntryT) -> Membership<u64, BasicNode> {
+    match &entry.payload {
+        EntryPayload::Membership(membership) => membership.clone(),
+        _ => unreachable!(),
+    }
+}
+
+/// A restarted single voter: snapshot + committed entries after it come back before Raft
+/// serves anything, through openraft's own start-up path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_restores_snapshot_and_reapplies_committed_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut log, mut sm) = open(dir.path());
+        let entries = vec![
+            membership(1, 0),
+            begin_sync(1, 1, 1_000, "first"),
+            begin_sync(1, 2, 2_000, "second"),
+            begin_sync(1, 3, 3_000, "third"),
+        ];
+        log.save_vote(&Vote::new_committed(1, 1)).await.unwrap();
+        append(&mut log, entries.clone()).await;
+        apply(&mut sm, entries[..2].to_vec()).await;
+        sm.get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        apply(&mut sm, entries[2..].to_vec()).await;
+        // Entry 3 is applied here but was never known committed: it must not come back.
+        log.save_committed(Some(log_id(1, 2))).await.unwrap();
+    }
+    let (mut log, mut sm) = open(dir.path());
+    let reader = sm.reader();
+    StorageHelper::new(&mut log, &mut sm)
+        .with_id(1)
+        .get_initial_state()
+        .await
+        .expect("initial state");
+    assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(1, 2)));
+    assert_eq!(reader.read(|ledger| ledger.last_at_ms()), 2_000);
+    assert_eq!(
+        reader.read(|ledger| ledger.sync_state().awaited.clone().map(|(_, nonce)| nonce)),
+        Some("second".to_string())
+    );
+}
