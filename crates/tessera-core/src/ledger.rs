@@ -137,6 +137,13 @@ struct KeyRecord {
     meta: KeyMeta,
 }
 
+/// The result of applying one entry: the outcome, and the leases that expired first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    pub outcome: Outcome,
+    pub expired: Vec<LeaseView>,
+}
+
 /// The ledger's state as it is stored in a snapshot; indexes are rebuilt on restore.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LedgerSnapshot {
@@ -183,9 +190,16 @@ impl Ledger {
     }
 
     pub fn apply(&mut self, entry: &Stamped) -> Outcome {
+        self.apply_recording(entry).outcome
+    }
+
+    /// Applies an entry and also reports the leases that ran out before it was applied, so
+    /// usage history sees every expiry, whichever command noticed it.
+    pub fn apply_recording(&mut self, entry: &Stamped) -> Applied {
         let at = entry.at_ms.max(self.last_at_ms);
         self.last_at_ms = at;
-        let ended = self.end_due_leases(at);
+        let expired = self.end_due_leases(at);
+        let ended = expired.len() as u32;
         let outcome = match &entry.command {
             Command::ImportKey { key } => self.import_key(key, at),
             Command::RemoveKey { key_id } => self.remove_key(key_id),
@@ -227,7 +241,7 @@ impl Ledger {
         if let Err(violation) = self.check_invariants() {
             panic!("ledger invariant violated after {entry:?}: {violation}");
         }
-        outcome
+        Applied { outcome, expired }
     }
 
     fn import_key(&mut self, key: &LicenseKey, at: i64) -> Outcome {
@@ -771,14 +785,13 @@ impl Ledger {
     }
 
     /// Ends every lease with `expires_at_ms <= at`; returns how many ended.
-    fn end_due_leases(&mut self, at: i64) -> u32 {
-        let mut ended = 0;
+    fn end_due_leases(&mut self, at: i64) -> Vec<LeaseView> {
+        let mut ended = Vec::new();
         while let Some((expires_at_ms, lease_id)) = self.expiry.first().cloned() {
             if expires_at_ms > at {
                 break;
             }
-            self.remove_lease(&lease_id);
-            ended += 1;
+            ended.extend(self.remove_lease(&lease_id));
         }
         ended
     }

@@ -24,7 +24,7 @@ pub use command::{Command, Stamped};
 pub use identity::{IdentityError, PublicKey, SecretKey};
 pub use key::{KeyError, LicenseKey, LicenseKeyPayload};
 pub use ledger::{
-    KeyMeta, KeyState, KeyView, LeaseView, Ledger, LedgerConfig, LedgerSnapshot, RenewalResult,
-    StoredKey, SyncState,
+    Applied, KeyMeta, KeyState, KeyView, LeaseView, Ledger, LedgerConfig, LedgerSnapshot,
+    RenewalResult, StoredKey, SyncState,
 };
 pub use outcome::{Outcome, Refusal};

@@ -100,7 +100,13 @@ impl AppState {
         at_ms: i64,
         command: Command,
     ) -> Result<Outcome, ApiError> {
-        match self.consensus.propose(Stamped { at_ms, command }).await? {
+        let applied = self.consensus.propose(Stamped { at_ms, command }).await?;
+        if !applied.expired.is_empty() {
+            self.metrics
+                .expired_leases
+                .inc_by(applied.expired.len() as u64);
+        }
+        match applied.outcome {
             Outcome::Refused { refusal } => Err(ApiError::Refused(refusal)),
             outcome => Ok(outcome),
         }
@@ -223,10 +229,7 @@ impl AppState {
             return Ok(0);
         }
         match self.propose_issuing(Command::Expire).await? {
-            Outcome::Expired { leases_ended } => {
-                self.metrics.expired_leases.inc_by(leases_ended.into());
-                Ok(leases_ended)
-            }
+            Outcome::Expired { leases_ended } => Ok(leases_ended),
             other => Err(unexpected(other)),
         }
     }

@@ -182,7 +182,9 @@ impl RaftStateMachine<TypeConfig> for LedgerStateMachine {
                 let mut applied = write(&self.shared);
                 let response = match entry.payload {
                     EntryPayload::Blank => None,
-                    EntryPayload::Normal(proposal) => Some(applied.ledger.apply(&proposal.0)),
+                    EntryPayload::Normal(proposal) => {
+                        Some(applied.ledger.apply_recording(&proposal.0))
+                    }
                     EntryPayload::Membership(membership) => {
                         applied.last_membership =
                             StoredMembership::new(Some(entry.log_id), membership);

@@ -4,7 +4,7 @@ use std::fmt;
 
 use openraft::BasicNode;
 use serde::{Deserialize, Serialize};
-use tessera_core::{Outcome, Stamped};
+use tessera_core::{Applied, Stamped};
 
 /// The payload of a normal log entry: one command stamped by the primary.
 ///
@@ -22,7 +22,7 @@ impl fmt::Display for Proposal {
 
 /// What applying an entry answers: the ledger's outcome for a normal entry, `None` for blank
 /// and membership entries, which the ledger never sees.
-pub type Response = Option<Outcome>;
+pub type Response = Option<Applied>;
 
 openraft::declare_raft_types!(
     /// Tessera's openraft types: node ids are host numbers, a node's data is its address.

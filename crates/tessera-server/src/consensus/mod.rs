@@ -29,7 +29,7 @@ use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{ClientWriteError, Fatal, ForwardReason, ForwardToLeader, RaftError};
 use openraft::{BasicNode, Raft, ServerState, SnapshotPolicy};
 use serde::Serialize;
-use tessera_core::{Ledger, LedgerConfig, Outcome, Stamped};
+use tessera_core::{Applied, Ledger, LedgerConfig, Stamped};
 use tessera_store::{LedgerReader, LedgerStateMachine, Proposal, TypeConfig, WriterStats};
 
 /// The openraft node type used throughout the server.
@@ -277,7 +277,7 @@ impl Consensus {
 
     /// Appends the stamped command to the log and answers the ledger's outcome once it is
     /// committed and applied on this host. Only the primary accepts proposals.
-    pub async fn propose(&self, entry: Stamped) -> Result<Outcome, ConsensusError> {
+    pub async fn propose(&self, entry: Stamped) -> Result<Applied, ConsensusError> {
         let raft = &self.inner.raft;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(PROPOSE_TIMEOUT_MS);
         let lease_deadline =

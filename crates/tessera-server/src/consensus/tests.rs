@@ -124,7 +124,7 @@ async fn three_hosts_elect_replicate_and_converge() {
             .await
             .unwrap();
         assert!(
-            matches!(&outcome, Outcome::SyncBegun { nonce: got, .. } if got == nonce),
+            matches!(&outcome.outcome, Outcome::SyncBegun { nonce: got, .. } if got == nonce),
             "{outcome:?}"
         );
     }
@@ -210,7 +210,7 @@ async fn single_voter_restarts_with_the_same_ledger() {
     assert!(node.status().snapshot_index.is_some());
 
     let outcome = node.propose(begin_sync(4_000, "four")).await.unwrap();
-    assert!(matches!(outcome, Outcome::SyncBegun { .. }));
+    assert!(matches!(outcome.outcome, Outcome::SyncBegun { .. }));
     node.shutdown().await;
     server.abort();
 }
@@ -232,7 +232,10 @@ async fn concurrent_proposals_share_fsyncs() {
         })
     });
     for outcome in futures::future::join_all(proposals).await {
-        assert!(matches!(outcome.unwrap(), Ok(Outcome::SyncBegun { .. })));
+        assert!(matches!(
+            outcome.unwrap().map(|a| a.outcome),
+            Ok(Outcome::SyncBegun { .. })
+        ));
     }
     let transactions = node.status().store_transactions - before;
     eprintln!("{CLIENTS} concurrent proposals committed in {transactions} transactions");
