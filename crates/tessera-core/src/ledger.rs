@@ -15,6 +15,9 @@
 //! - A lease never outlives its key: its expiry is capped at the key's `valid_until`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use smallvec::{SmallVec, smallvec};
 
 use serde::{Deserialize, Serialize};
 
@@ -133,8 +136,67 @@ pub struct StoredKey {
 #[derive(Clone, Debug)]
 struct KeyRecord {
     key: LicenseKey,
+    /// The key id and components once, shared by every lease of the key.
+    id: Arc<str>,
+    components: Vec<Arc<str>>,
     in_use: u32,
     meta: KeyMeta,
+}
+
+impl KeyRecord {
+    fn new(key: LicenseKey, meta: KeyMeta) -> KeyRecord {
+        KeyRecord {
+            id: Arc::from(key.payload.key_id.as_str()),
+            components: key
+                .payload
+                .components
+                .iter()
+                .map(|c| Arc::from(c.as_str()))
+                .collect(),
+            key,
+            in_use: 0,
+            meta,
+        }
+    }
+
+    fn component(&self, name: &str) -> Option<&Arc<str>> {
+        self.components.iter().find(|c| &***c == name)
+    }
+}
+
+/// The (key id, lease id) pairs one station holds; almost always one, kept inline.
+type StationLeases = SmallVec<[(Arc<str>, Arc<str>); 1]>;
+
+/// A lease as the ledger keeps it: compact, because a server may hold a million of them.
+/// Strings shared with keys and indexes are reference-counted, not copied.
+#[derive(Clone, Debug)]
+struct Lease {
+    id: Arc<str>,
+    key_id: Arc<str>,
+    /// Almost always one component: kept inline, no allocation.
+    components: SmallVec<[Arc<str>; 1]>,
+    station: Arc<str>,
+    user: Box<str>,
+    host: Box<str>,
+    issued_at_ms: i64,
+    renewed_at_ms: i64,
+    expires_at_ms: i64,
+}
+
+impl Lease {
+    fn view(&self) -> LeaseView {
+        LeaseView {
+            lease_id: self.id.to_string(),
+            key_id: self.key_id.to_string(),
+            components: self.components.iter().map(|c| c.to_string()).collect(),
+            station: self.station.to_string(),
+            user: self.user.to_string(),
+            host: self.host.to_string(),
+            issued_at_ms: self.issued_at_ms,
+            renewed_at_ms: self.renewed_at_ms,
+            expires_at_ms: self.expires_at_ms,
+        }
+    }
 }
 
 /// The result of applying one entry: the outcome, and the leases that expired first.
@@ -149,9 +211,81 @@ pub struct Applied {
 pub struct LedgerSnapshot {
     pub last_at_ms: i64,
     pub keys: Vec<StoredKey>,
+    /// Stored as arrays, not objects: a million leases parse twice as fast without the
+    /// field names.
+    #[serde(with = "lease_rows")]
     pub leases: Vec<LeaseView>,
     #[serde(default)]
     pub sync: SyncState,
+}
+
+/// Leases in snapshots as `[id, key, [components], station, user, host, issued, renewed, expires]`.
+mod lease_rows {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::LeaseView;
+
+    type Row = (
+        String,
+        String,
+        Vec<String>,
+        String,
+        String,
+        String,
+        i64,
+        i64,
+        i64,
+    );
+    type RowRef<'a> = (
+        &'a str,
+        &'a str,
+        &'a [String],
+        &'a str,
+        &'a str,
+        &'a str,
+        i64,
+        i64,
+        i64,
+    );
+
+    pub fn serialize<S: Serializer>(
+        leases: &[LeaseView],
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(leases.iter().map(|l| -> RowRef<'_> {
+            (
+                &l.lease_id,
+                &l.key_id,
+                &l.components,
+                &l.station,
+                &l.user,
+                &l.host,
+                l.issued_at_ms,
+                l.renewed_at_ms,
+                l.expires_at_ms,
+            )
+        }))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<LeaseView>, D::Error> {
+        let rows = Vec::<Row>::deserialize(deserializer)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| LeaseView {
+                lease_id: r.0,
+                key_id: r.1,
+                components: r.2,
+                station: r.3,
+                user: r.4,
+                host: r.5,
+                issued_at_ms: r.6,
+                renewed_at_ms: r.7,
+                expires_at_ms: r.8,
+            })
+            .collect())
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -159,11 +293,13 @@ pub struct Ledger {
     config: LedgerConfig,
     last_at_ms: i64,
     keys: BTreeMap<String, KeyRecord>,
-    leases: HashMap<String, LeaseView>,
-    /// (station, key id) → lease id: the one-license-per-station-per-key rule.
-    by_station: HashMap<(String, String), String>,
+    /// Boxed: the table's slots stay small, which matters at a million leases because a
+    /// hash table keeps up to twice as many slots as entries.
+    leases: HashMap<Arc<str>, Box<Lease>>,
+    /// station → [(key id, lease id)]: the one-license-per-station-per-key rule.
+    by_station: HashMap<Arc<str>, StationLeases>,
     /// (expires at, lease id), so expiry touches only the leases that are due.
-    expiry: BTreeSet<(i64, String)>,
+    expiry: BTreeSet<(i64, Arc<str>)>,
     sync: SyncState,
 }
 
@@ -281,14 +417,13 @@ impl Ledger {
         let key_id = payload.key_id.clone();
         self.keys.insert(
             key_id.clone(),
-            KeyRecord {
-                key: key.clone(),
-                in_use: 0,
-                meta: KeyMeta {
+            KeyRecord::new(
+                key.clone(),
+                KeyMeta {
                     stations: true,
                     ..KeyMeta::default()
                 },
-            },
+            ),
         );
         Outcome::KeyImported { key_id }
     }
@@ -301,11 +436,11 @@ impl Ledger {
                 },
             };
         }
-        let doomed: Vec<String> = self
+        let doomed: Vec<Arc<str>> = self
             .leases
             .values()
-            .filter(|lease| lease.key_id == key_id)
-            .map(|lease| lease.lease_id.clone())
+            .filter(|lease| &*lease.key_id == key_id)
+            .map(|lease| lease.id.clone())
             .collect();
         for lease_id in &doomed {
             self.remove_lease(lease_id);
@@ -351,10 +486,7 @@ impl Ledger {
         let held = covering
             .iter()
             .filter_map(|record| {
-                let key_id = record.key.payload.key_id.clone();
-                let lease_id = self
-                    .by_station
-                    .get(&(request.station.to_string(), key_id))?;
+                let lease_id = self.station_lease(request.station, &record.id)?;
                 Some((
                     (record.key.payload.valid_until_ms(), record.key.key_id()),
                     lease_id,
@@ -363,16 +495,17 @@ impl Ledger {
             .min()
             .map(|(_, lease_id)| lease_id.clone());
         if let Some(lease_id) = held {
-            let valid_until = self.keys[&self.leases[&lease_id].key_id]
-                .key
-                .payload
-                .valid_until_ms();
+            let record = &self.keys[&*self.leases[&lease_id].key_id];
+            let valid_until = record.key.payload.valid_until_ms();
+            let shared = record.component(component).cloned();
             let lease = self.extend_lease(&lease_id, at, request.lease_ttl_ms, valid_until);
-            if let Err(position) = lease.components.binary_search(&component.to_string()) {
-                lease.components.insert(position, component.to_string());
+            if let Some(shared) = shared
+                && let Err(position) = lease.components.binary_search(&shared)
+            {
+                lease.components.insert(position, shared);
             }
             return Outcome::LeaseGranted {
-                lease: lease.clone(),
+                lease: lease.view(),
                 created: false,
             };
         }
@@ -401,22 +534,28 @@ impl Ledger {
                 },
             };
         }
-        let key_id = chosen.key.payload.key_id.clone();
         let expires_at_ms = (at + request.lease_ttl_ms).min(chosen.key.payload.valid_until_ms());
-        let lease = LeaseView {
-            lease_id: request.lease_id.to_string(),
-            key_id: key_id.clone(),
-            components: vec![component.to_string()],
-            station: request.station.to_string(),
-            user: request.user.to_string(),
-            host: request.host.to_string(),
+        // A station already indexed shares its name with the index entry.
+        let station = self
+            .by_station
+            .get_key_value(request.station)
+            .map(|(station, _)| station.clone())
+            .unwrap_or_else(|| Arc::from(request.station));
+        let lease = Lease {
+            id: Arc::from(request.lease_id),
+            key_id: chosen.id.clone(),
+            components: smallvec![chosen.component(component).expect("covers").clone()],
+            station,
+            user: request.user.into(),
+            host: request.host.into(),
             issued_at_ms: at,
             renewed_at_ms: at,
             expires_at_ms,
         };
-        self.insert_lease(lease.clone());
+        let view = lease.view();
+        self.insert_lease(lease);
         Outcome::LeaseGranted {
-            lease,
+            lease: view,
             created: true,
         }
     }
@@ -659,11 +798,11 @@ impl Ledger {
     /// Moves leases from one key to another while it has free licenses; the rest end, and
     /// their stations get a license again at their next checkout if one is free.
     fn move_leases(&mut self, from: &str, to: &str) -> (u32, u32) {
-        let mut ids: Vec<String> = self
+        let mut ids: Vec<Arc<str>> = self
             .leases
             .values()
-            .filter(|lease| lease.key_id == from)
-            .map(|lease| lease.lease_id.clone())
+            .filter(|lease| &*lease.key_id == from)
+            .map(|lease| lease.id.clone())
             .collect();
         ids.sort();
         let (mut moved, mut ended) = (0, 0);
@@ -671,11 +810,14 @@ impl Ledger {
         for lease_id in ids {
             let mut lease = self.remove_lease(&lease_id).expect("listed");
             let target = &self.keys[to];
-            let taken = self
-                .by_station
-                .contains_key(&(lease.station.clone(), to.to_string()));
+            let taken = self.station_lease(&lease.station, to).is_some();
             if target.in_use < target.key.payload.licenses && !taken {
-                lease.key_id = to.to_string();
+                lease.key_id = target.id.clone();
+                lease.components = lease
+                    .components
+                    .iter()
+                    .filter_map(|c| target.component(c).cloned())
+                    .collect();
                 lease.expires_at_ms = lease.expires_at_ms.min(until);
                 self.insert_lease(lease);
                 moved += 1;
@@ -715,16 +857,18 @@ impl Ledger {
         let Some(lease) = self.leases.get(lease_id) else {
             return lease_not_found(lease_id);
         };
-        let valid_until = self.keys[&lease.key_id].key.payload.valid_until_ms();
+        let valid_until = self.keys[&*lease.key_id].key.payload.valid_until_ms();
         let lease = self.extend_lease(lease_id, at, lease_ttl_ms, valid_until);
         Outcome::LeaseRenewed {
-            lease: lease.clone(),
+            lease: lease.view(),
         }
     }
 
     fn release(&mut self, lease_id: &str) -> Outcome {
         match self.remove_lease(lease_id) {
-            Some(lease) => Outcome::LeaseReleased { lease },
+            Some(lease) => Outcome::LeaseReleased {
+                lease: lease.view(),
+            },
             None => lease_not_found(lease_id),
         }
     }
@@ -735,27 +879,34 @@ impl Ledger {
         at: i64,
         lease_ttl_ms: i64,
         valid_until_ms: i64,
-    ) -> &mut LeaseView {
+    ) -> &mut Lease {
         let lease = self
             .leases
             .get_mut(lease_id)
             .expect("caller checked the lease exists");
-        self.expiry
-            .remove(&(lease.expires_at_ms, lease_id.to_string()));
+        self.expiry.remove(&(lease.expires_at_ms, lease.id.clone()));
         // A renewal never shortens a lease: a late, duplicated heartbeat must not cut it.
         lease.expires_at_ms = lease
             .expires_at_ms
             .max((at + lease_ttl_ms).min(valid_until_ms));
         lease.renewed_at_ms = at;
-        self.expiry
-            .insert((lease.expires_at_ms, lease_id.to_string()));
+        self.expiry.insert((lease.expires_at_ms, lease.id.clone()));
         lease
     }
 
-    fn insert_lease(&mut self, lease: LeaseView) {
+    /// The lease `station` holds from `key_id`, if any.
+    fn station_lease(&self, station: &str, key_id: &str) -> Option<&Arc<str>> {
+        self.by_station
+            .get(station)?
+            .iter()
+            .find(|(key, _)| &**key == key_id)
+            .map(|(_, lease_id)| lease_id)
+    }
+
+    fn insert_lease(&mut self, lease: Lease) {
         let record = self
             .keys
-            .get_mut(&lease.key_id)
+            .get_mut(&*lease.key_id)
             .expect("lease's key exists");
         record.in_use += 1;
         assert!(
@@ -763,43 +914,45 @@ impl Ledger {
             "over-issued key {}",
             lease.key_id
         );
-        self.by_station.insert(
-            (lease.station.clone(), lease.key_id.clone()),
-            lease.lease_id.clone(),
-        );
-        self.expiry
-            .insert((lease.expires_at_ms, lease.lease_id.clone()));
-        self.leases.insert(lease.lease_id.clone(), lease);
+        self.by_station
+            .entry(lease.station.clone())
+            .or_default()
+            .push((lease.key_id.clone(), lease.id.clone()));
+        self.expiry.insert((lease.expires_at_ms, lease.id.clone()));
+        self.leases.insert(lease.id.clone(), Box::new(lease));
     }
 
-    fn remove_lease(&mut self, lease_id: &str) -> Option<LeaseView> {
-        let lease = self.leases.remove(lease_id)?;
-        self.by_station
-            .remove(&(lease.station.clone(), lease.key_id.clone()));
-        self.expiry
-            .remove(&(lease.expires_at_ms, lease.lease_id.clone()));
-        if let Some(record) = self.keys.get_mut(&lease.key_id) {
+    fn remove_lease(&mut self, lease_id: &str) -> Option<Lease> {
+        let lease = *self.leases.remove(lease_id)?;
+        if let Some(held) = self.by_station.get_mut(&*lease.station) {
+            held.retain(|(_, id)| id != &lease.id);
+            if held.is_empty() {
+                self.by_station.remove(&*lease.station);
+            }
+        }
+        self.expiry.remove(&(lease.expires_at_ms, lease.id.clone()));
+        if let Some(record) = self.keys.get_mut(&*lease.key_id) {
             record.in_use -= 1;
         }
         Some(lease)
     }
 
-    /// Ends every lease with `expires_at_ms <= at`; returns how many ended.
+    /// Ends every lease with `expires_at_ms <= at`; returns them.
     fn end_due_leases(&mut self, at: i64) -> Vec<LeaseView> {
         let mut ended = Vec::new();
         while let Some((expires_at_ms, lease_id)) = self.expiry.first().cloned() {
             if expires_at_ms > at {
                 break;
             }
-            ended.extend(self.remove_lease(&lease_id));
+            ended.extend(self.remove_lease(&lease_id).map(|lease| lease.view()));
         }
         ended
     }
 
     // ---- reads ----
 
-    pub fn lease(&self, lease_id: &str) -> Option<&LeaseView> {
-        self.leases.get(lease_id)
+    pub fn lease(&self, lease_id: &str) -> Option<LeaseView> {
+        self.leases.get(lease_id).map(|lease| lease.view())
     }
 
     pub fn lease_count(&self) -> usize {
@@ -807,10 +960,10 @@ impl Ledger {
     }
 
     /// Leases sorted by key, then station (for stable listings).
-    pub fn leases(&self) -> Vec<&LeaseView> {
-        let mut leases: Vec<&LeaseView> = self.leases.values().collect();
+    pub fn leases(&self) -> Vec<LeaseView> {
+        let mut leases: Vec<&Lease> = self.leases.values().map(|lease| &**lease).collect();
         leases.sort_by(|a, b| (&a.key_id, &a.station).cmp(&(&b.key_id, &b.station)));
-        leases
+        leases.into_iter().map(Lease::view).collect()
     }
 
     pub fn keys(&self, at: i64) -> Vec<KeyView> {
@@ -841,21 +994,64 @@ impl Ledger {
     // ---- snapshots ----
 
     pub fn snapshot(&self) -> LedgerSnapshot {
-        let mut leases: Vec<LeaseView> = self.leases.values().cloned().collect();
+        let mut leases: Vec<LeaseView> = self.leases.values().map(|lease| lease.view()).collect();
         leases.sort_by(|a, b| a.lease_id.cmp(&b.lease_id));
         LedgerSnapshot {
             last_at_ms: self.last_at_ms,
-            keys: self
-                .keys
-                .values()
-                .map(|r| StoredKey {
-                    key: r.key.clone(),
-                    meta: r.meta.clone(),
-                })
-                .collect(),
+            keys: self.snapshot_keys(),
             leases,
             sync: self.sync.clone(),
         }
+    }
+
+    /// The snapshot as JSON, written straight from the ledger: the same document as
+    /// `serde_json::to_vec(&self.snapshot())`, without building a million `LeaseView`s first.
+    pub fn snapshot_json(&self) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct SnapshotRef<'a> {
+            last_at_ms: i64,
+            keys: Vec<StoredKey>,
+            #[serde(serialize_with = "compact_rows")]
+            leases: Vec<&'a Lease>,
+            sync: &'a SyncState,
+        }
+        fn compact_rows<S: serde::Serializer>(
+            leases: &[&Lease],
+            serializer: S,
+        ) -> Result<S::Ok, S::Error> {
+            serializer.collect_seq(leases.iter().map(|l| {
+                (
+                    &*l.id,
+                    &*l.key_id,
+                    l.components.iter().map(|c| &**c).collect::<Vec<&str>>(),
+                    &*l.station,
+                    &*l.user,
+                    &*l.host,
+                    l.issued_at_ms,
+                    l.renewed_at_ms,
+                    l.expires_at_ms,
+                )
+            }))
+        }
+        let mut leases: Vec<&Lease> = self.leases.values().map(|lease| &**lease).collect();
+        leases.sort_by(|a, b| a.id.cmp(&b.id));
+        let snapshot = SnapshotRef {
+            last_at_ms: self.last_at_ms,
+            keys: self.snapshot_keys(),
+            leases,
+            sync: &self.sync,
+        };
+        serde_json::to_vec(&snapshot).expect("the ledger serializes")
+    }
+
+    fn snapshot_keys(&self) -> Vec<StoredKey> {
+        self.keys
+            .values()
+            .map(|r| StoredKey {
+                key: r.key.clone(),
+                meta: r.meta.clone(),
+            })
+            .collect()
     }
 
     /// Rebuilds a ledger from a snapshot this server wrote itself (keys are not verified
@@ -867,14 +1063,33 @@ impl Ledger {
         for key in snapshot.keys {
             ledger.keys.insert(
                 key.key.payload.key_id.clone(),
-                KeyRecord {
-                    key: key.key,
-                    in_use: 0,
-                    meta: key.meta,
-                },
+                KeyRecord::new(key.key, key.meta),
             );
         }
+        ledger.leases.reserve(snapshot.leases.len());
+        ledger.by_station.reserve(snapshot.leases.len());
         for lease in snapshot.leases {
+            let record = &ledger.keys[&lease.key_id];
+            let station = ledger
+                .by_station
+                .get_key_value(lease.station.as_str())
+                .map(|(station, _)| station.clone())
+                .unwrap_or_else(|| Arc::from(lease.station.as_str()));
+            let lease = Lease {
+                id: Arc::from(lease.lease_id.as_str()),
+                key_id: record.id.clone(),
+                components: lease
+                    .components
+                    .iter()
+                    .filter_map(|c| record.component(c).cloned())
+                    .collect(),
+                station,
+                user: lease.user.into(),
+                host: lease.host.into(),
+                issued_at_ms: lease.issued_at_ms,
+                renewed_at_ms: lease.renewed_at_ms,
+                expires_at_ms: lease.expires_at_ms,
+            };
             ledger.insert_lease(lease);
         }
         ledger
@@ -887,10 +1102,10 @@ impl Ledger {
     pub fn check_invariants(&self) -> Result<(), String> {
         let mut counted: HashMap<&str, u32> = HashMap::new();
         for (lease_id, lease) in &self.leases {
-            if lease_id != &lease.lease_id {
+            if lease_id != &lease.id {
                 return Err(format!("lease {lease_id} stored under another id"));
             }
-            let Some(record) = self.keys.get(&lease.key_id) else {
+            let Some(record) = self.keys.get(&*lease.key_id) else {
                 return Err(format!(
                     "lease {lease_id} refers to missing key {}",
                     lease.key_id
@@ -902,11 +1117,7 @@ impl Ledger {
             if lease.expires_at_ms > record.key.payload.valid_until_ms() {
                 return Err(format!("lease {lease_id} outlives its key"));
             }
-            if self
-                .by_station
-                .get(&(lease.station.clone(), lease.key_id.clone()))
-                != Some(lease_id)
-            {
+            if self.station_lease(&lease.station, &lease.key_id) != Some(lease_id) {
                 return Err(format!("lease {lease_id} missing from the station index"));
             }
             if !self
@@ -915,9 +1126,10 @@ impl Ledger {
             {
                 return Err(format!("lease {lease_id} missing from the expiry index"));
             }
-            *counted.entry(lease.key_id.as_str()).or_default() += 1;
+            *counted.entry(&*lease.key_id).or_default() += 1;
         }
-        if self.by_station.len() != self.leases.len() || self.expiry.len() != self.leases.len() {
+        let indexed: usize = self.by_station.values().map(|held| held.len()).sum();
+        if indexed != self.leases.len() || self.expiry.len() != self.leases.len() {
             return Err("indexes hold entries for leases that do not exist".into());
         }
         for (key_id, record) in &self.keys {

@@ -7,8 +7,8 @@ use tessera_core::sync::{
     CertificatePayload, ServerCertificate, SyncError, SyncResponse, SyncResponsePayload,
 };
 use tessera_core::{
-    Command, KeyError, Ledger, LedgerConfig, LicenseKey, LicenseKeyPayload, Outcome, Refusal,
-    RenewalResult, SecretKey, Stamped,
+    Command, KeyError, Ledger, LedgerConfig, LedgerSnapshot, LicenseKey, LicenseKeyPayload,
+    Outcome, Refusal, RenewalResult, SecretKey, Stamped,
 };
 
 const BASE_MS: i64 = 1_800_000_000_000;
@@ -234,6 +234,12 @@ fn a_snapshot_restores_the_same_ledger() {
     ledger.apply(&at(BASE_MS, checkout("l1", "a", "cad")));
     let restored = Ledger::restore(ledger.config().clone(), ledger.snapshot());
     assert_eq!(restored.snapshot(), ledger.snapshot());
+    let streamed: LedgerSnapshot = serde_json::from_slice(&ledger.snapshot_json()).unwrap();
+    assert_eq!(
+        streamed,
+        ledger.snapshot(),
+        "the streamed JSON is the same document"
+    );
     restored.check_invariants().unwrap();
 }
 

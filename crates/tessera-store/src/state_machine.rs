@@ -145,12 +145,14 @@ impl RaftSnapshotBuilder<TypeConfig> for LedgerSnapshotBuilder {
                 last_log_id: applied.last_applied,
                 last_membership: applied.last_membership.clone(),
             };
-            (applied.ledger.snapshot(), meta)
+            // Cloning the compact ledger copies reference counts, not strings.
+            (applied.ledger.clone(), meta)
         };
-        let data = tokio::task::spawn_blocking(move || serde_json::to_vec(&ledger))
-            .await
-            .map_err(io::Error::other)?
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let data =
+            tokio::task::spawn_blocking(move || Ok::<_, serde_json::Error>(ledger.snapshot_json()))
+                .await
+                .map_err(io::Error::other)?
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         self.snapshots.save(&meta, data.clone()).await?;
         tracing::info!(
             last_log_index = meta.last_log_id.as_ref().map(|id| id.index()),
