@@ -36,9 +36,13 @@ pub struct BenchArgs {
     /// Instead of throughput: hold this many active leases, report RSS and restart time.
     #[arg(long)]
     leases: Option<usize>,
+    /// Run against a domain of this many `tessera server` processes (3 to 20) on loopback:
+    /// cycles/s through the primary, then the failover gap after kill -9 of the primary.
+    #[arg(long)]
+    domain: Option<usize>,
 }
 
-struct RunResult {
+pub(crate) struct RunResult {
     cycles: usize,
     errors: usize,
     elapsed: Duration,
@@ -55,6 +59,9 @@ impl RunResult {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(leases) = args.leases {
         return run_memory(leases).await;
+    }
+    if let Some(hosts) = args.domain {
+        return crate::domain::bench(hosts, &args.clients, args.seconds).await;
     }
     if args.seconds == 0 || args.seconds > 600 {
         bail!("--seconds must be 1 to 600");
@@ -89,7 +96,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_row(target: &str, clients: usize, result: &RunResult, ratio: f64) {
+pub(crate) fn print_row(target: &str, clients: usize, result: &RunResult, ratio: f64) {
     println!(
         "{:<10} {:>8} {:>12.0} {:>9.2} {:>9.2} {:>8} {:>7.0}%",
         target,
@@ -187,7 +194,11 @@ async fn start_noop() -> anyhow::Result<(SocketAddr, tokio::sync::oneshot::Sende
 }
 
 /// Runs `clients` closed-loop stations, each on its own keep-alive connection.
-async fn drive(addr: SocketAddr, clients: usize, duration: Duration) -> anyhow::Result<RunResult> {
+pub(crate) async fn drive(
+    addr: SocketAddr,
+    clients: usize,
+    duration: Duration,
+) -> anyhow::Result<RunResult> {
     let started = Instant::now();
     let deadline = started + duration;
     let mut tasks = Vec::with_capacity(clients);

@@ -6,11 +6,15 @@
 //! - `vendor.rs`: offline vendor tooling (root key, issuing key files).
 //! - `serve.rs`: `tessera server` and `tessera demo`.
 //! - `admin.rs`: client commands (keys, lease, status).
+//! - `domain.rs`: `tessera domain status`.
 //! - `bench.rs`: the checkout+checkin benchmark against a no-op baseline.
+//! - `report.rs`: usage reports, audit verification, admin password hashes.
 
 mod admin;
 mod authority;
 mod bench;
+mod domain;
+mod report;
 mod serve;
 mod vendor;
 
@@ -29,7 +33,8 @@ struct Cli {
 /// Where the server is and how to prove you are its administrator.
 #[derive(Args, Clone, Debug)]
 pub struct Remote {
-    /// The license server's URL.
+    /// The license server's URL; for a domain, its hosts' URLs comma-separated in host
+    /// order (the client fails over between them).
     #[arg(
         long,
         env = "TESSERA_SERVER",
@@ -82,10 +87,34 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// A server domain of several hosts: status.
+    Domain {
+        #[command(subcommand)]
+        command: domain::DomainCommand,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// Synchronize with the vendor: online (no subcommand), or by file (export / import).
     Sync(admin::SyncArgs),
     /// Measure checkout+checkin cycles/s against a no-op HTTP baseline in the same run.
     Bench(bench::BenchArgs),
+    /// Reports from the usage history.
+    Report {
+        #[command(subcommand)]
+        command: report::ReportCommand,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// The tamper-evident audit log.
+    Audit {
+        #[command(subcommand)]
+        command: report::AuditCommand,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Console administrators.
+    #[command(subcommand)]
+    Admin(report::AdminCommand),
 }
 
 fn main() -> ExitCode {
@@ -122,7 +151,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Status { json, remote } => admin::run_status(json, &remote).await,
         Command::Events { json, remote } => admin::run_events(json, &remote).await,
         Command::Sync(args) => admin::run_sync(args).await,
+        Command::Domain { command, remote } => domain::run(command, &remote).await,
         Command::Bench(args) => bench::run(args).await,
+        Command::Report { command, remote } => report::run_report(command, &remote).await,
+        Command::Audit { command, remote } => report::run_audit(command, &remote).await,
+        Command::Admin(command) => report::run_admin(command),
     }
 }
 

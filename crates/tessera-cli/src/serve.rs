@@ -10,6 +10,7 @@ use jiff::Timestamp;
 use tessera_core::{LicenseKey, Refusal};
 use tessera_server::clock::SystemClock;
 use tessera_server::config::{SyncSchedule, parse_duration};
+use tessera_server::domain::DomainConfig;
 use tessera_server::error::ApiError;
 use tessera_server::ids::LeaseIds;
 use tessera_server::{RunningServer, ServerConfig, ServerOptions};
@@ -42,6 +43,18 @@ pub struct ServerArgs {
     /// Automatic online sync: off, daily or weekly.
     #[arg(long)]
     sync_schedule: Option<String>,
+    /// This host's number in its domain (with --hosts, or [domain] in the config).
+    #[arg(long)]
+    host: Option<u64>,
+    /// Every host of the domain: 1=ADDR,2=ADDR,... (overrides [domain] hosts).
+    #[arg(long)]
+    hosts: Option<String>,
+    /// The secret shared by the hosts of a domain (authenticates their Raft traffic).
+    #[arg(long, env = "TESSERA_DOMAIN_SECRET", hide_env_values = true)]
+    domain_secret: Option<String>,
+    /// Join a running domain (then `tessera domain add-host`): never start a new one.
+    #[arg(long)]
+    join: bool,
 }
 
 impl ServerArgs {
@@ -68,6 +81,28 @@ impl ServerArgs {
         }
         if let Some(schedule) = self.sync_schedule {
             config.sync_schedule = SyncSchedule::parse(&schedule)?;
+        }
+        if self.domain_secret.is_some() {
+            config.domain_secret = self.domain_secret;
+        }
+        match (self.host, self.hosts) {
+            (host, Some(hosts)) => {
+                let host = host
+                    .or(config.domain.as_ref().map(|d| d.host))
+                    .context("--hosts needs --host N, this host's number")?;
+                config.domain = Some(DomainConfig::parse_list(host, &hosts)?);
+            }
+            (Some(host), None) => match &mut config.domain {
+                Some(domain) => domain.host = host,
+                None => anyhow::bail!("--host needs the domain's hosts: --hosts 1=ADDR,2=ADDR,..."),
+            },
+            (None, None) => {}
+        }
+        if self.join {
+            match &mut config.domain {
+                Some(domain) => domain.join = true,
+                None => anyhow::bail!("--join needs the domain: --host N --hosts 1=ADDR,..."),
+            }
         }
         config.validate()?;
         Ok(config)
@@ -170,7 +205,7 @@ pub async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
     let url = server.url();
     let token = server.state.admin_token.clone();
     println!(
-        "\nTessera demo is running.\n\n  Console:      {url}/\n  Status JSON:  {url}/v1/status\n  Metrics:      {url}/metrics\n  OpenAPI:      {url}/v1/openapi.json\n  Admin token:  {token}\n  Data:         {dir}\n\nTry, in another terminal:\n  export TESSERA_TOKEN={token}\n  cargo run --release -- lease checkout --component cad --station ws-17 --user ann --host ws17\n  cargo run --release -- status\n  cargo run --release -- keys list\n  curl -s -X POST {url}/v1/leases -H 'content-type: application/json' -d '{{\"component\":\"cam\",\"station\":\"ws-18\",\"user\":\"bob\",\"host\":\"ws18\"}}'\n\nPress Ctrl-C to stop.",
+        "\nTessera demo is running.\n\n  Console:      {url}/login?token={token}  (signs you in)\n  Status JSON:  {url}/v1/status\n  Metrics:      {url}/metrics\n  OpenAPI:      {url}/v1/openapi.json\n  Admin token:  {token}\n  Data:         {dir}\n\nTry, in another terminal:\n  export TESSERA_TOKEN={token}\n  cargo run --release -- lease checkout --component cad --station ws-17 --user ann --host ws17\n  cargo run --release -- status\n  cargo run --release -- keys list\n  curl -s -X POST {url}/v1/leases -H 'content-type: application/json' -d '{{\"component\":\"cam\",\"station\":\"ws-18\",\"user\":\"bob\",\"host\":\"ws18\"}}'\n\nPress Ctrl-C to stop.",
         dir = args.dir.display()
     );
     wait_for_ctrl_c(server).await

@@ -543,3 +543,8 @@ fn online_and_air_gapped_servers_stay_licensed_across_a_key_renewal() {
     ok(&[&["authority", "server", "reset", &online_id][..], &vendor].concat());
     ok(&[&["sync"][..], &thief_remote].concat());
 }
+
+#[path = "cli/console.rs"]
+mod console;
+#[path = "cli/domain.rs"]
+mod domain;

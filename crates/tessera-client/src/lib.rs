@@ -2,7 +2,25 @@
 //!
 //! Errors keep the server's stable code (`no_licenses_available`, `lease_not_found`, ...) so
 //! callers can branch on it.
+//!
+//! # Domains and failover
+//! [`Client::new`] takes one URL or a comma-separated list of the domain's hosts, in host
+//! order. Each call goes first to the host that answered last, then to the others in the
+//! order given; a host that cannot be reached or answers 503 `no_quorum` / `not_primary` /
+//! `unavailable` is skipped, and the rounds repeat (100 ms apart) for up to
+//! [`FAILOVER_BUDGET`]. Any other answer (success or a refusal such as
+//! `no_licenses_available`) is final. Backups forward writes to the primary and redirects are
+//! followed, so whichever host answers speaks for the domain. A lease lives in the replicated
+//! ledger, so its id stays valid across a failover: heartbeat through any host.
+//!
+//! [`LeaseGuard`] holds a lease, heartbeats it in the background and checks it in on drop.
 
+mod guard;
+
+pub use guard::LeaseGuard;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
@@ -36,28 +54,120 @@ impl ClientError {
     }
 }
 
+/// How long a call keeps trying the hosts of a domain before giving up with the last error.
+/// An election after the primary dies takes well under a second.
+pub const FAILOVER_BUDGET: Duration = Duration::from_secs(5);
+/// Pause between two rounds over all hosts.
+pub const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// The one host, or the hosts of a domain; clones share which host answered last.
 #[derive(Clone, Debug)]
 pub struct Client {
     http: reqwest::Client,
-    base_url: String,
+    hosts: Arc<Vec<String>>,
+    current: Arc<AtomicUsize>,
     token: Option<String>,
 }
 
+/// Whether an error means "try another host of the domain".
+fn try_elsewhere(error: &ClientError) -> bool {
+    match error {
+        ClientError::Transport { .. } => true,
+        ClientError::Api { status, code, .. } => {
+            *status == 503 && matches!(code.as_str(), "no_quorum" | "not_primary" | "unavailable")
+        }
+        ClientError::Decode { .. } => false,
+    }
+}
+
 impl Client {
-    pub fn new(base_url: &str, token: Option<String>) -> Client {
+    /// `servers`: one URL, or the domain's hosts as a comma-separated list in host order
+    /// (`http://127.0.0.1:7400,http://127.0.0.1:7401`).
+    pub fn new(servers: &str, token: Option<String>) -> Client {
+        let hosts: Vec<String> = servers
+            .split(',')
+            .map(|url| url.trim().trim_end_matches('/').to_string())
+            .filter(|url| !url.is_empty())
+            .collect();
+        Client::with_hosts(hosts, token)
+    }
+
+    /// A client over several hosts, tried in the given order.
+    pub fn with_hosts(hosts: Vec<String>, token: Option<String>) -> Client {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
+            .connect_timeout(Duration::from_secs(1))
             .build()
             .expect("a client without TLS always builds");
+        let hosts = hosts
+            .into_iter()
+            .map(|url| url.trim_end_matches('/').to_string())
+            .collect();
         Client {
             http,
-            base_url: base_url.trim_end_matches('/').to_string(),
+            hosts: Arc::new(hosts),
+            current: Arc::new(AtomicUsize::new(0)),
             token,
         }
     }
 
+    /// The host that answered last (the first one before any call).
     pub fn base_url(&self) -> &str {
-        &self.base_url
+        let index = self.current.load(Ordering::Relaxed);
+        self.hosts.get(index).map(String::as_str).unwrap_or("")
+    }
+
+    pub fn hosts(&self) -> &[String] {
+        &self.hosts
+    }
+
+    /// Sends to the hosts in turn (see the crate docs); returns the answer and whether an
+    /// earlier attempt failed in transport (so it may have reached the server and taken
+    /// effect before the answer was lost).
+    async fn send_counted(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(String, &'static str)>,
+    ) -> (Result<(StatusCode, String), ClientError>, bool) {
+        if self.hosts.len() <= 1 {
+            let base = self.hosts.first().cloned().unwrap_or_default();
+            return (self.send_to(&base, method, path, body).await, false);
+        }
+        let deadline = tokio::time::Instant::now() + FAILOVER_BUDGET;
+        let mut uncertain = false;
+        loop {
+            let first = self
+                .current
+                .load(Ordering::Relaxed)
+                .min(self.hosts.len() - 1);
+            let order = std::iter::once(first).chain((0..self.hosts.len()).filter(|i| *i != first));
+            let mut last_error = None;
+            for index in order {
+                match self
+                    .send_to(&self.hosts[index], method.clone(), path, body.clone())
+                    .await
+                {
+                    Ok(answer) => {
+                        self.current.store(index, Ordering::Relaxed);
+                        return (Ok(answer), uncertain);
+                    }
+                    Err(error) if try_elsewhere(&error) => {
+                        uncertain |= matches!(error, ClientError::Transport { .. });
+                        last_error = Some(error);
+                    }
+                    Err(error) => {
+                        self.current.store(index, Ordering::Relaxed);
+                        return (Err(error), uncertain);
+                    }
+                }
+            }
+            let error = last_error.expect("at least two hosts were tried");
+            if tokio::time::Instant::now() + RETRY_PAUSE >= deadline {
+                return (Err(error), uncertain);
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
     }
 
     async fn send(
@@ -66,7 +176,17 @@ impl Client {
         path: &str,
         body: Option<(String, &'static str)>,
     ) -> Result<(StatusCode, String), ClientError> {
-        let url = format!("{}{path}", self.base_url);
+        self.send_counted(method, path, body).await.0
+    }
+
+    async fn send_to(
+        &self,
+        base_url: &str,
+        method: Method,
+        path: &str,
+        body: Option<(String, &'static str)>,
+    ) -> Result<(StatusCode, String), ClientError> {
+        let url = format!("{base_url}{path}");
         let mut request = self.http.request(method, &url);
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
@@ -106,7 +226,7 @@ impl Client {
     ) -> Result<(StatusCode, T), ClientError> {
         let (status, text) = self.send(method, path, body).await?;
         let value = serde_json::from_str(&text).map_err(|error| ClientError::Decode {
-            url: format!("{}{path}", self.base_url),
+            url: format!("{}{path}", self.base_url()),
             message: error.to_string(),
         })?;
         Ok((status, value))
@@ -126,10 +246,50 @@ impl Client {
         Ok(self.json(Method::POST, &path, None).await?.1)
     }
 
+    /// Returns the lease. In a domain, a checkin retried after an attempt whose answer was
+    /// lost in transport, and then finding the lease gone, counts as done: the lost attempt
+    /// released it.
     pub async fn checkin(&self, lease_id: &str) -> Result<(), ClientError> {
-        self.send(Method::DELETE, &format!("/v1/leases/{lease_id}"), None)
+        let path = format!("/v1/leases/{lease_id}");
+        match self.send_counted(Method::DELETE, &path, None).await {
+            (Ok(_), _) => Ok(()),
+            (Err(ClientError::Api { code, .. }), true) if code == "lease_not_found" => Ok(()),
+            (Err(error), _) => Err(error),
+        }
+    }
+
+    /// The domain's hosts with role, health, replication lag and last contact.
+    pub async fn domain_status(&self) -> Result<DomainStatus, ClientError> {
+        Ok(self.json(Method::GET, "/v1/domain", None).await?.1)
+    }
+
+    /// Adds a host to a running domain (admin); returns the members afterwards.
+    pub async fn add_host(&self, host: u64, address: &str) -> Result<Vec<u64>, ClientError> {
+        let body = serde_json::json!({"host": host, "address": address}).to_string();
+        let (_, members): (_, serde_json::Value) = self
+            .json(
+                Method::POST,
+                "/v1/domain/hosts",
+                Some((body, "application/json")),
+            )
             .await?;
-        Ok(())
+        Ok(hosts_of(&members))
+    }
+
+    /// Removes a host from a running domain (admin); returns the members afterwards.
+    pub async fn remove_host(&self, host: u64) -> Result<Vec<u64>, ClientError> {
+        let path = format!("/v1/domain/hosts/{host}");
+        let (_, members): (_, serde_json::Value) = self.json(Method::DELETE, &path, None).await?;
+        Ok(hosts_of(&members))
+    }
+
+    /// Takes a lease and keeps it alive in the background; see [`LeaseGuard`].
+    pub async fn checkout_guard(
+        &self,
+        request: &CheckoutRequest,
+    ) -> Result<LeaseGuard, ClientError> {
+        let (lease, _) = self.checkout(request).await?;
+        Ok(LeaseGuard::start(self.clone(), lease))
     }
 
     pub async fn force_release(&self, lease_id: &str) -> Result<Lease, ClientError> {
@@ -205,4 +365,33 @@ impl Client {
     pub async fn health(&self) -> Result<Health, ClientError> {
         Ok(self.json(Method::GET, "/healthz", None).await?.1)
     }
+}
+
+fn hosts_of(members: &serde_json::Value) -> Vec<u64> {
+    members["hosts"]
+        .as_array()
+        .map(|hosts| hosts.iter().filter_map(|h| h.as_u64()).collect())
+        .unwrap_or_default()
+}
+
+/// `GET /v1/domain`.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct DomainStatus {
+    /// The host whose view this is (the primary's when the answering host could reach it).
+    pub view_of: u64,
+    pub answered_by: u64,
+    pub primary: Option<u64>,
+    pub quorum: bool,
+    pub hosts: Vec<HostStatus>,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct HostStatus {
+    pub host: u64,
+    pub address: Option<String>,
+    /// "primary" or "backup".
+    pub role: String,
+    pub healthy: bool,
+    pub replication_lag: Option<u64>,
+    pub last_contact_ms: Option<u64>,
 }

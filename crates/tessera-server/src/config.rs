@@ -32,6 +32,21 @@ pub struct ConfigFile {
     /// Notification channels, per event kind.
     #[serde(default, rename = "notification")]
     pub notifications: Vec<crate::events::NotificationRule>,
+    /// `[[admin_user]]`: console logins besides the admin token.
+    #[serde(default, rename = "admin_user")]
+    pub admin_users: Vec<AdminUser>,
+    /// Shared secret authenticating the Raft traffic between the hosts of a domain.
+    pub domain_secret: Option<String>,
+    /// `[domain]`: this host's number and every host's address.
+    pub domain: Option<crate::domain::DomainSection>,
+}
+
+/// A console user: `name` and an argon2 PHC string (`tessera admin hash-password`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminUser {
+    pub name: String,
+    pub password_hash: String,
 }
 
 /// How often the server synchronizes with the vendor by itself.
@@ -86,6 +101,10 @@ pub struct ServerConfig {
     pub authority: Option<String>,
     pub sync_schedule: SyncSchedule,
     pub notifications: Vec<crate::events::NotificationRule>,
+    pub admin_users: Vec<AdminUser>,
+    /// `None`: a single host (a domain of one).
+    pub domain: Option<crate::domain::DomainConfig>,
+    pub domain_secret: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -101,6 +120,9 @@ impl Default for ServerConfig {
             authority: None,
             sync_schedule: SyncSchedule::Off,
             notifications: Vec::new(),
+            admin_users: Vec::new(),
+            domain: None,
+            domain_secret: None,
         }
     }
 }
@@ -147,6 +169,21 @@ impl ServerConfig {
         if let Some(schedule) = file.sync_schedule {
             self.sync_schedule = SyncSchedule::parse(&schedule)?;
         }
+        if let Some(section) = file.domain {
+            let host = section.host.ok_or_else(|| StartError::Config {
+                message: "[domain] needs host = N, this host's number".into(),
+            })?;
+            let mut domain = crate::domain::DomainConfig::parse(host, &section.hosts)?;
+            domain.join = section.join;
+            self.domain = Some(domain);
+            if section.domain_secret.is_some() {
+                self.domain_secret = section.domain_secret;
+            }
+        }
+        if file.domain_secret.is_some() {
+            self.domain_secret = file.domain_secret;
+        }
+        self.admin_users.extend(file.admin_users);
         for mut rule in file.notifications {
             rule.hook = rule.hook.map(|hook| base.join(hook));
             self.notifications.push(rule);
@@ -171,6 +208,10 @@ impl ServerConfig {
                     self.sync_schedule.name()
                 ),
             });
+        }
+        if let Some(domain) = &self.domain {
+            domain.validate()?;
+            crate::domain::validate_secret(domain, self.domain_secret.as_deref())?;
         }
         if self.body_limit_bytes < 1024 {
             return Err(StartError::Config {

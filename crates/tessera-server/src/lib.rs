@@ -6,19 +6,26 @@
 //! - [`data_dir`]: first-start creation of the identity key pair and the admin token.
 //! - [`state`]: shared state and the operations (checkout, heartbeat, ...) that stamp time
 //!   and propose commands through consensus.
+//! - [`domain`]: `[domain]` configuration: host numbers and addresses.
 //! - [`consensus`]: openraft glue: the replicated log in SQLite, the ledger as state machine.
 //! - [`http`]: routes, extractors, handlers, OpenAPI, the overview page.
 //! - [`sync`]: synchronizing with the vendor authority, online and by file.
 //! - [`events`]: notifications to the log, webhooks and user hooks.
+//! - [`history`], [`audit`]: usage history and the audit hash chain (`usage.sqlite3`).
+//! - [`console`]: the web console (askama templates, htmx).
 //! - [`error`]: errors and the single table mapping them to HTTP.
 //! - [`clock`], [`ids`], [`metrics`]: time, lease ids, Prometheus.
 
+pub mod audit;
 pub mod clock;
 pub mod config;
 pub mod consensus;
+pub mod console;
 pub mod data_dir;
+pub mod domain;
 pub mod error;
 pub mod events;
+pub mod history;
 pub mod http;
 pub mod ids;
 pub mod metrics;

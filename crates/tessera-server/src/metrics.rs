@@ -17,6 +17,12 @@ pub struct ComponentLabel {
     pub component: String,
 }
 
+/// A host of the server domain, by number.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HostLabel {
+    pub host: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabel {
     pub method: String,
@@ -39,8 +45,16 @@ pub struct Metrics {
     licenses: Family<ComponentLabel, Gauge>,
     licenses_in_use: Family<ComponentLabel, Gauge>,
     licenses_free: Family<ComponentLabel, Gauge>,
+    licenses_donated: Family<ComponentLabel, Gauge>,
+    /// The 366-day sync deadline as Unix time in seconds (0: none).
+    pub sync_deadline: Gauge,
     active_leases: Gauge,
     is_primary: Gauge,
+    /// Per domain host, as this host sees it (set from `Consensus::domain_view` on scrape).
+    pub domain_host_healthy: Family<HostLabel, Gauge>,
+    pub domain_host_is_primary: Family<HostLabel, Gauge>,
+    pub domain_host_replication_lag: Family<HostLabel, Gauge>,
+    pub domain_host_last_contact_ms: Family<HostLabel, Gauge>,
 }
 
 /// Per-component numbers read from the ledger when Prometheus scrapes.
@@ -70,8 +84,14 @@ impl Metrics {
             licenses: Family::default(),
             licenses_in_use: Family::default(),
             licenses_free: Family::default(),
+            licenses_donated: Family::default(),
+            sync_deadline: Gauge::default(),
             active_leases: Gauge::default(),
             is_primary: Gauge::default(),
+            domain_host_healthy: Family::default(),
+            domain_host_is_primary: Family::default(),
+            domain_host_replication_lag: Family::default(),
+            domain_host_last_contact_ms: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -120,6 +140,16 @@ impl Metrics {
             metrics.licenses_free.clone(),
         );
         registry.register(
+            "licenses_donated",
+            "Licenses donated to neighbour servers, by component",
+            metrics.licenses_donated.clone(),
+        );
+        registry.register(
+            "sync_deadline_seconds",
+            "The sync deadline (366-day rule) as Unix time in seconds; 0 when there is none",
+            metrics.sync_deadline.clone(),
+        );
+        registry.register(
             "active_leases",
             "Leases currently active",
             metrics.active_leases.clone(),
@@ -128,6 +158,26 @@ impl Metrics {
             "consensus_is_primary",
             "1 if this host is the primary",
             metrics.is_primary.clone(),
+        );
+        registry.register(
+            "domain_host_healthy",
+            "1 if the domain host is healthy (primary's view; a backup knows only itself)",
+            metrics.domain_host_healthy.clone(),
+        );
+        registry.register(
+            "domain_host_is_primary",
+            "1 for the domain host that is primary",
+            metrics.domain_host_is_primary.clone(),
+        );
+        registry.register(
+            "domain_host_replication_lag_entries",
+            "Log entries the domain host is missing (known on the primary)",
+            metrics.domain_host_replication_lag.clone(),
+        );
+        registry.register(
+            "domain_host_last_contact_ms",
+            "Milliseconds since the primary last heard from the domain host",
+            metrics.domain_host_last_contact_ms.clone(),
         );
         Metrics {
             registry,
@@ -145,6 +195,7 @@ impl Metrics {
         self.licenses.clear();
         self.licenses_in_use.clear();
         self.licenses_free.clear();
+        self.licenses_donated.clear();
         for gauges in components {
             let label = ComponentLabel {
                 component: gauges.component.clone(),
@@ -158,6 +209,8 @@ impl Metrics {
             self.licenses_free
                 .get_or_create(&label)
                 .set(gauges.free.into());
+            // Donation to neighbours is not built yet: always 0.
+            self.licenses_donated.get_or_create(&label).set(0);
         }
         self.active_leases.set(active_leases as i64);
         self.is_primary.set(i64::from(is_primary));

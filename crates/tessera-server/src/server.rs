@@ -96,16 +96,33 @@ pub async fn start(
         addr: config.listen.clone(),
         source,
     })?;
+    // A domain's hosts are Raft voters numbered by host; a single host is node 1 at the
+    // address it listens on.
+    let (node_id, advertise_addr, members) = match &config.domain {
+        Some(domain) => (
+            domain.host,
+            domain.own_address().to_string(),
+            domain.hosts.clone(),
+        ),
+        None => (
+            1,
+            addr.to_string(),
+            [(1, addr.to_string())].into_iter().collect(),
+        ),
+    };
+    let multi_host = members.len() > 1;
     let consensus = Consensus::start(ConsensusConfig {
         data_dir: config.data_dir.clone(),
-        node_id: 1,
-        advertise_addr: addr.to_string(),
+        node_id,
+        advertise_addr,
         ledger: LedgerConfig {
             trusted_vendors,
             server_id: config.server_id.clone(),
             server_public_key: Some(data.identity.public_key()),
         },
-        members: [(1, addr.to_string())].into_iter().collect(),
+        members,
+        domain_secret: config.domain_secret.clone(),
+        join: config.domain.as_ref().is_some_and(|d| d.join),
     })
     .await?;
     let high_water_ms = consensus.read(|ledger| ledger.last_at_ms());
@@ -116,7 +133,13 @@ pub async fn start(
     );
     let notifier =
         crate::events::Notifier::start(config.server_id.clone(), config.notifications.clone());
+    let history =
+        crate::history::History::start(&config.data_dir).map_err(|error| StartError::DataDir {
+            path: error.path,
+            message: error.message,
+        })?;
     let state: SharedState = Arc::new(AppState {
+        history,
         notifier,
         deadline_notices: Default::default(),
         last_clock_event_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
@@ -128,9 +151,12 @@ pub async fn start(
         metrics: Metrics::new(),
         identity: data.identity,
     });
-    // The Raft RPC routes carry no authentication yet, so a single host (a one-voter group,
-    // which never needs them) does not serve them at all.
-    let router = crate::http::router(state.clone());
+    // A single host (a one-voter group, which never needs them) does not serve the Raft RPC
+    // routes at all; a domain serves them, each request authenticated by the domain secret.
+    let mut router = crate::http::router(state.clone());
+    if multi_host {
+        router = router.merge(consensus.router());
+    }
     let (shutdown, mut shutdown_rx) = watch::channel(false);
     let http = tokio::spawn(async move {
         let signal = async move {
@@ -166,7 +192,9 @@ async fn run_timer_loop(state: SharedState) {
             tracing::warn!(%error, "expiry timer");
         }
         let now_ms = state.stamper.now_ms();
-        if now_ms >= next_sync_attempt_ms && state.sync_due(now_ms) {
+        // Only the primary syncs (in a domain, backups would each call the authority).
+        if state.consensus.is_primary() && now_ms >= next_sync_attempt_ms && state.sync_due(now_ms)
+        {
             next_sync_attempt_ms = now_ms + SYNC_RETRY_MS;
             // The scheduled task syncs, then renews keys, as "check for updates" does.
             match state.update_keys().await {

@@ -36,6 +36,8 @@ pub struct AppState {
     pub deadline_notices: std::sync::Mutex<(Option<i64>, i64)>,
     /// When a clock set back was last reported, so a stuck clock does not flood the channels.
     pub last_clock_event_ms: std::sync::atomic::AtomicI64,
+    /// Usage history and audit chain (`DATA/usage.sqlite3`), written in the background.
+    pub history: crate::history::History,
 }
 
 /// Days before the sync deadline at which a `sync_deadline_near` notification goes out.
@@ -105,6 +107,10 @@ impl AppState {
             self.metrics
                 .expired_leases
                 .inc_by(applied.expired.len() as u64);
+            for lease in &applied.expired {
+                self.history
+                    .lease_event(at_ms, "server", "expired", lease, None, -1);
+            }
         }
         match applied.outcome {
             Outcome::Refused { refusal } => Err(ApiError::Refused(refusal)),
@@ -120,9 +126,9 @@ impl AppState {
         let command = Command::Checkout {
             lease_id: self.ids.next_id(),
             component: request.component.clone(),
-            station: request.station,
-            user: request.user,
-            host: request.host,
+            station: request.station.clone(),
+            user: request.user.clone(),
+            host: request.host.clone(),
             lease_ttl_ms: self.lease_ttl_ms(),
         };
         let result = self.propose_issuing(command).await;
@@ -135,6 +141,25 @@ impl AppState {
             .checkouts
             .get_or_create(&crate::metrics::OutcomeLabel { outcome: label })
             .inc();
+        match &result {
+            Ok(Outcome::LeaseGranted { lease, created }) => self.history.lease_event(
+                if *created {
+                    lease.issued_at_ms
+                } else {
+                    self.stamper.now_ms()
+                },
+                &lease.station,
+                if *created { "granted" } else { "existing" },
+                lease,
+                Some(&request.component),
+                i64::from(*created),
+            ),
+            Err(ApiError::Refused(refusal)) => {
+                self.history
+                    .denial(self.stamper.now_ms(), &request, refusal.code())
+            }
+            _ => {}
+        }
         if let Err(ApiError::Refused(tessera_core::Refusal::NoLicensesAvailable { .. })) = &result {
             self.metrics
                 .denials
@@ -177,6 +202,13 @@ impl AppState {
         match self.propose_at(at_ms, command).await? {
             Outcome::LeaseReleased { lease } => {
                 self.metrics.checkins.inc();
+                let (actor, kind) = if forced {
+                    ("admin", "force_release")
+                } else {
+                    (lease.station.as_str(), "checkin")
+                };
+                self.history
+                    .lease_event(at_ms, actor, kind, &lease, None, -1);
                 Ok(self.lease_to_api(&lease, None))
             }
             other => Err(unexpected(other)),
@@ -186,6 +218,13 @@ impl AppState {
     pub async fn import_key(&self, key: LicenseKey) -> Result<String, ApiError> {
         match self.propose_issuing(Command::ImportKey { key }).await? {
             Outcome::KeyImported { key_id } => {
+                self.history.key_event(
+                    self.stamper.now_ms(),
+                    "admin",
+                    "key_imported",
+                    &key_id,
+                    String::new(),
+                );
                 self.notifier.emit(
                     self.stamper.now_ms(),
                     "key_imported",
@@ -201,6 +240,13 @@ impl AppState {
 
     pub async fn remove_key(&self, key_id: String) -> Result<(String, u32), ApiError> {
         let at_ms = self.stamper.stamp_lenient();
+        let ending: Vec<LeaseView> = self.consensus.read(|ledger| {
+            ledger
+                .leases()
+                .into_iter()
+                .filter(|lease| lease.key_id == key_id && lease.expires_at_ms > at_ms)
+                .collect()
+        });
         match self
             .propose_at(at_ms, Command::RemoveKey { key_id })
             .await?
@@ -208,7 +254,20 @@ impl AppState {
             Outcome::KeyRemoved {
                 key_id,
                 leases_ended,
-            } => Ok((key_id, leases_ended)),
+            } => {
+                for lease in &ending {
+                    self.history
+                        .lease_event(at_ms, "admin", "key_removed", lease, None, -1);
+                }
+                self.history.key_event(
+                    at_ms,
+                    "admin",
+                    "key_removed",
+                    &key_id,
+                    format!("{leases_ended} leases ended"),
+                );
+                Ok((key_id, leases_ended))
+            }
             other => Err(unexpected(other)),
         }
     }
@@ -224,6 +283,8 @@ impl AppState {
         let (next_expiry_ms, last_at_ms) = self
             .consensus
             .read(|ledger| (ledger.next_expiry_ms(), ledger.last_at_ms()));
+        // A host that became primary in a domain takes over the time mark of the log.
+        self.stamper.observe(last_at_ms);
         let due = next_expiry_ms.is_some_and(|at| at <= now_ms);
         if !due && now_ms.saturating_sub(last_at_ms) < TIME_BEACON_MS {
             return Ok(0);
@@ -248,7 +309,7 @@ impl AppState {
             let leases: Vec<Lease> = ledger
                 .leases()
                 .into_iter()
-                .map(|lease| self.lease_to_api(lease, None))
+                .map(|lease| self.lease_to_api(&lease, None))
                 .collect();
             (
                 key_summaries(ledger, now_ms),
@@ -282,8 +343,45 @@ impl AppState {
                 free: c.free,
             })
             .collect();
+        let deadline_ms = self
+            .consensus
+            .read(|ledger| ledger.sync_state().deadline_ms());
+        self.metrics
+            .sync_deadline
+            .set(deadline_ms.map_or(0, |ms| ms.div_euclid(1000)));
+        self.update_domain_gauges();
         self.metrics
             .render(&gauges, active, self.consensus.is_primary())
+    }
+
+    /// Per-host gauges of the server domain, from this host's view.
+    fn update_domain_gauges(&self) {
+        let m = &self.metrics;
+        m.domain_host_healthy.clear();
+        m.domain_host_is_primary.clear();
+        m.domain_host_replication_lag.clear();
+        m.domain_host_last_contact_ms.clear();
+        for view in self.consensus.domain_view() {
+            let label = crate::metrics::HostLabel {
+                host: view.host.to_string(),
+            };
+            m.domain_host_healthy
+                .get_or_create(&label)
+                .set(i64::from(view.healthy));
+            m.domain_host_is_primary
+                .get_or_create(&label)
+                .set(i64::from(view.role == "primary"));
+            if let Some(lag) = view.replication_lag {
+                m.domain_host_replication_lag
+                    .get_or_create(&label)
+                    .set(lag as i64);
+            }
+            if let Some(ms) = view.last_contact_ms {
+                m.domain_host_last_contact_ms
+                    .get_or_create(&label)
+                    .set(ms as i64);
+            }
+        }
     }
 }
 

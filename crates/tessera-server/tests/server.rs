@@ -497,7 +497,16 @@ async fn health_metrics_and_openapi_are_served() {
         .text()
         .await
         .unwrap();
-    assert!(page.contains("ws-1") && page.contains("cad"));
+    // The console needs a login (tests/server/console.rs covers it).
+    assert!(page.contains("name=\"token\""), "{page}");
+    assert!(
+        metrics.contains("tessera_sync_deadline_seconds"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tessera_licenses_donated{component=\"cad\"} 0"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -803,3 +812,7 @@ async fn the_sync_deadline_is_announced_30_7_and_1_days_before() {
         );
     }
 }
+#[path = "server/console.rs"]
+mod console;
+#[path = "server/domain.rs"]
+mod domain;

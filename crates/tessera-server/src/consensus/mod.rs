@@ -10,11 +10,15 @@
 //! - `network`: openraft's network over HTTP/JSON: reqwest POSTs to the peer's
 //!   `/v1/raft/...`; failures map to openraft's `Unreachable` / `NetworkError`.
 //! - `rpc`: the axum routes serving those POSTs ([`Consensus::router`]).
+//! - `auth`: the HMAC tag (domain secret) every RPC between the hosts of a domain carries.
+//! - primary placement: in a domain, a timer on the primary hands leadership to the
+//!   lowest-numbered host once it is healthy and caught up ([`Consensus::start`]).
 //! - storage lives in the `tessera-store` crate (SQLite log, ledger state machine).
 //!
 //! Time is data: the caller stamps `at_ms` on each command before proposing; nothing here
 //! reads a clock for the ledger.
 
+mod auth;
 mod network;
 mod rpc;
 #[cfg(test)]
@@ -27,7 +31,7 @@ use std::time::Duration;
 
 use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{ClientWriteError, Fatal, ForwardReason, ForwardToLeader, RaftError};
-use openraft::{BasicNode, Raft, ServerState, SnapshotPolicy};
+use openraft::{BasicNode, Instant as _, Raft, ServerState, SnapshotPolicy};
 use serde::Serialize;
 use tessera_core::{Applied, Ledger, LedgerConfig, Stamped};
 use tessera_store::{LedgerReader, LedgerStateMachine, Proposal, TypeConfig, WriterStats};
@@ -85,6 +89,33 @@ pub struct ConsensusConfig {
     /// Used only to initialize the group on its very first start; afterwards the membership
     /// in the log rules.
     pub members: BTreeMap<u64, String>,
+    /// The domain secret signing the Raft RPCs (required with several members).
+    pub domain_secret: Option<String>,
+    /// Joining a running domain: never initialize the group here; wait for the primary to
+    /// add this host (`add_host`).
+    pub join: bool,
+}
+
+/// A backup whose last acknowledged contact with the primary is older than this is reported
+/// unhealthy, and is not handed the primary role.
+pub const HEALTHY_CONTACT_MS: u64 = 1_000;
+/// How long adding a host (its catching up included) or changing the voters may take.
+pub const MEMBERSHIP_TIMEOUT_MS: u64 = 60_000;
+/// How often the primary checks whether a lower-numbered host could take over.
+pub const PLACEMENT_PERIOD_MS: u64 = 300;
+
+/// One host of the domain as seen from this host (see [`Consensus::domain_view`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HostView {
+    pub host: u64,
+    pub address: Option<String>,
+    /// "primary" or "backup".
+    pub role: &'static str,
+    pub healthy: bool,
+    /// Log entries the host is missing compared to the primary (known on the primary only).
+    pub replication_lag: Option<u64>,
+    /// Milliseconds since the primary last had an answer from it (primary's view only).
+    pub last_contact_ms: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -175,11 +206,13 @@ struct Inner {
     store_stats: WriterStats,
     /// Addresses from the configuration, for a leader the log's membership does not name.
     configured_members: BTreeMap<u64, String>,
+    key: Option<auth::DomainKey>,
+    placement: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Consensus {
-    /// Opens the store, starts the Raft node, initializes the group on the first start of
-    /// the lowest-numbered member, and, for a single voter, waits until it leads and has
+    /// Opens the store, starts the Raft node, initializes the group on a pristine host, and,
+    /// for a single voter, waits until it leads and has
     /// applied its whole log (so reads after `start` see every acknowledged command).
     pub async fn start(cfg: ConsensusConfig) -> Result<Consensus, ConsensusError> {
         let mut members = cfg.members;
@@ -191,6 +224,12 @@ impl Consensus {
                 "members must map this host ({}) to its advertised address {}",
                 cfg.node_id, cfg.advertise_addr
             )));
+        }
+        let key = cfg.domain_secret.as_deref().map(auth::DomainKey::new);
+        if members.len() > 1 && key.is_none() {
+            return Err(ConsensusError::Config(
+                "a domain of several hosts needs a domain secret".into(),
+            ));
         }
         let config = Arc::new(raft_config()?);
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
@@ -208,7 +247,7 @@ impl Consensus {
         let raft = Raft::new(
             cfg.node_id,
             config,
-            network::HttpNetwork::new(),
+            network::HttpNetwork::new(key.clone(), cfg.node_id),
             log_store,
             state_machine,
         )
@@ -216,8 +255,11 @@ impl Consensus {
         .map_err(fatal)?;
 
         let initialized = raft.is_initialized().await.map_err(fatal)?;
-        let lowest = members.keys().next().copied();
-        let voters: BTreeSet<u64> = if !initialized && lowest == Some(cfg.node_id) {
+        // Every pristine host initializes the group with the configured members. openraft
+        // allows this when the configuration is identical on every host (the vote decides the
+        // one leader), and it lets any majority serve on the domain's first start, even
+        // without the lowest-numbered host. A host with a log never re-initializes.
+        let voters: BTreeSet<u64> = if !initialized && !cfg.join {
             let nodes: BTreeMap<u64, BasicNode> = members
                 .iter()
                 .map(|(id, addr)| (*id, BasicNode::new(addr)))
@@ -244,12 +286,182 @@ impl Consensus {
                 ledger,
                 store_stats,
                 configured_members: members,
+                key,
+                placement: std::sync::Mutex::new(None),
             }),
         };
         if voters == BTreeSet::from([cfg.node_id]) {
+            // A single voter elects itself at once: wait, so reads after start see every
+            // acknowledged command. Several voters need a majority up, which may take any
+            // time: the server starts anyway and answers `no_quorum` until then.
             consensus.wait_single_voter_ready().await?;
+        } else {
+            let task = tokio::spawn(place_primary(consensus.inner.raft.clone()));
+            *consensus
+                .inner
+                .placement
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(task);
         }
         Ok(consensus)
+    }
+
+    /// Adds a host to the running domain (primary only): first as a learner until it has
+    /// caught up, then as a voter. Returns the voters afterwards.
+    pub async fn add_host(&self, host: u64, addr: &str) -> Result<Vec<u64>, ConsensusError> {
+        let raft = &self.inner.raft;
+        let added = tokio::time::timeout(
+            Duration::from_millis(MEMBERSHIP_TIMEOUT_MS),
+            raft.add_learner(host, BasicNode::new(addr), true),
+        )
+        .await
+        .map_err(|_| ConsensusError::NoQuorum)?;
+        added.map_err(|e| self.membership_error(e))?;
+        let mut voters: BTreeSet<u64> = self.voters();
+        voters.insert(host);
+        self.change_voters(voters).await
+    }
+
+    /// Removes a host from the running domain (primary only). Returns the voters afterwards.
+    pub async fn remove_host(&self, host: u64) -> Result<Vec<u64>, ConsensusError> {
+        let mut voters = self.voters();
+        if !voters.remove(&host) {
+            return Err(ConsensusError::Config(format!(
+                "host {host} is not a member of the domain (members: {:?})",
+                self.voters()
+            )));
+        }
+        if voters.is_empty() {
+            return Err(ConsensusError::Config(
+                "cannot remove the last host of the domain".into(),
+            ));
+        }
+        self.change_voters(voters).await
+    }
+
+    fn voters(&self) -> BTreeSet<u64> {
+        self.inner
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .voter_ids()
+            .collect()
+    }
+
+    async fn change_voters(&self, voters: BTreeSet<u64>) -> Result<Vec<u64>, ConsensusError> {
+        let changed = tokio::time::timeout(
+            Duration::from_millis(MEMBERSHIP_TIMEOUT_MS),
+            self.inner.raft.change_membership(voters, false),
+        )
+        .await
+        .map_err(|_| ConsensusError::NoQuorum)?;
+        changed.map_err(|e| self.membership_error(e))?;
+        Ok(self.voters().into_iter().collect())
+    }
+
+    fn membership_error(
+        &self,
+        error: RaftError<TypeConfig, ClientWriteError<TypeConfig>>,
+    ) -> ConsensusError {
+        match error {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => {
+                self.not_primary(forward)
+            }
+            RaftError::APIError(other) => ConsensusError::Config(other.to_string()),
+            RaftError::Fatal(fatal_error) => fatal(fatal_error),
+        }
+    }
+
+    /// Waits up to `timeout` until some host is known to lead; returns it with its address.
+    pub async fn wait_primary(&self, timeout: Duration) -> Option<(u64, String)> {
+        let wait = self
+            .inner
+            .raft
+            .wait(Some(timeout))
+            .metrics(|m| m.current_leader.is_some(), "a primary is known")
+            .await;
+        match wait {
+            Ok(_) => self.primary(),
+            Err(_) => None,
+        }
+    }
+
+    /// The domain's hosts as this host sees them. The primary knows every backup's lag and
+    /// last contact; a backup knows only itself and who the primary is.
+    pub fn domain_view(&self) -> Vec<HostView> {
+        let metrics = self.inner.raft.metrics().borrow_watched().clone();
+        let me = metrics.id;
+        let leader = metrics.current_leader;
+        let leading = metrics.state == ServerState::Leader;
+        let quorum_fresh = metrics
+            .last_quorum_acked
+            .as_ref()
+            .is_some_and(|at| at.elapsed() < Duration::from_millis(HEALTHY_CONTACT_MS));
+        let last_log_index = metrics.last_log_index;
+        let mut ids: BTreeSet<u64> = metrics.membership_config.voter_ids().collect();
+        ids.extend(metrics.membership_config.nodes().map(|(id, _)| *id));
+        if ids.is_empty() {
+            ids.extend(self.inner.configured_members.keys().copied());
+        }
+        ids.into_iter()
+            .map(|id| {
+                let role = if Some(id) == leader {
+                    "primary"
+                } else {
+                    "backup"
+                };
+                let address = self.address_of(id);
+                if id == me {
+                    let healthy = if leading {
+                        quorum_fresh || ids_is_single(&metrics)
+                    } else {
+                        leader.is_some() && metrics.state == ServerState::Follower
+                    };
+                    return HostView {
+                        host: id,
+                        address,
+                        role: if leading { "primary" } else { "backup" },
+                        healthy,
+                        replication_lag: leading.then_some(0),
+                        last_contact_ms: leading.then_some(0),
+                    };
+                }
+                if !leading {
+                    return HostView {
+                        host: id,
+                        address,
+                        role,
+                        healthy: false,
+                        replication_lag: None,
+                        last_contact_ms: None,
+                    };
+                }
+                let last_contact_ms = metrics
+                    .heartbeat
+                    .as_ref()
+                    .and_then(|h| h.get(&id).cloned().flatten())
+                    .map(|at| at.elapsed().as_millis() as u64);
+                let matched = metrics
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&id).cloned().flatten())
+                    .map(|log_id| log_id.index());
+                let replication_lag = match (last_log_index, matched) {
+                    (Some(last), Some(matched)) => Some(last.saturating_sub(matched)),
+                    (Some(last), None) => Some(last + 1),
+                    (None, _) => Some(0),
+                };
+                HostView {
+                    host: id,
+                    address,
+                    role,
+                    healthy: last_contact_ms.is_some_and(|ms| ms < HEALTHY_CONTACT_MS),
+                    replication_lag,
+                    last_contact_ms,
+                }
+            })
+            .collect()
     }
 
     async fn wait_single_voter_ready(&self) -> Result<(), ConsensusError> {
@@ -407,14 +619,76 @@ impl Consensus {
 
     /// The Raft RPC routes (`/v1/raft/...`) peers call; merge into the server's router.
     pub fn router(&self) -> axum::Router {
-        rpc::router(self.inner.raft.clone())
+        rpc::router(self.inner.raft.clone(), self.inner.key.clone())
     }
 
     /// Stops the Raft node; proposals fail with [`ConsensusError::Shutdown`] afterwards. The
     /// store closes when the last handle is dropped.
     pub async fn shutdown(&self) {
+        let placement = self
+            .inner
+            .placement
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(task) = placement {
+            task.abort();
+        }
         if let Err(e) = self.inner.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
+        }
+    }
+}
+
+fn ids_is_single(metrics: &openraft::RaftMetrics<TypeConfig>) -> bool {
+    metrics.membership_config.voter_ids().count() <= 1
+}
+
+/// The primary's timer: the primary is the lowest-numbered healthy host. When a voter with a
+/// lower number than this leader answers heartbeats and has every entry, leadership is
+/// handed to it (openraft's leader transfer: the target is told to elect itself at once, so
+/// the gap is one vote round trip; proposals caught in between fail with `NotPrimary` and the
+/// HTTP layer retries them on the new primary).
+async fn place_primary(raft: RaftNode) {
+    let mut interval = tokio::time::interval(Duration::from_millis(PLACEMENT_PERIOD_MS));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let metrics = raft.metrics().borrow_watched().clone();
+        match metrics.state {
+            ServerState::Shutdown => return,
+            ServerState::Leader => {}
+            _ => continue,
+        }
+        let Some(last) = metrics.last_log_index else {
+            continue;
+        };
+        let target = metrics
+            .membership_config
+            .voter_ids()
+            .filter(|id| *id < metrics.id)
+            .find(|id| {
+                let caught_up = metrics
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(id).cloned().flatten())
+                    .is_some_and(|log_id| log_id.index() >= last);
+                let fresh = metrics
+                    .heartbeat
+                    .as_ref()
+                    .and_then(|h| h.get(id).cloned().flatten())
+                    .is_some_and(|at| at.elapsed() < Duration::from_millis(HEALTHY_CONTACT_MS));
+                caught_up && fresh
+            });
+        if let Some(target) = target {
+            tracing::info!(
+                from = metrics.id,
+                to = target,
+                "handing the primary role to the lower-numbered host"
+            );
+            if raft.trigger().transfer_leader(target).await.is_err() {
+                return;
+            }
         }
     }
 }

@@ -22,6 +22,7 @@ use serde::de::DeserializeOwned;
 use tessera_store::TypeConfig;
 use tessera_store::state_machine::SnapshotData;
 
+use super::auth::{AUTH_HEADER, DomainKey, FROM_HEADER};
 use super::rpc::SnapshotHeader;
 
 type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotData>;
@@ -34,10 +35,14 @@ const CONNECT_TIMEOUT_MS: u64 = 500;
 /// Creates one [`HttpPeer`] per target; all share one connection pool.
 pub struct HttpNetwork {
     client: reqwest::Client,
+    key: Option<DomainKey>,
+    from: u64,
 }
 
 impl HttpNetwork {
-    pub fn new() -> HttpNetwork {
+    /// `key`: the domain secret every RPC is signed with (none for a single host).
+    /// `from`: this host's number, sent along in [`FROM_HEADER`].
+    pub fn new(key: Option<DomainKey>, from: u64) -> HttpNetwork {
         let client = reqwest::Client::builder()
             // Peers are addressed directly; a proxy from the environment must not intercept.
             .no_proxy()
@@ -45,7 +50,7 @@ impl HttpNetwork {
             .tcp_nodelay(true)
             .build()
             .unwrap_or_else(|_| reqwest::Client::new());
-        HttpNetwork { client }
+        HttpNetwork { client, key, from }
     }
 }
 
@@ -57,6 +62,8 @@ impl RaftNetworkFactory<TypeConfig> for HttpNetwork {
             target,
             base_url: format!("http://{}/v1/raft", node.addr),
             client: self.client.clone(),
+            key: self.key.clone(),
+            from: self.from,
         }
     }
 }
@@ -66,6 +73,8 @@ pub struct HttpPeer {
     target: u64,
     base_url: String,
     client: reqwest::Client,
+    key: Option<DomainKey>,
+    from: u64,
 }
 
 impl HttpPeer {
@@ -94,9 +103,14 @@ impl HttpPeer {
         Resp: DeserializeOwned,
     {
         let url = format!("{}/{rpc}", self.base_url);
-        let response = self
+        let mut request = self
             .client
             .post(&url)
+            .header(FROM_HEADER, self.from.to_string());
+        if let Some(key) = &self.key {
+            request = request.header(AUTH_HEADER, key.sign(rpc, &body));
+        }
+        let response = request
             .header(reqwest::header::CONTENT_TYPE, content_type)
             .body(body)
             .timeout(timeout)

@@ -8,8 +8,10 @@
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use openraft::Snapshot;
 use openraft::errors::RaftError;
@@ -21,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use tessera_store::TypeConfig;
 
 use super::RaftNode;
+use super::auth::{AUTH_HEADER, DomainKey};
 
 /// Largest Raft request accepted: a full snapshot of a big ledger arrives in one body.
 pub const RAFT_BODY_BYTES_MAX: usize = 1 << 30;
@@ -33,15 +36,69 @@ pub(super) struct SnapshotHeader {
 
 type Answer<T> = Json<Result<T, RaftError<TypeConfig>>>;
 
-pub(super) fn router(raft: RaftNode) -> Router {
-    Router::new()
+pub(super) fn router(raft: RaftNode, key: Option<DomainKey>) -> Router {
+    let router = Router::new()
         .route("/v1/raft/append", post(append))
         .route("/v1/raft/vote", post(vote))
         .route("/v1/raft/pre-vote", post(pre_vote))
         .route("/v1/raft/snapshot", post(snapshot))
         .route("/v1/raft/transfer-leader", post(transfer_leader))
-        .layer(DefaultBodyLimit::max(RAFT_BODY_BYTES_MAX))
-        .with_state(raft)
+        .with_state(raft);
+    let router = match key {
+        Some(key) => router.layer(middleware::from_fn_with_state(key, authenticate)),
+        None => router,
+    };
+    router.layer(DefaultBodyLimit::max(RAFT_BODY_BYTES_MAX))
+}
+
+/// Refuses (401, JSON error body) an RPC whose `x-tessera-raft-auth` tag does not match the
+/// body under the domain secret; passes the body on unchanged otherwise.
+async fn authenticate(State(key): State<DomainKey>, request: Request, next: Next) -> Response {
+    let refuse = |status: StatusCode, code: &str, message: String| {
+        let body = serde_json::json!({"error": {"code": code, "message": message}});
+        (status, Json(body)).into_response()
+    };
+    let (parts, body) = request.into_parts();
+    let rpc = parts
+        .uri
+        .path()
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let tag = parts
+        .headers
+        .get(AUTH_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let bytes = match axum::body::to_bytes(body, RAFT_BODY_BYTES_MAX).await {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("cannot read the Raft request body: {e}"),
+            );
+        }
+    };
+    match tag {
+        Some(tag) if key.verify(&rpc, &bytes, &tag) => {
+            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
+        }
+        Some(_) => refuse(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            format!(
+                "{AUTH_HEADER} does not match: the sender does not hold this domain's domain_secret"
+            ),
+        ),
+        None => refuse(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            format!("Raft requests between the hosts of a domain must carry {AUTH_HEADER}"),
+        ),
+    }
 }
 
 async fn append(

@@ -54,17 +54,24 @@ async fn start(
         advertise_addr: addr.to_string(),
         ledger: ledger_config(),
         members: members.clone(),
+        domain_secret: (members.len() > 1).then(|| "a test domain secret".to_string()),
+        join: false,
     })
     .await
     .expect("start consensus")
 }
 
-/// Waits (on the metrics watch, with a deadline) until `node` knows a leader; returns it.
-async fn leader_seen_by(node: &Consensus) -> u64 {
+/// Waits (on the metrics watch, with a deadline) until `node` sees `leader` lead. Whichever
+/// host wins the first election, the primary's timer hands the lead to the lowest-numbered
+/// healthy host, so a test waits for that host before relying on who leads.
+async fn leader_seen_by(node: &Consensus, leader: u64) -> u64 {
     node.inner
         .raft
         .wait(Some(WAIT))
-        .metrics(|m| m.current_leader.is_some(), "a leader is known")
+        .metrics(
+            |m| m.current_leader == Some(leader),
+            "the expected leader is known",
+        )
         .await
         .expect("leader elected")
         .current_leader
@@ -102,7 +109,10 @@ async fn three_hosts_elect_replicate_and_converge() {
         nodes.push(node);
     }
 
-    let leader_id = leader_seen_by(&nodes[0]).await;
+    for node in &nodes {
+        leader_seen_by(node, 1).await;
+    }
+    let leader_id = 1;
     let leader = &nodes[(leader_id - 1) as usize];
     // The leader knows it leads once its own metrics say so.
     leader

@@ -2,8 +2,9 @@
 //! [`AppState`](crate::state::AppState) and back; the status mapping lives in [`crate::error`].
 
 mod admin;
-mod console;
+pub mod domain;
 mod extract;
+pub mod forward;
 mod leases;
 mod openapi;
 mod sync;
@@ -22,16 +23,19 @@ use crate::error::ApiError;
 use crate::metrics::RouteLabel;
 use crate::state::SharedState;
 
+pub use extract::Admin;
 pub use openapi::openapi_json;
 
 pub fn router(state: SharedState) -> Router {
     let body_limit_bytes = state.config.body_limit_bytes;
     Router::new()
-        .route("/", get(console::page))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi::serve))
         .route("/v1/status", get(status))
+        .route("/v1/domain", get(domain::status))
+        .route("/v1/domain/hosts", post(domain::add_host))
+        .route("/v1/domain/hosts/{host}", delete(domain::remove_host))
         .route("/v1/leases", post(leases::checkout))
         .route("/v1/leases/{lease_id}/heartbeat", post(leases::heartbeat))
         .route("/v1/leases/{lease_id}", delete(leases::checkin))
@@ -47,7 +51,25 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/sync", get(sync::status).post(sync::sync_now))
         .route("/v1/sync/request", post(sync::export_request))
         .route("/v1/sync/response", post(sync::import_response))
+        .route(
+            "/v1/reports/usage",
+            get(crate::console::reports::usage_report),
+        )
+        .route(
+            "/v1/audit/verify",
+            get(crate::console::reports::audit_verify),
+        )
+        .merge(crate::console::router())
         .fallback(no_route)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::console::reports::audit_admin_requests,
+        ))
+        // In a domain, a backup forwards writes to the primary (no-op for a single host).
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            forward::forward_writes,
+        ))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             record_latency,

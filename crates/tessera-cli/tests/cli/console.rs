@@ -1,0 +1,215 @@
+//! The console in a real browser (headless Chromium), the usage report, the audit check and
+//! the password hash through the `tessera` binary.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{ServerProcess, ok, setup_vendor, tessera, token};
+
+fn find_chromium() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("CHROMIUM") {
+        return Some(PathBuf::from(path));
+    }
+    let names = ["chromium", "chromium-browser", "google-chrome", "chrome"];
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .flat_map(|dir| names.iter().map(move |name| dir.join(name)))
+        .find(|candidate| candidate.is_file())
+}
+
+/// Runs Chromium headless with a throw-away profile; returns its standard output.
+fn chromium(binary: &Path, profile: &Path, extra: &[&str], url: &str) -> String {
+    let mut child = Command::new(binary)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--hide-scrollbars",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(extra)
+        .arg(url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start chromium");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("chromium did not finish within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    out
+}
+
+fn checkout(remote: &[&str], station: &str) -> std::process::Output {
+    tessera(
+        &[
+            &[
+                "lease",
+                "checkout",
+                "--component",
+                "cad",
+                "--station",
+                station,
+                "--user",
+                "ann",
+                "--host",
+                station,
+            ][..],
+            remote,
+        ]
+        .concat(),
+    )
+}
+
+#[test]
+fn reports_audit_and_password_hash_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    setup_vendor(dir.path());
+    let server = ServerProcess::start(dir.path());
+    let token = token(dir.path());
+    let remote = ["--server", server.url.as_str(), "--token", token.as_str()];
+    let key_file = dir.path().join("cad.json");
+    ok(&[&["keys", "add", key_file.to_str().unwrap()][..], &remote].concat());
+    assert!(checkout(&remote, "ws-1").status.success());
+    assert!(checkout(&remote, "ws-2").status.success());
+    assert!(!checkout(&remote, "ws-3").status.success(), "2 licenses");
+
+    let csv = ok(&[
+        &["report", "usage", "--from", "2000-01-01", "--format", "csv"][..],
+        &remote,
+    ]
+    .concat());
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 5, "{csv}");
+    assert!(lines[0].starts_with("time,kind,component,station"));
+    assert!(lines[2].contains(",granted,cad,ws-1,ann,ws-1,"), "{csv}");
+    assert!(lines[4].contains(",denied,cad,ws-3,"), "{csv}");
+    let json = ok(&[&["report", "usage", "--format", "json"][..], &remote].concat());
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    assert_eq!(rows.len(), 4);
+
+    let online = ok(&[&["audit", "verify"][..], &remote].concat());
+    assert!(online.contains("audit chain intact"), "{online}");
+    drop(server); // the writer has flushed: the server answered the verify request
+    let data = dir.path().join("data");
+    let offline = ok(&["audit", "verify", "--data", data.to_str().unwrap()]);
+    assert!(offline.contains("audit chain intact"), "{offline}");
+    // Tamper with one record: verify fails and names it.
+    let broken = tamper(&data);
+    let failed = tessera(&["audit", "verify", "--data", data.to_str().unwrap()]);
+    assert!(!failed.status.success());
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        stderr.contains(&format!("broken at record {broken}")),
+        "{stderr}"
+    );
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["admin", "hash-password"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"correct horse\n")
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success());
+    let hash = String::from_utf8(output.stdout).unwrap();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    assert!(tessera_server::console::verify_password(
+        "correct horse",
+        hash.trim()
+    ));
+    assert!(!tessera_server::console::verify_password(
+        "wrong",
+        hash.trim()
+    ));
+}
+
+/// Changes the `actor` of record 2 behind the server's back; returns 2.
+fn tamper(data: &Path) -> i64 {
+    let verification = tessera_server::audit::verify_data_dir(data).unwrap();
+    assert!(verification.ok && verification.records >= 2);
+    let connection = rusqlite::Connection::open(data.join("usage.sqlite3")).unwrap();
+    let changed = connection
+        .execute("UPDATE audit_log SET actor = 'mallory' WHERE seq = 2", [])
+        .unwrap();
+    assert_eq!(changed, 1);
+    2
+}
+
+#[test]
+fn headless_chromium_logs_in_views_leases_and_screenshots_the_usage_chart() {
+    let Some(browser) = find_chromium() else {
+        println!(
+            "SKIPPED: no chromium binary found (install Debian's `chromium`, or set CHROMIUM=/path)"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    setup_vendor(dir.path());
+    let server = ServerProcess::start(dir.path());
+    let token = token(dir.path());
+    let remote = ["--server", server.url.as_str(), "--token", token.as_str()];
+    let key_file = dir.path().join("cad.json");
+    ok(&[&["keys", "add", key_file.to_str().unwrap()][..], &remote].concat());
+    assert!(checkout(&remote, "ws-1").status.success());
+    assert!(checkout(&remote, "ws-2").status.success());
+    assert!(!checkout(&remote, "ws-3").status.success());
+
+    // Log in through the token link, land on the leases page: the browser keeps the
+    // HttpOnly session cookie across the redirect.
+    let profile = dir.path().join("profile");
+    let dom = chromium(
+        &browser,
+        &profile,
+        &["--dump-dom"],
+        &format!("{}/login?token={token}&next=%2Fleases", server.url),
+    );
+    assert!(
+        dom.contains("Leases &amp; stations") || dom.contains("Leases & stations"),
+        "{dom}"
+    );
+    assert!(dom.contains("ws-1") && dom.contains("ws-2"), "{dom}");
+    assert!(dom.contains("Release…"), "{dom}");
+
+    let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let png = artifacts.join("usage-chart.png");
+    let _ = std::fs::remove_file(&png);
+    chromium(
+        &browser,
+        &dir.path().join("profile2"),
+        &[
+            &format!("--screenshot={}", png.display()),
+            "--window-size=1000,800",
+        ],
+        &format!("{}/login?token={token}&next=%2Fusage", server.url),
+    );
+    let bytes = std::fs::read(&png).expect("the screenshot was written");
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "a PNG file");
+    assert!(
+        bytes.len() > 10_000,
+        "a non-trivial picture: {} bytes",
+        bytes.len()
+    );
+    println!("screenshot: {}", png.display());
+}

@@ -1,0 +1,283 @@
+//! A three-host domain of real `tessera server` processes on loopback, each with its own
+//! config file, data directory and port, and the CLI as the client over all three.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::{ServerProcess, ok, setup_vendor, tessera};
+
+const SECRET: &str = "real-process test domain secret";
+/// Bound for an election to show up in `domain status`; elections take well under 1 s.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Free loopback ports for the hosts (bound, read, released just before the servers bind).
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+struct DomainDir {
+    root: PathBuf,
+    ports: Vec<u16>,
+}
+
+impl DomainDir {
+    fn new(root: &Path, n: usize) -> DomainDir {
+        let ports = free_ports(n);
+        let hosts: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, port)| format!("\"{}=127.0.0.1:{port}\"", i + 1))
+            .collect();
+        for (i, port) in ports.iter().enumerate() {
+            let host = i + 1;
+            let config = format!(
+                "data = \"data-{host}\"\nlisten = \"127.0.0.1:{port}\"\ntrust = [\"vendor/vendor.pub\"]\nlease_ttl = \"10m\"\ndomain_secret = \"{SECRET}\"\n\n[domain]\nhost = {host}\nhosts = [{}]\n",
+                hosts.join(", ")
+            );
+            std::fs::write(root.join(format!("host-{host}.toml")), config).unwrap();
+        }
+        DomainDir {
+            root: root.to_path_buf(),
+            ports,
+        }
+    }
+
+    fn start(&self, host: usize) -> ServerProcess {
+        let config = self.root.join(format!("host-{host}.toml"));
+        ServerProcess::spawn(
+            &["server", "--config", config.to_str().unwrap()],
+            "Tessera license server on ",
+        )
+    }
+
+    /// Host 1 creates the identity and admin token; the others get copies before their first
+    /// start (a domain is one license server with one identity).
+    fn share_identity(&self, hosts: usize) {
+        let first = self.root.join("data-1");
+        for host in 2..=hosts {
+            let data = self.root.join(format!("data-{host}"));
+            std::fs::create_dir_all(&data).unwrap();
+            for file in ["server.key", "server.pub", "admin.token"] {
+                std::fs::copy(first.join(file), data.join(file)).unwrap();
+            }
+        }
+    }
+
+    fn servers(&self) -> String {
+        self.ports
+            .iter()
+            .map(|port| format!("http://127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn token(&self) -> String {
+        std::fs::read_to_string(self.root.join("data-1").join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+}
+
+/// Polls `tessera domain status --json` (bounded) until `primary` leads and the hosts in
+/// `healthy` are reported healthy.
+fn wait_for_primary(servers: &str, primary: u64, healthy: &[u64]) -> serde_json::Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let output = tessera(&["domain", "status", "--json", "--server", servers]);
+        if output.status.success() {
+            let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+            let settled = status["primary"] == primary
+                && healthy.iter().all(|h| {
+                    status["hosts"].as_array().unwrap().iter().any(|host| {
+                        host["host"] == *h
+                            && host["healthy"] == true
+                            && host["role"] == if *h == primary { "primary" } else { "backup" }
+                    })
+                });
+            if settled {
+                return status;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "host {primary} did not lead a healthy domain within {WAIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn held_leases(servers: &str) -> Vec<String> {
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&["status", "--json", "--server", servers])).unwrap();
+    let mut held: Vec<String> = status["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|lease| lease["lease_id"].as_str().unwrap().to_string())
+        .collect();
+    held.sort();
+    held
+}
+
+#[test]
+fn a_three_process_domain_loses_no_acknowledged_lease_and_never_over_issues_across_kill_9_of_the_primary()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    setup_vendor(dir.path()); // cad.json: 2 licenses
+    let domain = DomainDir::new(dir.path(), 3);
+    let host_1 = domain.start(1);
+    domain.share_identity(3);
+    let _host_2 = domain.start(2);
+    let _host_3 = domain.start(3);
+    let servers = domain.servers();
+    let token = domain.token();
+    let remote = ["--server", servers.as_str(), "--token", token.as_str()];
+    let status = wait_for_primary(&servers, 1, &[1, 2, 3]);
+    assert_eq!(status["hosts"].as_array().unwrap().len(), 3);
+
+    ok(&[
+        &["keys", "add", dir.path().join("cad.json").to_str().unwrap()][..],
+        &remote,
+    ]
+    .concat());
+    let checkout = |station: &str| {
+        tessera(
+            &[
+                &[
+                    "lease",
+                    "checkout",
+                    "--component",
+                    "cad",
+                    "--station",
+                    station,
+                ][..],
+                &remote,
+            ]
+            .concat(),
+        )
+    };
+    let mut acknowledged = Vec::new();
+    for station in ["ws-1", "ws-2"] {
+        let output = checkout(station);
+        assert!(output.status.success(), "{output:?}");
+        let lease: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        acknowledged.push(lease["lease_id"].as_str().unwrap().to_string());
+    }
+    acknowledged.sort();
+
+    host_1.kill_9();
+    // The CLI fails over to the hosts that remain; the pool is still exhausted there.
+    let refused = checkout("ws-3");
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("no_licenses_available"), "{stderr}");
+    wait_for_primary(&servers, 2, &[2, 3]);
+    assert_eq!(held_leases(&servers), acknowledged);
+    // The acknowledged leases stay alive through the new primary.
+    for lease_id in &acknowledged {
+        ok(&[&["lease", "heartbeat", lease_id.as_str()][..], &remote].concat());
+    }
+
+    // Host 1 comes back, catches up and takes the primary role back with the same leases.
+    let _host_1 = domain.start(1);
+    wait_for_primary(&servers, 1, &[1, 2, 3]);
+    assert_eq!(held_leases(&servers), acknowledged);
+    let refused = checkout("ws-4");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("no_licenses_available"));
+}
+
+#[test]
+fn a_domain_config_with_more_than_twenty_hosts_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let hosts: Vec<String> = (1..=21)
+        .map(|i| format!("\"{i}=127.0.0.1:{}\"", 17000 + i))
+        .collect();
+    let config = dir.path().join("tessera.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "domain_secret = \"{SECRET}\"\n[domain]\nhost = 1\nhosts = [{}]\n",
+            hosts.join(", ")
+        ),
+    )
+    .unwrap();
+    let output = tessera(&["server", "--config", config.to_str().unwrap()]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("at most 20"), "{stderr}");
+}
+
+#[test]
+fn a_five_process_domain_keeps_serving_with_two_hosts_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    setup_vendor(dir.path()); // cad.json: 2 licenses
+    let domain = DomainDir::new(dir.path(), 5);
+    let host_1 = domain.start(1);
+    domain.share_identity(5);
+    let host_2 = domain.start(2);
+    let _others: Vec<ServerProcess> = (3..=5).map(|h| domain.start(h)).collect();
+    let servers = domain.servers();
+    let token = domain.token();
+    let remote = ["--server", servers.as_str(), "--token", token.as_str()];
+    wait_for_primary(&servers, 1, &[1, 2, 3, 4, 5]);
+    ok(&[
+        &["keys", "add", dir.path().join("cad.json").to_str().unwrap()][..],
+        &remote,
+    ]
+    .concat());
+    let lease: serde_json::Value = serde_json::from_str(&ok(&[
+        &[
+            "lease",
+            "checkout",
+            "--component",
+            "cad",
+            "--station",
+            "ws-1",
+        ][..],
+        &remote,
+    ]
+    .concat()))
+    .unwrap();
+    host_1.kill_9();
+    host_2.kill_9();
+    // 3 of 5 remain: a majority, led by the lowest of them.
+    wait_for_primary(&servers, 3, &[3, 4, 5]);
+    assert_eq!(
+        held_leases(&servers),
+        vec![lease["lease_id"].as_str().unwrap().to_string()]
+    );
+    ok(&[
+        &[
+            "lease",
+            "checkout",
+            "--component",
+            "cad",
+            "--station",
+            "ws-2",
+        ][..],
+        &remote,
+    ]
+    .concat());
+    let refused = tessera(
+        &[
+            &[
+                "lease",
+                "checkout",
+                "--component",
+                "cad",
+                "--station",
+                "ws-3",
+            ][..],
+            &remote,
+        ]
+        .concat(),
+    );
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("no_licenses_available"));
+}

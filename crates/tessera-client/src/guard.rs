@@ -1,0 +1,138 @@
+//! [`LeaseGuard`]: a lease kept alive by a background heartbeat, returned on drop.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tessera_api::Lease;
+use tokio::task::JoinHandle;
+
+use crate::{Client, ClientError};
+
+/// After a failed heartbeat (no host reachable), the next try comes this soon rather than a
+/// whole interval later.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Default)]
+struct Shared {
+    lease: Option<Lease>,
+    /// Set when the server said the lease is gone (`lease_not_found`): heartbeats stop.
+    lost: Option<String>,
+    heartbeats: u64,
+}
+
+/// Holds a lease: a tokio task heartbeats it every `heartbeat_interval_s` through whichever
+/// host of the domain answers, and dropping the guard checks it in (in a spawned task, so
+/// drop never blocks). Use [`LeaseGuard::checkin`] to return it and see the result.
+#[derive(Debug)]
+pub struct LeaseGuard {
+    client: Client,
+    lease_id: String,
+    shared: Arc<Mutex<Shared>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl LeaseGuard {
+    /// Starts heartbeating `lease` (must be called inside a tokio runtime).
+    pub fn start(client: Client, lease: Lease) -> LeaseGuard {
+        let interval = Duration::from_secs(lease.heartbeat_interval_s.max(1));
+        let lease_id = lease.lease_id.clone();
+        let shared = Arc::new(Mutex::new(Shared {
+            lease: Some(lease),
+            ..Shared::default()
+        }));
+        let task = tokio::spawn(heartbeat_loop(
+            client.clone(),
+            lease_id.clone(),
+            interval,
+            shared.clone(),
+        ));
+        LeaseGuard {
+            client,
+            lease_id,
+            shared,
+            task: Some(task),
+        }
+    }
+
+    pub fn lease_id(&self) -> &str {
+        &self.lease_id
+    }
+
+    /// The lease as of the last successful heartbeat (or the checkout).
+    pub fn lease(&self) -> Lease {
+        self.lock()
+            .lease
+            .clone()
+            .expect("a guard always holds its lease")
+    }
+
+    /// Why the lease was lost (the server no longer knows it), if it was.
+    pub fn lost(&self) -> Option<String> {
+        self.lock().lost.clone()
+    }
+
+    /// Successful background heartbeats so far.
+    pub fn heartbeats(&self) -> u64 {
+        self.lock().heartbeats
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stops heartbeating and returns the lease, reporting the result.
+    pub async fn checkin(mut self) -> Result<(), ClientError> {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        self.client.checkin(&self.lease_id).await
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        let Some(task) = self.task.take() else {
+            return; // checked in explicitly
+        };
+        task.abort();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let client = self.client.clone();
+            let lease_id = self.lease_id.clone();
+            runtime.spawn(async move {
+                if let Err(error) = client.checkin(&lease_id).await {
+                    report_failed_drop_checkin(&lease_id, &error);
+                }
+            });
+        }
+    }
+}
+
+fn report_failed_drop_checkin(lease_id: &str, error: &ClientError) {
+    eprintln!("tessera-client: checkin of lease {lease_id} on drop failed: {error}");
+}
+
+async fn heartbeat_loop(
+    client: Client,
+    lease_id: String,
+    interval: Duration,
+    shared: Arc<Mutex<Shared>>,
+) {
+    let mut wait = interval;
+    loop {
+        tokio::time::sleep(wait).await;
+        match client.heartbeat(&lease_id).await {
+            Ok(lease) => {
+                let mut shared = shared.lock().unwrap_or_else(|e| e.into_inner());
+                shared.lease = Some(lease);
+                shared.heartbeats += 1;
+                wait = interval;
+            }
+            Err(ClientError::Api { code, message, .. }) if code == "lease_not_found" => {
+                shared.lock().unwrap_or_else(|e| e.into_inner()).lost =
+                    Some(format!("{code}: {message}"));
+                return;
+            }
+            Err(_) => wait = RETRY_AFTER_FAILURE.min(interval),
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! The tamper-evident audit log: table `audit_log` of `DATA/usage.sqlite3`.
+//!
+//! Each record carries `seq` (1, 2, ...), `at_ms`, `actor`, `action`, `details` (JSON text),
+//! `prev_hash` (the previous record's hash; 64 zeros for the first) and
+//! `hash = SHA-256(prev_hash || canonical record)` in lower-case hex, where the canonical
+//! record is `seq \n at_ms \n actor \n action \n details` (decimal numbers, the stored
+//! texts). Changing, inserting or deleting any record breaks the chain at that record;
+//! [`verify`] names the first broken one. Cutting records off the end leaves a valid, shorter
+//! chain: keep the head hash printed by `tessera audit verify` somewhere else to detect that.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+pub fn genesis() -> String {
+    "0".repeat(64)
+}
+
+pub fn chain_hash(
+    prev_hash: &str,
+    seq: i64,
+    at_ms: i64,
+    actor: &str,
+    action: &str,
+    details: &str,
+) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(prev_hash.as_bytes());
+    hasher.update(format!("{seq}\n{at_ms}\n{actor}\n{action}\n{details}").as_bytes());
+    hex::encode(hasher.finalize())
+}
+
+/// The last record's (seq, hash), if any.
+pub fn head(connection: &Connection) -> rusqlite::Result<Option<(i64, String)>> {
+    connection
+        .query_row(
+            "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .optional()
+}
+
+/// The result of checking the chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Verification {
+    pub ok: bool,
+    /// Records checked (up to and including the first broken one).
+    pub records: i64,
+    /// The hash of the last record when the chain is intact.
+    pub head_hash: Option<String>,
+    /// The first broken record.
+    pub broken_seq: Option<i64>,
+    pub reason: Option<String>,
+}
+
+/// Walks the chain from the first record.
+pub fn verify(connection: &Connection) -> rusqlite::Result<Verification> {
+    let mut statement = connection.prepare(
+        "SELECT seq, at_ms, actor, action, details, prev_hash, hash FROM audit_log ORDER BY seq",
+    )?;
+    let mut rows = statement.query([])?;
+    let mut expected_prev = genesis();
+    let mut expected_seq = 1i64;
+    let mut records = 0i64;
+    while let Some(row) = rows.next()? {
+        records += 1;
+        let seq: i64 = row.get(0)?;
+        let at_ms: i64 = row.get(1)?;
+        let actor: String = row.get(2)?;
+        let action: String = row.get(3)?;
+        let details: String = row.get(4)?;
+        let prev_hash: String = row.get(5)?;
+        let hash: String = row.get(6)?;
+        let broken = |reason: String| Verification {
+            ok: false,
+            records,
+            head_hash: None,
+            broken_seq: Some(seq),
+            reason: Some(reason),
+        };
+        if seq != expected_seq {
+            return Ok(broken(format!(
+                "expected record {expected_seq} here: records are missing or were inserted"
+            )));
+        }
+        if prev_hash != expected_prev {
+            return Ok(broken(
+                "prev_hash is not the previous record's hash".to_string(),
+            ));
+        }
+        if chain_hash(&prev_hash, seq, at_ms, &actor, &action, &details) != hash {
+            return Ok(broken(
+                "the record does not match its hash: it was changed".to_string(),
+            ));
+        }
+        expected_prev = hash;
+        expected_seq += 1;
+    }
+    Ok(Verification {
+        ok: true,
+        records,
+        head_hash: (records > 0).then_some(expected_prev),
+        broken_seq: None,
+        reason: None,
+    })
+}
+
+/// Checks the chain in a data directory's `usage.sqlite3`, read-only (offline use).
+pub fn verify_data_dir(data_dir: &Path) -> Result<Verification, String> {
+    let path = data_dir.join(crate::history::FILE);
+    if !path.exists() {
+        return Err(format!("{} does not exist", path.display()));
+    }
+    let connection = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    verify(&connection).map_err(|e| format!("{}: {e}", path.display()))
+}

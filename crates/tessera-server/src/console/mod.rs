@@ -1,0 +1,893 @@
+//! The web console at `/`: askama templates (`templates/console/`), htmx embedded from
+//! `assets/`, sessions in memory.
+//!
+//! Login: the admin token, or an `[[admin_user]]` with an argon2 password hash, posted to
+//! `/login`; `/login?token=...&next=/usage` logs in from a link (scripts, headless
+//! browsers). The session cookie is `HttpOnly; SameSite=Strict`; every POST also carries the
+//! session's CSRF token.
+
+pub mod chart;
+pub mod reports;
+mod session;
+
+use std::sync::Arc;
+
+use askama::Template;
+use axum::body::Bytes;
+use axum::extract::{Multipart, Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Form, Router};
+use serde::Deserialize;
+use tessera_core::Refusal;
+use tessera_core::sync::SyncResponse;
+
+use crate::error::ApiError;
+use crate::state::{SharedState, timestamp};
+pub use session::{
+    ConsoleUser, SESSION_COOKIE, SESSION_TTL, Sessions, hash_password, verify_password,
+};
+
+#[derive(rust_embed::Embed)]
+#[folder = "assets/"]
+struct Assets;
+
+/// The console's routes (merged into the API router).
+pub fn router() -> Router<SharedState> {
+    Router::new()
+        .route("/", get(keys_page))
+        .route("/login", get(login_page).post(login))
+        .route("/logout", post(logout))
+        .route("/assets/{*file}", get(asset))
+        .route("/keys/{key_id}/export", get(export_key))
+        .route("/leases", get(leases_page))
+        .route("/leases/table", get(leases_table))
+        .route(
+            "/leases/{lease_id}/release",
+            get(release_confirm).post(release),
+        )
+        .route("/usage", get(usage_page))
+        .route("/usage.csv", get(usage_csv))
+        .route("/sync", get(sync_page))
+        .route("/sync/now", post(sync_now))
+        .route("/sync/request", post(sync_request))
+        .route("/sync/response", post(sync_response))
+        .route("/events", get(events_page))
+        .layer(Extension(Arc::new(Sessions::default())))
+}
+
+/// A rendering failure is an internal error (templates are checked at compile time).
+fn render(template: &impl Template) -> Response {
+    match template.render() {
+        Ok(html) => Html(html).into_response(),
+        Err(error) => ApiError::Internal(format!("template: {error}")).into_response(),
+    }
+}
+
+fn fmt_ts(time: jiff::Timestamp) -> String {
+    time.strftime("%Y-%m-%d %H:%M:%S UTC").to_string()
+}
+
+async fn asset(Path(file): Path<String>) -> Response {
+    match Assets::get(&file) {
+        Some(content) => {
+            let kind = if file.ends_with(".js") {
+                "text/javascript; charset=utf-8"
+            } else {
+                "text/plain; charset=utf-8"
+            };
+            (
+                [
+                    (header::CONTENT_TYPE, kind),
+                    (header::CACHE_CONTROL, "public, max-age=3600"),
+                ],
+                content.data.into_owned(),
+            )
+                .into_response()
+        }
+        None => ApiError::NoRoute {
+            path: format!("/assets/{file}"),
+        }
+        .into_response(),
+    }
+}
+
+// ---------------------------------------------------------------- login
+
+#[derive(Template)]
+#[template(path = "console/login.html")]
+struct LoginPage {
+    next: String,
+    error: Option<String>,
+    users_enabled: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct LoginQuery {
+    token: Option<String>,
+    next: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct LoginForm {
+    #[serde(default)]
+    token: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    password: String,
+    #[serde(default)]
+    next: String,
+}
+
+/// Only local paths, so the login cannot redirect elsewhere.
+fn safe_next(next: Option<&str>) -> String {
+    match next {
+        Some(path) if path.starts_with('/') && !path.starts_with("//") && !path.contains('\\') => {
+            path.to_string()
+        }
+        _ => "/".to_string(),
+    }
+}
+
+async fn login_page(
+    State(state): State<SharedState>,
+    Extension(sessions): Extension<Arc<Sessions>>,
+    Query(query): Query<LoginQuery>,
+) -> Response {
+    let next = safe_next(query.next.as_deref());
+    if let Some(token) = query.token {
+        if session::token_matches(&token, &state.admin_token) {
+            return start_session(&state, &sessions, "admin", "token link", &next);
+        }
+        return login_form(
+            &state,
+            next,
+            Some("wrong token".into()),
+            StatusCode::UNAUTHORIZED,
+        );
+    }
+    login_form(&state, next, None, StatusCode::OK)
+}
+
+fn login_form(
+    state: &SharedState,
+    next: String,
+    error: Option<String>,
+    status: StatusCode,
+) -> Response {
+    let mut response = render(&LoginPage {
+        next,
+        error,
+        users_enabled: !state.config.admin_users.is_empty(),
+    });
+    *response.status_mut() = status;
+    response
+}
+
+fn start_session(
+    state: &SharedState,
+    sessions: &Sessions,
+    user: &str,
+    method: &str,
+    next: &str,
+) -> Response {
+    let (id, _) = sessions.create(user);
+    state.history.admin_action(
+        state.stamper.now_ms(),
+        user,
+        "console.login",
+        serde_json::json!({"method": method}),
+    );
+    let cookie = format!(
+        "{SESSION_COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+        SESSION_TTL.as_secs()
+    );
+    ([(header::SET_COOKIE, cookie)], Redirect::to(next)).into_response()
+}
+
+async fn login(
+    State(state): State<SharedState>,
+    Extension(sessions): Extension<Arc<Sessions>>,
+    Form(form): Form<LoginForm>,
+) -> Response {
+    let next = safe_next(Some(&form.next));
+    if !form.token.is_empty() {
+        if session::token_matches(form.token.trim(), &state.admin_token) {
+            return start_session(&state, &sessions, "admin", "token", &next);
+        }
+    } else if !form.name.is_empty() {
+        let user = state
+            .config
+            .admin_users
+            .iter()
+            .find(|user| user.name == form.name)
+            .cloned();
+        if let Some(user) = user {
+            let password = form.password.clone();
+            let hash = user.password_hash.clone();
+            let ok =
+                tokio::task::spawn_blocking(move || session::verify_password(&password, &hash))
+                    .await
+                    .unwrap_or(false);
+            if ok {
+                return start_session(&state, &sessions, &user.name, "password", &next);
+            }
+        }
+    }
+    state.history.admin_action(
+        state.stamper.now_ms(),
+        if form.name.is_empty() {
+            "admin"
+        } else {
+            &form.name
+        },
+        "console.login_failed",
+        serde_json::json!({}),
+    );
+    login_form(
+        &state,
+        next,
+        Some("wrong token, name or password".into()),
+        StatusCode::UNAUTHORIZED,
+    )
+}
+
+#[derive(Debug, Deserialize)]
+struct CsrfForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+async fn logout(
+    Extension(sessions): Extension<Arc<Sessions>>,
+    user: ConsoleUser,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    if let Err(response) = user.check_csrf(&form.csrf) {
+        return response;
+    }
+    sessions.remove(&user.session_id);
+    (
+        [(
+            header::SET_COOKIE,
+            format!("{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"),
+        )],
+        Redirect::to("/login"),
+    )
+        .into_response()
+}
+
+// ---------------------------------------------------------------- keys (home)
+
+struct KeyRow {
+    key_id: String,
+    customer: String,
+    components: String,
+    licenses: u32,
+    in_use: u32,
+    valid_from: String,
+    valid_until: String,
+    state: String,
+    allocated: bool,
+    renewal: String,
+}
+
+#[derive(Template)]
+#[template(path = "console/keys.html")]
+struct KeysPage {
+    page: &'static str,
+    user: String,
+    csrf: String,
+    flash: Option<String>,
+    role: String,
+    server_id: String,
+    lease_count: usize,
+    synchronized: bool,
+    deadline: String,
+    components: Vec<tessera_api::ComponentStatus>,
+    keys: Vec<KeyRow>,
+}
+
+async fn keys_page(State(state): State<SharedState>, user: ConsoleUser) -> Response {
+    let status = state.status();
+    let keys = status
+        .keys
+        .iter()
+        .map(|key| KeyRow {
+            key_id: key.key_id.clone(),
+            customer: key.customer.clone(),
+            components: key.components.join(", "),
+            licenses: key.licenses,
+            in_use: key.in_use,
+            valid_from: fmt_ts(key.valid_from),
+            valid_until: fmt_ts(key.valid_until),
+            state: key.state.clone(),
+            allocated: key.allocated,
+            renewal: match (&key.renewal, &key.replaced_by, &key.renews) {
+                (Some(renewal), _, _) => renewal.clone(),
+                (None, Some(by), _) => format!("replaced by {by}"),
+                (None, None, Some(renews)) => format!("renews {renews}"),
+                _ => String::new(),
+            },
+        })
+        .collect();
+    render(&KeysPage {
+        page: "keys",
+        user: user.name.clone(),
+        csrf: user.csrf.clone(),
+        flash: None,
+        role: status.role.clone(),
+        server_id: status.server_id.clone().unwrap_or_else(|| "(none)".into()),
+        lease_count: status.leases.len(),
+        synchronized: status.sync.synchronized,
+        deadline: status
+            .sync
+            .deadline
+            .map(|deadline| format!("deadline {}", fmt_ts(deadline)))
+            .unwrap_or_else(|| "no deadline".into()),
+        components: status.components,
+        keys,
+    })
+}
+
+async fn export_key(
+    State(state): State<SharedState>,
+    _user: ConsoleUser,
+    Path(key_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let key = state
+        .consensus
+        .read(|ledger| ledger.key(&key_id).cloned())
+        .ok_or(Refusal::KeyNotFound {
+            key_id: key_id.clone(),
+        })?;
+    let disposition = format!(
+        "attachment; filename=\"{}.json\"",
+        key_id.replace(
+            |c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_',
+            "_"
+        )
+    );
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/json".to_string()),
+            (header::CONTENT_DISPOSITION, disposition),
+        ],
+        key.to_json_pretty(),
+    )
+        .into_response())
+}
+
+// ---------------------------------------------------------------- leases
+
+struct LeaseRow {
+    lease_id: String,
+    station: String,
+    user: String,
+    host: String,
+    components: String,
+    key_id: String,
+    since: String,
+    heartbeat: String,
+    expires: String,
+}
+
+impl LeaseRow {
+    fn from(lease: &tessera_api::Lease) -> LeaseRow {
+        LeaseRow {
+            lease_id: lease.lease_id.clone(),
+            station: lease.station.clone(),
+            user: lease.user.clone(),
+            host: lease.host.clone(),
+            components: lease.components.join(", "),
+            key_id: lease.key_id.clone(),
+            since: fmt_ts(lease.issued_at),
+            heartbeat: fmt_ts(lease.renewed_at),
+            expires: fmt_ts(lease.expires_at),
+        }
+    }
+}
+
+/// At most this many leases are listed; the filter finds the others.
+const LEASE_ROWS: usize = 1_000;
+
+#[derive(Debug, Default, Deserialize)]
+struct LeaseFilter {
+    #[serde(default)]
+    station: String,
+    #[serde(default)]
+    user: String,
+    #[serde(default)]
+    component: String,
+    released: Option<String>,
+}
+
+impl LeaseFilter {
+    fn matches(&self, lease: &tessera_api::Lease) -> bool {
+        let has = |field: &str, wanted: &str| {
+            wanted.is_empty() || field.to_lowercase().contains(&wanted.to_lowercase())
+        };
+        has(&lease.station, &self.station)
+            && has(&lease.user, &self.user)
+            && (self.component.is_empty()
+                || lease.components.iter().any(|c| has(c, &self.component)))
+    }
+
+    /// The first [`LEASE_ROWS`] matching leases, and how many match.
+    fn rows(&self, state: &SharedState) -> (Vec<LeaseRow>, usize) {
+        let leases = state.status().leases;
+        let matching: Vec<&tessera_api::Lease> =
+            leases.iter().filter(|lease| self.matches(lease)).collect();
+        let rows = matching
+            .iter()
+            .take(LEASE_ROWS)
+            .map(|lease| LeaseRow::from(lease))
+            .collect();
+        (rows, matching.len())
+    }
+
+    fn is_filtered(&self) -> bool {
+        !(self.station.is_empty() && self.user.is_empty() && self.component.is_empty())
+    }
+}
+
+#[derive(Template)]
+#[template(path = "console/leases.html")]
+struct LeasesPage {
+    page: &'static str,
+    user: String,
+    csrf: String,
+    flash: Option<String>,
+    station: String,
+    user_filter: String,
+    component: String,
+    filtered: bool,
+    leases: Vec<LeaseRow>,
+    total: usize,
+}
+
+#[derive(Template)]
+#[template(path = "console/leases_table.html")]
+struct LeasesTable {
+    filtered: bool,
+    leases: Vec<LeaseRow>,
+    total: usize,
+}
+
+async fn leases_page(
+    State(state): State<SharedState>,
+    user: ConsoleUser,
+    Query(filter): Query<LeaseFilter>,
+) -> Response {
+    let (leases, total) = filter.rows(&state);
+    render(&LeasesPage {
+        page: "leases",
+        user: user.name.clone(),
+        csrf: user.csrf.clone(),
+        flash: filter
+            .released
+            .as_ref()
+            .map(|station| format!("Released the lease of {station}.")),
+        leases,
+        total,
+        filtered: filter.is_filtered(),
+        station: filter.station,
+        user_filter: filter.user,
+        component: filter.component,
+    })
+}
+
+async fn leases_table(
+    State(state): State<SharedState>,
+    _user: ConsoleUser,
+    Query(filter): Query<LeaseFilter>,
+) -> Response {
+    let (leases, total) = filter.rows(&state);
+    render(&LeasesTable {
+        leases,
+        total,
+        filtered: filter.is_filtered(),
+    })
+}
+
+#[derive(Template)]
+#[template(path = "console/release.html")]
+struct ReleasePage {
+    page: &'static str,
+    user: String,
+    csrf: String,
+    flash: Option<String>,
+    lease: LeaseRow,
+}
+
+async fn release_confirm(
+    State(state): State<SharedState>,
+    user: ConsoleUser,
+    Path(lease_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let lease = state
+        .status()
+        .leases
+        .iter()
+        .find(|lease| lease.lease_id == lease_id)
+        .map(LeaseRow::from)
+        .ok_or(Refusal::LeaseNotFound {
+            lease_id: lease_id.clone(),
+        })?;
+    Ok(render(&ReleasePage {
+        page: "leases",
+        user: user.name.clone(),
+        csrf: user.csrf.clone(),
+        flash: None,
+        lease,
+    }))
+}
+
+async fn release(
+    State(state): State<SharedState>,
+    user: ConsoleUser,
+    Path(lease_id): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> Result<Response, ApiError> {
+    if let Err(response) = user.check_csrf(&form.csrf) {
+        return Ok(response);
+    }
+    let lease = state.release(lease_id.clone(), true).await?;
+    state.history.admin_action(
+        state.stamper.now_ms(),
+        &user.name,
+        "console.force_release",
+        serde_json::json!({"lease_id": lease_id, "station": lease.station}),
+    );
+    let station: String = url_encode(&lease.station);
+    Ok(Redirect::to(&format!("/leases?released={station}")).into_response())
+}
+
+fn url_encode(text: &str) -> String {
+    let mut out = String::new();
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------- usage
+
+#[derive(Template)]
+#[template(path = "console/usage.html")]
+struct UsagePage {
+    page: &'static str,
+    user: String,
+    csrf: String,
+    flash: Option<String>,
+    bucket: String,
+    buckets: Vec<(&'static str, &'static str)>,
+    range_label: String,
+    from_date: String,
+    to_date: String,
+    chart: chart::Chart,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct UsageQuery {
+    bucket: Option<String>,
+}
+
+async fn usage_page(
+    State(state): State<SharedState>,
+    user: ConsoleUser,
+    Query(query): Query<UsageQuery>,
+) -> Result<Response, ApiError> {
+    let bucket = match query.bucket.as_deref() {
+        Some("day") => "day",
+        Some("month") => "month",
+        _ => "hour",
+    };
+    let (bucket_ms, count, label) = match bucket {
+        "day" => (86_400_000i64, 30i64, "last 30 days, per day"),
+        "month" => (30 * 86_400_000i64, 12i64, "last 12 months, per 30 days"),
+        _ => (3_600_000i64, 24i64, "last 24 hours, per hour"),
+    };
+    let now_ms = state.stamper.now_ms();
+    let to_ms = (now_ms.div_euclid(bucket_ms) + 1) * bucket_ms;
+    let from_ms = to_ms - count * bucket_ms;
+    let series = {
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || state.history.chart(from_ms, to_ms, bucket_ms))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+    };
+    let chart = chart::Chart::build(&series, from_ms, bucket_ms, bucket);
+    let date = |ms: i64| timestamp(ms).strftime("%Y-%m-%d").to_string();
+    Ok(render(&UsagePage {
+        page: "usage",
+        user: user.name.clone(),
+        csrf: user.csrf.clone(),
+        flash: None,
+        bucket: bucket.to_string(),
+        buckets: vec![("hour", "Hours"), ("day", "Days"), ("month", "Months")],
+        range_label: label.to_string(),
+        from_date: date(from_ms),
+        to_date: date(to_ms - 1),
+        chart,
+    }))
+}
+
+async fn usage_csv(
+    State(state): State<SharedState>,
+    _user: ConsoleUser,
+    Query(mut query): Query<reports::UsageQuery>,
+) -> Result<Response, ApiError> {
+    query.format = Some("csv".into());
+    reports::usage_answer(&state, &query).await
+}
+
+// ---------------------------------------------------------------- sync
+
+#[derive(Template)]
+#[template(path = "console/sync.html")]
+struct SyncPage {
+    page: &'static str,
+    user: String,
+    csrf: String,
+    flash: Option<String>,
+    error: Option<String>,
+    server_id: String,
+    synchronized: bool,
+    last_sync: String,
+    deadline: String,
+    days_left: String,
+    awaiting: String,
+    renewals: String,
+    schedule: String,
+    authority: String,
+    has_authority: bool,
+}
+
+fn sync_page_with(
+    state: &SharedState,
+    user: &ConsoleUser,
+    flash: Option<String>,
+    error: Option<String>,
+) -> Response {
+    let sync = state.sync_status();
+    let none = || "—".to_string();
+    render(&SyncPage {
+        page: "sync",
+        user: user.name.clone(),
+        csrf: user.csrf.clone(),
+        flash,
+        error,
+        server_id: sync.server_id.clone().unwrap_or_else(|| "(none)".into()),
+        synchronized: sync.synchronized,
+        last_sync: sync.last_sync_at.map(fmt_ts).unwrap_or_else(none),
+        deadline: sync.deadline.map(fmt_ts).unwrap_or_else(none),
+        days_left: sync.days_left.map(|d| d.to_string()).unwrap_or_else(none),
+        awaiting: sync
+            .awaiting_sequence
+            .map(|s| format!("request #{s}"))
+            .unwrap_or_else(none),
+        renewals: if sync.renewals.is_empty() {
+            none()
+        } else {
+            sync.renewals.join(", ")
+        },
+        schedule: sync.schedule.clone(),
+        authority: sync.authority.clone().unwrap_or_else(none),
+        has_authority: sync.authority.is_some(),
+    })
+}
+
+async fn sync_page(State(state): State<SharedState>, user: ConsoleUser) -> Response {
+    sync_page_with(&state, &user, None, None)
+}
+
+async fn sync_now(
+    State(state): State<SharedState>,
+    user: ConsoleUser,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    if let Err(response) = user.check_csrf(&form.csrf) {
+        return response;
+    }
+    let result = state.sync_online().await;
+    state.history.admin_action(
+        state.stamper.now_ms(),
+        &user.name,
+        "console.sync_online",
+        serde_json::json!({"ok": result.is_ok()}),
+    );
+    match result {
+        Ok(summary) => sync_page_with(
+            &state,
+            &user,
+            Some(format!(
+                "Synchronized (#{}): {} keys imported, {} revoked.",
+                summary.sequence,
+                summary.imported.len(),
+                summary.revoked.len()
+            )),
+            None,
+        ),
+        Err(error) => sync_page_with(&state, &user, None, Some(error.to_string())),
+    }
+}
+
+async fn sync_request(
+    State(state): State<SharedState>,
+    user: ConsoleUser,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    if let Err(response) = user.check_csrf(&form.csrf) {
+        return response;
+    }
+    let result = state.export_sync_request().await;
+    state.history.admin_action(
+        state.stamper.now_ms(),
+        &user.name,
+        "console.sync_export",
+        serde_json::json!({"ok": result.is_ok()}),
+    );
+    match result.and_then(|request| {
+        serde_json::to_string_pretty(&request).map_err(|e| ApiError::Internal(e.to_string()))
+    }) {
+        Ok(text) => (
+            [
+                (header::CONTENT_TYPE, "application/json"),
+                (
+                    header::CONTENT_DISPOSITION,
+                    "attachment; filename=\"request.tsync\"",
+                ),
+            ],
+            text,
+        )
+            .into_response(),
+        Err(error) => sync_page_with(&state, &user, None, Some(error.to_string())),
+    }
+}
+
+async fn sync_response(
+    State(state): State<SharedState>,
+    user: ConsoleUser,
+    mut multipart: Multipart,
+) -> Response {
+    let mut csrf = String::new();
+    let mut file: Option<Bytes> = None;
+    loop {
+        match multipart.next_field().await {
+            Ok(Some(field)) => {
+                let name = field.name().unwrap_or_default().to_string();
+                let Ok(data) = field.bytes().await else {
+                    break;
+                };
+                match name.as_str() {
+                    "csrf" => csrf = String::from_utf8_lossy(&data).into_owned(),
+                    "file" => file = Some(data),
+                    _ => {}
+                }
+            }
+            Ok(None) => break,
+            Err(error) => {
+                return sync_page_with(&state, &user, None, Some(format!("upload: {error}")));
+            }
+        }
+    }
+    if let Err(response) = user.check_csrf(&csrf) {
+        return response;
+    }
+    let Some(file) = file else {
+        return sync_page_with(&state, &user, None, Some("no file uploaded".into()));
+    };
+    let text = String::from_utf8_lossy(&file);
+    let result = match SyncResponse::from_json(&text) {
+        Ok(response) => state.import_sync_response(response).await,
+        Err(error) => Err(ApiError::Refused(Refusal::SyncRejected { error })),
+    };
+    state.history.admin_action(
+        state.stamper.now_ms(),
+        &user.name,
+        "console.sync_import",
+        serde_json::json!({"ok": result.is_ok()}),
+    );
+    match result {
+        Ok(summary) => sync_page_with(
+            &state,
+            &user,
+            Some(format!(
+                "Response #{} imported: {} keys imported, {} revoked, {} renewal keys.",
+                summary.sequence,
+                summary.imported.len(),
+                summary.revoked.len(),
+                summary.renewals.len()
+            )),
+            None,
+        ),
+        Err(error) => sync_page_with(&state, &user, None, Some(error.to_string())),
+    }
+}
+
+// ---------------------------------------------------------------- events
+
+struct EventRow {
+    at: String,
+    kind: String,
+    severity: String,
+    message: String,
+}
+
+#[derive(Template)]
+#[template(path = "console/events.html")]
+struct EventsPage {
+    page: &'static str,
+    user: String,
+    csrf: String,
+    flash: Option<String>,
+    events: Vec<EventRow>,
+    audit: crate::audit::Verification,
+    audit_head: String,
+    audit_broken: String,
+    audit_reason: String,
+    records: Vec<AuditRow>,
+}
+
+struct AuditRow {
+    seq: i64,
+    at: String,
+    actor: String,
+    action: String,
+    details: String,
+}
+
+async fn events_page(
+    State(state): State<SharedState>,
+    user: ConsoleUser,
+) -> Result<Response, ApiError> {
+    let audit = reports::verification(&state).await?;
+    let records = {
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || state.history.recent_audit(100))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+    };
+    let records = records
+        .into_iter()
+        .map(|record| AuditRow {
+            seq: record.seq,
+            at: fmt_ts(timestamp(record.at_ms)),
+            actor: record.actor,
+            action: record.action,
+            details: record.details,
+        })
+        .collect();
+    let events = state
+        .notifier
+        .recent()
+        .into_iter()
+        .map(|event| EventRow {
+            at: fmt_ts(event.at),
+            kind: event.kind,
+            severity: event.severity,
+            message: event.message,
+        })
+        .collect();
+    Ok(render(&EventsPage {
+        page: "events",
+        user: user.name.clone(),
+        csrf: user.csrf.clone(),
+        flash: None,
+        events,
+        audit_head: audit.head_hash.clone().unwrap_or_default(),
+        audit_broken: audit.broken_seq.map(|s| s.to_string()).unwrap_or_default(),
+        audit_reason: audit.reason.clone().unwrap_or_default(),
+        audit,
+        records,
+    }))
+}

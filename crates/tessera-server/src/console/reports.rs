@@ -1,0 +1,215 @@
+//! Admin API over the history database: `GET /v1/reports/usage`, `GET /v1/audit/verify`,
+//! and the middleware that appends every administrator request to the audit chain.
+
+use axum::extract::{MatchedPath, Query, Request, State};
+use axum::http::{Method, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use jiff::Timestamp;
+use serde::Deserialize;
+
+use crate::audit::Verification;
+use crate::error::ApiError;
+use crate::history::UsageEvent;
+use crate::http::Admin;
+use crate::state::{SharedState, timestamp};
+
+#[derive(Debug, Default, Deserialize)]
+pub struct UsageQuery {
+    /// `YYYY-MM-DD` (start of that day, UTC) or an RFC 3339 time. Default: the beginning.
+    pub from: Option<String>,
+    /// `YYYY-MM-DD` (through the end of that day, UTC) or an RFC 3339 time. Default: now.
+    pub to: Option<String>,
+    /// `csv` (default) or `json`.
+    pub format: Option<String>,
+}
+
+/// Parses a report bound; a plain date is the start of that day, or of the next day for
+/// `end_of_day`.
+pub fn parse_bound(name: &str, text: &str, end_of_day: bool) -> Result<i64, ApiError> {
+    if let Ok(time) = text.parse::<Timestamp>() {
+        return Ok(time.as_millisecond());
+    }
+    let bad = || ApiError::BadRequest {
+        code: "invalid_query",
+        message: format!("{name}={text:?}: expected YYYY-MM-DD or an RFC 3339 time"),
+    };
+    let date: jiff::civil::Date = text.parse().map_err(|_| bad())?;
+    let date = if end_of_day {
+        date.tomorrow().map_err(|_| bad())?
+    } else {
+        date
+    };
+    let zoned = date.to_zoned(jiff::tz::TimeZone::UTC).map_err(|_| bad())?;
+    Ok(zoned.timestamp().as_millisecond())
+}
+
+pub fn bounds(state: &SharedState, query: &UsageQuery) -> Result<(i64, i64), ApiError> {
+    let from_ms = match &query.from {
+        Some(text) if !text.is_empty() => parse_bound("from", text, false)?,
+        _ => i64::MIN,
+    };
+    let to_ms = match &query.to {
+        Some(text) if !text.is_empty() => parse_bound("to", text, true)?,
+        _ => state.stamper.now_ms().saturating_add(1),
+    };
+    Ok((from_ms, to_ms))
+}
+
+pub async fn usage_events(
+    state: &SharedState,
+    from_ms: i64,
+    to_ms: i64,
+) -> Result<Vec<UsageEvent>, ApiError> {
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || state.history.usage(from_ms, to_ms))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+pub async fn verification(state: &SharedState) -> Result<Verification, ApiError> {
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || state.history.verify())
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+pub const CSV_HEADER: &str = "time,kind,component,station,user,host,key_id,lease_id,delta,detail";
+
+fn csv_field(out: &mut String, text: &str) {
+    if text.contains([',', '"', '\n', '\r']) {
+        out.push('"');
+        out.push_str(&text.replace('"', "\"\""));
+        out.push('"');
+    } else {
+        out.push_str(text);
+    }
+}
+
+pub fn to_csv(events: &[UsageEvent]) -> String {
+    let mut out = String::from(CSV_HEADER);
+    out.push('\n');
+    for event in events {
+        let fields = [
+            timestamp(event.at_ms).to_string(),
+            event.kind.clone(),
+            event.component.clone().unwrap_or_default(),
+            event.station.clone().unwrap_or_default(),
+            event.user.clone().unwrap_or_default(),
+            event.host.clone().unwrap_or_default(),
+            event.key_id.clone().unwrap_or_default(),
+            event.lease_id.clone().unwrap_or_default(),
+            event.delta.to_string(),
+            event.detail.clone().unwrap_or_default(),
+        ];
+        for (index, field) in fields.iter().enumerate() {
+            if index > 0 {
+                out.push(',');
+            }
+            csv_field(&mut out, field);
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The report as an HTTP answer, CSV or JSON.
+pub async fn usage_answer(state: &SharedState, query: &UsageQuery) -> Result<Response, ApiError> {
+    let (from_ms, to_ms) = bounds(state, query)?;
+    let events = usage_events(state, from_ms, to_ms).await?;
+    match query.format.as_deref().unwrap_or("csv") {
+        "csv" => Ok((
+            [
+                (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
+                (
+                    header::CONTENT_DISPOSITION,
+                    "attachment; filename=\"tessera-usage.csv\"",
+                ),
+            ],
+            to_csv(&events),
+        )
+            .into_response()),
+        "json" => {
+            let rows: Vec<serde_json::Value> = events
+                .iter()
+                .map(|event| {
+                    serde_json::json!({
+                        "time": timestamp(event.at_ms).to_string(),
+                        "kind": event.kind,
+                        "component": event.component,
+                        "station": event.station,
+                        "user": event.user,
+                        "host": event.host,
+                        "key_id": event.key_id,
+                        "lease_id": event.lease_id,
+                        "delta": event.delta,
+                        "detail": event.detail,
+                    })
+                })
+                .collect();
+            Ok(axum::Json(rows).into_response())
+        }
+        other => Err(ApiError::BadRequest {
+            code: "invalid_query",
+            message: format!("format={other:?}: expected csv or json"),
+        }),
+    }
+}
+
+/// `GET /v1/reports/usage?from=&to=&format=csv|json` (admin).
+pub async fn usage_report(
+    State(state): State<SharedState>,
+    _admin: Admin,
+    Query(query): Query<UsageQuery>,
+) -> Result<Response, ApiError> {
+    usage_answer(&state, &query).await
+}
+
+/// `GET /v1/audit/verify` (admin): checks the chain, names the first broken record.
+pub async fn audit_verify(
+    State(state): State<SharedState>,
+    _admin: Admin,
+) -> Result<axum::Json<Verification>, ApiError> {
+    Ok(axum::Json(verification(&state).await?))
+}
+
+/// Routes whose non-GET requests are administrator actions.
+const ADMIN_ROUTES: &[&str] = &[
+    "/v1/keys",
+    "/v1/keys/update",
+    "/v1/keys/{key_id}/allocate",
+    "/v1/keys/{key_id}",
+    "/v1/leases/{lease_id}/release",
+    "/v1/sync",
+    "/v1/sync/request",
+    "/v1/sync/response",
+];
+
+/// Appends every administrator request (API) to the audit chain with its answer's status.
+pub async fn audit_admin_requests(
+    State(state): State<SharedState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|path| path.as_str().to_string());
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let response = next.run(request).await;
+    if let Some(route) = route
+        && method != Method::GET
+        && ADMIN_ROUTES.contains(&route.as_str())
+    {
+        state.history.admin_action(
+            state.stamper.now_ms(),
+            "admin-token",
+            &format!("api {method} {route}"),
+            serde_json::json!({"path": path, "status": response.status().as_u16()}),
+        );
+    }
+    response
+}

@@ -1,0 +1,649 @@
+//! Usage history and the audit chain in `DATA/usage.sqlite3`.
+//!
+//! The primary records every license event (checkout, checkin, force-release, expiry,
+//! denial, key import and removal) and every administrator action. Recording never waits
+//! for the disk: events go through a bounded channel to one writer thread, which writes
+//! whatever has queued up in one transaction (WAL, `synchronous=NORMAL`). License events
+//! become rows of `usage_event`; every record is also appended to the audit hash chain
+//! (see [`crate::audit`]). [`History::flush`] waits until everything sent so far is written.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
+use std::thread::JoinHandle;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+use tessera_core::LeaseView;
+
+use crate::audit;
+
+pub const FILE: &str = "usage.sqlite3";
+
+/// The schema, in order; `PRAGMA user_version` holds how many have been applied.
+const MIGRATIONS: &[&str] = &[include_str!("../migrations/usage/0001_usage_and_audit.sql")];
+
+/// Events queued beyond this make recording wait for the writer (back-pressure).
+const QUEUE: usize = 16_384;
+/// Most records written in one transaction.
+const BATCH: usize = 2_048;
+
+/// One row of `usage_event`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct UsageEvent {
+    pub at_ms: i64,
+    /// `granted`, `existing`, `checkin`, `force_release`, `expired`, `key_removed`,
+    /// `denied`, `key_imported`.
+    pub kind: String,
+    pub lease_id: Option<String>,
+    pub key_id: Option<String>,
+    pub component: Option<String>,
+    pub station: Option<String>,
+    pub user: Option<String>,
+    pub host: Option<String>,
+    /// Change of the licenses in use of `component`.
+    pub delta: i64,
+    pub detail: Option<String>,
+}
+
+/// One record of the audit chain before it is chained.
+#[derive(Clone, Debug)]
+pub struct AuditRecord {
+    pub at_ms: i64,
+    pub actor: String,
+    pub action: String,
+    pub details: serde_json::Value,
+}
+
+/// One stored audit record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AuditEntry {
+    pub seq: i64,
+    pub at_ms: i64,
+    pub actor: String,
+    pub action: String,
+    pub details: String,
+}
+
+enum Message {
+    Record {
+        usage: Vec<UsageEvent>,
+        audit: AuditRecord,
+    },
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+pub struct History {
+    path: PathBuf,
+    sender: Mutex<Option<SyncSender<Message>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("usage history {path}: {message}")]
+pub struct HistoryError {
+    pub path: String,
+    pub message: String,
+}
+
+/// Opens (creating and migrating) the history database.
+pub fn open(path: &Path) -> Result<Connection, HistoryError> {
+    let fail = |message: String| HistoryError {
+        path: path.display().to_string(),
+        message,
+    };
+    let connection = Connection::open(path).map_err(|e| fail(e.to_string()))?;
+    connection
+        .busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(|e| fail(e.to_string()))?;
+    connection
+        .pragma_update(None, "journal_mode", "WAL")
+        .map_err(|e| fail(e.to_string()))?;
+    connection
+        .pragma_update(None, "synchronous", "NORMAL")
+        .map_err(|e| fail(e.to_string()))?;
+    let version: i64 = connection
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(|e| fail(e.to_string()))?;
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+        let sql = format!(
+            "BEGIN; {migration}\nPRAGMA user_version = {}; COMMIT;",
+            index + 1
+        );
+        connection
+            .execute_batch(&sql)
+            .map_err(|e| fail(format!("migration {}: {e}", index + 1)))?;
+    }
+    Ok(connection)
+}
+
+impl History {
+    /// Opens `DATA/usage.sqlite3` and starts the writer thread.
+    pub fn start(data_dir: &Path) -> Result<History, HistoryError> {
+        let path = data_dir.join(FILE);
+        let connection = open(&path)?;
+        let (sender, receiver) = sync_channel(QUEUE);
+        let writer = std::thread::Builder::new()
+            .name("tessera-history".into())
+            .spawn(move || write_loop(connection, receiver))
+            .map_err(|e| HistoryError {
+                path: path.display().to_string(),
+                message: format!("cannot start the writer thread: {e}"),
+            })?;
+        Ok(History {
+            path,
+            sender: Mutex::new(Some(sender)),
+            writer: Mutex::new(Some(writer)),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn send(&self, message: Message) {
+        let sender = self.sender.lock().expect("history lock").clone();
+        if let Some(sender) = sender
+            && sender.send(message).is_err()
+        {
+            tracing::error!("usage history writer stopped; event lost");
+        }
+    }
+
+    /// Appends an audit record and the usage rows that belong to it.
+    pub fn record(&self, audit: AuditRecord, usage: Vec<UsageEvent>) {
+        self.send(Message::Record { usage, audit });
+    }
+
+    /// An administrator action without usage rows.
+    pub fn admin_action(&self, at_ms: i64, actor: &str, action: &str, details: serde_json::Value) {
+        self.record(
+            AuditRecord {
+                at_ms,
+                actor: actor.to_string(),
+                action: action.to_string(),
+                details,
+            },
+            Vec::new(),
+        );
+    }
+
+    /// A lease event: one usage row per component the lease covers (or only `component`
+    /// for a checkout), and one audit record.
+    pub fn lease_event(
+        &self,
+        at_ms: i64,
+        actor: &str,
+        kind: &str,
+        lease: &LeaseView,
+        component: Option<&str>,
+        delta: i64,
+    ) {
+        let components: Vec<String> = match component {
+            Some(component) => vec![component.to_string()],
+            None => lease.components.clone(),
+        };
+        let usage = components
+            .iter()
+            .map(|component| UsageEvent {
+                at_ms,
+                kind: kind.to_string(),
+                lease_id: Some(lease.lease_id.clone()),
+                key_id: Some(lease.key_id.clone()),
+                component: Some(component.clone()),
+                station: Some(lease.station.clone()),
+                user: Some(lease.user.clone()),
+                host: Some(lease.host.clone()),
+                delta,
+                detail: None,
+            })
+            .collect();
+        self.record(
+            AuditRecord {
+                at_ms,
+                actor: actor.to_string(),
+                action: format!("lease.{kind}"),
+                details: serde_json::json!({
+                    "lease_id": lease.lease_id,
+                    "key_id": lease.key_id,
+                    "components": components,
+                    "station": lease.station,
+                    "user": lease.user,
+                    "host": lease.host,
+                }),
+            },
+            usage,
+        );
+    }
+
+    /// A refused checkout.
+    pub fn denial(&self, at_ms: i64, request: &tessera_api::CheckoutRequest, code: &str) {
+        self.record(
+            AuditRecord {
+                at_ms,
+                actor: request.station.clone(),
+                action: "lease.denied".into(),
+                details: serde_json::json!({
+                    "component": request.component,
+                    "station": request.station,
+                    "user": request.user,
+                    "host": request.host,
+                    "code": code,
+                }),
+            },
+            vec![UsageEvent {
+                at_ms,
+                kind: "denied".into(),
+                lease_id: None,
+                key_id: None,
+                component: Some(request.component.clone()),
+                station: Some(request.station.clone()),
+                user: Some(request.user.clone()),
+                host: Some(request.host.clone()),
+                delta: 0,
+                detail: Some(code.to_string()),
+            }],
+        );
+    }
+
+    /// A key event (`key_imported`, `key_removed`): a usage row without component.
+    pub fn key_event(&self, at_ms: i64, actor: &str, kind: &str, key_id: &str, detail: String) {
+        self.record(
+            AuditRecord {
+                at_ms,
+                actor: actor.to_string(),
+                action: format!("key.{kind}"),
+                details: serde_json::json!({"key_id": key_id, "detail": detail}),
+            },
+            vec![UsageEvent {
+                at_ms,
+                kind: kind.to_string(),
+                lease_id: None,
+                key_id: Some(key_id.to_string()),
+                component: None,
+                station: None,
+                user: None,
+                host: None,
+                delta: 0,
+                detail: Some(detail),
+            }],
+        );
+    }
+
+    /// Waits until every event sent before this call is committed.
+    pub fn flush(&self) {
+        let (done, wait) = std::sync::mpsc::channel();
+        self.send(Message::Flush(done));
+        let _ = wait.recv();
+    }
+
+    /// Usage rows with `from_ms <= at_ms < to_ms`, oldest first (flushes first).
+    pub fn usage(&self, from_ms: i64, to_ms: i64) -> Result<Vec<UsageEvent>, HistoryError> {
+        self.flush();
+        let connection = self.reader()?;
+        query_usage(&connection, from_ms, to_ms).map_err(|e| self.error(e))
+    }
+
+    /// Per component, the highest number of licenses in use in each bucket of `bucket_ms`
+    /// between `from_ms` and `to_ms` (the level carried into a bucket counts), and the
+    /// denials per bucket.
+    pub fn chart(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+        bucket_ms: i64,
+    ) -> Result<Vec<ComponentSeries>, HistoryError> {
+        self.flush();
+        let connection = self.reader()?;
+        chart(&connection, from_ms, to_ms, bucket_ms).map_err(|e| self.error(e))
+    }
+
+    /// The newest `limit` audit records, newest first (flushes first).
+    pub fn recent_audit(&self, limit: usize) -> Result<Vec<AuditEntry>, HistoryError> {
+        self.flush();
+        let connection = self.reader()?;
+        let mut statement = connection
+            .prepare(
+                "SELECT seq, at_ms, actor, action, details FROM audit_log ORDER BY seq DESC LIMIT ?1",
+            )
+            .map_err(|e| self.error(e))?;
+        let rows = statement
+            .query_map(params![limit as i64], |row| {
+                Ok(AuditEntry {
+                    seq: row.get(0)?,
+                    at_ms: row.get(1)?,
+                    actor: row.get(2)?,
+                    action: row.get(3)?,
+                    details: row.get(4)?,
+                })
+            })
+            .map_err(|e| self.error(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.error(e))
+    }
+
+    /// Checks the audit chain (flushes first).
+    pub fn verify(&self) -> Result<audit::Verification, HistoryError> {
+        self.flush();
+        let connection = self.reader()?;
+        audit::verify(&connection).map_err(|e| self.error(e))
+    }
+
+    fn reader(&self) -> Result<Connection, HistoryError> {
+        let connection = Connection::open(&self.path).map_err(|e| self.error(e))?;
+        connection
+            .busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(|e| self.error(e))?;
+        Ok(connection)
+    }
+
+    fn error(&self, error: impl std::fmt::Display) -> HistoryError {
+        HistoryError {
+            path: self.path.display().to_string(),
+            message: error.to_string(),
+        }
+    }
+}
+
+impl Drop for History {
+    /// Writes what is queued and stops the writer, so a restarted server in the same data
+    /// directory continues the chain from its real head.
+    fn drop(&mut self) {
+        self.sender.lock().expect("history lock").take();
+        if let Some(writer) = self.writer.lock().expect("history lock").take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+/// Each batch reads the chain's head inside its (immediate) write transaction, so the chain
+/// stays whole even if another writer (a server restarting in the same directory) appended.
+fn write_loop(mut connection: Connection, receiver: Receiver<Message>) {
+    while let Ok(first) = receiver.recv() {
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            match receiver.try_recv() {
+                Ok(message) => batch.push(message),
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        let mut flushes = Vec::new();
+        let result = (|| -> rusqlite::Result<()> {
+            let transaction =
+                connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            {
+                let (mut seq, mut hash) =
+                    audit::head(&transaction)?.unwrap_or_else(|| (0, audit::genesis()));
+                let mut usage_insert = transaction.prepare_cached(
+                    "INSERT INTO usage_event (at_ms, kind, lease_id, key_id, component, station, user, host, delta, detail)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                )?;
+                let mut audit_insert = transaction.prepare_cached(
+                    "INSERT INTO audit_log (seq, at_ms, actor, action, details, prev_hash, hash)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )?;
+                for message in &batch {
+                    match message {
+                        Message::Flush(done) => flushes.push(done.clone()),
+                        Message::Record {
+                            usage,
+                            audit: record,
+                        } => {
+                            for event in usage {
+                                usage_insert.execute(params![
+                                    event.at_ms,
+                                    event.kind,
+                                    event.lease_id,
+                                    event.key_id,
+                                    event.component,
+                                    event.station,
+                                    event.user,
+                                    event.host,
+                                    event.delta,
+                                    event.detail,
+                                ])?;
+                            }
+                            seq += 1;
+                            let details = record.details.to_string();
+                            let next = audit::chain_hash(
+                                &hash,
+                                seq,
+                                record.at_ms,
+                                &record.actor,
+                                &record.action,
+                                &details,
+                            );
+                            audit_insert.execute(params![
+                                seq,
+                                record.at_ms,
+                                record.actor,
+                                record.action,
+                                details,
+                                hash,
+                                next,
+                            ])?;
+                            hash = next;
+                        }
+                    }
+                }
+            }
+            transaction.commit()
+        })();
+        if let Err(error) = result {
+            tracing::error!(%error, "usage history: a batch could not be written");
+        }
+        for done in flushes {
+            let _ = done.send(());
+        }
+    }
+}
+
+fn query_usage(
+    connection: &Connection,
+    from_ms: i64,
+    to_ms: i64,
+) -> rusqlite::Result<Vec<UsageEvent>> {
+    let mut statement = connection.prepare(
+        "SELECT at_ms, kind, lease_id, key_id, component, station, user, host, delta, detail
+         FROM usage_event WHERE at_ms >= ?1 AND at_ms < ?2 ORDER BY id",
+    )?;
+    let rows = statement.query_map(params![from_ms, to_ms], |row| {
+        Ok(UsageEvent {
+            at_ms: row.get(0)?,
+            kind: row.get(1)?,
+            lease_id: row.get(2)?,
+            key_id: row.get(3)?,
+            component: row.get(4)?,
+            station: row.get(5)?,
+            user: row.get(6)?,
+            host: row.get(7)?,
+            delta: row.get(8)?,
+            detail: row.get(9)?,
+        })
+    })?;
+    rows.collect()
+}
+
+/// One component's chart data.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ComponentSeries {
+    pub component: String,
+    /// Highest level in each bucket.
+    pub peaks: Vec<i64>,
+    /// Denials in each bucket.
+    pub denials: Vec<i64>,
+}
+
+fn chart(
+    connection: &Connection,
+    from_ms: i64,
+    to_ms: i64,
+    bucket_ms: i64,
+) -> rusqlite::Result<Vec<ComponentSeries>> {
+    let bucket_ms = bucket_ms.max(1);
+    let buckets = ((to_ms - from_ms).max(0) + bucket_ms - 1) / bucket_ms;
+    let buckets = buckets.clamp(1, 2_000) as usize;
+    let mut series: std::collections::BTreeMap<String, ComponentSeries> = Default::default();
+    let mut entry = |component: &str| {
+        series
+            .entry(component.to_string())
+            .or_insert_with(|| ComponentSeries {
+                component: component.to_string(),
+                peaks: vec![0; buckets],
+                denials: vec![0; buckets],
+            });
+    };
+    // The level at `from_ms` of each component.
+    let mut levels: std::collections::BTreeMap<String, i64> = Default::default();
+    {
+        let mut statement = connection.prepare(
+            "SELECT component, SUM(delta) FROM usage_event
+             WHERE at_ms < ?1 AND component IS NOT NULL GROUP BY component",
+        )?;
+        let rows = statement.query_map(params![from_ms], |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+        })?;
+        for row in rows {
+            let (component, level) = row?;
+            entry(&component);
+            levels.insert(component, level);
+        }
+    }
+    let mut events: Vec<(i64, String, String, i64)> = Vec::new();
+    {
+        let mut statement = connection.prepare(
+            "SELECT at_ms, component, kind, delta FROM usage_event
+             WHERE at_ms >= ?1 AND at_ms < ?2 AND component IS NOT NULL ORDER BY id",
+        )?;
+        let rows = statement.query_map(params![from_ms, to_ms], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+        })?;
+        for row in rows {
+            events.push(row?);
+        }
+    }
+    for (_, component, _, _) in &events {
+        entry(component);
+    }
+    // Carry each level through the buckets, raising the bucket's peak at every change.
+    for (component, data) in series.iter_mut() {
+        let mut level = levels.get(component).copied().unwrap_or(0).max(0);
+        let mut bucket = 0usize;
+        data.peaks[0] = level;
+        for (at_ms, event_component, kind, delta) in &events {
+            if event_component != component {
+                continue;
+            }
+            let index = (((at_ms - from_ms) / bucket_ms) as usize).min(buckets - 1);
+            while bucket < index {
+                bucket += 1;
+                data.peaks[bucket] = level;
+            }
+            if kind == "denied" {
+                data.denials[index] += 1;
+            }
+            level = (level + delta).max(0);
+            data.peaks[index] = data.peaks[index].max(level);
+        }
+        while bucket + 1 < buckets {
+            bucket += 1;
+            data.peaks[bucket] = level;
+        }
+    }
+    Ok(series.into_values().collect())
+}
+
+/// The number of audit records, for tests and the console.
+pub fn audit_len(connection: &Connection) -> rusqlite::Result<i64> {
+    connection
+        .query_row("SELECT COUNT(*) FROM audit_log", [], |row| row.get(0))
+        .optional()
+        .map(|count| count.unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(station: &str, components: &[&str]) -> LeaseView {
+        LeaseView {
+            lease_id: format!("lease-{station}"),
+            key_id: "k1".into(),
+            components: components.iter().map(|c| c.to_string()).collect(),
+            station: station.into(),
+            user: "ann".into(),
+            host: station.into(),
+            issued_at_ms: 0,
+            renewed_at_ms: 0,
+            expires_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn the_chart_carries_levels_through_empty_buckets_and_keeps_each_buckets_peak() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = History::start(dir.path()).unwrap();
+        let hour = 3_600_000;
+        // Before the chart's range: one cad lease held.
+        history.lease_event(
+            -hour,
+            "ws-0",
+            "granted",
+            &lease("ws-0", &["cad"]),
+            Some("cad"),
+            1,
+        );
+        // Bucket 1: up to 3, back to 2. Bucket 3: a denial, then one checkin.
+        history.lease_event(
+            hour + 1,
+            "ws-1",
+            "granted",
+            &lease("ws-1", &["cad"]),
+            Some("cad"),
+            1,
+        );
+        history.lease_event(
+            hour + 2,
+            "ws-2",
+            "granted",
+            &lease("ws-2", &["cad"]),
+            Some("cad"),
+            1,
+        );
+        history.lease_event(
+            hour + 3,
+            "ws-2",
+            "checkin",
+            &lease("ws-2", &["cad"]),
+            None,
+            -1,
+        );
+        let request = tessera_api::CheckoutRequest {
+            component: "cad".into(),
+            station: "ws-9".into(),
+            user: "bob".into(),
+            host: "ws9".into(),
+        };
+        history.denial(3 * hour, &request, "no_licenses_available");
+        history.lease_event(
+            3 * hour + 5,
+            "ws-1",
+            "checkin",
+            &lease("ws-1", &["cad"]),
+            None,
+            -1,
+        );
+        let series = history.chart(0, 5 * hour, hour).unwrap();
+        assert_eq!(series.len(), 1);
+        assert_eq!(series[0].component, "cad");
+        assert_eq!(series[0].peaks, vec![1, 3, 2, 2, 1]);
+        assert_eq!(series[0].denials, vec![0, 0, 0, 1, 0]);
+        let rows = history.usage(0, 5 * hour).unwrap();
+        assert_eq!(rows.len(), 5);
+        assert_eq!(rows[3].kind, "denied");
+        assert_eq!(rows[3].detail.as_deref(), Some("no_licenses_available"));
+        let verification = history.verify().unwrap();
+        assert!(verification.ok);
+        assert_eq!(verification.records, 6);
+    }
+}

@@ -1,0 +1,495 @@
+//! The web console, usage history and audit chain, through the real HTTP server.
+
+use reqwest::redirect::Policy;
+use reqwest::{Method, StatusCode};
+
+use super::{Fixture, request};
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// Logs in with the admin token; returns the session cookie and the CSRF token.
+async fn login(f: &Fixture) -> (String, String) {
+    let response = http()
+        .post(format!("{}/login", f.server.url()))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={}&next=%2F", f.server.state.admin_token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    assert_eq!(response.headers()["location"], "/");
+    let set_cookie = response.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(set_cookie.contains("HttpOnly"), "{set_cookie}");
+    assert!(set_cookie.contains("SameSite=Strict"), "{set_cookie}");
+    let cookie = set_cookie.split(';').next().unwrap().to_string();
+    let (status, html) = page(f, &cookie, "/").await;
+    assert_eq!(status, 200);
+    (cookie, csrf_of(&html))
+}
+
+fn csrf_of(html: &str) -> String {
+    let marker = "name=\"csrf\" value=\"";
+    let start = html.find(marker).expect("a CSRF field") + marker.len();
+    html[start..start + 64].to_string()
+}
+
+async fn page(f: &Fixture, cookie: &str, path: &str) -> (u16, String) {
+    let response = http()
+        .get(format!("{}{path}", f.server.url()))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+async fn post_form(f: &Fixture, cookie: &str, path: &str, body: &str) -> reqwest::Response {
+    http()
+        .post(format!("{}{path}", f.server.url()))
+        .header("cookie", cookie)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn admin_get(f: &Fixture, path: &str) -> (u16, String) {
+    let response = http()
+        .get(format!("{}{path}", f.server.url()))
+        .bearer_auth(&f.server.state.admin_token)
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn console_pages_need_a_login_and_a_wrong_token_is_refused() {
+    let f = Fixture::start().await;
+    for path in ["/", "/leases", "/usage", "/sync", "/events"] {
+        let response = http()
+            .get(format!("{}{path}", f.server.url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::SEE_OTHER, "{path}");
+        let location = response.headers()["location"].to_str().unwrap();
+        assert!(location.starts_with("/login?next="), "{location}");
+    }
+    // htmx fragments and actions answer 401 with the JSON error body.
+    let response = http()
+        .get(format!("{}/leases/table", f.server.url()))
+        .header("hx-request", "true")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unauthorized");
+    let (status, body) = super::raw(
+        &format!("{}/leases/x/release", f.server.url()),
+        Method::POST,
+        "csrf=x",
+        "application/x-www-form-urlencoded",
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    // A wrong token: the login form again, 401, no cookie.
+    let response = http()
+        .post(format!("{}/login", f.server.url()))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("token=wrong&next=%2F")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert!(response.headers().get("set-cookie").is_none());
+    // The login page and htmx are served without a session.
+    let (status, html) = page(&f, "", "/login").await;
+    assert_eq!(status, 200);
+    assert!(html.contains("name=\"token\""));
+    let response = http()
+        .get(format!("{}/assets/htmx.min.js", f.server.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.text().await.unwrap().contains("htmx"));
+}
+
+#[tokio::test]
+async fn login_shows_keys_domain_and_escapes_what_stations_send() {
+    let f = Fixture::start().await;
+    f.import(&f.key("k1", &["cad", "cam"], 3)).await;
+    let mut evil = request("cad", "<script>alert(1)</script>");
+    evil.user = "\"onmouseover=x".into();
+    f.client().checkout(&evil).await.unwrap();
+    let (cookie, _) = login(&f).await;
+    let (status, html) = page(&f, &cookie, "/").await;
+    assert_eq!(status, 200);
+    assert!(html.contains("k1"), "{html}");
+    assert!(html.contains("id=\"domain-tile\""));
+    assert!(html.contains("primary"));
+    assert!(html.contains("/keys/k1/export"));
+    let (status, html) = page(&f, &cookie, "/leases").await;
+    assert_eq!(status, 200);
+    assert!(
+        !html.contains("<script>alert(1)"),
+        "station names are escaped"
+    );
+    assert!(
+        html.contains("&#60;script&#62;alert(1)&#60;/script&#62;"),
+        "{html}"
+    );
+    assert!(!html.contains("\"onmouseover=x"));
+    let (status, exported) = page(&f, &cookie, "/keys/k1/export").await;
+    assert_eq!(status, 200);
+    assert!(exported.contains("\"key_id\""));
+    // The token link logs in too (for scripts and headless browsers), to a local path only.
+    let response = http()
+        .get(format!(
+            "{}/login?token={}&next=https://evil.example/",
+            f.server.url(),
+            f.server.state.admin_token
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    assert_eq!(response.headers()["location"], "/");
+}
+
+#[tokio::test]
+async fn leases_are_listed_filtered_and_force_released_after_confirmation() {
+    let f = Fixture::start().await;
+    f.import(&f.key("k1", &["cad"], 5)).await;
+    let (lease, _) = f.client().checkout(&request("cad", "ws-1")).await.unwrap();
+    f.client().checkout(&request("cad", "ws-2")).await.unwrap();
+    let (cookie, csrf) = login(&f).await;
+    let (_, html) = page(&f, &cookie, "/leases").await;
+    assert!(html.contains("ws-1") && html.contains("ws-2"), "{html}");
+    // The htmx filter answers the table alone.
+    let response = http()
+        .get(format!("{}/leases/table?station=ws-1", f.server.url()))
+        .header("cookie", &cookie)
+        .header("hx-request", "true")
+        .send()
+        .await
+        .unwrap();
+    let table = response.text().await.unwrap();
+    assert!(table.starts_with("<table id=\"leases\""), "{table}");
+    assert!(table.contains("ws-1") && !table.contains("ws-2"), "{table}");
+    // The confirmation step changes nothing.
+    let (status, confirm) = page(&f, &cookie, &format!("/leases/{}/release", lease.lease_id)).await;
+    assert_eq!(status, 200);
+    assert!(confirm.contains("Release this lease?"));
+    assert!(confirm.contains("ws-1"));
+    assert_eq!(f.client().status().await.unwrap().leases.len(), 2);
+    // Without the CSRF token: refused, nothing released.
+    let path = format!("/leases/{}/release", lease.lease_id);
+    let refused = post_form(&f, &cookie, &path, "csrf=forged").await;
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "csrf_token_invalid");
+    assert_eq!(f.client().status().await.unwrap().leases.len(), 2);
+    // Confirmed: released, back to the list.
+    let done = post_form(&f, &cookie, &path, &format!("csrf={csrf}")).await;
+    assert_eq!(done.status(), StatusCode::SEE_OTHER);
+    let status = f.client().status().await.unwrap();
+    assert_eq!(status.leases.len(), 1);
+    assert_eq!(status.leases[0].station, "ws-2");
+    let (_, html) = page(&f, &cookie, "/leases?released=ws-1").await;
+    assert!(html.contains("Released the lease of ws-1."));
+    // The station's next heartbeat is refused.
+    assert!(f.client().heartbeat(&lease.lease_id).await.is_err());
+    // Logging out ends the session.
+    let out = post_form(&f, &cookie, "/logout", &format!("csrf={csrf}")).await;
+    assert_eq!(out.status(), StatusCode::SEE_OTHER);
+    let (status, _) = page(&f, &cookie, "/leases").await;
+    assert_eq!(status, 303);
+}
+
+#[tokio::test]
+async fn usage_history_records_every_event_and_exports_csv_and_json() {
+    let f = Fixture::start().await;
+    f.import(&f.key("k1", &["cad"], 1)).await;
+    let (first, created) = f.client().checkout(&request("cad", "ws-1")).await.unwrap();
+    assert!(created);
+    f.client().checkout(&request("cad", "ws-1")).await.unwrap();
+    assert!(f.client().checkout(&request("cad", "ws-2")).await.is_err());
+    f.client().checkin(&first.lease_id).await.unwrap();
+    let (second, _) = f.client().checkout(&request("cad", "ws-3")).await.unwrap();
+    f.clock.advance_ms(super::LEASE_TTL.as_millis() as i64);
+    assert_eq!(f.server.state.tick().await.unwrap(), 1);
+    let (third, _) = f.client().checkout(&request("cad", "ws-4")).await.unwrap();
+    f.admin().force_release(&third.lease_id).await.unwrap();
+    f.admin().remove_key("k1").await.unwrap();
+
+    let (status, csv) = admin_get(&f, "/v1/reports/usage?format=csv").await;
+    assert_eq!(status, 200, "{csv}");
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(
+        lines[0],
+        "time,kind,component,station,user,host,key_id,lease_id,delta,detail"
+    );
+    let kinds: Vec<(&str, &str)> = lines[1..]
+        .iter()
+        .map(|line| {
+            let fields: Vec<&str> = line.split(',').collect();
+            (fields[1], fields[3])
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ("key_imported", ""),
+            ("granted", "ws-1"),
+            ("existing", "ws-1"),
+            ("denied", "ws-2"),
+            ("checkin", "ws-1"),
+            ("granted", "ws-3"),
+            ("expired", "ws-3"),
+            ("granted", "ws-4"),
+            ("force_release", "ws-4"),
+            ("key_removed", ""),
+        ]
+    );
+    assert!(csv.contains(&second.lease_id));
+    assert!(lines[4].contains("no_licenses_available"), "{}", lines[4]);
+
+    let (status, json) = admin_get(&f, "/v1/reports/usage?format=json&from=2000-01-01").await;
+    assert_eq!(status, 200);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    assert_eq!(rows.len(), 10);
+    assert_eq!(rows[1]["kind"], "granted");
+    assert_eq!(rows[1]["user"], "ann");
+    assert_eq!(rows[1]["component"], "cad");
+    // A range before any event is empty; bad input is a JSON error; the token is needed.
+    let (_, empty) = admin_get(&f, "/v1/reports/usage?to=2000-01-01").await;
+    assert_eq!(empty.lines().count(), 1);
+    let (status, bad) = admin_get(&f, "/v1/reports/usage?from=yesterday").await;
+    assert_eq!(status, 400);
+    assert!(bad.contains("invalid_query"));
+    let (status, _) = super::raw(
+        &format!("{}/v1/reports/usage", f.server.url()),
+        Method::GET,
+        "",
+        "text/plain",
+    )
+    .await;
+    assert_eq!(status, 401);
+
+    // The console: chart, peak, denials, CSV link.
+    let (cookie, _) = login(&f).await;
+    let (status, html) = page(&f, &cookie, "/usage").await;
+    assert_eq!(status, 200);
+    assert!(html.contains("<svg id=\"usage-chart\""), "{html}");
+    assert!(html.contains("<polyline class=\"series\""));
+    assert!(html.contains("<td>cad</td><td>1</td><td>1</td>"), "{html}");
+    for bucket in ["day", "month"] {
+        let (status, html) = page(&f, &cookie, &format!("/usage?bucket={bucket}")).await;
+        assert_eq!(status, 200);
+        assert!(html.contains("<polyline"));
+    }
+    let (status, console_csv) = page(&f, &cookie, "/usage.csv").await;
+    assert_eq!(status, 200);
+    assert_eq!(console_csv, csv);
+}
+
+#[tokio::test]
+async fn the_audit_chain_names_the_first_tampered_record() {
+    let f = Fixture::start().await;
+    f.import(&f.key("k1", &["cad"], 2)).await;
+    let (lease, _) = f.client().checkout(&request("cad", "ws-1")).await.unwrap();
+    f.admin().force_release(&lease.lease_id).await.unwrap();
+    login(&f).await;
+    let (status, body) = admin_get(&f, "/v1/audit/verify").await;
+    assert_eq!(status, 200);
+    let verification: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(verification["ok"], true, "{body}");
+    let records = verification["records"].as_i64().unwrap();
+    // key import (ledger + API request), checkout, force-release (ledger + API), login.
+    assert!(records >= 6, "{body}");
+    let actions: Vec<String> = {
+        let path = f.dir.path().join("data").join("usage.sqlite3");
+        let connection = rusqlite::Connection::open(&path).unwrap();
+        let mut statement = connection
+            .prepare("SELECT action FROM audit_log ORDER BY seq")
+            .unwrap();
+        statement
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    for wanted in [
+        "key.key_imported",
+        "lease.granted",
+        "lease.force_release",
+        "api POST /v1/leases/{lease_id}/release",
+        "console.login",
+    ] {
+        assert!(
+            actions.iter().any(|a| a == wanted),
+            "{wanted} in {actions:?}"
+        );
+    }
+
+    // Change one record behind the server's back.
+    let path = f.dir.path().join("data").join("usage.sqlite3");
+    let connection = rusqlite::Connection::open(&path).unwrap();
+    connection
+        .execute(
+            "UPDATE audit_log SET details = '{\"station\":\"someone-else\"}' WHERE seq = 3",
+            [],
+        )
+        .unwrap();
+    let (_, body) = admin_get(&f, "/v1/audit/verify").await;
+    let verification: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(verification["ok"], false, "{body}");
+    assert_eq!(verification["broken_seq"], 3, "{body}");
+    let offline = tessera_server::audit::verify_data_dir(&f.dir.path().join("data")).unwrap();
+    assert!(!offline.ok);
+    assert_eq!(offline.broken_seq, Some(3));
+
+    // Deleting a record is found too.
+    connection
+        .execute("DELETE FROM audit_log WHERE seq = 2", [])
+        .unwrap();
+    let offline = tessera_server::audit::verify_data_dir(&f.dir.path().join("data")).unwrap();
+    assert_eq!(offline.broken_seq, Some(3));
+    let (cookie, _) = login(&f).await;
+    let (_, html) = page(&f, &cookie, "/events").await;
+    assert!(html.contains("BROKEN at record 3"), "{html}");
+}
+
+#[tokio::test]
+async fn the_chain_continues_across_a_restart() {
+    let f = Fixture::start().await;
+    f.import(&f.key("k1", &["cad"], 2)).await;
+    f.server.state.history.flush();
+    let f = f.restart().await;
+    f.client().checkout(&request("cad", "ws-1")).await.unwrap();
+    let verification = f.server.state.history.verify().unwrap();
+    assert!(verification.ok, "{verification:?}");
+    assert!(verification.records >= 3);
+}
+
+#[tokio::test]
+async fn sync_and_notifications_pages_render() {
+    let f = Fixture::start().await;
+    f.import(&f.key("k1", &["cad"], 2)).await;
+    let (cookie, csrf) = login(&f).await;
+    let (status, html) = page(&f, &cookie, "/sync").await;
+    assert_eq!(status, 200);
+    assert!(html.contains("srv-test"));
+    assert!(html.contains("enctype=\"multipart/form-data\""));
+    let (status, html) = page(&f, &cookie, "/events").await;
+    assert_eq!(status, 200);
+    assert!(html.contains("key_imported"), "{html}");
+    assert!(html.contains("intact"));
+    assert!(html.contains("<td>console.login</td>"), "{html}");
+    assert!(html.contains("<td>key.key_imported</td>"), "{html}");
+    // Exporting a sync request from the console gives the signed request file.
+    let response = post_form(&f, &cookie, "/sync/request", &format!("csrf={csrf}")).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response.headers()["content-disposition"]
+            .to_str()
+            .unwrap()
+            .contains("request.tsync")
+    );
+    // A bad response file is shown as an error on the page.
+    let boundary = "tessera-test-boundary";
+    let body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"csrf\"\r\n\r\n{csrf}\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"r.tsync\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\nnot a response\r\n--{boundary}--\r\n"
+    );
+    let response = http()
+        .post(format!("{}/sync/response", f.server.url()))
+        .header("cookie", &cookie)
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let html = response.text().await.unwrap();
+    assert!(html.contains("class=\"error\""), "{html}");
+}
+
+#[tokio::test]
+async fn an_admin_user_logs_in_with_an_argon2_password() {
+    let f = Fixture::start().await;
+    let config = tessera_server::ServerConfig {
+        data_dir: f.dir.path().join("users-data"),
+        listen: "127.0.0.1:0".into(),
+        trust: vec![f.dir.path().join("vendor.pub")],
+        admin_users: vec![tessera_server::config::AdminUser {
+            name: "ann".into(),
+            password_hash: tessera_server::console::hash_password("s3cret pass").unwrap(),
+        }],
+        ..tessera_server::ServerConfig::default()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = tessera_server::start(
+        listener,
+        tessera_server::ServerOptions {
+            config,
+            clock: std::sync::Arc::new(f.clock.clone()),
+            ids: tessera_server::ids::LeaseIds::from_seed([9; 32]),
+            run_timers: false,
+        },
+    )
+    .await
+    .unwrap();
+    let (_, form) = {
+        let response = http()
+            .get(format!("{}/login", server.url()))
+            .send()
+            .await
+            .unwrap();
+        (response.status(), response.text().await.unwrap())
+    };
+    assert!(form.contains("name=\"password\""), "{form}");
+    let attempt = |password: &'static str| {
+        http()
+            .post(format!("{}/login", server.url()))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("name=ann&password={password}&next=%2Fleases"))
+            .send()
+    };
+    let wrong = attempt("wrong").await.unwrap();
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    let right = attempt("s3cret+pass").await.unwrap();
+    assert_eq!(right.status(), StatusCode::SEE_OTHER);
+    assert_eq!(right.headers()["location"], "/leases");
+    let cookie = right.headers()["set-cookie"].to_str().unwrap();
+    let cookie = cookie.split(';').next().unwrap().to_string();
+    let html = http()
+        .get(format!("{}/leases", server.url()))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("ann ·"), "{html}");
+    let verification = server.state.history.verify().unwrap();
+    assert!(verification.ok);
+    server.shutdown().await;
+}
