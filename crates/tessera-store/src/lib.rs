@@ -42,7 +42,9 @@ pub use writer::WriterStats;
 
 /// Build a snapshot after this many applied entries since the last one; the log entries it
 /// covers are then purged, which bounds both the SQLite log and its in-memory mirror.
-pub const SNAPSHOT_EVERY_LOGS: u64 = 10_000;
+/// A snapshot of a million leases takes about a second to write, during which applying
+/// waits; 50,000 entries (a few MiB of log, well under a second to replay) keeps that rare.
+pub const SNAPSHOT_EVERY_LOGS: u64 = 50_000;
 
 /// Log entries kept after a snapshot, so a briefly lagging follower can still catch up from
 /// the log instead of receiving a whole snapshot.
