@@ -72,8 +72,11 @@ pub struct KeySummary {
     pub state: String,
     pub server_id: Option<String>,
     pub renews: Option<String>,
-    /// Whether the key serves this server's stations.
+    /// Whether the key serves every station of this server.
     pub allocated: bool,
+    /// Station groups the key is allocated to.
+    #[serde(default)]
+    pub groups: Vec<String>,
     /// The renewal key that replaced this one, if any.
     pub replaced_by: Option<String>,
     /// The last automatic renewal result for this key, in words.
@@ -104,7 +107,21 @@ pub struct RenewalReport {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AllocateRequest {
+    /// Allocate to every station of this server.
     pub stations: bool,
+    /// Also (or instead) allocate to the stations of these groups; omitted: unchanged.
+    #[serde(default)]
+    pub groups: Option<Vec<String>>,
+}
+
+/// A station group (`GET /v1/groups`, `PUT /v1/groups/{name}`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StationGroup {
+    #[serde(default)]
+    pub name: String,
+    /// Station names; an empty list deletes the group.
+    pub stations: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -29,6 +29,16 @@ pub enum KeysCommand {
         key_id: String,
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         stations: bool,
+        /// Allocate to the stations of this group (repeatable); replaces the key's groups.
+        #[arg(long = "group")]
+        groups: Vec<String>,
+    },
+    /// List station groups, or define one: `tessera keys group NAME --stations a,b`.
+    Group {
+        name: Option<String>,
+        /// Comma-separated station names; an empty value deletes the group.
+        #[arg(long, value_delimiter = ',')]
+        stations: Option<Vec<String>>,
     },
 }
 
@@ -215,10 +225,34 @@ pub async fn run_keys(command: KeysCommand, remote: &Remote) -> anyhow::Result<(
                 );
             }
         }
-        KeysCommand::Allocate { key_id, stations } => {
-            client.allocate_key(&key_id, stations).await?;
-            println!("{key_id}: allocated to stations = {stations}");
+        KeysCommand::Allocate {
+            key_id,
+            stations,
+            groups,
+        } => {
+            let groups = (!groups.is_empty()).then_some(groups);
+            client
+                .allocate_key(&key_id, stations, groups.clone())
+                .await?;
+            println!("{key_id}: allocated to all stations = {stations}");
+            if let Some(groups) = groups {
+                println!("{key_id}: allocated to groups {}", groups.join(", "));
+            }
         }
+        KeysCommand::Group { name, stations } => match (name, stations) {
+            (Some(name), Some(stations)) => {
+                let stations: Vec<String> =
+                    stations.into_iter().filter(|s| !s.is_empty()).collect();
+                let count = stations.len();
+                client.set_station_group(&name, stations).await?;
+                println!("group {name}: {count} stations");
+            }
+            _ => {
+                for group in client.station_groups().await? {
+                    println!("{:<20} {}", group.name, group.stations.join(", "));
+                }
+            }
+        },
     }
     Ok(())
 }

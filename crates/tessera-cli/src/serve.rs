@@ -43,10 +43,10 @@ pub struct ServerArgs {
     /// Automatic online sync: off, daily or weekly.
     #[arg(long)]
     sync_schedule: Option<String>,
-    /// This host's number in its domain (with --hosts, or [domain] in the config).
+    /// This host's number in its domain (with --hosts, or the domain section of the config).
     #[arg(long)]
     host: Option<u64>,
-    /// Every host of the domain: 1=ADDR,2=ADDR,... (overrides [domain] hosts).
+    /// Every host of the domain: 1=ADDR,2=ADDR,... (overrides the hosts of the config's domain section).
     #[arg(long)]
     hosts: Option<String>,
     /// The secret shared by the hosts of a domain (authenticates their Raft traffic).

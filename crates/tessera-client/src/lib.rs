@@ -322,13 +322,41 @@ impl Client {
         Ok(self.json(Method::GET, "/v1/status", None).await?.1)
     }
 
+    pub async fn station_groups(&self) -> Result<Vec<tessera_api::StationGroup>, ClientError> {
+        Ok(self.json(Method::GET, "/v1/groups", None).await?.1)
+    }
+
+    /// Defines a station group; an empty list deletes it.
+    pub async fn set_station_group(
+        &self,
+        name: &str,
+        stations: Vec<String>,
+    ) -> Result<(), ClientError> {
+        let body = serde_json::to_string(&tessera_api::StationGroup {
+            name: name.to_string(),
+            stations,
+        })
+        .expect("serializes");
+        let path = format!("/v1/groups/{name}");
+        self.send(Method::PUT, &path, Some((body, "application/json")))
+            .await?;
+        Ok(())
+    }
+
     /// "Check for updates and replace license keys".
     pub async fn update_keys(&self) -> Result<KeyUpdateReport, ClientError> {
         Ok(self.json(Method::POST, "/v1/keys/update", None).await?.1)
     }
 
-    pub async fn allocate_key(&self, key_id: &str, stations: bool) -> Result<(), ClientError> {
-        let body = serde_json::to_string(&AllocateRequest { stations }).expect("serializes");
+    /// Allocates a key to every station (`stations`) and, if given, to these station groups.
+    pub async fn allocate_key(
+        &self,
+        key_id: &str,
+        stations: bool,
+        groups: Option<Vec<String>>,
+    ) -> Result<(), ClientError> {
+        let body =
+            serde_json::to_string(&AllocateRequest { stations, groups }).expect("serializes");
         let path = format!("/v1/keys/{key_id}/allocate");
         self.send(Method::POST, &path, Some((body, "application/json")))
             .await?;

@@ -50,6 +50,13 @@ pub enum Command {
     RenewKeys,
     /// An administrator allocates a key to this server's stations, or takes it away.
     AllocateKey { key_id: String, stations: bool },
+    /// Allocates a key to the stations of these groups (replacing its group list).
+    AllocateKeyToGroups { key_id: String, groups: Vec<String> },
+    /// Defines a station group; an empty list deletes it.
+    SetStationGroup {
+        group: String,
+        stations: Vec<String>,
+    },
 }
 
 impl Command {
@@ -67,6 +74,8 @@ impl Command {
             Command::CompleteSync { .. } => "complete_sync",
             Command::RenewKeys => "renew_keys",
             Command::AllocateKey { .. } => "allocate_key",
+            Command::AllocateKeyToGroups { .. } => "allocate_key_to_groups",
+            Command::SetStationGroup { .. } => "set_station_group",
         }
     }
 }

@@ -30,6 +30,7 @@ use crate::sync::{ServerCertificate, SyncError, SyncResponse};
 /// Upper bound on a lease's time to live, so a mistaken request cannot pin a seat for years.
 pub const LEASE_TTL_MS_MAX: i64 = 7 * 24 * 3600 * 1000;
 pub const FREE_TEXT_LENGTH_MAX: usize = 256;
+pub const STATIONS_PER_GROUP_MAX: usize = 10_000;
 
 /// What every replica of a server is configured with, identically.
 #[derive(Clone, Debug, Default)]
@@ -108,6 +109,9 @@ pub struct KeyMeta {
     /// not be allocated (fewer components or licenses) stays unallocated until an
     /// administrator allocates it.
     pub stations: bool,
+    /// Also allocated to the stations of these groups (see `SetStationGroup`).
+    #[serde(default)]
+    pub groups: BTreeSet<String>,
     /// Set once a renewal key took this key's place; the key is removed when nothing uses it.
     pub replaced_by: Option<String>,
     /// The last renewal attempt's result for this key, for status and notifications.
@@ -216,6 +220,8 @@ pub struct LedgerSnapshot {
     #[serde(with = "lease_rows")]
     pub leases: Vec<LeaseView>,
     #[serde(default)]
+    pub groups: BTreeMap<String, BTreeSet<String>>,
+    #[serde(default)]
     pub sync: SyncState,
 }
 
@@ -301,6 +307,8 @@ pub struct Ledger {
     /// (expires at, lease id), so expiry touches only the leases that are due.
     expiry: BTreeSet<(i64, Arc<str>)>,
     sync: SyncState,
+    /// Station groups: group name → station names.
+    groups: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl Ledger {
@@ -313,6 +321,7 @@ impl Ledger {
             by_station: HashMap::new(),
             expiry: BTreeSet::new(),
             sync: SyncState::default(),
+            groups: BTreeMap::new(),
         }
     }
 
@@ -371,6 +380,10 @@ impl Ledger {
             Command::CompleteSync { response } => self.complete_sync(response, at),
             Command::RenewKeys => self.renew_keys(at),
             Command::AllocateKey { key_id, stations } => self.allocate_key(key_id, *stations),
+            Command::AllocateKeyToGroups { key_id, groups } => {
+                self.allocate_key_to_groups(key_id, groups)
+            }
+            Command::SetStationGroup { group, stations } => self.set_station_group(group, stations),
         };
         self.retire_replaced_keys(at);
         #[cfg(debug_assertions)]
@@ -464,7 +477,7 @@ impl Ledger {
             .keys
             .values()
             .filter(|record| {
-                record.meta.stations
+                self.allocated_to(record, request.station)
                     && is_active(record, at)
                     && record.key.payload.covers(component)
             })
@@ -680,6 +693,67 @@ impl Ledger {
         }
     }
 
+    /// Whether a key serves this station: allocated to all stations, or to a group of it.
+    fn allocated_to(&self, record: &KeyRecord, station: &str) -> bool {
+        record.meta.stations
+            || record.meta.groups.iter().any(|group| {
+                self.groups
+                    .get(group)
+                    .is_some_and(|members| members.contains(station))
+            })
+    }
+
+    fn allocate_key_to_groups(&mut self, key_id: &str, groups: &[String]) -> Outcome {
+        if let Some(bad) = groups.iter().find(|g| !is_name(g)) {
+            return invalid(format!("group {bad:?} is not a valid name"));
+        }
+        let Some(record) = self.keys.get_mut(key_id) else {
+            return Outcome::Refused {
+                refusal: Refusal::KeyNotFound {
+                    key_id: key_id.into(),
+                },
+            };
+        };
+        record.meta.groups = groups.iter().cloned().collect();
+        Outcome::KeyAllocatedToGroups {
+            key_id: key_id.into(),
+            groups: record.meta.groups.iter().cloned().collect(),
+        }
+    }
+
+    fn set_station_group(&mut self, group: &str, stations: &[String]) -> Outcome {
+        if !is_name(group) {
+            return invalid(format!("group {group:?} is not a valid name"));
+        }
+        if stations.len() > STATIONS_PER_GROUP_MAX {
+            return invalid(format!(
+                "a group holds at most {STATIONS_PER_GROUP_MAX} stations"
+            ));
+        }
+        if stations
+            .iter()
+            .any(|s| s.is_empty() || s.len() > FREE_TEXT_LENGTH_MAX)
+        {
+            return invalid(format!(
+                "station names have 1 to {FREE_TEXT_LENGTH_MAX} characters"
+            ));
+        }
+        if stations.is_empty() {
+            self.groups.remove(group);
+        } else {
+            self.groups
+                .insert(group.to_string(), stations.iter().cloned().collect());
+        }
+        Outcome::StationGroupSet {
+            group: group.into(),
+            stations: self.groups.get(group).map_or(0, |m| m.len() as u32),
+        }
+    }
+
+    pub fn station_groups(&self) -> &BTreeMap<String, BTreeSet<String>> {
+        &self.groups
+    }
+
     /// The renewal candidates: renewal keys held from the vendor, and keys already imported
     /// (by an administrator) that name a key they renew. Each as (old key id, renewal key).
     fn renewal_candidates(&self) -> Vec<(String, LicenseKey)> {
@@ -761,12 +835,11 @@ impl Ledger {
             }
             let result = if reasons.is_empty() {
                 let old_stations = old.meta.stations;
+                let old_groups = old.meta.groups.clone();
                 let renewal_active = key_state(new, at) == KeyState::Active;
-                self.keys
-                    .get_mut(&renewal_id)
-                    .expect("renewal")
-                    .meta
-                    .stations |= old_stations;
+                let new_meta = &mut self.keys.get_mut(&renewal_id).expect("renewal").meta;
+                new_meta.stations |= old_stations;
+                new_meta.groups.extend(old_groups);
                 let old = self.keys.get_mut(&old_id).expect("old");
                 old.meta.replaced_by = Some(renewal_id.clone());
                 if renewal_active {
@@ -1001,6 +1074,7 @@ impl Ledger {
             keys: self.snapshot_keys(),
             leases,
             sync: self.sync.clone(),
+            groups: self.groups.clone(),
         }
     }
 
@@ -1013,6 +1087,7 @@ impl Ledger {
             keys: Vec<StoredKey>,
             #[serde(serialize_with = "compact_rows")]
             leases: Vec<&'a Lease>,
+            groups: &'a BTreeMap<String, BTreeSet<String>>,
             sync: &'a SyncState,
         }
         fn compact_rows<S: serde::Serializer>(
@@ -1039,6 +1114,7 @@ impl Ledger {
             last_at_ms: self.last_at_ms,
             keys: self.snapshot_keys(),
             leases,
+            groups: &self.groups,
             sync: &self.sync,
         };
         serde_json::to_vec(&snapshot).expect("the ledger serializes")
@@ -1060,6 +1136,7 @@ impl Ledger {
         let mut ledger = Ledger::new(config);
         ledger.last_at_ms = snapshot.last_at_ms;
         ledger.sync = snapshot.sync;
+        ledger.groups = snapshot.groups;
         for key in snapshot.keys {
             ledger.keys.insert(
                 key.key.payload.key_id.clone(),
@@ -1201,6 +1278,12 @@ fn key_state(record: &KeyRecord, at: i64) -> KeyState {
 
 fn is_active(record: &KeyRecord, at: i64) -> bool {
     key_state(record, at) == KeyState::Active
+}
+
+fn invalid(reason: String) -> Outcome {
+    Outcome::Refused {
+        refusal: Refusal::InvalidRequest { reason },
+    }
 }
 
 fn sync_refused(error: SyncError) -> Outcome {

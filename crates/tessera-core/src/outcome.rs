@@ -52,6 +52,14 @@ pub enum Outcome {
         key_id: String,
         stations: bool,
     },
+    KeyAllocatedToGroups {
+        key_id: String,
+        groups: Vec<String>,
+    },
+    StationGroupSet {
+        group: String,
+        stations: u32,
+    },
     Refused {
         refusal: Refusal,
     },

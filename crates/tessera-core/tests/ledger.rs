@@ -578,6 +578,52 @@ fn when_a_manually_used_renewal_lacks_room_the_extra_stations_lose_their_license
     assert_eq!(ledger.lease_count(), 2);
 }
 
+#[test]
+fn a_key_allocated_to_a_station_group_serves_only_its_members() {
+    let mut ledger = ledger();
+    import(&mut ledger, key("k1", &["cad"], 5, BASE_MS + 1_000_000));
+    ledger.apply(&at(
+        BASE_MS,
+        Command::AllocateKey {
+            key_id: "k1".into(),
+            stations: false,
+        },
+    ));
+    let set = Command::SetStationGroup {
+        group: "design".into(),
+        stations: vec!["ws-1".into()],
+    };
+    assert!(matches!(
+        ledger.apply(&at(BASE_MS, set)),
+        Outcome::StationGroupSet { stations: 1, .. }
+    ));
+    let allocate = Command::AllocateKeyToGroups {
+        key_id: "k1".into(),
+        groups: vec!["design".into()],
+    };
+    ledger.apply(&at(BASE_MS, allocate));
+    assert!(matches!(
+        ledger.apply(&at(BASE_MS, checkout("l1", "ws-1", "cad"))),
+        Outcome::LeaseGranted { .. }
+    ));
+    let outsider = refusal(ledger.apply(&at(BASE_MS, checkout("l2", "ws-2", "cad"))));
+    assert_eq!(outsider.code(), "component_not_licensed");
+    let restored = Ledger::restore(ledger.config().clone(), ledger.snapshot());
+    assert_eq!(
+        restored.station_groups(),
+        ledger.station_groups(),
+        "groups survive snapshots"
+    );
+    let bad = Command::SetStationGroup {
+        group: "no spaces".into(),
+        stations: vec!["a".into()],
+    };
+    assert_eq!(
+        refusal(ledger.apply(&at(BASE_MS, bad))).code(),
+        "invalid_request"
+    );
+}
+
 // ---- property test against a reference model ----
 
 /// The reference: the same rules written the plain way, with linear scans.

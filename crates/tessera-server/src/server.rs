@@ -143,6 +143,7 @@ pub async fn start(
         notifier,
         deadline_notices: Default::default(),
         last_clock_event_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
+        next_sync_attempt_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
         config,
         consensus: consensus.clone(),
         stamper,
@@ -183,27 +184,19 @@ pub async fn start(
 async fn run_timer_loop(state: SharedState) {
     let mut interval = tokio::time::interval(TIMER_PERIOD);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // A failed automatic sync is retried after this long rather than on every tick.
-    const SYNC_RETRY_MS: i64 = 15 * 60 * 1000;
-    let mut next_sync_attempt_ms = i64::MIN;
     loop {
         interval.tick().await;
         if let Err(error) = state.tick().await {
             tracing::warn!(%error, "expiry timer");
         }
-        let now_ms = state.stamper.now_ms();
-        // Only the primary syncs (in a domain, backups would each call the authority).
-        if state.consensus.is_primary() && now_ms >= next_sync_attempt_ms && state.sync_due(now_ms)
-        {
-            next_sync_attempt_ms = now_ms + SYNC_RETRY_MS;
-            // The scheduled task syncs, then renews keys, as "check for updates" does.
-            match state.update_keys().await {
-                Ok(report) => tracing::info!(
-                    renewals = report.renewals.len(),
-                    "scheduled key update done"
-                ),
-                Err(error) => tracing::warn!(%error, "scheduled key update failed"),
-            }
+        match state.run_scheduled_update().await {
+            Some(Ok(report)) => tracing::info!(
+                renewals = report.renewals.len(),
+                sync_error = report.sync_error.as_deref().unwrap_or(""),
+                "scheduled key update done"
+            ),
+            Some(Err(error)) => tracing::warn!(%error, "scheduled key update failed"),
+            None => {}
         }
     }
 }

@@ -36,6 +36,9 @@ pub struct AppState {
     pub deadline_notices: std::sync::Mutex<(Option<i64>, i64)>,
     /// When a clock set back was last reported, so a stuck clock does not flood the channels.
     pub last_clock_event_ms: std::sync::atomic::AtomicI64,
+    /// The scheduled sync does not run before this time (set after each attempt, so a failed
+    /// attempt is retried after `SYNC_RETRY_MS`, not on every tick).
+    pub next_sync_attempt_ms: std::sync::atomic::AtomicI64,
     /// Usage history and audit chain (`DATA/usage.sqlite3`), written in the background.
     pub history: crate::history::History,
 }
@@ -461,6 +464,7 @@ pub fn key_summaries(ledger: &Ledger, now_ms: i64) -> Vec<KeySummary> {
                 server_id: payload.server_id.clone(),
                 renews: payload.renews.clone(),
                 allocated: view.meta.stations,
+                groups: view.meta.groups.iter().cloned().collect(),
                 replaced_by: view.meta.replaced_by.clone(),
                 renewal: view.meta.renewal.as_ref().map(|result| match result {
                     tessera_core::RenewalResult::Allocated { renewal_key_id } => {

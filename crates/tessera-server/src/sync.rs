@@ -16,6 +16,8 @@ use crate::state::{AppState, timestamp, unexpected};
 
 /// An online sync that takes longer than this is abandoned; the next attempt starts anew.
 const AUTHORITY_TIMEOUT: Duration = Duration::from_secs(30);
+/// A failed scheduled sync is retried after this long.
+pub const SYNC_RETRY_MS: i64 = 15 * 60 * 1000;
 
 impl AppState {
     /// Starts a sync: replicates the new sequence and nonce, returns the signed request.
@@ -216,8 +218,23 @@ impl AppState {
         })
     }
 
-    pub async fn allocate_key(&self, key_id: String, stations: bool) -> Result<(), ApiError> {
+    pub async fn allocate_key(
+        &self,
+        key_id: String,
+        stations: bool,
+        groups: Option<Vec<String>>,
+    ) -> Result<(), ApiError> {
         let at_ms = self.stamper.stamp_lenient();
+        if let Some(groups) = groups {
+            let command = Command::AllocateKeyToGroups {
+                key_id: key_id.clone(),
+                groups,
+            };
+            match self.propose_at(at_ms, command).await? {
+                Outcome::KeyAllocatedToGroups { .. } => {}
+                other => return Err(unexpected(other)),
+            }
+        }
         match self
             .propose_at(at_ms, Command::AllocateKey { key_id, stations })
             .await?
@@ -225,6 +242,51 @@ impl AppState {
             Outcome::KeyAllocated { .. } => Ok(()),
             other => Err(unexpected(other)),
         }
+    }
+
+    pub async fn set_station_group(
+        &self,
+        group: String,
+        stations: Vec<String>,
+    ) -> Result<u32, ApiError> {
+        let at_ms = self.stamper.stamp_lenient();
+        match self
+            .propose_at(at_ms, Command::SetStationGroup { group, stations })
+            .await?
+        {
+            Outcome::StationGroupSet { stations, .. } => Ok(stations),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub fn station_groups(&self) -> Vec<tessera_api::StationGroup> {
+        self.consensus.read(|ledger| {
+            ledger
+                .station_groups()
+                .iter()
+                .map(|(name, stations)| tessera_api::StationGroup {
+                    name: name.clone(),
+                    stations: stations.iter().cloned().collect(),
+                })
+                .collect()
+        })
+    }
+
+    /// One round of the scheduled update task: when the schedule (daily / weekly) calls for
+    /// it, sync online and renew keys, as "check for updates" does. Only the primary runs it
+    /// (in a domain, backups would each call the authority). `None`: nothing was due.
+    pub async fn run_scheduled_update(&self) -> Option<Result<KeyUpdateReport, ApiError>> {
+        use std::sync::atomic::Ordering;
+        let now_ms = self.stamper.now_ms();
+        if !self.consensus.is_primary()
+            || now_ms < self.next_sync_attempt_ms.load(Ordering::SeqCst)
+            || !self.sync_due(now_ms)
+        {
+            return None;
+        }
+        self.next_sync_attempt_ms
+            .store(now_ms + SYNC_RETRY_MS, Ordering::SeqCst);
+        Some(self.update_keys().await)
     }
 
     /// Whether the automatic schedule calls for an online sync now.

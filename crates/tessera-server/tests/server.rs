@@ -816,3 +816,99 @@ async fn the_sync_deadline_is_announced_30_7_and_1_days_before() {
 mod console;
 #[path = "server/domain.rs"]
 mod domain;
+
+/// The scheduled update task against a real in-process authority, driven by the manual clock.
+#[tokio::test]
+async fn the_daily_schedule_syncs_when_due_and_retries_a_failure_after_15_minutes() {
+    use tessera_server::config::SyncSchedule;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let authority = tessera_authority::start(
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        tessera_authority::AuthorityConfig {
+            data_dir: dir.path().join("authority"),
+            clock: Arc::new(clock.clone()),
+        },
+    )
+    .await
+    .unwrap();
+    let vendor_admin = reqwest::Client::new();
+    let server_id: serde_json::Value = vendor_admin
+        .post(format!("{}/v1/servers", authority.url()))
+        .bearer_auth(&authority.admin_token)
+        .json(&serde_json::json!({"customer": "acme", "create_customer": true}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let server_id = server_id["server_id"].as_str().unwrap().to_string();
+    let config = ServerConfig {
+        data_dir: dir.path().join("data"),
+        listen: "127.0.0.1:0".into(),
+        trust: vec![dir.path().join("authority/vendor.pub")],
+        server_id: Some(server_id),
+        authority: Some(authority.url()),
+        sync_schedule: SyncSchedule::Daily,
+        ..ServerConfig::default()
+    };
+    let server = tessera_server::start(
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        ServerOptions {
+            config,
+            clock: Arc::new(clock.clone()),
+            ids: LeaseIds::from_seed([7; 32]),
+            run_timers: false,
+        },
+    )
+    .await
+    .unwrap();
+    let state = &server.state;
+    let report = state
+        .run_scheduled_update()
+        .await
+        .expect("never synced: due")
+        .unwrap();
+    assert_eq!(report.sync.unwrap().sequence, 1);
+    assert!(
+        state.run_scheduled_update().await.is_none(),
+        "synced just now"
+    );
+    clock.advance_ms(86_400_000 - 1);
+    assert!(
+        state.run_scheduled_update().await.is_none(),
+        "not a day yet"
+    );
+    clock.advance_ms(1);
+    assert_eq!(
+        state
+            .run_scheduled_update()
+            .await
+            .unwrap()
+            .unwrap()
+            .sync
+            .unwrap()
+            .sequence,
+        2
+    );
+
+    // The authority goes away: the attempt fails (reported, notified) and is retried later.
+    authority.shutdown().await;
+    clock.advance_ms(86_400_000);
+    let failed = state.run_scheduled_update().await.unwrap().unwrap();
+    assert!(failed.sync_error.is_some());
+    assert!(
+        state.run_scheduled_update().await.is_none(),
+        "no retry on every tick"
+    );
+    clock.advance_ms(15 * 60 * 1000);
+    assert!(
+        state.run_scheduled_update().await.is_some(),
+        "retried after 15 minutes"
+    );
+    let events = state.notifier.recent();
+    assert!(events.iter().any(|e| e.kind == "sync_failed"));
+    assert_eq!(state.sync_status().completed_sequence, 2);
+    server.shutdown().await;
+}

@@ -112,7 +112,9 @@ pub async fn allocate_key(
     Path(key_id): Path<String>,
     ApiJson(request): ApiJson<AllocateRequest>,
 ) -> Result<StatusCode, ApiError> {
-    state.allocate_key(key_id, request.stations).await?;
+    state
+        .allocate_key(key_id, request.stations, request.groups)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -123,4 +125,33 @@ pub async fn events(
     _admin: Admin,
 ) -> Json<Vec<crate::events::Event>> {
     Json(state.notifier.recent())
+}
+
+/// Station groups, for allocating keys to some stations only.
+#[utoipa::path(get, path = "/v1/groups", security(("admin_token" = [])), responses((status = 200, body = Vec<tessera_api::StationGroup>)))]
+pub async fn list_groups(
+    State(state): State<SharedState>,
+    _admin: Admin,
+) -> Json<Vec<tessera_api::StationGroup>> {
+    Json(state.station_groups())
+}
+
+/// Define a station group (an empty list deletes it).
+#[utoipa::path(put, path = "/v1/groups/{name}", request_body = tessera_api::StationGroup, security(("admin_token" = [])), responses(
+    (status = 200, body = tessera_api::StationGroup),
+    (status = 400, description = "invalid_request", body = ErrorBody),
+))]
+pub async fn set_group(
+    State(state): State<SharedState>,
+    _admin: Admin,
+    Path(name): Path<String>,
+    ApiJson(group): ApiJson<tessera_api::StationGroup>,
+) -> Result<Json<tessera_api::StationGroup>, ApiError> {
+    state
+        .set_station_group(name.clone(), group.stations.clone())
+        .await?;
+    Ok(Json(tessera_api::StationGroup {
+        name,
+        stations: group.stations,
+    }))
 }

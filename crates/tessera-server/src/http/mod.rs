@@ -43,6 +43,8 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/keys", post(admin::import_key).get(admin::list_keys))
         .route("/v1/keys/update", post(admin::update_keys))
         .route("/v1/keys/{key_id}/allocate", post(admin::allocate_key))
+        .route("/v1/groups", get(admin::list_groups))
+        .route("/v1/groups/{name}", axum::routing::put(admin::set_group))
         .route("/v1/events", get(admin::events))
         .route(
             "/v1/keys/{key_id}",

@@ -21,6 +21,8 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         super::admin::force_release,
         super::admin::update_keys,
         super::admin::allocate_key,
+        super::admin::list_groups,
+        super::admin::set_group,
         super::admin::events,
         super::sync::status,
         super::sync::sync_now,
