@@ -213,3 +213,160 @@ fn headless_chromium_logs_in_views_leases_and_screenshots_the_usage_chart() {
     );
     println!("screenshot: {}", png.display());
 }
+
+/// A minimal W3C WebDriver client over chromedriver, enough to click through the console.
+struct WebDriver {
+    http: reqwest::Client,
+    base: String,
+    session: String,
+}
+
+const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+impl WebDriver {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: serde_json::Value,
+    ) -> serde_json::Value {
+        let url = format!("{}/session/{}{path}", self.base, self.session);
+        let answer: serde_json::Value = self
+            .http
+            .request(method, &url)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(answer["value"]["error"].is_null(), "{path}: {answer}");
+        answer["value"].clone()
+    }
+
+    async fn open(&self, url: &str) {
+        self.call(
+            reqwest::Method::POST,
+            "/url",
+            serde_json::json!({ "url": url }),
+        )
+        .await;
+    }
+
+    async fn click(&self, css: &str) {
+        let found = self
+            .call(
+                reqwest::Method::POST,
+                "/element",
+                serde_json::json!({"using": "css selector", "value": css}),
+            )
+            .await;
+        let element = found[ELEMENT_KEY].as_str().unwrap().to_string();
+        self.call(
+            reqwest::Method::POST,
+            &format!("/element/{element}/click"),
+            serde_json::json!({}),
+        )
+        .await;
+    }
+
+    async fn source(&self) -> String {
+        let url = format!("{}/session/{}/source", self.base, self.session);
+        let answer: serde_json::Value = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        answer["value"].as_str().unwrap_or_default().to_string()
+    }
+}
+
+fn find_chromedriver() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("CHROMEDRIVER") {
+        return Some(PathBuf::from(path));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("chromedriver"))
+        .find(|candidate| candidate.is_file())
+}
+
+#[test]
+fn in_headless_chromium_an_administrator_force_releases_a_lease_after_confirming() {
+    let (Some(browser), Some(driver)) = (find_chromium(), find_chromedriver()) else {
+        println!(
+            "SKIPPED: chromium and chromedriver are needed (Debian: chromium, chromium-driver)"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    setup_vendor(dir.path());
+    let server = ServerProcess::start(dir.path());
+    let token = token(dir.path());
+    let remote = ["--server", server.url.as_str(), "--token", token.as_str()];
+    ok(&[
+        &["keys", "add", dir.path().join("cad.json").to_str().unwrap()][..],
+        &remote,
+    ]
+    .concat());
+    assert!(checkout(&remote, "ws-1").status.success());
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut chromedriver = Command::new(driver)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let http = reqwest::Client::new();
+        let base = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while http.get(format!("{base}/status")).send().await.is_err() {
+            assert!(Instant::now() < deadline, "chromedriver did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let profile = dir.path().join("webdriver-profile");
+        let capabilities = serde_json::json!({"capabilities": {"alwaysMatch": {"goog:chromeOptions": {
+            "binary": browser,
+            "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                     "--disable-sync", format!("--user-data-dir={}", profile.display())]
+        }}}});
+        let session: serde_json::Value =
+            http.post(format!("{base}/session")).json(&capabilities).send().await.unwrap().json().await.unwrap();
+        let session = session["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("{session}")).to_string();
+        let web = WebDriver { http, base, session };
+        web.open(&format!("{}/login?token={token}&next=%2Fleases", server.url)).await;
+        assert!(web.source().await.contains("ws-1"));
+        web.click("a[href$='/release']").await;
+        let confirm = web.source().await;
+        assert!(confirm.contains("confirm-release"), "a confirmation step comes first: {confirm}");
+        web.click("#confirm-release").await;
+        let after = web.source().await;
+        assert!(!after.contains("ws-1</td>"), "{after}");
+        web.call(reqwest::Method::DELETE, "", serde_json::json!({})).await;
+    });
+    let _ = chromedriver.kill();
+    let _ = chromedriver.wait();
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&[&["status", "--json"][..], &remote].concat())).unwrap();
+    assert_eq!(
+        status["leases"].as_array().unwrap().len(),
+        0,
+        "the lease was released"
+    );
+}
