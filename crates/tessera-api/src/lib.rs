@@ -77,6 +77,9 @@ pub struct KeySummary {
     /// Station groups the key is allocated to.
     #[serde(default)]
     pub groups: Vec<String>,
+    /// Neighbour servers the key is allocated to.
+    #[serde(default)]
+    pub neighbours: Vec<String>,
     /// The renewal key that replaced this one, if any.
     pub replaced_by: Option<String>,
     /// The last automatic renewal result for this key, in words.
@@ -112,6 +115,9 @@ pub struct AllocateRequest {
     /// Also (or instead) allocate to the stations of these groups; omitted: unchanged.
     #[serde(default)]
     pub groups: Option<Vec<String>>,
+    /// Allocate to these neighbour servers (server IDs); omitted: unchanged.
+    #[serde(default)]
+    pub neighbours: Option<Vec<String>>,
 }
 
 /// A station group (`GET /v1/groups`, `PUT /v1/groups/{name}`).

@@ -32,6 +32,9 @@ pub enum KeysCommand {
         /// Allocate to the stations of this group (repeatable); replaces the key's groups.
         #[arg(long = "group")]
         groups: Vec<String>,
+        /// Allocate to this neighbour server (repeatable); replaces the key's neighbours.
+        #[arg(long = "neighbour")]
+        neighbours: Vec<String>,
     },
     /// List station groups, or define one: `tessera keys group NAME --stations a,b`.
     Group {
@@ -229,11 +232,19 @@ pub async fn run_keys(command: KeysCommand, remote: &Remote) -> anyhow::Result<(
             key_id,
             stations,
             groups,
+            neighbours,
         } => {
             let groups = (!groups.is_empty()).then_some(groups);
+            let neighbours = (!neighbours.is_empty()).then_some(neighbours);
             client
-                .allocate_key(&key_id, stations, groups.clone())
+                .allocate_key(&key_id, stations, groups.clone(), neighbours.clone())
                 .await?;
+            if let Some(neighbours) = neighbours {
+                println!(
+                    "{key_id}: allocated to neighbours {}",
+                    neighbours.join(", ")
+                );
+            }
             println!("{key_id}: allocated to all stations = {stations}");
             if let Some(groups) = groups {
                 println!("{key_id}: allocated to groups {}", groups.join(", "));

@@ -354,9 +354,14 @@ impl Client {
         key_id: &str,
         stations: bool,
         groups: Option<Vec<String>>,
+        neighbours: Option<Vec<String>>,
     ) -> Result<(), ClientError> {
-        let body =
-            serde_json::to_string(&AllocateRequest { stations, groups }).expect("serializes");
+        let request = AllocateRequest {
+            stations,
+            groups,
+            neighbours,
+        };
+        let body = serde_json::to_string(&request).expect("serializes");
         let path = format!("/v1/keys/{key_id}/allocate");
         self.send(Method::POST, &path, Some((body, "application/json")))
             .await?;

@@ -52,6 +52,12 @@ pub enum Command {
     AllocateKey { key_id: String, stations: bool },
     /// Allocates a key to the stations of these groups (replacing its group list).
     AllocateKeyToGroups { key_id: String, groups: Vec<String> },
+    /// Allocates a key to these neighbour servers (replacing its list): the objects a renewal
+    /// carries over, and the neighbours donations from the key go to.
+    AllocateKeyToNeighbours {
+        key_id: String,
+        neighbours: Vec<String>,
+    },
     /// Defines a station group; an empty list deletes it.
     SetStationGroup {
         group: String,
@@ -76,6 +82,7 @@ impl Command {
             Command::AllocateKey { .. } => "allocate_key",
             Command::AllocateKeyToGroups { .. } => "allocate_key_to_groups",
             Command::SetStationGroup { .. } => "set_station_group",
+            Command::AllocateKeyToNeighbours { .. } => "allocate_key_to_neighbours",
         }
     }
 }

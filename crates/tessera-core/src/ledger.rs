@@ -112,6 +112,9 @@ pub struct KeyMeta {
     /// Also allocated to the stations of these groups (see `SetStationGroup`).
     #[serde(default)]
     pub groups: BTreeSet<String>,
+    /// Neighbour servers (by server ID) the key is allocated to.
+    #[serde(default)]
+    pub neighbours: BTreeSet<String>,
     /// Set once a renewal key took this key's place; the key is removed when nothing uses it.
     pub replaced_by: Option<String>,
     /// The last renewal attempt's result for this key, for status and notifications.
@@ -382,6 +385,9 @@ impl Ledger {
             Command::AllocateKey { key_id, stations } => self.allocate_key(key_id, *stations),
             Command::AllocateKeyToGroups { key_id, groups } => {
                 self.allocate_key_to_groups(key_id, groups)
+            }
+            Command::AllocateKeyToNeighbours { key_id, neighbours } => {
+                self.allocate_key_to_neighbours(key_id, neighbours)
             }
             Command::SetStationGroup { group, stations } => self.set_station_group(group, stations),
         };
@@ -721,6 +727,24 @@ impl Ledger {
         }
     }
 
+    fn allocate_key_to_neighbours(&mut self, key_id: &str, neighbours: &[String]) -> Outcome {
+        if let Some(bad) = neighbours.iter().find(|n| !is_name(n)) {
+            return invalid(format!("neighbour {bad:?} is not a valid server ID"));
+        }
+        let Some(record) = self.keys.get_mut(key_id) else {
+            return Outcome::Refused {
+                refusal: Refusal::KeyNotFound {
+                    key_id: key_id.into(),
+                },
+            };
+        };
+        record.meta.neighbours = neighbours.iter().cloned().collect();
+        Outcome::KeyAllocatedToNeighbours {
+            key_id: key_id.into(),
+            neighbours: record.meta.neighbours.iter().cloned().collect(),
+        }
+    }
+
     fn set_station_group(&mut self, group: &str, stations: &[String]) -> Outcome {
         if !is_name(group) {
             return invalid(format!("group {group:?} is not a valid name"));
@@ -836,10 +860,12 @@ impl Ledger {
             let result = if reasons.is_empty() {
                 let old_stations = old.meta.stations;
                 let old_groups = old.meta.groups.clone();
+                let old_neighbours = old.meta.neighbours.clone();
                 let renewal_active = key_state(new, at) == KeyState::Active;
                 let new_meta = &mut self.keys.get_mut(&renewal_id).expect("renewal").meta;
                 new_meta.stations |= old_stations;
                 new_meta.groups.extend(old_groups);
+                new_meta.neighbours.extend(old_neighbours);
                 let old = self.keys.get_mut(&old_id).expect("old");
                 old.meta.replaced_by = Some(renewal_id.clone());
                 if renewal_active {

@@ -56,6 +56,10 @@ pub enum Outcome {
         key_id: String,
         groups: Vec<String>,
     },
+    KeyAllocatedToNeighbours {
+        key_id: String,
+        neighbours: Vec<String>,
+    },
     StationGroupSet {
         group: String,
         stations: u32,

@@ -449,6 +449,11 @@ fn an_equal_or_better_renewal_takes_over_every_lease_and_the_old_key_goes() {
     else {
         panic!()
     };
+    let to_branch = Command::AllocateKeyToNeighbours {
+        key_id: "old".into(),
+        neighbours: vec!["branch-1".into()],
+    };
+    ledger.apply(&at(BASE_MS, to_branch));
     let outcome = ledger.apply(&at(BASE_MS + 1, Command::RenewKeys));
     assert!(
         matches!(
@@ -465,6 +470,16 @@ fn an_equal_or_better_renewal_takes_over_every_lease_and_the_old_key_goes() {
     assert!(
         ledger.key("old").is_none(),
         "the old key is removed once unused"
+    );
+    let new_meta = ledger
+        .keys(BASE_MS)
+        .into_iter()
+        .find(|k| k.key.key_id() == "new")
+        .unwrap()
+        .meta;
+    assert!(
+        new_meta.stations && new_meta.neighbours.contains("branch-1"),
+        "allocated to every object of the old key"
     );
     assert!(matches!(
         ledger.apply(&at(BASE_MS + 2, checkout("l2", "b", "cam"))),

@@ -465,6 +465,7 @@ pub fn key_summaries(ledger: &Ledger, now_ms: i64) -> Vec<KeySummary> {
                 renews: payload.renews.clone(),
                 allocated: view.meta.stations,
                 groups: view.meta.groups.iter().cloned().collect(),
+                neighbours: view.meta.neighbours.iter().cloned().collect(),
                 replaced_by: view.meta.replaced_by.clone(),
                 renewal: view.meta.renewal.as_ref().map(|result| match result {
                     tessera_core::RenewalResult::Allocated { renewal_key_id } => {

@@ -223,8 +223,19 @@ impl AppState {
         key_id: String,
         stations: bool,
         groups: Option<Vec<String>>,
+        neighbours: Option<Vec<String>>,
     ) -> Result<(), ApiError> {
         let at_ms = self.stamper.stamp_lenient();
+        if let Some(neighbours) = neighbours {
+            let command = Command::AllocateKeyToNeighbours {
+                key_id: key_id.clone(),
+                neighbours,
+            };
+            match self.propose_at(at_ms, command).await? {
+                Outcome::KeyAllocatedToNeighbours { .. } => {}
+                other => return Err(unexpected(other)),
+            }
+        }
         if let Some(groups) = groups {
             let command = Command::AllocateKeyToGroups {
                 key_id: key_id.clone(),

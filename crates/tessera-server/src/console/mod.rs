@@ -282,6 +282,8 @@ struct KeysPage {
     csrf: String,
     flash: Option<String>,
     role: String,
+    /// One tile per host of the domain (a single host shows one).
+    hosts: Vec<crate::http::domain::HostJson>,
     server_id: String,
     lease_count: usize,
     synchronized: bool,
@@ -319,6 +321,7 @@ async fn keys_page(State(state): State<SharedState>, user: ConsoleUser) -> Respo
         csrf: user.csrf.clone(),
         flash: None,
         role: status.role.clone(),
+        hosts: crate::http::domain::local_status(&state).hosts,
         server_id: status.server_id.clone().unwrap_or_else(|| "(none)".into()),
         lease_count: status.leases.len(),
         synchronized: status.sync.synchronized,

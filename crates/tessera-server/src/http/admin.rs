@@ -113,7 +113,7 @@ pub async fn allocate_key(
     ApiJson(request): ApiJson<AllocateRequest>,
 ) -> Result<StatusCode, ApiError> {
     state
-        .allocate_key(key_id, request.stations, request.groups)
+        .allocate_key(key_id, request.stations, request.groups, request.neighbours)
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -138,6 +138,10 @@ async fn login_shows_keys_domain_and_escapes_what_stations_send() {
     assert_eq!(status, 200);
     assert!(html.contains("k1"), "{html}");
     assert!(html.contains("id=\"domain-tile\""));
+    assert!(
+        html.contains("Host 1") && html.contains("Running"),
+        "a tile per host"
+    );
     assert!(html.contains("primary"));
     assert!(html.contains("/keys/k1/export"));
     let (status, html) = page(&f, &cookie, "/leases").await;
