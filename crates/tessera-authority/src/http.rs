@@ -43,7 +43,7 @@ pub type SharedState = Arc<Shared>;
 impl Shared {
     /// Runs `operation` on the database off the async threads, at the clock reading taken
     /// once the lock is held, so recorded times follow commit order.
-    async fn run<T, F>(self: &Arc<Self>, operation: F) -> Result<T, AuthorityError>
+    pub(crate) async fn run<T, F>(self: &Arc<Self>, operation: F) -> Result<T, AuthorityError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection, &SecretKey, i64) -> Result<T, AuthorityError> + Send + 'static,
@@ -78,6 +78,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/keys/{key_id}/revoke", post(revoke_key))
         .route("/v1/sync", post(sync))
         .route("/v1/sync/process", post(process))
+        .merge(crate::console::router())
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))

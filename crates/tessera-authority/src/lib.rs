@@ -16,6 +16,7 @@
 //! Time comes only from the injected [`tessera_core::Clock`], read once per operation while
 //! the database lock is held; randomness only from the OS, for identifiers and keys.
 
+pub mod console;
 pub mod data_dir;
 pub mod error;
 pub mod http;

@@ -729,3 +729,60 @@ async fn the_cli_without_a_token_says_where_to_find_it() {
         assert!(error.to_string().contains("admin.token"), "{error}");
     }
 }
+
+#[tokio::test]
+async fn the_console_shows_servers_keys_and_renewals_only_after_signing_in() {
+    let h = Harness::new().await;
+    let server_id = h.add_server("Acme <Corp>").await;
+    let key = h.issue(&server_id, 30).await;
+    let url = h.authority().url();
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let anonymous = browser
+        .get(format!("{url}/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(anonymous.contains("name=token") && !anonymous.contains(&server_id));
+    let wrong = browser
+        .get(format!("{url}/login?token=nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status().as_u16(), 401);
+    let signed_in = browser
+        .get(format!("{url}/login?token={}", h.token()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed_in.status().as_u16(), 303);
+    let cookie = signed_in.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        cookie.contains("HttpOnly") && !cookie.contains(&h.token()),
+        "{cookie}"
+    );
+    let session = cookie.split(';').next().unwrap().to_string();
+    let page = browser
+        .get(format!("{url}/"))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains(&server_id) && page.contains(key.key_id()),
+        "{page}"
+    );
+    assert!(page.contains("Acme &lt;Corp&gt;"), "escaped: {page}");
+    assert!(page.contains("Renewal keys") && page.contains("not bound"));
+}
