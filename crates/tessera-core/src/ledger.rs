@@ -1160,42 +1160,161 @@ impl Ledger {
     /// again: they were verified when their import was applied).
     pub fn restore(config: LedgerConfig, snapshot: LedgerSnapshot) -> Ledger {
         let mut ledger = Ledger::new(config);
-        ledger.last_at_ms = snapshot.last_at_ms;
-        ledger.sync = snapshot.sync;
-        ledger.groups = snapshot.groups;
-        for key in snapshot.keys {
-            ledger.keys.insert(
+        ledger.restore_header(
+            snapshot.last_at_ms,
+            snapshot.sync,
+            snapshot.groups,
+            snapshot.keys,
+        );
+        ledger.reserve_leases(snapshot.leases.len());
+        let mut expiry = Vec::with_capacity(snapshot.leases.len());
+        for lease in &snapshot.leases {
+            ledger.insert_restored(
+                &mut expiry,
+                RestoredLease {
+                    id: &lease.lease_id,
+                    key_id: &lease.key_id,
+                    components: &lease.components,
+                    station: &lease.station,
+                    user: &lease.user,
+                    host: &lease.host,
+                    times_ms: (lease.issued_at_ms, lease.renewed_at_ms, lease.expires_at_ms),
+                },
+            );
+        }
+        ledger.finish_restore(expiry);
+        ledger
+    }
+
+    /// Rebuilds a ledger straight from snapshot JSON, borrowing the lease strings from the
+    /// bytes instead of building a `LeaseView` per lease first: the restart path.
+    pub fn restore_json(config: LedgerConfig, bytes: &[u8]) -> serde_json::Result<Ledger> {
+        #[derive(Deserialize)]
+        struct Text<'a>(#[serde(borrow)] std::borrow::Cow<'a, str>);
+        type Row<'a> = (
+            Text<'a>,
+            Text<'a>,
+            Vec<Text<'a>>,
+            Text<'a>,
+            Text<'a>,
+            Text<'a>,
+            i64,
+            i64,
+            i64,
+        );
+        #[derive(Deserialize)]
+        struct SnapshotIn<'a> {
+            last_at_ms: i64,
+            keys: Vec<StoredKey>,
+            #[serde(borrow)]
+            leases: Vec<Row<'a>>,
+            #[serde(default)]
+            groups: BTreeMap<String, BTreeSet<String>>,
+            #[serde(default)]
+            sync: SyncState,
+        }
+        let snapshot: SnapshotIn<'_> = serde_json::from_slice(bytes)?;
+        let mut ledger = Ledger::new(config);
+        ledger.restore_header(
+            snapshot.last_at_ms,
+            snapshot.sync,
+            snapshot.groups,
+            snapshot.keys,
+        );
+        ledger.reserve_leases(snapshot.leases.len());
+        let mut expiry = Vec::with_capacity(snapshot.leases.len());
+        for row in &snapshot.leases {
+            let components: SmallVec<[&str; 2]> = row.2.iter().map(|c| &*c.0).collect();
+            ledger.insert_restored(
+                &mut expiry,
+                RestoredLease {
+                    id: &row.0.0,
+                    key_id: &row.1.0,
+                    components: &components,
+                    station: &row.3.0,
+                    user: &row.4.0,
+                    host: &row.5.0,
+                    times_ms: (row.6, row.7, row.8),
+                },
+            );
+        }
+        ledger.finish_restore(expiry);
+        Ok(ledger)
+    }
+
+    fn restore_header(
+        &mut self,
+        last_at_ms: i64,
+        sync: SyncState,
+        groups: BTreeMap<String, BTreeSet<String>>,
+        keys: Vec<StoredKey>,
+    ) {
+        self.last_at_ms = last_at_ms;
+        self.sync = sync;
+        self.groups = groups;
+        for key in keys {
+            self.keys.insert(
                 key.key.payload.key_id.clone(),
                 KeyRecord::new(key.key, key.meta),
             );
         }
-        ledger.leases.reserve(snapshot.leases.len());
-        ledger.by_station.reserve(snapshot.leases.len());
-        for lease in snapshot.leases {
-            let record = &ledger.keys[&lease.key_id];
-            let station = ledger
-                .by_station
-                .get_key_value(lease.station.as_str())
-                .map(|(station, _)| station.clone())
-                .unwrap_or_else(|| Arc::from(lease.station.as_str()));
-            let lease = Lease {
-                id: Arc::from(lease.lease_id.as_str()),
-                key_id: record.id.clone(),
-                components: lease
-                    .components
-                    .iter()
-                    .filter_map(|c| record.component(c).cloned())
-                    .collect(),
-                station,
-                user: lease.user.into(),
-                host: lease.host.into(),
-                issued_at_ms: lease.issued_at_ms,
-                renewed_at_ms: lease.renewed_at_ms,
-                expires_at_ms: lease.expires_at_ms,
-            };
-            ledger.insert_lease(lease);
+    }
+
+    fn reserve_leases(&mut self, count: usize) {
+        self.leases.reserve(count);
+        self.by_station.reserve(count);
+    }
+
+    /// Builds the expiry index in one sorted bulk load, and checks the restored counts.
+    fn finish_restore(&mut self, mut expiry: Vec<(i64, Arc<str>)>) {
+        expiry.sort_unstable();
+        self.expiry = expiry.into_iter().collect();
+        for (key_id, record) in &self.keys {
+            assert!(
+                record.in_use <= record.key.payload.licenses,
+                "snapshot over-issues key {key_id}"
+            );
         }
-        ledger
+    }
+
+    /// Like `insert_lease`, with the expiry index entry collected for a bulk load.
+    fn insert_restored<S: AsRef<str>>(
+        &mut self,
+        expiry: &mut Vec<(i64, Arc<str>)>,
+        lease: RestoredLease<'_, S>,
+    ) {
+        let record = &self.keys[lease.key_id];
+        let station = self
+            .by_station
+            .get_key_value(lease.station)
+            .map(|(station, _)| station.clone())
+            .unwrap_or_else(|| Arc::from(lease.station));
+        let (issued_at_ms, renewed_at_ms, expires_at_ms) = lease.times_ms;
+        let lease = Lease {
+            id: Arc::from(lease.id),
+            key_id: record.id.clone(),
+            components: lease
+                .components
+                .iter()
+                .filter_map(|c| record.component(c.as_ref()).cloned())
+                .collect(),
+            station,
+            user: lease.user.into(),
+            host: lease.host.into(),
+            issued_at_ms,
+            renewed_at_ms,
+            expires_at_ms,
+        };
+        self.keys
+            .get_mut(&*lease.key_id)
+            .expect("lease's key exists")
+            .in_use += 1;
+        self.by_station
+            .entry(lease.station.clone())
+            .or_default()
+            .push((lease.key_id.clone(), lease.id.clone()));
+        expiry.push((lease.expires_at_ms, lease.id.clone()));
+        self.leases.insert(lease.id.clone(), Box::new(lease));
     }
 
     // ---- invariants ----
@@ -1252,6 +1371,18 @@ impl Ledger {
         }
         Ok(())
     }
+}
+
+/// One lease as read back from a snapshot, whatever owns its strings.
+struct RestoredLease<'a, S> {
+    id: &'a str,
+    key_id: &'a str,
+    components: &'a [S],
+    station: &'a str,
+    user: &'a str,
+    host: &'a str,
+    /// (issued, renewed, expires)
+    times_ms: (i64, i64, i64),
 }
 
 struct CheckoutRequest<'a> {

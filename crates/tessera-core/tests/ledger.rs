@@ -241,6 +241,13 @@ fn a_snapshot_restores_the_same_ledger() {
         "the streamed JSON is the same document"
     );
     restored.check_invariants().unwrap();
+    let from_json = Ledger::restore_json(ledger.config().clone(), &ledger.snapshot_json()).unwrap();
+    assert_eq!(
+        from_json.snapshot(),
+        ledger.snapshot(),
+        "restoring from JSON bytes is the same"
+    );
+    from_json.check_invariants().unwrap();
 }
 
 // ---- synchronization with the vendor ----

@@ -2,7 +2,7 @@
 //!
 //! The [`Ledger`] lives in memory behind a lock shared with [`LedgerReader`], so HTTP handlers
 //! read it directly while entries are applied. Applying persists nothing: the log is the
-//! durable record. Snapshots (the serialized [`LedgerSnapshot`] plus openraft's meta) are
+//! durable record. Snapshots (the serialized [`LedgerSnapshot`](tessera_core::LedgerSnapshot) plus openraft's meta) are
 //! stored in SQLite and reinstalled by openraft on start.
 //!
 //! Snapshot data on the wire and in SQLite is the JSON of a `LedgerSnapshot`.
@@ -14,7 +14,7 @@ use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine, Snapshot};
 use openraft::type_config::alias::SnapshotOf;
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
-use tessera_core::{Ledger, LedgerConfig, LedgerSnapshot};
+use tessera_core::{Ledger, LedgerConfig};
 
 use crate::types::{LogId, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::writer::{Write, Writer};
@@ -212,8 +212,9 @@ impl RaftStateMachine<TypeConfig> for LedgerStateMachine {
         snapshot: SnapshotData,
     ) -> Result<(), io::Error> {
         let already_stored = self.snapshots.current_meta().as_ref() == Some(meta);
-        let (ledger_snapshot, snapshot) = tokio::task::spawn_blocking(move || {
-            serde_json::from_slice::<LedgerSnapshot>(&snapshot).map(|decoded| (decoded, snapshot))
+        let config = self.ledger_config.clone();
+        let (ledger, snapshot) = tokio::task::spawn_blocking(move || {
+            Ledger::restore_json(config, &snapshot).map(|ledger| (ledger, snapshot))
         })
         .await
         .map_err(io::Error::other)?
@@ -221,7 +222,6 @@ impl RaftStateMachine<TypeConfig> for LedgerStateMachine {
         if !already_stored {
             self.snapshots.save(meta, snapshot).await?;
         }
-        let ledger = Ledger::restore(self.ledger_config.clone(), ledger_snapshot);
         let mut applied = write(&self.shared);
         applied.ledger = ledger;
         applied.last_applied = meta.last_log_id;
