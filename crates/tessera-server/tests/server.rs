@@ -144,6 +144,11 @@ fn sign(
     .unwrap()
 }
 
+async fn metrics_text(f: &Fixture) -> String {
+    let url = format!("{}/metrics", f.server.url());
+    reqwest::get(url).await.unwrap().text().await.unwrap()
+}
+
 fn request(component: &str, station: &str) -> CheckoutRequest {
     CheckoutRequest {
         component: component.into(),
@@ -217,12 +222,7 @@ async fn checkout_when_pool_exhausted_is_409_no_licenses_available() {
         .await
         .unwrap_err();
     assert_eq!(code(unknown), (404, "component_not_licensed".into()));
-    let metrics = reqwest::get(format!("{}/metrics", f.server.url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&f).await;
     assert!(
         metrics.contains("tessera_denials_total{component=\"cad\"} 1"),
         "{metrics}"
@@ -465,12 +465,7 @@ async fn health_metrics_and_openapi_are_served() {
         (health.status.as_str(), health.role.as_str()),
         ("ok", "primary")
     );
-    let metrics = reqwest::get(format!("{}/metrics", f.server.url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&f).await;
     assert!(
         metrics.contains("tessera_licenses_in_use{component=\"cam\"} 1"),
         "{metrics}"

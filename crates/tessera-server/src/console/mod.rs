@@ -538,9 +538,8 @@ async fn release(
         return Ok(response);
     }
     let lease = state.release(lease_id.clone(), true).await?;
-    state.history.admin_action(
-        state.stamper.now_ms(),
-        &user.name,
+    user.record(
+        &state,
         "console.force_release",
         serde_json::json!({"lease_id": lease_id, "station": lease.station}),
     );
@@ -701,9 +700,8 @@ async fn sync_now(
         return response;
     }
     let result = state.sync_online().await;
-    state.history.admin_action(
-        state.stamper.now_ms(),
-        &user.name,
+    user.record(
+        &state,
         "console.sync_online",
         serde_json::json!({"ok": result.is_ok()}),
     );
@@ -732,9 +730,8 @@ async fn sync_request(
         return response;
     }
     let result = state.export_sync_request().await;
-    state.history.admin_action(
-        state.stamper.now_ms(),
-        &user.name,
+    user.record(
+        &state,
         "console.sync_export",
         serde_json::json!({"ok": result.is_ok()}),
     );
@@ -793,9 +790,8 @@ async fn sync_response(
         Ok(response) => state.import_sync_response(response).await,
         Err(error) => Err(ApiError::Refused(Refusal::SyncRejected { error })),
     };
-    state.history.admin_action(
-        state.stamper.now_ms(),
-        &user.name,
+    user.record(
+        &state,
         "console.sync_import",
         serde_json::json!({"ok": result.is_ok()}),
     );

@@ -97,6 +97,13 @@ pub struct ConsoleUser {
 }
 
 impl ConsoleUser {
+    /// Appends a console action by this user to the audit chain.
+    pub fn record(&self, state: &crate::state::AppState, action: &str, details: serde_json::Value) {
+        state
+            .history
+            .admin_action(state.stamper.now_ms(), &self.name, action, details);
+    }
+
     /// Refuses a POST whose form does not carry this session's CSRF token.
     #[allow(clippy::result_large_err)]
     pub fn check_csrf(&self, presented: &str) -> Result<(), Response> {
