@@ -4,7 +4,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::grant::Grant;
 use crate::key::LicenseKey;
+use crate::ledger::UsageReport;
 use crate::sync::SyncResponse;
 
 /// A command with the primary's time. `at_ms` is milliseconds since the Unix epoch.
@@ -63,6 +65,33 @@ pub enum Command {
         group: String,
         stations: Vec<String>,
     },
+    /// Donates (or changes the donation of) licenses of a key to a neighbour server until
+    /// `until_ms`, as grants renewed every `renewal_period_ms` while the link lives.
+    Donate {
+        key_id: String,
+        to: String,
+        receiver_public_key: String,
+        licenses: u32,
+        until_ms: i64,
+        renewal_period_ms: i64,
+    },
+    /// The link to a neighbour is alive: renew the grants of every donation to it.
+    RenewDonations { to: String },
+    /// No more renewals: the licenses come back when the neighbour returns them or the
+    /// last grant runs out.
+    EndDonation { key_id: String, to: String },
+    /// The neighbour confirmed it no longer uses grants up to `serial`.
+    GrantReturned {
+        key_id: String,
+        to: String,
+        serial: u64,
+    },
+    /// A grant from a neighbour, verified on apply down to the vendor's key.
+    AcceptGrant { grant: Box<Grant> },
+    /// This server gives back a received grant (`KEY@DONOR`); its leases end.
+    ReleaseGrant { key_id: String },
+    /// A neighbour's report of its active stations.
+    RecordUsageReport { from: String, report: UsageReport },
 }
 
 impl Command {
@@ -83,6 +112,13 @@ impl Command {
             Command::AllocateKeyToGroups { .. } => "allocate_key_to_groups",
             Command::SetStationGroup { .. } => "set_station_group",
             Command::AllocateKeyToNeighbours { .. } => "allocate_key_to_neighbours",
+            Command::Donate { .. } => "donate",
+            Command::RenewDonations { .. } => "renew_donations",
+            Command::EndDonation { .. } => "end_donation",
+            Command::GrantReturned { .. } => "grant_returned",
+            Command::AcceptGrant { .. } => "accept_grant",
+            Command::ReleaseGrant { .. } => "release_grant",
+            Command::RecordUsageReport { .. } => "record_usage_report",
         }
     }
 }

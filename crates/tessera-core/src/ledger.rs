@@ -22,6 +22,7 @@ use smallvec::{SmallVec, smallvec};
 use serde::{Deserialize, Serialize};
 
 use crate::command::{Command, Stamped};
+use crate::grant::{Grant, GrantError, GrantPayload, GrantSource};
 use crate::identity::PublicKey;
 use crate::key::{KeyError, LicenseKey, is_name};
 use crate::outcome::{Outcome, Refusal};
@@ -41,6 +42,84 @@ pub struct LedgerConfig {
     pub server_id: Option<String>,
     /// This server's identity key: a sync response must certify exactly this key.
     pub server_public_key: Option<PublicKey>,
+    /// The largest clock difference tolerated between neighbour servers. A receiver stops
+    /// using a grant this long before it ends; a donor takes the licenses back this long
+    /// after, so two drifting clocks never see the same license live on both sides.
+    pub clock_skew_max_ms: i64,
+}
+
+/// Upper bound on a donation's renewal period and on usage report sizes.
+pub const DONATION_RENEWAL_PERIOD_MS_MAX: i64 = 366 * 24 * 3600 * 1000;
+pub const USAGE_REPORT_COMPONENTS_MAX: usize = 1024;
+
+/// A grant a donor issued and its receiver may still be using: counted until
+/// `lease_until_ms + clock_skew_max`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outstanding {
+    pub serial: u64,
+    pub licenses: u32,
+    pub lease_until_ms: i64,
+}
+
+/// Licenses of one key (or received grant) donated to one neighbour.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Donation {
+    /// The key the licenses come from: a vendor key id, or a received grant `KEY@DONOR`.
+    pub key_id: String,
+    pub to: String,
+    pub receiver_public_key: String,
+    /// The licenses the donor wants the neighbour to have.
+    pub licenses: u32,
+    pub donation_until_ms: i64,
+    pub renewal_period_ms: i64,
+    /// Serial of the latest grant issued.
+    pub serial: u64,
+    pub lease_until_ms: i64,
+    pub renewed_at_ms: i64,
+    /// Ended by an administrator (or moved to a renewal key): no more renewals.
+    pub ended: bool,
+    /// Grants the receiver may still hold; the donor counts the largest as donated.
+    pub outstanding: Vec<Outstanding>,
+}
+
+impl Donation {
+    /// Licenses counted as donated now: the largest grant the receiver may still hold.
+    pub fn counted(&self) -> u32 {
+        self.outstanding
+            .iter()
+            .map(|o| o.licenses)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// A grant this server received and uses as a pool of licenses.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Received {
+    pub grant: Grant,
+    pub donor: String,
+    pub serial: u64,
+    pub licenses: u32,
+    /// The grant's end minus the clock skew: this server issues nothing from it after.
+    pub usable_until_ms: i64,
+    pub accepted_at_ms: i64,
+}
+
+/// Active stations per component that a child reported to this server.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageReport {
+    /// When the child counted, and over how long a period before that.
+    pub at_ms: i64,
+    pub period_ms: i64,
+    pub active_stations: BTreeMap<String, u32>,
+    /// Licenses in use per component at the time of the report.
+    #[serde(default)]
+    pub in_use: BTreeMap<String, u32>,
+}
+
+/// The pool id of a grant received from `donor` for vendor key `key_id`.
+pub fn received_pool_id(key_id: &str, donor: &str) -> String {
+    format!("{key_id}@{donor}")
 }
 
 /// Where this server stands with the vendor. Replicated, so every host of a domain knows
@@ -95,9 +174,16 @@ pub enum KeyState {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyView {
+    /// The vendor key id, or `KEY@DONOR` for licenses received from a neighbour.
+    pub id: String,
     pub key: LicenseKey,
     pub state: KeyState,
+    /// Licenses this server may use or donate: the key's, or the received grant's.
+    pub licenses: u32,
     pub in_use: u32,
+    /// Licenses donated to neighbours and not yet back.
+    pub donated: u32,
+    pub received: Option<Received>,
     pub meta: KeyMeta,
 }
 
@@ -138,36 +224,73 @@ pub enum RenewalResult {
 pub struct StoredKey {
     pub key: LicenseKey,
     pub meta: KeyMeta,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received: Option<Received>,
 }
 
 #[derive(Clone, Debug)]
 struct KeyRecord {
     key: LicenseKey,
-    /// The key id and components once, shared by every lease of the key.
+    /// The key id (or received pool id) and components once, shared by every lease.
     id: Arc<str>,
     components: Vec<Arc<str>>,
     in_use: u32,
+    /// Licenses counted as donated to neighbours (sum over this key's donations).
+    donated: u32,
+    received: Option<Received>,
     meta: KeyMeta,
 }
 
 impl KeyRecord {
     fn new(key: LicenseKey, meta: KeyMeta) -> KeyRecord {
+        let id = key.payload.key_id.clone();
+        KeyRecord::with_id(&id, key, meta, None)
+    }
+
+    fn with_id(id: &str, key: LicenseKey, meta: KeyMeta, received: Option<Received>) -> KeyRecord {
+        let components = match &received {
+            Some(received) => received.grant.last().components.clone(),
+            None => key.payload.components.clone(),
+        };
         KeyRecord {
-            id: Arc::from(key.payload.key_id.as_str()),
-            components: key
-                .payload
-                .components
-                .iter()
-                .map(|c| Arc::from(c.as_str()))
-                .collect(),
+            id: Arc::from(id),
+            components: components.iter().map(|c| Arc::from(c.as_str())).collect(),
             key,
             in_use: 0,
+            donated: 0,
+            received,
             meta,
         }
     }
 
     fn component(&self, name: &str) -> Option<&Arc<str>> {
         self.components.iter().find(|c| &***c == name)
+    }
+
+    fn covers(&self, component: &str) -> bool {
+        self.component(component).is_some()
+    }
+
+    /// Licenses this server holds from the record: the key's, or the received grant's.
+    fn licenses(&self) -> u32 {
+        match &self.received {
+            Some(received) => received.licenses,
+            None => self.key.payload.licenses,
+        }
+    }
+
+    /// Licenses stations may take now.
+    fn free(&self) -> u32 {
+        self.licenses().saturating_sub(self.in_use + self.donated)
+    }
+
+    /// When licenses from the record stop: the key's end, or the received grant's.
+    fn valid_until_ms(&self) -> i64 {
+        let until = self.key.payload.valid_until_ms();
+        match &self.received {
+            Some(received) => until.min(received.usable_until_ms),
+            None => until,
+        }
     }
 }
 
@@ -226,6 +349,12 @@ pub struct LedgerSnapshot {
     pub groups: BTreeMap<String, BTreeSet<String>>,
     #[serde(default)]
     pub sync: SyncState,
+    #[serde(default)]
+    pub donations: Vec<Donation>,
+    #[serde(default)]
+    pub reports: BTreeMap<String, UsageReport>,
+    #[serde(default)]
+    pub accepted_serials: BTreeMap<String, u64>,
 }
 
 /// Leases in snapshots as `[id, key, [components], station, user, host, issued, renewed, expires]`.
@@ -312,6 +441,15 @@ pub struct Ledger {
     sync: SyncState,
     /// Station groups: group name → station names.
     groups: BTreeMap<String, BTreeSet<String>>,
+    /// Donations to neighbours, by (key or pool id, neighbour).
+    donations: BTreeMap<(String, String), Donation>,
+    /// The latest usage report of each neighbour that received licenses from this server.
+    reports: BTreeMap<String, UsageReport>,
+    /// The highest grant serial accepted per received pool, kept after the pool is gone so
+    /// an old grant cannot be played back.
+    accepted_serials: BTreeMap<String, u64>,
+    /// When the next grant lapses (a donation's lease plus skew, or a received grant's end).
+    grant_due_ms: i64,
 }
 
 impl Ledger {
@@ -325,6 +463,10 @@ impl Ledger {
             expiry: BTreeSet::new(),
             sync: SyncState::default(),
             groups: BTreeMap::new(),
+            donations: BTreeMap::new(),
+            reports: BTreeMap::new(),
+            accepted_serials: BTreeMap::new(),
+            grant_due_ms: i64::MAX,
         }
     }
 
@@ -346,7 +488,9 @@ impl Ledger {
     pub fn apply_recording(&mut self, entry: &Stamped) -> Applied {
         let at = entry.at_ms.max(self.last_at_ms);
         self.last_at_ms = at;
+        // Leases of a received grant end no later than the grant: they are capped at it.
         let expired = self.end_due_leases(at);
+        self.end_due_grants(at);
         let ended = expired.len() as u32;
         let outcome = match &entry.command {
             Command::ImportKey { key } => self.import_key(key, at),
@@ -390,6 +534,32 @@ impl Ledger {
                 self.allocate_key_to_neighbours(key_id, neighbours)
             }
             Command::SetStationGroup { group, stations } => self.set_station_group(group, stations),
+            Command::Donate {
+                key_id,
+                to,
+                receiver_public_key,
+                licenses,
+                until_ms,
+                renewal_period_ms,
+            } => self.donate(
+                DonateRequest {
+                    key_id,
+                    to,
+                    receiver_public_key,
+                    licenses: *licenses,
+                    until_ms: *until_ms,
+                    renewal_period_ms: *renewal_period_ms,
+                },
+                at,
+            ),
+            Command::RenewDonations { to } => self.renew_donations(to, at),
+            Command::EndDonation { key_id, to } => self.end_donation(key_id, to),
+            Command::GrantReturned { key_id, to, serial } => {
+                self.grant_returned(key_id, to, *serial, at)
+            }
+            Command::AcceptGrant { grant } => self.accept_grant(grant, at),
+            Command::ReleaseGrant { key_id } => self.release_grant(key_id, at),
+            Command::RecordUsageReport { from, report } => self.record_usage_report(from, report),
         };
         self.retire_replaced_keys(at);
         #[cfg(debug_assertions)]
@@ -464,6 +634,8 @@ impl Ledger {
         for lease_id in &doomed {
             self.remove_lease(lease_id);
         }
+        // Its donations go with it: receivers keep their grants until they run out.
+        self.donations.retain(|(from, _), _| from != key_id);
         self.keys.remove(key_id);
         Outcome::KeyRemoved {
             key_id: key_id.into(),
@@ -485,9 +657,14 @@ impl Ledger {
             .filter(|record| {
                 self.allocated_to(record, request.station)
                     && is_active(record, at)
-                    && record.key.payload.covers(component)
+                    && record.covers(component)
             })
-            .partition(|record| synchronized || record.key.payload.server_id.is_none());
+            // Received grants carry their donor's certificate limit in their chain.
+            .partition(|record| {
+                synchronized
+                    || record.key.payload.server_id.is_none()
+                    || record.received.is_some()
+            });
         if covering.is_empty() {
             let refusal = if unsynchronized.is_empty() {
                 Refusal::ComponentNotLicensed {
@@ -506,16 +683,13 @@ impl Ledger {
             .iter()
             .filter_map(|record| {
                 let lease_id = self.station_lease(request.station, &record.id)?;
-                Some((
-                    (record.key.payload.valid_until_ms(), record.key.key_id()),
-                    lease_id,
-                ))
+                Some(((record.valid_until_ms(), &*record.id), lease_id))
             })
             .min()
             .map(|(_, lease_id)| lease_id.clone());
         if let Some(lease_id) = held {
             let record = &self.keys[&*self.leases[&lease_id].key_id];
-            let valid_until = record.key.payload.valid_until_ms();
+            let valid_until = record.valid_until_ms();
             let shared = record.component(component).cloned();
             let lease = self.extend_lease(&lease_id, at, request.lease_ttl_ms, valid_until);
             if let Some(shared) = shared
@@ -528,16 +702,14 @@ impl Ledger {
                 created: false,
             };
         }
-        let licenses: u32 = covering.iter().map(|r| r.key.payload.licenses).sum();
+        let licenses: u32 = covering
+            .iter()
+            .map(|r| r.licenses().saturating_sub(r.donated))
+            .sum();
         let Some(chosen) = covering
             .iter()
-            .filter(|record| record.in_use < record.key.payload.licenses)
-            .min_by_key(|record| {
-                (
-                    record.key.payload.valid_until_ms(),
-                    record.key.payload.key_id.clone(),
-                )
-            })
+            .filter(|record| record.free() > 0)
+            .min_by_key(|record| (record.valid_until_ms(), record.id.clone()))
         else {
             return Outcome::Refused {
                 refusal: Refusal::NoLicensesAvailable {
@@ -553,7 +725,7 @@ impl Ledger {
                 },
             };
         }
-        let expires_at_ms = (at + request.lease_ttl_ms).min(chosen.key.payload.valid_until_ms());
+        let expires_at_ms = (at + request.lease_ttl_ms).min(chosen.valid_until_ms());
         // A station already indexed shares its name with the index entry.
         let station = self
             .by_station
@@ -782,7 +954,7 @@ impl Ledger {
     /// (by an administrator) that name a key they renew. Each as (old key id, renewal key).
     fn renewal_candidates(&self) -> Vec<(String, LicenseKey)> {
         let mut candidates: BTreeMap<String, LicenseKey> = self.sync.renewals.clone();
-        for record in self.keys.values() {
+        for record in self.keys.values().filter(|r| r.received.is_none()) {
             if let Some(old) = &record.key.payload.renews {
                 candidates
                     .entry(old.clone())
@@ -793,7 +965,8 @@ impl Ledger {
             .into_iter()
             .filter(|(old, renewal)| {
                 self.keys.get(old).is_some_and(|record| {
-                    record.meta.replaced_by.as_deref() != Some(renewal.key_id())
+                    record.received.is_none()
+                        && record.meta.replaced_by.as_deref() != Some(renewal.key_id())
                 })
             })
             .collect()
@@ -874,6 +1047,7 @@ impl Ledger {
                     let (moved, ended) = self.move_leases(&old_id, &renewal_id);
                     leases_moved += moved;
                     leases_ended += ended;
+                    self.move_donations(&old_id, &renewal_id, at);
                 }
                 RenewalResult::Allocated {
                     renewal_key_id: renewal_id,
@@ -905,12 +1079,12 @@ impl Ledger {
             .collect();
         ids.sort();
         let (mut moved, mut ended) = (0, 0);
-        let until = self.keys[to].key.payload.valid_until_ms();
+        let until = self.keys[to].valid_until_ms();
         for lease_id in ids {
             let mut lease = self.remove_lease(&lease_id).expect("listed");
             let target = &self.keys[to];
             let taken = self.station_lease(&lease.station, to).is_some();
-            if target.in_use < target.key.payload.licenses && !taken {
+            if target.free() > 0 && !taken {
                 lease.key_id = target.id.clone();
                 lease.components = lease
                     .components
@@ -936,6 +1110,8 @@ impl Ledger {
             .filter(|(_, record)| {
                 record.meta.replaced_by.is_some()
                     && record.in_use == 0
+                    && record.donated == 0
+                    && !self.donations.keys().any(|(from, _)| from == &*record.id)
                     && (!record.meta.stations || key_state(record, at) == KeyState::Expired)
             })
             .map(|(key_id, _)| key_id.clone())
@@ -956,7 +1132,7 @@ impl Ledger {
         let Some(lease) = self.leases.get(lease_id) else {
             return lease_not_found(lease_id);
         };
-        let valid_until = self.keys[&*lease.key_id].key.payload.valid_until_ms();
+        let valid_until = self.keys[&*lease.key_id].valid_until_ms();
         let lease = self.extend_lease(lease_id, at, lease_ttl_ms, valid_until);
         Outcome::LeaseRenewed {
             lease: lease.view(),
@@ -1009,7 +1185,7 @@ impl Ledger {
             .expect("lease's key exists");
         record.in_use += 1;
         assert!(
-            record.in_use <= record.key.payload.licenses,
+            record.in_use + record.donated <= record.licenses(),
             "over-issued key {}",
             lease.key_id
         );
@@ -1048,6 +1224,539 @@ impl Ledger {
         ended
     }
 
+
+    // ---- donations between servers ----
+
+    /// Creates or changes the donation of `licenses` from a key to a neighbour. A change is a
+    /// new grant with the next serial; the previous grants stay counted until they lapse, so
+    /// lowering a donation frees licenses only once the neighbour can no longer use them.
+    fn donate(&mut self, request: DonateRequest<'_>, at: i64) -> Outcome {
+        let DonateRequest {
+            key_id,
+            to,
+            receiver_public_key,
+            licenses,
+            until_ms,
+            renewal_period_ms,
+        } = request;
+        let Some(server_id) = self.config.server_id.clone() else {
+            return invalid(
+                "this server has no server ID: configure server_id before donating licenses".into(),
+            );
+        };
+        if !is_name(to) || to == server_id {
+            return invalid(format!("{to:?} is not a neighbour server ID"));
+        }
+        if PublicKey::from_base64(receiver_public_key).is_err() {
+            return invalid(format!("the public key of neighbour {to} is not valid"));
+        }
+        if !(1..=DONATION_RENEWAL_PERIOD_MS_MAX).contains(&renewal_period_ms) {
+            return invalid("the donation renewal period must be 1 ms to 366 days".into());
+        }
+        if licenses == 0 || licenses > crate::key::LICENSES_PER_KEY_MAX {
+            return invalid(
+                "donate at least one license (to end a donation, end it instead)".into(),
+            );
+        }
+        let Some(record) = self.keys.get(key_id) else {
+            return Outcome::Refused {
+                refusal: Refusal::KeyNotFound {
+                    key_id: key_id.into(),
+                },
+            };
+        };
+        let refuse = |reason: String| Outcome::Refused {
+            refusal: Refusal::DonationRefused {
+                key_id: key_id.into(),
+                reason,
+            },
+        };
+        if !is_active(record, at) {
+            return refuse(format!("key {key_id} is not active"));
+        }
+        if until_ms <= at {
+            return refuse("the donation end date is not in the future".into());
+        }
+        let until_limit = match &record.received {
+            Some(received) => received.grant.last().donation_until_ms(),
+            None => record.key.payload.valid_until_ms(),
+        };
+        if until_ms > until_limit {
+            return refuse(format!(
+                "the donation end date is after {}, when the licenses of {key_id} end here",
+                format_ms(until_limit)
+            ));
+        }
+        let existing = self.donations.get(&(key_id.to_string(), to.to_string()));
+        let counted = existing.map_or(0, Donation::counted);
+        let available = record
+            .licenses()
+            .saturating_sub(record.in_use + record.donated - counted);
+        if licenses > counted.max(available) {
+            return Outcome::Refused {
+                refusal: Refusal::NotEnoughLicenses {
+                    key_id: key_id.into(),
+                    requested: licenses,
+                    free: available,
+                },
+            };
+        }
+        let lease_until_ms = match self.donation_lease_until(record, at, renewal_period_ms, until_ms)
+        {
+            Ok(until) => until,
+            Err(reason) => return refuse(reason),
+        };
+        let serial = existing.map_or(0, |d| d.serial) + 1;
+        let mut outstanding = existing.map(|d| d.outstanding.clone()).unwrap_or_default();
+        push_outstanding(
+            &mut outstanding,
+            Outstanding {
+                serial,
+                licenses,
+                lease_until_ms,
+            },
+        );
+        let donation = Donation {
+            key_id: key_id.into(),
+            to: to.into(),
+            receiver_public_key: receiver_public_key.into(),
+            licenses,
+            donation_until_ms: until_ms,
+            renewal_period_ms,
+            serial,
+            lease_until_ms,
+            renewed_at_ms: at,
+            ended: false,
+            outstanding,
+        };
+        self.donations
+            .insert((key_id.into(), to.into()), donation.clone());
+        let record = self.keys.get_mut(key_id).expect("checked");
+        record.meta.neighbours.insert(to.into());
+        self.recount_donated();
+        Outcome::Donated { donation }
+    }
+
+    /// When a new grant from `record` may run until: one renewal period, within the
+    /// donation, the key, the certificate of a key bound to this server, and for licenses
+    /// received from a neighbour, ending `clock_skew_max` before this server stops using them.
+    fn donation_lease_until(
+        &self,
+        record: &KeyRecord,
+        at: i64,
+        renewal_period_ms: i64,
+        until_ms: i64,
+    ) -> Result<i64, String> {
+        let mut lease_until = at
+            .saturating_add(renewal_period_ms)
+            .min(until_ms)
+            .min(record.key.payload.valid_until_ms());
+        match &record.received {
+            Some(received) => {
+                lease_until = lease_until.min(
+                    received
+                        .usable_until_ms
+                        .saturating_sub(self.config.clock_skew_max_ms),
+                );
+            }
+            None => {
+                if record.key.payload.server_id.is_some() {
+                    let Some(deadline) = self.sync.deadline_ms() else {
+                        return Err(format!(
+                            "key {} is issued to this server ID: synchronize with the vendor first, so neighbours can verify the grant",
+                            record.id
+                        ));
+                    };
+                    lease_until = lease_until.min(deadline);
+                }
+            }
+        }
+        if lease_until <= at {
+            return Err(format!(
+                "the licenses of {} end too soon to donate",
+                record.id
+            ));
+        }
+        Ok(lease_until)
+    }
+
+    /// Renews every running donation to a neighbour: the link to it is alive. Each gets a new
+    /// grant with the next serial, one renewal period long.
+    fn renew_donations(&mut self, to: &str, at: i64) -> Outcome {
+        let ids: Vec<(String, String)> = self
+            .donations
+            .iter()
+            .filter(|((_, t), d)| t == to && !d.ended && d.donation_until_ms > at)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut renewed = Vec::new();
+        for id in ids {
+            let donation = &self.donations[&id];
+            let Some(record) = self.keys.get(&id.0) else {
+                continue;
+            };
+            if !is_active(record, at) {
+                continue;
+            }
+            let counted = donation.counted();
+            let available = record
+                .licenses()
+                .saturating_sub(record.in_use + record.donated - counted);
+            // Licenses that lapsed back meanwhile may have gone to stations.
+            let licenses = donation.licenses.min(counted.max(available));
+            if licenses == 0 {
+                continue;
+            }
+            let Ok(lease_until_ms) = self.donation_lease_until(
+                record,
+                at,
+                donation.renewal_period_ms,
+                donation.donation_until_ms,
+            ) else {
+                continue;
+            };
+            let donation = self.donations.get_mut(&id).expect("listed");
+            donation.serial += 1;
+            donation.lease_until_ms = lease_until_ms;
+            donation.renewed_at_ms = at;
+            let serial = donation.serial;
+            push_outstanding(
+                &mut donation.outstanding,
+                Outstanding {
+                    serial,
+                    licenses,
+                    lease_until_ms,
+                },
+            );
+            renewed.push(donation.clone());
+            self.recount_donated();
+        }
+        Outcome::DonationsRenewed {
+            to: to.into(),
+            donations: renewed,
+        }
+    }
+
+    fn end_donation(&mut self, key_id: &str, to: &str) -> Outcome {
+        let id = (key_id.to_string(), to.to_string());
+        let Some(donation) = self.donations.get_mut(&id) else {
+            return donation_not_found(key_id, to);
+        };
+        donation.ended = true;
+        let donation = donation.clone();
+        if donation.outstanding.is_empty() {
+            self.donations.remove(&id);
+        }
+        Outcome::DonationEnded { donation }
+    }
+
+    /// The receiver confirmed it no longer uses the grants up to `serial`: the licenses come
+    /// back now instead of when the grant lease runs out.
+    fn grant_returned(&mut self, key_id: &str, to: &str, serial: u64, at: i64) -> Outcome {
+        let id = (key_id.to_string(), to.to_string());
+        let Some(donation) = self.donations.get_mut(&id) else {
+            return donation_not_found(key_id, to);
+        };
+        let before = donation.counted();
+        donation.outstanding.retain(|o| o.serial > serial);
+        let licenses_back = before - donation.counted();
+        if donation.outstanding.is_empty() && (donation.ended || donation.donation_until_ms <= at)
+        {
+            self.donations.remove(&id);
+        }
+        self.recount_donated();
+        Outcome::GrantReturned {
+            key_id: key_id.into(),
+            to: to.into(),
+            licenses_back,
+        }
+    }
+
+    /// A neighbour's grant: verified down to the vendor's key, then used as a pool of licenses
+    /// named `KEY@DONOR`. A newer serial replaces the pool's grant; an older one is a replay.
+    fn accept_grant(&mut self, grant: &Grant, at: i64) -> Outcome {
+        let (Some(server_id), Some(server_key)) =
+            (self.config.server_id.clone(), self.config.server_public_key)
+        else {
+            return invalid(
+                "this server has no server ID and identity key: it cannot receive licenses".into(),
+            );
+        };
+        let rejected = |error: GrantError| Outcome::Refused {
+            refusal: Refusal::GrantRejected { error },
+        };
+        let last = match grant.verify(&self.config.trusted_vendors, &server_id, &server_key, at) {
+            Ok(last) => last.clone(),
+            Err(error) => return rejected(error),
+        };
+        if self
+            .keys
+            .get(&last.key_id)
+            .is_some_and(|record| record.received.is_none())
+        {
+            return invalid(format!(
+                "this server holds key {} itself: a grant of it would count its licenses twice",
+                last.key_id
+            ));
+        }
+        let pool = received_pool_id(&last.key_id, &last.donor);
+        let accepted = self.accepted_serials.get(&pool).copied().unwrap_or(0);
+        if last.serial < accepted {
+            return rejected(GrantError::Replayed {
+                key_id: last.key_id.clone(),
+                donor: last.donor.clone(),
+                serial: last.serial,
+                accepted,
+            });
+        }
+        let usable_until_ms = last.ends_at_ms() - self.config.clock_skew_max_ms;
+        if usable_until_ms <= at {
+            return rejected(GrantError::Expired {
+                key_id: last.key_id.clone(),
+                donor: last.donor.clone(),
+                ended_at: format_ms(last.ends_at_ms()),
+            });
+        }
+        let received = Received {
+            grant: grant.clone(),
+            donor: last.donor.clone(),
+            serial: last.serial,
+            licenses: last.licenses,
+            usable_until_ms,
+            accepted_at_ms: at,
+        };
+        let mut leases_ended = 0;
+        match self.keys.get_mut(&pool) {
+            Some(record) => {
+                let current = record.received.as_ref().map_or(0, |r| r.serial);
+                if last.serial == current {
+                    return self.grant_accepted(&pool, 0);
+                }
+                if last.licenses < record.donated {
+                    return invalid(format!(
+                        "this server re-donated {} licenses of {pool}, more than the {} of the new grant: end those donations first",
+                        record.donated, last.licenses
+                    ));
+                }
+                record.received = Some(received);
+                leases_ended = self.fit_pool(&pool);
+            }
+            None => {
+                let record = KeyRecord::with_id(
+                    &pool,
+                    grant.key.clone(),
+                    KeyMeta {
+                        stations: true,
+                        ..KeyMeta::default()
+                    },
+                    Some(received),
+                );
+                self.keys.insert(pool.clone(), record);
+                // A grant of a renewal key takes over the leases of the key it renews.
+                if let Some(old) = &grant.key.payload.renews {
+                    let old_pool = received_pool_id(old, &last.donor);
+                    if self.keys.contains_key(&old_pool) {
+                        let (_, ended) = self.move_leases(&old_pool, &pool);
+                        leases_ended += ended;
+                    }
+                }
+            }
+        }
+        self.accepted_serials.insert(pool.clone(), last.serial);
+        self.refresh_grant_due();
+        self.grant_accepted(&pool, leases_ended)
+    }
+
+    fn grant_accepted(&self, pool: &str, leases_ended: u32) -> Outcome {
+        let record = &self.keys[pool];
+        let received = record.received.as_ref().expect("a received pool");
+        Outcome::GrantAccepted {
+            key_id: pool.into(),
+            donor: received.donor.clone(),
+            licenses: received.licenses,
+            serial: received.serial,
+            usable_until_ms: received.usable_until_ms,
+            leases_ended,
+        }
+    }
+
+    /// After a received grant changed: no lease outlives it, and if it shrank, the newest
+    /// leases end until the rest fit. Returns how many leases ended.
+    fn fit_pool(&mut self, pool: &str) -> u32 {
+        let until = self.keys[pool].valid_until_ms();
+        let mut leases: Vec<(i64, Arc<str>, i64)> = self
+            .leases
+            .values()
+            .filter(|lease| &*lease.key_id == pool)
+            .map(|lease| (lease.issued_at_ms, lease.id.clone(), lease.expires_at_ms))
+            .collect();
+        leases.sort();
+        for (_, lease_id, expires_at_ms) in &leases {
+            if *expires_at_ms > until {
+                self.expiry.remove(&(*expires_at_ms, lease_id.clone()));
+                self.expiry.insert((until, lease_id.clone()));
+                self.leases.get_mut(lease_id).expect("listed").expires_at_ms = until;
+            }
+        }
+        let mut ended = 0;
+        while {
+            let record = &self.keys[pool];
+            record.in_use + record.donated > record.licenses()
+        } {
+            let (_, lease_id, _) = leases.pop().expect("leases remain while over");
+            self.remove_lease(&lease_id);
+            ended += 1;
+        }
+        ended
+    }
+
+    /// This server gives a received grant back: its leases end and the pool goes.
+    fn release_grant(&mut self, pool: &str, _at: i64) -> Outcome {
+        let Some(record) = self.keys.get(pool).filter(|r| r.received.is_some()) else {
+            return Outcome::Refused {
+                refusal: Refusal::KeyNotFound {
+                    key_id: pool.into(),
+                },
+            };
+        };
+        if record.donated > 0 || self.donations.keys().any(|(from, _)| from == pool) {
+            return invalid(format!(
+                "licenses of {pool} are donated further: end those donations first"
+            ));
+        }
+        let received = record.received.clone().expect("checked");
+        let doomed: Vec<Arc<str>> = self
+            .leases
+            .values()
+            .filter(|lease| &*lease.key_id == pool)
+            .map(|lease| lease.id.clone())
+            .collect();
+        for lease_id in &doomed {
+            self.remove_lease(lease_id);
+        }
+        self.keys.remove(pool);
+        self.refresh_grant_due();
+        Outcome::GrantReleased {
+            key_id: pool.into(),
+            donor: received.donor,
+            serial: received.serial,
+            leases_ended: doomed.len() as u32,
+        }
+    }
+
+    fn record_usage_report(&mut self, from: &str, report: &UsageReport) -> Outcome {
+        if !is_name(from) {
+            return invalid(format!("{from:?} is not a server ID"));
+        }
+        let components = report.active_stations.len() + report.in_use.len();
+        if components > USAGE_REPORT_COMPONENTS_MAX
+            || report
+                .active_stations
+                .keys()
+                .chain(report.in_use.keys())
+                .any(|c| !is_name(c))
+        {
+            return invalid(format!(
+                "a usage report names at most {USAGE_REPORT_COMPONENTS_MAX} valid component names"
+            ));
+        }
+        self.reports.insert(from.into(), report.clone());
+        Outcome::UsageReportRecorded { from: from.into() }
+    }
+
+    /// On a renewal, donations of the old key continue from the renewal key: the old ones
+    /// end (they lapse by themselves) and new grants of the renewal key take their place.
+    fn move_donations(&mut self, old: &str, new: &str, at: i64) {
+        let moving: Vec<Donation> = self
+            .donations
+            .values()
+            .filter(|d| d.key_id == old && !d.ended)
+            .cloned()
+            .collect();
+        let until_max = self.keys[new].key.payload.valid_until_ms();
+        for donation in moving {
+            if let Some(d) = self
+                .donations
+                .get_mut(&(old.to_string(), donation.to.clone()))
+            {
+                d.ended = true;
+            }
+            // Refused (not enough free licenses, say): the neighbour keeps the old grant
+            // until it lapses, and the administrator sees the donation gone from the key.
+            let _ = self.donate(
+                DonateRequest {
+                    key_id: new,
+                    to: &donation.to,
+                    receiver_public_key: &donation.receiver_public_key,
+                    licenses: donation.licenses,
+                    until_ms: donation.donation_until_ms.min(until_max),
+                    renewal_period_ms: donation.renewal_period_ms,
+                },
+                at,
+            );
+        }
+    }
+
+    /// Grants that ran out: donated licenses whose last grant lapsed (plus the clock skew)
+    /// come back; received grants past their end are dropped once nothing depends on them.
+    fn end_due_grants(&mut self, at: i64) {
+        if at < self.grant_due_ms {
+            return;
+        }
+        let skew = self.config.clock_skew_max_ms;
+        for donation in self.donations.values_mut() {
+            donation
+                .outstanding
+                .retain(|o| o.lease_until_ms.saturating_add(skew) > at);
+        }
+        self.donations
+            .retain(|_, d| !d.outstanding.is_empty() || (!d.ended && d.donation_until_ms > at));
+        self.recount_donated();
+        let donating: BTreeSet<String> = self.donations.keys().map(|(k, _)| k.clone()).collect();
+        self.keys.retain(|id, record| {
+            record.received.as_ref().is_none_or(|r| {
+                r.usable_until_ms > at || record.in_use > 0 || donating.contains(id)
+            })
+        });
+        self.refresh_grant_due();
+    }
+
+    /// Sets every key's donated count from its donations.
+    fn recount_donated(&mut self) {
+        for record in self.keys.values_mut() {
+            record.donated = 0;
+        }
+        for donation in self.donations.values() {
+            if let Some(record) = self.keys.get_mut(&donation.key_id) {
+                record.donated += donation.counted();
+            }
+        }
+        self.refresh_grant_due();
+    }
+
+    fn refresh_grant_due(&mut self) {
+        let skew = self.config.clock_skew_max_ms;
+        let lapses = self
+            .donations
+            .values()
+            .flat_map(|d| d.outstanding.iter())
+            .map(|o| o.lease_until_ms.saturating_add(skew));
+        let ends = self
+            .keys
+            .values()
+            .filter_map(|r| r.received.as_ref().map(|r| r.usable_until_ms));
+        let ended_donations = self
+            .donations
+            .values()
+            .filter(|d| d.outstanding.is_empty())
+            .map(|d| d.donation_until_ms);
+        self.grant_due_ms = lapses
+            .chain(ends)
+            .chain(ended_donations)
+            .min()
+            .unwrap_or(i64::MAX);
+    }
+
     // ---- reads ----
 
     pub fn lease(&self, lease_id: &str) -> Option<LeaseView> {
@@ -1069,11 +1778,68 @@ impl Ledger {
         self.keys
             .values()
             .map(|record| KeyView {
+                id: record.id.to_string(),
                 key: record.key.clone(),
                 state: key_state(record, at),
+                licenses: record.licenses(),
                 in_use: record.in_use,
+                donated: record.donated,
+                received: record.received.clone(),
                 meta: record.meta.clone(),
             })
+            .collect()
+    }
+
+    /// Every donation to a neighbour, by key then neighbour.
+    pub fn donations(&self) -> Vec<Donation> {
+        self.donations.values().cloned().collect()
+    }
+
+    pub fn donation(&self, key_id: &str, to: &str) -> Option<&Donation> {
+        self.donations.get(&(key_id.to_string(), to.to_string()))
+    }
+
+    /// The latest usage report of each neighbour.
+    pub fn usage_reports(&self) -> &BTreeMap<String, UsageReport> {
+        &self.reports
+    }
+
+    /// What this server must sign to hand the latest grant of a donation to its neighbour:
+    /// the chain it extends and the new link. `None` when there is nothing outstanding, or
+    /// this server has no ID or key to sign as.
+    pub fn grant_to_sign(&self, key_id: &str, to: &str) -> Option<(GrantSource<'_>, GrantPayload)> {
+        let donation = self.donation(key_id, to)?;
+        let latest = donation.outstanding.iter().max_by_key(|o| o.serial)?;
+        let record = self.keys.get(key_id)?;
+        let source = match &record.received {
+            Some(received) => GrantSource::Received(&received.grant),
+            None => GrantSource::Key {
+                key: &record.key,
+                certificate: self.sync.certificate.as_ref(),
+            },
+        };
+        let components = record.components.iter().map(|c| c.to_string()).collect();
+        let payload = GrantPayload {
+            key_id: record.key.payload.key_id.clone(),
+            donor: self.config.server_id.clone()?,
+            donor_public_key: self.config.server_public_key?.to_base64(),
+            receiver: to.into(),
+            receiver_public_key: donation.receiver_public_key.clone(),
+            components,
+            licenses: latest.licenses,
+            serial: latest.serial,
+            issued_at: jiff::Timestamp::from_millisecond(donation.renewed_at_ms).ok()?,
+            lease_until: jiff::Timestamp::from_millisecond(latest.lease_until_ms).ok()?,
+            donation_until: jiff::Timestamp::from_millisecond(donation.donation_until_ms).ok()?,
+        };
+        Some((source, payload))
+    }
+
+    /// Received pools: (pool id, grant details), for reports and link checks.
+    pub fn received(&self) -> Vec<(String, Received)> {
+        self.keys
+            .iter()
+            .filter_map(|(id, r)| r.received.clone().map(|rc| (id.clone(), rc)))
             .collect()
     }
 
@@ -1085,9 +1851,14 @@ impl Ledger {
         &self.sync
     }
 
-    /// When the next lease runs out, so the primary knows when to propose `Expire`.
+    /// When the next lease or grant runs out, so the primary knows when to propose `Expire`.
     pub fn next_expiry_ms(&self) -> Option<i64> {
-        self.expiry.first().map(|(at, _)| *at)
+        let lease = self.expiry.first().map(|(at, _)| *at);
+        let grant = (self.grant_due_ms != i64::MAX).then_some(self.grant_due_ms);
+        match (lease, grant) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     // ---- snapshots ----
@@ -1101,6 +1872,9 @@ impl Ledger {
             leases,
             sync: self.sync.clone(),
             groups: self.groups.clone(),
+            donations: self.donations(),
+            reports: self.reports.clone(),
+            accepted_serials: self.accepted_serials.clone(),
         }
     }
 
@@ -1115,6 +1889,9 @@ impl Ledger {
             leases: Vec<&'a Lease>,
             groups: &'a BTreeMap<String, BTreeSet<String>>,
             sync: &'a SyncState,
+            donations: Vec<&'a Donation>,
+            reports: &'a BTreeMap<String, UsageReport>,
+            accepted_serials: &'a BTreeMap<String, u64>,
         }
         fn compact_rows<S: serde::Serializer>(
             leases: &[&Lease],
@@ -1142,6 +1919,9 @@ impl Ledger {
             leases,
             groups: &self.groups,
             sync: &self.sync,
+            donations: self.donations.values().collect(),
+            reports: &self.reports,
+            accepted_serials: &self.accepted_serials,
         };
         serde_json::to_vec(&snapshot).expect("the ledger serializes")
     }
@@ -1152,6 +1932,7 @@ impl Ledger {
             .map(|r| StoredKey {
                 key: r.key.clone(),
                 meta: r.meta.clone(),
+                received: r.received.clone(),
             })
             .collect()
     }
@@ -1160,12 +1941,15 @@ impl Ledger {
     /// again: they were verified when their import was applied).
     pub fn restore(config: LedgerConfig, snapshot: LedgerSnapshot) -> Ledger {
         let mut ledger = Ledger::new(config);
-        ledger.restore_header(
-            snapshot.last_at_ms,
-            snapshot.sync,
-            snapshot.groups,
-            snapshot.keys,
-        );
+        ledger.restore_header(RestoredHeader {
+            last_at_ms: snapshot.last_at_ms,
+            sync: snapshot.sync,
+            groups: snapshot.groups,
+            keys: snapshot.keys,
+            donations: snapshot.donations,
+            reports: snapshot.reports,
+            accepted_serials: snapshot.accepted_serials,
+        });
         ledger.reserve_leases(snapshot.leases.len());
         let mut expiry = Vec::with_capacity(snapshot.leases.len());
         for lease in &snapshot.leases {
@@ -1212,15 +1996,24 @@ impl Ledger {
             groups: BTreeMap<String, BTreeSet<String>>,
             #[serde(default)]
             sync: SyncState,
+            #[serde(default)]
+            donations: Vec<Donation>,
+            #[serde(default)]
+            reports: BTreeMap<String, UsageReport>,
+            #[serde(default)]
+            accepted_serials: BTreeMap<String, u64>,
         }
         let snapshot: SnapshotIn<'_> = serde_json::from_slice(bytes)?;
         let mut ledger = Ledger::new(config);
-        ledger.restore_header(
-            snapshot.last_at_ms,
-            snapshot.sync,
-            snapshot.groups,
-            snapshot.keys,
-        );
+        ledger.restore_header(RestoredHeader {
+            last_at_ms: snapshot.last_at_ms,
+            sync: snapshot.sync,
+            groups: snapshot.groups,
+            keys: snapshot.keys,
+            donations: snapshot.donations,
+            reports: snapshot.reports,
+            accepted_serials: snapshot.accepted_serials,
+        });
         ledger.reserve_leases(snapshot.leases.len());
         let mut expiry = Vec::with_capacity(snapshot.leases.len());
         for row in &snapshot.leases {
@@ -1242,22 +2035,28 @@ impl Ledger {
         Ok(ledger)
     }
 
-    fn restore_header(
-        &mut self,
-        last_at_ms: i64,
-        sync: SyncState,
-        groups: BTreeMap<String, BTreeSet<String>>,
-        keys: Vec<StoredKey>,
-    ) {
-        self.last_at_ms = last_at_ms;
-        self.sync = sync;
-        self.groups = groups;
-        for key in keys {
+    fn restore_header(&mut self, header: RestoredHeader) {
+        self.last_at_ms = header.last_at_ms;
+        self.sync = header.sync;
+        self.groups = header.groups;
+        for key in header.keys {
+            let id = match &key.received {
+                Some(received) => received_pool_id(key.key.key_id(), &received.donor),
+                None => key.key.payload.key_id.clone(),
+            };
             self.keys.insert(
-                key.key.payload.key_id.clone(),
-                KeyRecord::new(key.key, key.meta),
+                id.clone(),
+                KeyRecord::with_id(&id, key.key, key.meta, key.received),
             );
         }
+        self.donations = header
+            .donations
+            .into_iter()
+            .map(|d| ((d.key_id.clone(), d.to.clone()), d))
+            .collect();
+        self.reports = header.reports;
+        self.accepted_serials = header.accepted_serials;
+        self.recount_donated();
     }
 
     fn reserve_leases(&mut self, count: usize) {
@@ -1271,7 +2070,7 @@ impl Ledger {
         self.expiry = expiry.into_iter().collect();
         for (key_id, record) in &self.keys {
             assert!(
-                record.in_use <= record.key.payload.licenses,
+                record.in_use + record.donated <= record.licenses(),
                 "snapshot over-issues key {key_id}"
             );
         }
@@ -1336,7 +2135,7 @@ impl Ledger {
             if lease.expires_at_ms <= self.last_at_ms {
                 return Err(format!("lease {lease_id} outlived its expiry"));
             }
-            if lease.expires_at_ms > record.key.payload.valid_until_ms() {
+            if lease.expires_at_ms > record.valid_until_ms() {
                 return Err(format!("lease {lease_id} outlives its key"));
             }
             if self.station_lease(&lease.station, &lease.key_id) != Some(lease_id) {
@@ -1354,7 +2153,17 @@ impl Ledger {
         if indexed != self.leases.len() || self.expiry.len() != self.leases.len() {
             return Err("indexes hold entries for leases that do not exist".into());
         }
+        let mut donated: HashMap<&str, u32> = HashMap::new();
+        for ((key_id, to), donation) in &self.donations {
+            if !self.keys.contains_key(key_id) {
+                return Err(format!("donation of missing key {key_id} to {to}"));
+            }
+            *donated.entry(key_id.as_str()).or_default() += donation.counted();
+        }
         for (key_id, record) in &self.keys {
+            if donated.get(key_id.as_str()).copied().unwrap_or(0) != record.donated {
+                return Err(format!("key {key_id} counts {} donated, donations say otherwise", record.donated));
+            }
             let in_use = counted.get(key_id.as_str()).copied().unwrap_or(0);
             if in_use != record.in_use {
                 return Err(format!(
@@ -1362,15 +2171,27 @@ impl Ledger {
                     record.in_use
                 ));
             }
-            if in_use > record.key.payload.licenses {
+            if in_use + record.donated > record.licenses() {
                 return Err(format!(
-                    "key {key_id} over-issued: {in_use} leases for {} licenses",
-                    record.key.payload.licenses
+                    "key {key_id} over-issued: {in_use} leases and {} donated for {} licenses",
+                    record.donated,
+                    record.licenses()
                 ));
             }
         }
         Ok(())
     }
+}
+
+/// Everything in a snapshot but the leases.
+struct RestoredHeader {
+    last_at_ms: i64,
+    sync: SyncState,
+    groups: BTreeMap<String, BTreeSet<String>>,
+    keys: Vec<StoredKey>,
+    donations: Vec<Donation>,
+    reports: BTreeMap<String, UsageReport>,
+    accepted_serials: BTreeMap<String, u64>,
 }
 
 /// One lease as read back from a snapshot, whatever owns its strings.
@@ -1423,10 +2244,9 @@ impl CheckoutRequest<'_> {
 }
 
 fn key_state(record: &KeyRecord, at: i64) -> KeyState {
-    let payload = &record.key.payload;
-    if at < payload.valid_from_ms() {
+    if at < record.key.payload.valid_from_ms() {
         KeyState::Pending
-    } else if at < payload.valid_until_ms() {
+    } else if at < record.valid_until_ms() {
         KeyState::Active
     } else {
         KeyState::Expired
@@ -1455,4 +2275,34 @@ fn lease_not_found(lease_id: &str) -> Outcome {
             lease_id: lease_id.into(),
         },
     }
+}
+
+fn donation_not_found(key_id: &str, to: &str) -> Outcome {
+    Outcome::Refused {
+        refusal: Refusal::DonationNotFound {
+            key_id: key_id.into(),
+            to: to.into(),
+        },
+    }
+}
+
+fn format_ms(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms)
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| ms.to_string())
+}
+
+/// Adds a new grant; drops older ones the new grant covers (no more licenses, no later end).
+fn push_outstanding(outstanding: &mut Vec<Outstanding>, new: Outstanding) {
+    outstanding.retain(|o| o.licenses > new.licenses || o.lease_until_ms > new.lease_until_ms);
+    outstanding.push(new);
+}
+
+struct DonateRequest<'a> {
+    key_id: &'a str,
+    to: &'a str,
+    receiver_public_key: &'a str,
+    licenses: u32,
+    until_ms: i64,
+    renewal_period_ms: i64,
 }

@@ -4,6 +4,7 @@
 //! - [`clock`]: the `Clock` trait; this crate never reads a clock itself.
 //! - [`identity`]: Ed25519 signing and verifying keys and their file formats.
 //! - [`key`]: the vendor-signed license key document (format in `docs/formats.md`).
+//! - [`grant`]: signed donations of licenses between servers, chained to the key.
 //! - [`command`]: what can be asked of the ledger, stamped with the primary's time.
 //! - [`outcome`]: what the ledger answered, refusals included; refusals are not errors.
 //! - [`ledger`]: `Ledger::apply(entry) -> Outcome` and the invariants checked after it.
@@ -13,6 +14,7 @@
 
 pub mod clock;
 pub mod command;
+pub mod grant;
 pub mod identity;
 pub mod key;
 pub mod ledger;
@@ -21,10 +23,12 @@ pub mod sync;
 
 pub use clock::Clock;
 pub use command::{Command, Stamped};
+pub use grant::{Grant, GrantError, GrantPayload, GrantSource};
 pub use identity::{IdentityError, PublicKey, SecretKey};
 pub use key::{KeyError, LicenseKey, LicenseKeyPayload};
 pub use ledger::{
-    Applied, KeyMeta, KeyState, KeyView, LeaseView, Ledger, LedgerConfig, LedgerSnapshot,
-    RenewalResult, StoredKey, SyncState,
+    Applied, Donation, KeyMeta, KeyState, KeyView, LeaseView, Ledger, LedgerConfig,
+    LedgerSnapshot, Outstanding, Received, RenewalResult, StoredKey, SyncState, UsageReport,
+    received_pool_id,
 };
 pub use outcome::{Outcome, Refusal};

@@ -3,8 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::grant::GrantError;
 use crate::key::KeyError;
-use crate::ledger::{LeaseView, RenewalResult};
+use crate::ledger::{Donation, LeaseView, RenewalResult};
 use crate::sync::SyncError;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +65,39 @@ pub enum Outcome {
         group: String,
         stations: u32,
     },
+    Donated {
+        donation: Donation,
+    },
+    DonationsRenewed {
+        to: String,
+        donations: Vec<Donation>,
+    },
+    DonationEnded {
+        donation: Donation,
+    },
+    GrantReturned {
+        key_id: String,
+        to: String,
+        licenses_back: u32,
+    },
+    /// `key_id` is the pool the grant is used as: `KEY@DONOR`.
+    GrantAccepted {
+        key_id: String,
+        donor: String,
+        licenses: u32,
+        serial: u64,
+        usable_until_ms: i64,
+        leases_ended: u32,
+    },
+    GrantReleased {
+        key_id: String,
+        donor: String,
+        serial: u64,
+        leases_ended: u32,
+    },
+    UsageReportRecorded {
+        from: String,
+    },
     Refused {
         refusal: Refusal,
     },
@@ -90,6 +124,18 @@ pub enum Refusal {
     ServerNotSynchronized { deadline_ms: Option<i64> },
     #[error(transparent)]
     SyncRejected { error: SyncError },
+    #[error(transparent)]
+    GrantRejected { error: GrantError },
+    #[error("cannot donate from key {key_id}: {reason}")]
+    DonationRefused { key_id: String, reason: String },
+    #[error("key {key_id} has {free} free licenses, fewer than the {requested} asked for")]
+    NotEnoughLicenses {
+        key_id: String,
+        requested: u32,
+        free: u32,
+    },
+    #[error("no donation of key {key_id} to {to}")]
+    DonationNotFound { key_id: String, to: String },
 }
 
 fn not_synchronized_message(deadline_ms: &Option<i64>) -> String {
@@ -117,6 +163,10 @@ impl Refusal {
             Refusal::InvalidRequest { .. } => "invalid_request",
             Refusal::ServerNotSynchronized { .. } => "server_not_synchronized",
             Refusal::SyncRejected { error } => error.code(),
+            Refusal::GrantRejected { error } => error.code(),
+            Refusal::DonationRefused { .. } => "donation_refused",
+            Refusal::NotEnoughLicenses { .. } => "not_enough_licenses",
+            Refusal::DonationNotFound { .. } => "donation_not_found",
         }
     }
 }

@@ -51,6 +51,7 @@ fn ledger() -> Ledger {
         trusted_vendors: vec![vendor().public_key()],
         server_id: Some("srv-1".into()),
         server_public_key: Some(server_identity().public_key()),
+        clock_skew_max_ms: 0,
     })
 }
 

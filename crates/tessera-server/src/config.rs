@@ -22,6 +22,9 @@ pub struct ConfigFile {
     /// How far the wall clock may fall behind the last stamped time before the server refuses
     /// to issue, e.g. "5s".
     pub clock_tolerance: Option<String>,
+    /// The largest clock difference accepted between neighbour servers, e.g. "30s": a grant
+    /// ends this much earlier for its receiver and later for its donor.
+    pub clock_skew_max: Option<String>,
     /// Largest accepted request body, in bytes.
     pub body_limit_bytes: Option<usize>,
     /// The vendor authority's URL, for online synchronization.
@@ -97,6 +100,7 @@ pub struct ServerConfig {
     pub server_id: Option<String>,
     pub lease_ttl: Duration,
     pub clock_tolerance: Duration,
+    pub clock_skew_max: Duration,
     pub body_limit_bytes: usize,
     pub authority: Option<String>,
     pub sync_schedule: SyncSchedule,
@@ -116,6 +120,7 @@ impl Default for ServerConfig {
             server_id: None,
             lease_ttl: Duration::from_secs(120),
             clock_tolerance: Duration::from_secs(5),
+            clock_skew_max: Duration::from_secs(30),
             body_limit_bytes: 64 * 1024,
             authority: None,
             sync_schedule: SyncSchedule::Off,
@@ -159,6 +164,9 @@ impl ServerConfig {
         }
         if let Some(tolerance) = file.clock_tolerance {
             self.clock_tolerance = parse_duration("clock_tolerance", &tolerance)?;
+        }
+        if let Some(skew) = file.clock_skew_max {
+            self.clock_skew_max = parse_duration("clock_skew_max", &skew)?;
         }
         if let Some(limit) = file.body_limit_bytes {
             self.body_limit_bytes = limit;

@@ -73,6 +73,13 @@ impl ApiError {
                         tessera_core::sync::SyncError::NoServerId => StatusCode::CONFLICT,
                         _ => StatusCode::UNPROCESSABLE_ENTITY,
                     },
+                    Refusal::GrantRejected { error } => match error {
+                        tessera_core::GrantError::Replayed { .. } => StatusCode::CONFLICT,
+                        _ => StatusCode::UNPROCESSABLE_ENTITY,
+                    },
+                    Refusal::DonationRefused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+                    Refusal::NotEnoughLicenses { .. } => StatusCode::CONFLICT,
+                    Refusal::DonationNotFound { .. } => StatusCode::NOT_FOUND,
                 };
                 (status, refusal.code())
             }

@@ -119,6 +119,7 @@ pub async fn start(
             trusted_vendors,
             server_id: config.server_id.clone(),
             server_public_key: Some(data.identity.public_key()),
+            clock_skew_max_ms: config.clock_skew_max.as_millis() as i64,
         },
         members,
         domain_secret: config.domain_secret.clone(),
