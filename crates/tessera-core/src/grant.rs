@@ -125,7 +125,9 @@ pub enum GrantError {
         donor: String,
         ended_at: String,
     },
-    #[error("the grant is for license server {receiver} ({receiver_key}), not for this server ({this_server})")]
+    #[error(
+        "the grant is for license server {receiver} ({receiver_key}), not for this server ({this_server})"
+    )]
     OtherReceiver {
         receiver: String,
         receiver_key: String,
@@ -197,7 +199,11 @@ impl Grant {
 
     /// The grant to the holder of this document: the last link.
     pub fn last(&self) -> &GrantPayload {
-        &self.links.last().expect("a verified grant has links").payload
+        &self
+            .links
+            .last()
+            .expect("a verified grant has links")
+            .payload
     }
 
     /// Verifies the whole chain: the vendor's key, the first donor's certificate where the
@@ -287,7 +293,9 @@ impl Grant {
                 )));
             }
             if !is_name(&p.donor) || !is_name(&p.receiver) || p.donor == p.receiver {
-                return Err(invalid("donor and receiver must be two valid server IDs".into()));
+                return Err(invalid(
+                    "donor and receiver must be two valid server IDs".into(),
+                ));
             }
             if p.components.is_empty() || p.components.iter().any(|c| !key.covers(c)) {
                 return Err(invalid(format!(

@@ -596,6 +596,16 @@ impl Ledger {
                     .unwrap_or_else(|| "no server ID".into()),
             });
         }
+        if let Some(pool) = self
+            .keys
+            .values()
+            .find(|r| r.received.is_some() && r.key.key_id() == payload.key_id)
+        {
+            return invalid(format!(
+                "this server already receives licenses of key {} from a neighbour ({}): importing the key as well would count them twice",
+                payload.key_id, pool.id
+            ));
+        }
         if self.keys.contains_key(&payload.key_id) {
             return Outcome::Refused {
                 refusal: Refusal::KeyAlreadyImported {
@@ -661,9 +671,7 @@ impl Ledger {
             })
             // Received grants carry their donor's certificate limit in their chain.
             .partition(|record| {
-                synchronized
-                    || record.key.payload.server_id.is_none()
-                    || record.received.is_some()
+                synchronized || record.key.payload.server_id.is_none() || record.received.is_some()
             });
         if covering.is_empty() {
             let refusal = if unsynchronized.is_empty() {
@@ -1224,7 +1232,6 @@ impl Ledger {
         ended
     }
 
-
     // ---- donations between servers ----
 
     /// Creates or changes the donation of `licenses` from a key to a neighbour. A change is a
@@ -1301,11 +1308,11 @@ impl Ledger {
                 },
             };
         }
-        let lease_until_ms = match self.donation_lease_until(record, at, renewal_period_ms, until_ms)
-        {
-            Ok(until) => until,
-            Err(reason) => return refuse(reason),
-        };
+        let lease_until_ms =
+            match self.donation_lease_until(record, at, renewal_period_ms, until_ms) {
+                Ok(until) => until,
+                Err(reason) => return refuse(reason),
+            };
         let serial = existing.map_or(0, |d| d.serial) + 1;
         let mut outstanding = existing.map(|d| d.outstanding.clone()).unwrap_or_default();
         push_outstanding(
@@ -1460,8 +1467,7 @@ impl Ledger {
         let before = donation.counted();
         donation.outstanding.retain(|o| o.serial > serial);
         let licenses_back = before - donation.counted();
-        if donation.outstanding.is_empty() && (donation.ended || donation.donation_until_ms <= at)
-        {
+        if donation.outstanding.is_empty() && (donation.ended || donation.donation_until_ms <= at) {
             self.donations.remove(&id);
         }
         self.recount_donated();
@@ -1501,7 +1507,13 @@ impl Ledger {
         }
         let pool = received_pool_id(&last.key_id, &last.donor);
         let accepted = self.accepted_serials.get(&pool).copied().unwrap_or(0);
-        if last.serial < accepted {
+        // The serial in use may come again (a retried push); once its pool is given back,
+        // even that serial is spent.
+        let replayed = match self.keys.contains_key(&pool) {
+            true => last.serial < accepted,
+            false => last.serial <= accepted,
+        };
+        if replayed {
             return rejected(GrantError::Replayed {
                 key_id: last.key_id.clone(),
                 donor: last.donor.clone(),
@@ -2162,7 +2174,10 @@ impl Ledger {
         }
         for (key_id, record) in &self.keys {
             if donated.get(key_id.as_str()).copied().unwrap_or(0) != record.donated {
-                return Err(format!("key {key_id} counts {} donated, donations say otherwise", record.donated));
+                return Err(format!(
+                    "key {key_id} counts {} donated, donations say otherwise",
+                    record.donated
+                ));
             }
             let in_use = counted.get(key_id.as_str()).copied().unwrap_or(0);
             if in_use != record.in_use {

@@ -11,6 +11,9 @@ use tessera_core::{
     Outcome, Refusal, RenewalResult, SecretKey, Stamped,
 };
 
+#[path = "ledger/grants.rs"]
+mod grants;
+
 const BASE_MS: i64 = 1_800_000_000_000;
 const TTL_MS: i64 = 30_000;
 

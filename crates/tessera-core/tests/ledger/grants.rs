@@ -1,0 +1,483 @@
+//! Donations between servers: grants, their chain back to the vendor, renewal, lapse and
+//! the refusals of forged, inflated, expired and replayed grants.
+
+use tessera_core::grant::{Grant, GrantError, GrantPayload};
+use tessera_core::{
+    Command, Ledger, LedgerConfig, LicenseKey, Outcome, PublicKey, Refusal, SecretKey, Stamped,
+};
+
+use super::{BASE_MS, checkout, key, refusal, vendor};
+
+const HOUR_MS: i64 = 3_600_000;
+const SKEW_MS: i64 = 30_000;
+
+/// A server in a test network: its ledger and identity.
+struct Server {
+    id: String,
+    secret: SecretKey,
+    ledger: Ledger,
+}
+
+impl Server {
+    fn new(id: &str, seed: u8) -> Server {
+        let secret = SecretKey::from_seed([seed; 32]);
+        let ledger = Ledger::new(LedgerConfig {
+            trusted_vendors: vec![vendor().public_key()],
+            server_id: Some(id.into()),
+            server_public_key: Some(secret.public_key()),
+            clock_skew_max_ms: SKEW_MS,
+        });
+        Server {
+            id: id.into(),
+            secret,
+            ledger,
+        }
+    }
+
+    fn public(&self) -> PublicKey {
+        self.secret.public_key()
+    }
+
+    fn apply(&mut self, at_ms: i64, command: Command) -> Outcome {
+        self.ledger.apply(&Stamped { at_ms, command })
+    }
+
+    fn donate(&mut self, at_ms: i64, key_id: &str, to: &Server, licenses: u32, until_ms: i64) {
+        let outcome = self.apply(
+            at_ms,
+            Command::Donate {
+                key_id: key_id.into(),
+                to: to.id.clone(),
+                receiver_public_key: to.public().to_base64(),
+                licenses,
+                until_ms,
+                renewal_period_ms: HOUR_MS,
+            },
+        );
+        assert!(matches!(outcome, Outcome::Donated { .. }), "{outcome:?}");
+    }
+
+    /// The signed grant this server hands to `to` for its donation of `key_id`.
+    fn grant(&self, key_id: &str, to: &str) -> Grant {
+        let (source, payload) = self.ledger.grant_to_sign(key_id, to).expect("outstanding");
+        Grant::issue(source, payload, &self.secret)
+    }
+
+    fn accept(&mut self, at_ms: i64, grant: Grant) -> Outcome {
+        self.apply(
+            at_ms,
+            Command::AcceptGrant {
+                grant: Box::new(grant),
+            },
+        )
+    }
+
+    fn view(&self, id: &str) -> tessera_core::KeyView {
+        self.ledger
+            .keys(self.ledger.last_at_ms())
+            .into_iter()
+            .find(|k| k.id == id)
+            .unwrap_or_else(|| panic!("{} has no key {id}", self.id))
+    }
+
+    fn checkouts(&mut self, at_ms: i64, count: usize) -> usize {
+        (0..count)
+            .filter(|n| {
+                let lease = format!("{}-l{n}-{at_ms}", self.id);
+                let station = format!("{}-ws{n}-{at_ms}", self.id);
+                matches!(
+                    self.apply(at_ms, checkout(&lease, &station, "cad")),
+                    Outcome::LeaseGranted { created: true, .. }
+                )
+            })
+            .count()
+    }
+}
+
+fn network() -> (Server, Server, LicenseKey) {
+    let mut parent = Server::new("parent", 11);
+    let child = Server::new("child", 12);
+    let k = key("k1", &["cad"], 10, BASE_MS + 1000 * HOUR_MS);
+    parent.apply(BASE_MS, Command::ImportKey { key: k.clone() });
+    (parent, child, k)
+}
+
+#[test]
+fn donated_licenses_leave_the_donor_pool_and_serve_the_receiver() {
+    let (mut parent, mut child, _) = network();
+    parent.donate(BASE_MS, "k1", &child, 4, BASE_MS + 100 * HOUR_MS);
+    let view = parent.view("k1");
+    assert_eq!((view.licenses, view.donated), (10, 4));
+    assert!(view.meta.neighbours.contains("child"));
+    assert_eq!(parent.checkouts(BASE_MS, 7), 6, "the donor keeps 6");
+
+    let outcome = child.accept(BASE_MS + 10, parent.grant("k1", "child"));
+    let Outcome::GrantAccepted {
+        key_id, licenses, ..
+    } = outcome
+    else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!((key_id.as_str(), licenses), ("k1@parent", 4));
+    assert_eq!(child.checkouts(BASE_MS + 10, 5), 4, "the child uses the 4");
+    let lease = &child.ledger.leases()[0];
+    assert_eq!(lease.key_id, "k1@parent");
+    assert!(
+        lease.expires_at_ms <= BASE_MS + HOUR_MS - SKEW_MS,
+        "no lease outlives the grant less the clock skew"
+    );
+}
+
+#[test]
+fn more_than_free_cannot_be_donated_and_nothing_changes() {
+    let (mut parent, child, _) = network();
+    assert_eq!(parent.checkouts(BASE_MS, 8), 8);
+    let outcome = parent.apply(
+        BASE_MS,
+        Command::Donate {
+            key_id: "k1".into(),
+            to: "child".into(),
+            receiver_public_key: child.public().to_base64(),
+            licenses: 3,
+            until_ms: BASE_MS + HOUR_MS,
+            renewal_period_ms: HOUR_MS,
+        },
+    );
+    assert_eq!(
+        refusal(outcome),
+        Refusal::NotEnoughLicenses {
+            key_id: "k1".into(),
+            requested: 3,
+            free: 2
+        }
+    );
+    assert!(parent.ledger.donations().is_empty());
+    let beyond_key = parent.apply(
+        BASE_MS,
+        Command::Donate {
+            key_id: "k1".into(),
+            to: "child".into(),
+            receiver_public_key: child.public().to_base64(),
+            licenses: 1,
+            until_ms: BASE_MS + 2000 * HOUR_MS,
+            renewal_period_ms: HOUR_MS,
+        },
+    );
+    assert_eq!(refusal(beyond_key).code(), "donation_refused");
+}
+
+#[test]
+fn a_grant_not_renewed_returns_to_the_donor_after_its_lease_and_the_skew() {
+    let (mut parent, mut child, _) = network();
+    parent.donate(BASE_MS, "k1", &child, 4, BASE_MS + 100 * HOUR_MS);
+    child.accept(BASE_MS, parent.grant("k1", "child"));
+    // The child stops issuing from the grant SKEW before its end: a lease taken just
+    // before is cut there.
+    let child_end = BASE_MS + HOUR_MS - SKEW_MS;
+    assert_eq!(child.checkouts(child_end - 10_000, 1), 1);
+    assert_eq!(child.ledger.leases()[0].expires_at_ms, child_end);
+    child.apply(child_end - 1, Command::Expire);
+    assert_eq!(child.ledger.lease_count(), 1);
+    child.apply(child_end, Command::Expire);
+    assert_eq!(child.ledger.lease_count(), 0, "its leases ended with it");
+    assert_eq!(
+        refusal(child.apply(child_end, checkout("late", "ws-late", "cad"))).code(),
+        "component_not_licensed"
+    );
+    // The donor takes them back SKEW after.
+    let back = BASE_MS + HOUR_MS + SKEW_MS;
+    assert_eq!(parent.ledger.next_expiry_ms(), Some(back));
+    parent.apply(back - 1, Command::Expire);
+    assert_eq!(parent.view("k1").donated, 4);
+    parent.apply(back, Command::Expire);
+    assert_eq!(
+        parent.view("k1").donated,
+        0,
+        "licenses back in the free pool"
+    );
+    assert_eq!(parent.checkouts(back, 10), 10);
+    // The donation itself stays until its end date: a returning child renews it.
+    assert_eq!(parent.ledger.donations().len(), 1);
+}
+
+#[test]
+fn renewal_extends_the_grant_with_a_higher_serial_and_leases_continue() {
+    let (mut parent, mut child, _) = network();
+    parent.donate(BASE_MS, "k1", &child, 4, BASE_MS + 100 * HOUR_MS);
+    child.accept(BASE_MS, parent.grant("k1", "child"));
+    let renew_at = BASE_MS + HOUR_MS / 2;
+    let outcome = parent.apply(renew_at, Command::RenewDonations { to: "child".into() });
+    let Outcome::DonationsRenewed { donations, .. } = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(donations[0].serial, 2);
+    assert_eq!(donations[0].lease_until_ms, renew_at + HOUR_MS);
+    let grant = parent.grant("k1", "child");
+    assert_eq!(grant.last().serial, 2);
+    child.accept(renew_at, grant);
+    assert_eq!(child.view("k1@parent").received.unwrap().serial, 2);
+    // A lease taken just before the first grant's end now runs its full time.
+    let old_end = BASE_MS + HOUR_MS - SKEW_MS;
+    assert_eq!(child.checkouts(old_end - 1000, 1), 1);
+    assert!(child.ledger.leases()[0].expires_at_ms > old_end);
+}
+
+#[test]
+fn forged_inflated_foreign_expired_and_replayed_grants_are_refused() {
+    let (mut parent, mut child, _) = network();
+    parent.donate(BASE_MS, "k1", &child, 4, BASE_MS + 100 * HOUR_MS);
+    let genuine = parent.grant("k1", "child");
+
+    let mut inflated = genuine.clone();
+    inflated.links[0].payload.licenses = 9;
+    assert!(matches!(
+        refusal(child.accept(BASE_MS, inflated)),
+        Refusal::GrantRejected {
+            error: GrantError::BadSignature { link: 1 }
+        }
+    ));
+
+    // Signed by someone else claiming to be the parent.
+    let impostor = SecretKey::from_seed([66; 32]);
+    let mut payload: GrantPayload = genuine.last().clone();
+    payload.licenses = 10;
+    let (source, _) = parent.ledger.grant_to_sign("k1", "child").unwrap();
+    let forged = Grant::issue(source, payload.clone(), &impostor);
+    assert_eq!(
+        refusal(child.accept(BASE_MS, forged)).code(),
+        "grant_bad_signature"
+    );
+
+    // A child re-granting more than it received, even when correctly signed.
+    let grandchild = Server::new("grandchild", 13);
+    let mut regrant = genuine.last().clone();
+    regrant.donor = "child".into();
+    regrant.donor_public_key = child.public().to_base64();
+    regrant.receiver = "grandchild".into();
+    regrant.receiver_public_key = grandchild.public().to_base64();
+    regrant.licenses = 5;
+    let inflated_chain = Grant::issue(
+        tessera_core::GrantSource::Received(&genuine),
+        regrant,
+        &child.secret,
+    );
+    let mut grandchild = grandchild;
+    assert!(matches!(
+        refusal(grandchild.accept(BASE_MS, inflated_chain)),
+        Refusal::GrantRejected {
+            error: GrantError::Inflated {
+                link: 2,
+                licenses: 5,
+                allowed: 4,
+                ..
+            }
+        }
+    ));
+
+    // A grant for another server.
+    assert_eq!(
+        refusal(grandchild.accept(BASE_MS, genuine.clone())).code(),
+        "grant_other_receiver"
+    );
+
+    // Expired (within the clock skew counts as expired for the receiver).
+    assert_eq!(
+        refusal(child.accept(BASE_MS + HOUR_MS - SKEW_MS, genuine.clone())).code(),
+        "grant_expired"
+    );
+
+    // Replayed: serial 1 after serial 2 was accepted.
+    parent.apply(BASE_MS + 10, Command::RenewDonations { to: "child".into() });
+    child.accept(BASE_MS + 10, parent.grant("k1", "child"));
+    assert_eq!(
+        refusal(child.accept(BASE_MS + 20, genuine)).code(),
+        "grant_replayed"
+    );
+    assert_eq!(child.view("k1@parent").received.unwrap().serial, 2);
+}
+
+#[test]
+fn a_child_donates_further_within_its_grant_and_the_chain_verifies() {
+    let (mut parent, mut child, _) = network();
+    let mut grandchild = Server::new("grandchild", 13);
+    parent.donate(BASE_MS, "k1", &child, 4, BASE_MS + 100 * HOUR_MS);
+    child.accept(BASE_MS, parent.grant("k1", "child"));
+    let too_many = child.apply(
+        BASE_MS,
+        Command::Donate {
+            key_id: "k1@parent".into(),
+            to: "grandchild".into(),
+            receiver_public_key: grandchild.public().to_base64(),
+            licenses: 5,
+            until_ms: BASE_MS + 10 * HOUR_MS,
+            renewal_period_ms: HOUR_MS,
+        },
+    );
+    assert_eq!(refusal(too_many).code(), "not_enough_licenses");
+    child.donate(BASE_MS, "k1@parent", &grandchild, 3, BASE_MS + 10 * HOUR_MS);
+    let regrant = child.grant("k1@parent", "grandchild");
+    assert_eq!(regrant.links.len(), 2);
+    // The re-grant ends early enough that the child gets it back before its own grant ends.
+    assert!(regrant.last().lease_until_ms() <= BASE_MS + HOUR_MS - 2 * SKEW_MS);
+    let Outcome::GrantAccepted { key_id, .. } = grandchild.accept(BASE_MS, regrant) else {
+        panic!()
+    };
+    assert_eq!(key_id, "k1@child");
+    assert_eq!(grandchild.checkouts(BASE_MS, 4), 3);
+    assert_eq!(child.checkouts(BASE_MS, 4), 1, "the child keeps 1 of its 4");
+    assert_eq!(parent.checkouts(BASE_MS, 10), 6);
+    // A child cannot release a grant it re-donated from.
+    assert_eq!(
+        refusal(child.apply(
+            BASE_MS,
+            Command::ReleaseGrant {
+                key_id: "k1@parent".into()
+            }
+        ))
+        .code(),
+        "invalid_request"
+    );
+}
+
+#[test]
+fn lowering_a_donation_frees_licenses_only_when_the_larger_grant_is_gone() {
+    let (mut parent, mut child, _) = network();
+    parent.donate(BASE_MS, "k1", &child, 4, BASE_MS + 100 * HOUR_MS);
+    child.accept(BASE_MS, parent.grant("k1", "child"));
+    assert_eq!(child.checkouts(BASE_MS, 4), 4);
+    parent.donate(BASE_MS + 1000, "k1", &child, 1, BASE_MS + 100 * HOUR_MS);
+    assert_eq!(
+        parent.view("k1").donated,
+        4,
+        "the child may still use the 4-license grant"
+    );
+    let Outcome::GrantAccepted { leases_ended, .. } =
+        child.accept(BASE_MS + 1000, parent.grant("k1", "child"))
+    else {
+        panic!()
+    };
+    assert_eq!(
+        leases_ended, 3,
+        "the newest leases end to fit the smaller grant"
+    );
+    // The child says it holds only serial 2 now: the parent counts 1.
+    parent.apply(
+        BASE_MS + 2000,
+        Command::GrantReturned {
+            key_id: "k1".into(),
+            to: "child".into(),
+            serial: 1,
+        },
+    );
+    assert_eq!(parent.view("k1").donated, 1);
+}
+
+#[test]
+fn a_released_grant_comes_back_at_once_and_cannot_be_replayed() {
+    let (mut parent, mut child, _) = network();
+    parent.donate(BASE_MS, "k1", &child, 4, BASE_MS + 100 * HOUR_MS);
+    let grant = parent.grant("k1", "child");
+    child.accept(BASE_MS, grant.clone());
+    child.checkouts(BASE_MS, 2);
+    let Outcome::GrantReleased {
+        serial,
+        leases_ended,
+        ..
+    } = child.apply(
+        BASE_MS + 5,
+        Command::ReleaseGrant {
+            key_id: "k1@parent".into(),
+        },
+    )
+    else {
+        panic!()
+    };
+    assert_eq!((serial, leases_ended), (1, 2));
+    parent.apply(
+        BASE_MS + 5,
+        Command::EndDonation {
+            key_id: "k1".into(),
+            to: "child".into(),
+        },
+    );
+    parent.apply(
+        BASE_MS + 6,
+        Command::GrantReturned {
+            key_id: "k1".into(),
+            to: "child".into(),
+            serial,
+        },
+    );
+    assert_eq!(parent.view("k1").donated, 0);
+    assert!(parent.ledger.donations().is_empty(), "ended and returned");
+    // Played back, the same grant would double the licenses: refused as already used.
+    assert_eq!(
+        refusal(child.accept(BASE_MS + 7, grant)).code(),
+        "grant_replayed"
+    );
+}
+
+#[test]
+fn the_donation_end_date_ends_the_grant_and_can_be_moved() {
+    let (mut parent, mut child, _) = network();
+    parent.donate(BASE_MS, "k1", &child, 4, BASE_MS + 100 * HOUR_MS);
+    // Moved earlier: the new grant ends at the new date.
+    let end = BASE_MS + HOUR_MS / 4;
+    parent.donate(BASE_MS + 1, "k1", &child, 4, end);
+    let grant = parent.grant("k1", "child");
+    assert_eq!(grant.last().ends_at_ms(), end);
+    child.accept(BASE_MS + 1, grant);
+    child.checkouts(BASE_MS + 1, 4);
+    child.apply(end - SKEW_MS, Command::Expire);
+    assert_eq!(child.ledger.lease_count(), 0);
+    // The parent counts the first (longer) grant until it lapses.
+    parent.apply(end + SKEW_MS, Command::Expire);
+    assert_eq!(parent.view("k1").donated, 4);
+    parent.apply(BASE_MS + HOUR_MS + SKEW_MS, Command::Expire);
+    assert_eq!(parent.view("k1").donated, 0);
+    assert!(parent.ledger.donations().is_empty(), "past its end date");
+}
+
+#[test]
+fn snapshots_keep_donations_received_grants_and_serials() {
+    let (mut parent, mut child, _) = network();
+    parent.donate(BASE_MS, "k1", &child, 4, BASE_MS + 100 * HOUR_MS);
+    child.accept(BASE_MS, parent.grant("k1", "child"));
+    child.checkouts(BASE_MS, 2);
+    for server in [&parent, &child] {
+        let config = server.ledger.config().clone();
+        let restored = Ledger::restore_json(config, &server.ledger.snapshot_json()).unwrap();
+        restored.check_invariants().unwrap();
+        assert_eq!(restored.snapshot(), server.ledger.snapshot());
+        assert_eq!(restored.next_expiry_ms(), server.ledger.next_expiry_ms());
+    }
+    let config = child.ledger.config().clone();
+    child.ledger = Ledger::restore(config, child.ledger.snapshot());
+    assert_eq!(child.view("k1@parent").in_use, 2);
+    assert_eq!(parent.view("k1").donated, 4);
+}
+
+#[test]
+fn a_key_bound_to_the_donor_needs_its_certificate_in_the_chain() {
+    let mut parent = Server::new("parent", 11);
+    let child = Server::new("child", 12);
+    let bound = super::key_for("k2", &["cad"], 5, BASE_MS + 1000 * HOUR_MS, Some("parent"));
+    let outcome = parent.apply(BASE_MS, Command::ImportKey { key: bound });
+    assert!(
+        matches!(outcome, Outcome::KeyImported { .. }),
+        "{outcome:?}"
+    );
+    // Never synchronized: no certificate to prove the key's server ID is this key pair.
+    let refused = parent.apply(
+        BASE_MS,
+        Command::Donate {
+            key_id: "k2".into(),
+            to: child.id.clone(),
+            receiver_public_key: child.public().to_base64(),
+            licenses: 1,
+            until_ms: BASE_MS + HOUR_MS,
+            renewal_period_ms: HOUR_MS,
+        },
+    );
+    assert_eq!(refusal(refused).code(), "donation_refused");
+}
