@@ -51,8 +51,30 @@ pub(crate) struct RunResult {
 }
 
 impl RunResult {
-    fn cycles_per_s(&self) -> f64 {
+    pub(crate) fn cycles_per_s(&self) -> f64 {
         self.cycles as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// A run's figures from one latency sample per completed cycle.
+    pub(crate) fn from_latencies(
+        mut latencies_us: Vec<u64>,
+        errors: usize,
+        elapsed: Duration,
+    ) -> RunResult {
+        latencies_us.sort_unstable();
+        let percentile = |p: f64| -> u64 {
+            if latencies_us.is_empty() {
+                return 0;
+            }
+            latencies_us[((latencies_us.len() as f64 - 1.0) * p) as usize]
+        };
+        RunResult {
+            cycles: latencies_us.len(),
+            errors,
+            elapsed,
+            p50_us: percentile(0.50),
+            p99_us: percentile(0.99),
+        }
     }
 }
 
@@ -212,21 +234,11 @@ pub(crate) async fn drive(
         latencies_us.append(&mut samples);
         errors += failed;
     }
-    let elapsed = started.elapsed();
-    latencies_us.sort_unstable();
-    let percentile = |p: f64| -> u64 {
-        if latencies_us.is_empty() {
-            return 0;
-        }
-        latencies_us[((latencies_us.len() as f64 - 1.0) * p) as usize]
-    };
-    Ok(RunResult {
-        cycles: latencies_us.len(),
+    Ok(RunResult::from_latencies(
+        latencies_us,
         errors,
-        elapsed,
-        p50_us: percentile(0.50),
-        p99_us: percentile(0.99),
-    })
+        started.elapsed(),
+    ))
 }
 
 async fn station_loop(

@@ -114,13 +114,31 @@ pub async fn bench(hosts: usize, clients: &[usize], seconds: u64) -> anyhow::Res
         "{:<10} {:>8} {:>12} {:>9} {:>9} {:>8} {:>8}",
         "target", "clients", "cycles/s", "p50 ms", "p99 ms", "errors", "ratio"
     );
+    // The baseline in the same run: a three-member etcd cluster doing the same cycles.
+    let etcd = if crate::bench_etcd::available() {
+        Some(crate::bench_etcd::EtcdCluster::start(dir.path(), 3).await?)
+    } else {
+        println!("(etcd not found: apt-get install etcd-server for the baseline; ratios are 1.0)");
+        None
+    };
     for &n in clients {
         if n == 0 || n > 4096 {
             anyhow::bail!("clients must be 1 to 4096");
         }
-        let result = crate::bench::drive(domain.addr(1), n, Duration::from_secs(seconds)).await?;
-        crate::bench::print_row("domain", n, &result, 1.0);
+        let duration = Duration::from_secs(seconds);
+        let baseline = match &etcd {
+            Some(etcd) => {
+                let result = etcd.drive(n, duration).await?;
+                crate::bench::print_row("etcd-3", n, &result, 1.0);
+                Some(result.cycles_per_s())
+            }
+            None => None,
+        };
+        let result = crate::bench::drive(domain.addr(1), n, duration).await?;
+        let ratio = baseline.map_or(1.0, |b| result.cycles_per_s() / b);
+        crate::bench::print_row("domain", n, &result, ratio);
     }
+    drop(etcd);
 
     // Failover gap.
     let stations = 8;

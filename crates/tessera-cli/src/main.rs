@@ -13,6 +13,7 @@
 mod admin;
 mod authority;
 mod bench;
+mod bench_etcd;
 mod domain;
 mod report;
 mod serve;

@@ -15,6 +15,7 @@
 //! - [`console`]: the web console (askama templates, htmx).
 //! - [`error`]: errors and the single table mapping them to HTTP.
 //! - [`clock`], [`ids`], [`metrics`]: time, lease ids, Prometheus.
+//! - [`fault_proxy`]: an HTTP proxy that cuts links between hosts, for partition tests.
 
 pub mod audit;
 pub mod clock;
@@ -25,6 +26,7 @@ pub mod data_dir;
 pub mod domain;
 pub mod error;
 pub mod events;
+pub mod fault_proxy;
 pub mod history;
 pub mod http;
 pub mod ids;

@@ -29,10 +29,16 @@ struct DomainDir {
 impl DomainDir {
     fn new(root: &Path, n: usize) -> DomainDir {
         let ports = free_ports(n);
-        let hosts: Vec<String> = ports
+        let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        DomainDir::with_addresses(root, ports, &addresses)
+    }
+
+    /// Hosts listen on `ports` but the domain knows them by `addresses` (proxies in front).
+    fn with_addresses(root: &Path, ports: Vec<u16>, addresses: &[String]) -> DomainDir {
+        let hosts: Vec<String> = addresses
             .iter()
             .enumerate()
-            .map(|(i, port)| format!("\"{}=127.0.0.1:{port}\"", i + 1))
+            .map(|(i, address)| format!("\"{}={address}\"", i + 1))
             .collect();
         for (i, port) in ports.iter().enumerate() {
             let host = i + 1;
@@ -280,4 +286,91 @@ fn a_five_process_domain_keeps_serving_with_two_hosts_killed() {
         .concat(),
     );
     assert!(String::from_utf8_lossy(&refused.stderr).contains("no_licenses_available"));
+}
+
+#[test]
+fn a_partitioned_process_domain_serves_only_on_the_majority_side_and_heals_without_over_issuing() {
+    use tessera_server::fault_proxy::{self, Cuts};
+
+    let dir = tempfile::tempdir().unwrap();
+    setup_vendor(dir.path()); // cad.json: 2 licenses
+    // A proxy in front of each host process; the domain knows the hosts by their proxies.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cuts = Cuts::default();
+    let ports = free_ports(3);
+    let proxies: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, port)| {
+            let target = format!("127.0.0.1:{port}");
+            runtime
+                .block_on(fault_proxy::start(i as u64 + 1, target, cuts.clone()))
+                .unwrap()
+        })
+        .collect();
+    let domain = DomainDir::with_addresses(dir.path(), ports, &proxies);
+    let _host_1 = domain.start(1);
+    domain.share_identity(3);
+    let _host_2 = domain.start(2);
+    let _host_3 = domain.start(3);
+    let servers = domain.servers();
+    let token = domain.token();
+    wait_for_primary(&servers, 1, &[1, 2, 3]);
+    let remote = ["--server", servers.as_str(), "--token", token.as_str()];
+    ok(&[
+        &["keys", "add", dir.path().join("cad.json").to_str().unwrap()][..],
+        &remote,
+    ]
+    .concat());
+    let checkout = |servers: &str, station: &str| {
+        tessera(&[
+            "lease",
+            "checkout",
+            "--component",
+            "cad",
+            "--station",
+            station,
+            "--server",
+            servers,
+        ])
+    };
+    let lease_id = |output: std::process::Output| -> String {
+        assert!(output.status.success(), "{output:?}");
+        let lease: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        lease["lease_id"].as_str().unwrap().to_string()
+    };
+    let before = lease_id(checkout(&servers, "ws-1"));
+
+    // Host 1 (the primary) is cut off from hosts 2 and 3.
+    cuts.partition(&[1], &[2, 3]);
+    let host_1_url = servers.split(',').next().unwrap().to_string();
+    let majority = servers.split(',').skip(1).collect::<Vec<_>>().join(",");
+    let refused = checkout(&host_1_url, "ws-minority");
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("no_quorum"), "{stderr}");
+    // The majority elects host 2 and serves the one license left, and no more.
+    wait_for_primary(&majority, 2, &[2, 3]);
+    let during = lease_id(checkout(&majority, "ws-2"));
+    let refused = checkout(&majority, "ws-3");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("no_licenses_available"));
+    assert!(
+        held_leases(&host_1_url).len() <= 1,
+        "the cut-off host applied a lease it could not have committed"
+    );
+
+    // Healed: host 1 catches up, leads again, with exactly the committed leases.
+    cuts.heal();
+    wait_for_primary(&servers, 1, &[1, 2, 3]);
+    let mut expected = vec![before, during];
+    expected.sort();
+    assert_eq!(held_leases(&servers), expected);
+    assert!(
+        String::from_utf8_lossy(&checkout(&servers, "ws-4").stderr)
+            .contains("no_licenses_available")
+    );
 }

@@ -9,7 +9,7 @@ use tessera_client::Client;
 use tessera_server::clock::ManualClock;
 use tessera_server::domain::DomainConfig;
 use tessera_server::ids::LeaseIds;
-use tessera_server::{RunningServer, ServerConfig, ServerOptions};
+use tessera_server::{RunningServer, ServerConfig, ServerOptions, fault_proxy};
 use tokio::net::TcpListener;
 
 use super::{START_MS, code, request, sign};
@@ -523,86 +523,15 @@ async fn a_host_joins_and_another_leaves_a_running_domain() {
         .unwrap();
 }
 
-/// Links cut between hosts: (from, to). Every host's address in the domain list is an HTTP
-/// proxy in front of it that refuses (502) requests from a host whose link to it is cut.
-type Cuts = Arc<std::sync::Mutex<std::collections::BTreeSet<(u64, u64)>>>;
-
-async fn start_proxy(host: u64, target: String, cuts: Cuts) -> String {
-    use axum::body::Bytes;
-    use axum::extract::Request;
-    use axum::http::StatusCode;
-    use axum::response::IntoResponse;
-
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let handler = move |request: Request| {
-        let (http, target, cuts) = (http.clone(), target.clone(), cuts.clone());
-        async move {
-            let (parts, body) = request.into_parts();
-            let from = ["x-tessera-raft-from", "x-tessera-forwarded-by"]
-                .iter()
-                .find_map(|name| parts.headers.get(*name))
-                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-            if let Some(from) = from
-                && cuts.lock().unwrap().contains(&(from, host))
-            {
-                return (StatusCode::BAD_GATEWAY, "link cut").into_response();
-            }
-            let body: Bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
-            let path = parts.uri.path_and_query().unwrap().as_str().to_string();
-            let method = reqwest::Method::from_bytes(parts.method.as_str().as_bytes()).unwrap();
-            let mut forward = http.request(method, format!("http://{target}{path}"));
-            for (name, value) in &parts.headers {
-                if name.as_str() != "host" {
-                    forward = forward.header(name.as_str(), value.as_bytes());
-                }
-            }
-            match forward.body(body).send().await {
-                Ok(answer) => {
-                    let status = StatusCode::from_u16(answer.status().as_u16()).unwrap();
-                    let content_type = answer
-                        .headers()
-                        .get("content-type")
-                        .map(|v| v.to_str().unwrap_or("").to_string());
-                    let bytes = answer.bytes().await.unwrap_or_default();
-                    let mut response = (status, bytes).into_response();
-                    if let Some(content_type) = content_type {
-                        response
-                            .headers_mut()
-                            .insert("content-type", content_type.parse().unwrap());
-                    }
-                    response
-                }
-                Err(_) => (StatusCode::BAD_GATEWAY, "host down").into_response(),
-            }
-        }
-    };
-    let router = axum::Router::new().fallback(handler);
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
-    });
-    addr
-}
-
-fn cut(cuts: &Cuts, minority: &[u64], majority: &[u64]) {
-    let mut cuts = cuts.lock().unwrap();
-    for a in minority {
-        for b in majority {
-            cuts.insert((*a, *b));
-            cuts.insert((*b, *a));
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_cut_off_from_the_majority_issues_nothing_and_the_majority_serves() {
     // Three hosts; the domain list names proxies, so links can be cut.
     let mut domain = Domain::start_some(3, &[]).await;
-    let cuts: Cuts = Default::default();
+    let cuts = fault_proxy::Cuts::default();
     let mut proxies = BTreeMap::new();
     for (host, addr) in &domain.addrs {
-        proxies.insert(*host, start_proxy(*host, addr.clone(), cuts.clone()).await);
+        let proxy = fault_proxy::start(*host, addr.clone(), cuts.clone()).await;
+        proxies.insert(*host, proxy.unwrap());
     }
     for host in 1..=3 {
         let listener = TcpListener::bind(&domain.addrs[&host]).await.unwrap();
@@ -623,7 +552,7 @@ async fn a_primary_cut_off_from_the_majority_issues_nothing_and_the_majority_ser
         .await
         .unwrap();
 
-    cut(&cuts, &[1], &[2, 3]);
+    cuts.partition(&[1], &[2, 3]);
     // The old primary cannot commit: no_quorum, and it issues nothing.
     let refused = domain
         .client(1)
@@ -649,7 +578,7 @@ async fn a_primary_cut_off_from_the_majority_issues_nothing_and_the_majority_ser
     );
 
     // Healed: host 1 catches up and is primary again, with exactly the committed leases.
-    cuts.lock().unwrap().clear();
+    cuts.heal();
     domain.wait_primary(1).await;
     let mut held = lease_ids(&domain.client(1).status().await.unwrap());
     held.sort();
