@@ -223,10 +223,20 @@ pub(crate) async fn drive(
 ) -> anyhow::Result<RunResult> {
     let started = Instant::now();
     let deadline = started + duration;
-    let mut tasks = Vec::with_capacity(clients);
-    for client in 0..clients {
-        tasks.push(tokio::spawn(station_loop(addr, client, deadline)));
-    }
+    let tasks = (0..clients)
+        .map(|client| tokio::spawn(station_loop(addr, client, deadline)))
+        .collect();
+    collect_runs(tasks, started).await
+}
+
+/// One client's run: its cycle latencies in µs and its error count.
+pub(crate) type ClientRun = tokio::task::JoinHandle<anyhow::Result<(Vec<u64>, usize)>>;
+
+/// Waits for the clients of a run.
+pub(crate) async fn collect_runs(
+    tasks: Vec<ClientRun>,
+    started: Instant,
+) -> anyhow::Result<RunResult> {
     let mut latencies_us = Vec::new();
     let mut errors = 0;
     for task in tasks {

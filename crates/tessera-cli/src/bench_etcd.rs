@@ -136,21 +136,10 @@ impl EtcdCluster {
         let addr = self.clients[0];
         let started = Instant::now();
         let deadline = started + duration;
-        let tasks: Vec<_> = (0..clients)
+        let tasks = (0..clients)
             .map(|client| tokio::spawn(station_loop(addr, client, deadline)))
             .collect();
-        let mut latencies_us = Vec::new();
-        let mut errors = 0;
-        for task in tasks {
-            let (mut samples, failed) = task.await??;
-            latencies_us.append(&mut samples);
-            errors += failed;
-        }
-        Ok(RunResult::from_latencies(
-            latencies_us,
-            errors,
-            started.elapsed(),
-        ))
+        crate::bench::collect_runs(tasks, started).await
     }
 }
 

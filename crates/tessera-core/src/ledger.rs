@@ -635,6 +635,19 @@ impl Ledger {
                 },
             };
         }
+        let leases_ended = self.end_leases_of(key_id);
+        // Its donations go with it: receivers keep their grants until they run out.
+        self.donations.retain(|(from, _), _| from != key_id);
+        self.keys.remove(key_id);
+        self.recount_donated();
+        Outcome::KeyRemoved {
+            key_id: key_id.into(),
+            leases_ended,
+        }
+    }
+
+    /// Ends every lease of a key (or received pool); returns how many.
+    fn end_leases_of(&mut self, key_id: &str) -> u32 {
         let doomed: Vec<Arc<str>> = self
             .leases
             .values()
@@ -644,13 +657,7 @@ impl Ledger {
         for lease_id in &doomed {
             self.remove_lease(lease_id);
         }
-        // Its donations go with it: receivers keep their grants until they run out.
-        self.donations.retain(|(from, _), _| from != key_id);
-        self.keys.remove(key_id);
-        Outcome::KeyRemoved {
-            key_id: key_id.into(),
-            leases_ended: doomed.len() as u32,
-        }
+        doomed.len() as u32
     }
 
     fn checkout(&mut self, request: CheckoutRequest<'_>, at: i64) -> Outcome {
@@ -1637,22 +1644,14 @@ impl Ledger {
             ));
         }
         let received = record.received.clone().expect("checked");
-        let doomed: Vec<Arc<str>> = self
-            .leases
-            .values()
-            .filter(|lease| &*lease.key_id == pool)
-            .map(|lease| lease.id.clone())
-            .collect();
-        for lease_id in &doomed {
-            self.remove_lease(lease_id);
-        }
+        let leases_ended = self.end_leases_of(pool);
         self.keys.remove(pool);
         self.refresh_grant_due();
         Outcome::GrantReleased {
             key_id: pool.into(),
             donor: received.donor,
             serial: received.serial,
-            leases_ended: doomed.len() as u32,
+            leases_ended,
         }
     }
 
