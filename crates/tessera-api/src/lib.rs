@@ -84,6 +84,115 @@ pub struct KeySummary {
     pub replaced_by: Option<String>,
     /// The last automatic renewal result for this key, in words.
     pub renewal: Option<String>,
+    /// Licenses donated to neighbour servers and not back yet (not usable here).
+    #[serde(default)]
+    pub donated_out: u32,
+    /// Licenses received from a neighbour: for `KEY@DONOR` entries, the grant's licenses.
+    #[serde(default)]
+    pub received: u32,
+    /// The neighbour these licenses were received from.
+    #[serde(default)]
+    pub received_from: Option<String>,
+    /// The vendor key id (for `KEY@DONOR` entries the part before `@`).
+    #[serde(default)]
+    pub vendor_key_id: String,
+}
+
+/// `POST /v1/donations`: donate licenses of a key to a neighbour, or change a donation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DonateRequest {
+    /// A key id, or `KEY@DONOR` to donate further licenses received from a neighbour.
+    pub key_id: String,
+    /// The neighbour's server ID.
+    pub to: String,
+    pub licenses: u32,
+    /// The donation end date: RFC 3339, or `YYYY-MM-DD` (the end of that day, UTC).
+    pub until: String,
+}
+
+/// A donation to a neighbour, as the donor sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DonationSummary {
+    pub key_id: String,
+    pub to: String,
+    /// The licenses the administrator donated.
+    pub licenses: u32,
+    /// Licenses counted as donated now (the largest grant the neighbour may still hold).
+    pub donated_now: u32,
+    pub serial: u64,
+    #[schema(value_type = String, format = DateTime)]
+    pub lease_until: Timestamp,
+    #[schema(value_type = String, format = DateTime)]
+    pub donation_until: Timestamp,
+    #[schema(value_type = String, format = DateTime)]
+    pub renewed_at: Timestamp,
+    /// `active`, `lapsed` (not renewed: the licenses are back until the neighbour renews) or
+    /// `ended`.
+    pub state: String,
+}
+
+/// A grant received from a neighbour.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ReceivedSummary {
+    /// The pool the grant is used as: `KEY@DONOR`.
+    pub key_id: String,
+    pub from: String,
+    pub licenses: u32,
+    pub in_use: u32,
+    pub donated_out: u32,
+    pub serial: u64,
+    /// This server issues nothing from the grant after this time.
+    #[schema(value_type = String, format = DateTime)]
+    pub usable_until: Timestamp,
+}
+
+/// A child's report of its active stations.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct UsageReportSummary {
+    #[schema(value_type = String, format = DateTime)]
+    pub at: Timestamp,
+    pub period_s: i64,
+    /// Distinct stations that held a license of each component during the period.
+    pub active_stations: std::collections::BTreeMap<String, u32>,
+    /// Licenses in use per component when the report was made.
+    pub in_use: std::collections::BTreeMap<String, u32>,
+}
+
+/// A configured neighbour server and the state of the link to it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NeighbourSummary {
+    pub id: String,
+    pub url: String,
+    /// `parent`, `child` or `peer`.
+    pub relation: String,
+    /// This server may donate to it.
+    pub send: bool,
+    /// This server accepts licenses from it.
+    pub receive: bool,
+    /// `permanent` or `periodic`.
+    pub connection: String,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub last_contact: Option<Timestamp>,
+    pub last_error: Option<String>,
+    pub donations: Vec<DonationSummary>,
+    pub received: Vec<ReceivedSummary>,
+    pub usage: Option<UsageReportSummary>,
+}
+
+/// `GET /v1/neighbours`
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Neighbours {
+    pub server_id: Option<String>,
+    pub neighbours: Vec<NeighbourSummary>,
+}
+
+/// `GET /v1/identity`: what a neighbour's administrator puts in its `[[neighbour]]` entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Identity {
+    pub server_id: Option<String>,
+    /// The server's Ed25519 identity public key, base64.
+    pub public_key: String,
 }
 
 /// `POST /v1/keys/update`: check for renewal keys and replace keys ("check for updates").

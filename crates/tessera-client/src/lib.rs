@@ -395,6 +395,48 @@ impl Client {
         Ok(self.json(Method::GET, "/v1/sync", None).await?.1)
     }
 
+    /// Donates licenses of a key to a neighbour until `until` (RFC 3339 or `YYYY-MM-DD`),
+    /// or changes the donation.
+    pub async fn donate(
+        &self,
+        key_id: &str,
+        to: &str,
+        licenses: u32,
+        until: &str,
+    ) -> Result<tessera_api::DonationSummary, ClientError> {
+        let body = serde_json::to_string(&tessera_api::DonateRequest {
+            key_id: key_id.into(),
+            to: to.into(),
+            licenses,
+            until: until.into(),
+        })
+        .expect("serializes");
+        let body = Some((body, "application/json"));
+        Ok(self.json(Method::POST, "/v1/donations", body).await?.1)
+    }
+
+    pub async fn donations(&self) -> Result<Vec<tessera_api::DonationSummary>, ClientError> {
+        Ok(self.json(Method::GET, "/v1/donations", None).await?.1)
+    }
+
+    /// Ends a donation; the licenses come back when the neighbour's grant runs out.
+    pub async fn end_donation(
+        &self,
+        key_id: &str,
+        to: &str,
+    ) -> Result<tessera_api::DonationSummary, ClientError> {
+        let path = format!("/v1/donations/{key_id}/{to}");
+        Ok(self.json(Method::DELETE, &path, None).await?.1)
+    }
+
+    pub async fn neighbours(&self) -> Result<tessera_api::Neighbours, ClientError> {
+        Ok(self.json(Method::GET, "/v1/neighbours", None).await?.1)
+    }
+
+    pub async fn identity(&self) -> Result<tessera_api::Identity, ClientError> {
+        Ok(self.json(Method::GET, "/v1/identity", None).await?.1)
+    }
+
     pub async fn health(&self) -> Result<Health, ClientError> {
         Ok(self.json(Method::GET, "/healthz", None).await?.1)
     }

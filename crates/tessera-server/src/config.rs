@@ -42,6 +42,11 @@ pub struct ConfigFile {
     pub domain_secret: Option<String>,
     /// `[domain]`: this host's number and every host's address.
     pub domain: Option<crate::domain::DomainSection>,
+    /// `[[neighbour]]`: servers this one donates licenses to or receives them from.
+    #[serde(default, rename = "neighbour")]
+    pub neighbours: Vec<crate::neighbours::config::NeighbourSection>,
+    /// `[licenses]`: periods of the license exchange between servers.
+    pub licenses: Option<crate::neighbours::config::LicensesSection>,
 }
 
 /// A console user: `name` and an argon2 PHC string (`tessera admin hash-password`).
@@ -109,6 +114,8 @@ pub struct ServerConfig {
     /// `None`: a single host (a domain of one).
     pub domain: Option<crate::domain::DomainConfig>,
     pub domain_secret: Option<String>,
+    pub neighbours: Vec<crate::neighbours::config::Neighbour>,
+    pub licenses: crate::neighbours::config::LicenseSettings,
 }
 
 impl Default for ServerConfig {
@@ -128,6 +135,8 @@ impl Default for ServerConfig {
             admin_users: Vec::new(),
             domain: None,
             domain_secret: None,
+            neighbours: Vec::new(),
+            licenses: Default::default(),
         }
     }
 }
@@ -191,6 +200,13 @@ impl ServerConfig {
         if file.domain_secret.is_some() {
             self.domain_secret = file.domain_secret;
         }
+        for section in file.neighbours {
+            self.neighbours
+                .push(crate::neighbours::config::Neighbour::parse(section)?);
+        }
+        if let Some(section) = file.licenses {
+            self.licenses = crate::neighbours::config::LicenseSettings::parse(section)?;
+        }
         self.admin_users.extend(file.admin_users);
         for mut rule in file.notifications {
             rule.hook = rule.hook.map(|hook| base.join(hook));
@@ -221,6 +237,7 @@ impl ServerConfig {
             domain.validate()?;
             crate::domain::validate_secret(domain, self.domain_secret.as_deref())?;
         }
+        crate::neighbours::config::validate(&self.neighbours, self.server_id.as_deref())?;
         if self.body_limit_bytes < 1024 {
             return Err(StartError::Config {
                 message: "body_limit_bytes must be at least 1024".into(),

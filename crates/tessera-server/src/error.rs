@@ -50,6 +50,10 @@ pub enum ApiError {
     AuthorityUnreachable { url: String, message: String },
     #[error("no route {path}")]
     NoRoute { path: String },
+    /// A neighbour server's message was refused (unknown, not allowed, bad signature, clock
+    /// skew), or a donation names a neighbour that cannot receive it.
+    #[error("{message}")]
+    Neighbour { code: &'static str, message: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -95,6 +99,10 @@ impl ApiError {
             ApiError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
             ApiError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             ApiError::NoRoute { .. } => (StatusCode::NOT_FOUND, "no_route"),
+            ApiError::Neighbour { code, .. } => match *code {
+                "clock_skew" => (StatusCode::CONFLICT, code),
+                _ => (StatusCode::FORBIDDEN, code),
+            },
             ApiError::Authority { .. } => (StatusCode::BAD_GATEWAY, "authority_refused"),
             ApiError::AuthorityUnreachable { .. } => {
                 (StatusCode::BAD_GATEWAY, "authority_unreachable")

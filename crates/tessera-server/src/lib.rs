@@ -10,6 +10,8 @@
 //! - [`consensus`]: openraft glue: the replicated log in SQLite, the ledger as state machine.
 //! - [`http`]: routes, extractors, handlers, OpenAPI, the overview page.
 //! - [`sync`]: synchronizing with the vendor authority, online and by file.
+//! - [`neighbours`]: links to neighbour servers: donations as signed grants, renewal,
+//!   license synchronization and usage reports.
 //! - [`events`]: notifications to the log, webhooks and user hooks.
 //! - [`history`], [`audit`]: usage history and the audit hash chain (`usage.sqlite3`).
 //! - [`console`]: the web console (askama templates, htmx).
@@ -31,6 +33,7 @@ pub mod history;
 pub mod http;
 pub mod ids;
 pub mod metrics;
+pub mod neighbours;
 pub mod server;
 pub mod state;
 pub mod sync;

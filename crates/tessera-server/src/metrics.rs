@@ -41,6 +41,10 @@ pub struct Metrics {
     pub heartbeats: Counter,
     pub checkins: Counter,
     pub expired_leases: Counter,
+    /// Failed exchanges with neighbour servers.
+    pub neighbour_errors: Counter,
+    /// Donor/receiver record mismatches found by the license synchronization.
+    pub neighbour_mismatches: Counter,
     pub requests: Family<RouteLabel, Histogram, fn() -> Histogram>,
     licenses: Family<ComponentLabel, Gauge>,
     licenses_in_use: Family<ComponentLabel, Gauge>,
@@ -63,6 +67,7 @@ pub struct ComponentGauges {
     pub licenses: u32,
     pub in_use: u32,
     pub free: u32,
+    pub donated: u32,
 }
 
 impl Default for Metrics {
@@ -80,6 +85,8 @@ impl Metrics {
             heartbeats: Counter::default(),
             checkins: Counter::default(),
             expired_leases: Counter::default(),
+            neighbour_errors: Counter::default(),
+            neighbour_mismatches: Counter::default(),
             requests: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             licenses: Family::default(),
             licenses_in_use: Family::default(),
@@ -118,6 +125,16 @@ impl Metrics {
             "expired_leases",
             "Leases ended because their time ran out",
             metrics.expired_leases.clone(),
+        );
+        registry.register(
+            "neighbour_errors",
+            "Failed exchanges with neighbour servers",
+            metrics.neighbour_errors.clone(),
+        );
+        registry.register(
+            "neighbour_mismatches",
+            "Differences between donated and received licenses found by license synchronization",
+            metrics.neighbour_mismatches.clone(),
         );
         registry.register(
             "http_request_duration_seconds",
@@ -209,8 +226,9 @@ impl Metrics {
             self.licenses_free
                 .get_or_create(&label)
                 .set(gauges.free.into());
-            // Donation to neighbours is not built yet: always 0.
-            self.licenses_donated.get_or_create(&label).set(0);
+            self.licenses_donated
+                .get_or_create(&label)
+                .set(gauges.donated.into());
         }
         self.active_leases.set(active_leases as i64);
         self.is_primary.set(i64::from(is_primary));

@@ -152,6 +152,14 @@ pub async fn start(
         admin_token: data.admin_token,
         metrics: Metrics::new(),
         identity: data.identity,
+        links: Default::default(),
+        http: reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(std::time::Duration::from_secs(3))
+            .build()
+            .map_err(|e| StartError::Config {
+                message: format!("HTTP client: {e}"),
+            })?,
     });
     // A single host (a one-voter group, which never needs them) does not serve the Raft RPC
     // routes at all; a domain serves them, each request authenticated by the domain secret.
@@ -189,6 +197,9 @@ async fn run_timer_loop(state: SharedState) {
         interval.tick().await;
         if let Err(error) = state.tick().await {
             tracing::warn!(%error, "expiry timer");
+        }
+        for error in state.neighbour_tick().await {
+            tracing::warn!(%error, "neighbour link");
         }
         match state.run_scheduled_update().await {
             Some(Ok(report)) => tracing::info!(

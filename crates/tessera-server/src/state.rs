@@ -41,6 +41,10 @@ pub struct AppState {
     pub next_sync_attempt_ms: std::sync::atomic::AtomicI64,
     /// Usage history and audit chain (`DATA/usage.sqlite3`), written in the background.
     pub history: crate::history::History,
+    /// The state of the links to neighbour servers.
+    pub links: crate::neighbours::Links,
+    /// HTTP client for neighbour servers.
+    pub http: reqwest::Client,
 }
 
 /// Days before the sync deadline at which a `sync_deadline_near` notification goes out.
@@ -334,12 +338,23 @@ impl AppState {
 
     pub fn render_metrics(&self) -> String {
         let now_ms = self.stamper.now_ms();
-        let (components, active) = self
-            .consensus
-            .read(|ledger| (component_status(ledger, now_ms), ledger.lease_count()));
+        let (components, active, donated) = self.consensus.read(|ledger| {
+            let mut donated: BTreeMap<String, u32> = BTreeMap::new();
+            for view in ledger.keys(now_ms) {
+                for component in &view.key.payload.components {
+                    *donated.entry(component.clone()).or_default() += view.donated;
+                }
+            }
+            (
+                component_status(ledger, now_ms),
+                ledger.lease_count(),
+                donated,
+            )
+        });
         let gauges: Vec<ComponentGauges> = components
             .into_iter()
             .map(|c| ComponentGauges {
+                donated: donated.get(&c.component).copied().unwrap_or(0),
                 component: c.component,
                 licenses: c.licenses,
                 in_use: c.in_use,
@@ -451,13 +466,16 @@ pub fn key_summaries(ledger: &Ledger, now_ms: i64) -> Vec<KeySummary> {
         .into_iter()
         .map(|view| {
             let payload = &view.key.payload;
+            let received = view.received.as_ref();
             KeySummary {
-                key_id: payload.key_id.clone(),
+                key_id: view.id.clone(),
                 customer: payload.customer.clone(),
-                components: payload.components.clone(),
-                licenses: payload.licenses,
+                components: received
+                    .map(|r| r.grant.last().components.clone())
+                    .unwrap_or_else(|| payload.components.clone()),
+                licenses: view.licenses,
                 in_use: view.in_use,
-                free: payload.licenses - view.in_use,
+                free: view.licenses.saturating_sub(view.in_use + view.donated),
                 valid_from: payload.valid_from,
                 valid_until: payload.valid_until,
                 state: state_name(view.state).to_string(),
@@ -476,6 +494,10 @@ pub fn key_summaries(ledger: &Ledger, now_ms: i64) -> Vec<KeySummary> {
                         reason,
                     } => format!("renewal key {renewal_key_id} added but not allocated: {reason}"),
                 }),
+                donated_out: view.donated,
+                received: received.map_or(0, |r| r.licenses),
+                received_from: received.map(|r| r.donor.clone()),
+                vendor_key_id: payload.key_id.clone(),
             }
         })
         .collect()
@@ -488,7 +510,12 @@ pub fn component_status(ledger: &Ledger, now_ms: i64) -> Vec<ComponentStatus> {
         if view.state != KeyState::Active {
             continue;
         }
-        for component in &view.key.payload.components {
+        let usable = view.licenses.saturating_sub(view.donated);
+        let covered = match &view.received {
+            Some(received) => received.grant.last().components.clone(),
+            None => view.key.payload.components.clone(),
+        };
+        for component in &covered {
             let entry = components
                 .entry(component.clone())
                 .or_insert_with(|| ComponentStatus {
@@ -498,9 +525,9 @@ pub fn component_status(ledger: &Ledger, now_ms: i64) -> Vec<ComponentStatus> {
                     free: 0,
                     holders: Vec::new(),
                 });
-            entry.licenses += view.key.payload.licenses;
+            entry.licenses += usable;
             entry.in_use += view.in_use;
-            entry.free += view.key.payload.licenses - view.in_use;
+            entry.free += usable.saturating_sub(view.in_use);
         }
     }
     for lease in ledger.leases() {

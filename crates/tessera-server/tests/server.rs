@@ -811,6 +811,8 @@ async fn the_sync_deadline_is_announced_30_7_and_1_days_before() {
 mod console;
 #[path = "server/domain.rs"]
 mod domain;
+#[path = "server/neighbours.rs"]
+mod neighbours;
 
 /// The scheduled update task against a real in-process authority, driven by the manual clock.
 #[tokio::test]

@@ -6,6 +6,7 @@ pub mod domain;
 mod extract;
 pub mod forward;
 mod leases;
+mod neighbours;
 mod openapi;
 mod sync;
 
@@ -49,6 +50,18 @@ pub fn router(state: SharedState) -> Router {
         .route(
             "/v1/keys/{key_id}",
             get(admin::export_key).delete(admin::remove_key),
+        )
+        .route("/v1/identity", get(neighbours::identity))
+        .route("/v1/neighbours", get(neighbours::list))
+        .route("/v1/neighbours/grants", post(neighbours::receive_grants))
+        .route("/v1/neighbours/renew", post(neighbours::renew))
+        .route(
+            "/v1/donations",
+            post(neighbours::donate).get(neighbours::donations),
+        )
+        .route(
+            "/v1/donations/{key_id}/{to}",
+            delete(neighbours::end_donation),
         )
         .route("/v1/sync", get(sync::status).post(sync::sync_now))
         .route("/v1/sync/request", post(sync::export_request))

@@ -28,6 +28,13 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         super::sync::sync_now,
         super::sync::export_request,
         super::sync::import_response,
+        super::neighbours::identity,
+        super::neighbours::list,
+        super::neighbours::receive_grants,
+        super::neighbours::renew,
+        super::neighbours::donate,
+        super::neighbours::donations,
+        super::neighbours::end_donation,
     ),
     modifiers(&AdminToken)
 )]

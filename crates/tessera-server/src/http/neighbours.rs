@@ -1,0 +1,98 @@
+//! Neighbour servers: the signed server-to-server exchanges, and the administrator's
+//! donations.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use tessera_api::{DonateRequest, DonationSummary, ErrorBody, Identity, Neighbours};
+
+use super::extract::{Admin, ApiJson};
+use crate::error::ApiError;
+use crate::neighbours::Envelope;
+use crate::state::SharedState;
+
+/// A donor's grants for this server (signed by the donor; no admin token).
+#[utoipa::path(post, path = "/v1/neighbours/grants", request_body(content = String, description = "signed envelope"), responses(
+    (status = 200, description = "signed envelope: what this server holds from the donor"),
+    (status = 403, description = "unknown_neighbour, neighbour_not_allowed, bad_neighbour_signature", body = ErrorBody),
+    (status = 409, description = "clock_skew", body = ErrorBody),
+))]
+pub async fn receive_grants(
+    State(state): State<SharedState>,
+    ApiJson(envelope): ApiJson<Envelope>,
+) -> Result<Json<Envelope>, ApiError> {
+    Ok(Json(state.receive_push(envelope).await?))
+}
+
+/// A receiver asks this server to renew its grants (signed by the receiver).
+#[utoipa::path(post, path = "/v1/neighbours/renew", request_body(content = String, description = "signed envelope"), responses(
+    (status = 200, description = "signed envelope: the renewed grants and the donor's periods"),
+    (status = 403, description = "unknown_neighbour, neighbour_not_allowed, bad_neighbour_signature", body = ErrorBody),
+    (status = 409, description = "clock_skew", body = ErrorBody),
+))]
+pub async fn renew(
+    State(state): State<SharedState>,
+    ApiJson(envelope): ApiJson<Envelope>,
+) -> Result<Json<Envelope>, ApiError> {
+    Ok(Json(state.receive_renew(envelope).await?))
+}
+
+/// This server's ID and identity public key, for a neighbour's `[[neighbour]]` entry.
+#[utoipa::path(get, path = "/v1/identity", responses((status = 200, body = Identity)))]
+pub async fn identity(State(state): State<SharedState>) -> Json<Identity> {
+    Json(Identity {
+        server_id: state.config.server_id.clone(),
+        public_key: state.identity.public_key().to_base64(),
+    })
+}
+
+/// Every configured neighbour: link state, donations, received grants, usage reports.
+#[utoipa::path(get, path = "/v1/neighbours", security(("admin_token" = [])), responses((status = 200, body = Neighbours)))]
+pub async fn list(State(state): State<SharedState>, _admin: Admin) -> Json<Neighbours> {
+    Json(state.neighbours_summary())
+}
+
+/// Donate licenses of a key to a neighbour until a date, or change a donation.
+#[utoipa::path(post, path = "/v1/donations", request_body = DonateRequest, security(("admin_token" = [])), responses(
+    (status = 200, body = DonationSummary),
+    (status = 409, description = "not_enough_licenses", body = ErrorBody),
+    (status = 422, description = "donation_refused", body = ErrorBody),
+    (status = 403, description = "unknown_neighbour, neighbour_not_allowed", body = ErrorBody),
+))]
+pub async fn donate(
+    State(state): State<SharedState>,
+    _admin: Admin,
+    ApiJson(request): ApiJson<DonateRequest>,
+) -> Result<Json<DonationSummary>, ApiError> {
+    Ok(Json(state.donate(request).await?))
+}
+
+/// Every donation to neighbours.
+#[utoipa::path(get, path = "/v1/donations", security(("admin_token" = [])), responses((status = 200, body = Vec<DonationSummary>)))]
+pub async fn donations(
+    State(state): State<SharedState>,
+    _admin: Admin,
+) -> Json<Vec<DonationSummary>> {
+    let now_ms = state.stamper.now_ms();
+    let donations = state.consensus.read(|ledger| ledger.donations());
+    Json(
+        donations
+            .iter()
+            .map(|d| crate::neighbours::donation_summary(d, now_ms))
+            .collect(),
+    )
+}
+
+/// End a donation: no more renewals; the licenses come back when the neighbour's grant
+/// runs out (at most one renewal period).
+#[utoipa::path(delete, path = "/v1/donations/{key_id}/{to}", security(("admin_token" = [])), responses(
+    (status = 200, body = DonationSummary),
+    (status = 404, description = "donation_not_found", body = ErrorBody),
+))]
+pub async fn end_donation(
+    State(state): State<SharedState>,
+    _admin: Admin,
+    Path((key_id, to)): Path<(String, String)>,
+) -> Result<(StatusCode, Json<DonationSummary>), ApiError> {
+    Ok((StatusCode::OK, Json(state.end_donation(key_id, to).await?)))
+}
