@@ -346,5 +346,26 @@ pub async fn run_status(json: bool, remote: &Remote) -> anyhow::Result<()> {
             );
         }
     }
+    println!();
+    println!(
+        "{:<24} {:>8} {:>7} {:>8} {:>8} {:>6}  STATE",
+        "KEY", "LICENSES", "IN USE", "DONATED", "RECEIVED", "FREE"
+    );
+    for key in &status.keys {
+        println!(
+            "{:<24} {:>8} {:>7} {:>8} {:>8} {:>6}  {}{}",
+            key.key_id,
+            key.licenses,
+            key.in_use,
+            key.donated_out,
+            key.received,
+            key.free,
+            key.state,
+            key.received_from
+                .as_deref()
+                .map(|from| format!(" (from {from})"))
+                .unwrap_or_default()
+        );
+    }
     Ok(())
 }

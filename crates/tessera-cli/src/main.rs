@@ -15,6 +15,7 @@ mod authority;
 mod bench;
 mod bench_etcd;
 mod domain;
+mod neighbours;
 mod report;
 mod serve;
 mod vendor;
@@ -95,6 +96,15 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Donate licenses of a key to a neighbour server until a date (or change, or --end).
+    Donate(neighbours::DonateArgs),
+    /// Neighbour servers: links, donations, received grants, usage reports.
+    Neighbours {
+        #[command(subcommand)]
+        command: neighbours::NeighboursCommand,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// Synchronize with the vendor: online (no subcommand), or by file (export / import).
     Sync(admin::SyncArgs),
     /// Measure checkout+checkin cycles/s against a no-op HTTP baseline in the same run.
@@ -152,6 +162,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Status { json, remote } => admin::run_status(json, &remote).await,
         Command::Events { json, remote } => admin::run_events(json, &remote).await,
         Command::Sync(args) => admin::run_sync(args).await,
+        Command::Donate(args) => neighbours::run_donate(args).await,
+        Command::Neighbours { command, remote } => neighbours::run(command, &remote).await,
         Command::Domain { command, remote } => domain::run(command, &remote).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Report { command, remote } => report::run_report(command, &remote).await,

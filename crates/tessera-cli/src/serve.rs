@@ -55,6 +55,9 @@ pub struct ServerArgs {
     /// Join a running domain (then `tessera domain add-host`): never start a new one.
     #[arg(long)]
     join: bool,
+    /// For tests of real processes: a clock that moves only by `POST /v1/test/clock`.
+    #[arg(long, hide = true)]
+    test_clock: bool,
 }
 
 impl ServerArgs {
@@ -104,6 +107,11 @@ impl ServerArgs {
                 None => anyhow::bail!("--join needs the domain: --host N --hosts 1=ADDR,..."),
             }
         }
+        if self.test_clock {
+            config.test_clock = Some(tessera_server::clock::ManualClock::new(
+                jiff::Timestamp::now().as_millisecond(),
+            ));
+        }
         config.validate()?;
         Ok(config)
     }
@@ -113,9 +121,13 @@ async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let clock: Arc<dyn tessera_server::clock::Clock> = match &config.test_clock {
+        Some(clock) => Arc::new(clock.clone()),
+        None => Arc::new(SystemClock),
+    };
     let options = ServerOptions {
         config,
-        clock: Arc::new(SystemClock),
+        clock,
         ids: LeaseIds::from_os()?,
         run_timers: true,
     };

@@ -548,3 +548,5 @@ fn online_and_air_gapped_servers_stay_licensed_across_a_key_renewal() {
 mod console;
 #[path = "cli/domain.rs"]
 mod domain;
+#[path = "cli/neighbours.rs"]
+mod neighbours;

@@ -116,6 +116,9 @@ pub struct ServerConfig {
     pub domain_secret: Option<String>,
     pub neighbours: Vec<crate::neighbours::config::Neighbour>,
     pub licenses: crate::neighbours::config::LicenseSettings,
+    /// Tests of real processes only (`tessera server --test-clock`): the server's clock is
+    /// this manual clock, moved by `POST /v1/test/clock` with the admin token.
+    pub test_clock: Option<crate::clock::ManualClock>,
 }
 
 impl Default for ServerConfig {
@@ -137,6 +140,7 @@ impl Default for ServerConfig {
             domain_secret: None,
             neighbours: Vec::new(),
             licenses: Default::default(),
+            test_clock: None,
         }
     }
 }

@@ -74,6 +74,7 @@ pub fn router(state: SharedState) -> Router {
             "/v1/audit/verify",
             get(crate::console::reports::audit_verify),
         )
+        .route("/v1/test/clock", post(advance_test_clock))
         .merge(crate::console::router())
         .fallback(no_route)
         .layer(middleware::from_fn_with_state(
@@ -112,6 +113,35 @@ async fn record_latency(
         .get_or_create(&RouteLabel { method, route })
         .observe(started.elapsed().as_secs_f64());
     response
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdvanceClock {
+    advance_ms: i64,
+}
+
+/// Moves the test clock of a server started with `--test-clock` (404 otherwise).
+async fn advance_test_clock(
+    State(state): State<SharedState>,
+    _admin: extract::Admin,
+    extract::ApiJson(body): extract::ApiJson<AdvanceClock>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let Some(clock) = &state.config.test_clock else {
+        return Err(ApiError::NoRoute {
+            path: "/v1/test/clock (the server was not started with --test-clock)".into(),
+        });
+    };
+    if !(0..=400 * 86_400_000).contains(&body.advance_ms) {
+        return Err(ApiError::BadRequest {
+            code: "invalid_request",
+            message: "advance_ms must be 0 to 400 days".into(),
+        });
+    }
+    clock.advance_ms(body.advance_ms);
+    Ok(axum::Json(
+        serde_json::json!({"now_ms": tessera_core::Clock::now_ms(clock)}),
+    ))
 }
 
 async fn no_route(request: Request) -> ApiError {
