@@ -175,6 +175,10 @@ pub struct NeighbourSummary {
     #[schema(value_type = Option<String>, format = DateTime)]
     pub last_contact: Option<Timestamp>,
     pub last_error: Option<String>,
+    /// The last difference between donor and receiver records found by the license
+    /// synchronization with this neighbour (cleared when the records agree again).
+    #[serde(default)]
+    pub last_mismatch: Option<String>,
     pub donations: Vec<DonationSummary>,
     pub received: Vec<ReceivedSummary>,
     pub usage: Option<UsageReportSummary>,
@@ -193,6 +197,57 @@ pub struct Identity {
     pub server_id: Option<String>,
     /// The server's Ed25519 identity public key, base64.
     pub public_key: String,
+}
+
+/// A signed message between two neighbour servers (`POST /v1/neighbours/grants` and
+/// `POST /v1/neighbours/renew`, and their answers). The signature is Ed25519 by the
+/// sender's identity key over `tessera-neighbour/v1` + newline + the compact JSON array
+/// `[from, to, sent_at_ms, kind, body]`; the receiver checks it against the `public_key`
+/// configured for `from`, and refuses a `sent_at_ms` further than `clock_skew_max` from its
+/// own clock.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NeighbourEnvelope {
+    /// The sender's server ID.
+    pub from: String,
+    /// The addressee's server ID.
+    pub to: String,
+    /// The sender's clock when it sent the message (milliseconds since the Unix epoch).
+    pub sent_at_ms: i64,
+    /// What the body is: `grants` (push), `held` (its answer), `renew`, `renewed`.
+    pub kind: String,
+    /// The message itself, as described for its kind.
+    #[schema(value_type = Object)]
+    pub body: serde_json::Value,
+    /// Base64 Ed25519 signature.
+    pub signature: String,
+}
+
+/// One grant a receiver holds from a donor, as it reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HeldGrant {
+    /// The vendor key id.
+    pub key_id: String,
+    pub serial: u64,
+    pub licenses: u32,
+    pub in_use: u32,
+}
+
+/// A receiver's confirmation that it no longer uses the grants of a key up to `serial`
+/// (it gave them back, or holds a newer one that replaced them).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ReturnedGrant {
+    /// The vendor key id.
+    pub key_id: String,
+    pub serial: u64,
+}
+
+/// The donor's periods that its receivers use ("set on the parent, used by the child").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DonorSettings {
+    pub donation_renewal_period_ms: i64,
+    pub usage_report_period_ms: i64,
+    pub active_station_period_ms: i64,
 }
 
 /// `POST /v1/keys/update`: check for renewal keys and replace keys ("check for updates").

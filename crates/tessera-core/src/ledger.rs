@@ -103,6 +103,21 @@ pub struct Received {
     /// The grant's end minus the clock skew: this server issues nothing from it after.
     pub usable_until_ms: i64,
     pub accepted_at_ms: i64,
+    /// Earlier grants of this pool with more licenses, still valid: (licenses, usable until).
+    /// A donor that lowers a donation keeps counting the larger grant until it lapses, so the
+    /// receiver may use it until then too; new re-grants from the pool end before it lapses.
+    #[serde(default)]
+    pub floor: Vec<(u32, i64)>,
+}
+
+impl Received {
+    /// Licenses usable now: the current grant's, or an earlier larger one still valid.
+    pub fn capacity(&self) -> u32 {
+        self.floor
+            .iter()
+            .map(|(licenses, _)| *licenses)
+            .fold(self.licenses, u32::max)
+    }
 }
 
 /// Active stations per component that a child reported to this server.
@@ -274,7 +289,7 @@ impl KeyRecord {
     /// Licenses this server holds from the record: the key's, or the received grant's.
     fn licenses(&self) -> u32 {
         match &self.received {
-            Some(received) => received.licenses,
+            Some(received) => received.capacity(),
             None => self.key.payload.licenses,
         }
     }
@@ -355,6 +370,8 @@ pub struct LedgerSnapshot {
     pub reports: BTreeMap<String, UsageReport>,
     #[serde(default)]
     pub accepted_serials: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub issued_serials: BTreeMap<String, u64>,
 }
 
 /// Leases in snapshots as `[id, key, [components], station, user, host, issued, renewed, expires]`.
@@ -448,6 +465,9 @@ pub struct Ledger {
     /// The highest grant serial accepted per received pool, kept after the pool is gone so
     /// an old grant cannot be played back.
     accepted_serials: BTreeMap<String, u64>,
+    /// The highest grant serial issued per (key, neighbour), kept after the donation is gone
+    /// so a new donation to the same neighbour never reuses a serial it refused as spent.
+    issued_serials: BTreeMap<String, u64>,
     /// When the next grant lapses (a donation's lease plus skew, or a received grant's end).
     grant_due_ms: i64,
 }
@@ -466,6 +486,7 @@ impl Ledger {
             donations: BTreeMap::new(),
             reports: BTreeMap::new(),
             accepted_serials: BTreeMap::new(),
+            issued_serials: BTreeMap::new(),
             grant_due_ms: i64::MAX,
         }
     }
@@ -1303,9 +1324,11 @@ impl Ledger {
         }
         let existing = self.donations.get(&(key_id.to_string(), to.to_string()));
         let counted = existing.map_or(0, Donation::counted);
+        // A re-grant never gives more than the grant its chain carries (the current one).
         let available = record
             .licenses()
-            .saturating_sub(record.in_use + record.donated - counted);
+            .saturating_sub(record.in_use + record.donated - counted)
+            .min(regrant_limit(record));
         if licenses > counted.max(available) {
             return Outcome::Refused {
                 refusal: Refusal::NotEnoughLicenses {
@@ -1320,7 +1343,11 @@ impl Ledger {
                 Ok(until) => until,
                 Err(reason) => return refuse(reason),
             };
-        let serial = existing.map_or(0, |d| d.serial) + 1;
+        let serial_key = received_pool_id(key_id, to);
+        let serial = existing
+            .map_or(0, |d| d.serial)
+            .max(self.issued_serials.get(&serial_key).copied().unwrap_or(0))
+            + 1;
         let mut outstanding = existing.map(|d| d.outstanding.clone()).unwrap_or_default();
         push_outstanding(
             &mut outstanding,
@@ -1345,6 +1372,7 @@ impl Ledger {
         };
         self.donations
             .insert((key_id.into(), to.into()), donation.clone());
+        self.issued_serials.insert(serial_key, serial);
         let record = self.keys.get_mut(key_id).expect("checked");
         record.meta.neighbours.insert(to.into());
         self.recount_donated();
@@ -1367,11 +1395,14 @@ impl Ledger {
             .min(record.key.payload.valid_until_ms());
         match &record.received {
             Some(received) => {
-                lease_until = lease_until.min(
-                    received
-                        .usable_until_ms
-                        .saturating_sub(self.config.clock_skew_max_ms),
-                );
+                // While an earlier, larger grant is still counted, re-grants end before it
+                // lapses: what they give may rest on it.
+                let until = received
+                    .floor
+                    .iter()
+                    .map(|(_, until)| *until)
+                    .fold(received.usable_until_ms, i64::min);
+                lease_until = lease_until.min(until.saturating_sub(self.config.clock_skew_max_ms));
             }
             None => {
                 if record.key.payload.server_id.is_some() {
@@ -1415,9 +1446,10 @@ impl Ledger {
             let counted = donation.counted();
             let available = record
                 .licenses()
-                .saturating_sub(record.in_use + record.donated - counted);
+                .saturating_sub(record.in_use + record.donated - counted)
+                .min(regrant_limit(record));
             // Licenses that lapsed back meanwhile may have gone to stations.
-            let licenses = donation.licenses.min(counted.max(available));
+            let licenses = donation.licenses.min(available);
             if licenses == 0 {
                 continue;
             }
@@ -1431,6 +1463,8 @@ impl Ledger {
             };
             let donation = self.donations.get_mut(&id).expect("listed");
             donation.serial += 1;
+            self.issued_serials
+                .insert(received_pool_id(&id.0, &id.1), donation.serial);
             donation.lease_until_ms = lease_until_ms;
             donation.renewed_at_ms = at;
             let serial = donation.serial;
@@ -1536,13 +1570,14 @@ impl Ledger {
                 ended_at: format_ms(last.ends_at_ms()),
             });
         }
-        let received = Received {
+        let mut received = Received {
             grant: grant.clone(),
             donor: last.donor.clone(),
             serial: last.serial,
             licenses: last.licenses,
             usable_until_ms,
             accepted_at_ms: at,
+            floor: Vec::new(),
         };
         let mut leases_ended = 0;
         match self.keys.get_mut(&pool) {
@@ -1551,11 +1586,17 @@ impl Ledger {
                 if last.serial == current {
                     return self.grant_accepted(&pool, 0);
                 }
-                if last.licenses < record.donated {
-                    return invalid(format!(
-                        "this server re-donated {} licenses of {pool}, more than the {} of the new grant: end those donations first",
-                        record.donated, last.licenses
-                    ));
+                // A smaller grant: the larger one stays usable until it lapses.
+                if let Some(previous) = record.received.take() {
+                    received.floor = previous.floor;
+                    if previous.licenses > received.licenses && previous.usable_until_ms > at {
+                        received
+                            .floor
+                            .push((previous.licenses, previous.usable_until_ms));
+                    }
+                    received
+                        .floor
+                        .retain(|(licenses, until)| *licenses > received.licenses && *until > at);
                 }
                 record.received = Some(received);
                 leases_ended = self.fit_pool(&pool);
@@ -1620,11 +1661,14 @@ impl Ledger {
         let mut ended = 0;
         while {
             let record = &self.keys[pool];
-            record.in_use + record.donated > record.licenses()
+            record.in_use > 0 && record.in_use + record.donated > record.licenses()
         } {
-            let (_, lease_id, _) = leases.pop().expect("leases remain while over");
-            self.remove_lease(&lease_id);
-            ended += 1;
+            let Some((_, lease_id, _)) = leases.pop() else {
+                break;
+            };
+            if self.remove_lease(&lease_id).is_some() {
+                ended += 1;
+            }
         }
         ended
     }
@@ -1723,6 +1767,21 @@ impl Ledger {
         self.donations
             .retain(|_, d| !d.outstanding.is_empty() || (!d.ended && d.donation_until_ms > at));
         self.recount_donated();
+        // Earlier, larger grants that lapsed: the pool shrinks to its current grant, and the
+        // newest leases end if it is over (re-grants resting on them lapsed just above).
+        let mut shrunk = Vec::new();
+        for (id, record) in &mut self.keys {
+            if let Some(received) = &mut record.received {
+                let before = received.floor.len();
+                received.floor.retain(|(_, until)| *until > at);
+                if received.floor.len() != before {
+                    shrunk.push(id.clone());
+                }
+            }
+        }
+        for pool in shrunk {
+            self.fit_pool(&pool);
+        }
         let donating: BTreeSet<String> = self.donations.keys().map(|(k, _)| k.clone()).collect();
         self.keys.retain(|id, record| {
             record.received.as_ref().is_none_or(|r| {
@@ -1755,7 +1814,10 @@ impl Ledger {
         let ends = self
             .keys
             .values()
-            .filter_map(|r| r.received.as_ref().map(|r| r.usable_until_ms));
+            .filter_map(|r| r.received.as_ref())
+            .flat_map(|r| {
+                std::iter::once(r.usable_until_ms).chain(r.floor.iter().map(|(_, until)| *until))
+            });
         let ended_donations = self
             .donations
             .values()
@@ -1830,6 +1892,15 @@ impl Ledger {
             },
         };
         let components = record.components.iter().map(|c| c.to_string()).collect();
+        // Within what the chain carries now: if the grant this one comes from was shortened
+        // since, the document says the shorter (a receiver may use less, never more).
+        let (mut lease_until_ms, mut donation_until_ms) =
+            (latest.lease_until_ms, donation.donation_until_ms);
+        if let Some(received) = &record.received {
+            let parent = received.grant.last();
+            lease_until_ms = lease_until_ms.min(parent.lease_until_ms());
+            donation_until_ms = donation_until_ms.min(parent.donation_until_ms());
+        }
         let payload = GrantPayload {
             key_id: record.key.payload.key_id.clone(),
             donor: self.config.server_id.clone()?,
@@ -1840,8 +1911,8 @@ impl Ledger {
             licenses: latest.licenses,
             serial: latest.serial,
             issued_at: jiff::Timestamp::from_millisecond(donation.renewed_at_ms).ok()?,
-            lease_until: jiff::Timestamp::from_millisecond(latest.lease_until_ms).ok()?,
-            donation_until: jiff::Timestamp::from_millisecond(donation.donation_until_ms).ok()?,
+            lease_until: jiff::Timestamp::from_millisecond(lease_until_ms).ok()?,
+            donation_until: jiff::Timestamp::from_millisecond(donation_until_ms).ok()?,
         };
         Some((source, payload))
     }
@@ -1886,6 +1957,7 @@ impl Ledger {
             donations: self.donations(),
             reports: self.reports.clone(),
             accepted_serials: self.accepted_serials.clone(),
+            issued_serials: self.issued_serials.clone(),
         }
     }
 
@@ -1903,6 +1975,7 @@ impl Ledger {
             donations: Vec<&'a Donation>,
             reports: &'a BTreeMap<String, UsageReport>,
             accepted_serials: &'a BTreeMap<String, u64>,
+            issued_serials: &'a BTreeMap<String, u64>,
         }
         fn compact_rows<S: serde::Serializer>(
             leases: &[&Lease],
@@ -1933,6 +2006,7 @@ impl Ledger {
             donations: self.donations.values().collect(),
             reports: &self.reports,
             accepted_serials: &self.accepted_serials,
+            issued_serials: &self.issued_serials,
         };
         serde_json::to_vec(&snapshot).expect("the ledger serializes")
     }
@@ -1960,6 +2034,7 @@ impl Ledger {
             donations: snapshot.donations,
             reports: snapshot.reports,
             accepted_serials: snapshot.accepted_serials,
+            issued_serials: snapshot.issued_serials,
         });
         ledger.reserve_leases(snapshot.leases.len());
         let mut expiry = Vec::with_capacity(snapshot.leases.len());
@@ -2013,6 +2088,8 @@ impl Ledger {
             reports: BTreeMap<String, UsageReport>,
             #[serde(default)]
             accepted_serials: BTreeMap<String, u64>,
+            #[serde(default)]
+            issued_serials: BTreeMap<String, u64>,
         }
         let snapshot: SnapshotIn<'_> = serde_json::from_slice(bytes)?;
         let mut ledger = Ledger::new(config);
@@ -2024,6 +2101,7 @@ impl Ledger {
             donations: snapshot.donations,
             reports: snapshot.reports,
             accepted_serials: snapshot.accepted_serials,
+            issued_serials: snapshot.issued_serials,
         });
         ledger.reserve_leases(snapshot.leases.len());
         let mut expiry = Vec::with_capacity(snapshot.leases.len());
@@ -2067,6 +2145,7 @@ impl Ledger {
             .collect();
         self.reports = header.reports;
         self.accepted_serials = header.accepted_serials;
+        self.issued_serials = header.issued_serials;
         self.recount_donated();
     }
 
@@ -2206,6 +2285,7 @@ struct RestoredHeader {
     donations: Vec<Donation>,
     reports: BTreeMap<String, UsageReport>,
     accepted_serials: BTreeMap<String, u64>,
+    issued_serials: BTreeMap<String, u64>,
 }
 
 /// One lease as read back from a snapshot, whatever owns its strings.
@@ -2289,6 +2369,15 @@ fn lease_not_found(lease_id: &str) -> Outcome {
             lease_id: lease_id.into(),
         },
     }
+}
+
+/// The most licenses one donation from `record` may give: a received grant's current count
+/// (the chain shows it; an earlier, larger grant still counted does not travel along).
+fn regrant_limit(record: &KeyRecord) -> u32 {
+    record
+        .received
+        .as_ref()
+        .map_or(u32::MAX, |received| received.licenses)
 }
 
 fn donation_not_found(key_id: &str, to: &str) -> Outcome {

@@ -31,7 +31,13 @@ pub struct Event {
     pub id: u64,
     #[schema(value_type = String, format = DateTime)]
     pub at: Timestamp,
-    /// e.g. `key_updated`, `key_not_updated`, `sync_deadline_near`, `sync_failed`.
+    /// e.g. `key_updated`, `key_not_updated`, `sync_deadline_near`, `sync_failed`. Between
+    /// neighbour servers: `licenses_donated`, `donation_ended`, `licenses_returned` (a
+    /// receiver gave licenses back), `license_mismatch` (the synchronization found donor and
+    /// receiver records differ; the message names both counts), `neighbour_link_failed`,
+    /// `neighbour_link_restored`, `neighbour_refused` (a message from another server was
+    /// refused here), and on the receiver `grant_refused`, `grant_reduced`, `grant_released`
+    /// (the donor called its licenses back).
     pub kind: String,
     /// `info`, `warning` or `error`.
     pub severity: String,

@@ -284,6 +284,37 @@ impl History {
         query_usage(&connection, from_ms, to_ms).map_err(|e| self.error(e))
     }
 
+    /// Distinct (component, station) pairs that held a lease of a key whose id ends with
+    /// `key_suffix` at some time in `from_ms <= at_ms < to_ms`: a lease granted, found again,
+    /// returned, released or expired in the period (flushes first). At most `limit` pairs.
+    pub fn active_stations(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+        key_suffix: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, HistoryError> {
+        self.flush();
+        let connection = self.reader()?;
+        let mut statement = connection
+            .prepare(
+                "SELECT DISTINCT component, station FROM usage_event
+                 WHERE at_ms >= ?1 AND at_ms < ?2
+                   AND component IS NOT NULL AND station IS NOT NULL
+                   AND substr(key_id, -length(?3)) = ?3
+                   AND kind IN ('granted', 'existing', 'checkin', 'force_release', 'expired', 'key_removed')
+                 LIMIT ?4",
+            )
+            .map_err(|e| self.error(e))?;
+        let rows = statement
+            .query_map(params![from_ms, to_ms, key_suffix, limit as i64], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
+            .map_err(|e| self.error(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.error(e))
+    }
+
     /// Per component, the highest number of licenses in use in each bucket of `bucket_ms`
     /// between `from_ms` and `to_ms` (the level carried into a bucket counts), and the
     /// denials per bucket.

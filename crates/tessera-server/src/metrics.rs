@@ -17,6 +17,18 @@ pub struct ComponentLabel {
     pub component: String,
 }
 
+/// A license key (or a received grant `KEY@DONOR`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyLabel {
+    pub key: String,
+}
+
+/// A neighbour server, by server ID.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NeighbourLabel {
+    pub neighbour: String,
+}
+
 /// A host of the server domain, by number.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HostLabel {
@@ -41,15 +53,21 @@ pub struct Metrics {
     pub heartbeats: Counter,
     pub checkins: Counter,
     pub expired_leases: Counter,
-    /// Failed exchanges with neighbour servers.
-    pub neighbour_errors: Counter,
-    /// Donor/receiver record mismatches found by the license synchronization.
-    pub neighbour_mismatches: Counter,
+    /// Failed exchanges with neighbour servers, by neighbour.
+    pub neighbour_errors: Family<NeighbourLabel, Counter>,
+    /// Donor/receiver record mismatches found by the license synchronization, by neighbour.
+    pub neighbour_mismatches: Family<NeighbourLabel, Counter>,
+    /// Messages from other servers refused (unknown, not allowed, bad signature, clock skew).
+    pub neighbour_refused: Counter,
     pub requests: Family<RouteLabel, Histogram, fn() -> Histogram>,
     licenses: Family<ComponentLabel, Gauge>,
     licenses_in_use: Family<ComponentLabel, Gauge>,
     licenses_free: Family<ComponentLabel, Gauge>,
     licenses_donated: Family<ComponentLabel, Gauge>,
+    key_licenses: Family<KeyLabel, Gauge>,
+    key_licenses_in_use: Family<KeyLabel, Gauge>,
+    key_licenses_donated: Family<KeyLabel, Gauge>,
+    key_licenses_received: Family<KeyLabel, Gauge>,
     /// The 366-day sync deadline as Unix time in seconds (0: none).
     pub sync_deadline: Gauge,
     active_leases: Gauge,
@@ -70,6 +88,15 @@ pub struct ComponentGauges {
     pub donated: u32,
 }
 
+/// Per-key numbers read from the ledger when Prometheus scrapes.
+pub struct KeyGauges {
+    pub key: String,
+    pub licenses: u32,
+    pub in_use: u32,
+    pub donated: u32,
+    pub received: u32,
+}
+
 impl Default for Metrics {
     fn default() -> Metrics {
         Metrics::new()
@@ -85,13 +112,18 @@ impl Metrics {
             heartbeats: Counter::default(),
             checkins: Counter::default(),
             expired_leases: Counter::default(),
-            neighbour_errors: Counter::default(),
-            neighbour_mismatches: Counter::default(),
+            neighbour_errors: Family::default(),
+            neighbour_mismatches: Family::default(),
+            neighbour_refused: Counter::default(),
             requests: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             licenses: Family::default(),
             licenses_in_use: Family::default(),
             licenses_free: Family::default(),
             licenses_donated: Family::default(),
+            key_licenses: Family::default(),
+            key_licenses_in_use: Family::default(),
+            key_licenses_donated: Family::default(),
+            key_licenses_received: Family::default(),
             sync_deadline: Gauge::default(),
             active_leases: Gauge::default(),
             is_primary: Gauge::default(),
@@ -128,13 +160,18 @@ impl Metrics {
         );
         registry.register(
             "neighbour_errors",
-            "Failed exchanges with neighbour servers",
+            "Failed exchanges with neighbour servers, by neighbour",
             metrics.neighbour_errors.clone(),
         );
         registry.register(
             "neighbour_mismatches",
-            "Differences between donated and received licenses found by license synchronization",
+            "Differences between donated and received licenses found by license synchronization, by neighbour",
             metrics.neighbour_mismatches.clone(),
+        );
+        registry.register(
+            "neighbour_refused",
+            "Messages from other servers refused (unknown neighbour, not allowed, bad signature, clock skew)",
+            metrics.neighbour_refused.clone(),
         );
         registry.register(
             "http_request_duration_seconds",
@@ -160,6 +197,26 @@ impl Metrics {
             "licenses_donated",
             "Licenses donated to neighbour servers, by component",
             metrics.licenses_donated.clone(),
+        );
+        registry.register(
+            "key_licenses",
+            "Licenses of each key or received grant (KEY@DONOR)",
+            metrics.key_licenses.clone(),
+        );
+        registry.register(
+            "key_licenses_in_use",
+            "Licenses of each key or received grant leased to stations",
+            metrics.key_licenses_in_use.clone(),
+        );
+        registry.register(
+            "key_licenses_donated",
+            "Licenses of each key or received grant donated to neighbour servers and not back yet",
+            metrics.key_licenses_donated.clone(),
+        );
+        registry.register(
+            "key_licenses_received",
+            "Licenses received from a neighbour server, per received grant (KEY@DONOR)",
+            metrics.key_licenses_received.clone(),
         );
         registry.register(
             "sync_deadline_seconds",
@@ -206,6 +263,7 @@ impl Metrics {
     pub fn render(
         &self,
         components: &[ComponentGauges],
+        keys: &[KeyGauges],
         active_leases: usize,
         is_primary: bool,
     ) -> String {
@@ -229,6 +287,27 @@ impl Metrics {
             self.licenses_donated
                 .get_or_create(&label)
                 .set(gauges.donated.into());
+        }
+        self.key_licenses.clear();
+        self.key_licenses_in_use.clear();
+        self.key_licenses_donated.clear();
+        self.key_licenses_received.clear();
+        for gauges in keys {
+            let label = KeyLabel {
+                key: gauges.key.clone(),
+            };
+            self.key_licenses
+                .get_or_create(&label)
+                .set(gauges.licenses.into());
+            self.key_licenses_in_use
+                .get_or_create(&label)
+                .set(gauges.in_use.into());
+            self.key_licenses_donated
+                .get_or_create(&label)
+                .set(gauges.donated.into());
+            self.key_licenses_received
+                .get_or_create(&label)
+                .set(gauges.received.into());
         }
         self.active_leases.set(active_leases as i64);
         self.is_primary.set(i64::from(is_primary));

@@ -190,16 +190,33 @@ pub async fn start(
     })
 }
 
+/// The primary's timers: expiry and scheduled key updates in one loop, the links to
+/// neighbour servers in another, so a slow neighbour never delays expiry.
 async fn run_timer_loop(state: SharedState) {
+    tokio::join!(run_expiry_loop(state.clone()), run_neighbour_loop(state));
+}
+
+async fn run_neighbour_loop(state: SharedState) {
+    if state.config.neighbours.is_empty() {
+        return;
+    }
+    let mut interval = tokio::time::interval(TIMER_PERIOD);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        for error in state.neighbour_tick().await {
+            tracing::warn!(%error, "neighbour link");
+        }
+    }
+}
+
+async fn run_expiry_loop(state: SharedState) {
     let mut interval = tokio::time::interval(TIMER_PERIOD);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
         if let Err(error) = state.tick().await {
             tracing::warn!(%error, "expiry timer");
-        }
-        for error in state.neighbour_tick().await {
-            tracing::warn!(%error, "neighbour link");
         }
         match state.run_scheduled_update().await {
             Some(Ok(report)) => tracing::info!(

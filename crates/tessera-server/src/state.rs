@@ -338,17 +338,26 @@ impl AppState {
 
     pub fn render_metrics(&self) -> String {
         let now_ms = self.stamper.now_ms();
-        let (components, active, donated) = self.consensus.read(|ledger| {
+        let (components, active, donated, keys) = self.consensus.read(|ledger| {
             let mut donated: BTreeMap<String, u32> = BTreeMap::new();
+            let mut keys = Vec::new();
             for view in ledger.keys(now_ms) {
                 for component in &view.key.payload.components {
                     *donated.entry(component.clone()).or_default() += view.donated;
                 }
+                keys.push(crate::metrics::KeyGauges {
+                    key: view.id.clone(),
+                    licenses: view.licenses,
+                    in_use: view.in_use,
+                    donated: view.donated,
+                    received: view.received.as_ref().map_or(0, |r| r.licenses),
+                });
             }
             (
                 component_status(ledger, now_ms),
                 ledger.lease_count(),
                 donated,
+                keys,
             )
         });
         let gauges: Vec<ComponentGauges> = components
@@ -369,7 +378,7 @@ impl AppState {
             .set(deadline_ms.map_or(0, |ms| ms.div_euclid(1000)));
         self.update_domain_gauges();
         self.metrics
-            .render(&gauges, active, self.consensus.is_primary())
+            .render(&gauges, &keys, active, self.consensus.is_primary())
     }
 
     /// Per-host gauges of the server domain, from this host's view.

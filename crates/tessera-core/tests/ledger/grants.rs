@@ -342,24 +342,55 @@ fn a_child_donates_further_within_its_grant_and_the_chain_verifies() {
 #[test]
 fn lowering_a_donation_frees_licenses_only_when_the_larger_grant_is_gone() {
     let (mut parent, mut child, _) = network();
+    let mut grandchild = Server::new("grandchild", 13);
     parent.donate(BASE_MS, "k1", &child, 4, BASE_MS + 100 * HOUR_MS);
     child.accept(BASE_MS, parent.grant("k1", "child"));
-    assert_eq!(child.checkouts(BASE_MS, 4), 4);
+    child.donate(
+        BASE_MS,
+        "k1@parent",
+        &grandchild,
+        2,
+        BASE_MS + 100 * HOUR_MS,
+    );
+    grandchild.accept(BASE_MS, child.grant("k1@parent", "grandchild"));
+    assert_eq!(child.checkouts(BASE_MS, 4), 2);
     parent.donate(BASE_MS + 1000, "k1", &child, 1, BASE_MS + 100 * HOUR_MS);
     assert_eq!(
         parent.view("k1").donated,
         4,
         "the child may still use the 4-license grant"
     );
+    // The child accepts the smaller grant (even below what it donated further) and keeps
+    // the larger one until it lapses: nothing ends now.
     let Outcome::GrantAccepted { leases_ended, .. } =
         child.accept(BASE_MS + 1000, parent.grant("k1", "child"))
     else {
         panic!()
     };
-    assert_eq!(
-        leases_ended, 3,
-        "the newest leases end to fit the smaller grant"
+    assert_eq!(leases_ended, 0);
+    let pool = child.view("k1@parent");
+    assert_eq!((pool.licenses, pool.received.unwrap().licenses), (4, 1));
+    // A renewal of the re-grant meanwhile ends before the larger grant lapses.
+    let old_end = BASE_MS + HOUR_MS - SKEW_MS;
+    child.apply(
+        BASE_MS + 2000,
+        Command::RenewDonations {
+            to: "grandchild".into(),
+        },
     );
+    let regrant = child.ledger.donation("k1@parent", "grandchild").unwrap();
+    assert!(regrant.lease_until_ms <= old_end - SKEW_MS);
+    // When it lapses the pool is down to the new grant: the re-grants lapsed with it, and
+    // the child's newest leases end to fit.
+    assert_eq!(
+        child.checkouts(old_end - 20_000, 4),
+        2,
+        "4, less the 2 donated further"
+    );
+    child.apply(old_end, Command::Expire);
+    let pool = child.view("k1@parent");
+    assert_eq!((pool.licenses, pool.donated, pool.in_use), (1, 0, 1));
+    child.ledger.check_invariants().unwrap();
     // The child says it holds only serial 2 now: the parent counts 1.
     parent.apply(
         BASE_MS + 2000,

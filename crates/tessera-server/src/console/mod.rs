@@ -54,6 +54,9 @@ pub fn router() -> Router<SharedState> {
         .route("/sync/request", post(sync_request))
         .route("/sync/response", post(sync_response))
         .route("/events", get(events_page))
+        .route("/neighbours", get(neighbours_page))
+        .route("/neighbours/donate", post(neighbours_donate))
+        .route("/neighbours/end", post(neighbours_end))
         .layer(Extension(Arc::new(Sessions::default())))
 }
 
@@ -272,6 +275,8 @@ struct KeyRow {
     state: String,
     allocated: bool,
     renewal: String,
+    donated_out: u32,
+    received_from: String,
 }
 
 #[derive(Template)]
@@ -307,6 +312,8 @@ async fn keys_page(State(state): State<SharedState>, user: ConsoleUser) -> Respo
             valid_until: fmt_ts(key.valid_until),
             state: key.state.clone(),
             allocated: key.allocated,
+            donated_out: key.donated_out,
+            received_from: key.received_from.clone().unwrap_or_default(),
             renewal: match (&key.renewal, &key.replaced_by, &key.renews) {
                 (Some(renewal), _, _) => renewal.clone(),
                 (None, Some(by), _) => format!("replaced by {by}"),
@@ -889,4 +896,281 @@ async fn events_page(
         audit,
         records,
     }))
+}
+
+// ---------------------------------------------------------------- neighbours
+
+struct NeighbourRow {
+    id: String,
+    url: String,
+    relation: String,
+    connection: String,
+    send: bool,
+    receive: bool,
+    last_contact: String,
+    last_error: String,
+    last_mismatch: String,
+    donations: Vec<DonationRow>,
+    received: Vec<ReceivedRow>,
+    report_at: String,
+    report_period: String,
+    usage: Vec<UsageRow>,
+}
+
+struct DonationRow {
+    key_id: String,
+    licenses: u32,
+    donated_now: u32,
+    state: String,
+    serial: u64,
+    lease_until: String,
+    donation_until: String,
+}
+
+struct ReceivedRow {
+    key_id: String,
+    licenses: u32,
+    in_use: u32,
+    donated_out: u32,
+    serial: u64,
+    usable_until: String,
+}
+
+struct UsageRow {
+    component: String,
+    active_stations: u32,
+    in_use: u32,
+}
+
+#[derive(Template)]
+#[template(path = "console/neighbours.html")]
+struct NeighboursPage {
+    page: &'static str,
+    user: String,
+    csrf: String,
+    flash: Option<String>,
+    error: Option<String>,
+    server_id: String,
+    public_key: String,
+    renewal_period: String,
+    sync_period: String,
+    report_period: String,
+    station_period: String,
+    preliminary: String,
+    neighbours: Vec<NeighbourRow>,
+    /// Keys (and received pools) this server can donate from.
+    keys: Vec<String>,
+    /// Neighbours this server may donate to.
+    targets: Vec<String>,
+}
+
+fn duration_text(duration: std::time::Duration) -> String {
+    humantime::format_duration(duration).to_string()
+}
+
+fn neighbours_page_with(
+    state: &SharedState,
+    user: &ConsoleUser,
+    flash: Option<String>,
+    error: Option<String>,
+) -> Response {
+    let view = state.neighbours_summary();
+    let never = || "never".to_string();
+    let neighbours = view
+        .neighbours
+        .into_iter()
+        .map(|n| NeighbourRow {
+            last_contact: n.last_contact.map(fmt_ts).unwrap_or_else(never),
+            last_error: n.last_error.unwrap_or_default(),
+            last_mismatch: n.last_mismatch.unwrap_or_default(),
+            donations: n
+                .donations
+                .into_iter()
+                .map(|d| DonationRow {
+                    key_id: d.key_id,
+                    licenses: d.licenses,
+                    donated_now: d.donated_now,
+                    state: d.state,
+                    serial: d.serial,
+                    lease_until: fmt_ts(d.lease_until),
+                    donation_until: fmt_ts(d.donation_until),
+                })
+                .collect(),
+            received: n
+                .received
+                .into_iter()
+                .map(|r| ReceivedRow {
+                    key_id: r.key_id,
+                    licenses: r.licenses,
+                    in_use: r.in_use,
+                    donated_out: r.donated_out,
+                    serial: r.serial,
+                    usable_until: fmt_ts(r.usable_until),
+                })
+                .collect(),
+            report_at: n.usage.as_ref().map(|u| fmt_ts(u.at)).unwrap_or_default(),
+            report_period: n
+                .usage
+                .as_ref()
+                .map(|u| duration_text(std::time::Duration::from_secs(u.period_s.max(0) as u64)))
+                .unwrap_or_default(),
+            usage: n
+                .usage
+                .map(|u| {
+                    let components: std::collections::BTreeSet<&String> =
+                        u.active_stations.keys().chain(u.in_use.keys()).collect();
+                    components
+                        .into_iter()
+                        .map(|c| UsageRow {
+                            component: c.clone(),
+                            active_stations: u.active_stations.get(c).copied().unwrap_or(0),
+                            in_use: u.in_use.get(c).copied().unwrap_or(0),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            id: n.id,
+            url: n.url,
+            relation: n.relation,
+            connection: n.connection,
+            send: n.send,
+            receive: n.receive,
+        })
+        .collect();
+    let keys = state
+        .status()
+        .keys
+        .into_iter()
+        .filter(|k| k.state == "active")
+        .map(|k| k.key_id)
+        .collect();
+    let targets = state
+        .config
+        .neighbours
+        .iter()
+        .filter(|n| n.send)
+        .map(|n| n.id.clone())
+        .collect();
+    let settings = &state.config.licenses;
+    render(&NeighboursPage {
+        page: "neighbours",
+        user: user.name.clone(),
+        csrf: user.csrf.clone(),
+        flash,
+        error,
+        server_id: view.server_id.unwrap_or_else(|| "(none)".into()),
+        public_key: state.identity.public_key().to_base64(),
+        renewal_period: duration_text(settings.donation_renewal_period),
+        sync_period: duration_text(settings.sync_period),
+        report_period: duration_text(settings.usage_report_period),
+        station_period: duration_text(settings.active_station_period),
+        preliminary: duration_text(settings.preliminary_renewal_interval),
+        neighbours,
+        keys,
+        targets,
+    })
+}
+
+async fn neighbours_page(State(state): State<SharedState>, user: ConsoleUser) -> Response {
+    neighbours_page_with(&state, &user, None, None)
+}
+
+#[derive(Debug, Deserialize)]
+struct DonateForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    key_id: String,
+    #[serde(default)]
+    to: String,
+    #[serde(default)]
+    licenses: String,
+    #[serde(default)]
+    until: String,
+}
+
+async fn neighbours_donate(
+    State(state): State<SharedState>,
+    user: ConsoleUser,
+    Form(form): Form<DonateForm>,
+) -> Response {
+    if let Err(response) = user.check_csrf(&form.csrf) {
+        return response;
+    }
+    let result = match form.licenses.trim().parse::<u32>() {
+        Ok(licenses) => {
+            state
+                .donate(tessera_api::DonateRequest {
+                    key_id: form.key_id.clone(),
+                    to: form.to.clone(),
+                    licenses,
+                    until: form.until.clone(),
+                })
+                .await
+        }
+        Err(_) => Err(ApiError::BadRequest {
+            code: "invalid_request",
+            message: format!("licenses = {:?} is not a number", form.licenses),
+        }),
+    };
+    user.record(
+        &state,
+        "console.donate",
+        serde_json::json!({"key_id": form.key_id, "to": form.to, "licenses": form.licenses, "until": form.until, "ok": result.is_ok()}),
+    );
+    match result {
+        Ok(d) => neighbours_page_with(
+            &state,
+            &user,
+            Some(format!(
+                "{} licenses of {} donated to {} until {}.",
+                d.licenses,
+                d.key_id,
+                d.to,
+                fmt_ts(d.donation_until)
+            )),
+            None,
+        ),
+        Err(error) => neighbours_page_with(&state, &user, None, Some(error.to_string())),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct EndDonationForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    key_id: String,
+    #[serde(default)]
+    to: String,
+}
+
+async fn neighbours_end(
+    State(state): State<SharedState>,
+    user: ConsoleUser,
+    Form(form): Form<EndDonationForm>,
+) -> Response {
+    if let Err(response) = user.check_csrf(&form.csrf) {
+        return response;
+    }
+    let result = state
+        .end_donation(form.key_id.clone(), form.to.clone())
+        .await;
+    user.record(
+        &state,
+        "console.end_donation",
+        serde_json::json!({"key_id": form.key_id, "to": form.to, "ok": result.is_ok()}),
+    );
+    match result {
+        Ok(d) => neighbours_page_with(
+            &state,
+            &user,
+            Some(format!(
+                "The donation of {} to {} ended: {} licenses still counted until the neighbour gives them back.",
+                d.key_id, d.to, d.donated_now
+            )),
+            None,
+        ),
+        Err(error) => neighbours_page_with(&state, &user, None, Some(error.to_string())),
+    }
 }

@@ -54,6 +54,11 @@ fn is_write(method: &Method, path: &str) -> bool {
         && !path.starts_with("/v1/raft/")
 }
 
+/// The server-to-server routes, which take larger bodies.
+fn request_path_is_link(path: &str) -> bool {
+    path == "/v1/neighbours/grants" || path == "/v1/neighbours/renew"
+}
+
 /// Whether this server is a host of a domain of several hosts.
 pub fn in_domain(state: &SharedState) -> bool {
     state
@@ -74,7 +79,11 @@ pub async fn forward_writes(
     }
     let forwarded = request.headers().contains_key(FORWARDED_HEADER);
     let (parts, body) = request.into_parts();
-    let limit = state.config.body_limit_bytes;
+    let limit = if request_path_is_link(parts.uri.path()) {
+        crate::neighbours::LINK_BODY_LIMIT_BYTES.max(state.config.body_limit_bytes)
+    } else {
+        state.config.body_limit_bytes
+    };
     let Ok(bytes) = axum::body::to_bytes(body, limit).await else {
         return ApiError::PayloadTooLarge { limit_bytes: limit }.into_response();
     };

@@ -53,8 +53,20 @@ pub fn router(state: SharedState) -> Router {
         )
         .route("/v1/identity", get(neighbours::identity))
         .route("/v1/neighbours", get(neighbours::list))
-        .route("/v1/neighbours/grants", post(neighbours::receive_grants))
-        .route("/v1/neighbours/renew", post(neighbours::renew))
+        // Signed by the sending server (no admin token); a push carries every grant with its
+        // key, so these take larger bodies.
+        .route(
+            "/v1/neighbours/grants",
+            post(neighbours::receive_grants).layer(DefaultBodyLimit::max(
+                crate::neighbours::LINK_BODY_LIMIT_BYTES.max(body_limit_bytes),
+            )),
+        )
+        .route(
+            "/v1/neighbours/renew",
+            post(neighbours::renew).layer(DefaultBodyLimit::max(
+                crate::neighbours::LINK_BODY_LIMIT_BYTES.max(body_limit_bytes),
+            )),
+        )
         .route(
             "/v1/donations",
             post(neighbours::donate).get(neighbours::donations),

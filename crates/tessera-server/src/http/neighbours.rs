@@ -4,7 +4,9 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use tessera_api::{DonateRequest, DonationSummary, ErrorBody, Identity, Neighbours};
+use tessera_api::{
+    DonateRequest, DonationSummary, ErrorBody, Identity, NeighbourEnvelope, Neighbours,
+};
 
 use super::extract::{Admin, ApiJson};
 use crate::error::ApiError;
@@ -12,8 +14,12 @@ use crate::neighbours::Envelope;
 use crate::state::SharedState;
 
 /// A donor's grants for this server (signed by the donor; no admin token).
-#[utoipa::path(post, path = "/v1/neighbours/grants", request_body(content = String, description = "signed envelope"), responses(
-    (status = 200, description = "signed envelope: what this server holds from the donor"),
+///
+/// The envelope's `kind` is `grants`, its body `{grants: [Grant], returned_request: bool}`.
+/// The answer's `kind` is `held`, its body `{held: [HeldGrant], held_before: [HeldGrant],
+/// returned: [ReturnedGrant], refused: [string]}`.
+#[utoipa::path(post, path = "/v1/neighbours/grants", request_body = NeighbourEnvelope, responses(
+    (status = 200, description = "signed envelope: what this server holds from the donor", body = NeighbourEnvelope),
     (status = 403, description = "unknown_neighbour, neighbour_not_allowed, bad_neighbour_signature", body = ErrorBody),
     (status = 409, description = "clock_skew", body = ErrorBody),
 ))]
@@ -25,8 +31,12 @@ pub async fn receive_grants(
 }
 
 /// A receiver asks this server to renew its grants (signed by the receiver).
-#[utoipa::path(post, path = "/v1/neighbours/renew", request_body(content = String, description = "signed envelope"), responses(
-    (status = 200, description = "signed envelope: the renewed grants and the donor's periods"),
+///
+/// The envelope's `kind` is `renew`, its body `{held: [HeldGrant], usage: UsageReport | null,
+/// returned: [ReturnedGrant]}`. The answer's `kind` is `renewed`, its body `{grants: [Grant],
+/// settings: DonorSettings, returned_request: bool}`.
+#[utoipa::path(post, path = "/v1/neighbours/renew", request_body = NeighbourEnvelope, responses(
+    (status = 200, description = "signed envelope: the renewed grants and the donor's periods", body = NeighbourEnvelope),
     (status = 403, description = "unknown_neighbour, neighbour_not_allowed, bad_neighbour_signature", body = ErrorBody),
     (status = 409, description = "clock_skew", body = ErrorBody),
 ))]

@@ -36,6 +36,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         super::neighbours::donations,
         super::neighbours::end_donation,
     ),
+    components(schemas(tessera_api::HeldGrant, tessera_api::ReturnedGrant, tessera_api::DonorSettings)),
     modifiers(&AdminToken)
 )]
 struct ApiDoc;

@@ -189,16 +189,30 @@ impl Neighbour {
                 section.receive.unwrap_or(false),
             ),
         };
-        if relation != Relation::Peer && (section.send.is_some() || section.receive.is_some()) {
-            return Err(config_error(format!(
-                "{what}: send and receive are for peers; a parent donates to its children, a child receives from its parents"
-            )));
+        // For a parent or a child the direction is fixed by the relation ("cannot be
+        // changed"); the flags are accepted and ignored, with a word when they disagree.
+        if relation != Relation::Peer
+            && (section.send.is_some_and(|s| s != send)
+                || section.receive.is_some_and(|r| r != receive))
+        {
+            tracing::info!(
+                neighbour = %id,
+                relation = relation.name(),
+                "send and receive apply to peers only: a parent donates to its children, a child receives from its parents"
+            );
         }
         let connection = match (section.connection.as_deref(), section.reconnect_period) {
             (None | Some("permanent"), None) => Connection::Permanent,
-            (Some("periodic"), Some(period)) => Connection::Periodic {
-                reconnect_period: parse_duration(&format!("{what} reconnect_period"), &period)?,
-            },
+            (Some("periodic"), Some(period)) => {
+                let reconnect_period =
+                    parse_duration(&format!("{what} reconnect_period"), &period)?;
+                if reconnect_period < Duration::from_secs(1) {
+                    return Err(config_error(format!(
+                        "{what}: reconnect_period must be at least 1s"
+                    )));
+                }
+                Connection::Periodic { reconnect_period }
+            }
             (Some("periodic"), None) => {
                 return Err(config_error(format!(
                     "{what}: connection = \"periodic\" needs reconnect_period, e.g. \"30m\""
@@ -259,4 +273,139 @@ pub fn validate(neighbours: &[Neighbour], server_id: Option<&str>) -> Result<(),
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tessera_core::SecretKey;
+
+    use super::{Connection, Relation};
+    use crate::config::ServerConfig;
+
+    fn key() -> String {
+        SecretKey::from_seed([3; 32]).public_key().to_base64()
+    }
+
+    fn parse(text: &str) -> Result<ServerConfig, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tessera.toml");
+        std::fs::write(&path, text).unwrap();
+        ServerConfig::from_file(&path).map_err(|e| e.to_string())
+    }
+
+    fn neighbour(fields: &str) -> String {
+        format!(
+            "server_id = \"hq\"\n[[neighbour]]\nid = \"branch-1\"\nurl = \"http://127.0.0.1:7410\"\npublic_key = \"{}\"\n{fields}\n",
+            key()
+        )
+    }
+
+    #[test]
+    fn the_documented_configuration_parses() {
+        let config = parse(&format!(
+            "{}[licenses]\ndonation_renewal_period = \"1h\"\nsync_period = \"10m\"\nusage_report_period = \"1h\"\nactive_station_period = \"1d\"\npreliminary_renewal_interval = \"10m\"\n",
+            neighbour(
+                "relation = \"child\"\nsend = true\nreceive = true\nconnection = \"permanent\""
+            )
+        ))
+        .unwrap();
+        let n = &config.neighbours[0];
+        assert_eq!(
+            (n.relation, n.send, n.receive, n.connection),
+            (Relation::Child, true, false, Connection::Permanent),
+            "a child's direction is fixed by the relation"
+        );
+        assert_eq!(
+            config.licenses.active_station_period,
+            Duration::from_secs(86_400)
+        );
+        let peer = parse(&neighbour(
+            "relation = \"peer\"\nsend = false\nreceive = true\nconnection = \"periodic\"\nreconnect_period = \"30m\"",
+        ))
+        .unwrap();
+        let n = &peer.neighbours[0];
+        assert_eq!(
+            (n.relation, n.send, n.receive, n.connection),
+            (
+                Relation::Peer,
+                false,
+                true,
+                Connection::Periodic {
+                    reconnect_period: Duration::from_secs(1800)
+                }
+            )
+        );
+        let parent = parse(&neighbour("relation = \"parent\"")).unwrap();
+        assert_eq!(
+            (parent.neighbours[0].send, parent.neighbours[0].receive),
+            (false, true)
+        );
+    }
+
+    #[test]
+    fn misconfigured_neighbours_are_refused_with_clear_errors() {
+        let cases = [
+            (
+                neighbour("relation = \"cousin\""),
+                "relation = \"cousin\": expected \"parent\", \"child\" or \"peer\"",
+            ),
+            (
+                neighbour("relation = \"peer\"\nconnection = \"periodic\""),
+                "needs reconnect_period",
+            ),
+            (
+                neighbour("relation = \"peer\"\nconnection = \"sometimes\""),
+                "expected \"permanent\" or \"periodic\"",
+            ),
+            (
+                neighbour("relation = \"peer\"\nreconnect_period = \"1h\""),
+                "reconnect_period is for connection = \"periodic\"",
+            ),
+            (
+                neighbour("relation = \"child\"").replace(&key(), "not-a-key"),
+                "public_key is not the neighbour's identity key",
+            ),
+            (
+                neighbour("relation = \"child\"").replace("http://", "ftp://"),
+                "must start with http:// or https://",
+            ),
+            (
+                neighbour("relation = \"child\"").replace("server_id = \"hq\"\n", ""),
+                "needs this server's own server_id",
+            ),
+            (
+                neighbour("relation = \"child\"")
+                    .replace("server_id = \"hq\"", "server_id = \"branch-1\""),
+                "is this server's own ID",
+            ),
+            (
+                format!(
+                    "{}{}",
+                    neighbour("relation = \"child\""),
+                    neighbour("relation = \"peer\"").replace("server_id = \"hq\"\n", "")
+                ),
+                "\"branch-1\" is listed twice",
+            ),
+            (
+                format!(
+                    "{}[licenses]\nsync_period = \"soon\"\n",
+                    neighbour("relation = \"child\"")
+                ),
+                "[licenses] sync_period = \"soon\" is not a duration",
+            ),
+            (
+                format!(
+                    "{}[licenses]\nsync_period = \"0s\"\n",
+                    neighbour("relation = \"child\"")
+                ),
+                "[licenses] sync_period must be at least 1s",
+            ),
+        ];
+        for (text, expected) in cases {
+            let error = parse(&text).expect_err(&text);
+            assert!(error.contains(expected), "{error}\n--- for ---\n{text}");
+        }
+    }
 }

@@ -1,17 +1,21 @@
 //! Links to neighbour servers: donating licenses as grants, renewing them while the link
-//! lives, comparing records, and usage reports from receivers to donors.
+//! lives, calling them back, comparing records, and usage reports from receivers to donors.
 //!
 //! Every message between servers is an [`Envelope`] signed with the sender's identity key
-//! and checked against the `public_key` configured for that neighbour. Two exchanges:
+//! and checked against the `public_key` configured for that neighbour, with both clocks
+//! compared (more than `clock_skew_max` apart is refused). Two exchanges:
 //!
 //! - **push** (`POST /v1/neighbours/grants`, donor → receiver): the donor's current grants
-//!   for the receiver; the receiver accepts them (`AcceptGrant`) and answers with what it
-//!   holds from that donor. Sent after every donation change and every `sync_period`; the
-//!   donor compares the answer with its own records (a mismatch is an event naming both
-//!   counts).
+//!   for the receiver, and with `returned_request` the request to give back every grant of
+//!   that donor not among them (donations ended). The receiver accepts the grants
+//!   (`AcceptGrant`), releases the others (`ReleaseGrant`), and answers with what it held
+//!   before and holds now, and what it no longer uses. Sent after every donation change and
+//!   every `sync_period`; the donor takes back what was returned (`GrantReturned`) and
+//!   compares the answer with its records (a mismatch is an event naming both counts).
 //! - **renew** (`POST /v1/neighbours/renew`, receiver → donor): the receiver asks for its
-//!   grants to be renewed, sending what it holds and, when due, its usage report; the donor
-//!   commits `RenewDonations` *before* it signs and returns the renewed grants.
+//!   grants to be renewed, sending what it holds, what it no longer uses and, when due, its
+//!   usage report; the donor commits `RenewDonations` *before* it signs and returns the
+//!   renewed grants.
 //!
 //! When a receiver stops asking (switched off, cut off), its grants run out after at most one
 //! renewal period and the donor's ledger takes the licenses back by itself.
@@ -23,30 +27,28 @@ use std::sync::Mutex;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tessera_core::{Command, Grant, Outcome, PublicKey, UsageReport};
+use tessera_core::{Command, Grant, Outcome, PublicKey, Refusal, UsageReport};
+
+pub use tessera_api::{
+    DonorSettings, HeldGrant as Held, NeighbourEnvelope as Envelope, ReturnedGrant as Returned,
+};
 
 use crate::error::ApiError;
 use crate::state::{AppState, timestamp};
-use config::{Connection, Neighbour};
+use config::{Connection, Neighbour, Relation};
 
 const SIGNING_CONTEXT: &[u8] = b"tessera-neighbour/v1\n";
 /// After a failed attempt, a link is tried again no sooner than this.
 pub const RETRY_MS: i64 = 10_000;
 /// Timeout of one exchange with a neighbour.
 const EXCHANGE_TIMEOUT_MS: u64 = 10_000;
-
-/// A signed message between two neighbour servers.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Envelope {
-    pub from: String,
-    pub to: String,
-    pub sent_at_ms: i64,
-    pub kind: String,
-    pub body: serde_json::Value,
-    /// Ed25519 by the sender's identity key over the context and the JSON of the fields above.
-    pub signature: String,
-}
+/// Refusals of incoming messages are notified at most this often (unless they change), so a
+/// misconfigured or hostile sender cannot flood the notification channels.
+const REFUSAL_NOTICE_MS: i64 = 60_000;
+/// Most (component, station) pairs a usage report reads from the history.
+const REPORT_PAIRS_MAX: usize = 1_000_000;
+/// Request bodies of the link routes may be this large (many grants, each with its key).
+pub const LINK_BODY_LIMIT_BYTES: usize = 4 * 1024 * 1024;
 
 fn signed_bytes(
     from: &str,
@@ -62,49 +64,50 @@ fn signed_bytes(
     bytes
 }
 
-/// What a receiver holds from one donor, per grant.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Held {
-    /// The vendor key id.
-    pub key_id: String,
-    pub serial: u64,
-    pub licenses: u32,
-    pub in_use: u32,
-}
-
-/// Push body: the donor's grants for the receiver.
+/// Push body (`kind = "grants"`): the donor's current grants for the receiver.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct GrantsPush {
     pub grants: Vec<Grant>,
+    /// Give back every grant from this donor that is not in `grants` (its donation ended),
+    /// and say so in `returned`.
+    #[serde(default)]
+    pub returned_request: bool,
 }
 
-/// Push answer: what the receiver holds from the donor, and grants it refused.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// Push answer (`kind = "held"`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct HeldAnswer {
+    /// What the receiver holds from the donor after the push.
     pub held: Vec<Held>,
+    /// What it held before the push: what the donor compares with its records.
+    #[serde(default)]
+    pub held_before: Vec<Held>,
+    /// Grants it no longer uses.
+    #[serde(default)]
+    pub returned: Vec<Returned>,
+    /// Grants of the push it refused, in words.
+    #[serde(default)]
     pub refused: Vec<String>,
 }
 
-/// Renew body.
+/// Renew body (`kind = "renew"`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RenewRequest {
     pub held: Vec<Held>,
     pub usage: Option<UsageReport>,
+    #[serde(default)]
+    pub returned: Vec<Returned>,
 }
 
-/// The donor's periods the receiver uses ("set on the parent, used by the child").
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DonorSettings {
-    pub donation_renewal_period_ms: i64,
-    pub usage_report_period_ms: i64,
-    pub active_station_period_ms: i64,
-}
-
-/// Renew answer.
+/// Renew answer (`kind = "renewed"`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RenewAnswer {
+    /// A signed grant for every running donation to the receiver.
     pub grants: Vec<Grant>,
     pub settings: DonorSettings,
+    /// As in [`GrantsPush`]: give back the grants of ended donations.
+    #[serde(default)]
+    pub returned_request: bool,
 }
 
 /// What this host knows about the link to one neighbour (not replicated: a new primary
@@ -120,15 +123,26 @@ pub struct LinkState {
     pub donor_settings: Option<DonorSettings>,
     /// The last mismatch reported, so the same one is not notified every sync period.
     pub last_mismatch: Option<String>,
+    /// Donor side: per donation (key id as donated), the latest serial the receiver was seen
+    /// holding. A receiver that held a grant and then reports nothing, without having given
+    /// it back, lost it.
+    pub acknowledged: BTreeMap<String, u64>,
+    /// Receiver side: grants given back (vendor key id → serial) the donor has not yet
+    /// confirmed hearing about.
+    pub returned_pending: BTreeMap<String, u64>,
 }
 
 /// Per-neighbour link states.
 #[derive(Debug, Default)]
-pub struct Links(Mutex<BTreeMap<String, LinkState>>);
+pub struct Links {
+    states: Mutex<BTreeMap<String, LinkState>>,
+    /// The last refusal of an incoming message notified: (when, what).
+    last_refusal: Mutex<Option<(i64, String)>>,
+}
 
 impl Links {
     pub fn get(&self, id: &str) -> LinkState {
-        self.0
+        self.states
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(id)
@@ -137,13 +151,18 @@ impl Links {
     }
 
     fn update(&self, id: &str, change: impl FnOnce(&mut LinkState)) {
-        let mut links = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut links = self.states.lock().unwrap_or_else(|e| e.into_inner());
         change(links.entry(id.to_string()).or_default());
     }
 }
 
 fn refused(code: &'static str, message: String) -> ApiError {
     ApiError::Neighbour { code, message }
+}
+
+/// The vendor key id of a key or received pool id (`KEY@DONOR` → `KEY`).
+fn vendor_key_id(key_id: &str) -> &str {
+    key_id.split('@').next().unwrap_or(key_id)
 }
 
 impl AppState {
@@ -158,6 +177,10 @@ impl AppState {
                 "this server has no server_id and no neighbours".into(),
             )
         })
+    }
+
+    fn skew_ms(&self) -> i64 {
+        self.config.clock_skew_max.as_millis() as i64
     }
 
     /// Signs a message to a neighbour.
@@ -190,7 +213,7 @@ impl AppState {
             return Err(refused(
                 "unknown_neighbour",
                 format!(
-                    "the message is for server {:?}, but this is server {own:?}",
+                    "the message is for server {:?}, but this is server {own:?}: check the url of this neighbour",
                     envelope.to
                 ),
             ));
@@ -233,7 +256,7 @@ impl AppState {
             });
         }
         let skew_ms = (envelope.sent_at_ms - self.stamper.now_ms()).abs();
-        let max_ms = self.config.clock_skew_max.as_millis() as i64;
+        let max_ms = self.skew_ms();
         if skew_ms > max_ms {
             return Err(refused(
                 "clock_skew",
@@ -253,15 +276,85 @@ impl AppState {
         Ok((neighbour.clone(), body))
     }
 
-    /// What this server holds from a donor.
+    /// [`AppState::open`] for a request from another server, and the direction check: a
+    /// refusal is answered and also counted and notified here (rate-limited).
+    fn open_request<T: DeserializeOwned>(
+        &self,
+        envelope: &Envelope,
+        kind: &str,
+    ) -> Result<(Neighbour, T), ApiError> {
+        let opened = self.open::<T>(envelope, kind).and_then(|(neighbour, body)| {
+            let allowed = match kind {
+                "grants" => neighbour.receive,
+                _ => neighbour.send,
+            };
+            if allowed {
+                return Ok((neighbour, body));
+            }
+            let peer = neighbour.relation == Relation::Peer;
+            Err(refused(
+                "neighbour_not_allowed",
+                match kind {
+                    "grants" => format!(
+                        "this server does not accept licenses from {:?} (relation {}{}): a child receives from its parents, a peer only with receive = true",
+                        neighbour.id,
+                        neighbour.relation.name(),
+                        if peer { ", receive = false" } else { "" }
+                    ),
+                    _ => format!(
+                        "this server does not donate to {:?} (relation {}{}): a parent donates to its children, a peer only with send = true",
+                        neighbour.id,
+                        neighbour.relation.name(),
+                        if peer { ", send = false" } else { "" }
+                    ),
+                },
+            ))
+        });
+        if let Err(error) = &opened {
+            self.metrics.neighbour_refused.inc();
+            let (_, code) = error.status_and_code();
+            let message = format!(
+                "refused a {kind:?} message from server {:?}: {code}: {error}",
+                envelope.from
+            );
+            let now_ms = self.stamper.now_ms();
+            let notify = {
+                let mut last = self
+                    .links
+                    .last_refusal
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                let due = last.as_ref().is_none_or(|(at, previous)| {
+                    *previous != message || now_ms.saturating_sub(*at) >= REFUSAL_NOTICE_MS
+                });
+                if due {
+                    *last = Some((now_ms, message.clone()));
+                }
+                due
+            };
+            if notify {
+                self.notifier.emit(
+                    now_ms,
+                    "neighbour_refused",
+                    "warning",
+                    message,
+                    serde_json::json!({"from": envelope.from, "kind": kind, "code": code}),
+                );
+            }
+        }
+        opened
+    }
+
+    /// What this server holds from a donor: its received grants still usable.
     fn held_from(&self, donor: &str) -> Vec<Held> {
+        let now_ms = self.stamper.now_ms();
         self.consensus.read(|ledger| {
             ledger
-                .keys(ledger.last_at_ms())
+                .keys(ledger.last_at_ms().max(now_ms))
                 .into_iter()
                 .filter_map(|view| {
                     let received = view.received.as_ref()?;
-                    (received.donor == donor).then(|| Held {
+                    (received.donor == donor && received.usable_until_ms > now_ms).then(|| Held {
                         key_id: view.key.payload.key_id.clone(),
                         serial: received.serial,
                         licenses: received.licenses,
@@ -272,18 +365,54 @@ impl AppState {
         })
     }
 
-    /// The signed grants for every donation to `to` with something outstanding.
-    fn grants_for(&self, to: &str) -> Vec<Grant> {
-        self.consensus.read(|ledger| {
+    /// Receiver side: the grants of `donor` this server no longer uses. Those it gave back,
+    /// and for each one it holds, the serials before it, unless an earlier, larger grant
+    /// still counts here (then nothing is confirmed until it lapses).
+    fn returned_to(&self, donor: &str) -> Vec<Returned> {
+        let mut returned = self.links.get(donor).returned_pending;
+        let superseded: Vec<(String, u64)> = self.consensus.read(|ledger| {
             ledger
-                .donations()
-                .iter()
-                .filter(|d| d.to == to)
-                .filter_map(|d| {
-                    let (source, payload) = ledger.grant_to_sign(&d.key_id, to)?;
-                    Some(Grant::issue(source, payload, &self.identity))
+                .keys(ledger.last_at_ms())
+                .into_iter()
+                .filter_map(|view| {
+                    let received = view.received.as_ref()?;
+                    (received.donor == donor
+                        && received.serial > 1
+                        && view.licenses == received.licenses)
+                        .then(|| (view.key.payload.key_id.clone(), received.serial - 1))
                 })
                 .collect()
+        });
+        for (key_id, serial) in superseded {
+            let entry = returned.entry(key_id).or_insert(serial);
+            *entry = (*entry).max(serial);
+        }
+        returned
+            .into_iter()
+            .map(|(key_id, serial)| Returned { key_id, serial })
+            .collect()
+    }
+
+    /// Donor side: the signed grants of every running donation to `to`, and whether the
+    /// receiver should give back grants of ended ones.
+    fn grants_for(&self, to: &str) -> (Vec<Grant>, bool) {
+        let now_ms = self.stamper.now_ms();
+        self.consensus.read(|ledger| {
+            let mut grants = Vec::new();
+            let mut returned_request = false;
+            for donation in ledger.donations().iter().filter(|d| d.to == to) {
+                if donation.outstanding.is_empty() {
+                    continue;
+                }
+                if donation.ended || donation.donation_until_ms <= now_ms {
+                    returned_request = true;
+                    continue;
+                }
+                if let Some((source, payload)) = ledger.grant_to_sign(&donation.key_id, to) {
+                    grants.push(Grant::issue(source, payload, &self.identity));
+                }
+            }
+            (grants, returned_request)
         })
     }
 
@@ -299,10 +428,18 @@ impl AppState {
             if last.donor != neighbour.id
                 || last.donor_public_key != neighbour.public_key.to_base64()
             {
-                refusals.push(format!(
+                let message = format!(
                     "grant of key {} is signed by {:?}, not by neighbour {:?}",
                     last.key_id, last.donor, neighbour.id
-                ));
+                );
+                self.notifier.emit(
+                    self.stamper.now_ms(),
+                    "grant_refused",
+                    "error",
+                    message.clone(),
+                    serde_json::json!({"neighbour": neighbour.id, "key_id": last.key_id, "serial": last.serial, "code": "grant_wrong_donor"}),
+                );
+                refusals.push(message);
                 continue;
             }
             let command = Command::AcceptGrant {
@@ -325,7 +462,7 @@ impl AppState {
                                 "neighbour {} reduced the grant {key_id} to {licenses} licenses: {leases_ended} leases ended",
                                 neighbour.id
                             ),
-                            serde_json::json!({"key_id": key_id, "licenses": licenses, "serial": serial, "leases_ended": leases_ended}),
+                            serde_json::json!({"neighbour": neighbour.id, "key_id": key_id, "licenses": licenses, "serial": serial, "leases_ended": leases_ended}),
                         );
                     }
                 }
@@ -337,6 +474,21 @@ impl AppState {
                         neighbour.id,
                         error.status_and_code().1
                     );
+                    // An older grant of the donor's while a newer one is held here: a push
+                    // that crossed a renewal (or a harmless replay). Answered, not notified.
+                    let stale = matches!(
+                        &error,
+                        ApiError::Refused(Refusal::GrantRejected {
+                            error: tessera_core::GrantError::Replayed { .. }
+                        })
+                    ) && self
+                        .held_from(&neighbour.id)
+                        .iter()
+                        .any(|h| h.key_id == last.key_id && h.serial > last.serial);
+                    if stale {
+                        refusals.push(message);
+                        continue;
+                    }
                     self.notifier.emit(
                         self.stamper.now_ms(),
                         "grant_refused",
@@ -351,30 +503,109 @@ impl AppState {
         refusals
     }
 
+    /// Receiver side: gives back every grant from `donor` whose vendor key is not in
+    /// `keep` (the donor ended those donations). A grant this server donated further is
+    /// called back from its own receivers first. The returned grants are remembered until the
+    /// donor has heard of them.
+    async fn release_absent(&self, donor: &Neighbour, keep: &BTreeSet<String>) {
+        let pools: Vec<String> = self.consensus.read(|ledger| {
+            ledger
+                .received()
+                .into_iter()
+                .filter(|(_, r)| r.donor == donor.id && !keep.contains(&r.grant.last().key_id))
+                .map(|(pool, _)| pool)
+                .collect()
+        });
+        for pool in pools {
+            let onward: Vec<String> = self.consensus.read(|ledger| {
+                ledger
+                    .donations()
+                    .into_iter()
+                    .filter(|d| d.key_id == pool)
+                    .map(|d| d.to)
+                    .collect()
+            });
+            for to in onward {
+                let ended = self
+                    .propose_at(
+                        self.stamper.stamp_lenient(),
+                        Command::EndDonation {
+                            key_id: pool.clone(),
+                            to: to.clone(),
+                        },
+                    )
+                    .await;
+                if ended.is_ok()
+                    && let Some(error) = self.push_after_change(&to).await
+                {
+                    tracing::warn!(%error, pool, to, "calling back a donation further");
+                }
+            }
+            let at_ms = self.stamper.stamp_lenient();
+            match self
+                .propose_at(
+                    at_ms,
+                    Command::ReleaseGrant {
+                        key_id: pool.clone(),
+                    },
+                )
+                .await
+            {
+                Ok(Outcome::GrantReleased {
+                    serial,
+                    leases_ended,
+                    ..
+                }) => {
+                    let key_id = vendor_key_id(&pool).to_string();
+                    self.links.update(&donor.id, |link| {
+                        let entry = link.returned_pending.entry(key_id.clone()).or_insert(0);
+                        *entry = (*entry).max(serial);
+                    });
+                    self.history.key_event(
+                        at_ms,
+                        &donor.id,
+                        "grant_released",
+                        &pool,
+                        format!("{leases_ended} leases ended"),
+                    );
+                    self.notifier.emit(
+                        at_ms,
+                        "grant_released",
+                        "warning",
+                        format!(
+                            "neighbour {} called back the licenses of {pool}: {leases_ended} leases ended",
+                            donor.id
+                        ),
+                        serde_json::json!({"neighbour": donor.id, "key_id": pool, "serial": serial, "leases_ended": leases_ended}),
+                    );
+                }
+                Ok(other) => tracing::warn!(?other, pool, "unexpected outcome of a release"),
+                // Still donated further (a receiver out of reach): it lapses by itself.
+                Err(error) => tracing::warn!(%error, pool, "cannot give the grant back yet"),
+            }
+        }
+    }
+
     /// `POST /v1/neighbours/grants` on the receiver.
     pub async fn receive_push(&self, envelope: Envelope) -> Result<Envelope, ApiError> {
-        let (neighbour, push): (Neighbour, GrantsPush) = self.open(&envelope, "grants")?;
-        if !neighbour.receive {
-            return Err(refused(
-                "neighbour_not_allowed",
-                format!(
-                    "this server does not accept licenses from {:?} (relation {}{}): a child receives from its parents, a peer only with receive = true",
-                    neighbour.id,
-                    neighbour.relation.name(),
-                    if neighbour.relation == config::Relation::Peer {
-                        ", receive = false"
-                    } else {
-                        ""
-                    }
-                ),
-            ));
-        }
+        let (neighbour, push): (Neighbour, GrantsPush) = self.open_request(&envelope, "grants")?;
+        let held_before = self.held_from(&neighbour.id);
+        let keep: BTreeSet<String> = push
+            .grants
+            .iter()
+            .filter_map(|g| g.links.last().map(|l| l.payload.key_id.clone()))
+            .collect();
         let refused = self.accept_grants(&neighbour, push.grants).await;
+        if push.returned_request {
+            self.release_absent(&neighbour, &keep).await;
+        }
         self.links.update(&neighbour.id, |link| {
             link.last_contact_ms = Some(self.stamper.now_ms());
         });
         let answer = HeldAnswer {
             held: self.held_from(&neighbour.id),
+            held_before,
+            returned: self.returned_to(&neighbour.id),
             refused,
         };
         Ok(self.seal(&neighbour.id, "held", &answer))
@@ -382,17 +613,12 @@ impl AppState {
 
     /// `POST /v1/neighbours/renew` on the donor.
     pub async fn receive_renew(&self, envelope: Envelope) -> Result<Envelope, ApiError> {
-        let (neighbour, request): (Neighbour, RenewRequest) = self.open(&envelope, "renew")?;
-        if !neighbour.send {
-            return Err(refused(
-                "neighbour_not_allowed",
-                format!(
-                    "this server does not donate to {:?} (relation {}): a parent donates to its children, a peer only with send = true",
-                    neighbour.id,
-                    neighbour.relation.name()
-                ),
-            ));
-        }
+        let (neighbour, request): (Neighbour, RenewRequest) =
+            self.open_request(&envelope, "renew")?;
+        // What it holds is without what it gave back: take that back first, then compare.
+        self.take_back(&neighbour.id, &request.returned).await?;
+        self.compare_records(&neighbour.id, &request.held);
+        self.acknowledge(&neighbour.id, &request.held);
         self.propose_issuing(Command::RenewDonations {
             to: neighbour.id.clone(),
         })
@@ -404,42 +630,122 @@ impl AppState {
             })
             .await?;
         }
-        self.compare_records(&neighbour.id, &request.held, true);
         self.links.update(&neighbour.id, |link| {
             link.last_contact_ms = Some(self.stamper.now_ms());
         });
         let settings = &self.config.licenses;
+        // Read after the renewal committed: only committed extensions are signed.
+        let (grants, returned_request) = self.grants_for(&neighbour.id);
         let answer = RenewAnswer {
-            grants: self.grants_for(&neighbour.id),
+            grants,
             settings: DonorSettings {
                 donation_renewal_period_ms: settings.donation_renewal_period.as_millis() as i64,
                 usage_report_period_ms: settings.usage_report_period.as_millis() as i64,
                 active_station_period_ms: settings.active_station_period.as_millis() as i64,
             },
+            returned_request,
         };
         Ok(self.seal(&neighbour.id, "renewed", &answer))
     }
 
-    /// Compares what a receiver says it holds with this donor's records. `renewing`: the
-    /// receiver reported before the renewal just committed, so a serial one below ours is
-    /// expected. Any other difference is an event and a notification with both counts.
-    fn compare_records(&self, to: &str, held: &[Held], renewing: bool) -> Vec<String> {
+    /// Donor side: the receiver no longer uses these grants; the licenses come back now.
+    /// Only serials this server issued and still counts are taken back.
+    async fn take_back(&self, to: &str, returned: &[Returned]) -> Result<(), ApiError> {
+        for item in returned {
+            let donation = self.consensus.read(|ledger| {
+                ledger.donations().into_iter().find(|d| {
+                    d.to == to
+                        && vendor_key_id(&d.key_id) == item.key_id
+                        && item.serial <= d.serial
+                        && d.outstanding.iter().any(|o| o.serial <= item.serial)
+                })
+            });
+            let Some(donation) = donation else { continue };
+            let at_ms = self.stamper.stamp_lenient();
+            match self
+                .propose_at(
+                    at_ms,
+                    Command::GrantReturned {
+                        key_id: donation.key_id.clone(),
+                        to: to.into(),
+                        serial: item.serial,
+                    },
+                )
+                .await
+            {
+                Ok(Outcome::GrantReturned { licenses_back, .. }) if licenses_back > 0 => {
+                    self.notifier.emit(
+                        at_ms,
+                        "licenses_returned",
+                        "info",
+                        format!(
+                            "neighbour {to} gave back {licenses_back} licenses of {}",
+                            donation.key_id
+                        ),
+                        serde_json::json!({"neighbour": to, "key_id": donation.key_id, "serial": item.serial, "licenses_back": licenses_back}),
+                    );
+                }
+                Ok(_) | Err(ApiError::Refused(Refusal::DonationNotFound { .. })) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(())
+    }
+
+    /// Donor side: remembers which serial the receiver holds of each donation.
+    fn acknowledge(&self, to: &str, held: &[Held]) {
         let donations = self.consensus.read(|ledger| ledger.donations());
+        self.links.update(to, |link| {
+            link.acknowledged.retain(|key_id, _| {
+                donations
+                    .iter()
+                    .any(|d| d.to == to && &d.key_id == key_id && !d.outstanding.is_empty())
+            });
+            for h in held {
+                if let Some(d) = donations
+                    .iter()
+                    .find(|d| d.to == to && vendor_key_id(&d.key_id) == h.key_id)
+                {
+                    let entry = link.acknowledged.entry(d.key_id.clone()).or_insert(0);
+                    *entry = (*entry).max(h.serial);
+                }
+            }
+        });
+    }
+
+    /// Compares what a receiver says it holds with this donor's records. Consistent: it
+    /// holds one of the grants this server still counts for the donation (perhaps not yet the
+    /// newest), or nothing where it never confirmed a grant, or where the grants it may still
+    /// hold are about to end. Any other difference (a count or serial this server never
+    /// issued, a grant it does not know, a grant lost) is an event and a notification with
+    /// both counts. Returns the mismatches.
+    fn compare_records(&self, to: &str, held: &[Held]) -> Vec<String> {
+        let now_ms = self.stamper.now_ms();
+        let skew_ms = self.skew_ms();
+        let donations = self.consensus.read(|ledger| ledger.donations());
+        let acknowledged = self.links.get(to).acknowledged;
         let mut mismatches = Vec::new();
         let mut seen = BTreeSet::new();
         for donation in donations.iter().filter(|d| d.to == to) {
-            let key_id = donation.key_id.split('@').next().unwrap_or("").to_string();
+            let key_id = vendor_key_id(&donation.key_id).to_string();
+            seen.insert(key_id.clone());
             let counted = donation.counted();
             let theirs = held.iter().find(|h| h.key_id == key_id);
-            seen.insert(key_id.clone());
-            let (their_licenses, their_serial) = theirs.map_or((0, 0), |h| (h.licenses, h.serial));
-            let serial_ok = their_serial == donation.serial
-                || (renewing && their_serial + 1 == donation.serial);
-            let issued: BTreeSet<u32> = donation.outstanding.iter().map(|o| o.licenses).collect();
-            if counted == 0 && theirs.is_none() {
-                continue;
-            }
-            if theirs.is_none() || !issued.contains(&their_licenses) || !serial_ok {
+            let consistent = match theirs {
+                Some(h) => donation
+                    .outstanding
+                    .iter()
+                    .any(|o| o.serial == h.serial && o.licenses == h.licenses),
+                None => !acknowledged.get(&donation.key_id).is_some_and(|serial| {
+                    donation
+                        .outstanding
+                        .iter()
+                        .any(|o| o.serial >= *serial && o.lease_until_ms - 2 * skew_ms > now_ms)
+                }),
+            };
+            if !consistent {
+                let (their_licenses, their_serial) =
+                    theirs.map_or((0, 0), |h| (h.licenses, h.serial));
                 mismatches.push(format!(
                     "neighbour {to} reports {their_licenses} licenses of key {key_id} received (grant serial {their_serial}), this server counts {counted} donated (serial {})",
                     donation.serial
@@ -456,13 +762,18 @@ impl AppState {
         let previous = self.links.get(to).last_mismatch;
         if !mismatches.is_empty() && previous.as_deref() != Some(summary.as_str()) {
             self.notifier.emit(
-                self.stamper.now_ms(),
+                now_ms,
                 "license_mismatch",
                 "error",
                 summary.clone(),
                 serde_json::json!({"neighbour": to, "mismatches": mismatches, "held": held}),
             );
-            self.metrics.neighbour_mismatches.inc();
+            self.metrics
+                .neighbour_mismatches
+                .get_or_create(&crate::metrics::NeighbourLabel {
+                    neighbour: to.to_string(),
+                })
+                .inc();
         }
         self.links.update(to, |link| {
             link.last_mismatch = (!mismatches.is_empty()).then_some(summary);
@@ -502,26 +813,48 @@ impl AppState {
         }
         let answer: Envelope = serde_json::from_slice(&bytes)
             .map_err(|e| format!("neighbour {} sent a malformed answer: {e}", neighbour.id))?;
-        let (_, body) = self
-            .open::<A>(&answer, answer_kind)
-            .map_err(|e| format!("answer of neighbour {} refused: {e}", neighbour.id))?;
+        let (_, body) = self.open::<A>(&answer, answer_kind).map_err(|e| {
+            format!(
+                "answer of neighbour {} refused ({}): {e}",
+                neighbour.id,
+                e.status_and_code().1
+            )
+        })?;
         Ok(body)
     }
 
+    /// Records the result of an exchange as the link's state; a new error is notified.
     fn link_result<T>(&self, id: &str, result: &Result<T, String>) {
         let now_ms = self.stamper.now_ms();
         match result {
-            Ok(_) => self.links.update(id, |link| {
-                link.last_contact_ms = Some(now_ms);
-                link.last_error = None;
-            }),
+            Ok(_) => {
+                let recovered = self.links.get(id).last_error.is_some();
+                self.links.update(id, |link| {
+                    link.last_contact_ms = Some(now_ms);
+                    link.last_error = None;
+                });
+                if recovered {
+                    self.notifier.emit(
+                        now_ms,
+                        "neighbour_link_restored",
+                        "info",
+                        format!("the link to neighbour {id} works again"),
+                        serde_json::json!({"neighbour": id}),
+                    );
+                }
+            }
             Err(error) => {
                 let first = self.links.get(id).last_error.as_deref() != Some(error.as_str());
                 self.links.update(id, |link| {
                     link.last_error = Some(error.clone());
                     link.last_failure_ms = Some(now_ms);
                 });
-                self.metrics.neighbour_errors.inc();
+                self.metrics
+                    .neighbour_errors
+                    .get_or_create(&crate::metrics::NeighbourLabel {
+                        neighbour: id.to_string(),
+                    })
+                    .inc();
                 if first {
                     self.notifier.emit(
                         now_ms,
@@ -535,21 +868,62 @@ impl AppState {
         }
     }
 
-    /// Donor side: sends the current grants to a receiver and compares its records.
-    /// Returns the mismatches found.
+    /// Donor side (license synchronization): sends the current grants to a receiver, takes
+    /// back what it returned and compares its records. Returns the mismatches found; grants
+    /// the receiver refused are an error.
     pub async fn push_grants(&self, neighbour: &Neighbour) -> Result<Vec<String>, String> {
         let now_ms = self.stamper.now_ms();
         self.links
             .update(&neighbour.id, |link| link.last_push_ms = Some(now_ms));
+        let (grants, returned_request) = self.grants_for(&neighbour.id);
+        let pushed: Vec<(String, u64)> = grants
+            .iter()
+            .map(|g| (g.last().key_id.clone(), g.last().serial))
+            .collect();
         let push = GrantsPush {
-            grants: self.grants_for(&neighbour.id),
+            grants,
+            returned_request,
         };
         let result: Result<HeldAnswer, String> = self
             .exchange(neighbour, "/v1/neighbours/grants", "grants", "held", &push)
             .await;
-        self.link_result(&neighbour.id, &result);
-        let answer = result?;
-        Ok(self.compare_records(&neighbour.id, &answer.held, false))
+        let answer = match result {
+            Ok(answer) => answer,
+            Err(error) => {
+                self.link_result::<()>(&neighbour.id, &Err(error.clone()));
+                return Err(error);
+            }
+        };
+        // Grants the receiver refused are the link's error (unless it holds a newer one of
+        // each: the push crossed a renewal); the rest of the answer counts.
+        let all_held = pushed.iter().all(|(key_id, serial)| {
+            answer
+                .held
+                .iter()
+                .any(|h| &h.key_id == key_id && h.serial >= *serial)
+        });
+        let error = (!answer.refused.is_empty() && !all_held).then(|| {
+            format!(
+                "neighbour {} refused grants: {}",
+                neighbour.id,
+                answer.refused.join("; ")
+            )
+        });
+        match &error {
+            Some(error) => self.link_result::<()>(&neighbour.id, &Err(error.clone())),
+            None => self.link_result(&neighbour.id, &Ok::<(), String>(())),
+        }
+        // The records are compared as they stood before the push, then what the receiver
+        // gave back is taken back.
+        let mismatches = self.compare_records(&neighbour.id, &answer.held_before);
+        if let Err(error) = self.take_back(&neighbour.id, &answer.returned).await {
+            tracing::warn!(%error, neighbour = neighbour.id, "taking back returned grants");
+        }
+        self.acknowledge(&neighbour.id, &answer.held);
+        match error {
+            Some(error) => Err(error),
+            None => Ok(mismatches),
+        }
     }
 
     /// Receiver side: asks a donor to renew its grants (with a usage report when due).
@@ -562,13 +936,15 @@ impl AppState {
         );
         let usage = match link.last_report_ms {
             Some(last) if now_ms - last < report_period_ms => None,
-            _ => Some(self.usage_report(&neighbour.id, link.donor_settings).await),
+            _ => Some(self.usage_report(&neighbour.id, link.donor_settings)),
         };
         self.links
             .update(&neighbour.id, |link| link.last_renew_ms = Some(now_ms));
+        let returned = self.returned_to(&neighbour.id);
         let request = RenewRequest {
             held: self.held_from(&neighbour.id),
             usage: usage.clone(),
+            returned: returned.clone(),
         };
         let result: Result<RenewAnswer, String> = self
             .exchange(
@@ -586,27 +962,55 @@ impl AppState {
             if usage.is_some() {
                 link.last_report_ms = Some(now_ms);
             }
+            // The donor has heard of these.
+            for r in &returned {
+                if link.returned_pending.get(&r.key_id) == Some(&r.serial) {
+                    link.returned_pending.remove(&r.key_id);
+                }
+            }
         });
+        let keep: BTreeSet<String> = answer
+            .grants
+            .iter()
+            .filter_map(|g| g.links.last().map(|l| l.payload.key_id.clone()))
+            .collect();
         let refusals = self.accept_grants(neighbour, answer.grants).await;
+        if answer.returned_request {
+            self.release_absent(neighbour, &keep).await;
+        }
         if refusals.is_empty() {
             Ok(())
         } else {
-            Err(refusals.join("; "))
+            let error = format!(
+                "grants of {} refused: {}",
+                neighbour.id,
+                refusals.join("; ")
+            );
+            self.link_result::<()>(&neighbour.id, &Err(error.clone()));
+            Err(error)
         }
     }
 
-    /// Active stations per component over the counting period (the donor's setting), and
-    /// licenses in use now, counted over the grants received from `donor`... and every
-    /// other pool: the report is about this server's use of the components.
-    async fn usage_report(&self, _donor: &str, settings: Option<DonorSettings>) -> UsageReport {
+    /// The usage report for a donor: distinct stations per component that held a license
+    /// from its grants during the counting period (the donor's setting), and the licenses of
+    /// its grants in use now.
+    fn usage_report(&self, donor: &str, settings: Option<DonorSettings>) -> UsageReport {
         let now_ms = self.stamper.now_ms();
         let period_ms = settings.map_or(
             self.config.licenses.active_station_period.as_millis() as i64,
             |s| s.active_station_period_ms,
         );
+        let suffix = format!("@{donor}");
         let mut stations: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         let mut in_use: BTreeMap<String, u32> = BTreeMap::new();
-        for lease in self.consensus.read(|ledger| ledger.leases()) {
+        let leases = self.consensus.read(|ledger| {
+            ledger
+                .leases()
+                .into_iter()
+                .filter(|lease| lease.key_id.ends_with(&suffix))
+                .collect::<Vec<_>>()
+        });
+        for lease in leases {
             for component in &lease.components {
                 stations
                     .entry(component.clone())
@@ -615,17 +1019,19 @@ impl AppState {
                 *in_use.entry(component.clone()).or_default() += 1;
             }
         }
-        // A flush and one query, once per report period.
-        let events = self
-            .history
-            .usage(now_ms.saturating_sub(period_ms), now_ms.saturating_add(1))
-            .unwrap_or_default();
-        for event in events {
-            if let (Some(component), Some(station)) = (event.component, event.station)
-                && matches!(event.kind.as_str(), "granted" | "existing")
-            {
-                stations.entry(component).or_default().insert(station);
+        // One indexed query, once per report period and donor.
+        match self.history.active_stations(
+            now_ms.saturating_sub(period_ms),
+            now_ms.saturating_add(1),
+            &suffix,
+            REPORT_PAIRS_MAX,
+        ) {
+            Ok(pairs) => {
+                for (component, station) in pairs {
+                    stations.entry(component).or_default().insert(station);
+                }
             }
+            Err(error) => tracing::warn!(%error, "usage report: history unreadable"),
         }
         UsageReport {
             at_ms: now_ms,
@@ -639,68 +1045,99 @@ impl AppState {
     }
 
     /// Everything due on the links at the current clock; the primary's timer calls it (tests
-    /// call it after advancing their clock). Returns the errors met, one per failed link.
+    /// call it after advancing their clock). The neighbours are served concurrently. Returns
+    /// the errors met.
     pub async fn neighbour_tick(&self) -> Vec<String> {
         if self.config.neighbours.is_empty() || !self.consensus.is_primary() {
             return Vec::new();
         }
         let now_ms = self.stamper.now_ms();
-        let sync_ms = self.config.licenses.sync_period.as_millis() as i64;
+        let links = self
+            .config
+            .neighbours
+            .iter()
+            .map(|neighbour| self.neighbour_due(neighbour, now_ms));
+        futures::future::join_all(links)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// What is due on one link: as donor, the push (license synchronization) every
+    /// `sync_period` (for a periodic connection at most every `reconnect_period`); as
+    /// receiver, the renewal request when [`AppState::renewal_due`] says so.
+    async fn neighbour_due(&self, neighbour: &Neighbour, now_ms: i64) -> Vec<String> {
         let mut errors = Vec::new();
-        for neighbour in &self.config.neighbours {
-            let link = self.links.get(&neighbour.id);
-            let retry_ok = link
-                .last_failure_ms
-                .is_none_or(|failed| now_ms - failed >= RETRY_MS);
-            if neighbour.send
-                && retry_ok
-                && link
-                    .last_push_ms
-                    .is_none_or(|last| now_ms - last >= sync_ms)
-                && let Err(error) = self.push_grants(neighbour).await
-            {
-                errors.push(error);
+        let link = self.links.get(&neighbour.id);
+        let retry_ok = link
+            .last_failure_ms
+            .is_none_or(|failed| now_ms - failed >= RETRY_MS);
+        if !retry_ok {
+            return errors;
+        }
+        let sync_ms = self.config.licenses.sync_period.as_millis() as i64;
+        let push_ms = match neighbour.connection {
+            Connection::Permanent => sync_ms,
+            Connection::Periodic { reconnect_period } => {
+                sync_ms.max(reconnect_period.as_millis() as i64)
             }
-            if neighbour.receive
-                && retry_ok
-                && self.renewal_due(neighbour, &link, now_ms)
-                && let Err(error) = self.request_renewal(neighbour).await
-            {
-                errors.push(error);
-            }
+        };
+        if neighbour.send
+            && link
+                .last_push_ms
+                .is_none_or(|last| now_ms - last >= push_ms)
+            && let Err(error) = self.push_grants(neighbour).await
+        {
+            errors.push(error);
+        }
+        if neighbour.receive
+            && self.renewal_due(neighbour, &link, now_ms)
+            && let Err(error) = self.request_renewal(neighbour).await
+        {
+            errors.push(error);
         }
         errors
     }
 
-    /// Whether a receiver should ask this donor for a renewal now.
+    /// Whether a receiver should ask this donor for a renewal now. Permanent connection: when
+    /// a grant has less than half of its length (issue → lease end) left, when a usage report
+    /// is due, and at least every `sync_period` (which also picks up donations whose push was
+    /// lost). Periodic connection: every `reconnect_period`, and when a grant has less than
+    /// `preliminary_renewal_interval` left.
     fn renewal_due(&self, neighbour: &Neighbour, link: &LinkState, now_ms: i64) -> bool {
         let Some(last) = link.last_renew_ms else {
             return true;
         };
         let since = now_ms - last;
-        let report_due = link.donor_settings.is_some_and(|s| {
-            link.last_report_ms
-                .is_none_or(|r| now_ms - r >= s.usage_report_period_ms)
-        });
-        let grants: Vec<(i64, i64)> = self.consensus.read(|ledger| {
+        let grants: Vec<(i64, i64, i64)> = self.consensus.read(|ledger| {
             ledger
                 .received()
                 .into_iter()
                 .filter(|(_, r)| r.donor == neighbour.id)
                 .map(|(_, r)| {
                     let last = r.grant.last();
-                    (last.issued_at.as_millisecond(), r.usable_until_ms)
+                    (
+                        last.issued_at.as_millisecond(),
+                        last.lease_until.as_millisecond(),
+                        r.usable_until_ms,
+                    )
                 })
+                .filter(|(_, _, usable_until)| *usable_until > now_ms)
                 .collect()
         });
         match neighbour.connection {
             Connection::Permanent => {
                 let sync_ms = self.config.licenses.sync_period.as_millis() as i64;
+                let report_due = link.donor_settings.is_some_and(|s| {
+                    link.last_report_ms
+                        .is_none_or(|r| now_ms - r >= s.usage_report_period_ms)
+                });
                 since >= sync_ms
                     || report_due
                     || grants
                         .iter()
-                        .any(|(issued, until)| until - now_ms < (until - issued) / 2)
+                        .any(|(issued, until, _)| until - now_ms < (until - issued) / 2)
             }
             Connection::Periodic { reconnect_period } => {
                 let preliminary_ms = self
@@ -711,7 +1148,7 @@ impl AppState {
                 since >= reconnect_period.as_millis() as i64
                     || grants
                         .iter()
-                        .any(|(_, until)| until - now_ms < preliminary_ms)
+                        .any(|(_, _, usable_until)| usable_until - now_ms < preliminary_ms)
             }
         }
     }
@@ -725,14 +1162,14 @@ impl AppState {
 
     /// `GET /v1/neighbours`.
     pub fn neighbours_summary(&self) -> tessera_api::Neighbours {
+        let now_ms = self.stamper.now_ms();
         let (donations, keys, reports) = self.consensus.read(|ledger| {
             (
                 ledger.donations(),
-                ledger.keys(ledger.last_at_ms()),
+                ledger.keys(ledger.last_at_ms().max(now_ms)),
                 ledger.usage_reports().clone(),
             )
         });
-        let now_ms = self.stamper.now_ms();
         let neighbours = self
             .config
             .neighbours
@@ -748,6 +1185,7 @@ impl AppState {
                     connection: n.connection.name().into(),
                     last_contact: link.last_contact_ms.map(timestamp),
                     last_error: link.last_error.clone(),
+                    last_mismatch: link.last_mismatch.clone(),
                     donations: donations
                         .iter()
                         .filter(|d| d.to == n.id)
@@ -816,6 +1254,27 @@ impl AppState {
     ) -> Result<tessera_api::DonationSummary, ApiError> {
         let until_ms = parse_until(&request.until)?;
         let public_key = self.donation_target(&request.to)?;
+        // The receiver keeps one pool per vendor key and donor: two sources of one vendor
+        // key for the same neighbour would overwrite each other there.
+        let clash = self.consensus.read(|ledger| {
+            ledger.donations().into_iter().find(|d| {
+                d.to == request.to
+                    && d.key_id != request.key_id
+                    && vendor_key_id(&d.key_id) == vendor_key_id(&request.key_id)
+                    && !d.outstanding.is_empty()
+            })
+        });
+        if let Some(other) = clash {
+            return Err(ApiError::Refused(Refusal::DonationRefused {
+                key_id: request.key_id.clone(),
+                reason: format!(
+                    "{} already gets licenses of vendor key {} from {}: change that donation instead",
+                    request.to,
+                    vendor_key_id(&request.key_id),
+                    other.key_id
+                ),
+            }));
+        }
         let command = Command::Donate {
             key_id: request.key_id.clone(),
             to: request.to.clone(),
@@ -846,15 +1305,16 @@ impl AppState {
                 request.to,
                 timestamp(until_ms)
             ),
-            serde_json::json!({"key_id": request.key_id, "to": request.to, "licenses": request.licenses}),
+            serde_json::json!({"key_id": request.key_id, "to": request.to, "licenses": request.licenses, "serial": donation.serial}),
         );
         if let Some(error) = self.push_after_change(&request.to).await {
             tracing::warn!(%error, "donation recorded; the neighbour gets it at the next attempt");
         }
-        Ok(donation_summary(&donation, now_ms))
+        Ok(self.donation_now(donation))
     }
 
-    /// Ends a donation: no more renewals; the neighbour is told at once.
+    /// Ends a donation: no more renewals, and the neighbour is asked to give the licenses
+    /// back at once; if it cannot be reached they come back when its grant runs out.
     pub async fn end_donation(
         &self,
         key_id: String,
@@ -875,8 +1335,30 @@ impl AppState {
             "end_donation",
             serde_json::json!({"key_id": key_id, "to": to}),
         );
-        let _ = self.push_after_change(&to).await;
-        Ok(donation_summary(&donation, at_ms))
+        self.notifier.emit(
+            at_ms,
+            "donation_ended",
+            "info",
+            format!("the donation of {key_id} to {to} ended: the licenses are called back"),
+            serde_json::json!({"key_id": key_id, "to": to, "serial": donation.serial}),
+        );
+        if let Some(error) = self.push_after_change(&to).await {
+            tracing::warn!(%error, "donation ended; its grant runs out by itself");
+        }
+        Ok(self.donation_now(donation))
+    }
+
+    /// The donation as the ledger holds it now (after the push); gone means fully back.
+    fn donation_now(&self, mut donation: tessera_core::Donation) -> tessera_api::DonationSummary {
+        let now_ms = self.stamper.now_ms();
+        match self
+            .consensus
+            .read(|ledger| ledger.donation(&donation.key_id, &donation.to).cloned())
+        {
+            Some(current) => donation = current,
+            None => donation.outstanding.clear(),
+        }
+        donation_summary(&donation, now_ms)
     }
 
     /// The configured public key of a neighbour this server may donate to.

@@ -75,7 +75,7 @@ async fn admin_get(f: &Fixture, path: &str) -> (u16, String) {
 #[tokio::test]
 async fn console_pages_need_a_login_and_a_wrong_token_is_refused() {
     let f = Fixture::start().await;
-    for path in ["/", "/leases", "/usage", "/sync", "/events"] {
+    for path in ["/", "/leases", "/usage", "/sync", "/events", "/neighbours"] {
         let response = http()
             .get(format!("{}{path}", f.server.url()))
             .send()
@@ -403,6 +403,11 @@ async fn sync_and_notifications_pages_render() {
     assert!(html.contains("intact"));
     assert!(html.contains("<td>console.login</td>"), "{html}");
     assert!(html.contains("<td>key.key_imported</td>"), "{html}");
+    // A server without neighbours says how to add them, and offers no donation form.
+    let (status, html) = page(&f, &cookie, "/neighbours").await;
+    assert_eq!(status, 200);
+    assert!(html.contains("No neighbours configured"), "{html}");
+    assert!(!html.contains("action=\"/neighbours/donate\""), "{html}");
     // Exporting a sync request from the console gives the signed request file.
     let response = post_form(&f, &cookie, "/sync/request", &format!("csrf={csrf}")).await;
     assert_eq!(response.status(), StatusCode::OK);

@@ -41,11 +41,22 @@ struct Net {
     dir: tempfile::TempDir,
     vendor: SecretKey,
     nodes: BTreeMap<String, Node>,
+    /// The licenses of every vendor key signed for the test, for the safety check that runs
+    /// after every tick and every batch of checkouts.
+    limits: std::sync::Mutex<BTreeMap<String, u32>>,
 }
 
 impl Net {
     /// Starts one server per entry, each knowing the neighbours listed for it.
     async fn start(specs: &[(&str, Vec<Link<'_>>)]) -> Net {
+        Net::start_with(specs, |_, _| {}).await
+    }
+
+    /// As [`Net::start`], with each server's configuration adjusted by `tweak` (by ID).
+    async fn start_with(
+        specs: &[(&str, Vec<Link<'_>>)],
+        tweak: impl Fn(&str, &mut ServerConfig),
+    ) -> Net {
         let dir = tempfile::tempdir().unwrap();
         let vendor = SecretKey::from_seed([42; 32]);
         std::fs::write(
@@ -83,7 +94,7 @@ impl Net {
                     public_key: secrets[*other].public_key(),
                 })
                 .collect();
-            let config = ServerConfig {
+            let mut config = ServerConfig {
                 data_dir: data,
                 listen: "127.0.0.1:0".into(),
                 trust: vec![dir.path().join("vendor.pub")],
@@ -94,6 +105,7 @@ impl Net {
                 licenses: LicenseSettings::default(),
                 ..ServerConfig::default()
             };
+            tweak(id, &mut config);
             nodes.insert(
                 id.to_string(),
                 Node {
@@ -104,7 +116,12 @@ impl Net {
                 },
             );
         }
-        let mut net = Net { dir, vendor, nodes };
+        let mut net = Net {
+            dir,
+            vendor,
+            nodes,
+            limits: Default::default(),
+        };
         for (id, listener) in listeners {
             net.boot(&id, listener).await;
         }
@@ -137,10 +154,18 @@ impl Net {
     }
 
     fn key(&self, key_id: &str, licenses: u32) -> LicenseKey {
+        self.key_for(key_id, &["cad"], licenses)
+    }
+
+    fn key_for(&self, key_id: &str, components: &[&str], licenses: u32) -> LicenseKey {
+        self.limits
+            .lock()
+            .unwrap()
+            .insert(key_id.to_string(), licenses);
         sign(
             &self.vendor,
             key_id,
-            &["cad"],
+            components,
             licenses,
             START_MS + 30 * 86_400_000,
             None,
@@ -153,10 +178,13 @@ impl Net {
         }
     }
 
+    /// What the primary's timers do at the current clock; then the safety check.
     async fn tick(&self, id: &str) -> Vec<String> {
         let state = &self.server(id).state;
         state.tick().await.unwrap();
-        state.neighbour_tick().await
+        let errors = state.neighbour_tick().await;
+        self.check_safe().await;
+        errors
     }
 
     async fn checkouts(&self, id: &str, prefix: &str, count: usize) -> usize {
@@ -171,6 +199,7 @@ impl Net {
                 granted += 1;
             }
         }
+        self.check_safe().await;
         granted
     }
 
@@ -180,7 +209,15 @@ impl Net {
         status.keys.into_iter().find(|k| k.key_id == key_id)
     }
 
-    /// The safety property: for every vendor key, leases held anywhere ≤ its licenses.
+    /// [`Net::assert_safe`] for every key signed in the test.
+    async fn check_safe(&self) {
+        let limits = self.limits.lock().unwrap().clone();
+        let limits = limits.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        self.assert_safe(&limits).await;
+    }
+
+    /// The safety property: for every vendor key, leases held anywhere ≤ its licenses (and
+    /// on every server, leases + licenses donated ≤ the licenses it holds).
     async fn assert_safe(&self, licenses: &BTreeMap<&str, u32>) {
         let mut held: BTreeMap<String, u32> = BTreeMap::new();
         for (id, node) in &self.nodes {
@@ -200,6 +237,40 @@ impl Net {
                 "key {key_id}: {count} leases across the network"
             );
         }
+    }
+
+    async fn events(&self, id: &str) -> Vec<serde_json::Value> {
+        self.admin(id).events().await.unwrap()
+    }
+
+    /// The messages of the events of `kind` on a server, newest first.
+    async fn messages(&self, id: &str, kind: &str) -> Vec<String> {
+        self.events(id)
+            .await
+            .into_iter()
+            .filter(|e| e["kind"] == kind)
+            .map(|e| e["message"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    async fn metrics(&self, id: &str) -> String {
+        reqwest::get(format!("{}/metrics", self.server(id).url()))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    async fn neighbour_view(&self, id: &str, of: &str) -> tessera_api::NeighbourSummary {
+        self.admin(id)
+            .neighbours()
+            .await
+            .unwrap()
+            .neighbours
+            .into_iter()
+            .find(|n| n.id == of)
+            .unwrap()
     }
 
     async fn stop(&mut self, id: &str) {
@@ -372,7 +443,15 @@ async fn peers_donate_only_where_send_and_receive_allow() {
         .post(
             "east",
             "/v1/neighbours/grants",
-            &net.envelope("west", "east", "grants", &GrantsPush { grants: vec![] }),
+            &net.envelope(
+                "west",
+                "east",
+                "grants",
+                &GrantsPush {
+                    grants: vec![],
+                    returned_request: false,
+                },
+            ),
         )
         .await;
     assert_eq!(status, 403);
@@ -480,6 +559,35 @@ async fn unknown_misconfigured_and_skewed_neighbours_are_refused_on_both_sides()
             .unwrap()
             .contains("has no neighbour \"stranger\"")
     );
+    // ... and on the side that refused it: an event and a counter.
+    let refusals = net.messages("hq", "neighbour_refused").await;
+    assert!(
+        refusals[0].contains("from server \"stranger\": unknown_neighbour"),
+        "{refusals:?}"
+    );
+    assert!(
+        net.metrics("hq")
+            .await
+            .contains("tessera_neighbour_refused_total 1")
+    );
+    // A message signed by a neighbour but addressed to another server.
+    let (status, body) = net
+        .post(
+            "hq",
+            "/v1/neighbours/renew",
+            &net.envelope(
+                "branch",
+                "elsewhere",
+                "renew",
+                &serde_json::json!({"held": [], "usage": null}),
+            ),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("unknown_neighbour")),
+        "{body}"
+    );
     // A message from a known neighbour signed with another key.
     let mut forged = net.envelope(
         "branch",
@@ -499,6 +607,17 @@ async fn unknown_misconfigured_and_skewed_neighbours_are_refused_on_both_sides()
     assert!(
         errors.iter().any(|e| e.contains("clock_skew")),
         "{errors:?}"
+    );
+    assert!(
+        net.messages("hq", "neighbour_refused").await[0].contains("clock_skew"),
+        "refused on the parent's side too"
+    );
+    assert!(
+        net.neighbour_view("branch", "hq")
+            .await
+            .last_error
+            .unwrap()
+            .contains("more than clock_skew_max")
     );
     // Donating to a server that is not a neighbour.
     let refused = net
@@ -553,6 +672,7 @@ async fn forged_inflated_and_replayed_grants_are_refused_by_the_receiver() {
     ] {
         let push = GrantsPush {
             grants: vec![grant],
+            returned_request: false,
         };
         let (status, body) = net
             .post(
@@ -588,20 +708,17 @@ async fn a_mismatch_between_donor_and_receiver_is_detected_and_notified() {
     hq.donate("K", "branch", 4, &until(START_MS + 10 * 86_400_000))
         .await
         .unwrap();
-    // The child's store is tampered with: its records are wiped (identity kept).
+    // The child's store is tampered with: its records are wiped, its identity kept. (A
+    // fresh directory rather than deleting files, which the stopped server's storage may
+    // still be closing.)
     net.stop("branch").await;
-    let data = net.dir.path().join("branch");
-    for entry in std::fs::read_dir(&data).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_str().unwrap().to_string();
-        if !name.starts_with("server.") {
-            if path.is_dir() {
-                std::fs::remove_dir_all(&path).unwrap();
-            } else {
-                std::fs::remove_file(&path).unwrap();
-            }
-        }
+    let old = net.nodes["branch"].config.data_dir.clone();
+    let wiped = net.dir.path().join("branch-wiped");
+    std::fs::create_dir_all(&wiped).unwrap();
+    for file in ["server.key", "server.pub"] {
+        std::fs::copy(old.join(file), wiped.join(file)).unwrap();
     }
+    net.nodes.get_mut("branch").unwrap().config.data_dir = wiped;
     // Back on the same address, which the parent knows it by.
     let url = net.nodes["hq"].config.neighbours[0].url.clone();
     let listener = TcpListener::bind(url.trim_start_matches("http://"))
@@ -609,12 +726,12 @@ async fn a_mismatch_between_donor_and_receiver_is_detected_and_notified() {
         .unwrap();
     net.boot("branch", listener).await;
     // Its next contact reports what it holds: nothing, where the parent counts 4.
-    net.tick("branch").await;
+    let errors = net.tick("branch").await;
     let events = hq.events().await.unwrap();
     let mismatch = events
         .iter()
         .find(|e| e["kind"] == "license_mismatch")
-        .expect("a license_mismatch event");
+        .unwrap_or_else(|| panic!("a license_mismatch event: {errors:?} {events:#?}"));
     let message = mismatch["message"].as_str().unwrap();
     assert!(
         message.contains("reports 0 licenses of key K") && message.contains("counts 4 donated"),
@@ -622,4 +739,474 @@ async fn a_mismatch_between_donor_and_receiver_is_detected_and_notified() {
     );
     // The renewal answer gave the child its grant back.
     assert_eq!(net.key_summary("branch", "K@hq").await.unwrap().licenses, 4);
+}
+
+/// Tampering with a server's records behind the link's back: a change proposed straight to
+/// its consensus, as a corrupted or edited store would hold it.
+async fn tamper(net: &Net, id: &str, command: tessera_core::Command) {
+    let state = &net.server(id).state;
+    let at_ms = tessera_core::Clock::now_ms(&net.nodes[id].clock);
+    state
+        .consensus
+        .propose(tessera_core::Stamped { at_ms, command })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ending_a_donation_calls_the_licenses_back_at_once() {
+    let net = Net::start(&[
+        ("hq", vec![child("branch")]),
+        ("branch", vec![parent("hq")]),
+    ])
+    .await;
+    let licenses = BTreeMap::from([("K", 10)]);
+    let hq = net.admin("hq");
+    hq.import_key(net.key("K", 10).to_json_pretty())
+        .await
+        .unwrap();
+    hq.donate("K", "branch", 4, &until(START_MS + 10 * 86_400_000))
+        .await
+        .unwrap();
+    let branch = Client::new(&net.server("branch").url(), None);
+    let (lease, _) = branch.checkout(&request("cad", "ws-1")).await.unwrap();
+    assert_eq!(net.checkouts("branch", "b", 5).await, 3);
+    assert_eq!(net.checkouts("hq", "h", 10).await, 6);
+    net.assert_safe(&licenses).await;
+
+    // Ended: the child is asked to give the grant back, does, and the parent has the
+    // licenses at once (not one renewal period later).
+    let ended = hq.end_donation("K", "branch").await.unwrap();
+    assert_eq!((ended.state.as_str(), ended.donated_now), ("ended", 0));
+    let own = net.key_summary("hq", "K").await.unwrap();
+    assert_eq!((own.donated_out, own.free), (0, 4));
+    assert!(net.key_summary("branch", "K@hq").await.is_none());
+    let gone = branch.heartbeat(&lease.lease_id).await.unwrap_err();
+    assert_eq!(code(gone), (404, "lease_not_found".to_string()));
+    net.assert_safe(&licenses).await;
+    assert!(
+        net.messages("branch", "grant_released").await[0]
+            .contains("called back the licenses of K@hq: 4 leases ended")
+    );
+    assert!(net.messages("hq", "licenses_returned").await[0].contains("gave back 4 licenses of K"));
+    assert!(hq.donations().await.unwrap().is_empty());
+    assert_eq!(net.checkouts("hq", "h2", 10).await, 4);
+    net.assert_safe(&licenses).await;
+    // The child's next renewal finds nothing to renew and no difference.
+    net.advance(20 * 60_000);
+    assert!(net.tick("branch").await.is_empty());
+    assert!(net.tick("hq").await.is_empty());
+    assert!(net.messages("hq", "license_mismatch").await.is_empty());
+    net.assert_safe(&licenses).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ending_a_donation_calls_back_what_the_child_donated_further() {
+    let net = Net::start(&[
+        ("hq", vec![child("branch")]),
+        ("branch", vec![parent("hq"), child("site")]),
+        ("site", vec![parent("branch")]),
+    ])
+    .await;
+    let licenses = BTreeMap::from([("K", 10)]);
+    let hq = net.admin("hq");
+    hq.import_key(net.key("K", 10).to_json_pretty())
+        .await
+        .unwrap();
+    let far = until(START_MS + 10 * 86_400_000);
+    hq.donate("K", "branch", 5, &far).await.unwrap();
+    net.admin("branch")
+        .donate("K@hq", "site", 3, &far)
+        .await
+        .unwrap();
+    assert_eq!(net.checkouts("site", "s", 3).await, 3);
+    assert_eq!(net.checkouts("branch", "b", 3).await, 2);
+    net.assert_safe(&licenses).await;
+
+    hq.end_donation("K", "branch").await.unwrap();
+    assert!(net.key_summary("site", "K@branch").await.is_none());
+    assert!(net.key_summary("branch", "K@hq").await.is_none());
+    assert!(net.admin("branch").donations().await.unwrap().is_empty());
+    let own = net.key_summary("hq", "K").await.unwrap();
+    assert_eq!((own.donated_out, own.free), (0, 10));
+    net.assert_safe(&licenses).await;
+    assert_eq!(net.checkouts("hq", "h", 12).await, 10);
+    net.assert_safe(&licenses).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_smaller_donation_is_counted_as_the_child_can_use_it() {
+    let net = Net::start(&[
+        ("hq", vec![child("branch")]),
+        ("branch", vec![parent("hq")]),
+    ])
+    .await;
+    let licenses = BTreeMap::from([("K", 10)]);
+    let hq = net.admin("hq");
+    hq.import_key(net.key("K", 10).to_json_pretty())
+        .await
+        .unwrap();
+    let far = until(START_MS + 10 * 86_400_000);
+    hq.donate("K", "branch", 4, &far).await.unwrap();
+    assert_eq!(net.checkouts("branch", "b", 4).await, 4);
+    let lowered = hq.donate("K", "branch", 2, &far).await.unwrap();
+    assert_eq!((lowered.licenses, lowered.serial), (2, 2));
+    net.assert_safe(&licenses).await;
+    // Whatever the child may still use of the larger grant, the parent still counts; once
+    // the larger grant has lapsed both sides count the smaller one.
+    for _ in 0..6 {
+        let donated = net.key_summary("hq", "K").await.unwrap().donated_out;
+        let usable = net.key_summary("branch", "K@hq").await.unwrap().licenses;
+        assert!(
+            usable <= donated,
+            "child may use {usable}, parent counts {donated}"
+        );
+        net.advance(15 * 60_000);
+        net.tick("branch").await;
+        net.tick("hq").await;
+        net.assert_safe(&licenses).await;
+    }
+    assert_eq!(net.key_summary("hq", "K").await.unwrap().donated_out, 2);
+    assert_eq!(net.key_summary("branch", "K@hq").await.unwrap().licenses, 2);
+    assert!(net.messages("hq", "license_mismatch").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_periodic_connection_renews_at_its_period_and_before_the_grant_ends() {
+    let periodic = Connection::Periodic {
+        reconnect_period: Duration::from_secs(3 * 3600),
+    };
+    let net = Net::start_with(
+        &[
+            ("hq", vec![child("branch")]),
+            ("branch", vec![parent("hq")]),
+        ],
+        |_, config| {
+            for neighbour in &mut config.neighbours {
+                neighbour.connection = periodic;
+            }
+        },
+    )
+    .await;
+    let hq = net.admin("hq");
+    hq.import_key(net.key("K", 10).to_json_pretty())
+        .await
+        .unwrap();
+    hq.donate("K", "branch", 4, &until(START_MS + 10 * 86_400_000))
+        .await
+        .unwrap();
+    let serial = || async { hq.donations().await.unwrap()[0].serial };
+    // The first contact comes at once.
+    assert!(net.tick("branch").await.is_empty());
+    assert_eq!(serial().await, 2);
+    // Half of the one-hour grant gone: a permanent link would renew, a periodic one waits.
+    net.advance(31 * 60_000);
+    assert!(net.tick("branch").await.is_empty());
+    assert_eq!(serial().await, 2);
+    // Less than the preliminary renewal interval (10 min) left: it renews early.
+    net.advance(19 * 60_000 + 1000);
+    assert!(net.tick("branch").await.is_empty());
+    assert_eq!(serial().await, 3);
+    // The parent contacts a periodic neighbour at most every reconnect period.
+    let pushed = net.neighbour_view("branch", "hq").await.last_contact;
+    net.advance(20 * 60_000);
+    net.tick("hq").await;
+    assert_eq!(
+        net.neighbour_view("branch", "hq").await.last_contact,
+        pushed,
+        "no push within the reconnect period"
+    );
+    net.assert_safe(&BTreeMap::from([("K", 10)])).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_reports_count_the_stations_of_the_grant_at_the_donors_periods() {
+    let net = Net::start_with(
+        &[
+            ("hq", vec![child("branch")]),
+            ("branch", vec![parent("hq")]),
+        ],
+        |id, config| {
+            if id == "hq" {
+                config.licenses.usage_report_period = Duration::from_secs(2 * 3600);
+                config.licenses.active_station_period = Duration::from_secs(86_400);
+            } else {
+                // The child's own setting is used only until the parent's is known.
+                config.licenses.usage_report_period = Duration::from_secs(60);
+            }
+        },
+    )
+    .await;
+    let hq = net.admin("hq");
+    hq.import_key(net.key("K", 10).to_json_pretty())
+        .await
+        .unwrap();
+    hq.donate("K", "branch", 4, &until(START_MS + 10 * 86_400_000))
+        .await
+        .unwrap();
+    // A key of the child's own for another component: not the parent's business.
+    net.admin("branch")
+        .import_key(net.key_for("L", &["cam"], 5).to_json_pretty())
+        .await
+        .unwrap();
+    let branch = Client::new(&net.server("branch").url(), None);
+    branch.checkout(&request("cad", "ws-1")).await.unwrap();
+    let (gone, _) = branch.checkout(&request("cad", "ws-2")).await.unwrap();
+    branch.checkin(&gone.lease_id).await.unwrap();
+    branch.checkout(&request("cam", "ws-9")).await.unwrap();
+
+    assert!(net.tick("branch").await.is_empty());
+    let usage = net.neighbour_view("hq", "branch").await.usage.unwrap();
+    assert_eq!(
+        usage.active_stations,
+        BTreeMap::from([("cad".to_string(), 2)])
+    );
+    assert_eq!(usage.in_use, BTreeMap::from([("cad".to_string(), 1)]));
+    assert_eq!(usage.period_s, 86_400);
+    let first = usage.at;
+    // Renewals every half hour; the next report only after the parent's two hours.
+    for _ in 0..3 {
+        net.advance(31 * 60_000);
+        assert!(net.tick("branch").await.is_empty());
+        net.tick("hq").await;
+        let usage = net.neighbour_view("hq", "branch").await.usage.unwrap();
+        assert_eq!(usage.at, first);
+    }
+    net.advance(31 * 60_000);
+    assert!(net.tick("branch").await.is_empty());
+    let usage = net.neighbour_view("hq", "branch").await.usage.unwrap();
+    assert!(usage.at > first);
+    // The leases expired meanwhile (no heartbeats), but the stations were active within
+    // the counting period.
+    assert_eq!(
+        usage.active_stations,
+        BTreeMap::from([("cad".to_string(), 2)])
+    );
+    assert!(usage.in_use.is_empty(), "{usage:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_parents_sync_finds_a_grant_the_child_dropped_behind_its_back() {
+    let net = Net::start(&[
+        ("hq", vec![child("branch")]),
+        ("branch", vec![parent("hq")]),
+    ])
+    .await;
+    let hq = net.admin("hq");
+    hq.import_key(net.key("K", 10).to_json_pretty())
+        .await
+        .unwrap();
+    hq.donate("K", "branch", 4, &until(START_MS + 10 * 86_400_000))
+        .await
+        .unwrap();
+    net.advance(60_000);
+    assert!(
+        net.tick("hq").await.is_empty(),
+        "nothing due before sync_period"
+    );
+    // The child's records lose the grant without the link knowing.
+    tamper(
+        &net,
+        "branch",
+        tessera_core::Command::ReleaseGrant {
+            key_id: "K@hq".into(),
+        },
+    )
+    .await;
+    net.advance(10 * 60_000);
+    let errors = net.tick("hq").await;
+    assert!(
+        errors.iter().any(|e| e.contains("grant_replayed")),
+        "{errors:?}"
+    );
+    let mismatches = net.messages("hq", "license_mismatch").await;
+    assert_eq!(mismatches.len(), 1, "{mismatches:?}");
+    assert!(
+        mismatches[0].contains("neighbour branch reports 0 licenses of key K received")
+            && mismatches[0].contains("this server counts 4 donated"),
+        "{}",
+        mismatches[0]
+    );
+    let view = net.neighbour_view("hq", "branch").await;
+    assert!(view.last_mismatch.unwrap().contains("counts 4 donated"));
+    assert!(view.last_error.unwrap().contains("grant_replayed"));
+    assert!(
+        net.metrics("hq")
+            .await
+            .contains("tessera_neighbour_mismatches_total{neighbour=\"branch\"} 1")
+    );
+    // The same difference is not notified again every sync period.
+    net.advance(10 * 60_000);
+    net.tick("hq").await;
+    assert_eq!(net.messages("hq", "license_mismatch").await.len(), 1);
+    net.assert_safe(&BTreeMap::from([("K", 10)])).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_metrics_and_the_console_show_the_network() {
+    let net = Net::start(&[
+        ("hq", vec![child("branch")]),
+        ("branch", vec![parent("hq")]),
+    ])
+    .await;
+    let identity: tessera_api::Identity =
+        reqwest::get(format!("{}/v1/identity", net.server("hq").url()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(identity.server_id.as_deref(), Some("hq"));
+    let openapi: serde_json::Value =
+        reqwest::get(format!("{}/v1/openapi.json", net.server("hq").url()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    for path in [
+        "/v1/identity",
+        "/v1/neighbours",
+        "/v1/neighbours/grants",
+        "/v1/neighbours/renew",
+        "/v1/donations",
+        "/v1/donations/{key_id}/{to}",
+    ] {
+        assert!(openapi["paths"][path].is_object(), "{path}");
+    }
+    for schema in [
+        "NeighbourEnvelope",
+        "HeldGrant",
+        "ReturnedGrant",
+        "DonorSettings",
+        "DonateRequest",
+        "NeighbourSummary",
+    ] {
+        assert!(
+            openapi["components"]["schemas"][schema].is_object(),
+            "{schema}"
+        );
+    }
+    assert_eq!(
+        identity.public_key,
+        net.nodes["hq"].secret.public_key().to_base64()
+    );
+    let hq = net.admin("hq");
+    hq.import_key(net.key("K", 10).to_json_pretty())
+        .await
+        .unwrap();
+    hq.donate("K", "branch", 4, &until(START_MS + 10 * 86_400_000))
+        .await
+        .unwrap();
+    net.checkouts("branch", "b", 1).await;
+    net.tick("branch").await;
+    let metrics = net.metrics("hq").await;
+    assert!(
+        metrics.contains("tessera_key_licenses_donated{key=\"K\"} 4"),
+        "{metrics}"
+    );
+    let metrics = net.metrics("branch").await;
+    assert!(
+        metrics.contains("tessera_key_licenses_received{key=\"K@hq\"} 4")
+            && metrics.contains("tessera_key_licenses_in_use{key=\"K@hq\"} 1"),
+        "{metrics}"
+    );
+
+    // The console of each side.
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let login = |id: &str| {
+        let server = net.server(id);
+        let url = format!(
+            "{}/login?token={}&next=/neighbours",
+            server.url(),
+            server.state.admin_token
+        );
+        let http = http.clone();
+        async move {
+            let response = http.get(url).send().await.unwrap();
+            assert_eq!(response.status(), 303);
+            response.headers()["set-cookie"]
+                .to_str()
+                .unwrap()
+                .split(';')
+                .next()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let page = |id: &str, cookie: String| {
+        let url = format!("{}/neighbours", net.server(id).url());
+        let http = http.clone();
+        async move {
+            let response = http.get(url).header("cookie", cookie).send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            response.text().await.unwrap()
+        }
+    };
+    let hq_cookie = login("hq").await;
+    let html = page("hq", hq_cookie.clone()).await;
+    assert!(html.contains("id=\"neighbour-branch\""), "{html}");
+    assert!(html.contains("Donated to branch"), "{html}");
+    assert!(
+        html.contains("<td>K</td><td>4</td><td>4</td><td>active</td>"),
+        "{html}"
+    );
+    assert!(html.contains("Usage reported by branch"), "{html}");
+    assert!(html.contains("<td>cad</td><td>1</td><td>1</td>"), "{html}");
+    assert!(html.contains(&identity.public_key), "{html}");
+    assert!(html.contains("class=\"active\">Neighbours"), "{html}");
+    let branch_cookie = login("branch").await;
+    let html = page("branch", branch_cookie).await;
+    assert!(html.contains("Received from hq"), "{html}");
+    assert!(html.contains("<td>K@hq</td><td>4</td><td>1</td>"), "{html}");
+
+    // Donating and ending from the console (with the session's CSRF token).
+    let marker = "name=\"csrf\" value=\"";
+    let csrf = {
+        let html = page("hq", hq_cookie.clone()).await;
+        let start = html.find(marker).unwrap() + marker.len();
+        html[start..start + 64].to_string()
+    };
+    let post = |path: &str, body: String| {
+        let url = format!("{}{path}", net.server("hq").url());
+        let http = http.clone();
+        let cookie = hq_cookie.clone();
+        async move {
+            let response = http
+                .post(url)
+                .header("cookie", cookie)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+    let (status, html) = post(
+        "/neighbours/donate",
+        format!("csrf={csrf}&key_id=K&to=branch&licenses=20&until=2027-02-01"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(html.contains("class=\"error\""), "{html}");
+    let (status, html) = post(
+        "/neighbours/donate",
+        format!("csrf={csrf}&key_id=K&to=branch&licenses=3&until=2027-02-01"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(
+        html.contains("3 licenses of K donated to branch until 2027-02-01 23:59:59 UTC"),
+        "{html}"
+    );
+    let (status, html) = post("/neighbours/end", format!("csrf={csrf}&key_id=K&to=branch")).await;
+    assert_eq!(status, 200);
+    assert!(html.contains("The donation of K to branch ended"), "{html}");
+    let (status, _) = post("/neighbours/end", "csrf=wrong&key_id=K&to=branch".into()).await;
+    assert_eq!(status, 400);
+    net.assert_safe(&BTreeMap::from([("K", 10)])).await;
 }
