@@ -21,7 +21,8 @@ pub struct DonateArgs {
     /// The donation end date: YYYY-MM-DD (end of that day, UTC) or an RFC 3339 time.
     #[arg(long, required_unless_present = "end")]
     until: Option<String>,
-    /// End the donation instead: the licenses come back when the neighbour's grant runs out.
+    /// End the donation instead: the neighbour is told to give the licenses back at once; if
+    /// it cannot be reached they come back when its grant runs out.
     #[arg(long, conflicts_with_all = ["licenses", "until"])]
     end: bool,
     #[command(flatten)]

@@ -230,3 +230,266 @@ public_key = "{hq_key}"
     assert!(checkout(&hq.url, "ws-h1").status.success());
     assert!(checkout(&hq.url, "ws-h2").status.success());
 }
+
+/// One server process of a test network: its config file, data dir, URL and token.
+struct Node {
+    name: &'static str,
+    port: u16,
+    key: String,
+}
+
+fn write_config(root: &Path, node: &Node, neighbours: &[(&Node, &str)]) {
+    let mut text = format!(
+        "data = \"{0}-data\"\nlisten = \"127.0.0.1:{1}\"\ntrust = [\"vendor/vendor.pub\"]\nserver_id = \"{0}\"\nlease_ttl = \"10m\"\n",
+        node.name, node.port
+    );
+    for (other, relation) in neighbours {
+        text += &format!(
+            "\n[[neighbour]]\nid = \"{}\"\nurl = \"http://127.0.0.1:{}\"\nrelation = \"{relation}\"\nconnection = \"permanent\"\npublic_key = \"{}\"\n",
+            other.name, other.port, other.key
+        );
+    }
+    text += "\n[licenses]\ndonation_renewal_period = \"1h\"\nsync_period = \"10m\"\n";
+    std::fs::write(root.join(format!("{}.toml", node.name)), text).unwrap();
+}
+
+fn poll(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_chain_of_processes_renews_ends_and_detects_a_wiped_child() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    setup_vendor(root);
+    let vendor = root.join("vendor");
+    let key_file = root.join("k10.json");
+    let key_id = ok(&[
+        "vendor",
+        "issue",
+        "--dir",
+        vendor.to_str().unwrap(),
+        "--customer",
+        "acme",
+        "--components",
+        "cad",
+        "--licenses",
+        "10",
+        "--valid-days",
+        "30",
+        "--out",
+        key_file.to_str().unwrap(),
+    ])
+    .trim()
+    .to_string();
+    let node = |name: &'static str| Node {
+        name,
+        port: free_port(),
+        key: identity(root, &format!("{name}-data")),
+    };
+    let (hq, branch_1, branch_2, site) =
+        (node("hq"), node("branch-1"), node("branch-2"), node("site"));
+    write_config(root, &hq, &[(&branch_1, "child"), (&branch_2, "child")]);
+    write_config(root, &branch_1, &[(&hq, "parent"), (&site, "child")]);
+    write_config(root, &branch_2, &[(&hq, "parent")]);
+    write_config(root, &site, &[(&branch_1, "parent")]);
+    let start = |node: &Node| {
+        ServerProcess::spawn(
+            &[
+                "server",
+                "--config",
+                root.join(format!("{}.toml", node.name)).to_str().unwrap(),
+                "--test-clock",
+            ],
+            "Tessera license server on ",
+        )
+    };
+    let token = |node: &Node| {
+        std::fs::read_to_string(root.join(format!("{}-data", node.name)).join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let processes: Vec<ServerProcess> = [&hq, &branch_1, &site].iter().map(|n| start(n)).collect();
+    let branch_2_process = start(&branch_2);
+    let url = |node: &Node| format!("http://127.0.0.1:{}", node.port);
+    let remote = |node: &Node| {
+        vec![
+            "--server".to_string(),
+            url(node),
+            "--token".to_string(),
+            token(node),
+        ]
+    };
+    let run = |args: &[&str], node: &Node| {
+        let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        all.extend(remote(node));
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        ok(&refs)
+    };
+    run(&["keys", "add", key_file.to_str().unwrap()], &hq);
+    let until = (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(20 * 24)).to_string();
+    run(
+        &[
+            "donate",
+            "--key",
+            &key_id,
+            "--to",
+            "branch-1",
+            "--licenses",
+            "5",
+            "--until",
+            &until,
+        ],
+        &hq,
+    );
+    run(
+        &[
+            "donate",
+            "--key",
+            &key_id,
+            "--to",
+            "branch-2",
+            "--licenses",
+            "3",
+            "--until",
+            &until,
+        ],
+        &hq,
+    );
+    // The chain: branch-1 gives 2 of its 5 to the site.
+    let pool = format!("{key_id}@hq");
+    run(
+        &[
+            "donate",
+            "--key",
+            &pool,
+            "--to",
+            "site",
+            "--licenses",
+            "2",
+            "--until",
+            &until,
+        ],
+        &branch_1,
+    );
+    let at_site = status(&url(&site), &token(&site));
+    let chained =
+        key(&at_site, &format!("{key_id}@branch-1")).expect("the re-grant reached the site");
+    assert_eq!(
+        (
+            chained["licenses"].as_u64(),
+            chained["vendor_key_id"].as_str()
+        ),
+        (Some(2), Some(key_id.as_str()))
+    );
+    let too_many = tessera(
+        &[
+            &[
+                "donate",
+                "--key",
+                &pool,
+                "--to",
+                "site",
+                "--licenses",
+                "6",
+                "--until",
+                &until,
+            ][..],
+            &remote(&branch_1)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        ]
+        .concat(),
+    );
+    assert!(String::from_utf8_lossy(&too_many.stderr).contains("not_enough_licenses"));
+
+    // Renewal: past half of the one-hour grants every receiver asks, and serials go up.
+    for node in [&hq, &branch_1, &branch_2, &site] {
+        advance_clock(&url(node), &token(node), 35 * 60_000);
+    }
+    poll("the renewal of branch-1's grant", || {
+        let donations: serde_json::Value =
+            serde_json::from_str(&run(&["neighbours", "list", "--json"], &hq)).unwrap();
+        donations["neighbours"][0]["donations"][0]["serial"].as_u64() >= Some(2)
+    });
+
+    // The end date, moved to 10 minutes from now on the test clock, ends branch-2's grant.
+    let hq_now: serde_json::Value = serde_json::from_str(&run(&["status", "--json"], &hq)).unwrap();
+    let now: jiff::Timestamp = hq_now["now"].as_str().unwrap().parse().unwrap();
+    let soon = (now + jiff::SignedDuration::from_mins(10)).to_string();
+    run(
+        &[
+            "donate",
+            "--key",
+            &key_id,
+            "--to",
+            "branch-2",
+            "--licenses",
+            "3",
+            "--until",
+            &soon,
+        ],
+        &hq,
+    );
+    // Test clocks move together: neighbours refuse each other beyond clock_skew_max.
+    for node in [&hq, &branch_1, &branch_2, &site] {
+        advance_clock(&url(node), &token(node), 10 * 60_000);
+    }
+    poll("the end of branch-2's grant", || {
+        key(&status(&url(&branch_2), &token(&branch_2)), &pool).is_none()
+    });
+
+    // branch-2's store is wiped behind the parent's back (identity kept): the parent's
+    // license synchronization reports the mismatch with both counts.
+    branch_2_process.kill_9();
+    run(
+        &[
+            "donate",
+            "--key",
+            &key_id,
+            "--to",
+            "branch-2",
+            "--licenses",
+            "3",
+            "--until",
+            &until,
+        ],
+        &hq,
+    );
+    let data = root.join("branch-2-data");
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let path = entry.unwrap().path();
+        if !path
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("server.")
+        {
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path).unwrap();
+            } else {
+                std::fs::remove_file(&path).unwrap();
+            }
+        }
+    }
+    let _branch_2_again = start(&branch_2);
+    // Its fresh test clock starts at the real time: bring it to the others' (45 minutes on).
+    advance_clock(&url(&branch_2), &token(&branch_2), 45 * 60_000);
+    for node in [&hq, &branch_1, &branch_2, &site] {
+        advance_clock(&url(node), &token(node), 11 * 60_000);
+    }
+    poll("a license_mismatch event on the parent", || {
+        run(&["events"], &hq).contains("license_mismatch")
+    });
+    drop(processes);
+}
