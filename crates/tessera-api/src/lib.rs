@@ -329,6 +329,9 @@ pub struct Status {
     pub components: Vec<ComponentStatus>,
     pub leases: Vec<Lease>,
     pub sync: SyncStatus,
+    /// The latest usage report of each neighbour this server donates to, by server ID.
+    #[serde(default)]
+    pub usage_reports: std::collections::BTreeMap<String, UsageReportSummary>,
 }
 
 /// `POST /v1/keys` answer.

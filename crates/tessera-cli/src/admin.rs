@@ -367,5 +367,25 @@ pub async fn run_status(json: bool, remote: &Remote) -> anyhow::Result<()> {
                 .unwrap_or_default()
         );
     }
+    if !status.usage_reports.is_empty() {
+        println!();
+        println!(
+            "{:<20} {:<20} {:>15} {:>7}  REPORTED",
+            "NEIGHBOUR", "COMPONENT", "ACTIVE STATIONS", "IN USE"
+        );
+        for (neighbour, report) in &status.usage_reports {
+            for (component, active) in &report.active_stations {
+                println!(
+                    "{:<20} {:<20} {:>15} {:>7}  {} (over {} s)",
+                    neighbour,
+                    component,
+                    active,
+                    report.in_use.get(component).copied().unwrap_or(0),
+                    report.at,
+                    report.period_s
+                );
+            }
+        }
+    }
     Ok(())
 }

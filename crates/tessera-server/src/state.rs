@@ -312,17 +312,31 @@ impl AppState {
 
     pub fn status(&self) -> Status {
         let now_ms = self.stamper.now_ms();
-        let (keys, components, leases, sync) = self.consensus.read(|ledger| {
+        let (keys, components, leases, sync, usage_reports) = self.consensus.read(|ledger| {
             let leases: Vec<Lease> = ledger
                 .leases()
                 .into_iter()
                 .map(|lease| self.lease_to_api(&lease, None))
+                .collect();
+            let usage_reports = ledger
+                .usage_reports()
+                .iter()
+                .map(|(from, r)| {
+                    let summary = tessera_api::UsageReportSummary {
+                        at: timestamp(r.at_ms),
+                        period_s: r.period_ms / 1000,
+                        active_stations: r.active_stations.clone(),
+                        in_use: r.in_use.clone(),
+                    };
+                    (from.clone(), summary)
+                })
                 .collect();
             (
                 key_summaries(ledger, now_ms),
                 component_status(ledger, now_ms),
                 leases,
                 self.sync_status_of(ledger, now_ms),
+                usage_reports,
             )
         });
         Status {
@@ -333,6 +347,7 @@ impl AppState {
             components,
             leases,
             sync,
+            usage_reports,
         }
     }
 

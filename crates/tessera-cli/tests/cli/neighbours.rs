@@ -491,5 +491,33 @@ fn a_chain_of_processes_renews_ends_and_detects_a_wiped_child() {
     poll("a license_mismatch event on the parent", || {
         run(&["events"], &hq).contains("license_mismatch")
     });
+
+    // Usage reports: the site's stations, counted by the site, shown by its parent.
+    let checkout = tessera(&[
+        "lease",
+        "checkout",
+        "--component",
+        "cad",
+        "--station",
+        "site-ws-1",
+        "--server",
+        &url(&site),
+    ]);
+    assert!(checkout.status.success(), "{checkout:?}");
+    for node in [&hq, &branch_1, &branch_2, &site] {
+        advance_clock(&url(node), &token(node), 61 * 60_000);
+    }
+    poll("the site's usage report at branch-1", || {
+        let status: serde_json::Value =
+            serde_json::from_str(&run(&["status", "--json"], &branch_1)).unwrap();
+        status["usage_reports"]["site"]["active_stations"]["cad"] == 1
+    });
+    let table = run(&["status"], &branch_1);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("site") && l.contains("cad")),
+        "{table}"
+    );
     drop(processes);
 }
