@@ -521,3 +521,125 @@ fn a_chain_of_processes_renews_ends_and_detects_a_wiped_child() {
     );
     drop(processes);
 }
+
+#[test]
+fn a_peer_pair_donates_only_in_the_direction_its_flags_allow() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let key_id = setup_vendor(root); // cad.json: 2 licenses
+    let node = |name: &'static str| Node {
+        name,
+        port: free_port(),
+        key: identity(root, &format!("{name}-data")),
+    };
+    let (east, west) = (node("east"), node("west"));
+    let peer = |me: &Node, other: &Node, send: bool, receive: bool| {
+        let mut text = format!(
+            "data = \"{0}-data\"\nlisten = \"127.0.0.1:{1}\"\ntrust = [\"vendor/vendor.pub\"]\nserver_id = \"{0}\"\n",
+            me.name, me.port
+        );
+        text += &format!(
+            "\n[[neighbour]]\nid = \"{}\"\nurl = \"http://127.0.0.1:{}\"\nrelation = \"peer\"\nsend = {send}\nreceive = {receive}\nconnection = \"periodic\"\nreconnect_period = \"30m\"\npublic_key = \"{}\"\n",
+            other.name, other.port, other.key
+        );
+        std::fs::write(root.join(format!("{}.toml", me.name)), text).unwrap();
+    };
+    // East may send to west; west accepts from east; nothing the other way.
+    peer(&east, &west, true, false);
+    peer(&west, &east, false, true);
+    let start = |node: &Node| {
+        ServerProcess::spawn(
+            &[
+                "server",
+                "--config",
+                root.join(format!("{}.toml", node.name)).to_str().unwrap(),
+                "--test-clock",
+            ],
+            "Tessera license server on ",
+        )
+    };
+    let (_east, _west) = (start(&east), start(&west));
+    let remote = |node: &Node| {
+        let token =
+            std::fs::read_to_string(root.join(format!("{}-data", node.name)).join("admin.token"))
+                .unwrap();
+        [
+            "--server".to_string(),
+            format!("http://127.0.0.1:{}", node.port),
+            "--token".to_string(),
+            token.trim().to_string(),
+        ]
+    };
+    let run = |args: &[&str], node: &Node| {
+        let remote = remote(node);
+        let all: Vec<&str> = args
+            .iter()
+            .copied()
+            .chain(remote.iter().map(String::as_str))
+            .collect();
+        tessera(&all)
+    };
+    let add = run(
+        &["keys", "add", root.join("cad.json").to_str().unwrap()],
+        &east,
+    );
+    assert!(add.status.success(), "{add:?}");
+    let west_key_file = root.join("west.json");
+    let west_key = ok(&[
+        "vendor",
+        "issue",
+        "--dir",
+        root.join("vendor").to_str().unwrap(),
+        "--customer",
+        "acme",
+        "--components",
+        "cad",
+        "--licenses",
+        "3",
+        "--valid-days",
+        "30",
+        "--out",
+        west_key_file.to_str().unwrap(),
+    ])
+    .trim()
+    .to_string();
+    let add = run(&["keys", "add", west_key_file.to_str().unwrap()], &west);
+    assert!(add.status.success(), "{add:?}");
+    let until = (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(24 * 10)).to_string();
+    // East sends one license; west receives it.
+    let donated = run(
+        &[
+            "donate",
+            "--key",
+            &key_id,
+            "--to",
+            "west",
+            "--licenses",
+            "1",
+            "--until",
+            &until,
+        ],
+        &east,
+    );
+    assert!(donated.status.success(), "{donated:?}");
+    let status: serde_json::Value =
+        serde_json::from_slice(&run(&["status", "--json"], &west).stdout).unwrap();
+    let received = key(&status, &format!("{key_id}@east")).expect("west received east's license");
+    assert_eq!(received["received"], 1);
+    // West may not donate to east (send = false), whatever it holds.
+    let refused = run(
+        &[
+            "donate",
+            "--key",
+            &west_key,
+            "--to",
+            "east",
+            "--licenses",
+            "1",
+            "--until",
+            &until,
+        ],
+        &west,
+    );
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("neighbour_not_allowed"));
+}
