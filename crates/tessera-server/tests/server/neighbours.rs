@@ -128,6 +128,20 @@ impl Net {
         net
     }
 
+    /// A parent `hq` with one child `branch`, and key K (10 licenses) imported at hq.
+    async fn hq_and_branch() -> (Net, Client) {
+        let net = Net::start(&[
+            ("hq", vec![child("branch")]),
+            ("branch", vec![parent("hq")]),
+        ])
+        .await;
+        let hq = net.admin("hq");
+        hq.import_key(net.key("K", 10).to_json_pretty())
+            .await
+            .unwrap();
+        (net, hq)
+    }
+
     async fn boot(&mut self, id: &str, listener: TcpListener) {
         let node = self.nodes.get_mut(id).unwrap();
         let server = tessera_server::start(
@@ -460,15 +474,7 @@ async fn peers_donate_only_where_send_and_receive_allow() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grants_renew_while_the_child_lives_and_come_back_when_it_is_gone() {
-    let mut net = Net::start(&[
-        ("hq", vec![child("branch")]),
-        ("branch", vec![parent("hq")]),
-    ])
-    .await;
-    let hq = net.admin("hq");
-    hq.import_key(net.key("K", 10).to_json_pretty())
-        .await
-        .unwrap();
+    let (mut net, hq) = Net::hq_and_branch().await;
     hq.donate("K", "branch", 4, &until(START_MS + 10 * 86_400_000))
         .await
         .unwrap();
@@ -502,15 +508,7 @@ async fn grants_renew_while_the_child_lives_and_come_back_when_it_is_gone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_the_end_date_the_childs_leases_end_and_the_licenses_return() {
-    let net = Net::start(&[
-        ("hq", vec![child("branch")]),
-        ("branch", vec![parent("hq")]),
-    ])
-    .await;
-    let hq = net.admin("hq");
-    hq.import_key(net.key("K", 10).to_json_pretty())
-        .await
-        .unwrap();
+    let (net, hq) = Net::hq_and_branch().await;
     let end = START_MS + 5 * 60_000;
     hq.donate("K", "branch", 4, &until(START_MS + 10 * HOUR_MS))
         .await
@@ -630,15 +628,7 @@ async fn unknown_misconfigured_and_skewed_neighbours_are_refused_on_both_sides()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_inflated_and_replayed_grants_are_refused_by_the_receiver() {
-    let net = Net::start(&[
-        ("hq", vec![child("branch")]),
-        ("branch", vec![parent("hq")]),
-    ])
-    .await;
-    let hq = net.admin("hq");
-    hq.import_key(net.key("K", 10).to_json_pretty())
-        .await
-        .unwrap();
+    let (net, hq) = Net::hq_and_branch().await;
     let far = until(START_MS + 10 * 86_400_000);
     hq.donate("K", "branch", 2, &far).await.unwrap();
     let first: Grant = net.server("hq").state.consensus.read(|ledger| {
@@ -696,15 +686,7 @@ async fn forged_inflated_and_replayed_grants_are_refused_by_the_receiver() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mismatch_between_donor_and_receiver_is_detected_and_notified() {
-    let mut net = Net::start(&[
-        ("hq", vec![child("branch")]),
-        ("branch", vec![parent("hq")]),
-    ])
-    .await;
-    let hq = net.admin("hq");
-    hq.import_key(net.key("K", 10).to_json_pretty())
-        .await
-        .unwrap();
+    let (mut net, hq) = Net::hq_and_branch().await;
     hq.donate("K", "branch", 4, &until(START_MS + 10 * 86_400_000))
         .await
         .unwrap();
@@ -987,15 +969,7 @@ async fn usage_reports_count_the_stations_of_the_grant_at_the_donors_periods() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_parents_sync_finds_a_grant_the_child_dropped_behind_its_back() {
-    let net = Net::start(&[
-        ("hq", vec![child("branch")]),
-        ("branch", vec![parent("hq")]),
-    ])
-    .await;
-    let hq = net.admin("hq");
-    hq.import_key(net.key("K", 10).to_json_pretty())
-        .await
-        .unwrap();
+    let (net, hq) = Net::hq_and_branch().await;
     hq.donate("K", "branch", 4, &until(START_MS + 10 * 86_400_000))
         .await
         .unwrap();
