@@ -103,20 +103,44 @@ pub struct Received {
     /// The grant's end minus the clock skew: this server issues nothing from it after.
     pub usable_until_ms: i64,
     pub accepted_at_ms: i64,
-    /// Earlier grants of this pool with more licenses, still valid: (licenses, usable until).
-    /// A donor that lowers a donation keeps counting the larger grant until it lapses, so the
-    /// receiver may use it until then too; new re-grants from the pool end before it lapses.
+    /// Earlier grants of this pool the donor still counts and that give more than the
+    /// current one at some time (more licenses, or a later end): (licenses, usable until).
+    /// A donor that lowers or shortens a donation keeps counting the earlier grant until it
+    /// lapses, so leases told an expiry under it keep it, and while it has more licenses new
+    /// leases may use them too, ending with it (see `Ledger::lease_cap`).
     #[serde(default)]
     pub floor: Vec<(u32, i64)>,
 }
 
 impl Received {
-    /// Licenses usable now: the current grant's, or an earlier larger one still valid.
-    pub fn capacity(&self) -> u32 {
-        self.floor
-            .iter()
-            .map(|(licenses, _)| *licenses)
-            .fold(self.licenses, u32::max)
+    /// Every grant of the pool still usable: the current one first, then the floor.
+    pub fn grants(&self) -> impl Iterator<Item = (u32, i64)> + '_ {
+        std::iter::once((self.licenses, self.usable_until_ms)).chain(self.floor.iter().copied())
+    }
+
+    /// Licenses usable at `at`: the most any grant still usable then gives.
+    pub fn capacity_at(&self, at: i64) -> u32 {
+        self.grants()
+            .filter(|(_, until)| *until > at)
+            .map(|(licenses, _)| licenses)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// When the last grant of the pool stops being usable.
+    pub fn usable_until_max_ms(&self) -> i64 {
+        self.grants()
+            .map(|(_, until)| until)
+            .max()
+            .unwrap_or(i64::MIN)
+    }
+
+    /// When the first grant of the pool stops being usable: re-grants end before it.
+    pub fn usable_until_min_ms(&self) -> i64 {
+        self.grants()
+            .map(|(_, until)| until)
+            .min()
+            .unwrap_or(i64::MIN)
     }
 }
 
@@ -196,6 +220,10 @@ pub struct KeyView {
     /// Licenses this server may use or donate: the key's, or the received grant's.
     pub licenses: u32,
     pub in_use: u32,
+    /// Leases that ended early (their grant was given back) whose stations may still use
+    /// them until their expiry: counted as used until then.
+    #[serde(default)]
+    pub ended_early: u32,
     /// Licenses donated to neighbours and not yet back.
     pub donated: u32,
     pub received: Option<Received>,
@@ -252,6 +280,9 @@ struct KeyRecord {
     in_use: u32,
     /// Licenses counted as donated to neighbours (sum over this key's donations).
     donated: u32,
+    /// Leases of this pool that ended early (the grant was given back) whose stations may
+    /// still use them until their expiry: counted as in use until then.
+    ended_early: u32,
     received: Option<Received>,
     meta: KeyMeta,
 }
@@ -273,6 +304,7 @@ impl KeyRecord {
             key,
             in_use: 0,
             donated: 0,
+            ended_early: 0,
             received,
             meta,
         }
@@ -286,20 +318,27 @@ impl KeyRecord {
         self.component(component).is_some()
     }
 
-    /// Licenses this server holds from the record: the key's, or the received grant's.
-    fn licenses(&self) -> u32 {
+    /// Licenses this server holds from the record at `at`: the key's, or the received
+    /// grants'.
+    fn licenses(&self, at: i64) -> u32 {
         match &self.received {
-            Some(received) => received.capacity(),
+            Some(received) => received.capacity_at(at),
             None => self.key.payload.licenses,
         }
     }
 
-    /// Licenses stations may take now.
-    fn free(&self) -> u32 {
-        self.licenses().saturating_sub(self.in_use + self.donated)
+    /// Licenses counted here at `at`: leases, leases that ended early, donations.
+    fn used(&self) -> u32 {
+        self.in_use + self.ended_early + self.donated
     }
 
-    /// When licenses from the record stop: the key's end, or the received grant's.
+    /// Licenses stations may take at `at`.
+    fn free(&self, at: i64) -> u32 {
+        self.licenses(at).saturating_sub(self.used())
+    }
+
+    /// Until when new leases and extensions may run: the key's end, or the current received
+    /// grant's. (Leases already told a later expiry under an earlier grant keep it.)
     fn valid_until_ms(&self) -> i64 {
         let until = self.key.payload.valid_until_ms();
         match &self.received {
@@ -372,6 +411,8 @@ pub struct LedgerSnapshot {
     pub accepted_serials: BTreeMap<String, u64>,
     #[serde(default)]
     pub issued_serials: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub ended_early: BTreeMap<String, Vec<i64>>,
 }
 
 /// Leases in snapshots as `[id, key, [components], station, user, host, issued, renewed, expires]`.
@@ -468,6 +509,11 @@ pub struct Ledger {
     /// The highest grant serial issued per (key, neighbour), kept after the donation is gone
     /// so a new donation to the same neighbour never reuses a serial it refused as spent.
     issued_serials: BTreeMap<String, u64>,
+    /// Per received pool: expiries of its leases that ended early because the grant was
+    /// given back. Their stations may use them until then (they hear of it at their next
+    /// heartbeat at best), so they count against the pool if it comes back, and the donor
+    /// hears of the return only once they ran out.
+    ended_early: BTreeMap<String, Vec<i64>>,
     /// When the next grant lapses (a donation's lease plus skew, or a received grant's end).
     grant_due_ms: i64,
 }
@@ -487,6 +533,7 @@ impl Ledger {
             reports: BTreeMap::new(),
             accepted_serials: BTreeMap::new(),
             issued_serials: BTreeMap::new(),
+            ended_early: BTreeMap::new(),
             grant_due_ms: i64::MAX,
         }
     }
@@ -725,9 +772,9 @@ impl Ledger {
             .map(|(_, lease_id)| lease_id.clone());
         if let Some(lease_id) = held {
             let record = &self.keys[&*self.leases[&lease_id].key_id];
-            let valid_until = record.valid_until_ms();
+            let until = self.lease_cap(record, Some(&lease_id), at, at + request.lease_ttl_ms);
             let shared = record.component(component).cloned();
-            let lease = self.extend_lease(&lease_id, at, request.lease_ttl_ms, valid_until);
+            let lease = self.extend_lease(&lease_id, at, until);
             if let Some(shared) = shared
                 && let Err(position) = lease.components.binary_search(&shared)
             {
@@ -740,11 +787,11 @@ impl Ledger {
         }
         let licenses: u32 = covering
             .iter()
-            .map(|r| r.licenses().saturating_sub(r.donated))
+            .map(|r| r.licenses(at).saturating_sub(r.donated))
             .sum();
         let Some(chosen) = covering
             .iter()
-            .filter(|record| record.free() > 0)
+            .filter(|record| record.free(at) > 0)
             .min_by_key(|record| (record.valid_until_ms(), record.id.clone()))
         else {
             return Outcome::Refused {
@@ -761,7 +808,7 @@ impl Ledger {
                 },
             };
         }
-        let expires_at_ms = (at + request.lease_ttl_ms).min(chosen.valid_until_ms());
+        let expires_at_ms = self.lease_cap(chosen, None, at, at + request.lease_ttl_ms);
         // A station already indexed shares its name with the index entry.
         let station = self
             .by_station
@@ -1115,22 +1162,30 @@ impl Ledger {
             .collect();
         ids.sort();
         let (mut moved, mut ended) = (0, 0);
-        let until = self.keys[to].valid_until_ms();
+        let at = self.last_at_ms;
         for lease_id in ids {
             let mut lease = self.remove_lease(&lease_id).expect("listed");
             let target = &self.keys[to];
             let taken = self.station_lease(&lease.station, to).is_some();
-            if target.free() > 0 && !taken {
+            if target.free(at) > 0 && !taken {
+                let until = self.lease_cap(target, None, at, lease.expires_at_ms);
+                let target = &self.keys[to];
                 lease.key_id = target.id.clone();
                 lease.components = lease
                     .components
                     .iter()
                     .filter_map(|c| target.component(c).cloned())
                     .collect();
-                lease.expires_at_ms = lease.expires_at_ms.min(until);
+                lease.expires_at_ms = until;
                 self.insert_lease(lease);
                 moved += 1;
             } else {
+                // A received grant's donor counts it until it lapses or comes back, and the
+                // station may use it until it hears otherwise: it still counts there. (A
+                // vendor key's renewal ends them outright, as the manual says.)
+                if self.keys.get(from).is_some_and(|r| r.received.is_some()) {
+                    self.end_early(from, lease.expires_at_ms);
+                }
                 ended += 1;
             }
         }
@@ -1146,6 +1201,7 @@ impl Ledger {
             .filter(|(_, record)| {
                 record.meta.replaced_by.is_some()
                     && record.in_use == 0
+                    && !self.ended_early.contains_key(&*record.id)
                     && record.donated == 0
                     && !self.donations.keys().any(|(from, _)| from == &*record.id)
                     && (!record.meta.stations || key_state(record, at) == KeyState::Expired)
@@ -1168,8 +1224,13 @@ impl Ledger {
         let Some(lease) = self.leases.get(lease_id) else {
             return lease_not_found(lease_id);
         };
-        let valid_until = self.keys[&*lease.key_id].valid_until_ms();
-        let lease = self.extend_lease(lease_id, at, lease_ttl_ms, valid_until);
+        let until = self.lease_cap(
+            &self.keys[&*lease.key_id],
+            Some(lease_id),
+            at,
+            at + lease_ttl_ms,
+        );
+        let lease = self.extend_lease(lease_id, at, until);
         Outcome::LeaseRenewed {
             lease: lease.view(),
         }
@@ -1184,25 +1245,78 @@ impl Ledger {
         }
     }
 
-    fn extend_lease(
-        &mut self,
-        lease_id: &str,
-        at: i64,
-        lease_ttl_ms: i64,
-        valid_until_ms: i64,
-    ) -> &mut Lease {
+    /// Extends a lease to `until` (from `lease_cap`).
+    fn extend_lease(&mut self, lease_id: &str, at: i64, until: i64) -> &mut Lease {
         let lease = self
             .leases
             .get_mut(lease_id)
             .expect("caller checked the lease exists");
         self.expiry.remove(&(lease.expires_at_ms, lease.id.clone()));
-        // A renewal never shortens a lease: a late, duplicated heartbeat must not cut it.
-        lease.expires_at_ms = lease
-            .expires_at_ms
-            .max((at + lease_ttl_ms).min(valid_until_ms));
+        // A renewal never shortens a lease: a late, duplicated heartbeat must not cut it, and
+        // its station may already count on the expiry it was told.
+        lease.expires_at_ms = lease.expires_at_ms.max(until);
         lease.renewed_at_ms = at;
         self.expiry.insert((lease.expires_at_ms, lease.id.clone()));
         lease
+    }
+
+    /// How long a lease of `record` (new, or `lease_id` renewed) may run, at most until
+    /// `wanted`: within the key, and for a received pool, within its current grant. A pool
+    /// whose donor lowered the donation still holds the earlier, larger grant until it
+    /// lapses; a lease runs past that grant's end only if it fits in what is left after it,
+    /// with every other lease and re-grant still running then. So leases run out by
+    /// themselves as the pool shrinks: none is ended early while its station may still count
+    /// on it, and the donor, which counts each grant until it lapses, is never short.
+    fn lease_cap(&self, record: &KeyRecord, lease_id: Option<&str>, at: i64, wanted: i64) -> i64 {
+        let cap = wanted.min(record.valid_until_ms());
+        let Some(received) = &record.received else {
+            return cap;
+        };
+        let mut ends: Vec<i64> = received
+            .grants()
+            .map(|(_, until)| until)
+            .filter(|until| *until > at && *until < cap)
+            .collect();
+        if ends.is_empty() {
+            return cap;
+        }
+        ends.sort_unstable();
+        ends.dedup();
+        let pool = &*record.id;
+        let mut others: Vec<i64> = self
+            .leases
+            .values()
+            .filter(|lease| &*lease.key_id == pool && Some(&*lease.id) != lease_id)
+            .map(|lease| lease.expires_at_ms)
+            .chain(self.ended_early.get(pool).into_iter().flatten().copied())
+            .collect();
+        others.sort_unstable();
+        for end in ends {
+            let room = received.capacity_at(end);
+            let running = others.len() - others.partition_point(|expires| *expires <= end);
+            let donated = self.donated_after(pool, end);
+            if running as u64 + 1 + donated as u64 > room as u64 {
+                return end;
+            }
+        }
+        cap
+    }
+
+    /// Licenses of `key_id` that donations still count after `at`.
+    fn donated_after(&self, key_id: &str, at: i64) -> u32 {
+        let skew = self.config.clock_skew_max_ms;
+        self.donations
+            .values()
+            .filter(|d| d.key_id == key_id)
+            .map(|d| {
+                d.outstanding
+                    .iter()
+                    .filter(|o| o.lease_until_ms.saturating_add(skew) > at)
+                    .map(|o| o.licenses)
+                    .max()
+                    .unwrap_or(0)
+            })
+            .sum()
     }
 
     /// The lease `station` holds from `key_id`, if any.
@@ -1221,7 +1335,7 @@ impl Ledger {
             .expect("lease's key exists");
         record.in_use += 1;
         assert!(
-            record.in_use + record.donated <= record.licenses(),
+            record.used() <= record.licenses(self.last_at_ms),
             "over-issued key {}",
             lease.key_id
         );
@@ -1322,12 +1436,28 @@ impl Ledger {
                 format_ms(until_limit)
             ));
         }
+        // The receiver keeps one pool per vendor key and donor, numbered by one serial: one
+        // donation of a vendor key to a neighbour at a time, whichever pool it comes from.
+        let vendor_key_id = record.key.payload.key_id.as_str();
+        if let Some(other) = self.donations.values().find(|d| {
+            d.to == to
+                && d.key_id != key_id
+                && self
+                    .keys
+                    .get(&d.key_id)
+                    .is_some_and(|r| r.key.payload.key_id == vendor_key_id)
+        }) {
+            return refuse(format!(
+                "{to} already receives licenses of key {vendor_key_id} from {}: one donation of a key to a neighbour at a time",
+                other.key_id
+            ));
+        }
         let existing = self.donations.get(&(key_id.to_string(), to.to_string()));
         let counted = existing.map_or(0, Donation::counted);
         // A re-grant never gives more than the grant its chain carries (the current one).
         let available = record
-            .licenses()
-            .saturating_sub(record.in_use + record.donated - counted)
+            .licenses(at)
+            .saturating_sub(record.used() - counted)
             .min(regrant_limit(record));
         if licenses > counted.max(available) {
             return Outcome::Refused {
@@ -1343,7 +1473,7 @@ impl Ledger {
                 Ok(until) => until,
                 Err(reason) => return refuse(reason),
             };
-        let serial_key = received_pool_id(key_id, to);
+        let serial_key = received_pool_id(vendor_key_id, to);
         let serial = existing
             .map_or(0, |d| d.serial)
             .max(self.issued_serials.get(&serial_key).copied().unwrap_or(0))
@@ -1395,13 +1525,10 @@ impl Ledger {
             .min(record.key.payload.valid_until_ms());
         match &record.received {
             Some(received) => {
-                // While an earlier, larger grant is still counted, re-grants end before it
-                // lapses: what they give may rest on it.
-                let until = received
-                    .floor
-                    .iter()
-                    .map(|(_, until)| *until)
-                    .fold(received.usable_until_ms, i64::min);
+                // Re-grants end before the first grant of the pool lapses (what they give may
+                // rest on it), by the clock skew, so the receiver stops before this server
+                // does.
+                let until = received.usable_until_min_ms();
                 lease_until = lease_until.min(until.saturating_sub(self.config.clock_skew_max_ms));
             }
             None => {
@@ -1445,8 +1572,8 @@ impl Ledger {
             }
             let counted = donation.counted();
             let available = record
-                .licenses()
-                .saturating_sub(record.in_use + record.donated - counted)
+                .licenses(at)
+                .saturating_sub(record.used() - counted)
                 .min(regrant_limit(record));
             // Licenses that lapsed back meanwhile may have gone to stations.
             let licenses = donation.licenses.min(available);
@@ -1461,10 +1588,13 @@ impl Ledger {
             ) else {
                 continue;
             };
+            let serial_key = received_pool_id(&record.key.payload.key_id, &id.1);
             let donation = self.donations.get_mut(&id).expect("listed");
-            donation.serial += 1;
-            self.issued_serials
-                .insert(received_pool_id(&id.0, &id.1), donation.serial);
+            donation.serial = donation
+                .serial
+                .max(self.issued_serials.get(&serial_key).copied().unwrap_or(0))
+                + 1;
+            self.issued_serials.insert(serial_key, donation.serial);
             donation.lease_until_ms = lease_until_ms;
             donation.renewed_at_ms = at;
             let serial = donation.serial;
@@ -1586,20 +1716,21 @@ impl Ledger {
                 if last.serial == current {
                     return self.grant_accepted(&pool, 0);
                 }
-                // A smaller grant: the larger one stays usable until it lapses.
+                // The donor counts every earlier grant until it lapses, unless a later one
+                // gives as many licenses for as long: those stay usable here too, so a
+                // smaller or shorter grant never cuts a lease short.
                 if let Some(previous) = record.received.take() {
-                    received.floor = previous.floor;
-                    if previous.licenses > received.licenses && previous.usable_until_ms > at {
-                        received
-                            .floor
-                            .push((previous.licenses, previous.usable_until_ms));
-                    }
-                    received
-                        .floor
-                        .retain(|(licenses, until)| *licenses > received.licenses && *until > at);
+                    let mut floor = previous.floor;
+                    floor.push((previous.licenses, previous.usable_until_ms));
+                    floor.retain(|(licenses, until)| {
+                        *until > at
+                            && (*licenses > received.licenses || *until > received.usable_until_ms)
+                    });
+                    floor.sort_unstable();
+                    floor.dedup();
+                    received.floor = floor;
                 }
                 record.received = Some(received);
-                leases_ended = self.fit_pool(&pool);
             }
             None => {
                 let record = KeyRecord::with_id(
@@ -1612,6 +1743,7 @@ impl Ledger {
                     Some(received),
                 );
                 self.keys.insert(pool.clone(), record);
+                self.recount_ended_early();
                 // A grant of a renewal key takes over the leases of the key it renews.
                 if let Some(old) = &grant.key.payload.renews {
                     let old_pool = received_pool_id(old, &last.donor);
@@ -1640,41 +1772,11 @@ impl Ledger {
         }
     }
 
-    /// After a received grant changed: no lease outlives it, and if it shrank, the newest
-    /// leases end until the rest fit. Returns how many leases ended.
-    fn fit_pool(&mut self, pool: &str) -> u32 {
-        let until = self.keys[pool].valid_until_ms();
-        let mut leases: Vec<(i64, Arc<str>, i64)> = self
-            .leases
-            .values()
-            .filter(|lease| &*lease.key_id == pool)
-            .map(|lease| (lease.issued_at_ms, lease.id.clone(), lease.expires_at_ms))
-            .collect();
-        leases.sort();
-        for (_, lease_id, expires_at_ms) in &leases {
-            if *expires_at_ms > until {
-                self.expiry.remove(&(*expires_at_ms, lease_id.clone()));
-                self.expiry.insert((until, lease_id.clone()));
-                self.leases.get_mut(lease_id).expect("listed").expires_at_ms = until;
-            }
-        }
-        let mut ended = 0;
-        while {
-            let record = &self.keys[pool];
-            record.in_use > 0 && record.in_use + record.donated > record.licenses()
-        } {
-            let Some((_, lease_id, _)) = leases.pop() else {
-                break;
-            };
-            if self.remove_lease(&lease_id).is_some() {
-                ended += 1;
-            }
-        }
-        ended
-    }
-
-    /// This server gives a received grant back: its leases end and the pool goes.
-    fn release_grant(&mut self, pool: &str, _at: i64) -> Outcome {
+    /// This server gives a received grant back: its leases end and the pool goes. Their
+    /// stations may go on using them until their expiry (until their next heartbeat tells
+    /// them), so the outcome says when the last one runs out: only then may the donor hear
+    /// that the grant came back, and until then they count against the pool if it returns.
+    fn release_grant(&mut self, pool: &str, at: i64) -> Outcome {
         let Some(record) = self.keys.get(pool).filter(|r| r.received.is_some()) else {
             return Outcome::Refused {
                 refusal: Refusal::KeyNotFound {
@@ -1688,7 +1790,23 @@ impl Ledger {
             ));
         }
         let received = record.received.clone().expect("checked");
+        let expiries: Vec<i64> = self
+            .leases
+            .values()
+            .filter(|lease| &*lease.key_id == pool)
+            .map(|lease| lease.expires_at_ms)
+            .collect();
         let leases_ended = self.end_leases_of(pool);
+        for expires_at_ms in &expiries {
+            self.end_early(pool, *expires_at_ms);
+        }
+        let stations_until_ms = self
+            .ended_early
+            .get(pool)
+            .into_iter()
+            .flatten()
+            .copied()
+            .fold(at, i64::max);
         self.keys.remove(pool);
         self.refresh_grant_due();
         Outcome::GrantReleased {
@@ -1696,6 +1814,7 @@ impl Ledger {
             donor: received.donor,
             serial: received.serial,
             leases_ended,
+            stations_until_ms,
         }
     }
 
@@ -1767,27 +1886,43 @@ impl Ledger {
         self.donations
             .retain(|_, d| !d.outstanding.is_empty() || (!d.ended && d.donation_until_ms > at));
         self.recount_donated();
-        // Earlier, larger grants that lapsed: the pool shrinks to its current grant, and the
-        // newest leases end if it is over (re-grants resting on them lapsed just above).
-        let mut shrunk = Vec::new();
-        for (id, record) in &mut self.keys {
+        // Earlier grants that lapsed: the pool shrinks. Leases resting on them were capped
+        // at their end and ran out just before (see `lease_cap`).
+        for record in self.keys.values_mut() {
             if let Some(received) = &mut record.received {
-                let before = received.floor.len();
                 received.floor.retain(|(_, until)| *until > at);
-                if received.floor.len() != before {
-                    shrunk.push(id.clone());
-                }
             }
         }
-        for pool in shrunk {
-            self.fit_pool(&pool);
+        for expiries in self.ended_early.values_mut() {
+            expiries.retain(|expires_at_ms| *expires_at_ms > at);
         }
+        self.ended_early.retain(|_, expiries| !expiries.is_empty());
+        self.recount_ended_early();
         let donating: BTreeSet<String> = self.donations.keys().map(|(k, _)| k.clone()).collect();
         self.keys.retain(|id, record| {
             record.received.as_ref().is_none_or(|r| {
                 r.usable_until_ms > at || record.in_use > 0 || donating.contains(id)
             })
         });
+        self.refresh_grant_due();
+    }
+
+    /// Counts a lease that ended before its expiry against `pool` until then.
+    fn end_early(&mut self, pool: &str, expires_at_ms: i64) {
+        if expires_at_ms > self.last_at_ms {
+            self.ended_early
+                .entry(pool.into())
+                .or_default()
+                .push(expires_at_ms);
+            self.recount_ended_early();
+        }
+    }
+
+    /// Sets every pool's count of leases that ended early.
+    fn recount_ended_early(&mut self) {
+        for (id, record) in &mut self.keys {
+            record.ended_early = self.ended_early.get(id).map_or(0, |e| e.len() as u32);
+        }
         self.refresh_grant_due();
     }
 
@@ -1815,9 +1950,8 @@ impl Ledger {
             .keys
             .values()
             .filter_map(|r| r.received.as_ref())
-            .flat_map(|r| {
-                std::iter::once(r.usable_until_ms).chain(r.floor.iter().map(|(_, until)| *until))
-            });
+            .flat_map(|r| r.grants().map(|(_, until)| until).collect::<Vec<_>>())
+            .chain(self.ended_early.values().flatten().copied());
         let ended_donations = self
             .donations
             .values()
@@ -1854,8 +1988,9 @@ impl Ledger {
                 id: record.id.to_string(),
                 key: record.key.clone(),
                 state: key_state(record, at),
-                licenses: record.licenses(),
+                licenses: record.licenses(at),
                 in_use: record.in_use,
+                ended_early: record.ended_early,
                 donated: record.donated,
                 received: record.received.clone(),
                 meta: record.meta.clone(),
@@ -1958,6 +2093,7 @@ impl Ledger {
             reports: self.reports.clone(),
             accepted_serials: self.accepted_serials.clone(),
             issued_serials: self.issued_serials.clone(),
+            ended_early: self.ended_early.clone(),
         }
     }
 
@@ -1976,6 +2112,7 @@ impl Ledger {
             reports: &'a BTreeMap<String, UsageReport>,
             accepted_serials: &'a BTreeMap<String, u64>,
             issued_serials: &'a BTreeMap<String, u64>,
+            ended_early: &'a BTreeMap<String, Vec<i64>>,
         }
         fn compact_rows<S: serde::Serializer>(
             leases: &[&Lease],
@@ -2007,6 +2144,7 @@ impl Ledger {
             reports: &self.reports,
             accepted_serials: &self.accepted_serials,
             issued_serials: &self.issued_serials,
+            ended_early: &self.ended_early,
         };
         serde_json::to_vec(&snapshot).expect("the ledger serializes")
     }
@@ -2035,6 +2173,7 @@ impl Ledger {
             reports: snapshot.reports,
             accepted_serials: snapshot.accepted_serials,
             issued_serials: snapshot.issued_serials,
+            ended_early: snapshot.ended_early,
         });
         ledger.reserve_leases(snapshot.leases.len());
         let mut expiry = Vec::with_capacity(snapshot.leases.len());
@@ -2090,6 +2229,8 @@ impl Ledger {
             accepted_serials: BTreeMap<String, u64>,
             #[serde(default)]
             issued_serials: BTreeMap<String, u64>,
+            #[serde(default)]
+            ended_early: BTreeMap<String, Vec<i64>>,
         }
         let snapshot: SnapshotIn<'_> = serde_json::from_slice(bytes)?;
         let mut ledger = Ledger::new(config);
@@ -2102,6 +2243,7 @@ impl Ledger {
             reports: snapshot.reports,
             accepted_serials: snapshot.accepted_serials,
             issued_serials: snapshot.issued_serials,
+            ended_early: snapshot.ended_early,
         });
         ledger.reserve_leases(snapshot.leases.len());
         let mut expiry = Vec::with_capacity(snapshot.leases.len());
@@ -2146,6 +2288,8 @@ impl Ledger {
         self.reports = header.reports;
         self.accepted_serials = header.accepted_serials;
         self.issued_serials = header.issued_serials;
+        self.ended_early = header.ended_early;
+        self.recount_ended_early();
         self.recount_donated();
     }
 
@@ -2160,7 +2304,7 @@ impl Ledger {
         self.expiry = expiry.into_iter().collect();
         for (key_id, record) in &self.keys {
             assert!(
-                record.in_use + record.donated <= record.licenses(),
+                record.used() <= record.licenses(self.last_at_ms),
                 "snapshot over-issues key {key_id}"
             );
         }
@@ -2225,7 +2369,11 @@ impl Ledger {
             if lease.expires_at_ms <= self.last_at_ms {
                 return Err(format!("lease {lease_id} outlived its expiry"));
             }
-            if lease.expires_at_ms > record.valid_until_ms() {
+            let until = match &record.received {
+                Some(received) => received.usable_until_max_ms(),
+                None => record.valid_until_ms(),
+            };
+            if lease.expires_at_ms > until {
                 return Err(format!("lease {lease_id} outlives its key"));
             }
             if self.station_lease(&lease.station, &lease.key_id) != Some(lease_id) {
@@ -2264,12 +2412,43 @@ impl Ledger {
                     record.in_use
                 ));
             }
-            if in_use + record.donated > record.licenses() {
+            let ended_early = self.ended_early.get(key_id).map_or(0, |e| e.len() as u32);
+            if ended_early != record.ended_early {
                 return Err(format!(
-                    "key {key_id} over-issued: {in_use} leases and {} donated for {} licenses",
-                    record.donated,
-                    record.licenses()
+                    "key {key_id} counts leases that ended early wrongly"
                 ));
+            }
+            let at = self.last_at_ms;
+            if record.used() > record.licenses(at) {
+                return Err(format!(
+                    "key {key_id} over-issued: {in_use} leases, {ended_early} ended early and {} donated for {} licenses",
+                    record.donated,
+                    record.licenses(at)
+                ));
+            }
+            // A pool that shrinks later: what still runs then fits in what is left then.
+            if let Some(received) = &record.received {
+                for (_, end) in received.grants().filter(|(_, end)| *end > at) {
+                    let running = self
+                        .leases
+                        .values()
+                        .filter(|lease| &*lease.key_id == key_id && lease.expires_at_ms > end)
+                        .count() as u32
+                        + self
+                            .ended_early
+                            .get(key_id)
+                            .into_iter()
+                            .flatten()
+                            .filter(|expires| **expires > end)
+                            .count() as u32
+                        + self.donated_after(key_id, end);
+                    if running > received.capacity_at(end) {
+                        return Err(format!(
+                            "pool {key_id} over-issued after {end}: {running} still running for {} licenses",
+                            received.capacity_at(end)
+                        ));
+                    }
+                }
             }
         }
         Ok(())
@@ -2286,6 +2465,7 @@ struct RestoredHeader {
     reports: BTreeMap<String, UsageReport>,
     accepted_serials: BTreeMap<String, u64>,
     issued_serials: BTreeMap<String, u64>,
+    ended_early: BTreeMap<String, Vec<i64>>,
 }
 
 /// One lease as read back from a snapshot, whatever owns its strings.

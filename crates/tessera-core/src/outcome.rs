@@ -94,6 +94,10 @@ pub enum Outcome {
         donor: String,
         serial: u64,
         leases_ended: u32,
+        /// The latest expiry a station of the ended leases was told: they may use their
+        /// licenses until then, so the donor hears of the return only after it.
+        #[serde(default)]
+        stations_until_ms: i64,
     },
     UsageReportRecorded {
         from: String,

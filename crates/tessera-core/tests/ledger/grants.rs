@@ -381,11 +381,22 @@ fn lowering_a_donation_frees_licenses_only_when_the_larger_grant_is_gone() {
     let regrant = child.ledger.donation("k1@parent", "grandchild").unwrap();
     assert!(regrant.lease_until_ms <= old_end - SKEW_MS);
     // When it lapses the pool is down to the new grant: the re-grants lapsed with it, and
-    // the child's newest leases end to fit.
+    // the leases taken beyond the new grant ran out with it (they were capped at its end).
     assert_eq!(
         child.checkouts(old_end - 20_000, 4),
         2,
         "4, less the 2 donated further"
+    );
+    let expiries: Vec<i64> = child
+        .ledger
+        .leases()
+        .iter()
+        .map(|l| l.expires_at_ms)
+        .collect();
+    assert_eq!(
+        expiries.iter().filter(|e| **e == old_end).count(),
+        1,
+        "one fits in the new grant; the other ends with the larger one"
     );
     child.apply(old_end, Command::Expire);
     let pool = child.view("k1@parent");
@@ -404,7 +415,7 @@ fn lowering_a_donation_frees_licenses_only_when_the_larger_grant_is_gone() {
 }
 
 #[test]
-fn a_released_grant_comes_back_at_once_and_cannot_be_replayed() {
+fn a_released_grant_comes_back_once_its_stations_stop_and_cannot_be_replayed() {
     let (mut parent, mut child, _) = network();
     parent.donate(BASE_MS, "k1", &child, 4, BASE_MS + 100 * HOUR_MS);
     let grant = parent.grant("k1", "child");
@@ -413,6 +424,7 @@ fn a_released_grant_comes_back_at_once_and_cannot_be_replayed() {
     let Outcome::GrantReleased {
         serial,
         leases_ended,
+        stations_until_ms,
         ..
     } = child.apply(
         BASE_MS + 5,
@@ -424,6 +436,9 @@ fn a_released_grant_comes_back_at_once_and_cannot_be_replayed() {
         panic!()
     };
     assert_eq!((serial, leases_ended), (1, 2));
+    // Their stations hear of it at their next heartbeat at best: they may use the licenses
+    // until the expiry they were told, so the return is reported only after it.
+    assert_eq!(stations_until_ms, BASE_MS + 30_000);
     parent.apply(
         BASE_MS + 5,
         Command::EndDonation {
@@ -446,6 +461,221 @@ fn a_released_grant_comes_back_at_once_and_cannot_be_replayed() {
         refusal(child.accept(BASE_MS + 7, grant)).code(),
         "grant_replayed"
     );
+}
+
+#[test]
+fn leases_that_ended_early_count_against_the_pool_if_it_comes_back() {
+    let (mut parent, mut child, _) = network();
+    parent.donate(BASE_MS, "k1", &child, 4, BASE_MS + 100 * HOUR_MS);
+    child.accept(BASE_MS, parent.grant("k1", "child"));
+    assert_eq!(child.checkouts(BASE_MS, 3), 3);
+    child.apply(
+        BASE_MS + 5,
+        Command::ReleaseGrant {
+            key_id: "k1@parent".into(),
+        },
+    );
+    // Donated again before the old grant came back: the parent counts the larger of the
+    // two grants, so the child's three stations still running count in the new pool.
+    parent.donate(BASE_MS + 10, "k1", &child, 4, BASE_MS + 100 * HOUR_MS);
+    assert_eq!(parent.view("k1").donated, 4);
+    child.accept(BASE_MS + 10, parent.grant("k1", "child"));
+    let pool = child.view("k1@parent");
+    assert_eq!((pool.in_use, pool.ended_early), (0, 3));
+    assert_eq!(child.checkouts(BASE_MS + 20, 4), 1);
+    child.ledger.check_invariants().unwrap();
+    // Once they ran out, the pool is whole again.
+    child.apply(BASE_MS + 30_000, Command::Expire);
+    assert_eq!(child.view("k1@parent").ended_early, 0);
+    assert_eq!(child.checkouts(BASE_MS + 30_000, 4), 3);
+}
+
+#[test]
+fn leases_resting_on_an_earlier_larger_grant_run_out_with_it_and_none_ends_early() {
+    let (mut parent, mut child, _) = network();
+    parent.donate(BASE_MS, "k1", &child, 3, BASE_MS + 100 * HOUR_MS);
+    child.accept(BASE_MS, parent.grant("k1", "child"));
+    assert_eq!(child.checkouts(BASE_MS, 3), 3);
+    // Lowered to one license: the new grant runs an hour from now, the larger one ends
+    // first.
+    parent.donate(BASE_MS + 1000, "k1", &child, 1, BASE_MS + 100 * HOUR_MS);
+    child.accept(BASE_MS + 1000, parent.grant("k1", "child"));
+    let old_end = BASE_MS + HOUR_MS - SKEW_MS;
+    let new_end = BASE_MS + 1000 + HOUR_MS - SKEW_MS;
+    // Every station asks for two hours: one lease fits in the new grant, the others end
+    // with the larger one, and each station is told so.
+    let mut told: Vec<i64> = child
+        .ledger
+        .leases()
+        .iter()
+        .map(|lease| {
+            let outcome = child.apply(
+                BASE_MS + 2000,
+                Command::Heartbeat {
+                    lease_id: lease.lease_id.clone(),
+                    lease_ttl_ms: 2 * HOUR_MS,
+                },
+            );
+            let Outcome::LeaseRenewed { lease } = outcome else {
+                panic!("{outcome:?}")
+            };
+            lease.expires_at_ms
+        })
+        .collect();
+    told.sort();
+    assert_eq!(told, vec![old_end, old_end, new_end]);
+    // A station checking in frees a license now, and one taken in its place ends with the
+    // larger grant too.
+    let capped = child
+        .ledger
+        .leases()
+        .into_iter()
+        .find(|l| l.expires_at_ms == old_end)
+        .unwrap();
+    child.apply(
+        BASE_MS + 3000,
+        Command::Checkin {
+            lease_id: capped.lease_id,
+        },
+    );
+    assert_eq!(child.checkouts(BASE_MS + 3000, 2), 1);
+    let beyond = child
+        .ledger
+        .leases()
+        .into_iter()
+        .map(|lease| {
+            let outcome = child.apply(
+                BASE_MS + 4000,
+                Command::Heartbeat {
+                    lease_id: lease.lease_id,
+                    lease_ttl_ms: 2 * HOUR_MS,
+                },
+            );
+            let Outcome::LeaseRenewed { lease } = outcome else {
+                panic!("{outcome:?}")
+            };
+            lease.expires_at_ms
+        })
+        .filter(|expires| *expires > old_end)
+        .count();
+    assert_eq!(beyond, 1);
+    child.ledger.check_invariants().unwrap();
+    // Nothing ends before the expiry its station was told: at the larger grant's end the
+    // capped leases run out, the pool is down to one license, and it is in use.
+    child.apply(old_end - 1, Command::Expire);
+    assert_eq!(child.ledger.lease_count(), 3);
+    child.apply(old_end, Command::Expire);
+    let pool = child.view("k1@parent");
+    assert_eq!((pool.licenses, pool.in_use), (1, 1));
+}
+
+#[test]
+fn a_shorter_grant_never_cuts_a_lease_short() {
+    let (mut parent, mut child, _) = network();
+    parent.donate(BASE_MS, "k1", &child, 2, BASE_MS + 100 * HOUR_MS);
+    child.accept(BASE_MS, parent.grant("k1", "child"));
+    child.checkouts(BASE_MS, 1);
+    let lease = child.ledger.leases()[0].lease_id.clone();
+    let Outcome::LeaseRenewed { lease: told } = child.apply(
+        BASE_MS + 1000,
+        Command::Heartbeat {
+            lease_id: lease.clone(),
+            lease_ttl_ms: HOUR_MS / 2,
+        },
+    ) else {
+        panic!()
+    };
+    // The administrator moves the donation's end date to ten minutes from now.
+    parent.donate(BASE_MS + 2000, "k1", &child, 2, BASE_MS + HOUR_MS / 6);
+    child.accept(BASE_MS + 2000, parent.grant("k1", "child"));
+    assert_eq!(
+        child.ledger.lease(&lease).unwrap().expires_at_ms,
+        told.expires_at_ms,
+        "the earlier grant still counts at the parent: the lease keeps its expiry"
+    );
+    // Its station's next heartbeat gets no more than the new grant (nothing past its end):
+    // the lease keeps the expiry it was told, and then ends.
+    let Outcome::LeaseRenewed { lease: again } = child.apply(
+        BASE_MS + 3000,
+        Command::Heartbeat {
+            lease_id: lease,
+            lease_ttl_ms: 2 * HOUR_MS,
+        },
+    ) else {
+        panic!()
+    };
+    assert_eq!(again.expires_at_ms, told.expires_at_ms);
+    let new_end = BASE_MS + HOUR_MS / 6 - SKEW_MS;
+    assert!(child.checkouts(new_end - 1000, 1) == 1);
+    assert!(
+        child
+            .ledger
+            .leases()
+            .iter()
+            .all(|l| l.expires_at_ms <= told.expires_at_ms)
+    );
+    child.ledger.check_invariants().unwrap();
+}
+
+#[test]
+fn one_donation_of_a_key_to_a_neighbour_at_a_time_and_serials_per_key() {
+    // The site holds k1 from hq directly and through the branch: two pools of one key.
+    let (mut hq, mut branch, _) = network();
+    let mut site = Server::new("site", 13);
+    let mut shop = Server::new("shop", 14);
+    hq.donate(BASE_MS, "k1", &branch, 4, BASE_MS + 100 * HOUR_MS);
+    branch.accept(BASE_MS, hq.grant("k1", "child"));
+    hq.donate(BASE_MS, "k1", &site, 2, BASE_MS + 100 * HOUR_MS);
+    site.accept(BASE_MS, hq.grant("k1", "site"));
+    branch.donate(BASE_MS, "k1@parent", &site, 2, BASE_MS + 50 * HOUR_MS);
+    site.accept(BASE_MS, branch.grant("k1@parent", "site"));
+    site.donate(BASE_MS, "k1@parent", &shop, 1, BASE_MS + 50 * HOUR_MS);
+    shop.accept(BASE_MS, site.grant("k1@parent", "shop"));
+    site.apply(
+        BASE_MS + 1000,
+        Command::RenewDonations { to: "shop".into() },
+    );
+    shop.accept(BASE_MS + 1000, site.grant("k1@parent", "shop"));
+    // The shop keeps one pool of k1 from the site: a second donation of k1 is refused.
+    let refused = refusal(site.apply(
+        BASE_MS + 2000,
+        Command::Donate {
+            key_id: "k1@child".into(),
+            to: "shop".into(),
+            receiver_public_key: shop.public().to_base64(),
+            licenses: 1,
+            until_ms: BASE_MS + 50 * HOUR_MS,
+            renewal_period_ms: HOUR_MS,
+        },
+    ));
+    assert_eq!(refused.code(), "donation_refused");
+    assert!(
+        refused.to_string().contains("one donation of a key"),
+        "{refused}"
+    );
+    // Once the first donation is over, the other pool may donate, numbered after it.
+    site.apply(
+        BASE_MS + 3000,
+        Command::EndDonation {
+            key_id: "k1@parent".into(),
+            to: "shop".into(),
+        },
+    );
+    site.apply(
+        BASE_MS + 3000,
+        Command::GrantReturned {
+            key_id: "k1@parent".into(),
+            to: "shop".into(),
+            serial: 2,
+        },
+    );
+    site.donate(BASE_MS + 4000, "k1@child", &shop, 1, BASE_MS + 50 * HOUR_MS);
+    let grant = site.grant("k1@child", "shop");
+    assert_eq!(grant.last().serial, 3);
+    assert!(matches!(
+        shop.accept(BASE_MS + 4000, grant),
+        Outcome::GrantAccepted { serial: 3, .. }
+    ));
 }
 
 #[test]

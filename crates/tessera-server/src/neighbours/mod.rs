@@ -127,9 +127,10 @@ pub struct LinkState {
     /// holding. A receiver that held a grant and then reports nothing, without having given
     /// it back, lost it.
     pub acknowledged: BTreeMap<String, u64>,
-    /// Receiver side: grants given back (vendor key id → serial) the donor has not yet
+    /// Receiver side: grants given back (vendor key id → serial, and from when the donor
+    /// may hear of it: once the stations of the ended leases stopped) the donor has not yet
     /// confirmed hearing about.
-    pub returned_pending: BTreeMap<String, u64>,
+    pub returned_pending: BTreeMap<String, (u64, i64)>,
 }
 
 /// Per-neighbour link states.
@@ -365,20 +366,26 @@ impl AppState {
         })
     }
 
-    /// Receiver side: the grants of `donor` this server no longer uses. Those it gave back,
-    /// and for each one it holds, the serials before it, unless an earlier, larger grant
-    /// still counts here (then nothing is confirmed until it lapses).
+    /// Receiver side: the grants of `donor` this server no longer uses. Those it gave back
+    /// whose stations stopped using them, and for each one it holds, the serials before it,
+    /// unless an earlier grant still counts here (then nothing is confirmed until it lapses).
     fn returned_to(&self, donor: &str) -> Vec<Returned> {
-        let mut returned = self.links.get(donor).returned_pending;
+        let now_ms = self.stamper.now_ms();
+        let mut returned: BTreeMap<String, u64> = self
+            .links
+            .get(donor)
+            .returned_pending
+            .into_iter()
+            .filter(|(_, (_, from_ms))| *from_ms <= now_ms)
+            .map(|(key_id, (serial, _))| (key_id, serial))
+            .collect();
         let superseded: Vec<(String, u64)> = self.consensus.read(|ledger| {
             ledger
                 .keys(ledger.last_at_ms())
                 .into_iter()
                 .filter_map(|view| {
                     let received = view.received.as_ref()?;
-                    (received.donor == donor
-                        && received.serial > 1
-                        && view.licenses == received.licenses)
+                    (received.donor == donor && received.serial > 1 && received.floor.is_empty())
                         .then(|| (view.key.payload.key_id.clone(), received.serial - 1))
                 })
                 .collect()
@@ -554,12 +561,16 @@ impl AppState {
                 Ok(Outcome::GrantReleased {
                     serial,
                     leases_ended,
+                    stations_until_ms,
                     ..
                 }) => {
                     let key_id = vendor_key_id(&pool).to_string();
                     self.links.update(&donor.id, |link| {
-                        let entry = link.returned_pending.entry(key_id.clone()).or_insert(0);
-                        *entry = (*entry).max(serial);
+                        let entry = link
+                            .returned_pending
+                            .entry(key_id.clone())
+                            .or_insert((0, stations_until_ms));
+                        *entry = (entry.0.max(serial), entry.1.max(stations_until_ms));
                     });
                     self.history.key_event(
                         at_ms,
@@ -736,6 +747,8 @@ impl AppState {
                     .outstanding
                     .iter()
                     .any(|o| o.serial == h.serial && o.licenses == h.licenses),
+                // Ended: the receiver gives it back (and says so once its stations stopped).
+                None if donation.ended || donation.donation_until_ms <= now_ms => true,
                 None => !acknowledged.get(&donation.key_id).is_some_and(|serial| {
                     donation
                         .outstanding
@@ -964,7 +977,12 @@ impl AppState {
             }
             // The donor has heard of these.
             for r in &returned {
-                if link.returned_pending.get(&r.key_id) == Some(&r.serial) {
+                if link
+                    .returned_pending
+                    .get(&r.key_id)
+                    .map(|(serial, _)| serial)
+                    == Some(&r.serial)
+                {
                     link.returned_pending.remove(&r.key_id);
                 }
             }
@@ -1109,6 +1127,14 @@ impl AppState {
         let Some(last) = link.last_renew_ms else {
             return true;
         };
+        // A grant given back whose stations stopped: the donor should hear of it now.
+        if link
+            .returned_pending
+            .values()
+            .any(|(_, from_ms)| *from_ms <= now_ms)
+        {
+            return true;
+        }
         let since = now_ms - last;
         let grants: Vec<(i64, i64, i64)> = self.consensus.read(|ledger| {
             ledger

@@ -736,7 +736,7 @@ async fn tamper(net: &Net, id: &str, command: tessera_core::Command) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ending_a_donation_calls_the_licenses_back_at_once() {
+async fn ending_a_donation_calls_the_licenses_back_once_the_stations_stop() {
     let net = Net::start(&[
         ("hq", vec![child("branch")]),
         ("branch", vec![parent("hq")]),
@@ -756,23 +756,31 @@ async fn ending_a_donation_calls_the_licenses_back_at_once() {
     assert_eq!(net.checkouts("hq", "h", 10).await, 6);
     net.assert_safe(&licenses).await;
 
-    // Ended: the child is asked to give the grant back, does, and the parent has the
-    // licenses at once (not one renewal period later).
+    // Ended: the child is asked to give the grant back and does at once; its leases end and
+    // a station hears so at its next heartbeat. Until the expiry they were told the stations
+    // may still use their licenses, so the parent counts them until then and has them back
+    // at the child's first renewal request after it (not one renewal period later).
     let ended = hq.end_donation("K", "branch").await.unwrap();
-    assert_eq!((ended.state.as_str(), ended.donated_now), ("ended", 0));
-    let own = net.key_summary("hq", "K").await.unwrap();
-    assert_eq!((own.donated_out, own.free), (0, 4));
+    assert_eq!(ended.state.as_str(), "ended");
     assert!(net.key_summary("branch", "K@hq").await.is_none());
     let gone = branch.heartbeat(&lease.lease_id).await.unwrap_err();
     assert_eq!(code(gone), (404, "lease_not_found".to_string()));
-    net.assert_safe(&licenses).await;
     assert!(
         net.messages("branch", "grant_released").await[0]
             .contains("called back the licenses of K@hq: 4 leases ended")
     );
+    let own = net.key_summary("hq", "K").await.unwrap();
+    assert_eq!((own.donated_out, own.free), (4, 0));
+    net.assert_safe(&licenses).await;
+    net.advance(599_000);
+    assert!(net.tick("branch").await.is_empty());
+    assert_eq!(net.key_summary("hq", "K").await.unwrap().donated_out, 4);
+    net.advance(1000);
+    assert!(net.tick("branch").await.is_empty());
+    assert_eq!(net.key_summary("hq", "K").await.unwrap().donated_out, 0);
     assert!(net.messages("hq", "licenses_returned").await[0].contains("gave back 4 licenses of K"));
     assert!(hq.donations().await.unwrap().is_empty());
-    assert_eq!(net.checkouts("hq", "h2", 10).await, 4);
+    assert_eq!(net.checkouts("hq", "h2", 12).await, 10);
     net.assert_safe(&licenses).await;
     // The child's next renewal finds nothing to renew and no difference.
     net.advance(20 * 60_000);
@@ -806,7 +814,22 @@ async fn ending_a_donation_calls_back_what_the_child_donated_further() {
     net.assert_safe(&licenses).await;
 
     hq.end_donation("K", "branch").await.unwrap();
+    // The site gives its re-grant back at once; the branch can give its own grant back
+    // once the site's stations stopped and the site said so; then the parent has all its
+    // licenses again once the branch's stations stopped too. Each step comes with the
+    // ordinary exchanges, within a few sync periods.
     assert!(net.key_summary("site", "K@branch").await.is_none());
+    net.assert_safe(&licenses).await;
+    let mut minutes = 0;
+    while net.key_summary("hq", "K").await.unwrap().donated_out > 0 {
+        assert!(minutes < 60, "the licenses never came back");
+        net.advance(60_000);
+        minutes += 1;
+        for id in ["site", "branch", "hq"] {
+            net.tick(id).await;
+        }
+    }
+    assert!(minutes >= 10, "not before the site's stations stopped");
     assert!(net.key_summary("branch", "K@hq").await.is_none());
     assert!(net.admin("branch").donations().await.unwrap().is_empty());
     let own = net.key_summary("hq", "K").await.unwrap();
