@@ -2418,8 +2418,11 @@ impl Ledger {
                     "key {key_id} counts leases that ended early wrongly"
                 ));
             }
+            // Leases that ended early may exceed a pool that came back smaller: the donor
+            // still counts the released grant they came from until they ran out. Nothing
+            // else may be added then.
             let at = self.last_at_ms;
-            if record.used() > record.licenses(at) {
+            if record.used() > record.licenses(at).max(ended_early) {
                 return Err(format!(
                     "key {key_id} over-issued: {in_use} leases, {ended_early} ended early and {} donated for {} licenses",
                     record.donated,
@@ -2429,20 +2432,21 @@ impl Ledger {
             // A pool that shrinks later: what still runs then fits in what is left then.
             if let Some(received) = &record.received {
                 for (_, end) in received.grants().filter(|(_, end)| *end > at) {
+                    let ended_early = self
+                        .ended_early
+                        .get(key_id)
+                        .into_iter()
+                        .flatten()
+                        .filter(|expires| **expires > end)
+                        .count() as u32;
                     let running = self
                         .leases
                         .values()
                         .filter(|lease| &*lease.key_id == key_id && lease.expires_at_ms > end)
                         .count() as u32
-                        + self
-                            .ended_early
-                            .get(key_id)
-                            .into_iter()
-                            .flatten()
-                            .filter(|expires| **expires > end)
-                            .count() as u32
+                        + ended_early
                         + self.donated_after(key_id, end);
-                    if running > received.capacity_at(end) {
+                    if running > received.capacity_at(end).max(ended_early) {
                         return Err(format!(
                             "pool {key_id} over-issued after {end}: {running} still running for {} licenses",
                             received.capacity_at(end)

@@ -1,93 +1,152 @@
-//! `tessera-sim`: run the network simulation for one seed or a range of seeds.
+//! `tessera-sim`: runs the network simulation for one seed or a range of seeds and prints one
+//! line per seed; a failure prints its seed, step, server, counts and the command replaying
+//! it, and the exit status is 1.
 //!
 //! ```text
-//! tessera-sim --seed 7 [--servers 100] [--days 60] [--ignore-skew-margin]
-//! tessera-sim --seeds 1..200
+//! tessera-sim --seed 7                       # one seed of the CI network
+//! tessera-sim --seeds 1..100 --held ledger   # many seeds, one line each
 //! ```
+//!
+//! Options: `--seed N` or `--seeds A..B`, `--servers N`, `--days N`, `--fault-days N`,
+//! `--contended`, `--no-double-count`, `--held station|ledger`,
+//! `--broken no-skew-margin|sign-before-commit|return-at-once`.
 
 use std::process::ExitCode;
 
-use tessera_sim::{SimConfig, simulate};
+use tessera_sim::{BrokenRule, HeldRule, SimConfig, try_simulate};
+
+const USAGE: &str = "usage: tessera-sim [--seed N | --seeds A..B] [--servers N] [--days N] [--fault-days N] [--contended] [--no-double-count] [--held station|ledger] [--broken no-skew-margin|sign-before-commit|return-at-once]";
+
+struct Options {
+    seeds: Vec<u64>,
+    contended: bool,
+    no_double_count: bool,
+    servers: Option<usize>,
+    days: Option<i64>,
+    fault_days: Option<i64>,
+    held: Option<HeldRule>,
+    broken: Option<BrokenRule>,
+}
+
+fn parse(args: &[String]) -> Result<Options, String> {
+    let mut options = Options {
+        seeds: vec![1],
+        contended: false,
+        no_double_count: false,
+        servers: None,
+        days: None,
+        fault_days: None,
+        held: None,
+        broken: None,
+    };
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let mut value = || {
+            args.next()
+                .cloned()
+                .ok_or_else(|| format!("{arg} takes a value"))
+        };
+        match arg.as_str() {
+            "--seed" => {
+                let seed = value()?;
+                options.seeds = vec![seed.parse().map_err(|_| "--seed takes a number")?];
+            }
+            "--seeds" => {
+                let range = value()?;
+                let (a, b) = range
+                    .split_once("..")
+                    .ok_or("--seeds takes A..B (B excluded)")?;
+                let (a, b): (u64, u64) = (
+                    a.parse().map_err(|_| "--seeds takes A..B")?,
+                    b.parse().map_err(|_| "--seeds takes A..B")?,
+                );
+                if a >= b {
+                    return Err("--seeds takes A..B with A < B".into());
+                }
+                options.seeds = (a..b).collect();
+            }
+            "--servers" => {
+                options.servers = Some(value()?.parse().map_err(|_| "--servers takes a number")?)
+            }
+            "--days" => options.days = Some(value()?.parse().map_err(|_| "--days takes a number")?),
+            "--fault-days" => {
+                options.fault_days = Some(
+                    value()?
+                        .parse()
+                        .map_err(|_| "--fault-days takes a number")?,
+                )
+            }
+            "--contended" => options.contended = true,
+            "--no-double-count" => options.no_double_count = true,
+            "--held" => {
+                options.held =
+                    Some(HeldRule::parse(&value()?).ok_or("--held takes station or ledger")?)
+            }
+            "--broken" => {
+                options.broken =
+                    Some(BrokenRule::parse(&value()?).ok_or(
+                        "--broken takes no-skew-margin, sign-before-commit or return-at-once",
+                    )?)
+            }
+            "-h" | "--help" => return Err(String::new()),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(options)
+}
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let value = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let seeds: Vec<u64> = match (value("--seed"), value("--seeds")) {
-        (Some(seed), _) => match seed.parse() {
-            Ok(seed) => vec![seed],
-            Err(_) => return usage("--seed takes a number"),
-        },
-        (None, Some(range)) => {
-            let Some((a, b)) = range.split_once("..") else {
-                return usage("--seeds takes A..B");
-            };
-            match (a.parse::<u64>(), b.parse::<u64>()) {
-                (Ok(a), Ok(b)) if a < b => (a..b).collect(),
-                _ => return usage("--seeds takes A..B with A < B"),
+    let options = match parse(&args) {
+        Ok(options) => options,
+        Err(problem) => {
+            if !problem.is_empty() {
+                eprintln!("{problem}");
             }
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
         }
-        (None, None) => vec![1],
     };
-    let mut failed = false;
-    for seed in seeds {
-        let mut config = if args.iter().any(|a| a == "--contended") {
+    let mut failed = 0;
+    for &seed in &options.seeds {
+        let mut config = if options.contended {
             SimConfig::contended(seed)
         } else {
             SimConfig::ci(seed)
         };
-        if let Some(servers) = value("--servers").and_then(|v| v.parse().ok()) {
+        if let Some(servers) = options.servers {
             config.servers = servers;
         }
-        if let Some(days) = value("--days").and_then(|v| v.parse().ok()) {
+        if let Some(days) = options.days {
+            config.fault_days = (days - SimConfig::quiet_days(config.preset)).max(0);
             config.days = days;
         }
-        config.ignore_skew_margin = args.iter().any(|a| a == "--ignore-skew-margin");
-        match simulate(config) {
-            Ok(report) => {
-                if let Some(d) = &report.disagreement {
-                    println!("seed {seed}: not converged: {d}");
-                    println!("seed {seed}: refusals: {:?}", report.refusals);
-                }
-                println!(
-                    "seed {seed}: ok — {} steps, {} applies, {} donations, {} grants accepted / {} refused, {} checkouts / {} denied, {} partitions, {} crashes, {} messages lost, {} replays, peak {} licenses held; converged after {} sync periods",
-                    report.steps,
-                    report.applies,
-                    report.donations,
-                    report.grants_accepted,
-                    report.grants_refused,
-                    report.checkouts,
-                    report.denials,
-                    report.partitions,
-                    report.crashes,
-                    report.messages_lost,
-                    report.replays,
-                    report.peak_held,
-                    report
-                        .convergence_sync_periods
-                        .map_or("(not converged)".into(), |n| n.to_string())
-                )
-            }
+        if let Some(fault_days) = options.fault_days {
+            config.fault_days = fault_days;
+        }
+        if let Some(held) = options.held {
+            config.held_rule = held;
+        }
+        config.broken = options.broken;
+        config.check_double_count = !options.no_double_count;
+        match try_simulate(config) {
+            Ok(report) => println!("{}", report.summary()),
             Err(violation) => {
                 println!("FAILED: {violation}");
-                failed = true;
+                failed += 1;
             }
         }
     }
-    if failed {
+    if options.seeds.len() > 1 {
+        println!(
+            "{} of {} seeds passed",
+            options.seeds.len() - failed,
+            options.seeds.len()
+        );
+    }
+    if failed > 0 {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
     }
-}
-
-fn usage(problem: &str) -> ExitCode {
-    eprintln!(
-        "{problem}\nusage: tessera-sim [--seed N | --seeds A..B] [--servers N] [--days N] [--ignore-skew-margin]"
-    );
-    ExitCode::from(2)
 }

@@ -385,7 +385,12 @@ impl AppState {
                 .into_iter()
                 .filter_map(|view| {
                     let received = view.received.as_ref()?;
-                    (received.donor == donor && received.serial > 1 && received.floor.is_empty())
+                    // Not while leases of a released grant still run: the donor counts them
+                    // under that grant until it hears of its return.
+                    (received.donor == donor
+                        && received.serial > 1
+                        && received.floor.is_empty()
+                        && view.ended_early == 0)
                         .then(|| (view.key.payload.key_id.clone(), received.serial - 1))
                 })
                 .collect()
