@@ -1224,6 +1224,13 @@ impl Ledger {
         let Some(lease) = self.leases.get(lease_id) else {
             return lease_not_found(lease_id);
         };
+        // A received grant whose end date came while the lease still had time (told under an
+        // earlier grant): its station hears now that the lease is over, so it ends now.
+        let record = &self.keys[&*lease.key_id];
+        if record.received.is_some() && at >= record.valid_until_ms() {
+            self.remove_lease(lease_id);
+            return lease_not_found(lease_id);
+        }
         let until = self.lease_cap(
             &self.keys[&*lease.key_id],
             Some(lease_id),

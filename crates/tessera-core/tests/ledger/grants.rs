@@ -614,6 +614,17 @@ fn a_shorter_grant_never_cuts_a_lease_short() {
             .iter()
             .all(|l| l.expires_at_ms <= told.expires_at_ms)
     );
+    // Past the end date, its next heartbeat tells the station the lease is over: it ends.
+    let outcome = child.apply(
+        new_end + 1000,
+        Command::Heartbeat {
+            lease_id: told.lease_id.clone(),
+            lease_ttl_ms: HOUR_MS,
+        },
+    );
+    assert_eq!(refusal(outcome).code(), "lease_not_found");
+    assert_eq!(child.ledger.lease_count(), 0);
+    child.ledger.check_invariants().unwrap();
     child.ledger.check_invariants().unwrap();
 }
 
