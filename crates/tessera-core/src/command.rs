@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::grant::Grant;
 use crate::key::LicenseKey;
-use crate::ledger::UsageReport;
+use crate::ledger::{AloneChanges, Share, UsageReport};
 use crate::sync::SyncResponse;
 
 /// A command with the primary's time. `at_ms` is milliseconds since the Unix epoch.
@@ -92,6 +92,14 @@ pub enum Command {
     ReleaseGrant { key_id: String },
     /// A neighbour's report of its active stations.
     RecordUsageReport { from: String, report: UsageReport },
+    /// Makes this ledger a redundant pair's, with the backup's share of every key in percent
+    /// (`None`: not a pair).
+    SetPairSplit { backup_percent: Option<u8> },
+    /// What the host of `share` did while the pair's hosts could not reach each other.
+    MergeAlone {
+        share: Share,
+        changes: Box<AloneChanges>,
+    },
 }
 
 impl Command {
@@ -119,6 +127,8 @@ impl Command {
             Command::AcceptGrant { .. } => "accept_grant",
             Command::ReleaseGrant { .. } => "release_grant",
             Command::RecordUsageReport { .. } => "record_usage_report",
+            Command::SetPairSplit { .. } => "set_pair_split",
+            Command::MergeAlone { .. } => "merge_alone",
         }
     }
 }

@@ -28,6 +28,10 @@ use crate::key::{KeyError, LicenseKey, is_name};
 use crate::outcome::{Outcome, Refusal};
 use crate::sync::{ServerCertificate, SyncError, SyncResponse};
 
+mod pair;
+
+pub use pair::{AloneChanges, AloneLease, Share};
+
 /// Upper bound on a lease's time to live, so a mistaken request cannot pin a seat for years.
 pub const LEASE_TTL_MS_MAX: i64 = 7 * 24 * 3600 * 1000;
 pub const FREE_TEXT_LENGTH_MAX: usize = 256;
@@ -283,6 +287,8 @@ struct KeyRecord {
     /// Leases of this pool that ended early (the grant was given back) whose stations may
     /// still use them until their expiry: counted as in use until then.
     ended_early: u32,
+    /// Of `in_use`, the leases paid by a pair's backup share (see `pair`).
+    in_use_backup: u32,
     received: Option<Received>,
     meta: KeyMeta,
 }
@@ -305,6 +311,7 @@ impl KeyRecord {
             in_use: 0,
             donated: 0,
             ended_early: 0,
+            in_use_backup: 0,
             received,
             meta,
         }
@@ -413,6 +420,11 @@ pub struct LedgerSnapshot {
     pub issued_serials: BTreeMap<String, u64>,
     #[serde(default)]
     pub ended_early: BTreeMap<String, Vec<i64>>,
+    #[serde(default)]
+    pub pair_backup_percent: Option<u8>,
+    /// Leases paid by a pair's backup share.
+    #[serde(default)]
+    pub backup_leases: Vec<String>,
 }
 
 /// Leases in snapshots as `[id, key, [components], station, user, host, issued, renewed, expires]`.
@@ -514,6 +526,8 @@ pub struct Ledger {
     /// heartbeat at best), so they count against the pool if it comes back, and the donor
     /// hears of the return only once they ran out.
     ended_early: BTreeMap<String, Vec<i64>>,
+    /// A redundant pair's shares, and the state of a host serving alone.
+    pair: pair::PairState,
     /// When the next grant lapses (a donation's lease plus skew, or a received grant's end).
     grant_due_ms: i64,
 }
@@ -534,6 +548,7 @@ impl Ledger {
             accepted_serials: BTreeMap::new(),
             issued_serials: BTreeMap::new(),
             ended_early: BTreeMap::new(),
+            pair: pair::PairState::default(),
             grant_due_ms: i64::MAX,
         }
     }
@@ -560,6 +575,12 @@ impl Ledger {
         let expired = self.end_due_leases(at);
         self.end_due_grants(at);
         let ended = expired.len() as u32;
+        if let Some(refused) = self.refused_alone(&entry.command) {
+            return Applied {
+                outcome: refused,
+                expired,
+            };
+        }
         let outcome = match &entry.command {
             Command::ImportKey { key } => self.import_key(key, at),
             Command::RemoveKey { key_id } => self.remove_key(key_id),
@@ -628,8 +649,11 @@ impl Ledger {
             Command::AcceptGrant { grant } => self.accept_grant(grant, at),
             Command::ReleaseGrant { key_id } => self.release_grant(key_id, at),
             Command::RecordUsageReport { from, report } => self.record_usage_report(from, report),
+            Command::SetPairSplit { backup_percent } => self.set_pair_split(*backup_percent, at),
+            Command::MergeAlone { share, changes } => self.merge_alone(*share, changes, at),
         };
         self.retire_replaced_keys(at);
+        self.rebalance(at);
         #[cfg(debug_assertions)]
         if let Err(violation) = self.check_invariants() {
             panic!("ledger invariant violated after {entry:?}: {violation}");
@@ -771,6 +795,9 @@ impl Ledger {
             .min()
             .map(|(_, lease_id)| lease_id.clone());
         if let Some(lease_id) = held {
+            if let Err(refused) = self.take_over(&lease_id, at) {
+                return *refused;
+            }
             let record = &self.keys[&*self.leases[&lease_id].key_id];
             let until = self.lease_cap(record, Some(&lease_id), at, at + request.lease_ttl_ms);
             let shared = record.component(component).cloned();
@@ -791,7 +818,7 @@ impl Ledger {
             .sum();
         let Some(chosen) = covering
             .iter()
-            .filter(|record| record.free(at) > 0)
+            .filter(|record| self.new_lease_share(record, at).is_some())
             .min_by_key(|record| (record.valid_until_ms(), record.id.clone()))
         else {
             return Outcome::Refused {
@@ -809,6 +836,7 @@ impl Ledger {
             };
         }
         let expires_at_ms = self.lease_cap(chosen, None, at, at + request.lease_ttl_ms);
+        let share = self.new_lease_share(chosen, at).expect("chosen for it");
         // A station already indexed shares its name with the index entry.
         let station = self
             .by_station
@@ -827,7 +855,9 @@ impl Ledger {
             expires_at_ms,
         };
         let view = lease.view();
+        let id = lease.id.clone();
         self.insert_lease(lease);
+        self.tag(&id, share);
         Outcome::LeaseGranted {
             lease: view,
             created: true,
@@ -1231,6 +1261,10 @@ impl Ledger {
             self.remove_lease(lease_id);
             return lease_not_found(lease_id);
         }
+        if let Err(refused) = self.take_over(lease_id, at) {
+            return *refused;
+        }
+        let lease = &self.leases[lease_id];
         let until = self.lease_cap(
             &self.keys[&*lease.key_id],
             Some(lease_id),
@@ -1262,6 +1296,9 @@ impl Ledger {
         // A renewal never shortens a lease: a late, duplicated heartbeat must not cut it, and
         // its station may already count on the expiry it was told.
         lease.expires_at_ms = lease.expires_at_ms.max(until);
+        if self.pair.alone.is_some() {
+            self.pair.touched.insert(lease.id.clone());
+        }
         lease.renewed_at_ms = at;
         self.expiry.insert((lease.expires_at_ms, lease.id.clone()));
         lease
@@ -1366,6 +1403,7 @@ impl Ledger {
         if let Some(record) = self.keys.get_mut(&*lease.key_id) {
             record.in_use -= 1;
         }
+        self.untag(&lease);
         Some(lease)
     }
 
@@ -2101,6 +2139,13 @@ impl Ledger {
             accepted_serials: self.accepted_serials.clone(),
             issued_serials: self.issued_serials.clone(),
             ended_early: self.ended_early.clone(),
+            pair_backup_percent: self.pair.backup_percent,
+            backup_leases: self
+                .pair
+                .backup_leases
+                .iter()
+                .map(|id| id.to_string())
+                .collect(),
         }
     }
 
@@ -2120,6 +2165,8 @@ impl Ledger {
             accepted_serials: &'a BTreeMap<String, u64>,
             issued_serials: &'a BTreeMap<String, u64>,
             ended_early: &'a BTreeMap<String, Vec<i64>>,
+            pair_backup_percent: Option<u8>,
+            backup_leases: Vec<&'a str>,
         }
         fn compact_rows<S: serde::Serializer>(
             leases: &[&Lease],
@@ -2152,6 +2199,8 @@ impl Ledger {
             accepted_serials: &self.accepted_serials,
             issued_serials: &self.issued_serials,
             ended_early: &self.ended_early,
+            pair_backup_percent: self.pair.backup_percent,
+            backup_leases: self.pair.backup_leases.iter().map(|id| &**id).collect(),
         };
         serde_json::to_vec(&snapshot).expect("the ledger serializes")
     }
@@ -2181,6 +2230,7 @@ impl Ledger {
             accepted_serials: snapshot.accepted_serials,
             issued_serials: snapshot.issued_serials,
             ended_early: snapshot.ended_early,
+            pair_backup_percent: snapshot.pair_backup_percent,
         });
         ledger.reserve_leases(snapshot.leases.len());
         let mut expiry = Vec::with_capacity(snapshot.leases.len());
@@ -2198,7 +2248,7 @@ impl Ledger {
                 },
             );
         }
-        ledger.finish_restore(expiry);
+        ledger.finish_restore(expiry, &snapshot.backup_leases);
         ledger
     }
 
@@ -2238,6 +2288,10 @@ impl Ledger {
             issued_serials: BTreeMap<String, u64>,
             #[serde(default)]
             ended_early: BTreeMap<String, Vec<i64>>,
+            #[serde(default)]
+            pair_backup_percent: Option<u8>,
+            #[serde(default)]
+            backup_leases: Vec<String>,
         }
         let snapshot: SnapshotIn<'_> = serde_json::from_slice(bytes)?;
         let mut ledger = Ledger::new(config);
@@ -2251,6 +2305,7 @@ impl Ledger {
             accepted_serials: snapshot.accepted_serials,
             issued_serials: snapshot.issued_serials,
             ended_early: snapshot.ended_early,
+            pair_backup_percent: snapshot.pair_backup_percent,
         });
         ledger.reserve_leases(snapshot.leases.len());
         let mut expiry = Vec::with_capacity(snapshot.leases.len());
@@ -2269,7 +2324,7 @@ impl Ledger {
                 },
             );
         }
-        ledger.finish_restore(expiry);
+        ledger.finish_restore(expiry, &snapshot.backup_leases);
         Ok(ledger)
     }
 
@@ -2296,6 +2351,7 @@ impl Ledger {
         self.accepted_serials = header.accepted_serials;
         self.issued_serials = header.issued_serials;
         self.ended_early = header.ended_early;
+        self.pair.backup_percent = header.pair_backup_percent;
         self.recount_ended_early();
         self.recount_donated();
     }
@@ -2306,9 +2362,18 @@ impl Ledger {
     }
 
     /// Builds the expiry index in one sorted bulk load, and checks the restored counts.
-    fn finish_restore(&mut self, mut expiry: Vec<(i64, Arc<str>)>) {
+    fn finish_restore(&mut self, mut expiry: Vec<(i64, Arc<str>)>, backup_leases: &[String]) {
         expiry.sort_unstable();
         self.expiry = expiry.into_iter().collect();
+        for lease_id in backup_leases {
+            if let Some(id) = self
+                .leases
+                .get(lease_id.as_str())
+                .map(|lease| lease.id.clone())
+            {
+                self.tag(&id, Share::Backup);
+            }
+        }
         for (key_id, record) in &self.keys {
             assert!(
                 record.used() <= record.licenses(self.last_at_ms),
@@ -2419,6 +2484,22 @@ impl Ledger {
                     record.in_use
                 ));
             }
+            let backup = self
+                .pair
+                .backup_leases
+                .iter()
+                .filter(|id| {
+                    self.leases
+                        .get(&***id)
+                        .is_some_and(|l| &*l.key_id == key_id)
+                })
+                .count() as u32;
+            if backup != record.in_use_backup {
+                return Err(format!(
+                    "key {key_id} counts {} leases of the backup share, tags say {backup}",
+                    record.in_use_backup
+                ));
+            }
             let ended_early = self.ended_early.get(key_id).map_or(0, |e| e.len() as u32);
             if ended_early != record.ended_early {
                 return Err(format!(
@@ -2477,6 +2558,7 @@ struct RestoredHeader {
     accepted_serials: BTreeMap<String, u64>,
     issued_serials: BTreeMap<String, u64>,
     ended_early: BTreeMap<String, Vec<i64>>,
+    pair_backup_percent: Option<u8>,
 }
 
 /// One lease as read back from a snapshot, whatever owns its strings.

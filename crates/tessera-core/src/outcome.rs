@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::grant::GrantError;
 use crate::key::KeyError;
-use crate::ledger::{Donation, LeaseView, RenewalResult};
+use crate::ledger::{Donation, LeaseView, RenewalResult, Share};
 use crate::sync::SyncError;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,6 +101,16 @@ pub enum Outcome {
     },
     UsageReportRecorded {
         from: String,
+    },
+    PairSplitSet {
+        backup_percent: Option<u8>,
+    },
+    AloneMerged {
+        share: Share,
+        leases_merged: u32,
+        leases_removed: u32,
+        /// Leases that no longer fit (their key shrank meanwhile): not merged.
+        leases_dropped: u32,
     },
     Refused {
         refusal: Refusal,

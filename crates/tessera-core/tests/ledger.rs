@@ -13,6 +13,8 @@ use tessera_core::{
 
 #[path = "ledger/grants.rs"]
 mod grants;
+#[path = "ledger/pair.rs"]
+mod pair;
 
 const BASE_MS: i64 = 1_800_000_000_000;
 const TTL_MS: i64 = 30_000;
