@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::grant::Grant;
 use crate::key::LicenseKey;
-use crate::ledger::{AloneChanges, Share, UsageReport};
+use crate::ledger::{AloneState, UsageReport};
 use crate::sync::SyncResponse;
 
 /// A command with the primary's time. `at_ms` is milliseconds since the Unix epoch.
@@ -95,11 +95,8 @@ pub enum Command {
     /// Makes this ledger a redundant pair's, with the backup's share of every key in percent
     /// (`None`: not a pair).
     SetPairSplit { backup_percent: Option<u8> },
-    /// What the host of `share` did while the pair's hosts could not reach each other.
-    MergeAlone {
-        share: Share,
-        changes: Box<AloneChanges>,
-    },
+    /// The pair is back together: what each host that served alone holds in its share.
+    MergeAlone { states: Vec<AloneState> },
 }
 
 impl Command {

@@ -30,7 +30,7 @@ use crate::sync::{ServerCertificate, SyncError, SyncResponse};
 
 mod pair;
 
-pub use pair::{AloneChanges, AloneLease, Share};
+pub use pair::{AloneLease, AloneState, Share};
 
 /// Upper bound on a lease's time to live, so a mistaken request cannot pin a seat for years.
 pub const LEASE_TTL_MS_MAX: i64 = 7 * 24 * 3600 * 1000;
@@ -650,7 +650,7 @@ impl Ledger {
             Command::ReleaseGrant { key_id } => self.release_grant(key_id, at),
             Command::RecordUsageReport { from, report } => self.record_usage_report(from, report),
             Command::SetPairSplit { backup_percent } => self.set_pair_split(*backup_percent, at),
-            Command::MergeAlone { share, changes } => self.merge_alone(*share, changes, at),
+            Command::MergeAlone { states } => self.merge_alone(states, at),
         };
         self.retire_replaced_keys(at);
         self.rebalance(at);
@@ -1296,9 +1296,6 @@ impl Ledger {
         // A renewal never shortens a lease: a late, duplicated heartbeat must not cut it, and
         // its station may already count on the expiry it was told.
         lease.expires_at_ms = lease.expires_at_ms.max(until);
-        if self.pair.alone.is_some() {
-            self.pair.touched.insert(lease.id.clone());
-        }
         lease.renewed_at_ms = at;
         self.expiry.insert((lease.expires_at_ms, lease.id.clone()));
         lease

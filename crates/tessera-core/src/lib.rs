@@ -27,7 +27,7 @@ pub use grant::{Grant, GrantError, GrantPayload, GrantSource};
 pub use identity::{IdentityError, PublicKey, SecretKey};
 pub use key::{KeyError, LicenseKey, LicenseKeyPayload};
 pub use ledger::{
-    AloneChanges, AloneLease, Applied, Donation, KeyMeta, KeyState, KeyView, LeaseView, Ledger,
+    AloneLease, AloneState, Applied, Donation, KeyMeta, KeyState, KeyView, LeaseView, Ledger,
     LedgerConfig, LedgerSnapshot, Outstanding, Received, RenewalResult, Share, StoredKey,
     SyncState, UsageReport, received_pool_id,
 };

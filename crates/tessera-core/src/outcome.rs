@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::grant::GrantError;
 use crate::key::KeyError;
-use crate::ledger::{Donation, LeaseView, RenewalResult, Share};
+use crate::ledger::{Donation, LeaseView, RenewalResult};
 use crate::sync::SyncError;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,7 +106,6 @@ pub enum Outcome {
         backup_percent: Option<u8>,
     },
     AloneMerged {
-        share: Share,
         leases_merged: u32,
         leases_removed: u32,
         /// Leases that no longer fit (their key shrank meanwhile): not merged.

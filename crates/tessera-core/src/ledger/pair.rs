@@ -17,10 +17,18 @@
 //! exceeds a key, whichever host died or whether the network only split. Admin changes wait
 //! for the pair (`invalid_request`).
 //!
-//! On reconnect each host's changes made alone (`Ledger::alone_changes`) enter the replicated
-//! log as `MergeAlone`: leases it created, renewed or took over (the later renewal of a lease
-//! wins, a station keeps one lease per key) and leases it ended (removed only if nobody renewed
-//! them later). No lease is lost, none is duplicated; then the shares are rebalanced.
+//! On reconnect both hosts' states enter the replicated log in one `MergeAlone`. Each host is
+//! the authority over its own share: what the pair holds afterwards is, for each share, the
+//! leases its host held in it when the pair came back (`Ledger::alone_state`) — including
+//! leases it took over — and for a host that never served alone (it was down), its share's
+//! leases as the log has them. A lease both hosts hold (one took it over) is kept once, as
+//! renewed last; a station keeps one lease per key. So no lease a station was told it holds is
+//! lost, none is duplicated, and a lease neither host holds in its own share — a checkout
+//! that was in the log but never acknowledged, which the other host never saw — does not
+//! come back to life. Then the shares are rebalanced.
+//!
+//! A host going alone first applies every entry of its own log, committed or not (an entry
+//! it has may have been acknowledged by the other host), then serves alone from there.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -57,12 +65,11 @@ pub struct AloneLease {
     pub share: Share,
 }
 
-/// What one host changed while alone: leases it created, renewed or took over (as they are
-/// now), and leases it ended with the last renewal it had seen of each.
+/// What one host held in its own share when the pair came back: every such lease.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AloneChanges {
+pub struct AloneState {
+    pub share: Share,
     pub leases: Vec<AloneLease>,
-    pub ended: Vec<(String, i64)>,
 }
 
 /// The pair's state in the ledger.
@@ -74,9 +81,6 @@ pub(super) struct PairState {
     pub backup_leases: BTreeSet<Arc<str>>,
     /// Set on a host serving alone (not replicated, not in snapshots).
     pub alone: Option<Share>,
-    /// Alone: leases created, renewed or taken over, and leases ended (last renewal seen).
-    pub touched: BTreeSet<Arc<str>>,
-    pub ended: BTreeMap<String, i64>,
 }
 
 impl Ledger {
@@ -84,8 +88,6 @@ impl Ledger {
     /// of the ledger while it cannot reach the other host; see the module docs.
     pub fn set_alone(&mut self, share: Option<Share>) {
         self.pair.alone = share;
-        self.pair.touched.clear();
-        self.pair.ended.clear();
     }
 
     pub fn alone(&self) -> Option<Share> {
@@ -106,28 +108,20 @@ impl Ledger {
         }
     }
 
-    /// What this host changed since it went alone, for `MergeAlone`.
-    pub fn alone_changes(&self) -> AloneChanges {
-        AloneChanges {
-            leases: self
-                .pair
-                .touched
-                .iter()
-                .filter_map(|id| {
-                    let lease = self.leases.get(id)?;
-                    Some(AloneLease {
-                        lease: lease.view(),
-                        share: self.lease_share(id),
-                    })
-                })
-                .collect(),
-            ended: self
-                .pair
-                .ended
-                .iter()
-                .map(|(id, renewed)| (id.clone(), *renewed))
-                .collect(),
-        }
+    /// The leases this host holds in its own share while alone, for `MergeAlone`.
+    pub fn alone_state(&self) -> Option<AloneState> {
+        let share = self.pair.alone?;
+        let mut leases: Vec<AloneLease> = self
+            .leases
+            .values()
+            .filter(|lease| self.lease_share(&lease.id) == share)
+            .map(|lease| AloneLease {
+                lease: lease.view(),
+                share,
+            })
+            .collect();
+        leases.sort_by(|a, b| a.lease.lease_id.cmp(&b.lease.lease_id));
+        Some(AloneState { share, leases })
     }
 
     /// The sizes of a key's two shares at `at`: (primary, backup). Not a pair: all primary.
@@ -222,23 +216,14 @@ impl Ledger {
             }
             _ => {}
         }
-        if self.pair.alone.is_some() {
-            self.pair.touched.insert(lease_id.clone());
-        }
     }
 
-    /// A lease left the ledger: its share no longer pays for it. Alone, remember it ended.
+    /// A lease left the ledger: its share no longer pays for it.
     pub(super) fn untag(&mut self, lease: &Lease) {
         if self.pair.backup_leases.remove(&lease.id)
             && let Some(record) = self.keys.get_mut(&*lease.key_id)
         {
             record.in_use_backup -= 1;
-        }
-        if self.pair.alone.is_some() {
-            self.pair.touched.remove(&lease.id);
-            self.pair
-                .ended
-                .insert(lease.id.to_string(), lease.renewed_at_ms);
         }
     }
 
@@ -311,38 +296,86 @@ impl Ledger {
             .cloned()
     }
 
-    /// Applies what the host of `share` changed while alone; see the module docs.
-    pub(super) fn merge_alone(&mut self, share: Share, changes: &AloneChanges, at: i64) -> Outcome {
-        let mut removed = 0;
-        for (lease_id, renewed_at_ms) in &changes.ended {
-            let ended = self
-                .leases
-                .get(lease_id.as_str())
-                .is_some_and(|lease| lease.renewed_at_ms <= *renewed_at_ms);
-            if ended && self.remove_lease(lease_id).is_some() {
-                removed += 1;
+    /// Applies both hosts' states after serving alone; see the module docs. `None`: that host
+    /// did not serve alone (its share stays as the log has it).
+    pub(super) fn merge_alone(&mut self, states: &[AloneState], at: i64) -> Outcome {
+        if states
+            .iter()
+            .enumerate()
+            .any(|(n, state)| states[..n].iter().any(|other| other.share == state.share))
+        {
+            return invalid("a merge holds at most one state per share".into());
+        }
+        // The pair's leases from now on: each share as its host holds it, the later renewal of
+        // a lease both hold, and one lease per station and key.
+        let authorities: BTreeSet<Share> = states.iter().map(|state| state.share).collect();
+        let mut target: BTreeMap<String, AloneLease> = BTreeMap::new();
+        for lease in self.leases.values() {
+            let share = self.lease_share(&lease.id);
+            if !authorities.contains(&share) {
+                target.insert(
+                    lease.id.to_string(),
+                    AloneLease {
+                        lease: lease.view(),
+                        share,
+                    },
+                );
             }
         }
-        let (mut merged, mut dropped) = (0, 0);
-        for AloneLease { lease, share } in &changes.leases {
-            if lease.expires_at_ms <= at {
-                continue;
+        for state in states {
+            for held in state.leases.iter().filter(|held| held.share == state.share) {
+                let later = target
+                    .get(&held.lease.lease_id)
+                    .is_none_or(|other| held.lease.renewed_at_ms > other.lease.renewed_at_ms);
+                if later && held.lease.expires_at_ms > at {
+                    target.insert(held.lease.lease_id.clone(), held.clone());
+                }
             }
-            match self.leases.get(lease.lease_id.as_str()) {
+        }
+        let mut by_station: BTreeMap<(&str, &str), &AloneLease> = BTreeMap::new();
+        for held in target.values() {
+            let slot = by_station
+                .entry((held.lease.station.as_str(), held.lease.key_id.as_str()))
+                .or_insert(held);
+            if held.lease.renewed_at_ms > slot.lease.renewed_at_ms {
+                *slot = held;
+            }
+        }
+        let keep: BTreeMap<String, AloneLease> = by_station
+            .into_values()
+            .map(|held| (held.lease.lease_id.clone(), held.clone()))
+            .collect();
+        // Leases no host holds any more end first, so the others fit.
+        let gone: Vec<Arc<str>> = self
+            .leases
+            .keys()
+            .filter(|id| !keep.contains_key(&***id))
+            .cloned()
+            .collect();
+        let removed = gone.len() as u32;
+        for id in &gone {
+            self.remove_lease(id);
+        }
+        let (mut merged, mut dropped) = (0, 0);
+        for held in keep.values() {
+            match self.leases.get(held.lease.lease_id.as_str()) {
                 Some(existing) => {
-                    if lease.renewed_at_ms > existing.renewed_at_ms {
-                        let id = existing.id.clone();
-                        let expires_at_ms = existing.expires_at_ms.max(lease.expires_at_ms);
+                    let id = existing.id.clone();
+                    if held.lease.renewed_at_ms > existing.renewed_at_ms
+                        || held.share != self.lease_share(&id)
+                    {
+                        let expires_at_ms = existing.expires_at_ms.max(held.lease.expires_at_ms);
                         self.expiry.remove(&(existing.expires_at_ms, id.clone()));
                         let existing = self.leases.get_mut(&id).expect("present");
                         existing.expires_at_ms = expires_at_ms;
-                        existing.renewed_at_ms = lease.renewed_at_ms;
+                        existing.renewed_at_ms =
+                            existing.renewed_at_ms.max(held.lease.renewed_at_ms);
                         self.expiry.insert((expires_at_ms, id.clone()));
-                        self.tag(&id, *share);
+                        self.tag(&id, held.share);
                         merged += 1;
                     }
                 }
-                None => match self.merge_new_lease(lease, *share, at) {
+                None => match self.merge_new_lease(&held.lease, held.share, at) {
                     Some(true) => merged += 1,
                     Some(false) => {}
                     None => dropped += 1,
@@ -351,23 +384,18 @@ impl Ledger {
         }
         self.rebalance(at);
         Outcome::AloneMerged {
-            share,
             leases_merged: merged,
             leases_removed: removed,
             leases_dropped: dropped,
         }
     }
 
-    /// A lease one host created alone: inserted unless its station holds a lease of the key
-    /// renewed later (then the station keeps that one). `None` if it cannot fit (a key that
-    /// shrank meanwhile): dropped, counted in the outcome.
+    /// A lease one host created alone (its station holds no other lease of the key now).
+    /// `None` if it cannot fit (a key that shrank meanwhile): dropped, counted in the outcome.
     fn merge_new_lease(&mut self, lease: &LeaseView, share: Share, at: i64) -> Option<bool> {
         self.keys.get(lease.key_id.as_str())?;
-        if let Some(other) = self.station_lease(&lease.station, &lease.key_id).cloned() {
-            if self.leases[&other].renewed_at_ms >= lease.renewed_at_ms {
-                return Some(false);
-            }
-            self.remove_lease(&other);
+        if self.station_lease(&lease.station, &lease.key_id).is_some() {
+            return Some(false);
         }
         let record = &self.keys[lease.key_id.as_str()];
         if record.free(at) == 0 {

@@ -55,12 +55,15 @@ fn shares(ledger: &Ledger) -> (usize, usize) {
     (leases.len() - backup, backup)
 }
 
-fn merge(ledger: &mut Ledger, at_ms: i64, alone: &Ledger) -> Outcome {
+/// The pair is back: both hosts' states (of those that served alone) in one merge.
+fn merge(ledger: &mut Ledger, at_ms: i64, alone: &[&Ledger]) -> Outcome {
     let outcome = ledger.apply(&Stamped {
         at_ms,
         command: Command::MergeAlone {
-            share: alone.alone().expect("a host that was alone"),
-            changes: Box::new(alone.alone_changes()),
+            states: alone
+                .iter()
+                .map(|host| host.alone_state().expect("a host that served alone"))
+                .collect(),
         },
     });
     ledger.check_invariants().unwrap();
@@ -129,27 +132,29 @@ fn alone_each_host_issues_within_its_share_and_the_pair_never_exceeds_the_key() 
         refused.to_string().contains("cannot reach each other"),
         "{refused}"
     );
-    // Back together: both merges, in either order, give the same ten leases, none twice.
+    // Back together: the merge, whichever host's state comes first, gives the ten leases,
+    // none twice.
     let mut one = committed.clone();
-    merge(&mut one, BASE_MS + 30, &primary);
-    merge(&mut one, BASE_MS + 30, &backup);
+    merge(&mut one, BASE_MS + 30, &[&primary, &backup]);
     let mut other = committed.clone();
-    merge(&mut other, BASE_MS + 30, &backup);
-    merge(&mut other, BASE_MS + 30, &primary);
+    merge(&mut other, BASE_MS + 30, &[&backup, &primary]);
     assert_eq!(one.lease_count(), 10);
     assert_eq!(one.leases(), other.leases());
     assert_eq!(shares(&one), (5, 5));
     // A merge delivered twice changes nothing.
-    let again = merge(&mut one, BASE_MS + 31, &primary);
-    assert!(matches!(
-        again,
-        Outcome::AloneMerged {
-            leases_merged: 0,
-            leases_removed: 0,
-            leases_dropped: 0,
-            ..
-        }
-    ));
+    let again = merge(&mut one, BASE_MS + 31, &[&primary, &backup]);
+    assert!(
+        matches!(
+            again,
+            Outcome::AloneMerged {
+                leases_merged: 0,
+                leases_removed: 0,
+                leases_dropped: 0,
+            }
+        ),
+        "{again:?}"
+    );
+    assert_eq!(one.leases(), other.leases());
 }
 
 #[test]
@@ -191,8 +196,7 @@ fn alone_a_host_takes_over_a_lease_of_the_other_share_only_with_a_license_of_its
     backup.apply(&at(BASE_MS + 31_000, Command::Expire));
     assert!(backup.lease(&backup_lease).is_none());
     // Merged: the lease renewed on the primary survives the backup's expiry of it.
-    merge(&mut committed, BASE_MS + 40_000, &backup);
-    merge(&mut committed, BASE_MS + 40_000, &primary);
+    merge(&mut committed, BASE_MS + 40_000, &[&backup, &primary]);
     let lease = committed.lease(&backup_lease).expect("still held");
     assert!(lease.expires_at_ms > BASE_MS + HOUR_MS);
     assert!(committed.lease_count() <= 4);
@@ -207,8 +211,7 @@ fn a_station_served_on_both_hosts_keeps_one_lease() {
     backup.set_alone(Some(Share::Backup));
     primary.apply(&at(BASE_MS + 10, checkout("a", "ws-1", "cad")));
     backup.apply(&at(BASE_MS + 20, checkout("b", "ws-1", "cad")));
-    merge(&mut committed, BASE_MS + 30, &primary);
-    merge(&mut committed, BASE_MS + 30, &backup);
+    merge(&mut committed, BASE_MS + 30, &[&primary, &backup]);
     let leases = committed.leases();
     assert_eq!(leases.len(), 1);
     assert_eq!(leases[0].lease_id, "b", "the one renewed last");
@@ -292,8 +295,7 @@ fn random_traffic_alone_never_exceeds_the_key_and_merges_without_loss() {
             .map(|l| (l.lease_id, l.station, l.expires_at_ms))
             .collect();
         let order = next(2) as usize;
-        merge(&mut committed, t, &hosts[order]);
-        merge(&mut committed, t, &hosts[1 - order]);
+        merge(&mut committed, t, &[&hosts[order], &hosts[1 - order]]);
         assert!(committed.lease_count() as u32 <= licenses, "seed {seed}");
         for (lease_id, station, expires_at_ms) in live {
             let kept = committed
@@ -314,4 +316,73 @@ fn random_traffic_alone_never_exceeds_the_key_and_merges_without_loss() {
             snapshot
         );
     }
+}
+
+#[test]
+fn a_checkout_never_acknowledged_does_not_come_back_to_life_at_the_merge() {
+    let mut committed = pair(4);
+    assert!(ask(&mut committed, BASE_MS, 0));
+    // The primary appended a checkout the backup never received, so it was never committed
+    // nor acknowledged; then the hosts lost each other. The primary's copy applies its whole
+    // log, the backup's what it has.
+    let tail = at(BASE_MS + 5, checkout("zombie", "ws-z", "cad"));
+    let mut primary = committed.clone();
+    primary.apply(&tail);
+    assert_eq!(primary.lease_share("zombie"), Share::Backup);
+    primary.set_alone(Some(Share::Primary));
+    let mut backup = committed.clone();
+    backup.set_alone(Some(Share::Backup));
+    assert!(ask(&mut primary, BASE_MS + 10, 1));
+    assert!(!ask(&mut primary, BASE_MS + 10, 2), "its share is full");
+    assert!(ask(&mut backup, BASE_MS + 10, 3));
+    assert!(ask(&mut backup, BASE_MS + 10, 4));
+    // Back together, the log's tail commits first, then the merge: the backup, authority over
+    // its share, does not hold the zombie, so it ends and every acknowledged lease stays.
+    committed.apply(&tail);
+    let outcome = merge(&mut committed, BASE_MS + 20, &[&primary, &backup]);
+    assert!(
+        matches!(
+            outcome,
+            Outcome::AloneMerged {
+                leases_dropped: 0,
+                ..
+            }
+        ),
+        "{outcome:?}"
+    );
+    let mut stations: Vec<String> = committed.leases().into_iter().map(|l| l.station).collect();
+    stations.sort();
+    assert_eq!(stations, ["ws0", "ws1", "ws3", "ws4"]);
+}
+
+#[test]
+fn a_host_that_never_served_alone_keeps_its_share_as_the_log_has_it() {
+    let mut committed = pair(4);
+    for n in 0..4 {
+        assert!(ask(&mut committed, BASE_MS, n));
+    }
+    // The backup was down: only the primary served alone, and one of its stations left.
+    let mut primary = committed.clone();
+    primary.set_alone(Some(Share::Primary));
+    let own = primary
+        .leases()
+        .into_iter()
+        .find(|l| primary.lease_share(&l.lease_id) == Share::Primary)
+        .unwrap()
+        .lease_id;
+    primary.apply(&at(BASE_MS + 10, Command::Checkin { lease_id: own }));
+    merge(&mut committed, BASE_MS + 20, &[&primary]);
+    assert_eq!(committed.lease_count(), 3);
+    assert_eq!(shares(&committed).1 + shares(&committed).0, 3);
+    // A state per share at most.
+    let twice = committed.apply(&at(
+        BASE_MS + 30,
+        Command::MergeAlone {
+            states: vec![
+                primary.alone_state().unwrap(),
+                primary.alone_state().unwrap(),
+            ],
+        },
+    ));
+    assert_eq!(refusal(twice).code(), "invalid_request");
 }
