@@ -5,39 +5,44 @@
 //! ```text
 //! tessera-sim --seed 7                       # one seed of the CI network
 //! tessera-sim --seeds 1..100 --held ledger   # many seeds, one line each
+//! tessera-sim --pair --seeds 1..200          # a redundant pair: splits, kills, merges
 //! ```
 //!
 //! Options: `--seed N` or `--seeds A..B`, `--servers N`, `--days N`, `--fault-days N`,
-//! `--contended`, `--no-double-count`, `--held station|ledger`,
+//! `--contended`, `--no-double-count`, `--held station|ledger`, `--pair`,
 //! `--broken no-skew-margin|sign-before-commit|return-at-once`.
 
 use std::process::ExitCode;
 
 use tessera_sim::{BrokenRule, HeldRule, SimConfig, try_simulate};
 
-const USAGE: &str = "usage: tessera-sim [--seed N | --seeds A..B] [--servers N] [--days N] [--fault-days N] [--contended] [--no-double-count] [--held station|ledger] [--broken no-skew-margin|sign-before-commit|return-at-once]";
+const USAGE: &str = "usage: tessera-sim [--seed N | --seeds A..B] [--servers N] [--days N] [--fault-days N] [--contended] [--pair] [--no-double-count] [--held station|ledger] [--broken no-skew-margin|sign-before-commit|return-at-once]";
 
 struct Options {
     seeds: Vec<u64>,
     contended: bool,
+    pair: bool,
     no_double_count: bool,
     servers: Option<usize>,
     days: Option<i64>,
     fault_days: Option<i64>,
     held: Option<HeldRule>,
     broken: Option<BrokenRule>,
+    pair_broken: Option<tessera_sim::pair::PairBroken>,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
     let mut options = Options {
         seeds: vec![1],
         contended: false,
+        pair: false,
         no_double_count: false,
         servers: None,
         days: None,
         fault_days: None,
         held: None,
         broken: None,
+        pair_broken: None,
     };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
@@ -77,16 +82,22 @@ fn parse(args: &[String]) -> Result<Options, String> {
                 )
             }
             "--contended" => options.contended = true,
+            "--pair" => options.pair = true,
             "--no-double-count" => options.no_double_count = true,
             "--held" => {
                 options.held =
                     Some(HeldRule::parse(&value()?).ok_or("--held takes station or ledger")?)
             }
             "--broken" => {
-                options.broken =
-                    Some(BrokenRule::parse(&value()?).ok_or(
-                        "--broken takes no-skew-margin, sign-before-commit or return-at-once",
-                    )?)
+                let rule = value()?;
+                match tessera_sim::pair::PairBroken::parse(&rule) {
+                    Some(pair) => options.pair_broken = Some(pair),
+                    None => {
+                        options.broken = Some(BrokenRule::parse(&rule).ok_or(
+                            "--broken takes no-skew-margin, sign-before-commit or return-at-once (with --pair: full-capacity-alone, ignore-log-tail or merge-primary-only)",
+                        )?)
+                    }
+                }
             }
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
@@ -109,6 +120,20 @@ fn main() -> ExitCode {
     };
     let mut failed = 0;
     for &seed in &options.seeds {
+        if options.pair {
+            let config = tessera_sim::pair::PairConfig {
+                broken: options.pair_broken,
+                ..tessera_sim::pair::PairConfig::ci(seed)
+            };
+            match tessera_sim::pair::run(config) {
+                Ok(report) => println!("{}", report.summary()),
+                Err(violation) => {
+                    println!("FAILED: {violation}");
+                    failed += 1;
+                }
+            }
+            continue;
+        }
         let mut config = if options.contended {
             SimConfig::contended(seed)
         } else {
