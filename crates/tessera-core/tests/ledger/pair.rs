@@ -35,6 +35,24 @@ fn pair(licenses: u32) -> Ledger {
     ledger
 }
 
+/// A pair's ledger with `leases` leases (stations 0 to `leases` - 1) taken while paired.
+fn pair_with(licenses: u32, leases: u32) -> Ledger {
+    let mut ledger = pair(licenses);
+    for n in 0..leases {
+        assert!(ask(&mut ledger, BASE_MS, n));
+    }
+    ledger
+}
+
+/// The hosts lose each other: each serves alone from its copy of the committed ledger.
+fn split(committed: &Ledger) -> (Ledger, Ledger) {
+    let mut primary = committed.clone();
+    primary.set_alone(Some(Share::Primary));
+    let mut backup = committed.clone();
+    backup.set_alone(Some(Share::Backup));
+    (primary, backup)
+}
+
 /// Station `n` asks; true if it got a new lease `l{n}`.
 fn ask(ledger: &mut Ledger, at_ms: i64, n: u32) -> bool {
     matches!(
@@ -44,6 +62,16 @@ fn ask(ledger: &mut Ledger, at_ms: i64, n: u32) -> bool {
         )),
         Outcome::LeaseGranted { created: true, .. }
     )
+}
+
+/// A lease paid by `share`.
+fn lease_of(ledger: &Ledger, share: Share) -> String {
+    ledger
+        .leases()
+        .into_iter()
+        .find(|l| ledger.lease_share(&l.lease_id) == share)
+        .expect("a lease of that share")
+        .lease_id
 }
 
 fn shares(ledger: &Ledger) -> (usize, usize) {
@@ -100,15 +128,9 @@ fn paired_leases_are_split_between_the_shares_as_configured() {
 
 #[test]
 fn alone_each_host_issues_within_its_share_and_the_pair_never_exceeds_the_key() {
-    let mut committed = pair(10);
-    for n in 0..4 {
-        assert!(ask(&mut committed, BASE_MS, n));
-    }
+    let committed = pair_with(10, 4);
     // The hosts lose each other: each keeps serving from its copy, alone.
-    let mut primary = committed.clone();
-    primary.set_alone(Some(Share::Primary));
-    let mut backup = committed.clone();
-    backup.set_alone(Some(Share::Backup));
+    let (mut primary, mut backup) = split(&committed);
     let on_primary = (10..20)
         .filter(|n| ask(&mut primary, BASE_MS + 10, *n))
         .count();
@@ -159,16 +181,8 @@ fn alone_each_host_issues_within_its_share_and_the_pair_never_exceeds_the_key() 
 
 #[test]
 fn alone_a_host_takes_over_a_lease_of_the_other_share_only_with_a_license_of_its_own() {
-    let mut committed = pair(4);
-    for n in 0..4 {
-        assert!(ask(&mut committed, BASE_MS, n));
-    }
-    let backup_lease = committed
-        .leases()
-        .into_iter()
-        .find(|l| committed.lease_share(&l.lease_id) == Share::Backup)
-        .unwrap()
-        .lease_id;
+    let mut committed = pair_with(4, 4);
+    let backup_lease = lease_of(&committed, Share::Backup);
     // The primary alone, its share full: a station of the backup's share failing over to it
     // cannot be served.
     let mut primary = committed.clone();
@@ -178,12 +192,7 @@ fn alone_a_host_takes_over_a_lease_of_the_other_share_only_with_a_license_of_its
         "no_licenses_available"
     );
     // Once a lease of its own share is checked in, it can: the lease is its share's now.
-    let own = primary
-        .leases()
-        .into_iter()
-        .find(|l| primary.lease_share(&l.lease_id) == Share::Primary)
-        .unwrap()
-        .lease_id;
+    let own = lease_of(&primary, Share::Primary);
     primary.apply(&at(BASE_MS + 20, Command::Checkin { lease_id: own }));
     assert!(matches!(
         primary.apply(&at(BASE_MS + 30, heartbeat(&backup_lease))),
@@ -205,10 +214,7 @@ fn alone_a_host_takes_over_a_lease_of_the_other_share_only_with_a_license_of_its
 #[test]
 fn a_station_served_on_both_hosts_keeps_one_lease() {
     let mut committed = pair(4);
-    let mut primary = committed.clone();
-    primary.set_alone(Some(Share::Primary));
-    let mut backup = committed.clone();
-    backup.set_alone(Some(Share::Backup));
+    let (mut primary, mut backup) = split(&committed);
     primary.apply(&at(BASE_MS + 10, checkout("a", "ws-1", "cad")));
     backup.apply(&at(BASE_MS + 20, checkout("b", "ws-1", "cad")));
     merge(&mut committed, BASE_MS + 30, &[&primary, &backup]);
@@ -357,19 +363,11 @@ fn a_checkout_never_acknowledged_does_not_come_back_to_life_at_the_merge() {
 
 #[test]
 fn a_host_that_never_served_alone_keeps_its_share_as_the_log_has_it() {
-    let mut committed = pair(4);
-    for n in 0..4 {
-        assert!(ask(&mut committed, BASE_MS, n));
-    }
+    let mut committed = pair_with(4, 4);
     // The backup was down: only the primary served alone, and one of its stations left.
     let mut primary = committed.clone();
     primary.set_alone(Some(Share::Primary));
-    let own = primary
-        .leases()
-        .into_iter()
-        .find(|l| primary.lease_share(&l.lease_id) == Share::Primary)
-        .unwrap()
-        .lease_id;
+    let own = lease_of(&primary, Share::Primary);
     primary.apply(&at(BASE_MS + 10, Command::Checkin { lease_id: own }));
     merge(&mut committed, BASE_MS + 20, &[&primary]);
     assert_eq!(committed.lease_count(), 3);
