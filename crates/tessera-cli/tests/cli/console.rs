@@ -271,6 +271,20 @@ impl WebDriver {
         .await;
     }
 
+    /// The page source once `done` holds for it (navigation and form posts finish after the
+    /// WebDriver call returns); fails with the last source after 20 s.
+    async fn source_when(&self, what: &str, done: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let source = self.source().await;
+            if done(&source) {
+                return source;
+            }
+            assert!(Instant::now() < deadline, "{what}: {source}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn source(&self) -> String {
         let url = format!("{}/session/{}/source", self.base, self.session);
         let answer: serde_json::Value = self
@@ -351,13 +365,26 @@ fn in_headless_chromium_an_administrator_force_releases_a_lease_after_confirming
         let session = session["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("{session}")).to_string();
         let web = WebDriver { http, base, session };
         web.open(&format!("{}/login?token={token}&next=%2Fleases", server.url)).await;
-        assert!(web.source().await.contains("ws-1"));
+        web.source_when("the leases page lists ws-1", |s| s.contains("ws-1")).await;
         web.click("a[href$='/release']").await;
-        let confirm = web.source().await;
-        assert!(confirm.contains("confirm-release"), "a confirmation step comes first: {confirm}");
+        web.source_when("a confirmation step comes first", |s| s.contains("confirm-release"))
+            .await;
         web.click("#confirm-release").await;
-        let after = web.source().await;
-        assert!(!after.contains("ws-1</td>"), "{after}");
+        web.source_when("back on the leases page without ws-1", |s| {
+            !s.contains("confirm-release") && !s.contains("ws-1</td>")
+        })
+        .await;
+        // The form's post may still be on its way while the page changes: wait for the server.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let status: serde_json::Value =
+                serde_json::from_str(&ok(&[&["status", "--json"][..], &remote].concat())).unwrap();
+            if status["leases"].as_array().is_some_and(|l| l.is_empty()) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the lease was never released");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         web.call(reqwest::Method::DELETE, "", serde_json::json!({})).await;
     });
     let _ = chromedriver.kill();
