@@ -12,8 +12,10 @@
 //! from the other for `alone_after_ms` applies its whole log (see `Ledger::set_alone`) and
 //! serves alone, journaling what it does (durable: a crash replays it). When both are up and
 //! linked again the primary commits its log, and one `MergeAlone` with both hosts' states
-//! enters it; until then neither serves (Recovering). The recovery itself is modelled as one
-//! reliable step.
+//! enters it; a host serves again only once it knows the merge is committed (Recovering until
+//! then). Replication of the merge can be lost, and the hosts can lose each other again before
+//! it commits: a host still waiting then serves alone again, rebuilt from its whole log and
+//! its journal.
 
 use tessera_core::{
     Command, Ledger, LedgerConfig, LicenseKey, LicenseKeyPayload, Outcome, SecretKey, Share,
@@ -185,6 +187,11 @@ struct Pair {
     next_fault_ms: i64,
     heal_ms: i64,
     next_lease: u64,
+    /// The primary's log index of the merge on its way (Recovering until a host knows it is
+    /// committed).
+    pending_merge: Option<usize>,
+    /// Recent events, for a failure's report.
+    trace: std::collections::VecDeque<String>,
     report: PairReport,
 }
 
@@ -263,6 +270,8 @@ pub fn run(config: PairConfig) -> Result<PairReport, Violation> {
         next_fault_ms: START_MS,
         heal_ms: i64::MIN,
         next_lease: 0,
+        pending_merge: None,
+        trace: std::collections::VecDeque::new(),
         report: PairReport {
             seed: config.seed,
             ..PairReport::default()
@@ -284,8 +293,16 @@ impl Pair {
             seed: self.config.seed,
             step: ((self.now - START_MS) / self.config.step_ms) as u64,
             message,
-            trace: Vec::new(),
+            trace: self.trace.iter().cloned().collect(),
             reproduce: self.config.reproduce(),
+        }
+    }
+
+    fn note(&mut self, event: String) {
+        let step = (self.now - START_MS) / self.config.step_ms;
+        self.trace.push_back(format!("step {step}: {event}"));
+        if self.trace.len() > 80 {
+            self.trace.pop_front();
         }
     }
 
@@ -299,14 +316,26 @@ impl Pair {
             for host in &mut self.hosts {
                 host.last_heard_ms = self.now;
             }
-            if self.hosts.iter().any(|h| h.went_alone) {
-                self.recover()?;
-            }
             // Background replication catches up the backup and the commit index.
             if !self.rng.chance_ppm(self.config.replication_loss_ppm) {
                 self.replicate();
             }
+            if self.pending_merge.is_none()
+                && self.hosts.iter().any(|h| h.went_alone)
+                && self.hosts[0].committed == self.hosts[0].log.len()
+            {
+                self.start_merge();
+            }
+        } else if self.pending_merge.take().is_some() {
+            self.note("cut off again before the merge committed".into());
+            // Cut off again before the merge committed: a host still waiting for it serves
+            // alone again, from its whole log (the merge entry and what followed may be in
+            // it) and its journal, as after a restart.
+            for host in self.hosts.iter_mut().filter(|h| h.went_alone && h.up) {
+                host.alone = Some(alone_ledger(host, self.config.broken));
+            }
         }
+        self.finish_merge()?;
         for h in 0..2 {
             let host = &self.hosts[h];
             if host.up
@@ -339,6 +368,10 @@ impl Pair {
                 0 => {
                     self.linked = false;
                     self.report.splits += 1;
+                    self.note(format!(
+                        "the hosts are cut off until step {}",
+                        (self.heal_ms - START_MS) / self.config.step_ms
+                    ));
                 }
                 n => {
                     let h = (n - 1) as usize;
@@ -353,6 +386,7 @@ impl Pair {
     /// kill -9: only the durable parts stay.
     fn kill(&mut self, h: usize) {
         self.report.kills += 1;
+        self.note(format!("host {} killed", h + 1));
         let host = &mut self.hosts[h];
         host.up = false;
         host.alone = None;
@@ -360,6 +394,7 @@ impl Pair {
     }
 
     fn restart(&mut self, h: usize) {
+        self.note(format!("host {} restarts", h + 1));
         let host = &mut self.hosts[h];
         host.up = true;
         let mut ledger = Ledger::new(self.ledger_config.clone());
@@ -406,15 +441,16 @@ impl Pair {
     }
 
     fn go_alone(&mut self, h: usize) {
+        self.note(format!("host {} goes alone", h + 1));
         let host = &mut self.hosts[h];
         host.went_alone = true;
         host.journal.clear();
         host.alone = Some(alone_ledger(host, self.config.broken));
     }
 
-    /// Both hosts are back: commit the primary's log, merge what each did alone, serve paired.
-    fn recover(&mut self) -> Result<(), Violation> {
-        self.replicate();
+    /// Both hosts are back and the primary's log is committed: the merge of what each did
+    /// alone enters the log. Neither serves until it knows the merge is committed.
+    fn start_merge(&mut self) {
         let merged = match self.config.broken {
             Some(PairBroken::MergePrimaryOnly) => 1,
             _ => 2,
@@ -423,38 +459,59 @@ impl Pair {
             .iter()
             .filter_map(|h| h.alone.as_ref().and_then(Ledger::alone_state))
             .collect();
-        let merge = Stamped {
+        self.hosts[0].log.push(Stamped {
             at_ms: self.now,
             command: Command::MergeAlone { states },
+        });
+        self.pending_merge = Some(self.hosts[0].log.len() - 1);
+        self.note(format!(
+            "merge proposed at index {}",
+            self.hosts[0].log.len() - 1
+        ));
+    }
+
+    /// A host that knows the merge is committed serves paired again; once the primary knows,
+    /// every lease a station was told it holds must be in the merged ledger.
+    fn finish_merge(&mut self) -> Result<(), Violation> {
+        let Some(index) = self.pending_merge else {
+            return Ok(());
         };
-        self.hosts[0].log.push(merge);
-        self.replicate();
-        for host in &mut self.hosts {
+        let mut problem = None;
+        for host in self
+            .hosts
+            .iter_mut()
+            .filter(|h| h.committed > index && h.went_alone)
+        {
             host.went_alone = false;
             host.alone = None;
             host.journal.clear();
-        }
-        self.report.merges += 1;
-        for host in &self.hosts {
-            host.ledger
-                .check_invariants()
-                .map_err(|e| self.fail(format!("after a merge: {e}")))?;
-        }
-        // No acknowledged lease lost: every station's lease, still running by what it was
-        // told, is in the merged ledger.
-        for (s, station) in self.stations.iter().enumerate() {
-            if let Station::Holding {
-                lease_id,
-                expires_at_ms,
-                ..
-            } = station
-                && *expires_at_ms > self.now
-                && self.hosts[0].ledger.lease(lease_id).is_none()
-            {
-                return Err(self.fail(format!(
-                    "station {s} was told it holds lease {lease_id} until {expires_at_ms}; the merged ledger lost it"
-                )));
+            if host.share != Share::Primary {
+                continue;
             }
+            self.report.merges += 1;
+            if let Err(e) = host.ledger.check_invariants() {
+                problem = Some(format!("after a merge: {e}"));
+            }
+            for (s, station) in self.stations.iter().enumerate() {
+                if let Station::Holding {
+                    lease_id,
+                    expires_at_ms,
+                    ..
+                } = station
+                    && *expires_at_ms > self.now
+                    && host.ledger.lease(lease_id).is_none()
+                {
+                    problem = Some(format!(
+                        "station {s} was told it holds lease {lease_id} until {expires_at_ms}; the merged ledger lost it"
+                    ));
+                }
+            }
+        }
+        if let Some(message) = problem {
+            return Err(self.fail(message));
+        }
+        if self.hosts.iter().all(|h| !h.went_alone) {
+            self.pending_merge = None;
         }
         Ok(())
     }
@@ -467,8 +524,11 @@ impl Pair {
             command,
         };
         if self.hosts[h].went_alone {
-            // Recovering (both went alone and are back, merge pending) cannot happen here:
-            // recovery is one step. Alone: journaled, answered at once.
+            if self.pending_merge.is_some() {
+                // Recovering: the merge is on its way; no answer until it is committed.
+                return None;
+            }
+            // Alone: journaled, answered at once.
             let host = &mut self.hosts[h];
             let alone = host.alone.as_mut().expect("alone");
             host.journal.push(entry.clone());
@@ -483,22 +543,47 @@ impl Pair {
                 self.report.takeovers += 1;
             }
             self.report.served_alone += 1;
+            let line = describe(&entry, &outcome);
+            self.note(format!("host {} alone: {line}", h + 1));
             return Some(outcome);
         }
         if h == 1 {
             // The backup forwards to the primary, which is down and not yet given up on.
             return None;
         }
+        if self.in_contact() && self.hosts[1].went_alone {
+            // Recovering: the backup served alone; the primary serves again only once that is
+            // merged (it would issue licenses the backup's stations hold).
+            return None;
+        }
         self.hosts[0].log.push(entry);
         if self.in_contact() && !self.rng.chance_ppm(self.config.replication_loss_ppm) {
             let index = self.hosts[0].log.len() - 1;
             // Committed: applied in log order, answered with its own outcome.
-            return self
+            let outcome = self
                 .replicate()
                 .into_iter()
                 .find(|(i, _)| *i == index)
                 .map(|(_, outcome)| outcome);
+            if let Some(outcome) = &outcome {
+                let line = describe(&self.hosts[0].log[index], outcome);
+                let share = match outcome {
+                    Outcome::LeaseGranted { lease, .. } | Outcome::LeaseRenewed { lease } => {
+                        format!(" [{:?}]", self.hosts[0].ledger.lease_share(&lease.lease_id))
+                    }
+                    _ => String::new(),
+                };
+                self.note(format!("paired: {line}{share}"));
+            }
+            return outcome;
         }
+        let line = format!(
+            "{:?}",
+            self.hosts[0].log[self.hosts[0].log.len() - 1]
+                .command
+                .name()
+        );
+        self.note(format!("paired, not acknowledged: {line}"));
         self.report.unacknowledged += 1;
         None
     }
@@ -665,4 +750,26 @@ fn alone_ledger(host: &Host, broken: Option<PairBroken>) -> Ledger {
         ledger.apply(entry);
     }
     ledger
+}
+
+/// One line for the trace: a station's command and its answer.
+fn describe(entry: &Stamped, outcome: &Outcome) -> String {
+    let what = match &entry.command {
+        Command::Checkout { station, .. } => format!("checkout by {station}"),
+        Command::Heartbeat { lease_id, .. } => format!("heartbeat {lease_id}"),
+        Command::Checkin { lease_id } => format!("checkin {lease_id}"),
+        other => other.name().to_string(),
+    };
+    let answer = match outcome {
+        Outcome::LeaseGranted { lease, created } => {
+            format!(
+                "lease {} until {} (new: {created})",
+                lease.lease_id, lease.expires_at_ms
+            )
+        }
+        Outcome::LeaseRenewed { lease } => format!("until {}", lease.expires_at_ms),
+        Outcome::Refused { refusal } => refusal.code().to_string(),
+        other => format!("{other:?}").chars().take(40).collect(),
+    };
+    format!("{what} → {answer}")
 }

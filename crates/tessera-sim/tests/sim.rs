@@ -615,7 +615,7 @@ fn broken_pair_rules_are_caught() {
         (PairBroken::FullCapacityAlone, 1, "SAFETY"),
         (PairBroken::MergePrimaryOnly, 1, "lost it"),
         // Rarer: the entry the backup did not know was committed must be a checkout.
-        (PairBroken::IgnoreLogTail, 836, "SAFETY"),
+        (PairBroken::IgnoreLogTail, 22, "SAFETY"),
     ] {
         let violation = pair::run(PairConfig {
             broken: Some(rule),

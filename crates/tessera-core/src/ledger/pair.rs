@@ -17,7 +17,8 @@
 //! exceeds a key, whichever host died or whether the network only split. Admin changes wait
 //! for the pair (`invalid_request`).
 //!
-//! On reconnect both hosts' states enter the replicated log in one `MergeAlone`. Each host is
+//! On reconnect both hosts' states enter the replicated log in one `MergeAlone`; until a host
+//! knows it is committed, it serves nobody (Recovering). Each host is
 //! the authority over its own share: what the pair holds afterwards is, for each share, the
 //! leases its host held in it when the pair came back (`Ledger::alone_state`) — including
 //! leases it took over — and for a host that never served alone (it was down), its share's
