@@ -32,7 +32,7 @@ pub mod writer;
 use std::path::Path;
 use std::sync::Arc;
 
-use tessera_core::LedgerConfig;
+use tessera_core::{Ledger, LedgerConfig, Share};
 
 pub use error::StoreError;
 pub use log_store::LogStore;
@@ -64,4 +64,17 @@ pub fn open(
     let log = LogStore::new(writer.clone(), loaded.log);
     let state_machine = LedgerStateMachine::new(writer, ledger, loaded.snapshot_meta);
     Ok((log, state_machine))
+}
+
+/// The ledger a redundant pair's host serves from when it cannot reach the other host: the
+/// applied ledger, then every entry of its log after it, committed or not (an entry it holds
+/// may have been acknowledged by the other host, which it cannot ask), then alone as `share`
+/// (see `tessera_core::Share`). A copy: the replicated ledger is not touched.
+pub fn alone_ledger(reader: &LedgerReader, log: &LogStore, share: Share) -> Ledger {
+    let (mut ledger, applied) = reader.copy_with_index();
+    for entry in log.proposals_after(applied) {
+        ledger.apply(&entry);
+    }
+    ledger.set_alone(Some(share));
+    ledger
 }

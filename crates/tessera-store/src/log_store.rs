@@ -20,9 +20,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, RaftLogStorage};
-use openraft::{LogState, OptionalSend, RaftLogReader};
+use openraft::{EntryPayload, LogState, OptionalSend, RaftLogReader};
+use tessera_core::Stamped;
 
-use crate::types::{Entry, LogId, TypeConfig, Vote};
+use crate::types::{Entry, LogId, Proposal, TypeConfig, Vote};
 use crate::writer::{Done, LoadedLog, META_COMMITTED, META_VOTE, Write, Writer, WriterStats};
 
 /// The Raft log store. Cheap to clone; clones share the log (a clone is the log reader).
@@ -43,6 +44,21 @@ impl LogStore {
     /// Counters of the store's writer thread (shared with every clone).
     pub fn stats(&self) -> WriterStats {
         self.writer.stats()
+    }
+
+    /// The commands of the log's entries after `index` (all if `None`), in log order,
+    /// committed or not: what a pair host going alone applies on top of its applied ledger
+    /// (see [`crate::alone_ledger`]).
+    pub fn proposals_after(&self, index: Option<u64>) -> Vec<Stamped> {
+        let start = index.map_or(0, |i| i.saturating_add(1));
+        self.state()
+            .entries
+            .range(start..)
+            .filter_map(|(_, entry)| match &entry.payload {
+                EntryPayload::Normal(Proposal(stamped)) => Some(stamped.clone()),
+                _ => None,
+            })
+            .collect()
     }
 
     fn state(&self) -> MutexGuard<'_, LoadedLog> {

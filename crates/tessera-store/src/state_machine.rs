@@ -51,6 +51,15 @@ impl LedgerReader {
         f(&read(&self.0).ledger)
     }
 
+    /// A copy of the ledger and the index of the last entry applied to it, read together.
+    pub fn copy_with_index(&self) -> (Ledger, Option<u64>) {
+        let applied = read(&self.0);
+        (
+            applied.ledger.clone(),
+            applied.last_applied.as_ref().map(|log_id| log_id.index()),
+        )
+    }
+
     /// Index of the last entry applied to the ledger.
     pub fn last_applied_index(&self) -> Option<u64> {
         read(&self.0)

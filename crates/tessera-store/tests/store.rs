@@ -13,7 +13,7 @@ use openraft::{
     StorageError, StorageHelper, StoredMembership, Vote,
 };
 use tempfile::TempDir;
-use tessera_core::{Command, LedgerConfig, Stamped};
+use tessera_core::{Command, LedgerConfig, Share, Stamped};
 use tessera_store::{LedgerStateMachine, LogStore, Proposal, TypeConfig};
 
 type LogIdT = openraft::type_config::alias::LogIdOf<TypeConfig>;
@@ -271,4 +271,35 @@ async fn restart_restores_snapshot_and_reapplies_committed_entries() {
         reader.read(|ledger| ledger.sync_state().awaited.clone().map(|(_, nonce)| nonce)),
         Some("second".to_string())
     );
+}
+
+/// A pair host going alone serves from its applied ledger plus every entry of its log after
+/// it, committed or not; the replicated ledger is left as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_alone_ledger_applies_the_whole_log_on_a_copy() {
+    let dir = TempDir::new().unwrap();
+    let (mut log, mut sm) = open(dir.path());
+    append(
+        &mut log,
+        vec![
+            blank(1, 1),
+            begin_sync(1, 2, 1_000, "applied"),
+            begin_sync(1, 3, 2_000, "in-the-log"),
+            membership(1, 4),
+            begin_sync(1, 5, 3_000, "last"),
+        ],
+    )
+    .await;
+    apply(
+        &mut sm,
+        vec![blank(1, 1), begin_sync(1, 2, 1_000, "applied")],
+    )
+    .await;
+    let reader = sm.reader();
+    let alone = tessera_store::alone_ledger(&reader, &log, Share::Backup);
+    assert_eq!(alone.alone(), Some(Share::Backup));
+    let awaited = |ledger: &tessera_core::Ledger| ledger.sync_state().awaited.clone();
+    assert_eq!(awaited(&alone), Some((3, "last".to_string())));
+    assert_eq!(reader.read(awaited), Some((1, "applied".to_string())));
+    assert_eq!(reader.read(|ledger| ledger.alone()), None);
 }

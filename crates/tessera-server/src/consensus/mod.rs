@@ -203,6 +203,8 @@ struct Inner {
     node_id: u64,
     raft: RaftNode,
     ledger: LedgerReader,
+    /// The log, read for a pair host going alone (entries not yet applied here).
+    log: tessera_store::LogStore,
     store_stats: WriterStats,
     /// Addresses from the configuration, for a leader the log's membership does not name.
     configured_members: BTreeMap<u64, String>,
@@ -244,6 +246,7 @@ impl Consensus {
                 .map_err(|e| ConsensusError::Storage(e.to_string()))?;
         let ledger = state_machine.reader();
         let store_stats = log_store.stats();
+        let log = log_store.clone();
         let raft = Raft::new(
             cfg.node_id,
             config,
@@ -284,6 +287,7 @@ impl Consensus {
                 node_id: cfg.node_id,
                 raft,
                 ledger,
+                log,
                 store_stats,
                 configured_members: members,
                 key,
@@ -548,6 +552,13 @@ impl Consensus {
     /// may lag the primary by the entries not yet applied here.
     pub fn read<R>(&self, f: impl FnOnce(&Ledger) -> R) -> R {
         self.inner.ledger.read(f)
+    }
+
+    /// The ledger this host would serve from alone, as `share`'s host of a redundant pair: a
+    /// copy of the applied ledger with every entry of its log after it (see
+    /// `tessera_store::alone_ledger`).
+    pub fn alone_ledger(&self, share: tessera_core::Share) -> Ledger {
+        tessera_store::alone_ledger(&self.inner.ledger, &self.inner.log, share)
     }
 
     /// Whether this host currently leads the group (and so may propose and run timers).
