@@ -96,6 +96,10 @@ pub struct KeySummary {
     /// The vendor key id (for `KEY@DONOR` entries the part before `@`).
     #[serde(default)]
     pub vendor_key_id: String,
+    /// Leases of a grant given back whose stations may still run until the expiry they were
+    /// told: counted as used (not free) until then.
+    #[serde(default)]
+    pub ended_early: u32,
 }
 
 /// `POST /v1/donations`: donate licenses of a key to a neighbour, or change a donation.
