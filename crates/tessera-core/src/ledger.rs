@@ -1324,11 +1324,14 @@ impl Ledger {
         ends.sort_unstable();
         ends.dedup();
         let pool = &*record.id;
+        // Only leases still running after the first end count at any end: with leases much
+        // shorter than grants, a handful.
+        let first = ends[0];
         let mut others: Vec<i64> = self
-            .leases
-            .values()
-            .filter(|lease| &*lease.key_id == pool && Some(&*lease.id) != lease_id)
-            .map(|lease| lease.expires_at_ms)
+            .expiry
+            .range((first.saturating_add(1), Arc::<str>::from(""))..)
+            .filter(|(_, id)| Some(&**id) != lease_id && *self.leases[&**id].key_id == *pool)
+            .map(|(expires_at_ms, _)| *expires_at_ms)
             .chain(self.ended_early.get(pool).into_iter().flatten().copied())
             .collect();
         others.sort_unstable();
