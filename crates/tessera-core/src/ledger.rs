@@ -425,6 +425,9 @@ pub struct LedgerSnapshot {
     /// Leases paid by a pair's backup share.
     #[serde(default)]
     pub backup_leases: Vec<String>,
+    /// Per share, the latest epoch of a host's alone state merged (`MergeAlone`).
+    #[serde(default)]
+    pub pair_merged_epochs: BTreeMap<Share, u64>,
 }
 
 /// Leases in snapshots as `[id, key, [components], station, user, host, issued, renewed, expires]`.
@@ -2146,6 +2149,7 @@ impl Ledger {
                 .iter()
                 .map(|id| id.to_string())
                 .collect(),
+            pair_merged_epochs: self.pair.merged_epochs.clone(),
         }
     }
 
@@ -2167,6 +2171,7 @@ impl Ledger {
             ended_early: &'a BTreeMap<String, Vec<i64>>,
             pair_backup_percent: Option<u8>,
             backup_leases: Vec<&'a str>,
+            pair_merged_epochs: &'a BTreeMap<Share, u64>,
         }
         fn compact_rows<S: serde::Serializer>(
             leases: &[&Lease],
@@ -2201,6 +2206,7 @@ impl Ledger {
             ended_early: &self.ended_early,
             pair_backup_percent: self.pair.backup_percent,
             backup_leases: self.pair.backup_leases.iter().map(|id| &**id).collect(),
+            pair_merged_epochs: &self.pair.merged_epochs,
         };
         serde_json::to_vec(&snapshot).expect("the ledger serializes")
     }
@@ -2231,6 +2237,7 @@ impl Ledger {
             issued_serials: snapshot.issued_serials,
             ended_early: snapshot.ended_early,
             pair_backup_percent: snapshot.pair_backup_percent,
+            pair_merged_epochs: snapshot.pair_merged_epochs,
         });
         ledger.reserve_leases(snapshot.leases.len());
         let mut expiry = Vec::with_capacity(snapshot.leases.len());
@@ -2292,6 +2299,8 @@ impl Ledger {
             pair_backup_percent: Option<u8>,
             #[serde(default)]
             backup_leases: Vec<String>,
+            #[serde(default)]
+            pair_merged_epochs: BTreeMap<Share, u64>,
         }
         let snapshot: SnapshotIn<'_> = serde_json::from_slice(bytes)?;
         let mut ledger = Ledger::new(config);
@@ -2306,6 +2315,7 @@ impl Ledger {
             issued_serials: snapshot.issued_serials,
             ended_early: snapshot.ended_early,
             pair_backup_percent: snapshot.pair_backup_percent,
+            pair_merged_epochs: snapshot.pair_merged_epochs,
         });
         ledger.reserve_leases(snapshot.leases.len());
         let mut expiry = Vec::with_capacity(snapshot.leases.len());
@@ -2352,6 +2362,7 @@ impl Ledger {
         self.issued_serials = header.issued_serials;
         self.ended_early = header.ended_early;
         self.pair.backup_percent = header.pair_backup_percent;
+        self.pair.merged_epochs = header.pair_merged_epochs;
         self.recount_ended_early();
         self.recount_donated();
     }
@@ -2559,6 +2570,7 @@ struct RestoredHeader {
     issued_serials: BTreeMap<String, u64>,
     ended_early: BTreeMap<String, Vec<i64>>,
     pair_backup_percent: Option<u8>,
+    pair_merged_epochs: BTreeMap<Share, u64>,
 }
 
 /// One lease as read back from a snapshot, whatever owns its strings.

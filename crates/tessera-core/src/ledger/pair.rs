@@ -70,6 +70,10 @@ pub struct AloneLease {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AloneState {
     pub share: Share,
+    /// Which of the host's alone periods this is (it only grows): a host drops its journal
+    /// once its applied ledger has merged this epoch of its share (`Ledger::merged_epoch`).
+    #[serde(default)]
+    pub epoch: u64,
     pub leases: Vec<AloneLease>,
 }
 
@@ -82,6 +86,8 @@ pub(super) struct PairState {
     pub backup_leases: BTreeSet<Arc<str>>,
     /// Set on a host serving alone (not replicated, not in snapshots).
     pub alone: Option<Share>,
+    /// Per share, the latest epoch merged.
+    pub merged_epochs: BTreeMap<Share, u64>,
 }
 
 impl Ledger {
@@ -109,7 +115,13 @@ impl Ledger {
         }
     }
 
-    /// The leases this host holds in its own share while alone, for `MergeAlone`.
+    /// The latest epoch of `share`'s alone state the pair merged (0: none).
+    pub fn merged_epoch(&self, share: Share) -> u64 {
+        self.pair.merged_epochs.get(&share).copied().unwrap_or(0)
+    }
+
+    /// The leases this host holds in its own share while alone, for `MergeAlone` (epoch 0:
+    /// the caller sets it).
     pub fn alone_state(&self) -> Option<AloneState> {
         let share = self.pair.alone?;
         let mut leases: Vec<AloneLease> = self
@@ -122,7 +134,11 @@ impl Ledger {
             })
             .collect();
         leases.sort_by(|a, b| a.lease.lease_id.cmp(&b.lease.lease_id));
-        Some(AloneState { share, leases })
+        Some(AloneState {
+            share,
+            epoch: 0,
+            leases,
+        })
     }
 
     /// The sizes of a key's two shares at `at`: (primary, backup). Not a pair: all primary.
@@ -382,6 +398,10 @@ impl Ledger {
                     None => dropped += 1,
                 },
             }
+        }
+        for state in states {
+            let merged = self.pair.merged_epochs.entry(state.share).or_default();
+            *merged = (*merged).max(state.epoch);
         }
         self.rebalance(at);
         Outcome::AloneMerged {

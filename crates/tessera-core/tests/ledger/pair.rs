@@ -384,3 +384,37 @@ fn a_host_that_never_served_alone_keeps_its_share_as_the_log_has_it() {
     ));
     assert_eq!(refusal(twice).code(), "invalid_request");
 }
+
+#[test]
+fn the_ledger_remembers_which_alone_epoch_of_each_share_it_merged() {
+    let committed = pair_with(10, 2);
+    let (_, mut backup) = split(&committed);
+    assert!(ask(&mut backup, BASE_MS + 10, 50));
+    let mut state = backup.alone_state().unwrap();
+    state.epoch = 7;
+    let mut merged = committed.clone();
+    assert_eq!(merged.merged_epoch(Share::Backup), 0);
+    let outcome = merged.apply(&at(
+        BASE_MS + 20,
+        Command::MergeAlone {
+            states: vec![state.clone()],
+        },
+    ));
+    assert!(matches!(outcome, Outcome::AloneMerged { .. }), "{outcome:?}");
+    assert_eq!(merged.merged_epoch(Share::Backup), 7);
+    assert_eq!(merged.merged_epoch(Share::Primary), 0);
+    // An older state merged later does not lower it; snapshots keep it.
+    state.epoch = 3;
+    merged.apply(&at(
+        BASE_MS + 30,
+        Command::MergeAlone {
+            states: vec![state],
+        },
+    ));
+    assert_eq!(merged.merged_epoch(Share::Backup), 7);
+    let restored =
+        Ledger::restore_json(merged.config().clone(), &merged.snapshot_json()).unwrap();
+    assert_eq!(restored.merged_epoch(Share::Backup), 7);
+    let restored = Ledger::restore(merged.config().clone(), merged.snapshot());
+    assert_eq!(restored.merged_epoch(Share::Backup), 7);
+}
