@@ -16,6 +16,7 @@ mod bench;
 mod bench_etcd;
 mod domain;
 mod neighbours;
+mod pair;
 mod report;
 mod serve;
 mod vendor;
@@ -96,6 +97,13 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// A redundant pair: enable, disable, sync, status.
+    Pair {
+        #[command(subcommand)]
+        command: pair::PairCommand,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// Donate licenses of a key to a neighbour server until a date (or change, or --end).
     Donate(neighbours::DonateArgs),
     /// Neighbour servers: links, donations, received grants, usage reports.
@@ -165,6 +173,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Donate(args) => neighbours::run_donate(args).await,
         Command::Neighbours { command, remote } => neighbours::run(command, &remote).await,
         Command::Domain { command, remote } => domain::run(command, &remote).await,
+        Command::Pair { command, remote } => pair::run(command, &remote).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Report { command, remote } => report::run_report(command, &remote).await,
         Command::Audit { command, remote } => report::run_audit(command, &remote).await,

@@ -550,3 +550,5 @@ mod console;
 mod domain;
 #[path = "cli/neighbours.rs"]
 mod neighbours;
+#[path = "cli/pair.rs"]
+mod pair;

@@ -74,7 +74,11 @@ fn try_elsewhere(error: &ClientError) -> bool {
     match error {
         ClientError::Transport { .. } => true,
         ClientError::Api { status, code, .. } => {
-            *status == 503 && matches!(code.as_str(), "no_quorum" | "not_primary" | "unavailable")
+            *status == 503
+                && matches!(
+                    code.as_str(),
+                    "no_quorum" | "not_primary" | "unavailable" | "pair_recovering"
+                )
         }
         ClientError::Decode { .. } => false,
     }
@@ -281,6 +285,36 @@ impl Client {
         let path = format!("/v1/domain/hosts/{host}");
         let (_, members): (_, serde_json::Value) = self.json(Method::DELETE, &path, None).await?;
         Ok(hosts_of(&members))
+    }
+
+    /// A redundant pair's status as the answering host sees it (`GET /v1/pair`).
+    pub async fn pair_status(&self) -> Result<serde_json::Value, ClientError> {
+        Ok(self.json(Method::GET, "/v1/pair", None).await?.1)
+    }
+
+    /// Pairs this (single) server with a backup started with `--join` (admin).
+    pub async fn pair_enable(
+        &self,
+        backup: &str,
+        backup_percent: Option<u8>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let body =
+            serde_json::json!({"backup": backup, "backup_percent": backup_percent}).to_string();
+        let path = "/v1/pair/enable";
+        Ok(self
+            .json(Method::POST, path, Some((body, "application/json")))
+            .await?
+            .1)
+    }
+
+    /// Undoes a pair that holds no license key (admin).
+    pub async fn pair_disable(&self) -> Result<serde_json::Value, ClientError> {
+        Ok(self.json(Method::POST, "/v1/pair/disable", None).await?.1)
+    }
+
+    /// Brings a pair that is not in sync back in sync (admin).
+    pub async fn pair_sync(&self) -> Result<serde_json::Value, ClientError> {
+        Ok(self.json(Method::POST, "/v1/pair/sync", None).await?.1)
     }
 
     /// Takes a lease and keeps it alive in the background; see [`LeaseGuard`].

@@ -54,6 +54,10 @@ pub enum ApiError {
     /// skew), or a donation names a neighbour that cannot receive it.
     #[error("{message}")]
     Neighbour { code: &'static str, message: String },
+    #[error(
+        "the redundant pair is merging what its hosts did apart (Recovering): nothing was changed; retry in a moment"
+    )]
+    PairRecovering,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -107,6 +111,7 @@ impl ApiError {
             ApiError::AuthorityUnreachable { .. } => {
                 (StatusCode::BAD_GATEWAY, "authority_unreachable")
             }
+            ApiError::PairRecovering => (StatusCode::SERVICE_UNAVAILABLE, "pair_recovering"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

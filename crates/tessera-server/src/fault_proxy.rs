@@ -101,11 +101,23 @@ async fn forward(
         Ok(answer) => {
             let status =
                 StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-            let content_type = answer.headers().get("content-type").cloned();
+            let headers: Vec<_> = answer
+                .headers()
+                .iter()
+                .filter(|(name, _)| {
+                    name.as_str() == "content-type" || name.as_str().starts_with("x-tessera-")
+                })
+                .filter_map(|(name, value)| {
+                    Some((
+                        axum::http::HeaderName::from_bytes(name.as_str().as_bytes()).ok()?,
+                        axum::http::HeaderValue::from_bytes(value.as_bytes()).ok()?,
+                    ))
+                })
+                .collect();
             let bytes = answer.bytes().await.unwrap_or_default();
             let mut response = (status, bytes).into_response();
-            if let Some(content_type) = content_type {
-                response.headers_mut().insert("content-type", content_type);
+            for (name, value) in headers {
+                response.headers_mut().insert(name, value);
             }
             response
         }

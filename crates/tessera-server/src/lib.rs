@@ -34,6 +34,7 @@ pub mod http;
 pub mod ids;
 pub mod metrics;
 pub mod neighbours;
+pub mod pair;
 pub mod server;
 pub mod state;
 pub mod sync;

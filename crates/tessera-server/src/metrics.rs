@@ -35,6 +35,12 @@ pub struct HostLabel {
     pub host: String,
 }
 
+/// A pair status of the reference ("Paired and Available", ...).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PairStatusLabel {
+    pub status: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabel {
     pub method: String,
@@ -77,6 +83,8 @@ pub struct Metrics {
     pub domain_host_is_primary: Family<HostLabel, Gauge>,
     pub domain_host_replication_lag: Family<HostLabel, Gauge>,
     pub domain_host_last_contact_ms: Family<HostLabel, Gauge>,
+    /// 1 for the pair status this host sees now, 0 for the others it has seen.
+    pair_status: Family<PairStatusLabel, Gauge>,
 }
 
 /// Per-component numbers read from the ledger when Prometheus scrapes.
@@ -131,6 +139,7 @@ impl Metrics {
             domain_host_is_primary: Family::default(),
             domain_host_replication_lag: Family::default(),
             domain_host_last_contact_ms: Family::default(),
+            pair_status: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -253,9 +262,31 @@ impl Metrics {
             "Milliseconds since the primary last heard from the domain host",
             metrics.domain_host_last_contact_ms.clone(),
         );
+        registry.register(
+            "pair_status",
+            "1 for the redundant pair's status as this host sees it",
+            metrics.pair_status.clone(),
+        );
         Metrics {
             registry,
             ..metrics
+        }
+    }
+
+    /// Sets the pair status gauge (one label at 1, the others seen before at 0).
+    pub fn set_pair_status(&self, status: &str) {
+        for name in [
+            crate::pair::PAIRED_AND_AVAILABLE,
+            crate::pair::BACKUP_NOT_AVAILABLE,
+            crate::pair::PRIMARY_NOT_AVAILABLE,
+            crate::pair::PAIR_NOT_SYNCED,
+            crate::pair::RECOVERING,
+        ] {
+            self.pair_status
+                .get_or_create(&PairStatusLabel {
+                    status: name.to_string(),
+                })
+                .set(i64::from(name == status));
         }
     }
 

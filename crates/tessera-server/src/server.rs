@@ -39,6 +39,7 @@ pub struct RunningServer {
     shutdown: watch::Sender<bool>,
     http: JoinHandle<()>,
     timers: Option<JoinHandle<()>>,
+    pair: Option<JoinHandle<()>>,
 }
 
 impl RunningServer {
@@ -48,6 +49,10 @@ impl RunningServer {
 
     /// Stops serving, waits for in-flight requests, then shuts consensus down.
     pub async fn shutdown(self) {
+        if let Some(pair) = self.pair {
+            pair.abort();
+            crate::pair::announce_stop(&self.state).await;
+        }
         let _ = self.shutdown.send(true);
         if let Some(timers) = self.timers {
             timers.abort();
@@ -139,6 +144,7 @@ pub async fn start(
             path: error.path,
             message: error.message,
         })?;
+    let pair = crate::pair::Pair::new(config.data_dir.clone());
     let state: SharedState = Arc::new(AppState {
         history,
         notifier,
@@ -153,6 +159,7 @@ pub async fn start(
         metrics: Metrics::new(),
         identity: data.identity,
         links: Default::default(),
+        pair,
         http: reqwest::Client::builder()
             .no_proxy()
             .connect_timeout(std::time::Duration::from_secs(3))
@@ -163,8 +170,11 @@ pub async fn start(
     });
     // A single host (a one-voter group, which never needs them) does not serve the Raft RPC
     // routes at all; a domain serves them, each request authenticated by the domain secret.
+    // A host with a domain secret may become one of a pair (`tessera pair enable`), so it
+    // serves them too.
     let mut router = crate::http::router(state.clone());
-    if multi_host {
+    let raft_routes = multi_host || state.config.domain_secret.is_some();
+    if raft_routes {
         router = router.merge(consensus.router());
     }
     let (shutdown, mut shutdown_rx) = watch::channel(false);
@@ -180,6 +190,7 @@ pub async fn start(
         }
     });
     let timers = run_timers.then(|| tokio::spawn(run_timer_loop(state.clone())));
+    let pair = raft_routes.then(|| tokio::spawn(crate::pair::run(state.clone())));
     tracing::info!(%addr, "license server listening");
     Ok(RunningServer {
         addr,
@@ -187,6 +198,7 @@ pub async fn start(
         shutdown,
         http,
         timers,
+        pair,
     })
 }
 

@@ -45,6 +45,8 @@ pub struct AppState {
     pub links: crate::neighbours::Links,
     /// HTTP client for neighbour servers.
     pub http: reqwest::Client,
+    /// The redundant pair's side of this host (does nothing unless it is one of a pair).
+    pub pair: crate::pair::Pair,
 }
 
 /// Days before the sync deadline at which a `sync_deadline_near` notification goes out.
@@ -57,6 +59,12 @@ pub fn timestamp(ms: i64) -> Timestamp {
 }
 
 impl AppState {
+    /// Reads the ledger this host serves from (its alone ledger while a pair's host serves
+    /// alone; else the applied one).
+    pub fn read<R>(&self, f: impl FnOnce(&Ledger) -> R) -> R {
+        self.pair.read(&self.consensus, f)
+    }
+
     fn lease_ttl_ms(&self) -> i64 {
         self.config.lease_ttl.as_millis() as i64
     }
@@ -109,7 +117,25 @@ impl AppState {
         at_ms: i64,
         command: Command,
     ) -> Result<Outcome, ApiError> {
-        let applied = self.consensus.propose(Stamped { at_ms, command }).await?;
+        let entry = Stamped { at_ms, command };
+        let applied = match self.pair.route(self.consensus.pair_link()) {
+            crate::pair::Route::Consensus { disturbed } => {
+                let applied = self.consensus.propose(entry).await?;
+                if !self
+                    .pair
+                    .still_in_step(self.consensus.pair_link(), disturbed)
+                {
+                    return Err(ApiError::PairRecovering);
+                }
+                applied
+            }
+            crate::pair::Route::Alone => match self.pair.apply_alone(&entry) {
+                Some(Ok(applied)) => applied,
+                Some(Err(journal_error)) => return Err(ApiError::Internal(journal_error)),
+                None => return Err(ApiError::PairRecovering),
+            },
+            crate::pair::Route::Recovering => return Err(ApiError::PairRecovering),
+        };
         if !applied.expired.is_empty() {
             self.metrics
                 .expired_leases
@@ -312,7 +338,7 @@ impl AppState {
 
     pub fn status(&self) -> Status {
         let now_ms = self.stamper.now_ms();
-        let (keys, components, leases, sync, usage_reports) = self.consensus.read(|ledger| {
+        let (keys, components, leases, sync, usage_reports) = self.read(|ledger| {
             let leases: Vec<Lease> = ledger
                 .leases()
                 .into_iter()
@@ -353,7 +379,7 @@ impl AppState {
 
     pub fn render_metrics(&self) -> String {
         let now_ms = self.stamper.now_ms();
-        let (components, active, donated, keys) = self.consensus.read(|ledger| {
+        let (components, active, donated, keys) = self.read(|ledger| {
             let mut donated: BTreeMap<String, u32> = BTreeMap::new();
             let mut keys = Vec::new();
             for view in ledger.keys(now_ms) {

@@ -400,7 +400,10 @@ fn the_ledger_remembers_which_alone_epoch_of_each_share_it_merged() {
             states: vec![state.clone()],
         },
     ));
-    assert!(matches!(outcome, Outcome::AloneMerged { .. }), "{outcome:?}");
+    assert!(
+        matches!(outcome, Outcome::AloneMerged { .. }),
+        "{outcome:?}"
+    );
     assert_eq!(merged.merged_epoch(Share::Backup), 7);
     assert_eq!(merged.merged_epoch(Share::Primary), 0);
     // An older state merged later does not lower it; snapshots keep it.
@@ -412,8 +415,7 @@ fn the_ledger_remembers_which_alone_epoch_of_each_share_it_merged() {
         },
     ));
     assert_eq!(merged.merged_epoch(Share::Backup), 7);
-    let restored =
-        Ledger::restore_json(merged.config().clone(), &merged.snapshot_json()).unwrap();
+    let restored = Ledger::restore_json(merged.config().clone(), &merged.snapshot_json()).unwrap();
     assert_eq!(restored.merged_epoch(Share::Backup), 7);
     let restored = Ledger::restore(merged.config().clone(), merged.snapshot());
     assert_eq!(restored.merged_epoch(Share::Backup), 7);

@@ -19,7 +19,9 @@
 //! reads a clock for the ledger.
 
 mod auth;
+pub use auth::FROM_HEADER;
 mod network;
+pub mod pair_link;
 mod rpc;
 #[cfg(test)]
 mod tests;
@@ -210,6 +212,7 @@ struct Inner {
     configured_members: BTreeMap<u64, String>,
     key: Option<auth::DomainKey>,
     placement: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    link: Arc<pair_link::PairLink>,
 }
 
 impl Consensus {
@@ -247,10 +250,11 @@ impl Consensus {
         let ledger = state_machine.reader();
         let store_stats = log_store.stats();
         let log = log_store.clone();
+        let link = Arc::new(pair_link::PairLink::default());
         let raft = Raft::new(
             cfg.node_id,
             config,
-            network::HttpNetwork::new(key.clone(), cfg.node_id),
+            network::HttpNetwork::new(key.clone(), cfg.node_id, link.clone()),
             log_store,
             state_machine,
         )
@@ -292,6 +296,7 @@ impl Consensus {
                 configured_members: members,
                 key,
                 placement: std::sync::Mutex::new(None),
+                link,
             }),
         };
         if voters == BTreeSet::from([cfg.node_id]) {
@@ -561,6 +566,34 @@ impl Consensus {
         tessera_store::alone_ledger(&self.inner.ledger, &self.inner.log, share)
     }
 
+    /// The link to the other host of a redundant pair, as the Raft traffic shows it.
+    pub fn pair_link(&self) -> &pair_link::PairLink {
+        &self.inner.link
+    }
+
+    /// The voters of the group, from the membership this host knows.
+    pub fn voter_ids(&self) -> BTreeSet<u64> {
+        self.voters()
+    }
+
+    /// This host's number.
+    pub fn node_id(&self) -> u64 {
+        self.inner.node_id
+    }
+
+    /// Signs a pair RPC body with the domain secret (`None`: no secret configured).
+    pub fn sign(&self, rpc: &str, body: &[u8]) -> Option<String> {
+        self.inner.key.as_ref().map(|key| key.sign(rpc, body))
+    }
+
+    /// Checks a pair RPC's tag against the domain secret.
+    pub fn verify(&self, rpc: &str, body: &[u8], tag: &str) -> bool {
+        self.inner
+            .key
+            .as_ref()
+            .is_some_and(|key| key.verify(rpc, body, tag))
+    }
+
     /// Whether this host currently leads the group (and so may propose and run timers).
     pub fn is_primary(&self) -> bool {
         self.inner.raft.is_leader()
@@ -570,6 +603,11 @@ impl Consensus {
     pub fn primary(&self) -> Option<(u64, String)> {
         let leader = self.inner.raft.metrics().borrow_watched().current_leader?;
         self.address_of(leader).map(|addr| (leader, addr))
+    }
+
+    /// A host's address (see `address_of`).
+    pub fn address(&self, node_id: u64) -> Option<String> {
+        self.address_of(node_id)
     }
 
     /// A node's address: this host's own is the advertised one it was started with (it may
@@ -630,7 +668,11 @@ impl Consensus {
 
     /// The Raft RPC routes (`/v1/raft/...`) peers call; merge into the server's router.
     pub fn router(&self) -> axum::Router {
-        rpc::router(self.inner.raft.clone(), self.inner.key.clone())
+        rpc::router(
+            self.inner.raft.clone(),
+            self.inner.key.clone(),
+            self.inner.link.clone(),
+        )
     }
 
     /// Stops the Raft node; proposals fail with [`ConsensusError::Shutdown`] afterwards. The

@@ -6,6 +6,7 @@
 //! - timeout, HTTP error status, undecodable body: `NetworkError` (retried at once).
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::errors::{
@@ -23,6 +24,7 @@ use tessera_store::TypeConfig;
 use tessera_store::state_machine::SnapshotData;
 
 use super::auth::{AUTH_HEADER, DomainKey, FROM_HEADER};
+use super::pair_link::{MODE_HEADER, Mode, PAIR_ALONE_CODE, PairLink};
 use super::rpc::SnapshotHeader;
 
 type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotData>;
@@ -37,12 +39,14 @@ pub struct HttpNetwork {
     client: reqwest::Client,
     key: Option<DomainKey>,
     from: u64,
+    link: Arc<PairLink>,
 }
 
 impl HttpNetwork {
     /// `key`: the domain secret every RPC is signed with (none for a single host).
     /// `from`: this host's number, sent along in [`FROM_HEADER`].
-    pub fn new(key: Option<DomainKey>, from: u64) -> HttpNetwork {
+    /// `link`: told of every answer (contact with the other host of a pair).
+    pub fn new(key: Option<DomainKey>, from: u64, link: Arc<PairLink>) -> HttpNetwork {
         let client = reqwest::Client::builder()
             // Peers are addressed directly; a proxy from the environment must not intercept.
             .no_proxy()
@@ -50,7 +54,12 @@ impl HttpNetwork {
             .tcp_nodelay(true)
             .build()
             .unwrap_or_else(|_| reqwest::Client::new());
-        HttpNetwork { client, key, from }
+        HttpNetwork {
+            client,
+            key,
+            from,
+            link,
+        }
     }
 }
 
@@ -64,6 +73,7 @@ impl RaftNetworkFactory<TypeConfig> for HttpNetwork {
             client: self.client.clone(),
             key: self.key.clone(),
             from: self.from,
+            link: self.link.clone(),
         }
     }
 }
@@ -75,6 +85,7 @@ pub struct HttpPeer {
     client: reqwest::Client,
     key: Option<DomainKey>,
     from: u64,
+    link: Arc<PairLink>,
 }
 
 impl HttpPeer {
@@ -106,7 +117,8 @@ impl HttpPeer {
         let mut request = self
             .client
             .post(&url)
-            .header(FROM_HEADER, self.from.to_string());
+            .header(FROM_HEADER, self.from.to_string())
+            .header(MODE_HEADER, self.link.own_mode().name());
         if let Some(key) = &self.key {
             request = request.header(AUTH_HEADER, key.sign(rpc, &body));
         }
@@ -124,8 +136,19 @@ impl HttpPeer {
                 }
             })?;
         let status = response.status();
+        if let Some(mode) = response
+            .headers()
+            .get(MODE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(Mode::parse)
+        {
+            self.link.peer_mode_seen(mode);
+        }
         if !status.is_success() {
             let text = response.text().await.unwrap_or_default();
+            if text.contains(PAIR_ALONE_CODE) {
+                self.link.peer_alone();
+            }
             return Err(RPCError::Network(NetworkError::from_string(format!(
                 "HTTP {status} from node {} at {url}: {text}",
                 self.target
@@ -133,6 +156,7 @@ impl HttpPeer {
         }
         let answer: Result<Resp, RaftError<TypeConfig>> =
             response.json().await.map_err(|e| NetworkError::new(&e))?;
+        self.link.heard();
         // The only error a peer's Raft API returns here is Fatal: that peer has stopped.
         answer.map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))
     }

@@ -22,8 +22,11 @@ use openraft::raft::{
 use serde::{Deserialize, Serialize};
 use tessera_store::TypeConfig;
 
+use std::sync::Arc;
+
 use super::RaftNode;
 use super::auth::{AUTH_HEADER, DomainKey};
+use super::pair_link::{MODE_HEADER, Mode, PAIR_ALONE_CODE, PairLink};
 
 /// Largest Raft request accepted: a full snapshot of a big ledger arrives in one body.
 pub const RAFT_BODY_BYTES_MAX: usize = 1 << 30;
@@ -36,19 +39,53 @@ pub(super) struct SnapshotHeader {
 
 type Answer<T> = Json<Result<T, RaftError<TypeConfig>>>;
 
-pub(super) fn router(raft: RaftNode, key: Option<DomainKey>) -> Router {
+pub(super) fn router(raft: RaftNode, key: Option<DomainKey>, link: Arc<PairLink>) -> Router {
     let router = Router::new()
         .route("/v1/raft/append", post(append))
         .route("/v1/raft/vote", post(vote))
         .route("/v1/raft/pre-vote", post(pre_vote))
         .route("/v1/raft/snapshot", post(snapshot))
         .route("/v1/raft/transfer-leader", post(transfer_leader))
-        .with_state(raft);
+        .with_state(raft)
+        .layer(middleware::from_fn_with_state(link, pair_gate));
     let router = match key {
         Some(key) => router.layer(middleware::from_fn_with_state(key, authenticate)),
         None => router,
     };
     router.layer(DefaultBodyLimit::max(RAFT_BODY_BYTES_MAX))
+}
+
+/// A pair's host serving alone refuses every Raft RPC (503 `pair_alone`): its log must not
+/// move while it issues from its share, and the other host learns from the refusal that it
+/// is reachable and alone. Any RPC answered normally counts as contact with the other host.
+async fn pair_gate(State(link): State<Arc<PairLink>>, request: Request, next: Next) -> Response {
+    if let Some(mode) = request
+        .headers()
+        .get(MODE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(Mode::parse)
+    {
+        link.peer_mode_seen(mode);
+    }
+    let gate = link.gate.read().await;
+    let mut response = if *gate {
+        link.reached_while_alone();
+        let body = serde_json::json!({"error": {"code": PAIR_ALONE_CODE, "message":
+            "this host of the pair serves alone until the other host merges what it did"}});
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    } else {
+        let response = next.run(request).await;
+        if response.status().is_success() {
+            link.heard();
+        }
+        response
+    };
+    drop(gate);
+    response.headers_mut().insert(
+        MODE_HEADER,
+        axum::http::HeaderValue::from_static(link.own_mode().name()),
+    );
+    response
 }
 
 /// Refuses (401, JSON error body) an RPC whose `x-tessera-raft-auth` tag does not match the

@@ -39,7 +39,7 @@ pub async fn import_key(
 #[utoipa::path(get, path = "/v1/keys", security(("admin_token" = [])), responses((status = 200, body = Vec<KeySummary>)))]
 pub async fn list_keys(State(state): State<SharedState>, _admin: Admin) -> Json<Vec<KeySummary>> {
     let now_ms = state.stamper.now_ms();
-    Json(state.consensus.read(|ledger| key_summaries(ledger, now_ms)))
+    Json(state.read(|ledger| key_summaries(ledger, now_ms)))
 }
 
 /// Export a key file exactly as the vendor signed it.

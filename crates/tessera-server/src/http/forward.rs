@@ -52,6 +52,7 @@ fn is_write(method: &Method, path: &str) -> bool {
         Method::POST | Method::PUT | Method::PATCH | Method::DELETE
     ) && path.starts_with("/v1/")
         && !path.starts_with("/v1/raft/")
+        && !path.starts_with("/v1/pair/rpc/")
 }
 
 /// The server-to-server routes, which take larger bodies.
@@ -59,13 +60,15 @@ fn request_path_is_link(path: &str) -> bool {
     path == "/v1/neighbours/grants" || path == "/v1/neighbours/renew"
 }
 
-/// Whether this server is a host of a domain of several hosts.
+/// Whether this server is a host of a domain of several hosts (configured so, or grown so
+/// by `domain add-host` / `pair enable`).
 pub fn in_domain(state: &SharedState) -> bool {
     state
         .config
         .domain
         .as_ref()
         .is_some_and(|domain| domain.is_multi_host())
+        || state.consensus.voter_ids().len() > 1
 }
 
 /// The middleware (only does anything in a domain of several hosts).
@@ -75,6 +78,13 @@ pub async fn forward_writes(
     next: Next,
 ) -> Response {
     if !in_domain(&state) || !is_write(request.method(), request.uri().path()) {
+        return next.run(request).await;
+    }
+    // A pair's host serving alone (or merging) answers itself: see `crate::pair`.
+    if matches!(
+        state.pair.mode(),
+        crate::pair::Mode::Alone | crate::pair::Mode::Recovering
+    ) {
         return next.run(request).await;
     }
     let forwarded = request.headers().contains_key(FORWARDED_HEADER);

@@ -8,6 +8,7 @@ pub mod forward;
 mod leases;
 mod neighbours;
 mod openapi;
+pub mod pair;
 mod sync;
 
 use std::time::Instant;
@@ -37,6 +38,11 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/domain", get(domain::status))
         .route("/v1/domain/hosts", post(domain::add_host))
         .route("/v1/domain/hosts/{host}", delete(domain::remove_host))
+        .route("/v1/pair", get(pair::status))
+        .route("/v1/pair/enable", post(pair::enable))
+        .route("/v1/pair/disable", post(pair::disable))
+        .route("/v1/pair/sync", post(pair::sync))
+        .route("/v1/pair/rpc/{rpc}", post(pair::rpc))
         .route("/v1/leases", post(leases::checkout))
         .route("/v1/leases/{lease_id}/heartbeat", post(leases::heartbeat))
         .route("/v1/leases/{lease_id}", delete(leases::checkin))

@@ -1,0 +1,433 @@
+//! A redundant pair of real `tessera server` processes: pairing and its requirements, kill -9
+//! of either host, and a partition between them with stations on both sides. Each ends with
+//! no key over-issued, no acknowledged lease lost, and the reference's statuses.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::{ServerProcess, ok, tessera};
+
+const SECRET: &str = "real-process test pair secret";
+/// Bound for the pair to reach a status; going alone takes 1 s, a merge well under 2 s.
+const WAIT: Duration = Duration::from_secs(30);
+/// The key: 4 licenses of `cad`, so each host's share is 2.
+const LICENSES: u32 = 4;
+
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+struct PairDir {
+    root: PathBuf,
+    ports: Vec<u16>,
+    /// How the hosts know each other (their ports, or proxies in front of them).
+    addresses: Vec<String>,
+    key_id: String,
+}
+
+impl PairDir {
+    fn new(root: &Path, ports: Vec<u16>, addresses: Vec<String>) -> PairDir {
+        let vendor = root.join("vendor");
+        ok(&["vendor", "init", "--dir", vendor.to_str().unwrap()]);
+        let key_id = ok(&[
+            "vendor",
+            "issue",
+            "--dir",
+            vendor.to_str().unwrap(),
+            "--customer",
+            "acme",
+            "--components",
+            "cad",
+            "--licenses",
+            &LICENSES.to_string(),
+            "--valid-days",
+            "30",
+            "--out",
+            root.join("cad.json").to_str().unwrap(),
+        ]);
+        let dir = PairDir {
+            root: root.to_path_buf(),
+            ports,
+            addresses,
+            key_id: key_id.trim().to_string(),
+        };
+        // Host 1: a single server with a domain secret. Host 2: joins (the backup).
+        dir.write_config(1, &format!("hosts = [\"1={}\"]", dir.addresses[0]));
+        dir.write_config(
+            2,
+            &format!(
+                "hosts = [\"1={}\", \"2={}\"]\njoin = true",
+                dir.addresses[0], dir.addresses[1]
+            ),
+        );
+        dir
+    }
+
+    fn write_config(&self, host: usize, domain: &str) {
+        let port = self.ports[host - 1];
+        let config = format!(
+            "data = \"data-{host}\"\nlisten = \"127.0.0.1:{port}\"\ntrust = [\"vendor/vendor.pub\"]\nlease_ttl = \"10m\"\ndomain_secret = \"{SECRET}\"\n\n[domain]\nhost = {host}\n{domain}\n"
+        );
+        std::fs::write(self.root.join(format!("host-{host}.toml")), config).unwrap();
+    }
+
+    fn start(&self, host: usize) -> ServerProcess {
+        let config = self.root.join(format!("host-{host}.toml"));
+        ServerProcess::spawn(
+            &["server", "--config", config.to_str().unwrap()],
+            "Tessera license server on ",
+        )
+    }
+
+    /// The backup gets the primary's identity and admin token before its first start.
+    fn share_identity(&self) {
+        let first = self.root.join("data-1");
+        let data = self.root.join("data-2");
+        std::fs::create_dir_all(&data).unwrap();
+        for file in ["server.key", "server.pub", "admin.token"] {
+            std::fs::copy(first.join(file), data.join(file)).unwrap();
+        }
+    }
+
+    fn url(&self, host: usize) -> String {
+        format!("http://127.0.0.1:{}", self.ports[host - 1])
+    }
+
+    fn servers(&self) -> String {
+        format!("{},{}", self.url(1), self.url(2))
+    }
+
+    fn token(&self) -> String {
+        std::fs::read_to_string(self.root.join("data-1").join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+}
+
+fn pair_status(url: &str) -> Option<serde_json::Value> {
+    let output = tessera(&["pair", "status", "--json", "--server", url]);
+    output
+        .status
+        .success()
+        .then(|| serde_json::from_slice(&output.stdout).unwrap())
+}
+
+/// Polls (bounded) until the host at `url` reports `status` and serves in `mode`.
+fn wait_status(url: &str, status: &str, mode: &str) -> serde_json::Value {
+    let deadline = Instant::now() + WAIT;
+    let mut last = None;
+    loop {
+        if let Some(seen) = pair_status(url) {
+            if seen["pair_status"] == status && seen["mode"] == mode {
+                return seen;
+            }
+            last = Some(seen);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{url} did not reach {status:?} / {mode} within {WAIT:?}; last: {last:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn host_status(status: &serde_json::Value, host: u64) -> String {
+    status["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host"] == host)
+        .map(|h| h["status"].as_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+fn checkout(servers: &str, station: &str) -> Result<String, String> {
+    let output = tessera(&[
+        "lease",
+        "checkout",
+        "--component",
+        "cad",
+        "--station",
+        station,
+        "--server",
+        servers,
+    ]);
+    if output.status.success() {
+        let lease: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        Ok(lease["lease_id"].as_str().unwrap().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).to_string())
+    }
+}
+
+fn held_leases(url: &str) -> Vec<String> {
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&["status", "--json", "--server", url])).unwrap();
+    let mut held: Vec<String> = status["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|lease| lease["lease_id"].as_str().unwrap().to_string())
+        .collect();
+    held.sort();
+    held
+}
+
+/// Pairs the two hosts (host 2 started with `--join`) and adds the key.
+fn pair_up(dir: &PairDir) {
+    let token = dir.token();
+    let enabled = ok(&[
+        "pair",
+        "enable",
+        "--backup",
+        &dir.addresses[1],
+        "--server",
+        &dir.url(1),
+        "--token",
+        &token,
+    ]);
+    assert!(enabled.contains("pair status"), "{enabled}");
+    wait_status(&dir.url(1), "Paired and Available", "paired");
+    wait_status(&dir.url(2), "Paired and Available", "paired");
+    ok(&[
+        "keys",
+        "add",
+        dir.root.join("cad.json").to_str().unwrap(),
+        "--server",
+        &dir.servers(),
+        "--token",
+        &token,
+    ]);
+}
+
+/// Every lease in `acknowledged` is held, and no more than the key's licenses.
+fn assert_merged(url: &str, acknowledged: &[String]) -> Vec<String> {
+    let held = held_leases(url);
+    assert!(
+        held.len() <= LICENSES as usize,
+        "over-issued: {held:?} for {LICENSES} licenses"
+    );
+    for lease in acknowledged {
+        assert!(
+            held.contains(lease),
+            "acknowledged lease {lease} lost: {held:?}"
+        );
+    }
+    held
+}
+
+#[test]
+fn pairing_checks_the_backups_requirements_and_a_pair_with_keys_cannot_be_undone() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = free_ports(2);
+    let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let pair = PairDir::new(dir.path(), ports, addresses);
+    let _host_1 = pair.start(1);
+    let token = pair.token();
+    let enable = |backup: &str| {
+        tessera(&[
+            "pair",
+            "enable",
+            "--backup",
+            backup,
+            "--server",
+            &pair.url(1),
+            "--token",
+            &token,
+        ])
+    };
+    // A backup that ran as a license server with keys: refused, naming what to do.
+    pair.write_config(2, &format!("hosts = [\"2={}\"]", pair.addresses[1]));
+    let standalone = pair.start(2);
+    let token_2 = std::fs::read_to_string(pair.root.join("data-2").join("admin.token")).unwrap();
+    let on_2 = ["--server", &pair.url(2), "--token", token_2.trim()];
+    ok(&[
+        &["keys", "add", pair.root.join("cad.json").to_str().unwrap()][..],
+        &on_2,
+    ]
+    .concat());
+    let refused = enable(&pair.addresses[1]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains("pair_requirements") && stderr.contains("license keys activated"),
+        "{stderr}"
+    );
+    // Its keys removed, it still ran as a server before: its server ID must be reset.
+    ok(&[&["keys", "remove", pair.key_id.as_str()][..], &on_2].concat());
+    let refused = enable(&pair.addresses[1]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("reset its server ID"), "{stderr}");
+    drop(standalone);
+    // Reset (a fresh data directory, started with --join): paired.
+    std::fs::remove_dir_all(pair.root.join("data-2")).unwrap();
+    pair.write_config(
+        2,
+        &format!(
+            "hosts = [\"1={}\", \"2={}\"]\njoin = true",
+            pair.addresses[0], pair.addresses[1]
+        ),
+    );
+    pair.share_identity();
+    let _host_2 = pair.start(2);
+    pair_up(&pair);
+    // Both hosts show the same configuration.
+    let keys = |url: &str| {
+        let status: serde_json::Value =
+            serde_json::from_str(&ok(&["status", "--json", "--server", url])).unwrap();
+        status["keys"].as_array().unwrap().len()
+    };
+    assert_eq!((keys(&pair.url(1)), keys(&pair.url(2))), (1, 1));
+    // With a key active the pair cannot be undone.
+    let refused = tessera(&[
+        "pair",
+        "disable",
+        "--server",
+        &pair.url(1),
+        "--token",
+        &token,
+    ]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("cannot be undone"), "{stderr}");
+}
+
+#[test]
+fn a_pair_serves_alone_within_a_share_across_kill_9_of_either_host_and_merges_without_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = free_ports(2);
+    let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let pair = PairDir::new(dir.path(), ports, addresses);
+    let host_1 = pair.start(1);
+    pair.share_identity();
+    let host_2 = pair.start(2);
+    pair_up(&pair);
+    let servers = pair.servers();
+    let mut acknowledged = vec![
+        checkout(&servers, "ws-1").unwrap(),
+        checkout(&servers, "ws-2").unwrap(),
+    ];
+
+    // kill -9 of the primary: the backup serves alone, from its share only.
+    host_1.kill_9();
+    let alone = wait_status(&pair.url(2), "Primary not available", "alone");
+    assert_eq!(host_status(&alone, 1), "Disconnected");
+    let mut granted = 0;
+    for station in ["ws-3", "ws-4", "ws-5"] {
+        match checkout(&servers, station) {
+            Ok(lease) => {
+                acknowledged.push(lease);
+                granted += 1;
+            }
+            Err(stderr) => assert!(stderr.contains("no_licenses_available"), "{stderr}"),
+        }
+    }
+    assert!(granted >= 1, "the backup served nobody alone");
+    assert!(held_leases(&pair.url(2)).len() <= LICENSES as usize);
+
+    // The primary comes back: Recovering, merged, Paired and Available on both.
+    let host_1 = pair.start(1);
+    wait_status(&pair.url(1), "Paired and Available", "paired");
+    wait_status(&pair.url(2), "Paired and Available", "paired");
+    assert_merged(&pair.url(1), &acknowledged);
+    assert_eq!(held_leases(&pair.url(1)), held_leases(&pair.url(2)));
+
+    // kill -9 of the backup: the primary serves alone within its share.
+    host_2.kill_9();
+    let alone = wait_status(&pair.url(1), "Backup not available", "alone");
+    assert_eq!(host_status(&alone, 2), "Disconnected");
+    for station in ["ws-6", "ws-7"] {
+        match checkout(&pair.url(1), station) {
+            Ok(lease) => acknowledged.push(lease),
+            Err(stderr) => assert!(stderr.contains("no_licenses_available"), "{stderr}"),
+        }
+    }
+    assert!(held_leases(&pair.url(1)).len() <= LICENSES as usize);
+
+    // A restart while alone keeps what it did (the journal), then the pair merges again.
+    host_1.kill_9();
+    let _host_1 = pair.start(1);
+    wait_status(&pair.url(1), "Backup not available", "alone");
+    assert_merged(&pair.url(1), &acknowledged);
+    let _host_2 = pair.start(2);
+    wait_status(&pair.url(1), "Paired and Available", "paired");
+    wait_status(&pair.url(2), "Paired and Available", "paired");
+    let held = assert_merged(&pair.url(2), &acknowledged);
+    assert_eq!(held_leases(&pair.url(1)), held);
+}
+
+#[test]
+fn a_partition_between_the_hosts_with_stations_on_both_sides_never_over_issues() {
+    use tessera_server::fault_proxy::{self, Cuts};
+
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cuts = Cuts::default();
+    let ports = free_ports(2);
+    let proxies: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, port)| {
+            runtime
+                .block_on(fault_proxy::start(
+                    i as u64 + 1,
+                    format!("127.0.0.1:{port}"),
+                    cuts.clone(),
+                ))
+                .unwrap()
+        })
+        .collect();
+    let pair = PairDir::new(dir.path(), ports, proxies);
+    let _host_1 = pair.start(1);
+    pair.share_identity();
+    let _host_2 = pair.start(2);
+    pair_up(&pair);
+    let mut acknowledged = vec![checkout(&pair.servers(), "ws-0").unwrap()];
+
+    // The hosts lose each other; stations near each host reach only that host.
+    cuts.partition(&[1], &[2]);
+    wait_status(&pair.url(1), "Backup not available", "alone");
+    wait_status(&pair.url(2), "Primary not available", "alone");
+    let mut served = [0, 0];
+    for n in 0..4 {
+        for host in [1, 2] {
+            match checkout(&pair.url(host), &format!("ws-{host}-{n}")) {
+                Ok(lease) => {
+                    acknowledged.push(lease);
+                    served[host - 1] += 1;
+                }
+                Err(stderr) => assert!(stderr.contains("no_licenses_available"), "{stderr}"),
+            }
+        }
+    }
+    assert!(served[0] >= 1 && served[1] >= 1, "served alone: {served:?}");
+    let total = held_leases(&pair.url(1)).len() + held_leases(&pair.url(2)).len();
+    // Both sides together: the lease taken before the cut is counted on both.
+    assert!(
+        total <= LICENSES as usize + 1,
+        "the two sides issued {total} leases for {LICENSES} licenses"
+    );
+
+    // Healed: Recovering, then both sides' leases in one ledger, within the key.
+    cuts.heal();
+    wait_status(&pair.url(1), "Paired and Available", "paired");
+    wait_status(&pair.url(2), "Paired and Available", "paired");
+    let held = assert_merged(&pair.url(1), &acknowledged);
+    assert_eq!(held.len(), acknowledged.len());
+    assert_eq!(held_leases(&pair.url(2)), held);
+    assert!(
+        checkout(&pair.servers(), "ws-late")
+            .unwrap_err()
+            .contains("no_licenses_available")
+    );
+}

@@ -1,0 +1,248 @@
+//! The redundant pair's routes.
+//!
+//! - `GET /v1/pair`: this host's view (pair status, each host's status, mode, journal).
+//! - `POST /v1/pair/enable` `{"backup":"HOST:PORT","backup_percent":50}` (admin, on the
+//!   primary): checks the backup's requirements, adds it as the second voter, splits the
+//!   licenses. `POST /v1/pair/disable` (admin): only once no key is active.
+//!   `POST /v1/pair/sync` (admin): brings a pair that is not in sync back (split set again,
+//!   shares rebalanced).
+//! - `POST /v1/pair/rpc/{candidate,handover,stopping}`: between the two hosts, signed with
+//!   the domain secret (`x-tessera-pair-auth`).
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use serde::Deserialize;
+use tessera_core::{Command, Outcome};
+
+use super::extract::{Admin, ApiJson};
+use crate::error::ApiError;
+use crate::pair::{Candidate, PAIR_AUTH_HEADER, PairStatus};
+use crate::state::SharedState;
+
+/// The backup's share when `enable` does not say.
+pub const DEFAULT_BACKUP_PERCENT: u8 = 50;
+
+fn refused(code: &'static str, message: String) -> ApiError {
+    ApiError::BadRequest { code, message }
+}
+
+pub async fn status(State(state): State<SharedState>) -> Json<PairStatus> {
+    Json(state.pair.status(&state))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnableRequest {
+    /// `HOST:PORT` of the backup, started with `--join` and the same domain secret.
+    pub backup: String,
+    #[serde(default)]
+    pub backup_percent: Option<u8>,
+}
+
+pub async fn enable(
+    State(state): State<SharedState>,
+    _admin: Admin,
+    ApiJson(request): ApiJson<EnableRequest>,
+) -> Result<Json<PairStatus>, ApiError> {
+    let percent = request.backup_percent.unwrap_or(DEFAULT_BACKUP_PERCENT);
+    if percent > 100 {
+        return Err(refused(
+            "invalid_request",
+            format!("backup_percent {percent} is not a percentage (0 to 100)"),
+        ));
+    }
+    if !request.backup.contains(':') {
+        return Err(refused(
+            "invalid_request",
+            format!("backup {:?} must be HOST:PORT", request.backup),
+        ));
+    }
+    if state.config.domain_secret.is_none() {
+        return Err(refused(
+            "pair_requirements",
+            "a pair needs the same domain_secret on both hosts: start this server with --domain-secret".into(),
+        ));
+    }
+    let voters = state.consensus.voter_ids();
+    if voters.len() > 1 {
+        return Err(refused(
+            "pair_requirements",
+            format!(
+                "this server already has {} hosts ({voters:?}); pair a single server",
+                voters.len()
+            ),
+        ));
+    }
+    let candidate: Candidate = crate::pair::call(
+        &state,
+        &request.backup,
+        "candidate",
+        &serde_json::json!({"primary": state.consensus.node_id()}),
+    )
+    .await
+    .map_err(|e| {
+        refused(
+            "pair_requirements",
+            format!("cannot use {} as the backup: {e}", request.backup),
+        )
+    })?;
+    if candidate.keys > 0 {
+        return Err(refused(
+            "pair_requirements",
+            format!(
+                "the backup at {} has {} license keys activated: deactivate them there (tessera keys remove), then reset its server ID (stop it and start it on a fresh data directory with --join)",
+                request.backup, candidate.keys
+            ),
+        ));
+    }
+    if candidate.last_log_index.is_some() || !candidate.voters.is_empty() {
+        return Err(refused(
+            "pair_requirements",
+            format!(
+                "the backup at {} ran as a license server before (server ID {}): reset its server ID first: stop it and start it on a fresh data directory with --join",
+                request.backup,
+                candidate.server_id.as_deref().unwrap_or("unknown")
+            ),
+        ));
+    }
+    if voters.contains(&candidate.host) {
+        return Err(refused(
+            "pair_requirements",
+            format!(
+                "the backup at {} has host number {}, the same as this server: give it another (--host)",
+                request.backup, candidate.host
+            ),
+        ));
+    }
+    state
+        .consensus
+        .add_host(candidate.host, &request.backup)
+        .await?;
+    set_split(&state, Some(percent)).await?;
+    Ok(Json(state.pair.status(&state)))
+}
+
+async fn set_split(state: &SharedState, backup_percent: Option<u8>) -> Result<(), ApiError> {
+    let at_ms = state.stamper.stamp_lenient();
+    match state
+        .propose_at(at_ms, Command::SetPairSplit { backup_percent })
+        .await?
+    {
+        Outcome::PairSplitSet { .. } => Ok(()),
+        other => Err(ApiError::Internal(format!("unexpected outcome {other:?}"))),
+    }
+}
+
+pub async fn disable(
+    State(state): State<SharedState>,
+    _admin: Admin,
+) -> Result<Json<PairStatus>, ApiError> {
+    let me = state.consensus.node_id();
+    let voters = state.consensus.voter_ids();
+    let Some(other) = voters.iter().copied().find(|id| *id != me) else {
+        return Err(refused(
+            "invalid_request",
+            "this server is not one of a pair".into(),
+        ));
+    };
+    if voters.len() != 2 {
+        return Err(refused(
+            "invalid_request",
+            "this server is a domain of several hosts, not a pair".into(),
+        ));
+    }
+    let keys = state.read(|ledger| ledger.keys(i64::MIN).len());
+    if keys > 0 {
+        return Err(refused(
+            "pair_requirements",
+            format!(
+                "the pair holds {keys} license keys: a pair with activated licenses cannot be undone; deactivate them first (tessera keys remove)"
+            ),
+        ));
+    }
+    set_split(&state, None).await?;
+    state.consensus.remove_host(other).await?;
+    Ok(Json(state.pair.status(&state)))
+}
+
+pub async fn sync(
+    State(state): State<SharedState>,
+    _admin: Admin,
+) -> Result<Json<PairStatus>, ApiError> {
+    if state.consensus.voter_ids().len() != 2 {
+        return Err(refused(
+            "invalid_request",
+            "this server is not one of a pair".into(),
+        ));
+    }
+    let percent = state
+        .read(|ledger| ledger.pair_backup_percent())
+        .unwrap_or(DEFAULT_BACKUP_PERCENT);
+    set_split(&state, Some(percent)).await?;
+    Ok(Json(state.pair.status(&state)))
+}
+
+/// Checks a pair RPC's signature (domain secret).
+fn verify(
+    state: &SharedState,
+    rpc: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(), ApiError> {
+    let tag = headers
+        .get(PAIR_AUTH_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if state.consensus.verify(rpc, body, tag) {
+        Ok(())
+    } else {
+        Err(ApiError::Neighbour {
+            code: "unauthorized_peer",
+            message: format!(
+                "{PAIR_AUTH_HEADER} is missing or wrong: the sender does not hold this server's domain_secret"
+            ),
+        })
+    }
+}
+
+pub async fn rpc(
+    State(state): State<SharedState>,
+    Path(rpc): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    verify(&state, &rpc, &headers, &body)?;
+    let value = match rpc.as_str() {
+        "candidate" => {
+            let status = state.consensus.status();
+            let keys = state.read(|ledger| ledger.keys(i64::MIN).len());
+            let candidate = Candidate {
+                host: state.consensus.node_id(),
+                address: state
+                    .consensus
+                    .address(state.consensus.node_id())
+                    .unwrap_or_default(),
+                voters: status.voters,
+                keys,
+                last_log_index: status.last_log_index,
+                server_id: state.config.server_id.clone(),
+            };
+            serde_json::to_value(candidate)
+        }
+        "handover" => serde_json::to_value(state.pair.handover(&state).await),
+        "stopping" => {
+            state.pair.peer_stopping();
+            Ok(serde_json::json!({}))
+        }
+        other => {
+            return Err(ApiError::NoRoute {
+                path: format!("/v1/pair/rpc/{other}"),
+            });
+        }
+    };
+    value
+        .map(Json)
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}
