@@ -40,6 +40,10 @@ pub struct BenchArgs {
     /// cycles/s through the primary, then the failover gap after kill -9 of the primary.
     #[arg(long)]
     domain: Option<usize>,
+    /// Run against a redundant pair of two `tessera server` processes: cycles/s, the
+    /// failover gap after kill -9 of the primary, and the capacity the backup keeps alone.
+    #[arg(long)]
+    pair: bool,
 }
 
 pub(crate) struct RunResult {
@@ -81,6 +85,9 @@ impl RunResult {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(leases) = args.leases {
         return run_memory(leases).await;
+    }
+    if args.pair {
+        return crate::domain::bench_pair(&args.clients, args.seconds).await;
     }
     if let Some(hosts) = args.domain {
         return crate::domain::bench(hosts, &args.clients, args.seconds).await;
@@ -132,7 +139,7 @@ pub(crate) fn print_row(target: &str, clients: usize, result: &RunResult, ratio:
 }
 
 /// A vendor, a key with `licenses` seats of component `bench`, and a server with it imported.
-async fn start_real(
+pub(crate) async fn start_real(
     dir: &std::path::Path,
     licenses: u32,
     lease_ttl: Duration,

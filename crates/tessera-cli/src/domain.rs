@@ -93,7 +93,7 @@ pub async fn run(command: DomainCommand, remote: &Remote) -> anyhow::Result<()> 
 /// using the failover client over every host run checkout+checkin, the primary is killed
 /// with SIGKILL, and the longest time without any successful checkout is reported.
 pub async fn bench(hosts: usize, clients: &[usize], seconds: u64) -> anyhow::Result<()> {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     if !(3..=tessera_server::domain::HOSTS_MAX).contains(&hosts) {
         anyhow::bail!("--domain must be 3 to 20 hosts");
@@ -139,8 +139,24 @@ pub async fn bench(hosts: usize, clients: &[usize], seconds: u64) -> anyhow::Res
         crate::bench::print_row("domain", n, &result, ratio);
     }
     drop(etcd);
+    let (gap, checkouts_after) = failover_gap(&mut domain).await?;
+    let new_primary = domain.client(false).domain_status().await?.primary;
+    println!(
+        "failover gap after kill -9 of the primary: {:.0} ms (new primary: host {}; {} checkouts after the kill)",
+        gap.as_secs_f64() * 1000.0,
+        new_primary.map_or("?".into(), |p| p.to_string()),
+        checkouts_after
+    );
+    Ok(())
+}
 
-    // Failover gap.
+/// Stations using the failover client over every host run checkout+checkin; host 1 is
+/// killed with SIGKILL after 2 s; returns the longest time without any successful checkout
+/// around the kill, and the checkouts after it.
+async fn failover_gap(
+    domain: &mut bench_domain::BenchDomain,
+) -> anyhow::Result<(std::time::Duration, usize)> {
+    use std::time::{Duration, Instant};
     let stations = 8;
     let stop_at = Instant::now() + Duration::from_secs(6);
     let successes = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
@@ -183,12 +199,102 @@ pub async fn bench(hosts: usize, clients: &[usize], seconds: u64) -> anyhow::Res
     for pair in after.windows(2) {
         gap = gap.max(pair[1] - pair[0]);
     }
-    let new_primary = domain.client(false).domain_status().await?.primary;
+    Ok((gap, after.len()))
+}
+
+/// `tessera bench --pair`: a redundant pair of `tessera server` processes on loopback:
+/// cycles/s through the pair, the failover gap after kill -9 of the primary, and how many
+/// licenses the backup still issues alone (its share of the free licenses).
+pub async fn bench_pair(clients: &[usize], seconds: u64) -> anyhow::Result<()> {
+    use std::time::Duration;
+
+    if seconds == 0 || seconds > 600 {
+        anyhow::bail!("--seconds must be 1 to 600");
+    }
+    let dir = tempfile::tempdir()?;
+    let mut pair = bench_domain::BenchDomain::start_pair(dir.path()).await?;
+    let primary = Client::new(&format!("http://{}", pair.addr(1)), pair.token());
+    primary.pair_enable(&pair.addr(2).to_string(), None).await?;
+    for host in [1, 2] {
+        pair.wait_pair_status(host, "Paired and Available", Duration::from_secs(30))
+            .await?;
+    }
+    // Throughput uses a key large enough for every client; capacity alone uses a small
+    // key of its own on another component.
+    let licenses: u32 = 64;
+    let admin = pair.client(true);
+    admin.import_key(pair.key(8192)?.to_json_pretty()).await?;
+    admin
+        .import_key(
+            pair.key_for("CAPACITY", "capacity", licenses)?
+                .to_json_pretty(),
+        )
+        .await?;
+    println!("redundant pair (two processes), primary: host 1, backup share 50%");
     println!(
-        "failover gap after kill -9 of the primary: {:.0} ms (new primary: host {}; {} checkouts after the kill)",
-        gap.as_secs_f64() * 1000.0,
-        new_primary.map_or("?".into(), |p| p.to_string()),
-        after.len()
+        "{:<10} {:>8} {:>12} {:>9} {:>9} {:>8} {:>8}",
+        "target", "clients", "cycles/s", "p50 ms", "p99 ms", "errors", "ratio"
+    );
+    for &n in clients {
+        if n == 0 || n > 4096 {
+            anyhow::bail!("clients must be 1 to 4096");
+        }
+        // Baseline: one single server (in this process), same key size, same run.
+        let baseline = {
+            let dir = tempfile::tempdir()?;
+            let server =
+                crate::bench::start_real(dir.path(), 8192, Duration::from_secs(120)).await?;
+            let result = crate::bench::drive(server.addr, n, Duration::from_secs(seconds)).await?;
+            server.shutdown().await;
+            result
+        };
+        crate::bench::print_row("single", n, &baseline, 1.0);
+        let result = crate::bench::drive(pair.addr(1), n, Duration::from_secs(seconds)).await?;
+        crate::bench::print_row(
+            "pair",
+            n,
+            &result,
+            result.cycles_per_s() / baseline.cycles_per_s(),
+        );
+    }
+    let (gap, checkouts_after) = failover_gap(&mut pair).await?;
+    println!(
+        "failover gap after kill -9 of the primary: {:.0} ms ({checkouts_after} checkouts on the backup alone after the kill)",
+        gap.as_secs_f64() * 1000.0
+    );
+    // Capacity alone: new stations ask the backup until it refuses.
+    pair.wait_pair_status(2, "Primary not available", Duration::from_secs(10))
+        .await?;
+    let backup = Client::new(&format!("http://{}", pair.addr(2)), None);
+    let mut granted = 0u32;
+    for n in 0..licenses + 8 {
+        let request = tessera_api::CheckoutRequest {
+            component: "capacity".into(),
+            station: format!("capacity-{n}"),
+            user: "bench".into(),
+            host: "bench".into(),
+        };
+        match backup.checkout(&request).await {
+            Ok(_) => granted += 1,
+            Err(tessera_client::ClientError::Api { code, .. })
+                if code == "no_licenses_available" =>
+            {
+                break;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    let status = backup.status().await?;
+    let held = status
+        .leases
+        .iter()
+        .filter(|lease| lease.key_id == "CAPACITY")
+        .count();
+    let share = licenses / 2;
+    println!(
+        "capacity alone: the backup issued {granted} more leases and holds {held} of the key's {licenses} licenses (its share: {share}; ratio to the share {:.2}); the key was never exceeded: {}",
+        held as f64 / f64::from(share),
+        held <= licenses as usize
     );
     Ok(())
 }
@@ -199,6 +305,7 @@ mod bench_domain {
     use std::path::{Path, PathBuf};
     use std::process::{Child, Command, Stdio};
     use std::time::Duration;
+    use std::time::Instant;
 
     use jiff::{Timestamp, ToSpan};
     use tessera_client::Client;
@@ -222,6 +329,16 @@ mod bench_domain {
 
     impl BenchDomain {
         pub async fn start(root: &Path, hosts: usize) -> anyhow::Result<BenchDomain> {
+            BenchDomain::start_with(root, hosts, false).await
+        }
+
+        /// Two hosts for a redundant pair: host 1 a single server with the secret, host 2
+        /// joining (then `pair enable`).
+        pub async fn start_pair(root: &Path) -> anyhow::Result<BenchDomain> {
+            BenchDomain::start_with(root, 2, true).await
+        }
+
+        async fn start_with(root: &Path, hosts: usize, pair: bool) -> anyhow::Result<BenchDomain> {
             let vendor = SecretKey::from_seed(tessera_server::ids::random_bytes()?);
             std::fs::write(root.join("vendor.pub"), vendor.public_key().to_file_text())?;
             let listeners: Vec<std::net::TcpListener> = (0..hosts)
@@ -240,11 +357,15 @@ mod bench_domain {
                 .collect();
             for (i, addr) in addrs.iter().enumerate() {
                 let host = i + 1;
+                let domain = match (pair, host) {
+                    (true, 1) => format!("hosts = [{}]", list[0]),
+                    (true, _) => format!("hosts = [{}]\njoin = true", list.join(", ")),
+                    (false, _) => format!("hosts = [{}]", list.join(", ")),
+                };
                 std::fs::write(
                     root.join(format!("host-{host}.toml")),
                     format!(
-                        "data = \"data-{host}\"\nlisten = \"{addr}\"\ntrust = [\"vendor.pub\"]\nlease_ttl = \"2m\"\ndomain_secret = \"{secret}\"\n\n[domain]\nhost = {host}\nhosts = [{}]\n",
-                        list.join(", ")
+                        "data = \"data-{host}\"\nlisten = \"{addr}\"\ntrust = [\"vendor.pub\"]\nlease_ttl = \"2m\"\ndomain_secret = \"{secret}\"\n\n[domain]\nhost = {host}\n{domain}\n"
                     ),
                 )?;
             }
@@ -293,6 +414,35 @@ mod bench_domain {
             self.addrs[host - 1]
         }
 
+        pub fn token(&self) -> Option<String> {
+            std::fs::read_to_string(self.root.join("data-1").join("admin.token"))
+                .ok()
+                .map(|t| t.trim().to_string())
+        }
+
+        /// Waits until the host reports this pair status.
+        pub async fn wait_pair_status(
+            &self,
+            host: usize,
+            status: &str,
+            timeout: Duration,
+        ) -> anyhow::Result<()> {
+            let deadline = Instant::now() + timeout;
+            let client = Client::new(&format!("http://{}", self.addr(host)), None);
+            loop {
+                let seen = client.pair_status().await.ok();
+                if seen.as_ref().is_some_and(|s| s["pair_status"] == status) {
+                    return Ok(());
+                }
+                if Instant::now() >= deadline {
+                    anyhow::bail!(
+                        "host {host} did not reach pair status {status:?} within {timeout:?} (last: {seen:?})"
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+
         pub fn client(&self, admin: bool) -> Client {
             let urls: Vec<String> = self.addrs.iter().map(|a| format!("http://{a}")).collect();
             let token = admin
@@ -320,12 +470,22 @@ mod bench_domain {
         }
 
         pub fn key(&self, licenses: u32) -> anyhow::Result<LicenseKey> {
+            self.key_for("BENCH", "bench", licenses)
+        }
+
+        /// A key `key_id` for one `component`, valid from an hour ago for ten days.
+        pub fn key_for(
+            &self,
+            key_id: &str,
+            component: &str,
+            licenses: u32,
+        ) -> anyhow::Result<LicenseKey> {
             let now = Timestamp::now();
             Ok(LicenseKey::sign(
                 LicenseKeyPayload {
-                    key_id: "BENCH".into(),
+                    key_id: key_id.into(),
                     customer: "bench".into(),
-                    components: vec!["bench".into()],
+                    components: vec![component.into()],
                     licenses,
                     valid_from: now.checked_sub(1.hour())?,
                     valid_until: now.checked_add(240.hours())?,

@@ -28,6 +28,8 @@ use crate::state::SharedState;
 
 /// How long a backup waits for a primary to become known before answering `no_quorum`.
 pub const PRIMARY_WAIT: Duration = Duration::from_millis(1_000);
+/// The same wait on a host of a redundant pair.
+pub const PAIR_PRIMARY_WAIT: Duration = Duration::from_millis(100);
 /// A forwarded write waits at most this long for the primary's answer (its proposal times
 /// out after 5 s).
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(7);
@@ -137,11 +139,17 @@ async fn forward(
     body: Bytes,
 ) -> Response {
     let me = state.config.domain.as_ref().map(|d| d.host).unwrap_or(1);
+    // A pair's host does not wait long: without the other host it serves alone soon.
+    let wait = if state.pair.mode() == crate::pair::Mode::Off {
+        PRIMARY_WAIT
+    } else {
+        PAIR_PRIMARY_WAIT
+    };
     let primary = match state.consensus.primary() {
         Some((id, addr)) if id != me => Some((id, addr)),
         _ => state
             .consensus
-            .wait_primary(PRIMARY_WAIT)
+            .wait_primary(wait)
             .await
             .filter(|(id, _)| *id != me),
     };

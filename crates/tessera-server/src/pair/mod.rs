@@ -37,13 +37,14 @@ use crate::consensus::pair_link::PairLink;
 use crate::state::SharedState;
 use journal::Journal;
 
-/// A host that has not heard from the other for this long serves alone. Three times the
-/// Raft election timeout's upper bound: a slow heartbeat does not split the pair.
-pub const ALONE_AFTER: Duration = Duration::from_millis(1_000);
+/// A host that has not heard from the other for this long serves alone: ten Raft heartbeats,
+/// above the election timeout's upper bound (300 ms), so a late heartbeat does not split the
+/// pair, and short enough that stations see under a second without service when a host dies.
+pub const ALONE_AFTER: Duration = Duration::from_millis(500);
 /// How often each host looks at its link.
 pub const PAIR_TICK: Duration = Duration::from_millis(100);
 /// A refusal or answer younger than this counts as current.
-const RECENT: Duration = Duration::from_millis(500);
+const RECENT: Duration = Duration::from_millis(300);
 /// How long the recovering host waits for the Raft leader role before it tries again.
 const LEAD_WAIT: Duration = Duration::from_secs(5);
 /// Timeout of a pair RPC to the other host.
