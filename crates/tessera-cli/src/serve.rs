@@ -134,8 +134,14 @@ async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     Ok(tessera_server::start(listener, options).await?)
 }
 
+/// Waits for Ctrl-C (SIGINT) or SIGTERM (a service manager stopping us), then shuts down
+/// gracefully: in-flight requests finish and a pair's other host hears that this one stops.
 async fn wait_for_ctrl_c(server: RunningServer) -> anyhow::Result<()> {
-    tokio::signal::ctrl_c().await?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        signal = tokio::signal::ctrl_c() => signal?,
+        _ = terminate.recv() => {}
+    }
     eprintln!("shutting down");
     server.shutdown().await;
     Ok(())

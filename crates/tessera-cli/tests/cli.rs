@@ -73,6 +73,15 @@ impl ServerProcess {
         ServerProcess { child, url }
     }
 
+    /// Stops the server as a service manager would (SIGTERM) and waits for it to exit.
+    fn terminate(mut self) {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(status.success(), "kill -TERM {pid}");
+        let exit = self.child.wait().unwrap();
+        assert!(exit.success(), "the server exited with {exit} on SIGTERM");
+    }
+
     fn kill_9(mut self) {
         self.child.kill().unwrap(); // SIGKILL
         self.child.wait().unwrap();

@@ -431,3 +431,95 @@ fn a_partition_between_the_hosts_with_stations_on_both_sides_never_over_issues()
             .contains("no_licenses_available")
     );
 }
+
+/// `GET path` over plain HTTP/1.0; the body.
+fn http_get(url: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let addr = url.strip_prefix("http://").unwrap();
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
+    body.to_string()
+}
+
+#[test]
+fn a_backup_stopped_gracefully_shows_stopped_in_status_metrics_and_events_then_pairs_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = free_ports(2);
+    let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let pair = PairDir::new(dir.path(), ports, addresses);
+    let host_1 = pair.start(1);
+    pair.share_identity();
+    let host_2 = pair.start(2);
+    pair_up(&pair);
+    let token = pair.token();
+    let admin = ["--server", &pair.url(1), "--token", &token];
+    // The manual sync action on a pair in step keeps it in step.
+    let synced = ok(&[&["pair", "sync"][..], &admin].concat());
+    assert!(synced.contains("Paired and Available"), "{synced}");
+    let lease = checkout(&pair.servers(), "ws-1").unwrap();
+
+    // The backup is stopped (SIGTERM, as a service manager does): it tells the primary.
+    host_2.terminate();
+    let seen = wait_status(&pair.url(1), "Backup not available", "alone");
+    assert_eq!(host_status(&seen, 1), "Running");
+    assert_eq!(host_status(&seen, 2), "Stopped");
+    let text = ok(&[&["pair", "status"][..], &admin].concat());
+    assert!(
+        text.contains("Backup not available") && text.contains("Stopped"),
+        "{text}"
+    );
+    let metrics = http_get(&pair.url(1), "/metrics");
+    assert!(
+        metrics.contains("pair_status{status=\"Backup not available\"} 1")
+            && metrics.contains("pair_status{status=\"Paired and Available\"} 0"),
+        "{metrics}"
+    );
+    let events: Vec<serde_json::Value> =
+        serde_json::from_str(&ok(&[&["events", "--json"][..], &admin].concat())).unwrap();
+    let pair_events: Vec<&str> = events
+        .iter()
+        .filter(|e| e["kind"] == "pair_status")
+        .map(|e| e["message"].as_str().unwrap())
+        .collect();
+    assert!(
+        pair_events
+            .iter()
+            .any(|m| m.contains("Backup not available")),
+        "{events:#?}"
+    );
+    // The primary alone keeps the station's lease.
+    assert!(held_leases(&pair.url(1)).contains(&lease));
+
+    // The backup starts again: Recovering, merged, Paired and Available on both.
+    let _host_2 = pair.start(2);
+    let seen = wait_status(&pair.url(1), "Paired and Available", "paired");
+    assert_eq!(host_status(&seen, 2), "Running");
+    wait_status(&pair.url(2), "Paired and Available", "paired");
+    assert_eq!(
+        assert_merged(&pair.url(2), std::slice::from_ref(&lease)),
+        vec![lease.clone()]
+    );
+    let metrics = http_get(&pair.url(1), "/metrics");
+    assert!(
+        metrics.contains("pair_status{status=\"Paired and Available\"} 1"),
+        "{metrics}"
+    );
+
+    // The primary is stopped (the reference's figure 13): the backup shows it Stopped and
+    // the pair as Primary not available, and keeps the station's lease.
+    host_1.terminate();
+    let seen = wait_status(&pair.url(2), "Primary not available", "alone");
+    assert_eq!(host_status(&seen, 1), "Stopped");
+    assert_eq!(host_status(&seen, 2), "Running");
+    assert!(held_leases(&pair.url(2)).contains(&lease));
+}

@@ -86,8 +86,9 @@ struct Inner {
     handed: Option<AloneState>,
     recovery: Option<tokio::task::JoinHandle<()>>,
     recovery_done: bool,
-    /// The other host announced it stops; cleared when it is heard again.
-    peer_stopped: bool,
+    /// When the other host announced it stops; cleared once it is heard again well after
+    /// that (Raft answers in flight during its shutdown do not count).
+    peer_stopped: Option<std::time::Instant>,
     last_merge: Option<MergeReport>,
     last_error: Option<String>,
     last_status: Option<String>,
@@ -208,7 +209,7 @@ impl Pair {
 
     /// The other host announced it stops (graceful shutdown).
     pub fn peer_stopping(&self) {
-        self.lock().peer_stopped = true;
+        self.lock().peer_stopped = Some(std::time::Instant::now());
     }
 
     fn set_mode(&self, inner: &mut Inner, state: &SharedState, mode: Mode) {
@@ -237,9 +238,18 @@ impl Pair {
         let reachable = link.reachable_age().unwrap_or_else(|| link.uptime());
         let peer_alone = link.peer_alone_age().is_some_and(|age| age < RECENT)
             || link.peer_mode() == Some(Mode::Alone);
-        if heard < RECENT {
-            self.lock().peer_stopped = false;
-        }
+        let peer_stopped = {
+            let mut inner = self.lock();
+            if let Some(at) = inner.peer_stopped
+                && at
+                    .elapsed()
+                    .checked_sub(RECENT)
+                    .is_some_and(|since| heard < since)
+            {
+                inner.peer_stopped = None;
+            }
+            inner.peer_stopped.is_some()
+        };
         enum Next {
             Stay,
             GoAlone(Share),
@@ -263,7 +273,9 @@ impl Pair {
             let share = inner.journal.as_ref().map_or(own_share, |j| j.share);
             match inner.mode.unwrap_or(Mode::Off) {
                 Mode::Off | Mode::Paired => {
-                    if inner.journal.is_some() || (heard >= ALONE_AFTER && !peer_alone) {
+                    // A stopped host answers nothing more: no need to wait for silence.
+                    let gone = heard >= ALONE_AFTER || peer_stopped;
+                    if inner.journal.is_some() || (gone && !peer_alone) {
                         Next::GoAlone(share)
                     } else if peer_alone && share == Share::Primary {
                         Next::Recover
@@ -449,9 +461,9 @@ impl Pair {
         let peer = voters.iter().copied().find(|id| *id != me);
         let peer_status = match (peer, heard, reachable) {
             (None, _, _) => None,
+            (Some(_), _, _) if inner.peer_stopped.is_some() => Some(STOPPED),
             (Some(_), Some(age), _) if age < ALONE_AFTER => Some(RUNNING),
             (Some(_), _, Some(age)) if age < ALONE_AFTER => Some(RUNNING),
-            (Some(_), _, _) if inner.peer_stopped => Some(STOPPED),
             (Some(_), None, None) => Some(NOT_AVAILABLE),
             (Some(_), _, _) => Some(DISCONNECTED),
         };
@@ -465,24 +477,16 @@ impl Pair {
             .map(|f| f.lag_entries)
             .max()
             .unwrap_or(0);
-        let pair_status = if voters.len() < 2 {
-            NOT_PAIRED.to_string()
-        } else if mode == Mode::Recovering
-            || (peer_status == Some(RUNNING)
-                && matches!(peer_mode, Some(Mode::Recovering | Mode::Alone)))
-        {
-            RECOVERING.to_string()
-        } else if peer_status != Some(RUNNING) {
-            if peer_is_primary {
-                PRIMARY_NOT_AVAILABLE.to_string()
-            } else {
-                BACKUP_NOT_AVAILABLE.to_string()
-            }
-        } else if split.is_none() || lag > SYNC_LAG_MAX {
-            PAIR_NOT_SYNCED.to_string()
-        } else {
-            PAIRED_AND_AVAILABLE.to_string()
-        };
+        let pair_status = pair_status_text(&StatusInputs {
+            hosts: voters.len(),
+            mode,
+            peer_status,
+            peer_mode,
+            peer_is_primary,
+            split,
+            lag,
+        })
+        .to_string();
         let hosts = voters
             .iter()
             .map(|id| PairHost {
@@ -521,6 +525,43 @@ impl Pair {
             last_error: inner.last_error.clone(),
             last_contact_ms: heard.map(|age| age.as_millis() as u64),
         }
+    }
+}
+
+/// What the pair status is computed from (one host's view).
+struct StatusInputs {
+    hosts: usize,
+    mode: Mode,
+    /// The other host's server status, `None` without another host.
+    peer_status: Option<&'static str>,
+    peer_mode: Option<Mode>,
+    peer_is_primary: bool,
+    split: Option<u8>,
+    /// Log entries the other host misses (leader's view; 0 elsewhere).
+    lag: u64,
+}
+
+/// The pair status as the reference names it: Recovering while either host merges or still
+/// holds alone state; the other host's absence named by its role; Pair not synced while the
+/// split is not set or the backup lags; else Paired and Available.
+fn pair_status_text(inputs: &StatusInputs) -> &'static str {
+    if inputs.hosts < 2 {
+        NOT_PAIRED
+    } else if inputs.mode == Mode::Recovering
+        || (inputs.peer_status == Some(RUNNING)
+            && matches!(inputs.peer_mode, Some(Mode::Recovering | Mode::Alone)))
+    {
+        RECOVERING
+    } else if inputs.peer_status != Some(RUNNING) {
+        if inputs.peer_is_primary {
+            PRIMARY_NOT_AVAILABLE
+        } else {
+            BACKUP_NOT_AVAILABLE
+        }
+    } else if inputs.split.is_none() || inputs.lag > SYNC_LAG_MAX {
+        PAIR_NOT_SYNCED
+    } else {
+        PAIRED_AND_AVAILABLE
     }
 }
 
@@ -701,5 +742,81 @@ pub async fn run(state: SharedState) {
     loop {
         interval.tick().await;
         state.pair.tick(&state).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paired() -> StatusInputs {
+        StatusInputs {
+            hosts: 2,
+            mode: Mode::Paired,
+            peer_status: Some(RUNNING),
+            peer_mode: Some(Mode::Paired),
+            peer_is_primary: false,
+            split: Some(50),
+            lag: 0,
+        }
+    }
+
+    #[test]
+    fn the_pair_status_follows_the_reference() {
+        assert_eq!(pair_status_text(&paired()), PAIRED_AND_AVAILABLE);
+        let single = StatusInputs {
+            hosts: 1,
+            peer_status: None,
+            ..paired()
+        };
+        assert_eq!(pair_status_text(&single), NOT_PAIRED);
+        // The backup stopped, shut down or vanished: seen from the primary.
+        for status in [STOPPED, DISCONNECTED, NOT_AVAILABLE] {
+            let gone = StatusInputs {
+                mode: Mode::Alone,
+                peer_status: Some(status),
+                peer_mode: None,
+                ..paired()
+            };
+            assert_eq!(pair_status_text(&gone), BACKUP_NOT_AVAILABLE, "{status}");
+        }
+        // The primary gone: seen from the backup.
+        let primary_gone = StatusInputs {
+            mode: Mode::Alone,
+            peer_status: Some(DISCONNECTED),
+            peer_is_primary: true,
+            ..paired()
+        };
+        assert_eq!(pair_status_text(&primary_gone), PRIMARY_NOT_AVAILABLE);
+        // Both running: not synced while the split is unset or the backup lags.
+        let unsplit = StatusInputs {
+            split: None,
+            ..paired()
+        };
+        assert_eq!(pair_status_text(&unsplit), PAIR_NOT_SYNCED);
+        let lagging = StatusInputs {
+            lag: SYNC_LAG_MAX + 1,
+            ..paired()
+        };
+        assert_eq!(pair_status_text(&lagging), PAIR_NOT_SYNCED);
+        // Merging, on either side.
+        let merging = StatusInputs {
+            mode: Mode::Recovering,
+            ..paired()
+        };
+        assert_eq!(pair_status_text(&merging), RECOVERING);
+        let peer_alone = StatusInputs {
+            peer_mode: Some(Mode::Alone),
+            ..paired()
+        };
+        assert_eq!(pair_status_text(&peer_alone), RECOVERING);
+        // A recovering host whose peer vanished again still says Recovering until it goes
+        // alone again.
+        let lost_while_merging = StatusInputs {
+            mode: Mode::Recovering,
+            peer_status: Some(DISCONNECTED),
+            ..paired()
+        };
+        assert_eq!(pair_status_text(&lost_while_merging), RECOVERING);
     }
 }
