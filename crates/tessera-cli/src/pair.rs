@@ -69,7 +69,7 @@ pub fn render(status: &serde_json::Value) -> String {
     for host in status["hosts"].as_array().into_iter().flatten() {
         out.push_str(&format!(
             "{:>4}  {:<22} {:<8} {:<22} {:<11} {:<7}\n",
-            host["host"],
+            host["host"].to_string(),
             text(&host["address"]),
             text(&host["role"]),
             text(&host["status"]),

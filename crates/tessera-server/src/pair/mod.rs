@@ -509,7 +509,12 @@ impl Pair {
                     peer_status.unwrap_or(NOT_AVAILABLE)
                 }
                 .to_string(),
-                mode: if *id == me { Some(mode) } else { peer_mode },
+                // The other host's mode only while it answers (else it is not known).
+                mode: if *id == me {
+                    Some(mode)
+                } else {
+                    peer_mode.filter(|_| peer_status == Some(RUNNING))
+                },
                 raft_leader: consensus.primary().map(|(leader, _)| leader) == Some(*id),
             })
             .collect();
