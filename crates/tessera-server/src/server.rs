@@ -129,6 +129,8 @@ pub async fn start(
         members,
         domain_secret: config.domain_secret.clone(),
         join: config.domain.as_ref().is_some_and(|d| d.join),
+        transport: None,
+        store: tessera_store::StoreOptions::default(),
     })
     .await?;
     let high_water_ms = consensus.read(|ledger| ledger.last_at_ms());

@@ -176,6 +176,7 @@
 //! println!("{}", report.summary());
 //! ```
 
+pub mod domain;
 pub mod pair;
 mod rng;
 mod world;

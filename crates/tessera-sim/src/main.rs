@@ -6,22 +6,25 @@
 //! tessera-sim --seed 7                       # one seed of the CI network
 //! tessera-sim --seeds 1..100 --held ledger   # many seeds, one line each
 //! tessera-sim --pair --seeds 1..200          # a redundant pair: splits, kills, merges
+//! tessera-sim --domain 3 --seeds 1..20        # a domain's real consensus on turmoil
 //! ```
 //!
 //! Options: `--seed N` or `--seeds A..B`, `--servers N`, `--days N`, `--fault-days N`,
-//! `--contended`, `--no-double-count`, `--held station|ledger`, `--pair`,
-//! `--broken no-skew-margin|sign-before-commit|return-at-once`.
+//! `--contended`, `--no-double-count`, `--held station|ledger`, `--pair`, `--domain 3|5`,
+//! `--broken no-skew-margin|sign-before-commit|return-at-once` (with `--pair`:
+//! `full-capacity-alone|ignore-log-tail|merge-primary-only`; with `--domain`: `backup-answers`).
 
 use std::process::ExitCode;
 
 use tessera_sim::{BrokenRule, HeldRule, SimConfig, try_simulate};
 
-const USAGE: &str = "usage: tessera-sim [--seed N | --seeds A..B] [--servers N] [--days N] [--fault-days N] [--contended] [--pair] [--no-double-count] [--held station|ledger] [--broken no-skew-margin|sign-before-commit|return-at-once]";
+const USAGE: &str = "usage: tessera-sim [--seed N | --seeds A..B] [--servers N] [--days N] [--fault-days N] [--contended] [--pair] [--domain 3|5] [--no-double-count] [--held station|ledger] [--broken no-skew-margin|sign-before-commit|return-at-once]";
 
 struct Options {
     seeds: Vec<u64>,
     contended: bool,
     pair: bool,
+    domain: Option<usize>,
     no_double_count: bool,
     servers: Option<usize>,
     days: Option<i64>,
@@ -29,6 +32,7 @@ struct Options {
     held: Option<HeldRule>,
     broken: Option<BrokenRule>,
     pair_broken: Option<tessera_sim::pair::PairBroken>,
+    domain_broken: bool,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -36,6 +40,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         seeds: vec![1],
         contended: false,
         pair: false,
+        domain: None,
         no_double_count: false,
         servers: None,
         days: None,
@@ -43,6 +48,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         held: None,
         broken: None,
         pair_broken: None,
+        domain_broken: false,
     };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
@@ -83,6 +89,13 @@ fn parse(args: &[String]) -> Result<Options, String> {
             }
             "--contended" => options.contended = true,
             "--pair" => options.pair = true,
+            "--domain" => {
+                let hosts: usize = value()?.parse().map_err(|_| "--domain takes 3 or 5")?;
+                if hosts != 3 && hosts != 5 {
+                    return Err("--domain takes 3 or 5".into());
+                }
+                options.domain = Some(hosts);
+            }
             "--no-double-count" => options.no_double_count = true,
             "--held" => {
                 options.held =
@@ -90,11 +103,15 @@ fn parse(args: &[String]) -> Result<Options, String> {
             }
             "--broken" => {
                 let rule = value()?;
+                if rule == "backup-answers" {
+                    options.domain_broken = true;
+                    continue;
+                }
                 match tessera_sim::pair::PairBroken::parse(&rule) {
                     Some(pair) => options.pair_broken = Some(pair),
                     None => {
                         options.broken = Some(BrokenRule::parse(&rule).ok_or(
-                            "--broken takes no-skew-margin, sign-before-commit or return-at-once (with --pair: full-capacity-alone, ignore-log-tail or merge-primary-only)",
+                            "--broken takes no-skew-margin, sign-before-commit or return-at-once (with --pair: full-capacity-alone, ignore-log-tail or merge-primary-only; with --domain: backup-answers)",
                         )?)
                     }
                 }
@@ -120,6 +137,23 @@ fn main() -> ExitCode {
     };
     let mut failed = 0;
     for &seed in &options.seeds {
+        if let Some(hosts) = options.domain {
+            let config = tessera_sim::domain::DomainConfig {
+                hosts,
+                broken_backup_answers: options.domain_broken,
+                ..tessera_sim::domain::DomainConfig::ci(seed)
+            };
+            match tessera_sim::domain::run(config) {
+                Ok(report) => println!("{}", report.summary()),
+                Err(violation) => {
+                    println!(
+                        "FAILED: {violation} (replay: tessera-sim --domain {hosts} --seed {seed})"
+                    );
+                    failed += 1;
+                }
+            }
+            continue;
+        }
         if options.pair {
             let config = tessera_sim::pair::PairConfig {
                 broken: options.pair_broken,

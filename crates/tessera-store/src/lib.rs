@@ -59,7 +59,25 @@ pub fn open(
     path: &Path,
     ledger: LedgerConfig,
 ) -> Result<(LogStore, LedgerStateMachine), StoreError> {
-    let (writer, loaded) = writer::Writer::open(path)?;
+    open_with(path, ledger, StoreOptions::default())
+}
+
+/// How the store writes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StoreOptions {
+    /// Simulations only: every write runs at once on the caller's thread, without fsync, so
+    /// a simulated runtime (turmoil) never waits for a thread outside its simulated time.
+    /// Production uses the writer thread and fsyncs every commit.
+    pub inline: bool,
+}
+
+/// [`open`] with options.
+pub fn open_with(
+    path: &Path,
+    ledger: LedgerConfig,
+    options: StoreOptions,
+) -> Result<(LogStore, LedgerStateMachine), StoreError> {
+    let (writer, loaded) = writer::Writer::open(path, options.inline)?;
     let writer = Arc::new(writer);
     let log = LogStore::new(writer.clone(), loaded.log);
     let state_machine = LedgerStateMachine::new(writer, ledger, loaded.snapshot_meta);

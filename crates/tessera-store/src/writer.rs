@@ -107,6 +107,12 @@ impl WriterStats {
         self.transactions.load(Ordering::Relaxed)
     }
 
+    /// One transaction of `writes` writes committed.
+    fn record(&self, writes: u64) {
+        self.transactions.fetch_add(1, Ordering::Relaxed);
+        self.writes.fetch_add(writes, Ordering::Relaxed);
+    }
+
     /// Writes (appends, vote/committed saves, truncations, purges, snapshots) committed.
     pub fn writes(&self) -> u64 {
         self.writes.load(Ordering::Relaxed)
@@ -120,11 +126,13 @@ pub struct Writer {
     stats: WriterStats,
     tx: Option<mpsc::Sender<Request>>,
     thread: Option<thread::JoinHandle<()>>,
+    /// Simulations only ([`crate::StoreOptions::inline`]): writes run on the caller's thread.
+    inline: Option<std::sync::Mutex<Connection>>,
 }
 
 impl Writer {
     /// Opens the database at `path`, migrates it, reads what it holds, and starts the thread.
-    pub(crate) fn open(path: &Path) -> Result<(Writer, Loaded), StoreError> {
+    pub(crate) fn open(path: &Path, inline: bool) -> Result<(Writer, Loaded), StoreError> {
         let mut conn = Connection::open(path)?;
         let mode: String =
             conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
@@ -132,10 +140,23 @@ impl Writer {
             tracing::warn!(%mode, "SQLite refused WAL journal mode");
         }
         // FULL: every commit fsyncs the WAL, so an acknowledged entry survives power loss.
-        conn.pragma_update(None, "synchronous", "FULL")?;
+        // Inline (a simulation, where processes never really die): no fsync.
+        let synchronous = if inline { "OFF" } else { "FULL" };
+        conn.pragma_update(None, "synchronous", synchronous)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         schema::migrate(&mut conn)?;
         let loaded = load(&conn)?;
+        if inline {
+            return Ok((
+                Writer {
+                    stats: WriterStats::default(),
+                    tx: None,
+                    thread: None,
+                    inline: Some(std::sync::Mutex::new(conn)),
+                },
+                loaded,
+            ));
+        }
         let (tx, rx) = mpsc::channel();
         let stats = WriterStats::default();
         let thread_stats = stats.clone();
@@ -148,6 +169,7 @@ impl Writer {
                 stats,
                 tx: Some(tx),
                 thread: Some(thread),
+                inline: None,
             },
             loaded,
         ))
@@ -159,6 +181,14 @@ impl Writer {
 
     /// Queues a write; `done` is told after the commit that contains it.
     pub(crate) fn submit(&self, write: Write, done: Done) {
+        if let Some(conn) = &self.inline {
+            let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
+            let result = commit(&mut conn, std::iter::once(&write)).map_err(|e| e.to_string());
+            if result.is_ok() {
+                self.stats.record(1);
+            }
+            return done.notify(&result);
+        }
         let Some(tx) = &self.tx else {
             return done.notify(&Err(StoreError::WriterStopped.to_string()));
         };
@@ -179,6 +209,10 @@ impl Writer {
 
     /// Reads the stored snapshot (meta JSON, data), after every write queued before it.
     pub(crate) async fn load_snapshot(&self) -> io::Result<Option<StoredSnapshot>> {
+        if let Some(conn) = &self.inline {
+            let conn = conn.lock().unwrap_or_else(|e| e.into_inner());
+            return read_snapshot(&conn).map_err(io::Error::other);
+        }
         let (reply, rx) = oneshot::channel();
         let tx = self.tx.as_ref().ok_or(StoreError::WriterStopped)?;
         tx.send(Request::LoadSnapshot(reply))
@@ -258,27 +292,26 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Request>, stats: WriterStats) {
             let result =
                 commit(&mut conn, writes.iter().map(|(write, _)| write)).map_err(|e| e.to_string());
             if result.is_ok() {
-                stats.transactions.fetch_add(1, Ordering::Relaxed);
-                stats
-                    .writes
-                    .fetch_add(writes.len() as u64, Ordering::Relaxed);
+                stats.record(writes.len() as u64);
             }
             for (_, done) in writes.drain(..) {
                 done.notify(&result);
             }
         }
         for reply in reads.drain(..) {
-            let stored = conn
-                .query_row(
-                    "SELECT meta, data FROM raft_snapshot WHERE id = 1",
-                    [],
-                    |row| Ok((row.get(0)?, row.get(1)?)),
-                )
-                .optional()
-                .map_err(|e| e.to_string());
-            let _ = reply.send(stored);
+            let _ = reply.send(read_snapshot(&conn));
         }
     }
+}
+
+fn read_snapshot(conn: &Connection) -> Result<Option<StoredSnapshot>, String> {
+    conn.query_row(
+        "SELECT meta, data FROM raft_snapshot WHERE id = 1",
+        [],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )
+    .optional()
+    .map_err(|e| e.to_string())
 }
 
 /// SQLite integers are i64; Raft log indexes never get near 2^63.

@@ -19,7 +19,11 @@ use tessera_store::{LedgerStateMachine, LogStore, Proposal, TypeConfig};
 type LogIdT = openraft::type_config::alias::LogIdOf<TypeConfig>;
 type EntryT = openraft::type_config::alias::EntryOf<TypeConfig>;
 
-struct TempStore;
+/// A store in a fresh directory; `inline`: the simulations' mode (writes on the caller's
+/// thread, no fsync).
+struct TempStore {
+    inline: bool,
+}
 
 impl StoreBuilder<TypeConfig, LogStore, LedgerStateMachine, TempDir> for TempStore {
     async fn build(
@@ -27,7 +31,10 @@ impl StoreBuilder<TypeConfig, LogStore, LedgerStateMachine, TempDir> for TempSto
     ) -> Result<(TempDir, LogStore, LedgerStateMachine), StorageError<TypeConfig>> {
         let dir =
             tempfile::tempdir().map_err(|e| StorageError::write(TypeConfig::err_from_error(&e)))?;
-        let (log, sm) = tessera_store::open(&db_path(dir.path()), ledger_config())
+        let options = tessera_store::StoreOptions {
+            inline: self.inline,
+        };
+        let (log, sm) = tessera_store::open_with(&db_path(dir.path()), ledger_config(), options)
             .map_err(|e| StorageError::write(TypeConfig::err_from_error(&e)))?;
         Ok((dir, log, sm))
     }
@@ -35,9 +42,16 @@ impl StoreBuilder<TypeConfig, LogStore, LedgerStateMachine, TempDir> for TempSto
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openraft_storage_suite() {
-    Suite::test_all(TempStore)
+    Suite::test_all(TempStore { inline: false })
         .await
         .expect("openraft storage suite");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openraft_storage_suite_with_inline_writes() {
+    Suite::test_all(TempStore { inline: true })
+        .await
+        .expect("openraft storage suite (inline writes)");
 }
 
 fn db_path(dir: &Path) -> PathBuf {

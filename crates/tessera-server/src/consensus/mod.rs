@@ -21,6 +21,10 @@
 mod auth;
 pub use auth::FROM_HEADER;
 mod network;
+pub use network::{
+    RaftTransport, ReqwestTransport, TransportError, TransportFuture, TransportRequest,
+    TransportResponse,
+};
 pub mod pair_link;
 mod rpc;
 #[cfg(test)]
@@ -59,6 +63,8 @@ pub const PROPOSE_TIMEOUT_MS: u64 = 5_000;
 /// How long a proposal waits for a new (or cut-off) leader to hear from a quorum before it
 /// fails with [`ConsensusError::NoQuorum`]: two election timeouts.
 pub const LEADER_LEASE_WAIT_MS: u64 = 2 * ELECTION_TIMEOUT_MAX_MS;
+/// How often a proposal retries while the leader waits for a quorum's acknowledgement.
+pub const LEASE_RETRY_MS: u64 = 10;
 /// How long [`Consensus::start`] waits for a single voter to become leader and catch up.
 pub const START_LEADER_WAIT_MS: u64 = 10_000;
 
@@ -96,6 +102,10 @@ pub struct ConsensusConfig {
     /// Joining a running domain: never initialize the group here; wait for the primary to
     /// add this host (`add_host`).
     pub join: bool,
+    /// How Raft RPCs travel: `None` for real HTTP; a simulated network in `tessera-sim`.
+    pub transport: Option<Arc<dyn network::RaftTransport>>,
+    /// How the store writes (inline without fsync only in simulations).
+    pub store: tessera_store::StoreOptions,
 }
 
 /// A backup whose last acknowledged contact with the primary is older than this is reported
@@ -242,11 +252,16 @@ impl Consensus {
         })?;
         let path = cfg.data_dir.join(STORE_FILE_NAME);
         let ledger_config = cfg.ledger;
-        let (log_store, state_machine) =
-            tokio::task::spawn_blocking(move || tessera_store::open(&path, ledger_config))
-                .await
-                .map_err(|e| ConsensusError::Internal(e.to_string()))?
-                .map_err(|e| ConsensusError::Storage(e.to_string()))?;
+        let store_options = cfg.store;
+        let transport = cfg
+            .transport
+            .unwrap_or_else(|| Arc::new(network::ReqwestTransport::default()));
+        let (log_store, state_machine) = tokio::task::spawn_blocking(move || {
+            tessera_store::open_with(&path, ledger_config, store_options)
+        })
+        .await
+        .map_err(|e| ConsensusError::Internal(e.to_string()))?
+        .map_err(|e| ConsensusError::Storage(e.to_string()))?;
         let ledger = state_machine.reader();
         let store_stats = log_store.stats();
         let log = log_store.clone();
@@ -254,7 +269,7 @@ impl Consensus {
         let raft = Raft::new(
             cfg.node_id,
             config,
-            network::HttpNetwork::new(key.clone(), cfg.node_id, link.clone()),
+            network::HttpNetwork::new(transport, key.clone(), cfg.node_id, link.clone()),
             log_store,
             state_machine,
         )
@@ -522,15 +537,19 @@ impl Consensus {
                 // A multi-voter leader writes only while a quorum acknowledged it within the
                 // lease (the election timeout): not yet right after its election, no longer
                 // when cut off. Wait for acknowledgements briefly; then there is no quorum.
+                // (A pause, not a wait for the next metrics change: a leader's metrics change
+                // on every loop of its core, and retrying on each change kept a cut-off
+                // leader's core and this loop busy until the lease wait ran out — forever in
+                // simulated time, found by `tessera-sim --domain`.)
                 RaftError::APIError(ClientWriteError::ForwardToLeader(forward))
                     if forward.reason == ForwardReason::LeaseExpired =>
                 {
-                    let mut metrics = raft.metrics();
-                    let wait =
-                        tokio::time::timeout_at(lease_deadline.min(deadline), metrics.changed());
-                    if !matches!(wait.await, Ok(Ok(()))) {
+                    let retry_at =
+                        tokio::time::Instant::now() + Duration::from_millis(LEASE_RETRY_MS);
+                    if retry_at > lease_deadline.min(deadline) {
                         return Err(ConsensusError::NoQuorum);
                     }
+                    tokio::time::sleep_until(retry_at).await;
                 }
                 RaftError::APIError(ClientWriteError::ForwardToLeader(forward))
                 | RaftError::APIError(ClientWriteError::LogEntryDiscarded(forward)) => {

@@ -6,6 +6,7 @@
 //! - timeout, HTTP error status, undecodable body: `NetworkError` (retried at once).
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,9 +35,108 @@ type Vote = openraft::type_config::alias::VoteOf<TypeConfig>;
 /// fast so the leader backs off instead of holding a replication slot.
 const CONNECT_TIMEOUT_MS: u64 = 500;
 
-/// Creates one [`HttpPeer`] per target; all share one connection pool.
-pub struct HttpNetwork {
+/// One HTTP POST of a Raft RPC.
+pub struct TransportRequest {
+    pub url: String,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Vec<u8>,
+    pub timeout: Duration,
+}
+
+/// The answer: status, headers (lower-case names), body.
+pub struct TransportResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// Why a POST got no answer.
+#[derive(Debug)]
+pub enum TransportError {
+    /// No connection (openraft backs off).
+    Connect(String),
+    /// Timeout, reset, anything else (retried at once).
+    Other(String),
+}
+
+impl std::fmt::Display for TransportError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TransportError::Connect(m) => write!(f, "cannot connect: {m}"),
+            TransportError::Other(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for TransportError {}
+
+pub type TransportFuture =
+    Pin<Box<dyn Future<Output = Result<TransportResponse, TransportError>> + Send>>;
+
+/// How Raft RPCs travel: real HTTP ([`ReqwestTransport`]) in the server; a simulated network
+/// in `tessera-sim --domain` (turmoil).
+pub trait RaftTransport: Send + Sync + 'static {
+    fn post(&self, request: TransportRequest) -> TransportFuture;
+}
+
+/// HTTP/1.1 over TCP with one connection pool.
+pub struct ReqwestTransport {
     client: reqwest::Client,
+}
+
+impl Default for ReqwestTransport {
+    fn default() -> ReqwestTransport {
+        let client = reqwest::Client::builder()
+            // Peers are addressed directly; a proxy from the environment must not intercept.
+            .no_proxy()
+            .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
+            .tcp_nodelay(true)
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        ReqwestTransport { client }
+    }
+}
+
+impl RaftTransport for ReqwestTransport {
+    fn post(&self, request: TransportRequest) -> TransportFuture {
+        let mut builder = self.client.post(&request.url).timeout(request.timeout);
+        for (name, value) in request.headers {
+            builder = builder.header(name, value);
+        }
+        let builder = builder.body(request.body);
+        Box::pin(async move {
+            let response = builder.send().await.map_err(|e| {
+                if e.is_connect() {
+                    TransportError::Connect(e.to_string())
+                } else {
+                    TransportError::Other(e.to_string())
+                }
+            })?;
+            let status = response.status().as_u16();
+            let headers = response
+                .headers()
+                .iter()
+                .filter_map(|(name, value)| {
+                    Some((name.as_str().to_string(), value.to_str().ok()?.to_string()))
+                })
+                .collect();
+            let body = response
+                .bytes()
+                .await
+                .map_err(|e| TransportError::Other(e.to_string()))?
+                .to_vec();
+            Ok(TransportResponse {
+                status,
+                headers,
+                body,
+            })
+        })
+    }
+}
+
+/// Creates one [`HttpPeer`] per target; all share one transport.
+pub struct HttpNetwork {
+    transport: Arc<dyn RaftTransport>,
     key: Option<DomainKey>,
     from: u64,
     link: Arc<PairLink>,
@@ -46,16 +146,14 @@ impl HttpNetwork {
     /// `key`: the domain secret every RPC is signed with (none for a single host).
     /// `from`: this host's number, sent along in [`FROM_HEADER`].
     /// `link`: told of every answer (contact with the other host of a pair).
-    pub fn new(key: Option<DomainKey>, from: u64, link: Arc<PairLink>) -> HttpNetwork {
-        let client = reqwest::Client::builder()
-            // Peers are addressed directly; a proxy from the environment must not intercept.
-            .no_proxy()
-            .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
-            .tcp_nodelay(true)
-            .build()
-            .unwrap_or_else(|_| reqwest::Client::new());
+    pub fn new(
+        transport: Arc<dyn RaftTransport>,
+        key: Option<DomainKey>,
+        from: u64,
+        link: Arc<PairLink>,
+    ) -> HttpNetwork {
         HttpNetwork {
-            client,
+            transport,
             key,
             from,
             link,
@@ -70,7 +168,7 @@ impl RaftNetworkFactory<TypeConfig> for HttpNetwork {
         HttpPeer {
             target,
             base_url: format!("http://{}/v1/raft", node.addr),
-            client: self.client.clone(),
+            transport: self.transport.clone(),
             key: self.key.clone(),
             from: self.from,
             link: self.link.clone(),
@@ -82,7 +180,7 @@ impl RaftNetworkFactory<TypeConfig> for HttpNetwork {
 pub struct HttpPeer {
     target: u64,
     base_url: String,
-    client: reqwest::Client,
+    transport: Arc<dyn RaftTransport>,
     key: Option<DomainKey>,
     from: u64,
     link: Arc<PairLink>,
@@ -114,38 +212,38 @@ impl HttpPeer {
         Resp: DeserializeOwned,
     {
         let url = format!("{}/{rpc}", self.base_url);
-        let mut request = self
-            .client
-            .post(&url)
-            .header(FROM_HEADER, self.from.to_string())
-            .header(MODE_HEADER, self.link.own_mode().name());
+        let mut headers = vec![
+            (FROM_HEADER, self.from.to_string()),
+            (MODE_HEADER, self.link.own_mode().name().to_string()),
+            ("content-type", content_type.to_string()),
+        ];
         if let Some(key) = &self.key {
-            request = request.header(AUTH_HEADER, key.sign(rpc, &body));
+            headers.push((AUTH_HEADER, key.sign(rpc, &body)));
         }
-        let response = request
-            .header(reqwest::header::CONTENT_TYPE, content_type)
-            .body(body)
-            .timeout(timeout)
-            .send()
+        let response = self
+            .transport
+            .post(TransportRequest {
+                url: url.clone(),
+                headers,
+                body,
+                timeout,
+            })
             .await
-            .map_err(|e| {
-                if e.is_connect() {
-                    RPCError::Unreachable(Unreachable::new(&e))
-                } else {
-                    RPCError::Network(NetworkError::new(&e))
-                }
+            .map_err(|e| match e {
+                TransportError::Connect(_) => RPCError::Unreachable(Unreachable::new(&e)),
+                TransportError::Other(_) => RPCError::Network(NetworkError::new(&e)),
             })?;
-        let status = response.status();
+        let status = response.status;
         if let Some(mode) = response
-            .headers()
-            .get(MODE_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(Mode::parse)
+            .headers
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(MODE_HEADER))
+            .and_then(|(_, value)| Mode::parse(value))
         {
             self.link.peer_mode_seen(mode);
         }
-        if !status.is_success() {
-            let text = response.text().await.unwrap_or_default();
+        if !(200..300).contains(&status) {
+            let text = String::from_utf8_lossy(&response.body);
             if text.contains(PAIR_ALONE_CODE) {
                 self.link.peer_alone();
             }
@@ -155,7 +253,7 @@ impl HttpPeer {
             ))));
         }
         let answer: Result<Resp, RaftError<TypeConfig>> =
-            response.json().await.map_err(|e| NetworkError::new(&e))?;
+            serde_json::from_slice(&response.body).map_err(|e| NetworkError::new(&e))?;
         self.link.heard();
         // The only error a peer's Raft API returns here is Fatal: that peer has stopped.
         answer.map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))

@@ -56,6 +56,8 @@ async fn start(
         members: members.clone(),
         domain_secret: (members.len() > 1).then(|| "a test domain secret".to_string()),
         join: false,
+        transport: None,
+        store: tessera_store::StoreOptions::default(),
     })
     .await
     .expect("start consensus")
