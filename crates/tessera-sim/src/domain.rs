@@ -467,6 +467,10 @@ async fn station_client(
             continue;
         }
         let station = format!("ws-{index}");
+        if config.broken_backup_answers {
+            // Stations spread over the hosts, as they do when each lists another host first.
+            start.set((start.get() + 1) % config.hosts);
+        }
         let holding = shared.borrow().held.get(&station).cloned();
         match holding {
             Some(lease_id) => {

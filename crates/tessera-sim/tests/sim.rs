@@ -661,5 +661,5 @@ fn the_domain_simulation_catches_a_backup_issuing_from_its_replica() {
             .is_err()
         })
         .count();
-    assert!(caught >= 2, "caught in {caught} of 3 seeds");
+    assert_eq!(caught, 3, "caught in {caught} of 3 seeds");
 }
