@@ -522,4 +522,14 @@ fn a_backup_stopped_gracefully_shows_stopped_in_status_metrics_and_events_then_p
     assert_eq!(host_status(&seen, 1), "Stopped");
     assert_eq!(host_status(&seen, 2), "Running");
     assert!(held_leases(&pair.url(2)).contains(&lease));
+    // The station's lease goes on through the backup (the failover client finds it).
+    let renewed: serde_json::Value = serde_json::from_str(&ok(&[
+        "lease",
+        "heartbeat",
+        &lease,
+        "--server",
+        &pair.servers(),
+    ]))
+    .unwrap();
+    assert_eq!(renewed["lease_id"], lease.as_str(), "{renewed}");
 }
