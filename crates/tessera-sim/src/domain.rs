@@ -36,7 +36,7 @@ use tessera_core::{
 };
 use tessera_server::consensus::{
     Consensus, ConsensusConfig, ConsensusError, RaftTransport, TransportError, TransportFuture,
-    TransportRequest, TransportResponse,
+    TransportRequest, TransportResponse, header_pairs,
 };
 
 use crate::rng::Rng;
@@ -176,13 +176,7 @@ async fn post_once(request: TransportRequest) -> Result<TransportResponse, Trans
         .await
         .map_err(|e| TransportError::Other(e.to_string()))?;
     let status = response.status().as_u16();
-    let headers = response
-        .headers()
-        .iter()
-        .filter_map(|(name, value)| {
-            Some((name.as_str().to_string(), value.to_str().ok()?.to_string()))
-        })
-        .collect();
+    let headers = header_pairs(response.headers());
     let body = response
         .into_body()
         .collect()

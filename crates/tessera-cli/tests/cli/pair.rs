@@ -69,6 +69,13 @@ impl PairDir {
         dir
     }
 
+    /// Two hosts that know each other by their own ports (no proxies).
+    fn on_free_ports(root: &Path) -> PairDir {
+        let ports = free_ports(2);
+        let addresses = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        PairDir::new(root, ports, addresses)
+    }
+
     fn write_config(&self, host: usize, domain: &str) {
         let port = self.ports[host - 1];
         let config = format!(
@@ -180,6 +187,16 @@ fn held_leases(url: &str) -> Vec<String> {
     held
 }
 
+/// Both hosts on free ports, started and paired, the key added.
+fn paired(root: &Path) -> (PairDir, ServerProcess, ServerProcess) {
+    let pair = PairDir::on_free_ports(root);
+    let host_1 = pair.start(1);
+    pair.share_identity();
+    let host_2 = pair.start(2);
+    pair_up(&pair);
+    (pair, host_1, host_2)
+}
+
 /// Pairs the two hosts (host 2 started with `--join`) and adds the key.
 fn pair_up(dir: &PairDir) {
     let token = dir.token();
@@ -226,9 +243,7 @@ fn assert_merged(url: &str, acknowledged: &[String]) -> Vec<String> {
 #[test]
 fn pairing_checks_the_backups_requirements_and_a_pair_with_keys_cannot_be_undone() {
     let dir = tempfile::tempdir().unwrap();
-    let ports = free_ports(2);
-    let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let pair = PairDir::new(dir.path(), ports, addresses);
+    let pair = PairDir::on_free_ports(dir.path());
     let _host_1 = pair.start(1);
     let token = pair.token();
     let enable = |backup: &str| {
@@ -301,13 +316,7 @@ fn pairing_checks_the_backups_requirements_and_a_pair_with_keys_cannot_be_undone
 #[test]
 fn a_pair_serves_alone_within_a_share_across_kill_9_of_either_host_and_merges_without_loss() {
     let dir = tempfile::tempdir().unwrap();
-    let ports = free_ports(2);
-    let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let pair = PairDir::new(dir.path(), ports, addresses);
-    let host_1 = pair.start(1);
-    pair.share_identity();
-    let host_2 = pair.start(2);
-    pair_up(&pair);
+    let (pair, host_1, host_2) = paired(dir.path());
     let servers = pair.servers();
     let mut acknowledged = vec![
         checkout(&servers, "ws-1").unwrap(),
@@ -454,13 +463,7 @@ fn http_get(url: &str, path: &str) -> String {
 #[test]
 fn a_backup_stopped_gracefully_shows_stopped_in_status_metrics_and_events_then_pairs_again() {
     let dir = tempfile::tempdir().unwrap();
-    let ports = free_ports(2);
-    let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let pair = PairDir::new(dir.path(), ports, addresses);
-    let host_1 = pair.start(1);
-    pair.share_identity();
-    let host_2 = pair.start(2);
-    pair_up(&pair);
+    let (pair, host_1, host_2) = paired(dir.path());
     let token = pair.token();
     let admin = ["--server", &pair.url(1), "--token", &token];
     // The manual sync action on a pair in step keeps it in step.

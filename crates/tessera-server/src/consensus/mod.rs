@@ -23,7 +23,7 @@ pub use auth::FROM_HEADER;
 mod network;
 pub use network::{
     RaftTransport, ReqwestTransport, TransportError, TransportFuture, TransportRequest,
-    TransportResponse,
+    TransportResponse, header_pairs,
 };
 pub mod pair_link;
 mod rpc;

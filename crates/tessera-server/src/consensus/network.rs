@@ -50,6 +50,16 @@ pub struct TransportResponse {
     pub body: Vec<u8>,
 }
 
+/// The headers with text values, as (lower-case name, value).
+pub fn header_pairs(headers: &axum::http::HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .filter_map(|(name, value)| {
+            Some((name.as_str().to_string(), value.to_str().ok()?.to_string()))
+        })
+        .collect()
+}
+
 /// Why a POST got no answer.
 #[derive(Debug)]
 pub enum TransportError {
@@ -113,13 +123,7 @@ impl RaftTransport for ReqwestTransport {
                 }
             })?;
             let status = response.status().as_u16();
-            let headers = response
-                .headers()
-                .iter()
-                .filter_map(|(name, value)| {
-                    Some((name.as_str().to_string(), value.to_str().ok()?.to_string()))
-                })
-                .collect();
+            let headers = header_pairs(response.headers());
             let body = response
                 .bytes()
                 .await
