@@ -553,6 +553,26 @@ fn online_and_air_gapped_servers_stay_licensed_across_a_key_renewal() {
     ok(&[&["sync"][..], &thief_remote].concat());
 }
 
+/// Loopback listeners on free ports, held until the caller drops them (just before its
+/// servers bind those ports).
+fn reserve_ports(n: usize) -> Vec<std::net::TcpListener> {
+    (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect()
+}
+
+fn ports_of(listeners: &[std::net::TcpListener]) -> Vec<u16> {
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+/// Free loopback ports (bound, read, released just before the servers bind).
+fn free_ports(n: usize) -> Vec<u16> {
+    ports_of(&reserve_ports(n))
+}
+
 #[path = "cli/console.rs"]
 mod console;
 #[path = "cli/domain.rs"]

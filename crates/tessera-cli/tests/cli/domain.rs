@@ -4,22 +4,11 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::{ServerProcess, ok, setup_vendor, tessera};
+use super::{ServerProcess, free_ports, ok, setup_vendor, tessera};
 
 const SECRET: &str = "real-process test domain secret";
 /// Bound for an election to show up in `domain status`; elections take well under 1 s.
 const WAIT: Duration = Duration::from_secs(20);
-
-/// Free loopback ports for the hosts (bound, read, released just before the servers bind).
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
-}
 
 struct DomainDir {
     root: PathBuf,
@@ -301,7 +290,9 @@ fn a_partitioned_process_domain_serves_only_on_the_majority_side_and_heals_witho
         .build()
         .unwrap();
     let cuts = Cuts::default();
-    let ports = free_ports(3);
+    // Held while the proxies bind port 0, so that none of them takes a host's port.
+    let reserved = super::reserve_ports(3);
+    let ports = super::ports_of(&reserved);
     let proxies: Vec<String> = ports
         .iter()
         .enumerate()
@@ -312,6 +303,7 @@ fn a_partitioned_process_domain_serves_only_on_the_majority_side_and_heals_witho
                 .unwrap()
         })
         .collect();
+    drop(reserved);
     let domain = DomainDir::with_addresses(dir.path(), ports, &proxies);
     let _host_1 = domain.start(1);
     domain.share_identity(3);

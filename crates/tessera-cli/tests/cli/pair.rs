@@ -5,23 +5,13 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::{ServerProcess, ok, tessera};
+use super::{ServerProcess, free_ports, ok, tessera};
 
 const SECRET: &str = "real-process test pair secret";
 /// Bound for the pair to reach a status; going alone takes 1 s, a merge well under 2 s.
 const WAIT: Duration = Duration::from_secs(30);
 /// The key: 4 licenses of `cad`, so each host's share is 2.
 const LICENSES: u32 = 4;
-
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
-}
 
 struct PairDir {
     root: PathBuf,
@@ -382,7 +372,9 @@ fn a_partition_between_the_hosts_with_stations_on_both_sides_never_over_issues()
         .build()
         .unwrap();
     let cuts = Cuts::default();
-    let ports = free_ports(2);
+    // Held while the proxies bind port 0, so that none of them takes a host's port.
+    let reserved = super::reserve_ports(2);
+    let ports = super::ports_of(&reserved);
     let proxies: Vec<String> = ports
         .iter()
         .enumerate()
@@ -396,6 +388,7 @@ fn a_partition_between_the_hosts_with_stations_on_both_sides_never_over_issues()
                 .unwrap()
         })
         .collect();
+    drop(reserved);
     let pair = PairDir::new(dir.path(), ports, proxies);
     let _host_1 = pair.start(1);
     pair.share_identity();
@@ -441,23 +434,47 @@ fn a_partition_between_the_hosts_with_stations_on_both_sides_never_over_issues()
     );
 }
 
-/// `GET path` over plain HTTP/1.0; the body.
-fn http_get(url: &str, path: &str) -> String {
+/// `GET path` over plain HTTP/1.0 with an optional cookie; (head, body).
+fn http_request(url: &str, path: &str, cookie: Option<&str>) -> (String, String) {
     use std::io::{Read, Write};
     let addr = url.strip_prefix("http://").unwrap();
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let cookie = cookie
+        .map(|c| format!("Cookie: {c}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{cookie}\r\n"
+    )
+    .unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(
-        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
-        "{head}"
-    );
-    body.to_string()
+    (head.to_string(), body.to_string())
+}
+
+/// `GET path`; the body of a 200 answer.
+fn http_get(url: &str, path: &str) -> String {
+    let (head, body) = http_request(url, path, None);
+    assert!(head.contains(" 200 "), "{head}");
+    body
+}
+
+/// The console's keys page, signed in with the admin token.
+fn console_page(url: &str, token: &str) -> String {
+    let (head, _) = http_request(url, &format!("/login?token={token}"), None);
+    let cookie = head
+        .lines()
+        .find_map(|line| line.strip_prefix("set-cookie: "))
+        .and_then(|value| value.split(';').next())
+        .unwrap_or_else(|| panic!("no session cookie: {head}"))
+        .to_string();
+    let (head, body) = http_request(url, "/", Some(&cookie));
+    assert!(head.contains(" 200 "), "{head}");
+    body
 }
 
 #[test]
@@ -502,6 +519,14 @@ fn a_backup_stopped_gracefully_shows_stopped_in_status_metrics_and_events_then_p
     );
     // The primary alone keeps the station's lease.
     assert!(held_leases(&pair.url(1)).contains(&lease));
+    // The console's tiles show the pair and each host as the reference does.
+    let page = console_page(&pair.url(1), &token);
+    assert!(
+        page.contains("pair-tile")
+            && page.contains("Backup not available")
+            && page.contains("Stopped"),
+        "{page}"
+    );
 
     // The backup starts again: Recovering, merged, Paired and Available on both.
     let _host_2 = pair.start(2);

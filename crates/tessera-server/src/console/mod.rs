@@ -289,6 +289,8 @@ struct KeysPage {
     role: String,
     /// One tile per host of the domain (a single host shows one).
     hosts: Vec<crate::http::domain::HostJson>,
+    /// A redundant pair: its status and each host's, as the reference names them.
+    pair: Option<crate::pair::PairStatus>,
     server_id: String,
     lease_count: usize,
     synchronized: bool,
@@ -329,6 +331,7 @@ async fn keys_page(State(state): State<SharedState>, user: ConsoleUser) -> Respo
         flash: None,
         role: status.role.clone(),
         hosts: crate::http::domain::local_status(&state).hosts,
+        pair: Some(state.pair.status(&state)).filter(|pair| pair.mode != crate::pair::Mode::Off),
         server_id: status.server_id.clone().unwrap_or_else(|| "(none)".into()),
         lease_count: status.leases.len(),
         synchronized: status.sync.synchronized,

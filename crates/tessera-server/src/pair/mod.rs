@@ -240,11 +240,13 @@ impl Pair {
             || link.peer_mode() == Some(Mode::Alone);
         let peer_stopped = {
             let mut inner = self.lock();
+            // Heard or reached (a Raft request refused while alone) well after the
+            // announcement: it runs again.
             if let Some(at) = inner.peer_stopped
                 && at
                     .elapsed()
                     .checked_sub(RECENT)
-                    .is_some_and(|since| heard < since)
+                    .is_some_and(|since| heard.min(reachable) < since)
             {
                 inner.peer_stopped = None;
             }
@@ -285,7 +287,12 @@ impl Pair {
                     }
                 }
                 Mode::Alone => {
-                    if share == Share::Primary && reachable < RECENT && inner.recovery.is_none() {
+                    // Requests the other host sent while it stopped do not start a recovery.
+                    if share == Share::Primary
+                        && reachable < RECENT
+                        && !peer_stopped
+                        && inner.recovery.is_none()
+                    {
                         Next::Recover
                     } else {
                         Next::Stay
