@@ -4,7 +4,8 @@
 //! Everything runs in one thread from one seed: the same seed gives the same run, event for
 //! event, on every machine. There is no wall clock, no thread, and no hash-map iteration in a
 //! decision (ordered maps throughout); randomness comes from a splitmix64 generator seeded by
-//! [`SimConfig::seed`].
+//! [`SimConfig::seed`]. (The [`domain`] simulation is the exception: it runs the real
+//! consensus, whose election timer draws from openraft's own generator.)
 //!
 //! # The model
 //!
