@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
-use axum::routing::{get, post};
+use axum::routing::post;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
@@ -257,7 +257,6 @@ enum Answer {
 #[derive(Debug, Serialize, Deserialize)]
 struct HostState {
     leases: BTreeSet<String>,
-    last_at_ms: i64,
     applied: Option<u64>,
     invariants: Result<(), String>,
 }
@@ -267,6 +266,10 @@ struct Host {
     node: usize,
     incarnation: u64,
     next: AtomicU64,
+    /// The key's licenses in this run.
+    licenses: u32,
+    /// [`DomainConfig::broken_backup_answers`].
+    broken: bool,
 }
 
 async fn station_api(State(host): State<Arc<Host>>, Json(ask): Json<Ask>) -> Json<Answer> {
@@ -274,19 +277,18 @@ async fn station_api(State(host): State<Arc<Host>>, Json(ask): Json<Ask>) -> Jso
         let status = host.consensus.status();
         let state = host.consensus.read(|ledger| HostState {
             leases: ledger.leases().into_iter().map(|l| l.lease_id).collect(),
-            last_at_ms: ledger.last_at_ms(),
             applied: status.last_applied_index,
             invariants: ledger.check_invariants(),
         });
         return Json(Answer::State(state));
     }
     if !host.consensus.is_primary() {
-        if BROKEN.with(Cell::get)
+        if host.broken
             && let Ask::Checkout { station } = &ask
         {
             // The broken rule: grant from this replica if it shows a free license.
             let free = host.consensus.read(|ledger| {
-                ledger.lease_count() < LICENSES.with(Cell::get) as usize
+                ledger.lease_count() < host.licenses as usize
                     && !ledger.leases().iter().any(|l| &l.station == station)
             });
             if free {
@@ -302,7 +304,9 @@ async fn station_api(State(host): State<Arc<Host>>, Json(ask): Json<Ask>) -> Jso
         return Json(Answer::NotPrimary);
     }
     let command = match ask {
-        Ask::Import => Command::ImportKey { key: key() },
+        Ask::Import => Command::ImportKey {
+            key: key(host.licenses),
+        },
         Ask::Checkout { station } => Command::Checkout {
             lease_id: format!(
                 "{}-{}-{}",
@@ -342,7 +346,7 @@ async fn station_api(State(host): State<Arc<Host>>, Json(ask): Json<Ask>) -> Jso
     Json(answer)
 }
 
-fn key() -> LicenseKey {
+fn key(licenses: u32) -> LicenseKey {
     let from = Timestamp::from_millisecond(EPOCH_MS - 24 * 3600 * 1000).expect("epoch");
     let until = Timestamp::from_millisecond(EPOCH_MS + 30 * 24 * 3600 * 1000).expect("epoch");
     LicenseKey::sign(
@@ -350,7 +354,7 @@ fn key() -> LicenseKey {
             key_id: KEY_ID.into(),
             customer: "sim".into(),
             components: vec![COMPONENT.into()],
-            licenses: LICENSES.with(Cell::get),
+            licenses,
             valid_from: from,
             valid_until: until,
             server_id: None,
@@ -362,15 +366,13 @@ fn key() -> LicenseKey {
     .expect("the vendor key signs")
 }
 
-thread_local! {
-    /// The key's licenses in the current run (one simulation per thread at a time).
-    static LICENSES: Cell<u32> = const { Cell::new(0) };
-    /// [`DomainConfig::broken_backup_answers`] in the current run.
-    static BROKEN: Cell<bool> = const { Cell::new(false) };
-}
-
-async fn run_host(node: usize, hosts: usize, dir: PathBuf, incarnation: u64) -> turmoil::Result {
-    let members: BTreeMap<u64, String> = (1..=hosts)
+async fn run_host(
+    node: usize,
+    config: DomainConfig,
+    dir: PathBuf,
+    incarnation: u64,
+) -> turmoil::Result {
+    let members: BTreeMap<u64, String> = (1..=config.hosts)
         .map(|n| (n as u64, format!("{}:{PORT}", host_name(n))))
         .collect();
     let consensus = Consensus::start(ConsensusConfig {
@@ -391,11 +393,12 @@ async fn run_host(node: usize, hosts: usize, dir: PathBuf, incarnation: u64) -> 
         node,
         incarnation,
         next: AtomicU64::new(0),
+        licenses: config.licenses,
+        broken: config.broken_backup_answers,
     });
     let app = consensus.router().merge(
         axum::Router::new()
             .route("/sim", post(station_api))
-            .route("/sim/ping", get(|| async { "ok" }))
             .with_state(host),
     );
     let listener = turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?;
@@ -595,8 +598,6 @@ pub fn run(config: DomainConfig) -> Result<DomainReport, String> {
     if !(config.hosts == 3 || config.hosts == 5) {
         return Err("a simulated domain has 3 or 5 hosts".into());
     }
-    LICENSES.with(|l| l.set(config.licenses));
-    BROKEN.with(|b| b.set(config.broken_backup_answers));
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let mut sim = turmoil::Builder::new()
         .simulation_duration(Duration::from_secs(3600))
@@ -609,10 +610,10 @@ pub fn run(config: DomainConfig) -> Result<DomainReport, String> {
     for n in 1..=config.hosts {
         let data = dir.path().join(host_name(n));
         let incarnation = incarnations[n - 1].clone();
-        let hosts = config.hosts;
+        let host_config = config.clone();
         sim.host(host_name(n).as_str(), move || {
             incarnation.set(incarnation.get() + 1);
-            run_host(n, hosts, data.clone(), incarnation.get())
+            run_host(n, host_config.clone(), data.clone(), incarnation.get())
         });
     }
     let shared = Rc::new(RefCell::new(Stations::default()));
@@ -641,12 +642,14 @@ pub fn run(config: DomainConfig) -> Result<DomainReport, String> {
     let mut next_fault_ms = 1_000 + rng.below(config.fault_every_ms * 2) as u128;
     let mut crashes = 0;
     let mut cuts = 0;
+    // SIM_DEBUG=1 prints the faults as they happen and a line of progress every second.
+    let debug = std::env::var_os("SIM_DEBUG").is_some();
     loop {
         let finished = sim
             .step()
             .map_err(|e| format!("seed {}: the simulation failed: {e}", config.seed))?;
         let now = sim.elapsed().as_millis();
-        if std::env::var_os("SIM_DEBUG").is_some() && now % 1_000 == 0 {
+        if debug && now % 1_000 == 0 {
             let s = shared.borrow();
             eprintln!(
                 "t={now} faults_over={} healed={} checkouts={} unavailable={} down={down:?} cut={}",
@@ -671,7 +674,7 @@ pub fn run(config: DomainConfig) -> Result<DomainReport, String> {
             .map(|(n, _)| *n)
             .collect();
         for n in due {
-            if std::env::var_os("SIM_DEBUG").is_some() {
+            if debug {
                 eprintln!("t={now} bounce h{n}");
             }
             down.remove(&n);
@@ -679,7 +682,7 @@ pub fn run(config: DomainConfig) -> Result<DomainReport, String> {
         }
         cut.retain(|(a, b, until)| {
             if !faulting || *until <= now {
-                if std::env::var_os("SIM_DEBUG").is_some() {
+                if debug {
                     eprintln!("t={now} repair h{a}-h{b}");
                 }
                 sim.repair(host_name(*a).as_str(), host_name(*b).as_str());
@@ -698,7 +701,7 @@ pub fn run(config: DomainConfig) -> Result<DomainReport, String> {
             match rng.below(3) {
                 0 if !down.contains_key(&a) => {
                     // kill -9, back after 0.2–4 s.
-                    if std::env::var_os("SIM_DEBUG").is_some() {
+                    if debug {
                         eprintln!("t={now} crash h{a}");
                     }
                     sim.crash(host_name(a).as_str());
@@ -708,7 +711,7 @@ pub fn run(config: DomainConfig) -> Result<DomainReport, String> {
                 1 => {
                     // Isolate a host from every other host (clients still reach it).
                     for b in (1..=config.hosts).filter(|b| *b != a) {
-                        if std::env::var_os("SIM_DEBUG").is_some() {
+                        if debug {
                             eprintln!("t={now} cut h{a}-h{b}");
                         }
                         sim.partition(host_name(a).as_str(), host_name(b).as_str());
