@@ -113,13 +113,24 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         print_row("no-op", clients, &baseline, 1.0);
         let dir = tempfile::tempdir()?;
         let server = start_real(dir.path(), clients as u32, Duration::from_secs(120)).await?;
+        let before = server.state.consensus.status();
         let real = drive(server.addr, clients, duration).await?;
+        let after = server.state.consensus.status();
         server.shutdown().await;
         print_row(
             "tessera",
             clients,
             &real,
             real.cycles_per_s() / baseline.cycles_per_s(),
+        );
+        let fsyncs = after.store_transactions - before.store_transactions;
+        let entries = after.last_log_index.unwrap_or(0) - before.last_log_index.unwrap_or(0);
+        println!(
+            "{:<10} {:>8} log entries, {} fsyncs of the Raft log ({:.1} entries per fsync)",
+            "",
+            entries,
+            fsyncs,
+            entries as f64 / fsyncs.max(1) as f64
         );
     }
     Ok(())

@@ -8,8 +8,9 @@
 //! - `append`: the entries are readable when it returns; the IO-flushed callback fires only
 //!   after the transaction holding them committed (group commit in [`crate::writer`]).
 //! - `save_vote`: returns after the vote is durable, as Raft requires.
-//! - `save_committed`, `truncate_after`, `purge`: queued behind earlier writes without
-//!   waiting. Losing them in a crash is safe: a lost committed id only means fewer entries
+//! - `save_committed`: kept by the writer thread and written with its next transaction (or
+//!   alone after a short wait), without waiting.
+//! - `truncate_after`, `purge`: queued behind earlier writes without waiting. Losing them in a crash is safe: a lost committed id only means fewer entries
 //!   re-applied at start (the leader commits them again), a lost truncation or purge leaves
 //!   entries openraft will truncate or ignore again.
 
@@ -24,7 +25,7 @@ use openraft::{EntryPayload, LogState, OptionalSend, RaftLogReader};
 use tessera_core::Stamped;
 
 use crate::types::{Entry, LogId, Proposal, TypeConfig, Vote};
-use crate::writer::{Done, LoadedLog, META_COMMITTED, META_VOTE, Write, Writer, WriterStats};
+use crate::writer::{Done, LoadedLog, META_VOTE, Write, Writer, WriterStats};
 
 /// The Raft log store. Cheap to clone; clones share the log (a clone is the log reader).
 #[derive(Clone)]
@@ -143,13 +144,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
         let value = committed.as_ref().map(encode).transpose()?;
         self.state().committed = committed;
-        self.writer.submit(
-            Write::Meta {
-                name: META_COMMITTED,
-                value,
-            },
-            Done::Nothing,
-        );
+        self.writer.save_committed(value);
         Ok(())
     }
 
