@@ -133,10 +133,20 @@ impl WriterStats {
 /// reopened right after.
 pub struct Writer {
     stats: WriterStats,
-    tx: Option<mpsc::Sender<Request>>,
-    thread: Option<thread::JoinHandle<()>>,
-    /// Simulations only ([`crate::StoreOptions::inline`]): writes run on the caller's thread.
-    inline: Option<std::sync::Mutex<Connection>>,
+    mode: Mode,
+}
+
+/// Where writes run.
+enum Mode {
+    /// On the writer thread, which owns the connection.
+    Thread {
+        tx: mpsc::Sender<Request>,
+        thread: thread::JoinHandle<()>,
+    },
+    /// Simulations only ([`crate::StoreOptions::inline`]): on the caller's thread.
+    Inline(std::sync::Mutex<Connection>),
+    /// After the drop began: the thread was told to finish.
+    Stopped,
 }
 
 impl Writer {
@@ -163,9 +173,7 @@ impl Writer {
             return Ok((
                 Writer {
                     stats: WriterStats::default(),
-                    tx: None,
-                    thread: None,
-                    inline: Some(std::sync::Mutex::new(conn)),
+                    mode: Mode::Inline(std::sync::Mutex::new(conn)),
                 },
                 loaded,
             ));
@@ -180,9 +188,7 @@ impl Writer {
         Ok((
             Writer {
                 stats,
-                tx: Some(tx),
-                thread: Some(thread),
-                inline: None,
+                mode: Mode::Thread { tx, thread },
             },
             loaded,
         ))
@@ -194,33 +200,36 @@ impl Writer {
 
     /// Queues a write; `done` is told after the commit that contains it.
     pub(crate) fn submit(&self, write: Write, done: Done) {
-        if let Some(conn) = &self.inline {
-            let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
-            let result = commit(&mut conn, std::iter::once(&write)).map_err(|e| e.to_string());
-            if result.is_ok() {
-                self.stats.record(1);
+        match &self.mode {
+            Mode::Thread { tx, .. } => {
+                if let Err(mpsc::SendError(Request::Write(_, done))) =
+                    tx.send(Request::Write(write, done))
+                {
+                    done.notify(&Err(StoreError::WriterStopped.to_string()));
+                }
             }
-            return done.notify(&result);
-        }
-        let Some(tx) = &self.tx else {
-            return done.notify(&Err(StoreError::WriterStopped.to_string()));
-        };
-        if let Err(mpsc::SendError(Request::Write(_, done))) = tx.send(Request::Write(write, done))
-        {
-            done.notify(&Err(StoreError::WriterStopped.to_string()));
+            Mode::Inline(conn) => {
+                let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
+                let result = commit(&mut conn, std::iter::once(&write)).map_err(|e| e.to_string());
+                if result.is_ok() {
+                    self.stats.record(1);
+                }
+                done.notify(&result);
+            }
+            Mode::Stopped => done.notify(&Err(StoreError::WriterStopped.to_string())),
         }
     }
 
     /// Saves the committed log id (JSON) with the next transaction, without waiting; a crash
     /// may lose it (see the module docs).
     pub(crate) fn save_committed(&self, value: Option<String>) {
-        match &self.tx {
-            Some(tx) => {
+        match &self.mode {
+            Mode::Thread { tx, .. } => {
                 if tx.send(Request::Committed(value)).is_err() {
                     tracing::error!("storage writer stopped; committed log id not saved");
                 }
             }
-            None => self.submit(
+            Mode::Inline(_) | Mode::Stopped => self.submit(
                 Write::Meta {
                     name: META_COMMITTED,
                     value,
@@ -241,12 +250,15 @@ impl Writer {
 
     /// Reads the stored snapshot (meta JSON, data), after every write queued before it.
     pub(crate) async fn load_snapshot(&self) -> io::Result<Option<StoredSnapshot>> {
-        if let Some(conn) = &self.inline {
-            let conn = conn.lock().unwrap_or_else(|e| e.into_inner());
-            return read_snapshot(&conn).map_err(io::Error::other);
-        }
+        let tx = match &self.mode {
+            Mode::Thread { tx, .. } => tx,
+            Mode::Inline(conn) => {
+                let conn = conn.lock().unwrap_or_else(|e| e.into_inner());
+                return read_snapshot(&conn).map_err(io::Error::other);
+            }
+            Mode::Stopped => return Err(StoreError::WriterStopped.into()),
+        };
         let (reply, rx) = oneshot::channel();
-        let tx = self.tx.as_ref().ok_or(StoreError::WriterStopped)?;
         tx.send(Request::LoadSnapshot(reply))
             .map_err(|_| StoreError::WriterStopped)?;
         rx.await
@@ -257,11 +269,12 @@ impl Writer {
 
 impl Drop for Writer {
     fn drop(&mut self) {
-        drop(self.tx.take());
-        if let Some(thread) = self.thread.take()
-            && thread.join().is_err()
-        {
-            tracing::error!("storage writer thread panicked");
+        // Dropping the sender ends the thread's loop once the queue is written.
+        if let Mode::Thread { tx, thread } = std::mem::replace(&mut self.mode, Mode::Stopped) {
+            drop(tx);
+            if thread.join().is_err() {
+                tracing::error!("storage writer thread panicked");
+            }
         }
     }
 }

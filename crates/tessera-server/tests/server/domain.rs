@@ -398,8 +398,8 @@ async fn raft_routes_refuse_requests_without_the_domain_secret() {
     // Signed with the domain secret but not an AppendEntries request: 400 naming the RPC,
     // and the host keeps serving.
     let body = b"{\"vote\": 1}";
-    let mut mac = <hmac::Hmac<sha2::Sha256> as hmac::KeyInit>::new_from_slice(SECRET.as_bytes())
-        .unwrap();
+    let mut mac =
+        <hmac::Hmac<sha2::Sha256> as hmac::KeyInit>::new_from_slice(SECRET.as_bytes()).unwrap();
     hmac::Mac::update(&mut mac, b"append\n");
     hmac::Mac::update(&mut mac, body);
     let tag = hex::encode(hmac::Mac::finalize(mac).into_bytes());
@@ -412,7 +412,10 @@ async fn raft_routes_refuse_requests_without_the_domain_secret() {
         .unwrap();
     assert_eq!(malformed.status().as_u16(), 400);
     let message = malformed.text().await.unwrap();
-    assert!(message.contains("malformed Raft append request"), "{message}");
+    assert!(
+        message.contains("malformed Raft append request"),
+        "{message}"
+    );
     domain
         .admin(1)
         .import_key(domain.key("K-CAD", 5).to_json_pretty())
