@@ -7,7 +7,7 @@
 //! become rows of `usage_event`; every record is also appended to the audit hash chain
 //! (see [`crate::audit`]). [`History::flush`] waits until everything sent so far is written.
 //!
-//! The writer gathers: once a record arrives it sleeps for [`GATHER`] (unless a flush or the
+//! The writer gathers: once a record arrives it sleeps for 20 ms (unless a flush or the
 //! stop asks for it) and then writes everything queued. Sending a record therefore rarely
 //! wakes a thread, and one commit covers hundreds of records: a wake-up and a commit per
 //! record cost about as much CPU as the request that caused the record.

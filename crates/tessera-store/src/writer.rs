@@ -7,7 +7,7 @@
 //! clients, openraft's own batching plus this drain turn hundreds of proposals into a few
 //! fsyncs. Blocking SQLite work never runs on the async runtime's threads.
 //!
-//! The committed log id ([`Writer::save_committed`]) is the one write that never needs its own
+//! The committed log id (`Writer::save_committed`) is the one write that never needs its own
 //! fsync: the thread keeps the newest one and writes it with the next transaction, or alone
 //! after [`COMMITTED_DEFER_MS`] without other writes. openraft saves it after every commit, so
 //! writing it at once cost about one extra transaction per three batches of entries.
