@@ -125,10 +125,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
         let fsyncs = after.store_transactions - before.store_transactions;
         let entries = after.last_log_index.unwrap_or(0) - before.last_log_index.unwrap_or(0);
+        // Two commands per cycle (checkout, checkin), plus the timers' few.
+        let commands = real.cycles * 2;
         println!(
-            "{:<10} {:>8} log entries, {} fsyncs of the Raft log ({:.1} entries per fsync)",
+            "{:<10} {:>8} commands in {} log entries ({:.1} per entry), {} fsyncs of the Raft log ({:.1} entries per fsync)",
             "",
+            commands,
             entries,
+            commands as f64 / entries.max(1) as f64,
             fsyncs,
             entries as f64 / fsyncs.max(1) as f64
         );

@@ -5,7 +5,7 @@
 //!
 //! # Layout
 //! - [`types`]: the openraft type configuration ([`TypeConfig`]) and the log payload
-//!   ([`Proposal`]) / response (`Option<Applied>`) types.
+//!   ([`Proposal`]: a batch of stamped commands) / response (`Option<Vec<Applied>>`) types.
 //! - [`schema`]: the migration files under `migrations/`, applied in order and tracked by
 //!   `PRAGMA user_version`.
 //! - [`writer`]: the one thread that owns the SQLite write connection. It drains every queued

@@ -55,9 +55,9 @@ impl LogStore {
         self.state()
             .entries
             .range(start..)
-            .filter_map(|(_, entry)| match &entry.payload {
-                EntryPayload::Normal(Proposal(stamped)) => Some(stamped.clone()),
-                _ => None,
+            .flat_map(|(_, entry)| match &entry.payload {
+                EntryPayload::Normal(Proposal(batch)) => batch.clone(),
+                _ => Vec::new(),
             })
             .collect()
     }

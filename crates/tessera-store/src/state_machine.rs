@@ -189,9 +189,13 @@ impl RaftStateMachine<TypeConfig> for LedgerStateMachine {
                 let mut applied = write(&self.shared);
                 let response = match entry.payload {
                     EntryPayload::Blank => None,
-                    EntryPayload::Normal(proposal) => {
-                        Some(applied.ledger.apply_recording(&proposal.0))
-                    }
+                    EntryPayload::Normal(proposal) => Some(
+                        proposal
+                            .0
+                            .iter()
+                            .map(|stamped| applied.ledger.apply_recording(stamped))
+                            .collect(),
+                    ),
                     EntryPayload::Membership(membership) => {
                         applied.last_membership =
                             StoredMembership::new(Some(entry.log_id), membership);

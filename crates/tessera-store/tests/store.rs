@@ -86,12 +86,12 @@ fn blank(term: u64, index: u64) -> EntryT {
 fn begin_sync(term: u64, index: u64, at_ms: i64, nonce: &str) -> EntryT {
     Entry {
         log_id: log_id(term, index),
-        payload: EntryPayload::Normal(Proposal(Stamped {
+        payload: EntryPayload::Normal(Proposal(vec![Stamped {
             at_ms,
             command: Command::BeginSync {
                 nonce: nonce.into(),
             },
-        })),
+        }])),
     }
 }
 

@@ -130,7 +130,7 @@ pub struct HostView {
     pub last_contact_ms: Option<u64>,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ConsensusError {
     #[error("this host is not the primary{}", primary_hint(.primary))]
     NotPrimary { primary: Option<(u64, String)> },
@@ -223,6 +223,64 @@ struct Inner {
     key: Option<auth::DomainKey>,
     placement: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     link: Arc<pair_link::PairLink>,
+    /// Commands waiting to be proposed together (see [`batch_proposals`]).
+    proposals: tokio::sync::mpsc::UnboundedSender<(Stamped, Reply)>,
+}
+
+/// Where the outcome of one proposed command goes.
+type Reply = tokio::sync::oneshot::Sender<Result<Applied, ConsensusError>>;
+
+/// Most commands proposed together in one Raft entry.
+pub const BATCH_COMMANDS_MAX: usize = 256;
+/// Batches proposed but not yet applied at any time.
+pub const BATCHES_IN_FLIGHT: usize = 4;
+
+/// Proposes what the request handlers queued, as group commit: at most
+/// [`BATCHES_IN_FLIGHT`] entries are on their way through openraft at a time, and every
+/// command that arrived meanwhile goes into the next entry (at most [`BATCH_COMMANDS_MAX`]).
+/// Under load one entry, one log row, one apply step and one replication item carry many
+/// commands instead of one each; alone, a command waits for nothing. Ends when the consensus
+/// handle is dropped.
+async fn batch_proposals(
+    inner: std::sync::Weak<Inner>,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<(Stamped, Reply)>,
+) {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    let mut batch = Vec::new();
+    loop {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break;
+        };
+        if queue.recv_many(&mut batch, BATCH_COMMANDS_MAX).await == 0 {
+            break;
+        }
+        let Some(inner) = inner.upgrade() else {
+            break;
+        };
+        let consensus = Consensus { inner };
+        let (commands, replies): (Vec<Stamped>, Vec<Reply>) =
+            std::mem::take(&mut batch).into_iter().unzip();
+        tokio::spawn(async move {
+            let answers = match consensus.propose_batch(commands).await {
+                Ok(outcomes) if outcomes.len() == replies.len() => {
+                    outcomes.into_iter().map(Ok).collect()
+                }
+                Ok(outcomes) => {
+                    let error = ConsensusError::Internal(format!(
+                        "a batch of {} commands was applied with {} outcomes",
+                        replies.len(),
+                        outcomes.len()
+                    ));
+                    vec![Err(error); replies.len()]
+                }
+                Err(error) => vec![Err(error); replies.len()],
+            };
+            drop(permit);
+            for (reply, answer) in replies.into_iter().zip(answers) {
+                let _ = reply.send(answer);
+            }
+        });
+    }
 }
 
 impl Consensus {
@@ -301,6 +359,7 @@ impl Consensus {
                 .map_err(fatal)?
         };
 
+        let (proposals, queue) = tokio::sync::mpsc::unbounded_channel();
         let consensus = Consensus {
             inner: Arc::new(Inner {
                 node_id: cfg.node_id,
@@ -312,8 +371,10 @@ impl Consensus {
                 key,
                 placement: std::sync::Mutex::new(None),
                 link,
+                proposals,
             }),
         };
+        tokio::spawn(batch_proposals(Arc::downgrade(&consensus.inner), queue));
         if voters == BTreeSet::from([cfg.node_id]) {
             // A single voter elects itself at once: wait, so reads after start see every
             // acknowledged command. Several voters need a majority up, which may take any
@@ -511,14 +572,25 @@ impl Consensus {
             })
     }
 
-    /// Appends the stamped command to the log and answers the ledger's outcome once it is
+    /// Appends the stamped command to the log (in one entry with the commands proposed while
+    /// earlier entries were in flight, see [`BATCHES_IN_FLIGHT`]) and answers the ledger's outcome once it is
     /// committed and applied on this host. Only the primary accepts proposals.
     pub async fn propose(&self, entry: Stamped) -> Result<Applied, ConsensusError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.inner
+            .proposals
+            .send((entry, reply))
+            .map_err(|_| ConsensusError::Shutdown)?;
+        answer.await.map_err(|_| ConsensusError::Shutdown)?
+    }
+
+    /// Appends the commands as one entry; answers their outcomes in order.
+    async fn propose_batch(&self, commands: Vec<Stamped>) -> Result<Vec<Applied>, ConsensusError> {
         let raft = &self.inner.raft;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(PROPOSE_TIMEOUT_MS);
         let lease_deadline =
             tokio::time::Instant::now() + Duration::from_millis(LEADER_LEASE_WAIT_MS);
-        let proposal = Proposal(entry);
+        let proposal = Proposal(commands);
         loop {
             let result = tokio::time::timeout_at(deadline, raft.client_write(proposal.clone()))
                 .await

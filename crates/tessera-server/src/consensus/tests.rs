@@ -231,15 +231,16 @@ async fn single_voter_restarts_with_the_same_ledger() {
     server.abort();
 }
 
-/// Group commit: many concurrent proposals share few SQLite transactions (fsyncs).
+/// Group commit: many concurrent proposals share few Raft entries and few SQLite
+/// transactions (fsyncs), and each proposer gets the outcome of its own command.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_proposals_share_fsyncs() {
+async fn concurrent_proposals_share_entries_and_fsyncs() {
     const CLIENTS: usize = 256;
     let dir = tempfile::tempdir().unwrap();
     let (_listener, addr) = bind().await;
     let members = BTreeMap::from([(1, addr.clone())]);
     let node = start(&dir, 1, &addr, &members).await;
-    let before = node.status().store_transactions;
+    let before = node.status();
     let proposals = (0..CLIENTS).map(|i| {
         let node = node.clone();
         tokio::spawn(async move {
@@ -247,17 +248,29 @@ async fn concurrent_proposals_share_fsyncs() {
                 .await
         })
     });
-    for outcome in futures::future::join_all(proposals).await {
-        assert!(matches!(
-            outcome.unwrap().map(|a| a.outcome),
-            Ok(Outcome::SyncBegun { .. })
-        ));
+    for (i, outcome) in futures::future::join_all(proposals)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        match outcome.unwrap().map(|a| a.outcome) {
+            Ok(Outcome::SyncBegun { nonce, .. }) => assert_eq!(nonce, format!("n{i}")),
+            other => panic!("proposal {i}: {other:?}"),
+        }
     }
-    let transactions = node.status().store_transactions - before;
-    eprintln!("{CLIENTS} concurrent proposals committed in {transactions} transactions");
+    let after = node.status();
+    let transactions = after.store_transactions - before.store_transactions;
+    let entries = after.last_log_index.unwrap() - before.last_log_index.unwrap();
+    eprintln!(
+        "{CLIENTS} concurrent proposals committed in {entries} entries, {transactions} transactions"
+    );
     assert!(
         transactions < CLIENTS as u64 / 4,
         "{transactions} transactions for {CLIENTS} proposals"
+    );
+    assert!(
+        entries < CLIENTS as u64 / 4,
+        "{entries} entries for {CLIENTS} proposals"
     );
     node.shutdown().await;
 }
