@@ -36,7 +36,7 @@ use tessera_core::{Ledger, LedgerConfig, Share};
 
 pub use error::StoreError;
 pub use log_store::LogStore;
-pub use state_machine::{LedgerReader, LedgerStateMachine};
+pub use state_machine::{LedgerReader, LedgerStateMachine, SnapshotSignal};
 pub use types::{Proposal, Response, TypeConfig};
 pub use writer::WriterStats;
 
@@ -45,6 +45,12 @@ pub use writer::WriterStats;
 /// A snapshot of a million leases takes about a second to write, during which applying
 /// waits; 50,000 entries (a few MiB of log, well under a second to replay) keeps that rare.
 pub const SNAPSHOT_EVERY_LOGS: u64 = 50_000;
+
+/// Also build one after this many applied commands: an entry may carry many commands (see
+/// [`Proposal`]), so counting entries alone would let the log, its mirror and the replay at
+/// start grow with the batch size. The state machine signals it ([`SnapshotSignal`]); the
+/// server asks openraft for the snapshot.
+pub const SNAPSHOT_EVERY_COMMANDS: u64 = 50_000;
 
 /// Log entries kept after a snapshot, so a briefly lagging follower can still catch up from
 /// the log instead of receiving a whole snapshot.

@@ -31,6 +31,13 @@ struct Applied {
 
 type Shared = Arc<RwLock<Applied>>;
 
+/// Commands applied since the last snapshot, and the signal that one is due.
+#[derive(Default)]
+struct SnapshotDue {
+    commands: std::sync::atomic::AtomicU64,
+    due: tokio::sync::Notify,
+}
+
 // A panic while the lock is held can only come from the ledger's own invariant assertion;
 // openraft stops on it anyway, and readers may still look at the last state.
 fn read(shared: &Shared) -> RwLockReadGuard<'_, Applied> {
@@ -44,9 +51,25 @@ fn write(shared: &Shared) -> RwLockWriteGuard<'_, Applied> {
 /// Read access to the applied ledger, without going through Raft. On a follower it may lag
 /// the leader by the entries not yet applied here.
 #[derive(Clone)]
-pub struct LedgerReader(Shared);
+pub struct LedgerReader(Shared, Arc<SnapshotDue>);
+
+/// Tells when [`crate::SNAPSHOT_EVERY_COMMANDS`] commands were applied since the last
+/// snapshot; holds nothing of the ledger.
+#[derive(Clone)]
+pub struct SnapshotSignal(Arc<SnapshotDue>);
+
+impl SnapshotSignal {
+    /// Completes once a snapshot is due (wakes one waiter).
+    pub async fn due(&self) {
+        self.0.due.notified().await;
+    }
+}
 
 impl LedgerReader {
+    pub fn snapshot_signal(&self) -> SnapshotSignal {
+        SnapshotSignal(self.1.clone())
+    }
+
     pub fn read<R>(&self, f: impl FnOnce(&Ledger) -> R) -> R {
         f(&read(&self.0).ledger)
     }
@@ -72,6 +95,7 @@ impl LedgerReader {
 /// The state machine handed to openraft.
 pub struct LedgerStateMachine {
     shared: Shared,
+    due: Arc<SnapshotDue>,
     ledger_config: LedgerConfig,
     snapshots: SnapshotStore,
 }
@@ -122,6 +146,7 @@ impl LedgerStateMachine {
                 last_applied: None,
                 last_membership: StoredMembership::default(),
             })),
+            due: Arc::default(),
             ledger_config,
             snapshots: SnapshotStore {
                 writer,
@@ -133,13 +158,14 @@ impl LedgerStateMachine {
     /// A reader of the ledger for the rest of the server; stays valid after the state machine
     /// moves into openraft.
     pub fn reader(&self) -> LedgerReader {
-        LedgerReader(self.shared.clone())
+        LedgerReader(self.shared.clone(), self.due.clone())
     }
 }
 
 /// Builds a snapshot of the ledger as it is when `build_snapshot` runs.
 pub struct LedgerSnapshotBuilder {
     shared: Shared,
+    due: Arc<SnapshotDue>,
     snapshots: SnapshotStore,
 }
 
@@ -152,6 +178,9 @@ impl RaftSnapshotBuilder<TypeConfig> for LedgerSnapshotBuilder {
         // Applying waits meanwhile (about a second per million leases).
         let (data, meta) = {
             let applied = read(&self.shared);
+            self.due
+                .commands
+                .store(0, std::sync::atomic::Ordering::Relaxed);
             let meta = SnapshotMeta {
                 last_log_id: applied.last_applied,
                 last_membership: applied.last_membership.clone(),
@@ -189,13 +218,25 @@ impl RaftStateMachine<TypeConfig> for LedgerStateMachine {
                 let mut applied = write(&self.shared);
                 let response = match entry.payload {
                     EntryPayload::Blank => None,
-                    EntryPayload::Normal(proposal) => Some(
-                        proposal
-                            .0
-                            .iter()
-                            .map(|stamped| applied.ledger.apply_recording(stamped))
-                            .collect(),
-                    ),
+                    EntryPayload::Normal(proposal) => {
+                        let count = proposal.0.len() as u64;
+                        let before = self
+                            .due
+                            .commands
+                            .fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+                        if before < crate::SNAPSHOT_EVERY_COMMANDS
+                            && before + count >= crate::SNAPSHOT_EVERY_COMMANDS
+                        {
+                            self.due.due.notify_one();
+                        }
+                        Some(
+                            proposal
+                                .0
+                                .iter()
+                                .map(|stamped| applied.ledger.apply_recording(stamped))
+                                .collect(),
+                        )
+                    }
                     EntryPayload::Membership(membership) => {
                         applied.last_membership =
                             StoredMembership::new(Some(entry.log_id), membership);
@@ -215,6 +256,7 @@ impl RaftStateMachine<TypeConfig> for LedgerStateMachine {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         LedgerSnapshotBuilder {
             shared: self.shared.clone(),
+            due: self.due.clone(),
             snapshots: self.snapshots.clone(),
         }
     }
@@ -236,6 +278,9 @@ impl RaftStateMachine<TypeConfig> for LedgerStateMachine {
             self.snapshots.save(meta, snapshot).await?;
         }
         let mut applied = write(&self.shared);
+        self.due
+            .commands
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         applied.ledger = ledger;
         applied.last_applied = meta.last_log_id;
         applied.last_membership = meta.last_membership.clone();

@@ -317,3 +317,39 @@ async fn the_alone_ledger_applies_the_whole_log_on_a_copy() {
     assert_eq!(reader.read(awaited), Some((1, "applied".to_string())));
     assert_eq!(reader.read(|ledger| ledger.alone()), None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_is_due_after_enough_commands_however_they_are_batched() {
+    use futures::FutureExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = open(dir.path());
+    let signal = sm.reader().snapshot_signal();
+    let batch = |index: u64, from: u64, count: u64| Entry {
+        log_id: log_id(1, index),
+        payload: EntryPayload::Normal(Proposal(
+            (from..from + count)
+                .map(|i| Stamped {
+                    at_ms: 1_000 + i as i64,
+                    command: Command::BeginSync {
+                        nonce: format!("n{i}"),
+                    },
+                })
+                .collect(),
+        )),
+    };
+    let threshold = tessera_store::SNAPSHOT_EVERY_COMMANDS;
+    // Two entries, one command short of the threshold: not due.
+    apply(&mut sm, vec![batch(1, 0, 1), batch(2, 1, threshold - 2)]).await;
+    assert!(signal.due().now_or_never().is_none());
+    // One more entry of one command crosses it.
+    apply(&mut sm, vec![batch(3, threshold - 1, 1)]).await;
+    assert!(signal.due().now_or_never().is_some());
+    // Building the snapshot starts the count again.
+    sm.get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    apply(&mut sm, vec![batch(4, threshold, 1)]).await;
+    assert!(signal.due().now_or_never().is_none());
+}

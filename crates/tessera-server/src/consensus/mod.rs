@@ -225,6 +225,24 @@ struct Inner {
     link: Arc<pair_link::PairLink>,
     /// Commands waiting to be proposed together (see [`batch_proposals`]).
     proposals: tokio::sync::mpsc::UnboundedSender<(Stamped, Reply)>,
+    /// The task asking openraft for a snapshot every
+    /// [`tessera_store::SNAPSHOT_EVERY_COMMANDS`] commands (see [`trigger_snapshots`]).
+    snapshots: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// Asks openraft for a snapshot whenever the state machine says enough commands were applied
+/// since the last one (openraft's own policy counts entries, which may carry many commands).
+async fn trigger_snapshots(inner: std::sync::Weak<Inner>, signal: tessera_store::SnapshotSignal) {
+    loop {
+        signal.due().await;
+        let Some(inner) = inner.upgrade() else {
+            break;
+        };
+        if let Err(error) = inner.raft.trigger().snapshot().await {
+            tracing::warn!(%error, "could not start a snapshot");
+            break;
+        }
+    }
 }
 
 /// Where the outcome of one proposed command goes.
@@ -372,9 +390,19 @@ impl Consensus {
                 placement: std::sync::Mutex::new(None),
                 link,
                 proposals,
+                snapshots: std::sync::Mutex::new(None),
             }),
         };
         tokio::spawn(batch_proposals(Arc::downgrade(&consensus.inner), queue));
+        let snapshots = tokio::spawn(trigger_snapshots(
+            Arc::downgrade(&consensus.inner),
+            consensus.inner.ledger.snapshot_signal(),
+        ));
+        *consensus
+            .inner
+            .snapshots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(snapshots);
         if voters == BTreeSet::from([cfg.node_id]) {
             // A single voter elects itself at once: wait, so reads after start see every
             // acknowledged command. Several voters need a majority up, which may take any
@@ -776,6 +804,15 @@ impl Consensus {
             .unwrap_or_else(|e| e.into_inner())
             .take();
         if let Some(task) = placement {
+            task.abort();
+        }
+        let snapshots = self
+            .inner
+            .snapshots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(task) = snapshots {
             task.abort();
         }
         if let Err(e) = self.inner.raft.shutdown().await {
