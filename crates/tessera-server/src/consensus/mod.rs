@@ -226,19 +226,23 @@ struct Inner {
     /// Commands waiting to be proposed together (see [`batch_proposals`]).
     proposals: tokio::sync::mpsc::UnboundedSender<(Stamped, Reply)>,
     /// The task asking openraft for a snapshot every
-    /// [`tessera_store::SNAPSHOT_EVERY_COMMANDS`] commands (see [`trigger_snapshots`]).
-    snapshots: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// [`tessera_store::SNAPSHOT_EVERY_COMMANDS`] commands (see [`trigger_snapshots`]);
+    /// aborted with the last handle, as it holds a Raft handle of its own.
+    snapshots: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.snapshots.abort();
+    }
 }
 
 /// Asks openraft for a snapshot whenever the state machine says enough commands were applied
 /// since the last one (openraft's own policy counts entries, which may carry many commands).
-async fn trigger_snapshots(inner: std::sync::Weak<Inner>, signal: tessera_store::SnapshotSignal) {
+async fn trigger_snapshots(raft: RaftNode, signal: tessera_store::SnapshotSignal) {
     loop {
         signal.due().await;
-        let Some(inner) = inner.upgrade() else {
-            break;
-        };
-        if let Err(error) = inner.raft.trigger().snapshot().await {
+        if let Err(error) = raft.trigger().snapshot().await {
             tracing::warn!(%error, "could not start a snapshot");
             break;
         }
@@ -378,6 +382,7 @@ impl Consensus {
         };
 
         let (proposals, queue) = tokio::sync::mpsc::unbounded_channel();
+        let snapshots = tokio::spawn(trigger_snapshots(raft.clone(), ledger.snapshot_signal()));
         let consensus = Consensus {
             inner: Arc::new(Inner {
                 node_id: cfg.node_id,
@@ -390,19 +395,10 @@ impl Consensus {
                 placement: std::sync::Mutex::new(None),
                 link,
                 proposals,
-                snapshots: std::sync::Mutex::new(None),
+                snapshots,
             }),
         };
         tokio::spawn(batch_proposals(Arc::downgrade(&consensus.inner), queue));
-        let snapshots = tokio::spawn(trigger_snapshots(
-            Arc::downgrade(&consensus.inner),
-            consensus.inner.ledger.snapshot_signal(),
-        ));
-        *consensus
-            .inner
-            .snapshots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(snapshots);
         if voters == BTreeSet::from([cfg.node_id]) {
             // A single voter elects itself at once: wait, so reads after start see every
             // acknowledged command. Several voters need a majority up, which may take any
@@ -806,15 +802,7 @@ impl Consensus {
         if let Some(task) = placement {
             task.abort();
         }
-        let snapshots = self
-            .inner
-            .snapshots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(task) = snapshots {
-            task.abort();
-        }
+        self.inner.snapshots.abort();
         if let Err(e) = self.inner.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
