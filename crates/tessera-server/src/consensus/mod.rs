@@ -22,7 +22,7 @@ mod auth;
 pub use auth::FROM_HEADER;
 mod network;
 pub use network::{
-    RaftTransport, ReqwestTransport, TransportError, TransportFuture, TransportRequest,
+    PeerTransport, RaftTransport, TransportError, TransportFuture, TransportRequest,
     TransportResponse, header_pairs,
 };
 pub mod pair_link;
@@ -335,7 +335,7 @@ impl Consensus {
         let store_options = cfg.store;
         let transport = cfg
             .transport
-            .unwrap_or_else(|| Arc::new(network::ReqwestTransport::default()));
+            .unwrap_or_else(|| Arc::new(network::PeerTransport::default()));
         let (log_store, state_machine) = tokio::task::spawn_blocking(move || {
             tessera_store::open_with(&path, ledger_config, store_options)
         })

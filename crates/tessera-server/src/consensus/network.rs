@@ -5,10 +5,16 @@
 //! - cannot connect, or the peer's Raft has stopped: `Unreachable` (openraft backs off);
 //! - timeout, HTTP error status, undecodable body: `NetworkError` (retried at once).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
 
 use openraft::errors::{
     NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable,
@@ -23,6 +29,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tessera_store::TypeConfig;
 use tessera_store::state_machine::SnapshotData;
+use tokio::net::TcpStream;
 
 use super::auth::{AUTH_HEADER, DomainKey, FROM_HEADER};
 use super::pair_link::{MODE_HEADER, Mode, PAIR_ALONE_CODE, PairLink};
@@ -83,57 +90,212 @@ impl std::error::Error for TransportError {}
 pub type TransportFuture =
     Pin<Box<dyn Future<Output = Result<TransportResponse, TransportError>> + Send>>;
 
-/// How Raft RPCs travel: real HTTP ([`ReqwestTransport`]) in the server; a simulated network
+/// How Raft RPCs travel: real HTTP ([`PeerTransport`]) in the server; a simulated network
 /// in `tessera-sim --domain` (turmoil).
 pub trait RaftTransport: Send + Sync + 'static {
     fn post(&self, request: TransportRequest) -> TransportFuture;
 }
 
-/// HTTP/1.1 over TCP with one connection pool.
-pub struct ReqwestTransport {
-    client: reqwest::Client,
+/// Idle connections kept per peer; openraft rarely has more than two RPCs to one peer at once
+/// (replication and a vote or a snapshot).
+const IDLE_PER_PEER_MAX: usize = 4;
+
+/// HTTP/1.1 over keep-alive TCP connections (hyper's client connection), each driven by the
+/// task that sends the RPC instead of a connection task of its own: a request and its answer
+/// cost no hand-off between tasks, which on a busy leader was a queue wait per RPC.
+#[derive(Default)]
+pub struct PeerTransport {
+    idle: Arc<Mutex<HashMap<String, Vec<PeerConnection>>>>,
 }
 
-impl Default for ReqwestTransport {
-    fn default() -> ReqwestTransport {
-        let client = reqwest::Client::builder()
-            // Peers are addressed directly; a proxy from the environment must not intercept.
-            .no_proxy()
-            .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
-            .tcp_nodelay(true)
-            .build()
-            .unwrap_or_else(|_| reqwest::Client::new());
-        ReqwestTransport { client }
+type Connection = hyper::client::conn::http1::Connection<TokioIo<TcpStream>, Full<Bytes>>;
+
+/// One keep-alive connection to a peer, idle between RPCs.
+struct PeerConnection {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    connection: Pin<Box<Connection>>,
+    /// The connection future has completed and must not be polled again.
+    ended: bool,
+}
+
+impl PeerConnection {
+    async fn open(authority: &str) -> Result<PeerConnection, TransportError> {
+        let connect = TcpStream::connect(authority);
+        let stream = tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), connect)
+            .await
+            .map_err(|_| {
+                TransportError::Connect(format!(
+                    "no connection to {authority} within {CONNECT_TIMEOUT_MS} ms"
+                ))
+            })?
+            .map_err(|e| TransportError::Connect(format!("{authority}: {e}")))?;
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| TransportError::Connect(format!("{authority}: {e}")))?;
+        Ok(PeerConnection {
+            sender,
+            connection: Box::pin(connection),
+            ended: false,
+        })
+    }
+
+    /// Whether the peer closed the connection while it was idle (polls it once, without
+    /// waiting).
+    fn is_closed(&mut self) -> bool {
+        if self.ended || self.sender.is_closed() {
+            return true;
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        self.ended = self.connection.as_mut().poll(&mut cx).is_ready();
+        self.ended
+    }
+
+    async fn exchange(
+        &mut self,
+        authority: &str,
+        path: &str,
+        headers: &[(&'static str, String)],
+        body: Bytes,
+    ) -> Result<TransportResponse, TransportError> {
+        let other = |e: &dyn std::fmt::Display| TransportError::Other(e.to_string());
+        let mut builder = hyper::Request::post(path).header(hyper::header::HOST, authority);
+        for (name, value) in headers {
+            builder = builder.header(*name, value);
+        }
+        let http_request = builder.body(Full::new(body)).map_err(|e| other(&e))?;
+        let (connection, ended) = (&mut self.connection, &mut self.ended);
+        drive(connection, ended, self.sender.ready())
+            .await?
+            .map_err(|e| other(&e))?;
+        let send = self.sender.send_request(http_request);
+        let response = drive(connection, ended, send)
+            .await?
+            .map_err(|e| other(&e))?;
+        let status = response.status().as_u16();
+        let headers = header_pairs(response.headers());
+        let body = drive(connection, ended, response.into_body().collect())
+            .await?
+            .map_err(|e| other(&e))?
+            .to_bytes()
+            .to_vec();
+        Ok(TransportResponse {
+            status,
+            headers,
+            body,
+        })
     }
 }
 
-impl RaftTransport for ReqwestTransport {
-    fn post(&self, request: TransportRequest) -> TransportFuture {
-        let mut builder = self.client.post(&request.url).timeout(request.timeout);
-        for (name, value) in request.headers {
-            builder = builder.header(name, value);
+/// Runs `work` (which needs the connection's I/O) while driving the connection. The
+/// connection ending first, even cleanly, is an error: the answer is lost.
+async fn drive<F: Future>(
+    connection: &mut Pin<Box<Connection>>,
+    ended: &mut bool,
+    work: F,
+) -> Result<F::Output, TransportError> {
+    let mut work = std::pin::pin!(work);
+    std::future::poll_fn(|cx| {
+        let state = if *ended {
+            Poll::Ready(Ok(()))
+        } else {
+            connection.as_mut().poll(cx)
+        };
+        *ended |= state.is_ready();
+        if let Poll::Ready(output) = work.as_mut().poll(cx) {
+            return Poll::Ready(Ok(output));
         }
-        let builder = builder.body(request.body);
+        match state {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(())) => Poll::Ready(Err(TransportError::Other(
+                "the peer closed the connection before answering".into(),
+            ))),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(TransportError::Other(e.to_string()))),
+        }
+    })
+    .await
+}
+
+/// `http://host:port/path` as (`host:port`, `/path`).
+fn split_url(url: &str) -> Result<(String, String), TransportError> {
+    let rest = url.strip_prefix("http://").ok_or_else(|| {
+        TransportError::Connect(format!("{url}: peers are reached over plain http://"))
+    })?;
+    let (authority, path) = match rest.find('/') {
+        Some(slash) => (&rest[..slash], &rest[slash..]),
+        None => (rest, "/"),
+    };
+    Ok((authority.to_string(), path.to_string()))
+}
+
+impl PeerTransport {
+    fn take_idle(&self, authority: &str) -> Option<PeerConnection> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let connections = idle.get_mut(authority)?;
+        while let Some(mut connection) = connections.pop() {
+            if !connection.is_closed() {
+                return Some(connection);
+            }
+        }
+        None
+    }
+
+    fn put_idle(
+        idle: &Mutex<HashMap<String, Vec<PeerConnection>>>,
+        authority: String,
+        connection: PeerConnection,
+    ) {
+        let mut idle = idle.lock().unwrap_or_else(|e| e.into_inner());
+        let connections = idle.entry(authority).or_default();
+        if connections.len() < IDLE_PER_PEER_MAX {
+            connections.push(connection);
+        }
+    }
+}
+
+impl RaftTransport for PeerTransport {
+    fn post(&self, request: TransportRequest) -> TransportFuture {
+        let split = split_url(&request.url);
+        let reused = split
+            .as_ref()
+            .ok()
+            .and_then(|(authority, _)| self.take_idle(authority));
+        let idle = self.idle.clone();
         Box::pin(async move {
-            let response = builder.send().await.map_err(|e| {
-                if e.is_connect() {
-                    TransportError::Connect(e.to_string())
-                } else {
-                    TransportError::Other(e.to_string())
+            let (authority, path) = split?;
+            let body = Bytes::from(request.body);
+            let headers = request.headers;
+            let exchange = async {
+                // A kept-alive connection the peer closed just now fails at once; Raft RPCs
+                // may be repeated, so it is tried once more on a new connection.
+                if let Some(mut connection) = reused
+                    && let Ok(response) = connection
+                        .exchange(&authority, &path, &headers, body.clone())
+                        .await
+                {
+                    return Ok((response, connection));
                 }
-            })?;
-            let status = response.status().as_u16();
-            let headers = header_pairs(response.headers());
-            let body = response
-                .bytes()
-                .await
-                .map_err(|e| TransportError::Other(e.to_string()))?
-                .to_vec();
-            Ok(TransportResponse {
-                status,
-                headers,
-                body,
-            })
+                let mut connection = PeerConnection::open(&authority).await?;
+                let response = connection
+                    .exchange(&authority, &path, &headers, body)
+                    .await?;
+                Ok((response, connection))
+            };
+            let timeout = request.timeout;
+            match tokio::time::timeout(timeout, exchange).await {
+                Ok(Ok((response, connection))) => {
+                    if !connection.ended {
+                        PeerTransport::put_idle(&idle, authority.clone(), connection);
+                    }
+                    Ok(response)
+                }
+                // A failed connection is dropped: it may hold half a request or answer.
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(TransportError::Other(format!(
+                    "no answer from {authority} within {} ms",
+                    timeout.as_millis()
+                ))),
+            }
         })
     }
 }
@@ -326,5 +488,98 @@ impl RaftNetworkV2<TypeConfig> for HttpPeer {
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
         self.post_json("transfer-leader", &req, option.soft_ttl())
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A peer that answers one request per connection with 200 `ok`, then closes it without
+    /// saying so (no `connection: close`), as a restarted or idle-timing-out host would.
+    async fn one_answer_per_connection() -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                // Headers, then the 2-byte body the test sends.
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") || !request.ends_with(b"{}") {
+                    let n = stream.read(&mut buf).await.unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    request.extend_from_slice(&buf[..n]);
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                // Dropping the stream closes the connection.
+            }
+        });
+        (addr.to_string(), accepted)
+    }
+
+    fn request(authority: &str) -> TransportRequest {
+        TransportRequest {
+            url: format!("http://{authority}/v1/raft/append"),
+            headers: vec![("content-type", "application/json".into())],
+            body: b"{}".to_vec(),
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_peer_closed_while_idle_is_replaced_not_reused() {
+        let (authority, accepted) = one_answer_per_connection().await;
+        let transport = PeerTransport::default();
+        for round in 1..=3 {
+            let response = transport.post(request(&authority)).await.unwrap();
+            assert_eq!(response.status, 200);
+            assert_eq!(response.body, b"ok");
+            // Each answer came on a fresh connection: the closed one was noticed before reuse,
+            // or its reuse failed and the request went again on a new one.
+            assert_eq!(accepted.load(Ordering::SeqCst), round);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_is_not_listening_is_unreachable_and_a_bad_url_is_refused() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let authority = listener.local_addr().unwrap().to_string();
+        drop(listener);
+        let transport = PeerTransport::default();
+        match transport.post(request(&authority)).await {
+            Err(TransportError::Connect(message)) => assert!(message.contains(&authority)),
+            other => panic!(
+                "expected a connect error, got {:?}",
+                other.map(|r| r.status)
+            ),
+        }
+        let mut bad = request(&authority);
+        bad.url = format!("https://{authority}/v1/raft/append");
+        match transport.post(bad).await {
+            Err(TransportError::Connect(message)) => assert!(message.contains("http://")),
+            other => panic!("expected a refusal, got {:?}", other.map(|r| r.status)),
+        }
+    }
+
+    #[test]
+    fn urls_split_into_authority_and_path() {
+        let (authority, path) = split_url("http://127.0.0.1:7400/v1/raft/vote").unwrap();
+        assert_eq!(
+            (authority.as_str(), path.as_str()),
+            ("127.0.0.1:7400", "/v1/raft/vote")
+        );
+        let (authority, path) = split_url("http://host:1").unwrap();
+        assert_eq!((authority.as_str(), path.as_str()), ("host:1", "/"));
     }
 }
