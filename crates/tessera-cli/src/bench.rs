@@ -55,6 +55,10 @@ pub(crate) struct RunResult {
 }
 
 impl RunResult {
+    pub(crate) fn cycles(&self) -> usize {
+        self.cycles
+    }
+
     pub(crate) fn cycles_per_s(&self) -> f64 {
         self.cycles as f64 / self.elapsed.as_secs_f64()
     }
@@ -319,6 +323,17 @@ async fn station_loop(
         latencies_us.push(cycle_started.elapsed().as_micros() as u64);
     }
     Ok((latencies_us, errors))
+}
+
+/// CPU time (user + system) a process has used so far, from `/proc/PID/stat`, or `None`
+/// where there is no procfs. Ticks are USER_HZ, 100 per second on Linux.
+pub(crate) fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; the fields after its ')' are plain.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
 }
 
 fn rss_bytes() -> u64 {

@@ -134,9 +134,18 @@ pub async fn bench(hosts: usize, clients: &[usize], seconds: u64) -> anyhow::Res
             }
             None => None,
         };
+        let cpu_before = domain.cpu_time();
         let result = crate::bench::drive(domain.addr(1), n, duration).await?;
+        let cpu_used = domain.cpu_time().zip(cpu_before).map(|(after, before)| after - before);
         let ratio = baseline.map_or(1.0, |b| result.cycles_per_s() / b);
         crate::bench::print_row("domain", n, &result, ratio);
+        if let Some(cpu) = cpu_used.filter(|_| result.cycles() > 0) {
+            println!(
+                "           the {hosts} hosts used {:.2} cores: {:.0} µs of CPU per cycle",
+                cpu.as_secs_f64() / duration.as_secs_f64(),
+                cpu.as_secs_f64() * 1e6 / result.cycles() as f64
+            );
+        }
     }
     drop(etcd);
     let (gap, checkouts_after) = failover_gap(&mut domain).await?;
@@ -408,6 +417,15 @@ mod bench_domain {
             }
             std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
             Ok(child)
+        }
+
+        /// CPU time the running hosts have used so far (`None` without procfs).
+        pub fn cpu_time(&self) -> Option<Duration> {
+            self.children
+                .iter()
+                .flatten()
+                .map(|child| crate::bench::cpu_time(child.id()))
+                .sum()
         }
 
         pub fn addr(&self, host: usize) -> SocketAddr {
