@@ -136,7 +136,10 @@ pub async fn bench(hosts: usize, clients: &[usize], seconds: u64) -> anyhow::Res
         };
         let cpu_before = domain.cpu_time();
         let result = crate::bench::drive(domain.addr(1), n, duration).await?;
-        let cpu_used = domain.cpu_time().zip(cpu_before).map(|(after, before)| after - before);
+        let cpu_used = domain
+            .cpu_time()
+            .zip(cpu_before)
+            .map(|(after, before)| after - before);
         let ratio = baseline.map_or(1.0, |b| result.cycles_per_s() / b);
         crate::bench::print_row("domain", n, &result, ratio);
         if let Some(cpu) = cpu_used.filter(|_| result.cycles() > 0) {

@@ -152,10 +152,16 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    // Only a valid count: an invalid one is refused with the rest of the configuration.
+    if let Command::Server(args) = &cli.command
+        && let Some(threads) = args.worker_threads()
+        && (1..=tessera_server::config::WORKER_THREADS_MAX).contains(&threads)
+    {
+        runtime.worker_threads(threads);
+    }
+    let runtime = runtime.build().expect("tokio runtime");
     let result = runtime.block_on(run(cli.command));
     match result {
         Ok(()) => ExitCode::SUCCESS,

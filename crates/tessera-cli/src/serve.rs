@@ -55,12 +55,25 @@ pub struct ServerArgs {
     /// Join a running domain (then `tessera domain add-host`): never start a new one.
     #[arg(long)]
     join: bool,
+    /// Threads serving requests and running consensus [default: one per CPU core].
+    #[arg(long)]
+    worker_threads: Option<usize>,
     /// For tests of real processes: a clock that moves only by `POST /v1/test/clock`.
     #[arg(long, hide = true)]
     test_clock: bool,
 }
 
 impl ServerArgs {
+    /// The runtime's thread count, before the runtime exists: `--worker-threads`, else the
+    /// config file's `worker_threads`. A config file that does not load gives `None` here;
+    /// its error is reported when the server starts.
+    pub fn worker_threads(&self) -> Option<usize> {
+        self.worker_threads.or_else(|| {
+            let path = self.config.as_ref()?;
+            ServerConfig::from_file(path).ok()?.worker_threads
+        })
+    }
+
     fn into_config(self) -> anyhow::Result<ServerConfig> {
         let mut config = match &self.config {
             Some(path) => ServerConfig::from_file(path)?,
@@ -106,6 +119,9 @@ impl ServerArgs {
                 Some(domain) => domain.join = true,
                 None => anyhow::bail!("--join needs the domain: --host N --hosts 1=ADDR,..."),
             }
+        }
+        if self.worker_threads.is_some() {
+            config.worker_threads = self.worker_threads;
         }
         if self.test_clock {
             config.test_clock = Some(tessera_server::clock::ManualClock::new(

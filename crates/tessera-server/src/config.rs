@@ -47,6 +47,9 @@ pub struct ConfigFile {
     pub neighbours: Vec<crate::neighbours::config::NeighbourSection>,
     /// `[licenses]`: periods of the license exchange between servers.
     pub licenses: Option<crate::neighbours::config::LicensesSection>,
+    /// Threads that serve requests and run consensus (default: one per CPU core). Set it
+    /// lower when several hosts, or other busy services, share one machine.
+    pub worker_threads: Option<usize>,
 }
 
 /// A console user: `name` and an argon2 PHC string (`tessera admin hash-password`).
@@ -97,6 +100,9 @@ impl SyncSchedule {
     }
 }
 
+/// Most `worker_threads` accepted.
+pub const WORKER_THREADS_MAX: usize = 256;
+
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     pub data_dir: PathBuf,
@@ -116,6 +122,9 @@ pub struct ServerConfig {
     pub domain_secret: Option<String>,
     pub neighbours: Vec<crate::neighbours::config::Neighbour>,
     pub licenses: crate::neighbours::config::LicenseSettings,
+    /// Threads of the async runtime (`None`: one per CPU core). Read by the binary before it
+    /// builds the runtime; [`WORKER_THREADS_MAX`] at most.
+    pub worker_threads: Option<usize>,
     /// Tests of real processes only (`tessera server --test-clock`): the server's clock is
     /// this manual clock, moved by `POST /v1/test/clock` with the admin token.
     pub test_clock: Option<crate::clock::ManualClock>,
@@ -140,6 +149,7 @@ impl Default for ServerConfig {
             domain_secret: None,
             neighbours: Vec::new(),
             licenses: Default::default(),
+            worker_threads: None,
             test_clock: None,
         }
     }
@@ -180,6 +190,9 @@ impl ServerConfig {
         }
         if let Some(skew) = file.clock_skew_max {
             self.clock_skew_max = parse_duration("clock_skew_max", &skew)?;
+        }
+        if file.worker_threads.is_some() {
+            self.worker_threads = file.worker_threads;
         }
         if let Some(limit) = file.body_limit_bytes {
             self.body_limit_bytes = limit;
@@ -242,6 +255,13 @@ impl ServerConfig {
             crate::domain::validate_secret(domain, self.domain_secret.as_deref())?;
         }
         crate::neighbours::config::validate(&self.neighbours, self.server_id.as_deref())?;
+        if let Some(threads) = self.worker_threads
+            && !(1..=WORKER_THREADS_MAX).contains(&threads)
+        {
+            return Err(StartError::Config {
+                message: format!("worker_threads must be 1 to {WORKER_THREADS_MAX}, not {threads}"),
+            });
+        }
         if self.body_limit_bytes < 1024 {
             return Err(StartError::Config {
                 message: "body_limit_bytes must be at least 1024".into(),

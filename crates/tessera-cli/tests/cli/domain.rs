@@ -32,7 +32,7 @@ impl DomainDir {
         for (i, port) in ports.iter().enumerate() {
             let host = i + 1;
             let config = format!(
-                "data = \"data-{host}\"\nlisten = \"127.0.0.1:{port}\"\ntrust = [\"vendor/vendor.pub\"]\nlease_ttl = \"10m\"\ndomain_secret = \"{SECRET}\"\n\n[domain]\nhost = {host}\nhosts = [{}]\n",
+                "data = \"data-{host}\"\nlisten = \"127.0.0.1:{port}\"\ntrust = [\"vendor/vendor.pub\"]\nlease_ttl = \"10m\"\ndomain_secret = \"{SECRET}\"\nworker_threads = 1\n\n[domain]\nhost = {host}\nhosts = [{}]\n",
                 hosts.join(", ")
             );
             std::fs::write(root.join(format!("host-{host}.toml")), config).unwrap();
@@ -207,6 +207,37 @@ fn a_domain_config_with_more_than_twenty_hosts_is_refused_with_a_clear_error() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("at most 20"), "{stderr}");
+}
+
+#[test]
+fn a_worker_thread_count_out_of_range_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tessera.toml");
+    std::fs::write(&config, "worker_threads = 0\n").unwrap();
+    let output = tessera(&["server", "--config", config.to_str().unwrap()]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("worker_threads must be 1 to 256, not 0"),
+        "{stderr}"
+    );
+    let output = tessera(&[
+        "server",
+        "--data",
+        dir.path().join("data").to_str().unwrap(),
+        "--worker-threads",
+        "1000",
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("worker_threads must be 1 to 256, not 1000"),
+        "{stderr}"
+    );
+    assert!(
+        !dir.path().join("data").exists(),
+        "a refused start creates nothing"
+    );
 }
 
 #[test]
