@@ -139,7 +139,7 @@ pub async fn bench(hosts: usize, clients: &[usize], seconds: u64) -> anyhow::Res
         let cpu_used = domain
             .cpu_time()
             .zip(cpu_before)
-            .map(|(after, before)| after - before);
+            .and_then(|(after, before)| after.checked_sub(before));
         let ratio = baseline.map_or(1.0, |b| result.cycles_per_s() / b);
         crate::bench::print_row("domain", n, &result, ratio);
         if let Some(cpu) = cpu_used.filter(|_| result.cycles() > 0) {

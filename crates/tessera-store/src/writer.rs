@@ -360,8 +360,13 @@ fn run(
     loop {
         let first = if purge.is_some() {
             // Purged rows left to delete: a chunk goes with the next transaction, or alone
-            // now if nothing is queued (also when stopping: the file is left tidy).
-            rx.try_recv().ok()
+            // now if nothing is queued. Stopping does not wait for them: they are skipped on
+            // load and deleted after the next start.
+            match rx.try_recv() {
+                Ok(request) => Some(request),
+                Err(mpsc::TryRecvError::Empty) => None,
+                Err(mpsc::TryRecvError::Disconnected) => break,
+            }
         } else if committed.is_some() {
             match rx.recv_timeout(std::time::Duration::from_millis(COMMITTED_DEFER_MS)) {
                 Ok(request) => Some(request),
@@ -430,7 +435,8 @@ fn write_batch(
             if writes.is_empty() {
                 tracing::error!(%message, "storage write failed (committed log id or purge)");
             }
-            // Not retried in a loop: purged rows left are skipped and deleted after a restart.
+            // Not retried in a loop: purged rows left are skipped on load, and deleted by the
+            // next purge or after a restart.
             *purge = None;
         }
     }
@@ -646,22 +652,34 @@ mod tests {
             "the last purged id was written with the first chunk"
         );
 
-        // The restarted writer deletes the rest: a chunk with the next write, then the last
-        // one alone, before it stops.
-        let (tx, rx) = mpsc::channel();
-        let (reply, mut flushed) = oneshot::channel();
-        tx.send(Request::Write(
-            Write::Append(vec![blank_row(601)]),
-            Done::Reply(reply),
-        ))
-        .unwrap();
-        drop(tx);
-        let stats = WriterStats::default();
-        run(conn, rx, stats.clone(), loaded.purge_pending);
-        assert_eq!(flushed.try_recv().expect("append answered"), Ok(()));
-        assert_eq!(stats.transactions(), 2);
+        // The restarted writer deletes the rest in chunks riding with the next writes; stopping
+        // does not wait for the rest.
+        let restart = |conn: Connection, index: u64, purge: Option<u64>| {
+            let (tx, rx) = mpsc::channel();
+            let (reply, mut flushed) = oneshot::channel();
+            tx.send(Request::Write(
+                Write::Append(vec![blank_row(index)]),
+                Done::Reply(reply),
+            ))
+            .unwrap();
+            drop(tx);
+            let stats = WriterStats::default();
+            run(conn, rx, stats.clone(), purge);
+            assert_eq!(flushed.try_recv().expect("append answered"), Ok(()));
+            assert_eq!(
+                stats.transactions(),
+                1,
+                "no transaction of its own for a chunk"
+            );
+        };
+        restart(conn, 601, loaded.purge_pending);
         let conn = migrated(dir.path());
-        assert_eq!(rows_in(&conn), (51, 551, 601));
+        assert_eq!(rows_in(&conn), (601 - 512, 513, 601));
+        let loaded = load(&conn).unwrap();
+        assert_eq!(loaded.purge_pending, Some(550));
+        restart(conn, 602, loaded.purge_pending);
+        let conn = migrated(dir.path());
+        assert_eq!(rows_in(&conn), (52, 551, 602));
         assert_eq!(load(&conn).unwrap().purge_pending, None);
     }
 

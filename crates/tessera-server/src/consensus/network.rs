@@ -99,6 +99,12 @@ pub trait RaftTransport: Send + Sync + 'static {
 /// Idle connections kept per peer; openraft rarely has more than two RPCs to one peer at once
 /// (replication and a vote or a snapshot).
 const IDLE_PER_PEER_MAX: usize = 4;
+/// Idle connections older than this are closed (a removed host's, say); replication and
+/// heartbeats use the others every few hundred milliseconds.
+const IDLE_MAX: Duration = Duration::from_secs(60);
+/// A request body up to this size is sent again on a new connection when a kept-alive one
+/// fails before any answer; a larger one (a snapshot) is not.
+const RETRY_BODY_BYTES_MAX: usize = 1 << 20;
 
 /// HTTP/1.1 over keep-alive TCP connections (hyper's client connection), each driven by the
 /// task that sends the RPC instead of a connection task of its own: a request and its answer
@@ -116,6 +122,8 @@ struct PeerConnection {
     connection: Pin<Box<Connection>>,
     /// The connection future has completed and must not be polled again.
     ended: bool,
+    /// Since when it waits in the idle pool.
+    idle_since: std::time::Instant,
 }
 
 impl PeerConnection {
@@ -137,6 +145,7 @@ impl PeerConnection {
             sender,
             connection: Box::pin(connection),
             ended: false,
+            idle_since: std::time::Instant::now(),
         })
     }
 
@@ -151,32 +160,41 @@ impl PeerConnection {
         self.ended
     }
 
+    /// Sends the request and reads the answer. On failure, also tells whether it came before
+    /// any answer arrived (then the request may be sent again on another connection).
     async fn exchange(
         &mut self,
         authority: &str,
         path: &str,
         headers: &[(&'static str, String)],
         body: Bytes,
-    ) -> Result<TransportResponse, TransportError> {
+    ) -> Result<TransportResponse, (TransportError, bool)> {
+        let before_answer = |e: TransportError| (e, true);
+        let after_answer = |e: TransportError| (e, false);
         let other = |e: &dyn std::fmt::Display| TransportError::Other(e.to_string());
         let mut builder = hyper::Request::post(path).header(hyper::header::HOST, authority);
         for (name, value) in headers {
             builder = builder.header(*name, value);
         }
-        let http_request = builder.body(Full::new(body)).map_err(|e| other(&e))?;
+        let http_request = builder
+            .body(Full::new(body))
+            .map_err(|e| after_answer(other(&e)))?;
         let (connection, ended) = (&mut self.connection, &mut self.ended);
         drive(connection, ended, self.sender.ready())
-            .await?
-            .map_err(|e| other(&e))?;
+            .await
+            .map_err(before_answer)?
+            .map_err(|e| before_answer(other(&e)))?;
         let send = self.sender.send_request(http_request);
         let response = drive(connection, ended, send)
-            .await?
-            .map_err(|e| other(&e))?;
+            .await
+            .map_err(before_answer)?
+            .map_err(|e| before_answer(other(&e)))?;
         let status = response.status().as_u16();
         let headers = header_pairs(response.headers());
         let body = drive(connection, ended, response.into_body().collect())
-            .await?
-            .map_err(|e| other(&e))?
+            .await
+            .map_err(after_answer)?
+            .map_err(|e| after_answer(other(&e)))?
             .to_bytes()
             .to_vec();
         Ok(TransportResponse {
@@ -243,9 +261,15 @@ impl PeerTransport {
     fn put_idle(
         idle: &Mutex<HashMap<String, Vec<PeerConnection>>>,
         authority: String,
-        connection: PeerConnection,
+        mut connection: PeerConnection,
     ) {
+        let now = std::time::Instant::now();
+        connection.idle_since = now;
         let mut idle = idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain(|_, connections| {
+            connections.retain(|c| now.duration_since(c.idle_since) < IDLE_MAX);
+            !connections.is_empty()
+        });
         let connections = idle.entry(authority).or_default();
         if connections.len() < IDLE_PER_PEER_MAX {
             connections.push(connection);
@@ -266,19 +290,26 @@ impl RaftTransport for PeerTransport {
             let body = Bytes::from(request.body);
             let headers = request.headers;
             let exchange = async {
-                // A kept-alive connection the peer closed just now fails at once; Raft RPCs
-                // may be repeated, so it is tried once more on a new connection.
-                if let Some(mut connection) = reused
-                    && let Ok(response) = connection
+                if let Some(mut connection) = reused {
+                    match connection
                         .exchange(&authority, &path, &headers, body.clone())
                         .await
-                {
-                    return Ok((response, connection));
+                    {
+                        Ok(response) => return Ok((response, connection)),
+                        // A kept-alive connection the peer has just closed fails before any
+                        // answer: the RPC goes once more on a new connection. (Raft RPCs may
+                        // be repeated; only a snapshot's large body is not sent twice.)
+                        Err((e, true)) if body.len() <= RETRY_BODY_BYTES_MAX => {
+                            tracing::debug!(%authority, error = %e, "kept-alive connection failed; retrying on a new one");
+                        }
+                        Err((e, _)) => return Err(e),
+                    }
                 }
                 let mut connection = PeerConnection::open(&authority).await?;
                 let response = connection
                     .exchange(&authority, &path, &headers, body)
-                    .await?;
+                    .await
+                    .map_err(|(e, _)| e)?;
                 Ok((response, connection))
             };
             let timeout = request.timeout;
@@ -526,6 +557,53 @@ mod tests {
             }
         });
         (addr.to_string(), accepted)
+    }
+
+    /// A peer that answers the first request of a connection, then breaks off the answer to
+    /// the second one (headers sent, body cut short, connection closed).
+    async fn breaks_off_the_second_answer() -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let mut seen = Vec::new();
+                    for answer in [
+                        &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"[..],
+                        &b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nok"[..],
+                    ] {
+                        seen.clear();
+                        while !seen.ends_with(b"{}") {
+                            let n = stream.read(&mut buf).await.unwrap();
+                            if n == 0 {
+                                return;
+                            }
+                            seen.extend_from_slice(&buf[..n]);
+                        }
+                        stream.write_all(answer).await.unwrap();
+                    }
+                });
+            }
+        });
+        (addr.to_string(), accepted)
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_answer_broke_off_is_not_sent_again() {
+        let (authority, accepted) = breaks_off_the_second_answer().await;
+        let transport = PeerTransport::default();
+        let first = transport.post(request(&authority)).await.unwrap();
+        assert_eq!(first.body, b"ok");
+        // The peer may have acted on it: an error, not a second delivery.
+        assert!(matches!(
+            transport.post(request(&authority)).await,
+            Err(TransportError::Other(_))
+        ));
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
     fn request(authority: &str) -> TransportRequest {
