@@ -624,8 +624,9 @@ mod tests {
         .expect("count rows")
     }
 
-    #[test]
-    fn a_large_purge_is_deleted_in_chunks_and_finished_after_a_crash() {
+    /// Rows 1 to 600, then a purge up to 550 committed with `chunk`: the directory, the
+    /// connection and the index of rows left to delete.
+    fn purged_up_to_550(chunk: Option<usize>) -> (tempfile::TempDir, Connection, Option<u64>) {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = migrated(dir.path());
         let rows: Vec<_> = (1..=600).map(blank_row).collect();
@@ -635,8 +636,13 @@ mod tests {
             last_purged: serde_json::to_string(&blank_log_id(550)).unwrap(),
         };
         let mut purge = None;
-        let chunk = Some(PURGE_ROWS_PER_TRANSACTION);
         commit(&mut conn, [purge_write].iter(), &mut purge, chunk).unwrap();
+        (dir, conn, purge)
+    }
+
+    #[test]
+    fn a_large_purge_is_deleted_in_chunks_and_finished_after_a_crash() {
+        let (dir, conn, purge) = purged_up_to_550(Some(PURGE_ROWS_PER_TRANSACTION));
         // One chunk went with the purge's own transaction; the rest is pending.
         assert_eq!(purge, Some(550));
         assert_eq!(rows_in(&conn), (600 - 256, 257, 600));
@@ -685,16 +691,7 @@ mod tests {
 
     #[test]
     fn without_a_chunk_size_a_purge_deletes_everything_at_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut conn = migrated(dir.path());
-        let rows: Vec<_> = (1..=600).map(blank_row).collect();
-        commit(&mut conn, [Write::Append(rows)].iter(), &mut None, None).unwrap();
-        let purge_write = Write::PurgeUpTo {
-            index: 550,
-            last_purged: serde_json::to_string(&blank_log_id(550)).unwrap(),
-        };
-        let mut purge = None;
-        commit(&mut conn, [purge_write].iter(), &mut purge, None).unwrap();
+        let (_dir, conn, purge) = purged_up_to_550(None);
         assert_eq!(purge, None);
         assert_eq!(rows_in(&conn), (50, 551, 600));
     }

@@ -530,38 +530,9 @@ mod tests {
 
     use super::*;
 
-    /// A peer that answers one request per connection with 200 `ok`, then closes it without
-    /// saying so (no `connection: close`), as a restarted or idle-timing-out host would.
-    async fn one_answer_per_connection() -> (String, Arc<AtomicUsize>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                let mut request = Vec::new();
-                let mut buf = [0u8; 1024];
-                // Headers, then the 2-byte body the test sends.
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") || !request.ends_with(b"{}") {
-                    let n = stream.read(&mut buf).await.unwrap();
-                    if n == 0 {
-                        break;
-                    }
-                    request.extend_from_slice(&buf[..n]);
-                }
-                let _ = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await;
-                // Dropping the stream closes the connection.
-            }
-        });
-        (addr.to_string(), accepted)
-    }
-
-    /// A peer that answers the first request of a connection, then breaks off the answer to
-    /// the second one (headers sent, body cut short, connection closed).
-    async fn breaks_off_the_second_answer() -> (String, Arc<AtomicUsize>) {
+    /// A peer on a loopback port that answers the requests of each connection with `replies`
+    /// in turn, then closes it; it counts the connections it accepted.
+    async fn peer(replies: &'static [&'static [u8]]) -> (String, Arc<AtomicUsize>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -572,39 +543,29 @@ mod tests {
                 tokio::spawn(async move {
                     let mut buf = [0u8; 4096];
                     let mut seen = Vec::new();
-                    for answer in [
-                        &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"[..],
-                        &b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nok"[..],
-                    ] {
+                    for reply in replies {
+                        // Headers, then the 2-byte body the tests send.
                         seen.clear();
                         while !seen.ends_with(b"{}") {
-                            let n = stream.read(&mut buf).await.unwrap();
-                            if n == 0 {
-                                return;
+                            match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => seen.extend_from_slice(&buf[..n]),
                             }
-                            seen.extend_from_slice(&buf[..n]);
                         }
-                        stream.write_all(answer).await.unwrap();
+                        if stream.write_all(reply).await.is_err() {
+                            return;
+                        }
                     }
+                    // Dropping the stream closes the connection, without saying so before.
                 });
             }
         });
         (addr.to_string(), accepted)
     }
 
-    #[tokio::test]
-    async fn a_request_whose_answer_broke_off_is_not_sent_again() {
-        let (authority, accepted) = breaks_off_the_second_answer().await;
-        let transport = PeerTransport::default();
-        let first = transport.post(request(&authority)).await.unwrap();
-        assert_eq!(first.body, b"ok");
-        // The peer may have acted on it: an error, not a second delivery.
-        assert!(matches!(
-            transport.post(request(&authority)).await,
-            Err(TransportError::Other(_))
-        ));
-        assert_eq!(accepted.load(Ordering::SeqCst), 1);
-    }
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+    /// Headers promising 10 bytes, then 2 of them.
+    const BROKEN_OFF: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nok";
 
     fn request(authority: &str) -> TransportRequest {
         TransportRequest {
@@ -617,7 +578,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_the_peer_closed_while_idle_is_replaced_not_reused() {
-        let (authority, accepted) = one_answer_per_connection().await;
+        // One answer per connection, then the peer closes it, as a restarted or
+        // idle-timing-out host would.
+        let (authority, accepted) = peer(&[OK]).await;
         let transport = PeerTransport::default();
         for round in 1..=3 {
             let response = transport.post(request(&authority)).await.unwrap();
@@ -627,6 +590,20 @@ mod tests {
             // or its reuse failed and the request went again on a new one.
             assert_eq!(accepted.load(Ordering::SeqCst), round);
         }
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_answer_broke_off_is_not_sent_again() {
+        let (authority, accepted) = peer(&[OK, BROKEN_OFF]).await;
+        let transport = PeerTransport::default();
+        let first = transport.post(request(&authority)).await.unwrap();
+        assert_eq!(first.body, b"ok");
+        // The peer may have acted on it: an error, not a second delivery.
+        assert!(matches!(
+            transport.post(request(&authority)).await,
+            Err(TransportError::Other(_))
+        ));
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
