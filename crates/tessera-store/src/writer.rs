@@ -32,10 +32,6 @@ use crate::types::{Entry, LogId, SnapshotMeta, TypeConfig, Vote};
 pub const BATCH_OPS_MAX: usize = 4096;
 /// Longest time the newest committed log id waits for a transaction to ride along with.
 pub const COMMITTED_DEFER_MS: u64 = 50;
-/// Purged log rows deleted per transaction. A purge after a snapshot covers ~12,000 entries;
-/// deleted at once it held the writer (and every append waiting behind it) for 15–35 ms. The
-/// rows go in chunks instead, with the following transactions or when the queue is empty.
-pub const PURGE_ROWS_PER_TRANSACTION: usize = 256;
 
 /// Keys of `raft_meta`.
 pub(crate) const META_VOTE: &str = "vote";
@@ -53,9 +49,7 @@ pub(crate) enum Write {
     },
     /// Deletes every entry at `index` and after.
     TruncateFrom(u64),
-    /// Records the last purged log id; the entries up to it are deleted in chunks
-    /// ([`PURGE_ROWS_PER_TRANSACTION`]) by this and later transactions. Rows left at or
-    /// below the last purged id (after a crash mid-way) are skipped on load and deleted.
+    /// Records the last purged log id and deletes the entries up to it, atomically.
     PurgeUpTo { index: u64, last_purged: String },
     /// Replaces the stored snapshot.
     Snapshot { meta: String, data: Vec<u8> },
@@ -99,8 +93,6 @@ enum Request {
 pub(crate) struct Loaded {
     pub log: LoadedLog,
     pub snapshot_meta: Option<SnapshotMeta>,
-    /// Rows at or below this index are purged but still stored (skipped in `log`).
-    pub purge_pending: Option<u64>,
 }
 
 #[derive(Default)]
@@ -178,13 +170,6 @@ impl Writer {
         schema::migrate(&mut conn)?;
         let loaded = load(&conn)?;
         if inline {
-            // A simulation: finish an interrupted purge at once.
-            if let Some(index) = loaded.purge_pending {
-                conn.execute(
-                    "DELETE FROM raft_log WHERE log_index <= ?1",
-                    [sql_index(index)],
-                )?;
-            }
             return Ok((
                 Writer {
                     stats: WriterStats::default(),
@@ -193,13 +178,12 @@ impl Writer {
                 loaded,
             ));
         }
-        let purge_pending = loaded.purge_pending;
         let (tx, rx) = mpsc::channel();
         let stats = WriterStats::default();
         let thread_stats = stats.clone();
         let thread = thread::Builder::new()
             .name("tessera-store-writer".into())
-            .spawn(move || run(conn, rx, thread_stats, purge_pending))
+            .spawn(move || run(conn, rx, thread_stats))
             .map_err(StoreError::Spawn)?;
         Ok((
             Writer {
@@ -226,8 +210,7 @@ impl Writer {
             }
             Mode::Inline(conn) => {
                 let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
-                let result = commit(&mut conn, std::iter::once(&write), &mut None, None)
-                    .map_err(|e| e.to_string());
+                let result = commit(&mut conn, std::iter::once(&write)).map_err(|e| e.to_string());
                 if result.is_ok() {
                     self.stats.record(1);
                 }
@@ -316,20 +299,8 @@ fn load(conn: &Connection) -> Result<Loaded, StoreError> {
         last_purged: decode(meta(META_LAST_PURGED)?)?,
         entries: BTreeMap::new(),
     };
-    let purged_index = log.last_purged.as_ref().map(|log_id| log_id.index());
-    let purge_pending: Option<u64> = match purged_index {
-        Some(index) => conn
-            .query_row(
-                "SELECT 1 FROM raft_log WHERE log_index <= ?1 LIMIT 1",
-                [sql_index(index)],
-                |_| Ok(index),
-            )
-            .optional()?,
-        None => None,
-    };
-    let mut statement =
-        conn.prepare("SELECT entry FROM raft_log WHERE log_index > ?1 ORDER BY log_index")?;
-    let mut rows = statement.query([purged_index.map_or(-1, sql_index)])?;
+    let mut statement = conn.prepare("SELECT entry FROM raft_log ORDER BY log_index")?;
+    let mut rows = statement.query([])?;
     while let Some(row) = rows.next()? {
         let json: Vec<u8> = row.get(0)?;
         let entry: Entry = serde_json::from_slice(&json)?;
@@ -343,31 +314,16 @@ fn load(conn: &Connection) -> Result<Loaded, StoreError> {
     Ok(Loaded {
         log,
         snapshot_meta: decode(snapshot_meta)?,
-        purge_pending,
     })
 }
 
-fn run(
-    mut conn: Connection,
-    rx: mpsc::Receiver<Request>,
-    stats: WriterStats,
-    mut purge: Option<u64>,
-) {
+fn run(mut conn: Connection, rx: mpsc::Receiver<Request>, stats: WriterStats) {
     let mut writes = Vec::new();
     let mut reads = Vec::new();
     // The newest committed log id not yet written.
     let mut committed: Option<Write> = None;
     loop {
-        let first = if purge.is_some() {
-            // Purged rows left to delete: a chunk goes with the next transaction, or alone
-            // now if nothing is queued. Stopping does not wait for them: they are skipped on
-            // load and deleted after the next start.
-            match rx.try_recv() {
-                Ok(request) => Some(request),
-                Err(mpsc::TryRecvError::Empty) => None,
-                Err(mpsc::TryRecvError::Disconnected) => break,
-            }
-        } else if committed.is_some() {
+        let first = if committed.is_some() {
             match rx.recv_timeout(std::time::Duration::from_millis(COMMITTED_DEFER_MS)) {
                 Ok(request) => Some(request),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
@@ -399,14 +355,14 @@ fn run(
             };
         }
         if !writes.is_empty() || waited_out {
-            write_batch(&mut conn, &stats, &mut writes, committed.take(), &mut purge);
+            write_batch(&mut conn, &stats, &mut writes, committed.take());
         }
         for reply in reads.drain(..) {
             let _ = reply.send(read_snapshot(&conn));
         }
     }
     if committed.is_some() {
-        write_batch(&mut conn, &stats, &mut writes, committed.take(), &mut None);
+        write_batch(&mut conn, &stats, &mut writes, committed.take());
     }
 }
 
@@ -417,7 +373,6 @@ fn write_batch(
     stats: &WriterStats,
     writes: &mut Vec<(Write, Done)>,
     committed: Option<Write>,
-    purge: &mut Option<u64>,
 ) {
     let result = commit(
         conn,
@@ -425,20 +380,14 @@ fn write_batch(
             .iter()
             .map(|(write, _)| write)
             .chain(committed.as_ref()),
-        purge,
-        Some(PURGE_ROWS_PER_TRANSACTION),
     )
     .map_err(|e| e.to_string());
     match &result {
         Ok(()) => stats.record((writes.len() + usize::from(committed.is_some())) as u64),
-        Err(message) => {
-            if writes.is_empty() {
-                tracing::error!(%message, "storage write failed (committed log id or purge)");
-            }
-            // Not retried in a loop: purged rows left are skipped on load, and deleted by the
-            // next purge or after a restart.
-            *purge = None;
+        Err(message) if writes.is_empty() => {
+            tracing::error!(%message, "storage write failed (committed log id)");
         }
+        Err(_) => {}
     }
     for (_, done) in writes.drain(..) {
         done.notify(&result);
@@ -460,17 +409,11 @@ fn sql_index(index: u64) -> i64 {
     i64::try_from(index).unwrap_or(i64::MAX)
 }
 
-/// Runs the writes in order in one transaction, then deletes purged rows: `purge` is the
-/// index at or below which rows remain to be deleted (a purge in `writes` raises it); at most
-/// `chunk` rows go (all without a chunk), and `purge` becomes `None` once none remain. It
-/// changes only if the transaction commits.
+/// Runs the writes in order in one transaction.
 fn commit<'a>(
     conn: &mut Connection,
     writes: impl Iterator<Item = &'a Write>,
-    purge: &mut Option<u64>,
-    chunk: Option<usize>,
 ) -> rusqlite::Result<()> {
-    let mut purge_to = *purge;
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     for write in writes {
         match write {
@@ -504,7 +447,8 @@ fn commit<'a>(
                     "INSERT OR REPLACE INTO raft_meta (name, value) VALUES (?1, ?2)",
                 )?
                 .execute(params![META_LAST_PURGED, last_purged])?;
-                purge_to = purge_to.max(Some(*index));
+                tx.prepare_cached("DELETE FROM raft_log WHERE log_index <= ?1")?
+                    .execute(params![sql_index(*index)])?;
             }
             Write::Snapshot { meta, data } => {
                 tx.prepare_cached(
@@ -514,31 +458,7 @@ fn commit<'a>(
             }
         }
     }
-    if let Some(index) = purge_to {
-        let done = match chunk {
-            Some(rows) => {
-                let deleted = tx
-                    .prepare_cached(
-                        "DELETE FROM raft_log WHERE log_index IN \
-                         (SELECT log_index FROM raft_log WHERE log_index <= ?1 \
-                          ORDER BY log_index LIMIT ?2)",
-                    )?
-                    .execute(params![sql_index(index), rows as i64])?;
-                deleted < rows
-            }
-            None => {
-                tx.prepare_cached("DELETE FROM raft_log WHERE log_index <= ?1")?
-                    .execute(params![sql_index(index)])?;
-                true
-            }
-        };
-        if done {
-            purge_to = None;
-        }
-    }
-    tx.commit()?;
-    *purge = purge_to;
-    Ok(())
+    tx.commit()
 }
 
 #[cfg(test)]
@@ -575,7 +495,7 @@ mod tests {
         .unwrap();
         drop(tx);
         let stats = WriterStats::default();
-        run(migrated(dir.path()), rx, stats.clone(), None);
+        run(migrated(dir.path()), rx, stats.clone());
         assert_eq!(flushed.try_recv().expect("append answered"), Ok(()));
         // One transaction for the append and the newest committed id, none of its own.
         assert_eq!((stats.transactions(), stats.writes()), (1, 2));
@@ -591,108 +511,9 @@ mod tests {
             .unwrap();
         drop(tx);
         let stats = WriterStats::default();
-        run(migrated(dir.path()), rx, stats.clone(), None);
+        run(migrated(dir.path()), rx, stats.clone());
         assert_eq!(stats.transactions(), 1);
         let conn = migrated(dir.path());
         assert_eq!(committed_in(&conn).as_deref(), Some("\"last\""));
-    }
-
-    fn blank_row(index: u64) -> (u64, Vec<u8>) {
-        let entry: Entry = openraft::Entry {
-            log_id: blank_log_id(index),
-            payload: openraft::EntryPayload::Blank,
-        };
-        (index, serde_json::to_vec(&entry).expect("entry JSON"))
-    }
-
-    fn blank_log_id(index: u64) -> LogId {
-        openraft::LogId::new(
-            openraft::impls::leader_id_adv::LeaderId {
-                term: 1,
-                node_id: 1,
-            },
-            index,
-        )
-    }
-
-    fn rows_in(conn: &Connection) -> (i64, i64, i64) {
-        conn.query_row(
-            "SELECT COUNT(*), MIN(log_index), MAX(log_index) FROM raft_log",
-            [],
-            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
-        )
-        .expect("count rows")
-    }
-
-    /// Rows 1 to 600, then a purge up to 550 committed with `chunk`: the directory, the
-    /// connection and the index of rows left to delete.
-    fn purged_up_to_550(chunk: Option<usize>) -> (tempfile::TempDir, Connection, Option<u64>) {
-        let dir = tempfile::tempdir().unwrap();
-        let mut conn = migrated(dir.path());
-        let rows: Vec<_> = (1..=600).map(blank_row).collect();
-        commit(&mut conn, [Write::Append(rows)].iter(), &mut None, None).unwrap();
-        let purge_write = Write::PurgeUpTo {
-            index: 550,
-            last_purged: serde_json::to_string(&blank_log_id(550)).unwrap(),
-        };
-        let mut purge = None;
-        commit(&mut conn, [purge_write].iter(), &mut purge, chunk).unwrap();
-        (dir, conn, purge)
-    }
-
-    #[test]
-    fn a_large_purge_is_deleted_in_chunks_and_finished_after_a_crash() {
-        let (dir, conn, purge) = purged_up_to_550(Some(PURGE_ROWS_PER_TRANSACTION));
-        // One chunk went with the purge's own transaction; the rest is pending.
-        assert_eq!(purge, Some(550));
-        assert_eq!(rows_in(&conn), (600 - 256, 257, 600));
-
-        // A crash now: loading skips the purged rows still stored, and reports them.
-        let loaded = load(&conn).unwrap();
-        assert_eq!(loaded.purge_pending, Some(550));
-        assert_eq!(loaded.log.entries.len(), 50);
-        assert_eq!(loaded.log.entries.keys().next(), Some(&551));
-        assert_eq!(
-            loaded.log.last_purged.map(|id| id.index()),
-            Some(550),
-            "the last purged id was written with the first chunk"
-        );
-
-        // The restarted writer deletes the rest in chunks riding with the next writes; stopping
-        // does not wait for the rest.
-        let restart = |conn: Connection, index: u64, purge: Option<u64>| {
-            let (tx, rx) = mpsc::channel();
-            let (reply, mut flushed) = oneshot::channel();
-            tx.send(Request::Write(
-                Write::Append(vec![blank_row(index)]),
-                Done::Reply(reply),
-            ))
-            .unwrap();
-            drop(tx);
-            let stats = WriterStats::default();
-            run(conn, rx, stats.clone(), purge);
-            assert_eq!(flushed.try_recv().expect("append answered"), Ok(()));
-            assert_eq!(
-                stats.transactions(),
-                1,
-                "no transaction of its own for a chunk"
-            );
-        };
-        restart(conn, 601, loaded.purge_pending);
-        let conn = migrated(dir.path());
-        assert_eq!(rows_in(&conn), (601 - 512, 513, 601));
-        let loaded = load(&conn).unwrap();
-        assert_eq!(loaded.purge_pending, Some(550));
-        restart(conn, 602, loaded.purge_pending);
-        let conn = migrated(dir.path());
-        assert_eq!(rows_in(&conn), (52, 551, 602));
-        assert_eq!(load(&conn).unwrap().purge_pending, None);
-    }
-
-    #[test]
-    fn without_a_chunk_size_a_purge_deletes_everything_at_once() {
-        let (_dir, conn, purge) = purged_up_to_550(None);
-        assert_eq!(purge, None);
-        assert_eq!(rows_in(&conn), (50, 551, 600));
     }
 }
