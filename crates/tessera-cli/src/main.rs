@@ -152,17 +152,32 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // A server's configuration is read and checked before the runtime exists: it sets the
+    // runtime's thread count.
+    let job = match cli.command {
+        Command::Server(args) => match args.into_config() {
+            Ok(config) => Job::Server(config),
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+        command => Job::Other(command),
+    };
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
-    // Only a valid count: an invalid one is refused with the rest of the configuration.
-    if let Command::Server(args) = &cli.command
-        && let Some(threads) = args.worker_threads()
-        && (1..=tessera_server::config::WORKER_THREADS_MAX).contains(&threads)
+    if let Job::Server(config) = &job
+        && let Some(threads) = config.worker_threads
     {
         runtime.worker_threads(threads);
     }
     let runtime = runtime.build().expect("tokio runtime");
-    let result = runtime.block_on(run(cli.command));
+    let result = runtime.block_on(async move {
+        match job {
+            Job::Server(config) => serve::run_server(config).await,
+            Job::Other(command) => run(command).await,
+        }
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -172,9 +187,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// What the process runs: a server, its configuration already read, or another command.
+enum Job {
+    Server(tessera_server::ServerConfig),
+    Other(Command),
+}
+
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Server(args) => serve::run_server(args).await,
+        Command::Server(args) => serve::run_server(args.into_config()?).await,
         Command::Demo(args) => serve::run_demo(args).await,
         Command::Authority(args) => authority::run(args).await,
         Command::Vendor(command) => vendor::run(command),

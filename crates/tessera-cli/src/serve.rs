@@ -64,17 +64,8 @@ pub struct ServerArgs {
 }
 
 impl ServerArgs {
-    /// The runtime's thread count, before the runtime exists: `--worker-threads`, else the
-    /// config file's `worker_threads`. A config file that does not load gives `None` here;
-    /// its error is reported when the server starts.
-    pub fn worker_threads(&self) -> Option<usize> {
-        self.worker_threads.or_else(|| {
-            let path = self.config.as_ref()?;
-            ServerConfig::from_file(path).ok()?.worker_threads
-        })
-    }
-
-    fn into_config(self) -> anyhow::Result<ServerConfig> {
+    /// The configuration: the file, then the flags over it; checked.
+    pub fn into_config(self) -> anyhow::Result<ServerConfig> {
         let mut config = match &self.config {
             Some(path) => ServerConfig::from_file(path)?,
             None => ServerConfig::default(),
@@ -163,8 +154,7 @@ async fn wait_for_ctrl_c(server: RunningServer) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
-    let config = args.into_config()?;
+pub async fn run_server(config: ServerConfig) -> anyhow::Result<()> {
     let data_dir = config.data_dir.clone();
     let server = start(config).await?;
     // Whoever started us may close stdout after reading the URL; that must not stop the server.

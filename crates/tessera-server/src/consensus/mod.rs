@@ -597,8 +597,9 @@ impl Consensus {
     }
 
     /// Appends the stamped command to the log (in one entry with the commands proposed while
-    /// earlier entries were in flight, see [`BATCHES_IN_FLIGHT`]) and answers the ledger's outcome once it is
-    /// committed and applied on this host. Only the primary accepts proposals.
+    /// earlier entries were in flight, see [`BATCHES_IN_FLIGHT`]) and answers the ledger's
+    /// outcome once it is committed and applied on this host. Only the primary accepts
+    /// proposals.
     pub async fn propose(&self, entry: Stamped) -> Result<Applied, ConsensusError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.inner
