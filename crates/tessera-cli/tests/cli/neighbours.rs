@@ -253,7 +253,10 @@ fn write_config(root: &Path, node: &Node, neighbours: &[(&Node, &str)]) {
     std::fs::write(root.join(format!("{}.toml", node.name)), text).unwrap();
 }
 
-fn poll(what: &str, mut done: impl FnMut() -> bool) {
+/// Polls `done` for up to 20 s, calling `step` between attempts: a test whose processes run on
+/// test clocks moves them on a little each time, so that a retry scheduled in test time (after
+/// a failed exchange, say) comes due while the poll waits.
+fn poll_stepping(what: &str, mut step: impl FnMut(), mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !done() {
         assert!(
@@ -261,6 +264,7 @@ fn poll(what: &str, mut done: impl FnMut() -> bool) {
             "{what} did not happen within 20 s"
         );
         std::thread::sleep(Duration::from_millis(100));
+        step();
     }
 }
 
@@ -333,6 +337,12 @@ fn a_chain_of_processes_renews_ends_and_detects_a_wiped_child() {
         all.extend(remote(node));
         let refs: Vec<&str> = all.iter().map(String::as_str).collect();
         ok(&refs)
+    };
+    // A process's time, on its test clock.
+    let now_at = |node: &Node| -> jiff::Timestamp {
+        let status: serde_json::Value =
+            serde_json::from_str(&run(&["status", "--json"], node)).unwrap();
+        status["now"].as_str().unwrap().parse().unwrap()
     };
     run(&["keys", "add", key_file.to_str().unwrap()], &hq);
     let until = (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(20 * 24)).to_string();
@@ -412,19 +422,27 @@ fn a_chain_of_processes_renews_ends_and_detects_a_wiped_child() {
     );
     assert!(String::from_utf8_lossy(&too_many.stderr).contains("not_enough_licenses"));
 
+    // Test clocks move together: neighbours refuse each other beyond clock_skew_max. The
+    // processes are moved one after another, so an exchange can fail in between (a grant
+    // pushed by a process still at the old time, say): while a poll waits, every clock moves
+    // on by the neighbours' retry interval, so the retry comes due.
+    let advance_all = |ms: i64| {
+        for node in [&hq, &branch_1, &branch_2, &site] {
+            advance_clock(&url(node), &token(node), ms);
+        }
+    };
+    let retry_step = || advance_all(10_000);
+
     // Renewal: past half of the one-hour grants every receiver asks, and serials go up.
-    for node in [&hq, &branch_1, &branch_2, &site] {
-        advance_clock(&url(node), &token(node), 35 * 60_000);
-    }
-    poll("the renewal of branch-1's grant", || {
+    advance_all(35 * 60_000);
+    poll_stepping("the renewal of branch-1's grant", retry_step, || {
         let donations: serde_json::Value =
             serde_json::from_str(&run(&["neighbours", "list", "--json"], &hq)).unwrap();
         donations["neighbours"][0]["donations"][0]["serial"].as_u64() >= Some(2)
     });
 
     // The end date, moved to 10 minutes from now on the test clock, ends branch-2's grant.
-    let hq_now: serde_json::Value = serde_json::from_str(&run(&["status", "--json"], &hq)).unwrap();
-    let now: jiff::Timestamp = hq_now["now"].as_str().unwrap().parse().unwrap();
+    let now = now_at(&hq);
     let soon = (now + jiff::SignedDuration::from_mins(10)).to_string();
     run(
         &[
@@ -440,11 +458,8 @@ fn a_chain_of_processes_renews_ends_and_detects_a_wiped_child() {
         ],
         &hq,
     );
-    // Test clocks move together: neighbours refuse each other beyond clock_skew_max.
-    for node in [&hq, &branch_1, &branch_2, &site] {
-        advance_clock(&url(node), &token(node), 10 * 60_000);
-    }
-    poll("the end of branch-2's grant", || {
+    advance_all(10 * 60_000);
+    poll_stepping("the end of branch-2's grant", retry_step, || {
         key(&status(&url(&branch_2), &token(&branch_2)), &pool).is_none()
     });
 
@@ -483,12 +498,15 @@ fn a_chain_of_processes_renews_ends_and_detects_a_wiped_child() {
         }
     }
     let _branch_2_again = start(&branch_2);
-    // Its fresh test clock starts at the real time: bring it to the others' (45 minutes on).
-    advance_clock(&url(&branch_2), &token(&branch_2), 45 * 60_000);
-    for node in [&hq, &branch_1, &branch_2, &site] {
-        advance_clock(&url(node), &token(node), 11 * 60_000);
-    }
-    poll("a license_mismatch event on the parent", || {
+    // Its fresh test clock starts at the real time: bring it to the others'.
+    let behind = now_at(&hq).duration_since(now_at(&branch_2));
+    advance_clock(
+        &url(&branch_2),
+        &token(&branch_2),
+        behind.as_millis() as i64,
+    );
+    advance_all(11 * 60_000);
+    poll_stepping("a license_mismatch event on the parent", retry_step, || {
         run(&["events"], &hq).contains("license_mismatch")
     });
 
@@ -504,10 +522,8 @@ fn a_chain_of_processes_renews_ends_and_detects_a_wiped_child() {
         &url(&site),
     ]);
     assert!(checkout.status.success(), "{checkout:?}");
-    for node in [&hq, &branch_1, &branch_2, &site] {
-        advance_clock(&url(node), &token(node), 61 * 60_000);
-    }
-    poll("the site's usage report at branch-1", || {
+    advance_all(61 * 60_000);
+    poll_stepping("the site's usage report at branch-1", retry_step, || {
         let status: serde_json::Value =
             serde_json::from_str(&run(&["status", "--json"], &branch_1)).unwrap();
         status["usage_reports"]["site"]["active_stations"]["cad"] == 1
