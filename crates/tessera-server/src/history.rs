@@ -74,10 +74,31 @@ pub struct AuditEntry {
     pub details: String,
 }
 
+/// The audit details of a lease event, and what its usage rows are made of. The fields are
+/// in alphabetical order, as `serde_json::json!` writes an object's keys.
+#[derive(Debug, Serialize)]
+struct LeaseDetails {
+    components: Vec<String>,
+    host: String,
+    key_id: String,
+    lease_id: String,
+    station: String,
+    user: String,
+}
+
 enum Message {
     Record {
         usage: Vec<UsageEvent>,
         audit: AuditRecord,
+    },
+    /// A lease event. The writer makes its usage rows and its audit record, so the request
+    /// that caused it only copies the lease's strings once and serializes nothing.
+    Lease {
+        at_ms: i64,
+        actor: String,
+        kind: &'static str,
+        delta: i64,
+        details: LeaseDetails,
     },
     Flush(std::sync::mpsc::Sender<()>),
     /// Write what came before, then end the writer thread.
@@ -202,46 +223,29 @@ impl History {
         &self,
         at_ms: i64,
         actor: &str,
-        kind: &str,
+        kind: &'static str,
         lease: &LeaseView,
         component: Option<&str>,
         delta: i64,
     ) {
-        let components: Vec<String> = match component {
+        let components = match component {
             Some(component) => vec![component.to_string()],
             None => lease.components.clone(),
         };
-        let usage = components
-            .iter()
-            .map(|component| UsageEvent {
-                at_ms,
-                kind: kind.to_string(),
-                lease_id: Some(lease.lease_id.clone()),
-                key_id: Some(lease.key_id.clone()),
-                component: Some(component.clone()),
-                station: Some(lease.station.clone()),
-                user: Some(lease.user.clone()),
-                host: Some(lease.host.clone()),
-                delta,
-                detail: None,
-            })
-            .collect();
-        self.record(
-            AuditRecord {
-                at_ms,
-                actor: actor.to_string(),
-                action: format!("lease.{kind}"),
-                details: serde_json::json!({
-                    "lease_id": lease.lease_id,
-                    "key_id": lease.key_id,
-                    "components": components,
-                    "station": lease.station,
-                    "user": lease.user,
-                    "host": lease.host,
-                }),
+        self.send(Message::Lease {
+            at_ms,
+            actor: actor.to_string(),
+            kind,
+            delta,
+            details: LeaseDetails {
+                components,
+                host: lease.host.clone(),
+                key_id: lease.key_id.clone(),
+                lease_id: lease.lease_id.clone(),
+                station: lease.station.clone(),
+                user: lease.user.clone(),
             },
-            usage,
-        );
+        });
     }
 
     /// A refused checkout.
@@ -469,6 +473,15 @@ fn write_loop(mut connection: Connection, receiver: Receiver<Message>, hurry: &A
                     "INSERT INTO audit_log (seq, at_ms, actor, action, details, prev_hash, hash)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )?;
+                // Appends one record to the chain.
+                let mut append = |at_ms: i64, actor: &str, action: &str, details: &str| {
+                    seq += 1;
+                    let next = audit::chain_hash(&hash, seq, at_ms, actor, action, details);
+                    audit_insert
+                        .execute(params![seq, at_ms, actor, action, details, hash, next])?;
+                    hash = next;
+                    Ok::<(), rusqlite::Error>(())
+                };
                 for message in &batch {
                     match message {
                         Message::Flush(done) => flushes.push(done.clone()),
@@ -491,26 +504,37 @@ fn write_loop(mut connection: Connection, receiver: Receiver<Message>, hurry: &A
                                     event.detail,
                                 ])?;
                             }
-                            seq += 1;
-                            let details = record.details.to_string();
-                            let next = audit::chain_hash(
-                                &hash,
-                                seq,
+                            append(
                                 record.at_ms,
                                 &record.actor,
                                 &record.action,
-                                &details,
-                            );
-                            audit_insert.execute(params![
-                                seq,
-                                record.at_ms,
-                                record.actor,
-                                record.action,
-                                details,
-                                hash,
-                                next,
-                            ])?;
-                            hash = next;
+                                &record.details.to_string(),
+                            )?;
+                        }
+                        Message::Lease {
+                            at_ms,
+                            actor,
+                            kind,
+                            delta,
+                            details,
+                        } => {
+                            for component in &details.components {
+                                usage_insert.execute(params![
+                                    at_ms,
+                                    kind,
+                                    details.lease_id,
+                                    details.key_id,
+                                    component,
+                                    details.station,
+                                    details.user,
+                                    details.host,
+                                    delta,
+                                    None::<&str>,
+                                ])?;
+                            }
+                            let text = serde_json::to_string(details)
+                                .expect("lease details serialize to JSON");
+                            append(*at_ms, actor, &format!("lease.{kind}"), &text)?;
                         }
                     }
                 }
@@ -733,5 +757,45 @@ mod tests {
         let verification = history.verify().unwrap();
         assert!(verification.ok);
         assert_eq!(verification.records, 6);
+    }
+
+    #[test]
+    fn a_lease_event_writes_a_usage_row_per_component_and_an_audit_record_with_the_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = History::start(dir.path()).unwrap();
+        let held = lease("ws-1", &["cad", "cam"]);
+        history.lease_event(7, "admin", "force_release", &held, None, -1);
+        history.flush();
+        let rows = history.usage(0, 10).unwrap();
+        let row = |component: &str| UsageEvent {
+            at_ms: 7,
+            kind: "force_release".into(),
+            lease_id: Some("lease-ws-1".into()),
+            key_id: Some("k1".into()),
+            component: Some(component.into()),
+            station: Some("ws-1".into()),
+            user: Some("ann".into()),
+            host: Some("ws-1".into()),
+            delta: -1,
+            detail: None,
+        };
+        assert_eq!(rows, vec![row("cad"), row("cam")]);
+        let audit = history.recent_audit(10).unwrap();
+        assert_eq!(audit.len(), 1);
+        assert_eq!(
+            (audit[0].actor.as_str(), audit[0].action.as_str()),
+            ("admin", "lease.force_release")
+        );
+        // The same text as a JSON object of the lease's fields (keys in alphabetical order).
+        let object = serde_json::json!({
+            "lease_id": "lease-ws-1",
+            "key_id": "k1",
+            "components": ["cad", "cam"],
+            "station": "ws-1",
+            "user": "ann",
+            "host": "ws-1",
+        });
+        assert_eq!(audit[0].details, object.to_string());
+        assert!(history.verify().unwrap().ok);
     }
 }
