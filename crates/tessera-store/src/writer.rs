@@ -8,9 +8,13 @@
 //! fsyncs. Blocking SQLite work never runs on the async runtime's threads.
 //!
 //! The committed log id (`Writer::save_committed`) is the one write that never needs its own
-//! fsync: the thread keeps the newest one and writes it with the next transaction, or alone
-//! after [`COMMITTED_DEFER_MS`] without other writes. openraft saves it after every commit, so
-//! writing it at once cost about one extra transaction per three batches of entries.
+//! fsync: the thread keeps the newest one and writes it with a transaction of other writes,
+//! at most once every [`COMMITTED_RIDE_EVERY_MS`], or alone after [`COMMITTED_DEFER_MS`]
+//! without other writes. openraft saves it after every commit, so writing it at once cost
+//! about one extra transaction per three batches of entries, and riding along with every
+//! transaction one more WAL page in each. A crash loses at most the last second's progress
+//! of the id: the entries after the stored one are in the log, and are applied again once
+//! the group commits them again (a single voter does so before it serves).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -32,6 +36,8 @@ use crate::types::{Entry, LogId, SnapshotMeta, TypeConfig, Vote};
 pub const BATCH_OPS_MAX: usize = 4096;
 /// Longest time the newest committed log id waits for a transaction to ride along with.
 pub const COMMITTED_DEFER_MS: u64 = 50;
+/// Shortest time between two committed log ids written along with other writes.
+pub const COMMITTED_RIDE_EVERY_MS: u64 = 1_000;
 
 /// Keys of `raft_meta`.
 pub(crate) const META_VOTE: &str = "vote";
@@ -183,7 +189,14 @@ impl Writer {
         let thread_stats = stats.clone();
         let thread = thread::Builder::new()
             .name("tessera-store-writer".into())
-            .spawn(move || run(conn, rx, thread_stats))
+            .spawn(move || {
+                run(
+                    conn,
+                    rx,
+                    thread_stats,
+                    std::time::Duration::from_millis(COMMITTED_RIDE_EVERY_MS),
+                )
+            })
             .map_err(StoreError::Spawn)?;
         Ok((
             Writer {
@@ -317,11 +330,18 @@ fn load(conn: &Connection) -> Result<Loaded, StoreError> {
     })
 }
 
-fn run(mut conn: Connection, rx: mpsc::Receiver<Request>, stats: WriterStats) {
+fn run(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Request>,
+    stats: WriterStats,
+    ride_every: std::time::Duration,
+) {
     let mut writes = Vec::new();
     let mut reads = Vec::new();
     // The newest committed log id not yet written.
     let mut committed: Option<Write> = None;
+    // When a committed log id last rode along with other writes.
+    let mut ridden_at: Option<std::time::Instant> = None;
     loop {
         let first = if committed.is_some() {
             match rx.recv_timeout(std::time::Duration::from_millis(COMMITTED_DEFER_MS)) {
@@ -354,8 +374,19 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Request>, stats: WriterStats) {
                 None
             };
         }
-        if !writes.is_empty() || waited_out {
+        if waited_out {
             write_batch(&mut conn, &stats, &mut writes, committed.take());
+        } else if !writes.is_empty() {
+            let ride = committed.is_some() && ridden_at.is_none_or(|at| at.elapsed() >= ride_every);
+            if ride {
+                ridden_at = Some(std::time::Instant::now());
+            }
+            write_batch(
+                &mut conn,
+                &stats,
+                &mut writes,
+                if ride { committed.take() } else { None },
+            );
         }
         for reply in reads.drain(..) {
             let _ = reply.send(read_snapshot(&conn));
@@ -465,6 +496,8 @@ fn commit<'a>(
 mod tests {
     use super::*;
 
+    const HOUR: std::time::Duration = std::time::Duration::from_secs(3600);
+
     fn migrated(dir: &Path) -> Connection {
         let mut conn = Connection::open(dir.join("raft.sqlite")).expect("open");
         schema::migrate(&mut conn).expect("migrate");
@@ -495,7 +528,7 @@ mod tests {
         .unwrap();
         drop(tx);
         let stats = WriterStats::default();
-        run(migrated(dir.path()), rx, stats.clone());
+        run(migrated(dir.path()), rx, stats.clone(), HOUR);
         assert_eq!(flushed.try_recv().expect("append answered"), Ok(()));
         // One transaction for the append and the newest committed id, none of its own.
         assert_eq!((stats.transactions(), stats.writes()), (1, 2));
@@ -511,9 +544,38 @@ mod tests {
             .unwrap();
         drop(tx);
         let stats = WriterStats::default();
-        run(migrated(dir.path()), rx, stats.clone());
+        run(migrated(dir.path()), rx, stats.clone(), HOUR);
         assert_eq!(stats.transactions(), 1);
         let conn = migrated(dir.path());
         assert_eq!(committed_in(&conn).as_deref(), Some("\"last\""));
+    }
+
+    #[test]
+    fn a_committed_id_rides_along_at_most_once_per_interval_and_is_kept_until_the_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let append = |index: u64| {
+            Request::Write(Write::Append(vec![(index, b"{}".to_vec())]), Done::Nothing)
+        };
+        // A full first transaction (the writer takes at most BATCH_OPS_MAX writes at once)
+        // carrying the first id, then a second transaction within the interval.
+        tx.send(Request::Committed(Some("\"first\"".into())))
+            .unwrap();
+        for index in 1..=BATCH_OPS_MAX as u64 {
+            tx.send(append(index)).unwrap();
+        }
+        tx.send(Request::Committed(Some("\"second\"".into())))
+            .unwrap();
+        tx.send(append(BATCH_OPS_MAX as u64 + 1)).unwrap();
+        drop(tx);
+        let stats = WriterStats::default();
+        run(migrated(dir.path()), rx, stats.clone(), HOUR);
+        // The second transaction went without the id; it was written alone at the stop.
+        assert_eq!(
+            (stats.transactions(), stats.writes()),
+            (3, BATCH_OPS_MAX as u64 + 3)
+        );
+        let conn = migrated(dir.path());
+        assert_eq!(committed_in(&conn).as_deref(), Some("\"second\""));
     }
 }
