@@ -17,10 +17,12 @@
 //! - [`error`]: [`StoreError`], the crate's one error type.
 //!
 //! # Durability model
-//! The log, the vote and the committed log id are durable (WAL, `synchronous=FULL`). The
-//! state machine is in memory; snapshots are durable. On start openraft installs the stored
-//! snapshot and re-applies the committed entries after it (see `save_committed`), so a
-//! restarted single voter comes back with the same ledger before it serves anything.
+//! The log and the vote are durable (WAL, `synchronous=FULL`); the committed log id is
+//! written lazily and may lag by about a second. The state machine is in memory; snapshots
+//! are durable. On start openraft installs the stored snapshot and re-applies the entries
+//! after it up to the stored committed id (see `save_committed`); the rest of the log waits
+//! until the group commits it again, which a restarted single voter does before it serves
+//! anything, so it comes back with the same ledger.
 
 pub mod error;
 pub mod log_store;

@@ -8,8 +8,8 @@
 //! - `append`: the entries are readable when it returns; the IO-flushed callback fires only
 //!   after the transaction holding them committed (group commit in [`crate::writer`]).
 //! - `save_vote`: returns after the vote is durable, as Raft requires.
-//! - `save_committed`: kept by the writer thread and written with its next transaction (or
-//!   alone after a short wait), without waiting.
+//! - `save_committed`: kept by the writer thread and written along with other writes at most
+//!   once a second (or alone after a short idle wait), without waiting; it may lag.
 //! - `truncate_after`, `purge`: queued behind earlier writes without waiting. Losing them in a crash is safe: a lost committed id only means fewer entries
 //!   re-applied at start (the leader commits them again), a lost truncation or purge leaves
 //!   entries openraft will truncate or ignore again.

@@ -253,18 +253,26 @@ fn write_config(root: &Path, node: &Node, neighbours: &[(&Node, &str)]) {
     std::fs::write(root.join(format!("{}.toml", node.name)), text).unwrap();
 }
 
-/// Polls `done` for up to 20 s, calling `step` between attempts: a test whose processes run on
-/// test clocks moves them on a little each time, so that a retry scheduled in test time (after
-/// a failed exchange, say) comes due while the poll waits.
+/// Most steps [`poll_stepping`] takes: enough for a few retries in a row, too few to let a
+/// timer that fires late (a renewal past half of its grant, say) pass unnoticed.
+const STEPS_MAX: usize = 6;
+
+/// Polls `done` for up to 20 s, calling `step` between the first [`STEPS_MAX`] attempts: a test
+/// whose processes run on test clocks moves them on a little each time, so that a retry
+/// scheduled in test time (after a failed exchange, say) comes due while the poll waits.
 fn poll_stepping(what: &str, mut step: impl FnMut(), mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
+    let mut steps = 0;
     while !done() {
         assert!(
             Instant::now() < deadline,
             "{what} did not happen within 20 s"
         );
         std::thread::sleep(Duration::from_millis(100));
-        step();
+        if steps < STEPS_MAX {
+            step();
+            steps += 1;
+        }
     }
 }
 
@@ -431,7 +439,7 @@ fn a_chain_of_processes_renews_ends_and_detects_a_wiped_child() {
             advance_clock(&url(node), &token(node), ms);
         }
     };
-    let retry_step = || advance_all(10_000);
+    let retry_step = || advance_all(tessera_server::neighbours::RETRY_MS);
 
     // Renewal: past half of the one-hour grants every receiver asks, and serials go up.
     advance_all(35 * 60_000);
