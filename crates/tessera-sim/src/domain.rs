@@ -36,7 +36,7 @@ use tessera_core::{
 };
 use tessera_server::consensus::{
     Consensus, ConsensusConfig, ConsensusError, RaftTransport, TransportError, TransportFuture,
-    TransportRequest, TransportResponse, header_pairs,
+    TransportRequest, TransportResponse,
 };
 
 use crate::rng::Rng;
@@ -175,20 +175,14 @@ async fn post_once(request: TransportRequest) -> Result<TransportResponse, Trans
         .send_request(http_request)
         .await
         .map_err(|e| TransportError::Other(e.to_string()))?;
-    let status = response.status().as_u16();
-    let headers = header_pairs(response.headers());
-    let body = response
-        .into_body()
+    let (head, body) = response.into_parts();
+    let body = body
         .collect()
         .await
         .map_err(|e| TransportError::Other(e.to_string()))?
         .to_bytes()
         .to_vec();
-    Ok(TransportResponse {
-        status,
-        headers,
-        body,
-    })
+    Ok(TransportResponse::new(&head, body))
 }
 
 /// Raft RPCs over turmoil: one connection per RPC, bounded by the RPC's timeout (a cut link

@@ -23,7 +23,7 @@ pub use auth::FROM_HEADER;
 mod network;
 pub use network::{
     PeerTransport, RaftTransport, TransportError, TransportFuture, TransportRequest,
-    TransportResponse, header_pairs,
+    TransportResponse,
 };
 pub mod pair_link;
 mod rpc;

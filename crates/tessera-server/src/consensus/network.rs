@@ -57,14 +57,23 @@ pub struct TransportResponse {
     pub body: Vec<u8>,
 }
 
-/// The headers with text values, as (lower-case name, value).
-pub fn header_pairs(headers: &axum::http::HeaderMap) -> Vec<(String, String)> {
-    headers
-        .iter()
-        .filter_map(|(name, value)| {
-            Some((name.as_str().to_string(), value.to_str().ok()?.to_string()))
-        })
-        .collect()
+impl TransportResponse {
+    /// The answer of an HTTP response's head and its whole body; of the headers, those with
+    /// text values.
+    pub fn new(head: &axum::http::response::Parts, body: Vec<u8>) -> TransportResponse {
+        let headers = head
+            .headers
+            .iter()
+            .filter_map(|(name, value)| {
+                Some((name.as_str().to_string(), value.to_str().ok()?.to_string()))
+            })
+            .collect();
+        TransportResponse {
+            status: head.status.as_u16(),
+            headers,
+            body,
+        }
+    }
 }
 
 /// Why a POST got no answer.
@@ -189,19 +198,14 @@ impl PeerConnection {
             .await
             .map_err(before_answer)?
             .map_err(|e| before_answer(other(&e)))?;
-        let status = response.status().as_u16();
-        let headers = header_pairs(response.headers());
-        let body = drive(connection, ended, response.into_body().collect())
+        let (head, body) = response.into_parts();
+        let body = drive(connection, ended, body.collect())
             .await
             .map_err(after_answer)?
             .map_err(|e| after_answer(other(&e)))?
             .to_bytes()
             .to_vec();
-        Ok(TransportResponse {
-            status,
-            headers,
-            body,
-        })
+        Ok(TransportResponse::new(&head, body))
     }
 }
 
