@@ -14,6 +14,7 @@ pub enum KeysCommand {
     Add { file: PathBuf },
     /// List the server's keys.
     List {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -27,6 +28,7 @@ pub enum KeysCommand {
     /// Allocate a key to this server's stations (or take it away with --stations false).
     Allocate {
         key_id: String,
+        /// Whether every station of this server may use the key (true or false).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         stations: bool,
         /// Allocate to the stations of this group (repeatable); replaces the key's groups.
@@ -49,12 +51,16 @@ pub enum KeysCommand {
 pub enum LeaseCommand {
     /// Take a license for a component; prints the lease as JSON.
     Checkout {
+        /// The component to license, e.g. cad.
         #[arg(long)]
         component: String,
+        /// The station's name: the same station asking again gets its lease back.
         #[arg(long)]
         station: String,
+        /// Who uses it (shown in status and usage reports).
         #[arg(long, default_value = "")]
         user: String,
+        /// The station's host name (shown in status and usage reports).
         #[arg(long, default_value = "")]
         host: String,
     },
@@ -78,6 +84,7 @@ pub struct SyncArgs {
 pub enum SyncCommand {
     /// Write a signed sync request to carry to the vendor (air-gapped sites).
     Export {
+        /// The request file to write.
         #[arg(long)]
         out: PathBuf,
     },
@@ -85,6 +92,7 @@ pub enum SyncCommand {
     Import { file: PathBuf },
     /// Show the last sync, the 366-day deadline and held renewal keys.
     Status {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -335,14 +343,15 @@ pub async fn run_status(json: bool, remote: &Remote) -> anyhow::Result<()> {
             component.component, component.licenses, component.in_use, component.free
         );
         for holder in &component.holders {
+            // lmstat's "user host display": station, then who and where when the station said.
+            let who = match (holder.user.as_str(), holder.host.as_str()) {
+                ("", "") => String::new(),
+                (user, "") => format!(" {user}"),
+                (user, host) => format!(" {user}@{host}"),
+            };
             println!(
-                "    {} {}@{} since {} (key {}, lease {})",
-                holder.station,
-                holder.user,
-                holder.host,
-                holder.since,
-                holder.key_id,
-                holder.lease_id
+                "    {}{} since {} (key {}, lease {})",
+                holder.station, who, holder.since, holder.key_id, holder.lease_id
             );
         }
     }

@@ -94,11 +94,13 @@ pub enum AuthorityCommand {
 pub enum CustomerCommand {
     /// Add a customer.
     Add {
+        /// The customer's name.
         #[arg(long)]
         name: String,
     },
     /// List customers.
     List {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -108,11 +110,13 @@ pub enum CustomerCommand {
 pub enum ServerCommand {
     /// Register a new license server ID for a customer (created if missing); prints the ID.
     Add {
+        /// The customer the server belongs to.
         #[arg(long)]
         customer: String,
     },
     /// List license server IDs with their binding and last sync.
     List {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
         /// Only this customer's servers.
@@ -127,13 +131,16 @@ pub enum ServerCommand {
 pub enum KeyCommand {
     /// Issue a license key to a server ID; prints the key id.
     Issue {
+        /// The license server ID the key is issued to.
         #[arg(long)]
         server_id: String,
         /// Comma-separated component names, e.g. cad,cam.
         #[arg(long, value_delimiter = ',', required = true)]
         components: Vec<String>,
+        /// How many stations may use it at once.
         #[arg(long)]
         licenses: u32,
+        /// Valid from now for this many days.
         #[arg(long)]
         valid_days: u32,
         /// Refuse unless the server ID belongs to this customer.
@@ -148,6 +155,7 @@ pub enum KeyCommand {
         /// The key to renew.
         #[arg(long)]
         key: String,
+        /// Valid for this many days from the renewed key's end (or from now if it has ended).
         #[arg(long)]
         valid_days: u32,
         /// Default: the renewed key's.
@@ -156,6 +164,7 @@ pub enum KeyCommand {
         /// Comma-separated; default: the renewed key's.
         #[arg(long, value_delimiter = ',')]
         components: Option<Vec<String>>,
+        /// Also write the renewal key file here.
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -163,6 +172,7 @@ pub enum KeyCommand {
     Revoke { key_id: String },
     /// List keys and renewal keys.
     List {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
         /// Only keys of this server ID.
@@ -172,6 +182,7 @@ pub enum KeyCommand {
     /// Print a key file exactly as signed (or write it with --out).
     Export {
         key_id: String,
+        /// Write the key file here instead of printing it.
         #[arg(long)]
         out: Option<PathBuf>,
     },

@@ -26,6 +26,7 @@ pub enum DomainCommand {
     },
     /// Remove a host from the running domain (admin).
     RemoveHost {
+        /// The host's number.
         #[arg(long)]
         host: u64,
     },

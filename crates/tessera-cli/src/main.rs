@@ -92,12 +92,13 @@ enum Command {
     },
     /// Recent notifications (key updates, sync, deadlines, clock), newest first.
     Events {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
         remote: Remote,
     },
-    /// A server domain of several hosts: status.
+    /// A server domain of several hosts: status, add a host, remove a host.
     Domain {
         #[command(subcommand)]
         command: domain::DomainCommand,

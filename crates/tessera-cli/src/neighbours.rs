@@ -33,6 +33,7 @@ pub struct DonateArgs {
 pub enum NeighboursCommand {
     /// Every neighbour: relation, link state, donations, received grants, usage reports.
     List {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },

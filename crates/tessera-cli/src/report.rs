@@ -17,6 +17,7 @@ pub enum ReportCommand {
         /// Last day included (YYYY-MM-DD, UTC) or an RFC 3339 time; default: now.
         #[arg(long)]
         to: Option<String>,
+        /// csv or json.
         #[arg(long, default_value = "csv", value_parser = ["csv", "json"])]
         format: String,
     },
@@ -27,8 +28,10 @@ pub enum AuditCommand {
     /// Check the audit hash chain; names the first broken record. With --data, reads the
     /// data directory's usage.sqlite3 directly (offline); otherwise asks the server.
     Verify {
+        /// A server's data directory: check its usage.sqlite3 without asking the server.
         #[arg(long)]
         data: Option<PathBuf>,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },

@@ -174,6 +174,7 @@ pub struct DemoArgs {
     /// Where the demo keeps its vendor, keys and server data (reused on the next run).
     #[arg(long, default_value = "./tessera-demo")]
     dir: PathBuf,
+    /// The demo server's address.
     #[arg(long, default_value = "127.0.0.1:7400")]
     listen: String,
 }

@@ -16,6 +16,7 @@ pub const VENDOR_PUB: &str = "vendor.pub";
 pub enum VendorCommand {
     /// Create the vendor root key pair: DIR/vendor.key (0600) and DIR/vendor.pub.
     Init {
+        /// The vendor directory to create the key pair in.
         #[arg(long)]
         dir: PathBuf,
     },
@@ -25,15 +26,19 @@ pub enum VendorCommand {
 
 #[derive(clap::Args)]
 pub struct IssueArgs {
+    /// The vendor directory (made by `vendor init`): signs with its vendor.key.
     #[arg(long)]
     pub dir: PathBuf,
+    /// The customer's name, written into the key.
     #[arg(long)]
     pub customer: String,
     /// Comma-separated component names, e.g. cad,cam.
     #[arg(long, value_delimiter = ',')]
     pub components: Vec<String>,
+    /// How many stations may use the key at once.
     #[arg(long)]
     pub licenses: u32,
+    /// Valid from now for this many days.
     #[arg(long)]
     pub valid_days: u32,
     /// The license server ID the key is issued to; without it any server may use the key.
@@ -45,6 +50,7 @@ pub struct IssueArgs {
     /// Key id; a random one if not given.
     #[arg(long)]
     pub key_id: Option<String>,
+    /// The key file to write.
     #[arg(long)]
     pub out: PathBuf,
 }

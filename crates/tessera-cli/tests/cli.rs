@@ -177,7 +177,10 @@ fn an_administrator_imports_a_key_and_a_station_checks_out_through_the_cli() {
         serde_json::from_str(&ok(&[&["status", "--json"][..], &remote].concat())).unwrap();
     assert_eq!(status["keys"][0]["in_use"], 1);
     let table = ok(&[&["status"][..], &remote].concat());
-    assert!(table.contains("cad") && table.contains("ws-17"), "{table}");
+    assert!(
+        table.contains("cad") && table.contains("ws-17 ann@ws17 since"),
+        "{table}"
+    );
     let lease_id = lease["lease_id"].as_str().unwrap();
     ok(&[&["lease", "checkin", lease_id][..], &remote].concat());
     let listing = ok(&[&["keys", "list"][..], &remote].concat());

@@ -1,5 +1,6 @@
 //! Notifications: every notable event goes to the log, to a ring of recent events
-//! (`GET /v1/events`), and to the channels configured for its kind: a webhook (JSON POST signed
+//! (`GET /v1/events`) that is also stored in the usage history database (so the list and
+//! its ids outlive a restart), and to the channels configured for its kind: a webhook (JSON POST signed
 //! with HMAC-SHA256, retried with backoff) and a user hook (an executable that gets the event
 //! as JSON on stdin, with a timeout). The hook runs after the webhook delivery, for each event.
 
@@ -16,6 +17,8 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
+
+use crate::history::NotificationLog;
 
 /// How many recent events are kept in memory for the API and the console.
 pub const RECENT_EVENTS_MAX: usize = 500;
@@ -74,12 +77,19 @@ pub struct Notifier {
     server_id: Option<String>,
     next_id: AtomicU64,
     recent: Mutex<VecDeque<Event>>,
+    store: NotificationLog,
     queue: Option<mpsc::Sender<Event>>,
 }
 
 impl Notifier {
-    /// Starts the delivery task if any rule has a channel.
-    pub fn start(server_id: Option<String>, rules: Vec<NotificationRule>) -> Notifier {
+    /// Starts the delivery task if any rule has a channel. `earlier` are the stored events
+    /// (oldest first): the list starts with them and the next id follows the highest.
+    pub fn start(
+        server_id: Option<String>,
+        rules: Vec<NotificationRule>,
+        earlier: Vec<Event>,
+        store: NotificationLog,
+    ) -> Notifier {
         let queue = if rules
             .iter()
             .any(|r| r.webhook.is_some() || r.hook.is_some())
@@ -90,10 +100,13 @@ impl Notifier {
         } else {
             None
         };
+        let next_id = earlier.iter().map(|event| event.id + 1).max().unwrap_or(1);
+        let skip = earlier.len().saturating_sub(RECENT_EVENTS_MAX);
         Notifier {
             server_id,
-            next_id: AtomicU64::new(1),
-            recent: Mutex::new(VecDeque::new()),
+            next_id: AtomicU64::new(next_id),
+            recent: Mutex::new(earlier.into_iter().skip(skip).collect()),
+            store,
             queue,
         }
     }
@@ -127,6 +140,7 @@ impl Notifier {
             }
             recent.push_back(event.clone());
         }
+        self.store.record(&event);
         if let Some(queue) = &self.queue
             && queue.try_send(event).is_err()
         {

@@ -5,7 +5,9 @@
 //! for the disk: events go through a bounded channel to one writer thread, which writes
 //! whatever has queued up in one transaction (WAL, `synchronous=NORMAL`). License events
 //! become rows of `usage_event`; every record is also appended to the audit hash chain
-//! (see [`crate::audit`]). [`History::flush`] waits until everything sent so far is written.
+//! (see [`crate::audit`]). Notifications ([`crate::events`]) are kept in `notification`, so
+//! that the recent-events list and its ids outlive a restart. [`History::flush`] waits until
+//! everything sent so far is written.
 //!
 //! The writer gathers: once a record arrives it sleeps for 20 ms (unless a flush or the
 //! stop asks for it) and then writes everything queued. Sending a record therefore rarely
@@ -24,11 +26,15 @@ use serde::Serialize;
 use tessera_core::LeaseView;
 
 use crate::audit;
+use crate::events::Event;
 
 pub const FILE: &str = "usage.sqlite3";
 
 /// The schema, in order; `PRAGMA user_version` holds how many have been applied.
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/usage/0001_usage_and_audit.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/usage/0001_usage_and_audit.sql"),
+    include_str!("../migrations/usage/0002_notifications.sql"),
+];
 
 /// Events queued beyond this make recording wait for the writer (back-pressure).
 const QUEUE: usize = 16_384;
@@ -100,6 +106,9 @@ enum Message {
         delta: i64,
         details: LeaseDetails,
     },
+    /// A notification, written at once: they are rare, and a restarted server numbers its
+    /// next one after the highest stored.
+    Notification(Event),
     Flush(std::sync::mpsc::Sender<()>),
     /// Write what came before, then end the writer thread.
     Stop,
@@ -108,15 +117,49 @@ enum Message {
 impl Message {
     /// Someone waits for this message: the writer stops gathering.
     fn urgent(&self) -> bool {
-        matches!(self, Message::Flush(_) | Message::Stop)
+        matches!(
+            self,
+            Message::Notification(_) | Message::Flush(_) | Message::Stop
+        )
+    }
+}
+
+/// The way to the writer thread.
+#[derive(Clone)]
+struct Queue {
+    sender: SyncSender<Message>,
+    /// Set (and the writer unparked) when an urgent message is queued.
+    hurry: std::sync::Arc<AtomicBool>,
+    writer: std::thread::Thread,
+}
+
+impl Queue {
+    fn send(&self, message: Message) {
+        let urgent = message.urgent();
+        if self.sender.send(message).is_err() {
+            tracing::error!("usage history writer stopped; event lost");
+            return;
+        }
+        if urgent {
+            self.hurry.store(true, Ordering::SeqCst);
+            self.writer.unpark();
+        }
+    }
+}
+
+/// Stores notifications in the history database ([`History::notification_log`]).
+#[derive(Clone)]
+pub struct NotificationLog(Queue);
+
+impl NotificationLog {
+    pub fn record(&self, event: &Event) {
+        self.0.send(Message::Notification(event.clone()));
     }
 }
 
 pub struct History {
     path: PathBuf,
-    sender: SyncSender<Message>,
-    /// Set (and the writer unparked) when a flush or the stop is queued.
-    hurry: std::sync::Arc<AtomicBool>,
+    queue: Queue,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -175,8 +218,11 @@ impl History {
             })?;
         Ok(History {
             path,
-            sender,
-            hurry,
+            queue: Queue {
+                sender,
+                hurry,
+                writer: writer.thread().clone(),
+            },
             writer: Mutex::new(Some(writer)),
         })
     }
@@ -186,17 +232,42 @@ impl History {
     }
 
     fn send(&self, message: Message) {
-        let urgent = message.urgent();
-        if self.sender.send(message).is_err() {
-            tracing::error!("usage history writer stopped; event lost");
-            return;
-        }
-        if urgent {
-            self.hurry.store(true, Ordering::SeqCst);
-            if let Some(writer) = self.writer.lock().expect("history lock").as_ref() {
-                writer.thread().unpark();
-            }
-        }
+        self.queue.send(message);
+    }
+
+    /// Where the notifier stores its events.
+    pub fn notification_log(&self) -> NotificationLog {
+        NotificationLog(self.queue.clone())
+    }
+
+    /// The newest `limit` stored notifications, oldest first.
+    pub fn notifications(&self, limit: usize) -> Result<Vec<Event>, HistoryError> {
+        let connection = self.reader()?;
+        let mut statement = connection
+            .prepare(
+                "SELECT id, at_ms, kind, severity, server_id, message, details FROM
+                   (SELECT * FROM notification ORDER BY id DESC LIMIT ?1)
+                 ORDER BY id",
+            )
+            .map_err(|e| self.error(e))?;
+        let rows = statement
+            .query_map(params![limit as i64], |row| {
+                let at_ms: i64 = row.get(1)?;
+                let details: String = row.get(6)?;
+                Ok(Event {
+                    id: row.get::<_, i64>(0)? as u64,
+                    at: jiff::Timestamp::from_millisecond(at_ms)
+                        .unwrap_or(jiff::Timestamp::UNIX_EPOCH),
+                    kind: row.get(2)?,
+                    severity: row.get(3)?,
+                    server_id: row.get(4)?,
+                    message: row.get(5)?,
+                    details: serde_json::from_str(&details).unwrap_or(serde_json::Value::Null),
+                })
+            })
+            .map_err(|e| self.error(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.error(e))
     }
 
     /// Appends an audit record and the usage rows that belong to it.
@@ -469,6 +540,12 @@ fn write_loop(mut connection: Connection, receiver: Receiver<Message>, hurry: &A
                     "INSERT INTO usage_event (at_ms, kind, lease_id, key_id, component, station, user, host, delta, detail)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 )?;
+                // A stored id again can only be a second server in the same directory; the
+                // newer event wins rather than failing the batch.
+                let mut notification_insert = transaction.prepare_cached(
+                    "INSERT OR REPLACE INTO notification (id, at_ms, kind, severity, server_id, message, details)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )?;
                 let mut audit_insert = transaction.prepare_cached(
                     "INSERT INTO audit_log (seq, at_ms, actor, action, details, prev_hash, hash)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -485,6 +562,17 @@ fn write_loop(mut connection: Connection, receiver: Receiver<Message>, hurry: &A
                 for message in &batch {
                     match message {
                         Message::Flush(done) => flushes.push(done.clone()),
+                        Message::Notification(event) => {
+                            notification_insert.execute(params![
+                                event.id as i64,
+                                event.at.as_millisecond(),
+                                event.kind,
+                                event.severity,
+                                event.server_id,
+                                event.message,
+                                event.details.to_string(),
+                            ])?;
+                        }
                         Message::Stop => stopping = true,
                         Message::Record {
                             usage,

@@ -139,13 +139,19 @@ pub async fn start(
         high_water_ms,
         config.clock_tolerance.as_millis() as i64,
     );
-    let notifier =
-        crate::events::Notifier::start(config.server_id.clone(), config.notifications.clone());
-    let history =
-        crate::history::History::start(&config.data_dir).map_err(|error| StartError::DataDir {
-            path: error.path,
-            message: error.message,
-        })?;
+    let history_error = |error: crate::history::HistoryError| StartError::DataDir {
+        path: error.path,
+        message: error.message,
+    };
+    let history = crate::history::History::start(&config.data_dir).map_err(history_error)?;
+    let notifier = crate::events::Notifier::start(
+        config.server_id.clone(),
+        config.notifications.clone(),
+        history
+            .notifications(crate::events::RECENT_EVENTS_MAX)
+            .map_err(history_error)?,
+        history.notification_log(),
+    );
     let pair = crate::pair::Pair::new(config.data_dir.clone());
     let state: SharedState = Arc::new(AppState {
         history,

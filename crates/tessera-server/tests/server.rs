@@ -697,6 +697,17 @@ async fn check_for_updates_replaces_a_key_by_its_renewal_and_notifies() {
         f.admin().update_keys().await.unwrap().renewals.is_empty(),
         "nothing left to do"
     );
+
+    // The notifications outlive a restart, ids and all, and the next one is numbered after
+    // them.
+    let before = f.admin().events().await.unwrap();
+    let f = f.restart().await;
+    assert_eq!(f.admin().events().await.unwrap(), before);
+    f.import(&f.key("more", &["cam"], 1)).await;
+    let after = f.admin().events().await.unwrap();
+    assert_eq!(after[0]["kind"], "key_imported", "{after:?}");
+    assert_eq!(after[0]["id"], before[0]["id"].as_u64().unwrap() + 1);
+    assert_eq!(after[1..], before[..]);
 }
 
 #[tokio::test]
