@@ -201,6 +201,10 @@ fn pair_up(dir: &PairDir) {
         &token,
     ]);
     assert!(enabled.contains("pair status"), "{enabled}");
+    assert!(
+        enabled.contains("serving: paired") && enabled.matches(" paired ").count() == 2,
+        "the answer shows both hosts paired: {enabled}"
+    );
     wait_status(&dir.url(1), "Paired and Available", "paired");
     wait_status(&dir.url(2), "Paired and Available", "paired");
     ok(&[

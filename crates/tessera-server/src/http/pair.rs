@@ -18,7 +18,7 @@ use tessera_core::{Command, Outcome};
 
 use super::extract::{Admin, ApiJson};
 use crate::error::ApiError;
-use crate::pair::{Candidate, PAIR_AUTH_HEADER, PairStatus};
+use crate::pair::{Candidate, Mode, PAIR_AUTH_HEADER, PairStatus};
 use crate::state::SharedState;
 
 /// The backup's share when `enable` does not say.
@@ -121,7 +121,22 @@ pub async fn enable(
         .add_host(candidate.host, &request.backup)
         .await?;
     set_split(&state, Some(percent)).await?;
+    wait_paired(&state).await;
     Ok(Json(state.pair.status(&state)))
+}
+
+/// Waits, at most a second, until both hosts' pair loops (every [`crate::pair::PAIR_TICK`])
+/// have taken up the split, so that the status in the answer shows them paired, not still
+/// "off".
+async fn wait_paired(state: &SharedState) {
+    let paired = || {
+        state.pair.mode() == Mode::Paired
+            && state.consensus.pair_link().peer_mode() == Some(Mode::Paired)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    while !paired() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
 
 async fn set_split(state: &SharedState, backup_percent: Option<u8>) -> Result<(), ApiError> {
