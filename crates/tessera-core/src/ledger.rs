@@ -160,6 +160,14 @@ pub struct UsageReport {
     pub in_use: BTreeMap<String, u32>,
 }
 
+/// The serial of a grant after `previous` (for one vendor key and receiver): also at least
+/// the entry's time in milliseconds. A donor rebuilt on an empty ledger (its disk lost) so
+/// numbers its grants above every serial the lost ledger issued, and its receivers, which
+/// refuse a serial at or below one they accepted, take them. Serials are only compared.
+fn next_serial(previous: u64, at: i64) -> u64 {
+    (previous + 1).max(u64::try_from(at).unwrap_or(0))
+}
+
 /// The pool id of a grant received from `donor` for vendor key `key_id`.
 pub fn received_pool_id(key_id: &str, donor: &str) -> String {
     format!("{key_id}@{donor}")
@@ -1522,10 +1530,12 @@ impl Ledger {
                 Err(reason) => return refuse(reason),
             };
         let serial_key = received_pool_id(vendor_key_id, to);
-        let serial = existing
-            .map_or(0, |d| d.serial)
-            .max(self.issued_serials.get(&serial_key).copied().unwrap_or(0))
-            + 1;
+        let serial = next_serial(
+            existing
+                .map_or(0, |d| d.serial)
+                .max(self.issued_serials.get(&serial_key).copied().unwrap_or(0)),
+            at,
+        );
         let mut outstanding = existing.map(|d| d.outstanding.clone()).unwrap_or_default();
         push_outstanding(
             &mut outstanding,
@@ -1638,10 +1648,12 @@ impl Ledger {
             };
             let serial_key = received_pool_id(&record.key.payload.key_id, &id.1);
             let donation = self.donations.get_mut(&id).expect("listed");
-            donation.serial = donation
-                .serial
-                .max(self.issued_serials.get(&serial_key).copied().unwrap_or(0))
-                + 1;
+            donation.serial = next_serial(
+                donation
+                    .serial
+                    .max(self.issued_serials.get(&serial_key).copied().unwrap_or(0)),
+                at,
+            );
             self.issued_serials.insert(serial_key, donation.serial);
             donation.lease_until_ms = lease_until_ms;
             donation.renewed_at_ms = at;

@@ -201,21 +201,45 @@ fn a_grant_not_renewed_returns_to_the_donor_after_its_lease_and_the_skew() {
 }
 
 #[test]
+fn a_donor_rebuilt_on_an_empty_ledger_donates_again_to_a_receiver_of_the_lost_one() {
+    let (mut parent, mut child, k) = network();
+    parent.donate(BASE_MS, "k1", &child, 4, BASE_MS + 100 * HOUR_MS);
+    child.accept(BASE_MS, parent.grant("k1", "child"));
+    let renew_at = BASE_MS + HOUR_MS / 2;
+    parent.apply(renew_at, Command::RenewDonations { to: "child".into() });
+    child.accept(renew_at, parent.grant("k1", "child"));
+    // The parent's disk is lost. It starts again with its identity and an empty ledger
+    // once nothing the lost ledger granted can be in use (docs/operations.md).
+    let restart = renew_at + HOUR_MS + SKEW_MS + 1000;
+    let mut rebuilt = Server::new("parent", 11);
+    rebuilt.apply(restart, Command::ImportKey { key: k });
+    rebuilt.donate(restart, "k1", &child, 4, BASE_MS + 100 * HOUR_MS);
+    let outcome = child.accept(restart, rebuilt.grant("k1", "child"));
+    assert!(
+        matches!(outcome, Outcome::GrantAccepted { licenses: 4, .. }),
+        "not refused as a replay of the lost ledger's grants: {outcome:?}"
+    );
+    assert_eq!(child.checkouts(restart, 5), 4);
+}
+
+#[test]
 fn renewal_extends_the_grant_with_a_higher_serial_and_leases_continue() {
     let (mut parent, mut child, _) = network();
     parent.donate(BASE_MS, "k1", &child, 4, BASE_MS + 100 * HOUR_MS);
-    child.accept(BASE_MS, parent.grant("k1", "child"));
+    let first = parent.grant("k1", "child");
+    child.accept(BASE_MS, first.clone());
     let renew_at = BASE_MS + HOUR_MS / 2;
     let outcome = parent.apply(renew_at, Command::RenewDonations { to: "child".into() });
     let Outcome::DonationsRenewed { donations, .. } = outcome else {
         panic!("{outcome:?}")
     };
-    assert_eq!(donations[0].serial, 2);
+    let serial = donations[0].serial;
+    assert!(serial > first.last().serial);
     assert_eq!(donations[0].lease_until_ms, renew_at + HOUR_MS);
     let grant = parent.grant("k1", "child");
-    assert_eq!(grant.last().serial, 2);
+    assert_eq!(grant.last().serial, serial);
     child.accept(renew_at, grant);
-    assert_eq!(child.view("k1@parent").received.unwrap().serial, 2);
+    assert_eq!(child.view("k1@parent").received.unwrap().serial, serial);
     // A lease taken just before the first grant's end now runs its full time.
     let old_end = BASE_MS + HOUR_MS - SKEW_MS;
     assert_eq!(child.checkouts(old_end - 1000, 1), 1);
@@ -286,14 +310,19 @@ fn forged_inflated_foreign_expired_and_replayed_grants_are_refused() {
         "grant_expired"
     );
 
-    // Replayed: serial 1 after serial 2 was accepted.
+    // Replayed: the first serial after the renewal's was accepted.
     parent.apply(BASE_MS + 10, Command::RenewDonations { to: "child".into() });
-    child.accept(BASE_MS + 10, parent.grant("k1", "child"));
+    let renewed = parent.grant("k1", "child");
+    assert!(renewed.last().serial > genuine.last().serial);
+    child.accept(BASE_MS + 10, renewed.clone());
     assert_eq!(
         refusal(child.accept(BASE_MS + 20, genuine)).code(),
         "grant_replayed"
     );
-    assert_eq!(child.view("k1@parent").received.unwrap().serial, 2);
+    assert_eq!(
+        child.view("k1@parent").received.unwrap().serial,
+        renewed.last().serial
+    );
 }
 
 #[test]
@@ -344,6 +373,7 @@ fn lowering_a_donation_frees_licenses_only_when_the_larger_grant_is_gone() {
     let (mut parent, mut child, _) = network();
     let mut grandchild = Server::new("grandchild", 13);
     parent.donate(BASE_MS, "k1", &child, 4, BASE_MS + 100 * HOUR_MS);
+    let first_serial = parent.grant("k1", "child").last().serial;
     child.accept(BASE_MS, parent.grant("k1", "child"));
     child.donate(
         BASE_MS,
@@ -402,13 +432,13 @@ fn lowering_a_donation_frees_licenses_only_when_the_larger_grant_is_gone() {
     let pool = child.view("k1@parent");
     assert_eq!((pool.licenses, pool.donated, pool.in_use), (1, 0, 1));
     child.ledger.check_invariants().unwrap();
-    // The child says it holds only serial 2 now: the parent counts 1.
+    // The child says it holds only the second grant now: the parent counts 1.
     parent.apply(
         BASE_MS + 2000,
         Command::GrantReturned {
             key_id: "k1".into(),
             to: "child".into(),
-            serial: 1,
+            serial: first_serial,
         },
     );
     assert_eq!(parent.view("k1").donated, 1);
@@ -435,7 +465,7 @@ fn a_released_grant_comes_back_once_its_stations_stop_and_cannot_be_replayed() {
     else {
         panic!()
     };
-    assert_eq!((serial, leases_ended), (1, 2));
+    assert_eq!((serial, leases_ended), (grant.last().serial, 2));
     // Their stations hear of it at their next heartbeat at best: they may use the licenses
     // until the expiry they were told, so the return is reported only after it.
     assert_eq!(stations_until_ms, BASE_MS + 30_000);
@@ -646,6 +676,7 @@ fn one_donation_of_a_key_to_a_neighbour_at_a_time_and_serials_per_key() {
         BASE_MS + 1000,
         Command::RenewDonations { to: "shop".into() },
     );
+    let renewed = site.grant("k1@parent", "shop").last().serial;
     shop.accept(BASE_MS + 1000, site.grant("k1@parent", "shop"));
     // The shop keeps one pool of k1 from the site: a second donation of k1 is refused.
     let refused = refusal(site.apply(
@@ -677,15 +708,19 @@ fn one_donation_of_a_key_to_a_neighbour_at_a_time_and_serials_per_key() {
         Command::GrantReturned {
             key_id: "k1@parent".into(),
             to: "shop".into(),
-            serial: 2,
+            serial: renewed,
         },
     );
     site.donate(BASE_MS + 4000, "k1@child", &shop, 1, BASE_MS + 50 * HOUR_MS);
     let grant = site.grant("k1@child", "shop");
-    assert_eq!(grant.last().serial, 3);
+    let serial = grant.last().serial;
+    assert!(
+        serial > renewed,
+        "numbered after the first donation's grants"
+    );
     assert!(matches!(
         shop.accept(BASE_MS + 4000, grant),
-        Outcome::GrantAccepted { serial: 3, .. }
+        Outcome::GrantAccepted { serial: accepted, .. } if accepted == serial
     ));
 }
 

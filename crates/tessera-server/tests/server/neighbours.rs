@@ -404,7 +404,7 @@ async fn a_child_donates_further_within_its_grant() {
     let far = until(START_MS + 10 * 86_400_000);
     hq.donate("K", "branch", 5, &far).await.unwrap();
     let branch = net.admin("branch");
-    branch.donate("K@hq", "site", 3, &far).await.unwrap();
+    let first = branch.donate("K@hq", "site", 3, &far).await.unwrap();
     let at_site = net.key_summary("site", "K@branch").await.unwrap();
     assert_eq!((at_site.licenses, at_site.vendor_key_id.as_str()), (3, "K"));
     let refused = branch.donate("K@hq", "site", 6, &far).await.unwrap_err();
@@ -417,9 +417,8 @@ async fn a_child_donates_further_within_its_grant() {
     net.advance(40 * 60_000);
     assert!(net.tick("branch").await.is_empty());
     assert!(net.tick("site").await.is_empty());
-    assert_eq!(
-        net.admin("branch").donations().await.unwrap()[0].serial,
-        2,
+    assert!(
+        net.admin("branch").donations().await.unwrap()[0].serial > first.serial,
         "renewed"
     );
 }
@@ -475,7 +474,8 @@ async fn peers_donate_only_where_send_and_receive_allow() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grants_renew_while_the_child_lives_and_come_back_when_it_is_gone() {
     let (mut net, hq) = Net::hq_and_branch().await;
-    hq.donate("K", "branch", 4, &until(START_MS + 10 * 86_400_000))
+    let first = hq
+        .donate("K", "branch", 4, &until(START_MS + 10 * 86_400_000))
         .await
         .unwrap();
     assert_eq!(net.checkouts("branch", "b", 4).await, 4);
@@ -483,7 +483,7 @@ async fn grants_renew_while_the_child_lives_and_come_back_when_it_is_gone() {
     net.advance(35 * 60_000);
     assert!(net.tick("branch").await.is_empty());
     let donation = &hq.donations().await.unwrap()[0];
-    assert_eq!(donation.serial, 2);
+    assert!(donation.serial > first.serial, "renewed");
     assert_eq!(net.key_summary("branch", "K@hq").await.unwrap().received, 4);
 
     // The child is switched off: nothing renews; one renewal period (plus the clock skew)
@@ -510,12 +510,13 @@ async fn grants_renew_while_the_child_lives_and_come_back_when_it_is_gone() {
 async fn at_the_end_date_the_childs_leases_end_and_the_licenses_return() {
     let (net, hq) = Net::hq_and_branch().await;
     let end = START_MS + 5 * 60_000;
-    hq.donate("K", "branch", 4, &until(START_MS + 10 * HOUR_MS))
+    let first = hq
+        .donate("K", "branch", 4, &until(START_MS + 10 * HOUR_MS))
         .await
         .unwrap();
     // The end date is editable at any time: moved earlier, the child gets the new grant.
     let changed = hq.donate("K", "branch", 4, &until(end)).await.unwrap();
-    assert_eq!(changed.serial, 2);
+    assert!(changed.serial > first.serial);
     let branch = Client::new(&net.server("branch").url(), None);
     let (lease, _) = branch.checkout(&request("cad", "ws-1")).await.unwrap();
     assert_eq!(
@@ -852,10 +853,11 @@ async fn a_smaller_donation_is_counted_as_the_child_can_use_it() {
         .await
         .unwrap();
     let far = until(START_MS + 10 * 86_400_000);
-    hq.donate("K", "branch", 4, &far).await.unwrap();
+    let first = hq.donate("K", "branch", 4, &far).await.unwrap();
     assert_eq!(net.checkouts("branch", "b", 4).await, 4);
     let lowered = hq.donate("K", "branch", 2, &far).await.unwrap();
-    assert_eq!((lowered.licenses, lowered.serial), (2, 2));
+    assert_eq!(lowered.licenses, 2);
+    assert!(lowered.serial > first.serial);
     net.assert_safe(&licenses).await;
     // Whatever the child may still use of the larger grant, the parent still counts; once
     // the larger grant has lapsed both sides count the smaller one.
@@ -897,21 +899,23 @@ async fn a_periodic_connection_renews_at_its_period_and_before_the_grant_ends() 
     hq.import_key(net.key("K", 10).to_json_pretty())
         .await
         .unwrap();
-    hq.donate("K", "branch", 4, &until(START_MS + 10 * 86_400_000))
+    let donated = hq
+        .donate("K", "branch", 4, &until(START_MS + 10 * 86_400_000))
         .await
         .unwrap();
     let serial = || async { hq.donations().await.unwrap()[0].serial };
     // The first contact comes at once.
     assert!(net.tick("branch").await.is_empty());
-    assert_eq!(serial().await, 2);
+    let contacted = serial().await;
+    assert!(contacted > donated.serial);
     // Half of the one-hour grant gone: a permanent link would renew, a periodic one waits.
     net.advance(31 * 60_000);
     assert!(net.tick("branch").await.is_empty());
-    assert_eq!(serial().await, 2);
+    assert_eq!(serial().await, contacted);
     // Less than the preliminary renewal interval (10 min) left: it renews early.
     net.advance(19 * 60_000 + 1000);
     assert!(net.tick("branch").await.is_empty());
-    assert_eq!(serial().await, 3);
+    assert!(serial().await > contacted);
     // The parent contacts a periodic neighbour at most every reconnect period.
     let pushed = net.neighbour_view("branch", "hq").await.last_contact;
     net.advance(20 * 60_000);
