@@ -40,6 +40,9 @@ const MIGRATIONS: &[&str] = &[
 const QUEUE: usize = 16_384;
 /// Most records written in one transaction.
 const BATCH: usize = 2_048;
+/// Notifications kept in `notification` (the oldest beyond are deleted): a flood of refused
+/// messages from other servers, each its own event, must not grow the file without end.
+const NOTIFICATIONS_KEPT: i64 = 10_000;
 /// How long the writer gathers records before writing them, unless asked to hurry.
 const GATHER: Duration = Duration::from_millis(20);
 
@@ -546,6 +549,7 @@ fn write_loop(mut connection: Connection, receiver: Receiver<Message>, hurry: &A
                     "INSERT OR REPLACE INTO notification (id, at_ms, kind, severity, server_id, message, details)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )?;
+                let mut newest_notification = None;
                 let mut audit_insert = transaction.prepare_cached(
                     "INSERT INTO audit_log (seq, at_ms, actor, action, details, prev_hash, hash)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -572,6 +576,7 @@ fn write_loop(mut connection: Connection, receiver: Receiver<Message>, hurry: &A
                                 event.message,
                                 event.details.to_string(),
                             ])?;
+                            newest_notification = Some(event.id as i64);
                         }
                         Message::Stop => stopping = true,
                         Message::Record {
@@ -625,6 +630,12 @@ fn write_loop(mut connection: Connection, receiver: Receiver<Message>, hurry: &A
                             append(*at_ms, actor, &format!("lease.{kind}"), &text)?;
                         }
                     }
+                }
+                if let Some(newest) = newest_notification {
+                    transaction.execute(
+                        "DELETE FROM notification WHERE id <= ?1",
+                        params![newest - NOTIFICATIONS_KEPT],
+                    )?;
                 }
             }
             transaction.commit()
@@ -885,5 +896,34 @@ mod tests {
         });
         assert_eq!(audit[0].details, object.to_string());
         assert!(history.verify().unwrap().ok);
+    }
+
+    #[test]
+    fn notifications_are_stored_as_sent_and_only_the_newest_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = History::start(dir.path()).unwrap();
+        let log = history.notification_log();
+        let event = |id: u64| Event {
+            id,
+            at: jiff::Timestamp::from_millisecond(1_000 * id as i64).unwrap(),
+            kind: "neighbour_refused".into(),
+            severity: "warning".into(),
+            server_id: Some("hq".into()),
+            message: format!("refused message {id}"),
+            details: serde_json::json!({"from": format!("server-{id}")}),
+        };
+        let sent = NOTIFICATIONS_KEPT as u64 + 5;
+        for id in 1..=sent {
+            log.record(&event(id));
+        }
+        history.flush();
+        let stored = history.notifications(usize::MAX).unwrap();
+        assert_eq!(stored.len(), NOTIFICATIONS_KEPT as usize);
+        assert_eq!(stored[0], event(6), "the oldest five are gone");
+        assert_eq!(stored.last(), Some(&event(sent)));
+        assert_eq!(
+            history.notifications(2).unwrap(),
+            [event(sent - 1), event(sent)]
+        );
     }
 }
