@@ -46,6 +46,9 @@ pub struct Event {
     /// `info`, `warning` or `error`.
     pub severity: String,
     pub server_id: Option<String>,
+    /// The number of the domain host that raised it; null on a single server. Each host
+    /// numbers its own events: `id` names an event together with `host`.
+    pub host: Option<u64>,
     pub message: String,
     #[schema(value_type = Object)]
     pub details: serde_json::Value,
@@ -75,6 +78,7 @@ impl NotificationRule {
 
 pub struct Notifier {
     server_id: Option<String>,
+    host: Option<u64>,
     next_id: AtomicU64,
     recent: Mutex<VecDeque<Event>>,
     store: NotificationLog,
@@ -86,6 +90,7 @@ impl Notifier {
     /// (oldest first): the list starts with them and the next id follows the highest.
     pub fn start(
         server_id: Option<String>,
+        host: Option<u64>,
         rules: Vec<NotificationRule>,
         earlier: Vec<Event>,
         store: NotificationLog,
@@ -104,6 +109,7 @@ impl Notifier {
         let skip = earlier.len().saturating_sub(RECENT_EVENTS_MAX);
         Notifier {
             server_id,
+            host,
             next_id: AtomicU64::new(next_id),
             recent: Mutex::new(earlier.into_iter().skip(skip).collect()),
             store,
@@ -125,6 +131,7 @@ impl Notifier {
             kind: kind.to_string(),
             severity: severity.to_string(),
             server_id: self.server_id.clone(),
+            host: self.host,
             message,
             details,
         };

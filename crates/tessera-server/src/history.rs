@@ -109,8 +109,7 @@ enum Message {
         delta: i64,
         details: LeaseDetails,
     },
-    /// A notification, written at once: they are rare, and a restarted server numbers its
-    /// next one after the highest stored.
+    /// A notification; a restarted server numbers its next one after the highest stored.
     Notification(Event),
     Flush(std::sync::mpsc::Sender<()>),
     /// Write what came before, then end the writer thread.
@@ -120,10 +119,7 @@ enum Message {
 impl Message {
     /// Someone waits for this message: the writer stops gathering.
     fn urgent(&self) -> bool {
-        matches!(
-            self,
-            Message::Notification(_) | Message::Flush(_) | Message::Stop
-        )
+        matches!(self, Message::Flush(_) | Message::Stop)
     }
 }
 
@@ -248,7 +244,7 @@ impl History {
         let connection = self.reader()?;
         let mut statement = connection
             .prepare(
-                "SELECT id, at_ms, kind, severity, server_id, message, details FROM
+                "SELECT id, at_ms, kind, severity, server_id, host, message, details FROM
                    (SELECT * FROM notification ORDER BY id DESC LIMIT ?1)
                  ORDER BY id",
             )
@@ -256,7 +252,7 @@ impl History {
         let rows = statement
             .query_map(params![limit as i64], |row| {
                 let at_ms: i64 = row.get(1)?;
-                let details: String = row.get(6)?;
+                let details: String = row.get(7)?;
                 Ok(Event {
                     id: row.get::<_, i64>(0)? as u64,
                     at: jiff::Timestamp::from_millisecond(at_ms)
@@ -264,7 +260,8 @@ impl History {
                     kind: row.get(2)?,
                     severity: row.get(3)?,
                     server_id: row.get(4)?,
-                    message: row.get(5)?,
+                    host: row.get::<_, Option<i64>>(5)?.map(|host| host as u64),
+                    message: row.get(6)?,
                     details: serde_json::from_str(&details).unwrap_or(serde_json::Value::Null),
                 })
             })
@@ -533,6 +530,7 @@ fn write_loop(mut connection: Connection, receiver: Receiver<Message>, hurry: &A
             }
         }
         let mut flushes = Vec::new();
+        let mut notified = false;
         let result = (|| -> rusqlite::Result<()> {
             let transaction =
                 connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -543,13 +541,13 @@ fn write_loop(mut connection: Connection, receiver: Receiver<Message>, hurry: &A
                     "INSERT INTO usage_event (at_ms, kind, lease_id, key_id, component, station, user, host, delta, detail)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 )?;
-                // A stored id again can only be a second server in the same directory; the
-                // newer event wins rather than failing the batch.
+                // An id stored already (the last events before a crash of the machine were
+                // lost and their ids given again, or a second server runs in the same
+                // directory): the newer event wins rather than failing the batch.
                 let mut notification_insert = transaction.prepare_cached(
-                    "INSERT OR REPLACE INTO notification (id, at_ms, kind, severity, server_id, message, details)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    "INSERT OR REPLACE INTO notification (id, at_ms, kind, severity, server_id, host, message, details)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 )?;
-                let mut newest_notification = None;
                 let mut audit_insert = transaction.prepare_cached(
                     "INSERT INTO audit_log (seq, at_ms, actor, action, details, prev_hash, hash)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -573,10 +571,11 @@ fn write_loop(mut connection: Connection, receiver: Receiver<Message>, hurry: &A
                                 event.kind,
                                 event.severity,
                                 event.server_id,
+                                event.host.map(|host| host as i64),
                                 event.message,
                                 event.details.to_string(),
                             ])?;
-                            newest_notification = Some(event.id as i64);
+                            notified = true;
                         }
                         Message::Stop => stopping = true,
                         Message::Record {
@@ -631,10 +630,11 @@ fn write_loop(mut connection: Connection, receiver: Receiver<Message>, hurry: &A
                         }
                     }
                 }
-                if let Some(newest) = newest_notification {
+                if notified {
                     transaction.execute(
-                        "DELETE FROM notification WHERE id <= ?1",
-                        params![newest - NOTIFICATIONS_KEPT],
+                        "DELETE FROM notification
+                         WHERE id <= (SELECT MAX(id) FROM notification) - ?1",
+                        params![NOTIFICATIONS_KEPT],
                     )?;
                 }
             }
@@ -909,6 +909,7 @@ mod tests {
             kind: "neighbour_refused".into(),
             severity: "warning".into(),
             server_id: Some("hq".into()),
+            host: Some(2),
             message: format!("refused message {id}"),
             details: serde_json::json!({"from": format!("server-{id}")}),
         };

@@ -146,10 +146,15 @@ pub async fn start(
     let history = crate::history::History::start(&config.data_dir).map_err(history_error)?;
     let notifier = crate::events::Notifier::start(
         config.server_id.clone(),
+        config.domain.as_ref().map(|domain| domain.host),
         config.notifications.clone(),
+        // A record for people: unreadable, the list starts empty, and licenses are served.
         history
             .notifications(crate::events::RECENT_EVENTS_MAX)
-            .map_err(history_error)?,
+            .unwrap_or_else(|error| {
+                tracing::warn!(%error, "stored notifications unreadable: the list starts empty");
+                Vec::new()
+            }),
         history.notification_log(),
     );
     let pair = crate::pair::Pair::new(config.data_dir.clone());

@@ -442,11 +442,17 @@ fn a_chain_of_processes_renews_ends_and_detects_a_wiped_child() {
     let retry_step = || advance_all(tessera_server::neighbours::RETRY_MS);
 
     // Renewal: past half of the one-hour grants every receiver asks, and serials go up.
-    advance_all(35 * 60_000);
-    poll_stepping("the renewal of branch-1's grant", retry_step, || {
+    let serial = || {
         let donations: serde_json::Value =
             serde_json::from_str(&run(&["neighbours", "list", "--json"], &hq)).unwrap();
-        donations["neighbours"][0]["donations"][0]["serial"].as_u64() >= Some(2)
+        donations["neighbours"][0]["donations"][0]["serial"]
+            .as_u64()
+            .expect("a donation to branch-1")
+    };
+    let first = serial();
+    advance_all(35 * 60_000);
+    poll_stepping("the renewal of branch-1's grant", retry_step, || {
+        serial() > first
     });
 
     // The end date, moved to 10 minutes from now on the test clock, ends branch-2's grant.

@@ -521,6 +521,10 @@ fn a_backup_stopped_gracefully_shows_stopped_in_status_metrics_and_events_then_p
             .any(|m| m.contains("Backup not available")),
         "{events:#?}"
     );
+    assert!(
+        events.iter().all(|e| e["host"] == 1),
+        "raised by host 1: {events:#?}"
+    );
     // The primary alone keeps the station's lease.
     assert!(held_leases(&pair.url(1)).contains(&lease));
     // The console's tiles show the pair and each host as the reference does.

@@ -6,6 +6,7 @@ CREATE TABLE notification (
     kind      TEXT    NOT NULL,
     severity  TEXT    NOT NULL,
     server_id TEXT,
+    host      INTEGER,              -- the domain host that raised it; NULL on a single server
     message   TEXT    NOT NULL,
     details   TEXT    NOT NULL      -- JSON
 );

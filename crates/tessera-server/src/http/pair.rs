@@ -125,19 +125,24 @@ pub async fn enable(
     Ok(Json(state.pair.status(&state)))
 }
 
-/// Waits, at most a second, until both hosts' pair loops (every [`crate::pair::PAIR_TICK`])
-/// have taken up the split, so that the status in the answer shows them paired, not still
-/// "off".
+/// Waits until both hosts' pair loops (every [`crate::pair::PAIR_TICK`]) have taken up the
+/// split, so that the status in the answer shows them paired, not still "off"; at most
+/// [`PAIRED_WAIT`] (then the answer shows what is).
 async fn wait_paired(state: &SharedState) {
     let paired = || {
         state.pair.mode() == Mode::Paired
             && state.consensus.pair_link().peer_mode() == Some(Mode::Paired)
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
-    while !paired() && std::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let _ = tokio::time::timeout(PAIRED_WAIT, async {
+        while !paired() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
 }
+
+/// How long `enable` waits for both hosts to serve as a pair: normally one or two pair ticks.
+const PAIRED_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 async fn set_split(state: &SharedState, backup_percent: Option<u8>) -> Result<(), ApiError> {
     let at_ms = state.stamper.stamp_lenient();
