@@ -160,11 +160,12 @@ pub struct UsageReport {
     pub in_use: BTreeMap<String, u32>,
 }
 
-/// The serial of a grant after `previous` (for one vendor key and receiver): also at least
-/// the entry's time in milliseconds. A donor rebuilt on an empty ledger (its disk lost) so
-/// numbers its grants above every serial the lost ledger issued, and its receivers, which
-/// refuse a serial at or below one they accepted, take them. Serials are only compared.
-fn next_serial(previous: u64, at: i64) -> u64 {
+/// The number after `previous` of a sequence others check for replays (a grant's serial per
+/// vendor key and receiver, a sync request's sequence): also at least the entry's time in
+/// milliseconds. A server rebuilt on an empty ledger (its disk lost) so numbers above
+/// everything the lost ledger sent, and its receivers and the vendor, which refuse a number
+/// at or below one they accepted, take it. These numbers are only ever compared.
+fn next_number(previous: u64, at: i64) -> u64 {
     (previous + 1).max(u64::try_from(at).unwrap_or(0))
 }
 
@@ -623,7 +624,7 @@ impl Ledger {
             Command::Expire => Outcome::Expired {
                 leases_ended: ended,
             },
-            Command::BeginSync { nonce } => self.begin_sync(nonce),
+            Command::BeginSync { nonce } => self.begin_sync(nonce, at),
             Command::CompleteSync { response } => self.complete_sync(response, at),
             Command::RenewKeys => self.renew_keys(at),
             Command::AllocateKey { key_id, stations } => self.allocate_key(key_id, *stations),
@@ -875,7 +876,7 @@ impl Ledger {
         }
     }
 
-    fn begin_sync(&mut self, nonce: &str) -> Outcome {
+    fn begin_sync(&mut self, nonce: &str, at: i64) -> Outcome {
         if self.config.server_id.is_none() {
             return sync_refused(SyncError::NoServerId);
         }
@@ -893,7 +894,7 @@ impl Ledger {
             .awaited
             .as_ref()
             .map_or(0, |(sequence, _)| *sequence);
-        let sequence = self.sync.completed_sequence.max(last_sent) + 1;
+        let sequence = next_number(self.sync.completed_sequence.max(last_sent), at);
         self.sync.awaited = Some((sequence, nonce.to_string()));
         Outcome::SyncBegun {
             sequence,
@@ -1530,7 +1531,7 @@ impl Ledger {
                 Err(reason) => return refuse(reason),
             };
         let serial_key = received_pool_id(vendor_key_id, to);
-        let serial = next_serial(
+        let serial = next_number(
             existing
                 .map_or(0, |d| d.serial)
                 .max(self.issued_serials.get(&serial_key).copied().unwrap_or(0)),
@@ -1648,7 +1649,7 @@ impl Ledger {
             };
             let serial_key = received_pool_id(&record.key.payload.key_id, &id.1);
             let donation = self.donations.get_mut(&id).expect("listed");
-            donation.serial = next_serial(
+            donation.serial = next_number(
                 donation
                     .serial
                     .max(self.issued_serials.get(&serial_key).copied().unwrap_or(0)),

@@ -304,6 +304,19 @@ fn response_with_renewals(
     )
 }
 
+/// Begins a sync; returns the request's sequence, which the vendor's answer must carry.
+fn begin_sync(ledger: &mut Ledger, at_ms: i64, nonce: &str) -> u64 {
+    match ledger.apply(&at(
+        at_ms,
+        Command::BeginSync {
+            nonce: nonce.into(),
+        },
+    )) {
+        Outcome::SyncBegun { sequence, .. } => sequence,
+        other => panic!("{other:?}"),
+    }
+}
+
 fn complete(ledger: &mut Ledger, at_ms: i64, response: SyncResponse) -> Outcome {
     ledger.apply(&at(
         at_ms,
@@ -329,14 +342,14 @@ fn keys_bound_to_the_server_issue_only_under_a_valid_certificate() {
         refused,
         Refusal::ServerNotSynchronized { deadline_ms: None }
     );
-    ledger.apply(&at(BASE_MS, Command::BeginSync { nonce: "n1".into() }));
+    let sequence = begin_sync(&mut ledger, BASE_MS, "n1");
     let synced = complete(
         &mut ledger,
         BASE_MS,
-        response("srv-1", 1, "n1", BASE_MS, vec![bound], vec![]),
+        response("srv-1", sequence, "n1", BASE_MS, vec![bound], vec![]),
     );
     assert!(
-        matches!(synced, Outcome::Synced { sequence: 1, .. }),
+        matches!(synced, Outcome::Synced { sequence: s, .. } if s == sequence),
         "{synced:?}"
     );
     assert!(matches!(
@@ -364,8 +377,15 @@ fn a_replayed_stale_foreign_or_edited_sync_response_is_refused_and_changes_nothi
         BASE_MS + 800 * 86_400_000,
         Some("srv-1"),
     );
-    ledger.apply(&at(BASE_MS, Command::BeginSync { nonce: "n1".into() }));
-    let first = response("srv-1", 1, "n1", BASE_MS, vec![new_key.clone()], vec![]);
+    let first_sequence = begin_sync(&mut ledger, BASE_MS, "n1");
+    let first = response(
+        "srv-1",
+        first_sequence,
+        "n1",
+        BASE_MS,
+        vec![new_key.clone()],
+        vec![],
+    );
     assert!(matches!(
         complete(&mut ledger, BASE_MS, first.clone()),
         Outcome::Synced { .. }
@@ -381,15 +401,16 @@ fn a_replayed_stale_foreign_or_edited_sync_response_is_refused_and_changes_nothi
         ),
         "{replayed}"
     );
-    ledger.apply(&at(BASE_MS + 2, Command::BeginSync { nonce: "n2".into() }));
-    let foreign = response("srv-9", 2, "n2", BASE_MS, vec![], vec![]);
+    let second = begin_sync(&mut ledger, BASE_MS + 2, "n2");
+    assert!(second > first_sequence);
+    let foreign = response("srv-9", second, "n2", BASE_MS, vec![], vec![]);
     assert!(matches!(
         refusal(complete(&mut ledger, BASE_MS + 3, foreign)),
         Refusal::SyncRejected {
             error: SyncError::OtherServer { .. }
         }
     ));
-    let mut edited = response("srv-1", 2, "n2", BASE_MS, vec![], vec!["new".into()]);
+    let mut edited = response("srv-1", second, "n2", BASE_MS, vec![], vec!["new".into()]);
     edited.payload.revoked.clear();
     assert!(matches!(
         refusal(complete(&mut ledger, BASE_MS + 4, edited)),
@@ -398,8 +419,8 @@ fn a_replayed_stale_foreign_or_edited_sync_response_is_refused_and_changes_nothi
         }
     ));
     assert_eq!(ledger.snapshot().keys, before.keys);
-    assert_eq!(ledger.sync_state().completed_sequence, 1);
-    let revoke = response("srv-1", 2, "n2", BASE_MS, vec![], vec!["new".into()]);
+    assert_eq!(ledger.sync_state().completed_sequence, first_sequence);
+    let revoke = response("srv-1", second, "n2", BASE_MS, vec![], vec!["new".into()]);
     assert!(matches!(
         complete(&mut ledger, BASE_MS + 5, revoke),
         Outcome::Synced { .. }
@@ -436,8 +457,16 @@ fn renewal(
 /// A synced ledger holding `old` (bound to srv-1) and the given renewal keys from the vendor.
 fn synced_with_renewals(old: LicenseKey, renewals: Vec<LicenseKey>) -> Ledger {
     let mut ledger = ledger();
-    ledger.apply(&at(BASE_MS, Command::BeginSync { nonce: "n1".into() }));
-    let answer = response_with_renewals("srv-1", 1, "n1", BASE_MS, vec![old], vec![], renewals);
+    let sequence = begin_sync(&mut ledger, BASE_MS, "n1");
+    let answer = response_with_renewals(
+        "srv-1",
+        sequence,
+        "n1",
+        BASE_MS,
+        vec![old],
+        vec![],
+        renewals,
+    );
     assert!(matches!(
         complete(&mut ledger, BASE_MS, answer),
         Outcome::Synced { .. }

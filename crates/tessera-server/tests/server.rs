@@ -520,6 +520,12 @@ async fn the_data_dir_holds_an_identity_and_an_owner_only_admin_token() {
     assert_eq!(token.trim(), f.server.state.admin_token);
 }
 
+/// The sequence a sync request file carries.
+fn request_sequence(request_text: &str) -> u64 {
+    let request = tessera_core::sync::SyncRequest::from_json(request_text).unwrap();
+    request.verify().unwrap().0.sequence
+}
+
 /// Plays the vendor for one request: a response certifying the server's key, with `keys`.
 fn vendor_answer(f: &Fixture, request_text: &str, keys: Vec<LicenseKey>) -> String {
     vendor_answer_with_renewals(f, request_text, keys, vec![])
@@ -592,14 +598,15 @@ async fn a_file_sync_makes_bound_keys_usable_until_366_days_pass() {
     assert!(message.contains("never synchronized"), "{message}");
 
     let request_text = f.admin().export_sync_request().await.unwrap();
-    assert!(request_text.contains("\"sequence\": 1") || request_text.contains("\"sequence\":1"));
+    let sequence = request_sequence(&request_text);
+    assert!(sequence >= f.clock_now() as u64, "at least the time in ms");
     let response_text = vendor_answer(&f, &request_text, vec![bound]);
     let summary = f
         .admin()
         .import_sync_response(response_text.clone())
         .await
         .unwrap();
-    assert_eq!(summary.sequence, 1);
+    assert_eq!(summary.sequence, sequence);
     f.client().checkout(&request("cad", "ws-1")).await.unwrap();
     let sync = f.client().sync_status().await.unwrap();
     assert!(sync.synchronized);
@@ -611,20 +618,27 @@ async fn a_file_sync_makes_bound_keys_usable_until_366_days_pass() {
         .await
         .unwrap_err();
     assert_eq!(code(replayed), (409, "sync_not_awaited".into()));
-    let truncated = vendor_answer(&f, &f.admin().export_sync_request().await.unwrap(), vec![]);
+    let second_request = f.admin().export_sync_request().await.unwrap();
+    let second = request_sequence(&second_request);
+    assert!(second > sequence);
+    let truncated = vendor_answer(&f, &second_request, vec![]);
     let cut = truncated[..truncated.len() / 2].to_string();
     assert_eq!(
         code(f.admin().import_sync_response(cut).await.unwrap_err()),
         (422, "sync_malformed".into())
     );
-    let edited = truncated.replace("\"sequence\": 2", "\"sequence\": 3");
+    let edited = truncated.replace(
+        &format!("\"sequence\": {second}"),
+        &format!("\"sequence\": {}", second + 1),
+    );
+    assert_ne!(edited, truncated);
     assert_eq!(
         code(f.admin().import_sync_response(edited).await.unwrap_err()).1,
         "sync_bad_signature"
     );
     assert_eq!(
         f.client().sync_status().await.unwrap().completed_sequence,
-        1,
+        sequence,
         "nothing changed"
     );
 
@@ -878,7 +892,7 @@ async fn the_daily_schedule_syncs_when_due_and_retries_a_failure_after_15_minute
         .await
         .expect("never synced: due")
         .unwrap();
-    assert_eq!(report.sync.unwrap().sequence, 1);
+    let first = report.sync.unwrap().sequence;
     assert!(
         state.run_scheduled_update().await.is_none(),
         "synced just now"
@@ -889,17 +903,15 @@ async fn the_daily_schedule_syncs_when_due_and_retries_a_failure_after_15_minute
         "not a day yet"
     );
     clock.advance_ms(1);
-    assert_eq!(
-        state
-            .run_scheduled_update()
-            .await
-            .unwrap()
-            .unwrap()
-            .sync
-            .unwrap()
-            .sequence,
-        2
-    );
+    let second = state
+        .run_scheduled_update()
+        .await
+        .unwrap()
+        .unwrap()
+        .sync
+        .unwrap()
+        .sequence;
+    assert!(second > first, "a second sync");
 
     // The authority goes away: the attempt fails (reported, notified) and is retried later.
     authority.shutdown().await;
@@ -917,6 +929,101 @@ async fn the_daily_schedule_syncs_when_due_and_retries_a_failure_after_15_minute
     );
     let events = state.notifier.recent();
     assert!(events.iter().any(|e| e.kind == "sync_failed"));
-    assert_eq!(state.sync_status().completed_sequence, 2);
+    assert_eq!(state.sync_status().completed_sequence, second);
+    server.shutdown().await;
+}
+
+/// The disk of a single server is lost: it starts again on a fresh data directory with its
+/// backed-up identity (docs/operations.md). The vendor still remembers the sequence of its
+/// last sync; the rebuilt server's requests must come above it, or every sync would be
+/// refused as a replay.
+#[tokio::test]
+async fn a_server_rebuilt_with_its_identity_on_a_fresh_data_directory_syncs_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let authority = tessera_authority::start(
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        tessera_authority::AuthorityConfig {
+            data_dir: dir.path().join("authority"),
+            clock: Arc::new(clock.clone()),
+        },
+    )
+    .await
+    .unwrap();
+    let vendor_admin = reqwest::Client::new();
+    let post = |path: &str, body: serde_json::Value| {
+        vendor_admin
+            .post(format!("{}{path}", authority.url()))
+            .bearer_auth(&authority.admin_token)
+            .json(&body)
+            .send()
+    };
+    let server: serde_json::Value = post(
+        "/v1/servers",
+        serde_json::json!({"customer": "acme", "create_customer": true}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let server_id = server["server_id"].as_str().unwrap().to_string();
+    let issued = post(
+        "/v1/keys",
+        serde_json::json!({"server_id": server_id, "components": ["cad"], "licenses": 2, "valid_days": 30}),
+    )
+    .await
+    .unwrap();
+    assert!(issued.status().is_success());
+    let data = dir.path().join("data");
+    let start = || {
+        let config = ServerConfig {
+            data_dir: data.clone(),
+            listen: "127.0.0.1:0".into(),
+            trust: vec![dir.path().join("authority/vendor.pub")],
+            server_id: Some(server_id.clone()),
+            authority: Some(authority.url()),
+            sync_schedule: tessera_server::config::SyncSchedule::Daily,
+            ..ServerConfig::default()
+        };
+        let clock = clock.clone();
+        async move {
+            tessera_server::start(
+                tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+                ServerOptions {
+                    config,
+                    clock: Arc::new(clock),
+                    ids: LeaseIds::from_seed([7; 32]),
+                    run_timers: false,
+                },
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let synced_keys = |report: tessera_api::KeyUpdateReport| {
+        assert_eq!(report.sync_error, None);
+        report.sync.expect("synced").imported.len()
+    };
+
+    let server = start().await;
+    let report = server.state.run_scheduled_update().await.unwrap().unwrap();
+    assert_eq!(synced_keys(report), 1);
+    server.shutdown().await;
+
+    // Lost: everything but the identity files.
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        if !["server.key", "server.pub", "admin.token"].contains(&name.as_str()) {
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+    clock.advance_ms(10 * 60_000);
+    let server = start().await;
+    assert!(server.state.status().keys.is_empty(), "a fresh ledger");
+    let report = server.state.run_scheduled_update().await.unwrap().unwrap();
+    assert_eq!(synced_keys(report), 1, "the vendor sent the key again");
+    assert_eq!(server.state.status().keys.len(), 1);
     server.shutdown().await;
 }
