@@ -393,6 +393,19 @@ async fn sync_and_notifications_pages_render() {
     let f = Fixture::start().await;
     f.import(&f.key("k1", &["cad"], 2)).await;
     let (cookie, csrf) = login(&f).await;
+    // Every page's title is plain text, what the browser's tab shows.
+    for path in ["/", "/leases", "/usage", "/sync", "/events", "/neighbours"] {
+        let (_, html) = page(&f, &cookie, path).await;
+        let title = html
+            .split("<title>")
+            .nth(1)
+            .and_then(|rest| rest.split("</title>").next())
+            .unwrap_or_default();
+        assert!(
+            title.ends_with(" · Tessera") && !title.contains('<'),
+            "{path}: {title}"
+        );
+    }
     let (status, html) = page(&f, &cookie, "/sync").await;
     assert_eq!(status, 200);
     assert!(html.contains("srv-test"));
