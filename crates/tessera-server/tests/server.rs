@@ -839,43 +839,73 @@ mod domain;
 #[path = "server/neighbours.rs"]
 mod neighbours;
 
-/// The scheduled update task against a real in-process authority, driven by the manual clock.
-#[tokio::test]
-async fn the_daily_schedule_syncs_when_due_and_retries_a_failure_after_15_minutes() {
-    use tessera_server::config::SyncSchedule;
-    let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::new(START_MS);
+/// A real in-process authority in `DIR/authority` on the test clock, and a server ID it
+/// registered for customer acme.
+async fn authority_with_a_server_id(
+    dir: &Path,
+    clock: &ManualClock,
+) -> (tessera_authority::RunningAuthority, String) {
     let authority = tessera_authority::start(
         tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
         tessera_authority::AuthorityConfig {
-            data_dir: dir.path().join("authority"),
+            data_dir: dir.join("authority"),
             clock: Arc::new(clock.clone()),
         },
     )
     .await
     .unwrap();
-    let vendor_admin = reqwest::Client::new();
-    let server_id: serde_json::Value = vendor_admin
-        .post(format!("{}/v1/servers", authority.url()))
+    let server: serde_json::Value = vendor_post(
+        &authority,
+        "/v1/servers",
+        serde_json::json!({"customer": "acme", "create_customer": true}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let server_id = server["server_id"].as_str().unwrap().to_string();
+    (authority, server_id)
+}
+
+/// An admin request to the authority.
+async fn vendor_post(
+    authority: &tessera_authority::RunningAuthority,
+    path: &str,
+    body: serde_json::Value,
+) -> reqwest::Response {
+    let response = reqwest::Client::new()
+        .post(format!("{}{path}", authority.url()))
         .bearer_auth(&authority.admin_token)
-        .json(&serde_json::json!({"customer": "acme", "create_customer": true}))
+        .json(&body)
         .send()
         .await
-        .unwrap()
-        .json()
-        .await
         .unwrap();
-    let server_id = server_id["server_id"].as_str().unwrap().to_string();
+    assert!(
+        response.status().is_success(),
+        "{path}: {}",
+        response.status()
+    );
+    response
+}
+
+/// A server in `DIR/data` that syncs with `authority` daily; its timers do not run, the test
+/// calls `run_scheduled_update`.
+async fn start_syncing_server(
+    dir: &Path,
+    clock: &ManualClock,
+    authority: &tessera_authority::RunningAuthority,
+    server_id: &str,
+) -> RunningServer {
     let config = ServerConfig {
-        data_dir: dir.path().join("data"),
+        data_dir: dir.join("data"),
         listen: "127.0.0.1:0".into(),
-        trust: vec![dir.path().join("authority/vendor.pub")],
-        server_id: Some(server_id),
+        trust: vec![dir.join("authority/vendor.pub")],
+        server_id: Some(server_id.into()),
         authority: Some(authority.url()),
-        sync_schedule: SyncSchedule::Daily,
+        sync_schedule: tessera_server::config::SyncSchedule::Daily,
         ..ServerConfig::default()
     };
-    let server = tessera_server::start(
+    tessera_server::start(
         tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
         ServerOptions {
             config,
@@ -885,7 +915,16 @@ async fn the_daily_schedule_syncs_when_due_and_retries_a_failure_after_15_minute
         },
     )
     .await
-    .unwrap();
+    .unwrap()
+}
+
+/// The scheduled update task against a real in-process authority, driven by the manual clock.
+#[tokio::test]
+async fn the_daily_schedule_syncs_when_due_and_retries_a_failure_after_15_minutes() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let (authority, server_id) = authority_with_a_server_id(dir.path(), &clock).await;
+    let server = start_syncing_server(dir.path(), &clock, &authority, &server_id).await;
     let state = &server.state;
     let report = state
         .run_scheduled_update()
@@ -941,66 +980,15 @@ async fn the_daily_schedule_syncs_when_due_and_retries_a_failure_after_15_minute
 async fn a_server_rebuilt_with_its_identity_on_a_fresh_data_directory_syncs_again() {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(START_MS);
-    let authority = tessera_authority::start(
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        tessera_authority::AuthorityConfig {
-            data_dir: dir.path().join("authority"),
-            clock: Arc::new(clock.clone()),
-        },
-    )
-    .await
-    .unwrap();
-    let vendor_admin = reqwest::Client::new();
-    let post = |path: &str, body: serde_json::Value| {
-        vendor_admin
-            .post(format!("{}{path}", authority.url()))
-            .bearer_auth(&authority.admin_token)
-            .json(&body)
-            .send()
-    };
-    let server: serde_json::Value = post(
-        "/v1/servers",
-        serde_json::json!({"customer": "acme", "create_customer": true}),
-    )
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
-    let server_id = server["server_id"].as_str().unwrap().to_string();
-    let issued = post(
+    let (authority, server_id) = authority_with_a_server_id(dir.path(), &clock).await;
+    vendor_post(
+        &authority,
         "/v1/keys",
         serde_json::json!({"server_id": server_id, "components": ["cad"], "licenses": 2, "valid_days": 30}),
     )
-    .await
-    .unwrap();
-    assert!(issued.status().is_success());
+    .await;
     let data = dir.path().join("data");
-    let start = || {
-        let config = ServerConfig {
-            data_dir: data.clone(),
-            listen: "127.0.0.1:0".into(),
-            trust: vec![dir.path().join("authority/vendor.pub")],
-            server_id: Some(server_id.clone()),
-            authority: Some(authority.url()),
-            sync_schedule: tessera_server::config::SyncSchedule::Daily,
-            ..ServerConfig::default()
-        };
-        let clock = clock.clone();
-        async move {
-            tessera_server::start(
-                tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-                ServerOptions {
-                    config,
-                    clock: Arc::new(clock),
-                    ids: LeaseIds::from_seed([7; 32]),
-                    run_timers: false,
-                },
-            )
-            .await
-            .unwrap()
-        }
-    };
+    let start = || start_syncing_server(dir.path(), &clock, &authority, &server_id);
     let synced_keys = |report: tessera_api::KeyUpdateReport| {
         assert_eq!(report.sync_error, None);
         report.sync.expect("synced").imported.len()
