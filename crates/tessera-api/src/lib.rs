@@ -63,6 +63,8 @@ pub struct KeySummary {
     pub components: Vec<String>,
     pub licenses: u32,
     pub in_use: u32,
+    /// What a new lease could take here now; on a host of a redundant pair serving alone,
+    /// what is left of its own share.
     pub free: u32,
     #[schema(value_type = String, format = DateTime)]
     pub valid_from: Timestamp,
@@ -305,6 +307,7 @@ pub struct ComponentStatus {
     /// licenses, so these numbers can overlap between components.
     pub licenses: u32,
     pub in_use: u32,
+    /// What new leases could take here now (on a pair's host serving alone: its share).
     pub free: u32,
     pub holders: Vec<Holder>,
 }

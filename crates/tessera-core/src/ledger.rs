@@ -239,6 +239,10 @@ pub struct KeyView {
     pub ended_early: u32,
     /// Licenses donated to neighbours and not yet back.
     pub donated: u32,
+    /// Licenses a new lease could take here now: the licenses less those used, ended early
+    /// and donated; while this host of a redundant pair serves alone, only what is left of
+    /// its own share.
+    pub free: u32,
     pub received: Option<Received>,
     pub meta: KeyMeta,
 }
@@ -2053,6 +2057,13 @@ impl Ledger {
                 in_use: record.in_use,
                 ended_early: record.ended_early,
                 donated: record.donated,
+                free: match self.pair.alone {
+                    Some(share) => {
+                        let left = self.share_free(record, at, share).max(0);
+                        u32::try_from(left).unwrap_or(u32::MAX).min(record.free(at))
+                    }
+                    None => record.free(at),
+                },
                 received: record.received.clone(),
                 meta: record.meta.clone(),
             })

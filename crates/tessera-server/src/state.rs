@@ -525,9 +525,7 @@ pub fn key_summaries(ledger: &Ledger, now_ms: i64) -> Vec<KeySummary> {
                     .unwrap_or_else(|| payload.components.clone()),
                 licenses: view.licenses,
                 in_use: view.in_use,
-                free: view
-                    .licenses
-                    .saturating_sub(view.in_use + view.ended_early + view.donated),
+                free: view.free,
                 ended_early: view.ended_early,
                 valid_from: payload.valid_from,
                 valid_until: payload.valid_until,
@@ -580,7 +578,7 @@ pub fn component_status(ledger: &Ledger, now_ms: i64) -> Vec<ComponentStatus> {
                 });
             entry.licenses += usable;
             entry.in_use += view.in_use;
-            entry.free += usable.saturating_sub(view.in_use + view.ended_early);
+            entry.free += view.free;
         }
     }
     for lease in ledger.leases() {

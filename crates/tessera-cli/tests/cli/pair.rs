@@ -164,6 +164,13 @@ fn checkout(servers: &str, station: &str) -> Result<String, String> {
     }
 }
 
+/// The free licenses `tessera status` shows for the pair's key.
+fn free_licenses(url: &str) -> u32 {
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&["status", "--json", "--server", url])).unwrap();
+    status["keys"][0]["free"].as_u64().unwrap() as u32
+}
+
 fn held_leases(url: &str) -> Vec<String> {
     let status: serde_json::Value =
         serde_json::from_str(&ok(&["status", "--json", "--server", url])).unwrap();
@@ -321,6 +328,12 @@ fn a_pair_serves_alone_within_a_share_across_kill_9_of_either_host_and_merges_wi
     host_1.kill_9();
     let alone = wait_status(&pair.url(2), "Primary not available", "alone");
     assert_eq!(host_status(&alone, 1), "Disconnected");
+    // Its status counts as free only what is left of its own share: exactly what it grants.
+    let free_alone = free_licenses(&pair.url(2));
+    assert!(
+        free_alone < LICENSES - 2,
+        "the whole key's free licenses: {free_alone}"
+    );
     let mut granted = 0;
     for station in ["ws-3", "ws-4", "ws-5"] {
         match checkout(&servers, station) {
@@ -332,6 +345,8 @@ fn a_pair_serves_alone_within_a_share_across_kill_9_of_either_host_and_merges_wi
         }
     }
     assert!(granted >= 1, "the backup served nobody alone");
+    assert_eq!(granted, free_alone.min(3));
+    assert_eq!(free_licenses(&pair.url(2)), free_alone - granted);
     assert!(held_leases(&pair.url(2)).len() <= LICENSES as usize);
 
     // The primary comes back: Recovering, merged, Paired and Available on both.

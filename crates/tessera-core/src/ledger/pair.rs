@@ -155,7 +155,7 @@ impl Ledger {
 
     /// Free licenses of one share (negative when it is over, which only a shrinking key
     /// causes; the next rebalance moves leases).
-    fn share_free(&self, record: &KeyRecord, at: i64, share: Share) -> i64 {
+    pub(super) fn share_free(&self, record: &KeyRecord, at: i64, share: Share) -> i64 {
         let (primary, backup) = self.share_sizes(record, at);
         let in_use_backup = i64::from(record.in_use_backup);
         match share {
