@@ -53,8 +53,14 @@ impl ServerProcess {
 
     /// Runs `tessera ARGS` and reads the URL from its first line, which starts with `prefix`.
     fn spawn(args: &[&str], prefix: &str) -> ServerProcess {
+        ServerProcess::spawn_with_env(args, prefix, &[])
+    }
+
+    /// [`ServerProcess::spawn`] with extra environment variables.
+    fn spawn_with_env(args: &[&str], prefix: &str, env: &[(&str, &str)]) -> ServerProcess {
         let mut child = Command::new(BIN)
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -582,5 +588,7 @@ mod console;
 mod domain;
 #[path = "cli/neighbours.rs"]
 mod neighbours;
+#[path = "cli/nemesis.rs"]
+mod nemesis;
 #[path = "cli/pair.rs"]
 mod pair;

@@ -130,7 +130,10 @@ pub async fn start(
         domain_secret: config.domain_secret.clone(),
         join: config.domain.as_ref().is_some_and(|d| d.join),
         transport: None,
-        store: tessera_store::StoreOptions::default(),
+        store: tessera_store::StoreOptions {
+            slow_disk: test_slow_disk(),
+            ..Default::default()
+        },
     })
     .await?;
     let high_water_ms = consensus.read(|ledger| ledger.last_at_ms());
@@ -253,4 +256,17 @@ async fn run_expiry_loop(state: SharedState) {
             None => {}
         }
     }
+}
+
+/// Tests only: `TESSERA_TEST_SLOW_DISK_MS` makes every store transaction wait that long
+/// before it commits (a slow disk), for the nemesis tests. Release builds ignore it.
+fn test_slow_disk() -> Option<std::time::Duration> {
+    if !cfg!(debug_assertions) {
+        return None;
+    }
+    let ms: u64 = std::env::var("TESSERA_TEST_SLOW_DISK_MS")
+        .ok()?
+        .parse()
+        .ok()?;
+    Some(std::time::Duration::from_millis(ms))
 }

@@ -378,7 +378,10 @@ async fn run_host(
         domain_secret: Some(SECRET.into()),
         join: false,
         transport: Some(Arc::new(TurmoilTransport)),
-        store: tessera_store::StoreOptions { inline: true },
+        store: tessera_store::StoreOptions {
+            inline: true,
+            ..Default::default()
+        },
     })
     .await
     .map_err(|e| format!("host {node}: {e}"))?;

@@ -77,6 +77,10 @@ pub struct StoreOptions {
     /// a simulated runtime (turmoil) never waits for a thread outside its simulated time.
     /// Production uses the writer thread and fsyncs every commit.
     pub inline: bool,
+    /// Tests only (a slow disk): every transaction of the writer thread waits this long
+    /// before it commits, so entries stay appended but not durable for longer. The server
+    /// sets it from `TESSERA_TEST_SLOW_DISK_MS` in debug builds only; release builds never do.
+    pub slow_disk: Option<std::time::Duration>,
 }
 
 /// [`open`] with options.
@@ -85,7 +89,7 @@ pub fn open_with(
     ledger: LedgerConfig,
     options: StoreOptions,
 ) -> Result<(LogStore, LedgerStateMachine), StoreError> {
-    let (writer, loaded) = writer::Writer::open(path, options.inline)?;
+    let (writer, loaded) = writer::Writer::open(path, options.inline, options.slow_disk)?;
     let writer = Arc::new(writer);
     let log = LogStore::new(writer.clone(), loaded.log);
     let state_machine = LedgerStateMachine::new(writer, ledger, loaded.snapshot_meta);

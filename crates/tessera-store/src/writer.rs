@@ -158,7 +158,11 @@ enum Mode {
 
 impl Writer {
     /// Opens the database at `path`, migrates it, reads what it holds, and starts the thread.
-    pub(crate) fn open(path: &Path, inline: bool) -> Result<(Writer, Loaded), StoreError> {
+    pub(crate) fn open(
+        path: &Path,
+        inline: bool,
+        slow_disk: Option<std::time::Duration>,
+    ) -> Result<(Writer, Loaded), StoreError> {
         let mut conn = Connection::open(path)?;
         // Only this connection ever opens the file: exclusive locking keeps SQLite's WAL index
         // in this process's memory instead of a shared-memory file locked at every
@@ -196,6 +200,7 @@ impl Writer {
                     rx,
                     thread_stats,
                     std::time::Duration::from_millis(COMMITTED_RIDE_EVERY_MS),
+                    slow_disk,
                 )
             })
             .map_err(StoreError::Spawn)?;
@@ -336,6 +341,7 @@ fn run(
     rx: mpsc::Receiver<Request>,
     stats: WriterStats,
     ride_every: std::time::Duration,
+    slow_disk: Option<std::time::Duration>,
 ) {
     let mut writes = Vec::new();
     let mut reads = Vec::new();
@@ -357,6 +363,9 @@ fn run(
             }
         };
         let waited_out = first.is_none();
+        if let Some(delay) = slow_disk.filter(|_| !waited_out) {
+            thread::sleep(delay);
+        }
         let mut next = first;
         while let Some(request) = next {
             match request {
@@ -529,7 +538,7 @@ mod tests {
         .unwrap();
         drop(tx);
         let stats = WriterStats::default();
-        run(migrated(dir.path()), rx, stats.clone(), HOUR);
+        run(migrated(dir.path()), rx, stats.clone(), HOUR, None);
         assert_eq!(flushed.try_recv().expect("append answered"), Ok(()));
         // One transaction for the append and the newest committed id, none of its own.
         assert_eq!((stats.transactions(), stats.writes()), (1, 2));
@@ -545,7 +554,7 @@ mod tests {
             .unwrap();
         drop(tx);
         let stats = WriterStats::default();
-        run(migrated(dir.path()), rx, stats.clone(), HOUR);
+        run(migrated(dir.path()), rx, stats.clone(), HOUR, None);
         assert_eq!(stats.transactions(), 1);
         let conn = migrated(dir.path());
         assert_eq!(committed_in(&conn).as_deref(), Some("\"last\""));
@@ -569,7 +578,7 @@ mod tests {
         tx.send(append(BATCH_OPS_MAX as u64 + 1)).unwrap();
         drop(tx);
         let stats = WriterStats::default();
-        run(migrated(dir.path()), rx, stats.clone(), ride_every);
+        run(migrated(dir.path()), rx, stats.clone(), ride_every, None);
         let conn = migrated(dir.path());
         (
             stats.transactions(),

@@ -33,6 +33,7 @@ impl StoreBuilder<TypeConfig, LogStore, LedgerStateMachine, TempDir> for TempSto
             tempfile::tempdir().map_err(|e| StorageError::write(TypeConfig::err_from_error(&e)))?;
         let options = tessera_store::StoreOptions {
             inline: self.inline,
+            ..Default::default()
         };
         let (log, sm) = tessera_store::open_with(&db_path(dir.path()), ledger_config(), options)
             .map_err(|e| StorageError::write(TypeConfig::err_from_error(&e)))?;

@@ -10,20 +10,20 @@ const SECRET: &str = "real-process test domain secret";
 /// Bound for an election to show up in `domain status`; elections take well under 1 s.
 const WAIT: Duration = Duration::from_secs(20);
 
-struct DomainDir {
-    root: PathBuf,
-    ports: Vec<u16>,
+pub(super) struct DomainDir {
+    pub(super) root: PathBuf,
+    pub(super) ports: Vec<u16>,
 }
 
 impl DomainDir {
-    fn new(root: &Path, n: usize) -> DomainDir {
+    pub(super) fn new(root: &Path, n: usize) -> DomainDir {
         let ports = free_ports(n);
         let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         DomainDir::with_addresses(root, ports, &addresses)
     }
 
     /// Hosts listen on `ports` but the domain knows them by `addresses` (proxies in front).
-    fn with_addresses(root: &Path, ports: Vec<u16>, addresses: &[String]) -> DomainDir {
+    pub(super) fn with_addresses(root: &Path, ports: Vec<u16>, addresses: &[String]) -> DomainDir {
         let hosts: Vec<String> = addresses
             .iter()
             .enumerate()
@@ -43,17 +43,22 @@ impl DomainDir {
         }
     }
 
-    fn start(&self, host: usize) -> ServerProcess {
+    pub(super) fn start(&self, host: usize) -> ServerProcess {
+        self.start_with_env(host, &[])
+    }
+
+    pub(super) fn start_with_env(&self, host: usize, env: &[(&str, &str)]) -> ServerProcess {
         let config = self.root.join(format!("host-{host}.toml"));
-        ServerProcess::spawn(
+        ServerProcess::spawn_with_env(
             &["server", "--config", config.to_str().unwrap()],
             "Tessera license server on ",
+            env,
         )
     }
 
     /// Host 1 creates the identity and admin token; the others get copies before their first
     /// start (a domain is one license server with one identity).
-    fn share_identity(&self, hosts: usize) {
+    pub(super) fn share_identity(&self, hosts: usize) {
         let first = self.root.join("data-1");
         for host in 2..=hosts {
             let data = self.root.join(format!("data-{host}"));
@@ -64,7 +69,7 @@ impl DomainDir {
         }
     }
 
-    fn servers(&self) -> String {
+    pub(super) fn servers(&self) -> String {
         self.ports
             .iter()
             .map(|port| format!("http://127.0.0.1:{port}"))
@@ -72,7 +77,7 @@ impl DomainDir {
             .join(",")
     }
 
-    fn token(&self) -> String {
+    pub(super) fn token(&self) -> String {
         std::fs::read_to_string(self.root.join("data-1").join("admin.token"))
             .unwrap()
             .trim()

@@ -70,8 +70,19 @@ pub const START_LEADER_WAIT_MS: u64 = 10_000;
 
 /// The openraft configuration: timing above, snapshots every
 /// [`tessera_store::SNAPSHOT_EVERY_LOGS`] entries with the log behind them purged.
+///
+/// A restarted leader never takes its leadership back without an election
+/// (`enable_leader_restore: false`). openraft replicates entries as soon as the log store has
+/// accepted them, before they are durable on the leader itself; a leader killed then comes
+/// back with a shorter log than its followers. Restored as leader of the same term, it would
+/// number its next entries from its own shorter log, so one log id would name two different
+/// entries: followers skip the new entry as already held, acknowledged leases vanish and
+/// licenses are issued twice (ARCHITECTURE.md, "A restarted leader stands for election").
+/// An election costs a new term, and the vote goes only to a host whose log is at least as
+/// up to date as a majority's.
 pub fn raft_config() -> Result<openraft::Config, ConsensusError> {
     openraft::Config {
+        enable_leader_restore: Some(false),
         cluster_name: "tessera".into(),
         heartbeat_interval: HEARTBEAT_INTERVAL_MS,
         election_timeout_min: ELECTION_TIMEOUT_MIN_MS,
