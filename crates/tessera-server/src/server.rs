@@ -134,6 +134,7 @@ pub async fn start(
             slow_disk: test_slow_disk(),
             ..Default::default()
         },
+        broken_leader_restore: false,
     })
     .await?;
     let high_water_ms = consensus.read(|ledger| ledger.last_at_ms());

@@ -1,10 +1,13 @@
 //! A server domain on a simulated network (turmoil): the real consensus of `tessera-server`
 //! (openraft, the SQLite store, the ledger, the Raft RPCs as HTTP/JSON with the domain
 //! secret) on 3 or 5 hosts, stations checking out and in through whichever host answers, and
-//! random faults: hosts crashed and restarted from their data directory (kill -9), links cut
-//! and repaired, message delays.
+//! random faults: hosts crashed and restarted from their data directory (kill -9: the store
+//! keeps what was flushed apart from what was only appended, and a crash drops the unflushed
+//! tail), two hosts crashed at once and back within moments, links cut and repaired, message
+//! delays.
 //!
-//! Checked while it runs: the stations' view — the stations that were told they hold a lease
+//! Checked while it runs: no two hosts hold different entries under one log id (log
+//! matching), and the stations' view — the stations that were told they hold a lease
 //! and have not given it back — never exceeds the key's licenses (a split brain that lets two
 //! primaries issue would break it at once). Checked at the end, once every fault is healed:
 //! every host converges to the same ledger, which holds every lease a station still believes
@@ -48,6 +51,8 @@ const COMPONENT: &str = "cad";
 /// Leases outlive the simulation: every lease ends by a check-in, so the stations' view is
 /// exact.
 const LEASE_TTL_MS: i64 = 24 * 3600 * 1000;
+/// How long a store write stays appended but not durable (lost if its host crashes then).
+const UNFLUSHED_MS: u64 = 20;
 /// Start of simulated time (2026-01-01T00:00:00Z).
 const EPOCH_MS: i64 = 1_767_225_600_000;
 
@@ -69,6 +74,10 @@ pub struct DomainConfig {
     /// A deliberately broken rule, to show the checks catch it: a backup answers checkouts
     /// from its own replica (a split brain), without the primary.
     pub broken_backup_answers: bool,
+    /// A deliberately broken rule: a restarted primary takes its leadership back without an
+    /// election (openraft's leader restore), which lets one log id name two entries once a
+    /// crash has dropped the primary's unflushed tail.
+    pub broken_leader_restore: bool,
 }
 
 impl DomainConfig {
@@ -81,8 +90,9 @@ impl DomainConfig {
             stations: 12,
             clients: 3,
             requests: 300,
-            fault_every_ms: 1_500,
+            fault_every_ms: 600,
             broken_backup_answers: false,
+            broken_leader_restore: false,
         }
     }
 }
@@ -251,6 +261,8 @@ enum Answer {
 #[derive(Debug, Serialize, Deserialize)]
 struct HostState {
     leases: BTreeSet<String>,
+    /// The log: index → (log id, digest of the entry).
+    log: BTreeMap<u64, (String, u64)>,
     applied: Option<u64>,
     invariants: Result<(), String>,
 }
@@ -269,8 +281,15 @@ struct Host {
 async fn station_api(State(host): State<Arc<Host>>, Json(ask): Json<Ask>) -> Json<Answer> {
     if let Ask::State = ask {
         let status = host.consensus.status();
+        let log = host
+            .consensus
+            .log_digests()
+            .into_iter()
+            .map(|(index, log_id, digest)| (index, (log_id.to_string(), digest)))
+            .collect();
         let state = host.consensus.read(|ledger| HostState {
             leases: ledger.leases().into_iter().map(|l| l.lease_id).collect(),
+            log,
             applied: status.last_applied_index,
             invariants: ledger.check_invariants(),
         });
@@ -380,8 +399,10 @@ async fn run_host(
         transport: Some(Arc::new(TurmoilTransport)),
         store: tessera_store::StoreOptions {
             inline: true,
+            unflushed_for: Some(Duration::from_millis(UNFLUSHED_MS)),
             ..Default::default()
         },
+        broken_leader_restore: config.broken_leader_restore,
     })
     .await
     .map_err(|e| format!("host {node}: {e}"))?;
@@ -513,6 +534,54 @@ async fn station_client(
     Ok(())
 }
 
+/// Two hosts holding different entries under one log id, named; `None` when the logs match.
+fn log_split(states: &[HostState]) -> Option<String> {
+    for (a, state_a) in states.iter().enumerate() {
+        for (b, state_b) in states.iter().enumerate().skip(a + 1) {
+            for (index, (log_id, digest)) in &state_a.log {
+                if let Some((other_id, other_digest)) = state_b.log.get(index)
+                    && other_id == log_id
+                    && other_digest != digest
+                {
+                    return Some(format!(
+                        "hosts {} and {} hold different entries under log id {log_id} (index {index})",
+                        a + 1,
+                        b + 1
+                    ));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// While the stations run: every `LOG_CHECK_MS` the hosts that answer are asked for their
+/// logs, which must match wherever they hold the same log id.
+async fn log_watch(
+    config: DomainConfig,
+    shared: Rc<RefCell<Stations>>,
+    faults_over: Rc<Cell<usize>>,
+) -> turmoil::Result {
+    while faults_over.get() < config.clients && shared.borrow().violation.is_none() {
+        tokio::time::sleep(Duration::from_millis(LOG_CHECK_MS)).await;
+        let mut states = Vec::new();
+        for n in 1..=config.hosts {
+            if let Ok(Answer::State(state)) =
+                post_json::<Ask, Answer>(&host_name(n), "/sim", &Ask::State).await
+            {
+                states.push(state);
+            }
+        }
+        if let Some(split) = log_split(&states) {
+            shared.borrow_mut().violation = Some(split);
+        }
+    }
+    Ok(())
+}
+
+/// How often [`log_watch`] compares the hosts' logs.
+const LOG_CHECK_MS: u64 = 500;
+
 /// After the faults: every host converges to one ledger holding every lease a station
 /// believes it holds.
 async fn checker(
@@ -541,6 +610,10 @@ async fn checker(
             }
         }
         if states.len() == config.hosts {
+            if let Some(split) = log_split(&states) {
+                shared.borrow_mut().violation = Some(split);
+                return Ok(());
+            }
             let believed: BTreeSet<String> = shared.borrow().held.values().cloned().collect();
             for (i, state) in states.iter().enumerate() {
                 if let Err(e) = &state.invariants {
@@ -623,6 +696,10 @@ pub fn run(config: DomainConfig) -> Result<DomainReport, String> {
         );
     }
     sim.client(
+        "log-watch",
+        log_watch(config.clone(), shared.clone(), faults_over.clone()),
+    );
+    sim.client(
         "checker",
         checker(
             config.clone(),
@@ -695,7 +772,22 @@ pub fn run(config: DomainConfig) -> Result<DomainReport, String> {
         if now >= next_fault_ms {
             next_fault_ms = now + 1 + rng.below(config.fault_every_ms * 2) as u128;
             let a = 1 + rng.index(config.hosts);
-            match rng.below(3) {
+            match rng.below(4) {
+                3 => {
+                    // Two hosts at once (often the primary among them), each back within
+                    // 0–300 ms: the quorum is gone until one returns.
+                    let b = (a % config.hosts) + 1;
+                    for n in [a, b] {
+                        if let std::collections::btree_map::Entry::Vacant(slot) = down.entry(n) {
+                            if debug {
+                                eprintln!("t={now} crash h{n} (with another)");
+                            }
+                            sim.crash(host_name(n).as_str());
+                            slot.insert(now + 1 + rng.range(0, 300) as u128);
+                            crashes += 1;
+                        }
+                    }
+                }
                 0 if !down.contains_key(&a) => {
                     // kill -9, back after 0.2–4 s.
                     if debug {

@@ -12,7 +12,7 @@
 //! Options: `--seed N` or `--seeds A..B`, `--servers N`, `--days N`, `--fault-days N`,
 //! `--contended`, `--no-double-count`, `--held station|ledger`, `--pair`, `--domain 3|5`,
 //! `--broken no-skew-margin|sign-before-commit|return-at-once` (with `--pair`:
-//! `full-capacity-alone|ignore-log-tail|merge-primary-only`; with `--domain`: `backup-answers`).
+//! `full-capacity-alone|ignore-log-tail|merge-primary-only`; with `--domain`: `backup-answers|leader-restore`).
 
 use std::process::ExitCode;
 
@@ -33,6 +33,7 @@ struct Options {
     broken: Option<BrokenRule>,
     pair_broken: Option<tessera_sim::pair::PairBroken>,
     domain_broken: bool,
+    domain_leader_restore: bool,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -49,6 +50,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         broken: None,
         pair_broken: None,
         domain_broken: false,
+        domain_leader_restore: false,
     };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
@@ -107,11 +109,15 @@ fn parse(args: &[String]) -> Result<Options, String> {
                     options.domain_broken = true;
                     continue;
                 }
+                if rule == "leader-restore" {
+                    options.domain_leader_restore = true;
+                    continue;
+                }
                 match tessera_sim::pair::PairBroken::parse(&rule) {
                     Some(pair) => options.pair_broken = Some(pair),
                     None => {
                         options.broken = Some(BrokenRule::parse(&rule).ok_or(
-                            "--broken takes no-skew-margin, sign-before-commit or return-at-once (with --pair: full-capacity-alone, ignore-log-tail or merge-primary-only; with --domain: backup-answers)",
+                            "--broken takes no-skew-margin, sign-before-commit or return-at-once (with --pair: full-capacity-alone, ignore-log-tail or merge-primary-only; with --domain: backup-answers or leader-restore)",
                         )?)
                     }
                 }
@@ -141,13 +147,19 @@ fn main() -> ExitCode {
             let config = tessera_sim::domain::DomainConfig {
                 hosts,
                 broken_backup_answers: options.domain_broken,
+                broken_leader_restore: options.domain_leader_restore,
                 ..tessera_sim::domain::DomainConfig::ci(seed)
             };
             match tessera_sim::domain::run(config) {
                 Ok(report) => println!("{}", report.summary()),
                 Err(violation) => {
+                    let broken = match (options.domain_broken, options.domain_leader_restore) {
+                        (true, _) => " --broken backup-answers",
+                        (_, true) => " --broken leader-restore",
+                        _ => "",
+                    };
                     println!(
-                        "FAILED: {violation} (replay: tessera-sim --domain {hosts} --seed {seed})"
+                        "FAILED: {violation} (replay: tessera-sim --domain {hosts} --seed {seed}{broken})"
                     );
                     failed += 1;
                 }

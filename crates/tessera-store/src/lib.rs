@@ -81,6 +81,13 @@ pub struct StoreOptions {
     /// before it commits, so entries stay appended but not durable for longer. The server
     /// sets it from `TESSERA_TEST_SLOW_DISK_MS` in debug builds only; release builds never do.
     pub slow_disk: Option<std::time::Duration>,
+    /// Simulations only, with `inline`: a queued write becomes durable only this long
+    /// (simulated time) after it was queued; until then it is held in memory, and a crash —
+    /// the store dropped without that flush — loses it, as a disk loses its unflushed tail.
+    /// openraft's IO-flushed callback fires only once the write is durable. Writes that are
+    /// awaited (the vote, snapshots) flush everything queued before them. `None`: every inline
+    /// write is durable at once.
+    pub unflushed_for: Option<std::time::Duration>,
 }
 
 /// [`open`] with options.
@@ -89,7 +96,7 @@ pub fn open_with(
     ledger: LedgerConfig,
     options: StoreOptions,
 ) -> Result<(LogStore, LedgerStateMachine), StoreError> {
-    let (writer, loaded) = writer::Writer::open(path, options.inline, options.slow_disk)?;
+    let (writer, loaded) = writer::Writer::open(path, options)?;
     let writer = Arc::new(writer);
     let log = LogStore::new(writer.clone(), loaded.log);
     let state_machine = LedgerStateMachine::new(writer, ledger, loaded.snapshot_meta);

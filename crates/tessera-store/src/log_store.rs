@@ -5,8 +5,12 @@
 //! snapshot policy purges applied entries every [`crate::SNAPSHOT_EVERY_LOGS`].
 //!
 //! Durability per operation:
-//! - `append`: the entries are readable when it returns; the IO-flushed callback fires only
-//!   after the transaction holding them committed (group commit in [`crate::writer`]).
+//! - `append`: the entries are readable when it returns (openraft may replicate them at once,
+//!   before they are durable here); the IO-flushed callback fires only after the transaction
+//!   holding them committed and was fsynced (group commit in [`crate::writer`]). A crash
+//!   before that loses them on this host, so a leader may come back with a shorter log than
+//!   its followers: the server never lets it resume its term (`enable_leader_restore: false`
+//!   in `tessera_server::consensus::raft_config`).
 //! - `save_vote`: returns after the vote is durable, as Raft requires.
 //! - `save_committed`: kept by the writer thread and written along with other writes at most
 //!   once a second (or alone after a short idle wait), without waiting; it may lag.
@@ -58,6 +62,24 @@ impl LogStore {
             .flat_map(|(_, entry)| match &entry.payload {
                 EntryPayload::Normal(Proposal(batch)) => batch.clone(),
                 _ => Vec::new(),
+            })
+            .collect()
+    }
+
+    /// Every entry this host's log holds (purged ones excepted), as (index, log id, digest of
+    /// the whole entry): two hosts holding one log id must hold one digest (log matching).
+    pub fn digests(&self) -> Vec<(u64, LogId, u64)> {
+        use std::hash::{Hash, Hasher};
+        self.state()
+            .entries
+            .iter()
+            .map(|(index, entry)| {
+                // SipHash with fixed keys: the same on every host and every run.
+                let mut hasher = std::hash::DefaultHasher::new();
+                serde_json::to_string(entry)
+                    .unwrap_or_default()
+                    .hash(&mut hasher);
+                (*index, entry.log_id(), hasher.finish())
             })
             .collect()
     }

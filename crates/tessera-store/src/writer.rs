@@ -151,7 +151,7 @@ enum Mode {
         thread: thread::JoinHandle<()>,
     },
     /// Simulations only ([`crate::StoreOptions::inline`]): on the caller's thread.
-    Inline(std::sync::Mutex<Connection>),
+    Inline(Arc<Inline>),
     /// After the drop began: the thread was told to finish.
     Stopped,
 }
@@ -160,9 +160,9 @@ impl Writer {
     /// Opens the database at `path`, migrates it, reads what it holds, and starts the thread.
     pub(crate) fn open(
         path: &Path,
-        inline: bool,
-        slow_disk: Option<std::time::Duration>,
+        options: crate::StoreOptions,
     ) -> Result<(Writer, Loaded), StoreError> {
+        let inline = options.inline;
         let mut conn = Connection::open(path)?;
         // Only this connection ever opens the file: exclusive locking keeps SQLite's WAL index
         // in this process's memory instead of a shared-memory file locked at every
@@ -181,14 +181,22 @@ impl Writer {
         schema::migrate(&mut conn)?;
         let loaded = load(&conn)?;
         if inline {
+            let stats = WriterStats::default();
             return Ok((
                 Writer {
-                    stats: WriterStats::default(),
-                    mode: Mode::Inline(std::sync::Mutex::new(conn)),
+                    stats: stats.clone(),
+                    mode: Mode::Inline(Arc::new(Inline {
+                        conn: std::sync::Mutex::new(conn),
+                        pending: std::sync::Mutex::new(std::collections::VecDeque::new()),
+                        next: AtomicU64::new(0),
+                        unflushed_for: options.unflushed_for,
+                        stats,
+                    })),
                 },
                 loaded,
             ));
         }
+        let slow_disk = options.slow_disk;
         let (tx, rx) = mpsc::channel();
         let stats = WriterStats::default();
         let thread_stats = stats.clone();
@@ -227,14 +235,7 @@ impl Writer {
                     done.notify(&Err(StoreError::WriterStopped.to_string()));
                 }
             }
-            Mode::Inline(conn) => {
-                let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
-                let result = commit(&mut conn, std::iter::once(&write)).map_err(|e| e.to_string());
-                if result.is_ok() {
-                    self.stats.record(1);
-                }
-                done.notify(&result);
-            }
+            Mode::Inline(inline) => inline.submit(write, done),
             Mode::Stopped => done.notify(&Err(StoreError::WriterStopped.to_string())),
         }
     }
@@ -260,6 +261,16 @@ impl Writer {
 
     /// Queues a write and waits until it is durable.
     pub(crate) async fn write(&self, write: Write) -> io::Result<()> {
+        if let Mode::Inline(inline) = &self.mode {
+            // Durable before it returns, with everything queued before it.
+            let (reply, mut rx) = oneshot::channel();
+            inline.flush_through(u64::MAX);
+            inline.commit_now(write, Done::Reply(reply));
+            return rx
+                .try_recv()
+                .map_err(|_| io::Error::from(StoreError::WriterStopped))?
+                .map_err(io::Error::other);
+        }
         let (reply, rx) = oneshot::channel();
         self.submit(write, Done::Reply(reply));
         rx.await
@@ -271,8 +282,8 @@ impl Writer {
     pub(crate) async fn load_snapshot(&self) -> io::Result<Option<StoredSnapshot>> {
         let tx = match &self.mode {
             Mode::Thread { tx, .. } => tx,
-            Mode::Inline(conn) => {
-                let conn = conn.lock().unwrap_or_else(|e| e.into_inner());
+            Mode::Inline(inline) => {
+                let conn = inline.conn.lock().unwrap_or_else(|e| e.into_inner());
                 return read_snapshot(&conn).map_err(io::Error::other);
             }
             Mode::Stopped => return Err(StoreError::WriterStopped.into()),
@@ -283,6 +294,66 @@ impl Writer {
         rx.await
             .map_err(|_| io::Error::from(StoreError::WriterStopped))?
             .map_err(io::Error::other)
+    }
+}
+
+/// The simulations' writer: writes run on the caller's thread, at once or, with
+/// [`crate::StoreOptions::unflushed_for`], after a delay during which a crash loses them.
+pub(crate) struct Inline {
+    conn: std::sync::Mutex<Connection>,
+    /// Writes queued and not yet durable, in order, each with its sequence number.
+    pending: std::sync::Mutex<std::collections::VecDeque<(u64, Write, Done)>>,
+    next: AtomicU64,
+    unflushed_for: Option<std::time::Duration>,
+    stats: WriterStats,
+}
+
+impl Inline {
+    fn submit(self: &Arc<Self>, write: Write, done: Done) {
+        let Some(delay) = self.unflushed_for else {
+            return self.commit_now(write, done);
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return self.commit_now(write, done);
+        };
+        let sequence = self.next.fetch_add(1, Ordering::Relaxed);
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back((sequence, write, done));
+        // A crash drops the store (and this task with the host's runtime): what is still
+        // pending then is lost, never written.
+        let inline = Arc::downgrade(self);
+        runtime.spawn(async move {
+            tokio::time::sleep(delay).await;
+            if let Some(inline) = inline.upgrade() {
+                inline.flush_through(sequence);
+            }
+        });
+    }
+
+    /// Makes every pending write up to `sequence` durable, in order.
+    fn flush_through(&self, sequence: u64) {
+        loop {
+            let next = {
+                let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                match pending.front() {
+                    Some((s, _, _)) if *s <= sequence => pending.pop_front(),
+                    _ => None,
+                }
+            };
+            let Some((_, write, done)) = next else { return };
+            self.commit_now(write, done);
+        }
+    }
+
+    fn commit_now(&self, write: Write, done: Done) {
+        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let result = commit(&mut conn, std::iter::once(&write)).map_err(|e| e.to_string());
+        if result.is_ok() {
+            self.stats.record(1);
+        }
+        done.notify(&result);
     }
 }
 

@@ -11,11 +11,11 @@ const SECRET: &str = "real-process test pair secret";
 /// Bound for the pair to reach a status; going alone takes 1 s, a merge well under 2 s.
 const WAIT: Duration = Duration::from_secs(30);
 /// The key: 4 licenses of `cad`, so each host's share is 2.
-const LICENSES: u32 = 4;
+pub(super) const LICENSES: u32 = 4;
 
-struct PairDir {
-    root: PathBuf,
-    ports: Vec<u16>,
+pub(super) struct PairDir {
+    pub(super) root: PathBuf,
+    pub(super) ports: Vec<u16>,
     /// How the hosts know each other (their ports, or proxies in front of them).
     addresses: Vec<String>,
     key_id: String,
@@ -23,6 +23,16 @@ struct PairDir {
 
 impl PairDir {
     fn new(root: &Path, ports: Vec<u16>, addresses: Vec<String>) -> PairDir {
+        PairDir::with_licenses(root, ports, addresses, LICENSES)
+    }
+
+    /// [`PairDir::new`] with a key of `licenses` licenses.
+    pub(super) fn with_licenses(
+        root: &Path,
+        ports: Vec<u16>,
+        addresses: Vec<String>,
+        licenses: u32,
+    ) -> PairDir {
         let vendor = root.join("vendor");
         ok(&["vendor", "init", "--dir", vendor.to_str().unwrap()]);
         let key_id = ok(&[
@@ -35,7 +45,7 @@ impl PairDir {
             "--components",
             "cad",
             "--licenses",
-            &LICENSES.to_string(),
+            &licenses.to_string(),
             "--valid-days",
             "30",
             "--out",
@@ -75,15 +85,20 @@ impl PairDir {
     }
 
     fn start(&self, host: usize) -> ServerProcess {
+        self.start_with_env(host, &[])
+    }
+
+    pub(super) fn start_with_env(&self, host: usize, env: &[(&str, &str)]) -> ServerProcess {
         let config = self.root.join(format!("host-{host}.toml"));
-        ServerProcess::spawn(
+        ServerProcess::spawn_with_env(
             &["server", "--config", config.to_str().unwrap()],
             "Tessera license server on ",
+            env,
         )
     }
 
     /// The backup gets the primary's identity and admin token before its first start.
-    fn share_identity(&self) {
+    pub(super) fn share_identity(&self) {
         let first = self.root.join("data-1");
         let data = self.root.join("data-2");
         std::fs::create_dir_all(&data).unwrap();
@@ -100,7 +115,7 @@ impl PairDir {
         format!("{},{}", self.url(1), self.url(2))
     }
 
-    fn token(&self) -> String {
+    pub(super) fn token(&self) -> String {
         std::fs::read_to_string(self.root.join("data-1").join("admin.token"))
             .unwrap()
             .trim()
@@ -195,7 +210,7 @@ fn paired(root: &Path) -> (PairDir, ServerProcess, ServerProcess) {
 }
 
 /// Pairs the two hosts (host 2 started with `--join`) and adds the key.
-fn pair_up(dir: &PairDir) {
+pub(super) fn pair_up(dir: &PairDir) {
     let token = dir.token();
     let enabled = ok(&[
         "pair",

@@ -117,6 +117,11 @@ pub struct ConsensusConfig {
     pub transport: Option<Arc<dyn network::RaftTransport>>,
     /// How the store writes (inline without fsync only in simulations).
     pub store: tessera_store::StoreOptions,
+    /// A deliberately broken rule, for the simulator to show that it catches it: a restarted
+    /// leader takes its leadership back without an election (openraft's
+    /// `enable_leader_restore`), which splits the log after a crash (see [`raft_config`]).
+    /// Always `false` in the server.
+    pub broken_leader_restore: bool,
 }
 
 /// A backup whose last acknowledged contact with the primary is older than this is reported
@@ -337,7 +342,11 @@ impl Consensus {
                 "a domain of several hosts needs a domain secret".into(),
             ));
         }
-        let config = Arc::new(raft_config()?);
+        let mut config = raft_config()?;
+        if cfg.broken_leader_restore {
+            config.enable_leader_restore = Some(true);
+        }
+        let config = Arc::new(config);
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
             ConsensusError::Storage(format!("cannot create {}: {e}", cfg.data_dir.display()))
         })?;
@@ -691,6 +700,12 @@ impl Consensus {
     /// `tessera_store::alone_ledger`).
     pub fn alone_ledger(&self, share: tessera_core::Share) -> Ledger {
         tessera_store::alone_ledger(&self.inner.ledger, &self.inner.log, share)
+    }
+
+    /// This host's log as (index, log id, digest of the entry), for checking that no two hosts
+    /// hold different entries under one log id (see `LogStore::digests`).
+    pub fn log_digests(&self) -> Vec<(u64, tessera_store::types::LogId, u64)> {
+        self.inner.log.digests()
     }
 
     /// The link to the other host of a redundant pair, as the Raft traffic shows it.

@@ -58,6 +58,7 @@ async fn start(
         join: false,
         transport: None,
         store: tessera_store::StoreOptions::default(),
+        broken_leader_restore: false,
     })
     .await
     .expect("start consensus")
