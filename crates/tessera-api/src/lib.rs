@@ -354,11 +354,18 @@ pub struct KeyRemoved {
     pub leases_ended: u32,
 }
 
-/// `GET /healthz`
+/// `GET /healthz`: 200 with `status` `ok` when this host can serve stations now, 503 with
+/// `no_quorum` (a domain host that reaches no majority, nor a primary that does) or
+/// `pair_recovering` (a pair's host merging after a split) when it cannot — for load
+/// balancers and supervisors.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Health {
     pub status: String,
+    /// `primary`, `backup`, or `alone` (a pair's host serving alone from its share).
     pub role: String,
+    /// The Tessera version serving.
+    #[serde(default)]
+    pub version: String,
 }
 
 /// Where this server stands with the vendor (`GET /v1/sync`, and inside `/v1/status`).

@@ -191,6 +191,68 @@ fn an_administrator_imports_a_key_and_a_station_checks_out_through_the_cli() {
     ok(&[&["lease", "checkin", lease_id][..], &remote].concat());
     let listing = ok(&[&["keys", "list"][..], &remote].concat());
     assert!(listing.contains(&key_id));
+
+    // A key allocated to no station: nothing is free, as checkout then says.
+    ok(&[
+        &["keys", "allocate", key_id.as_str(), "--stations", "false"][..],
+        &remote,
+    ]
+    .concat());
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&[&["status", "--json"][..], &remote].concat())).unwrap();
+    assert_eq!(status["keys"][0]["free"], 0, "{status}");
+    let (_, metrics) = http_get(&format!("{}/metrics", server.url));
+    let free: Vec<&str> = metrics
+        .lines()
+        .filter(|line| line.starts_with("tessera_licenses_free{"))
+        .collect();
+    assert!(
+        !free.is_empty() && free.iter().all(|line| line.ends_with(" 0")),
+        "{metrics}"
+    );
+    let refused = tessera(
+        &[
+            &[
+                "lease",
+                "checkout",
+                "--component",
+                "cad",
+                "--station",
+                "ws-18",
+            ][..],
+            &remote,
+        ]
+        .concat(),
+    );
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("component_not_licensed"));
+}
+
+/// `GET url` over plain HTTP/1.1: (status, body).
+fn http_get(url: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").expect("an http URL");
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut stream = std::net::TcpStream::connect(authority).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET /{path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    (status, body)
 }
 
 #[test]

@@ -837,10 +837,23 @@ impl Ledger {
             .filter(|record| self.new_lease_share(record, at).is_some())
             .min_by_key(|record| (record.valid_until_ms(), record.id.clone()))
         else {
+            let alone_share = self.pair.alone.map(|share| {
+                covering
+                    .iter()
+                    .map(|record| {
+                        let (primary, backup) = self.share_sizes(record, at);
+                        match share {
+                            Share::Primary => primary,
+                            Share::Backup => backup,
+                        }
+                    })
+                    .sum()
+            });
             return Outcome::Refused {
                 refusal: Refusal::NoLicensesAvailable {
                     component: component.into(),
                     licenses,
+                    alone_share,
                 },
             };
         };
@@ -2057,12 +2070,20 @@ impl Ledger {
                 in_use: record.in_use,
                 ended_early: record.ended_early,
                 donated: record.donated,
-                free: match self.pair.alone {
-                    Some(share) => {
-                        let left = self.share_free(record, at, share).max(0);
-                        u32::try_from(left).unwrap_or(u32::MAX).min(record.free(at))
+                // What stations can take now: nothing from a key that is not (yet or any
+                // more) valid or is allocated to no station; alone, only this host's share.
+                free: if !is_active(record, at)
+                    || (!record.meta.stations && record.meta.groups.is_empty())
+                {
+                    0
+                } else {
+                    match self.pair.alone {
+                        Some(share) => {
+                            let left = self.share_free(record, at, share).max(0);
+                            u32::try_from(left).unwrap_or(u32::MAX).min(record.free(at))
+                        }
+                        None => record.free(at),
                     }
-                    None => record.free(at),
                 },
                 received: record.received.clone(),
                 meta: record.meta.clone(),

@@ -119,8 +119,15 @@ pub enum Outcome {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 #[serde(tag = "refusal", rename_all = "snake_case")]
 pub enum Refusal {
-    #[error("no licenses available for component {component}: all {licenses} are in use")]
-    NoLicensesAvailable { component: String, licenses: u32 },
+    #[error("{}", no_licenses_message(component, *licenses, alone_share))]
+    NoLicensesAvailable {
+        component: String,
+        licenses: u32,
+        /// A pair's host serving alone: the licenses of its own share, all in use (it may
+        /// issue no others while the pair is split).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        alone_share: Option<u32>,
+    },
     #[error("no valid license key covers component {component}")]
     ComponentNotLicensed { component: String },
     #[error("no active lease {lease_id} (unknown, checked in, or expired)")]
@@ -149,6 +156,17 @@ pub enum Refusal {
     },
     #[error("no donation of key {key_id} to {to}")]
     DonationNotFound { key_id: String, to: String },
+}
+
+fn no_licenses_message(component: &str, licenses: u32, alone_share: &Option<u32>) -> String {
+    match alone_share {
+        Some(share) => format!(
+            "no licenses available for component {component}: this host of a redundant pair serves alone and all {share} licenses of its share are in use (the key has {licenses}; the other host's share is not used while the pair is split)"
+        ),
+        None => {
+            format!("no licenses available for component {component}: all {licenses} are in use")
+        }
+    }
 }
 
 fn not_synchronized_message(deadline_ms: &Option<i64>) -> String {

@@ -381,9 +381,21 @@ fn a_partitioned_process_domain_serves_only_on_the_majority_side_and_heals_witho
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("no_quorum"), "{stderr}");
+    // Its health check says so, with a status a load balancer acts on.
+    let (code, body) = super::http_get(&format!("{host_1_url}/healthz"));
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("\"no_quorum\""), "{body}");
     // The majority elects host 2 and serves the one license left, and no more.
     wait_for_primary(&majority, 2, &[2, 3]);
     let during = lease_id(checkout(&majority, "ws-2"));
+    for url in majority.split(',') {
+        let (code, body) = super::http_get(&format!("{url}/healthz"));
+        assert_eq!(code, 200, "{url}: {body}");
+        assert!(
+            body.contains("\"ok\"") && body.contains("\"version\""),
+            "{body}"
+        );
+    }
     let refused = checkout(&majority, "ws-3");
     assert!(String::from_utf8_lossy(&refused.stderr).contains("no_licenses_available"));
     assert!(

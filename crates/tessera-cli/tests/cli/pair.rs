@@ -3,6 +3,7 @@
 //! no key over-issued, no acknowledged lease lost, and the reference's statuses.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::{ServerProcess, free_ports, ok, tessera};
@@ -80,6 +81,15 @@ impl PairDir {
         let port = self.ports[host - 1];
         let config = format!(
             "data = \"data-{host}\"\nlisten = \"127.0.0.1:{port}\"\ntrust = [\"vendor/vendor.pub\"]\nlease_ttl = \"10m\"\ndomain_secret = \"{SECRET}\"\n\n[domain]\nhost = {host}\n{domain}\n"
+        );
+        std::fs::write(self.root.join(format!("host-{host}.toml")), config).unwrap();
+    }
+
+    /// `host`'s port as a single server (no `[domain]`, so host 1 of its own group).
+    fn write_single_config(&self, host: usize) {
+        let port = self.ports[host - 1];
+        let config = format!(
+            "data = \"data-{host}\"\nlisten = \"127.0.0.1:{port}\"\ntrust = [\"vendor/vendor.pub\"]\nlease_ttl = \"10m\"\ndomain_secret = \"{SECRET}\"\n"
         );
         std::fs::write(self.root.join(format!("host-{host}.toml")), config).unwrap();
     }
@@ -274,8 +284,8 @@ fn pairing_checks_the_backups_requirements_and_a_pair_with_keys_cannot_be_undone
             &token,
         ])
     };
-    // A backup that ran as a license server with keys: refused, naming what to do.
-    pair.write_config(2, &format!("hosts = [\"2={}\"]", pair.addresses[1]));
+    // A backup that ran as a single license server with keys: refused, naming what to do.
+    pair.write_single_config(2);
     let standalone = pair.start(2);
     let token_2 = std::fs::read_to_string(pair.root.join("data-2").join("admin.token")).unwrap();
     let on_2 = ["--server", &pair.url(2), "--token", token_2.trim()];
@@ -291,8 +301,53 @@ fn pairing_checks_the_backups_requirements_and_a_pair_with_keys_cannot_be_undone
         stderr.contains("pair_requirements") && stderr.contains("license keys activated"),
         "{stderr}"
     );
-    // Its keys removed, it still ran as a server before: its server ID must be reset.
-    ok(&[&["keys", "remove", pair.key_id.as_str()][..], &on_2].concat());
+    // Started with --join on the same data directory (as the pair's backup would be), it
+    // refuses to start, naming how to reach its keys, instead of forwarding to itself.
+    drop(standalone);
+    pair.write_config(
+        2,
+        &format!(
+            "hosts = [\"1={}\", \"2={}\"]\njoin = true",
+            pair.addresses[0], pair.addresses[1]
+        ),
+    );
+    let config_2 = pair.root.join("host-2.toml");
+    // (Bounded: a server that wrongly starts would otherwise run for ever.)
+    let joined = Command::new("timeout")
+        .args([
+            "60",
+            super::BIN,
+            "server",
+            "--config",
+            config_2.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let start_error = String::from_utf8_lossy(&joined.stderr);
+    assert!(!joined.status.success());
+    assert!(
+        start_error.contains("start it as it ran before")
+            && start_error.contains("fresh data directory"),
+        "{start_error}"
+    );
+    // As it ran before, the advice works as written: `tessera keys remove KEY --server URL`.
+    pair.write_single_config(2);
+    let standalone = pair.start(2);
+    let advice = stderr
+        .split("tessera keys remove KEY --server ")
+        .nth(1)
+        .and_then(|rest| rest.split([',', ' ']).next())
+        .expect("the advice names the command")
+        .to_string();
+    ok(&[
+        "keys",
+        "remove",
+        pair.key_id.as_str(),
+        "--server",
+        &advice,
+        "--token",
+        token_2.trim(),
+    ]);
     let refused = enable(&pair.addresses[1]);
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("reset its server ID"), "{stderr}");
@@ -361,6 +416,12 @@ fn a_pair_serves_alone_within_a_share_across_kill_9_of_either_host_and_merges_wi
     }
     assert!(granted >= 1, "the backup served nobody alone");
     assert_eq!(granted, free_alone.min(3));
+    // Refused, it names its share, not the whole key as if every license were in use.
+    let refused = checkout(&servers, "ws-extra").unwrap_err();
+    assert!(
+        refused.contains("serves alone") && refused.contains("licenses of its share are in use"),
+        "{refused}"
+    );
     assert_eq!(free_licenses(&pair.url(2)), free_alone - granted);
     assert!(held_leases(&pair.url(2)).len() <= LICENSES as usize);
 

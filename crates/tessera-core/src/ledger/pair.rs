@@ -209,6 +209,13 @@ impl Ledger {
                 refusal: Refusal::NoLicensesAvailable {
                     component: lease.components.first().map_or("", |c| &**c).into(),
                     licenses: record.licenses(at),
+                    alone_share: Some({
+                        let (primary, backup) = self.share_sizes(record, at);
+                        match mine {
+                            Share::Primary => primary,
+                            Share::Backup => backup,
+                        }
+                    }),
                 },
             }));
         }

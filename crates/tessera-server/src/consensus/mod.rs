@@ -396,9 +396,42 @@ impl Consensus {
             members.keys().copied().collect()
         } else {
             // The membership this node holds (empty until a leader contacts a new member).
-            raft.with_raft_state(|state| state.membership_state.effective().voter_ids().collect())
+            let (voters, nodes): (BTreeSet<u64>, BTreeMap<u64, String>) = raft
+                .with_raft_state(|state| {
+                    let membership = state.membership_state.effective();
+                    (
+                        membership.voter_ids().collect(),
+                        membership
+                            .nodes()
+                            .map(|(id, node)| (*id, node.addr.clone()))
+                            .collect(),
+                    )
+                })
                 .await
-                .map_err(fatal)?
+                .map_err(fatal)?;
+            // A data directory that a server ran on as another host (a single server made a
+            // pair's backup with --join, say) names this very address under another number:
+            // serving it would forward every write to "the primary", itself, for ever.
+            if !nodes.contains_key(&cfg.node_id)
+                && let Some((other, _)) =
+                    nodes.iter().find(|(_, addr)| **addr == cfg.advertise_addr)
+            {
+                raft.shutdown().await.ok();
+                return Err(ConsensusError::Config(format!(
+                    "the data directory {} holds the log of host {other} at {} (a license server that ran there before), not of host {}: start it as it ran before (host {other}{}) to use or remove its license keys, or start host {} on a fresh data directory{}",
+                    cfg.data_dir.display(),
+                    cfg.advertise_addr,
+                    cfg.node_id,
+                    if *other == 1 && nodes.len() == 1 {
+                        ", a single server without [domain] or --join"
+                    } else {
+                        ""
+                    },
+                    cfg.node_id,
+                    if cfg.join { " with --join" } else { "" },
+                )));
+            }
+            voters
         };
 
         let (proposals, queue) = tokio::sync::mpsc::unbounded_channel();

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::header;
+use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -168,12 +168,38 @@ async fn no_route(request: Request) -> ApiError {
     }
 }
 
-#[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health)))]
-async fn healthz(State(state): State<SharedState>) -> axum::Json<Health> {
-    axum::Json(Health {
-        status: "ok".into(),
-        role: state.role().into(),
-    })
+#[utoipa::path(get, path = "/healthz", responses(
+    (status = 200, description = "this host serves stations now", body = Health),
+    (status = 503, description = "it cannot: no_quorum or pair_recovering", body = Health),
+))]
+async fn healthz(State(state): State<SharedState>) -> (StatusCode, axum::Json<Health>) {
+    use crate::pair::Mode;
+    let (status, role) = match state.pair.mode() {
+        Mode::Alone => ("ok", "alone"),
+        Mode::Recovering => ("pair_recovering", state.role()),
+        Mode::Off | Mode::Paired => {
+            let me = state.consensus.node_id();
+            let serving = state
+                .consensus
+                .domain_view()
+                .iter()
+                .any(|host| host.host == me && host.healthy);
+            (if serving { "ok" } else { "no_quorum" }, state.role())
+        }
+    };
+    let code = if status == "ok" {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        axum::Json(Health {
+            status: status.into(),
+            role: role.into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }),
+    )
 }
 
 async fn metrics(State(state): State<SharedState>) -> impl IntoResponse {

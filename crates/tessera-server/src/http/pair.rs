@@ -92,8 +92,8 @@ pub async fn enable(
         return Err(refused(
             "pair_requirements",
             format!(
-                "the backup at {} has {} license keys activated: deactivate them there (tessera keys remove), then reset its server ID (stop it and start it on a fresh data directory with --join)",
-                request.backup, candidate.keys
+                "the backup at {} has {} license keys activated: deactivate them there first (tessera keys remove KEY --server http://{}, while it runs as it did before), then reset its server ID: stop it and start it on a fresh data directory with --join",
+                request.backup, candidate.keys, request.backup
             ),
         ));
     }
