@@ -476,6 +476,32 @@ fn a_chain_of_processes_renews_ends_and_detects_a_wiped_child() {
     poll_stepping("the end of branch-2's grant", retry_step, || {
         key(&status(&url(&branch_2), &token(&branch_2)), &pool).is_none()
     });
+    // branch-1's end date moved a day later: a new grant (same count) replaces the one it
+    // holds, which the parent no longer counts once the new one is out.
+    let before_edit = serial();
+    let later = (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(21 * 24)).to_string();
+    run(
+        &[
+            "donate",
+            "--key",
+            &key_id,
+            "--to",
+            "branch-1",
+            "--licenses",
+            "5",
+            "--until",
+            &later,
+        ],
+        &hq,
+    );
+    poll_stepping("branch-1's new grant", retry_step, || {
+        serial() > before_edit
+    });
+    advance_all(35 * 60_000);
+    // Editing a donation's end date or count is no mismatch: the receiver held the previous
+    // grant while the new one was on its way.
+    let events = run(&["events"], &hq);
+    assert!(!events.contains("license_mismatch"), "{events}");
 
     // branch-2's store is wiped behind the parent's back (identity kept): the parent's
     // license synchronization reports the mismatch with both counts.

@@ -748,10 +748,17 @@ impl AppState {
             let counted = donation.counted();
             let theirs = held.iter().find(|h| h.key_id == key_id);
             let consistent = match theirs {
-                Some(h) => donation
-                    .outstanding
-                    .iter()
-                    .any(|o| o.serial == h.serial && o.licenses == h.licenses),
+                // One of the grants this server counts; or an earlier one of its own, replaced
+                // by a newer grant still on its way (an edited end date or count), giving no
+                // more than this server counts. A serial above the newest it issued is not its
+                // own: that, or more licenses than counted, is a real mismatch.
+                Some(h) => {
+                    donation
+                        .outstanding
+                        .iter()
+                        .any(|o| o.serial == h.serial && o.licenses == h.licenses)
+                        || (h.serial < donation.serial && h.licenses <= counted)
+                }
                 // Ended: the receiver gives it back (and says so once its stations stopped).
                 None if donation.ended || donation.donation_until_ms <= now_ms => true,
                 None => !acknowledged.get(&donation.key_id).is_some_and(|serial| {
