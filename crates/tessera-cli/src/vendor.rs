@@ -38,9 +38,13 @@ pub struct IssueArgs {
     /// How many stations may use the key at once.
     #[arg(long)]
     pub licenses: u32,
-    /// Valid from now for this many days.
+    /// Valid for this many days (from now, or from --valid-from).
     #[arg(long)]
     pub valid_days: u32,
+    /// Valid from this time (RFC 3339, e.g. a renewal bought in advance that starts when the
+    /// key it renews ends); default: now.
+    #[arg(long)]
+    pub valid_from: Option<Timestamp>,
     /// The license server ID the key is issued to; without it any server may use the key.
     #[arg(long)]
     pub server_id: Option<String>,
@@ -107,6 +111,10 @@ pub fn issue(args: &IssueArgs, now: Timestamp) -> anyhow::Result<LicenseKey> {
         bail!("--valid-days must be at least 1");
     }
     let now = Timestamp::from_second(now.as_second())?;
+    let from = match args.valid_from {
+        Some(from) => Timestamp::from_second(from.as_second())?,
+        None => now,
+    };
     let key_id = match &args.key_id {
         Some(id) => id.clone(),
         None => format!("K-{}", hex::encode(&random_bytes()?[..6]).to_uppercase()),
@@ -120,8 +128,8 @@ pub fn issue(args: &IssueArgs, now: Timestamp) -> anyhow::Result<LicenseKey> {
             .map(|c| c.trim().to_string())
             .collect(),
         licenses: args.licenses,
-        valid_from: now,
-        valid_until: now.checked_add((i64::from(args.valid_days) * 24).hours())?,
+        valid_from: from,
+        valid_until: from.checked_add((i64::from(args.valid_days) * 24).hours())?,
         server_id: args.server_id.clone(),
         renews: args.renews.clone(),
         issued_at: now,

@@ -654,3 +654,109 @@ mod neighbours;
 mod nemesis;
 #[path = "cli/pair.rs"]
 mod pair;
+
+/// Automatic renewal at a key's end (the manual's outcome 3): a renewal key bought in advance,
+/// valid from the old key's end, is allocated by the update; a station heartbeating on the
+/// old key 90 s before its end keeps the same lease across it, now on the renewal.
+#[test]
+fn a_lease_crosses_its_keys_end_onto_the_renewal_bought_in_advance() {
+    let dir = tempfile::tempdir().unwrap();
+    let old_id = setup_vendor(dir.path()); // cad.json: 2 licenses, 30 days
+    let data = dir.path().join("data");
+    let server = ServerProcess::spawn(
+        &[
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--lease-ttl",
+            "10m",
+            "--test-clock",
+            "--data",
+            data.to_str().unwrap(),
+            "--trust",
+            dir.path().join("vendor/vendor.pub").to_str().unwrap(),
+        ],
+        "Tessera license server on ",
+    );
+    let token = token(dir.path());
+    let remote = ["--server", server.url.as_str(), "--token", token.as_str()];
+    ok(&[
+        &["keys", "add", dir.path().join("cad.json").to_str().unwrap()][..],
+        &remote,
+    ]
+    .concat());
+    let status = || -> serde_json::Value {
+        serde_json::from_str(&ok(&[&["status", "--json"][..], &remote].concat())).unwrap()
+    };
+    let old_end: jiff::Timestamp = status()["keys"][0]["valid_until"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let renewal = dir.path().join("renewal.json");
+    let renewal_id = last_line(&ok(&[
+        "vendor",
+        "issue",
+        "--dir",
+        dir.path().join("vendor").to_str().unwrap(),
+        "--customer",
+        "acme",
+        "--components",
+        "cad,cam",
+        "--licenses",
+        "2",
+        "--valid-from",
+        &old_end.to_string(),
+        "--valid-days",
+        "365",
+        "--renews",
+        &old_id,
+        "--out",
+        renewal.to_str().unwrap(),
+    ]));
+    ok(&[&["keys", "add", renewal.to_str().unwrap()][..], &remote].concat());
+    let updated = ok(&[&["keys", "update"][..], &remote].concat());
+    assert!(updated.contains(&renewal_id), "{updated}");
+    // Five minutes before the old key's end a station checks out, and heartbeats 90 s
+    // before it.
+    let now: jiff::Timestamp = status()["now"].as_str().unwrap().parse().unwrap();
+    let to_end = old_end.duration_since(now).as_millis() as i64;
+    neighbours::advance_clock(&server.url, &token, to_end - 300_000);
+    let lease: serde_json::Value = serde_json::from_str(&ok(&[
+        &[
+            "lease",
+            "checkout",
+            "--component",
+            "cad",
+            "--station",
+            "ws-1",
+        ][..],
+        &remote,
+    ]
+    .concat()))
+    .unwrap();
+    let lease_id = lease["lease_id"].as_str().unwrap();
+    assert_eq!(lease["key_id"], old_id.as_str());
+    neighbours::advance_clock(&server.url, &token, 210_000);
+    ok(&[&["lease", "heartbeat", lease_id][..], &remote].concat());
+    // 90 s after it: the same lease, now on the renewal, no gap and no second license.
+    neighbours::advance_clock(&server.url, &token, 180_000);
+    let beat: serde_json::Value =
+        serde_json::from_str(&ok(
+            &[&["lease", "heartbeat", lease_id][..], &remote].concat()
+        ))
+        .unwrap();
+    assert_eq!(beat["lease_id"], lease_id);
+    assert_eq!(beat["key_id"], renewal_id.as_str(), "{beat}");
+    let after = status();
+    let leases = after["leases"].as_array().unwrap();
+    assert_eq!(leases.len(), 1, "{after}");
+    assert_eq!(leases[0]["key_id"], renewal_id.as_str());
+    let renewal_key = after["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["key_id"] == renewal_id.as_str())
+        .expect("the renewal key");
+    assert_eq!(renewal_key["in_use"], 1, "{after}");
+}

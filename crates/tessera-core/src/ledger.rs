@@ -587,6 +587,9 @@ impl Ledger {
     pub fn apply_recording(&mut self, entry: &Stamped) -> Applied {
         let at = entry.at_ms.max(self.last_at_ms);
         self.last_at_ms = at;
+        // A renewal allocated in advance takes over when it becomes valid, before anything
+        // expires at the old key's end: its leases and donations move to it, same lease ids.
+        self.take_over_renewals(at);
         // Leases of a received grant end no later than the grant: they are capped at it.
         let expired = self.end_due_leases(at);
         self.end_due_grants(at);
@@ -1185,12 +1188,12 @@ impl Ledger {
                 old.meta.replaced_by = Some(renewal_id.clone());
                 if renewal_active {
                     // The renewal serves from now on: move the old key's leases onto it.
-                    old.meta.stations = false;
-                    let (moved, ended) = self.move_leases(&old_id, &renewal_id);
+                    let (moved, ended) = self.renewal_takes_over(&old_id, &renewal_id, at);
                     leases_moved += moved;
                     leases_ended += ended;
-                    self.move_donations(&old_id, &renewal_id, at);
                 }
+                // Otherwise it takes over when it becomes valid (`take_over_renewals`);
+                // until then the old key's leases may run until the renewal's end.
                 RenewalResult::Allocated {
                     renewal_key_id: renewal_id,
                 }
@@ -1208,6 +1211,69 @@ impl Ledger {
             leases_moved,
             leases_ended,
         }
+    }
+
+    /// The renewal key allocated to take over from `record` when it becomes valid, with no gap
+    /// between the two keys: the old key's leases may run until its end.
+    fn pending_renewal(&self, record: &KeyRecord) -> Option<&KeyRecord> {
+        if record.received.is_some() {
+            return None;
+        }
+        let renewal_id = record.meta.replaced_by.as_deref()?;
+        let allocated = matches!(
+            &record.meta.renewal,
+            Some(RenewalResult::Allocated { renewal_key_id }) if renewal_key_id == renewal_id
+        );
+        let renewal = self.keys.get(renewal_id)?;
+        (allocated
+            && renewal.received.is_none()
+            && renewal.key.payload.valid_from_ms() <= record.valid_until_ms()
+            && renewal.valid_until_ms() > record.valid_until_ms())
+        .then_some(renewal)
+    }
+
+    /// Until when a lease of `record` may run: its end, or, when an allocated renewal takes
+    /// over without a gap, the renewal's end (the lease moves to it at the takeover).
+    fn carry_until_ms(&self, record: &KeyRecord) -> i64 {
+        self.pending_renewal(record)
+            .map_or(record.valid_until_ms(), KeyRecord::valid_until_ms)
+    }
+
+    /// Renewals allocated in advance whose time has come: each takes over its old key's
+    /// leases (same ids, same expiries) and donations, so stations and neighbours go on
+    /// without a gap at the old key's end.
+    fn take_over_renewals(&mut self, at: i64) {
+        let due: Vec<(String, String)> = self
+            .keys
+            .values()
+            .filter(|record| record.meta.replaced_by.is_some())
+            .filter(|record| {
+                record.meta.stations
+                    || record.in_use > 0
+                    || self
+                        .donations
+                        .values()
+                        .any(|d| d.key_id == *record.id && !d.ended)
+            })
+            .filter_map(|record| {
+                let renewal = self.pending_renewal(record)?;
+                is_active(renewal, at).then(|| (record.id.to_string(), renewal.id.to_string()))
+            })
+            .collect();
+        for (old_id, renewal_id) in due {
+            self.renewal_takes_over(&old_id, &renewal_id, at);
+        }
+    }
+
+    /// The renewal serves from now on: the old key serves no station any more, its leases
+    /// and donations move to the renewal. Returns (leases moved, leases ended).
+    fn renewal_takes_over(&mut self, old_id: &str, renewal_id: &str, at: i64) -> (u32, u32) {
+        if let Some(old) = self.keys.get_mut(old_id) {
+            old.meta.stations = false;
+        }
+        let moved = self.move_leases(old_id, renewal_id);
+        self.move_donations(old_id, renewal_id, at);
+        moved
     }
 
     /// Moves leases from one key to another while it has free licenses; the rest end, and
@@ -1338,7 +1404,7 @@ impl Ledger {
     /// themselves as the pool shrinks: none is ended early while its station may still count
     /// on it, and the donor, which counts each grant until it lapses, is never short.
     fn lease_cap(&self, record: &KeyRecord, lease_id: Option<&str>, at: i64, wanted: i64) -> i64 {
-        let cap = wanted.min(record.valid_until_ms());
+        let cap = wanted.min(self.carry_until_ms(record));
         let Some(received) = &record.received else {
             return cap;
         };
@@ -2499,7 +2565,7 @@ impl Ledger {
             }
             let until = match &record.received {
                 Some(received) => received.usable_until_max_ms(),
-                None => record.valid_until_ms(),
+                None => self.carry_until_ms(record),
             };
             if lease.expires_at_ms > until {
                 return Err(format!("lease {lease_id} outlives its key"));

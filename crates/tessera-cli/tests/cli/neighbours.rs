@@ -43,7 +43,7 @@ fn key<'a>(status: &'a serde_json::Value, key_id: &str) -> Option<&'a serde_json
         .find(|k| k["key_id"] == key_id)
 }
 
-fn advance_clock(url: &str, token: &str, ms: i64) {
+pub(super) fn advance_clock(url: &str, token: &str, ms: i64) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
