@@ -51,6 +51,7 @@ pub fn router() -> Router<SharedState> {
         .route("/usage.csv", get(usage_csv))
         .route("/sync", get(sync_page))
         .route("/sync/now", post(sync_now))
+        .route("/sync/update", post(update_keys))
         .route("/sync/request", post(sync_request))
         .route("/sync/response", post(sync_response))
         .route("/events", get(events_page))
@@ -727,6 +728,60 @@ async fn sync_now(
             )),
             None,
         ),
+        Err(error) => sync_page_with(&state, &user, None, Some(error.to_string())),
+    }
+}
+
+/// The console's "check for updates and replace license keys": what `tessera keys update`
+/// does (sync first when an authority is set, then the automatic key update).
+async fn update_keys(
+    State(state): State<SharedState>,
+    user: ConsoleUser,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    if let Err(response) = user.check_csrf(&form.csrf) {
+        return response;
+    }
+    let result = state.update_keys().await;
+    user.record(
+        &state,
+        "console.update_keys",
+        serde_json::json!({"ok": result.is_ok()}),
+    );
+    match result {
+        Ok(report) => {
+            let mut lines = Vec::new();
+            if let Some(error) = &report.sync_error {
+                lines.push(format!(
+                    "Synchronization failed ({error}); renewal keys already held were checked."
+                ));
+            }
+            if report.renewals.is_empty() {
+                lines.push("No renewal key held: nothing to replace.".to_string());
+            }
+            for renewal in &report.renewals {
+                lines.push(if renewal.allocated {
+                    format!(
+                        "{} replaced by {} (allocated to everything it served).",
+                        renewal.key_id, renewal.renewal_key_id
+                    )
+                } else {
+                    format!(
+                        "{} cannot be automatically updated: {} (renewal key {} added, not allocated).",
+                        renewal.key_id,
+                        renewal.reason.as_deref().unwrap_or("see the notification"),
+                        renewal.renewal_key_id
+                    )
+                });
+            }
+            if report.leases_moved + report.leases_ended > 0 {
+                lines.push(format!(
+                    "{} leases moved to renewal keys, {} ended.",
+                    report.leases_moved, report.leases_ended
+                ));
+            }
+            sync_page_with(&state, &user, Some(lines.join(" ")), None)
+        }
         Err(error) => sync_page_with(&state, &user, None, Some(error.to_string())),
     }
 }

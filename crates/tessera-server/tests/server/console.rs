@@ -410,6 +410,24 @@ async fn sync_and_notifications_pages_render() {
     assert_eq!(status, 200);
     assert!(html.contains("srv-test"));
     assert!(html.contains("enctype=\"multipart/form-data\""));
+    // The manual's trigger: check for updates and replace license keys, from the console.
+    assert!(
+        html.contains("Check for updates and replace license keys"),
+        "{html}"
+    );
+    let response = post_form(&f, &cookie, "/sync/update", &format!("csrf={csrf}")).await;
+    let html = response.text().await.unwrap();
+    assert!(html.contains("No renewal key held"), "{html}");
+    let mut renewal = f.key("k2", &["cad"], 2).payload.clone();
+    renewal.renews = Some("k1".into());
+    let renewal = tessera_core::LicenseKey::sign(renewal, &f.vendor).unwrap();
+    f.import(&renewal).await;
+    let response = post_form(&f, &cookie, "/sync/update", &format!("csrf={csrf}")).await;
+    let html = response.text().await.unwrap();
+    assert!(
+        html.contains("k1 replaced by k2 (allocated to everything it served)."),
+        "{html}"
+    );
     let (status, html) = page(&f, &cookie, "/events").await;
     assert_eq!(status, 200);
     assert!(html.contains("key_imported"), "{html}");
