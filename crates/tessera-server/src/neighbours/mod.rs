@@ -454,6 +454,15 @@ impl AppState {
                 refusals.push(message);
                 continue;
             }
+            // A first grant from a key that renews another: the donor's key was renewed and
+            // its donation carried to the renewal (the manual: every server that receives a
+            // new key notifies).
+            let renews = grant.key.payload.renews.clone().filter(|_| {
+                !self
+                    .held_from(&neighbour.id)
+                    .iter()
+                    .any(|h| h.key_id == last.key_id)
+            });
             let command = Command::AcceptGrant {
                 grant: Box::new(grant),
             };
@@ -465,6 +474,18 @@ impl AppState {
                     leases_ended,
                     ..
                 }) => {
+                    if let Some(old) = renews {
+                        self.notifier.emit(
+                            self.stamper.now_ms(),
+                            "key_updated",
+                            "info",
+                            format!(
+                                "license key {old} renewed: neighbour {} now grants {licenses} licenses from the renewal key {} (pool {key_id})",
+                                neighbour.id, last.key_id
+                            ),
+                            serde_json::json!({"key_id": old, "renewal_key_id": last.key_id, "neighbour": neighbour.id, "pool": key_id, "licenses": licenses}),
+                        );
+                    }
                     if leases_ended > 0 {
                         self.notifier.emit(
                             self.stamper.now_ms(),

@@ -1211,3 +1211,42 @@ async fn identity_metrics_and_the_console_show_the_network() {
     assert_eq!(status, 400);
     net.assert_safe(&BTreeMap::from([("K", 10)])).await;
 }
+
+/// A renewal of the donor's key carries its donation to the renewal key, and the child that
+/// receives licenses from it notifies too (the manual: every server that received a new key).
+#[tokio::test]
+async fn a_child_receiving_licenses_from_a_renewal_key_notifies_key_updated() {
+    let (net, hq) = Net::hq_and_branch().await;
+    hq.donate("K", "branch", 4, &until(START_MS + 10 * 86_400_000))
+        .await
+        .unwrap();
+    assert_eq!(net.key_summary("branch", "K@hq").await.unwrap().received, 4);
+    assert!(net.messages("branch", "key_updated").await.is_empty());
+    let mut renewal = net.key("K2", 10).payload.clone();
+    renewal.renews = Some("K".into());
+    let renewal = tessera_core::LicenseKey::sign(renewal, &net.vendor).unwrap();
+    hq.import_key(renewal.to_json_pretty()).await.unwrap();
+    let report = hq.update_keys().await.unwrap();
+    assert!(report.renewals[0].allocated, "{report:?}");
+    // The donation moved to K2; the next exchange hands the child a grant of it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while net.key_summary("branch", "K2@hq").await.is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the child never received K2"
+        );
+        net.advance(tessera_server::neighbours::RETRY_MS);
+        net.tick("hq").await;
+        net.tick("branch").await;
+    }
+    assert_eq!(
+        net.key_summary("branch", "K2@hq").await.unwrap().received,
+        4
+    );
+    let updated = net.messages("branch", "key_updated").await;
+    assert_eq!(updated.len(), 1, "{updated:?}");
+    assert!(
+        updated[0].contains("license key K renewed") && updated[0].contains("K2"),
+        "{updated:?}"
+    );
+}
