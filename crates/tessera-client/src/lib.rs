@@ -13,6 +13,11 @@
 //! followed, so whichever host answers speaks for the domain. A lease lives in the replicated
 //! ledger, so its id stays valid across a failover: heartbeat through any host.
 //!
+//! **The host list is learned.** Given any one host of a domain or a redundant pair, the
+//! client asks it once, at its first call, for the domain's hosts (`GET /v1/domain`) and adds
+//! the ones it was not given (as `scheme://address`), so it fails over to the backup as the
+//! reference's products do ("automatically populated"); clones share the list.
+//!
 //! [`LeaseGuard`] holds a lease, heartbeats it in the background and checks it in on drop.
 
 mod guard;
@@ -64,7 +69,9 @@ pub const RETRY_PAUSE: Duration = Duration::from_millis(100);
 #[derive(Clone, Debug)]
 pub struct Client {
     http: reqwest::Client,
-    hosts: Arc<Vec<String>>,
+    hosts: Arc<std::sync::RwLock<Vec<String>>>,
+    /// Whether the domain's host list was asked for (once, at the first call).
+    learned: Arc<std::sync::atomic::AtomicBool>,
     current: Arc<AtomicUsize>,
     token: Option<String>,
 }
@@ -109,20 +116,67 @@ impl Client {
             .collect();
         Client {
             http,
-            hosts: Arc::new(hosts),
+            hosts: Arc::new(std::sync::RwLock::new(hosts)),
+            learned: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             current: Arc::new(AtomicUsize::new(0)),
             token,
         }
     }
 
     /// The host that answered last (the first one before any call).
-    pub fn base_url(&self) -> &str {
+    pub fn base_url(&self) -> String {
         let index = self.current.load(Ordering::Relaxed);
-        self.hosts.get(index).map(String::as_str).unwrap_or("")
+        self.hosts().get(index).cloned().unwrap_or_default()
     }
 
-    pub fn hosts(&self) -> &[String] {
-        &self.hosts
+    /// The hosts this client tries: those it was given, then those it learned.
+    pub fn hosts(&self) -> Vec<String> {
+        self.hosts
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Once per client: asks the first host that answers for the domain's hosts and adds the
+    /// ones not given. A single server (or a host that cannot say) adds nothing.
+    async fn learn_hosts(&self) {
+        if self.learned.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        for base in self.hosts() {
+            let Ok(response) = self
+                .http
+                .get(format!("{base}/v1/domain"))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+            else {
+                continue;
+            };
+            let Ok(status) = response.json::<DomainStatus>().await else {
+                continue;
+            };
+            let scheme = base.split_once("://").map_or("http", |(scheme, _)| scheme);
+            let mut hosts = self
+                .hosts
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // A host listening on every interface names no address a client can use.
+            let usable =
+                |address: &&str| !(address.starts_with("0.0.0.0:") || address.starts_with("[::]:"));
+            for address in status
+                .hosts
+                .iter()
+                .filter_map(|h| h.address.as_deref())
+                .filter(usable)
+            {
+                let url = format!("{scheme}://{address}");
+                if !hosts.iter().any(|known| known == &url) {
+                    hosts.push(url);
+                }
+            }
+            return;
+        }
     }
 
     /// Sends to the hosts in turn (see the crate docs); returns the answer and whether an
@@ -134,22 +188,21 @@ impl Client {
         path: &str,
         body: Option<(String, &'static str)>,
     ) -> (Result<(StatusCode, String), ClientError>, bool) {
-        if self.hosts.len() <= 1 {
-            let base = self.hosts.first().cloned().unwrap_or_default();
+        self.learn_hosts().await;
+        let hosts = self.hosts();
+        if hosts.len() <= 1 {
+            let base = hosts.first().cloned().unwrap_or_default();
             return (self.send_to(&base, method, path, body).await, false);
         }
         let deadline = tokio::time::Instant::now() + FAILOVER_BUDGET;
         let mut uncertain = false;
         loop {
-            let first = self
-                .current
-                .load(Ordering::Relaxed)
-                .min(self.hosts.len() - 1);
-            let order = std::iter::once(first).chain((0..self.hosts.len()).filter(|i| *i != first));
+            let first = self.current.load(Ordering::Relaxed).min(hosts.len() - 1);
+            let order = std::iter::once(first).chain((0..hosts.len()).filter(|i| *i != first));
             let mut last_error = None;
             for index in order {
                 match self
-                    .send_to(&self.hosts[index], method.clone(), path, body.clone())
+                    .send_to(&hosts[index], method.clone(), path, body.clone())
                     .await
                 {
                     Ok(answer) => {

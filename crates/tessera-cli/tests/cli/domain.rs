@@ -172,7 +172,20 @@ fn a_three_process_domain_loses_no_acknowledged_lease_and_never_over_issues_acro
     }
     acknowledged.sort();
 
+    // An application given only host 1 learns the domain's other hosts from it.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let host_1_url = servers.split(',').next().unwrap().to_string();
+    let sdk = tessera_client::Client::new(&host_1_url, None);
+    let lease_id = acknowledged[0].clone();
+    runtime.block_on(sdk.heartbeat(&lease_id)).unwrap();
+    assert_eq!(sdk.hosts().len(), 3, "{:?}", sdk.hosts());
+
     host_1.kill_9();
+    // Host 1 is gone: the same application goes on through a host it learned.
+    runtime.block_on(sdk.heartbeat(&lease_id)).unwrap();
     // The CLI fails over to the hosts that remain; the pool is still exhausted there.
     let refused = checkout("ws-3");
     assert!(!refused.status.success());
