@@ -265,6 +265,28 @@ pub struct KeyMeta {
     pub replaced_by: Option<String>,
     /// The last renewal attempt's result for this key, for status and notifications.
     pub renewal: Option<RenewalResult>,
+    /// Donations of the key this one renews that it could not carry (too few free licenses
+    /// when it took over): tried again about every minute ([`PENDING_DONATION_RETRY_MS`])
+    /// until they fit or end.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_donations: Vec<PendingDonation>,
+}
+
+/// How often a donation a renewal could not carry is tried again (the manual: "the available
+/// licenses are checked automatically approximately every minute").
+pub const PENDING_DONATION_RETRY_MS: i64 = 60_000;
+
+/// A neighbour's donation waiting for free licenses of a renewal key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingDonation {
+    pub to: String,
+    pub receiver_public_key: String,
+    pub licenses: u32,
+    pub donation_until_ms: i64,
+    pub renewal_period_ms: i64,
+    /// Why it did not fit at the last try.
+    pub reason: String,
+    pub next_try_ms: i64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -590,6 +612,7 @@ impl Ledger {
         // A renewal allocated in advance takes over when it becomes valid, before anything
         // expires at the old key's end: its leases and donations move to it, same lease ids.
         self.take_over_renewals(at);
+        self.retry_pending_donations(at);
         // Leases of a received grant end no later than the grant: they are capped at it.
         let expired = self.end_due_leases(at);
         self.end_due_grants(at);
@@ -2000,18 +2023,69 @@ impl Ledger {
                 d.ended = true;
             }
             // Refused (not enough free licenses, say): the neighbour keeps the old grant
-            // until it lapses, and the administrator sees the donation gone from the key.
-            let _ = self.donate(
-                DonateRequest {
-                    key_id: new,
-                    to: &donation.to,
-                    receiver_public_key: &donation.receiver_public_key,
-                    licenses: donation.licenses,
-                    until_ms: donation.donation_until_ms.min(until_max),
-                    renewal_period_ms: donation.renewal_period_ms,
-                },
-                at,
-            );
+            // until it lapses, and the renewal key keeps the donation pending, tried again
+            // about every minute (`retry_pending_donations`); the notification names it.
+            let pending = PendingDonation {
+                to: donation.to.clone(),
+                receiver_public_key: donation.receiver_public_key.clone(),
+                licenses: donation.licenses,
+                donation_until_ms: donation.donation_until_ms.min(until_max),
+                renewal_period_ms: donation.renewal_period_ms,
+                reason: String::new(),
+                next_try_ms: at,
+            };
+            self.try_pending_donation(new, pending, at);
+        }
+    }
+
+    /// Donates `pending` from `key_id` now if it fits; otherwise keeps it pending on the key
+    /// with the reason, for another try a minute later. A donation whose end has passed is
+    /// dropped.
+    fn try_pending_donation(&mut self, key_id: &str, mut pending: PendingDonation, at: i64) {
+        if pending.donation_until_ms <= at || !self.keys.contains_key(key_id) {
+            return;
+        }
+        let outcome = self.donate(
+            DonateRequest {
+                key_id,
+                to: &pending.to,
+                receiver_public_key: &pending.receiver_public_key,
+                licenses: pending.licenses,
+                until_ms: pending.donation_until_ms,
+                renewal_period_ms: pending.renewal_period_ms,
+            },
+            at,
+        );
+        if let Outcome::Refused { refusal } = outcome {
+            pending.reason = refusal.to_string();
+            pending.next_try_ms = at.saturating_add(PENDING_DONATION_RETRY_MS);
+            if let Some(record) = self.keys.get_mut(key_id) {
+                record.meta.pending_donations.push(pending);
+            }
+        }
+    }
+
+    /// Pending donations whose minute has come are tried again (inside apply, at the entry's
+    /// time, so every host agrees; the primary's timer writes an entry at least once a
+    /// minute).
+    fn retry_pending_donations(&mut self, at: i64) {
+        let due: Vec<(String, PendingDonation)> = self
+            .keys
+            .iter_mut()
+            .filter(|(_, record)| !record.meta.pending_donations.is_empty())
+            .flat_map(|(key_id, record)| {
+                let (due, later): (Vec<_>, Vec<_>) =
+                    std::mem::take(&mut record.meta.pending_donations)
+                        .into_iter()
+                        .partition(|p| p.next_try_ms <= at);
+                record.meta.pending_donations = later;
+                due.into_iter()
+                    .map(|p| (key_id.clone(), p))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for (key_id, pending) in due {
+            self.try_pending_donation(&key_id, pending, at);
         }
     }
 

@@ -28,7 +28,7 @@ pub use identity::{IdentityError, PublicKey, SecretKey};
 pub use key::{KeyError, LicenseKey, LicenseKeyPayload};
 pub use ledger::{
     AloneLease, AloneState, Applied, Donation, KeyMeta, KeyState, KeyView, LeaseView, Ledger,
-    LedgerConfig, LedgerSnapshot, Outstanding, Received, RenewalResult, Share, StoredKey,
-    SyncState, UsageReport, received_pool_id,
+    LedgerConfig, LedgerSnapshot, Outstanding, PENDING_DONATION_RETRY_MS, PendingDonation,
+    Received, RenewalResult, Share, StoredKey, SyncState, UsageReport, received_pool_id,
 };
 pub use outcome::{Outcome, Refusal};

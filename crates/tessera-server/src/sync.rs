@@ -174,13 +174,44 @@ impl AppState {
         for (key_id, result) in renewed {
             let report = match result {
                 RenewalResult::Allocated { renewal_key_id } => {
-                    self.notifier.emit(
-                        at_ms,
-                        "key_updated",
-                        "info",
-                        format!("license key {key_id} automatically updated: renewal key {renewal_key_id} added and allocated to every object of the old key"),
-                        serde_json::json!({"key_id": key_id, "renewal_key_id": renewal_key_id}),
-                    );
+                    // Neighbours the renewal could not serve yet: named, and retried.
+                    let pending: Vec<tessera_core::PendingDonation> = self.read(|ledger| {
+                        ledger
+                            .keys(at_ms)
+                            .into_iter()
+                            .find(|view| view.id == renewal_key_id)
+                            .map(|view| view.meta.pending_donations)
+                            .unwrap_or_default()
+                    });
+                    if pending.is_empty() {
+                        self.notifier.emit(
+                            at_ms,
+                            "key_updated",
+                            "info",
+                            format!("license key {key_id} automatically updated: renewal key {renewal_key_id} added and allocated to every object of the old key"),
+                            serde_json::json!({"key_id": key_id, "renewal_key_id": renewal_key_id}),
+                        );
+                    } else {
+                        let missing: Vec<String> = pending
+                            .iter()
+                            .map(|p| {
+                                format!(
+                                    "{} licenses for neighbour {} ({})",
+                                    p.licenses, p.to, p.reason
+                                )
+                            })
+                            .collect();
+                        self.notifier.emit(
+                            at_ms,
+                            "key_updated",
+                            "warning",
+                            format!(
+                                "license key {key_id} automatically updated: renewal key {renewal_key_id} added and allocated to every object of the old key except {}; the free licenses are checked again about every minute",
+                                missing.join(", ")
+                            ),
+                            serde_json::json!({"key_id": key_id, "renewal_key_id": renewal_key_id, "not_allocated": pending}),
+                        );
+                    }
                     RenewalReport {
                         key_id,
                         renewal_key_id,

@@ -1250,3 +1250,69 @@ async fn a_child_receiving_licenses_from_a_renewal_key_notifies_key_updated() {
         "{updated:?}"
     );
 }
+
+/// The manual: "If a neighbouring Server has not received licenses from a new key, then the
+/// available licenses are checked automatically approximately every minute." A renewal whose
+/// licenses are all in use cannot carry a donation at once: the notification names it, and
+/// the donation follows once licenses are free, within about a minute.
+#[tokio::test]
+async fn a_donation_a_renewal_cannot_carry_is_named_and_retried_about_every_minute() {
+    let (net, hq) = Net::hq_and_branch().await;
+    hq.donate("K", "branch", 4, &until(START_MS + 10 * 86_400_000))
+        .await
+        .unwrap();
+    assert_eq!(net.checkouts("hq", "s", 6).await, 6); // K: 6 leases + 4 donated = 10
+    let mut renewal = net.key("K2", 10).payload.clone();
+    renewal.renews = Some("K".into());
+    let renewal = tessera_core::LicenseKey::sign(renewal, &net.vendor).unwrap();
+    hq.import_key(renewal.to_json_pretty()).await.unwrap();
+    // Five more stations take K2 (K is full): the renewal has 5 free.
+    assert_eq!(net.checkouts("hq", "t", 5).await, 5);
+    let report = hq.update_keys().await.unwrap();
+    assert!(report.renewals[0].allocated, "{report:?}");
+    let updated = net.messages("hq", "key_updated").await;
+    assert!(
+        updated
+            .iter()
+            .any(|m| m.contains("4 licenses for neighbour branch")
+                && m.contains("about every minute")),
+        "{updated:?}"
+    );
+    assert!(net.key_summary("branch", "K2@hq").await.is_none());
+    // Four stations of K2 check in; within about a minute the donation follows.
+    let status = hq.status().await.unwrap();
+    for lease in status
+        .leases
+        .iter()
+        .filter(|l| l.station.starts_with("t-"))
+        .take(4)
+    {
+        hq.checkin(&lease.lease_id).await.unwrap();
+    }
+    net.advance(30_000);
+    net.tick("hq").await;
+    assert!(
+        hq.donations()
+            .await
+            .unwrap()
+            .iter()
+            .all(|d| d.key_id != "K2"),
+        "tried again before the minute"
+    );
+    net.advance(31_000);
+    net.tick("hq").await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while net.key_summary("branch", "K2@hq").await.is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the child never received K2"
+        );
+        net.advance(tessera_server::neighbours::RETRY_MS);
+        net.tick("hq").await;
+        net.tick("branch").await;
+    }
+    assert_eq!(
+        net.key_summary("branch", "K2@hq").await.unwrap().received,
+        4
+    );
+}
