@@ -14,9 +14,11 @@
 //! ledger, so its id stays valid across a failover: heartbeat through any host.
 //!
 //! **The host list is learned.** Given any one host of a domain or a redundant pair, the
-//! client asks it once, at its first call, for the domain's hosts (`GET /v1/domain`) and adds
-//! the ones it was not given (as `scheme://address`), so it fails over to the backup as the
-//! reference's products do ("automatically populated"); clones share the list.
+//! client asks it, at its first lease call, for the domain's hosts (`GET /v1/domain`) and
+//! adds the ones it was not given (as `scheme://address`), so a station's checkout, heartbeat
+//! and checkin fail over to the backup as the reference's products do ("automatically
+//! populated"); clones share the list. Administration and status calls address only the
+//! hosts given.
 //!
 //! [`LeaseGuard`] holds a lease, heartbeats it in the background and checks it in on drop.
 
@@ -69,7 +71,10 @@ pub const RETRY_PAUSE: Duration = Duration::from_millis(100);
 #[derive(Clone, Debug)]
 pub struct Client {
     http: reqwest::Client,
+    /// The hosts given (they come first), then the ones learned.
     hosts: Arc<std::sync::RwLock<Vec<String>>>,
+    /// How many of `hosts` were given: administration and status calls address only those.
+    given: usize,
     /// Whether the domain's host list was asked for (once, at the first call).
     learned: Arc<std::sync::atomic::AtomicBool>,
     current: Arc<AtomicUsize>,
@@ -114,8 +119,10 @@ impl Client {
             .into_iter()
             .map(|url| url.trim_end_matches('/').to_string())
             .collect();
+        let hosts: Vec<String> = hosts;
         Client {
             http,
+            given: hosts.len(),
             hosts: Arc::new(std::sync::RwLock::new(hosts)),
             learned: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             current: Arc::new(AtomicUsize::new(0)),
@@ -140,7 +147,7 @@ impl Client {
     /// Once per client: asks the first host that answers for the domain's hosts and adds the
     /// ones not given. A single server (or a host that cannot say) adds nothing.
     async fn learn_hosts(&self) {
-        if self.learned.swap(true, Ordering::Relaxed) {
+        if self.learned.load(Ordering::Relaxed) {
             return;
         }
         for base in self.hosts() {
@@ -175,6 +182,7 @@ impl Client {
                     hosts.push(url);
                 }
             }
+            self.learned.store(true, Ordering::Relaxed);
             return;
         }
     }
@@ -188,8 +196,15 @@ impl Client {
         path: &str,
         body: Option<(String, &'static str)>,
     ) -> (Result<(StatusCode, String), ClientError>, bool) {
-        self.learn_hosts().await;
-        let hosts = self.hosts();
+        // Station calls (leases) fail over to learned hosts too; administration and status
+        // address the hosts given (`--server B` asks B, not whichever host answers).
+        let mut hosts = self.hosts();
+        if path.starts_with("/v1/leases") {
+            self.learn_hosts().await;
+            hosts = self.hosts();
+        } else {
+            hosts.truncate(self.given);
+        }
         if hosts.len() <= 1 {
             let base = hosts.first().cloned().unwrap_or_default();
             return (self.send_to(&base, method, path, body).await, false);

@@ -672,17 +672,21 @@ impl Ledger {
                 licenses,
                 until_ms,
                 renewal_period_ms,
-            } => self.donate(
-                DonateRequest {
-                    key_id,
-                    to,
-                    receiver_public_key,
-                    licenses: *licenses,
-                    until_ms: *until_ms,
-                    renewal_period_ms: *renewal_period_ms,
-                },
-                at,
-            ),
+            } => {
+                // The administrator's donation replaces one still waiting for licenses.
+                self.drop_pending_donation(key_id, to);
+                self.donate(
+                    DonateRequest {
+                        key_id,
+                        to,
+                        receiver_public_key,
+                        licenses: *licenses,
+                        until_ms: *until_ms,
+                        renewal_period_ms: *renewal_period_ms,
+                    },
+                    at,
+                )
+            }
             Command::RenewDonations { to } => self.renew_donations(to, at),
             Command::EndDonation { key_id, to } => self.end_donation(key_id, to),
             Command::GrantReturned { key_id, to, serial } => {
@@ -1242,14 +1246,11 @@ impl Ledger {
         if record.received.is_some() {
             return None;
         }
+        // `replaced_by` is set only when the renewal was allocated (a later renewal result for
+        // another candidate does not undo it).
         let renewal_id = record.meta.replaced_by.as_deref()?;
-        let allocated = matches!(
-            &record.meta.renewal,
-            Some(RenewalResult::Allocated { renewal_key_id }) if renewal_key_id == renewal_id
-        );
         let renewal = self.keys.get(renewal_id)?;
-        (allocated
-            && renewal.received.is_none()
+        (renewal.received.is_none()
             && renewal.key.payload.valid_from_ms() <= record.valid_until_ms()
             && renewal.valid_until_ms() > record.valid_until_ms())
         .then_some(renewal)
@@ -1293,6 +1294,7 @@ impl Ledger {
     fn renewal_takes_over(&mut self, old_id: &str, renewal_id: &str, at: i64) -> (u32, u32) {
         if let Some(old) = self.keys.get_mut(old_id) {
             old.meta.stations = false;
+            old.meta.groups.clear();
         }
         let moved = self.move_leases(old_id, renewal_id);
         self.move_donations(old_id, renewal_id, at);
@@ -1784,7 +1786,27 @@ impl Ledger {
 
     fn end_donation(&mut self, key_id: &str, to: &str) -> Outcome {
         let id = (key_id.to_string(), to.to_string());
+        let dropped_pending = self.drop_pending_donation(key_id, to);
         let Some(donation) = self.donations.get_mut(&id) else {
+            if let Some(pending) = dropped_pending {
+                // A donation still waiting for free licenses of a renewal: ended before it
+                // started.
+                return Outcome::DonationEnded {
+                    donation: Donation {
+                        key_id: key_id.to_string(),
+                        to: to.to_string(),
+                        receiver_public_key: pending.receiver_public_key,
+                        licenses: pending.licenses,
+                        donation_until_ms: pending.donation_until_ms,
+                        renewal_period_ms: pending.renewal_period_ms,
+                        serial: 0,
+                        lease_until_ms: 0,
+                        renewed_at_ms: 0,
+                        ended: true,
+                        outstanding: Vec::new(),
+                    },
+                };
+            }
             return donation_not_found(key_id, to);
         };
         donation.ended = true;
@@ -2065,6 +2087,18 @@ impl Ledger {
         }
     }
 
+    /// Removes the pending donation of `key_id` to `to`, if any (an administrator donated or
+    /// ended it meanwhile: their word wins).
+    fn drop_pending_donation(&mut self, key_id: &str, to: &str) -> Option<PendingDonation> {
+        let record = self.keys.get_mut(key_id)?;
+        let index = record
+            .meta
+            .pending_donations
+            .iter()
+            .position(|p| p.to == to)?;
+        Some(record.meta.pending_donations.remove(index))
+    }
+
     /// Pending donations whose minute has come are tried again (inside apply, at the entry's
     /// time, so every host agrees; the primary's timer writes an entry at least once a
     /// minute).
@@ -2305,10 +2339,15 @@ impl Ledger {
     pub fn next_expiry_ms(&self) -> Option<i64> {
         let lease = self.expiry.first().map(|(at, _)| *at);
         let grant = (self.grant_due_ms != i64::MAX).then_some(self.grant_due_ms);
-        match (lease, grant) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        // A renewal allocated in advance takes over at its start: an entry is due then.
+        let takeover = self
+            .keys
+            .values()
+            .filter(|record| record.meta.stations || record.in_use > 0)
+            .filter_map(|record| self.pending_renewal(record))
+            .map(|renewal| renewal.key.payload.valid_from_ms())
+            .min();
+        [lease, grant, takeover].into_iter().flatten().min()
     }
 
     // ---- snapshots ----
@@ -2639,6 +2678,9 @@ impl Ledger {
             }
             let until = match &record.received {
                 Some(received) => received.usable_until_max_ms(),
+                // A replaced key's leases may run up to its renewal's end, and keep what they
+                // were told if the renewal is removed before it takes over.
+                None if record.meta.replaced_by.is_some() => i64::MAX,
                 None => self.carry_until_ms(record),
             };
             if lease.expires_at_ms > until {

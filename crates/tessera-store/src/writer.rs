@@ -316,11 +316,13 @@ impl Inline {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return self.commit_now(write, done);
         };
-        let sequence = self.next.fetch_add(1, Ordering::Relaxed);
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push_back((sequence, write, done));
+        let sequence = {
+            // Numbered under the lock, so the queue is always in sequence order.
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let sequence = self.next.fetch_add(1, Ordering::Relaxed);
+            pending.push_back((sequence, write, done));
+            sequence
+        };
         // A crash drops the store (and this task with the host's runtime): what is still
         // pending then is lost, never written.
         let inline = Arc::downgrade(self);
