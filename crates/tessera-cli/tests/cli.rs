@@ -229,6 +229,15 @@ fn an_administrator_imports_a_key_and_a_station_checks_out_through_the_cli() {
 
 /// `GET url` over plain HTTP/1.1: (status, body).
 fn http_get(url: &str) -> (u16, String) {
+    http_request(url, "GET", None)
+}
+
+/// `POST url` with a JSON body over plain HTTP/1.1: (status, body).
+fn http_post_json(url: &str, json: &str) -> (u16, String) {
+    http_request(url, "POST", Some(json))
+}
+
+fn http_request(url: &str, method: &str, json: Option<&str>) -> (u16, String) {
     use std::io::{Read, Write};
     let rest = url.strip_prefix("http://").expect("an http URL");
     let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
@@ -236,9 +245,16 @@ fn http_get(url: &str) -> (u16, String) {
     stream
         .set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .unwrap();
+    let body = json.unwrap_or("");
+    let content_type = if json.is_some() {
+        "Content-Type: application/json\r\n"
+    } else {
+        ""
+    };
     write!(
         stream,
-        "GET /{path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+        "{method} /{path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n{content_type}Content-Length: {}\r\n\r\n{body}",
+        body.len()
     )
     .unwrap();
     let mut response = String::new();

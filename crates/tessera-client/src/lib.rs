@@ -75,6 +75,8 @@ pub struct Client {
     hosts: Arc<std::sync::RwLock<Vec<String>>>,
     /// How many of `hosts` were given: administration and status calls address only those.
     given: usize,
+    /// Whether lease calls learn and use the domain's other hosts ([`Client::pinned`]: no).
+    learn: bool,
     /// Whether the domain's host list was asked for (once, at the first call).
     learned: Arc<std::sync::atomic::AtomicBool>,
     current: Arc<AtomicUsize>,
@@ -123,10 +125,20 @@ impl Client {
         Client {
             http,
             given: hosts.len(),
+            learn: true,
             hosts: Arc::new(std::sync::RwLock::new(hosts)),
             learned: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             current: Arc::new(AtomicUsize::new(0)),
             token,
+        }
+    }
+
+    /// A client of exactly the hosts given, which never learns others: for tools and tests
+    /// that must hear what one host answers (a cut-off host's `no_quorum`, say).
+    pub fn pinned(servers: &str, token: Option<String>) -> Client {
+        Client {
+            learn: false,
+            ..Client::new(servers, token)
         }
     }
 
@@ -199,7 +211,7 @@ impl Client {
         // Station calls (leases) fail over to learned hosts too; administration and status
         // address the hosts given (`--server B` asks B, not whichever host answers).
         let mut hosts = self.hosts();
-        if path.starts_with("/v1/leases") {
+        if self.learn && path.starts_with("/v1/leases") {
             self.learn_hosts().await;
             hosts = self.hosts();
         } else {

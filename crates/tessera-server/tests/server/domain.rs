@@ -140,7 +140,7 @@ impl Domain {
     }
 
     fn client(&self, host: u64) -> Client {
-        Client::new(&self.url(host), None)
+        Client::pinned(&self.url(host), None)
     }
 
     fn admin(&self, host: u64) -> Client {
