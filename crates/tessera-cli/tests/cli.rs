@@ -642,10 +642,26 @@ fn online_and_air_gapped_servers_stay_licensed_across_a_key_renewal() {
 
 /// Loopback listeners on free ports, held until the caller drops them (just before its
 /// servers bind those ports).
+///
+/// The ports come from below Linux's ephemeral range (32768–60999): a port the kernel hands
+/// to an outgoing connection or a `:0` listener in a test running alongside could otherwise
+/// take a host's port between its reservation and its start (or while it restarts after a
+/// `kill -9`). Candidates are spread by process id and a counter, and bound to check.
 fn reserve_ports(n: usize) -> Vec<std::net::TcpListener> {
-    (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let mut listeners = Vec::with_capacity(n);
+    while listeners.len() < n {
+        let k = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = LOW + (std::process::id().wrapping_mul(7_919) + k.wrapping_mul(104_729)) % SPAN;
+        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port as u16)) {
+            listeners.push(listener);
+        }
+        assert!(k < 1_000_000, "no free port below the ephemeral range");
+    }
+    listeners
 }
 
 fn ports_of(listeners: &[std::net::TcpListener]) -> Vec<u16> {

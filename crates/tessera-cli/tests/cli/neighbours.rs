@@ -21,11 +21,7 @@ fn identity(root: &Path, data: &str) -> String {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    super::free_ports(1)[0]
 }
 
 fn status(url: &str, token: &str) -> serde_json::Value {
