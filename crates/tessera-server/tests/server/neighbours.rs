@@ -186,6 +186,32 @@ impl Net {
         )
     }
 
+    /// A key `renewal_id` renewing `old`, signed by the test vendor.
+    fn renewal_of(&self, old: &str, renewal_id: &str, licenses: u32) -> LicenseKey {
+        let mut payload = self.key(renewal_id, licenses).payload.clone();
+        payload.renews = Some(old.into());
+        LicenseKey::sign(payload, &self.vendor).unwrap()
+    }
+
+    /// Moves the clocks on by the retry interval and runs hq's and branch's timers until
+    /// `done` (bounded).
+    async fn exchange_until<F: std::future::Future<Output = bool>>(
+        &self,
+        what: &str,
+        done: impl Fn() -> F,
+    ) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !done().await {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: not within 20 s"
+            );
+            self.advance(tessera_server::neighbours::RETRY_MS);
+            self.tick("hq").await;
+            self.tick("branch").await;
+        }
+    }
+
     fn advance(&self, ms: i64) {
         for node in self.nodes.values() {
             node.clock.advance_ms(ms);
@@ -1222,23 +1248,16 @@ async fn a_child_receiving_licenses_from_a_renewal_key_notifies_key_updated() {
         .unwrap();
     assert_eq!(net.key_summary("branch", "K@hq").await.unwrap().received, 4);
     assert!(net.messages("branch", "key_updated").await.is_empty());
-    let mut renewal = net.key("K2", 10).payload.clone();
-    renewal.renews = Some("K".into());
-    let renewal = tessera_core::LicenseKey::sign(renewal, &net.vendor).unwrap();
-    hq.import_key(renewal.to_json_pretty()).await.unwrap();
+    hq.import_key(net.renewal_of("K", "K2", 10).to_json_pretty())
+        .await
+        .unwrap();
     let report = hq.update_keys().await.unwrap();
     assert!(report.renewals[0].allocated, "{report:?}");
     // The donation moved to K2; the next exchange hands the child a grant of it.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while net.key_summary("branch", "K2@hq").await.is_none() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the child never received K2"
-        );
-        net.advance(tessera_server::neighbours::RETRY_MS);
-        net.tick("hq").await;
-        net.tick("branch").await;
-    }
+    net.exchange_until("branch receives K2", || async {
+        net.key_summary("branch", "K2@hq").await.is_some()
+    })
+    .await;
     assert_eq!(
         net.key_summary("branch", "K2@hq").await.unwrap().received,
         4
@@ -1262,10 +1281,9 @@ async fn a_donation_a_renewal_cannot_carry_is_named_and_retried_about_every_minu
         .await
         .unwrap();
     assert_eq!(net.checkouts("hq", "s", 6).await, 6); // K: 6 leases + 4 donated = 10
-    let mut renewal = net.key("K2", 10).payload.clone();
-    renewal.renews = Some("K".into());
-    let renewal = tessera_core::LicenseKey::sign(renewal, &net.vendor).unwrap();
-    hq.import_key(renewal.to_json_pretty()).await.unwrap();
+    hq.import_key(net.renewal_of("K", "K2", 10).to_json_pretty())
+        .await
+        .unwrap();
     // Five more stations take K2 (K is full): the renewal has 5 free.
     assert_eq!(net.checkouts("hq", "t", 5).await, 5);
     let report = hq.update_keys().await.unwrap();
@@ -1301,16 +1319,10 @@ async fn a_donation_a_renewal_cannot_carry_is_named_and_retried_about_every_minu
     );
     net.advance(31_000);
     net.tick("hq").await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while net.key_summary("branch", "K2@hq").await.is_none() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the child never received K2"
-        );
-        net.advance(tessera_server::neighbours::RETRY_MS);
-        net.tick("hq").await;
-        net.tick("branch").await;
-    }
+    net.exchange_until("branch receives K2", || async {
+        net.key_summary("branch", "K2@hq").await.is_some()
+    })
+    .await;
     assert_eq!(
         net.key_summary("branch", "K2@hq").await.unwrap().received,
         4
