@@ -10,7 +10,9 @@
 //! `unavailable` is skipped, and the rounds repeat (100 ms apart) for up to
 //! [`FAILOVER_BUDGET`]. Any other answer (success or a refusal such as
 //! `no_licenses_available`) is final. Backups forward writes to the primary and redirects are
-//! followed, so whichever host answers speaks for the domain. A lease lives in the replicated
+//! followed, so whichever host answers speaks for the domain. A checkout redirected to a
+//! neighbour serving the component (307 `component_elsewhere`) is followed too, and that
+//! lease's heartbeats and checkin go to the neighbour ([`Client::lease_server`]). A lease lives in the replicated
 //! ledger, so its id stays valid across a failover: heartbeat through any host.
 //!
 //! **The host list is learned.** Given any one host of a domain or a redundant pair, the
@@ -81,6 +83,22 @@ pub struct Client {
     learned: Arc<std::sync::atomic::AtomicBool>,
     current: Arc<AtomicUsize>,
     token: Option<String>,
+    /// Leases granted by a neighbour the checkout was redirected to: lease id → that server.
+    homes: Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
+}
+
+/// One answer: status, body, and where a redirect led (see [`Client::checkout`]).
+struct Reply {
+    status: StatusCode,
+    text: String,
+    redirected_to: Option<String>,
+}
+
+/// The server a redirected checkout landed on: its URL up to `/v1/leases`.
+fn lease_home(url: &reqwest::Url) -> Option<String> {
+    let text = url.as_str();
+    let end = text.find("/v1/leases")?;
+    Some(text[..end].to_string())
 }
 
 /// Whether an error means "try another host of the domain".
@@ -130,6 +148,7 @@ impl Client {
             learned: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             current: Arc::new(AtomicUsize::new(0)),
             token,
+            homes: Arc::default(),
         }
     }
 
@@ -207,7 +226,7 @@ impl Client {
         method: Method,
         path: &str,
         body: Option<(String, &'static str)>,
-    ) -> (Result<(StatusCode, String), ClientError>, bool) {
+    ) -> (Result<Reply, ClientError>, bool) {
         // Station calls (leases) fail over to learned hosts too; administration and status
         // address the hosts given (`--server B` asks B, not whichever host answers).
         let mut hosts = self.hosts();
@@ -260,7 +279,10 @@ impl Client {
         path: &str,
         body: Option<(String, &'static str)>,
     ) -> Result<(StatusCode, String), ClientError> {
-        self.send_counted(method, path, body).await.0
+        self.send_counted(method, path, body)
+            .await
+            .0
+            .map(|reply| (reply.status, reply.text))
     }
 
     async fn send_to(
@@ -269,7 +291,7 @@ impl Client {
         method: Method,
         path: &str,
         body: Option<(String, &'static str)>,
-    ) -> Result<(StatusCode, String), ClientError> {
+    ) -> Result<Reply, ClientError> {
         let url = format!("{base_url}{path}");
         let mut request = self.http.request(method, &url);
         if let Some(token) = &self.token {
@@ -284,6 +306,11 @@ impl Client {
         };
         let response = request.send().await.map_err(transport)?;
         let status = response.status();
+        // A checkout redirected to a neighbour serving the component (307
+        // `component_elsewhere`, followed by reqwest): the lease lives there.
+        let redirected_to = (response.url().as_str() != url)
+            .then(|| lease_home(response.url()))
+            .flatten();
         let text = response.text().await.map_err(transport)?;
         if status.is_client_error() || status.is_server_error() {
             return Err(match serde_json::from_str::<ErrorBody>(&text) {
@@ -299,7 +326,11 @@ impl Client {
                 },
             });
         }
-        Ok((status, text))
+        Ok(Reply {
+            status,
+            text,
+            redirected_to,
+        })
     }
 
     async fn json<T: DeserializeOwned>(
@@ -317,16 +348,48 @@ impl Client {
     }
 
     /// Returns the lease and whether it is new (false: the station already held it).
+    ///
+    /// A server with no key for the component that knows a neighbour serving it redirects
+    /// the checkout there (307 `component_elsewhere`); the client follows, and sends this
+    /// lease's heartbeats and checkin to that server from then on.
     pub async fn checkout(&self, request: &CheckoutRequest) -> Result<(Lease, bool), ClientError> {
         let body = serde_json::to_string(request).expect("request serializes");
-        let (status, lease) = self
-            .json(Method::POST, "/v1/leases", Some((body, "application/json")))
-            .await?;
-        Ok((lease, status == StatusCode::CREATED))
+        let reply = self
+            .send_counted(Method::POST, "/v1/leases", Some((body, "application/json")))
+            .await
+            .0?;
+        let lease: Lease =
+            serde_json::from_str(&reply.text).map_err(|error| ClientError::Decode {
+                url: format!("{}/v1/leases", self.base_url()),
+                message: error.to_string(),
+            })?;
+        if let Some(home) = reply.redirected_to {
+            self.homes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(lease.lease_id.clone(), home);
+        }
+        Ok((lease, reply.status == StatusCode::CREATED))
+    }
+
+    /// The server a lease was granted by after a redirect (None: this client's hosts).
+    pub fn lease_server(&self, lease_id: &str) -> Option<String> {
+        self.homes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(lease_id)
+            .cloned()
     }
 
     pub async fn heartbeat(&self, lease_id: &str) -> Result<Lease, ClientError> {
         let path = format!("/v1/leases/{lease_id}/heartbeat");
+        if let Some(home) = self.lease_server(lease_id) {
+            let reply = self.send_to(&home, Method::POST, &path, None).await?;
+            return serde_json::from_str(&reply.text).map_err(|error| ClientError::Decode {
+                url: format!("{home}{path}"),
+                message: error.to_string(),
+            });
+        }
         Ok(self.json(Method::POST, &path, None).await?.1)
     }
 
@@ -335,6 +398,16 @@ impl Client {
     /// released it.
     pub async fn checkin(&self, lease_id: &str) -> Result<(), ClientError> {
         let path = format!("/v1/leases/{lease_id}");
+        if let Some(home) = self.lease_server(lease_id) {
+            let result = self.send_to(&home, Method::DELETE, &path, None).await;
+            if result.is_ok() || matches!(&result, Err(e) if e.code() == Some("lease_not_found")) {
+                self.homes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(lease_id);
+            }
+            return result.map(|_| ());
+        }
         match self.send_counted(Method::DELETE, &path, None).await {
             (Ok(_), _) => Ok(()),
             (Err(ClientError::Api { code, .. }), true) if code == "lease_not_found" => Ok(()),

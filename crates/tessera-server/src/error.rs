@@ -58,6 +58,16 @@ pub enum ApiError {
         "the redundant pair is merging what its hosts did apart (Recovering): nothing was changed; retry in a moment"
     )]
     PairRecovering,
+    /// No key here covers the component, but a neighbour serves it: repeat the checkout at
+    /// `location` (307, see `neighbours::redirect`).
+    #[error(
+        "no key of this server covers component {component:?}; neighbour {neighbour:?} serves it: repeat the checkout at {location}"
+    )]
+    Redirected {
+        component: String,
+        neighbour: String,
+        location: String,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -112,6 +122,7 @@ impl ApiError {
                 (StatusCode::BAD_GATEWAY, "authority_unreachable")
             }
             ApiError::PairRecovering => (StatusCode::SERVICE_UNAVAILABLE, "pair_recovering"),
+            ApiError::Redirected { .. } => (StatusCode::TEMPORARY_REDIRECT, "component_elsewhere"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -126,6 +137,14 @@ impl IntoResponse for ApiError {
                 message: self.to_string(),
             },
         };
-        (status, axum::Json(body)).into_response()
+        let mut response = (status, axum::Json(body)).into_response();
+        if let ApiError::Redirected { location, .. } = &self
+            && let Ok(value) = axum::http::HeaderValue::from_str(location)
+        {
+            response
+                .headers_mut()
+                .insert(axum::http::header::LOCATION, value);
+        }
+        response
     }
 }

@@ -176,6 +176,7 @@ pub async fn start(
         metrics: Metrics::new(),
         identity: data.identity,
         links: Default::default(),
+        served: Default::default(),
         pair,
         http: reqwest::Client::builder()
             .no_proxy()

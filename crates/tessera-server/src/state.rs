@@ -43,6 +43,8 @@ pub struct AppState {
     pub history: crate::history::History,
     /// The state of the links to neighbour servers.
     pub links: crate::neighbours::Links,
+    /// What each neighbour serves, for redirecting checkouts (see `neighbours::redirect`).
+    pub served: crate::neighbours::redirect::ServedCache,
     /// HTTP client for neighbour servers.
     pub http: reqwest::Client,
     /// The redundant pair's side of this host (does nothing unless it is one of a pair).
@@ -156,6 +158,16 @@ impl AppState {
         &self,
         request: tessera_api::CheckoutRequest,
     ) -> Result<(Lease, bool), ApiError> {
+        self.checkout_from(request, None).await
+    }
+
+    /// A checkout; with no key for the component here, sent on to a neighbour serving it
+    /// unless `redirected_from` names the server that already sent it here.
+    pub async fn checkout_from(
+        &self,
+        request: tessera_api::CheckoutRequest,
+        redirected_from: Option<&str>,
+    ) -> Result<(Lease, bool), ApiError> {
         let command = Command::Checkout {
             lease_id: self.ids.next_id(),
             component: request.component.clone(),
@@ -164,7 +176,18 @@ impl AppState {
             host: request.host.clone(),
             lease_ttl_ms: self.lease_ttl_ms(),
         };
-        let result = self.propose_issuing(command).await;
+        let mut result = self.propose_issuing(command).await;
+        if let Err(ApiError::Refused(tessera_core::Refusal::ComponentNotLicensed { component })) =
+            &result
+            && redirected_from.is_none()
+            && let Some(redirect) = self.redirect_for(component).await
+        {
+            result = Err(ApiError::Redirected {
+                component: component.clone(),
+                neighbour: redirect.neighbour,
+                location: redirect.location,
+            });
+        }
         let label = match &result {
             Ok(Outcome::LeaseGranted { created: true, .. }) => "granted".to_string(),
             Ok(_) => "existing".to_string(),
@@ -556,6 +579,28 @@ pub fn key_summaries(ledger: &Ledger, now_ms: i64) -> Vec<KeySummary> {
 
 /// Per component: the licenses of active keys covering it, their use, and who holds them.
 pub fn component_status(ledger: &Ledger, now_ms: i64) -> Vec<ComponentStatus> {
+    let mut components = component_totals(ledger, now_ms);
+    for lease in ledger.leases() {
+        for component in &lease.components {
+            if let Some(entry) = components.get_mut(component) {
+                entry.holders.push(Holder {
+                    lease_id: lease.lease_id.clone(),
+                    station: lease.station.clone(),
+                    user: lease.user.clone(),
+                    host: lease.host.clone(),
+                    key_id: lease.key_id.clone(),
+                    since: timestamp(lease.issued_at_ms),
+                    expires_at: timestamp(lease.expires_at_ms),
+                });
+            }
+        }
+    }
+    components.into_values().collect()
+}
+
+/// Per component: the licenses of active keys covering it and their use (no holders: reads
+/// the keys only).
+pub fn component_totals(ledger: &Ledger, now_ms: i64) -> BTreeMap<String, ComponentStatus> {
     let mut components: BTreeMap<String, ComponentStatus> = BTreeMap::new();
     for view in ledger.keys(now_ms) {
         if view.state != KeyState::Active {
@@ -581,20 +626,5 @@ pub fn component_status(ledger: &Ledger, now_ms: i64) -> Vec<ComponentStatus> {
             entry.free += view.free;
         }
     }
-    for lease in ledger.leases() {
-        for component in &lease.components {
-            if let Some(entry) = components.get_mut(component) {
-                entry.holders.push(Holder {
-                    lease_id: lease.lease_id.clone(),
-                    station: lease.station.clone(),
-                    user: lease.user.clone(),
-                    host: lease.host.clone(),
-                    key_id: lease.key_id.clone(),
-                    since: timestamp(lease.issued_at_ms),
-                    expires_at: timestamp(lease.expires_at_ms),
-                });
-            }
-        }
-    }
-    components.into_values().collect()
+    components
 }

@@ -695,3 +695,156 @@ fn a_peer_pair_donates_only_in_the_direction_its_flags_allow() {
     );
     assert!(String::from_utf8_lossy(&refused.stderr).contains("neighbour_not_allowed"));
 }
+
+/// The reference (LispWorks): daemons "redirect any requests for licenses to an appropriate
+/// domain". A branch with no key for `cad` sends its stations to `hq`, which serves it; the
+/// station's client follows, and heartbeats and checks in at `hq`.
+#[test]
+fn a_server_without_the_component_redirects_stations_to_the_neighbour_serving_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    setup_vendor(root); // cad.json: cad, cam, 2 licenses
+    let node = |name: &'static str| Node {
+        name,
+        port: free_port(),
+        key: identity(root, &format!("{name}-data")),
+    };
+    let (hq, branch) = (node("hq"), node("branch"));
+    write_config(root, &hq, &[(&branch, "child")]);
+    write_config(root, &branch, &[(&hq, "parent")]);
+    let start = |node: &Node| {
+        ServerProcess::spawn(
+            &[
+                "server",
+                "--config",
+                root.join(format!("{}.toml", node.name)).to_str().unwrap(),
+                "--test-clock",
+            ],
+            "Tessera license server on ",
+        )
+    };
+    let (_hq_process, _branch_process) = (start(&hq), start(&branch));
+    let url = |node: &Node| format!("http://127.0.0.1:{}", node.port);
+    let token = |node: &Node| {
+        std::fs::read_to_string(root.join(format!("{}-data", node.name)).join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let add = |node: &Node, file: &Path| {
+        let url = url(node);
+        let token = token(node);
+        ok(&[
+            "keys",
+            "add",
+            file.to_str().unwrap(),
+            "--server",
+            &url,
+            "--token",
+            &token,
+        ]);
+    };
+    add(&hq, &root.join("cad.json"));
+    // The branch serves `viewer` (which hq does not).
+    let viewer_file = root.join("viewer.json");
+    ok(&[
+        "vendor",
+        "issue",
+        "--dir",
+        root.join("vendor").to_str().unwrap(),
+        "--customer",
+        "acme",
+        "--components",
+        "viewer",
+        "--licenses",
+        "1",
+        "--valid-days",
+        "30",
+        "--out",
+        viewer_file.to_str().unwrap(),
+    ]);
+    add(&branch, &viewer_file);
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let raw = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let post = |base: String, query: &'static str, component: &'static str| {
+            let raw = raw.clone();
+            async move {
+                let answer = raw
+                    .post(format!("{base}/v1/leases{query}"))
+                    .json(&serde_json::json!({"component": component, "station": "ws-raw"}))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = answer.status().as_u16();
+                let location = answer
+                    .headers()
+                    .get("location")
+                    .map(|v| v.to_str().unwrap().to_string());
+                let body: serde_json::Value = answer.json().await.unwrap();
+                (status, location, body)
+            }
+        };
+        // The branch has no key for cad: 307 to hq, one hop marked in the query.
+        let (answer, location, body) = post(url(&branch), "", "cad").await;
+        assert_eq!(answer, 307, "{body}");
+        assert_eq!(body["error"]["code"], "component_elsewhere");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("\"hq\""),
+            "{body}"
+        );
+        assert_eq!(
+            location.as_deref(),
+            Some(format!("{}/v1/leases?redirected_from=branch", url(&hq)).as_str())
+        );
+        // Nobody serves `plotter`: the plain refusal.
+        let (answer, _, body) = post(url(&branch), "", "plotter").await;
+        assert_eq!(
+            (answer, &body["error"]["code"]),
+            (404, &"component_not_licensed".into())
+        );
+        // hq sends viewer to the branch, but never a checkout that was already redirected.
+        let (answer, location, _) = post(url(&hq), "", "viewer").await;
+        assert_eq!(answer, 307);
+        assert!(location.unwrap().starts_with(&url(&branch)));
+        let (answer, _, body) = post(url(&hq), "?redirected_from=branch", "viewer").await;
+        assert_eq!(
+            (answer, &body["error"]["code"]),
+            (404, &"component_not_licensed".into())
+        );
+
+        // A station's client, given only the branch, is served by hq.
+        let client = tessera_client::Client::new(&url(&branch), None);
+        let request = |station: &str| tessera_api::CheckoutRequest {
+            component: "cad".into(),
+            station: station.into(),
+            user: "ann".into(),
+            host: "ws".into(),
+        };
+        let (lease, created) = client.checkout(&request("ws-1")).await.unwrap();
+        assert!(created);
+        assert_eq!(client.lease_server(&lease.lease_id), Some(url(&hq)));
+        let hq_status = status(&url(&hq), &token(&hq));
+        assert_eq!(key(&hq_status, &lease.key_id).unwrap()["in_use"], 1);
+        let beat = client.heartbeat(&lease.lease_id).await.unwrap();
+        assert_eq!(beat.lease_id, lease.lease_id);
+        // hq's two licenses in use: its answer is the truth the station hears.
+        client.checkout(&request("ws-2")).await.unwrap();
+        let full = client.checkout(&request("ws-3")).await.unwrap_err();
+        assert_eq!(full.code(), Some("no_licenses_available"), "{full}");
+        client.checkin(&lease.lease_id).await.unwrap();
+        assert_eq!(client.lease_server(&lease.lease_id), None);
+        let hq_status = status(&url(&hq), &token(&hq));
+        assert_eq!(key(&hq_status, &lease.key_id).unwrap()["in_use"], 1);
+    });
+}

@@ -186,6 +186,10 @@ async fn forward(
         .headers()
         .get(reqwest::header::CONTENT_TYPE)
         .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok());
+    let location = answer
+        .headers()
+        .get(reqwest::header::LOCATION)
+        .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok());
     let Ok(bytes) = answer.bytes().await else {
         return no_quorum_unreachable(primary_id, &primary_addr);
     };
@@ -194,6 +198,10 @@ async fn forward(
         response
             .headers_mut()
             .insert(header::CONTENT_TYPE, content_type);
+    }
+    // A checkout redirected to a neighbour (`component_elsewhere`).
+    if let Some(location) = location {
+        response.headers_mut().insert(header::LOCATION, location);
     }
     response
 }

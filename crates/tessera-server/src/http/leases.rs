@@ -2,7 +2,7 @@
 //! lease by knowing its unguessable id.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use tessera_api::{CheckoutRequest, ErrorBody, Lease};
 
@@ -10,19 +10,34 @@ use super::extract::ApiJson;
 use crate::error::ApiError;
 use crate::state::SharedState;
 
+/// Where a checkout was sent from (set by the redirecting server in `Location`).
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+pub struct CheckoutQuery {
+    /// The server that redirected this checkout here: it is never redirected again.
+    pub redirected_from: Option<String>,
+}
+
 /// Take a license for a component (201), or get back the lease this station holds (200).
-#[utoipa::path(post, path = "/v1/leases", request_body = CheckoutRequest, responses(
+///
+/// A server with no key for the component that knows a neighbour serving it answers 307
+/// `component_elsewhere` with `Location` (the neighbour's `/v1/leases`): repeat the checkout
+/// there; the lease then lives on that server (heartbeats and checkin go there).
+#[utoipa::path(post, path = "/v1/leases", request_body = CheckoutRequest, params(CheckoutQuery), responses(
     (status = 201, description = "new lease", body = Lease),
     (status = 200, description = "the station already held this lease", body = Lease),
+    (status = 307, description = "component_elsewhere: a neighbour serves the component; Location names it", body = ErrorBody),
     (status = 409, description = "no_licenses_available", body = ErrorBody),
     (status = 404, description = "component_not_licensed", body = ErrorBody),
     (status = 503, description = "clock_set_back, not_primary, no_quorum", body = ErrorBody),
 ))]
 pub async fn checkout(
     State(state): State<SharedState>,
+    Query(query): Query<CheckoutQuery>,
     ApiJson(request): ApiJson<CheckoutRequest>,
 ) -> Result<(StatusCode, Json<Lease>), ApiError> {
-    let (lease, created) = state.checkout(request).await?;
+    let (lease, created) = state
+        .checkout_from(request, query.redirected_from.as_deref())
+        .await?;
     let status = if created {
         StatusCode::CREATED
     } else {

@@ -58,6 +58,7 @@ pub fn router(state: SharedState) -> Router {
             get(admin::export_key).delete(admin::remove_key),
         )
         .route("/v1/identity", get(neighbours::identity))
+        .route("/v1/neighbours/components", post(neighbours::components))
         .route("/v1/neighbours", get(neighbours::list))
         // Signed by the sending server (no admin token); a push carries every grant with its
         // key, so these take larger bodies.

@@ -47,6 +47,22 @@ pub async fn renew(
     Ok(Json(state.receive_renew(envelope).await?))
 }
 
+/// What this server serves, for a neighbour redirecting stations (signed by the asker).
+///
+/// The envelope's `kind` is `components`, its body `{}`. The answer's `kind` is `served`, its
+/// body `{components: [{component, licenses, free}]}`.
+#[utoipa::path(post, path = "/v1/neighbours/components", request_body = NeighbourEnvelope, responses(
+    (status = 200, description = "signed envelope: the components this server serves", body = NeighbourEnvelope),
+    (status = 403, description = "unknown_neighbour, bad_neighbour_signature", body = ErrorBody),
+    (status = 409, description = "clock_skew", body = ErrorBody),
+))]
+pub async fn components(
+    State(state): State<SharedState>,
+    ApiJson(envelope): ApiJson<Envelope>,
+) -> Result<Json<Envelope>, ApiError> {
+    Ok(Json(state.receive_components(envelope)?))
+}
+
 /// This server's ID and identity public key, for a neighbour's `[[neighbour]]` entry.
 #[utoipa::path(get, path = "/v1/identity", responses((status = 200, body = Identity)))]
 pub async fn identity(State(state): State<SharedState>) -> Json<Identity> {

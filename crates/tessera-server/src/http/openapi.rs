@@ -32,6 +32,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         super::neighbours::list,
         super::neighbours::receive_grants,
         super::neighbours::renew,
+        super::neighbours::components,
         super::neighbours::donate,
         super::neighbours::donations,
         super::neighbours::end_donation,

@@ -21,6 +21,7 @@
 //! renewal period and the donor's ledger takes the licenses back by itself.
 
 pub mod config;
+pub mod redirect;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
