@@ -34,6 +34,7 @@ pub const FILE: &str = "usage.sqlite3";
 const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/usage/0001_usage_and_audit.sql"),
     include_str!("../migrations/usage/0002_notifications.sql"),
+    include_str!("../migrations/usage/0003_merged_history.sql"),
 ];
 
 /// Events queued beyond this make recording wait for the writer (back-pressure).
@@ -47,7 +48,7 @@ const NOTIFICATIONS_KEPT: i64 = 10_000;
 const GATHER: Duration = Duration::from_millis(20);
 
 /// One row of `usage_event`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct UsageEvent {
     pub at_ms: i64,
     /// `granted`, `existing`, `checkin`, `force_release`, `expired`, `key_removed`,
@@ -111,6 +112,13 @@ enum Message {
     },
     /// A notification; a restarted server numbers its next one after the highest stored.
     Notification(Event),
+    /// Rows another host of the pair or domain recorded (`origin`: its instance), each
+    /// with its id there; copied once (see `crate::peer_history`).
+    Copied {
+        origin: String,
+        rows: Vec<(i64, UsageEvent)>,
+        audit: AuditRecord,
+    },
     Flush(std::sync::mpsc::Sender<()>),
     /// Write what came before, then end the writer thread.
     Stop,
@@ -158,6 +166,8 @@ impl NotificationLog {
 
 pub struct History {
     path: PathBuf,
+    /// This history's own id (`history_meta.instance`), naming its rows on other hosts.
+    instance: String,
     queue: Queue,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -205,6 +215,16 @@ impl History {
     pub fn start(data_dir: &Path) -> Result<History, HistoryError> {
         let path = data_dir.join(FILE);
         let connection = open(&path)?;
+        let instance: String = connection
+            .query_row(
+                "SELECT value FROM history_meta WHERE name = 'instance'",
+                [],
+                |row| row.get(0),
+            )
+            .map_err(|e| HistoryError {
+                path: path.display().to_string(),
+                message: format!("no instance id: {e}"),
+            })?;
         let (sender, receiver) = sync_channel(QUEUE);
         let hurry = std::sync::Arc::new(AtomicBool::new(false));
         let writer_hurry = hurry.clone();
@@ -217,6 +237,7 @@ impl History {
             })?;
         Ok(History {
             path,
+            instance,
             queue: Queue {
                 sender,
                 hurry,
@@ -378,6 +399,78 @@ impl History {
         let (done, wait) = std::sync::mpsc::channel();
         self.send(Message::Flush(done));
         let _ = wait.recv();
+    }
+
+    /// This history's own id, naming the rows it recorded when other hosts copy them.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Rows this host recorded itself (not copied) with an id above `after_id`, in id
+    /// order, at most `limit` (flushes first).
+    pub fn own_rows_after(
+        &self,
+        after_id: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, UsageEvent)>, HistoryError> {
+        self.flush();
+        let connection = self.reader()?;
+        let mut statement = connection
+            .prepare(
+                "SELECT id, at_ms, kind, lease_id, key_id, component, station, user, host, delta, detail
+                 FROM usage_event WHERE origin IS NULL AND id > ?1 ORDER BY id LIMIT ?2",
+            )
+            .map_err(|e| self.error(e))?;
+        let rows = statement
+            .query_map(params![after_id, limit as i64], |row| {
+                Ok((row.get(0)?, usage_row(row, 1)?))
+            })
+            .map_err(|e| self.error(e))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| self.error(e))
+    }
+
+    /// Per other host's instance, the highest id of its rows copied here.
+    pub fn copied_up_to(&self) -> Result<std::collections::BTreeMap<String, i64>, HistoryError> {
+        self.flush();
+        let connection = self.reader()?;
+        let mut statement = connection
+            .prepare(
+                "SELECT origin, MAX(origin_id) FROM usage_event
+                 WHERE origin IS NOT NULL GROUP BY origin",
+            )
+            .map_err(|e| self.error(e))?;
+        let rows = statement
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .map_err(|e| self.error(e))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| self.error(e))
+    }
+
+    /// Stores rows another host recorded (`origin`: its instance), each once, with an audit
+    /// record of the copy; returns once they are written.
+    pub fn copy_rows(&self, at_ms: i64, origin: &str, host: u64, rows: Vec<(i64, UsageEvent)>) {
+        if rows.is_empty() {
+            return;
+        }
+        let audit = AuditRecord {
+            at_ms,
+            actor: "server".into(),
+            action: "usage.copied".into(),
+            details: serde_json::json!({
+                "from_host": host,
+                "origin": origin,
+                "rows": rows.len(),
+                "first_id": rows.first().map(|r| r.0),
+                "last_id": rows.last().map(|r| r.0),
+            }),
+        };
+        self.send(Message::Copied {
+            origin: origin.to_string(),
+            rows,
+            audit,
+        });
+        self.flush();
     }
 
     /// Usage rows with `from_ms <= at_ms < to_ms`, oldest first (flushes first).
@@ -548,6 +641,10 @@ fn write_loop(mut connection: Connection, receiver: Receiver<Message>, hurry: &A
                     "INSERT OR REPLACE INTO notification (id, at_ms, kind, severity, server_id, host, message, details)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 )?;
+                let mut copied_insert = transaction.prepare_cached(
+                    "INSERT OR IGNORE INTO usage_event (at_ms, kind, lease_id, key_id, component, station, user, host, delta, detail, origin, origin_id)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                )?;
                 let mut audit_insert = transaction.prepare_cached(
                     "INSERT INTO audit_log (seq, at_ms, actor, action, details, prev_hash, hash)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -578,6 +675,38 @@ fn write_loop(mut connection: Connection, receiver: Receiver<Message>, hurry: &A
                             notified = true;
                         }
                         Message::Stop => stopping = true,
+                        Message::Copied {
+                            origin,
+                            rows,
+                            audit: record,
+                        } => {
+                            let mut copied = 0;
+                            for (origin_id, event) in rows {
+                                copied += copied_insert.execute(params![
+                                    event.at_ms,
+                                    event.kind,
+                                    event.lease_id,
+                                    event.key_id,
+                                    event.component,
+                                    event.station,
+                                    event.user,
+                                    event.host,
+                                    event.delta,
+                                    event.detail,
+                                    origin,
+                                    origin_id,
+                                ])?;
+                            }
+                            // Rows copied already (a pull repeated) are not audited again.
+                            if copied > 0 {
+                                append(
+                                    record.at_ms,
+                                    &record.actor,
+                                    &record.action,
+                                    &record.details.to_string(),
+                                )?;
+                            }
+                        }
                         Message::Record {
                             usage,
                             audit: record,
@@ -656,23 +785,27 @@ fn query_usage(
 ) -> rusqlite::Result<Vec<UsageEvent>> {
     let mut statement = connection.prepare(
         "SELECT at_ms, kind, lease_id, key_id, component, station, user, host, delta, detail
-         FROM usage_event WHERE at_ms >= ?1 AND at_ms < ?2 ORDER BY id",
+         FROM usage_event WHERE at_ms >= ?1 AND at_ms < ?2 ORDER BY at_ms, id",
     )?;
-    let rows = statement.query_map(params![from_ms, to_ms], |row| {
-        Ok(UsageEvent {
-            at_ms: row.get(0)?,
-            kind: row.get(1)?,
-            lease_id: row.get(2)?,
-            key_id: row.get(3)?,
-            component: row.get(4)?,
-            station: row.get(5)?,
-            user: row.get(6)?,
-            host: row.get(7)?,
-            delta: row.get(8)?,
-            detail: row.get(9)?,
-        })
-    })?;
+    let rows = statement.query_map(params![from_ms, to_ms], |row| usage_row(row, 0))?;
     rows.collect()
+}
+
+/// A usage row from the columns `at_ms, kind, lease_id, key_id, component, station, user,
+/// host, delta, detail` starting at `first`.
+fn usage_row(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<UsageEvent> {
+    Ok(UsageEvent {
+        at_ms: row.get(first)?,
+        kind: row.get(first + 1)?,
+        lease_id: row.get(first + 2)?,
+        key_id: row.get(first + 3)?,
+        component: row.get(first + 4)?,
+        station: row.get(first + 5)?,
+        user: row.get(first + 6)?,
+        host: row.get(first + 7)?,
+        delta: row.get(first + 8)?,
+        detail: row.get(first + 9)?,
+    })
 }
 
 /// One component's chart data.
@@ -724,7 +857,7 @@ fn chart(
     {
         let mut statement = connection.prepare(
             "SELECT at_ms, component, kind, delta FROM usage_event
-             WHERE at_ms >= ?1 AND at_ms < ?2 AND component IS NOT NULL ORDER BY id",
+             WHERE at_ms >= ?1 AND at_ms < ?2 AND component IS NOT NULL ORDER BY at_ms, id",
         )?;
         let rows = statement.query_map(params![from_ms, to_ms], |row| {
             Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
@@ -896,6 +1029,58 @@ mod tests {
         });
         assert_eq!(audit[0].details, object.to_string());
         assert!(history.verify().unwrap().ok);
+    }
+
+    #[test]
+    fn rows_copied_from_another_host_are_stored_once_in_time_order_and_never_passed_on() {
+        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b) = (
+            History::start(dir_a.path()).unwrap(),
+            History::start(dir_b.path()).unwrap(),
+        );
+        assert_ne!(a.instance(), b.instance());
+        a.lease_event(10, "server", "granted", &lease("ws-a", &["cad"]), None, 1);
+        b.lease_event(5, "server", "granted", &lease("ws-b", &["cad"]), None, 1);
+        b.lease_event(20, "server", "checkin", &lease("ws-b", &["cad"]), None, -1);
+        let rows = b.own_rows_after(0, 100).unwrap();
+        assert_eq!(rows.len(), 2);
+        // Copied twice (a pull repeated): stored and audited once.
+        a.copy_rows(30, b.instance(), 2, rows.clone());
+        a.copy_rows(31, b.instance(), 2, rows.clone());
+        let stations: Vec<(i64, Option<String>)> = a
+            .usage(0, 100)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.at_ms, e.station))
+            .collect();
+        assert_eq!(
+            stations,
+            vec![
+                (5, Some("ws-b".into())),
+                (10, Some("ws-a".into())),
+                (20, Some("ws-b".into()))
+            ]
+        );
+        let last_id = rows.last().unwrap().0;
+        assert_eq!(
+            a.copied_up_to().unwrap(),
+            [(b.instance().to_string(), last_id)].into()
+        );
+        let copies = a
+            .recent_audit(10)
+            .unwrap()
+            .into_iter()
+            .filter(|entry| entry.action == "usage.copied")
+            .count();
+        assert_eq!(copies, 1);
+        assert!(a.verify().unwrap().ok);
+        // A's own rows are only its own: B's rows are not handed on to a third host.
+        let own = a.own_rows_after(0, 100).unwrap();
+        assert_eq!(own.len(), 1);
+        assert_eq!(own[0].1.station.as_deref(), Some("ws-a"));
+        // The levels follow time: 1 (B's grant), 2, then 1.
+        let chart = a.chart(0, 30, 10).unwrap();
+        assert_eq!(chart[0].peaks, vec![1, 2, 2]);
     }
 
     #[test]

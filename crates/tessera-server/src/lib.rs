@@ -35,6 +35,7 @@ pub mod ids;
 pub mod metrics;
 pub mod neighbours;
 pub mod pair;
+pub mod peer_history;
 pub mod server;
 pub mod state;
 pub mod sync;

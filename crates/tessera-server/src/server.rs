@@ -208,7 +208,15 @@ pub async fn start(
         }
     });
     let timers = run_timers.then(|| tokio::spawn(run_timer_loop(state.clone())));
-    let pair = raft_routes.then(|| tokio::spawn(crate::pair::run(state.clone())));
+    let pair = raft_routes.then(|| {
+        let (pair_state, history_state) = (state.clone(), state.clone());
+        tokio::spawn(async move {
+            tokio::join!(
+                crate::pair::run(pair_state),
+                crate::peer_history::run(history_state)
+            );
+        })
+    });
     tracing::info!(%addr, "license server listening");
     Ok(RunningServer {
         addr,

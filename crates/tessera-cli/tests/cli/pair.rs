@@ -527,6 +527,49 @@ fn a_partition_between_the_hosts_with_stations_on_both_sides_never_over_issues()
             .unwrap_err()
             .contains("no_licenses_available")
     );
+    // Usage details: either host's history shows what both served, each lease granted once.
+    for host in [1, 2] {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let granted = granted_in_usage(&pair, host);
+            if acknowledged.iter().all(|lease| granted.contains(lease)) {
+                let mut unique = granted.clone();
+                unique.sort();
+                unique.dedup();
+                assert_eq!(
+                    unique.len(),
+                    granted.len(),
+                    "a grant shown twice: {granted:?}"
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "host {host}'s usage history lacks leases the other served: {granted:?} of {acknowledged:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// The lease ids of `granted` rows in `host`'s usage report (`tessera report usage`).
+fn granted_in_usage(pair: &PairDir, host: usize) -> Vec<String> {
+    let report = ok(&[
+        "report",
+        "usage",
+        "--format",
+        "json",
+        "--server",
+        &pair.url(host),
+        "--token",
+        &pair.token(),
+    ]);
+    let events: Vec<serde_json::Value> = serde_json::from_str(&report).unwrap();
+    events
+        .iter()
+        .filter(|event| event["kind"] == "granted")
+        .map(|event| event["lease_id"].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// `GET path` over plain HTTP/1.0 with an optional cookie; (head, body).

@@ -6,7 +6,7 @@
 //!   licenses. `POST /v1/pair/disable` (admin): only once no key is active.
 //!   `POST /v1/pair/sync` (admin): brings a pair that is not in sync back (split set again,
 //!   shares rebalanced).
-//! - `POST /v1/pair/rpc/{candidate,handover,stopping}`: between the two hosts, signed with
+//! - `POST /v1/pair/rpc/{candidate,handover,stopping,history}`: between the hosts, signed with
 //!   the domain secret (`x-tessera-pair-auth`).
 
 use axum::Json;
@@ -255,6 +255,17 @@ pub async fn rpc(
         "stopping" => {
             state.pair.peer_stopping();
             Ok(serde_json::json!({}))
+        }
+        "history" => {
+            let request: crate::peer_history::HistoryRequest = serde_json::from_slice(&body)
+                .map_err(|e| ApiError::BadRequest {
+                    code: "malformed_json",
+                    message: format!("the history request is malformed: {e}"),
+                })?;
+            let answer = crate::peer_history::answer(&state, request)
+                .await
+                .map_err(ApiError::Internal)?;
+            serde_json::to_value(answer)
         }
         other => {
             return Err(ApiError::NoRoute {
