@@ -114,6 +114,11 @@ pub struct Received {
     /// leases may use them too, ending with it (see `Ledger::lease_cap`).
     #[serde(default)]
     pub floor: Vec<(u32, i64)>,
+    /// The pool serves from the key's start minus this (the clock skew when it was accepted):
+    /// a renewal key's pool takes over exactly when the old key's pool stops, which is the
+    /// skew before the old key's end (see `Ledger::pending_renewal`).
+    #[serde(default)]
+    pub starts_early_ms: i64,
 }
 
 impl Received {
@@ -672,23 +677,19 @@ impl Ledger {
                 licenses,
                 until_ms,
                 renewal_period_ms,
-            } => {
-                // The administrator's donation replaces one still waiting for licenses.
-                self.drop_pending_donation(key_id, to);
-                self.donate(
-                    DonateRequest {
-                        key_id,
-                        to,
-                        receiver_public_key,
-                        licenses: *licenses,
-                        until_ms: *until_ms,
-                        renewal_period_ms: *renewal_period_ms,
-                    },
-                    at,
-                )
-            }
+            } => self.donate_command(
+                DonateRequest {
+                    key_id,
+                    to,
+                    receiver_public_key,
+                    licenses: *licenses,
+                    until_ms: *until_ms,
+                    renewal_period_ms: *renewal_period_ms,
+                },
+                at,
+            ),
             Command::RenewDonations { to } => self.renew_donations(to, at),
-            Command::EndDonation { key_id, to } => self.end_donation(key_id, to),
+            Command::EndDonation { key_id, to } => self.end_donation_command(key_id, to),
             Command::GrantReturned { key_id, to, serial } => {
                 self.grant_returned(key_id, to, *serial, at)
             }
@@ -1218,6 +1219,9 @@ impl Ledger {
                     let (moved, ended) = self.renewal_takes_over(&old_id, &renewal_id, at);
                     leases_moved += moved;
                     leases_ended += ended;
+                } else {
+                    // Neighbours get the renewal's grants now, to use when it takes over.
+                    self.continue_donations(&old_id, &renewal_id, at);
                 }
                 // Otherwise it takes over when it becomes valid (`take_over_renewals`);
                 // until then the old key's leases may run until the renewal's end.
@@ -1242,18 +1246,45 @@ impl Ledger {
 
     /// The renewal key allocated to take over from `record` when it becomes valid, with no gap
     /// between the two keys: the old key's leases may run until its end.
+    ///
+    /// The same for a received pool whose donor sent, in advance, a grant of the key that
+    /// renews it: the new pool takes over when the old one stops (its grant's end less the
+    /// skew, when the new pool starts: `Received::starts_early_ms`).
     fn pending_renewal(&self, record: &KeyRecord) -> Option<&KeyRecord> {
-        if record.received.is_some() {
-            return None;
-        }
         // `replaced_by` is set only when the renewal was allocated (a later renewal result for
         // another candidate does not undo it).
         let renewal_id = record.meta.replaced_by.as_deref()?;
         let renewal = self.keys.get(renewal_id)?;
-        (renewal.received.is_none()
-            && renewal.key.payload.valid_from_ms() <= record.valid_until_ms()
+        let same_source = match (&record.received, &renewal.received) {
+            (None, None) => true,
+            (Some(old), Some(new)) => old.donor == new.donor,
+            _ => false,
+        };
+        (same_source
+            && key_start_ms(renewal) <= record.valid_until_ms()
             && renewal.valid_until_ms() > record.valid_until_ms())
         .then_some(renewal)
+    }
+
+    /// Whether `key_id` is the renewal allocated to take over from another key in advance.
+    fn is_pending_renewal(&self, key_id: &str) -> bool {
+        self.keys.values().any(|record| {
+            record.meta.replaced_by.as_deref() == Some(key_id)
+                && self
+                    .pending_renewal(record)
+                    .is_some_and(|renewal| &*renewal.id == key_id)
+        })
+    }
+
+    /// Whether licenses of `record` may be donated (or a donation renewed) at `at`: an active
+    /// key, or the renewal allocated in advance to a key, so that the neighbours hold its
+    /// grants before it takes over and go on without a gap.
+    fn donatable(&self, record: &KeyRecord, at: i64) -> bool {
+        match key_state(record, at) {
+            KeyState::Active => true,
+            KeyState::Pending => self.is_pending_renewal(&record.id),
+            KeyState::Expired => false,
+        }
     }
 
     /// Until when a lease of `record` may run: its end, or, when an allocated renewal takes
@@ -1350,6 +1381,8 @@ impl Ledger {
             .iter()
             .filter(|(_, record)| {
                 record.meta.replaced_by.is_some()
+                    // A received pool goes when its grant lapses or is given back.
+                    && record.received.is_none()
                     && record.in_use == 0
                     && !self.ended_early.contains_key(&*record.id)
                     && record.donated == 0
@@ -1456,14 +1489,34 @@ impl Ledger {
             .collect();
         others.sort_unstable();
         for end in ends {
-            let room = received.capacity_at(end);
+            let (renewal_room, renewal_counted) = self.renewal_pool_at(record, end);
+            let room = u64::from(received.capacity_at(end)) + renewal_room;
             let running = others.len() - others.partition_point(|expires| *expires <= end);
-            let donated = self.donated_after(pool, end);
-            if running as u64 + 1 + donated as u64 > room as u64 {
+            let counted =
+                running as u64 + 1 + u64::from(self.donated_after(pool, end)) + renewal_counted;
+            if counted > room {
                 return end;
             }
         }
         cap
+    }
+
+    /// After a received pool stops, the pool of its renewal key (granted in advance) carries
+    /// its leases: (the renewal pool's licenses at `end`, what it counts then). Nothing
+    /// before the renewal pool starts.
+    fn renewal_pool_at(&self, record: &KeyRecord, end: i64) -> (u64, u64) {
+        let Some(renewal) = self.pending_renewal(record) else {
+            return (0, 0);
+        };
+        match &renewal.received {
+            Some(received) if key_start_ms(renewal) <= end => (
+                u64::from(received.capacity_at(end)),
+                u64::from(self.donated_after(&renewal.id, end))
+                    + u64::from(renewal.in_use)
+                    + u64::from(renewal.ended_early),
+            ),
+            _ => (0, 0),
+        }
     }
 
     /// Licenses of `key_id` that donations still count after `at`.
@@ -1585,7 +1638,7 @@ impl Ledger {
                 reason,
             },
         };
-        if !is_active(record, at) {
+        if !self.donatable(record, at) {
             return refuse(format!("key {key_id} is not active"));
         }
         if until_ms <= at {
@@ -1734,7 +1787,7 @@ impl Ledger {
             let Some(record) = self.keys.get(&id.0) else {
                 continue;
             };
-            if !is_active(record, at) {
+            if !self.donatable(record, at) {
                 continue;
             }
             let counted = donation.counted();
@@ -1782,6 +1835,73 @@ impl Ledger {
             to: to.into(),
             donations: renewed,
         }
+    }
+
+    /// The administrator's donation. It replaces one still waiting for licenses; a key whose
+    /// renewal is allocated in advance donates until its end, and its renewal carries the
+    /// donation on from there, up to `until_ms` (its twin, edited with it).
+    fn donate_command(&mut self, request: DonateRequest<'_>, at: i64) -> Outcome {
+        let (key_id, to) = (request.key_id, request.to);
+        self.drop_pending_donation(key_id, to);
+        let renewal = self
+            .keys
+            .get(key_id)
+            .and_then(|record| self.pending_renewal(record))
+            .map(|renewal| renewal.id.to_string());
+        let (Some(renewal_id), Some(record)) = (renewal, self.keys.get(key_id)) else {
+            return self.donate(request, at);
+        };
+        let carried_until = self.carry_until_ms(record);
+        if request.until_ms > carried_until {
+            return Outcome::Refused {
+                refusal: Refusal::DonationRefused {
+                    key_id: key_id.into(),
+                    reason: format!(
+                        "the donation end date is after {}, when the licenses of {key_id} and of its renewal {renewal_id} end here",
+                        format_ms(carried_until)
+                    ),
+                },
+            };
+        }
+        let own_until = request.until_ms.min(record.key.payload.valid_until_ms());
+        let outcome = self.donate(
+            DonateRequest {
+                until_ms: own_until,
+                ..request
+            },
+            at,
+        );
+        if let Outcome::Donated { .. } = &outcome
+            && let Some(until) = self.continued_until(key_id, &renewal_id, request.until_ms)
+        {
+            self.drop_pending_donation(&renewal_id, to);
+            let twin = PendingDonation {
+                to: to.into(),
+                receiver_public_key: request.receiver_public_key.into(),
+                licenses: request.licenses,
+                donation_until_ms: until,
+                renewal_period_ms: request.renewal_period_ms,
+                reason: String::new(),
+                next_try_ms: at,
+            };
+            self.try_pending_donation(&renewal_id, twin, at);
+        }
+        outcome
+    }
+
+    /// The administrator ends a donation; its twin on a renewal allocated in advance ends
+    /// with it.
+    fn end_donation_command(&mut self, key_id: &str, to: &str) -> Outcome {
+        let renewal = self
+            .keys
+            .get(key_id)
+            .and_then(|record| self.pending_renewal(record))
+            .map(|renewal| renewal.id.to_string());
+        let outcome = self.end_donation(key_id, to);
+        if let (Outcome::DonationEnded { .. }, Some(renewal_id)) = (&outcome, renewal) {
+            let _ = self.end_donation(&renewal_id, to);
+        }
+        outcome
     }
 
     fn end_donation(&mut self, key_id: &str, to: &str) -> Outcome {
@@ -1897,6 +2017,7 @@ impl Ledger {
             usable_until_ms,
             accepted_at_ms: at,
             floor: Vec::new(),
+            starts_early_ms: self.config.clock_skew_max_ms,
         };
         let mut leases_ended = 0;
         match self.keys.get_mut(&pool) {
@@ -1933,12 +2054,17 @@ impl Ledger {
                 );
                 self.keys.insert(pool.clone(), record);
                 self.recount_ended_early();
-                // A grant of a renewal key takes over the leases of the key it renews.
+                // A grant of a renewal key takes over the leases of the key it renews: now, or,
+                // sent in advance, when it starts (`take_over_renewals`).
                 if let Some(old) = &grant.key.payload.renews {
                     let old_pool = received_pool_id(old, &last.donor);
                     if self.keys.contains_key(&old_pool) {
-                        let (_, ended) = self.move_leases(&old_pool, &pool);
-                        leases_ended += ended;
+                        if is_active(&self.keys[&pool], at) {
+                            let (_, ended) = self.move_leases(&old_pool, &pool);
+                            leases_ended += ended;
+                        } else if let Some(old_record) = self.keys.get_mut(&old_pool) {
+                            old_record.meta.replaced_by = Some(pool.clone());
+                        }
                     }
                 }
             }
@@ -2036,7 +2162,6 @@ impl Ledger {
             .filter(|d| d.key_id == old && !d.ended)
             .cloned()
             .collect();
-        let until_max = self.keys[new].key.payload.valid_until_ms();
         for donation in moving {
             if let Some(d) = self
                 .donations
@@ -2044,6 +2169,17 @@ impl Ledger {
             {
                 d.ended = true;
             }
+            // Already continued on the renewal in advance (`continue_donations`).
+            if self
+                .donations
+                .get(&(new.to_string(), donation.to.clone()))
+                .is_some_and(|d| !d.ended)
+            {
+                continue;
+            }
+            let Some(until) = self.continued_until(old, new, donation.donation_until_ms) else {
+                continue;
+            };
             // Refused (not enough free licenses, say): the neighbour keeps the old grant
             // until it lapses, and the renewal key keeps the donation pending, tried again
             // about every minute (`retry_pending_donations`); the notification names it.
@@ -2051,7 +2187,60 @@ impl Ledger {
                 to: donation.to.clone(),
                 receiver_public_key: donation.receiver_public_key.clone(),
                 licenses: donation.licenses,
-                donation_until_ms: donation.donation_until_ms.min(until_max),
+                donation_until_ms: until,
+                renewal_period_ms: donation.renewal_period_ms,
+                reason: String::new(),
+                next_try_ms: at,
+            };
+            self.try_pending_donation(new, pending, at);
+        }
+    }
+
+    /// Until when a donation of `old` ending at `until_ms` continues from its renewal `new`:
+    /// one that runs to the old key's end (the longest it could) runs to the renewal's end,
+    /// a later date is kept within the renewal, an earlier one is kept as it is. `None`: it
+    /// ends before the renewal starts serving.
+    fn continued_until(&self, old: &str, new: &str, until_ms: i64) -> Option<i64> {
+        let (old, new) = (self.keys.get(old)?, self.keys.get(new)?);
+        let old_end = old.key.payload.valid_until_ms();
+        let new_end = new.key.payload.valid_until_ms();
+        let until = match until_ms.cmp(&old_end) {
+            std::cmp::Ordering::Less => until_ms,
+            std::cmp::Ordering::Equal => new_end,
+            std::cmp::Ordering::Greater => until_ms.min(new_end),
+        };
+        (until > key_start_ms(new)).then_some(until)
+    }
+
+    /// A renewal allocated in advance: every running donation of the old key gets its twin
+    /// on the renewal now, so the neighbour holds the renewal's grant before it takes over
+    /// (it then goes on without a gap). Refused (not enough licenses), it waits as a pending
+    /// donation, retried about every minute.
+    fn continue_donations(&mut self, old: &str, new: &str, at: i64) {
+        let running: Vec<Donation> = self
+            .donations
+            .values()
+            .filter(|d| d.key_id == old && !d.ended && d.donation_until_ms > at)
+            .cloned()
+            .collect();
+        for donation in running {
+            let to = donation.to.clone();
+            if self
+                .donations
+                .get(&(new.to_string(), to.clone()))
+                .is_some_and(|d| !d.ended)
+            {
+                continue;
+            }
+            let Some(until) = self.continued_until(old, new, donation.donation_until_ms) else {
+                continue;
+            };
+            self.drop_pending_donation(new, &to);
+            let pending = PendingDonation {
+                to,
+                receiver_public_key: donation.receiver_public_key.clone(),
+                licenses: donation.licenses,
+                donation_until_ms: until,
                 renewal_period_ms: donation.renewal_period_ms,
                 reason: String::new(),
                 next_try_ms: at,
@@ -2345,7 +2534,7 @@ impl Ledger {
             .values()
             .filter(|record| record.meta.stations || record.in_use > 0)
             .filter_map(|record| self.pending_renewal(record))
-            .map(|renewal| renewal.key.payload.valid_from_ms())
+            .map(key_start_ms)
             .min();
         [lease, grant, takeover].into_iter().flatten().min()
     }
@@ -2677,6 +2866,8 @@ impl Ledger {
                 return Err(format!("lease {lease_id} outlived its expiry"));
             }
             let until = match &record.received {
+                // Carried onto the pool of the renewal key, as below.
+                Some(_) if record.meta.replaced_by.is_some() => i64::MAX,
                 Some(received) => received.usable_until_max_ms(),
                 // A replaced key's leases may run up to its renewal's end, and keep what they
                 // were told if the renewal is removed before it takes over.
@@ -2772,7 +2963,9 @@ impl Ledger {
                         .count() as u32
                         + ended_early
                         + self.donated_after(key_id, end);
-                    if running > received.capacity_at(end).max(ended_early) {
+                    let (renewal_room, renewal_counted) = self.renewal_pool_at(record, end);
+                    let room = u64::from(received.capacity_at(end).max(ended_early)) + renewal_room;
+                    if u64::from(running) + renewal_counted > room {
                         return Err(format!(
                             "pool {key_id} over-issued after {end}: {running} still running for {} licenses",
                             received.capacity_at(end)
@@ -2850,13 +3043,19 @@ impl CheckoutRequest<'_> {
 }
 
 fn key_state(record: &KeyRecord, at: i64) -> KeyState {
-    if at < record.key.payload.valid_from_ms() {
+    if at < key_start_ms(record) {
         KeyState::Pending
     } else if at < record.valid_until_ms() {
         KeyState::Active
     } else {
         KeyState::Expired
     }
+}
+
+/// When a key serves from: its start, for a received pool the skew earlier.
+fn key_start_ms(record: &KeyRecord) -> i64 {
+    let early = record.received.as_ref().map_or(0, |r| r.starts_early_ms);
+    record.key.payload.valid_from_ms().saturating_sub(early)
 }
 
 fn is_active(record: &KeyRecord, at: i64) -> bool {

@@ -1,7 +1,7 @@
 //! Donations between license servers: parent, children, grandchild and peers, each a real
 //! server on loopback with its own data directory and its own manual clock.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -190,6 +190,16 @@ impl Net {
     fn renewal_of(&self, old: &str, renewal_id: &str, licenses: u32) -> LicenseKey {
         let mut payload = self.key(renewal_id, licenses).payload.clone();
         payload.renews = Some(old.into());
+        LicenseKey::sign(payload, &self.vendor).unwrap()
+    }
+
+    /// A key `renewal_id` of 10 licenses renewing `old` from `from_ms` (bought in advance),
+    /// valid 30 days from then.
+    fn renewal_from(&self, old: &str, renewal_id: &str, from_ms: i64) -> LicenseKey {
+        let mut payload = self.key(renewal_id, 10).payload.clone();
+        payload.renews = Some(old.into());
+        payload.valid_from = jiff::Timestamp::from_millisecond(from_ms).unwrap();
+        payload.valid_until = jiff::Timestamp::from_millisecond(from_ms + 30 * 86_400_000).unwrap();
         LicenseKey::sign(payload, &self.vendor).unwrap()
     }
 
@@ -1327,4 +1337,160 @@ async fn a_donation_a_renewal_cannot_carry_is_named_and_retried_about_every_minu
         net.key_summary("branch", "K2@hq").await.unwrap().received,
         4
     );
+}
+
+/// The issue (#18, 2): a renewal key bought in advance was "allocated to every object,
+/// neighbours included", yet the child held nothing once the old key ended. Now the donor
+/// gives the child the renewal's grant in advance, and the child's pool of it takes over
+/// exactly when the old pool stops: the station heartbeating on the child keeps its lease
+/// id across the old key's end, new stations are served throughout, and the two keys
+/// together never count more than their licenses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_childs_leases_and_donation_continue_onto_a_renewal_bought_in_advance() {
+    let (net, hq) = Net::hq_and_branch().await;
+    let k_end = START_MS + 30 * 86_400_000;
+    hq.donate("K", "branch", 4, &until(k_end)).await.unwrap();
+    // K2 renews K from K's end on (bought in advance).
+    let k2 = net.renewal_from("K", "K2", k_end);
+    hq.import_key(k2.to_json_pretty()).await.unwrap();
+    let report = hq.update_keys().await.unwrap();
+    assert!(report.renewals[0].allocated, "{report:?}");
+    // The donation has its twin on K2 at once, running to K2's end.
+    let donations = hq.donations().await.unwrap();
+    let twin = donations
+        .iter()
+        .find(|d| d.key_id == "K2")
+        .expect("the donation continues on the renewal");
+    assert_eq!(twin.licenses, 4);
+    net.exchange_until("branch holds K2's grant, pending", || async {
+        net.key_summary("branch", "K2@hq")
+            .await
+            .is_some_and(|k| k.state == "pending" && k.received == 4)
+    })
+    .await;
+
+    // Close to K's end, a station on branch holds a lease of K@hq.
+    net.advance(k_end - 2 * 3_600_000 - START_MS - 60_000);
+    net.exchange_until("branch holds K again", || async {
+        net.key_summary("branch", "K@hq")
+            .await
+            .is_some_and(|k| k.state == "active" && k.received == 4)
+    })
+    .await;
+    let station = Client::new(&net.server("branch").url(), None);
+    let (lease, _) = station.checkout(&request("cad", "ws-1")).await.unwrap();
+    assert_eq!(lease.key_id, "K@hq");
+    let mut key_ids = BTreeSet::new();
+    // Four minutes at a time to half an hour past K's end: the timers run, the station
+    // heartbeats, and a new station is served at every step.
+    let mut step = 0;
+    while net.server("hq").state.stamper.now_ms() < k_end + 1_800_000 {
+        step += 1;
+        net.advance(240_000);
+        // Each server's timer writes an entry when a takeover is due (the branch first, so
+        // the safety check never looks at it before its timer ran).
+        net.tick("branch").await;
+        net.tick("hq").await;
+        net.tick("branch").await;
+        let beat = station
+            .heartbeat(&lease.lease_id)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "step {step}: the lease was lost at {}: {e}",
+                    net.server("branch").state.stamper.now_ms() - k_end
+                )
+            });
+        key_ids.insert(beat.key_id.clone());
+        let (probe, _) = station
+            .checkout(&request("cad", &format!("probe-{step}")))
+            .await
+            .unwrap_or_else(|e| panic!("step {step}: no license for a new station: {e}"));
+        station.checkin(&probe.lease_id).await.unwrap();
+        // K and K2 are the same licenses: together never more than 10.
+        let mut in_use = 0;
+        for id in ["hq", "branch"] {
+            let status = Client::new(&net.server(id).url(), None)
+                .status()
+                .await
+                .unwrap();
+            in_use += status.keys.iter().map(|k| k.in_use).sum::<u32>();
+        }
+        assert!(in_use <= 10, "step {step}: {in_use} leases of K and K2");
+    }
+    assert_eq!(
+        key_ids,
+        ["K2@hq".to_string(), "K@hq".to_string()].into(),
+        "the lease moved from K@hq to K2@hq under the same id"
+    );
+    let k2_pool = net.key_summary("branch", "K2@hq").await.unwrap();
+    assert_eq!(
+        (k2_pool.state.as_str(), k2_pool.received, k2_pool.in_use),
+        ("active", 4, 1)
+    );
+}
+
+/// The issue (#18, 2): "a donation cannot run past the current key's end and cannot be set on
+/// the pending renewal key". With a renewal allocated in advance, both work: a donation past
+/// the old key's end runs on the old key to its end and on the renewal after it (one twin,
+/// edited and ended with it), and the renewal itself can be donated. A key that is merely
+/// not valid yet still cannot.
+#[tokio::test]
+async fn donations_reach_past_the_old_keys_end_onto_a_renewal_bought_in_advance() {
+    let (net, hq) = Net::hq_and_branch().await;
+    let k_end = START_MS + 30 * 86_400_000;
+    let day = 86_400_000;
+    hq.import_key(net.renewal_from("K", "K2", k_end).to_json_pretty())
+        .await
+        .unwrap();
+    assert!(hq.update_keys().await.unwrap().renewals[0].allocated);
+    let ends = |key_id: &'static str| {
+        let hq = hq.clone();
+        async move {
+            hq.donations()
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|d| d.key_id == key_id && d.state != "ended")
+                .map(|d| (d.licenses, d.donation_until))
+        }
+    };
+    let until_text = |ms: i64| jiff::Timestamp::from_millisecond(ms).unwrap();
+    hq.donate("K", "branch", 3, &until(k_end + 10 * day))
+        .await
+        .unwrap();
+    assert_eq!(ends("K").await, Some((3, until_text(k_end))));
+    assert_eq!(ends("K2").await, Some((3, until_text(k_end + 10 * day))));
+    // Edited through the old key: the twin follows.
+    hq.donate("K", "branch", 2, &until(k_end + 20 * day))
+        .await
+        .unwrap();
+    assert_eq!(ends("K2").await, Some((2, until_text(k_end + 20 * day))));
+    // Past the renewal's end: refused, naming both keys, nothing changed.
+    let refused = hq
+        .donate("K", "branch", 2, &until(k_end + 40 * day))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some("donation_refused"), "{refused}");
+    assert!(refused.to_string().contains("renewal K2"), "{refused}");
+    assert_eq!(ends("K2").await, Some((2, until_text(k_end + 20 * day))));
+    // The renewal itself can be donated (here: changed) before it starts.
+    hq.donate("K2", "branch", 4, &until(k_end + 5 * day))
+        .await
+        .unwrap();
+    assert_eq!(ends("K2").await, Some((4, until_text(k_end + 5 * day))));
+    // Ending the old key's donation ends its twin.
+    hq.end_donation("K", "branch").await.unwrap();
+    assert_eq!(ends("K").await, None);
+    assert_eq!(ends("K2").await, None);
+    // A key merely not valid yet (no renewal of anything) cannot be donated.
+    let mut payload = net.key("LATER", 5).payload.clone();
+    payload.valid_from = jiff::Timestamp::from_millisecond(START_MS + day).unwrap();
+    let later = LicenseKey::sign(payload, &net.vendor).unwrap();
+    hq.import_key(later.to_json_pretty()).await.unwrap();
+    let refused = hq
+        .donate("LATER", "branch", 1, &until(START_MS + 2 * day))
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("not active"), "{refused}");
 }
