@@ -235,6 +235,11 @@ struct Node {
 }
 
 fn write_config(root: &Path, node: &Node, neighbours: &[(&Node, &str)]) {
+    write_config_with(root, node, neighbours, "1h");
+}
+
+/// [`write_config`] with another `donation_renewal_period`.
+fn write_config_with(root: &Path, node: &Node, neighbours: &[(&Node, &str)], renewal: &str) {
     let mut text = format!(
         "data = \"{0}-data\"\nlisten = \"127.0.0.1:{1}\"\ntrust = [\"vendor/vendor.pub\"]\nserver_id = \"{0}\"\nlease_ttl = \"10m\"\n",
         node.name, node.port
@@ -245,7 +250,8 @@ fn write_config(root: &Path, node: &Node, neighbours: &[(&Node, &str)]) {
             other.name, other.port, other.key
         );
     }
-    text += "\n[licenses]\ndonation_renewal_period = \"1h\"\nsync_period = \"10m\"\n";
+    text +=
+        &format!("\n[licenses]\ndonation_renewal_period = \"{renewal}\"\nsync_period = \"10m\"\n");
     std::fs::write(root.join(format!("{}.toml", node.name)), text).unwrap();
 }
 
@@ -847,4 +853,141 @@ fn a_server_without_the_component_redirects_stations_to_the_neighbour_serving_it
         let hq_status = status(&url(&hq), &token(&hq));
         assert_eq!(key(&hq_status, &lease.key_id).unwrap()["in_use"], 1);
     });
+}
+
+/// The issue (#18, 2) with real processes on test clocks: a child's station heartbeating on
+/// its parent's key shortly before that key's end goes on, same lease id, on the renewal the
+/// parent bought in advance: the child got the renewal's grant beforehand.
+#[test]
+fn a_childs_station_crosses_its_parents_key_end_onto_the_renewal_bought_in_advance() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let key_id = setup_vendor(root); // cad.json: cad, cam, 2 licenses, 30 days
+    let node = |name: &'static str| Node {
+        name,
+        port: free_port(),
+        key: identity(root, &format!("{name}-data")),
+    };
+    let (hq, branch) = (node("hq"), node("branch"));
+    // Grants as long as the key, so one jump of the clocks to its end loses none of them.
+    write_config_with(root, &hq, &[(&branch, "child")], "40d");
+    write_config_with(root, &branch, &[(&hq, "parent")], "40d");
+    let start = |node: &Node| {
+        ServerProcess::spawn(
+            &[
+                "server",
+                "--config",
+                root.join(format!("{}.toml", node.name)).to_str().unwrap(),
+                "--test-clock",
+            ],
+            "Tessera license server on ",
+        )
+    };
+    let (_hq_process, _branch_process) = (start(&hq), start(&branch));
+    let url = |node: &Node| format!("http://127.0.0.1:{}", node.port);
+    let token = |node: &Node| {
+        std::fs::read_to_string(root.join(format!("{}-data", node.name)).join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let (hq_url, hq_token, branch_url, branch_token) =
+        (url(&hq), token(&hq), url(&branch), token(&branch));
+    let at_hq =
+        |args: &[&str]| ok(&[args, &["--server", &hq_url, "--token", &hq_token][..]].concat());
+    let at_branch = |args: &[&str]| {
+        ok(&[
+            args,
+            &["--server", &branch_url, "--token", &branch_token][..],
+        ]
+        .concat())
+    };
+    at_hq(&["keys", "add", root.join("cad.json").to_str().unwrap()]);
+    let key_end: jiff::Timestamp = status(&hq_url, &hq_token)["keys"][0]["valid_until"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    at_hq(&[
+        "donate",
+        "--key",
+        &key_id,
+        "--to",
+        "branch",
+        "--licenses",
+        "1",
+        "--until",
+        &key_end.to_string(),
+    ]);
+    let renewal_file = root.join("renewal.json");
+    let renewal_id = super::last_line(&ok(&[
+        "vendor",
+        "issue",
+        "--dir",
+        root.join("vendor").to_str().unwrap(),
+        "--customer",
+        "acme",
+        "--components",
+        "cad,cam",
+        "--licenses",
+        "2",
+        "--valid-from",
+        &key_end.to_string(),
+        "--valid-days",
+        "365",
+        "--renews",
+        &key_id,
+        "--out",
+        renewal_file.to_str().unwrap(),
+    ]));
+    at_hq(&["keys", "add", renewal_file.to_str().unwrap()]);
+    assert!(at_hq(&["keys", "update"]).contains(&renewal_id));
+    let advance_both = |ms: i64| {
+        advance_clock(&hq_url, &hq_token, ms);
+        advance_clock(&branch_url, &branch_token, ms);
+    };
+    // The branch receives the renewal's grant before the renewal starts (at the next
+    // license synchronization).
+    let pending_pool = format!("{renewal_id}@hq");
+    poll_stepping(
+        "the branch holds the renewal's grant",
+        || advance_both(11 * 60_000),
+        || {
+            key(&status(&branch_url, &branch_token), &pending_pool)
+                .is_some_and(|k| k["state"] == "pending" && k["received"] == 1)
+        },
+    );
+    // Five minutes before the key's end a station on the branch checks out.
+    let now: jiff::Timestamp = status(&hq_url, &hq_token)["now"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    advance_both(key_end.duration_since(now).as_millis() as i64 - 300_000);
+    let lease: serde_json::Value = serde_json::from_str(&at_branch(&[
+        "lease",
+        "checkout",
+        "--component",
+        "cad",
+        "--station",
+        "ws-1",
+    ]))
+    .unwrap();
+    let lease_id = lease["lease_id"].as_str().unwrap().to_string();
+    assert_eq!(lease["key_id"], format!("{key_id}@hq"));
+    // It heartbeats 90 s before the end, and 90 s after it: the same lease, on the renewal.
+    advance_both(210_000);
+    at_branch(&["lease", "heartbeat", &lease_id]);
+    advance_both(180_000);
+    let beat: serde_json::Value =
+        serde_json::from_str(&at_branch(&["lease", "heartbeat", &lease_id])).unwrap();
+    assert_eq!(beat["lease_id"], lease_id.as_str());
+    assert_eq!(beat["key_id"], pending_pool.as_str(), "{beat}");
+    let branch_status = status(&branch_url, &branch_token);
+    let pool = key(&branch_status, &pending_pool).unwrap();
+    assert_eq!(
+        (&pool["state"], &pool["in_use"]),
+        (&"active".into(), &1.into())
+    );
+    assert_eq!(branch_status["leases"].as_array().unwrap().len(), 1);
 }
