@@ -42,6 +42,11 @@ pub struct Lease {
     pub expires_at: Timestamp,
     /// Send a heartbeat at least this often to keep the lease.
     pub heartbeat_interval_s: u64,
+    /// The holder's credential: send it as `x-lease-secret` with every heartbeat and checkin.
+    /// Given with a new lease, and with an existing one only to its holder (the request
+    /// carries the secret, or the same non-empty `host` fingerprint). Never in listings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_secret: Option<String>,
 }
 
 /// The stable error body: `{"error": {"code": "...", "message": "..."}}`.

@@ -64,10 +64,20 @@ pub enum LeaseCommand {
         #[arg(long, default_value = "")]
         host: String,
     },
-    /// Keep a lease alive.
-    Heartbeat { lease_id: String },
-    /// Return a lease.
-    Checkin { lease_id: String },
+    /// Keep a lease alive (with the secret `lease checkout` stored, or --secret).
+    Heartbeat {
+        lease_id: String,
+        /// The lease secret, if not the one stored by `lease checkout` on this machine.
+        #[arg(long, env = "TESSERA_LEASE_SECRET", hide_env_values = true)]
+        secret: Option<String>,
+    },
+    /// Return a lease (with the secret `lease checkout` stored, or --secret).
+    Checkin {
+        lease_id: String,
+        /// The lease secret, if not the one stored by `lease checkout` on this machine.
+        #[arg(long, env = "TESSERA_LEASE_SECRET", hide_env_values = true)]
+        secret: Option<String>,
+    },
     /// Take a lease back from a station (admin).
     Release { lease_id: String },
 }
@@ -292,11 +302,25 @@ pub async fn run_lease(command: LeaseCommand, remote: &Remote) -> anyhow::Result
                 host,
             };
             let (lease, _) = client.checkout(&request).await?;
+            if let Some(secret) = &lease.lease_secret {
+                lease_secrets::store(&lease.lease_id, secret)?;
+            }
             print_json(&lease)
         }
-        LeaseCommand::Heartbeat { lease_id } => print_json(&client.heartbeat(&lease_id).await?),
-        LeaseCommand::Checkin { lease_id } => {
+        LeaseCommand::Heartbeat { lease_id, secret } => {
+            let secret = secret.or_else(|| lease_secrets::load(&lease_id));
+            if let Some(secret) = secret {
+                client.set_lease_secret(&lease_id, &secret);
+            }
+            print_json(&client.heartbeat(&lease_id).await?)
+        }
+        LeaseCommand::Checkin { lease_id, secret } => {
+            let secret = secret.or_else(|| lease_secrets::load(&lease_id));
+            if let Some(secret) = secret {
+                client.set_lease_secret(&lease_id, &secret);
+            }
             client.checkin(&lease_id).await?;
+            lease_secrets::forget(&lease_id);
             println!("returned {lease_id}");
             Ok(())
         }
@@ -397,4 +421,68 @@ pub async fn run_status(json: bool, remote: &Remote) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Where `tessera lease checkout` keeps each lease's secret for `lease heartbeat` and `lease
+/// checkin`: one file per lease, named by its id, readable by its owner only, in
+/// `$TESSERA_LEASE_DIR`, else `$XDG_STATE_HOME/tessera/leases`, else
+/// `~/.local/state/tessera/leases`.
+pub mod lease_secrets {
+    use std::path::PathBuf;
+
+    pub fn dir() -> Option<PathBuf> {
+        if let Some(dir) = std::env::var_os("TESSERA_LEASE_DIR").filter(|d| !d.is_empty()) {
+            return Some(PathBuf::from(dir));
+        }
+        if let Some(state) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+            return Some(PathBuf::from(state).join("tessera").join("leases"));
+        }
+        let home = std::env::var_os("HOME").filter(|d| !d.is_empty())?;
+        Some(PathBuf::from(home).join(".local/state/tessera/leases"))
+    }
+
+    /// A lease id names a file only if it is plain (no path of any kind).
+    fn file(lease_id: &str) -> Option<PathBuf> {
+        let plain = !lease_id.is_empty()
+            && lease_id.len() <= 128
+            && lease_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        plain.then(|| dir().map(|dir| dir.join(lease_id))).flatten()
+    }
+
+    pub fn store(lease_id: &str, secret: &str) -> anyhow::Result<()> {
+        let Some(path) = file(lease_id) else {
+            anyhow::bail!(
+                "cannot store the secret of lease {lease_id:?}: set TESSERA_LEASE_DIR (or HOME)"
+            );
+        };
+        let dir = path.parent().expect("a file in a directory");
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+        use std::io::Write;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let mut out = options
+            .open(&path)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+        writeln!(out, "{secret}")
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
+    }
+
+    pub fn load(lease_id: &str) -> Option<String> {
+        let text = std::fs::read_to_string(file(lease_id)?).ok()?;
+        Some(text.trim().to_string()).filter(|s| !s.is_empty())
+    }
+
+    pub fn forget(lease_id: &str) {
+        if let Some(path) = file(lease_id) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }

@@ -310,8 +310,10 @@ async fn station_loop(
         }
         let lease: serde_json::Value = serde_json::from_slice(&bytes)?;
         let lease_id = lease["lease_id"].as_str().context("lease_id")?;
+        let secret = lease["lease_secret"].as_str().unwrap_or_default();
         let request = hyper::Request::delete(format!("/v1/leases/{lease_id}"))
             .header("host", addr.to_string())
+            .header("x-lease-secret", secret)
             .body(Full::new(Bytes::new()))?;
         let response = sender.send_request(request).await.context("checkin")?;
         let status = response.status();

@@ -11,6 +11,12 @@ fn tessera(args: &[&str]) -> Output {
         .args(args)
         .env_remove("TESSERA_TOKEN")
         .env_remove("TESSERA_SERVER")
+        .env_remove("TESSERA_LEASE_SECRET")
+        // Lease secrets stored by `lease checkout` (one file per lease id, unique per test).
+        .env(
+            "TESSERA_LEASE_DIR",
+            std::env::temp_dir().join("tessera-test-leases"),
+        )
         .output()
         .unwrap()
 }
@@ -188,7 +194,32 @@ fn an_administrator_imports_a_key_and_a_station_checks_out_through_the_cli() {
         "{table}"
     );
     let lease_id = lease["lease_id"].as_str().unwrap();
+    // `lease checkout` stored the secret, owner-only, where heartbeat and checkin find it;
+    // without it (or with another) the lease id alone does nothing.
+    let stored = std::env::temp_dir()
+        .join("tessera-test-leases")
+        .join(lease_id);
+    let secret = std::fs::read_to_string(&stored).unwrap();
+    assert_eq!(secret.trim(), lease["lease_secret"].as_str().unwrap());
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&stored).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let wrong = tessera(
+        &[
+            &["lease", "heartbeat", lease_id, "--secret", "not-the-secret"][..],
+            &remote,
+        ]
+        .concat(),
+    );
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("lease_secret_wrong"));
+    ok(&[&["lease", "heartbeat", lease_id][..], &remote].concat());
     ok(&[&["lease", "checkin", lease_id][..], &remote].concat());
+    assert!(
+        !stored.exists(),
+        "the secret is forgotten once the lease is returned"
+    );
     let listing = ok(&[&["keys", "list"][..], &remote].concat());
     assert!(listing.contains(&key_id));
 

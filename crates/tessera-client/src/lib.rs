@@ -85,7 +85,12 @@ pub struct Client {
     token: Option<String>,
     /// Leases granted by a neighbour the checkout was redirected to: lease id → that server.
     homes: Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
+    /// The holder's secret of each lease this client checked out (or was given).
+    secrets: Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
 }
+
+/// The header carrying a lease's secret on heartbeat and checkin.
+pub const LEASE_SECRET_HEADER: &str = "x-lease-secret";
 
 /// One answer: status, body, and where a redirect led (see [`Client::checkout`]).
 struct Reply {
@@ -149,6 +154,7 @@ impl Client {
             current: Arc::new(AtomicUsize::new(0)),
             token,
             homes: Arc::default(),
+            secrets: Arc::default(),
         }
     }
 
@@ -297,6 +303,14 @@ impl Client {
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
+        // A call about one lease (`/v1/leases/{id}…`) proves the holder with its secret.
+        if let Some(lease_id) = path
+            .strip_prefix("/v1/leases/")
+            .and_then(|rest| rest.split('/').next())
+            && let Some(secret) = self.lease_secret(lease_id)
+        {
+            request = request.header(LEASE_SECRET_HEADER, secret);
+        }
         if let Some((body, content_type)) = body {
             request = request.header("content-type", content_type).body(body);
         }
@@ -369,7 +383,37 @@ impl Client {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(lease.lease_id.clone(), home);
         }
+        if let Some(secret) = &lease.lease_secret {
+            self.set_lease_secret(&lease.lease_id, secret);
+        }
         Ok((lease, reply.status == StatusCode::CREATED))
+    }
+
+    /// The secret this client holds for a lease (from its checkout answer, or
+    /// [`Client::set_lease_secret`]).
+    pub fn lease_secret(&self, lease_id: &str) -> Option<String> {
+        self.secrets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(lease_id)
+            .cloned()
+    }
+
+    /// This client, holding its lease secrets in one store with `other`'s: the clients of
+    /// one station (for other servers, or other threads) then heartbeat and check in each
+    /// other's leases.
+    pub fn sharing_secrets(mut self, other: &Client) -> Client {
+        self.secrets = other.secrets.clone();
+        self
+    }
+
+    /// Gives this client a lease's secret (checked out by another process of the same
+    /// station, say): its heartbeats and checkin then prove the holder.
+    pub fn set_lease_secret(&self, lease_id: &str, secret: &str) {
+        self.secrets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(lease_id.to_string(), secret.to_string());
     }
 
     /// The server a lease was granted by after a redirect (None: this client's hosts).

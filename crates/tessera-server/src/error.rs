@@ -40,6 +40,14 @@ pub enum ApiError {
         "missing or wrong admin token: send Authorization: Bearer <token from DATA/admin.token>"
     )]
     Unauthorized,
+    #[error(
+        "this lease call needs the holder's credential: send the lease_secret of the checkout answer in the x-lease-secret header"
+    )]
+    LeaseSecretRequired,
+    #[error(
+        "x-lease-secret is not this lease's secret: only the station holding the lease may heartbeat or return it"
+    )]
+    LeaseSecretWrong,
     #[error("{message}")]
     BadRequest { code: &'static str, message: String },
     #[error("request body is larger than the limit of {limit_bytes} bytes")]
@@ -110,6 +118,8 @@ impl ApiError {
             },
             ApiError::ClockSetBack { .. } => (StatusCode::SERVICE_UNAVAILABLE, "clock_set_back"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::LeaseSecretRequired => (StatusCode::UNAUTHORIZED, "lease_secret_required"),
+            ApiError::LeaseSecretWrong => (StatusCode::FORBIDDEN, "lease_secret_wrong"),
             ApiError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
             ApiError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             ApiError::NoRoute { .. } => (StatusCode::NOT_FOUND, "no_route"),

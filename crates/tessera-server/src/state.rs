@@ -20,6 +20,8 @@ use crate::metrics::{ComponentGauges, Metrics};
 /// Without any command for this long, the primary proposes an `Expire` anyway, so the
 /// high-water mark of time in the log stays recent (clock set-back detection).
 pub const TIME_BEACON_MS: i64 = 60_000;
+/// Domain separation of the lease secret's signature ([`AppState::lease_secret`]).
+const LEASE_SECRET_CONTEXT: &[u8] = b"tessera-lease-secret/v1\n";
 
 pub struct AppState {
     pub config: ServerConfig,
@@ -87,6 +89,41 @@ impl AppState {
             renewed_at: timestamp(lease.renewed_at_ms),
             expires_at: timestamp(lease.expires_at_ms),
             heartbeat_interval_s: self.config.heartbeat_interval_s(),
+            lease_secret: None,
+        }
+    }
+
+    /// The holder's credential for a lease: derived from the lease id with the server's
+    /// identity key (a deterministic Ed25519 signature, hashed), so every host of a domain or
+    /// pair (one identity) knows it without storing it, and nobody without the key can.
+    pub fn lease_secret(&self, lease_id: &str) -> String {
+        use sha2::Digest;
+        let mut bytes = LEASE_SECRET_CONTEXT.to_vec();
+        bytes.extend_from_slice(lease_id.as_bytes());
+        let signature = self.identity.sign_base64(&bytes);
+        hex::encode(&sha2::Sha256::digest(signature.as_bytes())[..16])
+    }
+
+    /// Checks the `x-lease-secret` a station sent for `lease_id`.
+    pub fn check_lease_secret(
+        &self,
+        lease_id: &str,
+        presented: Option<&str>,
+    ) -> Result<(), ApiError> {
+        let Some(presented) = presented else {
+            return Err(ApiError::LeaseSecretRequired);
+        };
+        let expected = self.lease_secret(lease_id);
+        let same = presented.len() == expected.len()
+            && presented
+                .bytes()
+                .zip(expected.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if same {
+            Ok(())
+        } else {
+            Err(ApiError::LeaseSecretWrong)
         }
     }
 

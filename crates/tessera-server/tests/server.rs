@@ -20,6 +20,8 @@ struct Fixture {
     vendor: SecretKey,
     clock: ManualClock,
     server: RunningServer,
+    /// Holds the lease secrets every client of the test shares (one station).
+    secrets: Client,
 }
 
 impl Fixture {
@@ -38,11 +40,12 @@ impl Fixture {
             vendor,
             clock,
             server,
+            secrets: Client::new("http://127.0.0.1:9", None),
         }
     }
 
     fn client(&self) -> Client {
-        Client::new(&self.server.url(), None)
+        Client::new(&self.server.url(), None).sharing_secrets(&self.secrets)
     }
 
     fn admin(&self) -> Client {
@@ -50,6 +53,7 @@ impl Fixture {
             &self.server.url(),
             Some(self.server.state.admin_token.clone()),
         )
+        .sharing_secrets(&self.secrets)
     }
 
     fn key(&self, key_id: &str, components: &[&str], licenses: u32) -> LicenseKey {
@@ -73,6 +77,7 @@ impl Fixture {
             vendor,
             clock,
             server,
+            secrets,
         } = self;
         server.shutdown().await;
         let server = start_server(dir.path(), &clock, 2).await;
@@ -81,6 +86,7 @@ impl Fixture {
             vendor,
             clock,
             server,
+            secrets,
         }
     }
 }
@@ -243,8 +249,9 @@ async fn heartbeat_extends_and_checkin_returns_the_license() {
     f.client().checkin(&lease.lease_id).await.unwrap();
     let again = f.client().checkin(&lease.lease_id).await.unwrap_err();
     assert_eq!(code(again), (404, "lease_not_found".into()));
+    // A lease id alone is not enough: no secret, no heartbeat (nothing is said about the id).
     let unknown = f.client().heartbeat("feedface").await.unwrap_err();
-    assert_eq!(code(unknown), (404, "lease_not_found".into()));
+    assert_eq!(code(unknown), (401, "lease_secret_required".into()));
     f.client().checkout(&request("cad", "ws-2")).await.unwrap();
 }
 
@@ -410,7 +417,7 @@ async fn leases_and_keys_survive_a_restart_and_the_clock_mark_is_kept() {
     f.clock.advance_ms(10_000);
     f.client().heartbeat(&lease.lease_id).await.unwrap();
     let f = f.restart().await;
-    let status = f.client().status().await.unwrap();
+    let status = f.admin().status().await.unwrap();
     assert_eq!(status.leases.len(), 1);
     assert_eq!(status.leases[0].lease_id, lease.lease_id);
     assert_eq!(
@@ -691,7 +698,7 @@ async fn check_for_updates_replaces_a_key_by_its_renewal_and_notifies() {
     assert_eq!(report.renewals.len(), 1);
     assert!(report.renewals[0].allocated);
     assert_eq!(report.leases_moved, 1);
-    let status = f.client().status().await.unwrap();
+    let status = f.admin().status().await.unwrap();
     assert_eq!(
         status
             .keys
@@ -1014,4 +1021,125 @@ async fn a_server_rebuilt_with_its_identity_on_a_fresh_data_directory_syncs_agai
     assert_eq!(synced_keys(report), 1, "the vendor sent the key again");
     assert_eq!(server.state.status().keys.len(), 1);
     server.shutdown().await;
+}
+
+/// A lease is a capability held by its station (#19 item 3, #21 item 3): heartbeat and
+/// checkin need the lease secret of the checkout answer, an anonymous status shows no lease
+/// ids, and a station asking again gets the secret only if it shows it or the same host
+/// fingerprint. The administrator still force-releases with the admin token.
+#[tokio::test]
+async fn heartbeat_and_checkin_need_the_holders_lease_secret() {
+    let f = Fixture::start().await;
+    f.import(&f.key("k1", &["cad"], 2)).await;
+    let url = f.server.url();
+    let http = reqwest::Client::new();
+    let checkout = |station: &'static str, host: &'static str, secret: Option<String>| {
+        let http = http.clone();
+        let url = url.clone();
+        async move {
+            let mut request = http
+                .post(format!("{url}/v1/leases"))
+                .json(&serde_json::json!({"component": "cad", "station": station, "host": host}));
+            if let Some(secret) = secret {
+                request = request.header("x-lease-secret", secret);
+            }
+            let answer = request.send().await.unwrap();
+            (
+                answer.status().as_u16(),
+                answer.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    };
+    let call = |method: reqwest::Method, path: String, secret: Option<&str>| {
+        let mut request = http.request(method, format!("{url}{path}"));
+        if let Some(secret) = secret {
+            request = request.header("x-lease-secret", secret);
+        }
+        async move {
+            let answer = request.send().await.unwrap();
+            let status = answer.status().as_u16();
+            let body: serde_json::Value = answer.json().await.unwrap_or_default();
+            (
+                status,
+                body["error"]["code"].as_str().unwrap_or("").to_string(),
+            )
+        }
+    };
+    let (status, lease) = checkout("ws-1", "fp-1", None).await;
+    assert_eq!(status, 201);
+    let lease_id = lease["lease_id"].as_str().unwrap().to_string();
+    let secret = lease["lease_secret"]
+        .as_str()
+        .expect("a secret")
+        .to_string();
+    assert_eq!(secret.len(), 32);
+    let beat = format!("/v1/leases/{lease_id}/heartbeat");
+    let back = format!("/v1/leases/{lease_id}");
+    use reqwest::Method;
+    assert_eq!(
+        call(Method::POST, beat.clone(), None).await,
+        (401, "lease_secret_required".into())
+    );
+    assert_eq!(
+        call(
+            Method::POST,
+            beat.clone(),
+            Some("0123456789abcdef0123456789abcdef")
+        )
+        .await,
+        (403, "lease_secret_wrong".into())
+    );
+    assert_eq!(
+        call(Method::DELETE, back.clone(), None).await,
+        (401, "lease_secret_required".into())
+    );
+    assert_eq!(call(Method::POST, beat.clone(), Some(&secret)).await.0, 200);
+    // Nothing was ended by the refused checkin.
+    assert_eq!(f.admin().status().await.unwrap().leases.len(), 1);
+    // Anonymous status: counts and stations, no lease ids; the administrator sees them.
+    let anonymous = f.client().status().await.unwrap();
+    assert_eq!(anonymous.leases.len(), 1);
+    assert_eq!(anonymous.leases[0].lease_id, "");
+    assert!(
+        anonymous.components[0]
+            .holders
+            .iter()
+            .all(|h| h.lease_id.is_empty())
+    );
+    assert_eq!(anonymous.components[0].in_use, 1);
+    let text = reqwest::get(format!("{url}/v1/status"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !text.contains(&lease_id) && !text.contains(&secret),
+        "{text}"
+    );
+    assert_eq!(
+        f.admin().status().await.unwrap().leases[0].lease_id,
+        lease_id
+    );
+    // The same station asking again: the lease, but its secret only to the holder.
+    let (status, again) = checkout("ws-1", "fp-other", None).await;
+    assert_eq!(
+        (status, &again["lease_id"]),
+        (200, &lease_id.clone().into())
+    );
+    assert!(again.get("lease_secret").is_none(), "{again}");
+    let (_, again) = checkout("ws-1", "fp-1", None).await;
+    assert_eq!(again["lease_secret"], secret.as_str());
+    let (_, again) = checkout("ws-1", "fp-other", Some(secret.clone())).await;
+    assert_eq!(again["lease_secret"], secret.as_str());
+    // The holder returns it; the administrator force-releases another without a secret.
+    assert_eq!(call(Method::DELETE, back, Some(&secret)).await.0, 204);
+    let (_, other) = checkout("ws-2", "fp-2", None).await;
+    let released = f
+        .admin()
+        .force_release(other["lease_id"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(released.station, "ws-2");
+    assert!(f.admin().status().await.unwrap().leases.is_empty());
 }

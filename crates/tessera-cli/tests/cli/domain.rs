@@ -113,9 +113,12 @@ fn wait_for_primary(servers: &str, primary: u64, healthy: &[u64]) -> serde_json:
     }
 }
 
-fn held_leases(servers: &str) -> Vec<String> {
-    let status: serde_json::Value =
-        serde_json::from_str(&ok(&["status", "--json", "--server", servers])).unwrap();
+/// The lease ids the domain holds (the admin `token` shows them).
+fn held_leases(servers: &str, token: &str) -> Vec<String> {
+    let status: serde_json::Value = serde_json::from_str(&ok(&[
+        "status", "--json", "--server", servers, "--token", token,
+    ]))
+    .unwrap();
     let mut held: Vec<String> = status["leases"]
         .as_array()
         .unwrap()
@@ -180,6 +183,14 @@ fn a_three_process_domain_loses_no_acknowledged_lease_and_never_over_issues_acro
     let host_1_url = servers.split(',').next().unwrap().to_string();
     let sdk = tessera_client::Client::new(&host_1_url, None);
     let lease_id = acknowledged[0].clone();
+    // The station's secret, which `lease checkout` stored for it.
+    let secret = std::fs::read_to_string(
+        std::env::temp_dir()
+            .join("tessera-test-leases")
+            .join(&lease_id),
+    )
+    .unwrap();
+    sdk.set_lease_secret(&lease_id, secret.trim());
     runtime.block_on(sdk.heartbeat(&lease_id)).unwrap();
     assert_eq!(sdk.hosts().len(), 3, "{:?}", sdk.hosts());
 
@@ -192,7 +203,7 @@ fn a_three_process_domain_loses_no_acknowledged_lease_and_never_over_issues_acro
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("no_licenses_available"), "{stderr}");
     wait_for_primary(&servers, 2, &[2, 3]);
-    assert_eq!(held_leases(&servers), acknowledged);
+    assert_eq!(held_leases(&servers, &token), acknowledged);
     // The acknowledged leases stay alive through the new primary.
     for lease_id in &acknowledged {
         ok(&[&["lease", "heartbeat", lease_id.as_str()][..], &remote].concat());
@@ -201,7 +212,7 @@ fn a_three_process_domain_loses_no_acknowledged_lease_and_never_over_issues_acro
     // Host 1 comes back, catches up and takes the primary role back with the same leases.
     let _host_1 = domain.start(1);
     wait_for_primary(&servers, 1, &[1, 2, 3]);
-    assert_eq!(held_leases(&servers), acknowledged);
+    assert_eq!(held_leases(&servers, &token), acknowledged);
     let refused = checkout("ws-4");
     assert!(String::from_utf8_lossy(&refused.stderr).contains("no_licenses_available"));
 }
@@ -294,7 +305,7 @@ fn a_five_process_domain_keeps_serving_with_two_hosts_killed() {
     // 3 of 5 remain: a majority, led by the lowest of them.
     wait_for_primary(&servers, 3, &[3, 4, 5]);
     assert_eq!(
-        held_leases(&servers),
+        held_leases(&servers, &token),
         vec![lease["lease_id"].as_str().unwrap().to_string()]
     );
     ok(&[
@@ -416,7 +427,7 @@ fn a_partitioned_process_domain_serves_only_on_the_majority_side_and_heals_witho
     let refused = checkout(&majority, "ws-3");
     assert!(String::from_utf8_lossy(&refused.stderr).contains("no_licenses_available"));
     assert!(
-        held_leases(&host_1_url).len() <= 1,
+        held_leases(&host_1_url, &token).len() <= 1,
         "the cut-off host applied a lease it could not have committed"
     );
 
@@ -425,7 +436,7 @@ fn a_partitioned_process_domain_serves_only_on_the_majority_side_and_heals_witho
     wait_for_primary(&servers, 1, &[1, 2, 3]);
     let mut expected = vec![before, during];
     expected.sort();
-    assert_eq!(held_leases(&servers), expected);
+    assert_eq!(held_leases(&servers, &token), expected);
     assert!(
         String::from_utf8_lossy(&checkout(&servers, "ws-4").stderr)
             .contains("no_licenses_available")

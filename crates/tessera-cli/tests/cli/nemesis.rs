@@ -115,6 +115,8 @@ struct Domain {
     http: reqwest::Client,
     runtime: tokio::runtime::Runtime,
     token: String,
+    /// The lease secret of every lease a checkout acknowledged (for heartbeat and checkin).
+    secrets: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, String>>>,
 }
 
 impl Domain {
@@ -124,6 +126,16 @@ impl Domain {
 
     fn start(&mut self, host: usize) {
         self.hosts[host - 1] = Some(self.dir.start(host));
+    }
+
+    /// The secret of an acknowledged lease.
+    fn secret(&self, lease_id: &str) -> String {
+        self.secrets
+            .lock()
+            .unwrap()
+            .get(lease_id)
+            .cloned()
+            .unwrap_or_default()
     }
 
     fn kill(&mut self, host: usize) {
@@ -245,7 +257,13 @@ impl Domain {
             let url = format!("{}/v1/leases/{lease_id}/heartbeat", self.url(host));
             loop {
                 let (status, body) = self.runtime.block_on(async {
-                    let response = self.http.post(&url).send().await.expect("heartbeat sent");
+                    let response = self
+                        .http
+                        .post(&url)
+                        .header("x-lease-secret", self.secret(lease_id))
+                        .send()
+                        .await
+                        .expect("heartbeat sent");
                     let status = response.status();
                     (status, response.text().await.unwrap_or_default())
                 });
@@ -272,6 +290,7 @@ impl Domain {
                 let answer = self
                     .http
                     .delete(url)
+                    .header("x-lease-secret", self.secret(lease_id))
                     .timeout(Duration::from_secs(5))
                     .send()
                     .await;
@@ -315,6 +334,7 @@ impl Domain {
             })
             .collect();
         let http = self.http.clone();
+        let secrets = self.secrets.clone();
         self.runtime.spawn(async move {
             let tasks: Vec<_> = plans
                 .into_iter()
@@ -328,7 +348,8 @@ impl Domain {
                 .collect();
             let mut acknowledged = Vec::new();
             for task in tasks {
-                if let Ok(Some(lease_id)) = task.await {
+                if let Ok(Some((lease_id, secret))) = task.await {
+                    secrets.lock().unwrap().insert(lease_id.clone(), secret);
                     acknowledged.push(lease_id);
                 }
             }
@@ -361,8 +382,14 @@ impl Domain {
 
 /// One station's checkout: tries the hosts in `order` (three rounds at most) until one
 /// answers; `Some(lease id)` when a lease was granted (acknowledged).
-async fn checkout(http: &reqwest::Client, station: &str, order: &[String]) -> Option<String> {
-    let body = serde_json::json!({"component": "cad", "station": station});
+/// `Some((lease id, lease secret))` when a lease was granted.
+async fn checkout(
+    http: &reqwest::Client,
+    station: &str,
+    order: &[String],
+) -> Option<(String, String)> {
+    // The host fingerprint: a retry whose first answer was lost gets the lease's secret again.
+    let body = serde_json::json!({"component": "cad", "station": station, "host": format!("fp-{station}")});
     for attempt in 0..3 * order.len() {
         let url = format!("{}/v1/leases", order[attempt % order.len()]);
         let sent = http
@@ -377,7 +404,13 @@ async fn checkout(http: &reqwest::Client, station: &str, order: &[String]) -> Op
             continue;
         };
         if status.is_success() {
-            return answer["lease_id"].as_str().map(str::to_string);
+            let secret = answer["lease_secret"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            return answer["lease_id"]
+                .as_str()
+                .map(|id| (id.to_string(), secret));
         }
         if answer["error"] == "no_licenses_available" {
             return None;
@@ -663,6 +696,7 @@ fn domain_rounds(schedule: Schedule, rounds: u64) {
         http: reqwest::Client::new(),
         runtime,
         token: String::new(),
+        secrets: Default::default(),
     };
     domain.start(1);
     if let Layout::Domain(layout) = &domain.dir {
@@ -708,6 +742,7 @@ fn a_pair_under_kills_of_either_host_and_a_slow_disk_keeps_one_log_and_every_ack
         http: reqwest::Client::new(),
         runtime: runtime(),
         token: String::new(),
+        secrets: Default::default(),
     };
     domain.start(1);
     if let Layout::Pair(layout) = &domain.dir {

@@ -196,9 +196,12 @@ fn free_licenses(url: &str) -> u32 {
     status["keys"][0]["free"].as_u64().unwrap() as u32
 }
 
-fn held_leases(url: &str) -> Vec<String> {
-    let status: serde_json::Value =
-        serde_json::from_str(&ok(&["status", "--json", "--server", url])).unwrap();
+/// The lease ids `url` holds (the admin `token` shows them).
+fn held_leases(url: &str, token: &str) -> Vec<String> {
+    let status: serde_json::Value = serde_json::from_str(&ok(&[
+        "status", "--json", "--server", url, "--token", token,
+    ]))
+    .unwrap();
     let mut held: Vec<String> = status["leases"]
         .as_array()
         .unwrap()
@@ -251,8 +254,8 @@ pub(super) fn pair_up(dir: &PairDir) {
 }
 
 /// Every lease in `acknowledged` is held, and no more than the key's licenses.
-fn assert_merged(url: &str, acknowledged: &[String]) -> Vec<String> {
-    let held = held_leases(url);
+fn assert_merged(url: &str, token: &str, acknowledged: &[String]) -> Vec<String> {
+    let held = held_leases(url, token);
     assert!(
         held.len() <= LICENSES as usize,
         "over-issued: {held:?} for {LICENSES} licenses"
@@ -423,14 +426,17 @@ fn a_pair_serves_alone_within_a_share_across_kill_9_of_either_host_and_merges_wi
         "{refused}"
     );
     assert_eq!(free_licenses(&pair.url(2)), free_alone - granted);
-    assert!(held_leases(&pair.url(2)).len() <= LICENSES as usize);
+    assert!(held_leases(&pair.url(2), &pair.token()).len() <= LICENSES as usize);
 
     // The primary comes back: Recovering, merged, Paired and Available on both.
     let host_1 = pair.start(1);
     wait_status(&pair.url(1), "Paired and Available", "paired");
     wait_status(&pair.url(2), "Paired and Available", "paired");
-    assert_merged(&pair.url(1), &acknowledged);
-    assert_eq!(held_leases(&pair.url(1)), held_leases(&pair.url(2)));
+    assert_merged(&pair.url(1), &pair.token(), &acknowledged);
+    assert_eq!(
+        held_leases(&pair.url(1), &pair.token()),
+        held_leases(&pair.url(2), &pair.token())
+    );
 
     // kill -9 of the backup: the primary serves alone within its share.
     host_2.kill_9();
@@ -442,18 +448,18 @@ fn a_pair_serves_alone_within_a_share_across_kill_9_of_either_host_and_merges_wi
             Err(stderr) => assert!(stderr.contains("no_licenses_available"), "{stderr}"),
         }
     }
-    assert!(held_leases(&pair.url(1)).len() <= LICENSES as usize);
+    assert!(held_leases(&pair.url(1), &pair.token()).len() <= LICENSES as usize);
 
     // A restart while alone keeps what it did (the journal), then the pair merges again.
     host_1.kill_9();
     let _host_1 = pair.start(1);
     wait_status(&pair.url(1), "Backup not available", "alone");
-    assert_merged(&pair.url(1), &acknowledged);
+    assert_merged(&pair.url(1), &pair.token(), &acknowledged);
     let _host_2 = pair.start(2);
     wait_status(&pair.url(1), "Paired and Available", "paired");
     wait_status(&pair.url(2), "Paired and Available", "paired");
-    let held = assert_merged(&pair.url(2), &acknowledged);
-    assert_eq!(held_leases(&pair.url(1)), held);
+    let held = assert_merged(&pair.url(2), &pair.token(), &acknowledged);
+    assert_eq!(held_leases(&pair.url(1), &pair.token()), held);
 }
 
 #[test]
@@ -508,7 +514,8 @@ fn a_partition_between_the_hosts_with_stations_on_both_sides_never_over_issues()
         }
     }
     assert!(served[0] >= 1 && served[1] >= 1, "served alone: {served:?}");
-    let total = held_leases(&pair.url(1)).len() + held_leases(&pair.url(2)).len();
+    let total = held_leases(&pair.url(1), &pair.token()).len()
+        + held_leases(&pair.url(2), &pair.token()).len();
     // Both sides together: the lease taken before the cut is counted on both.
     assert!(
         total <= LICENSES as usize + 1,
@@ -519,9 +526,9 @@ fn a_partition_between_the_hosts_with_stations_on_both_sides_never_over_issues()
     cuts.heal();
     wait_status(&pair.url(1), "Paired and Available", "paired");
     wait_status(&pair.url(2), "Paired and Available", "paired");
-    let held = assert_merged(&pair.url(1), &acknowledged);
+    let held = assert_merged(&pair.url(1), &pair.token(), &acknowledged);
     assert_eq!(held.len(), acknowledged.len());
-    assert_eq!(held_leases(&pair.url(2)), held);
+    assert_eq!(held_leases(&pair.url(2), &pair.token()), held);
     assert!(
         checkout(&pair.servers(), "ws-late")
             .unwrap_err()
@@ -660,7 +667,7 @@ fn a_backup_stopped_gracefully_shows_stopped_in_status_metrics_and_events_then_p
         "raised by host 1: {events:#?}"
     );
     // The primary alone keeps the station's lease.
-    assert!(held_leases(&pair.url(1)).contains(&lease));
+    assert!(held_leases(&pair.url(1), &pair.token()).contains(&lease));
     // The console's tiles show the pair and each host as the reference does.
     let page = console_page(&pair.url(1), &token);
     assert!(
@@ -676,7 +683,7 @@ fn a_backup_stopped_gracefully_shows_stopped_in_status_metrics_and_events_then_p
     assert_eq!(host_status(&seen, 2), "Running");
     wait_status(&pair.url(2), "Paired and Available", "paired");
     assert_eq!(
-        assert_merged(&pair.url(2), std::slice::from_ref(&lease)),
+        assert_merged(&pair.url(2), &pair.token(), std::slice::from_ref(&lease)),
         vec![lease.clone()]
     );
     let metrics = http_get(&pair.url(1), "/metrics");
@@ -691,7 +698,7 @@ fn a_backup_stopped_gracefully_shows_stopped_in_status_metrics_and_events_then_p
     let seen = wait_status(&pair.url(2), "Primary not available", "alone");
     assert_eq!(host_status(&seen, 1), "Stopped");
     assert_eq!(host_status(&seen, 2), "Running");
-    assert!(held_leases(&pair.url(2)).contains(&lease));
+    assert!(held_leases(&pair.url(2), &pair.token()).contains(&lease));
     // The station's lease goes on through the backup (the failover client finds it).
     let renewed: serde_json::Value = serde_json::from_str(&ok(&[
         "lease",

@@ -46,19 +46,23 @@ impl FromRequestParts<SharedState> for Admin {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<Admin, ApiError> {
-        let presented = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .map(str::trim);
-        match presented {
-            Some(token) if constant_time_eq(token.as_bytes(), state.admin_token.as_bytes()) => {
-                Ok(Admin)
-            }
-            _ => Err(ApiError::Unauthorized),
+        if is_admin(&parts.headers, state) {
+            Ok(Admin)
+        } else {
+            Err(ApiError::Unauthorized)
         }
     }
+}
+
+/// Whether the request carries the admin token (for routes that answer everyone, and more
+/// to the administrator).
+pub fn is_admin(headers: &axum::http::HeaderMap, state: &SharedState) -> bool {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim)
+        .is_some_and(|token| constant_time_eq(token.as_bytes(), state.admin_token.as_bytes()))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -173,6 +173,12 @@ async fn forward(
             request = request.header(name.as_str(), value);
         }
     }
+    if let Some(value) = headers
+        .get(super::leases::LEASE_SECRET_HEADER)
+        .and_then(|v| v.to_str().ok())
+    {
+        request = request.header(super::leases::LEASE_SECRET_HEADER, value);
+    }
     let answer = match request.send().await {
         Ok(answer) => answer,
         Err(error) => {

@@ -1,9 +1,9 @@
-//! Station endpoints: checkout, heartbeat, checkin. No token: a station proves it holds a
-//! lease by knowing its unguessable id.
+//! Station endpoints: checkout, heartbeat, checkin. No admin token: a station proves it holds
+//! a lease with the lease secret of its checkout answer (`x-lease-secret`).
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use tessera_api::{CheckoutRequest, ErrorBody, Lease};
 
 use super::extract::ApiJson;
@@ -33,11 +33,23 @@ pub struct CheckoutQuery {
 pub async fn checkout(
     State(state): State<SharedState>,
     Query(query): Query<CheckoutQuery>,
+    headers: HeaderMap,
     ApiJson(request): ApiJson<CheckoutRequest>,
 ) -> Result<(StatusCode, Json<Lease>), ApiError> {
-    let (lease, created) = state
+    let fingerprint = request.host.clone();
+    let (mut lease, created) = state
         .checkout_from(request, query.redirected_from.as_deref())
         .await?;
+    // The secret goes to the holder only: with a new lease, or again to the station that
+    // shows it, or whose host fingerprint matches (a retry whose first answer was lost).
+    let holder = created
+        || (!fingerprint.is_empty() && fingerprint == lease.host)
+        || state
+            .check_lease_secret(&lease.lease_id, lease_secret(&headers))
+            .is_ok();
+    if holder {
+        lease.lease_secret = Some(state.lease_secret(&lease.lease_id));
+    }
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -46,27 +58,47 @@ pub async fn checkout(
     Ok((status, Json(lease)))
 }
 
-/// Keep a lease alive for another lease period.
-#[utoipa::path(post, path = "/v1/leases/{lease_id}/heartbeat", responses(
+/// The `x-lease-secret` header, if any.
+fn lease_secret(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(LEASE_SECRET_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .map(str::trim)
+}
+
+/// The header carrying the holder's lease secret.
+pub const LEASE_SECRET_HEADER: &str = "x-lease-secret";
+
+/// Keep a lease alive for another lease period (the holder's `x-lease-secret` required).
+#[utoipa::path(post, path = "/v1/leases/{lease_id}/heartbeat", params(("x-lease-secret" = String, Header, description = "the lease_secret of the checkout answer")), responses(
     (status = 200, body = Lease),
+    (status = 401, description = "lease_secret_required", body = ErrorBody),
+    (status = 403, description = "lease_secret_wrong", body = ErrorBody),
     (status = 404, description = "lease_not_found", body = ErrorBody),
 ))]
 pub async fn heartbeat(
     State(state): State<SharedState>,
     Path(lease_id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Json<Lease>, ApiError> {
+    state.check_lease_secret(&lease_id, lease_secret(&headers))?;
     Ok(Json(state.heartbeat(lease_id).await?))
 }
 
-/// Return a license.
-#[utoipa::path(delete, path = "/v1/leases/{lease_id}", responses(
+/// Return a license (the holder's `x-lease-secret` required; administrators force-release
+/// with `POST /v1/leases/{lease_id}/release`).
+#[utoipa::path(delete, path = "/v1/leases/{lease_id}", params(("x-lease-secret" = String, Header, description = "the lease_secret of the checkout answer")), responses(
     (status = 204, description = "returned"),
+    (status = 401, description = "lease_secret_required", body = ErrorBody),
+    (status = 403, description = "lease_secret_wrong", body = ErrorBody),
     (status = 404, description = "lease_not_found", body = ErrorBody),
 ))]
 pub async fn checkin(
     State(state): State<SharedState>,
     Path(lease_id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
+    state.check_lease_secret(&lease_id, lease_secret(&headers))?;
     state.release(lease_id, false).await?;
     Ok(StatusCode::NO_CONTENT)
 }

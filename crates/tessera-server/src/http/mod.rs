@@ -213,7 +213,24 @@ async fn metrics(State(state): State<SharedState>) -> impl IntoResponse {
     )
 }
 
+/// Keys, components, leases and sync state. Without the admin token the lease ids are left
+/// out (empty): counts, stations and users are shown, never what would let a caller end or
+/// extend another station's lease.
 #[utoipa::path(get, path = "/v1/status", responses((status = 200, body = tessera_api::Status)))]
-async fn status(State(state): State<SharedState>) -> axum::Json<tessera_api::Status> {
-    axum::Json(state.status())
+async fn status(
+    State(state): State<SharedState>,
+    headers: axum::http::HeaderMap,
+) -> axum::Json<tessera_api::Status> {
+    let mut status = state.status();
+    if !extract::is_admin(&headers, &state) {
+        for lease in &mut status.leases {
+            lease.lease_id.clear();
+        }
+        for component in &mut status.components {
+            for holder in &mut component.holders {
+                holder.lease_id.clear();
+            }
+        }
+    }
+    axum::Json(status)
 }

@@ -28,6 +28,8 @@ struct Domain {
     clock: ManualClock,
     addrs: BTreeMap<u64, String>,
     hosts: BTreeMap<u64, RunningServer>,
+    /// Holds the lease secrets every client of the test shares (one station).
+    secrets: Client,
 }
 
 impl Domain {
@@ -71,6 +73,7 @@ impl Domain {
             clock,
             addrs,
             hosts: BTreeMap::new(),
+            secrets: Client::new("http://127.0.0.1:9", None),
         };
         for (host, listener) in listeners {
             if !running.contains(&host) {
@@ -140,7 +143,7 @@ impl Domain {
     }
 
     fn client(&self, host: u64) -> Client {
-        Client::pinned(&self.url(host), None)
+        Client::pinned(&self.url(host), None).sharing_secrets(&self.secrets)
     }
 
     fn admin(&self, host: u64) -> Client {
@@ -152,13 +155,13 @@ impl Domain {
             .state
             .admin_token
             .clone();
-        Client::new(&self.url(host), Some(token))
+        Client::new(&self.url(host), Some(token)).sharing_secrets(&self.secrets)
     }
 
     /// A client over every host, in host order.
     fn failover_client(&self) -> Client {
         let urls: Vec<String> = self.addrs.keys().map(|h| self.url(*h)).collect();
-        Client::new(&urls.join(","), None)
+        Client::new(&urls.join(","), None).sharing_secrets(&self.secrets)
     }
 
     /// Polls (with a deadline) until every running host agrees that `expected` is primary.
@@ -214,12 +217,12 @@ async fn the_lowest_numbered_host_becomes_primary_and_backups_forward_writes() {
         .unwrap();
     assert!(created);
     assert_eq!(domain.hosts[&2].state.role(), "backup");
-    let on_primary = domain.client(1).status().await.unwrap();
+    let on_primary = domain.admin(1).status().await.unwrap();
     assert_eq!(lease_ids(&on_primary), vec![lease.lease_id.clone()]);
     // Heartbeat and checkin through the other backup.
     domain.client(3).heartbeat(&lease.lease_id).await.unwrap();
     domain.client(3).checkin(&lease.lease_id).await.unwrap();
-    assert!(domain.client(1).status().await.unwrap().leases.is_empty());
+    assert!(domain.admin(1).status().await.unwrap().leases.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -323,7 +326,7 @@ async fn when_the_primary_stops_a_new_primary_serves_and_the_acknowledged_lease_
     let renewed = client.heartbeat(&lease.lease_id).await.unwrap();
     assert_eq!(renewed.lease_id, lease.lease_id);
     domain.wait_primary(2).await;
-    let status = domain.client(2).status().await.unwrap();
+    let status = domain.admin(2).status().await.unwrap();
     assert_eq!(lease_ids(&status), vec![lease.lease_id.clone()]);
     // The new primary still counts the surviving lease: one license left, then none.
     client.checkout(&request("cad", "ws-2")).await.unwrap();
@@ -349,7 +352,7 @@ async fn a_returning_lower_numbered_host_takes_the_primary_role_back() {
         .unwrap();
     domain.restart(1).await;
     domain.wait_primary(1).await;
-    let status = domain.client(1).status().await.unwrap();
+    let status = domain.admin(1).status().await.unwrap();
     assert_eq!(lease_ids(&status), vec![lease.lease_id]);
 }
 
@@ -371,7 +374,7 @@ async fn a_host_without_a_majority_answers_no_quorum_and_issues_nothing() {
         .unwrap_err();
     assert_eq!(code(refused), (503, "no_quorum".to_string()));
     // Reads are still served locally, and show nothing was issued.
-    let status = domain.client(3).status().await.unwrap();
+    let status = domain.admin(3).status().await.unwrap();
     assert!(status.leases.is_empty());
     let view = domain.client(3).domain_status().await.unwrap();
     assert!(!view.quorum);
@@ -475,12 +478,12 @@ async fn a_lease_guard_keeps_heartbeating_across_failover_and_checks_in_on_drop(
     assert_eq!(guard.lost(), None);
     let lease_id = guard.lease_id().to_string();
     assert_eq!(
-        lease_ids(&domain.client(2).status().await.unwrap()),
+        lease_ids(&domain.admin(2).status().await.unwrap()),
         vec![lease_id]
     );
     drop(guard);
     let deadline = tokio::time::Instant::now() + WAIT;
-    while !domain.client(2).status().await.unwrap().leases.is_empty() {
+    while !domain.admin(2).status().await.unwrap().leases.is_empty() {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the dropped guard did not check in"
@@ -530,7 +533,7 @@ async fn a_host_joins_and_another_leaves_a_running_domain() {
     assert_eq!(code(refused), (400, "invalid_request".to_string()));
     // The new host has the whole ledger.
     let deadline = tokio::time::Instant::now() + WAIT;
-    while lease_ids(&domain.client(4).status().await.unwrap()) != vec![lease.lease_id.clone()] {
+    while lease_ids(&domain.admin(4).status().await.unwrap()) != vec![lease.lease_id.clone()] {
         assert!(
             tokio::time::Instant::now() < deadline,
             "host 4 never caught up"
@@ -587,7 +590,8 @@ async fn a_primary_cut_off_from_the_majority_issues_nothing_and_the_majority_ser
         .unwrap_err();
     assert_eq!(code(refused), (503, "no_quorum".to_string()));
     // The majority elects host 2 and serves the one license left, and no more.
-    let majority = Client::new(&format!("{},{}", domain.url(2), domain.url(3)), None);
+    let majority = Client::new(&format!("{},{}", domain.url(2), domain.url(3)), None)
+        .sharing_secrets(&domain.secrets);
     let (during, _) = majority.checkout(&request("cad", "ws-2")).await.unwrap();
     let refused = majority
         .checkout(&request("cad", "ws-3"))
@@ -606,7 +610,7 @@ async fn a_primary_cut_off_from_the_majority_issues_nothing_and_the_majority_ser
     // Healed: host 1 catches up and is primary again, with exactly the committed leases.
     cuts.heal();
     domain.wait_primary(1).await;
-    let mut held = lease_ids(&domain.client(1).status().await.unwrap());
+    let mut held = lease_ids(&domain.admin(1).status().await.unwrap());
     held.sort();
     let mut expected = vec![before.lease_id, during.lease_id];
     expected.sort();

@@ -44,6 +44,8 @@ struct Net {
     /// The licenses of every vendor key signed for the test, for the safety check that runs
     /// after every tick and every batch of checkouts.
     limits: std::sync::Mutex<BTreeMap<String, u32>>,
+    /// Holds the lease secrets every client of the test shares.
+    secrets: Client,
 }
 
 impl Net {
@@ -121,6 +123,7 @@ impl Net {
             vendor,
             nodes,
             limits: Default::default(),
+            secrets: Client::new("http://127.0.0.1:9", None),
         };
         for (id, listener) in listeners {
             net.boot(&id, listener).await;
@@ -165,6 +168,7 @@ impl Net {
     fn admin(&self, id: &str) -> Client {
         let server = self.server(id);
         Client::new(&server.url(), Some(server.state.admin_token.clone()))
+            .sharing_secrets(&self.secrets)
     }
 
     fn key(&self, key_id: &str, licenses: u32) -> LicenseKey {
@@ -238,7 +242,7 @@ impl Net {
     }
 
     async fn checkouts(&self, id: &str, prefix: &str, count: usize) -> usize {
-        let client = Client::new(&self.server(id).url(), None);
+        let client = Client::new(&self.server(id).url(), None).sharing_secrets(&self.secrets);
         let mut granted = 0;
         for n in 0..count {
             if client
@@ -553,7 +557,7 @@ async fn at_the_end_date_the_childs_leases_end_and_the_licenses_return() {
     // The end date is editable at any time: moved earlier, the child gets the new grant.
     let changed = hq.donate("K", "branch", 4, &until(end)).await.unwrap();
     assert!(changed.serial > first.serial);
-    let branch = Client::new(&net.server("branch").url(), None);
+    let branch = Client::new(&net.server("branch").url(), None).sharing_secrets(&net.secrets);
     let (lease, _) = branch.checkout(&request("cad", "ws-1")).await.unwrap();
     assert_eq!(
         lease.expires_at.as_millisecond(),
@@ -787,7 +791,7 @@ async fn ending_a_donation_calls_the_licenses_back_once_the_stations_stop() {
     hq.donate("K", "branch", 4, &until(START_MS + 10 * 86_400_000))
         .await
         .unwrap();
-    let branch = Client::new(&net.server("branch").url(), None);
+    let branch = Client::new(&net.server("branch").url(), None).sharing_secrets(&net.secrets);
     let (lease, _) = branch.checkout(&request("cad", "ws-1")).await.unwrap();
     assert_eq!(net.checkouts("branch", "b", 5).await, 3);
     assert_eq!(net.checkouts("hq", "h", 10).await, 6);
@@ -994,7 +998,7 @@ async fn usage_reports_count_the_stations_of_the_grant_at_the_donors_periods() {
         .import_key(net.key_for("L", &["cam"], 5).to_json_pretty())
         .await
         .unwrap();
-    let branch = Client::new(&net.server("branch").url(), None);
+    let branch = Client::new(&net.server("branch").url(), None).sharing_secrets(&net.secrets);
     branch.checkout(&request("cad", "ws-1")).await.unwrap();
     let (gone, _) = branch.checkout(&request("cad", "ws-2")).await.unwrap();
     branch.checkin(&gone.lease_id).await.unwrap();
@@ -1377,7 +1381,7 @@ async fn a_childs_leases_and_donation_continue_onto_a_renewal_bought_in_advance(
             .is_some_and(|k| k.state == "active" && k.received == 4)
     })
     .await;
-    let station = Client::new(&net.server("branch").url(), None);
+    let station = Client::new(&net.server("branch").url(), None).sharing_secrets(&net.secrets);
     let (lease, _) = station.checkout(&request("cad", "ws-1")).await.unwrap();
     assert_eq!(lease.key_id, "K@hq");
     let mut key_ids = BTreeSet::new();
