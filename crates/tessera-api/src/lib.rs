@@ -20,6 +20,10 @@ pub struct CheckoutRequest {
     pub user: String,
     #[serde(default)]
     pub host: String,
+    /// A fresh random value from the application: the signed `lease_token` carries it back,
+    /// so an old answer cannot be played back as this one.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub nonce: String,
 }
 
 /// A lease as the station and administrators see it.
@@ -47,6 +51,23 @@ pub struct Lease {
     /// carries the secret, or the same non-empty `host` fingerprint). Never in listings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_secret: Option<String>,
+    /// The server's signed statement of this lease (checkout and heartbeat answers), with
+    /// the request's nonce: the application checks it against the vendor's root key
+    /// (`docs/formats.md`, `docs/sdk.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_token: Option<String>,
+    /// What the token is checked with, offline: the vendor-signed license key…
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub license_key: Option<serde_json::Value>,
+    /// …the server's vendor certificate, where it has one…
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub server_certificate: Option<serde_json::Value>,
+    /// …and for licenses donated by a neighbour, the grant chain down to this server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub grant: Option<serde_json::Value>,
 }
 
 /// The stable error body: `{"error": {"code": "...", "message": "..."}}`.

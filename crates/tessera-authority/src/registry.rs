@@ -329,6 +329,7 @@ pub fn issue_key(
         valid_until: timestamp(now_ms + i64::from(request.valid_days) * DAY_MS)?,
         server_id: Some(server.server_id.clone()),
         renews: None,
+        certified_server_required: false,
         issued_at: now,
     };
     let key = sign_and_insert(&transaction, vendor, payload)?;
@@ -389,6 +390,7 @@ pub fn renew_key(
         valid_until: timestamp(until_ms)?,
         server_id: Some(renewed.server_id.clone()),
         renews: Some(key_id.to_string()),
+        certified_server_required: false,
         issued_at: timestamp(now_ms)?,
     };
     let key = sign_and_insert(&transaction, vendor, payload)?;

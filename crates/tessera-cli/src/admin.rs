@@ -300,6 +300,7 @@ pub async fn run_lease(command: LeaseCommand, remote: &Remote) -> anyhow::Result
                 station,
                 user,
                 host,
+                nonce: String::new(),
             };
             let (lease, _) = client.checkout(&request).await?;
             if let Some(secret) = &lease.lease_secret {

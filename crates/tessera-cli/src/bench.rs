@@ -185,6 +185,7 @@ pub(crate) async fn start_real(
             valid_until: now.checked_add(240.hours())?,
             server_id: None,
             renews: None,
+            certified_server_required: false,
             issued_at: now,
         },
         &vendor,
@@ -292,6 +293,7 @@ async fn station_loop(
         station: format!("bench-{client}"),
         user: "bench".into(),
         host: "bench".into(),
+        nonce: String::new(),
     })?;
     let mut latencies_us = Vec::new();
     let mut errors = 0;
@@ -381,6 +383,7 @@ async fn run_memory(leases: usize) -> anyhow::Result<()> {
                         station: format!("st-{i}"),
                         user: "u".into(),
                         host: "h".into(),
+                        nonce: String::new(),
                     })
                     .await
             }

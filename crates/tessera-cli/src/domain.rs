@@ -183,6 +183,7 @@ async fn failover_gap(
                 station: format!("failover-{station}"),
                 user: "bench".into(),
                 host: "bench".into(),
+                nonce: String::new(),
             };
             while Instant::now() < stop_at {
                 if let Ok((lease, _)) = client.checkout(&request).await {
@@ -286,6 +287,7 @@ pub async fn bench_pair(clients: &[usize], seconds: u64) -> anyhow::Result<()> {
             station: format!("capacity-{n}"),
             user: "bench".into(),
             host: "bench".into(),
+            nonce: String::new(),
         };
         match backup.checkout(&request).await {
             Ok(_) => granted += 1,
@@ -513,6 +515,7 @@ mod bench_domain {
                     valid_until: now.checked_add(240.hours())?,
                     server_id: None,
                     renews: None,
+                    certified_server_required: false,
                     issued_at: now,
                 },
                 &self.vendor,

@@ -206,6 +206,7 @@ pub async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
                     valid_days: 365,
                     server_id: None,
                     renews: None,
+                    certified_server_required: false,
                     valid_from: None,
                     key_id: Some(key_id.into()),
                     out: out.clone(),

@@ -51,6 +51,10 @@ pub struct IssueArgs {
     /// The key this one renews.
     #[arg(long)]
     pub renews: Option<String>,
+    /// Applications accept leases of this key only from a license server the vendor
+    /// certified (as for a key issued to a server ID).
+    #[arg(long)]
+    pub certified_server_required: bool,
     /// Key id; a random one if not given.
     #[arg(long)]
     pub key_id: Option<String>,
@@ -132,6 +136,7 @@ pub fn issue(args: &IssueArgs, now: Timestamp) -> anyhow::Result<LicenseKey> {
         valid_until: from.checked_add((i64::from(args.valid_days) * 24).hours())?,
         server_id: args.server_id.clone(),
         renews: args.renews.clone(),
+        certified_server_required: args.certified_server_required,
         issued_at: now,
     };
     let key = LicenseKey::sign(payload, &vendor)?;

@@ -51,16 +51,77 @@ pub enum ClientError {
     Transport { url: String, message: String },
     #[error("unexpected answer from {url}: {message}")]
     Decode { url: String, message: String },
+    /// The server granted a lease, but it does not check out against the vendor's root key
+    /// (see [`Client::verifying`]): the application must not run on it. `check` names the
+    /// check that failed (`key`, `signature`, `nonce`, `expired`, `certificate`, …).
+    #[error("lease_untrusted ({check}): {message}")]
+    Untrusted { check: String, message: String },
 }
 
 impl ClientError {
-    /// The server's error code, if the server answered with one.
+    /// The server's error code, if the server answered with one; `lease_untrusted` for a
+    /// lease that failed the vendor's checks.
     pub fn code(&self) -> Option<&str> {
         match self {
             ClientError::Api { code, .. } => Some(code),
+            ClientError::Untrusted { .. } => Some("lease_untrusted"),
             _ => None,
         }
     }
+}
+
+/// The application's clock in milliseconds since the Unix epoch (the system clock unless a
+/// test gives another, [`Client::with_clock`]).
+#[derive(Clone)]
+struct AppClock(Option<Arc<dyn Fn() -> i64 + Send + Sync>>);
+
+impl AppClock {
+    fn now_ms(&self) -> i64 {
+        match &self.0 {
+            Some(clock) => clock(),
+            None => std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64),
+        }
+    }
+}
+
+impl std::fmt::Debug for AppClock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "AppClock(given)"
+        } else {
+            "AppClock(system)"
+        })
+    }
+}
+
+/// How far the application's clock may disagree with the server's when a lease token's
+/// times are checked.
+pub const CLOCK_TOLERANCE: Duration = Duration::from_secs(60);
+
+/// This machine's station identity: a hash of the operating system's machine id
+/// (`/etc/machine-id`, else `/var/lib/dbus/machine-id`), so the same machine asking again
+/// gets its lease back and the name is not one a user picks. The hash keeps the machine id
+/// itself off the network. `None` where the system has no machine id.
+pub fn machine_fingerprint() -> Option<String> {
+    use sha2::Digest;
+    let id = ["/etc/machine-id", "/var/lib/dbus/machine-id"]
+        .iter()
+        .find_map(|path| std::fs::read_to_string(path).ok())
+        .map(|text| text.trim().to_string())
+        .filter(|id| !id.is_empty())?;
+    let mut hash = sha2::Sha256::new();
+    hash.update(b"tessera-station/v1\n");
+    hash.update(id.as_bytes());
+    Some(hex::encode(&hash.finalize()[..16]))
+}
+
+/// A fresh random nonce (128 bits, hex).
+fn nonce() -> String {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).expect("the system's random source");
+    hex::encode(bytes)
 }
 
 /// How long a call keeps trying the hosts of a domain before giving up with the last error.
@@ -87,10 +148,16 @@ pub struct Client {
     homes: Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
     /// The holder's secret of each lease this client checked out (or was given).
     secrets: Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
+    /// The vendor's root key the application embeds: when set, every lease is checked
+    /// against it ([`Client::verifying`]).
+    vendor_root: Option<tessera_core::PublicKey>,
+    clock: AppClock,
 }
 
 /// The header carrying a lease's secret on heartbeat and checkin.
 pub const LEASE_SECRET_HEADER: &str = "x-lease-secret";
+/// The header carrying a heartbeat's nonce (returned inside the signed lease token).
+pub const LEASE_NONCE_HEADER: &str = "x-lease-nonce";
 
 /// One answer: status, body, and where a redirect led (see [`Client::checkout`]).
 struct Reply {
@@ -117,7 +184,7 @@ fn try_elsewhere(error: &ClientError) -> bool {
                     "no_quorum" | "not_primary" | "unavailable" | "pair_recovering"
                 )
         }
-        ClientError::Decode { .. } => false,
+        ClientError::Decode { .. } | ClientError::Untrusted { .. } => false,
     }
 }
 
@@ -155,6 +222,8 @@ impl Client {
             token,
             homes: Arc::default(),
             secrets: Arc::default(),
+            vendor_root: None,
+            clock: AppClock(None),
         }
     }
 
@@ -233,6 +302,17 @@ impl Client {
         path: &str,
         body: Option<(String, &'static str)>,
     ) -> (Result<Reply, ClientError>, bool) {
+        self.send_counted_with(method, path, body, None).await
+    }
+
+    /// [`Client::send_counted`] with one more header (a heartbeat's nonce).
+    async fn send_counted_with(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(String, &'static str)>,
+        extra: Option<(&'static str, &str)>,
+    ) -> (Result<Reply, ClientError>, bool) {
         // Station calls (leases) fail over to learned hosts too; administration and status
         // address the hosts given (`--server B` asks B, not whichever host answers).
         let mut hosts = self.hosts();
@@ -244,7 +324,7 @@ impl Client {
         }
         if hosts.len() <= 1 {
             let base = hosts.first().cloned().unwrap_or_default();
-            return (self.send_to(&base, method, path, body).await, false);
+            return (self.send_to(&base, method, path, body, extra).await, false);
         }
         let deadline = tokio::time::Instant::now() + FAILOVER_BUDGET;
         let mut uncertain = false;
@@ -254,7 +334,7 @@ impl Client {
             let mut last_error = None;
             for index in order {
                 match self
-                    .send_to(&hosts[index], method.clone(), path, body.clone())
+                    .send_to(&hosts[index], method.clone(), path, body.clone(), extra)
                     .await
                 {
                     Ok(answer) => {
@@ -297,9 +377,13 @@ impl Client {
         method: Method,
         path: &str,
         body: Option<(String, &'static str)>,
+        extra: Option<(&'static str, &str)>,
     ) -> Result<Reply, ClientError> {
         let url = format!("{base_url}{path}");
         let mut request = self.http.request(method, &url);
+        if let Some((name, value)) = extra {
+            request = request.header(name, value);
+        }
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
@@ -367,7 +451,11 @@ impl Client {
     /// the checkout there (307 `component_elsewhere`); the client follows, and sends this
     /// lease's heartbeats and checkin to that server from then on.
     pub async fn checkout(&self, request: &CheckoutRequest) -> Result<(Lease, bool), ClientError> {
-        let body = serde_json::to_string(request).expect("request serializes");
+        let mut request = request.clone();
+        if self.vendor_root.is_some() && request.nonce.is_empty() {
+            request.nonce = nonce();
+        }
+        let body = serde_json::to_string(&request).expect("request serializes");
         let reply = self
             .send_counted(Method::POST, "/v1/leases", Some((body, "application/json")))
             .await
@@ -386,7 +474,15 @@ impl Client {
         if let Some(secret) = &lease.lease_secret {
             self.set_lease_secret(&lease.lease_id, secret);
         }
-        Ok((lease, reply.status == StatusCode::CREATED))
+        let created = reply.status == StatusCode::CREATED;
+        if let Err(untrusted) = self.check_lease(&lease, &request.component, &request.nonce) {
+            // Not a license of this vendor: give the seat back if it was just taken.
+            if created {
+                let _ = self.checkin(&lease.lease_id).await;
+            }
+            return Err(untrusted);
+        }
+        Ok((lease, created))
     }
 
     /// The secret this client holds for a lease (from its checkout answer, or
@@ -397,6 +493,71 @@ impl Client {
             .unwrap_or_else(|e| e.into_inner())
             .get(lease_id)
             .cloned()
+    }
+
+    /// This client, accepting a lease only if it checks out against `vendor_root`, the
+    /// vendor's public key compiled into the application (never read from the customer's
+    /// files): the license key is the vendor's and covers the component, the server signed
+    /// the lease token with the nonce this client sent, the token is unexpired (within
+    /// [`CLOCK_TOLERANCE`]), and a key bound to a server ID (or requiring a certified server)
+    /// comes from the server the vendor certified. Anything else is
+    /// [`ClientError::Untrusted`], however the server answered; an untrusted new lease is
+    /// returned at once.
+    pub fn verifying(mut self, vendor_root: tessera_core::PublicKey) -> Client {
+        self.vendor_root = Some(vendor_root);
+        self
+    }
+
+    /// This client with another clock (milliseconds since the Unix epoch), for tests.
+    pub fn with_clock(mut self, clock: Arc<dyn Fn() -> i64 + Send + Sync>) -> Client {
+        self.clock = AppClock(Some(clock));
+        self
+    }
+
+    /// Checks a lease answer (see [`Client::verifying`]).
+    fn check_lease(&self, lease: &Lease, component: &str, nonce: &str) -> Result<(), ClientError> {
+        let Some(root) = &self.vendor_root else {
+            return Ok(());
+        };
+        let text = |value: &Option<serde_json::Value>| value.as_ref().map(|v| v.to_string());
+        let (key, certificate, grant) = (
+            text(&lease.license_key),
+            text(&lease.server_certificate),
+            text(&lease.grant),
+        );
+        let token = lease
+            .lease_token
+            .as_deref()
+            .ok_or_else(|| ClientError::Untrusted {
+                check: "token".into(),
+                message: "the answer carries no signed lease token".into(),
+            })?;
+        let evidence = tessera_core::lease_token::LeaseEvidence {
+            token,
+            license_key: key.as_deref(),
+            server_certificate: certificate.as_deref(),
+            grant: grant.as_deref(),
+            component,
+            nonce,
+            now_ms: self.clock.now_ms(),
+            tolerance_ms: CLOCK_TOLERANCE.as_millis() as i64,
+        };
+        let payload = tessera_core::lease_token::verify_lease(&evidence, root).map_err(|e| {
+            ClientError::Untrusted {
+                check: e.check.into(),
+                message: e.detail,
+            }
+        })?;
+        if payload.lease_id != lease.lease_id {
+            return Err(ClientError::Untrusted {
+                check: "token".into(),
+                message: format!(
+                    "the token is for lease {}, the answer for {}",
+                    payload.lease_id, lease.lease_id
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// This client, holding its lease secrets in one store with `other`'s: the clients of
@@ -425,16 +586,32 @@ impl Client {
             .cloned()
     }
 
+    /// Keeps a lease alive. A verifying client ([`Client::verifying`]) sends a fresh nonce
+    /// and checks the renewed lease's token like a checkout's.
     pub async fn heartbeat(&self, lease_id: &str) -> Result<Lease, ClientError> {
         let path = format!("/v1/leases/{lease_id}/heartbeat");
-        if let Some(home) = self.lease_server(lease_id) {
-            let reply = self.send_to(&home, Method::POST, &path, None).await?;
-            return serde_json::from_str(&reply.text).map_err(|error| ClientError::Decode {
-                url: format!("{home}{path}"),
+        let nonce = nonce();
+        let extra = Some((LEASE_NONCE_HEADER, nonce.as_str()));
+        let (reply, url) = match self.lease_server(lease_id) {
+            Some(home) => (
+                self.send_to(&home, Method::POST, &path, None, extra)
+                    .await?,
+                format!("{home}{path}"),
+            ),
+            None => (
+                self.send_counted_with(Method::POST, &path, None, extra)
+                    .await
+                    .0?,
+                format!("{}{path}", self.base_url()),
+            ),
+        };
+        let lease: Lease =
+            serde_json::from_str(&reply.text).map_err(|error| ClientError::Decode {
+                url,
                 message: error.to_string(),
-            });
-        }
-        Ok(self.json(Method::POST, &path, None).await?.1)
+            })?;
+        self.check_lease(&lease, &lease.component, &nonce)?;
+        Ok(lease)
     }
 
     /// Returns the lease. In a domain, a checkin retried after an attempt whose answer was
@@ -443,7 +620,7 @@ impl Client {
     pub async fn checkin(&self, lease_id: &str) -> Result<(), ClientError> {
         let path = format!("/v1/leases/{lease_id}");
         if let Some(home) = self.lease_server(lease_id) {
-            let result = self.send_to(&home, Method::DELETE, &path, None).await;
+            let result = self.send_to(&home, Method::DELETE, &path, None, None).await;
             if result.is_ok() || matches!(&result, Err(e) if e.code() == Some("lease_not_found")) {
                 self.homes
                     .lock()
@@ -700,4 +877,26 @@ pub struct HostStatus {
     pub healthy: bool,
     pub replication_lag: Option<u64>,
     pub last_contact_ms: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_machine_fingerprint_is_stable_and_hides_the_machine_id() {
+        let Some(fingerprint) = machine_fingerprint() else {
+            return; // no machine id on this system
+        };
+        assert_eq!(fingerprint.len(), 32);
+        assert_eq!(machine_fingerprint(), Some(fingerprint.clone()));
+        let id = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
+        assert!(id.trim().is_empty() || !id.contains(&fingerprint));
+    }
+
+    #[test]
+    fn nonces_are_fresh() {
+        assert_ne!(nonce(), nonce());
+        assert_eq!(nonce().len(), 32);
+    }
 }

@@ -36,6 +36,12 @@ pub struct LicenseKeyPayload {
     /// The key this one renews, if it is a renewal key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renews: Option<String>,
+    /// Applications accept a lease of this key only from a license server the vendor
+    /// certified (a `ServerCertificate` for its ID, or a grant chain starting at one), as
+    /// they always do for a key bound to a server ID. Absent (false) in older keys, whose
+    /// signatures it therefore leaves unchanged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub certified_server_required: bool,
     pub issued_at: Timestamp,
 }
 
@@ -248,6 +254,7 @@ pub(crate) mod tests {
             valid_until: Timestamp::from_second(1_900_000_000).unwrap(),
             server_id: None,
             renews: None,
+            certified_server_required: false,
             issued_at: Timestamp::from_second(1_700_000_000).unwrap(),
         }
     }

@@ -2520,6 +2520,14 @@ impl Ledger {
         self.keys.get(key_id).map(|record| &record.key)
     }
 
+    /// The grant chain a received pool serves from (`None`: not a received pool).
+    pub fn received_grant(&self, pool: &str) -> Option<&Grant> {
+        self.keys
+            .get(pool)
+            .and_then(|record| record.received.as_ref())
+            .map(|received| &received.grant)
+    }
+
     pub fn sync_state(&self) -> &SyncState {
         &self.sync
     }

@@ -5,6 +5,7 @@
 //! - [`identity`]: Ed25519 signing and verifying keys and their file formats.
 //! - [`key`]: the vendor-signed license key document (format in `docs/formats.md`).
 //! - [`grant`]: signed donations of licenses between servers, chained to the key.
+//! - [`lease_token`]: signed lease tokens and the application's check of a lease.
 //! - [`command`]: what can be asked of the ledger, stamped with the primary's time.
 //! - [`outcome`]: what the ledger answered, refusals included; refusals are not errors.
 //! - [`ledger`]: `Ledger::apply(entry) -> Outcome` and the invariants checked after it.
@@ -17,6 +18,7 @@ pub mod command;
 pub mod grant;
 pub mod identity;
 pub mod key;
+pub mod lease_token;
 pub mod ledger;
 pub mod outcome;
 pub mod sync;

@@ -967,6 +967,7 @@ mod tests {
             station: "ws-9".into(),
             user: "bob".into(),
             host: "ws9".into(),
+            nonce: String::new(),
         };
         history.denial(3 * hour, &request, "no_licenses_available");
         history.lease_event(

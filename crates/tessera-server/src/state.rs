@@ -90,7 +90,48 @@ impl AppState {
             expires_at: timestamp(lease.expires_at_ms),
             heartbeat_interval_s: self.config.heartbeat_interval_s(),
             lease_secret: None,
+            lease_token: None,
+            license_key: None,
+            server_certificate: None,
+            grant: None,
         }
+    }
+
+    /// Adds the signed lease token (carrying the application's `nonce`) and what checks it:
+    /// the vendor's license key, this server's certificate, the grant chain of a donated
+    /// license. Every host of a domain or pair signs with the same identity.
+    pub fn sign_lease(&self, lease: &mut Lease, nonce: &str) {
+        let now_ms = self.stamper.now_ms();
+        let (key, certificate, grant) = self.read(|ledger| {
+            (
+                ledger.key(&lease.key_id).cloned(),
+                ledger.sync_state().certificate.clone(),
+                ledger.received_grant(&lease.key_id).cloned(),
+            )
+        });
+        let Some(key) = key else {
+            return;
+        };
+        let payload = tessera_core::lease_token::LeaseTokenPayload {
+            format: tessera_core::lease_token::LEASE_TOKEN_FORMAT.into(),
+            version: tessera_core::lease_token::LEASE_TOKEN_VERSION,
+            lease_id: lease.lease_id.clone(),
+            key_id: key.payload.key_id.clone(),
+            component: lease.component.clone(),
+            components: lease.components.clone(),
+            station: lease.station.clone(),
+            user: lease.user.clone(),
+            host: lease.host.clone(),
+            nonce: nonce.to_string(),
+            issued_at: timestamp(now_ms),
+            valid_until: lease.expires_at,
+            server_id: self.config.server_id.clone().unwrap_or_default(),
+            server_public_key: self.identity.public_key().to_base64(),
+        };
+        lease.lease_token = Some(payload.issue(&self.identity));
+        lease.license_key = serde_json::to_value(&key).ok();
+        lease.server_certificate = certificate.and_then(|c| serde_json::to_value(c).ok());
+        lease.grant = grant.and_then(|g| serde_json::to_value(g).ok());
     }
 
     /// The holder's credential for a lease: derived from the lease id with the server's

@@ -143,6 +143,7 @@ fn sign(
             valid_until: Timestamp::from_millisecond(until_ms).unwrap(),
             server_id: server_id.map(str::to_string),
             renews: None,
+            certified_server_required: false,
             issued_at: Timestamp::from_millisecond(START_MS - 86_400_000).unwrap(),
         },
         vendor,
@@ -161,6 +162,7 @@ fn request(component: &str, station: &str) -> CheckoutRequest {
         station: station.into(),
         user: "ann".into(),
         host: station.into(),
+        nonce: String::new(),
     }
 }
 
@@ -1142,4 +1144,158 @@ async fn heartbeat_and_checkin_need_the_holders_lease_secret() {
         .unwrap();
     assert_eq!(released.station, "ws-2");
     assert!(f.admin().status().await.unwrap().leases.is_empty());
+}
+
+/// Vendor trust ends in the application (#19 items 1–2): a client given the vendor's root
+/// accepts the real server's leases, checked offline from the answer, and refuses a
+/// customer's own vendor key, an uncertified server serving a bound key, a played-back
+/// answer and an expired token, whatever the server said.
+#[tokio::test]
+async fn an_application_accepts_only_leases_that_check_out_against_the_vendor_root() {
+    let f = Fixture::start().await;
+    let root = f.vendor.public_key();
+    f.import(&f.key("k1", &["cad"], 2)).await;
+    let clock = f.clock.clone();
+    let app_clock: Arc<dyn Fn() -> i64 + Send + Sync> =
+        Arc::new(move || tessera_core::Clock::now_ms(&clock));
+    let app = Client::new(&f.server.url(), None)
+        .verifying(root)
+        .with_clock(app_clock.clone());
+    let (lease, created) = app.checkout(&request("cad", "ws-1")).await.unwrap();
+    assert!(created && lease.lease_token.is_some() && lease.license_key.is_some());
+    let beat = app.heartbeat(&lease.lease_id).await.unwrap();
+    assert!(beat.lease_token.is_some());
+    // The same answers with the application's clock past the lease: expired.
+    let late = Client::new(&f.server.url(), None)
+        .verifying(root)
+        .sharing_secrets(&app)
+        .with_clock(Arc::new(|| START_MS + 86_400_000));
+    let refused = late.heartbeat(&lease.lease_id).await.unwrap_err();
+    assert!(
+        matches!(&refused, ClientError::Untrusted { check, .. } if check == "expired"),
+        "{refused}"
+    );
+    assert_eq!(refused.code(), Some("lease_untrusted"));
+
+    // A customer's own vendor key, trusted by their own server: refused, seat returned.
+    let dir = tempfile::tempdir().unwrap();
+    let customer_vendor = SecretKey::from_seed([77; 32]);
+    std::fs::write(
+        dir.path().join("vendor.pub"),
+        customer_vendor.public_key().to_file_text(),
+    )
+    .unwrap();
+    let own = start_server(dir.path(), &f.clock, 3).await;
+    Client::new(&own.url(), Some(own.state.admin_token.clone()))
+        .import_key(
+            sign(
+                &customer_vendor,
+                "mine",
+                &["cad"],
+                500,
+                START_MS + 86_400_000,
+                None,
+            )
+            .to_json_pretty(),
+        )
+        .await
+        .unwrap();
+    let app_on_own = Client::new(&own.url(), None)
+        .verifying(root)
+        .with_clock(app_clock.clone());
+    let refused = app_on_own
+        .checkout(&request("cad", "ws-9"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, ClientError::Untrusted { check, .. } if check == "key"),
+        "{refused}"
+    );
+    assert_eq!(own.state.status().keys[0].in_use, 0, "the seat went back");
+    // Without the vendor root (an application that checks nothing) it would have run.
+    assert!(
+        Client::new(&own.url(), None)
+            .checkout(&request("cad", "ws-9"))
+            .await
+            .is_ok()
+    );
+
+    // A hand-written server: it plays back the real server's earlier answer…
+    let recorded = serde_json::to_value(&lease).unwrap();
+    let impostor = SecretKey::from_seed([5; 32]);
+    let bound_key = sign(
+        &f.vendor,
+        "bound",
+        &["cad"],
+        5,
+        START_MS + 86_400_000,
+        Some("srv-test"),
+    );
+    let mode = Arc::new(std::sync::Mutex::new("replay"));
+    let fake = {
+        let mode = mode.clone();
+        let impostor = impostor.clone();
+        axum::Router::new().route(
+            "/v1/leases",
+            axum::routing::post(move |axum::Json(body): axum::Json<serde_json::Value>| {
+                let mode = *mode.lock().unwrap();
+                let recorded = recorded.clone();
+                let impostor = impostor.clone();
+                let bound_key = bound_key.clone();
+                async move {
+                    if mode == "replay" {
+                        return (axum::http::StatusCode::CREATED, axum::Json(recorded));
+                    }
+                    // …or signs its own token, with the nonce, for a key bound to a server
+                    // ID it cannot show a vendor certificate for.
+                    let payload = tessera_core::lease_token::LeaseTokenPayload {
+                        format: "tessera-lease-token".into(),
+                        version: 1,
+                        lease_id: "fake".into(),
+                        key_id: "bound".into(),
+                        component: "cad".into(),
+                        components: vec!["cad".into()],
+                        station: "ws-1".into(),
+                        user: String::new(),
+                        host: "ws-1".into(),
+                        nonce: body["nonce"].as_str().unwrap_or_default().into(),
+                        issued_at: Timestamp::from_millisecond(START_MS).unwrap(),
+                        valid_until: Timestamp::from_millisecond(START_MS + 60_000).unwrap(),
+                        server_id: "srv-test".into(),
+                        server_public_key: impostor.public_key().to_base64(),
+                    };
+                    let mut lease = recorded.clone();
+                    lease["lease_id"] = "fake".into();
+                    lease["key_id"] = "bound".into();
+                    lease["lease_token"] = payload.issue(&impostor).into();
+                    lease["license_key"] = serde_json::to_value(&bound_key).unwrap();
+                    lease.as_object_mut().unwrap().remove("server_certificate");
+                    (axum::http::StatusCode::CREATED, axum::Json(lease))
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fake_url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, fake).await });
+    let app_on_fake = Client::new(&fake_url, None)
+        .verifying(root)
+        .with_clock(Arc::new(|| START_MS + 1_000));
+    let refused = app_on_fake
+        .checkout(&request("cad", "ws-1"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, ClientError::Untrusted { check, .. } if check == "nonce"),
+        "{refused}"
+    );
+    *mode.lock().unwrap() = "impostor";
+    let refused = app_on_fake
+        .checkout(&request("cad", "ws-1"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, ClientError::Untrusted { check, .. } if check == "certificate"),
+        "{refused}"
+    );
 }

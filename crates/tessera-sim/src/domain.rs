@@ -372,6 +372,7 @@ fn key(licenses: u32) -> LicenseKey {
             valid_until: until,
             server_id: None,
             renews: None,
+            certified_server_required: false,
             issued_at: from,
         },
         &vendor(),

@@ -217,6 +217,7 @@ pub fn run(config: PairConfig) -> Result<PairReport, Violation> {
                 .expect("a time"),
             server_id: None,
             renews: None,
+            certified_server_required: false,
             issued_at: jiff::Timestamp::from_millisecond(START_MS - HOUR_MS).expect("a time"),
         },
         &vendor(),

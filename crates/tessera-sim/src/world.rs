@@ -512,6 +512,7 @@ impl World {
                     valid_until: ms(valid_until),
                     server_id: None,
                     renews: None,
+                    certified_server_required: false,
                     issued_at: ms(start - DAY_MS),
                 },
                 &vendor,

@@ -275,6 +275,7 @@ fn donor_and_receiver(licenses: u32) -> (Node, Node) {
             valid_until: Timestamp::from_millisecond(T0 + 90 * 24 * HOUR).unwrap(),
             server_id: None,
             renews: None,
+            certified_server_required: false,
             issued_at: Timestamp::from_millisecond(T0 - HOUR).unwrap(),
         },
         &vendor(),

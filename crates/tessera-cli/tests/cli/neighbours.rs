@@ -836,6 +836,7 @@ fn a_server_without_the_component_redirects_stations_to_the_neighbour_serving_it
             station: station.into(),
             user: "ann".into(),
             host: "ws".into(),
+            nonce: String::new(),
         };
         let (lease, created) = client.checkout(&request("ws-1")).await.unwrap();
         assert!(created);

@@ -173,11 +173,13 @@ async fn forward(
             request = request.header(name.as_str(), value);
         }
     }
-    if let Some(value) = headers
-        .get(super::leases::LEASE_SECRET_HEADER)
-        .and_then(|v| v.to_str().ok())
-    {
-        request = request.header(super::leases::LEASE_SECRET_HEADER, value);
+    for name in [
+        super::leases::LEASE_SECRET_HEADER,
+        super::leases::LEASE_NONCE_HEADER,
+    ] {
+        if let Some(value) = headers.get(name).and_then(|v| v.to_str().ok()) {
+            request = request.header(name, value);
+        }
     }
     let answer = match request.send().await {
         Ok(answer) => answer,

@@ -37,6 +37,7 @@ pub async fn checkout(
     ApiJson(request): ApiJson<CheckoutRequest>,
 ) -> Result<(StatusCode, Json<Lease>), ApiError> {
     let fingerprint = request.host.clone();
+    let nonce = request.nonce.clone();
     let (mut lease, created) = state
         .checkout_from(request, query.redirected_from.as_deref())
         .await?;
@@ -50,6 +51,7 @@ pub async fn checkout(
     if holder {
         lease.lease_secret = Some(state.lease_secret(&lease.lease_id));
     }
+    state.sign_lease(&mut lease, &nonce);
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -68,6 +70,8 @@ fn lease_secret(headers: &HeaderMap) -> Option<&str> {
 
 /// The header carrying the holder's lease secret.
 pub const LEASE_SECRET_HEADER: &str = "x-lease-secret";
+/// The header carrying a heartbeat's nonce, returned inside the signed lease token.
+pub const LEASE_NONCE_HEADER: &str = "x-lease-nonce";
 
 /// Keep a lease alive for another lease period (the holder's `x-lease-secret` required).
 #[utoipa::path(post, path = "/v1/leases/{lease_id}/heartbeat", params(("x-lease-secret" = String, Header, description = "the lease_secret of the checkout answer")), responses(
@@ -82,7 +86,13 @@ pub async fn heartbeat(
     headers: HeaderMap,
 ) -> Result<Json<Lease>, ApiError> {
     state.check_lease_secret(&lease_id, lease_secret(&headers))?;
-    Ok(Json(state.heartbeat(lease_id).await?))
+    let mut lease = state.heartbeat(lease_id).await?;
+    let nonce = headers
+        .get(LEASE_NONCE_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default();
+    state.sign_lease(&mut lease, nonce);
+    Ok(Json(lease))
 }
 
 /// Return a license (the holder's `x-lease-secret` required; administrators force-release
