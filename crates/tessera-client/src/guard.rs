@@ -12,6 +12,23 @@ use crate::{Client, ClientError};
 /// whole interval later.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
+/// What happens to a guarded lease, for the application's callback
+/// ([`LeaseGuard::start_with_events`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuardEvent {
+    /// A heartbeat could not reach any server: the guard keeps trying (the lease holds until
+    /// its expiry).
+    Reconnecting { error: String },
+    /// A heartbeat went through again after [`GuardEvent::Reconnecting`].
+    Reconnected,
+    /// The lease is gone (the server no longer knows it, or its answer does not check out
+    /// against the vendor root): the application decides whether to save and exit.
+    Lost { reason: String },
+}
+
+/// The application's callback for [`GuardEvent`]s (called on the runtime's threads).
+pub type GuardEvents = Arc<dyn Fn(&GuardEvent) + Send + Sync>;
+
 #[derive(Debug, Default)]
 struct Shared {
     lease: Option<Lease>,
@@ -34,6 +51,12 @@ pub struct LeaseGuard {
 impl LeaseGuard {
     /// Starts heartbeating `lease` (must be called inside a tokio runtime).
     pub fn start(client: Client, lease: Lease) -> LeaseGuard {
+        LeaseGuard::start_with_events(client, lease, Arc::new(|_: &GuardEvent| {}))
+    }
+
+    /// [`LeaseGuard::start`], telling `events` when heartbeats fail, come back, or the lease
+    /// is lost.
+    pub fn start_with_events(client: Client, lease: Lease, events: GuardEvents) -> LeaseGuard {
         let interval = Duration::from_secs(lease.heartbeat_interval_s.max(1));
         let lease_id = lease.lease_id.clone();
         let shared = Arc::new(Mutex::new(Shared {
@@ -45,6 +68,7 @@ impl LeaseGuard {
             lease_id.clone(),
             interval,
             shared.clone(),
+            events,
         ));
         LeaseGuard {
             client,
@@ -116,23 +140,44 @@ async fn heartbeat_loop(
     lease_id: String,
     interval: Duration,
     shared: Arc<Mutex<Shared>>,
+    events: GuardEvents,
 ) {
     let mut wait = interval;
+    let mut reconnecting = false;
     loop {
         tokio::time::sleep(wait).await;
         match client.heartbeat(&lease_id).await {
             Ok(lease) => {
-                let mut shared = shared.lock().unwrap_or_else(|e| e.into_inner());
-                shared.lease = Some(lease);
-                shared.heartbeats += 1;
+                {
+                    let mut shared = shared.lock().unwrap_or_else(|e| e.into_inner());
+                    shared.lease = Some(lease);
+                    shared.heartbeats += 1;
+                }
+                if std::mem::take(&mut reconnecting) {
+                    events(&GuardEvent::Reconnected);
+                }
                 wait = interval;
             }
-            Err(ClientError::Api { code, message, .. }) if code == "lease_not_found" => {
-                shared.lock().unwrap_or_else(|e| e.into_inner()).lost =
-                    Some(format!("{code}: {message}"));
+            Err(error @ (ClientError::Api { .. } | ClientError::Untrusted { .. }))
+                if matches!(
+                    error.code(),
+                    Some("lease_not_found" | "lease_untrusted" | "lease_secret_wrong")
+                ) =>
+            {
+                let reason = error.to_string();
+                shared.lock().unwrap_or_else(|e| e.into_inner()).lost = Some(reason.clone());
+                events(&GuardEvent::Lost { reason });
                 return;
             }
-            Err(_) => wait = RETRY_AFTER_FAILURE.min(interval),
+            Err(error) => {
+                if !reconnecting {
+                    reconnecting = true;
+                    events(&GuardEvent::Reconnecting {
+                        error: error.to_string(),
+                    });
+                }
+                wait = RETRY_AFTER_FAILURE.min(interval);
+            }
         }
     }
 }

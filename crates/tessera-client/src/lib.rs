@@ -26,7 +26,7 @@
 
 mod guard;
 
-pub use guard::LeaseGuard;
+pub use guard::{GuardEvent, GuardEvents, LeaseGuard};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -53,7 +53,8 @@ pub struct ServedComponent {
 /// When a neighbour was asked, and what it answered (`None`: it could not be asked).
 type Asked = (i64, Option<Vec<ServedComponent>>);
 
-/// Per neighbour, the last [`Asked`]. Not replicated: each host asks for itself.
+/// Per neighbour, when it was last asked and what it answered. Not replicated: each host
+/// asks for itself.
 #[derive(Debug, Default)]
 pub struct ServedCache {
     answers: Mutex<BTreeMap<String, Asked>>,

@@ -1,0 +1,421 @@
+//! libtessera: the Tessera SDK for C (and every language with a C FFI).
+//!
+//! The shape follows the incumbents' client libraries: one context per license
+//! configuration (`tessera_init` with the vendor's public key compiled into the application
+//! and the server list), `tessera_checkout` / `tessera_checkin`, an automatic heartbeat for
+//! every lease held, and a callback for reconnecting, reconnected and lease lost. Every
+//! lease is checked against the vendor's root key (`tessera_client::Client::verifying`):
+//! a server that is not the vendor's cannot unlock the application.
+//!
+//! - **No global state**: each context owns its runtime (one worker thread, which also runs
+//!   the heartbeats and calls the callback) and its last error; two contexts in one process
+//!   do not share anything. A context may be used from several threads.
+//! - **Errors**: a `TesseraStatus` code, and the message with `tessera_last_error`.
+//! - **Memory**: strings returned are owned by the context or lease and valid until the next
+//!   call on it (last error) or until the lease is checked in (lease id).
+//!
+//! The header `include/tessera.h` is generated from this file by cbindgen (`build.rs`).
+
+use std::ffi::{CStr, CString, c_char, c_void};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tessera_api::CheckoutRequest;
+use tessera_client::{Client, ClientError, GuardEvent, LeaseGuard};
+use tessera_core::PublicKey;
+
+/// What a call answered.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TesseraStatus {
+    Ok = 0,
+    /// A NULL or malformed argument (the vendor key, the server list, the component).
+    InvalidArgument = 1,
+    /// No server of the list could be reached.
+    Unreachable = 2,
+    /// Every license of the component is in use (`no_licenses_available`).
+    NoLicenses = 3,
+    /// No key on the server covers the component (`component_not_licensed`).
+    NotLicensed = 4,
+    /// The server granted a lease that does not check out against the vendor's key: the
+    /// application must not run (`lease_untrusted`; the message names the check).
+    Untrusted = 5,
+    /// The lease is gone (returned, expired, or taken back by the administrator).
+    LeaseLost = 6,
+    /// Any other refusal by the server; the message carries its code.
+    Refused = 7,
+}
+
+/// What the callback is told.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TesseraEvent {
+    /// A heartbeat could not reach any server; retrying (the lease holds until it expires).
+    Reconnecting = 1,
+    /// Heartbeats go through again.
+    Reconnected = 2,
+    /// The lease is lost: the application decides whether to save and exit.
+    LeaseLost = 3,
+}
+
+/// Called on the context's worker thread with the event, the lease id, a message, and the
+/// `user_data` given to `tessera_set_callback`.
+pub type TesseraCallback = Option<
+    unsafe extern "C" fn(
+        event: TesseraEvent,
+        lease_id: *const c_char,
+        message: *const c_char,
+        user_data: *mut c_void,
+    ),
+>;
+
+/// `tessera_checkout` flag: when every license is in use, wait (up to 60 s, asking every
+/// 2 s) for one to come free instead of answering `NO_LICENSES` at once.
+pub const TESSERA_CHECKOUT_WAIT: u32 = 1;
+
+/// How long a checkout with `TESSERA_CHECKOUT_WAIT` waits, and how often it asks again.
+const WAIT_FOR: Duration = Duration::from_secs(60);
+const WAIT_EVERY: Duration = Duration::from_secs(2);
+
+struct Callback {
+    function: TesseraCallback,
+    user_data: usize,
+}
+
+/// One license configuration: vendor key, servers, runtime, callback, last error.
+pub struct TesseraContext {
+    runtime: tokio::runtime::Runtime,
+    client: Client,
+    station: String,
+    callback: Arc<Mutex<Callback>>,
+    last_error: Mutex<CString>,
+}
+
+/// A lease held, heartbeated in the background until it is checked in.
+pub struct TesseraLease {
+    guard: Option<LeaseGuard>,
+    lease_id: CString,
+}
+
+thread_local! {
+    static INIT_ERROR: std::cell::RefCell<CString> = std::cell::RefCell::new(CString::default());
+}
+
+fn c_string(text: impl Into<String>) -> CString {
+    let text: String = text.into();
+    CString::new(text.replace('\0', " ")).unwrap_or_default()
+}
+
+/// # Safety
+/// `text` is NULL or a NUL-terminated string.
+unsafe fn read(text: *const c_char) -> Option<String> {
+    if text.is_null() {
+        return None;
+    }
+    // SAFETY: the caller passes a NUL-terminated string.
+    unsafe { CStr::from_ptr(text) }
+        .to_str()
+        .ok()
+        .map(str::to_string)
+}
+
+fn fail_init(message: String) -> *mut TesseraContext {
+    INIT_ERROR.with(|error| *error.borrow_mut() = c_string(message));
+    std::ptr::null_mut()
+}
+
+/// Creates a context. `vendor_public_key`: the vendor's Ed25519 public key, base64 (the
+/// second line of `vendor.pub`), compiled into the application. `servers`: one URL or a
+/// comma-separated list (`http://host1:7400,http://host2:7400`); NULL or empty reads
+/// `TESSERA_SERVER`. Returns NULL on error: `tessera_init_error` says why.
+///
+/// # Safety
+/// The arguments are NULL or NUL-terminated strings.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn tessera_init(
+    vendor_public_key: *const c_char,
+    servers: *const c_char,
+) -> *mut TesseraContext {
+    // SAFETY: forwarded from the caller.
+    let Some(key_text) = (unsafe { read(vendor_public_key) }) else {
+        return fail_init("vendor_public_key is NULL or not UTF-8".into());
+    };
+    let root = match PublicKey::from_base64(key_text.trim()) {
+        Ok(root) => root,
+        Err(error) => return fail_init(format!("vendor_public_key: {error}")),
+    };
+    // SAFETY: forwarded from the caller.
+    let servers = unsafe { read(servers) }
+        .filter(|s| !s.trim().is_empty())
+        .or_else(|| std::env::var("TESSERA_SERVER").ok())
+        .filter(|s| !s.trim().is_empty());
+    let Some(servers) = servers else {
+        return fail_init("no server: pass a server list or set TESSERA_SERVER".into());
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("tessera")
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => return fail_init(format!("cannot start the SDK's thread: {error}")),
+    };
+    let station = tessera_client::machine_fingerprint().unwrap_or_else(|| {
+        // No machine id: the host name stands in.
+        std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "unknown-station".into())
+    });
+    let context = TesseraContext {
+        runtime,
+        client: Client::new(&servers, None).verifying(root),
+        station,
+        callback: Arc::new(Mutex::new(Callback {
+            function: None,
+            user_data: 0,
+        })),
+        last_error: Mutex::new(CString::default()),
+    };
+    Box::into_raw(Box::new(context))
+}
+
+/// Why the last `tessera_init` on this thread returned NULL.
+#[unsafe(no_mangle)]
+pub extern "C" fn tessera_init_error() -> *const c_char {
+    INIT_ERROR.with(|error| error.borrow().as_ptr())
+}
+
+/// Sets the callback for heartbeat events of this context's leases (NULL: none).
+///
+/// # Safety
+/// `context` comes from `tessera_init`; `user_data` stays valid while leases are held.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn tessera_set_callback(
+    context: *mut TesseraContext,
+    callback: TesseraCallback,
+    user_data: *mut c_void,
+) {
+    // SAFETY: the caller passes a live context.
+    let Some(context) = (unsafe { context.as_ref() }) else {
+        return;
+    };
+    let mut slot = context.callback.lock().unwrap_or_else(|e| e.into_inner());
+    slot.function = callback;
+    slot.user_data = user_data as usize;
+}
+
+impl TesseraContext {
+    fn fail(&self, status: TesseraStatus, message: String) -> TesseraStatus {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = c_string(message);
+        status
+    }
+
+    fn fail_with(&self, error: &ClientError) -> TesseraStatus {
+        let status = match error {
+            ClientError::Transport { .. } => TesseraStatus::Unreachable,
+            ClientError::Untrusted { .. } => TesseraStatus::Untrusted,
+            ClientError::Decode { .. } => TesseraStatus::Refused,
+            ClientError::Api { code, status, .. } => match code.as_str() {
+                "no_licenses_available" => TesseraStatus::NoLicenses,
+                "component_not_licensed" => TesseraStatus::NotLicensed,
+                "lease_not_found" | "lease_secret_wrong" => TesseraStatus::LeaseLost,
+                "no_quorum" | "not_primary" | "unavailable" if *status == 503 => {
+                    TesseraStatus::Unreachable
+                }
+                _ => TesseraStatus::Refused,
+            },
+        };
+        self.fail(status, error.to_string())
+    }
+}
+
+/// Checks out a license of `component` for this machine and keeps it alive with heartbeats
+/// until `tessera_checkin`. `flags`: 0, or `TESSERA_CHECKOUT_WAIT`. On `TESSERA_STATUS_OK`,
+/// `*lease` is the lease; otherwise it is left NULL and `tessera_last_error` says why.
+///
+/// # Safety
+/// `context` comes from `tessera_init`; `component` is a NUL-terminated string; `lease`
+/// points to writable storage for one pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn tessera_checkout(
+    context: *mut TesseraContext,
+    component: *const c_char,
+    flags: u32,
+    lease: *mut *mut TesseraLease,
+) -> TesseraStatus {
+    // SAFETY: the caller passes a live context.
+    let Some(context) = (unsafe { context.as_ref() }) else {
+        return TesseraStatus::InvalidArgument;
+    };
+    if lease.is_null() {
+        return context.fail(TesseraStatus::InvalidArgument, "lease is NULL".into());
+    }
+    // SAFETY: checked non-NULL; the caller gives writable storage.
+    unsafe { *lease = std::ptr::null_mut() };
+    // SAFETY: forwarded from the caller.
+    let Some(component) = (unsafe { read(component) }).filter(|c| !c.is_empty()) else {
+        return context.fail(
+            TesseraStatus::InvalidArgument,
+            "component is NULL or empty".into(),
+        );
+    };
+    let request = CheckoutRequest {
+        component,
+        station: context.station.clone(),
+        user: std::env::var("USER").unwrap_or_default(),
+        host: context.station.clone(),
+        nonce: String::new(),
+    };
+    let wait = flags & TESSERA_CHECKOUT_WAIT != 0;
+    let client = context.client.clone();
+    let callback = context.callback.clone();
+    let result = context.runtime.block_on(async move {
+        let deadline = tokio::time::Instant::now() + WAIT_FOR;
+        let lease = loop {
+            match client.checkout(&request).await {
+                Err(error)
+                    if wait
+                        && error.code() == Some("no_licenses_available")
+                        && tokio::time::Instant::now() + WAIT_EVERY < deadline =>
+                {
+                    tokio::time::sleep(WAIT_EVERY).await;
+                }
+                other => break other.map(|(lease, _)| lease),
+            }
+        }?;
+        let lease_id = lease.lease_id.clone();
+        let events = Arc::new(move |event: &GuardEvent| notify(&callback, &lease_id, event));
+        Ok::<_, ClientError>(LeaseGuard::start_with_events(client, lease, events))
+    });
+    match result {
+        Ok(guard) => {
+            let held = TesseraLease {
+                lease_id: c_string(guard.lease_id()),
+                guard: Some(guard),
+            };
+            // SAFETY: checked non-NULL above.
+            unsafe { *lease = Box::into_raw(Box::new(held)) };
+            TesseraStatus::Ok
+        }
+        Err(error) => context.fail_with(&error),
+    }
+}
+
+fn notify(callback: &Mutex<Callback>, lease_id: &str, event: &GuardEvent) {
+    let (function, user_data) = {
+        let slot = callback.lock().unwrap_or_else(|e| e.into_inner());
+        (slot.function, slot.user_data)
+    };
+    let Some(function) = function else {
+        return;
+    };
+    let (kind, message) = match event {
+        GuardEvent::Reconnecting { error } => (TesseraEvent::Reconnecting, error.clone()),
+        GuardEvent::Reconnected => (TesseraEvent::Reconnected, String::new()),
+        GuardEvent::Lost { reason } => (TesseraEvent::LeaseLost, reason.clone()),
+    };
+    let (lease_id, message) = (c_string(lease_id), c_string(message));
+    // SAFETY: the application registered this function for these arguments.
+    unsafe {
+        function(
+            kind,
+            lease_id.as_ptr(),
+            message.as_ptr(),
+            user_data as *mut c_void,
+        )
+    };
+}
+
+/// The lease's id (owned by the lease: valid until it is checked in).
+///
+/// # Safety
+/// `lease` comes from `tessera_checkout` and was not checked in.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn tessera_lease_id(lease: *const TesseraLease) -> *const c_char {
+    // SAFETY: the caller passes a live lease.
+    match unsafe { lease.as_ref() } {
+        Some(lease) => lease.lease_id.as_ptr(),
+        None => std::ptr::null(),
+    }
+}
+
+/// Whether the lease is still held: `TESSERA_STATUS_OK`, or `TESSERA_STATUS_LEASE_LOST`
+/// (with the reason in `tessera_last_error`).
+///
+/// # Safety
+/// `context` and `lease` are live.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn tessera_lease_status(
+    context: *mut TesseraContext,
+    lease: *const TesseraLease,
+) -> TesseraStatus {
+    // SAFETY: the caller passes live pointers.
+    let (Some(context), Some(lease)) = (unsafe { context.as_ref() }, unsafe { lease.as_ref() })
+    else {
+        return TesseraStatus::InvalidArgument;
+    };
+    match lease.guard.as_ref().and_then(LeaseGuard::lost) {
+        Some(reason) => context.fail(TesseraStatus::LeaseLost, reason),
+        None => TesseraStatus::Ok,
+    }
+}
+
+/// Stops the heartbeat, returns the license to the server and frees the lease (also when
+/// the server could not be told: the license then comes back when the lease expires).
+///
+/// # Safety
+/// `context` is live; `lease` comes from `tessera_checkout` and is not used afterwards.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn tessera_checkin(
+    context: *mut TesseraContext,
+    lease: *mut TesseraLease,
+) -> TesseraStatus {
+    // SAFETY: the caller passes a live context.
+    let Some(context) = (unsafe { context.as_ref() }) else {
+        return TesseraStatus::InvalidArgument;
+    };
+    if lease.is_null() {
+        return context.fail(TesseraStatus::InvalidArgument, "lease is NULL".into());
+    }
+    // SAFETY: from `tessera_checkout`, given back once.
+    let mut lease = unsafe { Box::from_raw(lease) };
+    let Some(guard) = lease.guard.take() else {
+        return TesseraStatus::Ok;
+    };
+    match context.runtime.block_on(guard.checkin()) {
+        Ok(()) => TesseraStatus::Ok,
+        Err(error) => context.fail_with(&error),
+    }
+}
+
+/// The message of the last error on this context (valid until the next call on it).
+///
+/// # Safety
+/// `context` comes from `tessera_init`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn tessera_last_error(context: *const TesseraContext) -> *const c_char {
+    // SAFETY: the caller passes a live context.
+    match unsafe { context.as_ref() } {
+        Some(context) => context
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ptr(),
+        None => std::ptr::null(),
+    }
+}
+
+/// Frees the context. Leases still held stop heartbeating (check them in first).
+///
+/// # Safety
+/// `context` comes from `tessera_init` and is not used afterwards.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn tessera_free(context: *mut TesseraContext) {
+    if context.is_null() {
+        return;
+    }
+    // SAFETY: from `tessera_init`, given back once.
+    let context = unsafe { Box::from_raw(context) };
+    context.runtime.shutdown_background();
+}
