@@ -24,6 +24,11 @@ pub struct CheckoutRequest {
     /// so an old answer cannot be played back as this one.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub nonce: String,
+    /// A random value the station keeps for this checkout: a retry carrying the same value
+    /// (its first answer lost) gets the lease and its secret back. A station already holding
+    /// a lease of the component and asking without it is refused (409 `lease_held`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub holder_key: String,
 }
 
 /// A lease as the station and administrators see it.

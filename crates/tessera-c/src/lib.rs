@@ -266,6 +266,7 @@ pub unsafe extern "C" fn tessera_checkout(
         user: std::env::var("USER").unwrap_or_default(),
         host: context.station.clone(),
         nonce: String::new(),
+        holder_key: String::new(),
     };
     let wait = flags & TESSERA_CHECKOUT_WAIT != 0;
     let client = context.client.clone();

@@ -301,6 +301,7 @@ pub async fn run_lease(command: LeaseCommand, remote: &Remote) -> anyhow::Result
                 user,
                 host,
                 nonce: String::new(),
+                holder_key: String::new(),
             };
             let (lease, _) = client.checkout(&request).await?;
             if let Some(secret) = &lease.lease_secret {

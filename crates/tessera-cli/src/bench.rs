@@ -294,6 +294,7 @@ async fn station_loop(
         user: "bench".into(),
         host: "bench".into(),
         nonce: String::new(),
+        holder_key: String::new(),
     })?;
     let mut latencies_us = Vec::new();
     let mut errors = 0;
@@ -384,6 +385,7 @@ async fn run_memory(leases: usize) -> anyhow::Result<()> {
                         user: "u".into(),
                         host: "h".into(),
                         nonce: String::new(),
+                        holder_key: String::new(),
                     })
                     .await
             }

@@ -184,6 +184,7 @@ async fn failover_gap(
                 user: "bench".into(),
                 host: "bench".into(),
                 nonce: String::new(),
+                holder_key: String::new(),
             };
             while Instant::now() < stop_at {
                 if let Ok((lease, _)) = client.checkout(&request).await {
@@ -288,6 +289,7 @@ pub async fn bench_pair(clients: &[usize], seconds: u64) -> anyhow::Result<()> {
             user: "bench".into(),
             host: "bench".into(),
             nonce: String::new(),
+            holder_key: String::new(),
         };
         match backup.checkout(&request).await {
             Ok(_) => granted += 1,

@@ -161,7 +161,12 @@ async fn heartbeat_loop(
             Err(error @ (ClientError::Api { .. } | ClientError::Untrusted { .. }))
                 if matches!(
                     error.code(),
-                    Some("lease_not_found" | "lease_untrusted" | "lease_secret_wrong")
+                    Some(
+                        "lease_not_found"
+                            | "lease_untrusted"
+                            | "lease_secret_wrong"
+                            | "lease_secret_required"
+                    )
                 ) =>
             {
                 let reason = error.to_string();

@@ -455,6 +455,11 @@ impl Client {
         if self.vendor_root.is_some() && request.nonce.is_empty() {
             request.nonce = nonce();
         }
+        // Retries of this call (another host, a lost answer) carry the same holder key, so
+        // they get the lease and its secret back.
+        if request.holder_key.is_empty() {
+            request.holder_key = nonce();
+        }
         let body = serde_json::to_string(&request).expect("request serializes");
         let reply = self
             .send_counted(Method::POST, "/v1/leases", Some((body, "application/json")))
@@ -475,7 +480,12 @@ impl Client {
             self.set_lease_secret(&lease.lease_id, secret);
         }
         let created = reply.status == StatusCode::CREATED;
-        if let Err(untrusted) = self.check_lease(&lease, &request.component, &request.nonce) {
+        if let Err(untrusted) = self.check_lease(
+            &lease,
+            &request.component,
+            &request.nonce,
+            Some(&request.station),
+        ) {
             // Not a license of this vendor: give the seat back if it was just taken.
             if created {
                 let _ = self.checkin(&lease.lease_id).await;
@@ -515,7 +525,14 @@ impl Client {
     }
 
     /// Checks a lease answer (see [`Client::verifying`]).
-    fn check_lease(&self, lease: &Lease, component: &str, nonce: &str) -> Result<(), ClientError> {
+    /// `station`: the station this client asked for (a checkout), which the token must name.
+    fn check_lease(
+        &self,
+        lease: &Lease,
+        component: &str,
+        nonce: &str,
+        station: Option<&str>,
+    ) -> Result<(), ClientError> {
         let Some(root) = &self.vendor_root else {
             return Ok(());
         };
@@ -554,6 +571,17 @@ impl Client {
                 message: format!(
                     "the token is for lease {}, the answer for {}",
                     payload.lease_id, lease.lease_id
+                ),
+            });
+        }
+        if let Some(station) = station
+            && payload.station != station
+        {
+            return Err(ClientError::Untrusted {
+                check: "station".into(),
+                message: format!(
+                    "the lease is held by station {:?}, not by this one ({station:?})",
+                    payload.station
                 ),
             });
         }
@@ -610,7 +638,16 @@ impl Client {
                 url,
                 message: error.to_string(),
             })?;
-        self.check_lease(&lease, &lease.component, &nonce)?;
+        if lease.lease_id != lease_id {
+            return Err(ClientError::Decode {
+                url: format!("{}{path}", self.base_url()),
+                message: format!(
+                    "the heartbeat of lease {lease_id} answered lease {}",
+                    lease.lease_id
+                ),
+            });
+        }
+        self.check_lease(&lease, &lease.component, &nonce, None)?;
         Ok(lease)
     }
 

@@ -2411,6 +2411,17 @@ impl Ledger {
         self.leases.get(lease_id).map(|lease| lease.view())
     }
 
+    /// The leases a station holds (one per key at most), from the station index.
+    pub fn station_leases(&self, station: &str) -> Vec<LeaseView> {
+        self.by_station
+            .get(station)
+            .into_iter()
+            .flatten()
+            .filter_map(|(_, lease_id)| self.leases.get(&**lease_id))
+            .map(|lease| lease.view())
+            .collect()
+    }
+
     pub fn lease_count(&self) -> usize {
         self.leases.len()
     }

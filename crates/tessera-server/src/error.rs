@@ -48,6 +48,10 @@ pub enum ApiError {
         "x-lease-secret is not this lease's secret: only the station holding the lease may heartbeat or return it"
     )]
     LeaseSecretWrong,
+    #[error(
+        "station {station:?} already holds a lease of this component: a checkout again needs the holder_key of the first one (its lease is not shown to others)"
+    )]
+    LeaseHeld { station: String },
     #[error("{message}")]
     BadRequest { code: &'static str, message: String },
     #[error("request body is larger than the limit of {limit_bytes} bytes")]
@@ -120,6 +124,7 @@ impl ApiError {
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::LeaseSecretRequired => (StatusCode::UNAUTHORIZED, "lease_secret_required"),
             ApiError::LeaseSecretWrong => (StatusCode::FORBIDDEN, "lease_secret_wrong"),
+            ApiError::LeaseHeld { .. } => (StatusCode::CONFLICT, "lease_held"),
             ApiError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
             ApiError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             ApiError::NoRoute { .. } => (StatusCode::NOT_FOUND, "no_route"),

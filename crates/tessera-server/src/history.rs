@@ -968,6 +968,7 @@ mod tests {
             user: "bob".into(),
             host: "ws9".into(),
             nonce: String::new(),
+            holder_key: String::new(),
         };
         history.denial(3 * hour, &request, "no_licenses_available");
         history.lease_event(

@@ -22,6 +22,8 @@ use crate::metrics::{ComponentGauges, Metrics};
 pub const TIME_BEACON_MS: i64 = 60_000;
 /// Domain separation of the lease secret's signature ([`AppState::lease_secret`]).
 const LEASE_SECRET_CONTEXT: &[u8] = b"tessera-lease-secret/v1\n";
+/// Domain separation of lease ids derived from holder keys ([`AppState::holder_lease_id`]).
+const HOLDER_CONTEXT: &[u8] = b"tessera-lease-holder/v1\n";
 
 pub struct AppState {
     pub config: ServerConfig,
@@ -145,6 +147,19 @@ impl AppState {
         hex::encode(&sha2::Sha256::digest(signature.as_bytes())[..16])
     }
 
+    /// The lease id for a checkout by `station` with `holder_key`: derived with the identity
+    /// key (deterministic, the same on every host), so a retry proposes the same id and the
+    /// answer proves the asker knew the key. Unguessable without the key and the identity.
+    pub fn holder_lease_id(&self, station: &str, holder_key: &str) -> String {
+        use sha2::Digest;
+        let mut bytes = HOLDER_CONTEXT.to_vec();
+        bytes.extend_from_slice(station.as_bytes());
+        bytes.push(0);
+        bytes.extend_from_slice(holder_key.as_bytes());
+        let signature = self.identity.sign_base64(&bytes);
+        hex::encode(&sha2::Sha256::digest(signature.as_bytes())[..16])
+    }
+
     /// Checks the `x-lease-secret` a station sent for `lease_id`.
     pub fn check_lease_secret(
         &self,
@@ -236,18 +251,20 @@ impl AppState {
         &self,
         request: tessera_api::CheckoutRequest,
     ) -> Result<(Lease, bool), ApiError> {
-        self.checkout_from(request, None).await
+        self.checkout_from(request, None, None).await
     }
 
     /// A checkout; with no key for the component here, sent on to a neighbour serving it
     /// unless `redirected_from` names the server that already sent it here.
+    /// `lease_id`: the id for a new lease (derived from the holder key), else a random one.
     pub async fn checkout_from(
         &self,
         request: tessera_api::CheckoutRequest,
+        lease_id: Option<String>,
         redirected_from: Option<&str>,
     ) -> Result<(Lease, bool), ApiError> {
         let command = Command::Checkout {
-            lease_id: self.ids.next_id(),
+            lease_id: lease_id.unwrap_or_else(|| self.ids.next_id()),
             component: request.component.clone(),
             station: request.station.clone(),
             user: request.user.clone(),

@@ -156,6 +156,8 @@ async fn metrics_text(f: &Fixture) -> String {
     reqwest::get(url).await.unwrap().text().await.unwrap()
 }
 
+/// A station's checkout; the holder key is the station's own, so the same station asking
+/// again is a retry that gets its lease back.
 fn request(component: &str, station: &str) -> CheckoutRequest {
     CheckoutRequest {
         component: component.into(),
@@ -163,6 +165,7 @@ fn request(component: &str, station: &str) -> CheckoutRequest {
         user: "ann".into(),
         host: station.into(),
         nonce: String::new(),
+        holder_key: format!("hk-{station}"),
     }
 }
 
@@ -1027,25 +1030,25 @@ async fn a_server_rebuilt_with_its_identity_on_a_fresh_data_directory_syncs_agai
 
 /// A lease is a capability held by its station (#19 item 3, #21 item 3): heartbeat and
 /// checkin need the lease secret of the checkout answer, an anonymous status shows no lease
-/// ids, and a station asking again gets the secret only if it shows it or the same host
-/// fingerprint. The administrator still force-releases with the admin token.
+/// ids, and a station asking again gets its lease only with the holder key of its checkout.
+/// The administrator still force-releases with the admin token.
 #[tokio::test]
 async fn heartbeat_and_checkin_need_the_holders_lease_secret() {
     let f = Fixture::start().await;
     f.import(&f.key("k1", &["cad"], 2)).await;
     let url = f.server.url();
     let http = reqwest::Client::new();
-    let checkout = |station: &'static str, host: &'static str, secret: Option<String>| {
+    let checkout = |station: &'static str, holder_key: &'static str| {
         let http = http.clone();
         let url = url.clone();
         async move {
-            let mut request = http
+            let body = serde_json::json!({"component": "cad", "station": station, "holder_key": holder_key});
+            let answer = http
                 .post(format!("{url}/v1/leases"))
-                .json(&serde_json::json!({"component": "cad", "station": station, "host": host}));
-            if let Some(secret) = secret {
-                request = request.header("x-lease-secret", secret);
-            }
-            let answer = request.send().await.unwrap();
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
             (
                 answer.status().as_u16(),
                 answer.json::<serde_json::Value>().await.unwrap(),
@@ -1067,7 +1070,7 @@ async fn heartbeat_and_checkin_need_the_holders_lease_secret() {
             )
         }
     };
-    let (status, lease) = checkout("ws-1", "fp-1", None).await;
+    let (status, lease) = checkout("ws-1", "hk-1").await;
     assert_eq!(status, 201);
     let lease_id = lease["lease_id"].as_str().unwrap().to_string();
     let secret = lease["lease_secret"]
@@ -1123,20 +1126,32 @@ async fn heartbeat_and_checkin_need_the_holders_lease_secret() {
         f.admin().status().await.unwrap().leases[0].lease_id,
         lease_id
     );
-    // The same station asking again: the lease, but its secret only to the holder.
-    let (status, again) = checkout("ws-1", "fp-other", None).await;
+    // The same station asking again: the lease and its secret only with its holder key (a
+    // retry whose answer was lost); anyone else naming the station learns nothing and
+    // extends nothing.
+    let expires = f.admin().status().await.unwrap().leases[0].expires_at;
+    f.clock.advance_ms(1_000);
+    for other in ["", "hk-guess"] {
+        let (status, refused) = checkout("ws-1", other).await;
+        assert_eq!(
+            (status, &refused["error"]["code"]),
+            (409, &"lease_held".into())
+        );
+        assert!(!refused.to_string().contains(&lease_id), "{refused}");
+    }
+    assert_eq!(
+        f.admin().status().await.unwrap().leases[0].expires_at,
+        expires
+    );
+    let (status, again) = checkout("ws-1", "hk-1").await;
     assert_eq!(
         (status, &again["lease_id"]),
         (200, &lease_id.clone().into())
     );
-    assert!(again.get("lease_secret").is_none(), "{again}");
-    let (_, again) = checkout("ws-1", "fp-1", None).await;
-    assert_eq!(again["lease_secret"], secret.as_str());
-    let (_, again) = checkout("ws-1", "fp-other", Some(secret.clone())).await;
     assert_eq!(again["lease_secret"], secret.as_str());
     // The holder returns it; the administrator force-releases another without a secret.
     assert_eq!(call(Method::DELETE, back, Some(&secret)).await.0, 204);
-    let (_, other) = checkout("ws-2", "fp-2", None).await;
+    let (_, other) = checkout("ws-2", "hk-2").await;
     let released = f
         .admin()
         .force_release(other["lease_id"].as_str().unwrap())
@@ -1232,6 +1247,7 @@ async fn an_application_accepts_only_leases_that_check_out_against_the_vendor_ro
         Some("srv-test"),
     );
     let mode = Arc::new(std::sync::Mutex::new("replay"));
+    let real = f.server.url();
     let fake = {
         let mode = mode.clone();
         let impostor = impostor.clone();
@@ -1242,9 +1258,27 @@ async fn an_application_accepts_only_leases_that_check_out_against_the_vendor_ro
                 let recorded = recorded.clone();
                 let impostor = impostor.clone();
                 let bound_key = bound_key.clone();
+                let real = real.clone();
                 async move {
                     if mode == "replay" {
                         return (axum::http::StatusCode::CREATED, axum::Json(recorded));
+                    }
+                    if mode == "relay" {
+                        // …or relays the application's nonce to the real server under the
+                        // one station that holds a seat (one seat for every machine).
+                        let mut relayed = body.clone();
+                        relayed["station"] = "relay-seat".into();
+                        relayed["holder_key"] = "relay".into();
+                        let answer: serde_json::Value = reqwest::Client::new()
+                            .post(format!("{real}/v1/leases"))
+                            .json(&relayed)
+                            .send()
+                            .await
+                            .unwrap()
+                            .json()
+                            .await
+                            .unwrap();
+                        return (axum::http::StatusCode::CREATED, axum::Json(answer));
                     }
                     // …or signs its own token, with the nonce, for a key bound to a server
                     // ID it cannot show a vendor certificate for.
@@ -1296,6 +1330,18 @@ async fn an_application_accepts_only_leases_that_check_out_against_the_vendor_ro
         .unwrap_err();
     assert!(
         matches!(&refused, ClientError::Untrusted { check, .. } if check == "certificate"),
+        "{refused}"
+    );
+    *mode.lock().unwrap() = "relay";
+    let app_on_relay = Client::new(&fake_url, None)
+        .verifying(root)
+        .with_clock(app_clock.clone());
+    let refused = app_on_relay
+        .checkout(&request("cad", "ws-5"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, ClientError::Untrusted { check, .. } if check == "station"),
         "{refused}"
     );
 }

@@ -837,6 +837,7 @@ fn a_server_without_the_component_redirects_stations_to_the_neighbour_serving_it
             user: "ann".into(),
             host: "ws".into(),
             nonce: String::new(),
+            holder_key: String::new(),
         };
         let (lease, created) = client.checkout(&request("ws-1")).await.unwrap();
         assert!(created);

@@ -388,8 +388,8 @@ async fn checkout(
     station: &str,
     order: &[String],
 ) -> Option<(String, String)> {
-    // The host fingerprint: a retry whose first answer was lost gets the lease's secret again.
-    let body = serde_json::json!({"component": "cad", "station": station, "host": format!("fp-{station}")});
+    // The holder key: a retry whose first answer was lost gets the lease and its secret again.
+    let body = serde_json::json!({"component": "cad", "station": station, "holder_key": format!("hk-{station}")});
     for attempt in 0..3 * order.len() {
         let url = format!("{}/v1/leases", order[attempt % order.len()]);
         let sent = http

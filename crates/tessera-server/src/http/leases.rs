@@ -33,24 +33,43 @@ pub struct CheckoutQuery {
 pub async fn checkout(
     State(state): State<SharedState>,
     Query(query): Query<CheckoutQuery>,
-    headers: HeaderMap,
     ApiJson(request): ApiJson<CheckoutRequest>,
 ) -> Result<(StatusCode, Json<Lease>), ApiError> {
-    let fingerprint = request.host.clone();
     let nonce = request.nonce.clone();
-    let (mut lease, created) = state
-        .checkout_from(request, query.redirected_from.as_deref())
-        .await?;
-    // The secret goes to the holder only: with a new lease, or again to the station that
-    // shows it, or whose host fingerprint matches (a retry whose first answer was lost).
-    let holder = created
-        || (!fingerprint.is_empty() && fingerprint == lease.host)
-        || state
-            .check_lease_secret(&lease.lease_id, lease_secret(&headers))
-            .is_ok();
-    if holder {
-        lease.lease_secret = Some(state.lease_secret(&lease.lease_id));
+    // With a holder key, the lease id is derived from it: a retry proposes the same id, and
+    // only the one who knows the key can show it (see `AppState::holder_lease_id`).
+    let derived = (!request.holder_key.is_empty())
+        .then(|| state.holder_lease_id(&request.station, &request.holder_key));
+    // A station already holding a lease of the component gets it again only with its holder
+    // key: anyone else naming the station learns nothing and extends nothing.
+    let held = state.read(|ledger| {
+        ledger
+            .station_leases(&request.station)
+            .into_iter()
+            .find(|lease| {
+                ledger
+                    .key(&lease.key_id)
+                    .is_some_and(|key| key.payload.covers(&request.component))
+            })
+            .map(|lease| lease.lease_id)
+    });
+    if let Some(held) = held
+        && derived.as_deref() != Some(held.as_str())
+    {
+        return Err(ApiError::LeaseHeld {
+            station: request.station,
+        });
     }
+    let (mut lease, created) = state
+        .checkout_from(request, derived.clone(), query.redirected_from.as_deref())
+        .await?;
+    if !created && derived.as_deref() != Some(lease.lease_id.as_str()) {
+        // Taken meanwhile by another request for the station.
+        return Err(ApiError::LeaseHeld {
+            station: lease.station,
+        });
+    }
+    lease.lease_secret = Some(state.lease_secret(&lease.lease_id));
     state.sign_lease(&mut lease, &nonce);
     let status = if created {
         StatusCode::CREATED
@@ -60,7 +79,7 @@ pub async fn checkout(
     Ok((status, Json(lease)))
 }
 
-/// The `x-lease-secret` header, if any.
+/// The `x-lease-secret` header, if any (also `pub(crate)` for the heartbeat and checkin).
 fn lease_secret(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(LEASE_SECRET_HEADER)
