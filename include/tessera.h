@@ -160,10 +160,8 @@ enum TesseraStatus tessera_lease_status(struct TesseraContext *context,
 enum TesseraStatus tessera_checkin(struct TesseraContext *context, struct TesseraLease *lease);
 
 /**
- * The message of the last error on this context (valid until the next call on it).
- *
- * # Safety
- * `context` comes from `tessera_init`.
+ * The message of the last error of a call on this thread (like `errno`: valid until the
+ * next call on this thread). `context` is accepted for symmetry and not read.
  */
 const char *tessera_last_error(const struct TesseraContext *context);
 

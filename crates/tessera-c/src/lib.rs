@@ -10,9 +10,13 @@
 //! - **No global state**: each context owns its runtime (one worker thread, which also runs
 //!   the heartbeats and calls the callback) and its last error; two contexts in one process
 //!   do not share anything. A context may be used from several threads.
-//! - **Errors**: a `TesseraStatus` code, and the message with `tessera_last_error`.
-//! - **Memory**: strings returned are owned by the context or lease and valid until the next
-//!   call on it (last error) or until the lease is checked in (lease id).
+//! - **Errors**: a `TesseraStatus` code, and the message with `tessera_last_error`, kept per
+//!   thread (like `errno`): valid until the next call on the same thread.
+//! - **Memory**: the lease id is owned by the lease, valid until it is checked in.
+//! - **Callbacks** run on the context's worker thread; calling `tessera_checkout` or
+//!   `tessera_checkin` from inside one answers `TESSERA_STATUS_INVALID_ARGUMENT` (note the
+//!   event, act on it from the application's own thread). No panic crosses the C boundary:
+//!   an internal failure is `TESSERA_STATUS_REFUSED` with its message.
 //!
 //! The header `include/tessera.h` is generated from this file by cbindgen (`build.rs`).
 
@@ -88,7 +92,6 @@ pub struct TesseraContext {
     client: Client,
     station: String,
     callback: Arc<Mutex<Callback>>,
-    last_error: Mutex<CString>,
 }
 
 /// A lease held, heartbeated in the background until it is checked in.
@@ -98,7 +101,30 @@ pub struct TesseraLease {
 }
 
 thread_local! {
-    static INIT_ERROR: std::cell::RefCell<CString> = std::cell::RefCell::new(CString::default());
+    /// The last error of a call on this thread (`tessera_last_error`, `tessera_init_error`).
+    static LAST_ERROR: std::cell::RefCell<CString> = std::cell::RefCell::new(CString::default());
+}
+
+fn set_last_error(message: String) {
+    LAST_ERROR.with(|error| *error.borrow_mut() = c_string(message));
+}
+
+/// Runs an exported call: never from the SDK's own worker thread (a callback), and no panic
+/// unwinds into C.
+fn guarded(run: impl FnOnce() -> TesseraStatus) -> TesseraStatus {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        set_last_error(
+            "called from inside a Tessera callback: note the event there and act on it from the application's own thread".into(),
+        );
+        return TesseraStatus::InvalidArgument;
+    }
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        Ok(status) => status,
+        Err(_) => {
+            set_last_error("internal error in libtessera (a bug: please report it)".into());
+            TesseraStatus::Refused
+        }
+    }
 }
 
 fn c_string(text: impl Into<String>) -> CString {
@@ -120,7 +146,7 @@ unsafe fn read(text: *const c_char) -> Option<String> {
 }
 
 fn fail_init(message: String) -> *mut TesseraContext {
-    INIT_ERROR.with(|error| *error.borrow_mut() = c_string(message));
+    set_last_error(message);
     std::ptr::null_mut()
 }
 
@@ -175,7 +201,6 @@ pub unsafe extern "C" fn tessera_init(
             function: None,
             user_data: 0,
         })),
-        last_error: Mutex::new(CString::default()),
     };
     Box::into_raw(Box::new(context))
 }
@@ -183,7 +208,7 @@ pub unsafe extern "C" fn tessera_init(
 /// Why the last `tessera_init` on this thread returned NULL.
 #[unsafe(no_mangle)]
 pub extern "C" fn tessera_init_error() -> *const c_char {
-    INIT_ERROR.with(|error| error.borrow().as_ptr())
+    LAST_ERROR.with(|error| error.borrow().as_ptr())
 }
 
 /// Sets the callback for heartbeat events of this context's leases (NULL: none).
@@ -207,7 +232,7 @@ pub unsafe extern "C" fn tessera_set_callback(
 
 impl TesseraContext {
     fn fail(&self, status: TesseraStatus, message: String) -> TesseraStatus {
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = c_string(message);
+        set_last_error(message);
         status
     }
 
@@ -239,6 +264,18 @@ impl TesseraContext {
 /// points to writable storage for one pointer.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn tessera_checkout(
+    context: *mut TesseraContext,
+    component: *const c_char,
+    flags: u32,
+    lease: *mut *mut TesseraLease,
+) -> TesseraStatus {
+    // SAFETY: forwarded from the caller.
+    guarded(|| unsafe { checkout(context, component, flags, lease) })
+}
+
+/// # Safety
+/// As `tessera_checkout`.
+unsafe fn checkout(
     context: *mut TesseraContext,
     component: *const c_char,
     flags: u32,
@@ -372,6 +409,13 @@ pub unsafe extern "C" fn tessera_checkin(
     context: *mut TesseraContext,
     lease: *mut TesseraLease,
 ) -> TesseraStatus {
+    // SAFETY: forwarded from the caller.
+    guarded(|| unsafe { checkin(context, lease) })
+}
+
+/// # Safety
+/// As `tessera_checkin`.
+unsafe fn checkin(context: *mut TesseraContext, lease: *mut TesseraLease) -> TesseraStatus {
     // SAFETY: the caller passes a live context.
     let Some(context) = (unsafe { context.as_ref() }) else {
         return TesseraStatus::InvalidArgument;
@@ -390,21 +434,12 @@ pub unsafe extern "C" fn tessera_checkin(
     }
 }
 
-/// The message of the last error on this context (valid until the next call on it).
-///
-/// # Safety
-/// `context` comes from `tessera_init`.
+/// The message of the last error of a call on this thread (like `errno`: valid until the
+/// next call on this thread). `context` is accepted for symmetry and not read.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn tessera_last_error(context: *const TesseraContext) -> *const c_char {
-    // SAFETY: the caller passes a live context.
-    match unsafe { context.as_ref() } {
-        Some(context) => context
-            .last_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ptr(),
-        None => std::ptr::null(),
-    }
+pub extern "C" fn tessera_last_error(context: *const TesseraContext) -> *const c_char {
+    let _ = context;
+    LAST_ERROR.with(|error| error.borrow().as_ptr())
 }
 
 /// Frees the context. Leases still held stop heartbeating (check them in first).
@@ -419,4 +454,37 @@ pub unsafe extern "C" fn tessera_free(context: *mut TesseraContext) {
     // SAFETY: from `tessera_init`, given back once.
     let context = unsafe { Box::from_raw(context) };
     context.runtime.shutdown_background();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_arguments_are_named_and_nothing_panics_across_the_boundary() {
+        let bad = c_string("not a key");
+        let servers = c_string("http://127.0.0.1:9");
+        // SAFETY: NUL-terminated strings.
+        let context = unsafe { tessera_init(bad.as_ptr(), servers.as_ptr()) };
+        assert!(context.is_null());
+        // SAFETY: the pointer is this thread's last error.
+        let message = unsafe { CStr::from_ptr(tessera_init_error()) };
+        assert!(message.to_str().unwrap().contains("vendor_public_key"));
+        let mut lease = std::ptr::null_mut();
+        let component = c_string("cad");
+        // SAFETY: a NULL context is refused before anything is read.
+        let status =
+            unsafe { tessera_checkout(std::ptr::null_mut(), component.as_ptr(), 0, &mut lease) };
+        assert_eq!(status, TesseraStatus::InvalidArgument);
+    }
+
+    #[test]
+    fn a_call_from_the_sdks_own_thread_is_refused_not_aborted() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let status = runtime.block_on(async { guarded(|| TesseraStatus::Ok) });
+        assert_eq!(status, TesseraStatus::InvalidArgument);
+        assert_eq!(guarded(|| panic!("boom")), TesseraStatus::Refused);
+    }
 }
