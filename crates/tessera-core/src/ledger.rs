@@ -1255,15 +1255,17 @@ impl Ledger {
         // another candidate does not undo it).
         let renewal_id = record.meta.replaced_by.as_deref()?;
         let renewal = self.keys.get(renewal_id)?;
-        let same_source = match (&record.received, &renewal.received) {
-            (None, None) => true,
-            (Some(old), Some(new)) => old.donor == new.donor,
+        let outlives = match (&record.received, &renewal.received) {
+            (None, None) => renewal.valid_until_ms() > record.valid_until_ms(),
+            // Pools: the keys' ends decide (both grants are renewed together, so their ends
+            // are often equal).
+            (Some(old), Some(new)) => {
+                old.donor == new.donor
+                    && renewal.key.payload.valid_until_ms() > record.key.payload.valid_until_ms()
+            }
             _ => false,
         };
-        (same_source
-            && key_start_ms(renewal) <= record.valid_until_ms()
-            && renewal.valid_until_ms() > record.valid_until_ms())
-        .then_some(renewal)
+        (outlives && key_start_ms(renewal) <= record.valid_until_ms()).then_some(renewal)
     }
 
     /// Whether `key_id` is the renewal allocated to take over from another key in advance.
@@ -2055,16 +2057,39 @@ impl Ledger {
                 self.keys.insert(pool.clone(), record);
                 self.recount_ended_early();
                 // A grant of a renewal key takes over the leases of the key it renews: now, or,
-                // sent in advance, when it starts (`take_over_renewals`).
+                // sent in advance, when it starts (`take_over_renewals`). Linked whichever
+                // pool arrives first, so the two never serve side by side.
                 if let Some(old) = &grant.key.payload.renews {
                     let old_pool = received_pool_id(old, &last.donor);
-                    if self.keys.contains_key(&old_pool) {
+                    if let Some(old_record) = self.keys.get_mut(&old_pool) {
+                        old_record.meta.replaced_by = Some(pool.clone());
                         if is_active(&self.keys[&pool], at) {
                             let (_, ended) = self.move_leases(&old_pool, &pool);
                             leases_ended += ended;
-                        } else if let Some(old_record) = self.keys.get_mut(&old_pool) {
-                            old_record.meta.replaced_by = Some(pool.clone());
+                            if let Some(old_record) = self.keys.get_mut(&old_pool) {
+                                old_record.meta.stations = false;
+                                old_record.meta.groups.clear();
+                            }
                         }
+                    }
+                }
+                let renewing_pool = self
+                    .keys
+                    .values()
+                    .find(|other| {
+                        other
+                            .received
+                            .as_ref()
+                            .is_some_and(|r| r.donor == last.donor)
+                            && other.key.payload.renews.as_deref() == Some(last.key_id.as_str())
+                    })
+                    .map(|other| (other.id.to_string(), is_active(other, at)));
+                if let Some((renewing, active)) = renewing_pool
+                    && let Some(record) = self.keys.get_mut(&pool)
+                {
+                    record.meta.replaced_by = Some(renewing);
+                    if active {
+                        record.meta.stations = false;
                     }
                 }
             }
@@ -2885,9 +2910,12 @@ impl Ledger {
                 return Err(format!("lease {lease_id} outlived its expiry"));
             }
             let until = match &record.received {
-                // Carried onto the pool of the renewal key, as below.
-                Some(_) if record.meta.replaced_by.is_some() => i64::MAX,
-                Some(received) => received.usable_until_max_ms(),
+                // Carried onto the pool of the renewal key while it is there (`lease_cap`).
+                Some(received) => self
+                    .pending_renewal(record)
+                    .map_or(received.usable_until_max_ms(), |renewal| {
+                        renewal.valid_until_ms().max(received.usable_until_max_ms())
+                    }),
                 // A replaced key's leases may run up to its renewal's end, and keep what they
                 // were told if the renewal is removed before it takes over.
                 None if record.meta.replaced_by.is_some() => i64::MAX,

@@ -1498,3 +1498,48 @@ async fn donations_reach_past_the_old_keys_end_onto_a_renewal_bought_in_advance(
         .unwrap_err();
     assert!(refused.to_string().contains("not active"), "{refused}");
 }
+
+/// A renewal that starts long before the old key ends: once it starts, the child's pool of
+/// it takes over the old pool's stations and the old pool serves no more, so the child never
+/// serves the donation twice (once from each key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_never_serves_a_donation_twice_from_the_old_and_the_renewal_pool() {
+    let (net, hq) = Net::hq_and_branch().await;
+    let k_end = START_MS + 30 * 86_400_000;
+    hq.donate("K", "branch", 4, &until(k_end)).await.unwrap();
+    let k2_start = START_MS + 86_400_000;
+    hq.import_key(net.renewal_from("K", "K2", k2_start).to_json_pretty())
+        .await
+        .unwrap();
+    assert!(hq.update_keys().await.unwrap().renewals[0].allocated);
+    net.exchange_until("branch holds K2's grant", || async {
+        net.key_summary("branch", "K2@hq").await.is_some()
+    })
+    .await;
+    assert_eq!(net.checkouts("branch", "early", 6).await, 4);
+    // Half an hour before K2 starts, both grants are renewed (for an hour)…
+    net.advance(k2_start - START_MS - 1_800_000);
+    net.tick("branch").await; // the early leases ran out long ago
+    net.exchange_until("branch holds both grants, renewed", || async {
+        net.key_summary("branch", "K@hq")
+            .await
+            .is_some_and(|k| k.state == "active" && k.received == 4)
+            && net
+                .key_summary("branch", "K2@hq")
+                .await
+                .is_some_and(|k| k.state == "pending")
+    })
+    .await;
+    // …so just after K2 starts, the branch holds two usable grants of the same licenses.
+    net.advance(1_800_000 + 60_000);
+    let granted = net.checkouts("branch", "late", 10).await;
+    let status = Client::new(&net.server("branch").url(), None)
+        .status()
+        .await
+        .unwrap();
+    let in_use: u32 = status.keys.iter().map(|k| k.in_use).sum();
+    assert!(
+        in_use <= 4,
+        "the branch serves {in_use} leases of a donation of 4 ({granted} new)"
+    );
+}
