@@ -593,6 +593,7 @@ impl Client {
     /// other's leases.
     pub fn sharing_secrets(mut self, other: &Client) -> Client {
         self.secrets = other.secrets.clone();
+        self.homes = other.homes.clone();
         self
     }
 

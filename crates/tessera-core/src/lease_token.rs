@@ -222,7 +222,7 @@ pub fn verify_lease(
                         "the grant is for another license key than the answer's",
                     ));
                 }
-                grant
+                let last = grant
                     .verify(
                         std::slice::from_ref(vendor_root),
                         &payload.server_id,
@@ -230,6 +230,15 @@ pub fn verify_lease(
                         now,
                     )
                     .map_err(|e| untrusted("grant", e.to_string()))?;
+                if !last.components.iter().any(|c| c == evidence.component) {
+                    return Err(untrusted(
+                        "grant",
+                        format!(
+                            "the grant to server {} does not cover component {:?}",
+                            payload.server_id, evidence.component
+                        ),
+                    ));
+                }
                 // A key any server may use, but only a certified one: the chain must start
                 // at a certified donor (bound keys check that in `Grant::verify`).
                 if bound.is_none() && grant.certificate.is_none() {
