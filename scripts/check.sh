@@ -11,6 +11,11 @@ echo "== cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 echo "== libtessera (the C SDK's library, which the C example test links; cargo test builds only its rlib)"
 cargo build -p tessera-c --locked
+echo "== the Python SDK (bindings/python, built by maturin) in target/python-sdk, for its example's test"
+if [ ! -x target/python-sdk/bin/python ]; then
+  python3 -m venv target/python-sdk
+fi
+target/python-sdk/bin/pip install --quiet --disable-pip-version-check ./bindings/python
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast

@@ -1,8 +1,12 @@
-//! The C SDK as a vendor ships it: `examples/c/hold.c` compiled with the system's C compiler
-//! against `include/tessera.h` and `libtessera.so`, run as a real process against a real
-//! license server: it checks out, holds the lease through the server going away and coming
-//! back (reconnecting, reconnected), and checks in; with a key of another vendor it is
-//! refused, whatever the server says.
+//! The SDKs as a vendor ships them, run as real processes against a real license server:
+//!
+//! - C: `examples/c/hold.c` compiled with the system's C compiler against
+//!   `include/tessera.h` and `libtessera.so`: it checks out, holds the lease through the
+//!   server going away and coming back (reconnecting, reconnected), and checks in.
+//! - Python: `examples/python/hold.py` with the `tessera` package installed from
+//!   `bindings/python` (scripts/check.sh installs it into `target/python-sdk`).
+//!
+//! With a key of another vendor both are refused, whatever the server says.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -127,7 +131,24 @@ struct Program {
 
 impl Program {
     fn start(program: &Path, vendor_key: &str, servers: &str) -> Program {
-        let mut child = Command::new(program)
+        Program::spawn(Command::new(program), vendor_key, servers)
+    }
+
+    /// `examples/python/hold.py` with the SDK's Python.
+    fn python(vendor_key: &str, servers: &str) -> Program {
+        let python = target_dir().parent().unwrap().join("python-sdk/bin/python");
+        assert!(
+            python.exists(),
+            "no {}: scripts/check.sh installs ./bindings/python there (python3 -m venv target/python-sdk && target/python-sdk/bin/pip install ./bindings/python)",
+            python.display()
+        );
+        let mut command = Command::new(python);
+        command.arg(workspace().join("examples/python/hold.py"));
+        Program::spawn(command, vendor_key, servers)
+    }
+
+    fn spawn(mut command: Command, vendor_key: &str, servers: &str) -> Program {
+        let mut child = command
             .args([vendor_key, servers, "cad"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -256,4 +277,74 @@ async fn a_c_program_refuses_a_server_running_on_a_customers_own_vendor_key() {
     assert_eq!(ok, Some(2));
     // The seat the server granted went back.
     assert_eq!(running.state.status().keys[0].in_use, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_program_holds_a_verified_lease_and_refuses_a_customers_own_vendor_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let vendor = vendor();
+    let clock = ManualClock::new(now_ms());
+    let running = server(&dir.path().join("server"), &vendor, "127.0.0.1:0", &clock).await;
+    let admin = Client::new(&running.url(), Some(running.state.admin_token.clone()));
+    admin
+        .import_key(key(&vendor, "k1").to_json_pretty())
+        .await
+        .unwrap();
+    let root = vendor.public_key().to_base64();
+    let url = running.url();
+    let (mut held, line) = tokio::task::spawn_blocking({
+        let (root, url) = (root.clone(), url.clone());
+        move || {
+            let mut held = Program::python(&root, &url);
+            let line = held.expect("LEASE ");
+            (held, line)
+        }
+    })
+    .await
+    .unwrap();
+    let lease_id = line.strip_prefix("LEASE ").unwrap().to_string();
+    assert_eq!(admin.status().await.unwrap().leases[0].lease_id, lease_id);
+    let (held, status, checkin) = tokio::task::spawn_blocking(move || {
+        held.send("status");
+        let status = held.expect("STATUS ");
+        held.send("checkin");
+        let checkin = held.expect("CHECKIN ");
+        (held, status, checkin)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        (status.as_str(), checkin.as_str()),
+        ("STATUS held", "CHECKIN ok")
+    );
+    let mut held = held;
+    assert!(held.child.wait().unwrap().success());
+    assert!(admin.status().await.unwrap().leases.is_empty());
+
+    // A server on the customer's own vendor key: refused, the seat returned.
+    let customer_vendor = SecretKey::from_seed([77; 32]);
+    let own = server(
+        &dir.path().join("own"),
+        &customer_vendor,
+        "127.0.0.1:0",
+        &clock,
+    )
+    .await;
+    Client::new(&own.url(), Some(own.state.admin_token.clone()))
+        .import_key(key(&customer_vendor, "mine").to_json_pretty())
+        .await
+        .unwrap();
+    let own_url = own.url();
+    let (line, code) = tokio::task::spawn_blocking(move || {
+        let mut refused = Program::python(&root, &own_url);
+        let line = refused.expect("REFUSED ");
+        let code = refused.child.wait().unwrap().code();
+        (line, code)
+    })
+    .await
+    .unwrap();
+    assert!(line.starts_with("REFUSED lease_untrusted "), "{line}");
+    assert!(line.contains("(key)"), "{line}");
+    assert_eq!(code, Some(2));
+    assert_eq!(own.state.status().keys[0].in_use, 0);
 }
