@@ -15,7 +15,8 @@ echo "== the Python SDK (bindings/python, built by maturin) in target/python-sdk
 if [ ! -x target/python-sdk/bin/python ]; then
   python3 -m venv target/python-sdk
 fi
-target/python-sdk/bin/pip install --quiet --disable-pip-version-check ./bindings/python
+# A dev build reuses what cargo built above (a release build would compile everything again).
+MATURIN_PEP517_ARGS="--profile dev" target/python-sdk/bin/pip install --quiet --disable-pip-version-check ./bindings/python
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
