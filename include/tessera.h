@@ -67,15 +67,20 @@ typedef enum TesseraStatus {
    * Any other refusal by the server; the message carries its code.
    */
   TESSERA_STATUS_REFUSED = 7,
+  /**
+   * The key does not allow borrowing, or not for that long (`borrow_not_allowed`).
+   */
+  TESSERA_STATUS_BORROW_NOT_ALLOWED = 8,
 } TesseraStatus;
 
 /**
- * One license configuration: vendor key, servers, runtime, callback, last error.
+ * One license configuration: vendor key, servers, runtime, callback, borrowings.
  */
 typedef struct TesseraContext TesseraContext;
 
 /**
- * A lease held, heartbeated in the background until it is checked in.
+ * A license held: a lease heartbeated in the background until it is checked in, or a
+ * borrowing.
  */
 typedef struct TesseraLease TesseraLease;
 
@@ -120,7 +125,8 @@ void tessera_set_callback(struct TesseraContext *context,
 
 /**
  * Checks out a license of `component` for this machine and keeps it alive with heartbeats
- * until `tessera_checkin`. `flags`: 0, or `TESSERA_CHECKOUT_WAIT`. On `TESSERA_STATUS_OK`,
+ * until `tessera_checkin` (a borrowing of the component kept on this machine, while it
+ * holds, is answered instead, without a server). `flags`: 0, or `TESSERA_CHECKOUT_WAIT`. On `TESSERA_STATUS_OK`,
  * `*lease` is the lease; otherwise it is left NULL and `tessera_last_error` says why.
  *
  * # Safety
@@ -131,6 +137,30 @@ enum TesseraStatus tessera_checkout(struct TesseraContext *context,
                                     const char *component,
                                     uint32_t flags,
                                     struct TesseraLease **lease);
+
+/**
+ * Borrows a license of `component` for `hours` (up to the key's `max_borrow_days`): no
+ * heartbeat is needed until it ends, and it is kept on this machine (in the directory of
+ * `tessera_set_borrow_dir`, else `$TESSERA_BORROW_DIR`, else
+ * `~/.local/state/tessera/borrowed`), so that `tessera_checkout` of the component answers
+ * with it, offline, until its end. `tessera_checkin` returns it early.
+ *
+ * # Safety
+ * As `tessera_checkout`.
+ */
+enum TesseraStatus tessera_borrow(struct TesseraContext *context,
+                                  const char *component,
+                                  uint32_t hours,
+                                  struct TesseraLease **lease);
+
+/**
+ * Keeps this context's borrowings in `directory` (NULL or empty: the default). Call it
+ * before the context is used from other threads.
+ *
+ * # Safety
+ * `context` comes from `tessera_init`; `directory` is NULL or a NUL-terminated string.
+ */
+enum TesseraStatus tessera_set_borrow_dir(struct TesseraContext *context, const char *directory);
 
 /**
  * The lease's id (owned by the lease: valid until it is checked in).
@@ -172,6 +202,23 @@ const char *tessera_last_error(const struct TesseraContext *context);
  * `context` comes from `tessera_init` and is not used afterwards.
  */
 void tessera_free(struct TesseraContext *context);
+
+/**
+ * Whether the license is a borrowing (1) or a lease heartbeated by the SDK (0).
+ *
+ * # Safety
+ * `lease` is live.
+ */
+int32_t tessera_lease_borrowed(const struct TesseraLease *lease);
+
+/**
+ * When the lease ends unless renewed (a borrowing: when it must be returned), in seconds
+ * since the Unix epoch; 0 for a NULL lease.
+ *
+ * # Safety
+ * `lease` is live.
+ */
+int64_t tessera_lease_expires_at(const struct TesseraLease *lease);
 
 #ifdef __cplusplus
 }  // extern "C"

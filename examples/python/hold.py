@@ -7,6 +7,7 @@ heartbeats in the background, and checks it in (the `with` block).
 The vendor's public key is an argument here so the example runs against any vendor; a real
 application has it as a constant in its code. Commands on standard input: "status" prints
 whether the lease is held, "checkin" returns it and exits. Output lines: "LEASE <id>",
+"EVENT <reconnecting|reconnected|lost> <message>" (from the SDK's heartbeat thread),
 "STATUS held" or "STATUS lost <why>", "CHECKIN ok", or "REFUSED <code> <message>" (exit 2).
 """
 
@@ -15,11 +16,17 @@ import sys
 import tessera
 
 
+def on_event(kind: str, message: str) -> None:
+    # Called on the SDK's thread: note the event; a real application would save its work
+    # when the lease is lost.
+    print(f"EVENT {kind} {message}", flush=True)
+
+
 def main() -> int:
     vendor_public_key, servers, component = sys.argv[1:4]
     client = tessera.Client(vendor_public_key=vendor_public_key, servers=servers.split(","))
     try:
-        lease = client.checkout(component)
+        lease = client.checkout(component, on_event=on_event)
     except tessera.TesseraError as refused:
         print(f"REFUSED {refused.code} {refused.message}", flush=True)
         return 2

@@ -1,24 +1,20 @@
 //! The Tessera SDK for Python: `tessera.Client(vendor_public_key=..., servers=[...])`,
 //! `client.checkout(component)` giving a `Lease` (a context manager, heartbeated in the
-//! background), and `tessera.TesseraError` carrying the server's code. Every lease is checked
-//! against the vendor's public key (`tessera_client::Client::verifying`). Calls release the
-//! GIL while they wait on the network. Type hints: `tessera.pyi`.
+//! background), `client.borrow(component, hours)` for a license held offline, and
+//! `tessera.TesseraError` carrying the server's code. Built on the blocking Rust client
+//! (`tessera_client::blocking`): every lease is checked against the vendor's public key.
+//! Calls release the GIL while they wait on the network. Type hints: `tessera.pyi`.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
-use tessera_api::CheckoutRequest;
-use tessera_client::{ClientError, LeaseGuard};
+use tessera_client::blocking::{Held, LeaseEvents};
+use tessera_client::{BorrowStore, ClientError, GuardEvent};
 use tessera_core::PublicKey;
 
 create_exception!(tessera, TesseraError, PyException);
-
-/// How long `checkout(..., wait=True)` waits for a license, and how often it asks again.
-const WAIT_FOR: Duration = Duration::from_secs(60);
-const WAIT_EVERY: Duration = Duration::from_secs(2);
 
 fn error(code: &str, message: String) -> PyErr {
     let err = TesseraError::new_err(format!("{code}: {message}"));
@@ -42,106 +38,91 @@ fn client_error(e: &ClientError) -> PyErr {
 /// Checks out licenses from Tessera servers, for one vendor.
 #[pyclass(module = "tessera")]
 struct Client {
-    runtime: Arc<tokio::runtime::Runtime>,
-    client: tessera_client::Client,
-    station: String,
+    client: Arc<tessera_client::blocking::Client>,
 }
 
 #[pymethods]
 impl Client {
     #[new]
-    #[pyo3(signature = (vendor_public_key, servers = None))]
-    fn new(vendor_public_key: &str, servers: Option<&Bound<'_, PyAny>>) -> PyResult<Client> {
+    #[pyo3(signature = (vendor_public_key, servers = None, borrow_dir = None))]
+    fn new(
+        vendor_public_key: &str,
+        servers: Option<&Bound<'_, PyAny>>,
+        borrow_dir: Option<String>,
+    ) -> PyResult<Client> {
         let root = PublicKey::from_base64(vendor_public_key.trim())
             .map_err(|e| error("invalid_argument", format!("vendor_public_key: {e}")))?;
-        let servers: String = match servers {
-            None => std::env::var("TESSERA_SERVER").unwrap_or_default(),
-            Some(value) => match value.extract::<String>() {
+        let servers: Option<String> = match servers {
+            None => None,
+            Some(value) => Some(match value.extract::<String>() {
                 Ok(one) => one,
                 Err(_) => value.extract::<Vec<String>>()?.join(","),
-            },
+            }),
         };
-        if servers.trim().is_empty() {
-            return Err(error(
-                "invalid_argument",
-                "no server: pass servers=[...] or set TESSERA_SERVER".into(),
-            ));
-        }
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("tessera")
-            .enable_all()
-            .build()
-            .map_err(|e| error("internal", format!("cannot start the SDK's thread: {e}")))?;
-        let station = tessera_client::machine_fingerprint().unwrap_or_else(|| {
-            std::fs::read_to_string("/etc/hostname")
-                .map(|h| h.trim().to_string())
-                .unwrap_or_else(|_| "unknown-station".into())
-        });
+        let client = tessera_client::blocking::Client::new(root, servers.as_deref())
+            .map_err(|e| error("invalid_argument", e.to_string()))?;
+        let client = match borrow_dir {
+            Some(dir) => client.with_borrow_store(Some(BorrowStore::new(dir))),
+            None => client,
+        };
         Ok(Client {
-            runtime: Arc::new(runtime),
-            client: tessera_client::Client::new(&servers, None).verifying(root),
-            station,
+            client: Arc::new(client),
         })
     }
 
-    /// Checks out a license of `component` for this machine; with `wait=True`, waits (up to
-    /// 60 s) for one to come free. Raises `TesseraError` with the server's code, or
-    /// `lease_untrusted` when the answer does not check out against the vendor's key.
-    #[pyo3(signature = (component, wait = false))]
-    fn checkout(&self, py: Python<'_>, component: &str, wait: bool) -> PyResult<Lease> {
-        let request = CheckoutRequest {
-            component: component.into(),
-            station: self.station.clone(),
-            user: std::env::var("USER").unwrap_or_default(),
-            host: self.station.clone(),
-            nonce: String::new(),
-            holder_key: String::new(),
-        };
-        let client = self.client.clone();
-        let runtime = self.runtime.clone();
-        let result = py.allow_threads(move || {
-            runtime.block_on(async move {
-                let deadline = tokio::time::Instant::now() + WAIT_FOR;
-                let lease = loop {
-                    match client.checkout(&request).await {
-                        Err(e)
-                            if wait
-                                && e.code() == Some("no_licenses_available")
-                                && tokio::time::Instant::now() + WAIT_EVERY < deadline =>
-                        {
-                            tokio::time::sleep(WAIT_EVERY).await;
-                        }
-                        other => break other.map(|(lease, _)| lease),
+    /// Checks out a license of `component` for this machine (a borrowing kept here answers
+    /// instead, while it holds); with `wait=True`, waits (up to 60 s) for one to come free.
+    /// `on_event(kind, message)` hears "reconnecting", "reconnected" and "lost" from the
+    /// heartbeat thread. Raises `TesseraError` with the server's code, or `lease_untrusted`
+    /// when the answer does not check out against the vendor's key.
+    #[pyo3(signature = (component, wait = false, on_event = None))]
+    fn checkout(
+        &self,
+        py: Python<'_>,
+        component: &str,
+        wait: bool,
+        on_event: Option<PyObject>,
+    ) -> PyResult<Lease> {
+        let events: Option<LeaseEvents> = on_event.map(|callback| {
+            let events = move |_: &str, event: &GuardEvent| {
+                let (kind, message) = match event {
+                    GuardEvent::Reconnecting { error } => ("reconnecting", error.clone()),
+                    GuardEvent::Reconnected => ("reconnected", String::new()),
+                    GuardEvent::Lost { reason } => ("lost", reason.clone()),
+                };
+                Python::with_gil(|py| {
+                    if let Err(raised) = callback.call1(py, (kind, message)) {
+                        raised.print(py);
                     }
-                }?;
-                let info = (
-                    lease.lease_id.clone(),
-                    lease.component.clone(),
-                    lease.key_id.clone(),
-                    lease.expires_at.to_string(),
-                );
-                Ok::<_, ClientError>((LeaseGuard::start(client, lease), info))
-            })
+                });
+            };
+            Arc::new(events) as LeaseEvents
         });
-        let (guard, (lease_id, component, key_id, expires_at)) =
-            result.map_err(|e| client_error(&e))?;
-        Ok(Lease {
-            runtime: self.runtime.clone(),
-            guard: Mutex::new(Some(guard)),
-            lease_id,
-            component,
-            key_id,
-            expires_at,
-        })
+        let client = self.client.clone();
+        let component = component.to_string();
+        let held = py
+            .allow_threads(move || client.checkout(&component, wait, events))
+            .map_err(|e| client_error(&e))?;
+        Ok(Lease::new(held))
+    }
+
+    /// Borrows a license of `component` for `hours` (up to the key's max_borrow_days) and
+    /// keeps it on this machine: `checkout(component)` answers with it, offline, until it
+    /// ends; `lease.checkin()` returns it early.
+    fn borrow(&self, py: Python<'_>, component: &str, hours: u32) -> PyResult<Lease> {
+        let client = self.client.clone();
+        let component = component.to_string();
+        let held = py
+            .allow_threads(move || client.borrow(&component, hours))
+            .map_err(|e| client_error(&e))?;
+        Ok(Lease::new(held))
     }
 }
 
-/// A license held, heartbeated in the background until checked in.
+/// A license held: heartbeated in the background until checked in, or a borrowing.
 #[pyclass(module = "tessera")]
 struct Lease {
-    runtime: Arc<tokio::runtime::Runtime>,
-    guard: Mutex<Option<LeaseGuard>>,
+    held: Mutex<Option<Held>>,
     #[pyo3(get)]
     lease_id: String,
     #[pyo3(get)]
@@ -149,29 +130,50 @@ struct Lease {
     #[pyo3(get)]
     key_id: String,
     #[pyo3(get)]
-    expires_at: String,
+    borrowed: bool,
+}
+
+impl Lease {
+    fn new(held: Held) -> Lease {
+        let lease = held.lease();
+        Lease {
+            lease_id: lease.lease_id,
+            component: lease.component,
+            key_id: lease.key_id,
+            borrowed: held.is_borrowed(),
+            held: Mutex::new(Some(held)),
+        }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Option<Held>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 #[pymethods]
 impl Lease {
-    /// Why the lease was lost, or None while it is held.
+    /// When the lease ends unless renewed (a borrowing: its end), RFC 3339.
     #[getter]
-    fn lost(&self) -> Option<String> {
-        self.guard
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+    fn expires_at(&self) -> Option<String> {
+        self.held()
             .as_ref()
-            .and_then(LeaseGuard::lost)
+            .map(|held| held.lease().expires_at.to_string())
     }
 
-    /// Stops the heartbeat and returns the license (again: nothing happens).
+    /// Why the license was lost (or the borrowing ended), or None while it is held.
+    #[getter]
+    fn lost(&self) -> Option<String> {
+        self.held().as_ref().and_then(Held::lost)
+    }
+
+    /// Stops the heartbeat and returns the license, or returns a borrowing early (again:
+    /// nothing happens).
     fn checkin(&self, py: Python<'_>) -> PyResult<()> {
-        let guard = self.guard.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let Some(guard) = guard else {
+        let held = self.held().take();
+        let Some(held) = held else {
             return Ok(());
         };
-        let runtime = self.runtime.clone();
-        py.allow_threads(move || runtime.block_on(guard.checkin()))
+        py.allow_threads(move || held.checkin())
             .map_err(|e| client_error(&e))
     }
 
@@ -179,6 +181,8 @@ impl Lease {
         slf
     }
 
+    /// Leaving the `with` block checks a lease in; a borrowing is kept (that is what it is
+    /// for: return it with `checkin()`).
     #[pyo3(signature = (_exc_type=None, _exc=None, _tb=None))]
     fn __exit__(
         &self,
@@ -187,13 +191,16 @@ impl Lease {
         _exc: Option<PyObject>,
         _tb: Option<PyObject>,
     ) -> PyResult<bool> {
-        self.checkin(py)?;
+        if !self.borrowed {
+            self.checkin(py)?;
+        }
         Ok(false)
     }
 
     fn __repr__(&self) -> String {
+        let kind = if self.borrowed { "borrowed " } else { "" };
         format!(
-            "<tessera.Lease {} of {} (key {})>",
+            "<tessera.Lease {kind}{} of {} (key {})>",
             self.lease_id, self.component, self.key_id
         )
     }

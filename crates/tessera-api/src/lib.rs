@@ -29,6 +29,15 @@ pub struct CheckoutRequest {
     /// a lease of the component and asking without it is refused (409 `lease_held`).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub holder_key: String,
+    /// Borrow the license for this many hours: the lease then needs no heartbeat until it
+    /// ends (the application holds its signed token offline), and a checkin returns it
+    /// early. Allowed up to the key's `max_borrow_days`; 0 (default): an ordinary lease.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub borrow_hours: u32,
+}
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
 }
 
 /// A lease as the station and administrators see it.

@@ -330,6 +330,8 @@ pub fn issue_key(
         server_id: Some(server.server_id.clone()),
         renews: None,
         certified_server_required: false,
+        max_borrow_days: request.max_borrow_days,
+        grace_minutes: request.grace_minutes,
         issued_at: now,
     };
     let key = sign_and_insert(&transaction, vendor, payload)?;
@@ -390,7 +392,10 @@ pub fn renew_key(
         valid_until: timestamp(until_ms)?,
         server_id: Some(renewed.server_id.clone()),
         renews: Some(key_id.to_string()),
-        certified_server_required: false,
+        certified_server_required: old.certified_server_required,
+        // The renewal keeps what the vendor allowed the application.
+        max_borrow_days: old.max_borrow_days,
+        grace_minutes: old.grace_minutes,
         issued_at: timestamp(now_ms)?,
     };
     let key = sign_and_insert(&transaction, vendor, payload)?;
@@ -458,6 +463,8 @@ mod tests {
             licenses: 5,
             valid_days: days,
             customer: None,
+            max_borrow_days: 0,
+            grace_minutes: 0,
         };
         issue_key(connection, &vendor(), &request, NOW_MS).unwrap()
     }
@@ -557,6 +564,8 @@ mod tests {
                 licenses: 1,
                 valid_days: 1,
                 customer: None,
+                max_borrow_days: 0,
+                grace_minutes: 0,
             }
         };
         let error = issue_key(&mut db, &vendor(), &wrong_customer, NOW_MS).unwrap_err();

@@ -85,6 +85,12 @@ pub struct IssueKey {
     /// If given, must be the customer the server ID belongs to (a guard against typos).
     #[serde(default)]
     pub customer: Option<String>,
+    /// Days a station may borrow a license of the key (0: never).
+    #[serde(default)]
+    pub max_borrow_days: u32,
+    /// Minutes an application keeps running past a lease's end without a server (0: none).
+    #[serde(default)]
+    pub grace_minutes: u32,
 }
 
 /// `POST /v1/keys/{id}/renewal`. Components and licenses default to the renewed key's.

@@ -22,10 +22,9 @@
 
 use std::ffi::{CStr, CString, c_char, c_void};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use tessera_api::CheckoutRequest;
-use tessera_client::{Client, ClientError, GuardEvent, LeaseGuard};
+use tessera_client::blocking::{Client, Held};
+use tessera_client::{BorrowStore, ClientError, GuardEvent};
 use tessera_core::PublicKey;
 
 /// What a call answered.
@@ -48,6 +47,8 @@ pub enum TesseraStatus {
     LeaseLost = 6,
     /// Any other refusal by the server; the message carries its code.
     Refused = 7,
+    /// The key does not allow borrowing, or not for that long (`borrow_not_allowed`).
+    BorrowNotAllowed = 8,
 }
 
 /// What the callback is told.
@@ -77,26 +78,21 @@ pub type TesseraCallback = Option<
 /// 2 s) for one to come free instead of answering `NO_LICENSES` at once.
 pub const TESSERA_CHECKOUT_WAIT: u32 = 1;
 
-/// How long a checkout with `TESSERA_CHECKOUT_WAIT` waits, and how often it asks again.
-const WAIT_FOR: Duration = Duration::from_secs(60);
-const WAIT_EVERY: Duration = Duration::from_secs(2);
-
 struct Callback {
     function: TesseraCallback,
     user_data: usize,
 }
 
-/// One license configuration: vendor key, servers, runtime, callback, last error.
+/// One license configuration: vendor key, servers, runtime, callback, borrowings.
 pub struct TesseraContext {
-    runtime: tokio::runtime::Runtime,
     client: Client,
-    station: String,
     callback: Arc<Mutex<Callback>>,
 }
 
-/// A lease held, heartbeated in the background until it is checked in.
+/// A license held: a lease heartbeated in the background until it is checked in, or a
+/// borrowing.
 pub struct TesseraLease {
-    guard: Option<LeaseGuard>,
+    held: Option<Held>,
     lease_id: CString,
 }
 
@@ -178,25 +174,12 @@ pub unsafe extern "C" fn tessera_init(
     let Some(servers) = servers else {
         return fail_init("no server: pass a server list or set TESSERA_SERVER".into());
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("tessera")
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => return fail_init(format!("cannot start the SDK's thread: {error}")),
+    let client = match Client::new(root, Some(&servers)) {
+        Ok(client) => client,
+        Err(error) => return fail_init(error.to_string()),
     };
-    let station = tessera_client::machine_fingerprint().unwrap_or_else(|| {
-        // No machine id: the host name stands in.
-        std::fs::read_to_string("/etc/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "unknown-station".into())
-    });
     let context = TesseraContext {
-        runtime,
-        client: Client::new(&servers, None).verifying(root),
-        station,
+        client,
         callback: Arc::new(Mutex::new(Callback {
             function: None,
             user_data: 0,
@@ -244,6 +227,7 @@ impl TesseraContext {
             ClientError::Api { code, status, .. } => match code.as_str() {
                 "no_licenses_available" => TesseraStatus::NoLicenses,
                 "component_not_licensed" => TesseraStatus::NotLicensed,
+                "borrow_not_allowed" => TesseraStatus::BorrowNotAllowed,
                 "lease_not_found" | "lease_secret_wrong" => TesseraStatus::LeaseLost,
                 "no_quorum" | "not_primary" | "unavailable" if *status == 503 => {
                     TesseraStatus::Unreachable
@@ -256,7 +240,8 @@ impl TesseraContext {
 }
 
 /// Checks out a license of `component` for this machine and keeps it alive with heartbeats
-/// until `tessera_checkin`. `flags`: 0, or `TESSERA_CHECKOUT_WAIT`. On `TESSERA_STATUS_OK`,
+/// until `tessera_checkin` (a borrowing of the component kept on this machine, while it
+/// holds, is answered instead, without a server). `flags`: 0, or `TESSERA_CHECKOUT_WAIT`. On `TESSERA_STATUS_OK`,
 /// `*lease` is the lease; otherwise it is left NULL and `tessera_last_error` says why.
 ///
 /// # Safety
@@ -281,6 +266,75 @@ unsafe fn checkout(
     flags: u32,
     lease: *mut *mut TesseraLease,
 ) -> TesseraStatus {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        take_license(context, component, lease, |context, component| {
+            let callback = context.callback.clone();
+            let events = Arc::new(move |lease_id: &str, event: &GuardEvent| {
+                notify(&callback, lease_id, event)
+            });
+            let wait = flags & TESSERA_CHECKOUT_WAIT != 0;
+            context.client.checkout(component, wait, Some(events))
+        })
+    }
+}
+
+/// Borrows a license of `component` for `hours` (up to the key's `max_borrow_days`): no
+/// heartbeat is needed until it ends, and it is kept on this machine (in the directory of
+/// `tessera_set_borrow_dir`, else `$TESSERA_BORROW_DIR`, else
+/// `~/.local/state/tessera/borrowed`), so that `tessera_checkout` of the component answers
+/// with it, offline, until its end. `tessera_checkin` returns it early.
+///
+/// # Safety
+/// As `tessera_checkout`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn tessera_borrow(
+    context: *mut TesseraContext,
+    component: *const c_char,
+    hours: u32,
+    lease: *mut *mut TesseraLease,
+) -> TesseraStatus {
+    // SAFETY: forwarded from the caller.
+    guarded(|| unsafe {
+        take_license(context, component, lease, |context, component| {
+            context.client.borrow(component, hours)
+        })
+    })
+}
+
+/// Keeps this context's borrowings in `directory` (NULL or empty: the default). Call it
+/// before the context is used from other threads.
+///
+/// # Safety
+/// `context` comes from `tessera_init`; `directory` is NULL or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn tessera_set_borrow_dir(
+    context: *mut TesseraContext,
+    directory: *const c_char,
+) -> TesseraStatus {
+    // SAFETY: the caller passes a live context (or NULL) and a string (or NULL).
+    let (context, directory) = unsafe { (context.as_mut(), read(directory)) };
+    let Some(context) = context else {
+        return TesseraStatus::InvalidArgument;
+    };
+    let dir = directory
+        .filter(|d| !d.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(BorrowStore::default_dir);
+    context.client.set_borrow_store(dir.map(BorrowStore::new));
+    TesseraStatus::Ok
+}
+
+/// The argument checks of `tessera_checkout` and `tessera_borrow`, then `take`.
+///
+/// # Safety
+/// As `tessera_checkout`.
+unsafe fn take_license(
+    context: *mut TesseraContext,
+    component: *const c_char,
+    lease: *mut *mut TesseraLease,
+    take: impl FnOnce(&TesseraContext, &str) -> Result<Held, ClientError>,
+) -> TesseraStatus {
     // SAFETY: the caller passes a live context.
     let Some(context) = (unsafe { context.as_ref() }) else {
         return TesseraStatus::InvalidArgument;
@@ -297,40 +351,11 @@ unsafe fn checkout(
             "component is NULL or empty".into(),
         );
     };
-    let request = CheckoutRequest {
-        component,
-        station: context.station.clone(),
-        user: std::env::var("USER").unwrap_or_default(),
-        host: context.station.clone(),
-        nonce: String::new(),
-        holder_key: String::new(),
-    };
-    let wait = flags & TESSERA_CHECKOUT_WAIT != 0;
-    let client = context.client.clone();
-    let callback = context.callback.clone();
-    let result = context.runtime.block_on(async move {
-        let deadline = tokio::time::Instant::now() + WAIT_FOR;
-        let lease = loop {
-            match client.checkout(&request).await {
-                Err(error)
-                    if wait
-                        && error.code() == Some("no_licenses_available")
-                        && tokio::time::Instant::now() + WAIT_EVERY < deadline =>
-                {
-                    tokio::time::sleep(WAIT_EVERY).await;
-                }
-                other => break other.map(|(lease, _)| lease),
-            }
-        }?;
-        let lease_id = lease.lease_id.clone();
-        let events = Arc::new(move |event: &GuardEvent| notify(&callback, &lease_id, event));
-        Ok::<_, ClientError>(LeaseGuard::start_with_events(client, lease, events))
-    });
-    match result {
-        Ok(guard) => {
+    match take(context, &component) {
+        Ok(held) => {
             let held = TesseraLease {
-                lease_id: c_string(guard.lease_id()),
-                guard: Some(guard),
+                lease_id: c_string(held.lease_id()),
+                held: Some(held),
             };
             // SAFETY: checked non-NULL above.
             unsafe { *lease = Box::into_raw(Box::new(held)) };
@@ -393,7 +418,7 @@ pub unsafe extern "C" fn tessera_lease_status(
     else {
         return TesseraStatus::InvalidArgument;
     };
-    match lease.guard.as_ref().and_then(LeaseGuard::lost) {
+    match lease.held.as_ref().and_then(Held::lost) {
         Some(reason) => context.fail(TesseraStatus::LeaseLost, reason),
         None => TesseraStatus::Ok,
     }
@@ -425,10 +450,10 @@ unsafe fn checkin(context: *mut TesseraContext, lease: *mut TesseraLease) -> Tes
     }
     // SAFETY: from `tessera_checkout`, given back once.
     let mut lease = unsafe { Box::from_raw(lease) };
-    let Some(guard) = lease.guard.take() else {
+    let Some(held) = lease.held.take() else {
         return TesseraStatus::Ok;
     };
-    match context.runtime.block_on(guard.checkin()) {
+    match held.checkin() {
         Ok(()) => TesseraStatus::Ok,
         Err(error) => context.fail_with(&error),
     }
@@ -452,8 +477,30 @@ pub unsafe extern "C" fn tessera_free(context: *mut TesseraContext) {
         return;
     }
     // SAFETY: from `tessera_init`, given back once.
-    let context = unsafe { Box::from_raw(context) };
-    context.runtime.shutdown_background();
+    drop(unsafe { Box::from_raw(context) });
+}
+
+/// Whether the license is a borrowing (1) or a lease heartbeated by the SDK (0).
+///
+/// # Safety
+/// `lease` is live.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn tessera_lease_borrowed(lease: *const TesseraLease) -> i32 {
+    // SAFETY: the caller passes a live lease.
+    let held = unsafe { lease.as_ref() }.and_then(|lease| lease.held.as_ref());
+    i32::from(held.is_some_and(Held::is_borrowed))
+}
+
+/// When the lease ends unless renewed (a borrowing: when it must be returned), in seconds
+/// since the Unix epoch; 0 for a NULL lease.
+///
+/// # Safety
+/// `lease` is live.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn tessera_lease_expires_at(lease: *const TesseraLease) -> i64 {
+    // SAFETY: the caller passes a live lease.
+    let held = unsafe { lease.as_ref() }.and_then(|lease| lease.held.as_ref());
+    held.map_or(0, |held| held.lease().expires_at.as_second())
 }
 
 #[cfg(test)]

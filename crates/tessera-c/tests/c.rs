@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
-use tessera_client::Client;
+use tessera_client::blocking;
+use tessera_client::{BorrowStore, Client, GuardEvent, LeaseGuard};
 use tessera_core::{LicenseKey, LicenseKeyPayload, SecretKey};
 use tessera_server::clock::ManualClock;
 use tessera_server::ids::LeaseIds;
@@ -72,6 +73,18 @@ fn now_ms() -> i64 {
     Timestamp::now().as_millisecond()
 }
 
+/// `key(..)` with one license, borrowing for up to `borrow_days` and `grace_minutes` of grace.
+fn key_with(vendor: &SecretKey, key_id: &str, borrow_days: u32, grace_minutes: u32) -> LicenseKey {
+    let payload = LicenseKeyPayload {
+        licenses: 1,
+        max_borrow_days: borrow_days,
+        grace_minutes,
+        valid_until: Timestamp::from_millisecond(now_ms() + 30 * 86_400_000).unwrap(),
+        ..key(vendor, key_id).payload
+    };
+    LicenseKey::sign(payload, vendor).unwrap()
+}
+
 fn key(vendor: &SecretKey, key_id: &str) -> LicenseKey {
     LicenseKey::sign(
         LicenseKeyPayload {
@@ -84,6 +97,8 @@ fn key(vendor: &SecretKey, key_id: &str) -> LicenseKey {
             server_id: None,
             renews: None,
             certified_server_required: false,
+            max_borrow_days: 0,
+            grace_minutes: 0,
             issued_at: Timestamp::from_millisecond(now_ms() - 86_400_000).unwrap(),
         },
         vendor,
@@ -136,6 +151,24 @@ impl Program {
 
     /// `examples/python/hold.py` with the SDK's Python.
     fn python(vendor_key: &str, servers: &str) -> Program {
+        Program::spawn(Program::python_command("hold.py"), vendor_key, servers)
+    }
+
+    /// `examples/python/borrow.py ACTION…`, keeping borrowings in `borrow_dir`.
+    fn python_borrow(
+        vendor_key: &str,
+        servers: &str,
+        borrow_dir: &Path,
+        action: &[&str],
+    ) -> Program {
+        let mut command = Program::python_command("borrow.py");
+        command.env("TESSERA_BORROW_DIR", borrow_dir);
+        let mut program = Program::spawn_with(command, vendor_key, servers, action);
+        drop(program.child.stdin.take());
+        program
+    }
+
+    fn python_command(script: &str) -> Command {
         let python = target_dir().parent().unwrap().join("python-sdk/bin/python");
         assert!(
             python.exists(),
@@ -143,13 +176,23 @@ impl Program {
             python.display()
         );
         let mut command = Command::new(python);
-        command.arg(workspace().join("examples/python/hold.py"));
-        Program::spawn(command, vendor_key, servers)
+        command.arg(workspace().join("examples/python").join(script));
+        command
     }
 
-    fn spawn(mut command: Command, vendor_key: &str, servers: &str) -> Program {
+    fn spawn(command: Command, vendor_key: &str, servers: &str) -> Program {
+        Program::spawn_with(command, vendor_key, servers, &[])
+    }
+
+    fn spawn_with(
+        mut command: Command,
+        vendor_key: &str,
+        servers: &str,
+        extra: &[&str],
+    ) -> Program {
         let mut child = command
             .args([vendor_key, servers, "cad"])
+            .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -304,6 +347,23 @@ async fn a_python_program_holds_a_verified_lease_and_refuses_a_customers_own_ven
     .unwrap();
     let lease_id = line.strip_prefix("LEASE ").unwrap().to_string();
     assert_eq!(admin.status().await.unwrap().leases[0].lease_id, lease_id);
+    // The server goes away and comes back: the program's on_event hears both.
+    let addr = running.addr.to_string();
+    running.shutdown().await;
+    let mut held = tokio::task::spawn_blocking(move || {
+        held.expect("EVENT reconnecting ");
+        held
+    })
+    .await
+    .unwrap();
+    let running = server(&dir.path().join("server"), &vendor, &addr, &clock).await;
+    let admin = Client::new(&running.url(), Some(running.state.admin_token.clone()));
+    held = tokio::task::spawn_blocking(move || {
+        held.expect("EVENT reconnected");
+        held
+    })
+    .await
+    .unwrap();
     let (held, status, checkin) = tokio::task::spawn_blocking(move || {
         held.send("status");
         let status = held.expect("STATUS ");
@@ -347,4 +407,267 @@ async fn a_python_program_holds_a_verified_lease_and_refuses_a_customers_own_ven
     assert!(line.contains("(key)"), "{line}");
     assert_eq!(code, Some(2));
     assert_eq!(own.state.status().keys[0].in_use, 0);
+}
+
+/// Polls `done` every 50 ms until it holds (bounded: 20 s).
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(Instant::now() < deadline, "not within 20 s: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Borrowing through the blocking Rust API (what the C and Python SDKs call): the seat is
+/// counted on the server without heartbeats, the application uses it with no server at all,
+/// an edited borrow file or another station's is refused, and returning it early gives the
+/// seat back. A key without borrowing refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_borrowed_license_runs_offline_until_returned_and_nothing_else_can_fake_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let vendor = vendor();
+    let clock = ManualClock::new(now_ms());
+    let data = dir.path().join("server");
+    let running = server(&data, &vendor, "127.0.0.1:0", &clock).await;
+    let addr = running.addr.to_string();
+    let admin = Client::new(&running.url(), Some(running.state.admin_token.clone()));
+    admin
+        .import_key(key_with(&vendor, "lend", 7, 0).to_json_pretty())
+        .await
+        .unwrap();
+    let root = vendor.public_key();
+    let url = running.url();
+    let store_dir = dir.path().join("borrowed");
+    let sdk = {
+        let (root, url, store_dir) = (root, url.clone(), store_dir.clone());
+        move || {
+            blocking::Client::from_async(Client::new(&url, None).verifying(root))
+                .unwrap()
+                .with_borrow_store(Some(BorrowStore::new(&store_dir)))
+        }
+    };
+
+    // Longer than the key allows: refused, nothing kept.
+    let refused = tokio::task::spawn_blocking({
+        let sdk = sdk.clone();
+        move || sdk().borrow("cad", 8 * 24).err().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(refused.code(), Some("borrow_not_allowed"), "{refused}");
+    assert!(admin.status().await.unwrap().leases.is_empty());
+
+    let (lease_id, expires) = tokio::task::spawn_blocking({
+        let sdk = sdk.clone();
+        move || {
+            let held = sdk().borrow("cad", 48).unwrap();
+            assert!(held.is_borrowed());
+            (held.lease_id(), held.lease().expires_at)
+        }
+    })
+    .await
+    .unwrap();
+    let hours = (expires.as_millisecond() - now_ms()) as f64 / 3_600_000.0;
+    assert!((47.9..=48.0).contains(&hours), "{hours} h");
+    // Held on the server for two days with no heartbeat: the only seat is taken.
+    clock.advance_ms(24 * 3600 * 1000);
+    running.state.tick().await.unwrap();
+    let other = tessera_api::CheckoutRequest {
+        component: "cad".into(),
+        station: "another".into(),
+        user: String::new(),
+        host: String::new(),
+        nonce: String::new(),
+        holder_key: String::new(),
+        borrow_hours: 0,
+    };
+    let busy = admin.checkout(&other).await.unwrap_err();
+    assert_eq!(busy.code(), Some("no_licenses_available"));
+
+    // No server at all: the application still runs on its borrowing.
+    running.shutdown().await;
+    let offline = tokio::task::spawn_blocking({
+        let sdk = sdk.clone();
+        move || {
+            let held = sdk().checkout("cad", false, None).unwrap();
+            (held.is_borrowed(), held.lease_id(), held.lost())
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(offline, (true, lease_id.clone(), None));
+
+    // Another station's borrowing (a file copied from another machine) is refused.
+    let stored = BorrowStore::new(&store_dir).load("cad").unwrap();
+    let app = Client::new(&url, None).verifying(root);
+    let copied = app.borrowed(&stored, "cad", "another-machine").unwrap_err();
+    assert_eq!(copied.code(), Some("lease_untrusted"));
+    assert!(copied.to_string().contains("(station)"), "{copied}");
+    // An edited borrow file (a later end) is refused and dropped: no server, no license.
+    let edited_dir = dir.path().join("edited");
+    let mut edited = stored.clone();
+    edited.lease.expires_at = Timestamp::from_millisecond(now_ms() + 400 * 86_400_000).unwrap();
+    // The token says when it ends: lengthen it there too, keeping the signature.
+    let token = stored.lease.lease_token.clone().unwrap();
+    let signature = token.split_once('.').unwrap().1;
+    let token_json = base64_url_decode(&token);
+    let longer = token_json.replace(
+        &format!("\"valid_until\":\"{}\"", stored.lease.expires_at),
+        &format!("\"valid_until\":\"{}\"", edited.lease.expires_at),
+    );
+    assert_ne!(longer, token_json);
+    edited.lease.lease_token = Some(format!("{}.{signature}", base64_url_encode(&longer)));
+    BorrowStore::new(&edited_dir).save("cad", &edited).unwrap();
+    let refused = tokio::task::spawn_blocking({
+        let (root, url, edited_dir) = (root, url.clone(), edited_dir.clone());
+        move || {
+            blocking::Client::from_async(Client::new(&url, None).verifying(root))
+                .unwrap()
+                .with_borrow_store(Some(BorrowStore::new(&edited_dir)))
+                .checkout("cad", false, None)
+                .err()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(refused.code(), None, "unreachable, not served: {refused}");
+    assert!(BorrowStore::new(&edited_dir).load("cad").is_none());
+
+    // Back online: returned early, the seat is free again and the file gone.
+    let running = server(&data, &vendor, &addr, &clock).await;
+    tokio::task::spawn_blocking({
+        let sdk = sdk.clone();
+        move || {
+            let held = sdk().checkout("cad", false, None).unwrap();
+            assert!(held.is_borrowed());
+            held.checkin().unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    let admin = Client::new(&running.url(), Some(running.state.admin_token.clone()));
+    assert!(admin.status().await.unwrap().leases.is_empty());
+    assert!(BorrowStore::new(&store_dir).load("cad").is_none());
+    let (lease, created) = admin.checkout(&other).await.unwrap();
+    assert!(created, "{lease:?}");
+}
+
+fn base64_url_decode(token: &str) -> String {
+    use base64::Engine;
+    let payload = token.split_once('.').unwrap().0;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap();
+    String::from_utf8(bytes).unwrap()
+}
+
+fn base64_url_encode(json: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
+}
+
+/// Grace: with no server to renew it, a lease stays held past its end for the key's
+/// `grace_minutes` (the reconnect event firing meanwhile), then it is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_without_a_server_holds_for_the_keys_grace_then_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let vendor = vendor();
+    let clock = ManualClock::new(now_ms());
+    let running = server(&dir.path().join("server"), &vendor, "127.0.0.1:0", &clock).await;
+    let admin = Client::new(&running.url(), Some(running.state.admin_token.clone()));
+    admin
+        .import_key(key_with(&vendor, "graceful", 0, 10).to_json_pretty())
+        .await
+        .unwrap();
+    // The application's clock, which the test moves.
+    let app_now = Arc::new(std::sync::atomic::AtomicI64::new(now_ms()));
+    let app = Client::new(&running.url(), None)
+        .verifying(vendor.public_key())
+        .with_clock({
+            let app_now = app_now.clone();
+            Arc::new(move || app_now.load(std::sync::atomic::Ordering::SeqCst))
+        });
+    let request = tessera_api::CheckoutRequest {
+        component: "cad".into(),
+        station: "ws-1".into(),
+        user: String::new(),
+        host: String::new(),
+        nonce: String::new(),
+        holder_key: String::new(),
+        borrow_hours: 0,
+    };
+    let (lease, _) = app.checkout(&request).await.unwrap();
+    let expires = lease.expires_at.as_millisecond();
+    let events = Arc::new(std::sync::Mutex::new(Vec::<GuardEvent>::new()));
+    let guard = LeaseGuard::start_with_events(app.clone(), lease, {
+        let events = events.clone();
+        Arc::new(move |event: &GuardEvent| events.lock().unwrap().push(event.clone()))
+    });
+    running.shutdown().await;
+    let count =
+        |kind: fn(&GuardEvent) -> bool| events.lock().unwrap().iter().filter(|e| kind(e)).count();
+    let reconnecting = |e: &GuardEvent| matches!(e, GuardEvent::Reconnecting { .. });
+    let lost = |e: &GuardEvent| matches!(e, GuardEvent::Lost { .. });
+    eventually("reconnecting", || count(reconnecting) >= 1).await;
+    // Past the lease's end, inside the grace: still held, still reconnecting.
+    app_now.store(expires + 9 * 60_000, std::sync::atomic::Ordering::SeqCst);
+    let before = count(reconnecting);
+    eventually("two more tries", || count(reconnecting) >= before + 2).await;
+    assert_eq!(count(lost), 0);
+    assert_eq!(guard.lost(), None);
+    // The grace is over: lost.
+    app_now.store(expires + 10 * 60_000, std::sync::atomic::Ordering::SeqCst);
+    eventually("lost", || count(lost) == 1).await;
+    let reason = guard.lost().unwrap();
+    assert!(reason.contains("grace of 10 minutes"), "{reason}");
+}
+
+/// `examples/python/borrow.py`: borrows with a server, uses the borrowing with none, and
+/// returns it early when the server is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_program_borrows_a_license_uses_it_offline_and_returns_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let vendor = vendor();
+    let clock = ManualClock::new(now_ms());
+    let data = dir.path().join("server");
+    let running = server(&data, &vendor, "127.0.0.1:0", &clock).await;
+    let addr = running.addr.to_string();
+    let admin = Client::new(&running.url(), Some(running.state.admin_token.clone()));
+    admin
+        .import_key(key_with(&vendor, "lend", 7, 0).to_json_pretty())
+        .await
+        .unwrap();
+    let root = vendor.public_key().to_base64();
+    let url = running.url();
+    let borrow_dir = dir.path().join("borrowed");
+    let run = {
+        let (root, url, borrow_dir) = (root.clone(), url.clone(), borrow_dir.clone());
+        move |action: &'static [&'static str], prefix: &'static str| {
+            let (root, url, borrow_dir) = (root.clone(), url.clone(), borrow_dir.clone());
+            tokio::task::spawn_blocking(move || {
+                let mut program = Program::python_borrow(&root, &url, &borrow_dir, action);
+                let line = program.expect(prefix);
+                let code = program.child.wait().unwrap().code();
+                (line, code)
+            })
+        }
+    };
+    let (line, code) = run(&["borrow", "192"], "").await.unwrap();
+    assert!(line.starts_with("REFUSED borrow_not_allowed "), "{line}");
+    assert_eq!(code, Some(2));
+    let (line, code) = run(&["borrow", "24"], "BORROWED ").await.unwrap();
+    assert_eq!(code, Some(0));
+    let lease_id = line.split(' ').nth(1).unwrap().to_string();
+    assert_eq!(admin.status().await.unwrap().leases[0].lease_id, lease_id);
+
+    running.shutdown().await;
+    let (line, code) = run(&["use"], "LEASE ").await.unwrap();
+    assert_eq!(line, format!("LEASE {lease_id} borrowed=True"));
+    assert_eq!(code, Some(0));
+
+    let running = server(&data, &vendor, &addr, &clock).await;
+    let (line, code) = run(&["return"], "RETURNED ").await.unwrap();
+    assert_eq!((line, code), (format!("RETURNED {lease_id}"), Some(0)));
+    assert_eq!(running.state.status().keys[0].in_use, 0);
 }

@@ -63,6 +63,10 @@ pub enum LeaseCommand {
         /// The station's host name (shown in status and usage reports).
         #[arg(long, default_value = "")]
         host: String,
+        /// Borrow the license for this many hours (up to the key's max_borrow_days): no
+        /// heartbeat is needed until it ends; `lease checkin` returns it early.
+        #[arg(long, default_value_t = 0)]
+        borrow_hours: u32,
     },
     /// Keep a lease alive (with the secret `lease checkout` stored, or --secret).
     Heartbeat {
@@ -294,6 +298,7 @@ pub async fn run_lease(command: LeaseCommand, remote: &Remote) -> anyhow::Result
             station,
             user,
             host,
+            borrow_hours,
         } => {
             let request = CheckoutRequest {
                 component,
@@ -302,6 +307,7 @@ pub async fn run_lease(command: LeaseCommand, remote: &Remote) -> anyhow::Result
                 host,
                 nonce: String::new(),
                 holder_key: String::new(),
+                borrow_hours,
             };
             let (lease, _) = client.checkout(&request).await?;
             if let Some(secret) = &lease.lease_secret {
@@ -433,14 +439,7 @@ pub mod lease_secrets {
     use std::path::PathBuf;
 
     pub fn dir() -> Option<PathBuf> {
-        if let Some(dir) = std::env::var_os("TESSERA_LEASE_DIR").filter(|d| !d.is_empty()) {
-            return Some(PathBuf::from(dir));
-        }
-        if let Some(state) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
-            return Some(PathBuf::from(state).join("tessera").join("leases"));
-        }
-        let home = std::env::var_os("HOME").filter(|d| !d.is_empty())?;
-        Some(PathBuf::from(home).join(".local/state/tessera/leases"))
+        tessera_client::borrow::state_dir("TESSERA_LEASE_DIR", "leases")
     }
 
     /// A lease id names a file only if it is plain (no path of any kind).
@@ -459,21 +458,7 @@ pub mod lease_secrets {
                 "cannot store the secret of lease {lease_id:?}: set TESSERA_LEASE_DIR (or HOME)"
             );
         };
-        let dir = path.parent().expect("a file in a directory");
-        std::fs::create_dir_all(dir)
-            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
-        use std::io::Write;
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
-        }
-        let mut out = options
-            .open(&path)
-            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
-        writeln!(out, "{secret}")
+        tessera_client::borrow::write_private(&path, &format!("{secret}\n"))
             .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
     }
 

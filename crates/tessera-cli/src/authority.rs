@@ -146,6 +146,13 @@ pub enum KeyCommand {
         /// Refuse unless the server ID belongs to this customer.
         #[arg(long)]
         customer: Option<String>,
+        /// Stations may borrow a license for up to this many days (0: never).
+        #[arg(long, default_value_t = 0)]
+        max_borrow_days: u32,
+        /// Applications keep running this many minutes past a lease's end without a
+        /// server (0: none).
+        #[arg(long, default_value_t = 0)]
+        grace_minutes: u32,
         /// Also write the key file here.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -346,6 +353,8 @@ async fn key(
             licenses,
             valid_days,
             customer,
+            max_borrow_days,
+            grace_minutes,
             out: file,
         } => {
             let request = IssueKey {
@@ -354,6 +363,8 @@ async fn key(
                 licenses,
                 valid_days,
                 customer,
+                max_borrow_days,
+                grace_minutes,
             };
             let key: LicenseKey = remote.post("/v1/keys", &request).await?;
             write_key_file(file.as_deref(), &key, out)?;

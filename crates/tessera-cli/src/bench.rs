@@ -186,6 +186,8 @@ pub(crate) async fn start_real(
             server_id: None,
             renews: None,
             certified_server_required: false,
+            max_borrow_days: 0,
+            grace_minutes: 0,
             issued_at: now,
         },
         &vendor,
@@ -295,6 +297,7 @@ async fn station_loop(
         host: "bench".into(),
         nonce: String::new(),
         holder_key: String::new(),
+        borrow_hours: 0,
     })?;
     let mut latencies_us = Vec::new();
     let mut errors = 0;
@@ -386,6 +389,7 @@ async fn run_memory(leases: usize) -> anyhow::Result<()> {
                         host: "h".into(),
                         nonce: String::new(),
                         holder_key: String::new(),
+                        borrow_hours: 0,
                     })
                     .await
             }

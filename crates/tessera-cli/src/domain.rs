@@ -185,6 +185,7 @@ async fn failover_gap(
                 host: "bench".into(),
                 nonce: String::new(),
                 holder_key: String::new(),
+                borrow_hours: 0,
             };
             while Instant::now() < stop_at {
                 if let Ok((lease, _)) = client.checkout(&request).await {
@@ -290,6 +291,7 @@ pub async fn bench_pair(clients: &[usize], seconds: u64) -> anyhow::Result<()> {
             host: "bench".into(),
             nonce: String::new(),
             holder_key: String::new(),
+            borrow_hours: 0,
         };
         match backup.checkout(&request).await {
             Ok(_) => granted += 1,
@@ -518,6 +520,8 @@ mod bench_domain {
                     server_id: None,
                     renews: None,
                     certified_server_required: false,
+                    max_borrow_days: 0,
+                    grace_minutes: 0,
                     issued_at: now,
                 },
                 &self.vendor,

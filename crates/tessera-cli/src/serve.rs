@@ -207,6 +207,8 @@ pub async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
                     server_id: None,
                     renews: None,
                     certified_server_required: false,
+                    max_borrow_days: 0,
+                    grace_minutes: 0,
                     valid_from: None,
                     key_id: Some(key_id.into()),
                     out: out.clone(),

@@ -55,6 +55,13 @@ pub struct IssueArgs {
     /// certified (as for a key issued to a server ID).
     #[arg(long)]
     pub certified_server_required: bool,
+    /// Stations may borrow a license of this key for up to this many days (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub max_borrow_days: u32,
+    /// Applications keep running this many minutes past a lease's end while no server can
+    /// be reached (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub grace_minutes: u32,
     /// Key id; a random one if not given.
     #[arg(long)]
     pub key_id: Option<String>,
@@ -137,6 +144,8 @@ pub fn issue(args: &IssueArgs, now: Timestamp) -> anyhow::Result<LicenseKey> {
         server_id: args.server_id.clone(),
         renews: args.renews.clone(),
         certified_server_required: args.certified_server_required,
+        max_borrow_days: args.max_borrow_days,
+        grace_minutes: args.grace_minutes,
         issued_at: now,
     };
     let key = LicenseKey::sign(payload, &vendor)?;

@@ -16,8 +16,9 @@ const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 /// ([`LeaseGuard::start_with_events`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GuardEvent {
-    /// A heartbeat could not reach any server: the guard keeps trying (the lease holds until
-    /// its expiry).
+    /// A heartbeat could not reach any server: the guard keeps trying, telling this at each
+    /// failed try. The lease holds until its expiry plus the key's `grace_minutes`; then it
+    /// is [`GuardEvent::Lost`].
     Reconnecting { error: String },
     /// A heartbeat went through again after [`GuardEvent::Reconnecting`].
     Reconnected,
@@ -135,6 +136,27 @@ fn report_failed_drop_checkin(lease_id: &str, error: &ClientError) {
     eprintln!("tessera-client: checkin of lease {lease_id} on drop failed: {error}");
 }
 
+/// How long past its expiry the application may keep a lease it cannot renew: the key's
+/// `grace_minutes` (the key as the server sent it; with a verifying client, the key checked
+/// against the vendor's root).
+fn grace_ms(lease: &Lease) -> i64 {
+    lease
+        .license_key
+        .as_ref()
+        .and_then(|key| key.get("payload")?.get("grace_minutes")?.as_i64())
+        .unwrap_or(0)
+        .clamp(0, i64::from(tessera_core::key::GRACE_MINUTES_MAX))
+        * 60_000
+}
+
+/// When a lease that cannot be renewed is lost: its expiry plus the key's grace.
+fn held_until_ms(lease: &Lease) -> i64 {
+    lease
+        .expires_at
+        .as_millisecond()
+        .saturating_add(grace_ms(lease))
+}
+
 async fn heartbeat_loop(
     client: Client,
     lease_id: String,
@@ -175,12 +197,27 @@ async fn heartbeat_loop(
                 return;
             }
             Err(error) => {
-                if !reconnecting {
-                    reconnecting = true;
-                    events(&GuardEvent::Reconnecting {
-                        error: error.to_string(),
-                    });
+                let lease = shared
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .lease
+                    .clone()
+                    .expect("a guard always holds its lease");
+                let until = held_until_ms(&lease);
+                if client.clock.now_ms() >= until {
+                    let grace = grace_ms(&lease) / 60_000;
+                    let reason = format!(
+                        "no server could be reached to renew the lease: it ended at {} and the key's grace of {grace} minutes is over ({error})",
+                        lease.expires_at
+                    );
+                    shared.lock().unwrap_or_else(|e| e.into_inner()).lost = Some(reason.clone());
+                    events(&GuardEvent::Lost { reason });
+                    return;
                 }
+                reconnecting = true;
+                events(&GuardEvent::Reconnecting {
+                    error: error.to_string(),
+                });
                 wait = RETRY_AFTER_FAILURE.min(interval);
             }
         }

@@ -24,8 +24,11 @@
 //!
 //! [`LeaseGuard`] holds a lease, heartbeats it in the background and checks it in on drop.
 
+pub mod blocking;
+pub mod borrow;
 mod guard;
 
+pub use borrow::{BorrowStore, Borrowed};
 pub use guard::{GuardEvent, GuardEvents, LeaseGuard};
 
 use std::sync::Arc;
@@ -115,6 +118,18 @@ pub fn machine_fingerprint() -> Option<String> {
     hash.update(b"tessera-station/v1\n");
     hash.update(id.as_bytes());
     Some(hex::encode(&hash.finalize()[..16]))
+}
+
+/// The station identity the SDKs send: [`machine_fingerprint`], or on a system without a
+/// machine id the host name.
+pub fn station_identity() -> String {
+    machine_fingerprint().unwrap_or_else(|| {
+        std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "unknown-station".into())
+    })
 }
 
 /// A fresh random nonce (128 bits, hex).
@@ -451,6 +466,77 @@ impl Client {
     /// the checkout there (307 `component_elsewhere`); the client follows, and sends this
     /// lease's heartbeats and checkin to that server from then on.
     pub async fn checkout(&self, request: &CheckoutRequest) -> Result<(Lease, bool), ClientError> {
+        self.checkout_with_nonce(request)
+            .await
+            .map(|(lease, created, _)| (lease, created))
+    }
+
+    /// Borrows a license for `hours` (up to the key's `max_borrow_days`): the lease needs no
+    /// heartbeat until it ends. Keep the answer ([`BorrowStore::save`]) and use it offline
+    /// with [`Client::borrowed`]; [`Client::return_borrowed`] gives the seat back early.
+    pub async fn borrow(
+        &self,
+        request: &CheckoutRequest,
+        hours: u32,
+    ) -> Result<Borrowed, ClientError> {
+        let request = CheckoutRequest {
+            borrow_hours: hours,
+            ..request.clone()
+        };
+        let (lease, _, nonce) = self.checkout_with_nonce(&request).await?;
+        let server = self.lease_server(&lease.lease_id);
+        Ok(Borrowed {
+            lease,
+            nonce,
+            server,
+        })
+    }
+
+    /// A stored borrowing of `component`, checked again as when it was granted (against the
+    /// vendor's root key for a verifying client, for this `station`) and unexpired by the
+    /// application's clock: the lease, or why it cannot be used.
+    pub fn borrowed(
+        &self,
+        stored: &Borrowed,
+        component: &str,
+        station: &str,
+    ) -> Result<Lease, ClientError> {
+        let lease = &stored.lease;
+        if lease.expires_at.as_millisecond() <= self.clock.now_ms() {
+            return Err(ClientError::Untrusted {
+                check: "expired".into(),
+                message: format!("the borrowing ended at {}", lease.expires_at),
+            });
+        }
+        self.check_lease(lease, component, &stored.nonce, Some(station))?;
+        Ok(lease.clone())
+    }
+
+    /// Returns a borrowed license before its end (to the server that granted it). A
+    /// borrowing the server no longer knows (it ended, or the administrator released it)
+    /// counts as returned.
+    pub async fn return_borrowed(&self, stored: &Borrowed) -> Result<(), ClientError> {
+        let lease_id = &stored.lease.lease_id;
+        if let Some(secret) = &stored.lease.lease_secret {
+            self.set_lease_secret(lease_id, secret);
+        }
+        if let Some(server) = &stored.server {
+            self.homes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(lease_id.clone(), server.clone());
+        }
+        match self.checkin(lease_id).await {
+            Err(error) if error.code() == Some("lease_not_found") => Ok(()),
+            other => other,
+        }
+    }
+
+    /// [`Client::checkout`], also giving the nonce it sent.
+    async fn checkout_with_nonce(
+        &self,
+        request: &CheckoutRequest,
+    ) -> Result<(Lease, bool, String), ClientError> {
         let mut request = request.clone();
         if self.vendor_root.is_some() && request.nonce.is_empty() {
             request.nonce = nonce();
@@ -492,7 +578,7 @@ impl Client {
             }
             return Err(untrusted);
         }
-        Ok((lease, created))
+        Ok((lease, created, request.nonce))
     }
 
     /// The secret this client holds for a lease (from its checkout answer, or

@@ -9,6 +9,10 @@ use crate::key::LicenseKey;
 use crate::ledger::{AloneState, UsageReport};
 use crate::sync::SyncResponse;
 
+fn is_zero(value: &i64) -> bool {
+    *value == 0
+}
+
 /// A command with the primary's time. `at_ms` is milliseconds since the Unix epoch.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stamped {
@@ -32,6 +36,11 @@ pub enum Command {
         user: String,
         host: String,
         lease_ttl_ms: i64,
+        /// A borrowing: the lease runs this long (instead of `lease_ttl_ms`) without a
+        /// heartbeat, from a key whose `max_borrow_days` allows it. 0 (absent in older
+        /// entries): an ordinary lease.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        borrow_ms: i64,
     },
     /// Extends a live lease by `lease_ttl_ms` from now.
     Heartbeat { lease_id: String, lease_ttl_ms: i64 },

@@ -19,6 +19,14 @@ const SIGNING_CONTEXT: &[u8] = b"tessera-license-key/v1\n";
 pub const COMPONENTS_PER_KEY_MAX: usize = 64;
 pub const LICENSES_PER_KEY_MAX: u32 = 10_000_000;
 pub const NAME_LENGTH_MAX: usize = 128;
+/// The longest borrowing a key may allow, in days.
+pub const BORROW_DAYS_MAX: u32 = 366;
+/// The longest grace a key may give, in minutes (one week).
+pub const GRACE_MINUTES_MAX: u32 = 7 * 24 * 60;
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -42,6 +50,15 @@ pub struct LicenseKeyPayload {
     /// signatures it therefore leaves unchanged.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub certified_server_required: bool,
+    /// How many days a station may borrow a license of this key (a lease needing no
+    /// heartbeat until its end, held offline by the application); 0: no borrowing. Absent
+    /// (0) in older keys, whose signatures it leaves unchanged.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_borrow_days: u32,
+    /// How many minutes past a lease's end the application keeps running while it cannot
+    /// reach any server (reconnecting meanwhile); 0: none. Absent (0) in older keys.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub grace_minutes: u32,
     pub issued_at: Timestamp,
 }
 
@@ -150,6 +167,18 @@ impl LicenseKeyPayload {
         if self.valid_until <= self.valid_from {
             return Err(invalid("valid_until must be after valid_from".into()));
         }
+        if self.max_borrow_days > BORROW_DAYS_MAX {
+            return Err(invalid(format!(
+                "max_borrow_days must be 0 to {BORROW_DAYS_MAX}, not {}",
+                self.max_borrow_days
+            )));
+        }
+        if self.grace_minutes > GRACE_MINUTES_MAX {
+            return Err(invalid(format!(
+                "grace_minutes must be 0 to {GRACE_MINUTES_MAX}, not {}",
+                self.grace_minutes
+            )));
+        }
         Ok(())
     }
 
@@ -255,6 +284,8 @@ pub(crate) mod tests {
             server_id: None,
             renews: None,
             certified_server_required: false,
+            max_borrow_days: 0,
+            grace_minutes: 0,
             issued_at: Timestamp::from_second(1_700_000_000).unwrap(),
         }
     }

@@ -34,6 +34,8 @@ pub use pair::{AloneLease, AloneState, Share};
 
 /// Upper bound on a lease's time to live, so a mistaken request cannot pin a seat for years.
 pub const LEASE_TTL_MS_MAX: i64 = 7 * 24 * 3600 * 1000;
+/// The longest borrowing any key may allow (`key::BORROW_DAYS_MAX` days).
+pub const BORROW_MS_MAX: i64 = crate::key::BORROW_DAYS_MAX as i64 * 24 * 3600 * 1000;
 pub const FREE_TEXT_LENGTH_MAX: usize = 256;
 pub const STATIONS_PER_GROUP_MAX: usize = 10_000;
 
@@ -638,6 +640,7 @@ impl Ledger {
                 user,
                 host,
                 lease_ttl_ms,
+                borrow_ms,
             } => self.checkout(
                 CheckoutRequest {
                     lease_id,
@@ -646,6 +649,7 @@ impl Ledger {
                     user,
                     host,
                     lease_ttl_ms: *lease_ttl_ms,
+                    borrow_ms: *borrow_ms,
                 },
                 at,
             ),
@@ -819,6 +823,24 @@ impl Ledger {
             .partition(|record| {
                 synchronized || record.key.payload.server_id.is_none() || record.received.is_some()
             });
+        // A borrowing only from keys that allow it for that long.
+        let (covering, too_short): (Vec<&KeyRecord>, Vec<&KeyRecord>) = covering
+            .into_iter()
+            .partition(|record| allows_borrowing(record, request.borrow_ms));
+        if covering.is_empty() && !too_short.is_empty() {
+            let max_days = too_short
+                .iter()
+                .map(|record| record.key.payload.max_borrow_days)
+                .max()
+                .unwrap_or(0);
+            return Outcome::Refused {
+                refusal: Refusal::BorrowNotAllowed {
+                    component: component.into(),
+                    requested_hours: (request.borrow_ms + 3_599_999) / 3_600_000,
+                    max_days,
+                },
+            };
+        }
         if covering.is_empty() {
             let refusal = if unsynchronized.is_empty() {
                 Refusal::ComponentNotLicensed {
@@ -846,7 +868,7 @@ impl Ledger {
                 return *refused;
             }
             let record = &self.keys[&*self.leases[&lease_id].key_id];
-            let until = self.lease_cap(record, Some(&lease_id), at, at + request.lease_ttl_ms);
+            let until = self.lease_cap(record, Some(&lease_id), at, at + request.wanted_ms());
             let shared = record.component(component).cloned();
             let lease = self.extend_lease(&lease_id, at, until);
             if let Some(shared) = shared
@@ -895,7 +917,7 @@ impl Ledger {
                 },
             };
         }
-        let expires_at_ms = self.lease_cap(chosen, None, at, at + request.lease_ttl_ms);
+        let expires_at_ms = self.lease_cap(chosen, None, at, at + request.wanted_ms());
         let share = self.new_lease_share(chosen, at).expect("chosen for it");
         // A station already indexed shares its name with the index entry.
         let station = self
@@ -3059,6 +3081,7 @@ struct CheckoutRequest<'a> {
     user: &'a str,
     host: &'a str,
     lease_ttl_ms: i64,
+    borrow_ms: i64,
 }
 
 impl CheckoutRequest<'_> {
@@ -3085,8 +3108,24 @@ impl CheckoutRequest<'_> {
         if !(1..=LEASE_TTL_MS_MAX).contains(&self.lease_ttl_ms) {
             return Err(format!("lease_ttl_ms must be 1 to {LEASE_TTL_MS_MAX}"));
         }
+        if !(0..=BORROW_MS_MAX).contains(&self.borrow_ms) {
+            return Err(format!(
+                "a borrowing lasts at most {} days",
+                crate::key::BORROW_DAYS_MAX
+            ));
+        }
         Ok(())
     }
+
+    /// How long the lease runs from `at`: the borrowing, or one time-to-live.
+    fn wanted_ms(&self) -> i64 {
+        self.lease_ttl_ms.max(self.borrow_ms)
+    }
+}
+
+/// Whether `record` allows a borrowing of `borrow_ms` (0: not a borrowing, always allowed).
+fn allows_borrowing(record: &KeyRecord, borrow_ms: i64) -> bool {
+    borrow_ms <= i64::from(record.key.payload.max_borrow_days) * 24 * 3600 * 1000
 }
 
 fn key_state(record: &KeyRecord, at: i64) -> KeyState {

@@ -156,6 +156,25 @@ pub enum Refusal {
     },
     #[error("no donation of key {key_id} to {to}")]
     DonationNotFound { key_id: String, to: String },
+    #[error("{}", borrow_message(component, *requested_hours, *max_days))]
+    BorrowNotAllowed {
+        component: String,
+        requested_hours: i64,
+        /// The longest borrowing any key covering the component allows (0: none does).
+        max_days: u32,
+    },
+}
+
+fn borrow_message(component: &str, requested_hours: i64, max_days: u32) -> String {
+    if max_days == 0 {
+        format!(
+            "no license key of component {component} allows borrowing (the vendor sets max_borrow_days in the key)"
+        )
+    } else {
+        format!(
+            "a borrowing of {requested_hours} hours is longer than the keys of component {component} allow: at most {max_days} days"
+        )
+    }
 }
 
 fn no_licenses_message(component: &str, licenses: u32, alone_share: &Option<u32>) -> String {
@@ -198,6 +217,7 @@ impl Refusal {
             Refusal::DonationRefused { .. } => "donation_refused",
             Refusal::NotEnoughLicenses { .. } => "not_enough_licenses",
             Refusal::DonationNotFound { .. } => "donation_not_found",
+            Refusal::BorrowNotAllowed { .. } => "borrow_not_allowed",
         }
     }
 }

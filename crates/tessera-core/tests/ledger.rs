@@ -45,6 +45,8 @@ fn key_for(
             server_id: server_id.map(str::to_string),
             renews: None,
             certified_server_required: false,
+            max_borrow_days: 0,
+            grace_minutes: 0,
             issued_at: Timestamp::from_millisecond(BASE_MS - 1000).unwrap(),
         },
         &vendor(),
@@ -77,6 +79,7 @@ fn checkout(lease_id: &str, station: &str, component: &str) -> Command {
         user: "ann".into(),
         host: "ws".into(),
         lease_ttl_ms: TTL_MS,
+        borrow_ms: 0,
     }
 }
 
@@ -172,6 +175,131 @@ fn a_lease_ends_exactly_at_its_expiry_and_never_outlives_its_key() {
         refusal(ledger.apply(&at(BASE_MS + 10_001, heartbeat))).code(),
         "lease_not_found"
     );
+}
+
+const DAY_MS: i64 = 24 * 3600 * 1000;
+
+/// `key(..)` allowing borrowing for `days`.
+fn borrowing_key(key_id: &str, licenses: u32, until_ms: i64, days: u32) -> LicenseKey {
+    let payload = LicenseKeyPayload {
+        max_borrow_days: days,
+        ..key(key_id, &["cad"], licenses, until_ms).payload
+    };
+    LicenseKey::sign(payload, &vendor()).unwrap()
+}
+
+fn borrow(lease_id: &str, station: &str, days: i64) -> Command {
+    match checkout(lease_id, station, "cad") {
+        Command::Checkout {
+            lease_id,
+            component,
+            station,
+            user,
+            host,
+            lease_ttl_ms,
+            ..
+        } => Command::Checkout {
+            lease_id,
+            component,
+            station,
+            user,
+            host,
+            lease_ttl_ms,
+            borrow_ms: days * DAY_MS,
+        },
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn a_borrowed_license_runs_without_heartbeats_until_its_end_and_counts_like_any_lease() {
+    let mut ledger = ledger();
+    import(
+        &mut ledger,
+        borrowing_key("k1", 2, BASE_MS + 30 * DAY_MS, 7),
+    );
+    let Outcome::LeaseGranted { lease, .. } = ledger.apply(&at(BASE_MS, borrow("l1", "a", 3)))
+    else {
+        panic!()
+    };
+    assert_eq!(lease.expires_at_ms, BASE_MS + 3 * DAY_MS);
+    // No heartbeat for two days: still held, and counted.
+    ledger.apply(&at(BASE_MS + 2 * DAY_MS, Command::Expire));
+    assert_eq!(ledger.lease_count(), 1);
+    ledger.apply(&at(BASE_MS + 2 * DAY_MS, checkout("l2", "b", "cad")));
+    let refused = refusal(ledger.apply(&at(BASE_MS + 2 * DAY_MS, checkout("l3", "c", "cad"))));
+    assert_eq!(refused.code(), "no_licenses_available");
+    // A heartbeat (the station came back online) never cuts the borrowing short.
+    let heartbeat = Command::Heartbeat {
+        lease_id: "l1".into(),
+        lease_ttl_ms: TTL_MS,
+    };
+    let Outcome::LeaseRenewed { lease, .. } =
+        ledger.apply(&at(BASE_MS + 2 * DAY_MS + 1, heartbeat))
+    else {
+        panic!()
+    };
+    assert_eq!(lease.expires_at_ms, BASE_MS + 3 * DAY_MS);
+    // It ends by itself at its end.
+    ledger.apply(&at(BASE_MS + 3 * DAY_MS, Command::Expire));
+    assert!(ledger.lease("l1").is_none());
+    ledger.check_invariants().unwrap();
+}
+
+#[test]
+fn returning_a_borrowed_license_early_gives_the_seat_back() {
+    let mut ledger = ledger();
+    import(
+        &mut ledger,
+        borrowing_key("k1", 1, BASE_MS + 30 * DAY_MS, 7),
+    );
+    ledger.apply(&at(BASE_MS, borrow("l1", "a", 7)));
+    let refused = refusal(ledger.apply(&at(BASE_MS + DAY_MS, checkout("l2", "b", "cad"))));
+    assert_eq!(refused.code(), "no_licenses_available");
+    let returned = ledger.apply(&at(
+        BASE_MS + DAY_MS,
+        Command::Checkin {
+            lease_id: "l1".into(),
+        },
+    ));
+    assert!(
+        matches!(returned, Outcome::LeaseReleased { .. }),
+        "{returned:?}"
+    );
+    let again = ledger.apply(&at(BASE_MS + DAY_MS, checkout("l2", "b", "cad")));
+    assert!(matches!(again, Outcome::LeaseGranted { .. }), "{again:?}");
+}
+
+#[test]
+fn a_borrowing_the_key_does_not_allow_is_refused_and_changes_nothing() {
+    let mut ledger = ledger();
+    import(&mut ledger, key("k0", &["cad"], 5, BASE_MS + 30 * DAY_MS));
+    let refused = refusal(ledger.apply(&at(BASE_MS, borrow("l1", "a", 1))));
+    assert_eq!(refused.code(), "borrow_not_allowed");
+    assert!(refused.to_string().contains("max_borrow_days"), "{refused}");
+    let mut ledger = self::ledger();
+    import(
+        &mut ledger,
+        borrowing_key("k1", 5, BASE_MS + 30 * DAY_MS, 7),
+    );
+    let refused = refusal(ledger.apply(&at(BASE_MS, borrow("l1", "a", 8))));
+    assert_eq!(refused.code(), "borrow_not_allowed");
+    assert!(refused.to_string().contains("at most 7 days"), "{refused}");
+    assert_eq!(ledger.lease_count(), 0);
+    // Past any key's limit: not even proposed as valid.
+    let refused = refusal(ledger.apply(&at(BASE_MS, borrow("l1", "a", 400))));
+    assert_eq!(refused.code(), "invalid_request");
+}
+
+#[test]
+fn a_borrowing_never_outlives_its_key() {
+    let mut ledger = ledger();
+    import(&mut ledger, borrowing_key("k1", 1, BASE_MS + 2 * DAY_MS, 7));
+    let Outcome::LeaseGranted { lease, .. } = ledger.apply(&at(BASE_MS, borrow("l1", "a", 5)))
+    else {
+        panic!()
+    };
+    assert_eq!(lease.expires_at_ms, BASE_MS + 2 * DAY_MS);
 }
 
 #[test]
@@ -449,6 +577,8 @@ fn renewal(
             server_id: Some("srv-1".into()),
             renews: Some(renews.into()),
             certified_server_required: false,
+            max_borrow_days: 0,
+            grace_minutes: 0,
             issued_at: Timestamp::from_millisecond(BASE_MS - 1000).unwrap(),
         },
         &vendor(),

@@ -110,6 +110,7 @@ impl ApiError {
                     Refusal::DonationRefused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
                     Refusal::NotEnoughLicenses { .. } => StatusCode::CONFLICT,
                     Refusal::DonationNotFound { .. } => StatusCode::NOT_FOUND,
+                    Refusal::BorrowNotAllowed { .. } => StatusCode::FORBIDDEN,
                 };
                 (status, refusal.code())
             }

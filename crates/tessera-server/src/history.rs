@@ -969,6 +969,7 @@ mod tests {
             host: "ws9".into(),
             nonce: String::new(),
             holder_key: String::new(),
+            borrow_hours: 0,
         };
         history.denial(3 * hour, &request, "no_licenses_available");
         history.lease_event(

@@ -270,6 +270,7 @@ impl AppState {
             user: request.user.clone(),
             host: request.host.clone(),
             lease_ttl_ms: self.lease_ttl_ms(),
+            borrow_ms: i64::from(request.borrow_hours) * 3_600_000,
         };
         let mut result = self.propose_issuing(command).await;
         if let Err(ApiError::Refused(tessera_core::Refusal::ComponentNotLicensed { component })) =

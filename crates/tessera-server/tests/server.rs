@@ -144,6 +144,8 @@ fn sign(
             server_id: server_id.map(str::to_string),
             renews: None,
             certified_server_required: false,
+            max_borrow_days: 0,
+            grace_minutes: 0,
             issued_at: Timestamp::from_millisecond(START_MS - 86_400_000).unwrap(),
         },
         vendor,
@@ -166,6 +168,7 @@ fn request(component: &str, station: &str) -> CheckoutRequest {
         host: station.into(),
         nonce: String::new(),
         holder_key: format!("hk-{station}"),
+        borrow_hours: 0,
     }
 }
 

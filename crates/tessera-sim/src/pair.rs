@@ -218,6 +218,8 @@ pub fn run(config: PairConfig) -> Result<PairReport, Violation> {
             server_id: None,
             renews: None,
             certified_server_required: false,
+            max_borrow_days: 0,
+            grace_minutes: 0,
             issued_at: jiff::Timestamp::from_millisecond(START_MS - HOUR_MS).expect("a time"),
         },
         &vendor(),
@@ -604,6 +606,7 @@ impl Pair {
                         user: "u".into(),
                         host: "h".into(),
                         lease_ttl_ms: self.config.lease_ttl_ms,
+                        borrow_ms: 0,
                     },
                 );
                 match outcome {

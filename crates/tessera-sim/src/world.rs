@@ -513,6 +513,8 @@ impl World {
                     server_id: None,
                     renews: None,
                     certified_server_required: false,
+                    max_borrow_days: 0,
+                    grace_minutes: 0,
                     issued_at: ms(start - DAY_MS),
                 },
                 &vendor,
@@ -935,6 +937,7 @@ impl World {
                     user: "user".into(),
                     host: station.name.clone(),
                     lease_ttl_ms: self.config.lease_ttl_ms,
+                    borrow_ms: 0,
                 };
                 match self.apply(i, command) {
                     Outcome::LeaseGranted { lease, created } => {

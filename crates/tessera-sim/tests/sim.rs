@@ -257,6 +257,7 @@ impl Node {
                 user: "u".into(),
                 host: "h".into(),
                 lease_ttl_ms: TTL,
+                borrow_ms: 0,
             },
         )
     }
@@ -276,6 +277,8 @@ fn donor_and_receiver(licenses: u32) -> (Node, Node) {
             server_id: None,
             renews: None,
             certified_server_required: false,
+            max_borrow_days: 0,
+            grace_minutes: 0,
             issued_at: Timestamp::from_millisecond(T0 - HOUR).unwrap(),
         },
         &vendor(),

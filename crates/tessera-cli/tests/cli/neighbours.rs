@@ -838,6 +838,7 @@ fn a_server_without_the_component_redirects_stations_to_the_neighbour_serving_it
             host: "ws".into(),
             nonce: String::new(),
             holder_key: String::new(),
+            borrow_hours: 0,
         };
         let (lease, created) = client.checkout(&request("ws-1")).await.unwrap();
         assert!(created);

@@ -1,0 +1,109 @@
+//! Borrowed licenses kept on the station: the signed lease answer of a borrowing, stored in a
+//! file so the application can run offline until the borrowing ends.
+//!
+//! A stored borrowing is only a cache of what the server signed: it is checked again, against
+//! the vendor's root key, each time it is used ([`crate::Client::borrowed`]). An edited file
+//! fails the signature, one copied from another machine names another station, and an
+//! expired one is refused (and removed).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tessera_api::Lease;
+
+/// A per-user state directory: `$<override_var>` if set, else `$XDG_STATE_HOME/tessera/<name>`,
+/// else `~/.local/state/tessera/<name>`. `None` without any of them.
+pub fn state_dir(override_var: &str, name: &str) -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os(override_var).filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(dir));
+    }
+    if let Some(state) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(state).join("tessera").join(name));
+    }
+    let home = std::env::var_os("HOME").filter(|d| !d.is_empty())?;
+    Some(PathBuf::from(home).join(".local/state/tessera").join(name))
+}
+
+/// Writes `text` to `path` readable by its owner only, replacing it at once (a crash leaves
+/// the old file or the new one, never half of one).
+pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let temporary = path.with_extension("tmp");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(&temporary)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path)
+}
+
+/// One borrowing as stored: the server's answer (token, key, certificate, grant, secret), the
+/// nonce the checkout sent, and the server that granted it (for the early return).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Borrowed {
+    pub lease: Lease,
+    pub nonce: String,
+    /// The server to return the borrowing to (None: the client's hosts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
+}
+
+/// The borrowings of one user, a file per component, in one directory.
+#[derive(Clone, Debug)]
+pub struct BorrowStore {
+    dir: PathBuf,
+}
+
+impl BorrowStore {
+    pub fn new(dir: impl Into<PathBuf>) -> BorrowStore {
+        BorrowStore { dir: dir.into() }
+    }
+
+    /// `$TESSERA_BORROW_DIR`, else `$XDG_STATE_HOME/tessera/borrowed`, else
+    /// `~/.local/state/tessera/borrowed`.
+    pub fn default_dir() -> Option<PathBuf> {
+        state_dir("TESSERA_BORROW_DIR", "borrowed")
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The file of a component's borrowing (component names are plain: letters, digits,
+    /// `-`, `_`, `.`; anything else names no file).
+    fn file(&self, component: &str) -> Option<PathBuf> {
+        (tessera_core::key::is_name(component) && !component.starts_with('.'))
+            .then(|| self.dir.join(format!("{component}.borrow.json")))
+    }
+
+    pub fn save(&self, component: &str, borrowed: &Borrowed) -> std::io::Result<()> {
+        let path = self.file(component).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("component {component:?} is not a plain name"),
+            )
+        })?;
+        let text = serde_json::to_string_pretty(borrowed).expect("a lease serializes");
+        write_private(&path, &text)
+    }
+
+    /// The stored borrowing of a component, unchecked (see [`crate::Client::borrowed`]).
+    /// An unreadable or malformed file counts as none.
+    pub fn load(&self, component: &str) -> Option<Borrowed> {
+        let text = std::fs::read_to_string(self.file(component)?).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    pub fn remove(&self, component: &str) {
+        if let Some(path) = self.file(component) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
