@@ -204,6 +204,16 @@ const char *tessera_last_error(const struct TesseraContext *context);
 void tessera_free(struct TesseraContext *context);
 
 /**
+ * Frees a lease handle without returning a borrowing: the borrowing stays kept on this
+ * machine, and `tessera_checkout` of its component answers with it again. (A heartbeated
+ * lease is checked in, as by `tessera_checkin`.)
+ *
+ * # Safety
+ * `lease` comes from `tessera_checkout` or `tessera_borrow` and is not used afterwards.
+ */
+enum TesseraStatus tessera_lease_free(struct TesseraLease *lease);
+
+/**
  * Whether the license is a borrowing (1) or a lease heartbeated by the SDK (0).
  *
  * # Safety

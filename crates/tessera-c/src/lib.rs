@@ -480,6 +480,24 @@ pub unsafe extern "C" fn tessera_free(context: *mut TesseraContext) {
     drop(unsafe { Box::from_raw(context) });
 }
 
+/// Frees a lease handle without returning a borrowing: the borrowing stays kept on this
+/// machine, and `tessera_checkout` of its component answers with it again. (A heartbeated
+/// lease is checked in, as by `tessera_checkin`.)
+///
+/// # Safety
+/// `lease` comes from `tessera_checkout` or `tessera_borrow` and is not used afterwards.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn tessera_lease_free(lease: *mut TesseraLease) -> TesseraStatus {
+    if lease.is_null() {
+        return TesseraStatus::InvalidArgument;
+    }
+    // SAFETY: from `tessera_checkout` or `tessera_borrow`, given back once.
+    guarded(|| {
+        drop(unsafe { Box::from_raw(lease) });
+        TesseraStatus::Ok
+    })
+}
+
 /// Whether the license is a borrowing (1) or a lease heartbeated by the SDK (0).
 ///
 /// # Safety

@@ -32,8 +32,8 @@ fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// Compiles the example against the header and the shared library.
-fn compile(out: &Path) -> PathBuf {
+/// Compiles `examples/c/<name>.c` against the header and the shared library.
+fn compile(out: &Path, name: &str) -> PathBuf {
     let lib_dir = target_dir();
     let library = lib_dir.join("libtessera.so");
     let built = std::fs::metadata(&library).and_then(|m| m.modified());
@@ -46,9 +46,9 @@ fn compile(out: &Path) -> PathBuf {
          rlib, so run cargo build -p tessera-c first (scripts/check.sh does)",
         library.display()
     );
-    let program = out.join("hold");
+    let program = out.join(name);
     let status = Command::new("cc")
-        .arg(workspace().join("examples/c/hold.c"))
+        .arg(workspace().join(format!("examples/c/{name}.c")))
         .arg("-I")
         .arg(workspace().join("include"))
         .arg("-L")
@@ -154,14 +154,14 @@ impl Program {
         Program::spawn(Program::python_command("hold.py"), vendor_key, servers)
     }
 
-    /// `examples/python/borrow.py ACTION…`, keeping borrowings in `borrow_dir`.
-    fn python_borrow(
+    /// A borrow example (`command`) run with `ACTION…`, keeping borrowings in `borrow_dir`.
+    fn borrow(
+        mut command: Command,
         vendor_key: &str,
         servers: &str,
         borrow_dir: &Path,
         action: &[&str],
     ) -> Program {
-        let mut command = Program::python_command("borrow.py");
         command.env("TESSERA_BORROW_DIR", borrow_dir);
         let mut program = Program::spawn_with(command, vendor_key, servers, action);
         drop(program.child.stdin.take());
@@ -231,7 +231,7 @@ impl Drop for Program {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_c_program_holds_a_verified_lease_across_a_server_restart_and_checks_in() {
     let dir = tempfile::tempdir().unwrap();
-    let program = compile(dir.path());
+    let program = compile(dir.path(), "hold");
     let vendor = vendor();
     let clock = ManualClock::new(now_ms());
     let data = dir.path().join("server");
@@ -288,7 +288,7 @@ async fn a_c_program_holds_a_verified_lease_across_a_server_restart_and_checks_i
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_c_program_refuses_a_server_running_on_a_customers_own_vendor_key() {
     let dir = tempfile::tempdir().unwrap();
-    let program = compile(dir.path());
+    let program = compile(dir.path(), "hold");
     // The customer made their own vendor key and issued themselves a key with it.
     let customer_vendor = SecretKey::from_seed([77; 32]);
     let clock = ManualClock::new(now_ms());
@@ -627,6 +627,26 @@ async fn a_lease_without_a_server_holds_for_the_keys_grace_then_is_lost() {
 /// returns it early when the server is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_program_borrows_a_license_uses_it_offline_and_returns_it() {
+    let program = Arc::new(|| Program::python_command("borrow.py"));
+    borrow_round_trip(program, "REFUSED borrow_not_allowed ", "borrowed=True").await;
+}
+
+/// `examples/c/borrow.c`, the same with the C library.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_c_program_borrows_a_license_uses_it_offline_and_returns_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = compile(dir.path(), "borrow");
+    let program = Arc::new(move || Command::new(&binary));
+    borrow_round_trip(program, "REFUSED 8 ", "borrowed=1").await;
+}
+
+/// Borrows (first beyond the key's limit: refused), uses the borrowing with the server down,
+/// returns it with the server back; `refused` and `flag` are how the program says so.
+async fn borrow_round_trip(
+    program: Arc<dyn Fn() -> Command + Send + Sync>,
+    refused: &'static str,
+    flag: &'static str,
+) {
     let dir = tempfile::tempdir().unwrap();
     let vendor = vendor();
     let clock = ManualClock::new(now_ms());
@@ -641,20 +661,18 @@ async fn a_python_program_borrows_a_license_uses_it_offline_and_returns_it() {
     let root = vendor.public_key().to_base64();
     let url = running.url();
     let borrow_dir = dir.path().join("borrowed");
-    let run = {
-        let (root, url, borrow_dir) = (root.clone(), url.clone(), borrow_dir.clone());
-        move |action: &'static [&'static str], prefix: &'static str| {
-            let (root, url, borrow_dir) = (root.clone(), url.clone(), borrow_dir.clone());
-            tokio::task::spawn_blocking(move || {
-                let mut program = Program::python_borrow(&root, &url, &borrow_dir, action);
-                let line = program.expect(prefix);
-                let code = program.child.wait().unwrap().code();
-                (line, code)
-            })
-        }
+    let run = move |action: &'static [&'static str], prefix: &'static str| {
+        let (root, url, borrow_dir, program) =
+            (root.clone(), url.clone(), borrow_dir.clone(), program.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut running = Program::borrow(program(), &root, &url, &borrow_dir, action);
+            let line = running.expect(prefix);
+            let code = running.child.wait().unwrap().code();
+            (line, code)
+        })
     };
     let (line, code) = run(&["borrow", "192"], "").await.unwrap();
-    assert!(line.starts_with("REFUSED borrow_not_allowed "), "{line}");
+    assert!(line.starts_with(refused), "{line}");
     assert_eq!(code, Some(2));
     let (line, code) = run(&["borrow", "24"], "BORROWED ").await.unwrap();
     assert_eq!(code, Some(0));
@@ -663,7 +681,7 @@ async fn a_python_program_borrows_a_license_uses_it_offline_and_returns_it() {
 
     running.shutdown().await;
     let (line, code) = run(&["use"], "LEASE ").await.unwrap();
-    assert_eq!(line, format!("LEASE {lease_id} borrowed=True"));
+    assert_eq!(line, format!("LEASE {lease_id} {flag}"));
     assert_eq!(code, Some(0));
 
     let running = server(&data, &vendor, &addr, &clock).await;
