@@ -196,7 +196,8 @@ enum TesseraStatus tessera_checkin(struct TesseraContext *context, struct Tesser
 const char *tessera_last_error(const struct TesseraContext *context);
 
 /**
- * Frees the context. Leases still held stop heartbeating (check them in first).
+ * Frees the context. The callback is never called after this. Leases still held keep
+ * their heartbeat until `tessera_checkin` or `tessera_lease_free` (check them in first).
  *
  * # Safety
  * `context` comes from `tessera_init` and is not used afterwards.

@@ -30,6 +30,7 @@ fn client_error(e: &ClientError) -> PyErr {
     let code = match e {
         ClientError::Transport { .. } => "unreachable",
         ClientError::Decode { .. } => "bad_answer",
+        ClientError::Invalid { .. } => "invalid_argument",
         other => other.code().unwrap_or("error"),
     };
     error(code, e.to_string())
@@ -147,6 +148,17 @@ impl Lease {
 
     fn held(&self) -> std::sync::MutexGuard<'_, Option<Held>> {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for Lease {
+    /// A lease dropped without `checkin()` is checked in, without the GIL: the SDK's thread
+    /// may be waiting for it to call `on_event`.
+    fn drop(&mut self) {
+        let held = self.held().take();
+        if let Some(held) = held {
+            Python::with_gil(|py| py.allow_threads(move || drop(held)));
+        }
     }
 }
 

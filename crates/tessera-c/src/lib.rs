@@ -224,6 +224,7 @@ impl TesseraContext {
             ClientError::Transport { .. } => TesseraStatus::Unreachable,
             ClientError::Untrusted { .. } => TesseraStatus::Untrusted,
             ClientError::Decode { .. } => TesseraStatus::Refused,
+            ClientError::Invalid { .. } => TesseraStatus::InvalidArgument,
             ClientError::Api { code, status, .. } => match code.as_str() {
                 "no_licenses_available" => TesseraStatus::NoLicenses,
                 "component_not_licensed" => TesseraStatus::NotLicensed,
@@ -467,7 +468,8 @@ pub extern "C" fn tessera_last_error(context: *const TesseraContext) -> *const c
     LAST_ERROR.with(|error| error.borrow().as_ptr())
 }
 
-/// Frees the context. Leases still held stop heartbeating (check them in first).
+/// Frees the context. The callback is never called after this. Leases still held keep
+/// their heartbeat until `tessera_checkin` or `tessera_lease_free` (check them in first).
 ///
 /// # Safety
 /// `context` comes from `tessera_init` and is not used afterwards.
@@ -476,8 +478,13 @@ pub unsafe extern "C" fn tessera_free(context: *mut TesseraContext) {
     if context.is_null() {
         return;
     }
-    // SAFETY: from `tessera_init`, given back once.
-    drop(unsafe { Box::from_raw(context) });
+    guarded(|| {
+        // SAFETY: from `tessera_init`, given back once.
+        let context = unsafe { Box::from_raw(context) };
+        let mut slot = context.callback.lock().unwrap_or_else(|e| e.into_inner());
+        slot.function = None;
+        TesseraStatus::Ok
+    });
 }
 
 /// Frees a lease handle without returning a borrowing: the borrowing stays kept on this

@@ -498,12 +498,14 @@ async fn a_borrowed_license_runs_offline_until_returned_and_nothing_else_can_fak
     assert_eq!(offline, (true, lease_id.clone(), None));
 
     // Another station's borrowing (a file copied from another machine) is refused.
-    let stored = BorrowStore::new(&store_dir).load("cad").unwrap();
+    // Kept for this vendor only.
+    let kept = BorrowStore::new(&store_dir).for_vendor(Some(&root));
+    let stored = kept.load("cad").unwrap();
     let app = Client::new(&url, None).verifying(root);
     let copied = app.borrowed(&stored, "cad", "another-machine").unwrap_err();
     assert_eq!(copied.code(), Some("lease_untrusted"));
     assert!(copied.to_string().contains("(station)"), "{copied}");
-    // An edited borrow file (a later end) is refused and dropped: no server, no license.
+    // An edited borrow file (a later end) is refused: no server, no license.
     let edited_dir = dir.path().join("edited");
     let mut edited = stored.clone();
     edited.lease.expires_at = Timestamp::from_millisecond(now_ms() + 400 * 86_400_000).unwrap();
@@ -517,7 +519,8 @@ async fn a_borrowed_license_runs_offline_until_returned_and_nothing_else_can_fak
     );
     assert_ne!(longer, token_json);
     edited.lease.lease_token = Some(format!("{}.{signature}", base64_url_encode(&longer)));
-    BorrowStore::new(&edited_dir).save("cad", &edited).unwrap();
+    let edited_store = BorrowStore::new(&edited_dir).for_vendor(Some(&root));
+    edited_store.save("cad", &edited).unwrap();
     let refused = tokio::task::spawn_blocking({
         let (root, url, edited_dir) = (root, url.clone(), edited_dir.clone());
         move || {
@@ -532,7 +535,8 @@ async fn a_borrowed_license_runs_offline_until_returned_and_nothing_else_can_fak
     .await
     .unwrap();
     assert_eq!(refused.code(), None, "unreachable, not served: {refused}");
-    assert!(BorrowStore::new(&edited_dir).load("cad").is_none());
+    // Not used, and not removed either (only an ended borrowing is).
+    assert!(edited_store.load("cad").is_some());
 
     // Back online: returned early, the seat is free again and the file gone.
     let running = server(&data, &vendor, &addr, &clock).await;
@@ -548,7 +552,7 @@ async fn a_borrowed_license_runs_offline_until_returned_and_nothing_else_can_fak
     .unwrap();
     let admin = Client::new(&running.url(), Some(running.state.admin_token.clone()));
     assert!(admin.status().await.unwrap().leases.is_empty());
-    assert!(BorrowStore::new(&store_dir).load("cad").is_none());
+    assert!(kept.load("cad").is_none());
     let (lease, created) = admin.checkout(&other).await.unwrap();
     assert!(created, "{lease:?}");
 }
@@ -567,8 +571,9 @@ fn base64_url_encode(json: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
 }
 
-/// Grace: with no server to renew it, a lease stays held past its end for the key's
-/// `grace_minutes` (the reconnect event firing meanwhile), then it is lost.
+/// Grace: with no server to renew it, a lease stays held for the key's `grace_minutes` past
+/// the time it should have been renewed (the reconnect event firing meanwhile), then it is
+/// lost. The server counts the seat through the grace.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_without_a_server_holds_for_the_keys_grace_then_is_lost() {
     let dir = tempfile::tempdir().unwrap();
@@ -599,6 +604,9 @@ async fn a_lease_without_a_server_holds_for_the_keys_grace_then_is_lost() {
     };
     let (lease, _) = app.checkout(&request).await.unwrap();
     let expires = lease.expires_at.as_millisecond();
+    // The server counts the seat through the grace (3 s of lease, 10 minutes of grace).
+    let counted = expires - lease.renewed_at.as_millisecond();
+    assert_eq!(counted, 3_000 + 10 * 60_000);
     let events = Arc::new(std::sync::Mutex::new(Vec::<GuardEvent>::new()));
     let guard = LeaseGuard::start_with_events(app.clone(), lease, {
         let events = events.clone();
@@ -610,17 +618,18 @@ async fn a_lease_without_a_server_holds_for_the_keys_grace_then_is_lost() {
     let reconnecting = |e: &GuardEvent| matches!(e, GuardEvent::Reconnecting { .. });
     let lost = |e: &GuardEvent| matches!(e, GuardEvent::Lost { .. });
     eventually("reconnecting", || count(reconnecting) >= 1).await;
-    // Past the lease's end, inside the grace: still held, still reconnecting.
-    app_now.store(expires + 9 * 60_000, std::sync::atomic::Ordering::SeqCst);
+    // Long past the time it should have been renewed, inside the grace: still held, still
+    // reconnecting.
+    app_now.store(expires - 60_000, std::sync::atomic::Ordering::SeqCst);
     let before = count(reconnecting);
     eventually("two more tries", || count(reconnecting) >= before + 2).await;
     assert_eq!(count(lost), 0);
     assert_eq!(guard.lost(), None);
     // The grace is over: lost.
-    app_now.store(expires + 10 * 60_000, std::sync::atomic::Ordering::SeqCst);
+    app_now.store(expires, std::sync::atomic::Ordering::SeqCst);
     eventually("lost", || count(lost) == 1).await;
     let reason = guard.lost().unwrap();
-    assert!(reason.contains("grace of 10 minutes"), "{reason}");
+    assert!(reason.contains("grace of 10 minutes included"), "{reason}");
 }
 
 /// `examples/python/borrow.py`: borrows with a server, uses the borrowing with none, and
@@ -662,8 +671,12 @@ async fn borrow_round_trip(
     let url = running.url();
     let borrow_dir = dir.path().join("borrowed");
     let run = move |action: &'static [&'static str], prefix: &'static str| {
-        let (root, url, borrow_dir, program) =
-            (root.clone(), url.clone(), borrow_dir.clone(), program.clone());
+        let (root, url, borrow_dir, program) = (
+            root.clone(),
+            url.clone(),
+            borrow_dir.clone(),
+            program.clone(),
+        );
         tokio::task::spawn_blocking(move || {
             let mut running = Program::borrow(program(), &root, &url, &borrow_dir, action);
             let line = running.expect(prefix);

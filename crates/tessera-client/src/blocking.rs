@@ -71,16 +71,19 @@ impl Client {
                 url: String::new(),
                 message: format!("cannot start the SDK's thread: {error}"),
             })?;
+        let borrows = BorrowStore::default_dir()
+            .map(|dir| BorrowStore::new(dir).for_vendor(client.vendor_root.as_ref()));
         Ok(Client {
             runtime: Arc::new(runtime),
             client,
             station: crate::station_identity(),
             user: std::env::var("USER").unwrap_or_default(),
-            borrows: BorrowStore::default_dir().map(BorrowStore::new),
+            borrows,
         })
     }
 
-    /// Keeps borrowings in `store` (None: borrowing is not used).
+    /// Keeps borrowings in `store`, in a directory of its own for this vendor (None:
+    /// borrowing is not used).
     pub fn with_borrow_store(mut self, store: Option<BorrowStore>) -> Client {
         self.set_borrow_store(store);
         self
@@ -88,7 +91,7 @@ impl Client {
 
     /// [`Client::with_borrow_store`] in place.
     pub fn set_borrow_store(&mut self, store: Option<BorrowStore>) {
-        self.borrows = store;
+        self.borrows = store.map(|store| store.for_vendor(self.client.vendor_root.as_ref()));
     }
 
     /// This machine's station identity, sent with every checkout.
@@ -165,11 +168,19 @@ impl Client {
     /// keeps it in the borrow store: until it ends, [`Client::checkout`] of the component
     /// answers with it, without a server. [`Held::checkin`] returns it early.
     pub fn borrow(&self, component: &str, hours: u32) -> Result<Held, ClientError> {
+        let Some(store) = &self.borrows else {
+            return Err(ClientError::Invalid {
+                message: "nowhere to keep a borrowing: set TESSERA_BORROW_DIR (or HOME)".into(),
+            });
+        };
+        if hours == 0 {
+            return Err(ClientError::Invalid {
+                message: "a borrowing lasts at least one hour".into(),
+            });
+        }
         let request = self.request(component);
         let stored = self.runtime.block_on(self.client.borrow(&request, hours))?;
-        if let Some(store) = &self.borrows
-            && let Err(error) = store.save(component, &stored)
-        {
+        if let Err(error) = store.save(component, &stored) {
             // Not kept: give the seat back rather than hold it where nobody can use it.
             let _ = self.runtime.block_on(self.client.return_borrowed(&stored));
             return Err(ClientError::Transport {
@@ -180,15 +191,18 @@ impl Client {
         Ok(self.held_borrowing(component, stored))
     }
 
-    /// The borrowing kept for `component`, if it still checks out; one that does not (ended,
-    /// edited, another machine's, another vendor's) is removed.
+    /// The borrowing kept for `component`, if it still checks out. One that does not
+    /// (edited, another machine's, a clock far behind) is not used; only one that has ended
+    /// is removed.
     fn stored_borrowing(&self, component: &str) -> Option<Held> {
         let store = self.borrows.as_ref()?;
         let stored = store.load(component)?;
         match self.client.borrowed(&stored, component, &self.station) {
             Ok(_) => Some(self.held_borrowing(component, stored)),
             Err(_) => {
-                store.remove(component);
+                if stored.lease.expires_at.as_millisecond() <= self.client.clock.now_ms() {
+                    store.remove(component);
+                }
                 None
             }
         }
@@ -209,8 +223,9 @@ impl Client {
 
 /// A license held: a lease heartbeated in the background, or a borrowing.
 pub struct Held {
-    runtime: Arc<tokio::runtime::Runtime>,
+    // Fields drop in order: the lease before the runtime it runs on.
     kind: Kind,
+    runtime: Arc<tokio::runtime::Runtime>,
 }
 
 enum Kind {

@@ -76,6 +76,14 @@ impl BorrowStore {
         &self.dir
     }
 
+    /// The part of this store for one vendor (a directory named by its key's fingerprint):
+    /// applications of two vendors licensing a component of the same name never touch each
+    /// other's borrowings.
+    pub fn for_vendor(&self, vendor: Option<&tessera_core::PublicKey>) -> BorrowStore {
+        let name = vendor.map_or_else(|| "unverified".to_string(), |key| key.fingerprint());
+        BorrowStore::new(self.dir.join(name))
+    }
+
     /// The file of a component's borrowing (component names are plain: letters, digits,
     /// `-`, `_`, `.`; anything else names no file).
     fn file(&self, component: &str) -> Option<PathBuf> {

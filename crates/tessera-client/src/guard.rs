@@ -17,8 +17,8 @@ const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GuardEvent {
     /// A heartbeat could not reach any server: the guard keeps trying, telling this at each
-    /// failed try. The lease holds until its expiry plus the key's `grace_minutes`; then it
-    /// is [`GuardEvent::Lost`].
+    /// failed try. The lease holds until its end, which includes the key's `grace_minutes`
+    /// (the server counts the seat through it); then it is [`GuardEvent::Lost`].
     Reconnecting { error: String },
     /// A heartbeat went through again after [`GuardEvent::Reconnecting`].
     Reconnected,
@@ -136,25 +136,13 @@ fn report_failed_drop_checkin(lease_id: &str, error: &ClientError) {
     eprintln!("tessera-client: checkin of lease {lease_id} on drop failed: {error}");
 }
 
-/// How long past its expiry the application may keep a lease it cannot renew: the key's
-/// `grace_minutes` (the key as the server sent it; with a verifying client, the key checked
-/// against the vendor's root).
-fn grace_ms(lease: &Lease) -> i64 {
+/// The key's `grace_minutes`, for the lost-lease message (the key as the server sent it).
+fn grace_minutes(lease: &Lease) -> i64 {
     lease
         .license_key
         .as_ref()
         .and_then(|key| key.get("payload")?.get("grace_minutes")?.as_i64())
         .unwrap_or(0)
-        .clamp(0, i64::from(tessera_core::key::GRACE_MINUTES_MAX))
-        * 60_000
-}
-
-/// When a lease that cannot be renewed is lost: its expiry plus the key's grace.
-fn held_until_ms(lease: &Lease) -> i64 {
-    lease
-        .expires_at
-        .as_millisecond()
-        .saturating_add(grace_ms(lease))
 }
 
 async fn heartbeat_loop(
@@ -180,17 +168,14 @@ async fn heartbeat_loop(
                 }
                 wait = interval;
             }
-            Err(error @ (ClientError::Api { .. } | ClientError::Untrusted { .. }))
-                if matches!(
-                    error.code(),
-                    Some(
-                        "lease_not_found"
-                            | "lease_untrusted"
-                            | "lease_secret_wrong"
-                            | "lease_secret_required"
-                    )
-                ) =>
-            {
+            // The server refused to renew it (gone, another holder's, no seat left for it), or
+            // the answer does not check out: lost. Only unreachable servers and 5xx retry.
+            Err(
+                error @ (ClientError::Api {
+                    status: 400..=499, ..
+                }
+                | ClientError::Untrusted { .. }),
+            ) => {
                 let reason = error.to_string();
                 shared.lock().unwrap_or_else(|e| e.into_inner()).lost = Some(reason.clone());
                 events(&GuardEvent::Lost { reason });
@@ -203,12 +188,13 @@ async fn heartbeat_loop(
                     .lease
                     .clone()
                     .expect("a guard always holds its lease");
-                let until = held_until_ms(&lease);
-                if client.clock.now_ms() >= until {
-                    let grace = grace_ms(&lease) / 60_000;
+                // The lease's end includes the key's grace: the server counts the seat that
+                // long, so the application may run until then without a server.
+                if client.clock.now_ms() >= lease.expires_at.as_millisecond() {
                     let reason = format!(
-                        "no server could be reached to renew the lease: it ended at {} and the key's grace of {grace} minutes is over ({error})",
-                        lease.expires_at
+                        "no server could be reached to renew the lease: it ended at {}, the key's grace of {} minutes included ({error})",
+                        lease.expires_at,
+                        grace_minutes(&lease)
                     );
                     shared.lock().unwrap_or_else(|e| e.into_inner()).lost = Some(reason.clone());
                     events(&GuardEvent::Lost { reason });

@@ -59,6 +59,9 @@ pub enum ClientError {
     /// check that failed (`key`, `signature`, `nonce`, `expired`, `certificate`, …).
     #[error("lease_untrusted ({check}): {message}")]
     Untrusted { check: String, message: String },
+    /// The call cannot be made as asked (nothing was sent): the message says why.
+    #[error("invalid_argument: {message}")]
+    Invalid { message: String },
 }
 
 impl ClientError {
@@ -68,6 +71,7 @@ impl ClientError {
         match self {
             ClientError::Api { code, .. } => Some(code),
             ClientError::Untrusted { .. } => Some("lease_untrusted"),
+            ClientError::Invalid { .. } => Some("invalid_argument"),
             _ => None,
         }
     }
@@ -199,7 +203,9 @@ fn try_elsewhere(error: &ClientError) -> bool {
                     "no_quorum" | "not_primary" | "unavailable" | "pair_recovering"
                 )
         }
-        ClientError::Decode { .. } | ClientError::Untrusted { .. } => false,
+        ClientError::Decode { .. }
+        | ClientError::Untrusted { .. }
+        | ClientError::Invalid { .. } => false,
     }
 }
 

@@ -868,7 +868,8 @@ impl Ledger {
                 return *refused;
             }
             let record = &self.keys[&*self.leases[&lease_id].key_id];
-            let until = self.lease_cap(record, Some(&lease_id), at, at + request.wanted_ms());
+            let wanted = at + request.wanted_ms() + grace_ms(record);
+            let until = self.lease_cap(record, Some(&lease_id), at, wanted);
             let shared = record.component(component).cloned();
             let lease = self.extend_lease(&lease_id, at, until);
             if let Some(shared) = shared
@@ -917,7 +918,8 @@ impl Ledger {
                 },
             };
         }
-        let expires_at_ms = self.lease_cap(chosen, None, at, at + request.wanted_ms());
+        let wanted = at + request.wanted_ms() + grace_ms(chosen);
+        let expires_at_ms = self.lease_cap(chosen, None, at, wanted);
         let share = self.new_lease_share(chosen, at).expect("chosen for it");
         // A station already indexed shares its name with the index entry.
         let station = self
@@ -1442,11 +1444,12 @@ impl Ledger {
             return *refused;
         }
         let lease = &self.leases[lease_id];
+        let record = &self.keys[&*lease.key_id];
         let until = self.lease_cap(
-            &self.keys[&*lease.key_id],
+            record,
             Some(lease_id),
             at,
-            at + lease_ttl_ms,
+            at + lease_ttl_ms + grace_ms(record),
         );
         let lease = self.extend_lease(lease_id, at, until);
         Outcome::LeaseRenewed {
@@ -3121,6 +3124,14 @@ impl CheckoutRequest<'_> {
     fn wanted_ms(&self) -> i64 {
         self.lease_ttl_ms.max(self.borrow_ms)
     }
+}
+
+/// A lease of `record` is counted this long past the time its station must renew it: the
+/// key's `grace_minutes`, during which the application keeps running without a server (the
+/// SDK holds a lease until its token's end, which includes it). So the seat is never given
+/// to another station while the application may still run on it.
+fn grace_ms(record: &KeyRecord) -> i64 {
+    i64::from(record.key.payload.grace_minutes) * 60_000
 }
 
 /// Whether `record` allows a borrowing of `borrow_ms` (0: not a borrowing, always allowed).

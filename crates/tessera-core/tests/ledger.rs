@@ -292,6 +292,40 @@ fn a_borrowing_the_key_does_not_allow_is_refused_and_changes_nothing() {
 }
 
 #[test]
+fn a_lease_of_a_key_with_grace_keeps_its_seat_through_the_grace() {
+    let mut ledger = ledger();
+    let payload = LicenseKeyPayload {
+        grace_minutes: 10,
+        ..key("k1", &["cad"], 1, BASE_MS + 30 * DAY_MS).payload
+    };
+    import(&mut ledger, LicenseKey::sign(payload, &vendor()).unwrap());
+    let Outcome::LeaseGranted { lease, .. } =
+        ledger.apply(&at(BASE_MS, checkout("l1", "a", "cad")))
+    else {
+        panic!()
+    };
+    // The station's application may run until then without a server: the seat stays taken.
+    assert_eq!(lease.expires_at_ms, BASE_MS + TTL_MS + 10 * 60_000);
+    ledger.apply(&at(BASE_MS + 5 * 60_000, Command::Expire));
+    let refused = refusal(ledger.apply(&at(BASE_MS + 5 * 60_000, checkout("l2", "b", "cad"))));
+    assert_eq!(refused.code(), "no_licenses_available");
+    let heartbeat = Command::Heartbeat {
+        lease_id: "l1".into(),
+        lease_ttl_ms: TTL_MS,
+    };
+    let Outcome::LeaseRenewed { lease, .. } = ledger.apply(&at(BASE_MS + 6 * 60_000, heartbeat))
+    else {
+        panic!()
+    };
+    assert_eq!(
+        lease.expires_at_ms,
+        BASE_MS + 6 * 60_000 + TTL_MS + 10 * 60_000
+    );
+    ledger.apply(&at(lease.expires_at_ms, Command::Expire));
+    assert_eq!(ledger.lease_count(), 0);
+}
+
+#[test]
 fn a_borrowing_never_outlives_its_key() {
     let mut ledger = ledger();
     import(&mut ledger, borrowing_key("k1", 1, BASE_MS + 2 * DAY_MS, 7));
