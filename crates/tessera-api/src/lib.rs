@@ -60,6 +60,10 @@ pub struct Lease {
     pub expires_at: Timestamp,
     /// Send a heartbeat at least this often to keep the lease.
     pub heartbeat_interval_s: u64,
+    /// A borrowing: no heartbeat needed until `expires_at`; only its holder returns it
+    /// early (an administrator's release is refused with `lease_borrowed`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub borrowed: bool,
     /// The holder's credential: send it as `x-lease-secret` with every heartbeat and checkin.
     /// Given with a new lease, and with an existing one only to its holder (the request
     /// carries the secret, or the same non-empty `host` fingerprint). Never in listings.

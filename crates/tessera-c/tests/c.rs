@@ -469,6 +469,12 @@ async fn a_borrowed_license_runs_offline_until_returned_and_nothing_else_can_fak
     .unwrap();
     let hours = (expires.as_millisecond() - now_ms()) as f64 / 3_600_000.0;
     assert!((47.9..=48.0).contains(&hours), "{hours} h");
+    // The customer's administrator can neither take it back nor remove its key meanwhile.
+    assert!(admin.status().await.unwrap().leases[0].borrowed);
+    let refused = admin.force_release(&lease_id).await.unwrap_err();
+    assert_eq!(refused.code(), Some("lease_borrowed"), "{refused}");
+    let refused = admin.remove_key("lend").await.unwrap_err();
+    assert_eq!(refused.code(), Some("key_has_borrowings"), "{refused}");
     // Held on the server for two days with no heartbeat: the only seat is taken.
     clock.advance_ms(24 * 3600 * 1000);
     running.state.tick().await.unwrap();

@@ -220,6 +220,9 @@ pub struct LeaseView {
     pub issued_at_ms: i64,
     pub renewed_at_ms: i64,
     pub expires_at_ms: i64,
+    /// A borrowing: needs no heartbeat until it ends, and only its holder returns it early.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub borrowed: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -414,6 +417,8 @@ struct Lease {
     issued_at_ms: i64,
     renewed_at_ms: i64,
     expires_at_ms: i64,
+    /// A borrowing (see `LeaseView::borrowed`).
+    borrowed: bool,
 }
 
 impl Lease {
@@ -428,6 +433,7 @@ impl Lease {
             issued_at_ms: self.issued_at_ms,
             renewed_at_ms: self.renewed_at_ms,
             expires_at_ms: self.expires_at_ms,
+            borrowed: self.borrowed,
         }
     }
 }
@@ -467,6 +473,9 @@ pub struct LedgerSnapshot {
     /// Leases paid by a pair's backup share.
     #[serde(default)]
     pub backup_leases: Vec<String>,
+    /// Leases that are borrowings (kept beside the lease rows, whose format predates them).
+    #[serde(default)]
+    pub borrowed_leases: Vec<String>,
     /// Per share, the latest epoch of a host's alone state merged (`MergeAlone`).
     #[serde(default)]
     pub pair_merged_epochs: BTreeMap<Share, u64>,
@@ -536,6 +545,8 @@ mod lease_rows {
                 issued_at_ms: r.6,
                 renewed_at_ms: r.7,
                 expires_at_ms: r.8,
+                // Restored from `LedgerSnapshot::borrowed_leases`.
+                borrowed: false,
             })
             .collect())
     }
@@ -657,9 +668,8 @@ impl Ledger {
                 lease_id,
                 lease_ttl_ms,
             } => self.heartbeat(lease_id, *lease_ttl_ms, at),
-            Command::Checkin { lease_id } | Command::ForceRelease { lease_id } => {
-                self.release(lease_id)
-            }
+            Command::Checkin { lease_id } => self.release(lease_id),
+            Command::ForceRelease { lease_id } => self.force_release(lease_id),
             Command::Expire => Outcome::Expired {
                 leases_ended: ended,
             },
@@ -778,6 +788,22 @@ impl Ledger {
                 },
             };
         }
+        // Borrowings run offline until their end: removing the key (and adding it again)
+        // must not free their seats meanwhile.
+        let borrowed_until = self
+            .leases
+            .values()
+            .filter(|lease| lease.borrowed && &*lease.key_id == key_id)
+            .map(|lease| lease.expires_at_ms)
+            .max();
+        if let Some(until_ms) = borrowed_until {
+            return Outcome::Refused {
+                refusal: Refusal::KeyHasBorrowings {
+                    key_id: key_id.into(),
+                    until_ms,
+                },
+            };
+        }
         let leases_ended = self.end_leases_of(key_id);
         // Its donations go with it: receivers keep their grants until they run out.
         self.donations.retain(|(from, _), _| from != key_id);
@@ -872,6 +898,7 @@ impl Ledger {
             let until = self.lease_cap(record, Some(&lease_id), at, wanted);
             let shared = record.component(component).cloned();
             let lease = self.extend_lease(&lease_id, at, until);
+            lease.borrowed |= request.borrow_ms > 0;
             if let Some(shared) = shared
                 && let Err(position) = lease.components.binary_search(&shared)
             {
@@ -937,6 +964,7 @@ impl Ledger {
             issued_at_ms: at,
             renewed_at_ms: at,
             expires_at_ms,
+            borrowed: request.borrow_ms > 0,
         };
         let view = lease.view();
         let id = lease.id.clone();
@@ -1455,6 +1483,22 @@ impl Ledger {
         Outcome::LeaseRenewed {
             lease: lease.view(),
         }
+    }
+
+    /// An administrator takes a lease back; not a borrowing, which its application holds
+    /// offline until its end: freeing its seat would let two stations use one license.
+    fn force_release(&mut self, lease_id: &str) -> Outcome {
+        if let Some(lease) = self.leases.get(lease_id)
+            && lease.borrowed
+        {
+            return Outcome::Refused {
+                refusal: Refusal::LeaseBorrowed {
+                    lease_id: lease_id.into(),
+                    until_ms: lease.expires_at_ms,
+                },
+            };
+        }
+        self.release(lease_id)
     }
 
     fn release(&mut self, lease_id: &str) -> Outcome {
@@ -2632,6 +2676,7 @@ impl Ledger {
                 .map(|id| id.to_string())
                 .collect(),
             pair_merged_epochs: self.pair.merged_epochs.clone(),
+            borrowed_leases: self.borrowed_lease_ids(),
         }
     }
 
@@ -2654,6 +2699,7 @@ impl Ledger {
             pair_backup_percent: Option<u8>,
             backup_leases: Vec<&'a str>,
             pair_merged_epochs: &'a BTreeMap<Share, u64>,
+            borrowed_leases: Vec<String>,
         }
         fn compact_rows<S: serde::Serializer>(
             leases: &[&Lease],
@@ -2689,8 +2735,21 @@ impl Ledger {
             pair_backup_percent: self.pair.backup_percent,
             backup_leases: self.pair.backup_leases.iter().map(|id| &**id).collect(),
             pair_merged_epochs: &self.pair.merged_epochs,
+            borrowed_leases: self.borrowed_lease_ids(),
         };
         serde_json::to_vec(&snapshot).expect("the ledger serializes")
+    }
+
+    /// The ids of the borrowed leases, sorted.
+    fn borrowed_lease_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .leases
+            .values()
+            .filter(|lease| lease.borrowed)
+            .map(|lease| lease.id.to_string())
+            .collect();
+        ids.sort_unstable();
+        ids
     }
 
     fn snapshot_keys(&self) -> Vec<StoredKey> {
@@ -2737,7 +2796,7 @@ impl Ledger {
                 },
             );
         }
-        ledger.finish_restore(expiry, &snapshot.backup_leases);
+        ledger.finish_restore(expiry, &snapshot.backup_leases, &snapshot.borrowed_leases);
         ledger
     }
 
@@ -2783,6 +2842,8 @@ impl Ledger {
             backup_leases: Vec<String>,
             #[serde(default)]
             pair_merged_epochs: BTreeMap<Share, u64>,
+            #[serde(default)]
+            borrowed_leases: Vec<String>,
         }
         let snapshot: SnapshotIn<'_> = serde_json::from_slice(bytes)?;
         let mut ledger = Ledger::new(config);
@@ -2816,7 +2877,7 @@ impl Ledger {
                 },
             );
         }
-        ledger.finish_restore(expiry, &snapshot.backup_leases);
+        ledger.finish_restore(expiry, &snapshot.backup_leases, &snapshot.borrowed_leases);
         Ok(ledger)
     }
 
@@ -2855,9 +2916,19 @@ impl Ledger {
     }
 
     /// Builds the expiry index in one sorted bulk load, and checks the restored counts.
-    fn finish_restore(&mut self, mut expiry: Vec<(i64, Arc<str>)>, backup_leases: &[String]) {
+    fn finish_restore(
+        &mut self,
+        mut expiry: Vec<(i64, Arc<str>)>,
+        backup_leases: &[String],
+        borrowed_leases: &[String],
+    ) {
         expiry.sort_unstable();
         self.expiry = expiry.into_iter().collect();
+        for lease_id in borrowed_leases {
+            if let Some(lease) = self.leases.get_mut(lease_id.as_str()) {
+                lease.borrowed = true;
+            }
+        }
         for lease_id in backup_leases {
             if let Some(id) = self
                 .leases
@@ -2902,6 +2973,7 @@ impl Ledger {
             issued_at_ms,
             renewed_at_ms,
             expires_at_ms,
+            borrowed: false,
         };
         self.keys
             .get_mut(&*lease.key_id)

@@ -156,6 +156,16 @@ pub enum Refusal {
     },
     #[error("no donation of key {key_id} to {to}")]
     DonationNotFound { key_id: String, to: String },
+    #[error(
+        "lease {lease_id} is a borrowing: its application holds it offline until {}, so only its station can return it early (or it ends then)",
+        format_ms(*until_ms)
+    )]
+    LeaseBorrowed { lease_id: String, until_ms: i64 },
+    #[error(
+        "license key {key_id} has borrowed licenses running until {}: it can be removed once they are returned or have ended",
+        format_ms(*until_ms)
+    )]
+    KeyHasBorrowings { key_id: String, until_ms: i64 },
     #[error("{}", borrow_message(component, *requested_hours, *max_days))]
     BorrowNotAllowed {
         component: String,
@@ -163,6 +173,10 @@ pub enum Refusal {
         /// The longest borrowing any key covering the component allows (0: none does).
         max_days: u32,
     },
+}
+
+fn format_ms(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms).map_or_else(|_| ms.to_string(), |t| t.to_string())
 }
 
 fn borrow_message(component: &str, requested_hours: i64, max_days: u32) -> String {
@@ -218,6 +232,8 @@ impl Refusal {
             Refusal::NotEnoughLicenses { .. } => "not_enough_licenses",
             Refusal::DonationNotFound { .. } => "donation_not_found",
             Refusal::BorrowNotAllowed { .. } => "borrow_not_allowed",
+            Refusal::LeaseBorrowed { .. } => "lease_borrowed",
+            Refusal::KeyHasBorrowings { .. } => "key_has_borrowings",
         }
     }
 }

@@ -326,6 +326,54 @@ fn a_lease_of_a_key_with_grace_keeps_its_seat_through_the_grace() {
 }
 
 #[test]
+fn an_administrator_can_neither_take_back_a_borrowing_nor_remove_its_key_until_it_ends() {
+    let mut ledger = ledger();
+    import(
+        &mut ledger,
+        borrowing_key("k1", 1, BASE_MS + 30 * DAY_MS, 7),
+    );
+    ledger.apply(&at(BASE_MS, borrow("l1", "a", 7)));
+    assert!(ledger.lease("l1").unwrap().borrowed);
+    // Freeing the seat while the laptop runs offline would give one license to two stations.
+    let release = Command::ForceRelease {
+        lease_id: "l1".into(),
+    };
+    let refused = refusal(ledger.apply(&at(BASE_MS + 1, release.clone())));
+    assert_eq!(refused.code(), "lease_borrowed");
+    let remove = Command::RemoveKey {
+        key_id: "k1".into(),
+    };
+    let refused = refusal(ledger.apply(&at(BASE_MS + 1, remove.clone())));
+    assert_eq!(refused.code(), "key_has_borrowings");
+    // Also after a restart (the flag is in the snapshot, both ways of restoring it).
+    let config = ledger.config().clone();
+    let mut restored = Ledger::restore_json(config.clone(), &ledger.snapshot_json()).unwrap();
+    assert_eq!(
+        refusal(restored.apply(&at(BASE_MS + 2, release.clone()))).code(),
+        "lease_borrowed"
+    );
+    let mut restored = Ledger::restore(config, ledger.snapshot());
+    assert_eq!(
+        refusal(restored.apply(&at(BASE_MS + 2, remove.clone()))).code(),
+        "key_has_borrowings"
+    );
+    assert_eq!(ledger.snapshot().leases, restored.snapshot().leases);
+    // Its holder returns it early; then the key can go.
+    let returned = ledger.apply(&at(
+        BASE_MS + 3,
+        Command::Checkin {
+            lease_id: "l1".into(),
+        },
+    ));
+    assert!(
+        matches!(returned, Outcome::LeaseReleased { .. }),
+        "{returned:?}"
+    );
+    let removed = ledger.apply(&at(BASE_MS + 4, remove));
+    assert!(matches!(removed, Outcome::KeyRemoved { .. }), "{removed:?}");
+}
+
+#[test]
 fn a_borrowing_never_outlives_its_key() {
     let mut ledger = ledger();
     import(&mut ledger, borrowing_key("k1", 1, BASE_MS + 2 * DAY_MS, 7));

@@ -111,6 +111,9 @@ impl ApiError {
                     Refusal::NotEnoughLicenses { .. } => StatusCode::CONFLICT,
                     Refusal::DonationNotFound { .. } => StatusCode::NOT_FOUND,
                     Refusal::BorrowNotAllowed { .. } => StatusCode::FORBIDDEN,
+                    Refusal::LeaseBorrowed { .. } | Refusal::KeyHasBorrowings { .. } => {
+                        StatusCode::CONFLICT
+                    }
                 };
                 (status, refusal.code())
             }

@@ -920,6 +920,7 @@ mod tests {
             issued_at_ms: 0,
             renewed_at_ms: 0,
             expires_at_ms: 0,
+            borrowed: false,
         }
     }
 

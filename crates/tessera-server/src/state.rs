@@ -91,6 +91,7 @@ impl AppState {
             renewed_at: timestamp(lease.renewed_at_ms),
             expires_at: timestamp(lease.expires_at_ms),
             heartbeat_interval_s: self.config.heartbeat_interval_s(),
+            borrowed: lease.borrowed,
             lease_secret: None,
             lease_token: None,
             license_key: None,

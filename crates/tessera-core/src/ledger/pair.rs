@@ -451,6 +451,9 @@ impl Ledger {
             issued_at_ms: lease.issued_at_ms,
             renewed_at_ms: lease.renewed_at_ms,
             expires_at_ms: lease.expires_at_ms,
+            // A host serving alone keeps no borrowing flag in its journal: the merged lease
+            // counts until its end all the same.
+            borrowed: false,
         });
         self.tag(&id, share);
         Some(true)
