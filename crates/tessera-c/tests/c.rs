@@ -502,6 +502,39 @@ async fn a_borrowed_license_runs_offline_until_returned_and_nothing_else_can_fak
     .await
     .unwrap();
     assert_eq!(offline, (true, lease_id.clone(), None));
+    // Used a day later, then with the clock set back to today (to stretch the borrowing):
+    // the store remembers the latest time it saw, and the set-back clock is not trusted.
+    // (On a copy of the store: the rest of the test uses the real clock.)
+    let clock_dir = dir.path().join("clock-test");
+    let vendor_dir = BorrowStore::new(&store_dir)
+        .for_vendor(Some(&root))
+        .dir()
+        .to_path_buf();
+    let copy_dir = BorrowStore::new(&clock_dir)
+        .for_vendor(Some(&root))
+        .dir()
+        .to_path_buf();
+    std::fs::create_dir_all(&copy_dir).unwrap();
+    for entry in std::fs::read_dir(&vendor_dir).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), copy_dir.join(entry.file_name())).unwrap();
+    }
+    let at_offset = |offset_ms: i64| {
+        let (url, store_dir) = (url.clone(), clock_dir.clone());
+        tokio::task::spawn_blocking(move || {
+            let app = Client::new(&url, None)
+                .verifying(root)
+                .with_clock(Arc::new(move || now_ms() + offset_ms));
+            blocking::Client::from_async(app)
+                .unwrap()
+                .with_borrow_store(Some(BorrowStore::new(&store_dir)))
+                .checkout("cad", false, None)
+                .map(|held| held.is_borrowed())
+        })
+    };
+    assert!(at_offset(24 * 3_600_000).await.unwrap().unwrap());
+    let set_back = at_offset(0).await.unwrap().unwrap_err();
+    assert_eq!(set_back.code(), None, "unreachable, not served: {set_back}");
 
     // Another station's borrowing (a file copied from another machine) is refused.
     // Kept for this vendor only.

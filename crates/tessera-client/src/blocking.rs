@@ -180,6 +180,7 @@ impl Client {
         }
         let request = self.request(component);
         let stored = self.runtime.block_on(self.client.borrow(&request, hours))?;
+        store.latest_seen(self.client.clock.now_ms());
         if let Err(error) = store.save(component, &stored) {
             // Not kept: give the seat back rather than hold it where nobody can use it.
             let _ = self.runtime.block_on(self.client.return_borrowed(&stored));
@@ -197,6 +198,11 @@ impl Client {
     fn stored_borrowing(&self, component: &str) -> Option<Held> {
         let store = self.borrows.as_ref()?;
         let stored = store.load(component)?;
+        let now = self.client.clock.now_ms();
+        if now + (crate::CLOCK_TOLERANCE.as_millis() as i64) < store.latest_seen(now) {
+            // The clock was set back since a borrowing was last used: not one to trust.
+            return None;
+        }
         match self.client.borrowed(&stored, component, &self.station) {
             Ok(_) => Some(self.held_borrowing(component, stored)),
             Err(_) => {

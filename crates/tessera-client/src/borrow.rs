@@ -109,6 +109,23 @@ impl BorrowStore {
         serde_json::from_str(&text).ok()
     }
 
+    /// The latest application time this store has seen (milliseconds; 0: none), and records
+    /// `now_ms` if it is later. A clock set back before that is the way to stretch a
+    /// borrowing, so such a clock is refused ([`crate::Client::borrowed`]'s caller checks).
+    /// It does not catch a clock stopped at one time, or a customer who deletes this file
+    /// too: the most either gives is the borrowing's own length again.
+    pub fn latest_seen(&self, now_ms: i64) -> i64 {
+        let path = self.dir.join("clock");
+        let seen = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|text| text.trim().parse::<i64>().ok())
+            .unwrap_or(0);
+        if now_ms > seen {
+            let _ = write_private(&path, &now_ms.to_string());
+        }
+        seen
+    }
+
     pub fn remove(&self, component: &str) {
         if let Some(path) = self.file(component) {
             let _ = std::fs::remove_file(path);

@@ -154,10 +154,22 @@ async fn heartbeat_loop(
 ) {
     let mut wait = interval;
     let mut reconnecting = false;
+    // How long the lease has left, measured on the monotonic clock from its last renewal:
+    // setting the date back does not stretch it.
+    let left_ms = |lease: &Lease| lease.expires_at.as_millisecond() - client.clock.now_ms();
+    let first = shared
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .lease
+        .as_ref()
+        .map(&left_ms)
+        .unwrap_or(0);
+    let mut renewed = (client.clock.monotonic_ms(), first);
     loop {
         tokio::time::sleep(wait).await;
         match client.heartbeat(&lease_id).await {
             Ok(lease) => {
+                renewed = (client.clock.monotonic_ms(), left_ms(&lease));
                 {
                     let mut shared = shared.lock().unwrap_or_else(|e| e.into_inner());
                     shared.lease = Some(lease);
@@ -190,7 +202,10 @@ async fn heartbeat_loop(
                     .expect("a guard always holds its lease");
                 // The lease's end includes the key's grace: the server counts the seat that
                 // long, so the application may run until then without a server.
-                if client.clock.now_ms() >= lease.expires_at.as_millisecond() {
+                let (renewed_at, left) = renewed;
+                if client.clock.now_ms() >= lease.expires_at.as_millisecond()
+                    || client.clock.monotonic_ms() - renewed_at >= left
+                {
                     let reason = format!(
                         "no server could be reached to renew the lease: it ended at {}, the key's grace of {} minutes included ({error})",
                         lease.expires_at,

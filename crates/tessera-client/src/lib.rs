@@ -91,6 +91,20 @@ impl AppClock {
                 .map_or(0, |d| d.as_millis() as i64),
         }
     }
+
+    /// Milliseconds on a clock that only moves forward (the system's monotonic clock, which
+    /// setting the date does not change; a given clock stands in for it in tests): for
+    /// measuring how long the application has gone without a server.
+    fn monotonic_ms(&self) -> i64 {
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        match &self.0 {
+            Some(clock) => clock(),
+            None => START
+                .get_or_init(std::time::Instant::now)
+                .elapsed()
+                .as_millis() as i64,
+        }
+    }
 }
 
 impl std::fmt::Debug for AppClock {

@@ -894,7 +894,11 @@ impl Ledger {
                 return *refused;
             }
             let record = &self.keys[&*self.leases[&lease_id].key_id];
-            let wanted = at + request.wanted_ms() + grace_ms(record);
+            let wanted = self.borrow_cap(
+                record,
+                &request,
+                at + request.wanted_ms() + grace_ms(record),
+            );
             let until = self.lease_cap(record, Some(&lease_id), at, wanted);
             let shared = record.component(component).cloned();
             let lease = self.extend_lease(&lease_id, at, until);
@@ -945,7 +949,11 @@ impl Ledger {
                 },
             };
         }
-        let wanted = at + request.wanted_ms() + grace_ms(chosen);
+        let wanted = self.borrow_cap(
+            chosen,
+            &request,
+            at + request.wanted_ms() + grace_ms(chosen),
+        );
         let expires_at_ms = self.lease_cap(chosen, None, at, wanted);
         let share = self.new_lease_share(chosen, at).expect("chosen for it");
         // A station already indexed shares its name with the index entry.
@@ -974,6 +982,24 @@ impl Ledger {
             lease: view,
             created: true,
         }
+    }
+
+    /// A borrowing is checked offline by the application against what came with it, so it
+    /// ends when that stops checking out: a donated license with the grant it was given
+    /// under, a key bound to this server (or requiring a certified one) with this server's
+    /// certificate (the 366-day rule).
+    fn borrow_cap(&self, record: &KeyRecord, request: &CheckoutRequest<'_>, wanted: i64) -> i64 {
+        if request.borrow_ms == 0 {
+            return wanted;
+        }
+        if let Some(received) = &record.received {
+            return wanted.min(received.usable_until_ms);
+        }
+        let payload = &record.key.payload;
+        if payload.server_id.is_some() || payload.certified_server_required {
+            return wanted.min(self.sync.deadline_ms().unwrap_or(i64::MAX));
+        }
+        wanted
     }
 
     fn begin_sync(&mut self, nonce: &str, at: i64) -> Outcome {

@@ -1187,3 +1187,23 @@ prop_state_machine! {
     #[test]
     fn ledger_matches_the_reference_model(sequential 1..60 => LedgerUnderTest);
 }
+
+#[test]
+fn a_borrowing_ends_when_the_servers_certificate_does() {
+    // The application checks a bound key's borrowing offline against this server's
+    // certificate: a borrowing past it would hold a seat nobody can use.
+    let payload = LicenseKeyPayload {
+        max_borrow_days: 7,
+        ..key_for("bound", &["cad"], 1, BASE_MS + 800 * DAY_MS, Some("srv-1")).payload
+    };
+    let bound = LicenseKey::sign(payload, &vendor()).unwrap();
+    let mut ledger = synced_with_renewals(bound, vec![]);
+    let deadline = ledger.sync_state().deadline_ms().unwrap();
+    assert_eq!(deadline, BASE_MS + 366 * DAY_MS);
+    let Outcome::LeaseGranted { lease, .. } =
+        ledger.apply(&at(deadline - 2 * DAY_MS, borrow("l1", "a", 7)))
+    else {
+        panic!()
+    };
+    assert_eq!(lease.expires_at_ms, deadline);
+}
