@@ -19,6 +19,8 @@ pub struct AuthorityConfig {
     /// Holds vendor.key, vendor.pub, admin.token and authority.sqlite; created if missing.
     pub data_dir: PathBuf,
     pub clock: Arc<dyn Clock>,
+    /// Serve HTTPS with this certificate chain and key (PEM), reloaded when they change.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// The wall clock, for production.
@@ -39,16 +41,26 @@ pub struct RunningAuthority {
     pub data_dir: PathBuf,
     shutdown: watch::Sender<bool>,
     http: JoinHandle<()>,
+    /// Reloads the TLS certificate (HTTPS only).
+    tls_watch: Option<JoinHandle<()>>,
 }
 
 impl RunningAuthority {
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls_watch.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Stops accepting, lets in-flight requests finish (each is one committed transaction or
     /// none), then closes the database.
     pub async fn shutdown(self) {
+        if let Some(watch) = self.tls_watch {
+            watch.abort();
+        }
         let _ = self.shutdown.send(true);
         let _ = self.http.await;
     }
@@ -59,8 +71,24 @@ pub async fn start(
     listener: TcpListener,
     config: AuthorityConfig,
 ) -> Result<RunningAuthority, AuthorityError> {
-    let AuthorityConfig { data_dir, clock } = config;
+    let AuthorityConfig {
+        data_dir,
+        clock,
+        tls,
+    } = config;
     let addr = listener.local_addr().map_err(AuthorityError::Listen)?;
+    let tls_failed = |error: tessera_tls::TlsError| {
+        AuthorityError::Listen(std::io::Error::other(error.to_string()))
+    };
+    let tls = match tls {
+        Some((cert, key)) => Some(tessera_tls::ServerTls::load(&cert, &key).map_err(tls_failed)?),
+        None => None,
+    };
+    let acceptor = tls
+        .as_ref()
+        .map(|tls| tls.acceptor())
+        .transpose()
+        .map_err(tls_failed)?;
     // Key files and migrations are blocking work; keep them off the async threads.
     let (data, database) = tokio::task::spawn_blocking(move || {
         let data = DataDir::open_or_init(&data_dir)?;
@@ -84,13 +112,26 @@ pub async fn start(
         let signal = async move {
             let _ = shutdown_rx.wait_for(|stop| *stop).await;
         };
-        if let Err(error) = axum::serve(listener, app)
-            .with_graceful_shutdown(signal)
-            .await
-        {
+        let served = match acceptor {
+            Some(acceptor) => match tessera_tls::TlsListener::new(listener, acceptor) {
+                Ok(listener) => {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(signal)
+                        .await
+                }
+                Err(error) => Err(error),
+            },
+            None => {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(signal)
+                    .await
+            }
+        };
+        if let Err(error) = served {
             tracing::error!(%error, "authority HTTP server failed");
         }
     });
+    let tls_watch = tls.map(|tls| tls.watch(std::time::Duration::from_secs(2)));
     tracing::info!(%addr, vendor_key = %vendor_public_key.fingerprint(), "vendor authority listening");
     Ok(RunningAuthority {
         addr,
@@ -99,5 +140,6 @@ pub async fn start(
         data_dir: data.path,
         shutdown,
         http,
+        tls_watch,
     })
 }

@@ -166,6 +166,7 @@ async fn start(dir: &TempDir, clock: Arc<ManualClock>) -> RunningAuthority {
         AuthorityConfig {
             data_dir: dir.path().to_path_buf(),
             clock,
+            tls: None,
         },
     )
     .await

@@ -132,9 +132,9 @@ fn print_summary(summary: &tessera_api::SyncSummary) {
 pub async fn run_sync(args: SyncArgs) -> anyhow::Result<()> {
     let remote = &args.remote;
     match args.command {
-        None => print_summary(&client(remote).sync_now().await?),
+        None => print_summary(&client(remote)?.sync_now().await?),
         Some(SyncCommand::Export { out }) => {
-            let request = client(remote).export_sync_request().await?;
+            let request = client(remote)?.export_sync_request().await?;
             std::fs::write(&out, request)
                 .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
             println!(
@@ -143,12 +143,12 @@ pub async fn run_sync(args: SyncArgs) -> anyhow::Result<()> {
             );
         }
         Some(SyncCommand::Import { file }) => print_summary(
-            &client(remote)
+            &client(remote)?
                 .import_sync_response(read_file(&file)?)
                 .await?,
         ),
         Some(SyncCommand::Status { json }) => {
-            let status = client(remote).sync_status().await?;
+            let status = client(remote)?.sync_status().await?;
             if json {
                 return print_json(&status);
             }
@@ -176,8 +176,8 @@ pub async fn run_sync(args: SyncArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn client(remote: &Remote) -> Client {
-    Client::new(&remote.server, remote.token.clone())
+fn client(remote: &Remote) -> anyhow::Result<Client> {
+    remote.client()
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
@@ -186,7 +186,7 @@ fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
 }
 
 pub async fn run_keys(command: KeysCommand, remote: &Remote) -> anyhow::Result<()> {
-    let client = client(remote);
+    let client = client(remote)?;
     match command {
         KeysCommand::Add { file } => {
             let imported = client.import_key(read_file(&file)?).await?;
@@ -291,7 +291,7 @@ pub async fn run_keys(command: KeysCommand, remote: &Remote) -> anyhow::Result<(
 }
 
 pub async fn run_lease(command: LeaseCommand, remote: &Remote) -> anyhow::Result<()> {
-    let client = client(remote);
+    let client = client(remote)?;
     match command {
         LeaseCommand::Checkout {
             component,
@@ -337,7 +337,7 @@ pub async fn run_lease(command: LeaseCommand, remote: &Remote) -> anyhow::Result
 }
 
 pub async fn run_events(json: bool, remote: &Remote) -> anyhow::Result<()> {
-    let events = client(remote).events().await?;
+    let events = client(remote)?.events().await?;
     if json {
         return print_json(&events);
     }
@@ -354,7 +354,7 @@ pub async fn run_events(json: bool, remote: &Remote) -> anyhow::Result<()> {
 }
 
 pub async fn run_status(json: bool, remote: &Remote) -> anyhow::Result<()> {
-    let status = client(remote).status().await?;
+    let status = client(remote)?.status().await?;
     if json {
         return print_json(&status);
     }

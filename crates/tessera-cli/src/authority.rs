@@ -36,6 +36,12 @@ pub struct AuthorityArgs {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:7450")]
     pub listen: String,
+    /// Serve HTTPS with this certificate chain (PEM), with --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Where the authority is and how to prove you are the vendor.
@@ -52,6 +58,9 @@ pub struct AuthorityRemote {
         hide_env_values = true
     )]
     pub token: Option<String>,
+    /// A CA certificate (PEM) to trust for an https:// authority, besides the system's roots.
+    #[arg(long, env = "TESSERA_CA", global = true)]
+    pub ca: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -198,13 +207,16 @@ pub enum KeyCommand {
 /// Entry point for `tessera authority ...`.
 pub async fn run(args: AuthorityArgs) -> anyhow::Result<()> {
     match args.command {
-        None => serve(args.data, &args.listen).await,
+        None => {
+            let tls = args.tls_cert.zip(args.tls_key);
+            serve(args.data, &args.listen, tls).await
+        }
         Some(command) => run_command(command, &mut std::io::stdout()).await,
     }
 }
 
 /// Runs the service until Ctrl-C.
-async fn serve(data: PathBuf, listen: &str) -> anyhow::Result<()> {
+async fn serve(data: PathBuf, listen: &str, tls: Option<(PathBuf, PathBuf)>) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -213,6 +225,7 @@ async fn serve(data: PathBuf, listen: &str) -> anyhow::Result<()> {
         AuthorityConfig {
             data_dir: data.clone(),
             clock: Arc::new(SystemClock),
+            tls,
         },
     )
     .await?;
@@ -545,7 +558,7 @@ struct Remote {
 impl Remote {
     fn new(remote: &AuthorityRemote) -> anyhow::Result<Remote> {
         Ok(Remote {
-            http: reqwest::Client::builder()
+            http: tessera_tls::client_builder(remote.ca.as_deref())?
                 .timeout(std::time::Duration::from_secs(60))
                 .build()
                 .context("cannot build the HTTP client")?,

@@ -33,7 +33,7 @@ pub enum DomainCommand {
 }
 
 pub async fn run(command: DomainCommand, remote: &Remote) -> anyhow::Result<()> {
-    let client = Client::new(&remote.server, remote.token.clone());
+    let client = remote.client()?;
     match command {
         DomainCommand::AddHost { host, address } => {
             let hosts = client.add_host(host, &address).await?;

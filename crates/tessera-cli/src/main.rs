@@ -55,6 +55,21 @@ pub struct Remote {
     /// The admin token (DATA/admin.token).
     #[arg(long, env = "TESSERA_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
+    /// A CA certificate (PEM) to trust for https:// servers, besides the system's roots
+    /// (`tessera tls init` writes ca.pem).
+    #[arg(long, env = "TESSERA_CA", global = true)]
+    pub ca: Option<std::path::PathBuf>,
+}
+
+impl Remote {
+    /// The SDK client for `--server`, with `--token` and `--ca`.
+    pub fn client(&self) -> anyhow::Result<tessera_client::Client> {
+        let client = tessera_client::Client::new(&self.server, self.token.clone());
+        Ok(match &self.ca {
+            Some(ca) => client.with_ca_file(ca)?,
+            None => client,
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -142,6 +157,47 @@ enum Command {
     /// Console administrators.
     #[command(subcommand)]
     Admin(report::AdminCommand),
+    /// TLS certificates: a private CA and a server certificate, for sites without a PKI.
+    #[command(subcommand)]
+    Tls(TlsCommand),
+}
+
+#[derive(Subcommand)]
+enum TlsCommand {
+    /// Make a private CA (or reuse the one in --out) and a server certificate for the names
+    /// and addresses the server is reached by; writes ca.pem, ca.key, server.pem, server.key.
+    Init {
+        /// The directory to write to.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Host names and IP addresses, comma-separated: localhost,licenses.example,10.0.0.5.
+        #[arg(long, value_delimiter = ',', required = true)]
+        name: Vec<String>,
+    },
+}
+
+fn run_tls(command: TlsCommand) -> anyhow::Result<()> {
+    match command {
+        TlsCommand::Init { out, name } => {
+            let written = tessera_tls::init(&out, &name)?;
+            println!(
+                "CA certificate (clients trust it: --ca, TESSERA_CA): {}",
+                written.ca.display()
+            );
+            println!(
+                "CA key (keep it private; issues the next certificates): {}",
+                written.ca_key.display()
+            );
+            println!("server certificate: {}", written.cert.display());
+            println!("server key: {}", written.key.display());
+            println!(
+                "serve with: tessera server --tls-cert {} --tls-key {}",
+                written.cert.display(),
+                written.key.display()
+            );
+            Ok(())
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -213,6 +269,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Report { command, remote } => report::run_report(command, &remote).await,
         Command::Audit { command, remote } => report::run_audit(command, &remote).await,
         Command::Admin(command) => report::run_admin(command),
+        Command::Tls(command) => run_tls(command),
     }
 }
 

@@ -41,12 +41,12 @@ pub enum NeighboursCommand {
     Identity,
 }
 
-fn client(remote: &Remote) -> Client {
-    Client::new(&remote.server, remote.token.clone())
+fn client(remote: &Remote) -> anyhow::Result<Client> {
+    remote.client()
 }
 
 pub async fn run_donate(args: DonateArgs) -> anyhow::Result<()> {
-    let client = client(&args.remote);
+    let client = client(&args.remote)?;
     let donation = if args.end {
         client.end_donation(&args.key, &args.to).await?
     } else {
@@ -60,7 +60,7 @@ pub async fn run_donate(args: DonateArgs) -> anyhow::Result<()> {
 }
 
 pub async fn run(command: NeighboursCommand, remote: &Remote) -> anyhow::Result<()> {
-    let client = client(remote);
+    let client = client(remote)?;
     match command {
         NeighboursCommand::Identity => {
             let identity = client.identity().await?;

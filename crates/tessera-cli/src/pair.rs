@@ -1,7 +1,6 @@
 //! `tessera pair enable|disable|sync|status`: a redundant pair (docs/pair.md).
 
 use clap::Subcommand;
-use tessera_client::Client;
 
 use crate::Remote;
 
@@ -31,7 +30,7 @@ pub enum PairCommand {
 }
 
 pub async fn run(command: PairCommand, remote: &Remote) -> anyhow::Result<()> {
-    let client = Client::new(&remote.server, remote.token.clone());
+    let client = remote.client()?;
     let (status, json) = match command {
         PairCommand::Enable {
             backup,

@@ -61,7 +61,8 @@ async fn admin_get(remote: &Remote, path_and_query: &str) -> anyhow::Result<Stri
         .as_deref()
         .ok_or_else(|| anyhow::anyhow!("this needs the admin token: --token or TESSERA_TOKEN"))?;
     let url = format!("{}{path_and_query}", base_url(remote));
-    let response = reqwest::Client::new()
+    let response = tessera_tls::client_builder(remote.ca.as_deref())?
+        .build()?
         .get(&url)
         .bearer_auth(token)
         .send()

@@ -58,6 +58,17 @@ pub struct ServerArgs {
     /// Threads serving requests and running consensus [default: one per CPU core].
     #[arg(long)]
     worker_threads: Option<usize>,
+    /// Serve HTTPS with this certificate chain (PEM; `tessera tls init` makes one), with
+    /// --tls-key. Reloaded when the file changes or on SIGHUP.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// A CA (PEM) to trust, besides the system's roots, when this server calls others over
+    /// HTTPS (authority, neighbours, webhooks) [env: TESSERA_CA].
+    #[arg(long = "tls-ca", env = "TESSERA_CA")]
+    tls_ca: Option<PathBuf>,
     /// For tests of real processes: a clock that moves only by `POST /v1/test/clock`.
     #[arg(long, hide = true)]
     test_clock: bool,
@@ -113,6 +124,12 @@ impl ServerArgs {
         }
         if self.worker_threads.is_some() {
             config.worker_threads = self.worker_threads;
+        }
+        if let (Some(cert), Some(key)) = (self.tls_cert, self.tls_key) {
+            config.tls = Some((cert, key));
+        }
+        if self.tls_ca.is_some() {
+            config.tls_ca = self.tls_ca;
         }
         if self.test_clock {
             config.test_clock = Some(tessera_server::clock::ManualClock::new(

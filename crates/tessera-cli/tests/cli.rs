@@ -12,6 +12,7 @@ fn tessera(args: &[&str]) -> Output {
         .env_remove("TESSERA_TOKEN")
         .env_remove("TESSERA_SERVER")
         .env_remove("TESSERA_LEASE_SECRET")
+        .env_remove("TESSERA_CA")
         // Lease secrets stored by `lease checkout` (one file per lease id, unique per test).
         .env(
             "TESSERA_LEASE_DIR",
@@ -717,6 +718,8 @@ mod neighbours;
 mod nemesis;
 #[path = "cli/pair.rs"]
 mod pair;
+#[path = "cli/tls.rs"]
+mod tls;
 
 /// Automatic renewal at a key's end (the manual's outcome 3): a renewal key bought in advance,
 /// valid from the old key's end, is allocated by the update; a station heartbeating on the

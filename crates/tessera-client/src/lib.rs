@@ -185,6 +185,25 @@ pub struct Client {
     /// against it ([`Client::verifying`]).
     vendor_root: Option<tessera_core::PublicKey>,
     clock: AppClock,
+    /// Why the HTTP client could not be set up as asked (`$TESSERA_CA` unreadable): every
+    /// call fails with it.
+    setup_error: Option<String>,
+}
+
+/// The HTTP client of the SDK: HTTPS (rustls) trusting the system's roots and `ca` (`None`:
+/// `$TESSERA_CA`, if set); `exactly`: not reading the environment.
+fn http_client(ca: Option<&std::path::Path>, exactly: bool) -> Result<reqwest::Client, String> {
+    let builder = if exactly {
+        tessera_tls::client_builder_exactly(ca)
+    } else {
+        tessera_tls::client_builder(ca)
+    };
+    builder
+        .map_err(|e| e.to_string())?
+        .timeout(Duration::from_secs(10))
+        .connect_timeout(Duration::from_secs(1))
+        .build()
+        .map_err(|e| e.to_string())
 }
 
 /// The header carrying a lease's secret on heartbeat and checkin.
@@ -235,13 +254,17 @@ impl Client {
         Client::with_hosts(hosts, token)
     }
 
-    /// A client over several hosts, tried in the given order.
+    /// A client over several hosts, tried in the given order. HTTPS trusts the system's
+    /// roots plus the CA in `$TESSERA_CA`, if set ([`Client::with_ca_file`] names one).
     pub fn with_hosts(hosts: Vec<String>, token: Option<String>) -> Client {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .connect_timeout(Duration::from_secs(1))
-            .build()
-            .expect("a client without TLS always builds");
+        let (http, setup_error) = match http_client(None, false) {
+            Ok(http) => (http, None),
+            // `$TESSERA_CA` cannot be read: every call says so.
+            Err(error) => (
+                http_client(None, true).unwrap_or_default(),
+                Some(format!("{}: {error}", tessera_tls::CA_ENV)),
+            ),
+        };
         let hosts = hosts
             .into_iter()
             .map(|url| url.trim_end_matches('/').to_string())
@@ -259,7 +282,17 @@ impl Client {
             secrets: Arc::default(),
             vendor_root: None,
             clock: AppClock(None),
+            setup_error,
         }
+    }
+
+    /// This client trusting the CA (PEM) in `path` for HTTPS, besides the system's roots
+    /// (`--ca` of the CLI).
+    pub fn with_ca_file(mut self, path: &std::path::Path) -> Result<Client, ClientError> {
+        self.http =
+            http_client(Some(path), true).map_err(|message| ClientError::Invalid { message })?;
+        self.setup_error = None;
+        Ok(self)
     }
 
     /// A client of exactly the hosts given, which never learns others: for tools and tests
@@ -415,6 +448,11 @@ impl Client {
         extra: Option<(&'static str, &str)>,
     ) -> Result<Reply, ClientError> {
         let url = format!("{base_url}{path}");
+        if let Some(message) = &self.setup_error {
+            return Err(ClientError::Invalid {
+                message: message.clone(),
+            });
+        }
         let mut request = self.http.request(method, &url);
         if let Some((name, value)) = extra {
             request = request.header(name, value);

@@ -50,6 +50,13 @@ pub struct ConfigFile {
     /// Threads that serve requests and run consensus (default: one per CPU core). Set it
     /// lower when several hosts, or other busy services, share one machine.
     pub worker_threads: Option<usize>,
+    /// Serve HTTPS with this certificate chain (PEM, the server's certificate first)…
+    pub tls_cert: Option<PathBuf>,
+    /// …and its private key (PEM). Both reload when the files change or on SIGHUP.
+    pub tls_key: Option<PathBuf>,
+    /// A CA (PEM) this server trusts, besides the system's roots, when it calls others over
+    /// HTTPS: the authority, neighbours, the primary it forwards to, webhooks.
+    pub tls_ca: Option<PathBuf>,
 }
 
 /// A console user: `name` and an argon2 PHC string (`tessera admin hash-password`).
@@ -128,6 +135,10 @@ pub struct ServerConfig {
     /// Tests of real processes only (`tessera server --test-clock`): the server's clock is
     /// this manual clock, moved by `POST /v1/test/clock` with the admin token.
     pub test_clock: Option<crate::clock::ManualClock>,
+    /// HTTPS: the certificate chain and key files (`tls_cert`, `tls_key`).
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// See `ConfigFile::tls_ca`.
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -151,6 +162,8 @@ impl Default for ServerConfig {
             licenses: Default::default(),
             worker_threads: None,
             test_clock: None,
+            tls: None,
+            tls_ca: None,
         }
     }
 }
@@ -194,6 +207,18 @@ impl ServerConfig {
         if file.worker_threads.is_some() {
             self.worker_threads = file.worker_threads;
         }
+        match (file.tls_cert, file.tls_key) {
+            (Some(cert), Some(key)) => self.tls = Some((base.join(cert), base.join(key))),
+            (None, None) => {}
+            _ => {
+                return Err(StartError::Config {
+                    message: "tls_cert and tls_key go together: give both, or neither".into(),
+                });
+            }
+        }
+        if let Some(ca) = file.tls_ca {
+            self.tls_ca = Some(base.join(ca));
+        }
         if let Some(limit) = file.body_limit_bytes {
             self.body_limit_bytes = limit;
         }
@@ -233,6 +258,11 @@ impl ServerConfig {
     }
 
     pub fn validate(&self) -> Result<(), StartError> {
+        if self.tls.is_some() && (self.domain.is_some() || self.domain_secret.is_some()) {
+            return Err(StartError::Config {
+                message: "HTTPS (tls_cert, tls_key) is not available yet for the hosts of a domain or a redundant pair (domain_secret): their peer traffic is HTTP authenticated by the domain secret. Serve them on a private network, or put a TLS-terminating proxy in front".into(),
+            });
+        }
         let ttl_ms = self.lease_ttl.as_millis();
         if !(3_000..=tessera_core::ledger::LEASE_TTL_MS_MAX as u128).contains(&ttl_ms) {
             return Err(StartError::Config {

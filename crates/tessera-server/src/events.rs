@@ -94,13 +94,14 @@ impl Notifier {
         rules: Vec<NotificationRule>,
         earlier: Vec<Event>,
         store: NotificationLog,
+        http: reqwest::Client,
     ) -> Notifier {
         let queue = if rules
             .iter()
             .any(|r| r.webhook.is_some() || r.hook.is_some())
         {
             let (sender, receiver) = mpsc::channel(DELIVERY_QUEUE_MAX);
-            tokio::spawn(deliver_all(rules, receiver));
+            tokio::spawn(deliver_all(rules, receiver, http));
             Some(sender)
         } else {
             None
@@ -170,8 +171,13 @@ impl Notifier {
     }
 }
 
-async fn deliver_all(rules: Vec<NotificationRule>, mut receiver: mpsc::Receiver<Event>) {
-    let client = reqwest::Client::new();
+/// Delivers events to their webhooks (with `client`: HTTPS trusting the system's roots and
+/// the server's `tls_ca`) and hooks.
+async fn deliver_all(
+    rules: Vec<NotificationRule>,
+    mut receiver: mpsc::Receiver<Event>,
+    client: reqwest::Client,
+) {
     while let Some(event) = receiver.recv().await {
         let body = serde_json::to_vec(&event).expect("events serialize");
         for rule in rules.iter().filter(|rule| rule.matches(&event.kind)) {

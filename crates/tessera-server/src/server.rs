@@ -40,11 +40,18 @@ pub struct RunningServer {
     http: JoinHandle<()>,
     timers: Option<JoinHandle<()>>,
     pair: Option<JoinHandle<()>>,
+    /// Reloads the TLS certificate (HTTPS only).
+    tls_watch: Option<JoinHandle<()>>,
 }
 
 impl RunningServer {
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls_watch.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Stops serving, waits for in-flight requests, then shuts consensus down.
@@ -56,6 +63,9 @@ impl RunningServer {
         let _ = self.shutdown.send(true);
         if let Some(timers) = self.timers {
             timers.abort();
+        }
+        if let Some(watch) = self.tls_watch {
+            watch.abort();
         }
         let _ = self.http.await;
         self.state.consensus.shutdown().await;
@@ -95,6 +105,13 @@ pub async fn start(
         run_timers,
     } = options;
     config.validate()?;
+    let tls_error = |error: tessera_tls::TlsError| StartError::Config {
+        message: error.to_string(),
+    };
+    let tls = match &config.tls {
+        Some((cert, key)) => Some(tessera_tls::ServerTls::load(cert, key).map_err(tls_error)?),
+        None => None,
+    };
     let trusted_vendors = load_trusted_vendors(&config)?;
     let data = DataDir::open_or_init(&config.data_dir)?;
     let addr = listener.local_addr().map_err(|source| StartError::Listen {
@@ -148,6 +165,16 @@ pub async fn start(
         message: error.message,
     };
     let history = crate::history::History::start(&config.data_dir).map_err(history_error)?;
+    // One client for every call this server makes over HTTP(S): the authority, neighbours,
+    // webhooks (HTTPS trusting the system's roots and `tls_ca`).
+    let http = tessera_tls::client_builder(config.tls_ca.as_deref())
+        .map_err(tls_error)?
+        .no_proxy()
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .build()
+        .map_err(|e| StartError::Config {
+            message: format!("HTTP client: {e}"),
+        })?;
     let notifier = crate::events::Notifier::start(
         config.server_id.clone(),
         config.domain.as_ref().map(|domain| domain.host),
@@ -160,6 +187,7 @@ pub async fn start(
                 Vec::new()
             }),
         history.notification_log(),
+        http.clone(),
     );
     let pair = crate::pair::Pair::new(config.data_dir.clone());
     let state: SharedState = Arc::new(AppState {
@@ -178,13 +206,7 @@ pub async fn start(
         links: Default::default(),
         served: Default::default(),
         pair,
-        http: reqwest::Client::builder()
-            .no_proxy()
-            .connect_timeout(std::time::Duration::from_secs(3))
-            .build()
-            .map_err(|e| StartError::Config {
-                message: format!("HTTP client: {e}"),
-            })?,
+        http: http.clone(),
     });
     // A single host (a one-voter group, which never needs them) does not serve the Raft RPC
     // routes at all; a domain serves them, each request authenticated by the domain secret.
@@ -196,14 +218,38 @@ pub async fn start(
         router = router.merge(consensus.router());
     }
     let (shutdown, mut shutdown_rx) = watch::channel(false);
+    let acceptor = tls
+        .as_ref()
+        .map(|tls| tls.acceptor())
+        .transpose()
+        .map_err(tls_error)?;
+    let tls_watch = tls.as_ref().map(|tls| tls.watch(TLS_RELOAD_PERIOD));
+    if tls.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "serving the admin API and the console in clear (HTTP) on an address that is not loopback: tokens and passwords cross the network readable; serve HTTPS with --tls-cert and --tls-key (tessera tls init makes them)"
+        );
+    }
     let http = tokio::spawn(async move {
         let signal = async move {
             let _ = shutdown_rx.wait_for(|stop| *stop).await;
         };
-        if let Err(error) = axum::serve(listener, router)
-            .with_graceful_shutdown(signal)
-            .await
-        {
+        let served = match acceptor {
+            Some(acceptor) => match tessera_tls::TlsListener::new(listener, acceptor) {
+                Ok(listener) => {
+                    axum::serve(listener, router)
+                        .with_graceful_shutdown(signal)
+                        .await
+                }
+                Err(error) => Err(error),
+            },
+            None => {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(signal)
+                    .await
+            }
+        };
+        if let Err(error) = served {
             tracing::error!(%error, "HTTP server failed");
         }
     });
@@ -217,7 +263,7 @@ pub async fn start(
             );
         })
     });
-    tracing::info!(%addr, "license server listening");
+    tracing::info!(%addr, tls = tls_watch.is_some(), "license server listening");
     Ok(RunningServer {
         addr,
         state,
@@ -225,8 +271,12 @@ pub async fn start(
         http,
         timers,
         pair,
+        tls_watch,
     })
 }
+
+/// How often the TLS certificate files are looked at for a change (SIGHUP reloads at once).
+const TLS_RELOAD_PERIOD: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The primary's timers: expiry and scheduled key updates in one loop, the links to
 /// neighbour servers in another, so a slow neighbour never delays expiry.

@@ -108,7 +108,8 @@ impl AppState {
             url: url.clone(),
             message,
         };
-        let response = reqwest::Client::new()
+        let response = self
+            .http
             .post(&url)
             .timeout(AUTHORITY_TIMEOUT)
             .json(&request)

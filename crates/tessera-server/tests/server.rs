@@ -865,6 +865,7 @@ async fn authority_with_a_server_id(
         tessera_authority::AuthorityConfig {
             data_dir: dir.join("authority"),
             clock: Arc::new(clock.clone()),
+            tls: None,
         },
     )
     .await

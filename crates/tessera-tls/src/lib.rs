@@ -87,9 +87,15 @@ pub fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, Tl
 /// A `reqwest` client builder speaking HTTPS with rustls (ring): the system's roots, plus the
 /// CA in `ca` (else `$TESSERA_CA`) when there is one.
 pub fn client_builder(ca: Option<&Path>) -> Result<reqwest::ClientBuilder, TlsError> {
+    client_builder_exactly(ca_file(ca).as_deref())
+}
+
+/// [`client_builder`] trusting the system's roots plus exactly `ca` (the environment is not
+/// read).
+pub fn client_builder_exactly(ca: Option<&Path>) -> Result<reqwest::ClientBuilder, TlsError> {
     provider();
     let mut builder = reqwest::Client::builder().tls_backend_rustls();
-    if let Some(path) = ca_file(ca) {
+    if let Some(path) = ca.map(Path::to_path_buf) {
         let text = std::fs::read(&path).map_err(|e| TlsError::Read {
             path: path.clone(),
             message: e.to_string(),
