@@ -237,14 +237,16 @@ pub async fn start(
         let served = match acceptor {
             Some(acceptor) => match tessera_tls::TlsListener::new(listener, acceptor) {
                 Ok(listener) => {
-                    axum::serve(listener, router)
+                    // `tap_io` makes the client address available as connect info.
+                    use axum::serve::ListenerExt;
+                    axum::serve(listener.tap_io(|_| {}), connected(router))
                         .with_graceful_shutdown(signal)
                         .await
                 }
                 Err(error) => Err(error),
             },
             None => {
-                axum::serve(listener, router)
+                axum::serve(listener, connected(router))
                     .with_graceful_shutdown(signal)
                     .await
             }
@@ -273,6 +275,13 @@ pub async fn start(
         pair,
         tls_watch,
     })
+}
+
+/// The router, told each request's client address (the console's login throttle).
+fn connected(
+    router: axum::Router,
+) -> axum::extract::connect_info::IntoMakeServiceWithConnectInfo<axum::Router, SocketAddr> {
+    router.into_make_service_with_connect_info::<SocketAddr>()
 }
 
 /// How often the TLS certificate files are looked at for a change (SIGHUP reloads at once).

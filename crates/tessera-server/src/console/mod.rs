@@ -59,6 +59,7 @@ pub fn router() -> Router<SharedState> {
         .route("/neighbours/donate", post(neighbours_donate))
         .route("/neighbours/end", post(neighbours_end))
         .layer(Extension(Arc::new(Sessions::default())))
+        .layer(Extension(Arc::new(LoginThrottle::default())))
 }
 
 /// A rendering failure is an internal error (templates are checked at compile time).
@@ -125,26 +126,145 @@ struct LoginForm {
     next: String,
 }
 
-/// Only local paths, so the login cannot redirect elsewhere.
+/// Only paths of this site, so the login cannot redirect elsewhere: one leading `/`, then
+/// visible ASCII without `\\`. Browsers drop tabs and line breaks from a URL and read `\\`
+/// as `/`, so `/%09/evil.example` or `/\\evil.example` would lead off-site.
 fn safe_next(next: Option<&str>) -> String {
     match next {
-        Some(path) if path.starts_with('/') && !path.starts_with("//") && !path.contains('\\') => {
+        Some(path)
+            if path.starts_with('/')
+                && !path[1..].starts_with('/')
+                && path.bytes().all(|b| b.is_ascii_graphic() && b != b'\\') =>
+        {
             path.to_string()
         }
         _ => "/".to_string(),
     }
 }
 
+/// Headers on every answer: no framing (clickjacking), no content sniffing, no referrer
+/// leaving the site, scripts only from the console's own assets; HSTS when serving HTTPS.
+pub async fn security_headers(
+    State(state): State<SharedState>,
+    mut response: Response,
+) -> Response {
+    let headers = response.headers_mut();
+    let mut set = |name: &'static str, value: &'static str| {
+        headers
+            .entry(name)
+            .or_insert(header::HeaderValue::from_static(value));
+    };
+    set(
+        "content-security-policy",
+        "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    );
+    set("x-frame-options", "DENY");
+    set("x-content-type-options", "nosniff");
+    set("referrer-policy", "no-referrer");
+    if state.config.tls.is_some() {
+        set("strict-transport-security", "max-age=31536000");
+    }
+    response
+}
+
+/// Failed console logins per client address: after [`LOGIN_FAILURES_MAX`] within
+/// [`LOGIN_WINDOW_MS`], the address gets 429 until the oldest failure leaves the window
+/// (even with the right token: guessing stops being cheap).
+pub const LOGIN_FAILURES_MAX: usize = 5;
+pub const LOGIN_WINDOW_MS: i64 = 60_000;
+/// Addresses remembered at most (the oldest entries go first).
+const LOGIN_ADDRESSES_MAX: usize = 10_000;
+
+#[derive(Debug, Default)]
+pub struct LoginThrottle {
+    failures: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, Vec<i64>>>,
+}
+
+impl LoginThrottle {
+    /// How long `address` must wait before trying again (None: it may try now).
+    fn wait_ms(&self, address: Option<std::net::IpAddr>, now_ms: i64) -> Option<i64> {
+        let address = address?;
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let times = failures.get_mut(&address)?;
+        times.retain(|at| now_ms - at < LOGIN_WINDOW_MS);
+        if times.len() < LOGIN_FAILURES_MAX {
+            return None;
+        }
+        Some(times[0] + LOGIN_WINDOW_MS - now_ms)
+    }
+
+    fn failed(&self, address: Option<std::net::IpAddr>, now_ms: i64) {
+        let Some(address) = address else {
+            return;
+        };
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        if failures.len() >= LOGIN_ADDRESSES_MAX && !failures.contains_key(&address) {
+            failures
+                .retain(|_, times| times.last().is_some_and(|at| now_ms - at < LOGIN_WINDOW_MS));
+            if failures.len() >= LOGIN_ADDRESSES_MAX {
+                let oldest = failures
+                    .iter()
+                    .min_by_key(|(_, times)| times.last().copied())
+                    .map(|(address, _)| *address);
+                if let Some(oldest) = oldest {
+                    failures.remove(&oldest);
+                }
+            }
+        }
+        failures.entry(address).or_default().push(now_ms);
+    }
+
+    fn succeeded(&self, address: Option<std::net::IpAddr>) {
+        if let Some(address) = address {
+            self.failures
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&address);
+        }
+    }
+}
+
+/// The client's address (present when the server is served with connect info).
+type PeerAddress = Option<Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>;
+
+fn ip_of(peer: &PeerAddress) -> Option<std::net::IpAddr> {
+    peer.as_ref().map(|info| info.0.0.ip())
+}
+
+fn too_many_logins(state: &SharedState, next: String, wait_ms: i64) -> Response {
+    let seconds = (wait_ms + 999) / 1000;
+    let mut response = login_form(
+        state,
+        next,
+        Some(format!(
+            "too many failed logins from this address: try again in {seconds} s"
+        )),
+        StatusCode::TOO_MANY_REQUESTS,
+    );
+    if let Ok(value) = header::HeaderValue::from_str(&seconds.to_string()) {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
+    }
+    response
+}
+
 async fn login_page(
     State(state): State<SharedState>,
     Extension(sessions): Extension<Arc<Sessions>>,
+    Extension(throttle): Extension<Arc<LoginThrottle>>,
+    peer: PeerAddress,
     Query(query): Query<LoginQuery>,
 ) -> Response {
     let next = safe_next(query.next.as_deref());
     if let Some(token) = query.token {
+        let (address, now_ms) = (ip_of(&peer), state.stamper.now_ms());
+        if let Some(wait_ms) = throttle.wait_ms(address, now_ms) {
+            return too_many_logins(&state, next, wait_ms);
+        }
         if session::token_matches(&token, &state.admin_token) {
+            throttle.succeeded(address);
             return start_session(&state, &sessions, "admin", "token link", &next);
         }
+        throttle.failed(address, now_ms);
         return login_form(
             &state,
             next,
@@ -184,8 +304,14 @@ fn start_session(
         "console.login",
         serde_json::json!({"method": method}),
     );
+    // Under HTTPS the browser never sends the session over plain HTTP.
+    let secure = if state.config.tls.is_some() {
+        "; Secure"
+    } else {
+        ""
+    };
     let cookie = format!(
-        "{SESSION_COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+        "{SESSION_COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{secure}",
         SESSION_TTL.as_secs()
     );
     ([(header::SET_COOKIE, cookie)], Redirect::to(next)).into_response()
@@ -194,11 +320,18 @@ fn start_session(
 async fn login(
     State(state): State<SharedState>,
     Extension(sessions): Extension<Arc<Sessions>>,
+    Extension(throttle): Extension<Arc<LoginThrottle>>,
+    peer: PeerAddress,
     Form(form): Form<LoginForm>,
 ) -> Response {
     let next = safe_next(Some(&form.next));
+    let (address, now_ms) = (ip_of(&peer), state.stamper.now_ms());
+    if let Some(wait_ms) = throttle.wait_ms(address, now_ms) {
+        return too_many_logins(&state, next, wait_ms);
+    }
     if !form.token.is_empty() {
         if session::token_matches(form.token.trim(), &state.admin_token) {
+            throttle.succeeded(address);
             return start_session(&state, &sessions, "admin", "token", &next);
         }
     } else if !form.name.is_empty() {
@@ -216,10 +349,12 @@ async fn login(
                     .await
                     .unwrap_or(false);
             if ok {
+                throttle.succeeded(address);
                 return start_session(&state, &sessions, &user.name, "password", &next);
             }
         }
     }
+    throttle.failed(address, now_ms);
     state.history.admin_action(
         state.stamper.now_ms(),
         if form.name.is_empty() {

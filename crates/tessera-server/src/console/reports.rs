@@ -78,7 +78,20 @@ pub async fn verification(state: &SharedState) -> Result<Verification, ApiError>
 
 pub const CSV_HEADER: &str = "time,kind,component,station,user,host,key_id,lease_id,delta,detail";
 
+/// Writes one CSV cell. A cell a spreadsheet would run as a formula (starting with `=`, `+`,
+/// `-`, `@`, a tab or a carriage return, and not a plain number) gets a leading `'`: user and
+/// host names come from stations, and an export must not carry their formulas into the
+/// administrator's spreadsheet.
 fn csv_field(out: &mut String, text: &str) {
+    let formula =
+        text.starts_with(['=', '+', '-', '@', '\t', '\r']) && text.parse::<f64>().is_err();
+    let neutral;
+    let text = if formula {
+        neutral = format!("'{text}");
+        neutral.as_str()
+    } else {
+        text
+    };
     if text.contains([',', '"', '\n', '\r']) {
         out.push('"');
         out.push_str(&text.replace('"', "\"\""));

@@ -96,6 +96,10 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/test/clock", post(advance_test_clock))
         .merge(crate::console::router())
         .fallback(no_route)
+        .layer(middleware::map_response_with_state(
+            state.clone(),
+            crate::console::security_headers,
+        ))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             crate::console::reports::audit_admin_requests,

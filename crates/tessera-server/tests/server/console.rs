@@ -533,3 +533,175 @@ async fn an_admin_user_logs_in_with_an_argon2_password() {
     assert!(verification.ok);
     server.shutdown().await;
 }
+
+/// An outsider's tricks on the console: framing it, sniffing content, a login link that
+/// leads off-site (`/%09/evil.example`: browsers drop the tab), guessing the token.
+#[tokio::test]
+async fn the_console_refuses_framing_off_site_redirects_and_token_guessing() {
+    let f = Fixture::start().await;
+    let response = http()
+        .get(format!("{}/login", f.server.url()))
+        .send()
+        .await
+        .unwrap();
+    let headers = response.headers();
+    let csp = headers["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert!(csp.contains("script-src 'self'"), "{csp}");
+    assert_eq!(headers["x-frame-options"], "DENY");
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert_eq!(headers["referrer-policy"], "no-referrer");
+    assert!(
+        headers.get("strict-transport-security").is_none(),
+        "HSTS only under HTTPS"
+    );
+    let html = response.text().await.unwrap();
+    assert!(
+        !html.contains("<script>"),
+        "no inline script: the CSP forbids it"
+    );
+
+    let token = f.server.state.admin_token.clone();
+    for next in [
+        "/%09/evil.example",
+        "//evil.example",
+        "/%5Cevil.example",
+        "https://evil.example",
+        "/%0A/evil.example",
+    ] {
+        let response = http()
+            .post(format!("{}/login", f.server.url()))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("token={token}&next={next}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::SEE_OTHER, "{next}");
+        assert_eq!(response.headers()["location"], "/", "{next}");
+    }
+    let response = http()
+        .post(format!("{}/login", f.server.url()))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={token}&next=%2Fusage%3Ffrom%3D2026"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["location"], "/usage?from=2026");
+
+    // Five wrong guesses in a minute: the address waits, even with the right token.
+    let try_token = |token: String| {
+        let url = format!("{}/login", f.server.url());
+        async move {
+            http()
+                .post(url)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(format!("token={token}&next=%2F"))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    for _ in 0..5 {
+        assert_eq!(
+            try_token("guess".into()).await.status(),
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    let blocked = try_token(token.clone()).await;
+    assert_eq!(blocked.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(blocked.headers()["retry-after"], "60");
+    assert!(
+        blocked
+            .text()
+            .await
+            .unwrap()
+            .contains("too many failed logins")
+    );
+    let link = http()
+        .get(format!("{}/login?token={token}", f.server.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        link.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "the login link too"
+    );
+    // A minute later (the server's clock), the right token gets in.
+    f.clock.advance_ms(60_000);
+    assert_eq!(try_token(token).await.status(), StatusCode::SEE_OTHER);
+}
+
+/// A station's user name that is a spreadsheet formula reaches the CSV export as text.
+#[tokio::test]
+async fn csv_exports_do_not_carry_formulas_from_stations() {
+    let f = Fixture::start().await;
+    f.import(&f.key("k1", &["cad"], 2)).await;
+    let mut evil = request("cad", "ws-1");
+    evil.user = "=HYPERLINK(\"http://evil.example\",\"x\")".into();
+    evil.host = "@SUM(A1)".into();
+    f.client().checkout(&evil).await.unwrap();
+    let (status, csv) = admin_get(&f, "/v1/reports/usage?format=csv").await;
+    assert_eq!(status, 200, "{csv}");
+    let granted = csv.lines().find(|line| line.contains(",granted,")).unwrap();
+    assert!(granted.contains("\"'=HYPERLINK("), "{granted}");
+    assert!(granted.contains(",'@SUM(A1),"), "{granted}");
+    // Numbers stay numbers (the delta column).
+    assert!(
+        granted.ends_with(",1,") || granted.contains(",1,"),
+        "{granted}"
+    );
+    assert!(!csv.contains(",=") && !csv.contains(",@"), "{csv}");
+}
+
+/// Under HTTPS the session cookie is `Secure` and the answers carry HSTS.
+#[tokio::test]
+async fn under_https_the_session_cookie_is_secure() {
+    let dir = tempfile::tempdir().unwrap();
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    let tls = tessera_tls::init(&dir.path().join("tls"), &names).unwrap();
+    let vendor = tessera_core::SecretKey::from_seed([42; 32]);
+    std::fs::write(
+        dir.path().join("vendor.pub"),
+        vendor.public_key().to_file_text(),
+    )
+    .unwrap();
+    let config = tessera_server::ServerConfig {
+        data_dir: dir.path().join("data"),
+        listen: "127.0.0.1:0".into(),
+        trust: vec![dir.path().join("vendor.pub")],
+        tls: Some((tls.cert.clone(), tls.key.clone())),
+        ..tessera_server::ServerConfig::default()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = tessera_server::start(
+        listener,
+        tessera_server::ServerOptions {
+            config,
+            clock: std::sync::Arc::new(tessera_server::clock::ManualClock::new(super::START_MS)),
+            ids: tessera_server::ids::LeaseIds::from_seed([1; 32]),
+            run_timers: false,
+        },
+    )
+    .await
+    .unwrap();
+    let url = server.url();
+    assert!(url.starts_with("https://"), "{url}");
+    let client = tessera_tls::client_builder(Some(&tls.ca))
+        .unwrap()
+        .redirect(Policy::none())
+        .build()
+        .unwrap();
+    let response = client
+        .post(format!("{}/login", url.replace("127.0.0.1", "localhost")))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={}&next=%2F", server.state.admin_token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    let cookie = response.headers()["set-cookie"].to_str().unwrap();
+    assert!(cookie.contains("; Secure"), "{cookie}");
+    assert!(response.headers().contains_key("strict-transport-security"));
+    server.shutdown().await;
+}
