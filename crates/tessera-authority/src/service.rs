@@ -76,6 +76,7 @@ pub async fn start(
         clock,
         tls,
     } = config;
+    tessera_tls::install();
     let addr = listener.local_addr().map_err(AuthorityError::Listen)?;
     let tls_failed = |error: tessera_tls::TlsError| {
         AuthorityError::Listen(std::io::Error::other(error.to_string()))

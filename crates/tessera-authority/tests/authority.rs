@@ -54,7 +54,10 @@ impl Harness {
             dir,
             clock,
             authority: Some(authority),
-            http: reqwest::Client::new(),
+            http: tessera_tls::client_builder_exactly(None)
+                .unwrap()
+                .build()
+                .unwrap(),
         }
     }
 
@@ -737,7 +740,8 @@ async fn the_console_shows_servers_keys_and_renewals_only_after_signing_in() {
     let server_id = h.add_server("Acme <Corp>").await;
     let key = h.issue(&server_id, 30).await;
     let url = h.authority().url();
-    let browser = reqwest::Client::builder()
+    let browser = tessera_tls::client_builder_exactly(None)
+        .unwrap()
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();

@@ -201,6 +201,7 @@ fn run_tls(command: TlsCommand) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    tessera_tls::install();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

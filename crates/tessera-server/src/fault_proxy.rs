@@ -50,7 +50,8 @@ impl Cuts {
 pub async fn start(host: u64, target: String, cuts: Cuts) -> std::io::Result<String> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
-    let http = reqwest::Client::builder()
+    let http = tessera_tls::client_builder_exactly(None)
+        .map_err(std::io::Error::other)?
         .no_proxy()
         .build()
         .map_err(std::io::Error::other)?;

@@ -165,16 +165,22 @@ pub async fn start(
         message: error.message,
     };
     let history = crate::history::History::start(&config.data_dir).map_err(history_error)?;
-    // One client for every call this server makes over HTTP(S): the authority, neighbours,
-    // webhooks (HTTPS trusting the system's roots and `tls_ca`).
+    // The clients for this server's own calls (HTTPS trusting the system's roots and
+    // `tls_ca`): neighbours directly; the authority and webhooks through the site's proxy.
+    let client_error = |e: reqwest::Error| StartError::Config {
+        message: format!("HTTP client: {e}"),
+    };
     let http = tessera_tls::client_builder(config.tls_ca.as_deref())
         .map_err(tls_error)?
         .no_proxy()
         .connect_timeout(std::time::Duration::from_secs(3))
         .build()
-        .map_err(|e| StartError::Config {
-            message: format!("HTTP client: {e}"),
-        })?;
+        .map_err(client_error)?;
+    let external_http = tessera_tls::client_builder(config.tls_ca.as_deref())
+        .map_err(tls_error)?
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .build()
+        .map_err(client_error)?;
     let notifier = crate::events::Notifier::start(
         config.server_id.clone(),
         config.domain.as_ref().map(|domain| domain.host),
@@ -187,7 +193,7 @@ pub async fn start(
                 Vec::new()
             }),
         history.notification_log(),
-        http.clone(),
+        external_http.clone(),
     );
     let pair = crate::pair::Pair::new(config.data_dir.clone());
     let state: SharedState = Arc::new(AppState {
@@ -207,6 +213,7 @@ pub async fn start(
         served: Default::default(),
         pair,
         http: http.clone(),
+        external_http,
     });
     // A single host (a one-voter group, which never needs them) does not serve the Raft RPC
     // routes at all; a domain serves them, each request authenticated by the domain secret.

@@ -49,8 +49,11 @@ pub struct AppState {
     pub links: crate::neighbours::Links,
     /// What each neighbour serves, for redirecting checkouts (see `neighbours::redirect`).
     pub served: crate::neighbours::redirect::ServedCache,
-    /// HTTP client for neighbour servers.
+    /// HTTP client for neighbour servers (no proxy: they are on the site's network).
     pub http: reqwest::Client,
+    /// HTTP client for the vendor's authority and webhooks: through the site's proxy
+    /// (`HTTPS_PROXY`) if it has one.
+    pub external_http: reqwest::Client,
     /// The redundant pair's side of this host (does nothing unless it is one of a pair).
     pub pair: crate::pair::Pair,
 }

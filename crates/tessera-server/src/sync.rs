@@ -109,7 +109,7 @@ impl AppState {
             message,
         };
         let response = self
-            .http
+            .external_http
             .post(&url)
             .timeout(AUTHORITY_TIMEOUT)
             .json(&request)

@@ -185,7 +185,10 @@ async fn raw(
     body: &str,
     content_type: &str,
 ) -> (u16, serde_json::Value) {
-    let response = reqwest::Client::new()
+    let response = tessera_tls::client_builder_exactly(None)
+        .unwrap()
+        .build()
+        .unwrap()
         .request(method, url)
         .header("content-type", content_type)
         .body(body.to_string())
@@ -889,7 +892,10 @@ async fn vendor_post(
     path: &str,
     body: serde_json::Value,
 ) -> reqwest::Response {
-    let response = reqwest::Client::new()
+    let response = tessera_tls::client_builder_exactly(None)
+        .unwrap()
+        .build()
+        .unwrap()
         .post(format!("{}{path}", authority.url()))
         .bearer_auth(&authority.admin_token)
         .json(&body)
@@ -1041,7 +1047,10 @@ async fn heartbeat_and_checkin_need_the_holders_lease_secret() {
     let f = Fixture::start().await;
     f.import(&f.key("k1", &["cad"], 2)).await;
     let url = f.server.url();
-    let http = reqwest::Client::new();
+    let http = tessera_tls::client_builder_exactly(None)
+        .unwrap()
+        .build()
+        .unwrap();
     let checkout = |station: &'static str, holder_key: &'static str| {
         let http = http.clone();
         let url = url.clone();
@@ -1273,7 +1282,10 @@ async fn an_application_accepts_only_leases_that_check_out_against_the_vendor_ro
                         let mut relayed = body.clone();
                         relayed["station"] = "relay-seat".into();
                         relayed["holder_key"] = "relay".into();
-                        let answer: serde_json::Value = reqwest::Client::new()
+                        let answer: serde_json::Value = tessera_tls::client_builder_exactly(None)
+                            .unwrap()
+                            .build()
+                            .unwrap()
                             .post(format!("{real}/v1/leases"))
                             .json(&relayed)
                             .send()

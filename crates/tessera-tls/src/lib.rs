@@ -46,6 +46,13 @@ fn invalid(path: &Path, message: impl std::fmt::Display) -> TlsError {
     }
 }
 
+/// Installs rustls's ring provider as the process default (once; later calls do nothing).
+/// Every process that makes an HTTP client calls this first: reqwest is built without a
+/// provider of its own (no aws-lc), and panics building a client without one.
+pub fn install() {
+    provider();
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     static PROVIDER: OnceLock<Arc<rustls::crypto::CryptoProvider>> = OnceLock::new();
     PROVIDER
@@ -118,6 +125,8 @@ pub struct ServerTls {
     cert_path: PathBuf,
     key_path: PathBuf,
     current: RwLock<Loaded>,
+    /// The files' times when they last failed to load (said once, not every look).
+    failed: std::sync::Mutex<Option<(Option<SystemTime>, Option<SystemTime>)>>,
 }
 
 #[derive(Debug)]
@@ -164,6 +173,7 @@ impl ServerTls {
             cert_path: cert.to_path_buf(),
             key_path: key.to_path_buf(),
             current: RwLock::new(loaded),
+            failed: std::sync::Mutex::new(None),
         }))
     }
 
@@ -172,23 +182,25 @@ impl ServerTls {
     /// reported and the current one kept. Returns whether a new pair is in use.
     pub fn reload(&self, force: bool) -> bool {
         let stamps = (modified(&self.cert_path), modified(&self.key_path));
-        if !force
-            && self
-                .current
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .modified
-                == stamps
-        {
+        let unchanged = self
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .modified
+            == stamps;
+        let failed_before = *self.failed.lock().unwrap_or_else(|e| e.into_inner()) == Some(stamps);
+        if !force && (unchanged || failed_before) {
             return false;
         }
         match load(&self.cert_path, &self.key_path) {
             Ok(loaded) => {
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = loaded;
+                *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 tracing::info!(cert = %self.cert_path.display(), "TLS certificate reloaded");
                 true
             }
             Err(error) => {
+                *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(stamps);
                 tracing::warn!(%error, "TLS certificate not reloaded: the current one stays in use");
                 false
             }
@@ -199,10 +211,11 @@ impl ServerTls {
     /// returned task is aborted.
     pub fn watch(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
         let tls = self.clone();
+        // Registered before returning: a SIGHUP from now on reloads, never kills the process.
+        #[cfg(unix)]
+        let mut hangup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         tokio::spawn(async move {
-            #[cfg(unix)]
-            let mut hangup =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
             loop {
                 #[cfg(unix)]
                 let forced = match hangup.as_mut() {
@@ -250,9 +263,32 @@ impl ResolvesServerCert for ServerTls {
 }
 
 /// How long a client has to complete its TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// At most this many handshakes in flight; more connections wait for their turn.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// At most this many handshakes in flight; a connection beyond it is closed at once (the
+/// accept loop never waits, so silent connections cannot stop others from connecting).
 pub const HANDSHAKES_MAX: usize = 256;
+/// At most this many handshakes in flight from one address (an IPv6 /64 counts as one).
+pub const HANDSHAKES_PER_ADDRESS_MAX: usize = 8;
+
+/// The address a limit applies to: IPv4 (or IPv4-mapped IPv6) as is, IPv6 by its /64.
+pub fn address_group(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip.to_canonical() {
+        std::net::IpAddr::V6(v6) => {
+            let segments = v6.segments();
+            std::net::IpAddr::V6(std::net::Ipv6Addr::new(
+                segments[0],
+                segments[1],
+                segments[2],
+                segments[3],
+                0,
+                0,
+                0,
+                0,
+            ))
+        }
+        v4 => v4,
+    }
+}
 
 /// A TCP listener whose connections are TLS, for `axum::serve`.
 pub struct TlsListener {
@@ -267,6 +303,9 @@ impl TlsListener {
         let (sender, accepted) = mpsc::channel(64);
         let task = tokio::spawn(async move {
             let slots = Arc::new(Semaphore::new(HANDSHAKES_MAX));
+            let per_address: Arc<
+                std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+            > = Arc::default();
             loop {
                 let (stream, peer) = match listener.accept().await {
                     Ok(accepted) => accepted,
@@ -277,12 +316,25 @@ impl TlsListener {
                         continue;
                     }
                 };
-                let Ok(slot) = slots.clone().acquire_owned().await else {
-                    return;
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    tracing::debug!(%peer, "too many TLS handshakes in flight: connection closed");
+                    continue;
                 };
+                let group = address_group(peer.ip());
+                {
+                    let mut counts = per_address.lock().unwrap_or_else(|e| e.into_inner());
+                    let count = counts.entry(group).or_default();
+                    if *count >= HANDSHAKES_PER_ADDRESS_MAX {
+                        tracing::debug!(%peer, "too many TLS handshakes from this address: connection closed");
+                        continue;
+                    }
+                    *count += 1;
+                }
                 let (acceptor, sender) = (acceptor.clone(), sender.clone());
+                let per_address = per_address.clone();
                 tokio::spawn(async move {
                     let _slot = slot;
+                    let _counted = Counted(per_address, group);
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
                             let _ = sender.send((tls, peer)).await;
@@ -300,6 +352,24 @@ impl TlsListener {
             local,
             task,
         })
+    }
+}
+
+/// One handshake in flight from an address, for as long as it lives.
+struct Counted(
+    Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    std::net::IpAddr,
+);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = counts.get_mut(&self.1) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.1);
+            }
+        }
     }
 }
 
@@ -376,7 +446,8 @@ pub fn init(out: &Path, names: &[String]) -> Result<Written, TlsError> {
     let ca_key_path = out.join("ca.key");
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(other)?;
     // Reusing a CA: only its name, key usages and key matter for issuing.
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Signs server certificates only, never another CA.
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     ca_params
         .distinguished_name
         .push(DnType::CommonName, "Tessera private CA");
@@ -387,7 +458,13 @@ pub fn init(out: &Path, names: &[String]) -> Result<Written, TlsError> {
     ];
     ca_params.not_before = days(-1);
     ca_params.not_after = days(CA_VALID_DAYS);
-    let (ca_pem, ca_key) = if ca_pem_path.exists() && ca_key_path.exists() {
+    if ca_pem_path.exists() != ca_key_path.exists() {
+        return Err(TlsError::Other(format!(
+            "{} has one of ca.pem and ca.key without the other: give both (to keep the CA clients trust) or neither (a new CA)",
+            out.display()
+        )));
+    }
+    let (ca_pem, ca_key) = if ca_pem_path.exists() {
         let key_text = std::fs::read_to_string(&ca_key_path).map_err(|e| TlsError::Read {
             path: ca_key_path.clone(),
             message: e.to_string(),
@@ -397,7 +474,14 @@ pub fn init(out: &Path, names: &[String]) -> Result<Written, TlsError> {
             path: ca_pem_path.clone(),
             message: e.to_string(),
         })?;
-        // The issuer is named as every Tessera private CA is; its key identifies it.
+        // The issuer is named as every Tessera private CA is; its key identifies it, and must
+        // be the key of the certificate clients trust.
+        let der = CertificateDer::from_pem_slice(pem.as_bytes())
+            .map_err(|e| invalid(&ca_pem_path, format!("not a PEM certificate: {e}")))?;
+        let public = key.public_key_raw();
+        if !der.windows(public.len()).any(|window| window == public) {
+            return Err(invalid(&ca_key_path, "this is not the key of ca.pem"));
+        }
         (pem, key)
     } else {
         let key = KeyPair::generate().map_err(other)?;
@@ -409,10 +493,7 @@ pub fn init(out: &Path, names: &[String]) -> Result<Written, TlsError> {
     params
         .distinguished_name
         .push(DnType::CommonName, names[0].clone());
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.not_before = days(-1);
     params.not_after = days(SERVER_VALID_DAYS);
     let key = KeyPair::generate().map_err(other)?;
@@ -438,9 +519,11 @@ fn write(path: &Path, text: &str, private: bool) -> Result<(), TlsError> {
         path: path.to_path_buf(),
         message: e.to_string(),
     };
-    let temporary = path.with_extension("tmp");
+    // A fresh file of our own (never one left or planted there), owner-only from the start.
+    let temporary = path.with_extension(format!("tmp-{}", std::process::id()));
+    let _ = std::fs::remove_file(&temporary);
     let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    options.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;

@@ -12,7 +12,7 @@ async fn serve(tls: &std::sync::Arc<ServerTls>) -> String {
     let listener = TlsListener::new(listener, tls.acceptor().unwrap()).unwrap();
     let router = axum::Router::new().route("/hello", axum::routing::get(|| async { "hello" }));
     tokio::spawn(async move { axum::serve(listener, router).await });
-    format!("https://localhost:{port}/hello")
+    format!("https://127.0.0.1:{port}/hello")
 }
 
 async fn get(url: &str, ca: Option<&Path>) -> Result<String, String> {

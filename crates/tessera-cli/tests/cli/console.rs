@@ -346,7 +346,7 @@ fn in_headless_chromium_an_administrator_force_releases_a_lease_after_confirming
         .build()
         .unwrap();
     runtime.block_on(async {
-        let http = reqwest::Client::new();
+        let http = tessera_tls::client_builder_exactly(None).unwrap().build().unwrap();
         let base = format!("http://127.0.0.1:{port}");
         let deadline = Instant::now() + Duration::from_secs(20);
         while http.get(format!("{base}/status")).send().await.is_err() {

@@ -45,7 +45,10 @@ pub(super) fn advance_clock(url: &str, token: &str, ms: i64) {
         .build()
         .unwrap();
     let status = runtime.block_on(async {
-        reqwest::Client::new()
+        tessera_tls::client_builder_exactly(None)
+            .unwrap()
+            .build()
+            .unwrap()
             .post(format!("{url}/v1/test/clock"))
             .bearer_auth(token)
             .json(&serde_json::json!({ "advance_ms": ms }))
@@ -776,7 +779,8 @@ fn a_server_without_the_component_redirects_stations_to_the_neighbour_serving_it
         .build()
         .unwrap();
     runtime.block_on(async {
-        let raw = reqwest::Client::builder()
+        let raw = tessera_tls::client_builder_exactly(None)
+            .unwrap()
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap();

@@ -693,7 +693,10 @@ fn domain_rounds(schedule: Schedule, rounds: u64) {
         burst: 40,
         hosts: (0..HOSTS).map(|_| None).collect(),
         cuts,
-        http: reqwest::Client::new(),
+        http: tessera_tls::client_builder_exactly(None)
+            .unwrap()
+            .build()
+            .unwrap(),
         runtime,
         token: String::new(),
         secrets: Default::default(),
@@ -739,7 +742,10 @@ fn a_pair_under_kills_of_either_host_and_a_slow_disk_keeps_one_log_and_every_ack
         burst: 16,
         hosts: vec![None, None],
         cuts: Cuts::default(),
-        http: reqwest::Client::new(),
+        http: tessera_tls::client_builder_exactly(None)
+            .unwrap()
+            .build()
+            .unwrap(),
         runtime: runtime(),
         token: String::new(),
         secrets: Default::default(),

@@ -162,43 +162,51 @@ pub async fn security_headers(
     set("x-content-type-options", "nosniff");
     set("referrer-policy", "no-referrer");
     if state.config.tls.is_some() {
-        set("strict-transport-security", "max-age=31536000");
+        // A day: a site that turns HTTPS off again is not locked out of its console for long.
+        set("strict-transport-security", "max-age=86400");
     }
     response
 }
 
-/// Failed console logins per client address: after [`LOGIN_FAILURES_MAX`] within
-/// [`LOGIN_WINDOW_MS`], the address gets 429 until the oldest failure leaves the window
-/// (even with the right token: guessing stops being cheap).
+/// Failed console logins per client address (an IPv6 /64 counts as one address): after
+/// [`LOGIN_FAILURES_MAX`] within [`LOGIN_WINDOW_MS`], the address gets 429 for any further
+/// wrong token or any password, until the oldest failure leaves the window (by the server's
+/// clock). The right admin token always gets in: it is 256 random bits, nobody guesses it,
+/// and an attacker behind the same address must not lock the administrator out.
 pub const LOGIN_FAILURES_MAX: usize = 5;
 pub const LOGIN_WINDOW_MS: i64 = 60_000;
 /// Addresses remembered at most (the oldest entries go first).
 const LOGIN_ADDRESSES_MAX: usize = 10_000;
+/// Password checks (argon2, deliberately slow) running at once.
+const PASSWORD_CHECKS_MAX: usize = 2;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LoginThrottle {
     failures: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, Vec<i64>>>,
+    password_checks: tokio::sync::Semaphore,
+}
+
+impl Default for LoginThrottle {
+    fn default() -> LoginThrottle {
+        LoginThrottle {
+            failures: Default::default(),
+            password_checks: tokio::sync::Semaphore::new(PASSWORD_CHECKS_MAX),
+        }
+    }
 }
 
 impl LoginThrottle {
-    /// How long `address` must wait before trying again (None: it may try now).
-    fn wait_ms(&self, address: Option<std::net::IpAddr>, now_ms: i64) -> Option<i64> {
-        let address = address?;
+    /// Counts an attempt from `address` as a failure before it is checked (so parallel
+    /// attempts cannot all slip through), or says how long the address must wait. A login
+    /// that succeeds clears the address ([`LoginThrottle::succeeded`]). Without an address,
+    /// all such attempts share one count.
+    fn attempt(&self, address: Option<std::net::IpAddr>, now_ms: i64) -> Result<(), i64> {
+        let group = address.map_or(
+            std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+            tessera_tls::address_group,
+        );
         let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        let times = failures.get_mut(&address)?;
-        times.retain(|at| now_ms - at < LOGIN_WINDOW_MS);
-        if times.len() < LOGIN_FAILURES_MAX {
-            return None;
-        }
-        Some(times[0] + LOGIN_WINDOW_MS - now_ms)
-    }
-
-    fn failed(&self, address: Option<std::net::IpAddr>, now_ms: i64) {
-        let Some(address) = address else {
-            return;
-        };
-        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        if failures.len() >= LOGIN_ADDRESSES_MAX && !failures.contains_key(&address) {
+        if failures.len() >= LOGIN_ADDRESSES_MAX && !failures.contains_key(&group) {
             failures
                 .retain(|_, times| times.last().is_some_and(|at| now_ms - at < LOGIN_WINDOW_MS));
             if failures.len() >= LOGIN_ADDRESSES_MAX {
@@ -211,20 +219,27 @@ impl LoginThrottle {
                 }
             }
         }
-        failures.entry(address).or_default().push(now_ms);
+        let times = failures.entry(group).or_default();
+        times.retain(|at| now_ms - at < LOGIN_WINDOW_MS);
+        if times.len() >= LOGIN_FAILURES_MAX {
+            return Err(times[0] + LOGIN_WINDOW_MS - now_ms);
+        }
+        times.push(now_ms);
+        Ok(())
     }
 
     fn succeeded(&self, address: Option<std::net::IpAddr>) {
-        if let Some(address) = address {
-            self.failures
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&address);
-        }
+        let group = address.map_or(
+            std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+            tessera_tls::address_group,
+        );
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&group);
     }
 }
 
-/// The client's address (present when the server is served with connect info).
 type PeerAddress = Option<Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>;
 
 fn ip_of(peer: &PeerAddress) -> Option<std::net::IpAddr> {
@@ -256,15 +271,14 @@ async fn login_page(
 ) -> Response {
     let next = safe_next(query.next.as_deref());
     if let Some(token) = query.token {
-        let (address, now_ms) = (ip_of(&peer), state.stamper.now_ms());
-        if let Some(wait_ms) = throttle.wait_ms(address, now_ms) {
-            return too_many_logins(&state, next, wait_ms);
-        }
+        let address = ip_of(&peer);
         if session::token_matches(&token, &state.admin_token) {
             throttle.succeeded(address);
             return start_session(&state, &sessions, "admin", "token link", &next);
         }
-        throttle.failed(address, now_ms);
+        if let Err(wait_ms) = throttle.attempt(address, state.stamper.now_ms()) {
+            return too_many_logins(&state, next, wait_ms);
+        }
         return login_form(
             &state,
             next,
@@ -325,15 +339,16 @@ async fn login(
     Form(form): Form<LoginForm>,
 ) -> Response {
     let next = safe_next(Some(&form.next));
-    let (address, now_ms) = (ip_of(&peer), state.stamper.now_ms());
-    if let Some(wait_ms) = throttle.wait_ms(address, now_ms) {
+    let address = ip_of(&peer);
+    if !form.token.is_empty() && session::token_matches(form.token.trim(), &state.admin_token) {
+        throttle.succeeded(address);
+        return start_session(&state, &sessions, "admin", "token", &next);
+    }
+    if let Err(wait_ms) = throttle.attempt(address, state.stamper.now_ms()) {
         return too_many_logins(&state, next, wait_ms);
     }
     if !form.token.is_empty() {
-        if session::token_matches(form.token.trim(), &state.admin_token) {
-            throttle.succeeded(address);
-            return start_session(&state, &sessions, "admin", "token", &next);
-        }
+        // A wrong token: counted above.
     } else if !form.name.is_empty() {
         let user = state
             .config
@@ -344,6 +359,8 @@ async fn login(
         if let Some(user) = user {
             let password = form.password.clone();
             let hash = user.password_hash.clone();
+            // A few argon2 checks at once: a flood of logins cannot take the blocking pool.
+            let _permit = throttle.password_checks.acquire().await;
             let ok =
                 tokio::task::spawn_blocking(move || session::verify_password(&password, &hash))
                     .await
@@ -354,7 +371,6 @@ async fn login(
             }
         }
     }
-    throttle.failed(address, now_ms);
     state.history.admin_action(
         state.stamper.now_ms(),
         if form.name.is_empty() {

@@ -87,6 +87,7 @@ pub async fn status(
         .primary()
         .filter(|(id, _)| *id != local.view_of)
     {
+        tessera_tls::install();
         let asked = reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_millis(1_000))

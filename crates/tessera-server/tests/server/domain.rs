@@ -384,7 +384,10 @@ async fn a_host_without_a_majority_answers_no_quorum_and_issues_nothing() {
 async fn raft_routes_refuse_requests_without_the_domain_secret() {
     let domain = Domain::start(3).await;
     domain.wait_primary(1).await;
-    let http = reqwest::Client::new();
+    let http = tessera_tls::client_builder_exactly(None)
+        .unwrap()
+        .build()
+        .unwrap();
     let url = format!("{}/v1/raft/vote", domain.url(2));
     let unsigned = http.post(&url).body("{}").send().await.unwrap();
     assert_eq!(unsigned.status().as_u16(), 401);
@@ -436,7 +439,10 @@ async fn a_single_host_does_not_serve_raft_routes() {
     )
     .unwrap();
     let server = super::start_server(dir.path(), &ManualClock::new(START_MS), 1).await;
-    let answer = reqwest::Client::new()
+    let answer = tessera_tls::client_builder_exactly(None)
+        .unwrap()
+        .build()
+        .unwrap()
         .post(format!("{}/v1/raft/vote", server.url()))
         .body("{}")
         .send()

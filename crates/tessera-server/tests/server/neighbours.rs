@@ -359,7 +359,10 @@ impl Net {
     }
 
     async fn post(&self, to: &str, path: &str, envelope: &Envelope) -> (u16, serde_json::Value) {
-        let response = reqwest::Client::new()
+        let response = tessera_tls::client_builder_exactly(None)
+            .unwrap()
+            .build()
+            .unwrap()
             .post(format!("{}{path}", self.server(to).url()))
             .json(envelope)
             .send()
@@ -1154,7 +1157,8 @@ async fn identity_metrics_and_the_console_show_the_network() {
     );
 
     // The console of each side.
-    let http = reqwest::Client::builder()
+    let http = tessera_tls::client_builder_exactly(None)
+        .unwrap()
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();
