@@ -773,6 +773,11 @@ fn a_server_without_the_component_redirects_stations_to_the_neighbour_serving_it
         viewer_file.to_str().unwrap(),
     ]);
     add(&branch, &viewer_file);
+    // The servers' test clocks started at their launch, which may be a second or more before
+    // the keys' `valid_from` (now, when issued): move both past it, together (no skew).
+    for node in [&hq, &branch] {
+        advance_clock(&url(node), &token(node), 60_000);
+    }
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

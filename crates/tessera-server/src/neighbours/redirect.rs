@@ -6,9 +6,10 @@
 //!   licenses and how many are free. Any configured neighbour may ask, whatever the relation:
 //!   the answer gives counts only, no station or lease.
 //! - **When**: only when a checkout finds no key covering the component here. The answers are
-//!   kept for [`SERVED_FRESH_MS`] (an unreachable neighbour too, so a switched-off neighbour
-//!   costs one attempt a minute, not one per checkout), and each ask is bounded by
-//!   [`SERVED_TIMEOUT_MS`].
+//!   kept for [`SERVED_FRESH_MS`]; that a neighbour could not be asked, for
+//!   [`SERVED_RETRY_MS`] (a switched-off neighbour costs one attempt every few seconds, not
+//!   one per checkout, and a neighbour that was slow once is asked again soon). Each ask is
+//!   bounded by [`SERVED_TIMEOUT_MS`].
 //! - **Which**: among the neighbours serving the component, the first in configuration order
 //!   with a free license; if none has one, the first serving it (its answer,
 //!   `no_licenses_available`, is then the truth).
@@ -28,6 +29,8 @@ use crate::state::{AppState, component_totals};
 
 /// How long what a neighbour serves (or that it could not be asked) is trusted.
 pub const SERVED_FRESH_MS: i64 = 60_000;
+/// How long that a neighbour could not be asked is trusted.
+pub const SERVED_RETRY_MS: i64 = 10_000;
 /// How long one ask may take before the neighbour counts as unreachable.
 pub const SERVED_TIMEOUT_MS: u64 = 2_000;
 
@@ -65,7 +68,14 @@ impl ServedCache {
         let answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
         answers
             .get(id)
-            .filter(|(at, _)| now_ms.saturating_sub(*at) < SERVED_FRESH_MS && *at <= now_ms)
+            .filter(|(at, served)| {
+                let kept = if served.is_some() {
+                    SERVED_FRESH_MS
+                } else {
+                    SERVED_RETRY_MS
+                };
+                now_ms.saturating_sub(*at) < kept && *at <= now_ms
+            })
             .map(|(_, served)| served.clone())
     }
 
@@ -202,10 +212,20 @@ mod tests {
     #[test]
     fn kept_answers_expire_after_a_minute_and_never_come_from_the_future() {
         let cache = ServedCache::default();
-        cache.store("hq", 1_000, None);
-        assert_eq!(cache.fresh("hq", 1_000 + SERVED_FRESH_MS - 1), Some(None));
+        cache.store("hq", 1_000, Some(vec![]));
+        assert_eq!(
+            cache.fresh("hq", 1_000 + SERVED_FRESH_MS - 1),
+            Some(Some(vec![]))
+        );
         assert_eq!(cache.fresh("hq", 1_000 + SERVED_FRESH_MS), None);
         assert_eq!(cache.fresh("hq", 999), None, "clock set back: ask again");
         assert_eq!(cache.fresh("branch", 1_000), None);
+        // Unreachable: asked again sooner.
+        cache.store("branch", 1_000, None);
+        assert_eq!(
+            cache.fresh("branch", 1_000 + SERVED_RETRY_MS - 1),
+            Some(None)
+        );
+        assert_eq!(cache.fresh("branch", 1_000 + SERVED_RETRY_MS), None);
     }
 }
