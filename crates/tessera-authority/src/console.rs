@@ -31,6 +31,16 @@ fn session_value(token: &str) -> String {
     ))
 }
 
+/// Compares two secrets in time independent of where they differ (their hashes, byte by byte,
+/// without stopping early).
+fn same_secret(a: &str, b: &str) -> bool {
+    let (a, b) = (Sha256::digest(a.as_bytes()), Sha256::digest(b.as_bytes()));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
 fn signed_in(state: &SharedState, headers: &HeaderMap) -> bool {
     let expected = session_value(&state.admin_token);
     headers
@@ -39,7 +49,27 @@ fn signed_in(state: &SharedState, headers: &HeaderMap) -> bool {
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(';'))
         .filter_map(|pair| pair.trim().strip_prefix(&format!("{COOKIE}=")))
-        .any(|value| value == expected)
+        .any(|value| same_secret(value, &expected))
+}
+
+/// Headers on every answer: no framing, no scripts, no sniffing, no referrer; HSTS is left
+/// to the license server's console (the authority's own TLS is optional).
+pub async fn security_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (
+            "content-security-policy",
+            "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+        ),
+        ("x-frame-options", "DENY"),
+        ("x-content-type-options", "nosniff"),
+        ("referrer-policy", "no-referrer"),
+    ] {
+        headers
+            .entry(name)
+            .or_insert(header::HeaderValue::from_static(value));
+    }
+    response
 }
 
 #[derive(Deserialize)]
@@ -48,7 +78,7 @@ struct TokenForm {
 }
 
 fn sign_in(state: &SharedState, token: &str) -> Response {
-    if token.trim() != state.admin_token {
+    if !same_secret(token.trim(), &state.admin_token) {
         return (
             axum::http::StatusCode::UNAUTHORIZED,
             Html(login_html(
@@ -57,8 +87,9 @@ fn sign_in(state: &SharedState, token: &str) -> Response {
         )
             .into_response();
     }
+    let secure = if state.secure_cookies { "; Secure" } else { "" };
     let cookie = format!(
-        "{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/",
+        "{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/; Max-Age=28800{secure}",
         session_value(&state.admin_token)
     );
     ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()

@@ -36,6 +36,8 @@ pub struct Shared {
     pub vendor_pub_text: String,
     pub admin_token: String,
     pub clock: Arc<dyn Clock>,
+    /// Served over HTTPS: the console's cookie is `Secure`.
+    pub secure_cookies: bool,
 }
 
 pub type SharedState = Arc<Shared>;
@@ -82,6 +84,9 @@ pub fn router(state: SharedState) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
+        .layer(axum::middleware::map_response(
+            crate::console::security_headers,
+        ))
         .with_state(state)
 }
 

@@ -106,6 +106,7 @@ pub async fn start(
         vendor: data.vendor,
         admin_token: data.admin_token.clone(),
         clock,
+        secure_cookies: tls.is_some(),
     });
     let app = router(state);
     let (shutdown, mut shutdown_rx) = watch::channel(false);

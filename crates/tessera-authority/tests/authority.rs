@@ -760,6 +760,16 @@ async fn the_console_shows_servers_keys_and_renewals_only_after_signing_in() {
         .await
         .unwrap();
     assert_eq!(wrong.status().as_u16(), 401);
+    // No framing, no scripts, no sniffing (the console holds the vendor's keys).
+    let headers = wrong.headers();
+    assert!(
+        headers["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("frame-ancestors 'none'")
+    );
+    assert_eq!(headers["x-frame-options"], "DENY");
+    assert_eq!(headers["x-content-type-options"], "nosniff");
     let signed_in = browser
         .get(format!("{url}/login?token={}", h.token()))
         .send()
