@@ -208,6 +208,7 @@ pub async fn start(
         ids,
         admin_token: data.admin_token,
         metrics: Metrics::new(),
+        derivation_key: crate::state::derivation_key(&data.identity),
         identity: data.identity,
         links: Default::default(),
         served: Default::default(),

@@ -24,6 +24,42 @@ pub const TIME_BEACON_MS: i64 = 60_000;
 const LEASE_SECRET_CONTEXT: &[u8] = b"tessera-lease-secret/v1\n";
 /// Domain separation of lease ids derived from holder keys ([`AppState::holder_lease_id`]).
 const HOLDER_CONTEXT: &[u8] = b"tessera-lease-holder/v1\n";
+/// The key of the cheap derivations (HMAC-SHA256) that replaced a signature per call
+/// ([`derivation_key`]).
+const DERIVATION_KEY_CONTEXT: &[u8] = b"tessera-derivation-key/v2\n";
+
+/// The key lease secrets and holder lease ids are derived with: a hash of the identity key's
+/// (deterministic) signature of a fixed text, so every host of a domain or pair, which share
+/// the identity, derives the same, and nobody without the identity key can.
+pub fn derivation_key(identity: &SecretKey) -> [u8; 32] {
+    use sha2::Digest;
+    let signature = identity.sign_base64(DERIVATION_KEY_CONTEXT);
+    let mut hash = sha2::Sha256::new();
+    hash.update(DERIVATION_KEY_CONTEXT);
+    hash.update(signature.as_bytes());
+    hash.finalize().into()
+}
+
+/// HMAC-SHA256 of `context || parts` (each part followed by a 0 byte), its first 16 bytes
+/// in hex.
+fn derive(key: &[u8; 32], context: &[u8], parts: &[&str]) -> String {
+    use hmac::{Hmac, KeyInit, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(context);
+    for part in parts {
+        mac.update(part.as_bytes());
+        mac.update(&[0]);
+    }
+    hex::encode(&mac.finalize().into_bytes()[..16])
+}
+
+fn same_text(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
 
 pub struct AppState {
     pub config: ServerConfig,
@@ -35,6 +71,8 @@ pub struct AppState {
     /// The server's identity key: signs sync requests; its public half is certified by the
     /// vendor.
     pub identity: SecretKey,
+    /// See [`derivation_key`].
+    pub derivation_key: [u8; 32],
     pub notifier: crate::events::Notifier,
     /// (deadline, smallest threshold in days already notified) for the 366-day warnings.
     pub deadline_notices: std::sync::Mutex<(Option<i64>, i64)>,
@@ -144,24 +182,35 @@ impl AppState {
     /// identity key (a deterministic Ed25519 signature, hashed), so every host of a domain or
     /// pair (one identity) knows it without storing it, and nobody without the key can.
     pub fn lease_secret(&self, lease_id: &str) -> String {
+        derive(&self.derivation_key, LEASE_SECRET_CONTEXT, &[lease_id])
+    }
+
+    /// The first derivations (an Ed25519 signature per call), still accepted so leases
+    /// granted before an upgrade keep working: `(context, data)` signed, hashed.
+    fn signed_derivation(&self, context: &[u8], data: &[u8]) -> String {
         use sha2::Digest;
-        let mut bytes = LEASE_SECRET_CONTEXT.to_vec();
-        bytes.extend_from_slice(lease_id.as_bytes());
+        let mut bytes = context.to_vec();
+        bytes.extend_from_slice(data);
         let signature = self.identity.sign_base64(&bytes);
         hex::encode(&sha2::Sha256::digest(signature.as_bytes())[..16])
+    }
+
+    /// Whether `lease_id` is the one derived from `station` and `holder_key`, now or by the
+    /// first derivation (a lease checked out before an upgrade).
+    pub fn is_holder_lease_id(&self, lease_id: &str, station: &str, holder_key: &str) -> bool {
+        same_text(lease_id, &self.holder_lease_id(station, holder_key)) || {
+            let mut data = station.as_bytes().to_vec();
+            data.push(0);
+            data.extend_from_slice(holder_key.as_bytes());
+            same_text(lease_id, &self.signed_derivation(HOLDER_CONTEXT, &data))
+        }
     }
 
     /// The lease id for a checkout by `station` with `holder_key`: derived with the identity
     /// key (deterministic, the same on every host), so a retry proposes the same id and the
     /// answer proves the asker knew the key. Unguessable without the key and the identity.
     pub fn holder_lease_id(&self, station: &str, holder_key: &str) -> String {
-        use sha2::Digest;
-        let mut bytes = HOLDER_CONTEXT.to_vec();
-        bytes.extend_from_slice(station.as_bytes());
-        bytes.push(0);
-        bytes.extend_from_slice(holder_key.as_bytes());
-        let signature = self.identity.sign_base64(&bytes);
-        hex::encode(&sha2::Sha256::digest(signature.as_bytes())[..16])
+        derive(&self.derivation_key, HOLDER_CONTEXT, &[station, holder_key])
     }
 
     /// Checks the `x-lease-secret` a station sent for `lease_id`.
@@ -173,13 +222,11 @@ impl AppState {
         let Some(presented) = presented else {
             return Err(ApiError::LeaseSecretRequired);
         };
-        let expected = self.lease_secret(lease_id);
-        let same = presented.len() == expected.len()
-            && presented
-                .bytes()
-                .zip(expected.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
+        let same = same_text(presented, &self.lease_secret(lease_id))
+            || same_text(
+                presented,
+                &self.signed_derivation(LEASE_SECRET_CONTEXT, lease_id.as_bytes()),
+            );
         if same {
             Ok(())
         } else {

@@ -1361,3 +1361,36 @@ async fn an_application_accepts_only_leases_that_check_out_against_the_vendor_ro
         "{refused}"
     );
 }
+
+/// Lease secrets and holder lease ids are derived with HMAC now (one signature per call
+/// before); a station holding a secret of the first derivation, from before an upgrade, keeps
+/// its lease.
+#[tokio::test]
+async fn a_lease_secret_from_before_the_upgrade_still_works() {
+    use sha2::Digest;
+    let f = Fixture::start().await;
+    f.import(&f.key("k1", &["cad"], 2)).await;
+    let (lease, _) = f.client().checkout(&request("cad", "ws-1")).await.unwrap();
+    let identity_text =
+        std::fs::read_to_string(f.dir.path().join("data").join("server.key")).unwrap();
+    let identity = SecretKey::from_file_text(&identity_text).unwrap();
+    let mut signed = b"tessera-lease-secret/v1\n".to_vec();
+    signed.extend_from_slice(lease.lease_id.as_bytes());
+    let old_secret =
+        hex::encode(&sha2::Sha256::digest(identity.sign_base64(&signed).as_bytes())[..16]);
+    assert_ne!(
+        Some(&old_secret),
+        lease.lease_secret.as_ref(),
+        "a new derivation"
+    );
+    let station = Client::new(&f.server.url(), None);
+    station.set_lease_secret(&lease.lease_id, &old_secret);
+    station.heartbeat(&lease.lease_id).await.unwrap();
+    let stranger = Client::new(&f.server.url(), None);
+    stranger.set_lease_secret(&lease.lease_id, &"0".repeat(32));
+    assert_eq!(
+        code(stranger.heartbeat(&lease.lease_id).await.unwrap_err()),
+        (403, "lease_secret_wrong".into())
+    );
+    station.checkin(&lease.lease_id).await.unwrap();
+}

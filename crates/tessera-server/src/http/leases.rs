@@ -53,17 +53,24 @@ pub async fn checkout(
             })
             .map(|lease| lease.lease_id)
     });
-    if let Some(held) = held
-        && derived.as_deref() != Some(held.as_str())
+    let holds = |lease_id: &str| {
+        !request.holder_key.is_empty()
+            && state.is_holder_lease_id(lease_id, &request.station, &request.holder_key)
+    };
+    if let Some(held) = &held
+        && !holds(held)
     {
         return Err(ApiError::LeaseHeld {
             station: request.station,
         });
     }
+    let (station, holder_key) = (request.station.clone(), request.holder_key.clone());
     let (mut lease, created) = state
         .checkout_from(request, derived.clone(), query.redirected_from.as_deref())
         .await?;
-    if !created && derived.as_deref() != Some(lease.lease_id.as_str()) {
+    let holds =
+        !holder_key.is_empty() && state.is_holder_lease_id(&lease.lease_id, &station, &holder_key);
+    if !created && !holds {
         // Taken meanwhile by another request for the station.
         return Err(ApiError::LeaseHeld {
             station: lease.station,
