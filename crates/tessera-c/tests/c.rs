@@ -418,23 +418,57 @@ async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// A license server with one key of one license that may be borrowed for 7 days.
+struct Lender {
+    dir: tempfile::TempDir,
+    vendor: SecretKey,
+    clock: ManualClock,
+    data: PathBuf,
+    running: RunningServer,
+    addr: String,
+    admin: Client,
+}
+
+impl Lender {
+    async fn start() -> Lender {
+        let dir = tempfile::tempdir().unwrap();
+        let vendor = vendor();
+        let clock = ManualClock::new(now_ms());
+        let data = dir.path().join("server");
+        let running = server(&data, &vendor, "127.0.0.1:0", &clock).await;
+        let addr = running.addr.to_string();
+        let admin = Client::new(&running.url(), Some(running.state.admin_token.clone()));
+        admin
+            .import_key(key_with(&vendor, "lend", 7, 0).to_json_pretty())
+            .await
+            .unwrap();
+        Lender {
+            dir,
+            vendor,
+            clock,
+            data,
+            running,
+            addr,
+            admin,
+        }
+    }
+}
+
 /// Borrowing through the blocking Rust API (what the C and Python SDKs call): the seat is
 /// counted on the server without heartbeats, the application uses it with no server at all,
 /// an edited borrow file or another station's is refused, and returning it early gives the
 /// seat back. A key without borrowing refuses it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_borrowed_license_runs_offline_until_returned_and_nothing_else_can_fake_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let vendor = vendor();
-    let clock = ManualClock::new(now_ms());
-    let data = dir.path().join("server");
-    let running = server(&data, &vendor, "127.0.0.1:0", &clock).await;
-    let addr = running.addr.to_string();
-    let admin = Client::new(&running.url(), Some(running.state.admin_token.clone()));
-    admin
-        .import_key(key_with(&vendor, "lend", 7, 0).to_json_pretty())
-        .await
-        .unwrap();
+    let Lender {
+        dir,
+        vendor,
+        clock,
+        data,
+        running,
+        addr,
+        admin,
+    } = Lender::start().await;
     let root = vendor.public_key();
     let url = running.url();
     let store_dir = dir.path().join("borrowed");
@@ -695,17 +729,15 @@ async fn borrow_round_trip(
     refused: &'static str,
     flag: &'static str,
 ) {
-    let dir = tempfile::tempdir().unwrap();
-    let vendor = vendor();
-    let clock = ManualClock::new(now_ms());
-    let data = dir.path().join("server");
-    let running = server(&data, &vendor, "127.0.0.1:0", &clock).await;
-    let addr = running.addr.to_string();
-    let admin = Client::new(&running.url(), Some(running.state.admin_token.clone()));
-    admin
-        .import_key(key_with(&vendor, "lend", 7, 0).to_json_pretty())
-        .await
-        .unwrap();
+    let Lender {
+        dir,
+        vendor,
+        clock,
+        data,
+        running,
+        addr,
+        admin,
+    } = Lender::start().await;
     let root = vendor.public_key().to_base64();
     let url = running.url();
     let borrow_dir = dir.path().join("borrowed");

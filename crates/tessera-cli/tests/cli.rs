@@ -132,10 +132,32 @@ fn setup_vendor(dir: &Path) -> String {
 }
 
 fn token(dir: &Path) -> String {
-    std::fs::read_to_string(dir.join("data").join("admin.token"))
+    admin_token_in(&dir.join("data"))
+}
+
+/// The admin token a server or authority wrote in its data directory.
+fn admin_token_in(data: &Path) -> String {
+    std::fs::read_to_string(data.join("admin.token"))
         .unwrap()
         .trim()
         .to_string()
+}
+
+/// `tessera lease checkout --component cad --station STATION` with `remote`'s flags: the lease.
+fn checkout_cad(remote: &[&str], station: &str) -> serde_json::Value {
+    serde_json::from_str(&ok(&[
+        &[
+            "lease",
+            "checkout",
+            "--component",
+            "cad",
+            "--station",
+            station,
+        ][..],
+        remote,
+    ]
+    .concat()))
+    .unwrap()
 }
 
 #[test]
@@ -788,19 +810,7 @@ fn a_lease_crosses_its_keys_end_onto_the_renewal_bought_in_advance() {
     let now: jiff::Timestamp = status()["now"].as_str().unwrap().parse().unwrap();
     let to_end = old_end.duration_since(now).as_millis() as i64;
     neighbours::advance_clock(&server.url, &token, to_end - 300_000);
-    let lease: serde_json::Value = serde_json::from_str(&ok(&[
-        &[
-            "lease",
-            "checkout",
-            "--component",
-            "cad",
-            "--station",
-            "ws-1",
-        ][..],
-        &remote,
-    ]
-    .concat()))
-    .unwrap();
+    let lease = checkout_cad(&remote, "ws-1");
     let lease_id = lease["lease_id"].as_str().unwrap();
     assert_eq!(lease["key_id"], old_id.as_str());
     neighbours::advance_clock(&server.url, &token, 210_000);

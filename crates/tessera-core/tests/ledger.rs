@@ -189,25 +189,26 @@ fn borrowing_key(key_id: &str, licenses: u32, until_ms: i64, days: u32) -> Licen
 }
 
 fn borrow(lease_id: &str, station: &str, days: i64) -> Command {
-    match checkout(lease_id, station, "cad") {
-        Command::Checkout {
-            lease_id,
-            component,
-            station,
-            user,
-            host,
-            lease_ttl_ms,
-            ..
-        } => Command::Checkout {
-            lease_id,
-            component,
-            station,
-            user,
-            host,
-            lease_ttl_ms,
-            borrow_ms: days * DAY_MS,
-        },
-        _ => unreachable!(),
+    let Command::Checkout {
+        lease_id,
+        component,
+        station,
+        user,
+        host,
+        lease_ttl_ms,
+        ..
+    } = checkout(lease_id, station, "cad")
+    else {
+        unreachable!("checkout() makes a Checkout")
+    };
+    Command::Checkout {
+        lease_id,
+        component,
+        station,
+        user,
+        host,
+        lease_ttl_ms,
+        borrow_ms: days * DAY_MS,
     }
 }
 

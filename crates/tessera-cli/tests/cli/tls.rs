@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{ServerProcess, last_line, ok, tessera};
+use super::{ServerProcess, admin_token_in, checkout_cad, last_line, ok, tessera};
 
 #[test]
 fn the_authority_and_a_server_run_over_https_with_a_private_ca() {
@@ -40,10 +40,7 @@ fn the_authority_and_a_server_run_over_https_with_a_private_ca() {
         "Tessera authority on ",
     );
     assert!(authority.url.starts_with("https://"), "{}", authority.url);
-    let vendor_token = std::fs::read_to_string(dir.path().join("authority/admin.token"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let vendor_token = admin_token_in(&dir.path().join("authority"));
     let vendor = [
         "--authority",
         authority.url.as_str(),
@@ -111,10 +108,7 @@ fn the_authority_and_a_server_run_over_https_with_a_private_ca() {
         "Tessera license server on ",
     );
     assert!(server.url.starts_with("https://"), "{}", server.url);
-    let token = std::fs::read_to_string(dir.path().join("server/admin.token"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let token = admin_token_in(&dir.path().join("server"));
     let remote = [
         "--server",
         server.url.as_str(),
@@ -126,19 +120,7 @@ fn the_authority_and_a_server_run_over_https_with_a_private_ca() {
     // Online sync: the server calls the authority over HTTPS, trusting --tls-ca.
     let synced = ok(&[&["sync"][..], &remote].concat());
     assert!(synced.contains(&key_id), "{synced}");
-    let lease: serde_json::Value = serde_json::from_str(&ok(&[
-        &[
-            "lease",
-            "checkout",
-            "--component",
-            "cad",
-            "--station",
-            "ws-1",
-        ][..],
-        &remote,
-    ]
-    .concat()))
-    .unwrap();
+    let lease = checkout_cad(&remote, "ws-1");
     assert_eq!(lease["key_id"], key_id.as_str());
 
     // TESSERA_CA works like --ca; without either the server is not trusted.
