@@ -43,6 +43,8 @@ fn is_zero(value: &u32) -> bool {
 /// A lease as the station and administrators see it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Lease {
+    /// Left out for callers without the admin token (anonymous status).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub lease_id: String,
     /// The component asked for in this request (for listings: the first one).
     pub component: String,
@@ -358,6 +360,8 @@ pub struct ComponentStatus {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Holder {
+    /// Left out for callers without the admin token (anonymous status).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub lease_id: String,
     pub station: String,
     pub user: String,
