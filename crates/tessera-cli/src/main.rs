@@ -173,13 +173,31 @@ enum TlsCommand {
         /// Host names and IP addresses, comma-separated: localhost,licenses.example,10.0.0.5.
         #[arg(long, value_delimiter = ',', required = true)]
         name: Vec<String>,
+        /// Write the certificate and key as NAME.pem and NAME.key (one per host of a domain,
+        /// all from the CA in --out).
+        #[arg(long, default_value = "server")]
+        cert_name: String,
+    },
+    /// Print a certificate's SHA-256 fingerprint (of the first certificate of the PEM file),
+    /// as `peer_pins` / `--peer-pin` take it.
+    Fingerprint {
+        /// The certificate file (PEM), e.g. a host's server.pem.
+        cert: std::path::PathBuf,
     },
 }
 
 fn run_tls(command: TlsCommand) -> anyhow::Result<()> {
     match command {
-        TlsCommand::Init { out, name } => {
-            let written = tessera_tls::init(&out, &name)?;
+        TlsCommand::Fingerprint { cert } => {
+            println!("{}", tessera_tls::fingerprint_file(&cert)?);
+            Ok(())
+        }
+        TlsCommand::Init {
+            out,
+            name,
+            cert_name,
+        } => {
+            let written = tessera_tls::init_as(&out, &name, &cert_name)?;
             println!(
                 "CA certificate (clients trust it: --ca, TESSERA_CA): {}",
                 written.ca.display()
@@ -190,6 +208,10 @@ fn run_tls(command: TlsCommand) -> anyhow::Result<()> {
             );
             println!("server certificate: {}", written.cert.display());
             println!("server key: {}", written.key.display());
+            println!(
+                "certificate fingerprint (peer_pins): {}",
+                tessera_tls::fingerprint_file(&written.cert)?
+            );
             println!(
                 "serve with: tessera server --tls-cert {} --tls-key {}",
                 written.cert.display(),

@@ -69,7 +69,17 @@ pub struct ServerArgs {
     /// HTTPS (authority, neighbours, webhooks) [env: TESSERA_CA].
     #[arg(long = "tls-ca", env = "TESSERA_CA")]
     tls_ca: Option<PathBuf>,
-    /// For tests of real processes: a clock that moves only by `POST /v1/test/clock`.
+    /// Trust a domain or pair peer whose certificate has this SHA-256 fingerprint
+    /// (`tessera tls fingerprint FILE`); repeat for each host. Config: `peer_pins`.
+    #[arg(long = "peer-pin", value_name = "SHA256")]
+    peer_pins: Vec<String>,
+    /// Mutual TLS between the hosts of a domain or pair: each shows its certificate, and
+    /// peer requests without one from --tls-ca are refused. Config: `peer_mtls`.
+    #[arg(long)]
+    peer_mtls: bool,
+    /// For tests of real processes: a clock that moves only by `POST /v1/test/clock`. Not in
+    /// release builds: a customer must not be able to move the server's clock.
+    #[cfg(debug_assertions)]
     #[arg(long, hide = true)]
     test_clock: bool,
 }
@@ -131,6 +141,13 @@ impl ServerArgs {
         if self.tls_ca.is_some() {
             config.tls_ca = self.tls_ca;
         }
+        for pin in &self.peer_pins {
+            config
+                .peer_pins
+                .push(tessera_tls::parse_pin(pin).map_err(anyhow::Error::msg)?);
+        }
+        config.peer_mtls |= self.peer_mtls;
+        #[cfg(debug_assertions)]
         if self.test_clock {
             config.test_clock = Some(tessera_server::clock::ManualClock::new(
                 jiff::Timestamp::now().as_millisecond(),

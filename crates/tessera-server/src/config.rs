@@ -57,6 +57,16 @@ pub struct ConfigFile {
     /// A CA (PEM) this server trusts, besides the system's roots, when it calls others over
     /// HTTPS: the authority, neighbours, the primary it forwards to, webhooks.
     pub tls_ca: Option<PathBuf>,
+    /// The hosts of a domain or pair served over HTTPS trust a peer whose certificate's
+    /// SHA-256 is one of these (`tessera tls fingerprint FILE`), instead of (or, with
+    /// `tls_ca`, besides) its chain.
+    #[serde(default)]
+    pub peer_pins: Vec<String>,
+    /// Mutual TLS between the hosts of a domain or pair: each shows its own certificate
+    /// (`tls_cert`) to the others, and the peer routes refuse a connection without one from
+    /// `tls_ca`. On top of the domain secret's tags.
+    #[serde(default)]
+    pub peer_mtls: bool,
 }
 
 /// A console user: `name` and an argon2 PHC string (`tessera admin hash-password`).
@@ -135,10 +145,16 @@ pub struct ServerConfig {
     /// Tests of real processes only (`tessera server --test-clock`): the server's clock is
     /// this manual clock, moved by `POST /v1/test/clock` with the admin token.
     pub test_clock: Option<crate::clock::ManualClock>,
-    /// HTTPS: the certificate chain and key files (`tls_cert`, `tls_key`).
+    /// HTTPS: the certificate chain and key files (`tls_cert`, `tls_key`). The hosts of a
+    /// domain or pair serving HTTPS reach each other over HTTPS too ([`Self::peer_scheme`]):
+    /// give every host a certificate, or none.
     pub tls: Option<(PathBuf, PathBuf)>,
     /// See `ConfigFile::tls_ca`.
     pub tls_ca: Option<PathBuf>,
+    /// See `ConfigFile::peer_pins` (parsed).
+    pub peer_pins: Vec<[u8; 32]>,
+    /// See `ConfigFile::peer_mtls`.
+    pub peer_mtls: bool,
 }
 
 impl Default for ServerConfig {
@@ -164,11 +180,19 @@ impl Default for ServerConfig {
             test_clock: None,
             tls: None,
             tls_ca: None,
+            peer_pins: Vec::new(),
+            peer_mtls: false,
         }
     }
 }
 
 impl ServerConfig {
+    /// How this host reaches its peers (Raft, pair, forwarded writes): `https` when it serves
+    /// HTTPS itself (every host of a domain does, or none), else `http`.
+    pub fn peer_scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+
     /// Reads a configuration file; relative paths in it are relative to the file.
     pub fn from_file(path: &Path) -> Result<ServerConfig, StartError> {
         let text = std::fs::read_to_string(path).map_err(|error| StartError::Config {
@@ -219,6 +243,12 @@ impl ServerConfig {
         if let Some(ca) = file.tls_ca {
             self.tls_ca = Some(base.join(ca));
         }
+        for pin in &file.peer_pins {
+            let pin =
+                tessera_tls::parse_pin(pin).map_err(|message| StartError::Config { message })?;
+            self.peer_pins.push(pin);
+        }
+        self.peer_mtls |= file.peer_mtls;
         if let Some(limit) = file.body_limit_bytes {
             self.body_limit_bytes = limit;
         }
@@ -258,9 +288,14 @@ impl ServerConfig {
     }
 
     pub fn validate(&self) -> Result<(), StartError> {
-        if self.tls.is_some() && (self.domain.is_some() || self.domain_secret.is_some()) {
+        if self.tls.is_none() && (!self.peer_pins.is_empty() || self.peer_mtls) {
             return Err(StartError::Config {
-                message: "HTTPS (tls_cert, tls_key) is not available yet for the hosts of a domain or a redundant pair (domain_secret): their peer traffic is HTTP authenticated by the domain secret. Serve them on a private network, or put a TLS-terminating proxy in front".into(),
+                message: "peer_pins and peer_mtls need tls_cert and tls_key: the hosts of a domain speak HTTPS to each other only when they serve HTTPS".into(),
+            });
+        }
+        if self.peer_mtls && self.tls_ca.is_none() {
+            return Err(StartError::Config {
+                message: "peer_mtls needs tls_ca: the CA whose certificates the hosts of the domain show each other".into(),
             });
         }
         let ttl_ms = self.lease_ttl.as_millis();

@@ -49,6 +49,10 @@ pub enum ApiError {
     )]
     LeaseSecretWrong,
     #[error(
+        "this route is for the other hosts of the domain or pair, which show a certificate from the domain's CA (peer_mtls): this connection showed none"
+    )]
+    PeerCertificateRequired,
+    #[error(
         "station {station:?} already holds a lease of this component: a checkout again needs the holder_key of the first one (its lease is not shown to others)"
     )]
     LeaseHeld { station: String },
@@ -128,6 +132,9 @@ impl ApiError {
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::LeaseSecretRequired => (StatusCode::UNAUTHORIZED, "lease_secret_required"),
             ApiError::LeaseSecretWrong => (StatusCode::FORBIDDEN, "lease_secret_wrong"),
+            ApiError::PeerCertificateRequired => {
+                (StatusCode::UNAUTHORIZED, "peer_certificate_required")
+            }
             ApiError::LeaseHeld { .. } => (StatusCode::CONFLICT, "lease_held"),
             ApiError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
             ApiError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),

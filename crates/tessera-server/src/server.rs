@@ -133,6 +133,20 @@ pub async fn start(
         ),
     };
     let multi_host = members.len() > 1;
+    // Peers (Raft, pair, forwarded writes) over HTTPS when this host serves HTTPS: trusting
+    // the pins, else the domain's CA (`tls_ca`), else the system's roots; showing this host's
+    // certificate with `peer_mtls`.
+    let peer_tls = match &tls {
+        Some(tls) => Some(Arc::new(
+            tessera_tls::peer_client_config(
+                config.tls_ca.as_deref(),
+                &config.peer_pins,
+                config.peer_mtls.then(|| tls.clone()),
+            )
+            .map_err(tls_error)?,
+        )),
+        None => None,
+    };
     let consensus = Consensus::start(ConsensusConfig {
         data_dir: config.data_dir.clone(),
         node_id,
@@ -146,7 +160,10 @@ pub async fn start(
         members,
         domain_secret: config.domain_secret.clone(),
         join: config.domain.as_ref().is_some_and(|d| d.join),
-        transport: None,
+        transport: Some(Arc::new(crate::consensus::PeerTransport::new(
+            peer_tls.clone(),
+        ))),
+        peer_scheme: config.peer_scheme(),
         store: tessera_store::StoreOptions {
             slow_disk: test_slow_disk(),
             ..Default::default()
@@ -176,6 +193,20 @@ pub async fn start(
         .connect_timeout(std::time::Duration::from_secs(3))
         .build()
         .map_err(client_error)?;
+    // The other hosts of the domain or pair: their TLS trust, no proxy, no redirects.
+    let peer_http = {
+        let builder = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(std::time::Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .redirect(reqwest::redirect::Policy::none());
+        match &peer_tls {
+            Some(peer_tls) => builder.tls_backend_preconfigured(peer_tls.as_ref().clone()),
+            None => builder,
+        }
+        .build()
+        .map_err(client_error)?
+    };
     let external_http = tessera_tls::client_builder(config.tls_ca.as_deref())
         .map_err(tls_error)?
         .connect_timeout(std::time::Duration::from_secs(10))
@@ -214,6 +245,7 @@ pub async fn start(
         served: Default::default(),
         pair,
         http: http.clone(),
+        peer_http,
         external_http,
     });
     // A single host (a one-voter group, which never needs them) does not serve the Raft RPC
@@ -225,12 +257,21 @@ pub async fn start(
     if raft_routes {
         router = router.merge(consensus.router());
     }
+    if state.config.peer_mtls {
+        router = router.layer(axum::middleware::from_fn(
+            crate::http::require_peer_certificate,
+        ));
+    }
     let (shutdown, mut shutdown_rx) = watch::channel(false);
-    let acceptor = tls
-        .as_ref()
-        .map(|tls| tls.acceptor())
-        .transpose()
-        .map_err(tls_error)?;
+    let acceptor = match (&tls, &state.config.tls_ca) {
+        (Some(tls), Some(ca)) if state.config.peer_mtls => {
+            Some(tls.acceptor_asking_certificates(ca))
+        }
+        (Some(tls), _) => Some(tls.acceptor()),
+        (None, _) => None,
+    }
+    .transpose()
+    .map_err(tls_error)?;
     let tls_watch = tls.as_ref().map(|tls| tls.watch(TLS_RELOAD_PERIOD));
     if tls.is_none() && !addr.ip().is_loopback() {
         tracing::warn!(
@@ -245,9 +286,7 @@ pub async fn start(
         let served = match acceptor {
             Some(acceptor) => match tessera_tls::TlsListener::new(listener, acceptor) {
                 Ok(listener) => {
-                    // `tap_io` makes the client address available as connect info.
-                    use axum::serve::ListenerExt;
-                    axum::serve(listener.tap_io(|_| {}), connected(router))
+                    axum::serve(listener, connected(router))
                         .with_graceful_shutdown(signal)
                         .await
                 }
@@ -285,11 +324,13 @@ pub async fn start(
     })
 }
 
-/// The router, told each request's client address (the console's login throttle).
+/// The router, told each request's client address (the console's login throttle) and
+/// whether it showed a verified certificate (the peer routes under `peer_mtls`).
 fn connected(
     router: axum::Router,
-) -> axum::extract::connect_info::IntoMakeServiceWithConnectInfo<axum::Router, SocketAddr> {
-    router.into_make_service_with_connect_info::<SocketAddr>()
+) -> axum::extract::connect_info::IntoMakeServiceWithConnectInfo<axum::Router, tessera_tls::Client>
+{
+    router.into_make_service_with_connect_info::<tessera_tls::Client>()
 }
 
 /// How often the TLS certificate files are looked at for a change (SIGHUP reloads at once).

@@ -89,6 +89,10 @@ pub struct AppState {
     pub served: crate::neighbours::redirect::ServedCache,
     /// HTTP client for neighbour servers (no proxy: they are on the site's network).
     pub http: reqwest::Client,
+    /// HTTP client for the other hosts of the domain or pair (forwarded writes, pair RPCs,
+    /// the primary's domain view): `https` with the peers' trust when this host serves
+    /// HTTPS (see [`AppState::peer_url`]).
+    pub peer_http: reqwest::Client,
     /// HTTP client for the vendor's authority and webhooks: through the site's proxy
     /// (`HTTPS_PROXY`) if it has one.
     pub external_http: reqwest::Client,
@@ -106,6 +110,11 @@ pub fn timestamp(ms: i64) -> Timestamp {
 }
 
 impl AppState {
+    /// The URL of `path` on the peer (host of this domain or pair) at `addr` (`host:port`).
+    pub fn peer_url(&self, addr: &str, path: &str) -> String {
+        format!("{}://{addr}{path}", self.config.peer_scheme())
+    }
+
     /// Reads the ledger this host serves from (its alone ledger while a pair's host serves
     /// alone; else the applied one).
     pub fn read<R>(&self, f: impl FnOnce(&Ledger) -> R) -> R {

@@ -1394,3 +1394,37 @@ async fn a_lease_secret_from_before_the_upgrade_still_works() {
     );
     station.checkin(&lease.lease_id).await.unwrap();
 }
+
+/// Sends the head of a POST announcing a body of `length` bytes, and none of the body, and
+/// reads the answer: the server must answer from the head alone (the read has a deadline).
+pub async fn head_only_post(
+    authority: &str,
+    path: &str,
+    length: u64,
+    headers: &[(&str, String)],
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(authority).await.unwrap();
+    let mut head = format!(
+        "POST {path} HTTP/1.1\r\nhost: {authority}\r\ncontent-type: application/json\r\ncontent-length: {length}\r\n"
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !String::from_utf8_lossy(&answer).contains("\"}}") {
+        let read = tokio::time::timeout_at(deadline, stream.read(&mut buffer))
+            .await
+            .expect("the server answers from the head alone, without the body")
+            .unwrap();
+        if read == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buffer[..read]);
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}

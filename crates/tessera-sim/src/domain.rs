@@ -401,6 +401,7 @@ async fn run_host(
         domain_secret: Some(SECRET.into()),
         join: false,
         transport: Some(Arc::new(TurmoilTransport)),
+        peer_scheme: "http",
         store: tessera_store::StoreOptions {
             inline: true,
             unflushed_for: Some(Duration::from_millis(UNFLUSHED_MS)),

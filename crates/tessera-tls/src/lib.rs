@@ -24,6 +24,10 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
+mod peer;
+pub use peer::{Client, PeerStream, fingerprint, fingerprint_file, parse_pin, peer_client_config};
+pub use {rustls, tokio_rustls};
+
 /// The environment variable naming a site CA for clients (like `--ca`).
 pub const CA_ENV: &str = "TESSERA_CA";
 
@@ -250,15 +254,20 @@ impl ServerTls {
     }
 }
 
+impl ServerTls {
+    /// The certificate and key in use now.
+    fn current_key(&self) -> Arc<CertifiedKey> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .key
+            .clone()
+    }
+}
+
 impl ResolvesServerCert for ServerTls {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(
-            self.current
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .key
-                .clone(),
-        )
+        Some(self.current_key())
     }
 }
 
@@ -416,6 +425,23 @@ pub const SERVER_VALID_DAYS: i64 = 825;
 /// `ca.key`, `server.pem` (the certificate, then the CA) and `server.key`, the keys readable
 /// by their owner only. Clients trust `ca.pem` (`--ca`).
 pub fn init(out: &Path, names: &[String]) -> Result<Written, TlsError> {
+    init_as(out, names, "server")
+}
+
+/// [`init`] writing the certificate and key as `{stem}.pem` and `{stem}.key` (one per host
+/// of a domain, all from the same CA: `tessera tls init --cert-name host2`).
+pub fn init_as(out: &Path, names: &[String], stem: &str) -> Result<Written, TlsError> {
+    if stem.is_empty()
+        || stem == "ca"
+        || !stem
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        || stem.starts_with('.')
+    {
+        return Err(TlsError::Other(format!(
+            "certificate name {stem:?}: use letters, digits, '-', '_' or '.' (not \"ca\")"
+        )));
+    }
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
         KeyPair, KeyUsagePurpose,
@@ -493,7 +519,12 @@ pub fn init(out: &Path, names: &[String]) -> Result<Written, TlsError> {
     params
         .distinguished_name
         .push(DnType::CommonName, names[0].clone());
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    // Client authentication too: the hosts of a domain show these certificates to each other
+    // (mutual TLS, `peer_mtls`).
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     params.not_before = days(-1);
     params.not_after = days(SERVER_VALID_DAYS);
     let key = KeyPair::generate().map_err(other)?;
@@ -501,8 +532,8 @@ pub fn init(out: &Path, names: &[String]) -> Result<Written, TlsError> {
     let written = Written {
         ca: ca_pem_path,
         ca_key: ca_key_path,
-        cert: out.join("server.pem"),
-        key: out.join("server.key"),
+        cert: out.join(format!("{stem}.pem")),
+        key: out.join(format!("{stem}.key")),
     };
     write(&written.ca, &ca_pem, false)?;
     write(&written.ca_key, &issuer.key().serialize_pem(), true)?;

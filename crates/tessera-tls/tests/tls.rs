@@ -86,3 +86,115 @@ fn a_key_that_does_not_match_is_refused_and_the_current_pair_kept() {
     let error = tessera_tls::init(&dir.path().join("none"), &[]).unwrap_err();
     assert!(error.to_string().contains("--name"), "{error}");
 }
+
+/// Serves `/who`, answering whether the connection showed a verified client certificate;
+/// the listener asks for certificates from `ca` (mutual TLS, as between domain hosts).
+async fn serve_peers(tls: &std::sync::Arc<ServerTls>, ca: &Path) -> String {
+    use axum::extract::ConnectInfo;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let listener =
+        TlsListener::new(listener, tls.acceptor_asking_certificates(ca).unwrap()).unwrap();
+    let router = axum::Router::new().route(
+        "/who",
+        axum::routing::get(
+            |ConnectInfo(client): ConnectInfo<tessera_tls::Client>| async move {
+                if client.certified {
+                    "peer"
+                } else {
+                    "anonymous"
+                }
+            },
+        ),
+    );
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<tessera_tls::Client>(),
+        )
+        .await
+    });
+    format!("https://127.0.0.1:{port}/who")
+}
+
+/// A GET with the peers' client configuration (pins, CA, own certificate).
+async fn get_as_peer(
+    url: &str,
+    config: tessera_tls::rustls::ClientConfig,
+) -> Result<String, String> {
+    let client = reqwest::Client::builder()
+        .tls_backend_preconfigured(config)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let answer = client.get(url).send().await.map_err(|e| format!("{e:?}"))?;
+    answer.text().await.map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn peers_trust_a_pinned_certificate_or_their_ca_and_show_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = dir.path().join("site");
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    let one = tessera_tls::init_as(&site, &names, "host-1").unwrap();
+    let two = tessera_tls::init_as(&site, &names, "host-2").unwrap();
+    assert_eq!(one.ca, two.ca, "both hosts' certificates come from one CA");
+    let outside = tessera_tls::init(&dir.path().join("outside"), &names).unwrap();
+    let server = ServerTls::load(&one.cert, &one.key).unwrap();
+    let url = serve_peers(&server, &one.ca).await;
+    let pin = |path: &Path| {
+        tessera_tls::parse_pin(&tessera_tls::fingerprint_file(path).unwrap()).unwrap()
+    };
+    let host_2 = ServerTls::load(&two.cert, &two.key).unwrap();
+
+    // The domain's CA, host 2's certificate shown: a peer.
+    let config = tessera_tls::peer_client_config(Some(&one.ca), &[], Some(host_2.clone())).unwrap();
+    assert_eq!(get_as_peer(&url, config).await.unwrap(), "peer");
+    // No certificate shown: served, but not as a peer.
+    let config = tessera_tls::peer_client_config(Some(&one.ca), &[], None).unwrap();
+    assert_eq!(get_as_peer(&url, config).await.unwrap(), "anonymous");
+    // A certificate of another CA: the handshake fails.
+    let stranger = ServerTls::load(&outside.cert, &outside.key).unwrap();
+    let config = tessera_tls::peer_client_config(Some(&one.ca), &[], Some(stranger)).unwrap();
+    assert!(get_as_peer(&url, config).await.is_err());
+    // Trusting another CA: the server is not believed.
+    let config = tessera_tls::peer_client_config(Some(&outside.ca), &[], None).unwrap();
+    assert!(get_as_peer(&url, config).await.is_err());
+
+    // Pinned: host 1's own certificate, no CA needed; the pin of another certificate (host
+    // 2's, from the same CA) is refused.
+    let config = tessera_tls::peer_client_config(None, &[pin(&one.cert)], None).unwrap();
+    assert_eq!(get_as_peer(&url, config).await.unwrap(), "anonymous");
+    let config = tessera_tls::peer_client_config(None, &[pin(&two.cert)], None).unwrap();
+    let refused = get_as_peer(&url, config).await.unwrap_err();
+    assert!(refused.contains("peer_pins"), "{refused}");
+    // Pin and CA both: both must hold.
+    let config =
+        tessera_tls::peer_client_config(Some(&outside.ca), &[pin(&one.cert)], None).unwrap();
+    assert!(get_as_peer(&url, config).await.is_err());
+    let config =
+        tessera_tls::peer_client_config(Some(&one.ca), &[pin(&one.cert)], Some(host_2)).unwrap();
+    assert_eq!(get_as_peer(&url, config).await.unwrap(), "peer");
+}
+
+#[test]
+fn pins_parse_as_openssl_prints_them_and_bad_ones_are_named() {
+    let hex = "ab".repeat(32);
+    let colons = vec!["AB"; 32].join(":");
+    assert_eq!(tessera_tls::parse_pin(&hex).unwrap(), [0xab; 32]);
+    assert_eq!(
+        tessera_tls::parse_pin(&format!("sha256:{hex}")).unwrap(),
+        [0xab; 32]
+    );
+    assert_eq!(tessera_tls::parse_pin(&colons).unwrap(), [0xab; 32]);
+    assert!(
+        tessera_tls::parse_pin("xyz")
+            .unwrap_err()
+            .contains("not hex")
+    );
+    assert!(
+        tessera_tls::parse_pin("abcd")
+            .unwrap_err()
+            .contains("32 bytes")
+    );
+}

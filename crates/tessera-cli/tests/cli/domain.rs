@@ -13,6 +13,8 @@ const WAIT: Duration = Duration::from_secs(20);
 pub(super) struct DomainDir {
     pub(super) root: PathBuf,
     pub(super) ports: Vec<u16>,
+    /// `http`, or `https` after [`DomainDir::use_tls`].
+    scheme: &'static str,
 }
 
 impl DomainDir {
@@ -40,6 +42,7 @@ impl DomainDir {
         DomainDir {
             root: root.to_path_buf(),
             ports,
+            scheme: "http",
         }
     }
 
@@ -69,10 +72,38 @@ impl DomainDir {
         }
     }
 
+    /// Every host serves HTTPS with its own certificate from one private CA (`tessera tls init
+    /// --cert-name host-N`), and the hosts show them to each other (`peer_mtls`).
+    pub(super) fn use_tls(&mut self) -> PathBuf {
+        let tls = self.root.join("tls");
+        for host in 1..=self.ports.len() {
+            ok(&[
+                "tls",
+                "init",
+                "--out",
+                tls.to_str().unwrap(),
+                "--name",
+                "localhost,127.0.0.1",
+                "--cert-name",
+                &format!("host-{host}"),
+            ]);
+            let path = self.root.join(format!("host-{host}.toml"));
+            let config = std::fs::read_to_string(&path).unwrap().replace(
+                "\n[domain]\n",
+                &format!(
+                    "tls_cert = \"tls/host-{host}.pem\"\ntls_key = \"tls/host-{host}.key\"\ntls_ca = \"tls/ca.pem\"\npeer_mtls = true\n\n[domain]\n"
+                ),
+            );
+            std::fs::write(path, config).unwrap();
+        }
+        self.scheme = "https";
+        tls.join("ca.pem")
+    }
+
     pub(super) fn servers(&self) -> String {
         self.ports
             .iter()
-            .map(|port| format!("http://127.0.0.1:{port}"))
+            .map(|port| format!("{}://127.0.0.1:{port}", self.scheme))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -88,9 +119,20 @@ impl DomainDir {
 /// Polls `tessera domain status --json` (bounded) until `primary` leads and the hosts in
 /// `healthy` are reported healthy.
 fn wait_for_primary(servers: &str, primary: u64, healthy: &[u64]) -> serde_json::Value {
+    wait_for_primary_with(&[], servers, primary, healthy)
+}
+
+/// [`wait_for_primary`] with more CLI arguments (`--ca FILE`).
+fn wait_for_primary_with(
+    extra: &[&str],
+    servers: &str,
+    primary: u64,
+    healthy: &[u64],
+) -> serde_json::Value {
     let deadline = Instant::now() + WAIT;
     loop {
-        let output = tessera(&["domain", "status", "--json", "--server", servers]);
+        let output =
+            tessera(&[&["domain", "status", "--json", "--server", servers], extra].concat());
         if output.status.success() {
             let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
             let settled = status["primary"] == primary
@@ -115,9 +157,16 @@ fn wait_for_primary(servers: &str, primary: u64, healthy: &[u64]) -> serde_json:
 
 /// The lease ids the domain holds (the admin `token` shows them).
 fn held_leases(servers: &str, token: &str) -> Vec<String> {
+    held_leases_with(servers, token, &[])
+}
+
+/// [`held_leases`] with more CLI arguments (`--ca FILE`); sorted.
+fn held_leases_with(servers: &str, token: &str, extra: &[&str]) -> Vec<String> {
     let status: serde_json::Value = serde_json::from_str(&ok(&[
-        "status", "--json", "--server", servers, "--token", token,
-    ]))
+        &["status", "--json", "--server", servers, "--token", token][..],
+        extra,
+    ]
+    .concat()))
     .unwrap();
     let mut held: Vec<String> = status["leases"]
         .as_array()
@@ -218,6 +267,112 @@ fn a_three_process_domain_loses_no_acknowledged_lease_and_never_over_issues_acro
 }
 
 #[test]
+fn a_three_process_domain_runs_over_mutual_tls_and_fails_over() {
+    let dir = tempfile::tempdir().unwrap();
+    setup_vendor(dir.path()); // cad.json: 2 licenses
+    let mut domain = DomainDir::new(dir.path(), 3);
+    let ca = domain.use_tls();
+    let ca = ca.to_str().unwrap();
+    let host_1 = domain.start(1);
+    assert!(host_1.url.starts_with("https://"), "{}", host_1.url);
+    domain.share_identity(3);
+    let _host_2 = domain.start(2);
+    let _host_3 = domain.start(3);
+    let servers = domain.servers();
+    let token = domain.token();
+    // The hosts elect and replicate over HTTPS, each showing its certificate.
+    wait_for_primary_with(&["--ca", ca], &servers, 1, &[1, 2, 3]);
+    // Without the CA the CLI trusts none of them.
+    let refused = tessera(&["domain", "status", "--server", &servers]);
+    assert!(!refused.status.success());
+
+    // Written through a backup: host 3 forwards to the primary over HTTPS.
+    let host_3_only = servers.split(',').nth(2).unwrap().to_string();
+    let via_3 = [
+        "--server",
+        host_3_only.as_str(),
+        "--token",
+        token.as_str(),
+        "--ca",
+        ca,
+    ];
+    ok(&[
+        &["keys", "add", dir.path().join("cad.json").to_str().unwrap()][..],
+        &via_3,
+    ]
+    .concat());
+    let remote = [
+        "--server",
+        servers.as_str(),
+        "--token",
+        token.as_str(),
+        "--ca",
+        ca,
+    ];
+    let checkout = |station: &str| {
+        tessera(
+            &[
+                &[
+                    "lease",
+                    "checkout",
+                    "--component",
+                    "cad",
+                    "--station",
+                    station,
+                ][..],
+                &remote,
+            ]
+            .concat(),
+        )
+    };
+    for station in ["ws-1", "ws-2"] {
+        let output = checkout(station);
+        assert!(output.status.success(), "{output:?}");
+    }
+    let acknowledged = held_leases_with(&servers, &token, &["--ca", ca]);
+    assert_eq!(acknowledged.len(), 2);
+
+    // An outsider that trusts the CA but has no host certificate is refused by the peer
+    // routes (a Raft vote and a pair RPC), whatever it sends.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let outsider = tessera_tls::client_builder_exactly(Some(Path::new(ca)))
+        .unwrap()
+        .build()
+        .unwrap();
+    for path in ["/v1/raft/vote", "/v1/pair/rpc/handover"] {
+        let (status, body) = runtime.block_on(async {
+            let answer = outsider
+                .post(format!("{host_3_only}{path}"))
+                .header("x-tessera-raft-auth", "00".repeat(32))
+                .body("{}")
+                .send()
+                .await
+                .unwrap();
+            (answer.status().as_u16(), answer.text().await.unwrap())
+        });
+        assert_eq!(status, 401, "{path}: {body}");
+        assert!(body.contains("peer_certificate_required"), "{path}: {body}");
+    }
+
+    // Failover over TLS: host 1 is killed; host 2 leads with the same leases; the pool is
+    // still exhausted.
+    host_1.kill_9();
+    wait_for_primary_with(&["--ca", ca], &servers, 2, &[2, 3]);
+    assert_eq!(
+        held_leases_with(&servers, &token, &["--ca", ca]),
+        acknowledged
+    );
+    let refused = checkout("ws-3");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("no_licenses_available"),
+        "{refused:?}"
+    );
+}
+
+#[test]
 fn a_domain_config_with_more_than_twenty_hosts_is_refused_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let hosts: Vec<String> = (1..=21)
@@ -236,6 +391,60 @@ fn a_domain_config_with_more_than_twenty_hosts_is_refused_with_a_clear_error() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("at most 20"), "{stderr}");
+}
+
+#[test]
+fn peer_tls_settings_that_cannot_work_are_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let cases: [(&[&str], &str); 3] = [
+        (&["--peer-mtls"], "peer_pins and peer_mtls need tls_cert"),
+        (&["--peer-pin", "abcd"], "is not 32 bytes"),
+        (
+            &["--peer-pin", &"ab".repeat(32)],
+            "need tls_cert and tls_key",
+        ),
+    ];
+    for (flags, expected) in cases {
+        let output = tessera(&[&["server", "--data", data][..], flags].concat());
+        assert!(!output.status.success(), "{flags:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{flags:?}: {stderr}");
+    }
+    let tls = dir.path().join("tls");
+    ok(&[
+        "tls",
+        "init",
+        "--out",
+        tls.to_str().unwrap(),
+        "--name",
+        "localhost",
+    ]);
+    let output = tessera(&[
+        "server",
+        "--data",
+        data,
+        "--tls-cert",
+        tls.join("server.pem").to_str().unwrap(),
+        "--tls-key",
+        tls.join("server.key").to_str().unwrap(),
+        "--peer-mtls",
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("peer_mtls needs tls_ca"), "{stderr}");
+    assert!(
+        !dir.path().join("data").exists(),
+        "a refused start creates nothing"
+    );
+    // The fingerprint `tls init` prints is the one `tls fingerprint` prints.
+    let fingerprint = ok(&[
+        "tls",
+        "fingerprint",
+        tls.join("server.pem").to_str().unwrap(),
+    ]);
+    assert_eq!(fingerprint.trim().len(), 64, "{fingerprint}");
 }
 
 #[test]

@@ -113,8 +113,11 @@ pub struct ConsensusConfig {
     /// Joining a running domain: never initialize the group here; wait for the primary to
     /// add this host (`add_host`).
     pub join: bool,
-    /// How Raft RPCs travel: `None` for real HTTP; a simulated network in `tessera-sim`.
+    /// How Raft RPCs travel: `None` for real HTTP in clear; a [`PeerTransport`] with TLS
+    /// for HTTPS peers; a simulated network in `tessera-sim`.
     pub transport: Option<Arc<dyn network::RaftTransport>>,
+    /// `http` or `https`: how peers' URLs are written (`https` needs a transport with TLS).
+    pub peer_scheme: &'static str,
     /// How the store writes (inline without fsync only in simulations).
     pub store: tessera_store::StoreOptions,
     /// A deliberately broken rule, for the simulator to show that it catches it: a restarted
@@ -356,6 +359,7 @@ impl Consensus {
         let transport = cfg
             .transport
             .unwrap_or_else(|| Arc::new(network::PeerTransport::default()));
+        let peer_scheme = cfg.peer_scheme;
         let (log_store, state_machine) = tokio::task::spawn_blocking(move || {
             tessera_store::open_with(&path, ledger_config, store_options)
         })
@@ -369,7 +373,13 @@ impl Consensus {
         let raft = Raft::new(
             cfg.node_id,
             config,
-            network::HttpNetwork::new(transport, key.clone(), cfg.node_id, link.clone()),
+            network::HttpNetwork::new(
+                transport,
+                peer_scheme,
+                key.clone(),
+                cfg.node_id,
+                link.clone(),
+            ),
             log_store,
             state_machine,
         )

@@ -1,5 +1,5 @@
-//! openraft's network over HTTP/JSON: each RPC is a POST to `http://{peer}/v1/raft/{rpc}`,
-//! answered by [`super::rpc`] with the JSON of `Result<Response, RaftError>`.
+//! openraft's network over HTTP/JSON: each RPC is a POST to `{scheme}://{peer}/v1/raft/{rpc}`
+//! (`https` when the hosts serve HTTPS), answered by [`super::rpc`] with the JSON of `Result<Response, RaftError>`.
 //!
 //! Error mapping, which drives openraft's retry backoff:
 //! - cannot connect, or the peer's Raft has stopped: `Unreachable` (openraft backs off);
@@ -29,9 +29,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tessera_store::TypeConfig;
 use tessera_store::state_machine::SnapshotData;
+use tessera_tls::PeerStream;
 use tokio::net::TcpStream;
 
-use super::auth::{AUTH_HEADER, DomainKey, FROM_HEADER};
+use super::auth::{AUTH_HEADER, DomainKey, FROM_HEADER, LENGTH_HEADER};
 use super::pair_link::{MODE_HEADER, Mode, PAIR_ALONE_CODE, PairLink};
 use super::rpc::SnapshotHeader;
 
@@ -41,6 +42,8 @@ type Vote = openraft::type_config::alias::VoteOf<TypeConfig>;
 /// A TCP connect to a live host on the LAN takes well under this; a dead one should fail
 /// fast so the leader backs off instead of holding a replication slot.
 const CONNECT_TIMEOUT_MS: u64 = 500;
+/// A TLS handshake with a live peer on the LAN: a round trip or two and one signature.
+const TLS_HANDSHAKE_TIMEOUT_MS: u64 = 1_000;
 
 /// One HTTP POST of a Raft RPC.
 pub struct TransportRequest {
@@ -115,15 +118,29 @@ const IDLE_MAX: Duration = Duration::from_secs(60);
 /// fails before any answer; a larger one (a snapshot) is not.
 const RETRY_BODY_BYTES_MAX: usize = 1 << 20;
 
-/// HTTP/1.1 over keep-alive TCP connections (hyper's client connection), each driven by the
-/// task that sends the RPC instead of a connection task of its own: a request and its answer
-/// cost no hand-off between tasks, which on a busy leader was a queue wait per RPC.
+/// HTTP/1.1 over keep-alive TCP (or TLS) connections (hyper's client connection), each
+/// driven by the task that sends the RPC instead of a connection task of its own: a request
+/// and its answer cost no hand-off between tasks, which on a busy leader was a queue wait
+/// per RPC.
 #[derive(Default)]
 pub struct PeerTransport {
+    /// Idle connections by `scheme://host:port`.
     idle: Arc<Mutex<HashMap<String, Vec<PeerConnection>>>>,
+    /// For `https://` peers: whom to trust, and this host's certificate (mutual TLS).
+    tls: Option<tessera_tls::tokio_rustls::TlsConnector>,
 }
 
-type Connection = hyper::client::conn::http1::Connection<TokioIo<TcpStream>, Full<Bytes>>;
+impl PeerTransport {
+    /// A transport reaching `https://` peers with `tls` (and `http://` ones in clear).
+    pub fn new(tls: Option<Arc<tessera_tls::rustls::ClientConfig>>) -> PeerTransport {
+        PeerTransport {
+            idle: Arc::default(),
+            tls: tls.map(tessera_tls::tokio_rustls::TlsConnector::from),
+        }
+    }
+}
+
+type Connection = hyper::client::conn::http1::Connection<TokioIo<PeerStream>, Full<Bytes>>;
 
 /// One keep-alive connection to a peer, idle between RPCs.
 struct PeerConnection {
@@ -136,7 +153,10 @@ struct PeerConnection {
 }
 
 impl PeerConnection {
-    async fn open(authority: &str) -> Result<PeerConnection, TransportError> {
+    async fn open(
+        authority: &str,
+        tls: Option<&tessera_tls::tokio_rustls::TlsConnector>,
+    ) -> Result<PeerConnection, TransportError> {
         let connect = TcpStream::connect(authority);
         let stream = tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), connect)
             .await
@@ -147,6 +167,23 @@ impl PeerConnection {
             })?
             .map_err(|e| TransportError::Connect(format!("{authority}: {e}")))?;
         let _ = stream.set_nodelay(true);
+        let stream = match tls {
+            None => PeerStream::Plain(stream),
+            Some(connector) => {
+                let host = authority
+                    .rsplit_once(':')
+                    .map_or(authority, |(host, _)| host);
+                let handshake = PeerStream::tls(connector, host, stream);
+                tokio::time::timeout(Duration::from_millis(TLS_HANDSHAKE_TIMEOUT_MS), handshake)
+                    .await
+                    .map_err(|_| {
+                        TransportError::Connect(format!(
+                            "no TLS handshake with {authority} within {TLS_HANDSHAKE_TIMEOUT_MS} ms"
+                        ))
+                    })?
+                    .map_err(|e| TransportError::Connect(format!("{authority}: TLS: {e}")))?
+            }
+        };
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| TransportError::Connect(format!("{authority}: {e}")))?;
@@ -238,16 +275,44 @@ async fn drive<F: Future>(
     .await
 }
 
-/// `http://host:port/path` as (`host:port`, `/path`).
-fn split_url(url: &str) -> Result<(String, String), TransportError> {
-    let rest = url.strip_prefix("http://").ok_or_else(|| {
-        TransportError::Connect(format!("{url}: peers are reached over plain http://"))
-    })?;
+/// A URL's parts: whether it is `https`, `host:port`, `/path`.
+struct Target {
+    tls: bool,
+    authority: String,
+    path: String,
+}
+
+impl Target {
+    /// The idle pool's key: a clear and a TLS connection to one address are not the same.
+    fn pool_key(&self) -> String {
+        format!(
+            "{}://{}",
+            if self.tls { "https" } else { "http" },
+            self.authority
+        )
+    }
+}
+
+/// `http://host:port/path` or `https://…` as its parts.
+fn split_url(url: &str) -> Result<Target, TransportError> {
+    let (tls, rest) = if let Some(rest) = url.strip_prefix("http://") {
+        (false, rest)
+    } else if let Some(rest) = url.strip_prefix("https://") {
+        (true, rest)
+    } else {
+        return Err(TransportError::Connect(format!(
+            "{url}: peers are reached over http:// or https://"
+        )));
+    };
     let (authority, path) = match rest.find('/') {
         Some(slash) => (&rest[..slash], &rest[slash..]),
         None => (rest, "/"),
     };
-    Ok((authority.to_string(), path.to_string()))
+    Ok(Target {
+        tls,
+        authority: authority.to_string(),
+        path: path.to_string(),
+    })
 }
 
 impl PeerTransport {
@@ -287,10 +352,27 @@ impl RaftTransport for PeerTransport {
         let reused = split
             .as_ref()
             .ok()
-            .and_then(|(authority, _)| self.take_idle(authority));
+            .and_then(|target| self.take_idle(&target.pool_key()));
         let idle = self.idle.clone();
+        let connector = self.tls.clone();
         Box::pin(async move {
-            let (authority, path) = split?;
+            let target = split?;
+            let pool_key = target.pool_key();
+            let Target {
+                tls,
+                authority,
+                path,
+                ..
+            } = target;
+            let connector = match (tls, connector) {
+                (false, _) => None,
+                (true, Some(connector)) => Some(connector),
+                (true, None) => {
+                    return Err(TransportError::Connect(format!(
+                        "{authority}: an https:// peer, but this host has no TLS configured"
+                    )));
+                }
+            };
             let body = Bytes::from(request.body);
             let headers = request.headers;
             let exchange = async {
@@ -309,7 +391,7 @@ impl RaftTransport for PeerTransport {
                         Err((e, _)) => return Err(e),
                     }
                 }
-                let mut connection = PeerConnection::open(&authority).await?;
+                let mut connection = PeerConnection::open(&authority, connector.as_ref()).await?;
                 let response = connection
                     .exchange(&authority, &path, &headers, body)
                     .await
@@ -320,7 +402,7 @@ impl RaftTransport for PeerTransport {
             match tokio::time::timeout(timeout, exchange).await {
                 Ok(Ok((response, connection))) => {
                     if !connection.ended {
-                        PeerTransport::put_idle(&idle, authority.clone(), connection);
+                        PeerTransport::put_idle(&idle, pool_key, connection);
                     }
                     Ok(response)
                 }
@@ -338,23 +420,28 @@ impl RaftTransport for PeerTransport {
 /// Creates one [`HttpPeer`] per target; all share one transport.
 pub struct HttpNetwork {
     transport: Arc<dyn RaftTransport>,
+    /// `http` or `https`.
+    scheme: &'static str,
     key: Option<DomainKey>,
     from: u64,
     link: Arc<PairLink>,
 }
 
 impl HttpNetwork {
+    /// `scheme`: `http` or `https`, how every peer is reached.
     /// `key`: the domain secret every RPC is signed with (none for a single host).
     /// `from`: this host's number, sent along in [`FROM_HEADER`].
     /// `link`: told of every answer (contact with the other host of a pair).
     pub fn new(
         transport: Arc<dyn RaftTransport>,
+        scheme: &'static str,
         key: Option<DomainKey>,
         from: u64,
         link: Arc<PairLink>,
     ) -> HttpNetwork {
         HttpNetwork {
             transport,
+            scheme,
             key,
             from,
             link,
@@ -368,7 +455,7 @@ impl RaftNetworkFactory<TypeConfig> for HttpNetwork {
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> HttpPeer {
         HttpPeer {
             target,
-            base_url: format!("http://{}/v1/raft", node.addr),
+            base_url: format!("{}://{}/v1/raft", self.scheme, node.addr),
             transport: self.transport.clone(),
             key: self.key.clone(),
             from: self.from,
@@ -420,6 +507,7 @@ impl HttpPeer {
         ];
         if let Some(key) = &self.key {
             headers.push((AUTH_HEADER, key.sign(rpc, &body)));
+            headers.push((LENGTH_HEADER, key.sign_length(rpc, body.len() as u64)));
         }
         let response = self
             .transport
@@ -624,21 +712,32 @@ mod tests {
             ),
         }
         let mut bad = request(&authority);
-        bad.url = format!("https://{authority}/v1/raft/append");
+        bad.url = format!("ftp://{authority}/v1/raft/append");
         match transport.post(bad).await {
-            Err(TransportError::Connect(message)) => assert!(message.contains("http://")),
+            Err(TransportError::Connect(message)) => assert!(message.contains("https://")),
+            other => panic!("expected a refusal, got {:?}", other.map(|r| r.status)),
+        }
+        // An https:// peer needs this host's TLS settings.
+        let mut tls = request(&authority);
+        tls.url = format!("https://{authority}/v1/raft/append");
+        match transport.post(tls).await {
+            Err(TransportError::Connect(message)) => assert!(message.contains("no TLS")),
             other => panic!("expected a refusal, got {:?}", other.map(|r| r.status)),
         }
     }
 
     #[test]
     fn urls_split_into_authority_and_path() {
-        let (authority, path) = split_url("http://127.0.0.1:7400/v1/raft/vote").unwrap();
+        let target = split_url("http://127.0.0.1:7400/v1/raft/vote").unwrap();
         assert_eq!(
-            (authority.as_str(), path.as_str()),
-            ("127.0.0.1:7400", "/v1/raft/vote")
+            (target.tls, target.authority.as_str(), target.path.as_str()),
+            (false, "127.0.0.1:7400", "/v1/raft/vote")
         );
-        let (authority, path) = split_url("http://host:1").unwrap();
-        assert_eq!((authority.as_str(), path.as_str()), ("host:1", "/"));
+        let target = split_url("https://host:1").unwrap();
+        assert_eq!(
+            (target.tls, target.authority.as_str(), target.path.as_str()),
+            (true, "host:1", "/")
+        );
+        assert_eq!(target.pool_key(), "https://host:1");
     }
 }

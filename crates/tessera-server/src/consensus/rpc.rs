@@ -27,11 +27,14 @@ use tessera_store::TypeConfig;
 use std::sync::Arc;
 
 use super::RaftNode;
-use super::auth::{AUTH_HEADER, DomainKey};
+use super::auth::{AUTH_HEADER, DomainKey, LENGTH_HEADER};
 use super::pair_link::{MODE_HEADER, Mode, PAIR_ALONE_CODE, PairLink};
 
 /// Largest Raft request accepted: a full snapshot of a big ledger arrives in one body.
 pub const RAFT_BODY_BYTES_MAX: usize = 1 << 30;
+/// Largest Raft request read without a valid [`LENGTH_HEADER`] (a peer of an older version
+/// sends none): a batch of appends fits; a large snapshot needs the header.
+pub const UNVOUCHED_BODY_BYTES_MAX: usize = 1 << 20;
 
 #[derive(Serialize, Deserialize)]
 pub(super) struct SnapshotHeader {
@@ -110,13 +113,49 @@ async fn authenticate(State(key): State<DomainKey>, request: Request, next: Next
         .get(AUTH_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let bytes = match axum::body::to_bytes(body, RAFT_BODY_BYTES_MAX).await {
+    // Before reading: a body larger than a batch of appends is read only when the sender
+    // vouched for its length with the domain secret.
+    let length = parts
+        .headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let vouched = match (length, parts.headers.get(LENGTH_HEADER)) {
+        (Some(length), Some(tag)) => tag
+            .to_str()
+            .is_ok_and(|tag| key.verify_length(&rpc, length, tag))
+            .then_some(length),
+        _ => None,
+    };
+    let limit = match vouched {
+        Some(length) if length <= RAFT_BODY_BYTES_MAX as u64 => length as usize,
+        Some(length) => {
+            return refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!(
+                    "a Raft request of {length} bytes is over the limit of {RAFT_BODY_BYTES_MAX}"
+                ),
+            );
+        }
+        None if length.is_some_and(|length| length > UNVOUCHED_BODY_BYTES_MAX as u64) => {
+            return refuse(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                format!(
+                    "a Raft request over {UNVOUCHED_BODY_BYTES_MAX} bytes needs {LENGTH_HEADER} for its Content-Length: the sender does not hold this domain's domain_secret"
+                ),
+            );
+        }
+        None => UNVOUCHED_BODY_BYTES_MAX,
+    };
+    let bytes = match axum::body::to_bytes(body, limit).await {
         Ok(bytes) => bytes,
         Err(e) => {
             return refuse(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                format!("cannot read the Raft request body: {e}"),
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("cannot read the Raft request body (at most {limit} bytes here): {e}"),
             );
         }
     };

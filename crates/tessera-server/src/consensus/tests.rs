@@ -57,6 +57,7 @@ async fn start(
         domain_secret: (members.len() > 1).then(|| "a test domain secret".to_string()),
         join: false,
         transport: None,
+        peer_scheme: "http",
         store: tessera_store::StoreOptions::default(),
         broken_leader_restore: false,
     })

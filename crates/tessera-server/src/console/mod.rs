@@ -240,10 +240,10 @@ impl LoginThrottle {
     }
 }
 
-type PeerAddress = Option<Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>;
+type PeerAddress = Option<Extension<axum::extract::ConnectInfo<tessera_tls::Client>>>;
 
 fn ip_of(peer: &PeerAddress) -> Option<std::net::IpAddr> {
-    peer.as_ref().map(|info| info.0.0.ip())
+    peer.as_ref().map(|info| info.0.0.addr.ip())
 }
 
 fn too_many_logins(state: &SharedState, next: String, wait_ms: i64) -> Response {

@@ -87,20 +87,13 @@ pub async fn status(
         .primary()
         .filter(|(id, _)| *id != local.view_of)
     {
-        tessera_tls::install();
-        let asked = reqwest::Client::builder()
-            .no_proxy()
+        let asked = state
+            .peer_http
+            .get(state.peer_url(&addr, "/v1/domain"))
             .timeout(Duration::from_millis(1_000))
-            .build()
-            .ok()
-            .map(|client| {
-                client
-                    .get(format!("http://{addr}/v1/domain"))
-                    .header(FORWARDED_HEADER, local.view_of.to_string())
-                    .send()
-            });
-        if let Some(request) = asked
-            && let Ok(answer) = request.await
+            .header(FORWARDED_HEADER, local.view_of.to_string())
+            .send();
+        if let Ok(answer) = asked.await
             && answer.status().is_success()
             && let Ok(mut view) = answer.json::<DomainStatus>().await
             && view.view_of == primary

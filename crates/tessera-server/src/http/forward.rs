@@ -12,7 +12,6 @@
 //! - No primary known, or the primary unreachable: 503 `no_quorum`. Such a host never
 //!   issues anything itself; only a leader holding a majority commits.
 
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -33,22 +32,6 @@ pub const PAIR_PRIMARY_WAIT: Duration = Duration::from_millis(100);
 /// A forwarded write waits at most this long for the primary's answer (its proposal times
 /// out after 5 s).
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(7);
-
-fn http_client() -> &'static reqwest::Client {
-    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
-    CLIENT.get_or_init(|| {
-        // Between the hosts of a domain or pair: plain HTTP (TLS is refused there for now).
-        tessera_tls::install();
-        reqwest::Client::builder()
-            .no_proxy()
-            .connect_timeout(Duration::from_millis(500))
-            .timeout(FORWARD_TIMEOUT)
-            .tcp_nodelay(true)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .expect("an HTTP client without a CA file always builds")
-    })
-}
 
 fn is_write(method: &Method, path: &str) -> bool {
     matches!(
@@ -162,12 +145,14 @@ async fn forward(
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| uri.path().to_string());
-    let url = format!("http://{primary_addr}{path}");
+    let url = state.peer_url(&primary_addr, &path);
     let Ok(reqwest_method) = reqwest::Method::from_bytes(method.as_str().as_bytes()) else {
         return ApiError::Internal(format!("cannot forward method {method}")).into_response();
     };
-    let mut request = http_client()
+    let mut request = state
+        .peer_http
         .request(reqwest_method, &url)
+        .timeout(FORWARD_TIMEOUT)
         .header(FORWARDED_HEADER, me.to_string())
         .body(body);
     for name in [header::CONTENT_TYPE, header::AUTHORIZATION, header::ACCEPT] {

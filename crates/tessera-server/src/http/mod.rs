@@ -61,18 +61,28 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/neighbours/components", post(neighbours::components))
         .route("/v1/neighbours", get(neighbours::list))
         // Signed by the sending server (no admin token); a push carries every grant with its
-        // key, so these take larger bodies.
+        // key, so these take larger bodies: from configured neighbours only (`body_gate`).
         .route(
             "/v1/neighbours/grants",
-            post(neighbours::receive_grants).layer(DefaultBodyLimit::max(
-                crate::neighbours::LINK_BODY_LIMIT_BYTES.max(body_limit_bytes),
-            )),
+            post(neighbours::receive_grants)
+                .layer(DefaultBodyLimit::max(
+                    crate::neighbours::LINK_BODY_LIMIT_BYTES.max(body_limit_bytes),
+                ))
+                .layer(middleware::from_fn_with_state(
+                    state.clone(),
+                    neighbours::body_gate,
+                )),
         )
         .route(
             "/v1/neighbours/renew",
-            post(neighbours::renew).layer(DefaultBodyLimit::max(
-                crate::neighbours::LINK_BODY_LIMIT_BYTES.max(body_limit_bytes),
-            )),
+            post(neighbours::renew)
+                .layer(DefaultBodyLimit::max(
+                    crate::neighbours::LINK_BODY_LIMIT_BYTES.max(body_limit_bytes),
+                ))
+                .layer(middleware::from_fn_with_state(
+                    state.clone(),
+                    neighbours::body_gate,
+                )),
         )
         .route(
             "/v1/donations",
@@ -93,7 +103,7 @@ pub fn router(state: SharedState) -> Router {
             "/v1/audit/verify",
             get(crate::console::reports::audit_verify),
         )
-        .route("/v1/test/clock", post(advance_test_clock))
+        .merge(test_routes())
         .merge(crate::console::router())
         .fallback(no_route)
         .layer(middleware::map_response_with_state(
@@ -138,6 +148,16 @@ async fn record_latency(
     response
 }
 
+/// `POST /v1/test/clock` in debug builds (the tests of real processes); no such route in a
+/// release build.
+fn test_routes() -> Router<SharedState> {
+    if cfg!(debug_assertions) {
+        Router::new().route("/v1/test/clock", post(advance_test_clock))
+    } else {
+        Router::new()
+    }
+}
+
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AdvanceClock {
@@ -165,6 +185,22 @@ async fn advance_test_clock(
     Ok(axum::Json(
         serde_json::json!({"now_ms": tessera_core::Clock::now_ms(clock)}),
     ))
+}
+
+/// Under `peer_mtls`: the routes only the other hosts of the domain or pair call (Raft,
+/// pair RPCs) refuse a connection that showed no certificate from the domain's CA (401
+/// `peer_certificate_required`), before anything else looks at the request.
+pub async fn require_peer_certificate(request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    let peer_only = path.starts_with("/v1/raft/") || path.starts_with("/v1/pair/rpc/");
+    let certified = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<tessera_tls::Client>>()
+        .is_some_and(|info| info.0.certified);
+    if peer_only && !certified {
+        return ApiError::PeerCertificateRequired.into_response();
+    }
+    next.run(request).await
 }
 
 async fn no_route(request: Request) -> ApiError {

@@ -13,6 +13,56 @@ use crate::error::ApiError;
 use crate::neighbours::Envelope;
 use crate::state::SharedState;
 
+/// Before a link route reads its body: one larger than `body_limit_bytes` is read only when
+/// a configured neighbour vouched for its length ([`crate::neighbours::BODY_VOUCHER_HEADER`],
+/// signed with its identity key); otherwise 413 from the headers alone. A body of unknown
+/// length is read up to `body_limit_bytes`.
+pub async fn body_gate(
+    State(state): State<SharedState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let limit = state.config.body_limit_bytes;
+    let length = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let too_large = || ApiError::PayloadTooLarge { limit_bytes: limit }.into_response();
+    match length {
+        Some(length) if length <= limit as u64 => next.run(request).await,
+        Some(length) => {
+            let vouched = length <= crate::neighbours::LINK_BODY_LIMIT_BYTES as u64
+                && request
+                    .headers()
+                    .get(crate::neighbours::BODY_VOUCHER_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|voucher| {
+                        state.body_vouched(request.uri().path(), length, voucher)
+                    });
+            if vouched {
+                next.run(request).await
+            } else {
+                too_large()
+            }
+        }
+        None => {
+            let (parts, body) = request.into_parts();
+            match axum::body::to_bytes(body, limit).await {
+                Ok(bytes) => {
+                    next.run(axum::extract::Request::from_parts(
+                        parts,
+                        axum::body::Body::from(bytes),
+                    ))
+                    .await
+                }
+                Err(_) => too_large(),
+            }
+        }
+    }
+}
+
 /// A donor's grants for this server (signed by the donor; no admin token).
 ///
 /// The envelope's `kind` is `grants`, its body `{grants: [Grant], returned_request: bool}`.

@@ -51,6 +51,19 @@ const REPORT_PAIRS_MAX: usize = 1_000_000;
 /// Request bodies of the link routes may be this large (many grants, each with its key).
 pub const LINK_BODY_LIMIT_BYTES: usize = 4 * 1024 * 1024;
 
+/// The header with which a sending server vouches for its message's size before the body
+/// is read: `FROM LENGTH SIGNATURE`, the signature (its identity key) over
+/// [`body_voucher_bytes`]. A body larger than the server's ordinary limit
+/// (`body_limit_bytes`) is read only with a valid one, so that only configured neighbours
+/// can make this server read up to [`LINK_BODY_LIMIT_BYTES`].
+pub const BODY_VOUCHER_HEADER: &str = "x-tessera-neighbour-body";
+
+fn body_voucher_bytes(from: &str, to: &str, path: &str, length: u64) -> Vec<u8> {
+    let mut bytes = SIGNING_CONTEXT.to_vec();
+    bytes.extend_from_slice(format!("body\n{from}\n{to}\n{path}\n{length}").as_bytes());
+    bytes
+}
+
 fn signed_bytes(
     from: &str,
     to: &str,
@@ -201,6 +214,36 @@ impl AppState {
             body,
             signature,
         }
+    }
+
+    /// The [`BODY_VOUCHER_HEADER`] for a message of `length` bytes to `to` at `path`.
+    pub fn body_voucher(&self, to: &str, path: &str, length: u64) -> String {
+        let from = self.config.server_id.clone().unwrap_or_default();
+        let signature = self
+            .identity
+            .sign_base64(&body_voucher_bytes(&from, to, path, length));
+        format!("{from} {length} {signature}")
+    }
+
+    /// Whether `voucher` (a [`BODY_VOUCHER_HEADER`]) comes from a configured neighbour for a
+    /// body of `length` bytes at `path` of this server.
+    pub fn body_vouched(&self, path: &str, length: u64, voucher: &str) -> bool {
+        let mut parts = voucher.split(' ');
+        let (Some(from), Some(claimed), Some(signature), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return false;
+        };
+        let (Ok(own), Some(neighbour)) = (self.own_id(), self.neighbour(from)) else {
+            return false;
+        };
+        claimed == length.to_string()
+            && matches!(
+                neighbour
+                    .public_key
+                    .verify_base64(&body_voucher_bytes(from, own, path, length), signature),
+                Ok(true)
+            )
     }
 
     /// Checks a message from a neighbour: addressed here, from a configured neighbour,
@@ -838,12 +881,18 @@ impl AppState {
         body: &B,
     ) -> Result<A, String> {
         let envelope = self.seal(&neighbour.id, kind, body);
+        let bytes = serde_json::to_vec(&envelope).expect("an envelope serializes");
         let url = format!("{}{path}", neighbour.url);
         let response = self
             .http
             .post(&url)
             .timeout(std::time::Duration::from_millis(EXCHANGE_TIMEOUT_MS))
-            .json(&envelope)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(
+                BODY_VOUCHER_HEADER,
+                self.body_voucher(&neighbour.id, path, bytes.len() as u64),
+            )
+            .body(bytes)
             .send()
             .await
             .map_err(|e| format!("cannot reach neighbour {} at {url}: {e}", neighbour.id))?;

@@ -649,8 +649,8 @@ pub async fn call<T: serde::de::DeserializeOwned>(
         .sign(rpc, &bytes)
         .ok_or("a pair needs a domain_secret on both hosts")?;
     let answer = state
-        .http
-        .post(format!("http://{addr}/v1/pair/rpc/{rpc}"))
+        .peer_http
+        .post(state.peer_url(addr, &format!("/v1/pair/rpc/{rpc}")))
         .header(PAIR_AUTH_HEADER, tag)
         .header(
             crate::consensus::FROM_HEADER,

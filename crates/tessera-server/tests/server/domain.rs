@@ -422,6 +422,34 @@ async fn raft_routes_refuse_requests_without_the_domain_secret() {
         message.contains("malformed Raft append request"),
         "{message}"
     );
+    // An outsider announcing a gigabyte-sized snapshot is refused from the headers alone,
+    // before it sends any of the body; with a length tag of another secret, too.
+    let authority = domain.url(2).trim_start_matches("http://").to_string();
+    let forged_auth = ("x-tessera-raft-auth", "00".repeat(32));
+    for length_tag in [None, Some("11".repeat(32))] {
+        let mut headers = vec![forged_auth.clone()];
+        headers.extend(length_tag.map(|tag| ("x-tessera-raft-length", tag)));
+        let answer =
+            super::head_only_post(&authority, "/v1/raft/snapshot", 900 << 20, &headers).await;
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+        assert!(answer.contains("x-tessera-raft-length"), "{answer}");
+    }
+    // Over the Raft limit even with the right tag: 413, also before the body.
+    let mut mac =
+        <hmac::Hmac<sha2::Sha256> as hmac::KeyInit>::new_from_slice(SECRET.as_bytes()).unwrap();
+    hmac::Mac::update(
+        &mut mac,
+        format!("length\nsnapshot\n{}", 2u64 << 30).as_bytes(),
+    );
+    let tag = hex::encode(hmac::Mac::finalize(mac).into_bytes());
+    let answer = super::head_only_post(
+        &authority,
+        "/v1/raft/snapshot",
+        2 << 30,
+        &[forged_auth, ("x-tessera-raft-length", tag)],
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     domain
         .admin(1)
         .import_key(domain.key("K-CAD", 5).to_json_pretty())

@@ -433,6 +433,58 @@ async fn a_parent_donates_to_two_children_who_use_exactly_what_they_got() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_bodies_over_the_ordinary_limit_are_read_only_when_a_neighbour_vouches_for_them() {
+    let net = Net::start_with(
+        &[
+            ("hq", vec![child("branch")]),
+            ("branch", vec![parent("hq")]),
+        ],
+        // The receiver's ordinary limit is 1 KiB.
+        |id, config| {
+            if id == "branch" {
+                config.body_limit_bytes = 1024;
+            }
+        },
+    )
+    .await;
+    let hq = net.admin("hq");
+    // A key of many components: its grant is well over the 1 KiB limit.
+    let components: Vec<String> = (0..40).map(|i| format!("component-{i:02}")).collect();
+    let names: Vec<&str> = components.iter().map(String::as_str).collect();
+    let key = net.key_for("K", &names, 10);
+    assert!(key.to_json_pretty().len() > 1024);
+    hq.import_key(key.to_json_pretty()).await.unwrap();
+    hq.donate("K", "branch", 4, &until(START_MS + 10 * 86_400_000))
+        .await
+        .unwrap();
+    let received = net.key_summary("branch", "K@hq").await.unwrap();
+    assert_eq!(received.licenses, 4);
+    assert!(net.tick("branch").await.is_empty());
+
+    // An outsider announcing a large body is refused from the headers alone: without a
+    // voucher, with a voucher in hq's name signed by another key, and with hq's own voucher
+    // for another length.
+    let branch = net.server("branch").url();
+    let authority = branch.trim_start_matches("http://");
+    let path = "/v1/neighbours/grants";
+    let forger = SecretKey::from_seed([7; 32]);
+    let forged = forger
+        .sign_base64(format!("tessera-neighbour/v1\nbody\nhq\nbranch\n{path}\n3000000").as_bytes());
+    let real = net
+        .server("hq")
+        .state
+        .body_voucher("branch", path, 1_000_000);
+    for headers in [
+        vec![],
+        vec![("x-tessera-neighbour-body", format!("hq 3000000 {forged}"))],
+        vec![("x-tessera-neighbour-body", real)],
+    ] {
+        let answer = super::head_only_post(authority, path, 3_000_000, &headers).await;
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_child_donates_further_within_its_grant() {
     let net = Net::start(&[
         ("hq", vec![child("branch")]),
