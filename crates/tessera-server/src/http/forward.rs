@@ -50,7 +50,9 @@ fn http_client() -> &'static reqwest::Client {
     })
 }
 
-fn is_write(method: &Method, path: &str) -> bool {
+/// Whether the forwarding middleware treats the request as a write (the OpenAPI document
+/// uses it too).
+pub fn is_write(method: &Method, path: &str) -> bool {
     matches!(
         *method,
         Method::POST | Method::PUT | Method::PATCH | Method::DELETE
