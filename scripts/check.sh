@@ -17,6 +17,8 @@ if [ ! -x target/python-sdk/bin/python ]; then
 fi
 # A dev build reuses what cargo built above (a release build would compile everything again).
 MATURIN_PEP517_ARGS="--profile dev" target/python-sdk/bin/pip install --quiet --disable-pip-version-check ./bindings/python
+echo "== schemathesis in target/python-sdk, for the OpenAPI fuzz test (crates/tessera-cli/tests/cli/api_fuzz.rs)"
+target/python-sdk/bin/pip install --quiet --disable-pip-version-check schemathesis==4.32.5
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast

@@ -12,13 +12,17 @@ use utoipa::ToSchema;
 #[serde(deny_unknown_fields)]
 pub struct CheckoutRequest {
     /// The component the station wants to run, e.g. `cad`.
+    #[schema(pattern = r"^[A-Za-z0-9._-]{1,128}$")]
     pub component: String,
     /// A stable name for the station (machine); the same station asking again gets the
     /// same lease back.
+    #[schema(min_length = 1, max_length = 256)]
     pub station: String,
     #[serde(default)]
+    #[schema(max_length = 256)]
     pub user: String,
     #[serde(default)]
+    #[schema(max_length = 256)]
     pub host: String,
     /// A fresh random value from the application: the signed `lease_token` carries it back,
     /// so an old answer cannot be played back as this one.
@@ -33,6 +37,7 @@ pub struct CheckoutRequest {
     /// ends (the application holds its signed token offline), and a checkin returns it
     /// early. Allowed up to the key's `max_borrow_days`; 0 (default): an ordinary lease.
     #[serde(default, skip_serializing_if = "is_zero")]
+    #[schema(maximum = 8784)]
     pub borrow_hours: u32,
 }
 
@@ -158,8 +163,11 @@ pub struct DonateRequest {
     pub key_id: String,
     /// The neighbour's server ID.
     pub to: String,
+    #[schema(minimum = 1, maximum = 10_000_000)]
     pub licenses: u32,
-    /// The donation end date: RFC 3339, or `YYYY-MM-DD` (the end of that day, UTC).
+    /// The donation end date: `YYYY-MM-DD` (the end of that day, UTC); an RFC 3339 time is
+    /// taken too.
+    #[schema(format = Date)]
     pub until: String,
 }
 
@@ -330,11 +338,23 @@ pub struct AllocateRequest {
     pub stations: bool,
     /// Also (or instead) allocate to the stations of these groups; omitted: unchanged.
     #[serde(default)]
+    #[schema(value_type = Option<Vec<Name>>)]
     pub groups: Option<Vec<String>>,
     /// Allocate to these neighbour servers (server IDs); omitted: unchanged.
     #[serde(default)]
+    #[schema(value_type = Option<Vec<Name>>)]
     pub neighbours: Option<Vec<String>>,
 }
+
+/// A name (group, server ID, component): 1 to 128 of `A-Z a-z 0-9 - _ .`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[schema(pattern = r"^[A-Za-z0-9._-]{1,128}$")]
+pub struct Name(pub String);
+
+/// A station name in a group: 1 to 256 characters.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[schema(min_length = 1, max_length = 256)]
+pub struct StationName(pub String);
 
 /// A station group (`GET /v1/groups`, `PUT /v1/groups/{name}`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -343,6 +363,7 @@ pub struct StationGroup {
     #[serde(default)]
     pub name: String,
     /// Station names; an empty list deletes the group.
+    #[schema(value_type = Vec<StationName>, max_items = 10_000)]
     pub stations: Vec<String>,
 }
 

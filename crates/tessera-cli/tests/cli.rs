@@ -730,6 +730,8 @@ fn free_ports(n: usize) -> Vec<u16> {
     ports_of(&reserve_ports(n))
 }
 
+#[path = "cli/api_fuzz.rs"]
+mod api_fuzz;
 #[path = "cli/console.rs"]
 mod console;
 #[path = "cli/domain.rs"]

@@ -1179,7 +1179,7 @@ impl Ledger {
         }
         if stations
             .iter()
-            .any(|s| s.is_empty() || s.len() > FREE_TEXT_LENGTH_MAX)
+            .any(|s| s.is_empty() || s.chars().count() > FREE_TEXT_LENGTH_MAX)
         {
             return invalid(format!(
                 "station names have 1 to {FREE_TEXT_LENGTH_MAX} characters"
@@ -3193,12 +3193,15 @@ impl CheckoutRequest<'_> {
                 self.component
             ));
         }
-        if self.station.is_empty() || self.station.len() > FREE_TEXT_LENGTH_MAX {
+        // Characters (Unicode scalar values), as the messages and the OpenAPI document say,
+        // not UTF-8 bytes.
+        let chars = |text: &str| text.chars().count();
+        if self.station.is_empty() || chars(self.station) > FREE_TEXT_LENGTH_MAX {
             return Err(format!(
                 "station must have 1 to {FREE_TEXT_LENGTH_MAX} characters"
             ));
         }
-        if self.user.len() > FREE_TEXT_LENGTH_MAX || self.host.len() > FREE_TEXT_LENGTH_MAX {
+        if chars(self.user) > FREE_TEXT_LENGTH_MAX || chars(self.host) > FREE_TEXT_LENGTH_MAX {
             return Err(format!(
                 "user and host have at most {FREE_TEXT_LENGTH_MAX} characters"
             ));

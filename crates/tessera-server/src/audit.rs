@@ -44,7 +44,7 @@ pub fn head(connection: &Connection) -> rusqlite::Result<Option<(i64, String)>> 
 }
 
 /// The result of checking the chain.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Verification {
     pub ok: bool,
     /// Records checked (up to and including the first broken one).

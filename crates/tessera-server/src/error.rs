@@ -58,6 +58,16 @@ pub enum ApiError {
     LeaseHeld { station: String },
     #[error("{message}")]
     BadRequest { code: &'static str, message: String },
+    /// A well-formed request that the server's present state refuses (409).
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
+    /// A well-formed request naming something that does not exist (404).
+    #[error("{message}")]
+    NotFound { code: &'static str, message: String },
+    #[error("this request needs a JSON body: send Content-Type: application/json ({message})")]
+    UnsupportedMediaType { message: String },
+    #[error("method {method} is not allowed on {path}: the Allow header lists those that are")]
+    MethodNotAllowed { method: String, path: String },
     #[error("request body is larger than the limit of {limit_bytes} bytes")]
     PayloadTooLarge { limit_bytes: usize },
     #[error("the vendor authority refused: {code}: {message}")]
@@ -137,6 +147,14 @@ impl ApiError {
             }
             ApiError::LeaseHeld { .. } => (StatusCode::CONFLICT, "lease_held"),
             ApiError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
+            ApiError::Conflict { code, .. } => (StatusCode::CONFLICT, code),
+            ApiError::NotFound { code, .. } => (StatusCode::NOT_FOUND, code),
+            ApiError::UnsupportedMediaType { .. } => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
+            ApiError::MethodNotAllowed { .. } => {
+                (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+            }
             ApiError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             ApiError::NoRoute { .. } => (StatusCode::NOT_FOUND, "no_route"),
             ApiError::Neighbour { code, .. } => match *code {

@@ -97,7 +97,7 @@ impl AppState {
     /// Online sync: request, send it to the authority, apply the answer.
     pub async fn sync_online(&self) -> Result<SyncSummary, ApiError> {
         let Some(authority) = self.config.authority.clone() else {
-            return Err(ApiError::BadRequest {
+            return Err(ApiError::Conflict {
                 code: "no_authority",
                 message: "no authority URL configured: start the server with --authority URL, or sync by file (tessera sync export / import)".into(),
             });

@@ -522,6 +522,227 @@ async fn health_metrics_and_openapi_are_served() {
     );
 }
 
+/// The router's routes, read from its source: `(METHOD, path)` for each `.route(...)`.
+fn router_routes() -> Vec<(String, String)> {
+    let source = include_str!("../src/http/mod.rs");
+    let body = &source[source.find("pub fn router(").unwrap()..];
+    let body = &body[..body.find(".merge(crate::console::router())").unwrap()];
+    let mut routes = Vec::new();
+    for chunk in body.split(".route(").skip(1) {
+        let path = chunk.split('"').nth(1).unwrap().to_string();
+        for method in ["get", "post", "put", "delete"] {
+            let called = chunk
+                .match_indices(&format!("{method}("))
+                .any(|(at, _)| at == 0 || !chunk.as_bytes()[at - 1].is_ascii_alphanumeric());
+            if called {
+                routes.push((method.to_uppercase(), path.clone()));
+            }
+        }
+    }
+    routes
+}
+
+#[tokio::test]
+async fn the_openapi_document_lists_every_route_with_its_errors() {
+    let f = Fixture::start().await;
+    let openapi: serde_json::Value =
+        serde_json::from_str(&tessera_server::http::openapi_json()).expect("the document is JSON");
+    let paths = openapi["paths"].as_object().unwrap();
+    let routes = router_routes();
+    assert!(routes.len() >= 39, "{routes:?}");
+    // Every route of the router (the test clock, a debug-build hook, is in test_routes()).
+    for (method, path) in &routes {
+        if path == "/v1/test/clock" {
+            assert!(paths.get(path).is_none());
+            continue;
+        }
+        let operation = &openapi["paths"][path][method.to_lowercase()];
+        assert!(operation.is_object(), "{method} {path} is not documented");
+    }
+    for path in [
+        "/v1/domain",
+        "/v1/domain/hosts",
+        "/v1/domain/hosts/{host}",
+        "/v1/pair",
+        "/v1/pair/enable",
+        "/v1/pair/disable",
+        "/v1/pair/sync",
+        "/v1/pair/rpc/{rpc}",
+        "/v1/reports/usage",
+        "/v1/audit/verify",
+        "/metrics",
+        "/v1/openapi.json",
+    ] {
+        assert!(paths.contains_key(path), "{path}");
+    }
+    let admin = format!("Bearer {}", f.server.state.admin_token);
+    let client = reqwest::Client::new();
+    for (path, item) in paths {
+        for (method, operation) in item.as_object().unwrap() {
+            let label = format!("{} {path}", method.to_uppercase());
+            assert!(
+                routes.contains(&(method.to_uppercase(), path.clone())),
+                "{label} is documented but not routed"
+            );
+            let responses = operation["responses"].as_object().unwrap();
+            // Every error answers the one error body.
+            for (status, response) in responses {
+                if status.starts_with('4') || (status.starts_with('5') && path != "/healthz") {
+                    assert_eq!(
+                        response["content"]["application/json"]["schema"]["$ref"],
+                        "#/components/schemas/ErrorBody",
+                        "{label} {status}"
+                    );
+                }
+            }
+            // Path parameters are declared.
+            let declared: Vec<&str> = operation["parameters"]
+                .as_array()
+                .map(|list| {
+                    list.iter()
+                        .filter(|p| p["in"] == "path")
+                        .map(|p| p["name"].as_str().unwrap())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let in_path: Vec<&str> = path
+                .split('/')
+                .filter_map(|part| part.strip_prefix('{')?.strip_suffix('}'))
+                .collect();
+            assert_eq!(declared, in_path, "{label}: path parameters");
+            let admin_only = operation["security"]
+                .as_array()
+                .is_some_and(|list| list.iter().all(|r| r.get("admin_token").is_some()));
+            if admin_only {
+                assert!(responses.contains_key("401"), "{label} 401");
+                // And the server does answer 401 without the token, in the error format.
+                let url = format!("{}{}", f.server.url(), path.replace("{host}", "1"));
+                let url = url.replace(['{', '}'], "");
+                let answer = client
+                    .request(method.to_uppercase().parse().unwrap(), &url)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(answer.status().as_u16(), 401, "{label}");
+                let body: serde_json::Value = answer.json().await.unwrap();
+                assert_eq!(body["error"]["code"], "unauthorized", "{label}");
+            }
+            if operation["requestBody"]["content"]["application/json"].is_object()
+                && !["/v1/keys", "/v1/sync/response", "/v1/pair/rpc/{rpc}"].contains(&path.as_str())
+            {
+                // A JSON body sent as something else: 415 in the error format.
+                for status in ["400", "413", "415"] {
+                    assert!(responses.contains_key(status), "{label} {status}");
+                }
+                let url = format!("{}{}", f.server.url(), path).replace(['{', '}'], "");
+                let answer = client
+                    .request(method.to_uppercase().parse().unwrap(), &url)
+                    .header("authorization", &admin)
+                    .header("content-type", "text/plain")
+                    .body("{}")
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(answer.status().as_u16(), 415, "{label}");
+                let body: serde_json::Value = answer.json().await.unwrap();
+                assert_eq!(body["error"]["code"], "unsupported_media_type", "{label}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn wrong_methods_bad_paths_and_queries_and_integral_floats_get_json_answers() {
+    let f = Fixture::start().await;
+    f.import(&f.key("k1", &["cad"], 1)).await;
+    let admin = format!("Bearer {}", f.server.state.admin_token);
+    let client = reqwest::Client::new();
+    let send = |method: reqwest::Method, path: &str, body: Option<&str>| {
+        let mut request = client
+            .request(method, format!("{}{path}", f.server.url()))
+            .header("authorization", &admin);
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body.to_string());
+        }
+        async move {
+            let answer = request.send().await.unwrap();
+            let status = answer.status().as_u16();
+            let allow = answer
+                .headers()
+                .get("allow")
+                .map(|v| v.to_str().unwrap().to_string());
+            let body: serde_json::Value = answer.json().await.unwrap();
+            (
+                status,
+                body["error"]["code"].as_str().map(str::to_string),
+                allow,
+            )
+        }
+    };
+    // A known path, a method it does not serve: 405 with Allow, in the error format.
+    let (status, code, allow) = send(reqwest::Method::PATCH, "/v1/keys", None).await;
+    assert_eq!((status, code.as_deref()), (405, Some("method_not_allowed")));
+    let mut allowed: Vec<String> = allow.unwrap().split(',').map(str::to_string).collect();
+    allowed.sort();
+    assert_eq!(allowed, ["GET", "HEAD", "POST"]);
+    // A host number that is not a number (was axum's plain text).
+    let (status, code, _) = send(reqwest::Method::DELETE, "/v1/domain/hosts/abc", None).await;
+    assert_eq!((status, code.as_deref()), (400, Some("invalid_path")));
+    // A query that does not parse (was plain text) and an empty bound.
+    let (status, code, _) = send(
+        reqwest::Method::GET,
+        "/v1/reports/usage?format=csv&format=json",
+        None,
+    )
+    .await;
+    assert_eq!((status, code.as_deref()), (400, Some("invalid_query")));
+    let (status, code, _) = send(reqwest::Method::GET, "/v1/reports/usage?to=", None).await;
+    assert_eq!((status, code.as_deref()), (400, Some("invalid_query")));
+    // The end of the last day there is: every event (was 400).
+    let (status, _, _) = send(
+        reqwest::Method::GET,
+        "/v1/reports/usage?to=9999-12-31&format=json",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    // A key file over the body limit: 413 in the error format (was plain text).
+    let (status, code, _) =
+        send(reqwest::Method::POST, "/v1/keys", Some(&"x".repeat(70_000))).await;
+    assert_eq!((status, code.as_deref()), (413, Some("body_too_large")));
+    // A well-formed request the server's state refuses: 409, not 400.
+    let (status, code, _) = send(reqwest::Method::POST, "/v1/sync", None).await;
+    assert_eq!((status, code.as_deref()), (409, Some("no_authority")));
+    let (status, code, _) = send(reqwest::Method::POST, "/v1/pair/disable", None).await;
+    assert_eq!((status, code.as_deref()), (409, Some("not_a_pair")));
+    let (status, code, _) = send(
+        reqwest::Method::POST,
+        "/v1/domain/hosts",
+        Some(r#"{"host": 2.0, "address": "127.0.0.1:9"}"#),
+    )
+    .await;
+    // 2.0 is the integer 2 (JSON Schema says so); without a domain secret no host is added.
+    assert_eq!(
+        (status, code.as_deref()),
+        (409, Some("domain_requirements"))
+    );
+    let (status, code, _) = send(reqwest::Method::DELETE, "/v1/domain/hosts/7", None).await;
+    assert_eq!((status, code.as_deref()), (404, Some("host_not_member")));
+    let (status, code, _) = send(reqwest::Method::DELETE, "/v1/domain/hosts/1", None).await;
+    assert_eq!((status, code.as_deref()), (409, Some("last_host")));
+    // A station name of 256 characters is 256 characters, however many bytes.
+    let station = "é".repeat(256);
+    let (status, _, _) = send(
+        reqwest::Method::POST,
+        "/v1/leases",
+        Some(&format!(r#"{{"component":"cad","station":"{station}"}}"#)),
+    )
+    .await;
+    assert_eq!(status, 201);
+}
+
 #[tokio::test]
 async fn the_data_dir_holds_an_identity_and_an_owner_only_admin_token() {
     use std::os::unix::fs::PermissionsExt;

@@ -27,7 +27,7 @@ pub const MODE_HEADER: &str = "x-tessera-pair-mode";
 pub const PEER_MODE_FRESH: Duration = Duration::from_secs(2);
 
 /// How a host of a redundant pair serves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     /// Not a pair (a single host or a domain).

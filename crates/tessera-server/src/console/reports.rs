@@ -1,7 +1,7 @@
 //! Admin API over the history database: `GET /v1/reports/usage`, `GET /v1/audit/verify`,
 //! and the middleware that appends every administrator request to the audit chain.
 
-use axum::extract::{MatchedPath, Query, Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -11,17 +11,42 @@ use serde::Deserialize;
 use crate::audit::Verification;
 use crate::error::ApiError;
 use crate::history::UsageEvent;
-use crate::http::Admin;
+use crate::http::{Admin, ApiQuery};
 use crate::state::{SharedState, timestamp};
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct UsageQuery {
-    /// `YYYY-MM-DD` (start of that day, UTC) or an RFC 3339 time. Default: the beginning.
+    /// `YYYY-MM-DD` (start of that day, UTC); an RFC 3339 time is taken too. Default: the
+    /// beginning.
+    #[param(format = Date)]
     pub from: Option<String>,
-    /// `YYYY-MM-DD` (through the end of that day, UTC) or an RFC 3339 time. Default: now.
+    /// `YYYY-MM-DD` (through the end of that day, UTC); an RFC 3339 time is taken too.
+    /// Default: now.
+    #[param(format = Date)]
     pub to: Option<String>,
     /// `csv` (default) or `json`.
+    #[param(pattern = "^(csv|json)$")]
     pub format: Option<String>,
+}
+
+/// One row of the usage report in JSON (`format=json`); the CSV has the same columns.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct UsageRow {
+    #[schema(value_type = String, format = DateTime)]
+    pub time: String,
+    /// `granted`, `existing`, `checkin`, `force_release`, `expired`, `key_removed`,
+    /// `denied`, `key_imported`.
+    pub kind: String,
+    pub component: Option<String>,
+    pub station: Option<String>,
+    pub user: Option<String>,
+    pub host: Option<String>,
+    pub key_id: Option<String>,
+    pub lease_id: Option<String>,
+    /// Change of the licenses in use of `component`.
+    pub delta: i64,
+    pub detail: Option<String>,
 }
 
 /// Parses a report bound; a plain date is the start of that day, or of the next day for
@@ -36,7 +61,11 @@ pub fn parse_bound(name: &str, text: &str, end_of_day: bool) -> Result<i64, ApiE
     };
     let date: jiff::civil::Date = text.parse().map_err(|_| bad())?;
     let date = if end_of_day {
-        date.tomorrow().map_err(|_| bad())?
+        match date.tomorrow() {
+            Ok(next) => next,
+            // Through the end of the last day there is: every event.
+            Err(_) => return Ok(i64::MAX),
+        }
     } else {
         date
     };
@@ -145,21 +174,19 @@ pub async fn usage_answer(state: &SharedState, query: &UsageQuery) -> Result<Res
         )
             .into_response()),
         "json" => {
-            let rows: Vec<serde_json::Value> = events
+            let rows: Vec<UsageRow> = events
                 .iter()
-                .map(|event| {
-                    serde_json::json!({
-                        "time": timestamp(event.at_ms).to_string(),
-                        "kind": event.kind,
-                        "component": event.component,
-                        "station": event.station,
-                        "user": event.user,
-                        "host": event.host,
-                        "key_id": event.key_id,
-                        "lease_id": event.lease_id,
-                        "delta": event.delta,
-                        "detail": event.detail,
-                    })
+                .map(|event| UsageRow {
+                    time: timestamp(event.at_ms).to_string(),
+                    kind: event.kind.clone(),
+                    component: event.component.clone(),
+                    station: event.station.clone(),
+                    user: event.user.clone(),
+                    host: event.host.clone(),
+                    key_id: event.key_id.clone(),
+                    lease_id: event.lease_id.clone(),
+                    delta: event.delta,
+                    detail: event.detail.clone(),
                 })
                 .collect();
             Ok(axum::Json(rows).into_response())
@@ -172,15 +199,39 @@ pub async fn usage_answer(state: &SharedState, query: &UsageQuery) -> Result<Res
 }
 
 /// `GET /v1/reports/usage?from=&to=&format=csv|json` (admin).
+///
+/// Every checkout, return, expiry and key change in the period, from the history database.
+#[utoipa::path(get, path = "/v1/reports/usage", params(UsageQuery), security(("admin_token" = [])), responses(
+    (status = 200, description = "the report: CSV (default) or JSON rows", content(
+        (String = "text/csv"),
+        (Vec<UsageRow> = "application/json"),
+    )),
+    (status = 400, description = "invalid_query: a bound that is not a date or time, a format that is not csv or json", body = tessera_api::ErrorBody),
+    (status = 500, description = "internal: the history database could not be read", body = tessera_api::ErrorBody),
+))]
 pub async fn usage_report(
     State(state): State<SharedState>,
     _admin: Admin,
-    Query(query): Query<UsageQuery>,
+    ApiQuery(query): ApiQuery<UsageQuery>,
 ) -> Result<Response, ApiError> {
+    // The console's form sends empty fields for "no bound"; over the API a bound that is
+    // there is a date, as the document says.
+    for (name, value) in [("from", &query.from), ("to", &query.to)] {
+        if value.as_deref() == Some("") {
+            return Err(ApiError::BadRequest {
+                code: "invalid_query",
+                message: format!("{name} is empty: leave it out for no bound"),
+            });
+        }
+    }
     usage_answer(&state, &query).await
 }
 
 /// `GET /v1/audit/verify` (admin): checks the chain, names the first broken record.
+#[utoipa::path(get, path = "/v1/audit/verify", security(("admin_token" = [])), responses(
+    (status = 200, description = "ok false names the first broken record", body = Verification),
+    (status = 500, description = "internal: the history database could not be read", body = tessera_api::ErrorBody),
+))]
 pub async fn audit_verify(
     State(state): State<SharedState>,
     _admin: Admin,

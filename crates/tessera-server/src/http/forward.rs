@@ -33,7 +33,9 @@ pub const PAIR_PRIMARY_WAIT: Duration = Duration::from_millis(100);
 /// out after 5 s).
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(7);
 
-fn is_write(method: &Method, path: &str) -> bool {
+/// Whether the forwarding middleware treats the request as a write (the OpenAPI document
+/// uses it too).
+pub fn is_write(method: &Method, path: &str) -> bool {
     matches!(
         *method,
         Method::POST | Method::PUT | Method::PATCH | Method::DELETE

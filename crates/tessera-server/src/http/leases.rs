@@ -2,16 +2,17 @@
 //! a lease with the lease secret of its checkout answer (`x-lease-secret`).
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use tessera_api::{CheckoutRequest, ErrorBody, Lease};
 
-use super::extract::ApiJson;
+use super::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::error::ApiError;
 use crate::state::SharedState;
 
 /// Where a checkout was sent from (set by the redirecting server in `Location`).
 #[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct CheckoutQuery {
     /// The server that redirected this checkout here: it is never redirected again.
     pub redirected_from: Option<String>,
@@ -25,14 +26,19 @@ pub struct CheckoutQuery {
 #[utoipa::path(post, path = "/v1/leases", request_body = CheckoutRequest, params(CheckoutQuery), responses(
     (status = 201, description = "new lease", body = Lease),
     (status = 200, description = "the station already held this lease", body = Lease),
-    (status = 307, description = "component_elsewhere: a neighbour serves the component; Location names it", body = ErrorBody),
-    (status = 409, description = "no_licenses_available", body = ErrorBody),
+    (status = 307, description = "component_elsewhere: a neighbour serves the component; Location names it", body = ErrorBody,
+        headers(("location" = String, description = "the neighbour's /v1/leases"))),
+    (status = 400, description = "malformed_json, invalid_json, invalid_query, invalid_request", body = ErrorBody),
+    (status = 403, description = "borrow_not_allowed: longer than the key's max_borrow_days", body = ErrorBody),
     (status = 404, description = "component_not_licensed", body = ErrorBody),
-    (status = 503, description = "clock_set_back, not_primary, no_quorum", body = ErrorBody),
+    (status = 409, description = "no_licenses_available, lease_held", body = ErrorBody),
+    (status = 413, description = "body_too_large", body = ErrorBody),
+    (status = 415, description = "unsupported_media_type: not Content-Type application/json", body = ErrorBody),
+    (status = 503, description = "clock_set_back, server_not_synchronized, not_primary, no_quorum, pair_recovering", body = ErrorBody),
 ))]
 pub async fn checkout(
     State(state): State<SharedState>,
-    Query(query): Query<CheckoutQuery>,
+    ApiQuery(query): ApiQuery<CheckoutQuery>,
     ApiJson(request): ApiJson<CheckoutRequest>,
 ) -> Result<(StatusCode, Json<Lease>), ApiError> {
     let nonce = request.nonce.clone();
@@ -100,15 +106,20 @@ pub const LEASE_SECRET_HEADER: &str = "x-lease-secret";
 pub const LEASE_NONCE_HEADER: &str = "x-lease-nonce";
 
 /// Keep a lease alive for another lease period (the holder's `x-lease-secret` required).
-#[utoipa::path(post, path = "/v1/leases/{lease_id}/heartbeat", params(("x-lease-secret" = String, Header, description = "the lease_secret of the checkout answer")), responses(
+#[utoipa::path(post, path = "/v1/leases/{lease_id}/heartbeat", params(
+    ("lease_id" = String, Path, description = "the lease_id of the checkout answer"),
+    ("x-lease-secret" = String, Header, description = "the lease_secret of the checkout answer"),
+    ("x-lease-nonce" = Option<String>, Header, description = "a fresh random value, returned inside the signed lease_token"),
+), responses(
     (status = 200, body = Lease),
+    (status = 400, description = "invalid_path", body = ErrorBody),
     (status = 401, description = "lease_secret_required", body = ErrorBody),
     (status = 403, description = "lease_secret_wrong", body = ErrorBody),
     (status = 404, description = "lease_not_found", body = ErrorBody),
 ))]
 pub async fn heartbeat(
     State(state): State<SharedState>,
-    Path(lease_id): Path<String>,
+    ApiPath(lease_id): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<Json<Lease>, ApiError> {
     state.check_lease_secret(&lease_id, lease_secret(&headers))?;
@@ -123,15 +134,19 @@ pub async fn heartbeat(
 
 /// Return a license (the holder's `x-lease-secret` required; administrators force-release
 /// with `POST /v1/leases/{lease_id}/release`).
-#[utoipa::path(delete, path = "/v1/leases/{lease_id}", params(("x-lease-secret" = String, Header, description = "the lease_secret of the checkout answer")), responses(
+#[utoipa::path(delete, path = "/v1/leases/{lease_id}", params(
+    ("lease_id" = String, Path, description = "the lease_id of the checkout answer"),
+    ("x-lease-secret" = String, Header, description = "the lease_secret of the checkout answer"),
+), responses(
     (status = 204, description = "returned"),
+    (status = 400, description = "invalid_path", body = ErrorBody),
     (status = 401, description = "lease_secret_required", body = ErrorBody),
     (status = 403, description = "lease_secret_wrong", body = ErrorBody),
     (status = 404, description = "lease_not_found", body = ErrorBody),
 ))]
 pub async fn checkin(
     State(state): State<SharedState>,
-    Path(lease_id): Path<String>,
+    ApiPath(lease_id): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     state.check_lease_secret(&lease_id, lease_secret(&headers))?;

@@ -25,7 +25,7 @@ use crate::error::ApiError;
 use crate::metrics::RouteLabel;
 use crate::state::SharedState;
 
-pub use extract::Admin;
+pub use extract::{Admin, ApiQuery};
 pub use openapi::openapi_json;
 
 pub fn router(state: SharedState) -> Router {
@@ -105,6 +105,9 @@ pub fn router(state: SharedState) -> Router {
         )
         .merge(test_routes())
         .merge(crate::console::router())
+        // A known path with a method it does not serve: 405 with `Allow` (axum sets it) and
+        // the JSON error body.
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(no_route)
         .layer(middleware::map_response_with_state(
             state.clone(),
@@ -209,6 +212,13 @@ async fn no_route(request: Request) -> ApiError {
     }
 }
 
+async fn method_not_allowed(request: Request) -> ApiError {
+    ApiError::MethodNotAllowed {
+        method: request.method().to_string(),
+        path: request.uri().path().to_string(),
+    }
+}
+
 #[utoipa::path(get, path = "/healthz", responses(
     (status = 200, description = "this host serves stations now", body = Health),
     (status = 503, description = "it cannot: no_quorum or pair_recovering", body = Health),
@@ -243,6 +253,10 @@ async fn healthz(State(state): State<SharedState>) -> (StatusCode, axum::Json<He
     )
 }
 
+/// Prometheus / OpenMetrics text: licenses, leases, sync deadline, request latencies.
+#[utoipa::path(get, path = "/metrics", responses(
+    (status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8", body = String),
+))]
 async fn metrics(State(state): State<SharedState>) -> impl IntoResponse {
     (
         [(
@@ -256,7 +270,7 @@ async fn metrics(State(state): State<SharedState>) -> impl IntoResponse {
 /// Keys, components, leases and sync state. Without the admin token the lease ids are left
 /// out (empty): counts, stations and users are shown, never what would let a caller end or
 /// extend another station's lease.
-#[utoipa::path(get, path = "/v1/status", responses((status = 200, body = tessera_api::Status)))]
+#[utoipa::path(get, path = "/v1/status", security((), ("admin_token" = [])), responses((status = 200, body = tessera_api::Status)))]
 async fn status(
     State(state): State<SharedState>,
     headers: axum::http::HeaderMap,

@@ -2,13 +2,13 @@
 //! donations.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use tessera_api::{
     DonateRequest, DonationSummary, ErrorBody, Identity, NeighbourEnvelope, Neighbours,
 };
 
-use super::extract::{Admin, ApiJson};
+use super::extract::{Admin, ApiJson, ApiPath};
 use crate::error::ApiError;
 use crate::neighbours::Envelope;
 use crate::state::SharedState;
@@ -70,8 +70,10 @@ pub async fn body_gate(
 /// returned: [ReturnedGrant], refused: [string]}`.
 #[utoipa::path(post, path = "/v1/neighbours/grants", request_body = NeighbourEnvelope, responses(
     (status = 200, description = "signed envelope: what this server holds from the donor", body = NeighbourEnvelope),
+    (status = 400, description = "malformed_json, invalid_json: not an envelope; malformed_json: a body that is not its kind's", body = ErrorBody),
     (status = 403, description = "unknown_neighbour, neighbour_not_allowed, bad_neighbour_signature", body = ErrorBody),
     (status = 409, description = "clock_skew", body = ErrorBody),
+    (status = 415, description = "unsupported_media_type: not Content-Type application/json", body = ErrorBody),
 ))]
 pub async fn receive_grants(
     State(state): State<SharedState>,
@@ -87,8 +89,10 @@ pub async fn receive_grants(
 /// settings: DonorSettings, returned_request: bool}`.
 #[utoipa::path(post, path = "/v1/neighbours/renew", request_body = NeighbourEnvelope, responses(
     (status = 200, description = "signed envelope: the renewed grants and the donor's periods", body = NeighbourEnvelope),
+    (status = 400, description = "malformed_json, invalid_json: not an envelope; malformed_json: a body that is not its kind's", body = ErrorBody),
     (status = 403, description = "unknown_neighbour, neighbour_not_allowed, bad_neighbour_signature", body = ErrorBody),
     (status = 409, description = "clock_skew", body = ErrorBody),
+    (status = 415, description = "unsupported_media_type: not Content-Type application/json", body = ErrorBody),
 ))]
 pub async fn renew(
     State(state): State<SharedState>,
@@ -103,8 +107,10 @@ pub async fn renew(
 /// body `{components: [{component, licenses, free}]}`.
 #[utoipa::path(post, path = "/v1/neighbours/components", request_body = NeighbourEnvelope, responses(
     (status = 200, description = "signed envelope: the components this server serves", body = NeighbourEnvelope),
+    (status = 400, description = "malformed_json, invalid_json: not an envelope", body = ErrorBody),
     (status = 403, description = "unknown_neighbour, bad_neighbour_signature", body = ErrorBody),
     (status = 409, description = "clock_skew", body = ErrorBody),
+    (status = 415, description = "unsupported_media_type: not Content-Type application/json", body = ErrorBody),
 ))]
 pub async fn components(
     State(state): State<SharedState>,
@@ -131,9 +137,12 @@ pub async fn list(State(state): State<SharedState>, _admin: Admin) -> Json<Neigh
 /// Donate licenses of a key to a neighbour until a date, or change a donation.
 #[utoipa::path(post, path = "/v1/donations", request_body = DonateRequest, security(("admin_token" = [])), responses(
     (status = 200, body = DonationSummary),
-    (status = 409, description = "not_enough_licenses", body = ErrorBody),
-    (status = 422, description = "donation_refused", body = ErrorBody),
+    (status = 400, description = "malformed_json, invalid_json, invalid_request (until not a date, no server ID, licenses 0)", body = ErrorBody),
     (status = 403, description = "unknown_neighbour, neighbour_not_allowed", body = ErrorBody),
+    (status = 404, description = "key_not_found", body = ErrorBody),
+    (status = 409, description = "not_enough_licenses", body = ErrorBody),
+    (status = 415, description = "unsupported_media_type: not Content-Type application/json", body = ErrorBody),
+    (status = 422, description = "donation_refused", body = ErrorBody),
 ))]
 pub async fn donate(
     State(state): State<SharedState>,
@@ -161,14 +170,17 @@ pub async fn donations(
 
 /// End a donation: no more renewals; the licenses come back when the neighbour's grant
 /// runs out (at most one renewal period).
-#[utoipa::path(delete, path = "/v1/donations/{key_id}/{to}", security(("admin_token" = [])), responses(
+#[utoipa::path(delete, path = "/v1/donations/{key_id}/{to}",
+    params(("key_id" = String, Path), ("to" = String, Path, description = "the neighbour's server ID")),
+    security(("admin_token" = [])), responses(
     (status = 200, body = DonationSummary),
+    (status = 400, description = "invalid_path", body = ErrorBody),
     (status = 404, description = "donation_not_found", body = ErrorBody),
 ))]
 pub async fn end_donation(
     State(state): State<SharedState>,
     _admin: Admin,
-    Path((key_id, to)): Path<(String, String)>,
+    ApiPath((key_id, to)): ApiPath<(String, String)>,
 ) -> Result<(StatusCode, Json<DonationSummary>), ApiError> {
     Ok((StatusCode::OK, Json(state.end_donation(key_id, to).await?)))
 }

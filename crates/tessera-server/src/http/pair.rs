@@ -11,36 +11,58 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use serde::Deserialize;
 use tessera_core::{Command, Outcome};
 
-use super::extract::{Admin, ApiJson};
+use super::extract::{Admin, ApiBytes, ApiJson, ApiPath};
 use crate::error::ApiError;
 use crate::pair::{Candidate, Mode, PAIR_AUTH_HEADER, PairStatus};
 use crate::state::SharedState;
+use tessera_api::ErrorBody;
 
 /// The backup's share when `enable` does not say.
 pub const DEFAULT_BACKUP_PERCENT: u8 = 50;
 
+/// A request this server's configuration or state refuses (409).
 fn refused(code: &'static str, message: String) -> ApiError {
-    ApiError::BadRequest { code, message }
+    ApiError::Conflict { code, message }
 }
 
+fn invalid(message: String) -> ApiError {
+    ApiError::BadRequest {
+        code: "invalid_request",
+        message,
+    }
+}
+
+/// This host's view of the redundant pair (a single server: `Not paired`, mode `off`).
+#[utoipa::path(get, path = "/v1/pair", responses((status = 200, body = PairStatus)))]
 pub async fn status(State(state): State<SharedState>) -> Json<PairStatus> {
     Json(state.pair.status(&state))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnableRequest {
     /// `HOST:PORT` of the backup, started with `--join` and the same domain secret.
+    #[schema(pattern = ":")]
     pub backup: String,
+    /// The backup's share of each key's licenses, in percent (default 50).
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 100)]
     pub backup_percent: Option<u8>,
 }
 
+/// Make this single server the primary of a redundant pair with the backup at `backup`.
+#[utoipa::path(post, path = "/v1/pair/enable", request_body = EnableRequest, security(("admin_token" = [])), responses(
+    (status = 200, description = "the pair status afterwards", body = PairStatus),
+    (status = 400, description = "malformed_json, invalid_json, invalid_request (backup_percent over 100, backup not HOST:PORT)", body = ErrorBody),
+    (status = 409, description = "pair_requirements: no domain_secret here, already several hosts, the backup unreachable or not fit (keys activated, ran before, same host number)", body = ErrorBody),
+    (status = 415, description = "unsupported_media_type: not Content-Type application/json", body = ErrorBody),
+    (status = 503, description = "no_quorum, not_primary: the membership change did not complete", body = ErrorBody),
+))]
 pub async fn enable(
     State(state): State<SharedState>,
     _admin: Admin,
@@ -48,16 +70,15 @@ pub async fn enable(
 ) -> Result<Json<PairStatus>, ApiError> {
     let percent = request.backup_percent.unwrap_or(DEFAULT_BACKUP_PERCENT);
     if percent > 100 {
-        return Err(refused(
-            "invalid_request",
-            format!("backup_percent {percent} is not a percentage (0 to 100)"),
-        ));
+        return Err(invalid(format!(
+            "backup_percent {percent} is not a percentage (0 to 100)"
+        )));
     }
     if !request.backup.contains(':') {
-        return Err(refused(
-            "invalid_request",
-            format!("backup {:?} must be HOST:PORT", request.backup),
-        ));
+        return Err(invalid(format!(
+            "backup {:?} must be HOST:PORT",
+            request.backup
+        )));
     }
     if state.config.domain_secret.is_none() {
         return Err(refused(
@@ -155,6 +176,12 @@ async fn set_split(state: &SharedState, backup_percent: Option<u8>) -> Result<()
     }
 }
 
+/// Undo the pair (only once no key is active): the other host leaves.
+#[utoipa::path(post, path = "/v1/pair/disable", security(("admin_token" = [])), responses(
+    (status = 200, description = "the pair status afterwards", body = PairStatus),
+    (status = 409, description = "not_a_pair; pair_requirements: license keys are active", body = ErrorBody),
+    (status = 503, description = "no_quorum, not_primary, pair_recovering", body = ErrorBody),
+))]
 pub async fn disable(
     State(state): State<SharedState>,
     _admin: Admin,
@@ -163,13 +190,13 @@ pub async fn disable(
     let voters = state.consensus.voter_ids();
     let Some(other) = voters.iter().copied().find(|id| *id != me) else {
         return Err(refused(
-            "invalid_request",
+            "not_a_pair",
             "this server is not one of a pair".into(),
         ));
     };
     if voters.len() != 2 {
         return Err(refused(
-            "invalid_request",
+            "not_a_pair",
             "this server is a domain of several hosts, not a pair".into(),
         ));
     }
@@ -187,13 +214,19 @@ pub async fn disable(
     Ok(Json(state.pair.status(&state)))
 }
 
+/// Bring a pair that is not in sync back: the split set again, the shares rebalanced.
+#[utoipa::path(post, path = "/v1/pair/sync", security(("admin_token" = [])), responses(
+    (status = 200, description = "the pair status afterwards", body = PairStatus),
+    (status = 409, description = "not_a_pair", body = ErrorBody),
+    (status = 503, description = "no_quorum, not_primary, pair_recovering", body = ErrorBody),
+))]
 pub async fn sync(
     State(state): State<SharedState>,
     _admin: Admin,
 ) -> Result<Json<PairStatus>, ApiError> {
     if state.consensus.voter_ids().len() != 2 {
         return Err(refused(
-            "invalid_request",
+            "not_a_pair",
             "this server is not one of a pair".into(),
         ));
     }
@@ -227,11 +260,23 @@ fn verify(
     }
 }
 
+/// Between the two hosts of a pair, authenticated with the domain secret: not for clients.
+#[utoipa::path(post, path = "/v1/pair/rpc/{rpc}", params(
+    ("rpc" = String, Path, description = "candidate, handover, stopping or history"),
+    ("x-tessera-pair-auth" = String, Header, description = "hex HMAC-SHA256 with the domain secret of the rpc name, a newline and the body"),
+), request_body(content = Object, content_type = "application/json", description = "the RPC's message"), responses(
+    (status = 200, description = "the RPC's answer", body = Object),
+    (status = 400, description = "malformed_json: a history request that is not one; invalid_path", body = ErrorBody),
+    (status = 403, description = "unauthorized_peer: the signature is missing or wrong (always, on a server without domain_secret)", body = ErrorBody),
+    (status = 404, description = "no_route: no such RPC", body = ErrorBody),
+    (status = 413, description = "body_too_large", body = ErrorBody),
+    (status = 500, description = "internal: the history could not be read", body = ErrorBody),
+))]
 pub async fn rpc(
     State(state): State<SharedState>,
-    Path(rpc): Path<String>,
+    ApiPath(rpc): ApiPath<String>,
     headers: HeaderMap,
-    body: Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     verify(&state, &rpc, &headers, &body)?;
     let value = match rpc.as_str() {

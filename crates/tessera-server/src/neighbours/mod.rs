@@ -1361,8 +1361,8 @@ impl AppState {
         &self,
         request: tessera_api::DonateRequest,
     ) -> Result<tessera_api::DonationSummary, ApiError> {
-        let until_ms = parse_until(&request.until)?;
         let public_key = self.donation_target(&request.to)?;
+        let until_ms = parse_until(&request.until)?;
         // The receiver keeps one pool per vendor key and donor: two sources of one vendor
         // key for the same neighbour would overwrite each other there.
         let clash = self.consensus.read(|ledger| {

@@ -63,7 +63,7 @@ pub enum Route {
 }
 
 /// The last merge this host proposed or saw.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MergeReport {
     pub at_ms: i64,
     pub leases_merged: u32,
@@ -592,7 +592,7 @@ pub const NOT_AVAILABLE: &str = "Backup not available";
 pub const SYNC_LAG_MAX: u64 = 1_000;
 
 /// `GET /v1/pair` and `tessera pair status --json`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PairStatus {
     pub view_of: u64,
     /// Paired and Available, Backup not available, Primary not available, Pair not synced,
@@ -611,12 +611,14 @@ pub struct PairStatus {
     pub last_contact_ms: Option<u64>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PairHost {
     pub host: u64,
     pub address: Option<String>,
     /// By host number: the lower one is the pair's primary.
     pub role: String,
+    /// Whose share of each key's licenses this host serves from when alone.
+    #[schema(value_type = String, pattern = "^(primary|backup)$")]
     pub share: Share,
     /// Running, Stopped, Disconnected, Backup not available.
     pub status: String,

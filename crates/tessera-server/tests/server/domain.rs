@@ -564,7 +564,7 @@ async fn a_host_joins_and_another_leaves_a_running_domain() {
         .add_host(4, &domain.addrs[&4])
         .await
         .unwrap_err();
-    assert_eq!(code(refused), (400, "invalid_request".to_string()));
+    assert_eq!(code(refused), (409, "host_already_member".to_string()));
     // The new host has the whole ledger.
     let deadline = tokio::time::Instant::now() + WAIT;
     while lease_ids(&domain.admin(4).status().await.unwrap()) != vec![lease.lease_id.clone()] {
