@@ -101,8 +101,20 @@ async fn start_server_with(
     seed: u8,
     notifications: Vec<tessera_server::events::NotificationRule>,
 ) -> RunningServer {
-    let config = ServerConfig {
-        notifications,
+    start_server_tweaked(dir, clock, seed, |config| {
+        config.notifications = notifications
+    })
+    .await
+}
+
+/// [`start_server`] with the configuration adjusted by `tweak`.
+async fn start_server_tweaked(
+    dir: &Path,
+    clock: &ManualClock,
+    seed: u8,
+    tweak: impl FnOnce(&mut ServerConfig),
+) -> RunningServer {
+    let mut config = ServerConfig {
         data_dir: dir.join("data"),
         listen: "127.0.0.1:0".into(),
         trust: vec![dir.join("vendor.pub")],
@@ -111,6 +123,7 @@ async fn start_server_with(
         body_limit_bytes: 4096,
         ..ServerConfig::default()
     };
+    tweak(&mut config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     tessera_server::start(
         listener,
@@ -963,6 +976,8 @@ async fn check_for_updates_replaces_a_key_by_its_renewal_and_notifies() {
     assert_eq!(after[1..], before[..]);
 }
 
+/// The webhook is served over HTTPS by a private CA's certificate, which the server trusts
+/// through `tls_ca`.
 #[tokio::test]
 async fn notifications_reach_a_signed_webhook_and_then_the_user_hook() {
     use axum::routing::post;
@@ -988,8 +1003,14 @@ async fn notifications_reach_a_signed_webhook_and_then_the_user_hook() {
             }
         }),
     );
+    let tls = tessera_tls::init(&dir.path().join("tls"), &["127.0.0.1".to_string()]).unwrap();
+    let acceptor = tessera_tls::ServerTls::load(&tls.cert, &tls.key)
+        .unwrap()
+        .acceptor()
+        .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let webhook = format!("http://{}/hook", listener.local_addr().unwrap());
+    let webhook = format!("https://{}/hook", listener.local_addr().unwrap());
+    let listener = tessera_tls::TlsListener::new(listener, acceptor).unwrap();
     tokio::spawn(async move { axum::serve(listener, receiver).await.unwrap() });
     let hook_out = dir.path().join("hook.out");
     let hook = dir.path().join("hook.sh");
@@ -1010,7 +1031,11 @@ async fn notifications_reach_a_signed_webhook_and_then_the_user_hook() {
         hook_timeout: Some("5s".into()),
     }];
     let clock = ManualClock::new(START_MS);
-    let server = start_server_with(dir.path(), &clock, 1, rules).await;
+    let server = start_server_tweaked(dir.path(), &clock, 1, |config| {
+        config.notifications = rules;
+        config.tls_ca = Some(tls.ca.clone());
+    })
+    .await;
     let admin = Client::new(&server.url(), Some(server.state.admin_token.clone()));
     let key = sign(&vendor, "k1", &["cad"], 1, START_MS + 1_000_000, None);
     admin.import_key(key.to_json_pretty()).await.unwrap();
