@@ -403,11 +403,30 @@ pub struct Status {
     pub role: String,
     pub keys: Vec<KeySummary>,
     pub components: Vec<ComponentStatus>,
+    /// Over the API: the first [`STATUS_LEASES_MAX`] leases (and holders per component);
+    /// `leases_total` says how many there are, `GET /v1/leases` pages through them all.
     pub leases: Vec<Lease>,
+    /// Every lease this server holds (whether or not `leases` lists them all).
+    #[serde(default)]
+    pub leases_total: u64,
     pub sync: SyncStatus,
     /// The latest usage report of each neighbour this server donates to, by server ID.
     #[serde(default)]
     pub usage_reports: std::collections::BTreeMap<String, UsageReportSummary>,
+}
+
+/// Most leases (and holders per component) `GET /v1/status` lists; `GET /v1/leases` pages.
+pub const STATUS_LEASES_MAX: usize = 100;
+
+/// `GET /v1/leases` answer: one page of leases in lease-id order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LeasePage {
+    pub leases: Vec<Lease>,
+    /// How many leases match the filters in all.
+    pub total: u64,
+    /// The cursor for the next page (`after=`), or absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 
 /// `POST /v1/keys` answer.

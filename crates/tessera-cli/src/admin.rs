@@ -353,16 +353,107 @@ pub async fn run_events(json: bool, remote: &Remote) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn run_status(json: bool, remote: &Remote) -> anyhow::Result<()> {
-    let status = client(remote)?.status().await?;
+/// `tessera status` filters.
+#[derive(clap::Args, Debug, Default)]
+pub struct StatusFilter {
+    /// Counts only: the component and key tables, no holders.
+    #[arg(long)]
+    pub summary: bool,
+    /// Only this component (exact, or a prefix ending in `*`).
+    #[arg(long)]
+    pub component: Option<String>,
+    /// Only the holders of this user (exact, or a prefix ending in `*`).
+    #[arg(long)]
+    pub user: Option<String>,
+}
+
+/// Most leases `tessera status` reads page by page for its holder lists.
+const STATUS_LEASES_READ_MAX: u64 = 1_000_000;
+
+pub async fn run_status(json: bool, filter: &StatusFilter, remote: &Remote) -> anyhow::Result<()> {
+    use tessera_core::LeaseFilter;
+    let client = client(remote)?;
+    let mut status = client.status().await?;
+    let component_matches = |component: &str| {
+        filter
+            .component
+            .as_deref()
+            .is_none_or(|pattern| LeaseFilter::matches_text(pattern, component))
+    };
+    let user_matches = |user: &str| {
+        filter
+            .user
+            .as_deref()
+            .is_none_or(|pattern| LeaseFilter::matches_text(pattern, user))
+    };
+    status
+        .components
+        .retain(|c| component_matches(&c.component));
+    // The status lists at most 100 leases: with the admin token, the holders come from every
+    // matching lease, read a page at a time.
+    let truncated = status.leases_total > status.leases.len() as u64;
+    if !filter.summary && remote.token.is_some() && truncated {
+        let mut query: Vec<(&str, &str)> = vec![("limit", "1000")];
+        if let Some(component) = &filter.component {
+            query.push(("component", component));
+        }
+        if let Some(user) = &filter.user {
+            query.push(("user", user));
+        }
+        let mut leases = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let mut page_query = query.clone();
+            if let Some(after) = &after {
+                page_query.push(("after", after));
+            }
+            let page = client.leases(&page_query).await?;
+            leases.extend(page.leases);
+            match page.next {
+                Some(next) if (leases.len() as u64) < STATUS_LEASES_READ_MAX => after = Some(next),
+                _ => break,
+            }
+        }
+        for component in &mut status.components {
+            component.holders = leases
+                .iter()
+                .filter(|lease| lease.components.contains(&component.component))
+                .map(|lease| tessera_api::Holder {
+                    lease_id: lease.lease_id.clone(),
+                    station: lease.station.clone(),
+                    user: lease.user.clone(),
+                    host: lease.host.clone(),
+                    key_id: lease.key_id.clone(),
+                    since: lease.issued_at,
+                    expires_at: lease.expires_at,
+                })
+                .collect();
+        }
+        status.leases = leases;
+    }
+    status.leases.retain(|lease| {
+        lease.components.iter().any(|c| component_matches(c)) && user_matches(&lease.user)
+    });
+    for component in &mut status.components {
+        component
+            .holders
+            .retain(|holder| user_matches(&holder.user));
+        if filter.summary {
+            component.holders.clear();
+        }
+    }
+    if filter.summary {
+        status.leases.clear();
+    }
     if json {
         return print_json(&status);
     }
     println!(
-        "License server {} ({}) at {}",
+        "License server {} ({}) at {}: {} leases",
         status.server_id.as_deref().unwrap_or("(no server ID)"),
         status.role,
-        status.now
+        status.now,
+        status.leases_total
     );
     println!();
     println!(
@@ -381,11 +472,23 @@ pub async fn run_status(json: bool, remote: &Remote) -> anyhow::Result<()> {
                 (user, "") => format!(" {user}"),
                 (user, host) => format!(" {user}@{host}"),
             };
+            let lease = if holder.lease_id.is_empty() {
+                String::new()
+            } else {
+                format!(", lease {}", holder.lease_id)
+            };
             println!(
-                "    {}{} since {} (key {}, lease {})",
-                holder.station, who, holder.since, holder.key_id, holder.lease_id
+                "    {}{} since {} expires {} (key {}{lease})",
+                holder.station, who, holder.since, holder.expires_at, holder.key_id
             );
         }
+    }
+    if !filter.summary && truncated && remote.token.is_none() {
+        println!(
+            "(the holders of the first {} of {} leases: give --token to list them all)",
+            tessera_api::STATUS_LEASES_MAX,
+            status.leases_total
+        );
     }
     println!();
     println!(

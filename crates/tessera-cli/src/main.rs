@@ -103,6 +103,8 @@ enum Command {
         #[arg(long)]
         json: bool,
         #[command(flatten)]
+        filter: admin::StatusFilter,
+        #[command(flatten)]
         remote: Remote,
     },
     /// Recent notifications (key updates, sync, deadlines, clock), newest first.
@@ -225,15 +227,8 @@ fn run_tls(command: TlsCommand) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     tessera_tls::install();
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,openraft=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     // A server's configuration is read and checked before the runtime exists: it sets the
-    // runtime's thread count.
+    // runtime's thread count and the log format.
     let job = match cli.command {
         Command::Server(args) => match args.into_config() {
             Ok(config) => Job::Server(config),
@@ -244,6 +239,11 @@ fn main() -> ExitCode {
         },
         command => Job::Other(command),
     };
+    let log_format = match &job {
+        Job::Server(config) => config.log_format,
+        Job::Other(_) => tessera_server::config::LogFormat::Text,
+    };
+    init_logging(log_format);
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     if let Job::Server(config) = &job
@@ -267,6 +267,28 @@ fn main() -> ExitCode {
     }
 }
 
+/// Logs to stderr: `RUST_LOG` filters (default: info, openraft's warnings); text with colour
+/// only on a terminal, or one JSON object per line (`log_format = "json"`).
+fn init_logging(format: tessera_server::config::LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,openraft=warn".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        tessera_server::config::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+        tessera_server::config::LogFormat::Text => {
+            builder.with_ansi(std::io::stderr().is_terminal()).init()
+        }
+    }
+}
+
 /// What the process runs: a server, its configuration already read, or another command.
 enum Job {
     Server(tessera_server::ServerConfig),
@@ -281,7 +303,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Vendor(command) => vendor::run(command),
         Command::Keys { command, remote } => admin::run_keys(command, &remote).await,
         Command::Lease { command, remote } => admin::run_lease(command, &remote).await,
-        Command::Status { json, remote } => admin::run_status(json, &remote).await,
+        Command::Status {
+            json,
+            filter,
+            remote,
+        } => admin::run_status(json, &filter, &remote).await,
         Command::Events { json, remote } => admin::run_events(json, &remote).await,
         Command::Sync(args) => admin::run_sync(args).await,
         Command::Donate(args) => neighbours::run_donate(args).await,

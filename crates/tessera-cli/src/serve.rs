@@ -77,6 +77,10 @@ pub struct ServerArgs {
     /// peer requests without one from --tls-ca are refused. Config: `peer_mtls`.
     #[arg(long)]
     peer_mtls: bool,
+    /// The log's format on stderr: text (colour only on a terminal) or json (one object per
+    /// line). Config: `log_format`.
+    #[arg(long, value_name = "text|json")]
+    log_format: Option<String>,
     /// For tests of real processes: a clock that moves only by `POST /v1/test/clock`. Not in
     /// release builds: a customer must not be able to move the server's clock.
     #[cfg(debug_assertions)]
@@ -147,6 +151,9 @@ impl ServerArgs {
                 .push(tessera_tls::parse_pin(pin).map_err(anyhow::Error::msg)?);
         }
         config.peer_mtls |= self.peer_mtls;
+        if let Some(format) = &self.log_format {
+            config.log_format = tessera_server::config::LogFormat::parse(format)?;
+        }
         #[cfg(debug_assertions)]
         if self.test_clock {
             config.test_clock = Some(tessera_server::clock::ManualClock::new(

@@ -216,6 +216,48 @@ fn an_administrator_imports_a_key_and_a_station_checks_out_through_the_cli() {
         table.contains("cad") && table.contains("ws-17 ann@ws17 since"),
         "{table}"
     );
+    // A second station, of user bob, on cam: the filters and the summary.
+    let bob: serde_json::Value = serde_json::from_str(&ok(&[
+        &[
+            "lease",
+            "checkout",
+            "--component",
+            "cam",
+            "--station",
+            "ws-18",
+            "--user",
+            "bob",
+        ][..],
+        &remote,
+    ]
+    .concat()))
+    .unwrap();
+    let summary = ok(&[&["status", "--summary"][..], &remote].concat());
+    assert!(summary.contains(": 2 leases"), "{summary}");
+    assert!(
+        !summary.contains("ws-17") && !summary.contains("ws-18"),
+        "{summary}"
+    );
+    let ann = ok(&[&["status", "--user", "ann"][..], &remote].concat());
+    assert!(ann.contains("ws-17") && !ann.contains("ws-18"), "{ann}");
+    assert!(ann.contains(" expires "), "{ann}");
+    let cam: serde_json::Value = serde_json::from_str(&ok(&[
+        &["status", "--json", "--component", "cam"][..],
+        &remote,
+    ]
+    .concat()))
+    .unwrap();
+    let components: Vec<&str> = cam["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["component"].as_str().unwrap())
+        .collect();
+    assert_eq!(components, ["cam"]);
+    assert_eq!(cam["leases"].as_array().unwrap().len(), 1);
+    assert_eq!(cam["leases"][0]["station"], "ws-18");
+    let bob = bob["lease_id"].as_str().unwrap();
+    ok(&[&["lease", "checkin", bob][..], &remote].concat());
     let lease_id = lease["lease_id"].as_str().unwrap();
     // `lease checkout` stored the secret, owner-only, where heartbeat and checkin find it;
     // without it (or with another) the lease id alone does nothing.
@@ -837,4 +879,150 @@ fn a_lease_crosses_its_keys_end_onto_the_renewal_bought_in_advance() {
         .find(|k| k["key_id"] == renewal_id.as_str())
         .expect("the renewal key");
     assert_eq!(renewal_key["in_use"], 1, "{after}");
+}
+
+/// Starts `tessera server` with `extra` flags, its log (stderr) written to `log`.
+fn server_logging_to(dir: &Path, extra: &[&str], log: &Path) -> (Child, String) {
+    let data = dir.join("data");
+    let trust = dir.join("vendor").join("vendor.pub");
+    let mut child = Command::new(BIN)
+        .args([
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+            data.to_str().unwrap(),
+            "--trust",
+            trust.to_str().unwrap(),
+        ])
+        .args(extra)
+        .env("RUST_LOG", "warn,tessera::activity=info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(std::fs::File::create(log).unwrap()))
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    let url = line
+        .trim()
+        .strip_prefix("Tessera license server on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    (child, url)
+}
+
+/// Polls `log` (bounded) until it has `lines` lines containing `needle`.
+fn log_lines(log: &Path, needle: &str, lines: usize) -> Vec<String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let found: Vec<String> = text
+            .lines()
+            .filter(|line| line.contains(needle))
+            .map(str::to_string)
+            .collect();
+        if found.len() >= lines {
+            return found;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{needle:?} x{lines} not in the log:\n{text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_activity_log_has_a_line_per_checkout_checkin_and_denial_in_text_or_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = tessera(&["server", "--log-format", "xml"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("log_format = \"xml\": expected"));
+    let key_file = dir.path().join("cad.json");
+    setup_vendor(dir.path()); // cad, cam: 2 licenses
+    for format in ["text", "json"] {
+        let log = dir.path().join(format!("{format}.log"));
+        // Text by flag, JSON by the config file's `log_format`.
+        let config = dir.path().join("logging.toml");
+        std::fs::write(&config, format!("log_format = \"{format}\"\n")).unwrap();
+        let flags = match format {
+            "text" => vec!["--log-format", "text"],
+            _ => vec!["--config", config.to_str().unwrap()],
+        };
+        let (mut child, url) = server_logging_to(dir.path(), &flags, &log);
+        let token = token(dir.path());
+        let remote = ["--server", url.as_str(), "--token", token.as_str()];
+        if format == "text" {
+            ok(&[&["keys", "add", key_file.to_str().unwrap()][..], &remote].concat());
+        }
+        let station = |n: u32| format!("{format}-ws-{n}");
+        let leases: Vec<serde_json::Value> = (1..=2)
+            .map(|n| checkout_cad(&remote, &station(n)))
+            .collect();
+        let denied = tessera(
+            &[
+                &[
+                    "lease",
+                    "checkout",
+                    "--component",
+                    "cad",
+                    "--station",
+                    &station(3),
+                ][..],
+                &remote,
+            ]
+            .concat(),
+        );
+        assert!(!denied.status.success());
+        let lease_id = leases[0]["lease_id"].as_str().unwrap();
+        ok(&[&["lease", "checkin", lease_id][..], &remote].concat());
+        let out = log_lines(&log, "OUT", 2);
+        let denied = log_lines(&log, "DENIED", 1);
+        let returned = log_lines(&log, "IN", 1);
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            !text.contains('\u{1b}'),
+            "no colour codes in a file: {text}"
+        );
+        if format == "text" {
+            assert!(
+                out[0].contains(&format!("OUT: cad station={}", station(1))),
+                "{out:?}"
+            );
+            assert!(out[0].contains(&format!(
+                " lease={}",
+                leases[0]["lease_id"].as_str().unwrap()
+            )));
+            assert!(
+                denied[0].contains("DENIED: cad")
+                    && denied[0].contains("code=no_licenses_available"),
+                "{denied:?}"
+            );
+        } else {
+            let parse = |line: &str| -> serde_json::Value { serde_json::from_str(line).unwrap() };
+            for line in text.lines() {
+                parse(line); // every line is one JSON object
+            }
+            let out = parse(&out[0]);
+            assert_eq!(out["target"], "tessera::activity");
+            assert_eq!(out["activity"], "OUT");
+            assert_eq!(out["component"], "cad");
+            assert_eq!(out["station"], station(1));
+            assert_eq!(out["lease"], leases[0]["lease_id"]);
+            let denied = parse(&denied[0]);
+            assert_eq!(denied["activity"], "DENIED");
+            assert_eq!(denied["code"], "no_licenses_available");
+            let returned = returned
+                .iter()
+                .map(|l| parse(l))
+                .find(|l| l["activity"] == "IN");
+            assert_eq!(returned.unwrap()["lease"], lease_id);
+        }
+        // The next round starts on the same data: return what is still held.
+        let second = leases[1]["lease_id"].as_str().unwrap();
+        ok(&[&["lease", "checkin", second][..], &remote].concat());
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
 }

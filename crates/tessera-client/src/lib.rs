@@ -912,6 +912,23 @@ impl Client {
         Ok(self.json(Method::GET, "/v1/status", None).await?.1)
     }
 
+    /// One page of leases (admin token): `query` gives `limit`, `after` (the previous page's
+    /// `next`) and the filters (`component`, `key`, `station`, `user`, `host`; exact, or a
+    /// prefix ending in `*`), as `(name, value)` pairs.
+    pub async fn leases(
+        &self,
+        query: &[(&str, &str)],
+    ) -> Result<tessera_api::LeasePage, ClientError> {
+        let mut path = String::from("/v1/leases");
+        for (i, (name, value)) in query.iter().enumerate() {
+            path.push(if i == 0 { '?' } else { '&' });
+            path.push_str(name);
+            path.push('=');
+            path.push_str(&percent_encode(value));
+        }
+        Ok(self.json(Method::GET, &path, None).await?.1)
+    }
+
     pub async fn station_groups(&self) -> Result<Vec<tessera_api::StationGroup>, ClientError> {
         Ok(self.json(Method::GET, "/v1/groups", None).await?.1)
     }
@@ -1059,6 +1076,19 @@ pub struct HostStatus {
     pub healthy: bool,
     pub replication_lag: Option<u64>,
     pub last_contact_ms: Option<u64>,
+}
+
+/// `value` for a URL query: unreserved characters as they are, every other byte as `%XX`.
+fn percent_encode(value: &str) -> String {
+    let mut encoded = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            encoded.push(byte as char);
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
 }
 
 #[cfg(test)]

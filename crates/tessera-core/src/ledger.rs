@@ -421,6 +421,66 @@ struct Lease {
     borrowed: bool,
 }
 
+/// A lease in a page's heap, ordered by id.
+struct ById<'a>(&'a Lease);
+
+impl PartialEq for ById<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.id == other.0.id
+    }
+}
+
+impl Eq for ById<'_> {}
+
+impl PartialOrd for ById<'_> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ById<'_> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.id.cmp(&other.0.id)
+    }
+}
+
+/// Which leases a listing shows: each field given must match, exactly or, ending in `*`, by
+/// prefix (`user=ann*`). `component` matches any of the lease's components.
+#[derive(Clone, Debug, Default)]
+pub struct LeaseFilter<'a> {
+    pub component: Option<&'a str>,
+    pub key: Option<&'a str>,
+    pub station: Option<&'a str>,
+    pub user: Option<&'a str>,
+    pub host: Option<&'a str>,
+}
+
+impl LeaseFilter<'_> {
+    /// Whether `value` matches `pattern` (exact, or a prefix when it ends in `*`).
+    pub fn matches_text(pattern: &str, value: &str) -> bool {
+        match pattern.strip_suffix('*') {
+            Some(prefix) => value.starts_with(prefix),
+            None => value == pattern,
+        }
+    }
+
+    fn matches(&self, lease: &Lease) -> bool {
+        let field = |pattern: Option<&str>, value: &str| {
+            pattern.is_none_or(|pattern| Self::matches_text(pattern, value))
+        };
+        field(self.key, &lease.key_id)
+            && field(self.station, &lease.station)
+            && field(self.user, &lease.user)
+            && field(self.host, &lease.host)
+            && self.component.is_none_or(|pattern| {
+                lease
+                    .components
+                    .iter()
+                    .any(|component| Self::matches_text(pattern, component))
+            })
+    }
+}
+
 impl Lease {
     fn view(&self) -> LeaseView {
         LeaseView {
@@ -2544,6 +2604,40 @@ impl Ledger {
 
     pub fn lease_count(&self) -> usize {
         self.leases.len()
+    }
+
+    /// One page of the leases that `filter` matches, in lease-id order after `after`: at most
+    /// `limit` of them, and how many match in all. Costs one pass over the leases and a
+    /// bounded heap (no sort of them all), whatever the page.
+    pub fn lease_page(
+        &self,
+        filter: &LeaseFilter<'_>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<LeaseView>, usize) {
+        let mut total = 0;
+        // The `limit` smallest ids after the cursor: a max-heap keeps them.
+        let mut page: std::collections::BinaryHeap<ById<'_>> = std::collections::BinaryHeap::new();
+        for lease in self.leases.values() {
+            if !filter.matches(lease) {
+                continue;
+            }
+            total += 1;
+            if after.is_some_and(|after| &*lease.id <= after) || limit == 0 {
+                continue;
+            }
+            if page.len() < limit {
+                page.push(ById(lease));
+            } else if page.peek().is_some_and(|largest| lease.id < largest.0.id) {
+                page.pop();
+                page.push(ById(lease));
+            }
+        }
+        let page = page.into_sorted_vec();
+        (
+            page.into_iter().map(|lease| lease.0.view()).collect(),
+            total,
+        )
     }
 
     /// Leases sorted by key, then station (for stable listings).

@@ -67,6 +67,29 @@ pub struct ConfigFile {
     /// `tls_ca`. On top of the domain secret's tags.
     #[serde(default)]
     pub peer_mtls: bool,
+    /// How the server logs to stderr: "text" (default; colour only on a terminal) or
+    /// "json" (one object per line).
+    pub log_format: Option<String>,
+}
+
+/// The log's format (`log_format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl LogFormat {
+    pub fn parse(text: &str) -> Result<LogFormat, StartError> {
+        match text {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(StartError::Config {
+                message: format!("log_format = {other:?}: expected \"text\" or \"json\""),
+            }),
+        }
+    }
 }
 
 /// A console user: `name` and an argon2 PHC string (`tessera admin hash-password`).
@@ -155,6 +178,8 @@ pub struct ServerConfig {
     pub peer_pins: Vec<[u8; 32]>,
     /// See `ConfigFile::peer_mtls`.
     pub peer_mtls: bool,
+    /// See `ConfigFile::log_format` (read by the binary when it sets up logging).
+    pub log_format: LogFormat,
 }
 
 impl Default for ServerConfig {
@@ -182,6 +207,7 @@ impl Default for ServerConfig {
             tls_ca: None,
             peer_pins: Vec::new(),
             peer_mtls: false,
+            log_format: LogFormat::Text,
         }
     }
 }
@@ -249,6 +275,9 @@ impl ServerConfig {
             self.peer_pins.push(pin);
         }
         self.peer_mtls |= file.peer_mtls;
+        if let Some(format) = file.log_format {
+            self.log_format = LogFormat::parse(&format)?;
+        }
         if let Some(limit) = file.body_limit_bytes {
             self.body_limit_bytes = limit;
         }

@@ -65,6 +65,57 @@ pub struct UsageEvent {
     pub detail: Option<String>,
 }
 
+/// The activity log's word for a lease event (as FlexNet's debug log: `OUT`, `IN`,
+/// `DENIED`, plus `EXPIRED` for a lease whose heartbeats stopped, `RELEASED` for the
+/// administrator's force-release, `ENDED` for a lease ended by its key's removal).
+fn activity_word(kind: &str) -> &'static str {
+    match kind {
+        "granted" => "OUT",
+        "existing" => "OUT_AGAIN",
+        "checkin" => "IN",
+        "expired" => "EXPIRED",
+        "force_release" => "RELEASED",
+        "key_removed" => "ENDED",
+        _ => "LEASE",
+    }
+}
+
+/// One line of the activity log (target `tessera::activity`, level info): the word, then
+/// what, who and where, and the key, lease or refusal code as fields. A stable format
+/// (docs/operations.md, "Activity log").
+#[allow(clippy::too_many_arguments)]
+fn log_activity(
+    word: &str,
+    component: &str,
+    user: &str,
+    host: &str,
+    station: &str,
+    key: Option<&str>,
+    lease: Option<&str>,
+    code: Option<&str>,
+) {
+    let who = match (user, host) {
+        ("", "") => String::new(),
+        (user, "") => format!(" {user}"),
+        (user, host) => format!(" {user}@{host}"),
+    };
+    tracing::info!(
+        target: "tessera::activity",
+        activity = word,
+        component,
+        station,
+        user,
+        host,
+        key = key.unwrap_or(""),
+        lease = lease.unwrap_or(""),
+        code = code.unwrap_or(""),
+        "{word}: {component}{who} station={station}{}{}{}",
+        key.map(|k| format!(" key={k}")).unwrap_or_default(),
+        lease.map(|l| format!(" lease={l}")).unwrap_or_default(),
+        code.map(|c| format!(" code={c}")).unwrap_or_default(),
+    );
+}
+
 /// One record of the audit chain before it is chained.
 #[derive(Clone, Debug)]
 pub struct AuditRecord {
@@ -324,6 +375,16 @@ impl History {
             Some(component) => vec![component.to_string()],
             None => lease.components.clone(),
         };
+        log_activity(
+            activity_word(kind),
+            &components.join(","),
+            lease.user.as_str(),
+            lease.host.as_str(),
+            &lease.station,
+            Some(&lease.key_id),
+            Some(&lease.lease_id),
+            None,
+        );
         self.send(Message::Lease {
             at_ms,
             actor: actor.to_string(),
@@ -342,6 +403,16 @@ impl History {
 
     /// A refused checkout.
     pub fn denial(&self, at_ms: i64, request: &tessera_api::CheckoutRequest, code: &str) {
+        log_activity(
+            "DENIED",
+            &request.component,
+            &request.user,
+            &request.host,
+            &request.station,
+            None,
+            None,
+            Some(code),
+        );
         self.record(
             AuditRecord {
                 at_ms,

@@ -147,6 +147,12 @@ impl Metrics {
             "Checkout requests by outcome",
             metrics.checkouts.clone(),
         );
+        // Always 1; the version is in its label (as Prometheus' own `*_build_info`).
+        let build_info = prometheus_client::metrics::info::Info::new(vec![(
+            "version".to_string(),
+            env!("CARGO_PKG_VERSION").to_string(),
+        )]);
+        registry.register("build", "This server's build", build_info);
         registry.register(
             "denials",
             "Checkouts refused because no license was free, by component",

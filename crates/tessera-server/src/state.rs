@@ -550,9 +550,36 @@ impl AppState {
             role: self.role().to_string(),
             keys,
             components,
+            leases_total: leases.len() as u64,
             leases,
             sync,
             usage_reports,
+        }
+    }
+
+    /// One page of the leases `filter` matches, after the cursor `after` (a lease id).
+    pub fn lease_page(
+        &self,
+        filter: &tessera_core::LeaseFilter<'_>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> tessera_api::LeasePage {
+        // One more than asked: whether another page follows.
+        let (mut views, total) = self.read(|ledger| ledger.lease_page(filter, after, limit + 1));
+        let next = if views.len() > limit {
+            views.truncate(limit);
+            views.last().map(|lease| lease.lease_id.clone())
+        } else {
+            None
+        };
+        let component = filter.component.filter(|c| !c.ends_with('*'));
+        tessera_api::LeasePage {
+            leases: views
+                .iter()
+                .map(|lease| self.lease_to_api(lease, component))
+                .collect(),
+            total: total as u64,
+            next,
         }
     }
 

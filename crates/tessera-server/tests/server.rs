@@ -530,6 +530,13 @@ async fn health_metrics_and_openapi_are_served() {
         "{metrics}"
     );
     assert!(
+        metrics.contains(&format!(
+            "tessera_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{metrics}"
+    );
+    assert!(
         metrics.contains("tessera_licenses_donated{component=\"cad\"} 0"),
         "{metrics}"
     );
@@ -1673,4 +1680,93 @@ pub async fn head_only_post(
         answer.extend_from_slice(&buffer[..read]);
     }
     String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_are_paged_and_filtered_and_the_status_stays_summary_sized() {
+    let f = Fixture::start().await;
+    f.import(&f.key("k-big", &["cad", "viewer"], 1_000)).await;
+    // 250 leases: users user0..user24, ten stations each; a tenth of them also use viewer.
+    for i in 0..250 {
+        let mut checkout = request(
+            if i % 10 == 0 { "viewer" } else { "cad" },
+            &format!("ws-{i:03}"),
+        );
+        checkout.user = format!("user{}", i % 25);
+        f.client().checkout(&checkout).await.unwrap();
+    }
+    let admin = f.admin();
+    // Status: counts for all, at most 100 leases and 100 holders per component.
+    let status = admin.status().await.unwrap();
+    assert_eq!(status.leases_total, 250);
+    assert_eq!(status.leases.len(), tessera_api::STATUS_LEASES_MAX);
+    assert!(status.components.iter().all(|c| c.holders.len() <= 100));
+    let cad = status
+        .components
+        .iter()
+        .find(|c| c.component == "cad")
+        .unwrap();
+    assert_eq!(
+        cad.in_use, 250,
+        "one key: its leases count for each of its components"
+    );
+
+    // Pages of 100 in lease-id order, each id once, the cursor from `next`.
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let mut query = vec![("limit", "100")];
+        if let Some(after) = &after {
+            query.push(("after", after.as_str()));
+        }
+        let page = admin.leases(&query).await.unwrap();
+        assert_eq!(page.total, 250);
+        pages += 1;
+        seen.extend(page.leases.into_iter().map(|lease| lease.lease_id));
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!((seen.len(), &seen), (250, &sorted));
+
+    // Exact filters: user7 is not user70; a prefix ends in `*`.
+    let page = admin
+        .leases(&[("user", "user7"), ("limit", "1000")])
+        .await
+        .unwrap();
+    assert_eq!(page.total, 10);
+    assert!(page.leases.iter().all(|lease| lease.user == "user7"));
+    let page = admin.leases(&[("user", "user1*")]).await.unwrap();
+    assert_eq!(page.total, 11 * 10, "user1 and user10..user19");
+    let page = admin.leases(&[("component", "viewer")]).await.unwrap();
+    assert_eq!(page.total, 25);
+    assert!(page.leases.iter().all(|lease| lease.component == "viewer"));
+    let page = admin
+        .leases(&[("station", "ws-00*"), ("user", "user0")])
+        .await
+        .unwrap();
+    assert_eq!(
+        page.leases
+            .iter()
+            .map(|l| l.station.as_str())
+            .collect::<Vec<_>>(),
+        ["ws-000"]
+    );
+    // A page of one past the last lease: empty, no cursor.
+    let last = seen.last().unwrap();
+    let page = admin.leases(&[("after", last.as_str())]).await.unwrap();
+    assert!(page.leases.is_empty() && page.next.is_none());
+
+    // The admin token is needed; a bad limit or parameter is named.
+    assert_eq!(code(f.client().leases(&[]).await.unwrap_err()).0, 401);
+    for bad in [("limit", "0"), ("limit", "1001"), ("sort", "user")] {
+        let error = admin.leases(&[bad]).await.unwrap_err();
+        assert_eq!(code(error), (400, "invalid_query".to_string()), "{bad:?}");
+    }
 }

@@ -18,6 +18,64 @@ pub struct CheckoutQuery {
     pub redirected_from: Option<String>,
 }
 
+/// `GET /v1/leases` query: a page and the filters.
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseQuery {
+    /// Leases per page, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<u32>,
+    /// The `next` of the previous page: leases after this lease id.
+    pub after: Option<String>,
+    /// Only leases of this component (exact, or a prefix ending in `*`).
+    pub component: Option<String>,
+    /// Only leases of this key (exact, or a prefix ending in `*`).
+    pub key: Option<String>,
+    /// Only leases of this station (exact, or a prefix ending in `*`).
+    pub station: Option<String>,
+    /// Only leases of this user (exact, or a prefix ending in `*`).
+    pub user: Option<String>,
+    /// Only leases of this host (exact, or a prefix ending in `*`).
+    pub host: Option<String>,
+}
+
+/// Most leases per page of `GET /v1/leases`.
+pub const LEASE_PAGE_MAX: u32 = 1000;
+
+/// The leases, a page at a time in lease-id order, with exact or prefix filters; `total`
+/// counts every lease matching the filters.
+#[utoipa::path(get, path = "/v1/leases", params(LeaseQuery), security(("admin_token" = [])), responses(
+    (status = 200, description = "one page; `next` is the cursor of the following one", body = tessera_api::LeasePage),
+    (status = 400, description = "invalid_query: limit out of 1..1000, an unknown parameter", body = ErrorBody),
+    (status = 401, description = "unauthorized: missing or wrong admin token", body = ErrorBody),
+))]
+pub async fn list(
+    State(state): State<SharedState>,
+    _admin: super::extract::Admin,
+    ApiQuery(query): ApiQuery<LeaseQuery>,
+) -> Result<Json<tessera_api::LeasePage>, ApiError> {
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=LEASE_PAGE_MAX).contains(&limit) {
+        return Err(ApiError::BadRequest {
+            code: "invalid_query",
+            message: format!("limit must be 1 to {LEASE_PAGE_MAX}, not {limit}"),
+        });
+    }
+    let filter = tessera_core::LeaseFilter {
+        component: query.component.as_deref(),
+        key: query.key.as_deref(),
+        station: query.station.as_deref(),
+        user: query.user.as_deref(),
+        host: query.host.as_deref(),
+    };
+    Ok(Json(state.lease_page(
+        &filter,
+        query.after.as_deref(),
+        limit as usize,
+    )))
+}
+
 /// Take a license for a component (201), or get back the lease this station holds (200).
 ///
 /// A server with no key for the component that knows a neighbour serving it answers 307

@@ -43,7 +43,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/pair/disable", post(pair::disable))
         .route("/v1/pair/sync", post(pair::sync))
         .route("/v1/pair/rpc/{rpc}", post(pair::rpc))
-        .route("/v1/leases", post(leases::checkout))
+        .route("/v1/leases", post(leases::checkout).get(leases::list))
         .route("/v1/leases/{lease_id}/heartbeat", post(leases::heartbeat))
         .route("/v1/leases/{lease_id}", delete(leases::checkin))
         .route("/v1/leases/{lease_id}/release", post(admin::force_release))
@@ -268,14 +268,19 @@ async fn metrics(State(state): State<SharedState>) -> impl IntoResponse {
 }
 
 /// Keys, components, leases and sync state. Without the admin token the lease ids are left
-/// out (empty): counts, stations and users are shown, never what would let a caller end or
-/// extend another station's lease.
+/// out: counts, stations and users are shown, never what would let a caller end or extend
+/// another station's lease. Summary-sized: at most 100 leases (`leases_total` counts them
+/// all), and at most 100 holders per component; `GET /v1/leases` pages through the rest.
 #[utoipa::path(get, path = "/v1/status", security((), ("admin_token" = [])), responses((status = 200, body = tessera_api::Status)))]
 async fn status(
     State(state): State<SharedState>,
     headers: axum::http::HeaderMap,
 ) -> axum::Json<tessera_api::Status> {
     let mut status = state.status();
+    status.leases.truncate(tessera_api::STATUS_LEASES_MAX);
+    for component in &mut status.components {
+        component.holders.truncate(tessera_api::STATUS_LEASES_MAX);
+    }
     if !extract::is_admin(&headers, &state) {
         for lease in &mut status.leases {
             lease.lease_id.clear();

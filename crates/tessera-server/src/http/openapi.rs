@@ -28,6 +28,7 @@ Not described here: the HTML console (`/`, `/login`, `/keys`, …), `POST /v1/te
         super::pair::sync,
         super::pair::rpc,
         super::leases::checkout,
+        super::leases::list,
         super::leases::heartbeat,
         super::leases::checkin,
         super::admin::import_key,
