@@ -64,12 +64,38 @@ pub struct Remote {
 impl Remote {
     /// The SDK client for `--server`, with `--token` and `--ca`.
     pub fn client(&self) -> anyhow::Result<tessera_client::Client> {
+        check_server_urls(&self.server)?;
+        if let Some(token) = &self.token
+            && (token.trim().is_empty() || token.chars().any(|c| c.is_control() || c == ' '))
+        {
+            anyhow::bail!(
+                "--token (TESSERA_TOKEN) is empty or has spaces or control characters: give the token from DATA/admin.token"
+            );
+        }
         let client = tessera_client::Client::new(&self.server, self.token.clone());
         Ok(match &self.ca {
             Some(ca) => client.with_ca_file(ca)?,
             None => client,
         })
     }
+}
+
+/// Each of `--server`'s comma-separated URLs is `http://` or `https://` with a host: a
+/// clear message before anything is sent.
+fn check_server_urls(servers: &str) -> anyhow::Result<()> {
+    for url in servers.split(',').map(str::trim) {
+        let rest = url
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"));
+        match rest {
+            Some(rest) if !rest.is_empty() && !rest.starts_with('/') => {}
+            Some(_) => anyhow::bail!("--server {url:?} has no host: http://HOST:PORT"),
+            None => anyhow::bail!(
+                "--server {url:?} needs a scheme: http://{url} (or https://{url} for a server serving HTTPS)"
+            ),
+        }
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -227,6 +253,20 @@ fn run_tls(command: TlsCommand) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     tessera_tls::install();
     let cli = Cli::parse();
+    // Output piped into a reader that stops early (`tessera status | head -1`) ends a
+    // command quietly, as other command-line tools do, instead of a panic on the write.
+    // Not for the long-running services, whose sockets must never kill them.
+    let service = matches!(
+        cli.command,
+        Command::Server(_) | Command::Authority(_) | Command::Demo(_) | Command::Bench(_)
+    );
+    #[cfg(unix)]
+    if !service {
+        // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     // A server's configuration is read and checked before the runtime exists: it sets the
     // runtime's thread count and the log format.
     let job = match cli.command {
@@ -262,6 +302,15 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
+            if let Some(tessera_client::ClientError::Api {
+                status: 401, code, ..
+            }) = error.downcast_ref::<tessera_client::ClientError>()
+                && code == "unauthorized"
+            {
+                eprintln!(
+                    "hint: give the admin token with --token TOKEN or TESSERA_TOKEN (the server's DATA/admin.token)"
+                );
+            }
             ExitCode::FAILURE
         }
     }

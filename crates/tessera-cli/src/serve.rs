@@ -275,8 +275,11 @@ pub async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
     let url = server.url();
     let token = server.state.admin_token.clone();
     println!(
-        "\nTessera demo is running.\n\n  Console:      {url}/login?token={token}  (signs you in)\n  Status JSON:  {url}/v1/status\n  Metrics:      {url}/metrics\n  OpenAPI:      {url}/v1/openapi.json\n  Admin token:  {token}\n  Data:         {dir}\n\nTry, in another terminal:\n  export TESSERA_TOKEN={token}\n  cargo run --release -- lease checkout --component cad --station ws-17 --user ann --host ws17\n  cargo run --release -- status\n  cargo run --release -- keys list\n  curl -s -X POST {url}/v1/leases -H 'content-type: application/json' -d '{{\"component\":\"cam\",\"station\":\"ws-18\",\"user\":\"bob\",\"host\":\"ws18\"}}'\n\nPress Ctrl-C to stop.",
-        dir = args.dir.display()
+        "\nTessera demo is running.\n\n  Console:      {url}/login?token={token}  (signs you in)\n  Status JSON:  {url}/v1/status\n  Metrics:      {url}/metrics\n  OpenAPI:      {url}/v1/openapi.json\n  Admin token:  {token}\n  Data:         {dir}\n\nTry, in another terminal:\n  export TESSERA_SERVER={url} TESSERA_TOKEN={token}\n  alias tessera={exe}\n  tessera lease checkout --component cad --station ws-17 --user ann --host ws17\n  tessera status\n  tessera keys list\n  curl -s -X POST {url}/v1/leases -H 'content-type: application/json' -d '{{\"component\":\"cam\",\"station\":\"ws-18\",\"user\":\"bob\",\"host\":\"ws18\"}}'\n\nPress Ctrl-C to stop.",
+        dir = args.dir.display(),
+        exe = std::env::current_exe()
+            .map(|exe| exe.display().to_string())
+            .unwrap_or_else(|_| "tessera".into()),
     );
     wait_for_ctrl_c(server).await
 }

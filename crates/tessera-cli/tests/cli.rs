@@ -393,7 +393,54 @@ fn errors_exit_non_zero_with_the_reason_on_stderr() {
     assert!(stderr.contains("key_bad_signature"), "{stderr}");
     let output = tessera(&["keys", "list", "--server", &server.url]);
     assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("unauthorized"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("unauthorized"), "{stderr}");
+    assert!(
+        stderr.contains("--token TOKEN or TESSERA_TOKEN"),
+        "{stderr}"
+    );
+    // A URL without a scheme, or a blank token: named before anything is sent.
+    let bare = server.url.trim_start_matches("http://");
+    let output = tessera(&["status", "--server", bare]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("needs a scheme: http://{bare}")),
+        "{stderr}"
+    );
+    let output = tessera(&["status", "--server", &server.url, "--token", " "]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--token (TESSERA_TOKEN) is empty"),
+        "{stderr}"
+    );
+    // Output into a pipe closed early ends quietly: no panic, not exit 101.
+    ok(&[
+        "keys",
+        "add",
+        key_file.to_str().unwrap(),
+        "--server",
+        &server.url,
+        "--token",
+        &token,
+    ]);
+    let mut child = Command::new(BIN)
+        .args([
+            "status",
+            "--json",
+            "--server",
+            &server.url,
+            "--token",
+            &token,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader is gone before anything is written
+    let exit = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&exit.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_ne!(exit.status.code(), Some(101), "{stderr}");
 }
 
 #[test]

@@ -19,6 +19,7 @@
 //! - [`clock`], [`ids`], [`metrics`]: time, lease ids, Prometheus.
 //! - [`fault_proxy`]: an HTTP proxy that cuts links between hosts, for partition tests.
 
+pub mod alerts;
 pub mod audit;
 pub mod clock;
 pub mod config;

@@ -231,6 +231,7 @@ pub async fn start(
         history,
         notifier,
         deadline_notices: Default::default(),
+        alerts: Default::default(),
         last_clock_event_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
         next_sync_attempt_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
         config,

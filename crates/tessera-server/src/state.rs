@@ -76,6 +76,8 @@ pub struct AppState {
     pub notifier: crate::events::Notifier,
     /// (deadline, smallest threshold in days already notified) for the 366-day warnings.
     pub deadline_notices: std::sync::Mutex<(Option<i64>, i64)>,
+    /// What the primary's alerts already said (key ends, hosts, denials).
+    pub alerts: crate::alerts::Alerts,
     /// When a clock set back was last reported, so a stuck clock does not flood the channels.
     pub last_clock_event_ms: std::sync::atomic::AtomicI64,
     /// The scheduled sync does not run before this time (set after each attempt, so a failed
@@ -367,8 +369,9 @@ impl AppState {
                 i64::from(*created),
             ),
             Err(ApiError::Refused(refusal)) => {
-                self.history
-                    .denial(self.stamper.now_ms(), &request, refusal.code())
+                let now_ms = self.stamper.now_ms();
+                self.history.denial(now_ms, &request, refusal.code());
+                self.note_denial(&request.component, refusal.code(), now_ms);
             }
             _ => {}
         }
@@ -478,6 +481,15 @@ impl AppState {
                     &key_id,
                     format!("{leases_ended} leases ended"),
                 );
+                self.notifier.emit(
+                    at_ms,
+                    "key_removed",
+                    if leases_ended > 0 { "warning" } else { "info" },
+                    format!(
+                        "license key {key_id} was removed by the administrator; {leases_ended} leases ended"
+                    ),
+                    serde_json::json!({"key_id": key_id, "leases_ended": leases_ended}),
+                );
                 Ok((key_id, leases_ended))
             }
             other => Err(unexpected(other)),
@@ -488,10 +500,12 @@ impl AppState {
     /// command has carried time into the log for a while. Returns the leases ended.
     pub async fn tick(&self) -> Result<u32, ApiError> {
         if !self.consensus.is_primary() {
+            self.not_primary();
             return Ok(0);
         }
         let now_ms = self.stamper.now_ms();
         self.notify_deadline(now_ms);
+        self.check_alerts(now_ms);
         let (next_expiry_ms, last_at_ms) = self
             .consensus
             .read(|ledger| (ledger.next_expiry_ms(), ledger.last_at_ms()));

@@ -1770,3 +1770,92 @@ async fn leases_are_paged_and_filtered_and_the_status_stays_summary_sized() {
         assert_eq!(code(error), (400, "invalid_query".to_string()), "{bad:?}");
     }
 }
+
+/// The kinds of the events the server raised, oldest first.
+async fn event_kinds(f: &Fixture) -> Vec<String> {
+    let mut kinds: Vec<String> = f
+        .admin()
+        .events()
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_string())
+        .collect();
+    kinds.reverse();
+    kinds
+}
+
+#[tokio::test]
+async fn a_key_ending_is_announced_30_7_and_1_days_before_and_when_it_ends_once_each() {
+    let f = Fixture::start().await;
+    f.import(&f.key("k1", &["cad"], 1)).await; // ends 30 days after the start
+    let expiring = |kinds: &[String]| kinds.iter().filter(|k| *k == "key_expiring").count();
+    f.server.state.tick().await.unwrap();
+    f.server.state.tick().await.unwrap();
+    assert_eq!(expiring(&event_kinds(&f).await), 1, "30 days, once");
+    let events = f.admin().events().await.unwrap();
+    let notice = events.iter().find(|e| e["kind"] == "key_expiring").unwrap();
+    assert_eq!(notice["details"]["threshold_days"], 30);
+    assert_eq!(notice["details"]["key_id"], "k1");
+    f.clock.advance_ms(23 * 86_400_000 + 43_200_000); // 6.5 days left
+    f.server.state.tick().await.unwrap();
+    f.server.state.tick().await.unwrap();
+    assert_eq!(expiring(&event_kinds(&f).await), 2);
+    f.clock.advance_ms(6 * 86_400_000); // half a day left
+    f.server.state.tick().await.unwrap();
+    assert_eq!(expiring(&event_kinds(&f).await), 3);
+    f.clock.advance_ms(43_200_000 + 1);
+    f.server.state.tick().await.unwrap();
+    f.server.state.tick().await.unwrap();
+    let kinds = event_kinds(&f).await;
+    assert_eq!(expiring(&kinds), 3);
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "key_expired").count(),
+        1,
+        "{kinds:?}"
+    );
+}
+
+#[tokio::test]
+async fn exhausted_components_denial_spikes_and_removed_keys_are_announced() {
+    let f = Fixture::start().await;
+    f.import(&f.key("k1", &["cad"], 1)).await;
+    f.client().checkout(&request("cad", "ws-0")).await.unwrap();
+    for i in 1..=25 {
+        let refused = f
+            .client()
+            .checkout(&request("cad", &format!("ws-{i}")))
+            .await
+            .unwrap_err();
+        assert_eq!(code(refused).1, "no_licenses_available");
+    }
+    let kinds = event_kinds(&f).await;
+    let count = |kind: &str| kinds.iter().filter(|k| *k == kind).count();
+    assert_eq!(
+        count("component_exhausted"),
+        1,
+        "once, not per denial: {kinds:?}"
+    );
+    assert_eq!(count("denial_spike"), 1, "{kinds:?}");
+    // Ten minutes later (ws-0's lease ran out; ws-99 takes the license), exhausted again:
+    // said again.
+    f.clock.advance_ms(10 * 60_000);
+    f.client().checkout(&request("cad", "ws-99")).await.unwrap();
+    let refused = f
+        .client()
+        .checkout(&request("cad", "ws-100"))
+        .await
+        .unwrap_err();
+    assert_eq!(code(refused).1, "no_licenses_available");
+    let kinds = event_kinds(&f).await;
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "component_exhausted").count(),
+        2
+    );
+    // Removing a key that ends a lease is announced with the count.
+    f.admin().remove_key("k1").await.unwrap();
+    let events = f.admin().events().await.unwrap();
+    let removed = events.iter().find(|e| e["kind"] == "key_removed").unwrap();
+    assert_eq!(removed["details"]["leases_ended"], 1);
+    assert_eq!(removed["severity"], "warning");
+}

@@ -370,6 +370,23 @@ fn a_three_process_domain_runs_over_mutual_tls_and_fails_over() {
         String::from_utf8_lossy(&refused.stderr).contains("no_licenses_available"),
         "{refused:?}"
     );
+    // The new primary announces itself and, a few seconds on, the lost host.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let events: serde_json::Value =
+            serde_json::from_str(&ok(&[&["events", "--json"][..], &remote].concat())).unwrap();
+        let has = |kind: &str, host: u64| {
+            events.as_array().unwrap().iter().any(|e| {
+                e["kind"] == kind
+                    && (e["details"]["host"] == host || e["details"]["primary"] == host)
+            })
+        };
+        if has("primary_changed", 2) && has("domain_host_lost", 1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no failover events: {events}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]
