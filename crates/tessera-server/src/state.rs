@@ -614,8 +614,11 @@ impl AppState {
                     received: view.received.as_ref().map_or(0, |r| r.licenses),
                 });
             }
+            // Counts only (no holder lists): a scrape costs the same at 1 lease or a million.
             (
-                component_status(ledger, now_ms),
+                component_totals(ledger, now_ms)
+                    .into_values()
+                    .collect::<Vec<_>>(),
                 ledger.lease_count(),
                 donated,
                 keys,

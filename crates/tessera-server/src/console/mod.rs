@@ -555,9 +555,10 @@ impl LeaseRow {
     }
 }
 
-/// At most this many leases are listed; the filter finds the others.
-const LEASE_ROWS: usize = 1_000;
+/// Leases per page of the console's list (`next` pages on, in lease-id order).
+const LEASE_ROWS: usize = 100;
 
+/// The leases page's filters: exact, or a prefix ending in `*` (as `GET /v1/leases`).
 #[derive(Debug, Default, Deserialize)]
 struct LeaseFilter {
     #[serde(default)]
@@ -566,36 +567,73 @@ struct LeaseFilter {
     user: String,
     #[serde(default)]
     component: String,
+    #[serde(default)]
+    host: String,
+    #[serde(default)]
+    key: String,
+    /// The page after this lease id.
+    #[serde(default)]
+    after: String,
     released: Option<String>,
 }
 
 impl LeaseFilter {
-    fn matches(&self, lease: &tessera_api::Lease) -> bool {
-        let has = |field: &str, wanted: &str| {
-            wanted.is_empty() || field.to_lowercase().contains(&wanted.to_lowercase())
+    /// One page of matching leases, how many match in all, and the next page's cursor.
+    fn rows(&self, state: &SharedState) -> (Vec<LeaseRow>, usize, Option<String>) {
+        fn given(text: &str) -> Option<&str> {
+            let text = text.trim();
+            (!text.is_empty()).then_some(text)
+        }
+        let filter = tessera_core::LeaseFilter {
+            component: given(&self.component),
+            key: given(&self.key),
+            station: given(&self.station),
+            user: given(&self.user),
+            host: given(&self.host),
         };
-        has(&lease.station, &self.station)
-            && has(&lease.user, &self.user)
-            && (self.component.is_empty()
-                || lease.components.iter().any(|c| has(c, &self.component)))
-    }
-
-    /// The first [`LEASE_ROWS`] matching leases, and how many match.
-    fn rows(&self, state: &SharedState) -> (Vec<LeaseRow>, usize) {
-        let leases = state.status().leases;
-        let matching: Vec<&tessera_api::Lease> =
-            leases.iter().filter(|lease| self.matches(lease)).collect();
-        let rows = matching
-            .iter()
-            .take(LEASE_ROWS)
-            .map(|lease| LeaseRow::from(lease))
-            .collect();
-        (rows, matching.len())
+        let page = state.lease_page(&filter, given(&self.after), LEASE_ROWS);
+        let rows = page.leases.iter().map(LeaseRow::from).collect();
+        (rows, page.total as usize, page.next)
     }
 
     fn is_filtered(&self) -> bool {
-        !(self.station.is_empty() && self.user.is_empty() && self.component.is_empty())
+        !(self.station.trim().is_empty()
+            && self.user.trim().is_empty()
+            && self.component.trim().is_empty()
+            && self.host.trim().is_empty()
+            && self.key.trim().is_empty())
     }
+
+    /// The query of the next page: these filters, after `next`.
+    fn next_query(&self, next: &str) -> String {
+        let mut query = String::new();
+        for (name, value) in [
+            ("station", &self.station),
+            ("user", &self.user),
+            ("component", &self.component),
+            ("host", &self.host),
+            ("key", &self.key),
+        ] {
+            if !value.trim().is_empty() {
+                query.push_str(&format!("{name}={}&", urlencode(value.trim())));
+            }
+        }
+        query.push_str(&format!("after={}", urlencode(next)));
+        query
+    }
+}
+
+/// `text` for a URL query (unreserved characters kept, the rest `%XX`).
+fn urlencode(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 #[derive(Template)]
@@ -608,9 +646,15 @@ struct LeasesPage {
     station: String,
     user_filter: String,
     component: String,
+    host: String,
+    key: String,
     filtered: bool,
     leases: Vec<LeaseRow>,
     total: usize,
+    /// The next page's query, if there is one.
+    next: Option<String>,
+    /// This is not the first page.
+    paged: bool,
 }
 
 #[derive(Template)]
@@ -619,6 +663,8 @@ struct LeasesTable {
     filtered: bool,
     leases: Vec<LeaseRow>,
     total: usize,
+    next: Option<String>,
+    paged: bool,
 }
 
 async fn leases_page(
@@ -626,7 +672,7 @@ async fn leases_page(
     user: ConsoleUser,
     Query(filter): Query<LeaseFilter>,
 ) -> Response {
-    let (leases, total) = filter.rows(&state);
+    let (leases, total, next) = filter.rows(&state);
     render(&LeasesPage {
         page: "leases",
         user: user.name.clone(),
@@ -637,10 +683,14 @@ async fn leases_page(
             .map(|station| format!("Released the lease of {station}.")),
         leases,
         total,
+        next: next.map(|next| filter.next_query(&next)),
+        paged: !filter.after.trim().is_empty(),
         filtered: filter.is_filtered(),
         station: filter.station,
         user_filter: filter.user,
         component: filter.component,
+        host: filter.host,
+        key: filter.key,
     })
 }
 
@@ -649,10 +699,12 @@ async fn leases_table(
     _user: ConsoleUser,
     Query(filter): Query<LeaseFilter>,
 ) -> Response {
-    let (leases, total) = filter.rows(&state);
+    let (leases, total, next) = filter.rows(&state);
     render(&LeasesTable {
         leases,
         total,
+        next: next.map(|next| filter.next_query(&next)),
+        paged: !filter.after.trim().is_empty(),
         filtered: filter.is_filtered(),
     })
 }

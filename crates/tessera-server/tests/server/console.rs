@@ -191,8 +191,32 @@ async fn leases_are_listed_filtered_and_force_released_after_confirmation() {
         .await
         .unwrap();
     let table = response.text().await.unwrap();
-    assert!(table.starts_with("<table id=\"leases\""), "{table}");
+    assert!(table.starts_with("<div id=\"leases\""), "{table}");
     assert!(table.contains("ws-1") && !table.contains("ws-2"), "{table}");
+    assert!(table.contains("1 lease match the filter"), "{table}");
+    // Exact unless it ends in `*`: ws- finds nothing, ws-* both.
+    for (query, expected) in [
+        ("station=ws-", 0),
+        ("station=ws-*", 2),
+        ("user=an", 0),
+        ("user=ann", 2),
+    ] {
+        let table = http()
+            .get(format!("{}/leases/table?{query}", f.server.url()))
+            .header("cookie", &cookie)
+            .header("hx-request", "true")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(
+            table.matches("class=\"lease\"").count(),
+            expected,
+            "{query}: {table}"
+        );
+    }
     // The confirmation step changes nothing.
     let (status, confirm) = page(&f, &cookie, &format!("/leases/{}/release", lease.lease_id)).await;
     assert_eq!(status, 200);
@@ -728,4 +752,38 @@ async fn under_https_the_session_cookie_is_secure() {
     assert!(cookie.contains("; Secure"), "{cookie}");
     assert!(response.headers().contains_key("strict-transport-security"));
     server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leases_page_pages_with_the_count_at_the_top() {
+    let f = Fixture::start().await;
+    f.import(&f.key("k-big", &["cad"], 500)).await;
+    for i in 0..230 {
+        f.client()
+            .checkout(&request("cad", &format!("ws-{i:03}")))
+            .await
+            .unwrap();
+    }
+    let (cookie, _) = login(&f).await;
+    let (_, html) = page(&f, &cookie, "/leases").await;
+    let count_at = html.find("230 leases; showing 100.").expect("the count");
+    let table_at = html.find("<table>").unwrap();
+    assert!(count_at < table_at, "the count comes before the table");
+    assert_eq!(html.matches("class=\"lease\"").count(), 100);
+    // Following "Next" three times sees every lease once.
+    let mut seen = std::collections::BTreeSet::new();
+    let mut path = "/leases".to_string();
+    let mut pages = 0;
+    loop {
+        let (_, html) = page(&f, &cookie, &path).await;
+        pages += 1;
+        for row in html.split("<tr class=\"lease\"><td>").skip(1) {
+            assert!(seen.insert(row.split('<').next().unwrap().to_string()));
+        }
+        match html.split("<a class=\"next\" href=\"").nth(1) {
+            Some(rest) => path = rest.split('"').next().unwrap().replace("&amp;", "&"),
+            None => break,
+        }
+    }
+    assert_eq!((pages, seen.len()), (3, 230));
 }
