@@ -829,6 +829,8 @@ mod domain;
 mod neighbours;
 #[path = "cli/nemesis.rs"]
 mod nemesis;
+#[path = "cli/package.rs"]
+mod package;
 #[path = "cli/pair.rs"]
 mod pair;
 #[path = "cli/tls.rs"]
