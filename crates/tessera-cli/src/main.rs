@@ -11,6 +11,7 @@
 //! - `report.rs`: usage reports, audit verification, admin password hashes.
 
 mod admin;
+mod logging;
 
 /// mimalloc instead of glibc's malloc: measured +20–30 % checkouts/s for `tessera bench` on
 /// this project's 2-core machine (see BENCHMARKS.md); the server allocates small buffers per
@@ -283,7 +284,7 @@ fn main() -> ExitCode {
         Job::Server(config) => config.log_format,
         Job::Other(_) => tessera_server::config::LogFormat::Text,
     };
-    init_logging(log_format);
+    logging::init(log_format);
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     if let Job::Server(config) = &job
@@ -312,28 +313,6 @@ fn main() -> ExitCode {
                 );
             }
             ExitCode::FAILURE
-        }
-    }
-}
-
-/// Logs to stderr: `RUST_LOG` filters (default: info, openraft's warnings); text with colour
-/// only on a terminal, or one JSON object per line (`log_format = "json"`).
-fn init_logging(format: tessera_server::config::LogFormat) {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info,openraft=warn".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        tessera_server::config::LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
-            .init(),
-        tessera_server::config::LogFormat::Text => {
-            builder.with_ansi(std::io::stderr().is_terminal()).init()
         }
     }
 }
