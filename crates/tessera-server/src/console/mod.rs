@@ -446,6 +446,9 @@ struct KeysPage {
     server_id: String,
     lease_count: usize,
     synchronized: bool,
+    /// Whether this server needs the vendor's sync at all: a key bound to its server ID, an
+    /// authority configured, or a sync done before.
+    sync_required: bool,
     deadline: String,
     components: Vec<tessera_api::ComponentStatus>,
     keys: Vec<KeyRow>,
@@ -487,6 +490,9 @@ async fn keys_page(State(state): State<SharedState>, user: ConsoleUser) -> Respo
         server_id: status.server_id.clone().unwrap_or_else(|| "(none)".into()),
         lease_count: status.leases.len(),
         synchronized: status.sync.synchronized,
+        sync_required: status.keys.iter().any(|key| key.server_id.is_some())
+            || status.sync.authority.is_some()
+            || status.sync.last_sync_at.is_some(),
         deadline: status
             .sync
             .deadline

@@ -145,6 +145,12 @@ async fn login_shows_keys_domain_and_escapes_what_stations_send() {
     );
     assert!(html.contains("primary"));
     assert!(html.contains("/keys/k1/export"));
+    // No key bound to this server, no authority: the sync tile does not alarm.
+    assert!(
+        html.contains("<span class=\"ok\">not required</span>")
+            && !html.contains("not synchronized"),
+        "{html}"
+    );
     let (status, html) = page(&f, &cookie, "/leases").await;
     assert_eq!(status, 200);
     assert!(
