@@ -826,7 +826,12 @@ async fn usage_page(
             .map_err(|e| ApiError::Internal(e.to_string()))?
             .map_err(|e| ApiError::Internal(e.to_string()))?
     };
-    let chart = chart::Chart::build(&series, from_ms, bucket_ms, bucket);
+    let licenses: std::collections::BTreeMap<String, u32> = state
+        .read(|ledger| crate::state::component_totals(ledger, now_ms))
+        .into_iter()
+        .map(|(component, status)| (component, status.licenses))
+        .collect();
+    let chart = chart::Chart::build(&series, &licenses, from_ms, bucket_ms, bucket);
     let date = |ms: i64| timestamp(ms).strftime("%Y-%m-%d").to_string();
     Ok(render(&UsagePage {
         page: "usage",
