@@ -703,7 +703,7 @@ impl Ledger {
         }
         let outcome = match &entry.command {
             Command::ImportKey { key } => self.import_key(key, at),
-            Command::RemoveKey { key_id } => self.remove_key(key_id),
+            Command::RemoveKey { key_id } => self.remove_key_by_admin(key_id, at),
             Command::Checkout {
                 lease_id,
                 component,
@@ -840,6 +840,34 @@ impl Ledger {
         Outcome::KeyImported { key_id }
     }
 
+    /// The administrator's removal: refused while a neighbour may still hold a grant of the
+    /// key. Removing the key (and adding it again) would otherwise forget those donated seats
+    /// while the neighbour keeps using them. End the donation first; its grants run out within
+    /// a renewal period.
+    fn remove_key_by_admin(&mut self, key_id: &str, at: i64) -> Outcome {
+        let donated_until = self
+            .donations
+            .iter()
+            .filter(|((from, _), _)| from == key_id)
+            .flat_map(|(_, donation)| donation.outstanding.iter())
+            .map(|grant| grant.lease_until_ms)
+            .filter(|until| *until > at)
+            .max();
+        if self.keys.contains_key(key_id)
+            && let Some(until_ms) = donated_until
+        {
+            return Outcome::Refused {
+                refusal: Refusal::KeyHasDonations {
+                    key_id: key_id.into(),
+                    until_ms,
+                },
+            };
+        }
+        self.remove_key(key_id)
+    }
+
+    /// Removes a key (the administrator's removal, checked above, or the vendor's revocation
+    /// at sync, which always applies).
     fn remove_key(&mut self, key_id: &str) -> Outcome {
         if !self.keys.contains_key(key_id) {
             return Outcome::Refused {

@@ -166,6 +166,11 @@ pub enum Refusal {
         format_ms(*until_ms)
     )]
     KeyHasBorrowings { key_id: String, until_ms: i64 },
+    #[error(
+        "license key {key_id} has licenses donated to a neighbour, whose grant may run until {}: end the donation (tessera donate … or DELETE /v1/donations/{{key}}/{{to}}), and remove the key once the grant has run out",
+        format_ms(*until_ms)
+    )]
+    KeyHasDonations { key_id: String, until_ms: i64 },
     #[error("{}", borrow_message(component, *requested_hours, *max_days))]
     BorrowNotAllowed {
         component: String,
@@ -234,6 +239,7 @@ impl Refusal {
             Refusal::BorrowNotAllowed { .. } => "borrow_not_allowed",
             Refusal::LeaseBorrowed { .. } => "lease_borrowed",
             Refusal::KeyHasBorrowings { .. } => "key_has_borrowings",
+            Refusal::KeyHasDonations { .. } => "key_has_donations",
         }
     }
 }

@@ -125,9 +125,9 @@ impl ApiError {
                     Refusal::NotEnoughLicenses { .. } => StatusCode::CONFLICT,
                     Refusal::DonationNotFound { .. } => StatusCode::NOT_FOUND,
                     Refusal::BorrowNotAllowed { .. } => StatusCode::FORBIDDEN,
-                    Refusal::LeaseBorrowed { .. } | Refusal::KeyHasBorrowings { .. } => {
-                        StatusCode::CONFLICT
-                    }
+                    Refusal::LeaseBorrowed { .. }
+                    | Refusal::KeyHasBorrowings { .. }
+                    | Refusal::KeyHasDonations { .. } => StatusCode::CONFLICT,
                 };
                 (status, refusal.code())
             }

@@ -70,7 +70,7 @@ pub async fn export_key(
     (status = 200, body = KeyRemoved),
     (status = 400, description = "invalid_path", body = ErrorBody),
     (status = 404, description = "key_not_found", body = ErrorBody),
-    (status = 409, description = "key_has_borrowings: a borrowing of the key has not ended", body = ErrorBody),
+    (status = 409, description = "key_has_borrowings: a borrowing of the key has not ended; key_has_donations: a neighbour may still hold a grant of it (end the donation, wait for the grant to run out)", body = ErrorBody),
 ))]
 pub async fn remove_key(
     State(state): State<SharedState>,

@@ -330,7 +330,10 @@ async fn usage_history_records_every_event_and_exports_csv_and_json() {
     assert!(html.contains("<svg id=\"usage-chart\""), "{html}");
     assert!(html.contains("<polyline class=\"series\""));
     // cad: no licenses now (its key was removed), a peak of 1, one denial; axis in UTC.
-    assert!(html.contains("<td>cad</td><td>0</td><td>1</td><td>1</td>"), "{html}");
+    assert!(
+        html.contains("<td>cad</td><td>0</td><td>1</td><td>1</td>"),
+        "{html}"
+    );
     assert!(html.contains(">UTC</text>"), "{html}");
     for bucket in ["day", "month"] {
         let (status, html) = page(&f, &cookie, &format!("/usage?bucket={bucket}")).await;

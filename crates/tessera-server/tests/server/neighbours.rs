@@ -831,6 +831,41 @@ async fn tamper(net: &Net, id: &str, command: tessera_core::Command) {
         .unwrap();
 }
 
+/// Attack T7: remove the donated key on the donor and add it again, to have the donated
+/// seats back while the child keeps them. Refused while a grant may still be held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_with_donated_licenses_cannot_be_removed_to_count_them_again() {
+    let net = Net::start(&[
+        ("hq", vec![child("branch")]),
+        ("branch", vec![parent("hq")]),
+    ])
+    .await;
+    let licenses = BTreeMap::from([("K", 10)]);
+    let hq = net.admin("hq");
+    let key = net.key("K", 10);
+    hq.import_key(key.to_json_pretty()).await.unwrap();
+    hq.donate("K", "branch", 4, &until(START_MS + 10 * 86_400_000))
+        .await
+        .unwrap();
+    assert_eq!(net.checkouts("branch", "b", 5).await, 4);
+    let refused = hq.remove_key("K").await.unwrap_err();
+    assert_eq!(code(refused), (409, "key_has_donations".to_string()));
+    // Nothing changed: the donor still counts the 4 and issues only the other 6.
+    assert_eq!(net.key_summary("hq", "K").await.unwrap().donated_out, 4);
+    assert_eq!(net.checkouts("hq", "h", 10).await, 6);
+    net.assert_safe(&licenses).await;
+    // Ended, the grant is still counted until it runs out; then the key may go.
+    hq.end_donation("K", "branch").await.unwrap();
+    let refused = hq.remove_key("K").await.unwrap_err();
+    assert_eq!(code(refused).1, "key_has_donations");
+    net.advance(600_000);
+    assert!(net.tick("branch").await.is_empty());
+    assert_eq!(net.key_summary("hq", "K").await.unwrap().donated_out, 0);
+    hq.remove_key("K").await.unwrap();
+    hq.import_key(key.to_json_pretty()).await.unwrap();
+    net.assert_safe(&licenses).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ending_a_donation_calls_the_licenses_back_once_the_stations_stop() {
     let net = Net::start(&[
