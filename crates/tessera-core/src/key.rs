@@ -106,6 +106,10 @@ pub enum KeyError {
         issued_to: String,
         this_server: String,
     },
+    #[error(
+        "license key {key_id} was revoked by the vendor at a sync: it cannot be added again (ask the vendor for a new key)"
+    )]
+    Revoked { key_id: String },
 }
 
 impl KeyError {
@@ -119,6 +123,7 @@ impl KeyError {
             KeyError::Invalid { .. } => "key_invalid",
             KeyError::Expired { .. } => "key_expired",
             KeyError::OtherServer { .. } => "key_other_server",
+            KeyError::Revoked { .. } => "key_revoked",
         }
     }
 }

@@ -193,6 +193,10 @@ pub struct SyncState {
     pub last_sync_at_ms: Option<i64>,
     /// Renewal keys held for this server, by the key id they renew.
     pub renewals: BTreeMap<String, LicenseKey>,
+    /// Key ids the vendor revoked at a sync: refused if added again (a tombstone that
+    /// outlives the key).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub revoked: BTreeSet<String>,
 }
 
 impl SyncState {
@@ -790,6 +794,11 @@ impl Ledger {
             Ok(payload) => payload,
             Err(error) => return refuse(error),
         };
+        if self.sync.revoked.contains(&payload.key_id) {
+            return refuse(KeyError::Revoked {
+                key_id: payload.key_id.clone(),
+            });
+        }
         if payload.valid_until_ms() <= at {
             return refuse(KeyError::Expired {
                 key_id: payload.key_id.clone(),
@@ -1168,6 +1177,7 @@ impl Ledger {
         }
         let mut revoked = Vec::new();
         for key_id in &payload.revoked {
+            self.sync.revoked.insert(key_id.clone());
             if let Outcome::KeyRemoved { key_id, .. } = self.remove_key(key_id) {
                 revoked.push(key_id);
             }

@@ -796,6 +796,17 @@ fn vendor_answer_with_renewals(
     keys: Vec<LicenseKey>,
     renewals: Vec<LicenseKey>,
 ) -> String {
+    vendor_answer_full(f, request_text, keys, renewals, vec![])
+}
+
+/// [`vendor_answer`] with renewal keys and revoked key ids.
+fn vendor_answer_full(
+    f: &Fixture,
+    request_text: &str,
+    keys: Vec<LicenseKey>,
+    renewals: Vec<LicenseKey>,
+    revoked: Vec<String>,
+) -> String {
     use tessera_core::sync::{
         CertificatePayload, ServerCertificate, SyncRequest, SyncResponse, SyncResponsePayload,
     };
@@ -820,7 +831,7 @@ fn vendor_answer_with_renewals(
             issued_at: now,
             certificate,
             keys,
-            revoked: vec![],
+            revoked,
             renewals,
         },
         &f.vendor,
@@ -1858,4 +1869,42 @@ async fn exhausted_components_denial_spikes_and_removed_keys_are_announced() {
     let removed = events.iter().find(|e| e["kind"] == "key_removed").unwrap();
     assert_eq!(removed["details"]["leases_ended"], 1);
     assert_eq!(removed["severity"], "warning");
+}
+
+/// Attack T6: add a key file again after the sync that revoked it. Refused, also after a
+/// restart (the tombstone is in the replicated ledger).
+#[tokio::test]
+async fn a_key_the_vendor_revoked_cannot_be_added_again() {
+    let f = Fixture::start().await;
+    let key = f.key("k-revoked", &["cad"], 5);
+    f.import(&key).await;
+    let request_text = f.admin().export_sync_request().await.unwrap();
+    let summary = f
+        .admin()
+        .import_sync_response(vendor_answer_full(
+            &f,
+            &request_text,
+            vec![],
+            vec![],
+            vec!["k-revoked".into()],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(summary.revoked, ["k-revoked"]);
+    assert!(f.admin().list_keys().await.unwrap().is_empty());
+    let refused = f
+        .admin()
+        .import_key(key.to_json_pretty())
+        .await
+        .unwrap_err();
+    assert_eq!(code(refused), (422, "key_revoked".to_string()));
+    let f = f.restart().await;
+    let refused = f
+        .admin()
+        .import_key(key.to_json_pretty())
+        .await
+        .unwrap_err();
+    assert_eq!(code(refused), (422, "key_revoked".to_string()));
+    // Another key is still welcome.
+    f.import(&f.key("k-other", &["cad"], 5)).await;
 }
