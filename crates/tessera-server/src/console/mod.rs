@@ -41,6 +41,11 @@ pub fn router() -> Router<SharedState> {
         .route("/logout", post(logout))
         .route("/assets/{*file}", get(asset))
         .route("/keys/{key_id}/export", get(export_key))
+        .route("/keys/upload", post(upload_key))
+        .route(
+            "/keys/{key_id}/remove",
+            get(remove_key_confirm).post(remove_key),
+        )
         .route("/leases", get(leases_page))
         .route("/leases/table", get(leases_table))
         .route(
@@ -438,6 +443,7 @@ struct KeysPage {
     user: String,
     csrf: String,
     flash: Option<String>,
+    error: Option<String>,
     role: String,
     /// One tile per host of the domain (a single host shows one).
     hosts: Vec<crate::http::domain::HostJson>,
@@ -455,6 +461,15 @@ struct KeysPage {
 }
 
 async fn keys_page(State(state): State<SharedState>, user: ConsoleUser) -> Response {
+    keys_page_with(&state, &user, None, None)
+}
+
+fn keys_page_with(
+    state: &SharedState,
+    user: &ConsoleUser,
+    flash: Option<String>,
+    error: Option<String>,
+) -> Response {
     let status = state.status();
     let keys = status
         .keys
@@ -483,10 +498,11 @@ async fn keys_page(State(state): State<SharedState>, user: ConsoleUser) -> Respo
         page: "keys",
         user: user.name.clone(),
         csrf: user.csrf.clone(),
-        flash: None,
+        flash,
+        error,
         role: status.role.clone(),
-        hosts: crate::http::domain::local_status(&state).hosts,
-        pair: Some(state.pair.status(&state)).filter(|pair| pair.mode != crate::pair::Mode::Off),
+        hosts: crate::http::domain::local_status(state).hosts,
+        pair: Some(state.pair.status(state)).filter(|pair| pair.mode != crate::pair::Mode::Off),
         server_id: status.server_id.clone().unwrap_or_else(|| "(none)".into()),
         lease_count: status.leases.len(),
         synchronized: status.sync.synchronized,
@@ -713,6 +729,145 @@ async fn leases_table(
         paged: !filter.after.trim().is_empty(),
         filtered: filter.is_filtered(),
     })
+}
+
+/// `POST /keys/upload` (multipart: `csrf`, `file`): adds a key file, as `tessera keys add`.
+async fn upload_key(
+    State(state): State<SharedState>,
+    user: ConsoleUser,
+    mut multipart: Multipart,
+) -> Response {
+    let mut csrf = String::new();
+    let mut file: Option<Bytes> = None;
+    loop {
+        match multipart.next_field().await {
+            Ok(Some(field)) => {
+                let name = field.name().unwrap_or_default().to_string();
+                let Ok(data) = field.bytes().await else {
+                    break;
+                };
+                match name.as_str() {
+                    "csrf" => csrf = String::from_utf8_lossy(&data).into_owned(),
+                    "file" => file = Some(data),
+                    _ => {}
+                }
+            }
+            Ok(None) => break,
+            Err(error) => {
+                return keys_page_with(&state, &user, None, Some(format!("upload: {error}")));
+            }
+        }
+    }
+    if let Err(response) = user.check_csrf(&csrf) {
+        return response;
+    }
+    let Some(file) = file.filter(|file| !file.is_empty()) else {
+        return keys_page_with(&state, &user, None, Some("choose a key file to add".into()));
+    };
+    let result = match tessera_core::LicenseKey::from_json(&String::from_utf8_lossy(&file)) {
+        Ok(key) => state.import_key(key).await,
+        Err(error) => Err(ApiError::Refused(Refusal::KeyRejected { error })),
+    };
+    user.record(
+        &state,
+        "console.key_import",
+        serde_json::json!({"ok": result.is_ok(), "key_id": result.as_ref().ok()}),
+    );
+    match result {
+        Ok(key_id) => keys_page_with(
+            &state,
+            &user,
+            Some(format!("Added license key {key_id}.")),
+            None,
+        ),
+        Err(error) => keys_page_with(
+            &state,
+            &user,
+            None,
+            Some(format!(
+                "The key was not added ({}): {error}",
+                error.status_and_code().1
+            )),
+        ),
+    }
+}
+
+#[derive(Template)]
+#[template(path = "console/remove_key.html")]
+struct RemoveKeyPage {
+    page: &'static str,
+    user: String,
+    csrf: String,
+    flash: Option<String>,
+    key_id: String,
+    /// Leases removing the key ends, and the first of them.
+    ending: usize,
+    stations: Vec<LeaseRow>,
+}
+
+/// The confirmation step of removing a key: what it ends.
+async fn remove_key_confirm(
+    State(state): State<SharedState>,
+    user: ConsoleUser,
+    Path(key_id): Path<String>,
+) -> Result<Response, ApiError> {
+    if !state
+        .consensus
+        .read(|ledger| ledger.keys(0).iter().any(|k| k.id == key_id))
+    {
+        return Err(Refusal::KeyNotFound { key_id }.into());
+    }
+    let filter = tessera_core::LeaseFilter {
+        key: Some(&key_id),
+        ..Default::default()
+    };
+    let page = state.lease_page(&filter, None, 20);
+    Ok(render(&RemoveKeyPage {
+        page: "keys",
+        user: user.name.clone(),
+        csrf: user.csrf.clone(),
+        flash: None,
+        ending: page.total as usize,
+        stations: page.leases.iter().map(LeaseRow::from).collect(),
+        key_id,
+    }))
+}
+
+/// The confirmed removal.
+async fn remove_key(
+    State(state): State<SharedState>,
+    user: ConsoleUser,
+    Path(key_id): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    if let Err(response) = user.check_csrf(&form.csrf) {
+        return response;
+    }
+    let result = state.remove_key(key_id.clone()).await;
+    user.record(
+        &state,
+        "console.key_remove",
+        serde_json::json!({"key_id": key_id, "ok": result.is_ok()}),
+    );
+    match result {
+        Ok((key_id, ended)) => keys_page_with(
+            &state,
+            &user,
+            Some(format!(
+                "Removed license key {key_id}; {ended} leases ended."
+            )),
+            None,
+        ),
+        Err(error) => keys_page_with(
+            &state,
+            &user,
+            None,
+            Some(format!(
+                "The key was not removed ({}): {error}",
+                error.status_and_code().1
+            )),
+        ),
+    }
 }
 
 #[derive(Template)]

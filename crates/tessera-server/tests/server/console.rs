@@ -798,3 +798,74 @@ async fn the_leases_page_pages_with_the_count_at_the_top() {
     }
     assert_eq!((pages, seen.len()), (3, 230));
 }
+
+/// Uploads `file` to the console's key form.
+async fn upload_key_file(f: &Fixture, cookie: &str, csrf: &str, file: &str) -> (u16, String) {
+    let boundary = "tessera-key-boundary";
+    let body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"csrf\"\r\n\r\n{csrf}\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"k.json\"\r\n\
+         Content-Type: application/json\r\n\r\n{file}\r\n--{boundary}--\r\n"
+    );
+    let response = http()
+        .post(format!("{}/keys/upload", f.server.url()))
+        .header("cookie", cookie)
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn keys_are_added_and_removed_from_the_console_after_a_confirmation() {
+    let f = Fixture::start().await;
+    let (cookie, csrf) = login(&f).await;
+    let (_, html) = page(&f, &cookie, "/").await;
+    assert!(html.contains("action=\"/keys/upload\""), "{html}");
+    let key = f.key("k-console", &["cad"], 3).to_json_pretty();
+    let (_, html) = upload_key_file(&f, &cookie, &csrf, &key).await;
+    assert!(html.contains("Added license key k-console."), "{html}");
+    assert_eq!(f.admin().list_keys().await.unwrap().len(), 1);
+    // A tampered file is refused with its reason, and changes nothing.
+    let tampered = key.replace("\"licenses\": 3", "\"licenses\": 300");
+    let (_, html) = upload_key_file(&f, &cookie, &csrf, &tampered).await;
+    assert!(
+        html.contains("The key was not added (key_bad_signature)"),
+        "{html}"
+    );
+    // Without the session's CSRF token: refused.
+    let (status, html) = upload_key_file(&f, &cookie, "forged", &key).await;
+    assert_eq!(status, 400, "{html}");
+
+    // Removing shows what it ends first; the confirmed POST removes.
+    f.client().checkout(&request("cad", "ws-1")).await.unwrap();
+    f.client().checkout(&request("cad", "ws-2")).await.unwrap();
+    let (status, confirm) = page(&f, &cookie, "/keys/k-console/remove").await;
+    assert_eq!(status, 200);
+    assert!(confirm.contains("ends <b>2</b> leases"), "{confirm}");
+    assert!(confirm.contains("ws-1") && confirm.contains("ws-2"));
+    assert_eq!(f.admin().list_keys().await.unwrap().len(), 1, "nothing yet");
+    let response = post_form(&f, &cookie, "/keys/k-console/remove", "csrf=wrong").await;
+    assert_ne!(response.status(), StatusCode::OK);
+    assert_eq!(f.admin().list_keys().await.unwrap().len(), 1);
+    let response = post_form(
+        &f,
+        &cookie,
+        "/keys/k-console/remove",
+        &format!("csrf={csrf}"),
+    )
+    .await;
+    let html = response.text().await.unwrap();
+    assert!(
+        html.contains("Removed license key k-console; 2 leases ended."),
+        "{html}"
+    );
+    assert!(f.admin().list_keys().await.unwrap().is_empty());
+    let (status, _) = page(&f, &cookie, "/keys/k-console/remove").await;
+    assert_eq!(status, 404);
+}
