@@ -232,6 +232,7 @@ pub async fn start(
         notifier,
         deadline_notices: Default::default(),
         alerts: Default::default(),
+        seen_pair_tags: Default::default(),
         last_clock_event_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
         next_sync_attempt_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
         config,

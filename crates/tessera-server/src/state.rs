@@ -78,6 +78,8 @@ pub struct AppState {
     pub deadline_notices: std::sync::Mutex<(Option<i64>, i64)>,
     /// What the primary's alerts already said (key ends, hosts, denials).
     pub alerts: crate::alerts::Alerts,
+    /// Tags of the pair RPCs received lately (time, tag): a replay is refused.
+    pub seen_pair_tags: std::sync::Mutex<std::collections::VecDeque<(i64, String)>>,
     /// When a clock set back was last reported, so a stuck clock does not flood the channels.
     pub last_clock_event_ms: std::sync::atomic::AtomicI64,
     /// The scheduled sync does not run before this time (set after each attempt, so a failed

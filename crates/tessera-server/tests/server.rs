@@ -1908,3 +1908,71 @@ async fn a_key_the_vendor_revoked_cannot_be_added_again() {
     // Another key is still welcome.
     f.import(&f.key("k-other", &["cad"], 5)).await;
 }
+
+/// Attack T13: replay a sniffed pair RPC. Its tag covers its time: refused a second time,
+/// and once 30 s have passed; without a time, refused.
+#[tokio::test]
+async fn a_replayed_or_stale_pair_rpc_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let vendor = SecretKey::from_seed([42; 32]);
+    std::fs::write(
+        dir.path().join("vendor.pub"),
+        vendor.public_key().to_file_text(),
+    )
+    .unwrap();
+    const SECRET: &str = "pair test domain secret 0123456789";
+    let clock = ManualClock::new(START_MS);
+    let server = start_server_tweaked(dir.path(), &clock, 1, |config| {
+        config.domain_secret = Some(SECRET.into())
+    })
+    .await;
+    let tag = |subject: &str, body: &[u8]| {
+        let mut mac =
+            <hmac::Hmac<sha2::Sha256> as hmac::KeyInit>::new_from_slice(SECRET.as_bytes()).unwrap();
+        hmac::Mac::update(&mut mac, subject.as_bytes());
+        hmac::Mac::update(&mut mac, b"\n");
+        hmac::Mac::update(&mut mac, body);
+        hex::encode(hmac::Mac::finalize(mac).into_bytes())
+    };
+    let http = tessera_tls::client_builder_exactly(None)
+        .unwrap()
+        .build()
+        .unwrap();
+    let send = |time: Option<i64>, signed_time: i64| {
+        let mut request = http
+            .post(format!("{}/v1/pair/rpc/candidate", server.url()))
+            .header("content-type", "application/json")
+            .header(
+                "x-tessera-pair-auth",
+                tag(&format!("candidate {signed_time}"), b"{}"),
+            )
+            .body("{}");
+        if let Some(time) = time {
+            request = request.header("x-tessera-pair-time", time.to_string());
+        }
+        async move {
+            let answer = request.send().await.unwrap();
+            (answer.status().as_u16(), answer.text().await.unwrap())
+        }
+    };
+    let (status, body) = send(Some(START_MS), START_MS).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = send(Some(START_MS), START_MS).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("replay"), "{body}");
+    // The time is under the tag: changing it breaks the tag.
+    let (status, _) = send(Some(START_MS + 1), START_MS).await;
+    assert_eq!(status, 403);
+    // Without a time: refused.
+    let (status, body) = send(None, START_MS).await;
+    assert_eq!(status, 403);
+    assert!(body.contains("x-tessera-pair-time"), "{body}");
+    // A correctly signed request 31 s old: refused.
+    clock.advance_ms(31_000);
+    let (status, body) = send(Some(START_MS + 5), START_MS + 5).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("more than 30 s"), "{body}");
+    let (status, _) = send(Some(START_MS + 31_000), START_MS + 31_000).await;
+    assert_eq!(status, 200);
+    server.shutdown().await;
+}

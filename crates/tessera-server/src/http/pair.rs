@@ -237,33 +237,73 @@ pub async fn sync(
     Ok(Json(state.pair.status(&state)))
 }
 
-/// Checks a pair RPC's signature (domain secret).
+/// Checks a pair RPC's signature (domain secret) over its name, time and body; refuses one
+/// whose time is more than [`crate::pair::PAIR_RPC_WINDOW_MS`] from this host's clock, and
+/// one seen before (a replay of a captured request).
 fn verify(
     state: &SharedState,
     rpc: &str,
     headers: &HeaderMap,
     body: &Bytes,
 ) -> Result<(), ApiError> {
+    let refuse = |message: String| ApiError::Neighbour {
+        code: "unauthorized_peer",
+        message,
+    };
     let tag = headers
         .get(PAIR_AUTH_HEADER)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    if state.consensus.verify(rpc, body, tag) {
-        Ok(())
-    } else {
-        Err(ApiError::Neighbour {
-            code: "unauthorized_peer",
-            message: format!(
-                "{PAIR_AUTH_HEADER} is missing or wrong: the sender does not hold this server's domain_secret"
-            ),
-        })
+    let time_ms = headers
+        .get(crate::pair::PAIR_TIME_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i64>().ok());
+    let Some(time_ms) = time_ms else {
+        return Err(refuse(format!(
+            "{} is missing: pair RPCs carry the sender's time under their tag (both hosts must run this version)",
+            crate::pair::PAIR_TIME_HEADER
+        )));
+    };
+    if !state
+        .consensus
+        .verify(&crate::pair::rpc_tag_subject(rpc, time_ms), body, tag)
+    {
+        return Err(refuse(format!(
+            "{PAIR_AUTH_HEADER} is missing or wrong: the sender does not hold this server's domain_secret"
+        )));
     }
+    let now_ms = state.stamper.now_ms();
+    let window = crate::pair::PAIR_RPC_WINDOW_MS;
+    if (now_ms - time_ms).abs() > window {
+        return Err(refuse(format!(
+            "the pair RPC was sent at {time_ms} ms, more than {} s from this host's clock ({now_ms} ms): a replay, or the hosts' clocks disagree",
+            window / 1000
+        )));
+    }
+    let mut seen = state
+        .seen_pair_tags
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    while seen
+        .front()
+        .is_some_and(|(at, _)| *at < now_ms - 2 * window)
+    {
+        seen.pop_front();
+    }
+    if seen.iter().any(|(_, seen_tag)| seen_tag == tag) {
+        return Err(refuse(
+            "this pair RPC was received before: a replay is refused".into(),
+        ));
+    }
+    seen.push_back((now_ms, tag.to_string()));
+    Ok(())
 }
 
 /// Between the two hosts of a pair, authenticated with the domain secret: not for clients.
 #[utoipa::path(post, path = "/v1/pair/rpc/{rpc}", params(
     ("rpc" = String, Path, description = "candidate, handover, stopping or history"),
-    ("x-tessera-pair-auth" = String, Header, description = "hex HMAC-SHA256 with the domain secret of the rpc name, a newline and the body"),
+    ("x-tessera-pair-auth" = String, Header, description = "hex HMAC-SHA256 with the domain secret of the rpc name, a space, the sender's time, a newline and the body"),
+    ("x-tessera-pair-time" = i64, Header, description = "the sender's time (Unix ms); refused more than 30 s from the receiver's clock, and a second time"),
 ), request_body(content = Object, content_type = "application/json", description = "the RPC's message"), responses(
     (status = 200, description = "the RPC's answer", body = Object),
     (status = 400, description = "malformed_json: a history request that is not one; invalid_path", body = ErrorBody),

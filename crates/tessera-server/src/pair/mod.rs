@@ -51,6 +51,16 @@ const LEAD_WAIT: Duration = Duration::from_secs(5);
 const RPC_TIMEOUT: Duration = Duration::from_secs(3);
 /// Header carrying the HMAC (domain secret) of a pair RPC's body.
 pub const PAIR_AUTH_HEADER: &str = "x-tessera-pair-auth";
+/// The sender's time (Unix ms) of a pair RPC, under its tag: a captured RPC is refused once
+/// [`PAIR_RPC_WINDOW_MS`] has passed, and within it, a second time (replay).
+pub const PAIR_TIME_HEADER: &str = "x-tessera-pair-time";
+/// How far a pair RPC's time may be from the receiver's clock.
+pub const PAIR_RPC_WINDOW_MS: i64 = 30_000;
+
+/// What a pair RPC's tag covers besides the body: its name and the sender's time.
+pub fn rpc_tag_subject(rpc: &str, time_ms: i64) -> String {
+    format!("{rpc} {time_ms}")
+}
 
 /// Where a station command goes.
 pub enum Route {
@@ -646,14 +656,16 @@ pub async fn call<T: serde::de::DeserializeOwned>(
     body: &serde_json::Value,
 ) -> Result<T, String> {
     let bytes = serde_json::to_vec(body).map_err(|e| e.to_string())?;
+    let time_ms = state.stamper.now_ms();
     let tag = state
         .consensus
-        .sign(rpc, &bytes)
+        .sign(&rpc_tag_subject(rpc, time_ms), &bytes)
         .ok_or("a pair needs a domain_secret on both hosts")?;
     let answer = state
         .peer_http
         .post(state.peer_url(addr, &format!("/v1/pair/rpc/{rpc}")))
         .header(PAIR_AUTH_HEADER, tag)
+        .header(PAIR_TIME_HEADER, time_ms.to_string())
         .header(
             crate::consensus::FROM_HEADER,
             state.consensus.node_id().to_string(),
