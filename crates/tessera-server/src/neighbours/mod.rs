@@ -53,7 +53,7 @@ pub const LINK_BODY_LIMIT_BYTES: usize = 4 * 1024 * 1024;
 
 /// The header with which a sending server vouches for its message's size before the body
 /// is read: `FROM LENGTH SIGNATURE`, the signature (its identity key) over
-/// [`body_voucher_bytes`]. A body larger than the server's ordinary limit
+/// `body_voucher_bytes`. A body larger than the server's ordinary limit
 /// (`body_limit_bytes`) is read only with a valid one, so that only configured neighbours
 /// can make this server read up to [`LINK_BODY_LIMIT_BYTES`].
 pub const BODY_VOUCHER_HEADER: &str = "x-tessera-neighbour-body";
