@@ -1003,3 +1003,121 @@ fn a_childs_station_crosses_its_parents_key_end_onto_the_renewal_bought_in_advan
     );
     assert_eq!(branch_status["leases"].as_array().unwrap().len(), 1);
 }
+
+/// A parent and a child serving HTTPS with certificates from one private CA: the donation
+/// reaches the child over HTTPS (the link trusts `tls_ca`), and the child serves it.
+#[test]
+fn neighbours_serving_https_donate_over_https() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let key_id = setup_vendor(root); // cad.json: 2 licenses of cad, cam
+    let tls = root.join("tls");
+    for name in ["hq", "branch"] {
+        ok(&[
+            "tls",
+            "init",
+            "--out",
+            tls.to_str().unwrap(),
+            "--name",
+            "127.0.0.1",
+            "--cert-name",
+            name,
+        ]);
+    }
+    let (hq_port, branch_port) = (free_port(), free_port());
+    let keys = [
+        ("hq", identity(root, "hq-data")),
+        ("branch", identity(root, "branch-data")),
+    ];
+    for (name, port, other, other_port, relation, other_key) in [
+        ("hq", hq_port, "branch", branch_port, "child", &keys[1].1),
+        ("branch", branch_port, "hq", hq_port, "parent", &keys[0].1),
+    ] {
+        std::fs::write(
+            root.join(format!("{name}.toml")),
+            format!(
+                r#"data = "{name}-data"
+listen = "127.0.0.1:{port}"
+trust = ["vendor/vendor.pub"]
+server_id = "{name}"
+tls_cert = "tls/{name}.pem"
+tls_key = "tls/{name}.key"
+tls_ca = "tls/ca.pem"
+
+[[neighbour]]
+id = "{other}"
+url = "https://127.0.0.1:{other_port}"
+relation = "{relation}"
+public_key = "{other_key}"
+"#
+            ),
+        )
+        .unwrap();
+    }
+    let start = |name: &str| {
+        ServerProcess::spawn(
+            &[
+                "server",
+                "--config",
+                root.join(format!("{name}.toml")).to_str().unwrap(),
+            ],
+            "Tessera license server on ",
+        )
+    };
+    let hq = start("hq");
+    let branch = start("branch");
+    assert!(hq.url.starts_with("https://") && branch.url.starts_with("https://"));
+    let ca = tls.join("ca.pem");
+    let ca = ca.to_str().unwrap();
+    let token = |data: &str| super::admin_token_in(&root.join(data));
+    let (hq_token, branch_token) = (token("hq-data"), token("branch-data"));
+    let hq_remote = [
+        "--server",
+        hq.url.as_str(),
+        "--token",
+        hq_token.as_str(),
+        "--ca",
+        ca,
+    ];
+    ok(&[
+        &["keys", "add", root.join("cad.json").to_str().unwrap()][..],
+        &hq_remote,
+    ]
+    .concat());
+    let until = (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(20 * 24))
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .date()
+        .to_string();
+    let donated = ok(&[
+        &[
+            "donate",
+            "--key",
+            key_id.as_str(),
+            "--to",
+            "branch",
+            "--licenses",
+            "1",
+            "--until",
+            until.as_str(),
+        ][..],
+        &hq_remote,
+    ]
+    .concat());
+    assert!(donated.contains("\"donated_now\": 1"), "{donated}");
+    let at_branch: serde_json::Value = serde_json::from_str(&ok(&[
+        "status",
+        "--json",
+        "--server",
+        &branch.url,
+        "--token",
+        &branch_token,
+        "--ca",
+        ca,
+    ]))
+    .unwrap();
+    let pool = format!("{key_id}@hq");
+    let received = key(&at_branch, &pool).expect("the grant reached the child over HTTPS");
+    assert_eq!(received["received"].as_u64(), Some(1));
+    let lease = super::checkout_cad(&["--server", &branch.url, "--ca", ca], "ws-1");
+    assert_eq!(lease["key_id"], pool);
+}

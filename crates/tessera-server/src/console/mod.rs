@@ -731,12 +731,8 @@ async fn leases_table(
     })
 }
 
-/// `POST /keys/upload` (multipart: `csrf`, `file`): adds a key file, as `tessera keys add`.
-async fn upload_key(
-    State(state): State<SharedState>,
-    user: ConsoleUser,
-    mut multipart: Multipart,
-) -> Response {
+/// A console upload form's fields: its CSRF token and the file (if one was sent).
+async fn read_upload(multipart: &mut Multipart) -> Result<(String, Option<Bytes>), String> {
     let mut csrf = String::new();
     let mut file: Option<Bytes> = None;
     loop {
@@ -753,11 +749,22 @@ async fn upload_key(
                 }
             }
             Ok(None) => break,
-            Err(error) => {
-                return keys_page_with(&state, &user, None, Some(format!("upload: {error}")));
-            }
+            Err(error) => return Err(format!("upload: {error}")),
         }
     }
+    Ok((csrf, file))
+}
+
+/// `POST /keys/upload` (multipart: `csrf`, `file`): adds a key file, as `tessera keys add`.
+async fn upload_key(
+    State(state): State<SharedState>,
+    user: ConsoleUser,
+    mut multipart: Multipart,
+) -> Response {
+    let (csrf, file) = match read_upload(&mut multipart).await {
+        Ok(upload) => upload,
+        Err(error) => return keys_page_with(&state, &user, None, Some(error)),
+    };
     if let Err(response) = user.check_csrf(&csrf) {
         return response;
     }
@@ -1192,27 +1199,10 @@ async fn sync_response(
     user: ConsoleUser,
     mut multipart: Multipart,
 ) -> Response {
-    let mut csrf = String::new();
-    let mut file: Option<Bytes> = None;
-    loop {
-        match multipart.next_field().await {
-            Ok(Some(field)) => {
-                let name = field.name().unwrap_or_default().to_string();
-                let Ok(data) = field.bytes().await else {
-                    break;
-                };
-                match name.as_str() {
-                    "csrf" => csrf = String::from_utf8_lossy(&data).into_owned(),
-                    "file" => file = Some(data),
-                    _ => {}
-                }
-            }
-            Ok(None) => break,
-            Err(error) => {
-                return sync_page_with(&state, &user, None, Some(format!("upload: {error}")));
-            }
-        }
-    }
+    let (csrf, file) = match read_upload(&mut multipart).await {
+        Ok(upload) => upload,
+        Err(error) => return sync_page_with(&state, &user, None, Some(error)),
+    };
     if let Err(response) = user.check_csrf(&csrf) {
         return response;
     }
