@@ -2910,6 +2910,29 @@ impl Ledger {
         ids
     }
 
+    /// The keys this ledger holds (its own, received pools', and renewal keys held for
+    /// sync) that do not verify against the trusted vendor keys, with why: a snapshot or log
+    /// edited on disk, or a vendor key removed from the trust list. Checked at every start.
+    pub fn unverified_keys(&self) -> Vec<(String, String)> {
+        let trusted = &self.config.trusted_vendors;
+        let held = self
+            .keys
+            .values()
+            .map(|record| (record.id.to_string(), &record.key));
+        let renewals = self
+            .sync
+            .renewals
+            .iter()
+            .map(|(renews, key)| (format!("{} (renewal of {renews})", key.key_id()), key));
+        held.chain(renewals)
+            .filter_map(|(id, key)| {
+                key.verify(trusted)
+                    .err()
+                    .map(|error| (id, error.to_string()))
+            })
+            .collect()
+    }
+
     fn snapshot_keys(&self) -> Vec<StoredKey> {
         self.keys
             .values()

@@ -171,6 +171,27 @@ pub async fn start(
         broken_leader_restore: false,
     })
     .await?;
+    // Every key the ledger holds must verify as imported: a key that does not (a snapshot
+    // edited on disk, a vendor removed from the trust list) stops the start, named.
+    let unverified = consensus.read(|ledger| ledger.unverified_keys());
+    if !unverified.is_empty() {
+        consensus.shutdown().await;
+        let named: Vec<String> = unverified
+            .iter()
+            .map(|(key_id, why)| format!("license key {key_id}: {why}"))
+            .collect();
+        return Err(StartError::DataDir {
+            path: config
+                .data_dir
+                .join(crate::consensus::STORE_FILE_NAME)
+                .display()
+                .to_string(),
+            message: format!(
+                "the ledger holds keys that do not verify against the trusted vendor keys: {}. The data directory was edited, or the trust list no longer names their vendor: restore the data directory from a backup, or trust the vendor's key again",
+                named.join("; ")
+            ),
+        });
+    }
     let high_water_ms = consensus.read(|ledger| ledger.last_at_ms());
     let stamper = Stamper::new(
         clock,

@@ -1976,3 +1976,99 @@ async fn a_replayed_or_stale_pair_rpc_is_refused() {
     assert_eq!(status, 200);
     server.shutdown().await;
 }
+
+/// Attack T1: edit the key in the snapshot on disk (5 licenses made 500, the signature
+/// kept). The server refuses to start, naming the key; so it does when the trust list no
+/// longer names the key's vendor.
+#[tokio::test]
+async fn a_ledger_key_that_does_not_verify_stops_the_start_naming_it() {
+    let f = Fixture::start().await;
+    f.import(&f.key("k-five", &["cad"], 5)).await;
+    f.server.state.consensus.snapshot_now().await.unwrap();
+    // The store is the server's alone while it runs: wait for the snapshot, then stop it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while f.server.state.consensus.status().snapshot_index.is_none() {
+        assert!(std::time::Instant::now() < deadline, "no snapshot written");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let store = f.dir.path().join("data").join("raft.sqlite3");
+    let Fixture {
+        dir, clock, server, ..
+    } = f;
+    server.shutdown().await;
+    let data: Vec<u8> = rusqlite::Connection::open(&store)
+        .unwrap()
+        .query_row("SELECT data FROM raft_snapshot WHERE id = 1", [], |row| {
+            row.get(0)
+        })
+        .unwrap();
+    // A restart as it is: fine.
+    start_server(dir.path(), &clock, 2).await.shutdown().await;
+    let text = String::from_utf8(data).unwrap();
+    assert!(text.contains("\"licenses\":5,"), "{text}");
+    let tampered = text.replace("\"licenses\":5,", "\"licenses\":500,");
+    rusqlite::Connection::open(&store)
+        .unwrap()
+        .execute(
+            "UPDATE raft_snapshot SET data = ?1 WHERE id = 1",
+            [tampered.as_bytes()],
+        )
+        .unwrap();
+    let config = ServerConfig {
+        data_dir: dir.path().join("data"),
+        listen: "127.0.0.1:0".into(),
+        trust: vec![dir.path().join("vendor.pub")],
+        server_id: Some("srv-test".into()),
+        lease_ttl: LEASE_TTL,
+        ..ServerConfig::default()
+    };
+    let start = |config: ServerConfig| {
+        let clock = clock.clone();
+        async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tessera_server::start(
+                listener,
+                ServerOptions {
+                    config,
+                    clock: Arc::new(clock),
+                    ids: LeaseIds::from_seed([3; 32]),
+                    run_timers: false,
+                },
+            )
+            .await
+        }
+    };
+    let error = start(config.clone()).await.err().expect("refused to start");
+    let message = error.to_string();
+    assert!(
+        message.contains("license key k-five") && message.contains("raft.sqlite3"),
+        "{message}"
+    );
+    // Put back as it was, but trusting another vendor only: refused too, naming the key.
+    rusqlite::Connection::open(&store)
+        .unwrap()
+        .execute(
+            "UPDATE raft_snapshot SET data = ?1 WHERE id = 1",
+            [text.as_bytes()],
+        )
+        .unwrap();
+    let other = dir.path().join("other.pub");
+    std::fs::write(
+        &other,
+        SecretKey::from_seed([9; 32]).public_key().to_file_text(),
+    )
+    .unwrap();
+    let error = start(ServerConfig {
+        trust: vec![other],
+        ..config.clone()
+    })
+    .await
+    .err()
+    .expect("refused to start");
+    assert!(error.to_string().contains("license key k-five"), "{error}");
+    // Trusting the vendor again: it starts, with its 5 licenses.
+    let server = start(config).await.unwrap();
+    let status = Client::new(&server.url(), None).status().await.unwrap();
+    assert_eq!(status.components[0].licenses, 5);
+    server.shutdown().await;
+}

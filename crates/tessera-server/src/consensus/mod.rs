@@ -779,6 +779,17 @@ impl Consensus {
             .is_some_and(|key| key.verify(rpc, body, tag))
     }
 
+    /// Asks openraft to write a snapshot now (it does so in the background; normally every
+    /// [`tessera_store::SNAPSHOT_EVERY_COMMANDS`] commands).
+    pub async fn snapshot_now(&self) -> Result<(), ConsensusError> {
+        self.inner
+            .raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|e| ConsensusError::Internal(e.to_string()))
+    }
+
     /// Whether this host currently leads the group (and so may propose and run timers).
     pub fn is_primary(&self) -> bool {
         self.inner.raft.is_leader()
