@@ -117,6 +117,10 @@ pub struct KeySummary {
     /// What a new lease could take here now; on a host of a redundant pair serving alone,
     /// what is left of its own share.
     pub free: u32,
+    /// On a host of a redundant pair serving alone: the licenses of its own share, the most
+    /// it may have in use until the pair is whole again (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alone_share: Option<u32>,
     #[schema(value_type = String, format = DateTime)]
     pub valid_from: Timestamp,
     #[schema(value_type = String, format = DateTime)]
@@ -373,10 +377,20 @@ pub struct ComponentStatus {
     /// Licenses of the active keys covering this component. Components of one key share its
     /// licenses, so these numbers can overlap between components.
     pub licenses: u32,
+    /// Licenses of those keys in use: leases of a key covering several components count under
+    /// each of them (a lease lets its station use every component of its key).
     pub in_use: u32,
     /// What new leases could take here now (on a pair's host serving alone: its share).
     pub free: u32,
+    /// On a host of a redundant pair serving alone: the licenses of its share of those keys
+    /// (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alone_share: Option<u32>,
+    /// The holders: every lease of a key covering the component (over the API at most
+    /// [`STATUS_LEASES_MAX`]; `holders_total` counts them all).
     pub holders: Vec<Holder>,
+    #[serde(default)]
+    pub holders_total: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -388,6 +402,9 @@ pub struct Holder {
     pub user: String,
     pub host: String,
     pub key_id: String,
+    /// The components the station asked for under its lease (it may use any of its key's).
+    #[serde(default)]
+    pub components: Vec<String>,
     #[schema(value_type = String, format = DateTime)]
     pub since: Timestamp,
     #[schema(value_type = String, format = DateTime)]
@@ -403,16 +420,35 @@ pub struct Status {
     pub role: String,
     pub keys: Vec<KeySummary>,
     pub components: Vec<ComponentStatus>,
-    /// Over the API: the first [`STATUS_LEASES_MAX`] leases (and holders per component);
+    /// Over the API: the first [`STATUS_LEASES_MAX`] leases to expire (and holders per
+    /// component);
     /// `leases_total` says how many there are, `GET /v1/leases` pages through them all.
     pub leases: Vec<Lease>,
     /// Every lease this server holds (whether or not `leases` lists them all).
     #[serde(default)]
     pub leases_total: u64,
+    /// True while this host of a redundant pair serves alone: it may use only its share of
+    /// each key (`alone_share`) until the pair is whole again.
+    #[serde(default)]
+    pub serving_alone: bool,
     pub sync: SyncStatus,
     /// The latest usage report of each neighbour this server donates to, by server ID.
     #[serde(default)]
     pub usage_reports: std::collections::BTreeMap<String, UsageReportSummary>,
+}
+
+/// A time as Tessera prints it everywhere people read times (CLI tables, console, logs):
+/// RFC 3339 in UTC, to the second — `2026-12-02T21:05:54Z`. (JSON carries the full
+/// timestamp, also RFC 3339 UTC.)
+pub fn time_text(time: Timestamp) -> String {
+    time.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+/// [`time_text`] of an RFC 3339 string (as JSON carries it); anything else as it is.
+pub fn time_text_of(text: &str) -> String {
+    text.parse::<Timestamp>()
+        .map(time_text)
+        .unwrap_or_else(|_| text.to_string())
 }
 
 /// Most leases (and holders per component) `GET /v1/status` lists; `GET /v1/leases` pages.

@@ -116,7 +116,7 @@ fn print_summary(summary: &tessera_api::SyncSummary) {
     println!("synchronized (sequence {})", summary.sequence);
     println!(
         "  certificate valid until {}",
-        summary.certificate_valid_until
+        tessera_api::time_text(summary.certificate_valid_until)
     );
     for (label, ids) in [
         ("imported", &summary.imported),
@@ -161,12 +161,15 @@ pub async fn run_sync(args: SyncArgs) -> anyhow::Result<()> {
                 "last sync:      {}",
                 status
                     .last_sync_at
-                    .map(|t| t.to_string())
+                    .map(tessera_api::time_text)
                     .unwrap_or_else(|| "never".into())
             );
             match (status.deadline, status.days_left) {
                 (Some(deadline), Some(days)) => {
-                    println!("deadline:       {deadline} ({days} days left)")
+                    println!(
+                        "deadline:       {} ({days} days left)",
+                        tessera_api::time_text(deadline)
+                    )
                 }
                 _ => println!("deadline:       none (never synchronized)"),
             }
@@ -211,7 +214,7 @@ pub async fn run_keys(command: KeysCommand, remote: &Remote) -> anyhow::Result<(
                     key.in_use,
                     key.free,
                     key.state,
-                    key.valid_until
+                    tessera_api::time_text(key.valid_until)
                 );
             }
         }
@@ -344,7 +347,7 @@ pub async fn run_events(json: bool, remote: &Remote) -> anyhow::Result<()> {
     for event in events {
         println!(
             "{} {:<8} {:<20} {}",
-            event["at"].as_str().unwrap_or(""),
+            tessera_api::time_text_of(event["at"].as_str().unwrap_or("")),
             event["severity"].as_str().unwrap_or(""),
             event["kind"].as_str().unwrap_or(""),
             event["message"].as_str().unwrap_or("")
@@ -373,7 +376,11 @@ const STATUS_LEASES_READ_MAX: u64 = 1_000_000;
 pub async fn run_status(json: bool, filter: &StatusFilter, remote: &Remote) -> anyhow::Result<()> {
     use tessera_core::LeaseFilter;
     let client = client(remote)?;
-    let mut status = client.status().await?;
+    let mut status = if filter.summary {
+        client.status_summary().await?
+    } else {
+        client.status().await?
+    };
     let component_matches = |component: &str| {
         filter
             .component
@@ -414,16 +421,28 @@ pub async fn run_status(json: bool, filter: &StatusFilter, remote: &Remote) -> a
                 _ => break,
             }
         }
+        // A lease holds every component of its key.
+        let covers: std::collections::HashMap<&str, &[String]> = status
+            .keys
+            .iter()
+            .map(|key| (key.key_id.as_str(), key.components.as_slice()))
+            .collect();
         for component in &mut status.components {
             component.holders = leases
                 .iter()
-                .filter(|lease| lease.components.contains(&component.component))
+                .filter(|lease| {
+                    covers
+                        .get(lease.key_id.as_str())
+                        .is_some_and(|covered| covered.contains(&component.component))
+                        || lease.components.contains(&component.component)
+                })
                 .map(|lease| tessera_api::Holder {
                     lease_id: lease.lease_id.clone(),
                     station: lease.station.clone(),
                     user: lease.user.clone(),
                     host: lease.host.clone(),
                     key_id: lease.key_id.clone(),
+                    components: lease.components.clone(),
                     since: lease.issued_at,
                     expires_at: lease.expires_at,
                 })
@@ -431,8 +450,16 @@ pub async fn run_status(json: bool, filter: &StatusFilter, remote: &Remote) -> a
         }
         status.leases = leases;
     }
+    // A lease holds every component of its key: it matches when its key covers one.
+    let covering: std::collections::HashSet<String> = status
+        .keys
+        .iter()
+        .filter(|key| key.components.iter().any(|c| component_matches(c)))
+        .map(|key| key.key_id.clone())
+        .collect();
     status.leases.retain(|lease| {
-        lease.components.iter().any(|c| component_matches(c)) && user_matches(&lease.user)
+        (covering.contains(&lease.key_id) || lease.components.iter().any(|c| component_matches(c)))
+            && user_matches(&lease.user)
     });
     for component in &mut status.components {
         component
@@ -452,18 +479,35 @@ pub async fn run_status(json: bool, filter: &StatusFilter, remote: &Remote) -> a
         "License server {} ({}) at {}: {} leases",
         status.server_id.as_deref().unwrap_or("(no server ID)"),
         status.role,
-        status.now,
+        tessera_api::time_text(status.now),
         status.leases_total
     );
+    if status.serving_alone {
+        println!(
+            "This host of a redundant pair serves alone: it may use only its share of each key (SHARE) until the pair is whole again."
+        );
+    }
     println!();
+    let share = |share: Option<u32>| match (status.serving_alone, share) {
+        (true, Some(share)) => format!(" {share:>6}"),
+        _ => String::new(),
+    };
     println!(
-        "{:<20} {:>8} {:>7} {:>6}",
-        "COMPONENT", "LICENSES", "IN USE", "FREE"
+        "{:<20} {:>8} {:>7} {:>6}{}",
+        "COMPONENT",
+        "LICENSES",
+        "IN USE",
+        "FREE",
+        if status.serving_alone { "  SHARE" } else { "" }
     );
     for component in &status.components {
         println!(
-            "{:<20} {:>8} {:>7} {:>6}",
-            component.component, component.licenses, component.in_use, component.free
+            "{:<20} {:>8} {:>7} {:>6}{}",
+            component.component,
+            component.licenses,
+            component.in_use,
+            component.free,
+            share(component.alone_share)
         );
         for holder in &component.holders {
             // lmstat's "user host display": station, then who and where when the station said.
@@ -479,7 +523,11 @@ pub async fn run_status(json: bool, filter: &StatusFilter, remote: &Remote) -> a
             };
             println!(
                 "    {}{} since {} expires {} (key {}{lease})",
-                holder.station, who, holder.since, holder.expires_at, holder.key_id
+                holder.station,
+                who,
+                tessera_api::time_text(holder.since),
+                tessera_api::time_text(holder.expires_at),
+                holder.key_id
             );
         }
     }
@@ -525,7 +573,7 @@ pub async fn run_status(json: bool, filter: &StatusFilter, remote: &Remote) -> a
                     component,
                     active,
                     report.in_use.get(component).copied().unwrap_or(0),
-                    report.at,
+                    tessera_api::time_text(report.at),
                     report.period_s
                 );
             }

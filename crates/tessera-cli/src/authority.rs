@@ -324,13 +324,13 @@ async fn server(
             }
             writeln!(
                 out,
-                "{:<14} {:<20} {:<17} {:<17} {:<17} {:>5}  CERTIFICATE UNTIL",
+                "{:<14} {:<20} {:<20} {:<20} {:<20} {:>5}  CERTIFICATE UNTIL",
                 "SERVER ID", "CUSTOMER", "BOUND KEY", "BOUND AT", "LAST SYNC", "SEQ"
             )?;
             for server in servers {
                 writeln!(
                     out,
-                    "{:<14} {:<20} {:<17} {:<17} {:<17} {:>5}  {}",
+                    "{:<14} {:<20} {:<20} {:<20} {:<20} {:>5}  {}",
                     server.server_id,
                     server.customer,
                     server.key_fingerprint.as_deref().unwrap_or("-"),
@@ -401,7 +401,8 @@ async fn key(
             writeln!(
                 out,
                 "renewal of {key_id}: valid {} to {}",
-                key.payload.valid_from, key.payload.valid_until
+                tessera_api::time_text(key.payload.valid_from),
+                tessera_api::time_text(key.payload.valid_until)
             )?;
             writeln!(out, "{}", key.key_id())?;
         }
@@ -425,7 +426,7 @@ async fn key(
             }
             writeln!(
                 out,
-                "{:<16} {:<14} {:<16} {:<20} {:>8}  {:<17} {:<17} {:<16} STATE",
+                "{:<16} {:<14} {:<16} {:<20} {:>8}  {:<20} {:<20} {:<16} STATE",
                 "KEY",
                 "SERVER ID",
                 "CUSTOMER",
@@ -443,7 +444,7 @@ async fn key(
                 };
                 writeln!(
                     out,
-                    "{:<16} {:<14} {:<16} {:<20} {:>8}  {:<17} {:<17} {:<16} {state}",
+                    "{:<16} {:<14} {:<16} {:<20} {:>8}  {:<20} {:<20} {:<16} {state}",
                     key.key_id,
                     key.server_id,
                     key.customer,
@@ -499,7 +500,7 @@ async fn process(
         payload.keys.len(),
         payload.renewals.len(),
         payload.revoked.len(),
-        payload.certificate.payload.valid_until,
+        tessera_api::time_text(payload.certificate.payload.valid_until),
     )?;
     writeln!(
         out,
@@ -529,7 +530,7 @@ fn print_json<T: Serialize>(out: &mut (dyn Write + Send), value: &T) -> anyhow::
 
 fn short_time(time: Option<jiff::Timestamp>) -> String {
     match time {
-        Some(time) => time.strftime("%Y-%m-%d %H:%M").to_string(),
+        Some(time) => tessera_api::time_text(time),
         None => "-".into(),
     }
 }

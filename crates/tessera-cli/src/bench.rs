@@ -1,7 +1,9 @@
 //! `tessera bench`: checkout+checkin cycles per second against a real server (real SQLite,
 //! every acknowledged lease durable) and against a no-op HTTP server with the same routes,
 //! in the same run, so the figures are ratios on the same machine at the same moment.
-//! `--leases N` instead measures memory and restart time with N active leases.
+//! `--leases N` instead measures memory and restart time with N active leases, what reads
+//! (`/metrics`, `/v1/status`, `/v1/leases` pages) cost at that size, and checkout latency
+//! while `/metrics` is scraped every second.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -366,9 +368,10 @@ async fn run_memory(leases: usize) -> anyhow::Result<()> {
     }
     let dir = tempfile::tempdir()?;
     let rss_before = rss_bytes();
+    // Room for the closed-loop stations of the latency runs besides the held leases.
     let server = start_real(
         dir.path(),
-        leases as u32,
+        leases as u32 + READ_BENCH_CLIENTS as u32,
         Duration::from_secs(6 * 24 * 3600),
     )
     .await?;
@@ -401,6 +404,7 @@ async fn run_memory(leases: usize) -> anyhow::Result<()> {
     }
     let fill = started.elapsed();
     let rss_full = rss_bytes();
+    let reads = measure_reads(server.addr, &state.admin_token).await?;
     let data_dir = state.config.data_dir.clone();
     let config = state.config.clone();
     drop(state);
@@ -427,5 +431,124 @@ async fn run_memory(leases: usize) -> anyhow::Result<()> {
     println!("RSS with leases:   {} MiB", rss_full / (1 << 20));
     println!("restart to ready:  {:.2} s", restart.as_secs_f64());
     println!("data dir:          {}", data_dir.display());
+    println!();
+    println!(
+        "{:<34} {:>9} {:>9} {:>11}",
+        "read (over HTTP)", "median ms", "max ms", "bytes"
+    );
+    for read in &reads.reads {
+        println!(
+            "{:<34} {:>9.2} {:>9.2} {:>11}",
+            read.path,
+            read.median.as_secs_f64() * 1000.0,
+            read.max.as_secs_f64() * 1000.0,
+            read.bytes
+        );
+    }
+    println!();
+    println!(
+        "{:<34} {:>9} {:>9} {:>11}",
+        "checkout+checkin cycles", "p50 ms", "p99 ms", "cycles/s"
+    );
+    for (label, run) in [
+        ("quiet", &reads.quiet),
+        ("/metrics scraped every second", &reads.scraped),
+    ] {
+        println!(
+            "{:<34} {:>9.2} {:>9.2} {:>11.0}",
+            label,
+            run.p50_us as f64 / 1000.0,
+            run.p99_us as f64 / 1000.0,
+            run.cycles_per_s()
+        );
+    }
     Ok(())
+}
+
+/// Stations of the latency runs of `--leases`.
+const READ_BENCH_CLIENTS: usize = 32;
+/// Requests per read measured by `--leases`.
+const READ_SAMPLES: usize = 10;
+/// Seconds of each latency run of `--leases`.
+const READ_RUN_SECONDS: u64 = 10;
+
+struct ReadTiming {
+    path: &'static str,
+    median: Duration,
+    max: Duration,
+    bytes: usize,
+}
+
+struct ReadFigures {
+    reads: Vec<ReadTiming>,
+    /// Checkout+checkin cycles with nothing else going on.
+    quiet: RunResult,
+    /// The same, while a scraper reads `/metrics` once a second.
+    scraped: RunResult,
+}
+
+/// What reads cost with the server full of leases, and whether a scrape every second slows
+/// checkouts down.
+async fn measure_reads(addr: SocketAddr, admin_token: &str) -> anyhow::Result<ReadFigures> {
+    let http = reqwest::Client::new();
+    let base = format!("http://{addr}");
+    let get = |path: &'static str| {
+        let request = http.get(format!("{base}{path}")).bearer_auth(admin_token);
+        async move {
+            let started = Instant::now();
+            let response = request.send().await?.error_for_status()?;
+            let bytes = response.bytes().await?.len();
+            anyhow::Ok((started.elapsed(), bytes))
+        }
+    };
+    let mut reads = Vec::new();
+    for path in [
+        "/metrics",
+        "/v1/status?summary=true",
+        "/v1/status",
+        "/v1/leases?limit=100",
+        "/v1/leases?limit=100&station=st-9999*",
+    ] {
+        let mut times = Vec::new();
+        let mut bytes = 0;
+        for _ in 0..READ_SAMPLES {
+            let (took, size) = get(path).await?;
+            times.push(took);
+            bytes = size;
+        }
+        times.sort();
+        reads.push(ReadTiming {
+            path,
+            median: times[times.len() / 2],
+            max: *times.last().expect("samples"),
+            bytes,
+        });
+    }
+    let run = Duration::from_secs(READ_RUN_SECONDS);
+    let quiet = drive(addr, READ_BENCH_CLIENTS, run).await?;
+    let scraper = {
+        let deadline = Instant::now() + run;
+        let http = http.clone();
+        let url = format!("{base}/metrics");
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(Duration::from_secs(1));
+            while Instant::now() < deadline {
+                ticks.tick().await;
+                http.get(&url)
+                    .send()
+                    .await?
+                    .error_for_status()?
+                    .bytes()
+                    .await?;
+            }
+            anyhow::Ok(())
+        })
+    };
+    let scraped = drive(addr, READ_BENCH_CLIENTS, run).await?;
+    scraper.await??;
+    Ok(ReadFigures {
+        reads,
+        quiet,
+        scraped,
+    })
 }

@@ -15,11 +15,14 @@ use tracing_subscriber::util::SubscriberInitExt;
 /// line when the next one passes.
 pub const THROTTLE_PERIOD: Duration = Duration::from_secs(60);
 
-/// Sets up the process's log (once, at start).
-pub fn init(format: tessera_server::config::LogFormat) {
+/// What is logged unless `RUST_LOG` says otherwise.
+pub const DEFAULT_FILTER: &str = "info,openraft=warn";
+
+/// Sets up the process's log (once, at start); `default_filter` unless `RUST_LOG` is set.
+pub fn init(format: tessera_server::config::LogFormat, default_filter: &str) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info,openraft=warn".into());
+        .unwrap_or_else(|_| default_filter.into());
     let json = format == tessera_server::config::LogFormat::Json;
     // The count of what was held back is written as the log's own line: an event logged
     // while another is being dispatched would be dropped by tracing.

@@ -284,7 +284,14 @@ fn main() -> ExitCode {
         Job::Server(config) => config.log_format,
         Job::Other(_) => tessera_server::config::LogFormat::Text,
     };
-    logging::init(log_format);
+    // A benchmark's million checkouts are not an activity log anyone reads (writing one
+    // line each would be what it measures).
+    let default_filter = if matches!(job, Job::Other(Command::Bench(_))) {
+        "info,openraft=warn,tessera::activity=off"
+    } else {
+        logging::DEFAULT_FILTER
+    };
+    logging::init(log_format, default_filter);
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     if let Job::Server(config) = &job

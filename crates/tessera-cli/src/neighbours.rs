@@ -111,7 +111,7 @@ pub async fn run(command: NeighboursCommand, remote: &Remote) -> anyhow::Result<
                         .collect();
                     println!(
                         "    usage report at {}: active stations over {} s: {}",
-                        usage.at,
+                        tessera_api::time_text(usage.at),
                         usage.period_s,
                         stations.join(", ")
                     );

@@ -912,6 +912,15 @@ impl Client {
         Ok(self.json(Method::GET, "/v1/status", None).await?.1)
     }
 
+    /// The status without leases or holders (`GET /v1/status?summary=true`): counts only,
+    /// as cheap at a million leases as at one.
+    pub async fn status_summary(&self) -> Result<Status, ClientError> {
+        Ok(self
+            .json(Method::GET, "/v1/status?summary=true", None)
+            .await?
+            .1)
+    }
+
     /// One page of leases (admin token): `query` gives `limit`, `after` (the previous page's
     /// `next`) and the filters (`component`, `key`, `station`, `user`, `host`; exact, or a
     /// prefix ending in `*`), as `(name, value)` pairs.

@@ -57,6 +57,9 @@ pub struct LedgerConfig {
 /// Upper bound on a donation's renewal period and on usage report sizes.
 pub const DONATION_RENEWAL_PERIOD_MS_MAX: i64 = 366 * 24 * 3600 * 1000;
 pub const USAGE_REPORT_COMPONENTS_MAX: usize = 1024;
+/// Most leases [`Ledger::lease_overview`] looks at: a component held by few of a million
+/// leases may list fewer holders than it has (its count is exact; `GET /v1/leases` pages).
+pub const OVERVIEW_SCAN_MAX: usize = 100_000;
 
 /// A grant a donor issued and its receiver may still be using: counted until
 /// `lease_until_ms + clock_skew_max`.
@@ -257,6 +260,10 @@ pub struct KeyView {
     /// and donated; while this host of a redundant pair serves alone, only what is left of
     /// its own share.
     pub free: u32,
+    /// While this host of a redundant pair serves alone: the licenses of its own share (the
+    /// most it may have in use until the pair is whole again); `None` otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alone_share: Option<u32>,
     pub received: Option<Received>,
     pub meta: KeyMeta,
 }
@@ -425,6 +432,18 @@ struct Lease {
     borrowed: bool,
 }
 
+/// What [`Ledger::lease_overview`] returns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LeaseOverview {
+    /// The first leases to expire.
+    pub leases: Vec<LeaseView>,
+    /// Every lease.
+    pub total: usize,
+    /// Per component: its first holders to expire (leases of the keys covering it), and how
+    /// many there are.
+    pub holders: BTreeMap<String, (Vec<LeaseView>, usize)>,
+}
+
 /// A lease in a page's heap, ordered by id.
 struct ById<'a>(&'a Lease);
 
@@ -449,7 +468,9 @@ impl Ord for ById<'_> {
 }
 
 /// Which leases a listing shows: each field given must match, exactly or, ending in `*`, by
-/// prefix (`user=ann*`). `component` matches any of the lease's components.
+/// prefix (`user=ann*`). `component` matches a lease of a key covering a matching component
+/// (a lease lets its station use every component of its key; see [`Ledger::lease_matcher`]),
+/// or a lease that asked for one.
 #[derive(Clone, Debug, Default)]
 pub struct LeaseFilter<'a> {
     pub component: Option<&'a str>,
@@ -2644,6 +2665,34 @@ impl Ledger {
         self.leases.len()
     }
 
+    /// Whether a lease passes `filter`; its component matches the components of the lease's
+    /// key (the keys covering a matching component are found once, here).
+    fn lease_matcher<'f>(&'f self, filter: &'f LeaseFilter<'f>) -> impl Fn(&Lease) -> bool + 'f {
+        let covering: Option<std::collections::HashSet<&str>> = filter.component.map(|pattern| {
+            self.keys
+                .values()
+                .filter(|record| {
+                    record
+                        .components
+                        .iter()
+                        .any(|component| LeaseFilter::matches_text(pattern, component))
+                })
+                .map(|record| &*record.id)
+                .collect()
+        });
+        let others = LeaseFilter {
+            component: None,
+            ..filter.clone()
+        };
+        move |lease: &Lease| {
+            others.matches(lease)
+                && (filter.matches(lease)
+                    || covering
+                        .as_ref()
+                        .is_some_and(|keys| keys.contains(&*lease.key_id)))
+        }
+    }
+
     /// One page of the leases that `filter` matches, in lease-id order after `after`: at most
     /// `limit` of them, and how many match in all. Costs one pass over the leases and a
     /// bounded heap (no sort of them all), whatever the page.
@@ -2654,10 +2703,11 @@ impl Ledger {
         limit: usize,
     ) -> (Vec<LeaseView>, usize) {
         let mut total = 0;
+        let matches = self.lease_matcher(filter);
         // The `limit` smallest ids after the cursor: a max-heap keeps them.
         let mut page: std::collections::BinaryHeap<ById<'_>> = std::collections::BinaryHeap::new();
         for lease in self.leases.values() {
-            if !filter.matches(lease) {
+            if !matches(lease) {
                 continue;
             }
             total += 1;
@@ -2683,6 +2733,62 @@ impl Ledger {
         let mut leases: Vec<&Lease> = self.leases.values().map(|lease| &**lease).collect();
         leases.sort_by(|a, b| (&a.key_id, &a.station).cmp(&(&b.key_id, &b.station)));
         leases.into_iter().map(Lease::view).collect()
+    }
+
+    /// What a status shows of the leases without listing them all: the first `limit` leases
+    /// to expire, and per component its first `limit` holders to expire with their count. A
+    /// lease holds a license of its key, which lets its station use every component the key
+    /// covers: it is a holder of each of them. Walks the expiry index from the soonest and
+    /// stops once every component has its holders (or after [`OVERVIEW_SCAN_MAX`] leases), so
+    /// the cost does not grow with the number of leases.
+    pub fn lease_overview(&self, limit: usize) -> LeaseOverview {
+        let covers: HashMap<&str, &[Arc<str>]> = self
+            .keys
+            .values()
+            .map(|record| (&*record.id, record.components.as_slice()))
+            .collect();
+        // Per component: how many leases hold it (the covering keys' counts), and the
+        // holders found so far.
+        let mut holders: BTreeMap<&str, (usize, Vec<LeaseView>)> = BTreeMap::new();
+        for record in self.keys.values() {
+            for component in &record.components {
+                holders.entry(&**component).or_default().0 += record.in_use as usize;
+            }
+        }
+        let mut wanted: usize = holders
+            .values()
+            .map(|(total, _)| (*total).min(limit))
+            .sum::<usize>()
+            + limit.min(self.leases.len());
+        let mut leases = Vec::new();
+        for (_, lease_id) in self.expiry.iter().take(OVERVIEW_SCAN_MAX) {
+            if wanted == 0 {
+                break;
+            }
+            let Some(lease) = self.leases.get(&**lease_id) else {
+                continue;
+            };
+            if leases.len() < limit {
+                leases.push(lease.view());
+                wanted -= 1;
+            }
+            for component in covers.get(&*lease.key_id).copied().unwrap_or_default() {
+                if let Some((total, found)) = holders.get_mut(&**component)
+                    && found.len() < limit.min(*total)
+                {
+                    found.push(lease.view());
+                    wanted -= 1;
+                }
+            }
+        }
+        LeaseOverview {
+            total: self.leases.len(),
+            leases,
+            holders: holders
+                .into_iter()
+                .map(|(component, (total, found))| (component.to_string(), (found, total)))
+                .collect(),
+        }
     }
 
     pub fn keys(&self, at: i64) -> Vec<KeyView> {
@@ -2711,6 +2817,13 @@ impl Ledger {
                         None => record.free(at),
                     }
                 },
+                alone_share: self.pair.alone.map(|share| {
+                    let (primary, backup) = self.share_sizes(record, at);
+                    match share {
+                        Share::Primary => primary,
+                        Share::Backup => backup,
+                    }
+                }),
                 received: record.received.clone(),
                 meta: record.meta.clone(),
             })
@@ -2777,6 +2890,14 @@ impl Ledger {
             .iter()
             .filter_map(|(id, r)| r.received.clone().map(|rc| (id.clone(), rc)))
             .collect()
+    }
+
+    /// The components a key (or received pool) covers: a lease of it lets its station use
+    /// each of them. Empty for a key not here.
+    pub fn key_components(&self, key_id: &str) -> Vec<String> {
+        self.keys.get(key_id).map_or_else(Vec::new, |record| {
+            record.components.iter().map(|c| c.to_string()).collect()
+        })
     }
 
     pub fn key(&self, key_id: &str) -> Option<&LicenseKey> {

@@ -159,6 +159,8 @@ enum Message {
         actor: String,
         kind: &'static str,
         delta: i64,
+        /// The components whose usage level `delta` changes (one row each).
+        usage: Vec<String>,
         details: LeaseDetails,
     },
     /// A notification; a restarted server numbers its next one after the highest stored.
@@ -360,8 +362,12 @@ impl History {
         );
     }
 
-    /// A lease event: one usage row per component the lease covers (or only `component`
-    /// for a checkout), and one audit record.
+    /// A lease event: one audit record, one activity log line, and usage rows. A lease holds
+    /// a license of its key, which lets its station use every component the key covers
+    /// (`covered`, the key's components; empty: the lease's own), so a lease taken or ended
+    /// changes the level of each of them (`granted` +1; `existing`, a station asking again,
+    /// 0 for the component it asked; any other kind ends the lease, -1). `component`: the
+    /// one a checkout asked for.
     pub fn lease_event(
         &self,
         at_ms: i64,
@@ -369,11 +375,23 @@ impl History {
         kind: &'static str,
         lease: &LeaseView,
         component: Option<&str>,
-        delta: i64,
+        covered: &[String],
     ) {
         let components = match component {
             Some(component) => vec![component.to_string()],
             None => lease.components.clone(),
+        };
+        let delta = match kind {
+            "granted" => 1,
+            "existing" => 0,
+            _ => -1,
+        };
+        let usage = if delta == 0 {
+            components.clone()
+        } else if covered.is_empty() {
+            lease.components.clone()
+        } else {
+            covered.to_vec()
         };
         log_activity(
             activity_word(kind),
@@ -390,6 +408,7 @@ impl History {
             actor: actor.to_string(),
             kind,
             delta,
+            usage,
             details: LeaseDetails {
                 components,
                 host: lease.host.clone(),
@@ -808,9 +827,10 @@ fn write_loop(mut connection: Connection, receiver: Receiver<Message>, hurry: &A
                             actor,
                             kind,
                             delta,
+                            usage,
                             details,
                         } => {
-                            for component in &details.components {
+                            for component in usage {
                                 usage_insert.execute(params![
                                     at_ms,
                                     kind,
@@ -1007,7 +1027,7 @@ mod tests {
             "granted",
             &lease("ws-0", &["cad"]),
             Some("cad"),
-            1,
+            &[],
         );
         // Bucket 1: up to 3, back to 2. Bucket 3: a denial, then one checkin.
         history.lease_event(
@@ -1016,7 +1036,7 @@ mod tests {
             "granted",
             &lease("ws-1", &["cad"]),
             Some("cad"),
-            1,
+            &[],
         );
         history.lease_event(
             hour + 2,
@@ -1024,7 +1044,7 @@ mod tests {
             "granted",
             &lease("ws-2", &["cad"]),
             Some("cad"),
-            1,
+            &[],
         );
         history.lease_event(
             hour + 3,
@@ -1032,7 +1052,7 @@ mod tests {
             "checkin",
             &lease("ws-2", &["cad"]),
             None,
-            -1,
+            &[],
         );
         let request = tessera_api::CheckoutRequest {
             component: "cad".into(),
@@ -1050,7 +1070,7 @@ mod tests {
             "checkin",
             &lease("ws-1", &["cad"]),
             None,
-            -1,
+            &[],
         );
         let series = history.chart(0, 5 * hour, hour).unwrap();
         assert_eq!(series.len(), 1);
@@ -1067,11 +1087,35 @@ mod tests {
     }
 
     #[test]
+    fn a_lease_counts_under_every_component_of_its_key_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = History::start(dir.path()).unwrap();
+        let covered = ["cad".to_string(), "viewer".to_string()];
+        let held = lease("ws-1", &["cad"]);
+        history.lease_event(10, "ws-1", "granted", &held, Some("cad"), &covered);
+        // The station asks for viewer too: the same license, no new one.
+        let both = lease("ws-1", &["cad", "viewer"]);
+        history.lease_event(20, "ws-1", "existing", &both, Some("viewer"), &covered);
+        let series = history.chart(0, 30, 30).unwrap();
+        let peaks: Vec<(String, Vec<i64>)> = series
+            .iter()
+            .map(|s| (s.component.clone(), s.peaks.clone()))
+            .collect();
+        assert_eq!(
+            peaks,
+            vec![("cad".into(), vec![1]), ("viewer".into(), vec![1])]
+        );
+        history.lease_event(40, "ws-1", "checkin", &both, None, &covered);
+        let series = history.chart(50, 60, 10).unwrap();
+        assert!(series.iter().all(|s| s.peaks == vec![0]), "{series:?}");
+    }
+
+    #[test]
     fn a_lease_event_writes_a_usage_row_per_component_and_an_audit_record_with_the_lease() {
         let dir = tempfile::tempdir().unwrap();
         let history = History::start(dir.path()).unwrap();
         let held = lease("ws-1", &["cad", "cam"]);
-        history.lease_event(7, "admin", "force_release", &held, None, -1);
+        history.lease_event(7, "admin", "force_release", &held, None, &[]);
         history.flush();
         let rows = history.usage(0, 10).unwrap();
         let row = |component: &str| UsageEvent {
@@ -1114,9 +1158,9 @@ mod tests {
             History::start(dir_b.path()).unwrap(),
         );
         assert_ne!(a.instance(), b.instance());
-        a.lease_event(10, "server", "granted", &lease("ws-a", &["cad"]), None, 1);
-        b.lease_event(5, "server", "granted", &lease("ws-b", &["cad"]), None, 1);
-        b.lease_event(20, "server", "checkin", &lease("ws-b", &["cad"]), None, -1);
+        a.lease_event(10, "server", "granted", &lease("ws-a", &["cad"]), None, &[]);
+        b.lease_event(5, "server", "granted", &lease("ws-b", &["cad"]), None, &[]);
+        b.lease_event(20, "server", "checkin", &lease("ws-b", &["cad"]), None, &[]);
         let rows = b.own_rows_after(0, 100).unwrap();
         assert_eq!(rows.len(), 2);
         // Copied twice (a pull repeated): stored and audited once.

@@ -300,8 +300,9 @@ impl AppState {
                 .expired_leases
                 .inc_by(applied.expired.len() as u64);
             for lease in &applied.expired {
+                let covered = self.read(|ledger| ledger.key_components(&lease.key_id));
                 self.history
-                    .lease_event(at_ms, "server", "expired", lease, None, -1);
+                    .lease_event(at_ms, "server", "expired", lease, None, &covered);
             }
         }
         match applied.outcome {
@@ -368,7 +369,7 @@ impl AppState {
                 if *created { "granted" } else { "existing" },
                 lease,
                 Some(&request.component),
-                i64::from(*created),
+                &self.read(|ledger| ledger.key_components(&lease.key_id)),
             ),
             Err(ApiError::Refused(refusal)) => {
                 let now_ms = self.stamper.now_ms();
@@ -424,8 +425,9 @@ impl AppState {
                 } else {
                     (lease.station.as_str(), "checkin")
                 };
+                let covered = self.read(|ledger| ledger.key_components(&lease.key_id));
                 self.history
-                    .lease_event(at_ms, actor, kind, &lease, None, -1);
+                    .lease_event(at_ms, actor, kind, &lease, None, &covered);
                 Ok(self.lease_to_api(&lease, None))
             }
             other => Err(unexpected(other)),
@@ -457,12 +459,13 @@ impl AppState {
 
     pub async fn remove_key(&self, key_id: String) -> Result<(String, u32), ApiError> {
         let at_ms = self.stamper.stamp_lenient();
-        let ending: Vec<LeaseView> = self.consensus.read(|ledger| {
-            ledger
+        let (ending, covered): (Vec<LeaseView>, Vec<String>) = self.consensus.read(|ledger| {
+            let ending = ledger
                 .leases()
                 .into_iter()
                 .filter(|lease| lease.key_id == key_id && lease.expires_at_ms > at_ms)
-                .collect()
+                .collect();
+            (ending, ledger.key_components(&key_id))
         });
         match self
             .propose_at(at_ms, Command::RemoveKey { key_id })
@@ -474,7 +477,7 @@ impl AppState {
             } => {
                 for lease in &ending {
                     self.history
-                        .lease_event(at_ms, "admin", "key_removed", lease, None, -1);
+                        .lease_event(at_ms, "admin", "key_removed", lease, None, &covered);
                 }
                 self.history.key_event(
                     at_ms,
@@ -531,46 +534,90 @@ impl AppState {
         }
     }
 
+    /// Keys, components and sync state, with the first [`tessera_api::STATUS_LEASES_MAX`]
+    /// leases to expire and as many holders per component (from the expiry index, not a
+    /// pass over every lease); with `summary`, no leases or holders at all: the cost depends
+    /// on the keys only.
     pub fn status(&self) -> Status {
+        self.status_with(false)
+    }
+
+    /// [`AppState::status`], or with `summary` its counts only.
+    pub fn status_with(&self, summary: bool) -> Status {
         let now_ms = self.stamper.now_ms();
-        let (keys, components, leases, sync, usage_reports) = self.read(|ledger| {
-            let leases: Vec<Lease> = ledger
-                .leases()
-                .into_iter()
-                .map(|lease| self.lease_to_api(&lease, None))
-                .collect();
-            let usage_reports = ledger
-                .usage_reports()
-                .iter()
-                .map(|(from, r)| {
-                    let summary = tessera_api::UsageReportSummary {
-                        at: timestamp(r.at_ms),
-                        period_s: r.period_ms / 1000,
-                        active_stations: r.active_stations.clone(),
-                        in_use: r.in_use.clone(),
-                    };
-                    (from.clone(), summary)
-                })
-                .collect();
-            (
-                key_summaries(ledger, now_ms),
-                component_status(ledger, now_ms),
-                leases,
-                self.sync_status_of(ledger, now_ms),
-                usage_reports,
-            )
-        });
+        let limit = if summary {
+            0
+        } else {
+            tessera_api::STATUS_LEASES_MAX
+        };
+        let (keys, mut components, overview, sync, usage_reports, serving_alone) =
+            self.read(|ledger| {
+                let overview = if summary {
+                    tessera_core::LeaseOverview {
+                        total: ledger.lease_count(),
+                        ..Default::default()
+                    }
+                } else {
+                    ledger.lease_overview(limit)
+                };
+                let usage_reports = ledger
+                    .usage_reports()
+                    .iter()
+                    .map(|(from, r)| {
+                        let summary = tessera_api::UsageReportSummary {
+                            at: timestamp(r.at_ms),
+                            period_s: r.period_ms / 1000,
+                            active_stations: r.active_stations.clone(),
+                            in_use: r.in_use.clone(),
+                        };
+                        (from.clone(), summary)
+                    })
+                    .collect();
+                (
+                    key_summaries(ledger, now_ms),
+                    component_totals(ledger, now_ms),
+                    overview,
+                    self.sync_status_of(ledger, now_ms),
+                    usage_reports,
+                    ledger.alone().is_some(),
+                )
+            });
+        let tessera_core::LeaseOverview {
+            leases,
+            total,
+            holders,
+        } = overview;
+        for (component, (leases, _)) in holders {
+            if let Some(entry) = components.get_mut(&component) {
+                entry.holders = leases.iter().map(holder).collect();
+            }
+        }
+        // Every lease of a key covering the component holds it: the keys' counts say how
+        // many, listed or not.
+        for entry in components.values_mut() {
+            entry.holders_total = u64::from(entry.in_use);
+        }
         Status {
             server_id: self.config.server_id.clone(),
             now: timestamp(now_ms),
             role: self.role().to_string(),
             keys,
-            components,
-            leases_total: leases.len() as u64,
-            leases,
+            components: components.into_values().collect(),
+            leases: leases
+                .iter()
+                .map(|lease| self.lease_to_api(lease, None))
+                .collect(),
+            leases_total: total as u64,
+            serving_alone,
             sync,
             usage_reports,
         }
+    }
+
+    /// One lease, by id.
+    pub fn lease(&self, lease_id: &str) -> Option<Lease> {
+        self.read(|ledger| ledger.lease(lease_id))
+            .map(|lease| self.lease_to_api(&lease, None))
     }
 
     /// One page of the leases `filter` matches, after the cursor `after` (a lease id).
@@ -751,6 +798,7 @@ pub fn key_summaries(ledger: &Ledger, now_ms: i64) -> Vec<KeySummary> {
                 licenses: view.licenses,
                 in_use: view.in_use,
                 free: view.free,
+                alone_share: view.alone_share,
                 ended_early: view.ended_early,
                 valid_from: payload.valid_from,
                 valid_until: payload.valid_until,
@@ -779,25 +827,18 @@ pub fn key_summaries(ledger: &Ledger, now_ms: i64) -> Vec<KeySummary> {
         .collect()
 }
 
-/// Per component: the licenses of active keys covering it, their use, and who holds them.
-pub fn component_status(ledger: &Ledger, now_ms: i64) -> Vec<ComponentStatus> {
-    let mut components = component_totals(ledger, now_ms);
-    for lease in ledger.leases() {
-        for component in &lease.components {
-            if let Some(entry) = components.get_mut(component) {
-                entry.holders.push(Holder {
-                    lease_id: lease.lease_id.clone(),
-                    station: lease.station.clone(),
-                    user: lease.user.clone(),
-                    host: lease.host.clone(),
-                    key_id: lease.key_id.clone(),
-                    since: timestamp(lease.issued_at_ms),
-                    expires_at: timestamp(lease.expires_at_ms),
-                });
-            }
-        }
+/// A lease as a holder of a component it covers.
+fn holder(lease: &tessera_core::LeaseView) -> Holder {
+    Holder {
+        lease_id: lease.lease_id.clone(),
+        station: lease.station.clone(),
+        user: lease.user.clone(),
+        host: lease.host.clone(),
+        key_id: lease.key_id.clone(),
+        components: lease.components.clone(),
+        since: timestamp(lease.issued_at_ms),
+        expires_at: timestamp(lease.expires_at_ms),
     }
-    components.into_values().collect()
 }
 
 /// Per component: the licenses of active keys covering it and their use (no holders: reads
@@ -821,11 +862,16 @@ pub fn component_totals(ledger: &Ledger, now_ms: i64) -> BTreeMap<String, Compon
                     licenses: 0,
                     in_use: 0,
                     free: 0,
+                    alone_share: None,
                     holders: Vec::new(),
+                    holders_total: 0,
                 });
             entry.licenses += usable;
             entry.in_use += view.in_use;
             entry.free += view.free;
+            if let Some(share) = view.alone_share {
+                *entry.alone_share.get_or_insert(0) += share;
+            }
         }
     }
     components

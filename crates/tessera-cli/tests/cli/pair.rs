@@ -407,6 +407,17 @@ fn a_pair_serves_alone_within_a_share_across_kill_9_of_either_host_and_merges_wi
         free_alone < LICENSES - 2,
         "the whole key's free licenses: {free_alone}"
     );
+    // And it says so: serving alone, with its share of the key, in JSON and in the table.
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&["status", "--json", "--server", &pair.url(2)])).unwrap();
+    assert_eq!(status["serving_alone"], true, "{status}");
+    assert_eq!(status["keys"][0]["alone_share"], LICENSES / 2, "{status}");
+    assert_eq!(status["components"][0]["alone_share"], LICENSES / 2);
+    let table = ok(&["status", "--server", &pair.url(2)]);
+    assert!(
+        table.contains("serves alone") && table.contains("SHARE"),
+        "{table}"
+    );
     let mut granted = 0;
     for station in ["ws-3", "ws-4", "ws-5"] {
         match checkout(&servers, station) {

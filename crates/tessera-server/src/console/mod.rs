@@ -440,6 +440,8 @@ struct KeyRow {
 #[template(path = "console/keys.html")]
 struct KeysPage {
     page: &'static str,
+    /// This host of a pair serves alone (only its share of each key).
+    serving_alone: bool,
     user: String,
     csrf: String,
     flash: Option<String>,
@@ -470,7 +472,7 @@ fn keys_page_with(
     flash: Option<String>,
     error: Option<String>,
 ) -> Response {
-    let status = state.status();
+    let status = state.status_with(true);
     let keys = status
         .keys
         .iter()
@@ -504,7 +506,7 @@ fn keys_page_with(
         hosts: crate::http::domain::local_status(state).hosts,
         pair: Some(state.pair.status(state)).filter(|pair| pair.mode != crate::pair::Mode::Off),
         server_id: status.server_id.clone().unwrap_or_else(|| "(none)".into()),
-        lease_count: status.leases.len(),
+        lease_count: status.leases_total as usize,
         synchronized: status.sync.synchronized,
         sync_required: status.keys.iter().any(|key| key.server_id.is_some())
             || status.sync.authority.is_some()
@@ -514,6 +516,7 @@ fn keys_page_with(
             .deadline
             .map(|deadline| format!("deadline {}", fmt_ts(deadline)))
             .unwrap_or_else(|| "no deadline".into()),
+        serving_alone: status.serving_alone,
         components: status.components,
         keys,
     })
@@ -892,15 +895,14 @@ async fn release_confirm(
     user: ConsoleUser,
     Path(lease_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let lease = state
-        .status()
-        .leases
-        .iter()
-        .find(|lease| lease.lease_id == lease_id)
-        .map(LeaseRow::from)
-        .ok_or(Refusal::LeaseNotFound {
-            lease_id: lease_id.clone(),
-        })?;
+    let lease =
+        state
+            .lease(&lease_id)
+            .as_ref()
+            .map(LeaseRow::from)
+            .ok_or(Refusal::LeaseNotFound {
+                lease_id: lease_id.clone(),
+            })?;
     Ok(render(&ReleasePage {
         page: "leases",
         user: user.name.clone(),
@@ -1455,7 +1457,7 @@ fn neighbours_page_with(
         })
         .collect();
     let keys = state
-        .status()
+        .status_with(true)
         .keys
         .into_iter()
         .filter(|k| k.state == "active")

@@ -267,20 +267,30 @@ async fn metrics(State(state): State<SharedState>) -> impl IntoResponse {
     )
 }
 
+/// `GET /v1/status` query.
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct StatusQuery {
+    /// Counts only: no leases and no holders (`leases_total` and each component's
+    /// `holders_total` still count them). Costs the same at 1 lease or 1,000,000.
+    pub summary: Option<bool>,
+}
+
 /// Keys, components, leases and sync state. Without the admin token the lease ids are left
 /// out: counts, stations and users are shown, never what would let a caller end or extend
 /// another station's lease. Summary-sized: at most 100 leases (`leases_total` counts them
-/// all), and at most 100 holders per component; `GET /v1/leases` pages through the rest.
-#[utoipa::path(get, path = "/v1/status", security((), ("admin_token" = [])), responses((status = 200, body = tessera_api::Status)))]
+/// all), and at most 100 holders per component (`holders_total`); `GET /v1/leases` pages
+/// through the rest. A lease is a holder of every component its key covers.
+#[utoipa::path(get, path = "/v1/status", params(StatusQuery), security((), ("admin_token" = [])), responses(
+    (status = 200, body = tessera_api::Status),
+    (status = 400, description = "invalid_query: a summary that is not true or false", body = tessera_api::ErrorBody),
+))]
 async fn status(
     State(state): State<SharedState>,
     headers: axum::http::HeaderMap,
+    extract::ApiQuery(query): extract::ApiQuery<StatusQuery>,
 ) -> axum::Json<tessera_api::Status> {
-    let mut status = state.status();
-    status.leases.truncate(tessera_api::STATUS_LEASES_MAX);
-    for component in &mut status.components {
-        component.holders.truncate(tessera_api::STATUS_LEASES_MAX);
-    }
+    let mut status = state.status_with(query.summary.unwrap_or(false));
     if !extract::is_admin(&headers, &state) {
         for lease in &mut status.leases {
             lease.lease_id.clear();

@@ -1104,15 +1104,29 @@ impl AppState {
         let suffix = format!("@{donor}");
         let mut stations: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         let mut in_use: BTreeMap<String, u32> = BTreeMap::new();
+        // A lease holds every component of its pool (one definition of "in use").
         let leases = self.consensus.read(|ledger| {
+            let mut covered: BTreeMap<String, Vec<String>> = BTreeMap::new();
             ledger
                 .leases()
                 .into_iter()
                 .filter(|lease| lease.key_id.ends_with(&suffix))
+                .map(|lease| {
+                    let components = covered
+                        .entry(lease.key_id.clone())
+                        .or_insert_with(|| ledger.key_components(&lease.key_id))
+                        .clone();
+                    (lease, components)
+                })
                 .collect::<Vec<_>>()
         });
-        for lease in leases {
-            for component in &lease.components {
+        for (lease, covered) in leases {
+            let components = if covered.is_empty() {
+                &lease.components
+            } else {
+                &covered
+            };
+            for component in components {
                 stations
                     .entry(component.clone())
                     .or_default()

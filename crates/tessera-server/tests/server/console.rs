@@ -869,3 +869,101 @@ async fn keys_are_added_and_removed_from_the_console_after_a_confirmation() {
     let (status, _) = page(&f, &cookie, "/keys/k-console/remove").await;
     assert_eq!(status, 404);
 }
+
+/// One definition of "in use": a lease holds a license of its key, which lets its station use
+/// every component the key covers, so it counts (and is listed as a holder) under each of them
+/// — in the status, the metrics, the lease filter and the usage history alike.
+#[tokio::test]
+async fn status_metrics_leases_and_usage_count_in_use_the_same_way() {
+    let f = Fixture::start().await;
+    f.import(&f.key("k-cad", &["cad"], 2)).await;
+    f.import(&f.key("k-suite", &["cad", "viewer"], 10)).await;
+    // k-cad first (same end, lower id): ws-1 and ws-2 take it; ws-3 takes k-suite for
+    // viewer, then asks for cad too and keeps the same lease; ws-4 gets cad from k-suite.
+    for (component, station) in [
+        ("cad", "ws-1"),
+        ("cad", "ws-2"),
+        ("viewer", "ws-3"),
+        ("cad", "ws-4"),
+    ] {
+        f.client()
+            .checkout(&request(component, station))
+            .await
+            .unwrap();
+    }
+    let (again, created) = f.client().checkout(&request("cad", "ws-3")).await.unwrap();
+    assert!(!created, "ws-3 holds a k-suite lease, which covers cad");
+    assert_eq!(again.key_id, "k-suite");
+
+    let status = f.admin().status().await.unwrap();
+    let component = |name: &str| {
+        status
+            .components
+            .iter()
+            .find(|c| c.component == name)
+            .unwrap()
+            .clone()
+    };
+    let (cad, viewer) = (component("cad"), component("viewer"));
+    assert_eq!((cad.licenses, cad.in_use, cad.free), (12, 4, 8));
+    assert_eq!((viewer.licenses, viewer.in_use, viewer.free), (10, 2, 8));
+    let stations = |c: &tessera_api::ComponentStatus| {
+        let mut stations: Vec<String> = c.holders.iter().map(|h| h.station.clone()).collect();
+        stations.sort();
+        stations
+    };
+    assert_eq!(stations(&cad), ["ws-1", "ws-2", "ws-3", "ws-4"]);
+    assert_eq!(
+        stations(&viewer),
+        ["ws-3", "ws-4"],
+        "ws-4 may use viewer too"
+    );
+    assert_eq!((cad.holders_total, viewer.holders_total), (4, 2));
+    let ws3 = cad.holders.iter().find(|h| h.station == "ws-3").unwrap();
+    assert_eq!(
+        ws3.components,
+        ["cad", "viewer"],
+        "what the station asked for"
+    );
+
+    // The summary counts without listing.
+    let summary = f.admin().status_summary().await.unwrap();
+    assert!(summary.leases.is_empty());
+    assert_eq!(summary.leases_total, 4);
+    for c in &summary.components {
+        assert!(c.holders.is_empty());
+        assert_eq!(c.holders_total, u64::from(c.in_use), "{}", c.component);
+    }
+
+    let metrics = super::metrics_text(&f).await;
+    for line in [
+        "tessera_licenses_in_use{component=\"cad\"} 4",
+        "tessera_licenses_in_use{component=\"viewer\"} 2",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from\n{metrics}");
+    }
+
+    let total = |component: &'static str| {
+        let admin = f.admin();
+        async move {
+            admin
+                .leases(&[("component", component)])
+                .await
+                .unwrap()
+                .total
+        }
+    };
+    assert_eq!((total("cad").await, total("viewer").await), (4, 2));
+
+    // The usage history's level per component: the sum of its rows' deltas.
+    let (code, rows) = admin_get(&f, "/v1/reports/usage?format=json").await;
+    assert_eq!(code, 200, "{rows}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&rows).unwrap();
+    let level = |component: &str| -> i64 {
+        rows.iter()
+            .filter(|row| row["component"] == component)
+            .map(|row| row["delta"].as_i64().unwrap())
+            .sum()
+    };
+    assert_eq!((level("cad"), level("viewer")), (4, 2));
+}
