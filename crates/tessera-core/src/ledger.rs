@@ -3031,6 +3031,27 @@ impl Ledger {
         ids
     }
 
+    /// Whether `key` verifies against the trusted vendor keys (format, signer, signature):
+    /// checked before a key is proposed, so no key that does not verify enters the log.
+    pub fn verify_key_signature(&self, key: &LicenseKey) -> Result<(), KeyError> {
+        key.verify(&self.config.trusted_vendors).map(drop)
+    }
+
+    /// Why a logged command carries a signed object that does not verify against the trusted
+    /// vendor keys, or `None`. Keys are verified before they are proposed, so an import in the
+    /// log that does not verify was edited on disk, or its vendor left the trust list: replaying
+    /// it would make the key silently vanish (or, edited the other way, appear). Checked over
+    /// the whole stored log at every start.
+    pub fn unverified_command(&self, command: &Command) -> Option<String> {
+        match command {
+            Command::ImportKey { key } => key
+                .verify(&self.config.trusted_vendors)
+                .err()
+                .map(|error| format!("import of license key {}: {error}", key.key_id())),
+            _ => None,
+        }
+    }
+
     /// The keys this ledger holds (its own, received pools', and renewal keys held for
     /// sync) that do not verify against the trusted vendor keys, with why: a snapshot or log
     /// edited on disk, or a vendor key removed from the trust list. Checked at every start.

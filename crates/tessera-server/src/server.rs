@@ -173,12 +173,21 @@ pub async fn start(
     .await?;
     // Every key the ledger holds must verify as imported: a key that does not (a snapshot
     // edited on disk, a vendor removed from the trust list) stops the start, named.
-    let unverified = consensus.read(|ledger| ledger.unverified_keys());
-    if !unverified.is_empty() {
+    // So must every signed object the stored log carries: keys are verified before they are
+    // proposed, so an import in the log that does not verify was edited on disk (or its
+    // vendor left the trust list), and replaying it would silently drop or add the key.
+    let unverified_keys = consensus.read(|ledger| ledger.unverified_keys());
+    let unverified_entries = consensus.unverified_log_entries();
+    if !unverified_keys.is_empty() || !unverified_entries.is_empty() {
         consensus.shutdown().await;
-        let named: Vec<String> = unverified
+        let named: Vec<String> = unverified_keys
             .iter()
             .map(|(key_id, why)| format!("license key {key_id}: {why}"))
+            .chain(
+                unverified_entries
+                    .iter()
+                    .map(|(index, why)| format!("raft log entry {index}, {why}")),
+            )
             .collect();
         return Err(StartError::DataDir {
             path: config
@@ -187,7 +196,7 @@ pub async fn start(
                 .display()
                 .to_string(),
             message: format!(
-                "the ledger holds keys that do not verify against the trusted vendor keys: {}. The data directory was edited, or the trust list no longer names their vendor: restore the data directory from a backup, or trust the vendor's key again",
+                "the ledger holds keys or log entries that do not verify against the trusted vendor keys: {}. The data directory was edited, or the trust list no longer names their vendor: restore the data directory from a backup, or trust the vendor's key again",
                 named.join("; ")
             ),
         });

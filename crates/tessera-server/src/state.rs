@@ -435,6 +435,10 @@ impl AppState {
     }
 
     pub async fn import_key(&self, key: LicenseKey) -> Result<String, ApiError> {
+        // Verified before it is proposed (the ledger verifies again on apply): a key that does
+        // not verify never enters the log, so one found there at start was edited on disk.
+        self.read(|ledger| ledger.verify_key_signature(&key))
+            .map_err(|error| ApiError::Refused(tessera_core::Refusal::KeyRejected { error }))?;
         match self.propose_issuing(Command::ImportKey { key }).await? {
             Outcome::KeyImported { key_id } => {
                 self.history.key_event(

@@ -2016,30 +2016,8 @@ async fn a_ledger_key_that_does_not_verify_stops_the_start_naming_it() {
             [tampered.as_bytes()],
         )
         .unwrap();
-    let config = ServerConfig {
-        data_dir: dir.path().join("data"),
-        listen: "127.0.0.1:0".into(),
-        trust: vec![dir.path().join("vendor.pub")],
-        server_id: Some("srv-test".into()),
-        lease_ttl: LEASE_TTL,
-        ..ServerConfig::default()
-    };
-    let start = |config: ServerConfig| {
-        let clock = clock.clone();
-        async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tessera_server::start(
-                listener,
-                ServerOptions {
-                    config,
-                    clock: Arc::new(clock),
-                    ids: LeaseIds::from_seed([3; 32]),
-                    run_timers: false,
-                },
-            )
-            .await
-        }
-    };
+    let config = stored_config(dir.path());
+    let start = |config: ServerConfig| try_start(config, &clock);
     let error = start(config.clone()).await.err().expect("refused to start");
     let message = error.to_string();
     assert!(
@@ -2070,6 +2048,108 @@ async fn a_ledger_key_that_does_not_verify_stops_the_start_naming_it() {
     assert!(error.to_string().contains("license key k-five"), "{error}");
     // Trusting the vendor again: it starts, with its 5 licenses.
     let server = start(config).await.unwrap();
+    let status = Client::new(&server.url(), None).status().await.unwrap();
+    assert_eq!(status.components[0].licenses, 5);
+    server.shutdown().await;
+}
+
+/// The configuration [`start_server`] uses, for tests that start by hand to see a refusal.
+fn stored_config(dir: &Path) -> ServerConfig {
+    ServerConfig {
+        data_dir: dir.join("data"),
+        listen: "127.0.0.1:0".into(),
+        trust: vec![dir.join("vendor.pub")],
+        server_id: Some("srv-test".into()),
+        lease_ttl: LEASE_TTL,
+        ..ServerConfig::default()
+    }
+}
+
+/// Starts a server with `config`, returning the start error if it refuses.
+async fn try_start(
+    config: ServerConfig,
+    clock: &ManualClock,
+) -> Result<RunningServer, tessera_server::error::StartError> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    tessera_server::start(
+        listener,
+        ServerOptions {
+            config,
+            clock: Arc::new(clock.clone()),
+            ids: LeaseIds::from_seed([3; 32]),
+            run_timers: false,
+        },
+    )
+    .await
+}
+
+/// Attack T3: edit the key inside the log entry that imported it (5 licenses made 500, the
+/// signature kept). Replaying it would silently drop the key; the server refuses to start,
+/// naming the log entry and the key. A tampered key sent over the API is refused before it
+/// is proposed, so it never reaches the log and a restart after it is clean.
+#[tokio::test]
+async fn a_log_entry_whose_key_does_not_verify_stops_the_start_naming_it() {
+    let f = Fixture::start().await;
+    let key = f.key("k-five", &["cad"], 5);
+    // Tampered in transit: refused at once (422), and nothing is written.
+    let tampered_json = key
+        .to_json_pretty()
+        .replace("\"licenses\": 5,", "\"licenses\": 50,");
+    assert_ne!(tampered_json, key.to_json_pretty());
+    let refused = f.admin().import_key(tampered_json).await.unwrap_err();
+    assert!(
+        refused.to_string().contains("key_bad_signature"),
+        "{refused}"
+    );
+    f.import(&key).await;
+    let store = f.dir.path().join("data").join("raft.sqlite3");
+    let Fixture {
+        dir, clock, server, ..
+    } = f;
+    server.shutdown().await;
+    // A restart as it is: fine (the refused upload left nothing in the log).
+    start_server(dir.path(), &clock, 2).await.shutdown().await;
+    let connection = rusqlite::Connection::open(&store).unwrap();
+    let (index, entry): (i64, Vec<u8>) = connection
+        .query_row(
+            "SELECT log_index, entry FROM raft_log WHERE CAST(entry AS TEXT) LIKE '%import_key%'",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .unwrap();
+    let text = String::from_utf8(entry).unwrap();
+    assert!(text.contains("\"licenses\":5,"), "{text}");
+    connection
+        .execute(
+            "UPDATE raft_log SET entry = ?1 WHERE log_index = ?2",
+            rusqlite::params![
+                text.replace("\"licenses\":5,", "\"licenses\":500,")
+                    .as_bytes(),
+                index
+            ],
+        )
+        .unwrap();
+    drop(connection);
+    let error = try_start(stored_config(dir.path()), &clock)
+        .await
+        .err()
+        .expect("refused to start");
+    let message = error.to_string();
+    assert!(
+        message.contains(&format!("raft log entry {index}"))
+            && message.contains("license key k-five")
+            && message.contains("raft.sqlite3"),
+        "{message}"
+    );
+    // Put back as it was: it starts, with its 5 licenses.
+    rusqlite::Connection::open(&store)
+        .unwrap()
+        .execute(
+            "UPDATE raft_log SET entry = ?1 WHERE log_index = ?2",
+            rusqlite::params![text.as_bytes(), index],
+        )
+        .unwrap();
+    let server = start_server(dir.path(), &clock, 2).await;
     let status = Client::new(&server.url(), None).status().await.unwrap();
     assert_eq!(status.components[0].licenses, 5);
     server.shutdown().await;

@@ -29,7 +29,7 @@ use openraft::{EntryPayload, LogState, OptionalSend, RaftLogReader};
 use tessera_core::Stamped;
 
 use crate::types::{Entry, LogId, Proposal, TypeConfig, Vote};
-use crate::writer::{Done, LoadedLog, META_VOTE, Write, Writer, WriterStats};
+use crate::writer::{Done, LoadedLog, META_ALONE_EPOCH, META_VOTE, Write, Writer, WriterStats};
 
 /// The Raft log store. Cheap to clone; clones share the log (a clone is the log reader).
 #[derive(Clone)]
@@ -62,6 +62,39 @@ impl LogStore {
             .flat_map(|(_, entry)| match &entry.payload {
                 EntryPayload::Normal(Proposal(batch)) => batch.clone(),
                 _ => Vec::new(),
+            })
+            .collect()
+    }
+
+    /// The epoch of the alone journal this host began and has not seen merged (a pair host
+    /// serving alone), as last made durable by [`LogStore::set_alone_epoch`].
+    pub fn alone_epoch(&self) -> Option<u64> {
+        self.state().alone_epoch
+    }
+
+    /// Records (durably, before it returns) that this host serves alone in `epoch`, or, with
+    /// `None`, that its alone journal was merged. A journal file found missing or older than
+    /// this record was deleted or put back from a copy.
+    pub async fn set_alone_epoch(&self, epoch: Option<u64>) -> io::Result<()> {
+        self.writer
+            .write(Write::Meta {
+                name: META_ALONE_EPOCH,
+                value: epoch.as_ref().map(encode).transpose()?,
+            })
+            .await?;
+        self.state().alone_epoch = epoch;
+        Ok(())
+    }
+
+    /// The stored entries' commands with their log index (purged entries excepted), committed
+    /// or not: what the start check verifies (see `tessera_core::Ledger::unverified_command`).
+    pub fn proposal_entries(&self) -> Vec<(u64, Vec<Stamped>)> {
+        self.state()
+            .entries
+            .iter()
+            .filter_map(|(index, entry)| match &entry.payload {
+                EntryPayload::Normal(Proposal(batch)) => Some((*index, batch.clone())),
+                _ => None,
             })
             .collect()
     }

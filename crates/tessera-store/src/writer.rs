@@ -43,6 +43,9 @@ pub const COMMITTED_RIDE_EVERY_MS: u64 = 1_000;
 pub(crate) const META_VOTE: &str = "vote";
 pub(crate) const META_COMMITTED: &str = "committed";
 pub(crate) const META_LAST_PURGED: &str = "last_purged";
+/// The epoch of the alone journal a pair host began (`tessera_server::pair`), kept here too
+/// so a journal deleted or replaced by an older copy is noticed; absent once merged.
+pub(crate) const META_ALONE_EPOCH: &str = "alone_epoch";
 
 /// One change to the database.
 pub(crate) enum Write {
@@ -107,6 +110,7 @@ pub(crate) struct LoadedLog {
     pub vote: Option<Vote>,
     pub committed: Option<LogId>,
     pub last_purged: Option<LogId>,
+    pub alone_epoch: Option<u64>,
     pub entries: BTreeMap<u64, Entry>,
 }
 
@@ -389,6 +393,7 @@ fn load(conn: &Connection) -> Result<Loaded, StoreError> {
         vote: decode(meta(META_VOTE)?)?,
         committed: decode(meta(META_COMMITTED)?)?,
         last_purged: decode(meta(META_LAST_PURGED)?)?,
+        alone_epoch: decode(meta(META_ALONE_EPOCH)?)?,
         entries: BTreeMap::new(),
     };
     let mut statement = conn.prepare("SELECT entry FROM raft_log ORDER BY log_index")?;

@@ -94,13 +94,16 @@ fn reports_audit_and_password_hash_through_the_cli() {
     ]
     .concat());
     let lines: Vec<&str> = csv.lines().collect();
-    assert_eq!(lines.len(), 5, "{csv}");
+    // The key covers cad and cam: a lease is in use under both (docs/operations.md, "What
+    // 'in use' means"), so each grant is a row per component; the denial names what was asked.
+    assert_eq!(lines.len(), 7, "{csv}");
     assert!(lines[0].starts_with("time,kind,component,station"));
     assert!(lines[2].contains(",granted,cad,ws-1,ann,ws-1,"), "{csv}");
-    assert!(lines[4].contains(",denied,cad,ws-3,"), "{csv}");
+    assert!(lines[3].contains(",granted,cam,ws-1,ann,ws-1,"), "{csv}");
+    assert!(lines[6].contains(",denied,cad,ws-3,"), "{csv}");
     let json = ok(&[&["report", "usage", "--format", "json"][..], &remote].concat());
     let rows: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
-    assert_eq!(rows.len(), 4);
+    assert_eq!(rows.len(), 6);
 
     let online = ok(&[&["audit", "verify"][..], &remote].concat());
     assert!(online.contains("audit chain intact"), "{online}");

@@ -473,6 +473,69 @@ fn a_pair_serves_alone_within_a_share_across_kill_9_of_either_host_and_merges_wi
     assert_eq!(held_leases(&pair.url(1), &pair.token()), held);
 }
 
+/// Attack T11: split the pair, let the backup issue its whole share alone, kill -9 it,
+/// delete its alone journal and start it again, hoping for a fresh share. Its store still
+/// records the alone epoch, so it does not serve alone (Recovering, with the reason and the
+/// `pair_journal_lost` event) until the primary is back and the pair has merged, within the
+/// key.
+#[test]
+fn a_host_whose_alone_journal_was_deleted_does_not_serve_its_share_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pair, host_1, host_2) = paired(dir.path());
+    host_1.kill_9();
+    wait_status(&pair.url(2), "Primary not available", "alone");
+    let issued: Vec<String> = ["ws-1", "ws-2", "ws-3"]
+        .iter()
+        .filter_map(|station| checkout(&pair.url(2), station).ok())
+        .collect();
+    assert_eq!(issued.len(), (LICENSES / 2) as usize, "the backup's share");
+
+    host_2.kill_9();
+    let data = pair.root.join("data-2");
+    assert!(data.join("pair-alone.sqlite3").exists());
+    for file in [
+        "pair-alone.sqlite3",
+        "pair-alone.sqlite3-wal",
+        "pair-alone.sqlite3-shm",
+    ] {
+        let _ = std::fs::remove_file(data.join(file));
+    }
+    let host_2 = pair.start(2);
+    let status = wait_status(&pair.url(2), "Recovering", "recovering");
+    let reason = status["last_error"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("alone journal") && reason.contains("is missing"),
+        "{status:#}"
+    );
+    // Not one more license: new stations are refused while it waits for the primary.
+    // (The host answers 503 pair_recovering; the client then tries the primary, which is
+    // down, so the last error it reports is either.)
+    for station in ["ws-4", "ws-5"] {
+        let refused = checkout(&pair.url(2), station).unwrap_err();
+        assert!(
+            refused.contains("pair_recovering") || refused.contains("cannot reach"),
+            "{refused}"
+        );
+    }
+    let events = ok(&["events", "--server", &pair.url(2), "--token", &pair.token()]);
+    assert!(events.contains("pair_journal_lost"), "{events}");
+
+    // The primary comes back: the pair merges within the key, and the record is cleared.
+    let host_1 = pair.start(1);
+    wait_status(&pair.url(1), "Paired and Available", "paired");
+    wait_status(&pair.url(2), "Paired and Available", "paired");
+    assert!(held_leases(&pair.url(1), &pair.token()).len() <= LICENSES as usize);
+    for station in ["ws-1", "ws-2", "ws-3", "ws-4", "ws-5"] {
+        let _ = checkout(&pair.servers(), station);
+    }
+    let held = held_leases(&pair.url(1), &pair.token());
+    assert_eq!(held.len(), LICENSES as usize, "{held:?}");
+    // Split again, it serves alone again: the lost journal is behind it.
+    host_1.kill_9();
+    wait_status(&pair.url(2), "Primary not available", "alone");
+    drop(host_2);
+}
+
 #[test]
 fn a_partition_between_the_hosts_with_stations_on_both_sides_never_over_issues() {
     use tessera_server::fault_proxy::{self, Cuts};

@@ -745,6 +745,16 @@ impl Consensus {
         tessera_store::alone_ledger(&self.inner.ledger, &self.inner.log, share)
     }
 
+    /// The alone epoch this host's store records as begun and not merged (a pair host).
+    pub fn alone_epoch(&self) -> Option<u64> {
+        self.inner.log.alone_epoch()
+    }
+
+    /// Records durably that this host serves alone in `epoch` (`None`: merged).
+    pub async fn set_alone_epoch(&self, epoch: Option<u64>) -> std::io::Result<()> {
+        self.inner.log.set_alone_epoch(epoch).await
+    }
+
     /// This host's log as (index, log id, digest of the entry), for checking that no two hosts
     /// hold different entries under one log id (see `LogStore::digests`).
     pub fn log_digests(&self) -> Vec<(u64, tessera_store::types::LogId, u64)> {
@@ -777,6 +787,24 @@ impl Consensus {
             .key
             .as_ref()
             .is_some_and(|key| key.verify(rpc, body, tag))
+    }
+
+    /// The stored log entries carrying a signed object that does not verify, as
+    /// (log index, what and why), read from the log itself (whether replayed yet or not).
+    pub fn unverified_log_entries(&self) -> Vec<(u64, String)> {
+        let entries = self.inner.log.proposal_entries();
+        self.read(|ledger| {
+            entries
+                .iter()
+                .flat_map(|(index, batch)| {
+                    batch.iter().filter_map(move |stamped| {
+                        ledger
+                            .unverified_command(&stamped.command)
+                            .map(|why| (*index, why))
+                    })
+                })
+                .collect()
+        })
     }
 
     /// Asks openraft to write a snapshot now (it does so in the background; normally every

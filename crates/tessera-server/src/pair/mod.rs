@@ -310,7 +310,17 @@ impl Pair {
                 }
                 Mode::Recovering => {
                     let merged = consensus.read(|ledger| ledger.merged_epoch(share));
-                    let own_merged = inner.journal.as_ref().is_none_or(|j| merged >= j.epoch);
+                    // A lost journal (see `go_alone`) has nothing to hand over: this host is
+                    // one of the pair again once the other host serves paired, merged.
+                    let journal_epoch = inner.journal.as_ref().map_or(0, |j| j.epoch);
+                    let lost = consensus
+                        .alone_epoch()
+                        .is_some_and(|begun| begun > merged && journal_epoch < begun);
+                    let own_merged = if lost {
+                        heard < RECENT && link.peer_mode() == Some(Mode::Paired)
+                    } else {
+                        inner.journal.as_ref().is_none_or(|j| merged >= j.epoch)
+                    };
                     let driver_done = share != Share::Primary || inner.recovery_done;
                     if own_merged && driver_done {
                         Next::Paired
@@ -351,6 +361,14 @@ impl Pair {
                 self.spawn_recovery(state);
             }
             Next::Paired => {
+                // The pair is one again: the replicated ledger is the truth, and no alone
+                // epoch of this host is open any more.
+                if consensus.alone_epoch().is_some()
+                    && let Err(e) = consensus.set_alone_epoch(None).await
+                {
+                    self.lock().last_error = Some(format!("clearing the alone epoch: {e}"));
+                    return;
+                }
                 let mut inner = self.lock();
                 if let Some(journal) = inner.journal.take()
                     && let Err(e) = journal.delete()
@@ -373,18 +391,58 @@ impl Pair {
         if let Some(task) = self.lock().recovery.take() {
             task.abort();
         }
-        consensus.pair_link().set_serving_alone(true).await;
         let merged = consensus.read(|ledger| ledger.merged_epoch(share));
+        let epoch = {
+            let mut inner = self.lock();
+            // The store records each alone epoch begun until it is merged: a journal missing,
+            // or older than that record, was deleted or put back from a copy, and serving
+            // alone from it would issue the share's licenses a second time (attack T11).
+            let previous_epoch = inner.journal.as_ref().map_or(0, |j| j.epoch);
+            if let Some(begun) = consensus.alone_epoch()
+                && begun > merged
+                && previous_epoch < begun
+            {
+                let error = lost_journal_error(&self.data_dir, begun, inner.journal.as_ref());
+                if inner.last_error.as_deref() != Some(error.as_str()) {
+                    tracing::error!(%error, "not serving alone");
+                    state.notifier.emit(
+                        state.stamper.now_ms(),
+                        "pair_journal_lost",
+                        "critical",
+                        error.clone(),
+                        serde_json::json!({"epoch": begun}),
+                    );
+                }
+                inner.last_error = Some(error);
+                self.set_mode(&mut inner, state, Mode::Recovering);
+                None
+            } else {
+                drop(inner.journal.take());
+                Some(
+                    (merged + 1)
+                        .max(previous_epoch + 1)
+                        .max(state.stamper.now_ms().max(0) as u64),
+                )
+            }
+        };
+        // Refused: its Raft routes stay open (it holds nothing alone), so the pair can merge.
+        let Some(epoch) = epoch else {
+            consensus.pair_link().set_serving_alone(false).await;
+            return;
+        };
+        consensus.pair_link().set_serving_alone(true).await;
+        let began = Journal::begin(&self.data_dir, share, epoch);
+        let recorded = match &began {
+            Ok(_) => consensus
+                .set_alone_epoch(Some(epoch))
+                .await
+                .map_err(|e| format!("recording the alone epoch in the store: {e}")),
+            Err(_) => Ok(()),
+        };
         let mut inner = self.lock();
-        let previous = inner.journal.take();
-        let previous_epoch = previous.as_ref().map_or(0, |j| j.epoch);
-        drop(previous);
-        let epoch = (merged + 1)
-            .max(previous_epoch + 1)
-            .max(state.stamper.now_ms().max(0) as u64);
-        let journal = match Journal::begin(&self.data_dir, share, epoch) {
-            Ok(journal) => journal,
-            Err(e) => {
+        let journal = match (began, recorded) {
+            (Ok(journal), Ok(())) => journal,
+            (Err(e), _) | (Ok(_), Err(e)) => {
                 // Without a journal nothing may be served alone.
                 inner.last_error = Some(e);
                 self.set_mode(&mut inner, state, Mode::Recovering);
@@ -548,6 +606,20 @@ impl Pair {
             last_contact_ms: heard.map(|age| age.as_millis() as u64),
         }
     }
+}
+
+/// Why a host does not serve alone when its alone journal is missing or older than the
+/// epoch its store recorded.
+fn lost_journal_error(data_dir: &std::path::Path, begun: u64, journal: Option<&Journal>) -> String {
+    let path = data_dir.join(journal::JOURNAL_FILE_NAME);
+    let found = match journal {
+        None => "is missing".to_string(),
+        Some(journal) => format!("holds the older epoch {}", journal.epoch),
+    };
+    format!(
+        "the alone journal {} {found}, but this host began serving alone in epoch {begun} and that epoch was not merged: the journal was deleted or put back from a copy, so this host does not serve alone (its leases of that epoch would be issued twice) and serves again once the pair has merged",
+        path.display()
+    )
 }
 
 /// What the pair status is computed from (one host's view).
