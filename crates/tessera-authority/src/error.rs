@@ -68,6 +68,15 @@ pub enum AuthorityError {
         last_sequence: u64,
     },
 
+    #[error(
+        "license server {server_id} is refused as a copy of its data (server_cloned): {detail}. The vendor resets the chain (`tessera authority server reset {server_id}`) once only the legitimate installation is left"
+    )]
+    ServerCloned { server_id: String, detail: String },
+    #[error(
+        "license server {server_id} is refused as rolled back (server_rolled_back): {detail}. The vendor resets the chain (`tessera authority server reset {server_id}`) once the server is accounted for"
+    )]
+    ServerRolledBack { server_id: String, detail: String },
+
     // ---- internal -------------------------------------------------------------------------
     #[error("storage: {0}")]
     Storage(#[from] rusqlite::Error),
@@ -97,6 +106,8 @@ impl AuthorityError {
             E::UnsupportedFormat { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "unsupported_format"),
             E::ServerIdInUse { .. } => (StatusCode::CONFLICT, "server_id_in_use"),
             E::ReplayedRequest { .. } => (StatusCode::CONFLICT, "replayed_request"),
+            E::ServerCloned { .. } => (StatusCode::CONFLICT, "server_cloned"),
+            E::ServerRolledBack { .. } => (StatusCode::CONFLICT, "server_rolled_back"),
             E::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage"),
             E::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
