@@ -201,14 +201,21 @@ pub fn judge(chain: &[Link], claim: Claim<'_>) -> Result<Step, Fault> {
     } else {
         "another installation (another host or data directory) holding the same identity: a copy of the data directory"
     };
+    let head_text = if witness.position == head.position {
+        String::new()
+    } else {
+        format!(
+            "; the chain's head is link {} issued {}",
+            head.position,
+            time_text(head.issued_at_ms)
+        )
+    };
     Err(Fault {
         kind,
         detail: format!(
-            "it presents {presented_text}, but the authority already answered past that point: {what}, link {} issued {}, went to {whose}; the chain's head is link {} issued {}",
+            "it presents {presented_text}, but the authority already answered past that point: {what}, link {} issued {}, went to {whose}{head_text}",
             witness.position,
             time_text(witness.issued_at_ms),
-            head.position,
-            time_text(head.issued_at_ms),
         ),
     })
 }

@@ -69,11 +69,11 @@ pub enum AuthorityError {
     },
 
     #[error(
-        "license server {server_id} is refused as a copy of its data (server_cloned): {detail}. The vendor resets the chain (`tessera authority server reset {server_id}`) once only the legitimate installation is left"
+        "license server {server_id} is refused as a copy of its data: {detail}. The vendor resets the chain (`tessera authority server reset {server_id}`) once only the legitimate installation is left"
     )]
     ServerCloned { server_id: String, detail: String },
     #[error(
-        "license server {server_id} is refused as rolled back (server_rolled_back): {detail}. The vendor resets the chain (`tessera authority server reset {server_id}`) once the server is accounted for"
+        "license server {server_id} is refused as rolled back: {detail}. The vendor resets the chain (`tessera authority server reset {server_id}`) once the server is accounted for"
     )]
     ServerRolledBack { server_id: String, detail: String },
 
