@@ -2,6 +2,7 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use tessera_core::sync::{SERVER_CLONED, SERVER_ROLLED_BACK};
 
 use crate::wire::{ErrorBody, ErrorDetail};
 
@@ -106,8 +107,9 @@ impl AuthorityError {
             E::UnsupportedFormat { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "unsupported_format"),
             E::ServerIdInUse { .. } => (StatusCode::CONFLICT, "server_id_in_use"),
             E::ReplayedRequest { .. } => (StatusCode::CONFLICT, "replayed_request"),
-            E::ServerCloned { .. } => (StatusCode::CONFLICT, "server_cloned"),
-            E::ServerRolledBack { .. } => (StatusCode::CONFLICT, "server_rolled_back"),
+            // The codes the license server recognizes (`tessera_core::sync`): keep them there.
+            E::ServerCloned { .. } => (StatusCode::CONFLICT, SERVER_CLONED),
+            E::ServerRolledBack { .. } => (StatusCode::CONFLICT, SERVER_ROLLED_BACK),
             E::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage"),
             E::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
