@@ -512,6 +512,22 @@ pub struct SyncStatus {
     /// `off`, `daily` or `weekly`.
     pub schedule: String,
     pub authority: Option<String>,
+    /// The authority refused this server's sync chain (a copy or a restored backup of its
+    /// data): automatic syncs are stopped until the vendor resets the chain and a sync
+    /// succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocked: Option<SyncBlocked>,
+}
+
+/// Why syncs are blocked (`SyncStatus.blocked`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SyncBlocked {
+    /// `server_cloned` or `server_rolled_back`.
+    pub code: String,
+    /// The authority's explanation.
+    pub message: String,
+    #[schema(value_type = String, format = DateTime)]
+    pub at: Timestamp,
 }
 
 /// What a completed sync changed.

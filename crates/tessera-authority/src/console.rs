@@ -1,6 +1,7 @@
-//! The vendor's console: customers, license server IDs (binding, last sync, certificate),
-//! keys and renewal keys, on one page at `/`. Sign in with the admin token (`/login?token=`
-//! or the form); the session cookie holds a hash of the token, never the token itself.
+//! The vendor's console: alerts (clones and rollbacks detected, resets), customers, license
+//! server IDs (binding, last sync, certificate), keys and renewal keys, on one page at `/`.
+//! Sign in with the admin token (`/login?token=` or the form); the session cookie holds a
+//! hash of the token, never the token itself.
 //! Changes are made with the CLI or the API; the page shows their result.
 
 use std::fmt::Write;
@@ -130,10 +131,11 @@ async fn page(State(state): State<SharedState>, headers: HeaderMap) -> Response 
                 registry::list_customers(db)?,
                 registry::list_servers(db, None)?,
                 registry::list_keys(db, None)?,
+                crate::chain::list_alerts(db)?,
             ))
         })
         .await;
-    let (customers, servers, keys) = match lists {
+    let (customers, servers, keys, alerts) = match lists {
         Ok(lists) => lists,
         Err(error) => return error.into_response(),
     };
@@ -144,6 +146,31 @@ async fn page(State(state): State<SharedState>, headers: HeaderMap) -> Response 
         "<h1>Tessera authority</h1><p>Vendor key {} &middot; <a href=/logout>sign out</a></p>",
         escape(&state.vendor.public_key().fingerprint())
     );
+    // Clones and rollbacks first: they are what the vendor must act on.
+    html.push_str("<h2>Alerts</h2>");
+    if alerts.is_empty() {
+        html.push_str("<p>No clone or rollback detected.</p>");
+    } else {
+        html.push_str("<table><tr><th>Kind</th><th>Server ID</th><th>Customer</th><th>First seen</th><th>Last seen</th><th>Times</th><th>Detail</th></tr>");
+        for a in &alerts {
+            let kind = if a.kind == crate::chain::CHAIN_RESET {
+                escape(&a.kind)
+            } else {
+                format!("<span class=warn>{}</span>", escape(&a.kind))
+            };
+            let _ = write!(
+                html,
+                "<tr><td>{kind}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                escape(&a.server_id),
+                escape(&a.customer),
+                a.at,
+                a.last_at,
+                a.count,
+                escape(&a.detail)
+            );
+        }
+        html.push_str("</table>");
+    }
     html.push_str(
         "<h2>Customers</h2><table><tr><th>Customer</th><th>Since</th><th>License servers</th></tr>",
     );

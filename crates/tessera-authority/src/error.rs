@@ -2,6 +2,7 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use tessera_core::sync::{SERVER_CLONED, SERVER_ROLLED_BACK};
 
 use crate::wire::{ErrorBody, ErrorDetail};
 
@@ -68,6 +69,15 @@ pub enum AuthorityError {
         last_sequence: u64,
     },
 
+    #[error(
+        "license server {server_id} is refused as a copy of its data: {detail}. The vendor resets the chain (`tessera authority server reset {server_id}`) once only the legitimate installation is left"
+    )]
+    ServerCloned { server_id: String, detail: String },
+    #[error(
+        "license server {server_id} is refused as rolled back: {detail}. The vendor resets the chain (`tessera authority server reset {server_id}`) once the server is accounted for"
+    )]
+    ServerRolledBack { server_id: String, detail: String },
+
     // ---- internal -------------------------------------------------------------------------
     #[error("storage: {0}")]
     Storage(#[from] rusqlite::Error),
@@ -97,6 +107,9 @@ impl AuthorityError {
             E::UnsupportedFormat { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "unsupported_format"),
             E::ServerIdInUse { .. } => (StatusCode::CONFLICT, "server_id_in_use"),
             E::ReplayedRequest { .. } => (StatusCode::CONFLICT, "replayed_request"),
+            // The codes the license server recognizes (`tessera_core::sync`): keep them there.
+            E::ServerCloned { .. } => (StatusCode::CONFLICT, SERVER_CLONED),
+            E::ServerRolledBack { .. } => (StatusCode::CONFLICT, SERVER_ROLLED_BACK),
             E::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage"),
             E::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }

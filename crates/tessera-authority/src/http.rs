@@ -21,7 +21,8 @@ use crate::error::AuthorityError;
 use crate::ids::{constant_time_eq, normalize_server_id};
 use crate::registry;
 use crate::wire::{
-    CustomerInfo, Health, IssueKey, KeyInfo, NewCustomer, NewServer, RenewKey, ServerInfo,
+    AlertInfo, CustomerInfo, Health, IssueKey, KeyInfo, NewCustomer, NewServer, RenewKey,
+    ServerInfo,
 };
 
 /// Largest request body accepted. The biggest legitimate body is a sync request listing the
@@ -78,6 +79,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/keys/{key_id}", get(get_key))
         .route("/v1/keys/{key_id}/renewal", post(renew_key))
         .route("/v1/keys/{key_id}/revoke", post(revoke_key))
+        .route("/v1/alerts", get(list_alerts))
         .route("/v1/sync", post(sync))
         .route("/v1/sync/process", post(process))
         .merge(crate::console::router())
@@ -252,7 +254,7 @@ async fn reset_server(
     let server_id = normalize_server_id(&server_id);
     Ok(Json(
         state
-            .run(move |db, _, _| registry::reset_server(db, &server_id))
+            .run(move |db, _, now_ms| registry::reset_server(db, &server_id, now_ms))
             .await?,
     ))
 }
@@ -322,6 +324,16 @@ async fn revoke_key(
         state
             .run(move |db, _, now_ms| registry::revoke_key(db, &key_id, now_ms))
             .await?,
+    ))
+}
+
+/// Clones and rollbacks detected at syncs, and the vendor's resets, newest first.
+async fn list_alerts(
+    State(state): State<SharedState>,
+    _admin: Admin,
+) -> Result<Json<Vec<AlertInfo>>, AuthorityError> {
+    Ok(Json(
+        state.run(|db, _, _| crate::chain::list_alerts(db)).await?,
     ))
 }
 

@@ -8,6 +8,7 @@
 //! - [`store`]: SQLite (WAL, `synchronous=FULL`), migrations from `migrations/`, row readers.
 //! - [`registry`]: customers, server IDs, issuing, renewal keys, revocation, input bounds.
 //! - [`sync`]: the binding and replay rules and the signed sync response.
+//! - [`chain`]: the sync chain per server, its clone and rollback rules, the vendor's alerts.
 //! - [`http`]: routes, extractors (admin token, bounded JSON bodies), handlers.
 //! - [`wire`]: JSON bodies of the admin API, shared with the CLI.
 //! - [`error`]: the one error enum and its mapping to HTTP status and stable code.
@@ -16,6 +17,7 @@
 //! Time comes only from the injected [`tessera_core::Clock`], read once per operation while
 //! the database lock is held; randomness only from the OS, for identifiers and keys.
 
+pub mod chain;
 pub mod console;
 pub mod data_dir;
 pub mod error;

@@ -8,6 +8,7 @@ use rusqlite::{Connection, ErrorCode, TransactionBehavior, params};
 use tessera_core::key::{COMPONENTS_PER_KEY_MAX, LICENSES_PER_KEY_MAX, NAME_LENGTH_MAX, is_name};
 use tessera_core::{LicenseKey, LicenseKeyPayload, PublicKey, SecretKey};
 
+use crate::chain;
 use crate::error::AuthorityError;
 use crate::ids::{random_key_id, random_server_id};
 use crate::store::{self, DAY_MS, KeyRow, SERVER_COLUMNS, ServerRow, timestamp};
@@ -221,14 +222,18 @@ pub fn list_servers(
     rows.map(|row| server_info(&row?)).collect()
 }
 
-/// Clears the key pair bound to a server ID, so the next sync binds whichever key pair asks
-/// first: the vendor's answer to "we reinstalled the server". The sequence restarts with the
-/// new binding, since a fresh installation counts from 1 again.
+/// Clears the key pair bound to a server ID and its sync chain, so the next sync binds
+/// whichever key pair asks first and starts a new chain: the vendor's answer to "we
+/// reinstalled the server" and to a clone or rollback once only the legitimate installation
+/// is left. The sequence restarts with the new binding, since a fresh installation counts
+/// from 1 again. Recorded as a `chain_reset` alert.
 pub fn reset_server(
-    connection: &Connection,
+    connection: &mut Connection,
     server_id: &str,
+    now_ms: i64,
 ) -> Result<ServerInfo, AuthorityError> {
-    let changed = connection.execute(
+    let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let changed = transaction.execute(
         "UPDATE servers SET public_key = NULL, bound_at_ms = NULL, last_sequence = 0 \
          WHERE server_id = ?1",
         params![server_id],
@@ -238,8 +243,21 @@ pub fn reset_server(
             server_id: server_id.to_string(),
         });
     }
-    tracing::info!(server_id, "server ID binding reset");
-    server_info(&store::server(connection, server_id)?)
+    let links = chain::clear(&transaction, server_id)?;
+    chain::record_alert(
+        &transaction,
+        server_id,
+        chain::CHAIN_RESET,
+        None,
+        &format!(
+            "the vendor reset the key pair binding and the sync chain ({links} responses): the next sync binds its key pair and starts a new chain"
+        ),
+        now_ms,
+    )?;
+    let info = server_info(&store::server(&transaction, server_id)?)?;
+    transaction.commit()?;
+    tracing::info!(server_id, links, "server ID binding and sync chain reset");
+    Ok(info)
 }
 
 // ---- keys -----------------------------------------------------------------------------------

@@ -14,7 +14,10 @@ use tessera_core::LicenseKey;
 use crate::error::AuthorityError;
 
 /// `(version, sql)`, in order. Append only: a released migration is never edited.
-pub const MIGRATIONS: &[(u32, &str)] = &[(1, include_str!("../migrations/0001_initial.sql"))];
+pub const MIGRATIONS: &[(u32, &str)] = &[
+    (1, include_str!("../migrations/0001_initial.sql")),
+    (2, include_str!("../migrations/0002_sync_chain.sql")),
+];
 
 /// How long a writer waits for another connection's lock (e.g. a backup) before failing.
 const BUSY_TIMEOUT_MS: u64 = 5_000;

@@ -8,10 +8,13 @@
 //!    without the key pair that first synchronized it.
 //! 4. The sequence must be above the last one answered (`replayed_request`), so a captured
 //!    request cannot be played again to obtain a fresh certificate.
-//! 5. The answer carries a certificate valid 366 days from now, the live keys issued to the
+//! 5. The sync chain must hold ([`crate::chain`]): a clone or a rollback of the server's data
+//!    is refused (`server_cloned`, `server_rolled_back`) and recorded as an alert, in its
+//!    own committed transaction.
+//! 6. The answer carries a certificate valid 366 days from now, the live keys issued to the
 //!    ID, the revoked ids, and the renewal keys held for it; the server row records the
-//!    sequence and the time. All of it in one transaction: either the server's state moved
-//!    and it got the signed answer, or neither.
+//!    sequence and the time, the chain the new link. All of it in one transaction: either
+//!    the server's state moved and it got the signed answer, or neither.
 
 use rusqlite::{Connection, TransactionBehavior, params};
 use tessera_core::sync::{
@@ -20,6 +23,7 @@ use tessera_core::sync::{
 };
 use tessera_core::{PublicKey, SecretKey};
 
+use crate::chain::{self, Claim, FaultKind, Step};
 use crate::error::AuthorityError;
 use crate::store::{self, DAY_MS, ServerRow, timestamp};
 
@@ -112,6 +116,41 @@ pub fn answer(
             return Err(refusal);
         }
     };
+    // A new binding (first sync, or after a reset) starts a new chain.
+    let links = match binding {
+        Binding::Bind => {
+            chain::clear(&transaction, &server.server_id)?;
+            Vec::new()
+        }
+        Binding::Keep => chain::load(&transaction, &server.server_id)?,
+    };
+    let claim = Claim::of(asked);
+    let step = match chain::judge(&links, claim) {
+        Ok(step) => step,
+        Err(fault) => {
+            let code = fault.kind.code();
+            chain::record_alert(
+                &transaction,
+                &server.server_id,
+                code,
+                Some(claim),
+                &fault.detail,
+                now_ms,
+            )?;
+            transaction.commit()?;
+            tracing::warn!(
+                server_id = asked.server_id,
+                code,
+                detail = fault.detail,
+                "sync refused: sync chain broken"
+            );
+            let (server_id, detail) = (server.server_id, fault.detail);
+            return Err(match fault.kind {
+                FaultKind::Cloned => AuthorityError::ServerCloned { server_id, detail },
+                FaultKind::RolledBack => AuthorityError::ServerRolledBack { server_id, detail },
+            });
+        }
+    };
 
     let keys = store::keys_where(
         &transaction,
@@ -171,9 +210,18 @@ pub fn answer(
             params![server.server_id, sequence, now_ms],
         )?,
     };
+    chain::record(
+        &transaction,
+        &server.server_id,
+        &step,
+        &response.chain_hash(),
+        asked,
+        now_ms,
+    )?;
     transaction.commit()?;
     tracing::info!(
         server_id = server.server_id,
+        chain = step_name(&step),
         sequence = asked.sequence,
         bound = binding == Binding::Bind,
         keys = response.payload.keys.len(),
@@ -182,6 +230,15 @@ pub fn answer(
         "sync answered"
     );
     Ok(response)
+}
+
+fn step_name(step: &Step) -> &'static str {
+    match step {
+        Step::Start => "started",
+        Step::Extend { .. } => "extended",
+        Step::Retry { .. } => "retried",
+        Step::Unchained => "unchained",
+    }
 }
 
 #[cfg(test)]

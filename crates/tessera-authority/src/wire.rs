@@ -119,3 +119,21 @@ pub struct KeyInfo {
     pub renews: Option<String>,
     pub revoked_at: Option<Timestamp>,
 }
+
+/// An element of `GET /v1/alerts`, newest first: a clone or a rollback detected at a sync
+/// (`server_cloned`, `server_rolled_back`), or the vendor's reset of a server's chain
+/// (`chain_reset`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlertInfo {
+    pub id: i64,
+    pub server_id: String,
+    pub customer: String,
+    pub kind: String,
+    /// When it was first seen.
+    pub at: Timestamp,
+    /// When it was last seen (a blocked server asking again counts on the same alert).
+    pub last_at: Timestamp,
+    pub count: u64,
+    /// What the authority saw, for people.
+    pub detail: String,
+}

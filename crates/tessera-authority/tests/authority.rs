@@ -185,6 +185,10 @@ fn request(identity: &SecretKey, server_id: &str, sequence: u64, held: &[&str]) 
             nonce: format!("nonce-{sequence}-{}", identity.public_key().fingerprint()),
             created_at: jiff::Timestamp::from_millisecond(START_MS).unwrap(),
             keys: held.iter().map(|k| k.to_string()).collect(),
+            // A server older than the sync chain: `chain.rs` tests the chained requests.
+            last_response: None,
+            pending_since: None,
+            installation: None,
         },
         identity,
     )
@@ -553,6 +557,9 @@ async fn tessera(h: &Harness, args: &[&str]) -> anyhow::Result<String> {
 fn last_line(text: &str) -> &str {
     text.lines().last().unwrap_or("")
 }
+
+#[path = "authority/chain.rs"]
+mod chain;
 
 #[test]
 fn the_cli_definition_is_consistent() {

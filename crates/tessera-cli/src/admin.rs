@@ -104,7 +104,8 @@ pub enum SyncCommand {
     },
     /// Apply the vendor's response file.
     Import { file: PathBuf },
-    /// Show the last sync, the 366-day deadline and held renewal keys.
+    /// Show the last sync, the 366-day deadline, held renewal keys, and whether the authority
+    /// blocked syncs (server_cloned, server_rolled_back).
     Status {
         /// Print JSON instead of text.
         #[arg(long)]
@@ -174,6 +175,14 @@ pub async fn run_sync(args: SyncArgs) -> anyhow::Result<()> {
                 _ => println!("deadline:       none (never synchronized)"),
             }
             println!("schedule:       {}", status.schedule);
+            if let Some(blocked) = &status.blocked {
+                println!(
+                    "blocked:        {} since {}: automatic syncs stopped until the vendor resets this server's sync chain",
+                    blocked.code,
+                    tessera_api::time_text(blocked.at)
+                );
+                println!("                {}", blocked.message);
+            }
         }
     }
     Ok(())

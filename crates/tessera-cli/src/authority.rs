@@ -14,7 +14,8 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tessera_authority::wire::{
-    CustomerInfo, ErrorBody, IssueKey, KeyInfo, NewCustomer, NewServer, RenewKey, ServerInfo,
+    AlertInfo, CustomerInfo, ErrorBody, IssueKey, KeyInfo, NewCustomer, NewServer, RenewKey,
+    ServerInfo,
 };
 use tessera_authority::{AuthorityConfig, SystemClock};
 use tessera_core::LicenseKey;
@@ -86,6 +87,15 @@ pub enum AuthorityCommand {
         #[command(flatten)]
         remote: AuthorityRemote,
     },
+    /// List the clones and rollbacks detected at syncs (and the vendor's resets), newest
+    /// first.
+    Alerts {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: AuthorityRemote,
+    },
     /// Answer a sync request file from an air-gapped license server.
     Process {
         /// The request file the customer sent (from `POST /v1/sync/request` on their server).
@@ -132,7 +142,8 @@ pub enum ServerCommand {
         #[arg(long)]
         customer: Option<String>,
     },
-    /// Clear the key pair bound to a server ID, so a reinstalled server can sync again.
+    /// Clear the key pair bound to a server ID and its sync chain, so a reinstalled server
+    /// (or, after a clone or rollback, the legitimate one) can sync again.
     Reset { server_id: String },
 }
 
@@ -266,7 +277,39 @@ pub async fn run_command(
             out: path,
             remote,
         } => process(&input, &path, &Remote::new(&remote)?, out).await,
+        AuthorityCommand::Alerts { json, remote } => {
+            alerts(json, &Remote::new(&remote)?, out).await
+        }
     }
+}
+
+async fn alerts(json: bool, remote: &Remote, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
+    let alerts: Vec<AlertInfo> = remote.get("/v1/alerts").await?;
+    if json {
+        return print_json(out, &alerts);
+    }
+    if alerts.is_empty() {
+        writeln!(out, "no clone or rollback detected")?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<20} {:<14} {:<16} {:<20} {:>5}  DETAIL",
+        "KIND", "SERVER ID", "CUSTOMER", "LAST SEEN", "TIMES"
+    )?;
+    for alert in alerts {
+        writeln!(
+            out,
+            "{:<20} {:<14} {:<16} {:<20} {:>5}  {}",
+            alert.kind,
+            alert.server_id,
+            alert.customer,
+            short_time(Some(alert.last_at)),
+            alert.count,
+            alert.detail
+        )?;
+    }
+    Ok(())
 }
 
 async fn customer(
@@ -346,7 +389,7 @@ async fn server(
             let reset: ServerInfo = remote.post(&path, &serde_json::json!({})).await?;
             writeln!(
                 out,
-                "{}: key pair binding cleared; the next sync binds the key pair that sends it",
+                "{}: key pair binding and sync chain cleared; the next sync binds the key pair that sends it and starts a new chain",
                 reset.server_id
             )?;
         }

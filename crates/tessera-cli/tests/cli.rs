@@ -842,6 +842,8 @@ mod nemesis;
 mod package;
 #[path = "cli/pair.rs"]
 mod pair;
+#[path = "cli/sync_chain.rs"]
+mod sync_chain;
 #[path = "cli/tls.rs"]
 mod tls;
 

@@ -56,6 +56,9 @@ pub enum Command {
     BeginSync { nonce: String },
     /// Applies the vendor's answer to the awaited request.
     CompleteSync { response: Box<SyncResponse> },
+    /// The authority refused a sync as a clone or a rollback (`server_cloned`,
+    /// `server_rolled_back`): automatic syncs stop until one succeeds.
+    BlockSync { code: String, message: String },
     /// Automatic key renewal: replaces keys by the renewal keys held for them, where the
     /// renewal covers the same components and at least as many licenses.
     RenewKeys,
@@ -121,6 +124,7 @@ impl Command {
             Command::Expire => "expire",
             Command::BeginSync { .. } => "begin_sync",
             Command::CompleteSync { .. } => "complete_sync",
+            Command::BlockSync { .. } => "block_sync",
             Command::RenewKeys => "renew_keys",
             Command::AllocateKey { .. } => "allocate_key",
             Command::AllocateKeyToGroups { .. } => "allocate_key_to_groups",

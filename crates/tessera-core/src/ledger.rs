@@ -200,6 +200,27 @@ pub struct SyncState {
     /// outlives the key).
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub revoked: BTreeSet<String>,
+    /// The sync chain: the hash of the last response accepted (`SyncResponse::chain_hash`),
+    /// sent with every request so the authority sees clones and rollbacks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_response: Option<String>,
+    /// Sequence of the first request sent since the last accepted response (every retry
+    /// after a lost answer carries the same one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_since: Option<u64>,
+    /// The authority refused a sync as `server_cloned` or `server_rolled_back`: automatic
+    /// syncs stop until a sync succeeds again (after the vendor's reset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocked: Option<SyncBlock>,
+}
+
+/// Why syncs are blocked: the authority's refusal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncBlock {
+    /// `server_cloned` or `server_rolled_back`.
+    pub code: String,
+    pub message: String,
+    pub at_ms: i64,
 }
 
 impl SyncState {
@@ -760,6 +781,7 @@ impl Ledger {
             },
             Command::BeginSync { nonce } => self.begin_sync(nonce, at),
             Command::CompleteSync { response } => self.complete_sync(response, at),
+            Command::BlockSync { code, message } => self.block_sync(code, message, at),
             Command::RenewKeys => self.renew_keys(at),
             Command::AllocateKey { key_id, stations } => self.allocate_key(key_id, *stations),
             Command::AllocateKeyToGroups { key_id, groups } => {
@@ -1140,9 +1162,25 @@ impl Ledger {
             .map_or(0, |(sequence, _)| *sequence);
         let sequence = next_number(self.sync.completed_sequence.max(last_sent), at);
         self.sync.awaited = Some((sequence, nonce.to_string()));
+        let pending_since = *self.sync.pending_since.get_or_insert(sequence);
         Outcome::SyncBegun {
             sequence,
             nonce: nonce.to_string(),
+            last_response: self.sync.last_response.clone(),
+            pending_since: Some(pending_since),
+        }
+    }
+
+    /// The authority refused this server's sync chain: recorded, so that no host of the
+    /// domain syncs on schedule again until a sync succeeds.
+    fn block_sync(&mut self, code: &str, message: &str, at: i64) -> Outcome {
+        self.sync.blocked = Some(SyncBlock {
+            code: code.to_string(),
+            message: message.to_string(),
+            at_ms: at,
+        });
+        Outcome::SyncBlocked {
+            code: code.to_string(),
         }
     }
 
@@ -1216,6 +1254,9 @@ impl Ledger {
         self.sync.certificate = Some(payload.certificate.clone());
         self.sync.completed_sequence = payload.sequence;
         self.sync.awaited = None;
+        self.sync.last_response = Some(response.chain_hash());
+        self.sync.pending_since = None;
+        self.sync.blocked = None;
         self.sync.last_sync_at_ms = Some(at);
         Outcome::Synced {
             sequence: payload.sequence,

@@ -32,6 +32,6 @@ pub use ledger::{
     AloneLease, AloneState, Applied, Donation, KeyMeta, KeyState, KeyView, LeaseFilter,
     LeaseOverview, LeaseView, Ledger, LedgerConfig, LedgerSnapshot, Outstanding,
     PENDING_DONATION_RETRY_MS, PendingDonation, Received, RenewalResult, Share, StoredKey,
-    SyncState, UsageReport, received_pool_id,
+    SyncBlock, SyncState, UsageReport, received_pool_id,
 };
 pub use outcome::{Outcome, Refusal};

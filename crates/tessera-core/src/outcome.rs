@@ -35,6 +35,14 @@ pub enum Outcome {
     SyncBegun {
         sequence: u64,
         nonce: String,
+        /// The sync chain fields of the request: see `SyncRequestPayload`.
+        #[serde(default)]
+        last_response: Option<String>,
+        #[serde(default)]
+        pending_since: Option<u64>,
+    },
+    SyncBlocked {
+        code: String,
     },
     Synced {
         sequence: u64,

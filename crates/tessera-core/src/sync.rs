@@ -10,6 +10,13 @@
 //!   sync + 366 days). Keys issued to a server ID are usable only under a valid certificate.
 //!
 //! Every signature covers `context || compact JSON of the payload`, as for license keys.
+//!
+//! **The sync chain.** Each request also names the last response the server accepted
+//! (`last_response`, its [`SyncResponse::chain_hash`]), so the authority can keep, per server
+//! ID, the chain of responses it issued and notice a server that presents an earlier link
+//! (a restored backup: `server_rolled_back`) or a link another copy already moved past (a
+//! copied data directory: `server_cloned`). The rules are the authority's
+//! (`tessera-authority/src/chain.rs`, `docs/security.md`).
 
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -23,6 +30,10 @@ pub const RESPONSE_FORMAT: &str = "tessera-sync-response";
 pub const SYNC_FORMAT_VERSION: u32 = 1;
 /// How long a certificate lasts after a sync: the 366-day rule.
 pub const CERTIFICATE_VALIDITY_DAYS: i64 = 366;
+/// The authority's refusal (HTTP 409) of a request from a second copy of a server's data.
+pub const SERVER_CLONED: &str = "server_cloned";
+/// The authority's refusal (HTTP 409) of a request from a server's data set back in time.
+pub const SERVER_ROLLED_BACK: &str = "server_rolled_back";
 
 fn signed_bytes<T: Serialize>(format: &str, payload: &T) -> Vec<u8> {
     let mut bytes = format!("{format}/v{SYNC_FORMAT_VERSION}\n").into_bytes();
@@ -149,6 +160,28 @@ pub struct SyncRequestPayload {
     pub created_at: Timestamp,
     /// Ids of the keys this server holds from the vendor.
     pub keys: Vec<String>,
+    /// The sync chain: [`SyncResponse::chain_hash`] of the last response this server
+    /// accepted (`None` before its first sync). Absent, with the next two, from requests of
+    /// servers older than the chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_response: Option<String>,
+    /// The sequence of the first request this server sent since it accepted
+    /// `last_response`: the same in every retry after a lost answer, which is how the
+    /// authority tells a retry from a second copy. Always present in chained requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_since: Option<u64>,
+    /// Which installation sends the request: a hash of the host name and the data
+    /// directory's path, neither of which a copy of the data directory carries along. Only
+    /// used to tell a clone (another installation) from a rollback (the same one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub installation: Option<String>,
+}
+
+impl SyncRequestPayload {
+    /// Whether the request carries the sync chain (servers older than the chain do not).
+    pub fn is_chained(&self) -> bool {
+        self.pending_since.is_some()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -239,6 +272,14 @@ impl SyncResponse {
             what: "sync response".into(),
             detail: error.to_string(),
         })
+    }
+
+    /// The response's link in the sync chain: SHA-256 (hex) of exactly the bytes the vendor
+    /// signed. The server keeps it as `last_response`; the authority records it when it
+    /// issues the response.
+    pub fn chain_hash(&self) -> String {
+        use sha2::{Digest, Sha256};
+        hex::encode(Sha256::digest(signed_bytes(RESPONSE_FORMAT, &self.payload)))
     }
 
     pub fn verify(&self, trusted: &[PublicKey]) -> Result<&SyncResponsePayload, SyncError> {

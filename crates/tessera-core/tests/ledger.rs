@@ -640,6 +640,76 @@ fn a_replayed_stale_foreign_or_edited_sync_response_is_refused_and_changes_nothi
     assert!(ledger.keys(BASE_MS).is_empty(), "the revoked key is gone");
 }
 
+#[test]
+fn the_sync_chain_is_kept_in_the_ledger_and_its_snapshots() {
+    let mut ledger = ledger();
+    let begun = |ledger: &mut Ledger, at_ms: i64, nonce: &str| match ledger.apply(&at(
+        at_ms,
+        Command::BeginSync {
+            nonce: nonce.into(),
+        },
+    )) {
+        Outcome::SyncBegun {
+            sequence,
+            last_response,
+            pending_since,
+            ..
+        } => (sequence, last_response, pending_since),
+        other => panic!("{other:?}"),
+    };
+    // Before any sync: no last response; pending since this very request.
+    let (first, last, pending) = begun(&mut ledger, BASE_MS, "n1");
+    assert_eq!((last, pending), (None, Some(first)));
+    // Its answer is lost: the retry is pending since the first request still.
+    let (retry, last, pending) = begun(&mut ledger, BASE_MS + 1, "n2");
+    assert!(retry > first);
+    assert_eq!((last, pending), (None, Some(first)));
+    let answer = response("srv-1", retry, "n2", BASE_MS, vec![], vec![]);
+    let hash = answer.chain_hash();
+    // The authority refused once meanwhile: blocked, until a sync succeeds.
+    ledger.apply(&at(
+        BASE_MS + 2,
+        Command::BlockSync {
+            code: "server_cloned".into(),
+            message: "a copy".into(),
+        },
+    ));
+    assert_eq!(
+        ledger
+            .sync_state()
+            .blocked
+            .as_ref()
+            .map(|b| b.code.as_str()),
+        Some("server_cloned")
+    );
+    let snapshot_json = ledger.snapshot_json();
+    let restored = Ledger::restore_json(ledger.config().clone(), &snapshot_json).unwrap();
+    assert_eq!(restored.sync_state(), ledger.sync_state());
+    assert!(matches!(
+        complete(&mut ledger, BASE_MS + 3, answer),
+        Outcome::Synced { .. }
+    ));
+    let sync = ledger.sync_state();
+    assert_eq!(sync.last_response.as_deref(), Some(hash.as_str()));
+    assert_eq!((sync.pending_since, sync.blocked.clone()), (None, None));
+    let (next, last, pending) = begun(&mut ledger, BASE_MS + 4, "n3");
+    assert_eq!((last, pending), (Some(hash.clone()), Some(next)));
+    // Both ways of restoring keep it; a snapshot written before the chain loads without it.
+    let restored = Ledger::restore(ledger.config().clone(), ledger.snapshot());
+    assert_eq!(restored.sync_state(), ledger.sync_state());
+    let restored = Ledger::restore_json(ledger.config().clone(), &ledger.snapshot_json()).unwrap();
+    assert_eq!(restored.sync_state(), ledger.sync_state());
+    let mut old: serde_json::Value = serde_json::from_slice(&ledger.snapshot_json()).unwrap();
+    let sync_json = old["sync"].as_object_mut().unwrap();
+    for field in ["last_response", "pending_since", "blocked"] {
+        sync_json.remove(field);
+    }
+    let old =
+        Ledger::restore_json(ledger.config().clone(), &serde_json::to_vec(&old).unwrap()).unwrap();
+    assert_eq!(old.sync_state().last_response, None);
+    assert_eq!(old.sync_state().completed_sequence, retry);
+}
+
 // ---- automatic key renewal ----
 
 fn renewal(

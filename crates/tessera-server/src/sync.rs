@@ -4,11 +4,19 @@
 //! nonce in the log, the request is signed with the server's identity key; the vendor's
 //! response is applied by `CompleteSync`, which the ledger refuses unless it answers exactly
 //! that request. A response file can therefore be imported once, and only the newest one.
+//!
+//! Every request carries the sync chain (the hash of the last accepted response, the first
+//! unanswered sequence, this installation). An authority that refuses it as a clone or a
+//! rollback (409 `server_cloned` / `server_rolled_back`) blocks the automatic schedule
+//! (`Command::BlockSync`, event `sync_blocked`) until a sync succeeds after the vendor's
+//! reset.
 
 use std::time::Duration;
 
-use tessera_api::{KeyUpdateReport, RenewalReport, SyncStatus, SyncSummary};
-use tessera_core::sync::{SyncRequest, SyncRequestPayload, SyncResponse};
+use tessera_api::{KeyUpdateReport, RenewalReport, SyncBlocked, SyncStatus, SyncSummary};
+use tessera_core::sync::{
+    SERVER_CLONED, SERVER_ROLLED_BACK, SyncRequest, SyncRequestPayload, SyncResponse,
+};
 use tessera_core::{Command, Ledger, Outcome, Refusal, RenewalResult};
 
 use crate::error::ApiError;
@@ -24,10 +32,16 @@ impl AppState {
     pub async fn export_sync_request(&self) -> Result<SyncRequest, ApiError> {
         let nonce = self.ids.next_id();
         let at_ms = self.stamper.stamp_lenient();
-        let (sequence, nonce) = match self.propose_at(at_ms, Command::BeginSync { nonce }).await? {
-            Outcome::SyncBegun { sequence, nonce } => (sequence, nonce),
-            other => return Err(unexpected(other)),
-        };
+        let (sequence, nonce, last_response, pending_since) =
+            match self.propose_at(at_ms, Command::BeginSync { nonce }).await? {
+                Outcome::SyncBegun {
+                    sequence,
+                    nonce,
+                    last_response,
+                    pending_since,
+                } => (sequence, nonce, last_response, pending_since),
+                other => return Err(unexpected(other)),
+            };
         let server_id = self.config.server_id.clone().unwrap_or_default();
         let keys = self.consensus.read(|ledger| {
             ledger
@@ -44,6 +58,9 @@ impl AppState {
             nonce,
             created_at: timestamp(at_ms),
             keys,
+            last_response,
+            pending_since,
+            installation: Some(installation(&self.config.data_dir)),
         };
         Ok(SyncRequest::sign(payload, &self.identity))
     }
@@ -130,6 +147,11 @@ impl AppState {
                 Ok(body) => (body.error.code, body.error.message),
                 Err(_) => (format!("http_{}", status.as_u16()), text),
             };
+            if status == reqwest::StatusCode::CONFLICT
+                && let Some(code) = chain_refusal_code(&code)
+            {
+                return Err(self.block_sync(code, message).await);
+            }
             let error = ApiError::Authority { code, message };
             self.notify_sync_failed(&error);
             return Err(error);
@@ -137,6 +159,29 @@ impl AppState {
         let response =
             SyncResponse::from_json(&text).map_err(|error| Refusal::SyncRejected { error })?;
         self.import_sync_response(response).await
+    }
+
+    /// The authority refused the sync chain: replicate the block (automatic syncs stop on
+    /// every host), raise `sync_blocked`, and answer 409 with the authority's code.
+    async fn block_sync(&self, code: &'static str, message: String) -> ApiError {
+        let at_ms = self.stamper.stamp_lenient();
+        let command = Command::BlockSync {
+            code: code.to_string(),
+            message: message.clone(),
+        };
+        if let Err(error) = self.propose_at(at_ms, command).await {
+            tracing::warn!(%error, "cannot record the blocked sync");
+        }
+        self.notifier.emit(
+            at_ms,
+            "sync_blocked",
+            "error",
+            format!(
+                "the vendor authority refused to synchronize ({code}): {message}; automatic syncs are stopped until the vendor resets this server's sync chain"
+            ),
+            serde_json::json!({"code": code}),
+        );
+        ApiError::Conflict { code, message }
     }
 
     fn notify_sync_failed(&self, error: &ApiError) {
@@ -340,10 +385,12 @@ impl AppState {
         if self.config.authority.is_none() || !self.consensus.is_primary() {
             return false;
         }
-        let last = self
-            .consensus
-            .read(|ledger| ledger.sync_state().last_sync_at_ms);
-        last.is_none_or(|last_ms| now_ms - last_ms >= period_ms)
+        let (last, blocked) = self.consensus.read(|ledger| {
+            let sync = ledger.sync_state();
+            (sync.last_sync_at_ms, sync.blocked.is_some())
+        });
+        // Blocked by the authority: only an administrator's sync tries again.
+        !blocked && last.is_none_or(|last_ms| now_ms - last_ms >= period_ms)
     }
 
     pub fn sync_status(&self) -> SyncStatus {
@@ -370,6 +417,37 @@ impl AppState {
                 .collect(),
             schedule: self.config.sync_schedule.name().to_string(),
             authority: self.config.authority.clone(),
+            blocked: sync.blocked.as_ref().map(|block| SyncBlocked {
+                code: block.code.clone(),
+                message: block.message.clone(),
+                at: timestamp(block.at_ms),
+            }),
         }
     }
+}
+
+/// The authority's code, if it is a sync chain refusal.
+fn chain_refusal_code(code: &str) -> Option<&'static str> {
+    [SERVER_CLONED, SERVER_ROLLED_BACK]
+        .into_iter()
+        .find(|known| *known == code)
+}
+
+/// This installation, as the sync chain names it: a hash of the host name and the data
+/// directory's full path. A copy of the data directory elsewhere (another path or machine)
+/// names another installation, a backup restored in place the same one; the authority uses
+/// it only to tell a clone from a rollback. Hashed: the vendor learns neither.
+pub fn installation(data_dir: &std::path::Path) -> String {
+    use sha2::{Digest, Sha256};
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let path = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    let digest = Sha256::digest(
+        format!(
+            "tessera-installation\n{}\n{}",
+            host.trim(),
+            path.to_string_lossy()
+        )
+        .as_bytes(),
+    );
+    hex::encode(&digest[..8])
 }

@@ -1259,9 +1259,10 @@ async fn the_daily_schedule_syncs_when_due_and_retries_a_failure_after_15_minute
 }
 
 /// The disk of a single server is lost: it starts again on a fresh data directory with its
-/// backed-up identity (docs/operations.md). The vendor still remembers the sequence of its
-/// last sync; the rebuilt server's requests must come above it, or every sync would be
-/// refused as a replay.
+/// backed-up identity (docs/operations.md). To the authority's sync chain that is a rollback
+/// (a first sync from an installation whose chain exists): refused `server_rolled_back`,
+/// automatic syncs stop (no retry every 15 minutes), until the vendor resets the server ID;
+/// then it syncs again. Its requests also come above the sequence the vendor remembers.
 #[tokio::test]
 async fn a_server_rebuilt_with_its_identity_on_a_fresh_data_directory_syncs_again() {
     let dir = tempfile::tempdir().unwrap();
@@ -1297,8 +1298,47 @@ async fn a_server_rebuilt_with_its_identity_on_a_fresh_data_directory_syncs_agai
     let server = start().await;
     assert!(server.state.status().keys.is_empty(), "a fresh ledger");
     let report = server.state.run_scheduled_update().await.unwrap().unwrap();
-    assert_eq!(synced_keys(report), 1, "the vendor sent the key again");
+    let error = report.sync_error.expect("refused");
+    assert!(error.contains("server_rolled_back"), "{error}");
+    let blocked = server.state.sync_status().blocked.expect("blocked");
+    assert_eq!(blocked.code, "server_rolled_back");
+    assert!(
+        server
+            .state
+            .notifier
+            .recent()
+            .iter()
+            .any(|e| e.kind == "sync_blocked" && e.severity == "error"),
+        "a sync_blocked event"
+    );
+    // No hammering: the schedule stays quiet, a day later too.
+    clock.advance_ms(86_400_000);
+    assert!(server.state.run_scheduled_update().await.is_none());
+    // An administrator's sync still asks, and gets the authority's code with 409.
+    let refused = server.state.sync_online().await.unwrap_err();
+    assert_eq!(
+        refused.status_and_code(),
+        (axum::http::StatusCode::CONFLICT, "server_rolled_back")
+    );
+
+    // The vendor resets the server ID; the next sync binds and unblocks.
+    vendor_post(
+        &authority,
+        &format!("/v1/servers/{server_id}/reset"),
+        serde_json::json!({}),
+    )
+    .await;
+    let summary = server.state.sync_online().await.unwrap();
+    assert_eq!(summary.imported.len(), 1, "the vendor sent the key again");
     assert_eq!(server.state.status().keys.len(), 1);
+    assert_eq!(server.state.sync_status().blocked, None);
+    clock.advance_ms(86_400_000);
+    let report = server
+        .state
+        .run_scheduled_update()
+        .await
+        .expect("due again");
+    assert_eq!(report.unwrap().sync_error, None);
     server.shutdown().await;
 }
 

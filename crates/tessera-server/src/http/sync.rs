@@ -18,7 +18,7 @@ pub async fn status(State(state): State<SharedState>) -> Json<SyncStatus> {
 /// Synchronize now with the configured authority.
 #[utoipa::path(post, path = "/v1/sync", security(("admin_token" = [])), responses(
     (status = 200, body = SyncSummary),
-    (status = 409, description = "no_authority: no authority URL configured (sync by file); no_server_id", body = ErrorBody),
+    (status = 409, description = "no_authority: no authority URL configured (sync by file); no_server_id; server_cloned, server_rolled_back: the authority refused this server's sync chain (a copy or a restored backup of its data), automatic syncs stop until the vendor resets it", body = ErrorBody),
     (status = 422, description = "the authority's answer was refused: sync_bad_signature, sync_other_server, sync_malformed, sync_wrong_vendor", body = ErrorBody),
     (status = 502, description = "authority_refused, authority_unreachable", body = ErrorBody),
 ))]

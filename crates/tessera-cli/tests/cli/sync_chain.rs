@@ -1,0 +1,313 @@
+//! #22 item 3, sync as a chain, with real processes and real data directories: a copied
+//! data directory (T4) and a restored backup (T5) are refused by the authority, listed by
+//! `tessera authority alerts`, and a server is let back in by `tessera authority server
+//! reset ID`.
+
+use std::path::PathBuf;
+
+use super::*;
+
+/// A vendor authority process with one server ID and a key issued to it.
+struct Vendor {
+    _process: ServerProcess,
+    url: String,
+    token: String,
+    server_id: String,
+    trust: PathBuf,
+}
+
+impl Vendor {
+    fn start(dir: &Path) -> Vendor {
+        let data = dir.join("authority");
+        let process = ServerProcess::spawn(
+            &[
+                "authority",
+                "--data",
+                data.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            "Tessera authority on ",
+        );
+        let mut vendor = Vendor {
+            url: process.url.clone(),
+            _process: process,
+            token: admin_token_in(&data),
+            server_id: String::new(),
+            trust: data.join("vendor.pub"),
+        };
+        vendor.server_id =
+            last_line(&vendor.ok(&["authority", "server", "add", "--customer", "acme"]));
+        let id = vendor.server_id.clone();
+        vendor.ok(&[
+            "authority",
+            "key",
+            "issue",
+            "--server-id",
+            &id,
+            "--components",
+            "cad",
+            "--licenses",
+            "2",
+            "--valid-days",
+            "30",
+        ]);
+        vendor
+    }
+
+    fn args<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
+        let mut all = args.to_vec();
+        all.extend(["--authority", &self.url, "--token", &self.token]);
+        all
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        ok(&self.args(args))
+    }
+
+    /// `tessera authority alerts --json`.
+    fn alerts(&self) -> Vec<serde_json::Value> {
+        serde_json::from_str(&self.ok(&["authority", "alerts", "--json"])).unwrap()
+    }
+
+    /// A license server on `data` with this vendor's server ID; online if `online`.
+    fn server(&self, data: &Path, online: bool) -> Server {
+        let mut args = vec![
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+            data.to_str().unwrap(),
+            "--server-id",
+            &self.server_id,
+            "--trust",
+            self.trust.to_str().unwrap(),
+        ];
+        if online {
+            args.extend(["--authority", &self.url]);
+        }
+        let process = ServerProcess::spawn(&args, "Tessera license server on ");
+        Server {
+            token: admin_token_in(data),
+            process,
+        }
+    }
+
+    /// The air-gapped round trip: export on the server, process at the vendor, import.
+    fn sync_by_file(&self, server: &Server, dir: &Path, name: &str) {
+        let request = dir.join(format!("{name}.request"));
+        let response = dir.join(format!("{name}.response"));
+        server.ok(&["sync", "export", "--out", request.to_str().unwrap()]);
+        self.ok(&[
+            "authority",
+            "process",
+            "--in",
+            request.to_str().unwrap(),
+            "--out",
+            response.to_str().unwrap(),
+        ]);
+        server.ok(&["sync", "import", response.to_str().unwrap()]);
+    }
+}
+
+struct Server {
+    process: ServerProcess,
+    token: String,
+}
+
+impl Server {
+    fn ok(&self, args: &[&str]) -> String {
+        let mut all = args.to_vec();
+        all.extend(["--server", &self.process.url, "--token", &self.token]);
+        ok(&all)
+    }
+
+    fn sync_status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["sync", "status", "--json"])).unwrap()
+    }
+
+    /// `POST /v1/sync` as an administrator: (status, error code).
+    fn sync_now(&self) -> (u16, String) {
+        use std::io::{Read, Write};
+        let authority = self.process.url.strip_prefix("http://").unwrap();
+        let mut stream = std::net::TcpStream::connect(authority).unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(40)))
+            .unwrap();
+        write!(
+            stream,
+            "POST /v1/sync HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nAuthorization: Bearer {}\r\nContent-Length: 0\r\n\r\n",
+            self.token
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or(0);
+        let body: serde_json::Value = response
+            .split_once("\r\n\r\n")
+            .and_then(|(_, body)| serde_json::from_str(body).ok())
+            .unwrap_or_default();
+        let code = body["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        (status, code)
+    }
+}
+
+/// `cp -a FROM TO`: the whole data directory, identity included, as an operator copies it.
+fn copy_dir(from: &Path, to: &Path) {
+    let status = Command::new("cp")
+        .args(["-a", from.to_str().unwrap(), to.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "cp -a");
+}
+
+fn kinds_for(alerts: &[serde_json::Value], server_id: &str) -> Vec<String> {
+    alerts
+        .iter()
+        .filter(|alert| alert["server_id"] == server_id)
+        .map(|alert| alert["kind"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// T4, online: a server's data directory copied (identity included) and both copies run.
+#[test]
+fn a_copied_data_directory_is_refused_as_cloned_when_it_syncs_online() {
+    let dir = tempfile::tempdir().unwrap();
+    let vendor = Vendor::start(dir.path());
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let original = vendor.server(&a, true);
+    original.ok(&["sync"]);
+    original.process.terminate();
+    copy_dir(&a, &b);
+    let original = vendor.server(&a, true);
+    let copy = vendor.server(&b, true);
+
+    original.ok(&["sync"]);
+    // The administrator's sync on the copy: 409 with the authority's code.
+    assert_eq!(copy.sync_now(), (409, "server_cloned".to_string()));
+    let status = copy.sync_status();
+    assert_eq!(status["blocked"]["code"], "server_cloned", "{status}");
+    let text = copy.ok(&["sync", "status"]);
+    assert!(text.contains("blocked:        server_cloned"), "{text}");
+    let events = copy.ok(&["events", "--json"]);
+    assert!(events.contains("sync_blocked"), "{events}");
+    fails_with(
+        &[
+            &["sync"][..],
+            &["--server", &copy.process.url, "--token", &copy.token],
+        ]
+        .concat(),
+        "server_cloned",
+    );
+
+    let alerts = vendor.alerts();
+    assert_eq!(kinds_for(&alerts, &vendor.server_id), ["server_cloned"]);
+    assert_eq!(
+        alerts[0]["count"], 2,
+        "the second refusal counts on the alert"
+    );
+    let listed = vendor.ok(&["authority", "alerts"]);
+    assert!(
+        listed.contains("server_cloned") && listed.contains(&vendor.server_id),
+        "{listed}"
+    );
+    // The original is not disturbed.
+    original.ok(&["sync"]);
+    assert!(original.sync_status()["blocked"].is_null());
+}
+
+/// T4, by file: the same with the air-gapped flow; the vendor's `authority process` refuses.
+#[test]
+fn a_copied_data_directory_is_refused_as_cloned_when_it_syncs_by_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let vendor = Vendor::start(dir.path());
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let original = vendor.server(&a, false);
+    vendor.sync_by_file(&original, dir.path(), "first");
+    original.process.terminate();
+    copy_dir(&a, &b);
+    let original = vendor.server(&a, false);
+    let copy = vendor.server(&b, false);
+
+    vendor.sync_by_file(&original, dir.path(), "original");
+    let request = dir.path().join("copy.request");
+    copy.ok(&["sync", "export", "--out", request.to_str().unwrap()]);
+    let response = dir.path().join("copy.response");
+    fails_with(
+        &vendor.args(&[
+            "authority",
+            "process",
+            "--in",
+            request.to_str().unwrap(),
+            "--out",
+            response.to_str().unwrap(),
+        ]),
+        "server_cloned",
+    );
+    assert!(!response.exists());
+    let alerts = vendor.alerts();
+    assert_eq!(kinds_for(&alerts, &vendor.server_id), ["server_cloned"]);
+    assert!(
+        alerts[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("another installation"),
+        "{alerts:?}"
+    );
+    vendor.sync_by_file(&original, dir.path(), "original-again");
+}
+
+/// T5 and the reset: a backup of the data directory put back in place after a sync.
+#[test]
+fn a_restored_backup_is_refused_as_rolled_back_until_the_vendor_resets_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let vendor = Vendor::start(dir.path());
+    let (data, backup) = (dir.path().join("data"), dir.path().join("backup"));
+    let server = vendor.server(&data, true);
+    server.ok(&["sync"]);
+    server.process.terminate();
+    copy_dir(&data, &backup);
+    let server = vendor.server(&data, true);
+    server.ok(&["sync"]);
+    server.process.terminate();
+    std::fs::remove_dir_all(&data).unwrap();
+    std::fs::rename(&backup, &data).unwrap();
+
+    let restored = vendor.server(&data, true);
+    assert_eq!(restored.sync_now(), (409, "server_rolled_back".to_string()));
+    assert_eq!(
+        restored.sync_status()["blocked"]["code"],
+        "server_rolled_back"
+    );
+    let alerts = vendor.alerts();
+    assert_eq!(
+        kinds_for(&alerts, &vendor.server_id),
+        ["server_rolled_back"]
+    );
+    assert!(
+        alerts[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("this same installation"),
+        "{alerts:?}"
+    );
+
+    // The vendor, satisfied only this installation is left, resets the server ID.
+    let said = vendor.ok(&["authority", "server", "reset", &vendor.server_id]);
+    assert!(said.contains("sync chain cleared"), "{said}");
+    let synced = restored.ok(&["sync"]);
+    assert!(synced.contains("synchronized"), "{synced}");
+    assert!(restored.sync_status()["blocked"].is_null());
+    restored.ok(&["sync"]);
+    assert_eq!(
+        kinds_for(&vendor.alerts(), &vendor.server_id),
+        ["chain_reset", "server_rolled_back"]
+    );
+}
