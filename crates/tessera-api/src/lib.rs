@@ -319,6 +319,7 @@ pub struct DonorSettings {
 pub struct KeyUpdateReport {
     /// The online sync made first, if an authority is configured.
     pub sync: Option<SyncSummary>,
+    /// Why that sync failed: the error code, then the message (`server_rolled_back: …`).
     pub sync_error: Option<String>,
     pub renewals: Vec<RenewalReport>,
     pub leases_moved: u32,

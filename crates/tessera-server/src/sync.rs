@@ -201,7 +201,11 @@ impl AppState {
         let (sync, sync_error) = if self.config.authority.is_some() {
             match self.sync_online().await {
                 Ok(summary) => (Some(summary), None),
-                Err(error) => (None, Some(error.to_string())),
+                // The code first, as in every error body: `server_rolled_back: …`.
+                Err(error) => (
+                    None,
+                    Some(format!("{}: {error}", error.status_and_code().1)),
+                ),
             }
         } else {
             (None, None)
