@@ -58,13 +58,42 @@ pub struct Verification {
 
 /// Walks the chain from the first record.
 pub fn verify(connection: &Connection) -> rusqlite::Result<Verification> {
+    verify_after(connection, 0, genesis())
+}
+
+/// Checks only the records after `checkpoint` (the `(seq, head hash)` of an earlier intact
+/// verification), after checking that the record there still has that hash; when it does
+/// not, walks the whole chain to name the first broken record. A change to a record before
+/// the checkpoint that leaves the checkpoint's own record alone is found only by a whole
+/// walk ([`verify`]): the console checks new records on each load and the whole chain on
+/// request.
+pub fn verify_since(
+    connection: &Connection,
+    checkpoint: Option<(i64, String)>,
+) -> rusqlite::Result<Verification> {
+    let Some((seq, hash)) = checkpoint else {
+        return verify(connection);
+    };
+    let stored: Option<String> = connection
+        .query_row("SELECT hash FROM audit_log WHERE seq = ?1", [seq], |row| {
+            row.get(0)
+        })
+        .optional()?;
+    if stored.as_deref() != Some(hash.as_str()) {
+        return verify(connection);
+    }
+    verify_after(connection, seq, hash)
+}
+
+/// Walks the chain after record `seq` (0: from the first), whose hash is `prev`.
+fn verify_after(connection: &Connection, seq: i64, prev: String) -> rusqlite::Result<Verification> {
     let mut statement = connection.prepare(
-        "SELECT seq, at_ms, actor, action, details, prev_hash, hash FROM audit_log ORDER BY seq",
+        "SELECT seq, at_ms, actor, action, details, prev_hash, hash FROM audit_log WHERE seq > ?1 ORDER BY seq",
     )?;
-    let mut rows = statement.query([])?;
-    let mut expected_prev = genesis();
-    let mut expected_seq = 1i64;
-    let mut records = 0i64;
+    let mut rows = statement.query([seq])?;
+    let mut expected_prev = prev;
+    let mut expected_seq = seq + 1;
+    let mut records = seq;
     while let Some(row) = rows.next()? {
         records += 1;
         let seq: i64 = row.get(0)?;

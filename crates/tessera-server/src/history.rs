@@ -646,6 +646,17 @@ impl History {
         audit::verify(&connection).map_err(|e| self.error(e))
     }
 
+    /// Checks the audit records after an intact `checkpoint` (flushes first); see
+    /// [`audit::verify_since`].
+    pub fn verify_since(
+        &self,
+        checkpoint: Option<(i64, String)>,
+    ) -> Result<audit::Verification, HistoryError> {
+        self.flush();
+        let connection = self.reader()?;
+        audit::verify_since(&connection, checkpoint).map_err(|e| self.error(e))
+    }
+
     fn reader(&self) -> Result<Connection, HistoryError> {
         let connection = Connection::open(&self.path).map_err(|e| self.error(e))?;
         connection
