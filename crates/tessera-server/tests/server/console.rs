@@ -967,3 +967,45 @@ async fn status_metrics_leases_and_usage_count_in_use_the_same_way() {
     };
     assert_eq!((level("cad"), level("viewer")), (4, 2));
 }
+
+#[tokio::test]
+async fn a_key_is_allocated_from_the_console_with_its_csrf_token() {
+    let f = Fixture::start().await;
+    f.import(&f.key("k-alloc", &["cad"], 3)).await;
+    let (cookie, csrf) = login(&f).await;
+    let (_, html) = page(&f, &cookie, "/").await;
+    assert!(html.contains("action=\"/keys/k-alloc/allocate\""), "{html}");
+    assert!(html.contains("name=\"stations\" value=\"on\" checked"));
+    let response = post_form(&f, &cookie, "/keys/k-alloc/allocate", "groups=").await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST, "no CSRF token");
+    let response = post_form(
+        &f,
+        &cookie,
+        "/keys/k-alloc/allocate",
+        &format!("csrf={csrf}&groups="),
+    )
+    .await;
+    let html = response.text().await.unwrap();
+    assert!(
+        html.contains("License key k-alloc now serves no station by itself."),
+        "{html}"
+    );
+    assert!(!html.contains("name=\"stations\" value=\"on\" checked"));
+    let refused = f.client().checkout(&request("cad", "ws-1")).await;
+    assert!(refused.is_err(), "the key serves no station now");
+    let response = post_form(
+        &f,
+        &cookie,
+        "/keys/k-alloc/allocate",
+        &format!("csrf={csrf}&stations=on&groups="),
+    )
+    .await;
+    assert!(
+        response
+            .text()
+            .await
+            .unwrap()
+            .contains("now serves every station")
+    );
+    f.client().checkout(&request("cad", "ws-1")).await.unwrap();
+}
