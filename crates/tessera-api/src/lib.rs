@@ -455,7 +455,8 @@ pub fn time_text_of(text: &str) -> String {
 /// Most leases (and holders per component) `GET /v1/status` lists; `GET /v1/leases` pages.
 pub const STATUS_LEASES_MAX: usize = 100;
 
-/// `GET /v1/leases` answer: one page of leases in lease-id order.
+/// `GET /v1/leases` answer: one page of leases in lease-id order, or in the order of `sort=`
+/// and `order=`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct LeasePage {
     pub leases: Vec<Lease>,
@@ -464,6 +465,16 @@ pub struct LeasePage {
     /// The cursor for the next page (`after=`), or absent on the last page.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next: Option<String>,
+    /// The cursor for the page before (`before=`), or absent on the first page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<String>,
+    /// How many matching leases come before this page's first (absent when 0).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub offset: u64,
+}
+
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
 }
 
 /// `POST /v1/keys` answer.

@@ -28,7 +28,10 @@ use crate::key::{KeyError, LicenseKey, is_name};
 use crate::outcome::{Outcome, Refusal};
 use crate::sync::{ServerCertificate, SyncError, SyncResponse};
 
+mod lease_order;
 mod pair;
+
+pub use lease_order::{LeaseCursor, LeaseOrder, LeaseSort, SortedLeasePage};
 
 pub use pair::{AloneLease, AloneState, Share};
 

@@ -29,9 +29,10 @@ pub use grant::{Grant, GrantError, GrantPayload, GrantSource};
 pub use identity::{IdentityError, PublicKey, SecretKey};
 pub use key::{KeyError, LicenseKey, LicenseKeyPayload};
 pub use ledger::{
-    AloneLease, AloneState, Applied, Donation, KeyMeta, KeyState, KeyView, LeaseFilter,
-    LeaseOverview, LeaseView, Ledger, LedgerConfig, LedgerSnapshot, Outstanding,
-    PENDING_DONATION_RETRY_MS, PendingDonation, Received, RenewalResult, Share, StoredKey,
-    SyncBlock, SyncState, UsageReport, received_pool_id,
+    AloneLease, AloneState, Applied, Donation, KeyMeta, KeyState, KeyView, LeaseCursor,
+    LeaseFilter, LeaseOrder, LeaseOverview, LeaseSort, LeaseView, Ledger, LedgerConfig,
+    LedgerSnapshot, Outstanding, PENDING_DONATION_RETRY_MS, PendingDonation, Received,
+    RenewalResult, Share, SortedLeasePage, StoredKey, SyncBlock, SyncState, UsageReport,
+    received_pool_id,
 };
 pub use outcome::{Outcome, Refusal};

@@ -646,6 +646,17 @@ impl History {
         audit::verify(&connection).map_err(|e| self.error(e))
     }
 
+    /// Checks the audit records after an intact `checkpoint` (flushes first); see
+    /// [`audit::verify_since`].
+    pub fn verify_since(
+        &self,
+        checkpoint: Option<(i64, String)>,
+    ) -> Result<audit::Verification, HistoryError> {
+        self.flush();
+        let connection = self.reader()?;
+        audit::verify_since(&connection, checkpoint).map_err(|e| self.error(e))
+    }
+
     fn reader(&self) -> Result<Connection, HistoryError> {
         let connection = Connection::open(&self.path).map_err(|e| self.error(e))?;
         connection
@@ -944,29 +955,48 @@ fn chart(
             levels.insert(component, level);
         }
     }
-    let mut events: Vec<(i64, String, String, i64)> = Vec::new();
+    // (at, component's index in `names`, denied, delta): no string copied per event, a
+    // range may hold hundreds of thousands.
+    let mut names: Vec<String> = Vec::new();
+    let mut events: Vec<(i64, usize, bool, i64)> = Vec::new();
     {
         let mut statement = connection.prepare(
-            "SELECT at_ms, component, kind, delta FROM usage_event
+            "SELECT at_ms, component, kind = 'denied', delta FROM usage_event
              WHERE at_ms >= ?1 AND at_ms < ?2 AND component IS NOT NULL ORDER BY at_ms, id",
         )?;
-        let rows = statement.query_map(params![from_ms, to_ms], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
-        })?;
-        for row in rows {
-            events.push(row?);
+        let mut rows = statement.query(params![from_ms, to_ms])?;
+        while let Some(row) = rows.next()? {
+            let component = row.get_ref(1)?.as_str().map_err(|error| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    1,
+                    rusqlite::types::Type::Text,
+                    Box::new(error),
+                )
+            })?;
+            let index = match names.iter().position(|name| name == component) {
+                Some(index) => index,
+                None => {
+                    names.push(component.to_string());
+                    names.len() - 1
+                }
+            };
+            events.push((row.get(0)?, index, row.get(2)?, row.get(3)?));
         }
     }
-    for (_, component, _, _) in &events {
-        entry(component);
+    for name in &names {
+        entry(name);
     }
     // Carry each level through the buckets, raising the bucket's peak at every change.
     for (component, data) in series.iter_mut() {
         let mut level = levels.get(component).copied().unwrap_or(0).max(0);
         let mut bucket = 0usize;
         data.peaks[0] = level;
-        for (at_ms, event_component, kind, delta) in &events {
-            if event_component != component {
+        let Some(wanted) = names.iter().position(|name| name == component) else {
+            data.peaks.iter_mut().for_each(|peak| *peak = level);
+            continue;
+        };
+        for &(at_ms, event_component, denied, delta) in &events {
+            if event_component != wanted {
                 continue;
             }
             let index = (((at_ms - from_ms) / bucket_ms) as usize).min(buckets - 1);
@@ -974,7 +1004,7 @@ fn chart(
                 bucket += 1;
                 data.peaks[bucket] = level;
             }
-            if kind == "denied" {
+            if denied {
                 data.denials[index] += 1;
             }
             level = (level + delta).max(0);

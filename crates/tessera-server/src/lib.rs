@@ -33,6 +33,7 @@ pub mod fault_proxy;
 pub mod history;
 pub mod http;
 pub mod ids;
+pub mod lease_listing;
 pub mod metrics;
 pub mod neighbours;
 pub mod pair;

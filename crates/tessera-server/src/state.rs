@@ -624,30 +624,21 @@ impl AppState {
             .map(|lease| self.lease_to_api(&lease, None))
     }
 
-    /// One page of the leases `filter` matches, after the cursor `after` (a lease id).
+    /// One page of the leases `filter` matches, after the cursor `after` (a lease id), in
+    /// lease-id order (sorted pages: `lease_listing.rs`).
     pub fn lease_page(
         &self,
         filter: &tessera_core::LeaseFilter<'_>,
         after: Option<&str>,
         limit: usize,
     ) -> tessera_api::LeasePage {
-        // One more than asked: whether another page follows.
-        let (mut views, total) = self.read(|ledger| ledger.lease_page(filter, after, limit + 1));
-        let next = if views.len() > limit {
-            views.truncate(limit);
-            views.last().map(|lease| lease.lease_id.clone())
-        } else {
-            None
-        };
-        let component = filter.component.filter(|c| !c.ends_with('*'));
-        tessera_api::LeasePage {
-            leases: views
-                .iter()
-                .map(|lease| self.lease_to_api(lease, component))
-                .collect(),
-            total: total as u64,
-            next,
-        }
+        self.sorted_lease_page(
+            filter,
+            tessera_core::LeaseOrder::default(),
+            after.map(tessera_core::LeaseCursor::After),
+            limit,
+        )
+        .expect("any text is a cursor of lease-id order")
     }
 
     pub fn render_metrics(&self) -> String {

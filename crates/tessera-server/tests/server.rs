@@ -1116,6 +1116,8 @@ async fn the_sync_deadline_is_announced_30_7_and_1_days_before() {
 }
 #[path = "server/console.rs"]
 mod console;
+#[path = "server/console_at_scale.rs"]
+mod console_at_scale;
 #[path = "server/domain.rs"]
 mod domain;
 #[path = "server/neighbours.rs"]
@@ -1818,7 +1820,13 @@ async fn leases_are_paged_and_filtered_and_the_status_stays_summary_sized() {
 
     // The admin token is needed; a bad limit or parameter is named.
     assert_eq!(code(f.client().leases(&[]).await.unwrap_err()).0, 401);
-    for bad in [("limit", "0"), ("limit", "1001"), ("sort", "user")] {
+    for bad in [
+        ("limit", "0"),
+        ("limit", "1001"),
+        ("sort", "colour"),
+        ("colour", "red"),
+        ("order", "up"),
+    ] {
         let error = admin.leases(&[bad]).await.unwrap_err();
         assert_eq!(code(error), (400, "invalid_query".to_string()), "{bad:?}");
     }

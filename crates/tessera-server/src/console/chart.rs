@@ -109,7 +109,14 @@ impl Chart {
             _ => "%Y-%m",
         };
         let every = (buckets / 6).max(1);
-        let x_ticks = (0..=buckets)
+        // Hours on round hours of the day (00:00, 04:00, ...): the first tick is the first
+        // bucket whose start is a multiple of the step.
+        let first = if bucket == "hour" {
+            (every - (from_ms.div_euclid(bucket_ms)).rem_euclid(every)) % every
+        } else {
+            0
+        };
+        let x_ticks = (first..=buckets)
             .step_by(every as usize)
             .map(|index| {
                 let label = timestamp(from_ms + index * bucket_ms)
@@ -168,5 +175,17 @@ mod tests {
         let labels: Vec<i64> = chart.y_ticks.iter().map(|t| t.0).collect();
         assert_eq!(labels, [0, 1000, 2000, 3000, 4000, 5000]);
         assert_eq!(chart.series[0].licenses_y, Some(chart.top));
+        // 24 hours from 07:00: ticks on multiples of four hours.
+        let data = vec![ComponentSeries {
+            component: "cad".into(),
+            peaks: vec![1; 24],
+            denials: vec![0; 24],
+        }];
+        let chart = Chart::build(&data, &licenses, 7 * 3_600_000, 3_600_000, "hour");
+        let labels: Vec<&str> = chart.x_ticks.iter().map(|t| t.0.as_str()).collect();
+        assert_eq!(
+            labels,
+            ["08:00", "12:00", "16:00", "20:00", "00:00", "04:00"]
+        );
     }
 }

@@ -42,6 +42,7 @@ pub fn router() -> Router<SharedState> {
         .route("/assets/{*file}", get(asset))
         .route("/keys/{key_id}/export", get(export_key))
         .route("/keys/upload", post(upload_key))
+        .route("/keys/{key_id}/allocate", post(allocate_key))
         .route(
             "/keys/{key_id}/remove",
             get(remove_key_confirm).post(remove_key),
@@ -65,6 +66,7 @@ pub fn router() -> Router<SharedState> {
         .route("/neighbours/end", post(neighbours_end))
         .layer(Extension(Arc::new(Sessions::default())))
         .layer(Extension(Arc::new(LoginThrottle::default())))
+        .layer(Extension(Arc::new(AuditCheckpoint::default())))
 }
 
 /// A rendering failure is an internal error (templates are checked at compile time).
@@ -427,10 +429,12 @@ struct KeyRow {
     components: String,
     licenses: u32,
     in_use: u32,
-    valid_from: String,
-    valid_until: String,
+    valid_from: Time,
+    valid_until: Time,
     state: String,
     allocated: bool,
+    /// Station groups the key is allocated to, comma-separated.
+    groups: String,
     renewal: String,
     donated_out: u32,
     received_from: String,
@@ -460,10 +464,28 @@ struct KeysPage {
     deadline: String,
     components: Vec<tessera_api::ComponentStatus>,
     keys: Vec<KeyRow>,
+    refresh: Option<u32>,
+    refresh_path: &'static str,
 }
 
-async fn keys_page(State(state): State<SharedState>, user: ConsoleUser) -> Response {
-    keys_page_with(&state, &user, None, None)
+/// A page's `?refresh=` (seconds between reloads; absent or 0: off).
+#[derive(Debug, Default, Deserialize)]
+struct RefreshQuery {
+    refresh: Option<String>,
+}
+
+async fn keys_page(
+    State(state): State<SharedState>,
+    user: ConsoleUser,
+    Query(query): Query<RefreshQuery>,
+) -> Response {
+    keys_page_refreshed(
+        &state,
+        &user,
+        None,
+        None,
+        refresh_seconds(query.refresh.as_deref()),
+    )
 }
 
 fn keys_page_with(
@@ -471,6 +493,16 @@ fn keys_page_with(
     user: &ConsoleUser,
     flash: Option<String>,
     error: Option<String>,
+) -> Response {
+    keys_page_refreshed(state, user, flash, error, None)
+}
+
+fn keys_page_refreshed(
+    state: &SharedState,
+    user: &ConsoleUser,
+    flash: Option<String>,
+    error: Option<String>,
+    refresh: Option<u32>,
 ) -> Response {
     let status = state.status_with(true);
     let keys = status
@@ -482,10 +514,11 @@ fn keys_page_with(
             components: key.components.join(", "),
             licenses: key.licenses,
             in_use: key.in_use,
-            valid_from: fmt_ts(key.valid_from),
-            valid_until: fmt_ts(key.valid_until),
+            valid_from: Time::of(key.valid_from),
+            valid_until: Time::of(key.valid_until),
             state: key.state.clone(),
             allocated: key.allocated,
+            groups: key.groups.join(", "),
             donated_out: key.donated_out,
             received_from: key.received_from.clone().unwrap_or_default(),
             renewal: match (&key.renewal, &key.replaced_by, &key.renews) {
@@ -519,7 +552,79 @@ fn keys_page_with(
         serving_alone: status.serving_alone,
         components: status.components,
         keys,
+        refresh,
+        refresh_path: "/",
     })
+}
+
+/// The allocation form of a key: every station of this server or not, and station groups
+/// (comma-separated; empty: none).
+#[derive(Debug, Deserialize)]
+struct AllocateForm {
+    #[serde(default)]
+    csrf: String,
+    /// `on` when the box "all stations" is ticked.
+    stations: Option<String>,
+    #[serde(default)]
+    groups: String,
+}
+
+/// `POST /keys/{key_id}/allocate`: as `POST /v1/keys/{key_id}/allocate` (neighbours are
+/// the neighbours page's).
+async fn allocate_key(
+    State(state): State<SharedState>,
+    user: ConsoleUser,
+    Path(key_id): Path<String>,
+    Form(form): Form<AllocateForm>,
+) -> Response {
+    if let Err(response) = user.check_csrf(&form.csrf) {
+        return response;
+    }
+    let stations = form.stations.is_some();
+    let groups: Vec<String> = form
+        .groups
+        .split(',')
+        .map(str::trim)
+        .filter(|group| !group.is_empty())
+        .map(str::to_string)
+        .collect();
+    let result = state
+        .allocate_key(key_id.clone(), stations, Some(groups.clone()), None)
+        .await;
+    user.record(
+        &state,
+        "console.key_allocate",
+        serde_json::json!({"key_id": key_id, "stations": stations, "groups": groups, "ok": result.is_ok()}),
+    );
+    match result {
+        Ok(()) => keys_page_with(
+            &state,
+            &user,
+            Some(format!(
+                "License key {key_id} now serves {}{}.",
+                if stations {
+                    "every station"
+                } else {
+                    "no station by itself"
+                },
+                if groups.is_empty() {
+                    String::new()
+                } else {
+                    format!(" and the groups {}", groups.join(", "))
+                }
+            )),
+            None,
+        ),
+        Err(error) => keys_page_with(
+            &state,
+            &user,
+            None,
+            Some(format!(
+                "Key {key_id} was not allocated ({}): {error}",
+                error.status_and_code().1
+            )),
+        ),
+    }
 }
 
 async fn export_key(
@@ -559,9 +664,9 @@ struct LeaseRow {
     host: String,
     components: String,
     key_id: String,
-    since: String,
-    heartbeat: String,
-    expires: String,
+    since: Time,
+    heartbeat: Time,
+    expires: Time,
 }
 
 impl LeaseRow {
@@ -573,17 +678,42 @@ impl LeaseRow {
             host: lease.host.clone(),
             components: lease.components.join(", "),
             key_id: lease.key_id.clone(),
-            since: fmt_ts(lease.issued_at),
-            heartbeat: fmt_ts(lease.renewed_at),
-            expires: fmt_ts(lease.expires_at),
+            since: Time::of(lease.issued_at),
+            heartbeat: Time::of(lease.renewed_at),
+            expires: Time::of(lease.expires_at),
         }
     }
 }
 
-/// Leases per page of the console's list (`next` pages on, in lease-id order).
+/// A time as a page shows it: `<time datetime="RFC 3339">` with the UTC text, which the
+/// console's script switches to the browser's time zone on request.
+struct Time {
+    /// RFC 3339, UTC (`2026-12-03T06:00:00Z`).
+    iso: String,
+    /// `2026-12-03 06:00:00 UTC`.
+    text: String,
+}
+
+impl std::fmt::Display for Time {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl Time {
+    fn of(time: jiff::Timestamp) -> Time {
+        Time {
+            iso: time.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+            text: fmt_ts(time),
+        }
+    }
+}
+
+/// Leases per page of the console's list.
 const LEASE_ROWS: usize = 100;
 
-/// The leases page's filters: exact, or a prefix ending in `*` (as `GET /v1/leases`).
+/// The leases page's query: filters (exact, or a prefix ending in `*`, as `GET /v1/leases`),
+/// order, page cursor and auto-refresh.
 #[derive(Debug, Default, Deserialize)]
 struct LeaseFilter {
     #[serde(default)]
@@ -596,15 +726,50 @@ struct LeaseFilter {
     host: String,
     #[serde(default)]
     key: String,
-    /// The page after this lease id.
+    /// `id` (default), `expires`, `since`, `heartbeat`, `station`, `user`, `host`, `key`.
+    #[serde(default)]
+    sort: String,
+    /// `asc` (default) or `desc`.
+    #[serde(default)]
+    order: String,
+    /// The page after this cursor.
     #[serde(default)]
     after: String,
+    /// The page before this cursor.
+    #[serde(default)]
+    before: String,
+    /// Reload the page every this many seconds.
+    refresh: Option<String>,
     released: Option<String>,
 }
 
+/// A column heading of the leases table: a link sorting by it (the other way round when the
+/// table is sorted by it already).
+struct SortLink {
+    label: &'static str,
+    href: String,
+    /// `" ▲"`, `" ▼"` on the column the table is sorted by, else empty.
+    mark: &'static str,
+    /// `ascending`, `descending` or `none`, for `aria-sort`.
+    aria: &'static str,
+}
+
+/// What the leases page and its htmx table show.
+struct LeaseListing {
+    leases: Vec<LeaseRow>,
+    total: usize,
+    /// The first row's position (1-based) among the matching leases.
+    first: usize,
+    next: Option<String>,
+    previous: Option<String>,
+    columns: Vec<SortLink>,
+    filtered: bool,
+    /// What the query got wrong (a bad sort or cursor), shown instead of the table.
+    error: Option<String>,
+}
+
 impl LeaseFilter {
-    /// One page of matching leases, how many match in all, and the next page's cursor.
-    fn rows(&self, state: &SharedState) -> (Vec<LeaseRow>, usize, Option<String>) {
+    fn listing(&self, state: &SharedState) -> LeaseListing {
         fn given(text: &str) -> Option<&str> {
             let text = text.trim();
             (!text.is_empty()).then_some(text)
@@ -616,9 +781,79 @@ impl LeaseFilter {
             user: given(&self.user),
             host: given(&self.host),
         };
-        let page = state.lease_page(&filter, given(&self.after), LEASE_ROWS);
-        let rows = page.leases.iter().map(LeaseRow::from).collect();
-        (rows, page.total as usize, page.next)
+        let page = crate::lease_listing::parse_order(given(&self.sort), given(&self.order))
+            .and_then(|order| {
+                let cursor =
+                    crate::lease_listing::parse_cursor(given(&self.after), given(&self.before))?;
+                Ok((
+                    order,
+                    state.sorted_lease_page(&filter, order, cursor, LEASE_ROWS)?,
+                ))
+            });
+        let (order, page, error) = match page {
+            Ok((order, page)) => (order, page, None),
+            Err(error) => (
+                tessera_core::LeaseOrder::default(),
+                tessera_api::LeasePage {
+                    leases: vec![],
+                    total: 0,
+                    next: None,
+                    previous: None,
+                    offset: 0,
+                },
+                Some(error.to_string()),
+            ),
+        };
+        let columns = [
+            ("Station", tessera_core::LeaseSort::Station),
+            ("User", tessera_core::LeaseSort::User),
+            ("Host", tessera_core::LeaseSort::Host),
+            ("Key", tessera_core::LeaseSort::Key),
+            ("Since", tessera_core::LeaseSort::Since),
+            ("Last heartbeat", tessera_core::LeaseSort::Heartbeat),
+            ("Expires", tessera_core::LeaseSort::Expires),
+        ]
+        .into_iter()
+        .map(|(label, sort)| {
+            let current = order.sort == sort;
+            let descending = current && !order.descending;
+            SortLink {
+                label,
+                href: format!(
+                    "/leases?{}",
+                    self.query(sort.name(), if descending { "desc" } else { "asc" }, None)
+                ),
+                mark: match (current, order.descending) {
+                    (false, _) => "",
+                    (true, false) => " ▲",
+                    (true, true) => " ▼",
+                },
+                aria: match (current, order.descending) {
+                    (false, _) => "none",
+                    (true, false) => "ascending",
+                    (true, true) => "descending",
+                },
+            }
+        })
+        .collect();
+        let (sort, direction) = (
+            order.sort.name(),
+            if order.descending { "desc" } else { "asc" },
+        );
+        LeaseListing {
+            total: page.total as usize,
+            first: page.offset as usize + 1,
+            next: page
+                .next
+                .map(|next| self.query(sort, direction, Some(("after", &next)))),
+            previous: page
+                .previous
+                .map(|previous| self.query(sort, direction, Some(("before", &previous)))),
+            leases: page.leases.iter().map(LeaseRow::from).collect(),
+            columns,
+            filtered: self.is_filtered(),
+            error,
+        }
     }
 
     fn is_filtered(&self) -> bool {
@@ -629,9 +864,15 @@ impl LeaseFilter {
             && self.key.trim().is_empty())
     }
 
-    /// The query of the next page: these filters, after `next`.
-    fn next_query(&self, next: &str) -> String {
-        let mut query = String::new();
+    /// Seconds between reloads, when auto-refresh is on (5 s at least, an hour at most).
+    fn refresh(&self) -> Option<u32> {
+        refresh_seconds(self.refresh.as_deref())
+    }
+
+    /// The query of these filters in the order `sort`, `order` (the default left out), with a
+    /// cursor and auto-refresh as now.
+    fn query(&self, sort: &str, order: &str, cursor: Option<(&str, &str)>) -> String {
+        let mut parts = Vec::new();
         for (name, value) in [
             ("station", &self.station),
             ("user", &self.user),
@@ -640,13 +881,62 @@ impl LeaseFilter {
             ("key", &self.key),
         ] {
             if !value.trim().is_empty() {
-                query.push_str(&format!("{name}={}&", urlencode(value.trim())));
+                parts.push(format!("{name}={}", urlencode(value.trim())));
             }
         }
-        query.push_str(&format!("after={}", urlencode(next)));
-        query
+        if sort != "id" {
+            parts.push(format!("sort={sort}"));
+        }
+        if order != "asc" {
+            parts.push(format!("order={order}"));
+        }
+        if let Some((name, cursor)) = cursor {
+            parts.push(format!("{name}={}", urlencode(cursor)));
+        }
+        if let Some(seconds) = self.refresh() {
+            parts.push(format!("refresh={seconds}"));
+        }
+        parts.join("&")
+    }
+
+    /// This page's query with auto-refresh on (`Some`) or off.
+    fn with_refresh(&self, refresh: Option<u32>) -> String {
+        let mut query = LeaseFilter {
+            refresh: refresh.map(|seconds| seconds.to_string()),
+            ..LeaseFilter::default()
+        };
+        for (field, value) in [
+            (&mut query.station, &self.station),
+            (&mut query.user, &self.user),
+            (&mut query.component, &self.component),
+            (&mut query.host, &self.host),
+            (&mut query.key, &self.key),
+        ] {
+            field.clone_from(value);
+        }
+        let sort = tessera_core::LeaseSort::parse(self.sort.trim()).unwrap_or_default();
+        let order = if self.order.trim() == "desc" {
+            "desc"
+        } else {
+            "asc"
+        };
+        let cursor = [("after", &self.after), ("before", &self.before)]
+            .into_iter()
+            .find(|(_, cursor)| !cursor.trim().is_empty())
+            .map(|(name, cursor)| (name, cursor.trim()));
+        query.query(sort.name(), order, cursor)
     }
 }
+
+/// The auto-refresh period a page's `refresh=` asks for: `None` when off (absent, `0`,
+/// `off`), else 5 to 3600 seconds.
+fn refresh_seconds(refresh: Option<&str>) -> Option<u32> {
+    let seconds: u32 = refresh?.trim().parse().ok()?;
+    (seconds > 0).then_some(seconds.clamp(5, 3600))
+}
+
+/// The auto-refresh period the console offers.
+const REFRESH_SECONDS: u32 = 30;
 
 /// `text` for a URL query (unreserved characters kept, the rest `%XX`).
 fn urlencode(text: &str) -> String {
@@ -673,23 +963,18 @@ struct LeasesPage {
     component: String,
     host: String,
     key: String,
-    filtered: bool,
-    leases: Vec<LeaseRow>,
-    total: usize,
-    /// The next page's query, if there is one.
-    next: Option<String>,
-    /// This is not the first page.
-    paged: bool,
+    sort: String,
+    order: String,
+    list: LeaseListing,
+    /// Auto-refresh: the period when on, and the link switching it.
+    refresh: Option<u32>,
+    refresh_toggle: String,
 }
 
 #[derive(Template)]
 #[template(path = "console/leases_table.html")]
 struct LeasesTable {
-    filtered: bool,
-    leases: Vec<LeaseRow>,
-    total: usize,
-    next: Option<String>,
-    paged: bool,
+    list: LeaseListing,
 }
 
 async fn leases_page(
@@ -697,7 +982,8 @@ async fn leases_page(
     user: ConsoleUser,
     Query(filter): Query<LeaseFilter>,
 ) -> Response {
-    let (leases, total, next) = filter.rows(&state);
+    let list = filter.listing(&state);
+    let refresh = filter.refresh();
     render(&LeasesPage {
         page: "leases",
         user: user.name.clone(),
@@ -706,11 +992,24 @@ async fn leases_page(
             .released
             .as_ref()
             .map(|station| format!("Released the lease of {station}.")),
-        leases,
-        total,
-        next: next.map(|next| filter.next_query(&next)),
-        paged: !filter.after.trim().is_empty(),
-        filtered: filter.is_filtered(),
+        list,
+        refresh,
+        refresh_toggle: format!(
+            "/leases?{}",
+            filter.with_refresh(match refresh {
+                Some(_) => None,
+                None => Some(REFRESH_SECONDS),
+            })
+        ),
+        sort: tessera_core::LeaseSort::parse(filter.sort.trim())
+            .unwrap_or_default()
+            .name()
+            .to_string(),
+        order: if filter.order.trim() == "desc" {
+            "desc".into()
+        } else {
+            "asc".into()
+        },
         station: filter.station,
         user_filter: filter.user,
         component: filter.component,
@@ -724,13 +1023,8 @@ async fn leases_table(
     _user: ConsoleUser,
     Query(filter): Query<LeaseFilter>,
 ) -> Response {
-    let (leases, total, next) = filter.rows(&state);
     render(&LeasesTable {
-        leases,
-        total,
-        next: next.map(|next| filter.next_query(&next)),
-        paged: !filter.after.trim().is_empty(),
-        filtered: filter.is_filtered(),
+        list: filter.listing(&state),
     })
 }
 
@@ -958,11 +1252,14 @@ struct UsagePage {
     from_date: String,
     to_date: String,
     chart: chart::Chart,
+    refresh: Option<u32>,
+    refresh_path: &'static str,
 }
 
 #[derive(Debug, Default, Deserialize)]
 struct UsageQuery {
     bucket: Option<String>,
+    refresh: Option<String>,
 }
 
 async fn usage_page(
@@ -1008,6 +1305,8 @@ async fn usage_page(
         from_date: date(from_ms),
         to_date: date(to_ms - 1),
         chart,
+        refresh: refresh_seconds(query.refresh.as_deref()),
+        refresh_path: "/usage",
     }))
 }
 
@@ -1241,7 +1540,7 @@ async fn sync_response(
 // ---------------------------------------------------------------- events
 
 struct EventRow {
-    at: String,
+    at: Time,
     kind: String,
     severity: String,
     message: String,
@@ -1259,22 +1558,68 @@ struct EventsPage {
     audit_head: String,
     audit_broken: String,
     audit_reason: String,
+    /// The whole chain was walked (else the records after the last intact check).
+    full: bool,
     records: Vec<AuditRow>,
+    events_total: usize,
+    refresh: Option<u32>,
+    refresh_path: &'static str,
 }
 
 struct AuditRow {
     seq: i64,
-    at: String,
+    at: Time,
     actor: String,
     action: String,
     details: String,
 }
 
+/// The newest intact audit head the events page verified, `(seq, hash)`: the page checks only
+/// the records after it (and that it is unchanged), so its cost does not grow with the chain;
+/// `?verify=full` walks the whole chain.
+#[derive(Debug, Default)]
+pub struct AuditCheckpoint(std::sync::Mutex<Option<(i64, String)>>);
+
+#[derive(Debug, Default, Deserialize)]
+struct EventsQuery {
+    /// `full`: check the whole audit chain now.
+    verify: Option<String>,
+    refresh: Option<String>,
+}
+
+/// Notifications the events page lists (the newest).
+const EVENT_ROWS: usize = 100;
+
 async fn events_page(
     State(state): State<SharedState>,
+    Extension(checkpoint): Extension<Arc<AuditCheckpoint>>,
     user: ConsoleUser,
+    Query(query): Query<EventsQuery>,
 ) -> Result<Response, ApiError> {
-    let audit = reports::verification(&state).await?;
+    let full = query.verify.as_deref() == Some("full");
+    let audit = {
+        let state = state.clone();
+        let checkpoint = checkpoint.clone();
+        tokio::task::spawn_blocking(move || {
+            let from = if full {
+                None
+            } else {
+                checkpoint.0.lock().expect("checkpoint lock").clone()
+            };
+            let verification = state.history.verify_since(from);
+            if let Ok(verification) = &verification {
+                let mut checkpoint = checkpoint.0.lock().expect("checkpoint lock");
+                *checkpoint = match (&verification.head_hash, verification.ok) {
+                    (Some(head), true) => Some((verification.records, head.clone())),
+                    _ => None,
+                };
+            }
+            verification
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+    };
     let records = {
         let state = state.clone();
         tokio::task::spawn_blocking(move || state.history.recent_audit(100))
@@ -1286,18 +1631,19 @@ async fn events_page(
         .into_iter()
         .map(|record| AuditRow {
             seq: record.seq,
-            at: fmt_ts(timestamp(record.at_ms)),
+            at: Time::of(timestamp(record.at_ms)),
             actor: record.actor,
             action: record.action,
             details: record.details,
         })
         .collect();
-    let events = state
-        .notifier
-        .recent()
+    let recent = state.notifier.recent();
+    let events_total = recent.len();
+    let events = recent
         .into_iter()
+        .take(EVENT_ROWS)
         .map(|event| EventRow {
-            at: fmt_ts(event.at),
+            at: Time::of(event.at),
             kind: event.kind,
             severity: event.severity,
             message: event.message,
@@ -1313,7 +1659,11 @@ async fn events_page(
         audit_broken: audit.broken_seq.map(|s| s.to_string()).unwrap_or_default(),
         audit_reason: audit.reason.clone().unwrap_or_default(),
         audit,
+        full,
         records,
+        events_total,
+        refresh: refresh_seconds(query.refresh.as_deref()),
+        refresh_path: "/events",
     }))
 }
 

@@ -26,8 +26,16 @@ pub struct LeaseQuery {
     /// Leases per page, 1 to 1000 (default 100).
     #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
-    /// The `next` of the previous page: leases after this lease id.
+    /// The `next` of the previous page: the leases after this cursor (a lease id in lease-id
+    /// order, `VALUE~LEASE_ID` in another).
     pub after: Option<String>,
+    /// The `previous` of a page: the page before this cursor (not with `after`).
+    pub before: Option<String>,
+    /// The order: `id` (default), `expires`, `since` (checked out), `heartbeat`, `station`,
+    /// `user`, `host` or `key`; ties in lease-id order.
+    pub sort: Option<String>,
+    /// `asc` (default) or `desc`.
+    pub order: Option<String>,
     /// Only leases of this component (exact, or a prefix ending in `*`).
     pub component: Option<String>,
     /// Only leases of this key (exact, or a prefix ending in `*`).
@@ -43,11 +51,12 @@ pub struct LeaseQuery {
 /// Most leases per page of `GET /v1/leases`.
 pub const LEASE_PAGE_MAX: u32 = 1000;
 
-/// The leases, a page at a time in lease-id order, with exact or prefix filters; `total`
-/// counts every lease matching the filters.
+/// The leases, a page at a time in lease-id order (or sorted by `sort=`, `order=`), with exact
+/// or prefix filters; `total` counts every lease matching the filters, `offset` those before
+/// the page, `previous` is the cursor of the page before (`before=`).
 #[utoipa::path(get, path = "/v1/leases", params(LeaseQuery), security(("admin_token" = [])), responses(
     (status = 200, description = "one page; `next` is the cursor of the following one", body = tessera_api::LeasePage),
-    (status = 400, description = "invalid_query: limit out of 1..1000, an unknown parameter", body = ErrorBody),
+    (status = 400, description = "invalid_query: limit out of 1..1000, an unknown parameter or sort, after with before, a cursor of another order", body = ErrorBody),
     (status = 401, description = "unauthorized: missing or wrong admin token", body = ErrorBody),
 ))]
 pub async fn list(
@@ -69,11 +78,15 @@ pub async fn list(
         user: query.user.as_deref(),
         host: query.host.as_deref(),
     };
-    Ok(Json(state.lease_page(
+    let order = crate::lease_listing::parse_order(query.sort.as_deref(), query.order.as_deref())?;
+    let cursor =
+        crate::lease_listing::parse_cursor(query.after.as_deref(), query.before.as_deref())?;
+    Ok(Json(state.sorted_lease_page(
         &filter,
-        query.after.as_deref(),
+        order,
+        cursor,
         limit as usize,
-    )))
+    )?))
 }
 
 /// Take a license for a component (201), or get back the lease this station holds (200).

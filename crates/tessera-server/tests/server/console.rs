@@ -5,7 +5,7 @@ use reqwest::{Method, StatusCode};
 
 use super::{Fixture, request};
 
-fn http() -> reqwest::Client {
+pub(super) fn http() -> reqwest::Client {
     tessera_tls::client_builder_exactly(None)
         .unwrap()
         .redirect(Policy::none())
@@ -14,7 +14,7 @@ fn http() -> reqwest::Client {
 }
 
 /// Logs in with the admin token; returns the session cookie and the CSRF token.
-async fn login(f: &Fixture) -> (String, String) {
+pub(super) async fn login(f: &Fixture) -> (String, String) {
     let response = http()
         .post(format!("{}/login", f.server.url()))
         .header("content-type", "application/x-www-form-urlencoded")
@@ -42,7 +42,7 @@ fn csrf_of(html: &str) -> String {
     html[start..start + 64].to_string()
 }
 
-async fn page(f: &Fixture, cookie: &str, path: &str) -> (u16, String) {
+pub(super) async fn page(f: &Fixture, cookie: &str, path: &str) -> (u16, String) {
     let response = http()
         .get(format!("{}{path}", f.server.url()))
         .header("cookie", cookie)
@@ -63,7 +63,7 @@ async fn post_form(f: &Fixture, cookie: &str, path: &str, body: &str) -> reqwest
         .unwrap()
 }
 
-async fn admin_get(f: &Fixture, path: &str) -> (u16, String) {
+pub(super) async fn admin_get(f: &Fixture, path: &str) -> (u16, String) {
     let response = http()
         .get(format!("{}{path}", f.server.url()))
         .bearer_auth(&f.server.state.admin_token)
@@ -777,8 +777,8 @@ async fn the_leases_page_pages_with_the_count_at_the_top() {
     }
     let (cookie, _) = login(&f).await;
     let (_, html) = page(&f, &cookie, "/leases").await;
-    let count_at = html.find("230 leases; showing 100.").expect("the count");
-    let table_at = html.find("<table>").unwrap();
+    let count_at = html.find("230 leases; showing 1–100.").expect("the count");
+    let table_at = html.find("<table id=\"lease-table\">").unwrap();
     assert!(count_at < table_at, "the count comes before the table");
     assert_eq!(html.matches("class=\"lease\"").count(), 100);
     // Following "Next" three times sees every lease once.
@@ -966,4 +966,46 @@ async fn status_metrics_leases_and_usage_count_in_use_the_same_way() {
             .sum()
     };
     assert_eq!((level("cad"), level("viewer")), (4, 2));
+}
+
+#[tokio::test]
+async fn a_key_is_allocated_from_the_console_with_its_csrf_token() {
+    let f = Fixture::start().await;
+    f.import(&f.key("k-alloc", &["cad"], 3)).await;
+    let (cookie, csrf) = login(&f).await;
+    let (_, html) = page(&f, &cookie, "/").await;
+    assert!(html.contains("action=\"/keys/k-alloc/allocate\""), "{html}");
+    assert!(html.contains("name=\"stations\" value=\"on\" checked"));
+    let response = post_form(&f, &cookie, "/keys/k-alloc/allocate", "groups=").await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST, "no CSRF token");
+    let response = post_form(
+        &f,
+        &cookie,
+        "/keys/k-alloc/allocate",
+        &format!("csrf={csrf}&groups="),
+    )
+    .await;
+    let html = response.text().await.unwrap();
+    assert!(
+        html.contains("License key k-alloc now serves no station by itself."),
+        "{html}"
+    );
+    assert!(!html.contains("name=\"stations\" value=\"on\" checked"));
+    let refused = f.client().checkout(&request("cad", "ws-1")).await;
+    assert!(refused.is_err(), "the key serves no station now");
+    let response = post_form(
+        &f,
+        &cookie,
+        "/keys/k-alloc/allocate",
+        &format!("csrf={csrf}&stations=on&groups="),
+    )
+    .await;
+    assert!(
+        response
+            .text()
+            .await
+            .unwrap()
+            .contains("now serves every station")
+    );
+    f.client().checkout(&request("cad", "ws-1")).await.unwrap();
 }
