@@ -32,9 +32,11 @@ pub struct LeaseQuery {
     /// The `previous` of a page: the page before this cursor (not with `after`).
     pub before: Option<String>,
     /// The order: `id` (default), `expires`, `since` (checked out), `heartbeat`, `station`,
-    /// `user`, `host` or `key`; ties in lease-id order.
+    /// `user`, `host` or `key`; ties in lease-id order. Empty: the default.
+    #[param(pattern = "^(id|expires|since|heartbeat|station|user|host|key)?$")]
     pub sort: Option<String>,
-    /// `asc` (default) or `desc`.
+    /// `asc` (default) or `desc`. Empty: the default.
+    #[param(pattern = "^(asc|desc)?$")]
     pub order: Option<String>,
     /// Only leases of this component (exact, or a prefix ending in `*`).
     pub component: Option<String>,
