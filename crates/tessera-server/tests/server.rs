@@ -1304,6 +1304,14 @@ async fn a_server_rebuilt_with_its_identity_on_a_fresh_data_directory_syncs_agai
     assert!(error.contains("server_rolled_back"), "{error}");
     let blocked = server.state.sync_status().blocked.expect("blocked");
     assert_eq!(blocked.code, "server_rolled_back");
+    // The console's sync page says so.
+    let (cookie, _) = console::login_to(&server).await;
+    let (status, html) = console::page_of(&server, &cookie, "/sync").await;
+    assert_eq!(status, 200);
+    assert!(
+        html.contains("Syncs blocked by the vendor (server_rolled_back)"),
+        "{html}"
+    );
     assert!(
         server
             .state

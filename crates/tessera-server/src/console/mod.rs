@@ -1339,6 +1339,8 @@ struct SyncPage {
     schedule: String,
     authority: String,
     has_authority: bool,
+    /// The authority refused this server's syncs (`server_cloned` / `server_rolled_back`).
+    blocked: Option<(String, String)>,
 }
 
 fn sync_page_with(
@@ -1372,6 +1374,10 @@ fn sync_page_with(
         schedule: sync.schedule.clone(),
         authority: sync.authority.clone().unwrap_or_else(none),
         has_authority: sync.authority.is_some(),
+        blocked: sync
+            .blocked
+            .as_ref()
+            .map(|blocked| (blocked.code.clone(), blocked.message.clone())),
     })
 }
 

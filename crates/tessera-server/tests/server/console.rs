@@ -3,7 +3,7 @@
 use reqwest::redirect::Policy;
 use reqwest::{Method, StatusCode};
 
-use super::{Fixture, request};
+use super::{Fixture, RunningServer, request};
 
 pub(super) fn http() -> reqwest::Client {
     tessera_tls::client_builder_exactly(None)
@@ -15,10 +15,15 @@ pub(super) fn http() -> reqwest::Client {
 
 /// Logs in with the admin token; returns the session cookie and the CSRF token.
 pub(super) async fn login(f: &Fixture) -> (String, String) {
+    login_to(&f.server).await
+}
+
+/// [`login`] to any running server.
+pub(super) async fn login_to(server: &RunningServer) -> (String, String) {
     let response = http()
-        .post(format!("{}/login", f.server.url()))
+        .post(format!("{}/login", server.url()))
         .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!("token={}&next=%2F", f.server.state.admin_token))
+        .body(format!("token={}&next=%2F", server.state.admin_token))
         .send()
         .await
         .unwrap();
@@ -31,7 +36,7 @@ pub(super) async fn login(f: &Fixture) -> (String, String) {
     assert!(set_cookie.contains("HttpOnly"), "{set_cookie}");
     assert!(set_cookie.contains("SameSite=Strict"), "{set_cookie}");
     let cookie = set_cookie.split(';').next().unwrap().to_string();
-    let (status, html) = page(f, &cookie, "/").await;
+    let (status, html) = page_of(server, &cookie, "/").await;
     assert_eq!(status, 200);
     (cookie, csrf_of(&html))
 }
@@ -43,8 +48,13 @@ fn csrf_of(html: &str) -> String {
 }
 
 pub(super) async fn page(f: &Fixture, cookie: &str, path: &str) -> (u16, String) {
+    page_of(&f.server, cookie, path).await
+}
+
+/// [`page`] of any running server.
+pub(super) async fn page_of(server: &RunningServer, cookie: &str, path: &str) -> (u16, String) {
     let response = http()
-        .get(format!("{}{path}", f.server.url()))
+        .get(format!("{}{path}", server.url()))
         .header("cookie", cookie)
         .send()
         .await
