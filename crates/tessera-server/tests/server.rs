@@ -1342,6 +1342,69 @@ async fn a_server_rebuilt_with_its_identity_on_a_fresh_data_directory_syncs_agai
     server.shutdown().await;
 }
 
+/// T8, time from the vendor (#22 item 4): a server whose clock is 40 days behind the
+/// authority's. Online, the authority refuses its request (`server_clock_skewed`); by file
+/// (carried for days, accepted), the response's signed time becomes the server's time
+/// floor: checkouts are refused `clock_set_back`, naming the vendor's time, until the clock
+/// is corrected; returning a license still works.
+#[tokio::test]
+async fn a_server_whose_clock_is_behind_the_vendors_signed_time_stops_issuing() {
+    let day = 86_400_000;
+    let dir = tempfile::tempdir().unwrap();
+    let vendor_clock = ManualClock::new(START_MS + 40 * day);
+    let (authority, server_id) = authority_with_a_server_id(dir.path(), &vendor_clock).await;
+    vendor_post(
+        &authority,
+        "/v1/keys",
+        serde_json::json!({"server_id": server_id, "components": ["cad"], "licenses": 2, "valid_days": 30}),
+    )
+    .await;
+    let clock = ManualClock::new(START_MS);
+    let server = start_syncing_server(dir.path(), &clock, &authority, &server_id).await;
+    let station = Client::new(&server.url(), None);
+
+    let refused = server.state.sync_online().await.unwrap_err();
+    assert!(
+        refused.to_string().contains("server_clock_skewed"),
+        "{refused}"
+    );
+    assert!(server.state.status().keys.is_empty(), "not certified");
+
+    let sync_request = server.state.export_sync_request().await.unwrap();
+    let response = vendor_post(
+        &authority,
+        "/v1/sync/process",
+        serde_json::to_value(&sync_request).unwrap(),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let summary = server.state.import_sync_response(response).await.unwrap();
+    assert_eq!(summary.imported.len(), 1);
+    let refused = station.checkout(&request("cad", "ws-1")).await.unwrap_err();
+    let message = refused.to_string();
+    assert_eq!(code(refused), (503, "clock_set_back".into()));
+    let vendor_time = Timestamp::from_millisecond(START_MS + 40 * day).unwrap();
+    assert!(
+        message.contains(&vendor_time.to_string()) && message.contains("vendor"),
+        "{message}"
+    );
+    // Restarted, the floor is still there (it is in the ledger).
+    server.shutdown().await;
+    let server = start_syncing_server(dir.path(), &clock, &authority, &server_id).await;
+    let station = Client::new(&server.url(), None);
+    let refused = station.checkout(&request("cad", "ws-1")).await.unwrap_err();
+    assert_eq!(code(refused), (503, "clock_set_back".into()));
+
+    // The clock corrected: issuing again, and the next online sync is accepted.
+    clock.advance_ms(40 * day);
+    let (lease, _) = station.checkout(&request("cad", "ws-1")).await.unwrap();
+    station.checkin(&lease.lease_id).await.unwrap();
+    server.state.sync_online().await.unwrap();
+    server.shutdown().await;
+}
+
 /// A lease is a capability held by its station (#19 item 3, #21 item 3): heartbeat and
 /// checkin need the lease secret of the checkout answer, an anonymous status shows no lease
 /// ids, and a station asking again gets its lease only with the holder key of its checkout.
