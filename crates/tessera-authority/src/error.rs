@@ -2,7 +2,7 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use tessera_core::sync::{SERVER_CLONED, SERVER_ROLLED_BACK};
+use tessera_core::sync::{SERVER_CLOCK_SKEWED, SERVER_CLONED, SERVER_ROLLED_BACK};
 
 use crate::wire::{ErrorBody, ErrorDetail};
 
@@ -77,6 +77,15 @@ pub enum AuthorityError {
         "license server {server_id} is refused as rolled back: {detail}. The vendor resets the chain (`tessera authority server reset {server_id}`) once the server is accounted for"
     )]
     ServerRolledBack { server_id: String, detail: String },
+    #[error(
+        "license server {server_id}'s clock is wrong: its request says {stated}, the authority's clock {now} ({detail}). Correct the server's clock and sync again"
+    )]
+    ServerClockSkewed {
+        server_id: String,
+        stated: String,
+        now: String,
+        detail: String,
+    },
 
     // ---- internal -------------------------------------------------------------------------
     #[error("storage: {0}")]
@@ -110,6 +119,7 @@ impl AuthorityError {
             // The codes the license server recognizes (`tessera_core::sync`): keep them there.
             E::ServerCloned { .. } => (StatusCode::CONFLICT, SERVER_CLONED),
             E::ServerRolledBack { .. } => (StatusCode::CONFLICT, SERVER_ROLLED_BACK),
+            E::ServerClockSkewed { .. } => (StatusCode::CONFLICT, SERVER_CLOCK_SKEWED),
             E::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage"),
             E::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }

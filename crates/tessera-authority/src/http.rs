@@ -344,7 +344,9 @@ async fn sync(
 ) -> Result<Json<SyncResponse>, AuthorityError> {
     Ok(Json(
         state
-            .run(move |db, vendor, now_ms| crate::sync::answer(db, vendor, &request, now_ms))
+            .run(move |db, vendor, now_ms| {
+                crate::sync::answer(db, vendor, &request, crate::sync::Channel::Online, now_ms)
+            })
             .await?,
     ))
 }
@@ -358,7 +360,9 @@ async fn process(
 ) -> Result<Json<SyncResponse>, AuthorityError> {
     Ok(Json(
         state
-            .run(move |db, vendor, now_ms| crate::sync::answer(db, vendor, &request, now_ms))
+            .run(move |db, vendor, now_ms| {
+                crate::sync::answer(db, vendor, &request, crate::sync::Channel::File, now_ms)
+            })
             .await?,
     ))
 }

@@ -8,18 +8,21 @@
 //!    without the key pair that first synchronized it.
 //! 4. The sequence must be above the last one answered (`replayed_request`), so a captured
 //!    request cannot be played again to obtain a fresh certificate.
-//! 5. The sync chain must hold ([`crate::chain`]): a clone or a rollback of the server's data
+//! 5. The request's stated time (`created_at`) must be near the authority's clock
+//!    ([`check_clock`]): a server whose clock is wrong is refused (`server_clock_skewed`)
+//!    and recorded as an alert, so a shifted clock is neither re-certified nor unnoticed.
+//! 6. The sync chain must hold ([`crate::chain`]): a clone or a rollback of the server's data
 //!    is refused (`server_cloned`, `server_rolled_back`) and recorded as an alert, in its
 //!    own committed transaction.
-//! 6. The answer carries a certificate valid 366 days from now, the live keys issued to the
+//! 7. The answer carries a certificate valid 366 days from now, the live keys issued to the
 //!    ID, the revoked ids, and the renewal keys held for it; the server row records the
 //!    sequence and the time, the chain the new link. All of it in one transaction: either
 //!    the server's state moved and it got the signed answer, or neither.
 
 use rusqlite::{Connection, TransactionBehavior, params};
 use tessera_core::sync::{
-    CERTIFICATE_VALIDITY_DAYS, CertificatePayload, ServerCertificate, SyncError, SyncRequest,
-    SyncResponse, SyncResponsePayload,
+    CERTIFICATE_VALIDITY_DAYS, CertificatePayload, MAX_CLOCK_SKEW_MS, SERVER_CLOCK_SKEWED,
+    ServerCertificate, SyncError, SyncRequest, SyncResponse, SyncResponsePayload,
 };
 use tessera_core::{PublicKey, SecretKey};
 
@@ -78,6 +81,41 @@ pub fn check_binding(
     Ok(binding)
 }
 
+/// How a request reached the authority.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Channel {
+    /// `POST /v1/sync`: sent by the server the moment it was made.
+    Online,
+    /// `POST /v1/sync/process`: a request file, which may have been carried for days.
+    File,
+}
+
+/// Rule 5, pure: a request's stated time may be at most a day ahead of the authority's
+/// clock; an online request at most a day behind; a request file at most 366 days behind
+/// (older, it is past any certificate it could renew). `Err` holds why.
+pub fn check_clock(channel: Channel, stated_ms: i64, now_ms: i64) -> Result<(), String> {
+    let hours = |ms: i64| ms / 3_600_000;
+    if stated_ms > now_ms.saturating_add(MAX_CLOCK_SKEW_MS) {
+        return Err(format!(
+            "{} hours ahead; at most {} allowed",
+            hours(stated_ms - now_ms),
+            hours(MAX_CLOCK_SKEW_MS)
+        ));
+    }
+    let (limit, what) = match channel {
+        Channel::Online => (MAX_CLOCK_SKEW_MS, "an online request"),
+        Channel::File => (CERTIFICATE_VALIDITY_DAYS * DAY_MS, "a request file"),
+    };
+    if stated_ms < now_ms.saturating_sub(limit) {
+        return Err(format!(
+            "{} hours behind; {what} may be at most {} hours behind",
+            hours(now_ms - stated_ms),
+            hours(limit)
+        ));
+    }
+    Ok(())
+}
+
 /// Rule 1: the request is signed by the key it carries.
 fn verify_request(request: &SyncRequest) -> Result<PublicKey, AuthorityError> {
     match request.verify() {
@@ -95,6 +133,7 @@ pub fn answer(
     connection: &mut Connection,
     vendor: &SecretKey,
     request: &SyncRequest,
+    channel: Channel,
     now_ms: i64,
 ) -> Result<SyncResponse, AuthorityError> {
     let offered = verify_request(request)?;
@@ -116,6 +155,30 @@ pub fn answer(
             return Err(refusal);
         }
     };
+    let claim = Claim::of(asked);
+    if let Err(detail) = check_clock(channel, asked.created_at.as_millisecond(), now_ms) {
+        chain::record_alert(
+            &transaction,
+            &server.server_id,
+            SERVER_CLOCK_SKEWED,
+            Some(claim),
+            &detail,
+            now_ms,
+        )?;
+        transaction.commit()?;
+        tracing::warn!(
+            server_id = asked.server_id,
+            code = SERVER_CLOCK_SKEWED,
+            detail,
+            "sync refused: the server's clock is wrong"
+        );
+        return Err(AuthorityError::ServerClockSkewed {
+            server_id: server.server_id,
+            stated: asked.created_at.to_string(),
+            now: timestamp(now_ms)?.to_string(),
+            detail,
+        });
+    }
     // A new binding (first sync, or after a reset) starts a new chain.
     let links = match binding {
         Binding::Bind => {
@@ -124,7 +187,6 @@ pub fn answer(
         }
         Binding::Keep => chain::load(&transaction, &server.server_id)?,
     };
-    let claim = Claim::of(asked);
     let step = match chain::judge(&links, claim) {
         Ok(step) => step,
         Err(fault) => {
@@ -255,6 +317,19 @@ mod tests {
             last_sequence,
             last_sync_at_ms: None,
         }
+    }
+
+    #[test]
+    fn a_stated_time_far_from_the_authoritys_clock_is_refused() {
+        let now = 1000 * DAY_MS;
+        for channel in [Channel::Online, Channel::File] {
+            assert!(check_clock(channel, now, now).is_ok());
+            assert!(check_clock(channel, now + MAX_CLOCK_SKEW_MS, now).is_ok());
+            assert!(check_clock(channel, now + 400 * DAY_MS, now).is_err());
+        }
+        assert!(check_clock(Channel::Online, now - 2 * DAY_MS, now).is_err());
+        assert!(check_clock(Channel::File, now - 40 * DAY_MS, now).is_ok());
+        assert!(check_clock(Channel::File, now - 367 * DAY_MS, now).is_err());
     }
 
     #[test]

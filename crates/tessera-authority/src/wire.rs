@@ -121,7 +121,8 @@ pub struct KeyInfo {
 }
 
 /// An element of `GET /v1/alerts`, newest first: a clone or a rollback detected at a sync
-/// (`server_cloned`, `server_rolled_back`), or the vendor's reset of a server's chain
+/// (`server_cloned`, `server_rolled_back`), a server whose clock is far from the
+/// authority's (`server_clock_skewed`), or the vendor's reset of a server's chain
 /// (`chain_reset`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AlertInfo {

@@ -26,7 +26,18 @@ struct ManualClock(AtomicI64);
 impl ManualClock {
     fn advance_days(&self, days: i64) {
         self.0.fetch_add(days * DAY_MS, Ordering::SeqCst);
+        STATED_MS.with(|stated| stated.set(stated.get() + days * DAY_MS));
     }
+}
+
+thread_local! {
+    /// The time `request` states: a server whose clock agrees with the authority's. The test
+    /// body runs on one thread, so the clock moved there moves what it states.
+    static STATED_MS: std::cell::Cell<i64> = const { std::cell::Cell::new(START_MS) };
+}
+
+fn stated_now() -> jiff::Timestamp {
+    jiff::Timestamp::from_millisecond(STATED_MS.with(std::cell::Cell::get)).unwrap()
 }
 
 impl Clock for ManualClock {
@@ -183,7 +194,7 @@ fn request(identity: &SecretKey, server_id: &str, sequence: u64, held: &[&str]) 
             public_key: identity.public_key().to_base64(),
             sequence,
             nonce: format!("nonce-{sequence}-{}", identity.public_key().fingerprint()),
-            created_at: jiff::Timestamp::from_millisecond(START_MS).unwrap(),
+            created_at: stated_now(),
             keys: held.iter().map(|k| k.to_string()).collect(),
             // A server older than the sync chain: `chain.rs` tests the chained requests.
             last_response: None,
@@ -560,6 +571,8 @@ fn last_line(text: &str) -> &str {
 
 #[path = "authority/chain.rs"]
 mod chain;
+#[path = "authority/clock.rs"]
+mod clock;
 
 #[test]
 fn the_cli_definition_is_consistent() {

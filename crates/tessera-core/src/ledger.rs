@@ -215,6 +215,12 @@ pub struct SyncState {
     /// syncs stop until a sync succeeds again (after the vendor's reset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blocked: Option<SyncBlock>,
+    /// The vendor's time floor: the highest time the vendor signed that this server has seen
+    /// (a sync response's and its certificate's `issued_at`, an imported key's). A clock
+    /// below it is wrong: the server stops issuing until it is corrected (`docs/security.md`,
+    /// T8). Set inside apply from signed documents, so every replica agrees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vendor_time_ms: Option<i64>,
 }
 
 /// Why syncs are blocked: the authority's refusal.
@@ -236,6 +242,11 @@ impl SyncState {
 
     pub fn is_synchronized(&self, at: i64) -> bool {
         self.deadline_ms().is_some_and(|deadline| at < deadline)
+    }
+
+    /// Raises the vendor's time floor to a time the vendor signed.
+    fn observe_vendor_time(&mut self, signed_ms: i64) {
+        self.vendor_time_ms = Some(self.vendor_time_ms.map_or(signed_ms, |t| t.max(signed_ms)));
     }
 }
 
@@ -727,6 +738,11 @@ impl Ledger {
         self.last_at_ms
     }
 
+    /// The vendor's time floor (`SyncState::vendor_time_ms`): no correct clock reads less.
+    pub fn vendor_time_ms(&self) -> Option<i64> {
+        self.sync.vendor_time_ms
+    }
+
     pub fn apply(&mut self, entry: &Stamped) -> Outcome {
         self.apply_recording(entry).outcome
     }
@@ -882,6 +898,8 @@ impl Ledger {
             };
         }
         let key_id = payload.key_id.clone();
+        self.sync
+            .observe_vendor_time(payload.issued_at.as_millisecond());
         self.keys.insert(
             key_id.clone(),
             KeyRecord::new(
@@ -1261,6 +1279,10 @@ impl Ledger {
         self.sync.pending_since = None;
         self.sync.blocked = None;
         self.sync.last_sync_at_ms = Some(at);
+        self.sync
+            .observe_vendor_time(payload.issued_at.as_millisecond());
+        self.sync
+            .observe_vendor_time(payload.certificate.payload.issued_at.as_millisecond());
         Outcome::Synced {
             sequence: payload.sequence,
             imported,

@@ -34,6 +34,12 @@ pub const CERTIFICATE_VALIDITY_DAYS: i64 = 366;
 pub const SERVER_CLONED: &str = "server_cloned";
 /// The authority's refusal (HTTP 409) of a request from a server's data set back in time.
 pub const SERVER_ROLLED_BACK: &str = "server_rolled_back";
+/// The authority's refusal (HTTP 409) of a request whose stated time (`created_at`) is too
+/// far from the authority's clock: the server's clock is wrong (`docs/security.md`, T8).
+pub const SERVER_CLOCK_SKEWED: &str = "server_clock_skewed";
+/// How far a request's stated time may be ahead of the authority's clock (online or file),
+/// and behind it for an online request: a day.
+pub const MAX_CLOCK_SKEW_MS: i64 = 24 * 60 * 60 * 1000;
 
 fn signed_bytes<T: Serialize>(format: &str, payload: &T) -> Vec<u8> {
     let mut bytes = format!("{format}/v{SYNC_FORMAT_VERSION}\n").into_bytes();

@@ -640,6 +640,42 @@ fn a_replayed_stale_foreign_or_edited_sync_response_is_refused_and_changes_nothi
     assert!(ledger.keys(BASE_MS).is_empty(), "the revoked key is gone");
 }
 
+/// T8: the vendor's time floor is the highest time the vendor signed (a sync response, its
+/// certificate, an imported key), whatever the entry's own time; it never goes down, and it
+/// is kept in snapshots.
+#[test]
+fn the_vendors_time_floor_is_the_highest_signed_time_seen() {
+    let day = 86_400_000;
+    let mut ledger = ledger();
+    assert_eq!(ledger.vendor_time_ms(), None);
+    import(&mut ledger, key("k1", &["cad"], 1, BASE_MS + 30 * day));
+    assert_eq!(
+        ledger.vendor_time_ms(),
+        Some(BASE_MS - 1000),
+        "the key's issued-at"
+    );
+    // The server's clock says BASE_MS, 40 days behind the authority's.
+    let sequence = begin_sync(&mut ledger, BASE_MS, "n1");
+    let answer = response("srv-1", sequence, "n1", BASE_MS + 40 * day, vec![], vec![]);
+    assert!(matches!(
+        complete(&mut ledger, BASE_MS + 1, answer),
+        Outcome::Synced { .. }
+    ));
+    assert_eq!(ledger.vendor_time_ms(), Some(BASE_MS + 40 * day));
+    assert_eq!(
+        ledger.last_at_ms(),
+        BASE_MS + 1,
+        "the entries' time is untouched"
+    );
+    // A later, older signed time (a key issued long ago) does not lower it.
+    import(&mut ledger, key("k2", &["cam"], 1, BASE_MS + 50 * day));
+    assert_eq!(ledger.vendor_time_ms(), Some(BASE_MS + 40 * day));
+    let restored = Ledger::restore_json(ledger.config().clone(), &ledger.snapshot_json()).unwrap();
+    assert_eq!(restored.vendor_time_ms(), Some(BASE_MS + 40 * day));
+    let restored = Ledger::restore(ledger.config().clone(), ledger.snapshot());
+    assert_eq!(restored.vendor_time_ms(), Some(BASE_MS + 40 * day));
+}
+
 #[test]
 fn the_sync_chain_is_kept_in_the_ledger_and_its_snapshots() {
     let mut ledger = ledger();

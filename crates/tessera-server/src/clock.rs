@@ -45,12 +45,22 @@ impl Clock for ManualClock {
 pub struct ClockSetBack {
     pub now_ms: i64,
     pub high_water_ms: i64,
+    /// The mark passed is the vendor's signed time (`Stamper::observe_vendor`), not a time
+    /// this server stamped.
+    pub vendor: bool,
 }
+
+/// How far the clock may be behind the vendor's signed time before the server stops issuing:
+/// the authority's and the server's clocks may differ a little.
+pub const VENDOR_CLOCK_ALLOWANCE_MS: i64 = 60 * 60 * 1000;
 
 /// Stamps commands with a time that never goes backwards, and notices a clock set back.
 pub struct Stamper {
     clock: Arc<dyn Clock>,
     high_water_ms: AtomicI64,
+    /// The vendor's time floor (`Ledger::vendor_time_ms`): a clock more than
+    /// [`VENDOR_CLOCK_ALLOWANCE_MS`] below it issues nothing. Checked, never stamped.
+    vendor_floor_ms: AtomicI64,
     tolerance_ms: i64,
 }
 
@@ -59,7 +69,15 @@ impl Stamper {
         Stamper {
             clock,
             high_water_ms: AtomicI64::new(high_water_ms),
+            vendor_floor_ms: AtomicI64::new(i64::MIN),
             tolerance_ms,
+        }
+    }
+
+    /// Raises the vendor's time floor (the ledger's, after a start, a sync, an import).
+    pub fn observe_vendor(&self, vendor_time_ms: Option<i64>) {
+        if let Some(at_ms) = vendor_time_ms {
+            self.vendor_floor_ms.fetch_max(at_ms, Ordering::SeqCst);
         }
     }
 
@@ -81,6 +99,15 @@ impl Stamper {
             return Err(ClockSetBack {
                 now_ms,
                 high_water_ms,
+                vendor: false,
+            });
+        }
+        let vendor_floor_ms = self.vendor_floor_ms.load(Ordering::SeqCst);
+        if now_ms < vendor_floor_ms.saturating_sub(VENDOR_CLOCK_ALLOWANCE_MS) {
+            return Err(ClockSetBack {
+                now_ms,
+                high_water_ms: vendor_floor_ms,
+                vendor: true,
             });
         }
         let previous = self.high_water_ms.fetch_max(now_ms, Ordering::SeqCst);
@@ -117,9 +144,32 @@ mod tests {
             stamper.stamp(),
             Err(ClockSetBack {
                 now_ms: 4_000,
-                high_water_ms: 10_000
+                high_water_ms: 10_000,
+                vendor: false,
             })
         );
         assert_eq!(stamper.stamp_lenient(), 10_000);
+    }
+
+    #[test]
+    fn a_clock_behind_the_vendors_signed_time_is_refused() {
+        let day = 86_400_000;
+        let clock = ManualClock::new(100 * day);
+        let stamper = Stamper::new(Arc::new(clock.clone()), 0, 5_000);
+        stamper.observe_vendor(Some(140 * day));
+        assert_eq!(
+            stamper.stamp(),
+            Err(ClockSetBack {
+                now_ms: 100 * day,
+                high_water_ms: 140 * day,
+                vendor: true,
+            })
+        );
+        assert_eq!(stamper.stamp_lenient(), 100 * day, "returning still works");
+        clock.set_ms(140 * day - VENDOR_CLOCK_ALLOWANCE_MS + 1);
+        assert_eq!(
+            stamper.stamp(),
+            Ok(140 * day - VENDOR_CLOCK_ALLOWANCE_MS + 1)
+        );
     }
 }

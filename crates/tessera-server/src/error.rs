@@ -37,6 +37,10 @@ pub enum ApiError {
     )]
     ClockSetBack { now: String, high_water: String },
     #[error(
+        "the clock reads {now} but the vendor signed {vendor_time} at this server's last sync or key import: the clock is behind; no licenses are issued until it is corrected"
+    )]
+    ClockBehindVendor { now: String, vendor_time: String },
+    #[error(
         "missing or wrong admin token: send Authorization: Bearer <token from DATA/admin.token>"
     )]
     Unauthorized,
@@ -138,7 +142,9 @@ impl ApiError {
                 ConsensusError::NoQuorum => (StatusCode::SERVICE_UNAVAILABLE, "no_quorum"),
                 _ => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             },
-            ApiError::ClockSetBack { .. } => (StatusCode::SERVICE_UNAVAILABLE, "clock_set_back"),
+            ApiError::ClockSetBack { .. } | ApiError::ClockBehindVendor { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "clock_set_back")
+            }
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::LeaseSecretRequired => (StatusCode::UNAUTHORIZED, "lease_secret_required"),
             ApiError::LeaseSecretWrong => (StatusCode::FORBIDDEN, "lease_secret_wrong"),

@@ -201,12 +201,14 @@ pub async fn start(
             ),
         });
     }
-    let high_water_ms = consensus.read(|ledger| ledger.last_at_ms());
+    let (high_water_ms, vendor_time_ms) =
+        consensus.read(|ledger| (ledger.last_at_ms(), ledger.vendor_time_ms()));
     let stamper = Stamper::new(
         clock,
         high_water_ms,
         config.clock_tolerance.as_millis() as i64,
     );
+    stamper.observe_vendor(vendor_time_ms);
     let history_error = |error: crate::history::HistoryError| StartError::DataDir {
         path: error.path,
         message: error.message,

@@ -250,9 +250,17 @@ impl AppState {
     /// Stamps and proposes a command that may hand out or extend licenses.
     pub(crate) async fn propose_issuing(&self, command: Command) -> Result<Outcome, ApiError> {
         let at_ms = self.stamper.stamp().map_err(|set_back| {
-            let error = ApiError::ClockSetBack {
-                now: timestamp(set_back.now_ms).to_string(),
-                high_water: timestamp(set_back.high_water_ms).to_string(),
+            let (now, high_water) = (
+                timestamp(set_back.now_ms).to_string(),
+                timestamp(set_back.high_water_ms).to_string(),
+            );
+            let error = if set_back.vendor {
+                ApiError::ClockBehindVendor {
+                    now,
+                    vendor_time: high_water,
+                }
+            } else {
+                ApiError::ClockSetBack { now, high_water }
             };
             let last = self.last_clock_event_ms.load(std::sync::atomic::Ordering::Relaxed);
             if set_back.now_ms.saturating_sub(last).abs() >= 60_000 {
@@ -441,6 +449,8 @@ impl AppState {
             .map_err(|error| ApiError::Refused(tessera_core::Refusal::KeyRejected { error }))?;
         match self.propose_issuing(Command::ImportKey { key }).await? {
             Outcome::KeyImported { key_id } => {
+                self.stamper
+                    .observe_vendor(self.read(|ledger| ledger.vendor_time_ms()));
                 self.history.key_event(
                     self.stamper.now_ms(),
                     "admin",
@@ -515,11 +525,17 @@ impl AppState {
         let now_ms = self.stamper.now_ms();
         self.notify_deadline(now_ms);
         self.check_alerts(now_ms);
-        let (next_expiry_ms, last_at_ms) = self
-            .consensus
-            .read(|ledger| (ledger.next_expiry_ms(), ledger.last_at_ms()));
-        // A host that became primary in a domain takes over the time mark of the log.
+        let (next_expiry_ms, last_at_ms, vendor_time_ms) = self.consensus.read(|ledger| {
+            (
+                ledger.next_expiry_ms(),
+                ledger.last_at_ms(),
+                ledger.vendor_time_ms(),
+            )
+        });
+        // A host that became primary in a domain takes over the time mark of the log, and
+        // the vendor's time floor.
         self.stamper.observe(last_at_ms);
+        self.stamper.observe_vendor(vendor_time_ms);
         let due = next_expiry_ms.is_some_and(|at| at <= now_ms);
         if !due && now_ms.saturating_sub(last_at_ms) < TIME_BEACON_MS {
             return Ok(0);

@@ -82,6 +82,9 @@ impl AppState {
                 renewals,
                 certificate_valid_until_ms,
             }) => {
+                // The vendor's signed time is the clock's floor from now on (T8).
+                self.stamper
+                    .observe_vendor(self.consensus.read(|ledger| ledger.vendor_time_ms()));
                 self.notifier.emit(
                     at_ms,
                     "sync_completed",

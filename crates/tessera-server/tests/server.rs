@@ -1352,6 +1352,79 @@ async fn a_server_rebuilt_with_its_identity_on_a_fresh_data_directory_syncs_agai
     server.shutdown().await;
 }
 
+/// T8, time from the vendor (#22 item 4): a server synced, holding a 30-day key, whose clock
+/// then stays frozen while 40 days pass at the authority. Until it syncs, it still serves
+/// the key (the bound: the next sync). Online, the authority refuses its request
+/// (`server_clock_skewed`); by file (carried for days, accepted), the response's signed
+/// time becomes the server's time floor: checkouts are refused `clock_set_back`, naming the
+/// vendor's time, also after a restart, until the clock is corrected; a license can still
+/// be returned.
+#[tokio::test]
+async fn a_server_whose_clock_is_behind_the_vendors_signed_time_stops_issuing() {
+    let day = 86_400_000;
+    let dir = tempfile::tempdir().unwrap();
+    let vendor_clock = ManualClock::new(START_MS);
+    let (authority, server_id) = authority_with_a_server_id(dir.path(), &vendor_clock).await;
+    vendor_post(
+        &authority,
+        "/v1/keys",
+        serde_json::json!({"server_id": server_id, "components": ["cad"], "licenses": 2, "valid_days": 30}),
+    )
+    .await;
+    let clock = ManualClock::new(START_MS);
+    let server = start_syncing_server(dir.path(), &clock, &authority, &server_id).await;
+    let station = Client::new(&server.url(), None);
+    assert_eq!(server.state.sync_online().await.unwrap().imported.len(), 1);
+    station.checkout(&request("cad", "ws-1")).await.unwrap();
+
+    // 40 days pass at the vendor; the server's clock is frozen a day after its sync, where
+    // the key is still valid: it is served.
+    vendor_clock.advance_ms(40 * day);
+    clock.advance_ms(day);
+    let (held, _) = station.checkout(&request("cad", "ws-2")).await.unwrap();
+    let refused = server.state.sync_online().await.unwrap_err();
+    assert!(
+        refused.to_string().contains("server_clock_skewed"),
+        "{refused}"
+    );
+
+    let sync_request = server.state.export_sync_request().await.unwrap();
+    let response = vendor_post(
+        &authority,
+        "/v1/sync/process",
+        serde_json::to_value(&sync_request).unwrap(),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    server.state.import_sync_response(response).await.unwrap();
+    let refused = station.checkout(&request("cad", "ws-3")).await.unwrap_err();
+    let message = refused.to_string();
+    assert_eq!(code(refused), (503, "clock_set_back".into()), "{message}");
+    let vendor_time = Timestamp::from_millisecond(START_MS + 40 * day).unwrap();
+    assert!(
+        message.contains(&vendor_time.to_string()) && message.contains("vendor"),
+        "{message}"
+    );
+    let heartbeat = station.heartbeat(&held.lease_id).await.unwrap_err();
+    assert_eq!(code(heartbeat).1, "clock_set_back");
+    station.checkin(&held.lease_id).await.unwrap();
+    // Restarted, the floor is still there (it is in the ledger).
+    server.shutdown().await;
+    let server = start_syncing_server(dir.path(), &clock, &authority, &server_id).await;
+    let station = Client::new(&server.url(), None);
+    let refused = station.checkout(&request("cad", "ws-3")).await.unwrap_err();
+    assert_eq!(code(refused), (503, "clock_set_back".into()));
+
+    // The clock corrected: online syncs are accepted again, and the key has ended.
+    clock.advance_ms(39 * day);
+    server.state.sync_online().await.unwrap();
+    let refused = station.checkout(&request("cad", "ws-3")).await.unwrap_err();
+    assert_ne!(code(refused).1, "clock_set_back");
+    server.shutdown().await;
+}
+
 /// A lease is a capability held by its station (#19 item 3, #21 item 3): heartbeat and
 /// checkin need the lease secret of the checkout answer, an anonymous status shows no lease
 /// ids, and a station asking again gets its lease only with the holder key of its checkout.
