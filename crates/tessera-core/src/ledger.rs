@@ -504,7 +504,7 @@ impl Ord for ById<'_> {
 
 /// Which leases a listing shows: each field given must match, exactly or, ending in `*`, by
 /// prefix (`user=ann*`). `component` matches a lease of a key covering a matching component
-/// (a lease lets its station use every component of its key; see [`Ledger::lease_matcher`]),
+/// (a lease lets its station use every component of its key; see `Ledger::lease_matcher`),
 /// or a lease that asked for one.
 #[derive(Clone, Debug, Default)]
 pub struct LeaseFilter<'a> {

@@ -35,7 +35,12 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/usage/0001_usage_and_audit.sql"),
     include_str!("../migrations/usage/0002_notifications.sql"),
     include_str!("../migrations/usage/0003_merged_history.sql"),
+    include_str!("../migrations/usage/0004_usage_hour.sql"),
 ];
+/// The migration that creates the chart's hourly roll-up (filled from the events it finds).
+const ROLLUP_MIGRATION: usize = 4;
+/// The roll-up's unit: the chart's smallest bucket.
+const HOUR_MS: i64 = 3_600_000;
 
 /// Events queued beyond this make recording wait for the writer (back-pressure).
 const QUEUE: usize = 16_384;
@@ -259,6 +264,10 @@ pub fn open(path: &Path) -> Result<Connection, HistoryError> {
         connection
             .execute_batch(&sql)
             .map_err(|e| fail(format!("migration {}: {e}", index + 1)))?;
+        if index + 1 == ROLLUP_MIGRATION {
+            rebuild_rollup(&connection)
+                .map_err(|e| fail(format!("filling the hourly usage roll-up: {e}")))?;
+        }
     }
     Ok(connection)
 }
@@ -603,7 +612,8 @@ impl History {
 
     /// Per component, the highest number of licenses in use in each bucket of `bucket_ms`
     /// between `from_ms` and `to_ms` (the level carried into a bucket counts), and the
-    /// denials per bucket.
+    /// denials per bucket. Whole hours (the console's ranges) read the hourly roll-up, so
+    /// they cost the same however many events the range holds; others read the events.
     pub fn chart(
         &self,
         from_ms: i64,
@@ -612,7 +622,12 @@ impl History {
     ) -> Result<Vec<ComponentSeries>, HistoryError> {
         self.flush();
         let connection = self.reader()?;
-        chart(&connection, from_ms, to_ms, bucket_ms).map_err(|e| self.error(e))
+        if from_ms.rem_euclid(HOUR_MS) == 0 && bucket_ms.rem_euclid(HOUR_MS) == 0 {
+            chart(&connection, from_ms, to_ms, bucket_ms)
+        } else {
+            chart_from_events(&connection, from_ms, to_ms, bucket_ms)
+        }
+        .map_err(|e| self.error(e))
     }
 
     /// The newest `limit` audit records, newest first (flushes first).
@@ -728,6 +743,14 @@ fn write_loop(mut connection: Connection, receiver: Receiver<Message>, hurry: &A
         let result = (|| -> rusqlite::Result<()> {
             let transaction =
                 connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            // Per component, the earliest event this batch wrote: where the roll-up resumes.
+            let mut touched: std::collections::HashMap<String, i64> = Default::default();
+            let mut touch = |component: Option<&str>, at_ms: i64| {
+                if let Some(component) = component {
+                    let earliest = touched.entry(component.to_string()).or_insert(at_ms);
+                    *earliest = (*earliest).min(at_ms);
+                }
+            };
             {
                 let (mut seq, mut hash) =
                     audit::head(&transaction)?.unwrap_or_else(|| (0, audit::genesis()));
@@ -783,6 +806,7 @@ fn write_loop(mut connection: Connection, receiver: Receiver<Message>, hurry: &A
                         } => {
                             let mut copied = 0;
                             for (origin_id, event) in rows {
+                                touch(event.component.as_deref(), event.at_ms);
                                 copied += copied_insert.execute(params![
                                     event.at_ms,
                                     event.kind,
@@ -813,6 +837,7 @@ fn write_loop(mut connection: Connection, receiver: Receiver<Message>, hurry: &A
                             audit: record,
                         } => {
                             for event in usage {
+                                touch(event.component.as_deref(), event.at_ms);
                                 usage_insert.execute(params![
                                     event.at_ms,
                                     event.kind,
@@ -842,6 +867,7 @@ fn write_loop(mut connection: Connection, receiver: Receiver<Message>, hurry: &A
                             details,
                         } => {
                             for component in usage {
+                                touch(Some(component.as_str()), *at_ms);
                                 usage_insert.execute(params![
                                     at_ms,
                                     kind,
@@ -868,6 +894,9 @@ fn write_loop(mut connection: Connection, receiver: Receiver<Message>, hurry: &A
                         params![NOTIFICATIONS_KEPT],
                     )?;
                 }
+            }
+            for (component, earliest_ms) in &touched {
+                roll_up(&transaction, component, Some(*earliest_ms))?;
             }
             transaction.commit()
         })();
@@ -920,7 +949,193 @@ pub struct ComponentSeries {
     pub denials: Vec<i64>,
 }
 
+/// The first millisecond of the UTC hour holding `at_ms`.
+fn hour_of(at_ms: i64) -> i64 {
+    at_ms.div_euclid(HOUR_MS) * HOUR_MS
+}
+
+/// Folds `component`'s events into `usage_hour`: from its cursor on when the earliest event
+/// written since (`earliest_ms`) comes after the cursor (the usual case: only the new
+/// events are read), otherwise again from the hour of `earliest_ms` (a copied row from
+/// another host, older than what is folded); `None`: the whole history of the component.
+/// The level is the same running level the chart always drew: the sum of the deltas,
+/// never below zero.
+fn roll_up(
+    connection: &Connection,
+    component: &str,
+    earliest_ms: Option<i64>,
+) -> rusqlite::Result<()> {
+    let cursor: Option<(i64, i64, i64)> = connection
+        .prepare_cached("SELECT at_ms, id, level FROM usage_hour_cursor WHERE component = ?1")?
+        .query_row(params![component], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
+        .optional()?;
+    // After which (at_ms, id) to read, the level there, and the hour still open there
+    // (its hour, peak and denials so far).
+    let (after, mut level, mut open) = match (cursor, earliest_ms) {
+        (Some((at_ms, id, level)), Some(earliest)) if earliest >= at_ms => {
+            let open = connection
+                .prepare_cached(
+                    "SELECT peak, denials FROM usage_hour WHERE component = ?1 AND hour_ms = ?2",
+                )?
+                .query_row(params![component, hour_of(at_ms)], |row| {
+                    Ok((hour_of(at_ms), row.get::<_, i64>(0)?, row.get::<_, i64>(1)?))
+                })
+                .optional()?;
+            ((at_ms, id), level, open)
+        }
+        (_, Some(earliest)) => {
+            let start = hour_of(earliest);
+            connection
+                .prepare_cached("DELETE FROM usage_hour WHERE component = ?1 AND hour_ms >= ?2")?
+                .execute(params![component, start])?;
+            let level = connection
+                .prepare_cached(
+                    "SELECT level_end FROM usage_hour WHERE component = ?1 AND hour_ms < ?2
+                     ORDER BY hour_ms DESC LIMIT 1",
+                )?
+                .query_row(params![component, start], |row| row.get(0))
+                .optional()?
+                .unwrap_or(0);
+            ((start - 1, i64::MAX), level, None)
+        }
+        (_, None) => {
+            connection
+                .prepare_cached("DELETE FROM usage_hour WHERE component = ?1")?
+                .execute(params![component])?;
+            ((i64::MIN, i64::MIN), 0, None)
+        }
+    };
+    let mut write = connection.prepare_cached(
+        "INSERT INTO usage_hour (component, hour_ms, level_end, peak, denials)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (component, hour_ms) DO UPDATE
+         SET level_end = excluded.level_end, peak = excluded.peak, denials = excluded.denials",
+    )?;
+    let mut read = connection.prepare_cached(
+        "SELECT at_ms, id, kind = 'denied', delta FROM usage_event
+         WHERE component = ?1 AND (at_ms, id) > (?2, ?3) ORDER BY at_ms, id",
+    )?;
+    let mut rows = read.query(params![component, after.0, after.1])?;
+    let mut last = None;
+    while let Some(row) = rows.next()? {
+        let (at_ms, id, denied, delta): (i64, i64, bool, i64) =
+            (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?);
+        let hour = hour_of(at_ms);
+        match open {
+            Some((open_hour, _, _)) if open_hour == hour => {}
+            _ => {
+                if let Some((open_hour, peak, denials)) = open {
+                    write.execute(params![component, open_hour, level, peak, denials])?;
+                }
+                open = Some((hour, i64::MIN, 0));
+            }
+        }
+        level = (level + delta).max(0);
+        if let Some((_, peak, denials)) = open.as_mut() {
+            *peak = (*peak).max(level);
+            *denials += i64::from(denied);
+        }
+        last = Some((at_ms, id));
+    }
+    if let Some((open_hour, peak, denials)) = open {
+        write.execute(params![component, open_hour, level, peak, denials])?;
+    }
+    if let Some((at_ms, id)) = last {
+        connection
+            .prepare_cached(
+                "INSERT OR REPLACE INTO usage_hour_cursor (component, at_ms, id, level)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![component, at_ms, id, level])?;
+    }
+    Ok(())
+}
+
+/// Fills the roll-up from every event stored (once, when its migration runs).
+fn rebuild_rollup(connection: &Connection) -> rusqlite::Result<()> {
+    connection.execute_batch("BEGIN")?;
+    let result = (|| {
+        let components: Vec<String> = connection
+            .prepare("SELECT DISTINCT component FROM usage_event WHERE component IS NOT NULL")?
+            .query_map([], |row| row.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        for component in &components {
+            roll_up(connection, component, None)?;
+        }
+        Ok(())
+    })();
+    connection.execute_batch(if result.is_ok() { "COMMIT" } else { "ROLLBACK" })?;
+    result
+}
+
+/// The chart from the hourly roll-up: per component, the level carried into the range (the
+/// last hour before it), then one row per hour with events. Costs the same at 100 events
+/// or 10,000,000.
 fn chart(
+    connection: &Connection,
+    from_ms: i64,
+    to_ms: i64,
+    bucket_ms: i64,
+) -> rusqlite::Result<Vec<ComponentSeries>> {
+    let bucket_ms = bucket_ms.max(1);
+    let buckets = ((to_ms - from_ms).max(0) + bucket_ms - 1) / bucket_ms;
+    let buckets = buckets.clamp(1, 2_000) as usize;
+    let components: Vec<String> = connection
+        .prepare_cached("SELECT component FROM usage_hour_cursor ORDER BY component")?
+        .query_map([], |row| row.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut before = connection.prepare_cached(
+        "SELECT level_end FROM usage_hour WHERE component = ?1 AND hour_ms < ?2
+         ORDER BY hour_ms DESC LIMIT 1",
+    )?;
+    let mut within = connection.prepare_cached(
+        "SELECT hour_ms, level_end, peak, denials FROM usage_hour
+         WHERE component = ?1 AND hour_ms >= ?2 AND hour_ms < ?3 ORDER BY hour_ms",
+    )?;
+    let mut series = Vec::new();
+    for component in components {
+        let carried: Option<i64> = before
+            .query_row(params![component, from_ms], |row| row.get(0))
+            .optional()?;
+        let mut level = carried.unwrap_or(0).max(0);
+        let mut data = ComponentSeries {
+            component,
+            peaks: vec![0; buckets],
+            denials: vec![0; buckets],
+        };
+        data.peaks[0] = level;
+        let mut bucket = 0usize;
+        let mut seen = carried.is_some();
+        let mut rows = within.query(params![data.component, from_ms, to_ms])?;
+        while let Some(row) = rows.next()? {
+            let (hour_ms, level_end, peak, denials): (i64, i64, i64, i64) =
+                (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?);
+            let index = (((hour_ms - from_ms) / bucket_ms) as usize).min(buckets - 1);
+            while bucket < index {
+                bucket += 1;
+                data.peaks[bucket] = level;
+            }
+            data.peaks[index] = data.peaks[index].max(peak);
+            data.denials[index] += denials;
+            level = level_end;
+            seen = true;
+        }
+        while bucket + 1 < buckets {
+            bucket += 1;
+            data.peaks[bucket] = level;
+        }
+        if seen {
+            series.push(data);
+        }
+    }
+    Ok(series)
+}
+
+/// The chart computed from every event of the range: for ranges and buckets that are not
+/// whole hours (the console's are), and the reference the roll-up is tested against.
+fn chart_from_events(
     connection: &Connection,
     from_ms: i64,
     to_ms: i64,
@@ -1043,6 +1258,134 @@ mod tests {
             expires_at_ms: 0,
             borrowed: false,
         }
+    }
+
+    /// A small seeded generator (xorshift), so the roll-up test repeats exactly.
+    struct Seeded(u64);
+
+    impl Seeded {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    fn event(at_ms: i64, component: &str, kind: &str, delta: i64) -> UsageEvent {
+        UsageEvent {
+            at_ms,
+            kind: kind.into(),
+            lease_id: None,
+            key_id: None,
+            component: Some(component.into()),
+            station: Some("ws".into()),
+            user: None,
+            host: None,
+            delta,
+            detail: None,
+        }
+    }
+
+    /// Every range and bucket the console asks for, from the roll-up and from the events.
+    fn assert_chart_matches_events(path: &Path, history: &History, end_ms: i64) {
+        history.flush();
+        let connection = Connection::open(path).unwrap();
+        let hour = HOUR_MS;
+        for (from_ms, to_ms, bucket_ms) in [
+            (0, 48 * hour, hour),
+            (-5 * hour, 7 * hour, hour),
+            (10 * hour, 34 * hour, hour),
+            (0, 72 * hour, 24 * hour),
+            (24 * hour, end_ms + 24 * hour, 24 * hour),
+            (-24 * hour, 30 * 24 * hour, 30 * 24 * hour),
+            (end_ms + hour, end_ms + 5 * hour, hour),
+        ] {
+            assert_eq!(
+                chart(&connection, from_ms, to_ms, bucket_ms).unwrap(),
+                chart_from_events(&connection, from_ms, to_ms, bucket_ms).unwrap(),
+                "{from_ms}..{to_ms} per {bucket_ms}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_hourly_roll_up_draws_the_chart_the_events_draw_whatever_their_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE);
+        let history = History::start(dir.path()).unwrap();
+        let mut random = Seeded(0x5eed_cafe);
+        let components = ["cad", "cam", "view"];
+        let mut held = [0i64; 3];
+        let mut now = -3 * HOUR_MS;
+        for batch in 0..60 {
+            let mut usage = Vec::new();
+            for _ in 0..random.below(40) {
+                now += random.below(HOUR_MS as u64 / 4) as i64;
+                let which = random.below(3) as usize;
+                let component = components[which];
+                // Returns only of what is held: a whole history never goes below zero.
+                usage.push(match random.below(5) {
+                    0 => event(now, component, "denied", 0),
+                    1 | 2 if held[which] > 0 => {
+                        held[which] -= 1;
+                        event(now, component, "checkin", -1)
+                    }
+                    _ => {
+                        held[which] += 1;
+                        event(now, component, "granted", 1)
+                    }
+                });
+            }
+            history.record(
+                AuditRecord {
+                    at_ms: now,
+                    actor: "test".into(),
+                    action: "usage".into(),
+                    details: serde_json::json!({ "batch": batch }),
+                },
+                usage,
+            );
+            // Another host's rows, copied late: older than what is folded already.
+            if batch % 7 == 3 {
+                let rows = (0..random.below(6) as i64)
+                    .map(|i| {
+                        let at_ms = now - random.below(30 * HOUR_MS as u64) as i64;
+                        let component = components[random.below(3) as usize];
+                        (batch * 100 + i, event(at_ms, component, "granted", 1))
+                    })
+                    .collect();
+                history.copy_rows(now, "other-host", 2, rows);
+            }
+            if batch % 5 == 0 {
+                assert_chart_matches_events(&path, &history, now);
+            }
+        }
+        assert_chart_matches_events(&path, &history, now);
+        // A repeated copy (ignored rows) changes nothing.
+        history.copy_rows(
+            now,
+            "other-host",
+            2,
+            vec![(303, event(0, "cad", "granted", 1))],
+        );
+        assert_chart_matches_events(&path, &history, now);
+        drop(history);
+
+        // A history from before the roll-up: the migration fills it from the events.
+        let connection = Connection::open(&path).unwrap();
+        let folded: i64 = connection
+            .query_row("SELECT COUNT(*) FROM usage_hour", [], |row| row.get(0))
+            .unwrap();
+        assert!(folded > 40, "{folded} hours folded");
+        connection
+            .execute_batch(
+                "DROP TABLE usage_hour; DROP TABLE usage_hour_cursor; PRAGMA user_version = 3;",
+            )
+            .unwrap();
+        drop(connection);
+        let history = History::start(dir.path()).unwrap();
+        assert_chart_matches_events(&path, &history, now);
     }
 
     #[test]
