@@ -217,6 +217,27 @@ impl Grant {
         receiver_key: &PublicKey,
         at_ms: i64,
     ) -> Result<&GrantPayload, GrantError> {
+        let last = self.verify_signed(trusted, receiver, receiver_key)?;
+        if last.ends_at_ms() <= at_ms {
+            return Err(GrantError::Expired {
+                key_id: last.key_id.clone(),
+                donor: last.donor.clone(),
+                ended_at: Timestamp::from_millisecond(last.ends_at_ms())
+                    .map(|t| t.to_string())
+                    .unwrap_or_default(),
+            });
+        }
+        Ok(last)
+    }
+
+    /// [`Grant::verify`] without the time: what a grant held, or logged, must always pass
+    /// however long ago it ended (checked at every start).
+    pub fn verify_signed(
+        &self,
+        trusted: &[PublicKey],
+        receiver: &str,
+        receiver_key: &PublicKey,
+    ) -> Result<&GrantPayload, GrantError> {
         if self.format != GRANT_FORMAT || self.version != GRANT_FORMAT_VERSION {
             return Err(GrantError::UnsupportedFormat {
                 format: self.format.clone(),
@@ -327,15 +348,6 @@ impl Grant {
                 receiver: last.receiver.clone(),
                 receiver_key: last.receiver_public_key.clone(),
                 this_server: receiver.into(),
-            });
-        }
-        if last.ends_at_ms() <= at_ms {
-            return Err(GrantError::Expired {
-                key_id: last.key_id.clone(),
-                donor: last.donor.clone(),
-                ended_at: Timestamp::from_millisecond(last.ends_at_ms())
-                    .map(|t| t.to_string())
-                    .unwrap_or_default(),
             });
         }
         Ok(last)

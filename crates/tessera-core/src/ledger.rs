@@ -3097,30 +3097,65 @@ impl Ledger {
         ids
     }
 
-    /// Whether `key` verifies against the trusted vendor keys (format, signer, signature):
-    /// checked before a key is proposed, so no key that does not verify enters the log.
-    pub fn verify_key_signature(&self, key: &LicenseKey) -> Result<(), KeyError> {
-        key.verify(&self.config.trusted_vendors).map(drop)
-    }
-
-    /// Why a logged command carries a signed object that does not verify against the trusted
-    /// vendor keys, or `None`. Keys are verified before they are proposed, so an import in the
-    /// log that does not verify was edited on disk, or its vendor left the trust list: replaying
-    /// it would make the key silently vanish (or, edited the other way, appear). Checked over
-    /// the whole stored log at every start.
-    pub fn unverified_command(&self, command: &Command) -> Option<String> {
+    /// Checks the signed object a command carries (a key, a neighbour's grant, a vendor's sync
+    /// response) as its apply will, without the time: the refusal its apply would give for a
+    /// signature, format or chain that does not verify. The server checks every such command
+    /// before it proposes it, so none that fails enters the log.
+    pub fn verify_command(&self, command: &Command) -> Result<(), Refusal> {
+        let trusted = &self.config.trusted_vendors;
         match command {
             Command::ImportKey { key } => key
-                .verify(&self.config.trusted_vendors)
-                .err()
-                .map(|error| format!("import of license key {}: {error}", key.key_id())),
-            _ => None,
+                .verify(trusted)
+                .map(drop)
+                .map_err(|error| Refusal::KeyRejected { error }),
+            Command::AcceptGrant { grant } => match (
+                self.config.server_id.as_deref(),
+                self.config.server_public_key.as_ref(),
+            ) {
+                (Some(server_id), Some(server_key)) => grant
+                    .verify_signed(trusted, server_id, server_key)
+                    .map(drop)
+                    .map_err(|error| Refusal::GrantRejected { error }),
+                // Refused on apply for want of an identity, whatever the grant.
+                _ => Ok(()),
+            },
+            Command::CompleteSync { response } => response
+                .verify(trusted)
+                .map(drop)
+                .map_err(|error| Refusal::SyncRejected { error }),
+            _ => Ok(()),
         }
     }
 
+    /// Why a logged command carries a signed object that does not verify against the trusted
+    /// vendor keys, or `None`. Such commands are verified before they are proposed
+    /// ([`Ledger::verify_command`]), so one in the log that does not verify was edited on disk,
+    /// or its vendor left the trust list: replaying it would make a key or a received pool
+    /// silently vanish (or, edited the other way, appear). Checked over the whole stored log
+    /// at every start.
+    pub fn unverified_command(&self, command: &Command) -> Option<String> {
+        let what = match command {
+            Command::ImportKey { key } => format!("import of license key {}", key.key_id()),
+            Command::AcceptGrant { grant } => match grant.links.last() {
+                Some(link) => format!(
+                    "grant of key {} from {} (serial {})",
+                    link.payload.key_id, link.payload.donor, link.payload.serial
+                ),
+                None => "a grant without links".to_string(),
+            },
+            Command::CompleteSync { .. } => "a vendor sync response".to_string(),
+            _ => return None,
+        };
+        self.verify_command(command)
+            .err()
+            .map(|refusal| format!("{what}: {refusal}"))
+    }
+
     /// The keys this ledger holds (its own, received pools', and renewal keys held for
-    /// sync) that do not verify against the trusted vendor keys, with why: a snapshot or log
-    /// edited on disk, or a vendor key removed from the trust list. Checked at every start.
+    /// sync), the grants it received and its vendor certificate that do not verify against
+    /// the trusted vendor keys (and, for grants, this server's identity), with why: a
+    /// snapshot or log edited on disk, or a vendor key removed from the trust list. Checked
+    /// at every start.
     pub fn unverified_keys(&self) -> Vec<(String, String)> {
         let trusted = &self.config.trusted_vendors;
         let held = self
@@ -3132,13 +3167,44 @@ impl Ledger {
             .renewals
             .iter()
             .map(|(renews, key)| (format!("{} (renewal of {renews})", key.key_id()), key));
-        held.chain(renewals)
+        let mut found: Vec<(String, String)> = held
+            .chain(renewals)
             .filter_map(|(id, key)| {
                 key.verify(trusted)
                     .err()
-                    .map(|error| (id, error.to_string()))
+                    .map(|error| (format!("license key {id}"), error.to_string()))
             })
-            .collect()
+            .collect();
+        if let (Some(server_id), Some(server_key)) = (
+            self.config.server_id.as_deref(),
+            self.config.server_public_key.as_ref(),
+        ) {
+            for record in self.keys.values() {
+                if let Some(received) = &record.received
+                    && let Err(error) = received.grant.verify_signed(trusted, server_id, server_key)
+                {
+                    found.push((
+                        format!(
+                            "received pool {} (grant from {})",
+                            record.id, received.donor
+                        ),
+                        error.to_string(),
+                    ));
+                }
+            }
+        }
+        if let Some(certificate) = &self.sync.certificate
+            && let Err(error) = certificate.verify(trusted)
+        {
+            found.push((
+                format!(
+                    "vendor certificate of server {}",
+                    certificate.payload.server_id
+                ),
+                error.to_string(),
+            ));
+        }
+        found
     }
 
     fn snapshot_keys(&self) -> Vec<StoredKey> {

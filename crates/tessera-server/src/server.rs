@@ -182,7 +182,7 @@ pub async fn start(
         consensus.shutdown().await;
         let named: Vec<String> = unverified_keys
             .iter()
-            .map(|(key_id, why)| format!("license key {key_id}: {why}"))
+            .map(|(what, why)| format!("{what}: {why}"))
             .chain(
                 unverified_entries
                     .iter()
@@ -196,7 +196,7 @@ pub async fn start(
                 .display()
                 .to_string(),
             message: format!(
-                "the ledger holds keys or log entries that do not verify against the trusted vendor keys: {}. The data directory was edited, or the trust list no longer names their vendor: restore the data directory from a backup, or trust the vendor's key again",
+                "the ledger holds keys, grants, a certificate or log entries that do not verify against the trusted vendor keys: {}. The data directory was edited, or the trust list no longer names their vendor: restore the data directory from a backup, or trust the vendor's key again",
                 named.join("; ")
             ),
         });

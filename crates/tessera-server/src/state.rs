@@ -445,9 +445,10 @@ impl AppState {
     pub async fn import_key(&self, key: LicenseKey) -> Result<String, ApiError> {
         // Verified before it is proposed (the ledger verifies again on apply): a key that does
         // not verify never enters the log, so one found there at start was edited on disk.
-        self.read(|ledger| ledger.verify_key_signature(&key))
-            .map_err(|error| ApiError::Refused(tessera_core::Refusal::KeyRejected { error }))?;
-        match self.propose_issuing(Command::ImportKey { key }).await? {
+        let command = Command::ImportKey { key };
+        self.read(|ledger| ledger.verify_command(&command))
+            .map_err(ApiError::Refused)?;
+        match self.propose_issuing(command).await? {
             Outcome::KeyImported { key_id } => {
                 self.stamper
                     .observe_vendor(self.read(|ledger| ledger.vendor_time_ms()));

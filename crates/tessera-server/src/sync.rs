@@ -74,6 +74,11 @@ impl AppState {
         let command = Command::CompleteSync {
             response: Box::new(response),
         };
+        // Verified before it is proposed (the ledger verifies it all again on apply): a
+        // response that does not verify never enters the log.
+        self.consensus
+            .read(|ledger| ledger.verify_command(&command))
+            .map_err(ApiError::Refused)?;
         match self.propose_at(at_ms, command).await {
             Ok(Outcome::Synced {
                 sequence,

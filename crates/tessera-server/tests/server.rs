@@ -911,6 +911,9 @@ async fn a_file_sync_makes_bound_keys_usable_until_366_days_pass() {
         sequence,
         "nothing changed"
     );
+    // Refused before it was proposed: the log holds no response that does not verify (a
+    // restart would refuse one, as edited on disk).
+    assert_eq!(f.server.state.consensus.unverified_log_entries(), vec![]);
 
     f.clock.advance_ms(366 * 86_400_000);
     let late = f

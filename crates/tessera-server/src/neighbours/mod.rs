@@ -510,7 +510,14 @@ impl AppState {
             let command = Command::AcceptGrant {
                 grant: Box::new(grant),
             };
-            match self.propose_issuing(command).await {
+            // Verified before it is proposed (the ledger verifies again on apply): a grant
+            // whose signatures do not verify never enters the log, so one found there at
+            // start was edited on disk. Refused the same way either way.
+            let proposed = match self.read(|ledger| ledger.verify_command(&command)) {
+                Ok(()) => self.propose_issuing(command).await,
+                Err(refusal) => Err(ApiError::Refused(refusal)),
+            };
+            match proposed {
                 Ok(Outcome::GrantAccepted {
                     key_id,
                     licenses,

@@ -778,6 +778,75 @@ async fn forged_inflated_and_replayed_grants_are_refused_by_the_receiver() {
         assert_eq!(answer.held[0].licenses, 3, "nothing changed");
     }
     assert_eq!(net.checkouts("branch", "b", 5).await, 3);
+    // The grant whose signature fails was refused before it was proposed: the log holds no
+    // grant that does not verify (a restart would refuse one, as edited on disk).
+    assert_eq!(
+        net.server("branch")
+            .state
+            .consensus
+            .unverified_log_entries(),
+        vec![]
+    );
+}
+
+/// Attack T3 for grants: an accepted grant edited in the receiver's Raft log (3 licenses
+/// made 30). Replayed, it would silently drop the pool (or, edited the other way, add one):
+/// the receiver refuses to start, naming the entry, and starts again once it is put back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_edited_in_the_receivers_log_stops_its_start_naming_it() {
+    let (mut net, hq) = Net::hq_and_branch().await;
+    hq.donate("K", "branch", 3, &until(START_MS + 10 * 86_400_000))
+        .await
+        .unwrap();
+    assert_eq!(net.key_summary("branch", "K@hq").await.unwrap().licenses, 3);
+    net.stop("branch").await;
+    let config = net.nodes["branch"].config.clone();
+    let store = config.data_dir.join("raft.sqlite3");
+    let connection = rusqlite::Connection::open(&store).unwrap();
+    let (index, entry): (i64, Vec<u8>) = connection
+        .query_row(
+            "SELECT log_index, entry FROM raft_log WHERE CAST(entry AS TEXT) LIKE '%accept_grant%'
+             ORDER BY log_index DESC LIMIT 1",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .unwrap();
+    let text = String::from_utf8(entry).unwrap();
+    let edited = text.replacen("\"licenses\":3,", "\"licenses\":30,", 1);
+    assert_ne!(edited, text, "{text}");
+    let put = |entry: &str| {
+        rusqlite::Connection::open(&store)
+            .unwrap()
+            .execute(
+                "UPDATE raft_log SET entry = ?1 WHERE log_index = ?2",
+                rusqlite::params![entry.as_bytes(), index],
+            )
+            .unwrap();
+    };
+    drop(connection);
+    put(&edited);
+    let error = super::try_start(config.clone(), &net.nodes["branch"].clock)
+        .await
+        .err()
+        .expect("refused to start");
+    let message = error.to_string();
+    assert!(
+        message.contains(&format!("raft log entry {index}"))
+            && message.contains("grant of key K from hq"),
+        "{message}"
+    );
+    put(&text);
+    let server = super::try_start(config, &net.nodes["branch"].clock)
+        .await
+        .expect("starts as it was");
+    assert_eq!(
+        server
+            .state
+            .consensus
+            .read(|ledger| ledger.unverified_keys()),
+        vec![]
+    );
+    server.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
