@@ -189,6 +189,17 @@ enum Command {
     /// TLS certificates: a private CA and a server certificate, for sites without a PKI.
     #[command(subcommand)]
     Tls(TlsCommand),
+    /// Check a stopped server's data directory as a start does (every key, grant, certificate
+    /// and log entry against the trusted vendor keys; the audit chain) and explain each
+    /// finding with the way out. Takes the server's own flags or --config. Exit status 1 when
+    /// something is found.
+    Doctor {
+        #[command(flatten)]
+        server: serve::ServerArgs,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -354,6 +365,44 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Audit { command, remote } => report::run_audit(command, &remote).await,
         Command::Admin(command) => report::run_admin(command),
         Command::Tls(command) => run_tls(command),
+        Command::Doctor { server, json } => run_doctor(server, json),
+    }
+}
+
+/// `tessera doctor`: prints what it read and each finding; fails when something was found.
+fn run_doctor(server: serve::ServerArgs, json: bool) -> anyhow::Result<()> {
+    let config = server.into_config()?;
+    let report =
+        tessera_server::doctor::examine(&config).map_err(|error| anyhow::anyhow!(error))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "data directory {}: {} log entries{}, {} audit records",
+            report.data_dir,
+            report.log_entries,
+            if report.snapshot {
+                " after a snapshot"
+            } else {
+                ""
+            },
+            report.audit_records
+        );
+        for finding in &report.findings {
+            println!(
+                "\nFOUND in {}:\n  {}\n  way out: {}",
+                finding.place, finding.problem, finding.remedy
+            );
+        }
+    }
+    match report.findings.len() {
+        0 => {
+            if !json {
+                println!("no problem found: the server will start from this data directory");
+            }
+            Ok(())
+        }
+        found => anyhow::bail!("{found} problem(s) found in {}", report.data_dir),
     }
 }
 

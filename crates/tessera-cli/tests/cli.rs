@@ -452,6 +452,135 @@ fn errors_exit_non_zero_with_the_reason_on_stderr() {
     assert_ne!(exit.status.code(), Some(101), "{stderr}");
 }
 
+/// Runs `tessera ARGS` to its end (at most 60 s: a server that should refuse to start and
+/// does not is killed, and the test fails).
+fn run_to_end(args: &[&str]) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("tessera {args:?} did not end within 60 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Attack T3 through the binary: a key import edited in the stopped server's Raft log (2
+/// licenses made 200) and an audit record changed. The server refuses to start, exit status
+/// non-zero, naming the entry; `tessera doctor` names both findings with the way out, and
+/// finds nothing once the entry is put back.
+#[test]
+fn an_edited_log_entry_stops_the_server_and_the_doctor_explains_it() {
+    let dir = tempfile::tempdir().unwrap();
+    setup_vendor(dir.path());
+    let server = ServerProcess::start(dir.path());
+    let token = token(dir.path());
+    let remote = ["--server", server.url.as_str(), "--token", token.as_str()];
+    ok(&[
+        &["keys", "add", dir.path().join("cad.json").to_str().unwrap()][..],
+        &remote,
+    ]
+    .concat());
+    ok(&[
+        &[
+            "lease",
+            "checkout",
+            "--component",
+            "cad",
+            "--station",
+            "ws-1",
+        ][..],
+        &remote,
+    ]
+    .concat());
+    server.terminate();
+    let data = dir.path().join("data");
+    let trust = dir.path().join("vendor").join("vendor.pub");
+    let flags = [
+        "--data",
+        data.to_str().unwrap(),
+        "--trust",
+        trust.to_str().unwrap(),
+    ];
+    let doctor = ok(&[&["doctor"][..], &flags].concat());
+    assert!(doctor.contains("no problem found"), "{doctor}");
+
+    let store = data.join("raft.sqlite3");
+    let connection = rusqlite::Connection::open(&store).unwrap();
+    let (index, entry): (i64, Vec<u8>) = connection
+        .query_row(
+            "SELECT log_index, entry FROM raft_log WHERE CAST(entry AS TEXT) LIKE '%import_key%'",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .unwrap();
+    let text = String::from_utf8(entry).unwrap();
+    let edited = text.replace("\"licenses\":2,", "\"licenses\":200,");
+    assert_ne!(edited, text, "{text}");
+    let put = |entry: &str| {
+        rusqlite::Connection::open(&store)
+            .unwrap()
+            .execute(
+                "UPDATE raft_log SET entry = ?1 WHERE log_index = ?2",
+                rusqlite::params![entry.as_bytes(), index],
+            )
+            .unwrap();
+    };
+    drop(connection);
+    put(&edited);
+    rusqlite::Connection::open(data.join("usage.sqlite3"))
+        .unwrap()
+        .execute("UPDATE audit_log SET actor = 'mallory' WHERE seq = 2", [])
+        .unwrap();
+
+    let started = run_to_end(&[&["server", "--listen", "127.0.0.1:0"][..], &flags].concat());
+    let stderr = String::from_utf8_lossy(&started.stderr);
+    assert!(!started.status.success(), "started: {stderr}");
+    assert!(
+        stderr.contains(&format!("raft log entry {index}, import of license key")),
+        "{stderr}"
+    );
+
+    let doctor = tessera(&[&["doctor"][..], &flags].concat());
+    let stdout = String::from_utf8_lossy(&doctor.stdout);
+    assert!(!doctor.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(&format!("raft.sqlite3, raft log entry {index}"))
+            && stdout.contains("import of license key")
+            && stdout.contains("way out: restore the data directory from a backup"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("usage.sqlite3, audit record 2")
+            && stdout.contains("audit chain is broken"),
+        "{stdout}"
+    );
+    assert!(
+        String::from_utf8_lossy(&doctor.stderr).contains("2 problem(s) found"),
+        "{doctor:?}"
+    );
+    let json = tessera(&[&["doctor", "--json"][..], &flags].concat());
+    let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(report["findings"].as_array().unwrap().len(), 2, "{report}");
+
+    // Put back: the log is whole again (the audit record stays changed, which the server
+    // starts with and reports).
+    put(&text);
+    let doctor = tessera(&[&["doctor", "--json"][..], &flags].concat());
+    let report: serde_json::Value = serde_json::from_slice(&doctor.stdout).unwrap();
+    assert_eq!(report["findings"].as_array().unwrap().len(), 1, "{report}");
+    let server = ServerProcess::start(dir.path());
+    server.terminate();
+}
+
 #[test]
 fn an_acknowledged_lease_survives_kill_9_of_the_server() {
     let dir = tempfile::tempdir().unwrap();

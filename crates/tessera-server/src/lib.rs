@@ -26,6 +26,7 @@ pub mod config;
 pub mod consensus;
 pub mod console;
 pub mod data_dir;
+pub mod doctor;
 pub mod domain;
 pub mod error;
 pub mod events;

@@ -196,7 +196,7 @@ pub async fn start(
                 .display()
                 .to_string(),
             message: format!(
-                "the ledger holds keys, grants, a certificate or log entries that do not verify against the trusted vendor keys: {}. The data directory was edited, or the trust list no longer names their vendor: restore the data directory from a backup, or trust the vendor's key again",
+                "the ledger holds keys, grants, a certificate or log entries that do not verify against the trusted vendor keys: {}. The data directory was edited, or the trust list no longer names their vendor: restore the data directory from a backup, or trust the vendor's key again (`tessera doctor` with the server's flags lists every finding and the way out)",
                 named.join("; ")
             ),
         });

@@ -681,3 +681,44 @@ mod tests {
         );
     }
 }
+
+/// What a stopped server's store holds, read without changing it (`tessera doctor`).
+#[derive(Debug, Default)]
+pub struct Inspection {
+    /// The stored snapshot's ledger (JSON), if any.
+    pub snapshot: Option<Vec<u8>>,
+    /// Every stored entry's commands with its log index (membership entries excepted).
+    pub entries: Vec<(u64, Vec<tessera_core::Stamped>)>,
+    /// Entries that do not even parse, with why (the server does not start with one).
+    pub unreadable: Vec<(u64, String)>,
+}
+
+/// Reads the store in the SQLite file at `path` read-only: no migration, no writer thread.
+pub fn inspect(path: &Path) -> Result<Inspection, StoreError> {
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let mut inspection = Inspection {
+        snapshot: conn
+            .query_row("SELECT data FROM raft_snapshot WHERE id = 1", [], |row| {
+                row.get(0)
+            })
+            .optional()?,
+        ..Inspection::default()
+    };
+    let mut statement = conn.prepare("SELECT log_index, entry FROM raft_log ORDER BY log_index")?;
+    let mut rows = statement.query([])?;
+    while let Some(row) = rows.next()? {
+        let (index, json): (i64, Vec<u8>) = (row.get(0)?, row.get(1)?);
+        match serde_json::from_slice::<Entry>(&json) {
+            Ok(entry) => {
+                if let openraft::EntryPayload::Normal(crate::types::Proposal(batch)) = entry.payload
+                {
+                    inspection.entries.push((index as u64, batch));
+                }
+            }
+            Err(error) => inspection
+                .unreadable
+                .push((index as u64, error.to_string())),
+        }
+    }
+    Ok(inspection)
+}

@@ -1,0 +1,157 @@
+//! `tessera doctor`: the checks a server makes before it starts, run on a stopped server's
+//! data directory without changing it, each finding explained with the way out.
+//!
+//! A server refuses to start when its ledger holds a key, grant or certificate that does not
+//! verify, or its Raft log an entry that does not (docs/security.md, T1 and T3). The doctor
+//! names every such object, not only the first, reads the audit chain too, and says what to
+//! do: the start error is the alarm, the doctor the diagnosis.
+
+use serde::Serialize;
+use tessera_core::{Ledger, LedgerConfig, PublicKey};
+
+use crate::ServerConfig;
+use crate::consensus::STORE_FILE_NAME;
+use crate::data_dir::PUBLIC_FILE;
+
+/// One thing found wrong.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    /// Where: a file, and the entry or object in it.
+    pub place: String,
+    /// What is wrong.
+    pub problem: String,
+    /// What to do about it.
+    pub remedy: String,
+}
+
+/// What the doctor read and found.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Report {
+    pub data_dir: String,
+    /// Log entries read (membership entries excepted).
+    pub log_entries: usize,
+    /// Whether a snapshot was stored.
+    pub snapshot: bool,
+    /// Audit records checked.
+    pub audit_records: i64,
+    pub findings: Vec<Finding>,
+}
+
+const RESTORE: &str = "restore the data directory from a backup taken before the change (docs/operations.md, \"Backups, and losing a disk\"); a server whose data directory went back in time is reported to the vendor at its next sync (server_rolled_back)";
+const TRUST: &str = "if the vendor rotated its key, add its new public key with --trust (keep the old one while keys signed by it are in use); otherwise the data directory was edited: restore it from a backup";
+
+/// Runs every check on `config`'s data directory. The server must be stopped (the store is
+/// read as it is on disk). An error: what could not be read at all.
+pub fn examine(config: &ServerConfig) -> Result<Report, String> {
+    let data = &config.data_dir;
+    let mut report = Report {
+        data_dir: data.display().to_string(),
+        ..Report::default()
+    };
+    let trusted_vendors =
+        crate::server::load_trusted_vendors(config).map_err(|error| error.to_string())?;
+    let public = data.join(PUBLIC_FILE);
+    let server_public_key = match std::fs::read_to_string(&public) {
+        Ok(text) => Some(
+            PublicKey::from_file_text(&text)
+                .map_err(|error| format!("{}: {error}", public.display()))?,
+        ),
+        Err(_) => None,
+    };
+    let store = data.join(STORE_FILE_NAME);
+    if !store.exists() {
+        return Err(format!(
+            "{} does not exist: no server has run in this data directory",
+            store.display()
+        ));
+    }
+    let inspection =
+        tessera_store::inspect(&store).map_err(|error| format!("{}: {error}", store.display()))?;
+    let ledger_config = LedgerConfig {
+        trusted_vendors,
+        server_id: config.server_id.clone(),
+        server_public_key,
+        clock_skew_max_ms: config.clock_skew_max.as_millis() as i64,
+    };
+    let store_name = store.display().to_string();
+    let ledger = match &inspection.snapshot {
+        Some(bytes) => match Ledger::restore_json(ledger_config.clone(), bytes) {
+            Ok(ledger) => ledger,
+            Err(error) => {
+                report.findings.push(Finding {
+                    place: format!("{store_name}, snapshot"),
+                    problem: format!("the snapshot does not parse: {error}"),
+                    remedy: RESTORE.into(),
+                });
+                Ledger::new(ledger_config)
+            }
+        },
+        None => Ledger::new(ledger_config),
+    };
+    report.snapshot = inspection.snapshot.is_some();
+    report.log_entries = inspection.entries.len();
+    for (what, why) in ledger.unverified_keys() {
+        let remedy = if why.contains("does not trust") {
+            TRUST
+        } else {
+            RESTORE
+        };
+        report.findings.push(Finding {
+            place: format!("{store_name}, snapshot"),
+            problem: format!("{what} does not verify: {why}"),
+            remedy: remedy.into(),
+        });
+    }
+    for (index, why) in &inspection.unreadable {
+        report.findings.push(Finding {
+            place: format!("{store_name}, raft log entry {index}"),
+            problem: format!("the entry does not parse: {why}"),
+            remedy: RESTORE.into(),
+        });
+    }
+    for (index, batch) in &inspection.entries {
+        for stamped in batch {
+            if let Some(why) = ledger.unverified_command(&stamped.command) {
+                let remedy = if why.contains("does not trust") {
+                    TRUST
+                } else {
+                    RESTORE
+                };
+                report.findings.push(Finding {
+                    place: format!("{store_name}, raft log entry {index}"),
+                    problem: format!(
+                        "{why} (replayed, it would silently drop or add what it carries)"
+                    ),
+                    remedy: remedy.into(),
+                });
+            }
+        }
+    }
+    match crate::audit::verify_data_dir(data) {
+        Ok(verification) => {
+            report.audit_records = verification.records;
+            if !verification.ok {
+                report.findings.push(Finding {
+                    place: format!(
+                        "{}, audit record {}",
+                        data.join(crate::history::FILE).display(),
+                        verification.broken_seq.unwrap_or_default()
+                    ),
+                    problem: format!(
+                        "the audit chain is broken: {}",
+                        verification.reason.unwrap_or_default()
+                    ),
+                    remedy: "the usage history was changed after it was written: keep this copy as evidence, restore usage.sqlite3 from a backup if you need the history (the server runs either way)".into(),
+                });
+            }
+        }
+        // A server that never recorded history: nothing to check.
+        Err(_) if !data.join(crate::history::FILE).exists() => {}
+        Err(error) => report.findings.push(Finding {
+            place: data.join(crate::history::FILE).display().to_string(),
+            problem: format!("cannot be read: {error}"),
+            remedy: RESTORE.into(),
+        }),
+    }
+    Ok(report)
+}
