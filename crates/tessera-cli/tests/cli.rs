@@ -577,8 +577,12 @@ fn an_edited_log_entry_stops_the_server_and_the_doctor_explains_it() {
     let doctor = tessera(&[&["doctor", "--json"][..], &flags].concat());
     let report: serde_json::Value = serde_json::from_slice(&doctor.stdout).unwrap();
     assert_eq!(report["findings"].as_array().unwrap().len(), 1, "{report}");
+    // And the server starts and serves its lease again.
     let server = ServerProcess::start(dir.path());
-    server.terminate();
+    let remote = ["--server", server.url.as_str(), "--token", token.as_str()];
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&[&["status", "--json"][..], &remote].concat())).unwrap();
+    assert_eq!(status["leases"].as_array().unwrap().len(), 1, "{status}");
 }
 
 #[test]
