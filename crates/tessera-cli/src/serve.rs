@@ -182,22 +182,40 @@ async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     Ok(tessera_server::start(listener, options).await?)
 }
 
-/// Waits for Ctrl-C (SIGINT) or SIGTERM (a service manager stopping us), then shuts down
-/// gracefully: in-flight requests finish and a pair's other host hears that this one stops.
-async fn wait_for_ctrl_c(server: RunningServer) -> anyhow::Result<()> {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        signal = tokio::signal::ctrl_c() => signal?,
-        _ = terminate.recv() => {}
+/// Ctrl-C (SIGINT) and SIGTERM (a service manager stopping us), listened to from the moment
+/// this is made: made before the server announces itself, so a stop sent as soon as the
+/// announcement is read is a graceful one, not the signal's default (death).
+struct StopSignals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn listen() -> anyhow::Result<StopSignals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignals {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
     }
-    eprintln!("shutting down");
-    server.shutdown().await;
-    Ok(())
+
+    /// Waits for either, then shuts down gracefully: in-flight requests finish and a pair's
+    /// other host hears that this one stops.
+    async fn shut_down_on_signal(mut self, server: RunningServer) -> anyhow::Result<()> {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+        eprintln!("shutting down");
+        server.shutdown().await;
+        Ok(())
+    }
 }
 
 pub async fn run_server(config: ServerConfig) -> anyhow::Result<()> {
     let data_dir = config.data_dir.clone();
     let server = start(config).await?;
+    let stop = StopSignals::listen()?;
     // Whoever started us may close stdout after reading the URL; that must not stop the server.
     let mut out = std::io::stdout();
     let _ = writeln!(out, "Tessera license server on {}", server.url());
@@ -207,7 +225,7 @@ pub async fn run_server(config: ServerConfig) -> anyhow::Result<()> {
         data_dir.join("admin.token").display()
     );
     let _ = out.flush();
-    wait_for_ctrl_c(server).await
+    stop.shut_down_on_signal(server).await
 }
 
 #[derive(Args)]
@@ -274,6 +292,7 @@ pub async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
     }
     let url = server.url();
     let token = server.state.admin_token.clone();
+    let stop = StopSignals::listen()?;
     println!(
         "\nTessera demo is running.\n\n  Console:      {url}/login?token={token}  (signs you in)\n  Status JSON:  {url}/v1/status\n  Metrics:      {url}/metrics\n  OpenAPI:      {url}/v1/openapi.json\n  Admin token:  {token}\n  Data:         {dir}\n\nTry, in another terminal:\n  export TESSERA_SERVER={url} TESSERA_TOKEN={token}\n  alias tessera={exe}\n  tessera lease checkout --component cad --station ws-17 --user ann --host ws17\n  tessera status\n  tessera keys list\n  curl -s -X POST {url}/v1/leases -H 'content-type: application/json' -d '{{\"component\":\"cam\",\"station\":\"ws-18\",\"user\":\"bob\",\"host\":\"ws18\"}}'\n\nPress Ctrl-C to stop.",
         dir = args.dir.display(),
@@ -281,5 +300,5 @@ pub async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
             .map(|exe| exe.display().to_string())
             .unwrap_or_else(|_| "tessera".into()),
     );
-    wait_for_ctrl_c(server).await
+    stop.shut_down_on_signal(server).await
 }

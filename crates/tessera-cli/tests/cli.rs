@@ -452,6 +452,24 @@ fn errors_exit_non_zero_with_the_reason_on_stderr() {
     assert_ne!(exit.status.code(), Some(101), "{stderr}");
 }
 
+/// A service manager may stop the server as soon as it has read its announcement: the stop
+/// is graceful (exit status 0) however soon it comes. Before, the SIGTERM handler was
+/// installed after the announcement, and a stop in that gap killed the process.
+#[test]
+fn a_sigterm_right_after_the_announcement_stops_the_server_gracefully() {
+    let dir = tempfile::tempdir().unwrap();
+    setup_vendor(dir.path());
+    for _ in 0..20 {
+        let mut server = ServerProcess::start(dir.path());
+        // At once, as a service manager can (no `kill` process started in between).
+        // SAFETY: kill only reads its two integer arguments.
+        let sent = unsafe { libc::kill(server.child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(sent, 0);
+        let exit = server.child.wait().unwrap();
+        assert!(exit.success(), "the server exited with {exit} on SIGTERM");
+    }
+}
+
 /// Runs `tessera ARGS` to its end (at most 60 s: a server that should refuse to start and
 /// does not is killed, and the test fails).
 fn run_to_end(args: &[&str]) -> Output {
