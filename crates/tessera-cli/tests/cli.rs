@@ -543,7 +543,8 @@ fn an_edited_log_entry_stops_the_server_and_the_doctor_explains_it() {
     let text = String::from_utf8(entry).unwrap();
     let edited = text.replace("\"licenses\":2,", "\"licenses\":200,");
     assert_ne!(edited, text, "{text}");
-    let put = |entry: &str| {
+    drop(connection);
+    let naive_edit = |entry: &str| {
         rusqlite::Connection::open(&store)
             .unwrap()
             .execute(
@@ -552,7 +553,30 @@ fn an_edited_log_entry_stops_the_server_and_the_doctor_explains_it() {
             )
             .unwrap();
     };
-    drop(connection);
+    // Attack T2: edited in place, the log's hash chain breaks there, before anything is
+    // replayed; the server does not start, the doctor names the entry.
+    naive_edit(&edited);
+    let started = run_to_end(&[&["server", "--listen", "127.0.0.1:0"][..], &flags].concat());
+    let stderr = String::from_utf8_lossy(&started.stderr);
+    assert!(!started.status.success(), "started: {stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "raft log entry {index}: the entry does not match its chain hash"
+        )),
+        "{stderr}"
+    );
+    let doctor = tessera(&[&["doctor"][..], &flags].concat());
+    let stdout = String::from_utf8_lossy(&doctor.stdout);
+    assert!(!doctor.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(&format!("raft.sqlite3, raft log entry {index}"))
+            && stdout.contains("hash chain is broken"),
+        "{stdout}"
+    );
+    naive_edit(&text);
+
+    // Attack T3: edited with the chain recomputed, the key it carries no longer verifies.
+    let put = |entry: &str| rewrite_log_entry(&store, index, entry.as_bytes());
     put(&edited);
     rusqlite::Connection::open(data.join("usage.sqlite3"))
         .unwrap()
@@ -1235,5 +1259,38 @@ fn the_activity_log_has_a_line_per_checkout_checkin_and_denial_in_text_or_json()
         ok(&[&["lease", "checkin", second][..], &remote].concat());
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+}
+
+/// Rewrites the Raft log entry at `index` as a root customer who read the source would: the
+/// entry, then the log's hash chain from it on recomputed, so that only the checks of what
+/// the entry carries can notice.
+fn rewrite_log_entry(store: &Path, index: i64, entry: &[u8]) {
+    let connection = rusqlite::Connection::open(store).unwrap();
+    connection
+        .execute(
+            "UPDATE raft_log SET entry = ?1 WHERE log_index = ?2",
+            rusqlite::params![entry, index],
+        )
+        .unwrap();
+    let rows: Vec<(i64, Vec<u8>, Vec<u8>)> = connection
+        .prepare(
+            "SELECT log_index, entry, prev FROM raft_log WHERE log_index >= ?1 ORDER BY log_index",
+        )
+        .unwrap()
+        .query_map([index], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let mut prev: tessera_store::chain::Hash = rows[0].2.as_slice().try_into().unwrap();
+    for (at, entry, _) in rows {
+        let chain = tessera_store::chain::link(&prev, at as u64, &entry);
+        connection
+            .execute(
+                "UPDATE raft_log SET prev = ?2, chain = ?3 WHERE log_index = ?1",
+                rusqlite::params![at, prev.as_slice(), chain.as_slice()],
+            )
+            .unwrap();
+        prev = chain;
     }
 }

@@ -109,6 +109,13 @@ pub fn examine(config: &ServerConfig) -> Result<Report, String> {
             remedy: RESTORE.into(),
         });
     }
+    for (index, why) in &inspection.chain_breaks {
+        report.findings.push(Finding {
+            place: format!("{store_name}, raft log entry {index}"),
+            problem: format!("the log's hash chain is broken here: {why}"),
+            remedy: RESTORE.into(),
+        });
+    }
     for (index, batch) in &inspection.entries {
         for stamped in batch {
             if let Some(why) = ledger.unverified_command(&stamped.command) {

@@ -2186,6 +2186,39 @@ async fn a_ledger_key_that_does_not_verify_stops_the_start_naming_it() {
 }
 
 /// The configuration [`start_server`] uses, for tests that start by hand to see a refusal.
+/// Rewrites the Raft log entry at `index` as a root customer who read the source would: the
+/// entry, then the log's hash chain from it on recomputed, so that only the checks of what
+/// the entry carries can notice.
+fn rewrite_log_entry(store: &Path, index: i64, entry: &[u8]) {
+    let connection = rusqlite::Connection::open(store).unwrap();
+    connection
+        .execute(
+            "UPDATE raft_log SET entry = ?1 WHERE log_index = ?2",
+            rusqlite::params![entry, index],
+        )
+        .unwrap();
+    let rows: Vec<(i64, Vec<u8>, Vec<u8>)> = connection
+        .prepare(
+            "SELECT log_index, entry, prev FROM raft_log WHERE log_index >= ?1 ORDER BY log_index",
+        )
+        .unwrap()
+        .query_map([index], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let mut prev: tessera_store::chain::Hash = rows[0].2.as_slice().try_into().unwrap();
+    for (at, entry, _) in rows {
+        let chain = tessera_store::chain::link(&prev, at as u64, &entry);
+        connection
+            .execute(
+                "UPDATE raft_log SET prev = ?2, chain = ?3 WHERE log_index = ?1",
+                rusqlite::params![at, prev.as_slice(), chain.as_slice()],
+            )
+            .unwrap();
+        prev = chain;
+    }
+}
+
 fn stored_config(dir: &Path) -> ServerConfig {
     ServerConfig {
         data_dir: dir.join("data"),
@@ -2251,17 +2284,13 @@ async fn a_log_entry_whose_key_does_not_verify_stops_the_start_naming_it() {
         .unwrap();
     let text = String::from_utf8(entry).unwrap();
     assert!(text.contains("\"licenses\":5,"), "{text}");
-    connection
-        .execute(
-            "UPDATE raft_log SET entry = ?1 WHERE log_index = ?2",
-            rusqlite::params![
-                text.replace("\"licenses\":5,", "\"licenses\":500,")
-                    .as_bytes(),
-                index
-            ],
-        )
-        .unwrap();
     drop(connection);
+    rewrite_log_entry(
+        &store,
+        index,
+        text.replace("\"licenses\":5,", "\"licenses\":500,")
+            .as_bytes(),
+    );
     let error = try_start(stored_config(dir.path()), &clock)
         .await
         .err()
@@ -2274,13 +2303,7 @@ async fn a_log_entry_whose_key_does_not_verify_stops_the_start_naming_it() {
         "{message}"
     );
     // Put back as it was: it starts, with its 5 licenses.
-    rusqlite::Connection::open(&store)
-        .unwrap()
-        .execute(
-            "UPDATE raft_log SET entry = ?1 WHERE log_index = ?2",
-            rusqlite::params![text.as_bytes(), index],
-        )
-        .unwrap();
+    rewrite_log_entry(&store, index, text.as_bytes());
     let server = start_server(dir.path(), &clock, 2).await;
     let status = Client::new(&server.url(), None).status().await.unwrap();
     assert_eq!(status.components[0].licenses, 5);

@@ -14,6 +14,8 @@
 //!   is mirrored in memory (bounded by the snapshot policy), so reads never touch SQLite.
 //! - [`state_machine`]: [`LedgerStateMachine`], openraft's `RaftStateMachine` + snapshot
 //!   builder; the ledger lives in memory and [`LedgerReader`] reads it without Raft.
+//! - [`chain`]: the hash chain through the log, written with every entry and checked at
+//!   every open (tamper evidence).
 //! - [`error`]: [`StoreError`], the crate's one error type.
 //!
 //! # Durability model
@@ -24,6 +26,7 @@
 //! until the group commits it again, which a restarted single voter does before it serves
 //! anything, so it comes back with the same ledger.
 
+pub mod chain;
 pub mod error;
 pub mod log_store;
 pub mod schema;

@@ -66,6 +66,12 @@ impl LogStore {
             .collect()
     }
 
+    /// The stored entries that broke the log's hash chain when the store was opened, with
+    /// why (see [`crate::chain`]). The server refuses to start with any.
+    pub fn chain_breaks(&self) -> Vec<(u64, String)> {
+        self.state().chain_breaks.clone()
+    }
+
     /// The epoch of the alone journal this host began and has not seen merged (a pair host
     /// serving alone), as last made durable by [`LogStore::set_alone_epoch`].
     pub fn alone_epoch(&self) -> Option<u64> {

@@ -6,8 +6,14 @@ use rusqlite::Connection;
 use crate::error::StoreError;
 
 /// (version, name, SQL). Append only: never edit a migration that has shipped.
-const MIGRATIONS: &[(u32, &str, &str)] =
-    &[(1, "raft", include_str!("../migrations/0001_raft.sql"))];
+const MIGRATIONS: &[(u32, &str, &str)] = &[
+    (1, "raft", include_str!("../migrations/0001_raft.sql")),
+    (
+        2,
+        "log_chain",
+        include_str!("../migrations/0002_log_chain.sql"),
+    ),
+];
 
 /// The schema version this build writes.
 pub fn latest_version() -> u32 {
@@ -27,6 +33,9 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         let apply = |conn: &mut Connection| -> rusqlite::Result<()> {
             let tx = conn.transaction()?;
             tx.execute_batch(sql)?;
+            if version == 2 {
+                chain_existing_rows(&tx)?;
+            }
             tx.pragma_update(None, "user_version", version)?;
             tx.commit()
         };
@@ -35,6 +44,26 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             name,
             source,
         })?;
+    }
+    Ok(())
+}
+
+/// Migration 2: chains the entries already in the log, in index order, from the zero hash.
+fn chain_existing_rows(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    let rows: Vec<(i64, Vec<u8>)> = {
+        let mut statement =
+            tx.prepare("SELECT log_index, entry FROM raft_log ORDER BY log_index")?;
+        statement
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?
+    };
+    let mut prev = crate::chain::GENESIS;
+    let mut update =
+        tx.prepare("UPDATE raft_log SET prev = ?2, chain = ?3 WHERE log_index = ?1")?;
+    for (index, entry) in rows {
+        let chain = crate::chain::link(&prev, u64::try_from(index).unwrap_or(0), &entry);
+        update.execute(rusqlite::params![index, prev.as_slice(), chain.as_slice()])?;
+        prev = chain;
     }
     Ok(())
 }

@@ -29,8 +29,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use crate::error::StoreError;
-use crate::schema;
 use crate::types::{Entry, LogId, SnapshotMeta, TypeConfig, Vote};
+use crate::{chain, schema};
 
 /// Upper bound on the writes merged into one transaction, so one commit stays short.
 pub const BATCH_OPS_MAX: usize = 4096;
@@ -46,6 +46,9 @@ pub(crate) const META_LAST_PURGED: &str = "last_purged";
 /// The epoch of the alone journal a pair host began (`tessera_server::pair`), kept here too
 /// so a journal deleted or replaced by an older copy is noticed; absent once merged.
 pub(crate) const META_ALONE_EPOCH: &str = "alone_epoch";
+/// The chain value of the last purged entry (hex): the `prev` of an entry appended to an
+/// empty log after a purge (see [`crate::chain`]).
+pub(crate) const META_CHAIN_BASE: &str = "chain_base";
 
 /// One change to the database.
 pub(crate) enum Write {
@@ -112,6 +115,8 @@ pub(crate) struct LoadedLog {
     pub last_purged: Option<LogId>,
     pub alone_epoch: Option<u64>,
     pub entries: BTreeMap<u64, Entry>,
+    /// Stored entries that break the log's hash chain, with why (see [`crate::chain`]).
+    pub chain_breaks: Vec<(u64, String)>,
 }
 
 /// Counters of the writer, for metrics and for checking that group commit happens.
@@ -395,14 +400,29 @@ fn load(conn: &Connection) -> Result<Loaded, StoreError> {
         last_purged: decode(meta(META_LAST_PURGED)?)?,
         alone_epoch: decode(meta(META_ALONE_EPOCH)?)?,
         entries: BTreeMap::new(),
+        chain_breaks: Vec::new(),
     };
-    let mut statement = conn.prepare("SELECT entry FROM raft_log ORDER BY log_index")?;
+    let mut walk = chain::Walk::default();
+    let mut statement =
+        conn.prepare("SELECT log_index, entry, prev, chain FROM raft_log ORDER BY log_index")?;
     let mut rows = statement.query([])?;
     while let Some(row) = rows.next()? {
-        let json: Vec<u8> = row.get(0)?;
-        let entry: Entry = serde_json::from_slice(&json)?;
+        let index: i64 = row.get(0)?;
+        let json = blob(row, 1)?.unwrap_or_default();
+        walk.row(
+            u64::try_from(index).unwrap_or(0),
+            json,
+            blob(row, 2)?,
+            blob(row, 3)?,
+        );
+        let entry: Entry = serde_json::from_slice(json)?;
         log.entries.insert(entry.index(), entry);
     }
+    log.chain_breaks = walk
+        .breaks
+        .into_iter()
+        .map(|(index, why)| (index, why.to_string()))
+        .collect();
     let snapshot_meta: Option<String> = conn
         .query_row("SELECT meta FROM raft_snapshot WHERE id = 1", [], |row| {
             row.get(0)
@@ -523,9 +543,42 @@ fn read_snapshot(conn: &Connection) -> Result<Option<StoredSnapshot>, String> {
     .map_err(|e| e.to_string())
 }
 
+/// A BLOB (or TEXT) column, borrowed; `None` when NULL or of another type.
+fn blob<'r>(row: &'r rusqlite::Row<'_>, index: usize) -> rusqlite::Result<Option<&'r [u8]>> {
+    use rusqlite::types::ValueRef;
+    Ok(match row.get_ref(index)? {
+        ValueRef::Blob(bytes) | ValueRef::Text(bytes) => Some(bytes),
+        _ => None,
+    })
+}
+
 /// SQLite integers are i64; Raft log indexes never get near 2^63.
 fn sql_index(index: u64) -> i64 {
     i64::try_from(index).unwrap_or(i64::MAX)
+}
+
+/// The `prev` of an entry appended at `index`: the chain value of the entry before it, or,
+/// with no entry there (the log was purged or is empty), the chain base, or the genesis.
+fn chain_before(tx: &rusqlite::Transaction<'_>, index: u64) -> rusqlite::Result<chain::Hash> {
+    let before: Option<Vec<u8>> = match index.checked_sub(1) {
+        Some(before) => tx
+            .prepare_cached("SELECT chain FROM raft_log WHERE log_index = ?1")?
+            .query_row(params![sql_index(before)], |row| row.get(0))
+            .optional()?
+            .flatten(),
+        None => None,
+    };
+    let base = match before {
+        Some(chain) => Some(chain),
+        None => tx
+            .prepare_cached("SELECT value FROM raft_meta WHERE name = ?1")?
+            .query_row(params![META_CHAIN_BASE], |row| row.get::<_, String>(0))
+            .optional()?
+            .and_then(|text| hex::decode(text).ok()),
+    };
+    Ok(base
+        .and_then(|bytes| chain::Hash::try_from(bytes.as_slice()).ok())
+        .unwrap_or(chain::GENESIS))
 }
 
 /// Runs the writes in order in one transaction.
@@ -538,10 +591,22 @@ fn commit<'a>(
         match write {
             Write::Append(entries) => {
                 let mut insert = tx.prepare_cached(
-                    "INSERT OR REPLACE INTO raft_log (log_index, entry) VALUES (?1, ?2)",
+                    "INSERT OR REPLACE INTO raft_log (log_index, entry, prev, chain) VALUES (?1, ?2, ?3, ?4)",
                 )?;
+                let mut last: Option<(u64, chain::Hash)> = None;
                 for (index, json) in entries {
-                    insert.execute(params![sql_index(*index), json])?;
+                    let prev = match last {
+                        Some((at, chain)) if at + 1 == *index => chain,
+                        _ => chain_before(&tx, *index)?,
+                    };
+                    let chain = chain::link(&prev, *index, json);
+                    insert.execute(params![
+                        sql_index(*index),
+                        json,
+                        prev.as_slice(),
+                        chain.as_slice()
+                    ])?;
+                    last = Some((*index, chain));
                 }
             }
             Write::Meta {
@@ -562,6 +627,17 @@ fn commit<'a>(
                     .execute(params![sql_index(*index)])?;
             }
             Write::PurgeUpTo { index, last_purged } => {
+                let base: Option<Vec<u8>> = tx
+                    .prepare_cached("SELECT chain FROM raft_log WHERE log_index = ?1")?
+                    .query_row(params![sql_index(*index)], |row| row.get(0))
+                    .optional()?
+                    .flatten();
+                if let Some(base) = base {
+                    tx.prepare_cached(
+                        "INSERT OR REPLACE INTO raft_meta (name, value) VALUES (?1, ?2)",
+                    )?
+                    .execute(params![META_CHAIN_BASE, hex::encode(base)])?;
+                }
                 tx.prepare_cached(
                     "INSERT OR REPLACE INTO raft_meta (name, value) VALUES (?1, ?2)",
                 )?
@@ -691,6 +767,9 @@ pub struct Inspection {
     pub entries: Vec<(u64, Vec<tessera_core::Stamped>)>,
     /// Entries that do not even parse, with why (the server does not start with one).
     pub unreadable: Vec<(u64, String)>,
+    /// Entries that break the log's hash chain, with why (the server does not start with
+    /// one either).
+    pub chain_breaks: Vec<(u64, String)>,
 }
 
 /// Reads the store in the SQLite file at `path` read-only: no migration, no writer thread.
@@ -704,10 +783,21 @@ pub fn inspect(path: &Path) -> Result<Inspection, StoreError> {
             .optional()?,
         ..Inspection::default()
     };
-    let mut statement = conn.prepare("SELECT log_index, entry FROM raft_log ORDER BY log_index")?;
+    // A store not yet migrated to the chain (written by an older Tessera) has none to check.
+    let version: u32 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    let chained = version >= 2;
+    let mut walk = chain::Walk::default();
+    let mut statement = conn.prepare(if chained {
+        "SELECT log_index, entry, prev, chain FROM raft_log ORDER BY log_index"
+    } else {
+        "SELECT log_index, entry, NULL, NULL FROM raft_log ORDER BY log_index"
+    })?;
     let mut rows = statement.query([])?;
     while let Some(row) = rows.next()? {
         let (index, json): (i64, Vec<u8>) = (row.get(0)?, row.get(1)?);
+        if chained {
+            walk.row(index as u64, &json, blob(row, 2)?, blob(row, 3)?);
+        }
         match serde_json::from_slice::<Entry>(&json) {
             Ok(entry) => {
                 if let openraft::EntryPayload::Normal(crate::types::Proposal(batch)) = entry.payload
@@ -720,5 +810,10 @@ pub fn inspect(path: &Path) -> Result<Inspection, StoreError> {
                 .push((index as u64, error.to_string())),
         }
     }
+    inspection.chain_breaks = walk
+        .breaks
+        .into_iter()
+        .map(|(index, why)| (index, why.to_string()))
+        .collect();
     Ok(inspection)
 }

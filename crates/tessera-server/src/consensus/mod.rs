@@ -360,12 +360,26 @@ impl Consensus {
             .transport
             .unwrap_or_else(|| Arc::new(network::PeerTransport::default()));
         let peer_scheme = cfg.peer_scheme;
+        let shown = path.display().to_string();
         let (log_store, state_machine) = tokio::task::spawn_blocking(move || {
             tessera_store::open_with(&path, ledger_config, store_options)
         })
         .await
         .map_err(|e| ConsensusError::Internal(e.to_string()))?
         .map_err(|e| ConsensusError::Storage(e.to_string()))?;
+        // The log's hash chain is checked before anything is replayed: an entry edited on
+        // disk stops the start, named (docs/security.md, T2).
+        let breaks = log_store.chain_breaks();
+        if !breaks.is_empty() {
+            let named: Vec<String> = breaks
+                .iter()
+                .map(|(index, why)| format!("raft log entry {index}: {why}"))
+                .collect();
+            return Err(ConsensusError::Storage(format!(
+                "{shown}: the Raft log's hash chain is broken: {}. The data directory was edited: restore it from a backup (`tessera doctor` with the server's flags lists every finding and the way out)",
+                named.join("; ")
+            )));
+        }
         let ledger = state_machine.reader();
         let store_stats = log_store.stats();
         let log = log_store.clone();

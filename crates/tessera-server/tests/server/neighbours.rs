@@ -814,15 +814,7 @@ async fn a_grant_edited_in_the_receivers_log_stops_its_start_naming_it() {
     let text = String::from_utf8(entry).unwrap();
     let edited = text.replacen("\"licenses\":3,", "\"licenses\":30,", 1);
     assert_ne!(edited, text, "{text}");
-    let put = |entry: &str| {
-        rusqlite::Connection::open(&store)
-            .unwrap()
-            .execute(
-                "UPDATE raft_log SET entry = ?1 WHERE log_index = ?2",
-                rusqlite::params![entry.as_bytes(), index],
-            )
-            .unwrap();
-    };
+    let put = |entry: &str| super::rewrite_log_entry(&store, index, entry.as_bytes());
     drop(connection);
     put(&edited);
     let error = super::try_start(config.clone(), &net.nodes["branch"].clock)
