@@ -279,6 +279,7 @@ pub fn record(
 
 /// Clears a server's chain (the vendor's reset); returns how many links it had.
 pub fn clear(connection: &Connection, server_id: &str) -> Result<usize, AuthorityError> {
+    crate::history::clear(connection, server_id)?;
     Ok(connection.execute(
         "DELETE FROM sync_chain WHERE server_id = ?1",
         params![server_id],

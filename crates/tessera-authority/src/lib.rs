@@ -21,6 +21,7 @@ pub mod chain;
 pub mod console;
 pub mod data_dir;
 pub mod error;
+pub mod history;
 pub mod http;
 pub mod ids;
 pub mod registry;

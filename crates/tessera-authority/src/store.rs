@@ -17,6 +17,7 @@ use crate::error::AuthorityError;
 pub const MIGRATIONS: &[(u32, &str)] = &[
     (1, include_str!("../migrations/0001_initial.sql")),
     (2, include_str!("../migrations/0002_sync_chain.sql")),
+    (3, include_str!("../migrations/0003_history_points.sql")),
 ];
 
 /// How long a writer waits for another connection's lock (e.g. a backup) before failing.

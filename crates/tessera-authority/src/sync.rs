@@ -28,6 +28,7 @@ use tessera_core::{PublicKey, SecretKey};
 
 use crate::chain::{self, Claim, FaultKind, Step};
 use crate::error::AuthorityError;
+use crate::history;
 use crate::store::{self, DAY_MS, ServerRow, timestamp};
 
 /// What accepting a request does to the server ID's binding.
@@ -236,6 +237,35 @@ pub fn answer(
     .map(|row| row.key_id)
     .collect();
 
+    // History rewritten since the last sync is an alert, not a refusal (src/history.rs).
+    let countersigned = match &asked.history {
+        Some(heads) => {
+            for (kind, detail) in history::judge(&transaction, &server.server_id, heads)? {
+                chain::record_alert(
+                    &transaction,
+                    &server.server_id,
+                    kind,
+                    Some(claim),
+                    &detail,
+                    now_ms,
+                )?;
+                tracing::warn!(
+                    server_id = asked.server_id,
+                    code = kind,
+                    detail,
+                    "history rewritten"
+                );
+            }
+            Some(history::countersign(
+                &transaction,
+                &server.server_id,
+                heads,
+                now_ms,
+            )?)
+        }
+        None => None,
+    };
+
     let now = timestamp(now_ms)?;
     let certificate = ServerCertificate::sign(
         CertificatePayload {
@@ -257,6 +287,7 @@ pub fn answer(
             keys: keys.into_iter().map(|row| row.key).collect(),
             revoked,
             renewals: renewals.into_iter().map(|row| row.key).collect(),
+            countersigned,
         },
         vendor,
     );

@@ -200,6 +200,7 @@ fn request(identity: &SecretKey, server_id: &str, sequence: u64, held: &[&str]) 
             last_response: None,
             pending_since: None,
             installation: None,
+            history: None,
         },
         identity,
     )

@@ -124,9 +124,15 @@ pub async fn run_audit(command: AuditCommand, remote: &Remote) -> anyhow::Result
                 println!("{}", serde_json::to_string_pretty(&verification)?);
             } else if verification.ok {
                 println!(
-                    "audit chain intact: {} records, head {}",
+                    "audit chain intact: {} records, head {}{}",
                     verification.records,
-                    verification.head_hash.as_deref().unwrap_or("(empty)")
+                    verification.head_hash.as_deref().unwrap_or("(empty)"),
+                    match verification.countersigned {
+                        Some(seq) => format!(
+                            "; record {seq} has the hash the vendor countersigned at the last sync"
+                        ),
+                        None => String::new(),
+                    }
                 );
             }
             if !verification.ok {

@@ -221,6 +221,10 @@ pub struct SyncState {
     /// T8). Set inside apply from signed documents, so every replica agrees.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vendor_time_ms: Option<i64>,
+    /// The history heads the vendor countersigned last, per installation (each host of a
+    /// domain reports its own): the next request recomputes its chains there.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub countersigned: BTreeMap<String, crate::sync::Countersigned>,
 }
 
 /// Why syncs are blocked: the authority's refusal.
@@ -1279,6 +1283,11 @@ impl Ledger {
         self.sync.pending_since = None;
         self.sync.blocked = None;
         self.sync.last_sync_at_ms = Some(at);
+        if let Some(countersigned) = &payload.countersigned {
+            self.sync
+                .countersigned
+                .insert(countersigned.installation.clone(), countersigned.clone());
+        }
         self.sync
             .observe_vendor_time(payload.issued_at.as_millisecond());
         self.sync

@@ -181,6 +181,64 @@ pub struct SyncRequestPayload {
     /// used to tell a clone (another installation) from a rollback (the same one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub installation: Option<String>,
+    /// The heads of the sending host's own hash chains (its Raft log and its audit log),
+    /// and the same chains at the points the vendor countersigned at the last sync: the
+    /// vendor sees history rewritten since (docs/security.md, T2 and T12). Absent from
+    /// requests of servers older than it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<HistoryHeads>,
+}
+
+/// A point of a hash chain: the position (the Raft log index, or the number of audit
+/// records) and the chain value there (hex).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChainPoint {
+    pub at: u64,
+    pub hash: String,
+}
+
+/// A countersigned point recomputed from what the host stores now: `hash` is `None` when
+/// nothing is there any more (audit records deleted, log entries purged into a snapshot).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PointCheck {
+    pub at: u64,
+    pub hash: Option<String>,
+}
+
+/// What one host reports of its own hash chains at a sync. Each host of a domain keeps its
+/// own log and audit chain, so heads belong to an installation (see
+/// [`SyncRequestPayload::installation`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryHeads {
+    pub installation: String,
+    /// The last Raft log entry's chain point.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<ChainPoint>,
+    /// The last audit record's chain point.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<ChainPoint>,
+    /// The log at the point the vendor countersigned last ([`Countersigned::log`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_at_countersigned: Option<PointCheck>,
+    /// The audit chain at the point the vendor countersigned last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_at_countersigned: Option<PointCheck>,
+}
+
+/// The heads a request reported, signed back in the response: the server keeps them and
+/// recomputes its chains there at the next sync, and `tessera audit verify` checks the audit
+/// chain against them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Countersigned {
+    pub installation: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<ChainPoint>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<ChainPoint>,
 }
 
 impl SyncRequestPayload {
@@ -249,6 +307,10 @@ pub struct SyncResponsePayload {
     pub revoked: Vec<String>,
     /// Renewal keys held for keys of this server, each naming the key it renews.
     pub renewals: Vec<LicenseKey>,
+    /// The history heads the request reported, countersigned (absent when it reported
+    /// none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub countersigned: Option<Countersigned>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -511,6 +511,7 @@ fn response_with_renewals(
             keys,
             revoked,
             renewals,
+            countersigned: None,
         },
         &vendor(),
     )

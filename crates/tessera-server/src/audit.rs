@@ -43,6 +43,15 @@ pub fn head(connection: &Connection) -> rusqlite::Result<Option<(i64, String)>> 
         .optional()
 }
 
+/// The hash of record `seq`, if there is one.
+pub fn hash_of(connection: &Connection, seq: i64) -> rusqlite::Result<Option<String>> {
+    connection
+        .query_row("SELECT hash FROM audit_log WHERE seq = ?1", [seq], |row| {
+            row.get(0)
+        })
+        .optional()
+}
+
 /// The result of checking the chain.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Verification {
@@ -54,6 +63,46 @@ pub struct Verification {
     /// The first broken record.
     pub broken_seq: Option<i64>,
     pub reason: Option<String>,
+    /// The record the vendor countersigned at this host's last sync, checked against the
+    /// hash it countersigned (absent when the vendor has countersigned none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub countersigned: Option<i64>,
+}
+
+/// Also checks an intact chain against the point the vendor countersigned (`at` records,
+/// the last one's hash): a history rewritten with the chain recomputed after it passes
+/// [`verify`] but not this (docs/security.md, T12).
+pub fn against_countersigned(
+    connection: &Connection,
+    verification: Verification,
+    point: Option<&tessera_core::sync::ChainPoint>,
+) -> rusqlite::Result<Verification> {
+    let Some(point) = point else {
+        return Ok(verification);
+    };
+    let seq = i64::try_from(point.at).unwrap_or(i64::MAX);
+    let checked = Verification {
+        countersigned: Some(seq),
+        ..verification
+    };
+    if !checked.ok {
+        return Ok(checked);
+    }
+    let reason = match hash_of(connection, seq)? {
+        Some(hash) if hash == point.hash => return Ok(checked),
+        Some(_) => "the record does not have the hash the vendor countersigned at the last sync: the history up to it was rewritten and its chain recomputed".to_string(),
+        None => format!(
+            "the vendor countersigned {seq} records at the last sync and only {} are left: records were deleted and the chain recomputed",
+            checked.records
+        ),
+    };
+    Ok(Verification {
+        ok: false,
+        head_hash: None,
+        broken_seq: Some(seq),
+        reason: Some(reason),
+        ..checked
+    })
 }
 
 /// Walks the chain from the first record.
@@ -120,6 +169,7 @@ fn verify_after(connection: &Connection, seq: i64, prev: String) -> rusqlite::Re
             head_hash: None,
             broken_seq: Some(seq),
             reason: Some(reason),
+            countersigned: None,
         };
         if seq != expected_seq {
             return Ok(broken(format!(
@@ -159,6 +209,7 @@ fn verify_after(connection: &Connection, seq: i64, prev: String) -> rusqlite::Re
         head_hash: (records > 0).then_some(expected_prev),
         broken_seq: None,
         reason: None,
+        countersigned: None,
     })
 }
 

@@ -130,6 +130,9 @@ pub struct AuditRecord {
     pub details: serde_json::Value,
 }
 
+/// The audit chain's head (records, last hash) and the hash of a chosen record.
+pub type AuditPoints = (Option<(i64, String)>, Option<String>);
+
 /// One stored audit record.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct AuditEntry {
@@ -654,11 +657,34 @@ impl History {
             .map_err(|e| self.error(e))
     }
 
-    /// Checks the audit chain (flushes first).
-    pub fn verify(&self) -> Result<audit::Verification, HistoryError> {
+    /// The audit chain's head (records, hash of the last) and the hash of record `at`, if
+    /// there is such a record (flushes first): what a sync request reports to the vendor.
+    pub fn audit_points(&self, at: Option<i64>) -> Result<AuditPoints, HistoryError> {
         self.flush();
         let connection = self.reader()?;
-        audit::verify(&connection).map_err(|e| self.error(e))
+        let head = audit::head(&connection).map_err(|e| self.error(e))?;
+        let at = match at {
+            Some(seq) => audit::hash_of(&connection, seq).map_err(|e| self.error(e))?,
+            None => None,
+        };
+        Ok((head, at))
+    }
+
+    /// Checks the audit chain (flushes first).
+    pub fn verify(&self) -> Result<audit::Verification, HistoryError> {
+        self.verify_against(None)
+    }
+
+    /// Checks the audit chain, and that it still has the hash the vendor countersigned at
+    /// `point` (see [`audit::against_countersigned`]).
+    pub fn verify_against(
+        &self,
+        point: Option<&tessera_core::sync::ChainPoint>,
+    ) -> Result<audit::Verification, HistoryError> {
+        self.flush();
+        let connection = self.reader()?;
+        let verification = audit::verify(&connection).map_err(|e| self.error(e))?;
+        audit::against_countersigned(&connection, verification, point).map_err(|e| self.error(e))
     }
 
     /// Checks the audit records after an intact `checkpoint` (flushes first); see

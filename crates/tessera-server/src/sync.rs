@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use tessera_api::{KeyUpdateReport, RenewalReport, SyncBlocked, SyncStatus, SyncSummary};
 use tessera_core::sync::{
-    SERVER_CLONED, SERVER_ROLLED_BACK, SyncRequest, SyncRequestPayload, SyncResponse,
+    ChainPoint, HistoryHeads, PointCheck, SERVER_CLONED, SERVER_ROLLED_BACK, SyncRequest,
+    SyncRequestPayload, SyncResponse,
 };
 use tessera_core::{Command, Ledger, Outcome, Refusal, RenewalResult};
 
@@ -51,6 +52,8 @@ impl AppState {
                 .map(|view| view.key.payload.key_id)
                 .collect()
         });
+        let installation = installation(&self.config.data_dir);
+        let history = self.history_heads(&installation).await?;
         let payload = SyncRequestPayload {
             server_id,
             public_key: self.identity.public_key().to_base64(),
@@ -60,9 +63,51 @@ impl AppState {
             keys,
             last_response,
             pending_since,
-            installation: Some(installation(&self.config.data_dir)),
+            installation: Some(installation),
+            history: Some(history),
         };
         Ok(SyncRequest::sign(payload, &self.identity))
+    }
+
+    /// This host's history heads for a sync request: the heads of its Raft log and audit
+    /// chains, and both chains recomputed at the points the vendor countersigned at this
+    /// host's last sync (docs/security.md, T2 and T12).
+    async fn history_heads(&self, installation: &str) -> Result<HistoryHeads, ApiError> {
+        let countersigned = self
+            .consensus
+            .read(|ledger| ledger.sync_state().countersigned.get(installation).cloned());
+        let signed_log = countersigned
+            .as_ref()
+            .and_then(|c| c.log.as_ref())
+            .map(|p| p.at);
+        let signed_audit = countersigned
+            .as_ref()
+            .and_then(|c| c.audit.as_ref())
+            .map(|p| p.at);
+        let log =
+            self.consensus.log_chain(signed_log).await.map_err(|e| {
+                ApiError::Internal(format!("reading the Raft log's hash chain: {e}"))
+            })?;
+        let (audit, audit_at) = self
+            .history
+            .audit_points(signed_audit.map(|at| i64::try_from(at).unwrap_or(i64::MAX)))
+            .map_err(|e| ApiError::Internal(format!("reading the audit chain: {e}")))?;
+        Ok(HistoryHeads {
+            installation: installation.to_string(),
+            log: log.head.map(|(at, hash)| ChainPoint {
+                at,
+                hash: hex::encode(hash),
+            }),
+            audit: audit.map(|(records, hash)| ChainPoint {
+                at: u64::try_from(records).unwrap_or(0),
+                hash,
+            }),
+            log_at_countersigned: signed_log.map(|at| PointCheck {
+                at,
+                hash: log.at.map(hex::encode),
+            }),
+            audit_at_countersigned: signed_audit.map(|at| PointCheck { at, hash: audit_at }),
+        })
     }
 
     /// Applies the vendor's response; refused unless it answers the awaited request.

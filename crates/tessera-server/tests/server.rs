@@ -833,6 +833,7 @@ fn vendor_answer_full(
             keys,
             revoked,
             renewals,
+            countersigned: None,
         },
         &f.vendor,
     );

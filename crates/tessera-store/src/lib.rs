@@ -43,7 +43,7 @@ pub use error::StoreError;
 pub use log_store::LogStore;
 pub use state_machine::{LedgerReader, LedgerStateMachine, SnapshotSignal};
 pub use types::{Proposal, Response, TypeConfig};
-pub use writer::{Inspection, WriterStats, inspect};
+pub use writer::{ChainRead, Inspection, WriterStats, inspect};
 
 /// Build a snapshot after this many applied entries since the last one; the log entries it
 /// covers are then purged, which bounds both the SQLite log and its in-memory mirror.

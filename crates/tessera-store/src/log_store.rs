@@ -66,6 +66,12 @@ impl LogStore {
             .collect()
     }
 
+    /// The log's hash chain as stored now: its head and the chain value at `at` (see
+    /// [`crate::chain`]); what a sync request reports to the vendor.
+    pub async fn read_chain(&self, at: Option<u64>) -> io::Result<crate::writer::ChainRead> {
+        self.writer.read_chain(at).await
+    }
+
     /// The stored entries that broke the log's hash chain when the store was opened, with
     /// why (see [`crate::chain`]). The server refuses to start with any.
     pub fn chain_breaks(&self) -> Vec<(u64, String)> {

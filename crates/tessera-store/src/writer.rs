@@ -100,6 +100,15 @@ enum Request {
     /// writes (at most once every [`COMMITTED_RIDE_EVERY_MS`]) or alone when the writer idles.
     Committed(Option<String>),
     LoadSnapshot(oneshot::Sender<Result<Option<StoredSnapshot>, String>>),
+    ReadChain(Option<u64>, oneshot::Sender<Result<ChainRead, String>>),
+}
+
+/// The log's hash chain as stored: the last entry's (index, chain value), and the chain
+/// value at a chosen index, if that entry is still in the log.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChainRead {
+    pub head: Option<(u64, crate::chain::Hash)>,
+    pub at: Option<crate::chain::Hash>,
 }
 
 /// What the database held when it was opened.
@@ -287,6 +296,26 @@ impl Writer {
             .map_err(io::Error::other)
     }
 
+    /// Reads the log's chain head and the chain value at `at` (see [`ChainRead`]), after
+    /// every write queued before it.
+    pub(crate) async fn read_chain(&self, at: Option<u64>) -> io::Result<ChainRead> {
+        let tx = match &self.mode {
+            Mode::Thread { tx, .. } => tx,
+            Mode::Inline(inline) => {
+                inline.flush_through(u64::MAX);
+                let conn = inline.conn.lock().unwrap_or_else(|e| e.into_inner());
+                return read_chain(&conn, at).map_err(io::Error::other);
+            }
+            Mode::Stopped => return Err(StoreError::WriterStopped.into()),
+        };
+        let (reply, rx) = oneshot::channel();
+        tx.send(Request::ReadChain(at, reply))
+            .map_err(|_| StoreError::WriterStopped)?;
+        rx.await
+            .map_err(|_| io::Error::from(StoreError::WriterStopped))?
+            .map_err(io::Error::other)
+    }
+
     /// Reads the stored snapshot (meta JSON, data), after every write queued before it.
     pub(crate) async fn load_snapshot(&self) -> io::Result<Option<StoredSnapshot>> {
         let tx = match &self.mode {
@@ -443,6 +472,7 @@ fn run(
 ) {
     let mut writes = Vec::new();
     let mut reads = Vec::new();
+    let mut chain_reads = Vec::new();
     // The newest committed log id not yet written.
     let mut committed: Option<Write> = None;
     // When a committed log id last rode along with other writes.
@@ -475,6 +505,7 @@ fn run(
                     });
                 }
                 Request::LoadSnapshot(reply) => reads.push(reply),
+                Request::ReadChain(at, reply) => chain_reads.push((at, reply)),
             }
             next = if writes.len() < BATCH_OPS_MAX {
                 rx.try_recv().ok()
@@ -498,6 +529,9 @@ fn run(
         }
         for reply in reads.drain(..) {
             let _ = reply.send(read_snapshot(&conn));
+        }
+        for (at, reply) in chain_reads.drain(..) {
+            let _ = reply.send(read_chain(&conn, at));
         }
     }
     if committed.is_some() {
@@ -531,6 +565,33 @@ fn write_batch(
     for (_, done) in writes.drain(..) {
         done.notify(&result);
     }
+}
+
+fn read_chain(conn: &Connection, at: Option<u64>) -> Result<ChainRead, String> {
+    let hash =
+        |bytes: Option<Vec<u8>>| bytes.and_then(|b| chain::Hash::try_from(b.as_slice()).ok());
+    let head = conn
+        .query_row(
+            "SELECT log_index, chain FROM raft_log ORDER BY log_index DESC LIMIT 1",
+            [],
+            |row| Ok((row.get::<_, i64>(0)?, row.get::<_, Option<Vec<u8>>>(1)?)),
+        )
+        .optional()
+        .map_err(|e| e.to_string())?
+        .and_then(|(index, chain)| Some((u64::try_from(index).ok()?, hash(chain)?)));
+    let at = match at {
+        Some(index) => conn
+            .query_row(
+                "SELECT chain FROM raft_log WHERE log_index = ?1",
+                params![sql_index(index)],
+                |row| row.get::<_, Option<Vec<u8>>>(0),
+            )
+            .optional()
+            .map_err(|e| e.to_string())?
+            .and_then(hash),
+        None => None,
+    };
+    Ok(ChainRead { head, at })
 }
 
 fn read_snapshot(conn: &Connection) -> Result<Option<StoredSnapshot>, String> {

@@ -47,6 +47,7 @@ impl Copy {
                 last_response: self.last_response.clone(),
                 pending_since: Some(pending_since),
                 installation: Some(self.installation.clone()),
+                history: None,
             },
             &self.identity,
         )

@@ -311,3 +311,119 @@ fn a_restored_backup_is_refused_as_rolled_back_until_the_vendor_resets_it() {
         ["chain_reset", "server_rolled_back"]
     );
 }
+
+/// Rewrites `usage.sqlite3`'s audit log without the records whose action matches `like`,
+/// renumbered and with the hash chain recomputed, as a root customer who read the source
+/// would: `tessera audit verify` on the file alone finds it intact.
+fn delete_audit_records_and_rechain(usage: &Path, like: &str) -> usize {
+    let connection = rusqlite::Connection::open(usage).unwrap();
+    let deleted = connection
+        .execute("DELETE FROM audit_log WHERE action LIKE ?1", [like])
+        .unwrap();
+    let rows: Vec<(i64, String, String, String)> = connection
+        .prepare("SELECT at_ms, actor, action, details FROM audit_log ORDER BY seq")
+        .unwrap()
+        .query_map([], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    connection.execute("DELETE FROM audit_log", []).unwrap();
+    let mut prev = tessera_server::audit::genesis();
+    for (seq, (at_ms, actor, action, details)) in (1..).zip(rows) {
+        let hash = tessera_server::audit::chain_hash(&prev, seq, at_ms, &actor, &action, &details);
+        connection
+            .execute(
+                "INSERT INTO audit_log (seq, at_ms, actor, action, details, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                rusqlite::params![seq, at_ms, actor, action, details, prev, hash],
+            )
+            .unwrap();
+        prev = hash;
+    }
+    deleted
+}
+
+/// T12 and T2, detected at the next sync: the customer deletes lease records from the audit
+/// log and rewrites a checkout in the Raft log, each with its hash chain recomputed, so that
+/// neither the server's start nor `tessera audit verify --data` notices. The server's own
+/// `tessera audit verify` checks against the head the vendor countersigned and fails; the
+/// next sync is answered, and the vendor sees `audit_rewritten` and `log_rewritten` with the
+/// server ID. The sync after that countersigns the new heads: no new alert.
+#[test]
+fn history_rewritten_with_its_chains_recomputed_is_reported_to_the_vendor_at_the_next_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let vendor = Vendor::start(dir.path());
+    let data = dir.path().join("a");
+    let server = vendor.server(&data, true);
+    server.ok(&["sync"]);
+    for station in ["ws-1", "ws-2"] {
+        server.ok(&[
+            "lease",
+            "checkout",
+            "--component",
+            "cad",
+            "--station",
+            station,
+        ]);
+    }
+    server.ok(&["sync"]);
+    let verified = server.ok(&["audit", "verify"]);
+    assert!(
+        verified.contains("has the hash the vendor countersigned at the last sync"),
+        "{verified}"
+    );
+    // A clean sync raises nothing.
+    server.ok(&["sync"]);
+    assert_eq!(
+        kinds_for(&vendor.alerts(), &vendor.server_id),
+        Vec::<String>::new()
+    );
+    server.process.terminate();
+
+    let deleted = delete_audit_records_and_rechain(&data.join("usage.sqlite3"), "lease.%");
+    assert_eq!(deleted, 2, "the two checkouts' records");
+    let intact = ok(&["audit", "verify", "--data", data.to_str().unwrap()]);
+    assert!(intact.contains("audit chain intact"), "{intact}");
+    let store = data.join("raft.sqlite3");
+    let (index, entry): (i64, Vec<u8>) = rusqlite::Connection::open(&store)
+        .unwrap()
+        .query_row(
+            "SELECT log_index, entry FROM raft_log WHERE CAST(entry AS TEXT) LIKE '%\"ws-2\"%' ORDER BY log_index LIMIT 1",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .unwrap();
+    let text = String::from_utf8(entry).unwrap();
+    super::rewrite_log_entry(
+        &store,
+        index,
+        text.replace("\"ws-2\"", "\"ws-9\"").as_bytes(),
+    );
+
+    // The start notices nothing: both chains are whole.
+    let server = vendor.server(&data, true);
+    fails_with(
+        &[
+            &["audit", "verify"][..],
+            &["--server", &server.process.url, "--token", &server.token],
+        ]
+        .concat(),
+        "records were deleted",
+    );
+    server.ok(&["sync"]);
+    let alerts = vendor.alerts();
+    let mut kinds = kinds_for(&alerts, &vendor.server_id);
+    kinds.sort();
+    assert_eq!(kinds, ["audit_rewritten", "log_rewritten"], "{alerts:?}");
+    let listed = vendor.ok(&["authority", "alerts"]);
+    assert!(
+        listed.contains("audit_rewritten")
+            && listed.contains("audit records were deleted")
+            && listed.contains(&vendor.server_id),
+        "{listed}"
+    );
+    // Countersigned again: the next sync raises nothing new.
+    server.ok(&["sync"]);
+    assert_eq!(kinds_for(&vendor.alerts(), &vendor.server_id).len(), 2);
+}

@@ -759,6 +759,11 @@ impl Consensus {
         tessera_store::alone_ledger(&self.inner.ledger, &self.inner.log, share)
     }
 
+    /// This host's Raft log hash chain as stored: its head and the chain value at `at`.
+    pub async fn log_chain(&self, at: Option<u64>) -> std::io::Result<tessera_store::ChainRead> {
+        self.inner.log.read_chain(at).await
+    }
+
     /// The alone epoch this host's store records as begun and not merged (a pair host).
     pub fn alone_epoch(&self) -> Option<u64> {
         self.inner.log.alone_epoch()

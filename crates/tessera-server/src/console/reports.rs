@@ -97,9 +97,19 @@ pub async fn usage_events(
         .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
+/// Checks the audit chain, and against the head the vendor countersigned at this host's
+/// last sync.
 pub async fn verification(state: &SharedState) -> Result<Verification, ApiError> {
+    let installation = crate::sync::installation(&state.config.data_dir);
+    let point = state.consensus.read(|ledger| {
+        ledger
+            .sync_state()
+            .countersigned
+            .get(&installation)
+            .and_then(|c| c.audit.clone())
+    });
     let state = state.clone();
-    tokio::task::spawn_blocking(move || state.history.verify())
+    tokio::task::spawn_blocking(move || state.history.verify_against(point.as_ref()))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(|e| ApiError::Internal(e.to_string()))

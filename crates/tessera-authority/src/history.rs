@@ -1,0 +1,222 @@
+//! History heads: a server's rewritten Raft log or audit log, seen at its next sync.
+//!
+//! Each sync request reports, for the host that sends it, the heads of its own two hash
+//! chains (its Raft log, tessera-store's `chain`; its audit log, `tessera_server::audit`)
+//! and the same chains recomputed at the points the authority countersigned at that host's
+//! previous sync. The authority keeps every point it countersigned (`history_points`) and
+//! checks the recomputed ones against them:
+//!
+//! - **audit**: the record there must still have the countersigned hash. Records deleted
+//!   (fewer than the point), or changed with the chain recomputed after them, make
+//!   **`audit_rewritten`**.
+//! - **log**: the entry there, while it is still in the log, must still have the
+//!   countersigned hash; otherwise **`log_rewritten`**. An entry purged into a snapshot since
+//!   cannot be checked and is not an alert (snapshots are made every 50,000 commands).
+//! - A host that has countersigned points but reports none, or a point that was never
+//!   countersigned, rewrote its record of them: the same alerts.
+//!
+//! These alerts do not refuse the sync: the server gets its answer, and the vendor sees the
+//! alert (`tessera authority alerts`, the console) with the server ID and the host. The
+//! response countersigns the heads the request reported, which become the next points.
+
+use rusqlite::{Connection, params};
+use tessera_core::sync::{ChainPoint, Countersigned, HistoryHeads, PointCheck};
+
+use crate::error::AuthorityError;
+
+pub const AUDIT_REWRITTEN: &str = "audit_rewritten";
+pub const LOG_REWRITTEN: &str = "log_rewritten";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Log,
+    Audit,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Log => "log",
+            Kind::Audit => "audit",
+        }
+    }
+
+    fn alert(self) -> &'static str {
+        match self {
+            Kind::Log => LOG_REWRITTEN,
+            Kind::Audit => AUDIT_REWRITTEN,
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Kind::Log => "Raft log entry",
+            Kind::Audit => "audit record",
+        }
+    }
+}
+
+/// The points countersigned for one host's chain, as (at, hash).
+fn points(
+    connection: &Connection,
+    server_id: &str,
+    installation: &str,
+    kind: Kind,
+) -> Result<Vec<(u64, String)>, AuthorityError> {
+    let mut statement = connection.prepare_cached(
+        "SELECT at, hash FROM history_points WHERE server_id = ?1 AND installation = ?2 AND kind = ?3 ORDER BY at",
+    )?;
+    let rows = statement
+        .query_map(params![server_id, installation, kind.name()], |row| {
+            Ok((
+                u64::try_from(row.get::<_, i64>(0)?).unwrap_or(0),
+                row.get(1)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
+}
+
+/// What is wrong with one chain's recomputed point, if anything.
+fn judge_one(
+    kind: Kind,
+    countersigned: &[(u64, String)],
+    check: Option<&PointCheck>,
+    installation: &str,
+) -> Option<String> {
+    let last = countersigned.last()?;
+    let host = format!("host {installation}");
+    let Some(check) = check else {
+        return Some(format!(
+            "{host} no longer knows the {} {} the vendor countersigned at its last sync: its record of the sync was removed",
+            kind.what(),
+            last.0
+        ));
+    };
+    let Some((at, signed)) = countersigned.iter().find(|(at, _)| *at == check.at) else {
+        return Some(format!(
+            "{host} recomputed its chain at {} {}, which the vendor never countersigned (last countersigned: {})",
+            kind.what(),
+            check.at,
+            last.0
+        ));
+    };
+    match (&check.hash, kind) {
+        (None, Kind::Log) => None,
+        (None, Kind::Audit) => Some(format!(
+            "{host} no longer holds audit record {at}, which the vendor countersigned: audit records were deleted"
+        )),
+        (Some(hash), _) if hash == signed => None,
+        (Some(hash), _) => Some(format!(
+            "{host}'s {} {at} hashes to {hash} now, not to {signed} as countersigned: the history before it was rewritten",
+            kind.what()
+        )),
+    }
+}
+
+/// The alerts a request's heads call for, as (kind, detail).
+pub fn judge(
+    connection: &Connection,
+    server_id: &str,
+    heads: &HistoryHeads,
+) -> Result<Vec<(&'static str, String)>, AuthorityError> {
+    let mut alerts = Vec::new();
+    for (kind, check) in [
+        (Kind::Log, heads.log_at_countersigned.as_ref()),
+        (Kind::Audit, heads.audit_at_countersigned.as_ref()),
+    ] {
+        let countersigned = points(connection, server_id, &heads.installation, kind)?;
+        if let Some(detail) = judge_one(kind, &countersigned, check, &heads.installation) {
+            alerts.push((kind.alert(), detail));
+        }
+    }
+    Ok(alerts)
+}
+
+/// Records the heads a request reported as countersigned; returns what the response signs.
+pub fn countersign(
+    connection: &Connection,
+    server_id: &str,
+    heads: &HistoryHeads,
+    now_ms: i64,
+) -> Result<Countersigned, AuthorityError> {
+    let mut insert = connection.prepare_cached(
+        "INSERT OR REPLACE INTO history_points (server_id, installation, kind, at, hash, countersigned_at_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    for (kind, point) in [(Kind::Log, &heads.log), (Kind::Audit, &heads.audit)] {
+        if let Some(ChainPoint { at, hash }) = point {
+            insert.execute(params![
+                server_id,
+                heads.installation,
+                kind.name(),
+                i64::try_from(*at).unwrap_or(i64::MAX),
+                hash,
+                now_ms
+            ])?;
+        }
+    }
+    Ok(Countersigned {
+        installation: heads.installation.clone(),
+        log: heads.log.clone(),
+        audit: heads.audit.clone(),
+    })
+}
+
+/// Forgets a server's countersigned points (the vendor's reset, a new binding).
+pub fn clear(connection: &Connection, server_id: &str) -> Result<usize, AuthorityError> {
+    Ok(connection.execute(
+        "DELETE FROM history_points WHERE server_id = ?1",
+        params![server_id],
+    )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(at: u64, hash: Option<&str>) -> PointCheck {
+        PointCheck {
+            at,
+            hash: hash.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_recomputed_point_must_match_what_was_countersigned() {
+        let signed = vec![(4, "aa".to_string()), (9, "bb".to_string())];
+        // Nothing countersigned yet: nothing to check.
+        assert_eq!(judge_one(Kind::Audit, &[], None, "h"), None);
+        // The last point, or an earlier one (a retry after a lost answer), unchanged.
+        assert_eq!(
+            judge_one(Kind::Audit, &signed, Some(&check(9, Some("bb"))), "h"),
+            None
+        );
+        assert_eq!(
+            judge_one(Kind::Audit, &signed, Some(&check(4, Some("aa"))), "h"),
+            None
+        );
+        // Rewritten, deleted, never countersigned, forgotten.
+        let rewritten = judge_one(Kind::Audit, &signed, Some(&check(9, Some("cc"))), "h").unwrap();
+        assert!(
+            rewritten.contains("audit record 9 hashes to cc now, not to bb"),
+            "{rewritten}"
+        );
+        let deleted = judge_one(Kind::Audit, &signed, Some(&check(9, None)), "h").unwrap();
+        assert!(deleted.contains("audit records were deleted"), "{deleted}");
+        let unknown = judge_one(Kind::Audit, &signed, Some(&check(7, Some("aa"))), "h").unwrap();
+        assert!(unknown.contains("never countersigned"), "{unknown}");
+        let forgotten = judge_one(Kind::Audit, &signed, None, "h").unwrap();
+        assert!(
+            forgotten.contains("record of the sync was removed"),
+            "{forgotten}"
+        );
+        // A log entry purged into a snapshot cannot be checked; an edited one is named.
+        assert_eq!(
+            judge_one(Kind::Log, &signed, Some(&check(9, None)), "h"),
+            None
+        );
+        let log = judge_one(Kind::Log, &signed, Some(&check(9, Some("cc"))), "h").unwrap();
+        assert!(log.contains("Raft log entry 9"), "{log}");
+    }
+}
