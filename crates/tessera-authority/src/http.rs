@@ -21,8 +21,8 @@ use crate::error::AuthorityError;
 use crate::ids::{constant_time_eq, normalize_server_id};
 use crate::registry;
 use crate::wire::{
-    AlertInfo, CustomerInfo, Health, IssueKey, KeyInfo, NewCustomer, NewServer, RenewKey,
-    ServerInfo,
+    AlertInfo, CustomerInfo, CustomerSettings, Health, IssueKey, KeyInfo, NewCustomer, NewServer,
+    RenewKey, ServerInfo,
 };
 
 /// Largest request body accepted. The biggest legitimate body is a sync request listing the
@@ -72,6 +72,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/healthz", get(healthz))
         .route("/v1/vendor.pub", get(vendor_pub))
         .route("/v1/customers", post(add_customer).get(list_customers))
+        .route("/v1/customers/{name}/settings", post(set_customer))
         .route("/v1/servers", post(add_server).get(list_servers))
         .route("/v1/servers/{server_id}", get(get_server))
         .route("/v1/servers/{server_id}/reset", post(reset_server))
@@ -188,9 +189,24 @@ async fn add_customer(
     Body(request): Body<NewCustomer>,
 ) -> Result<(StatusCode, Json<CustomerInfo>), AuthorityError> {
     let customer = state
-        .run(move |db, _, now_ms| registry::add_customer(db, &request.name, now_ms))
+        .run(move |db, _, now_ms| {
+            registry::add_customer(db, &request.name, request.online_certificate_days, now_ms)
+        })
         .await?;
     Ok((StatusCode::CREATED, Json(customer)))
+}
+
+async fn set_customer(
+    State(state): State<SharedState>,
+    _admin: Admin,
+    Path(name): Path<String>,
+    Body(request): Body<CustomerSettings>,
+) -> Result<Json<CustomerInfo>, AuthorityError> {
+    Ok(Json(
+        state
+            .run(move |db, _, _| registry::set_customer(db, &name, request.online_certificate_days))
+            .await?,
+    ))
 }
 
 async fn list_customers(

@@ -24,6 +24,7 @@ pub mod error;
 pub mod history;
 pub mod http;
 pub mod ids;
+pub mod links;
 pub mod registry;
 pub mod service;
 pub mod store;

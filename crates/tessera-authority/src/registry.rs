@@ -4,7 +4,7 @@
 //! from the clock. Operations that read then write run in an immediate transaction, so two
 //! concurrent admin calls cannot both pass a check that only one of them should.
 
-use rusqlite::{Connection, ErrorCode, TransactionBehavior, params};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 use tessera_core::key::{COMPONENTS_PER_KEY_MAX, LICENSES_PER_KEY_MAX, NAME_LENGTH_MAX, is_name};
 use tessera_core::{LicenseKey, LicenseKeyPayload, PublicKey, SecretKey};
 
@@ -94,20 +94,79 @@ pub fn renewal_window_ms(renewed_valid_until_ms: i64, now_ms: i64, valid_days: u
 
 // ---- customers ------------------------------------------------------------------------------
 
+/// How long a certificate from an online sync lasts when the vendor chose nothing for the
+/// customer.
+pub const ONLINE_CERTIFICATE_DAYS_DEFAULT: i64 = 30;
+
+fn check_certificate_days(days: Option<i64>) -> Result<(), AuthorityError> {
+    match days {
+        Some(days) if !(1..=tessera_core::sync::CERTIFICATE_VALIDITY_DAYS).contains(&days) => {
+            Err(AuthorityError::invalid(format!(
+                "online_certificate_days must be between 1 and {}, not {days}",
+                tessera_core::sync::CERTIFICATE_VALIDITY_DAYS
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The days an online sync certifies a server of `customer` for.
+pub fn online_certificate_days(
+    connection: &Connection,
+    customer: &str,
+) -> Result<i64, AuthorityError> {
+    let days: Option<i64> = connection
+        .query_row(
+            "SELECT online_certificate_days FROM customers WHERE name = ?1",
+            params![customer],
+            |row| row.get(0),
+        )
+        .optional()?
+        .flatten();
+    Ok(days.unwrap_or(ONLINE_CERTIFICATE_DAYS_DEFAULT))
+}
+
+/// Sets (or, with `None`, resets to the default) how long an online sync certifies the
+/// customer's servers; applies from their next sync.
+pub fn set_customer(
+    connection: &Connection,
+    name: &str,
+    online_certificate_days: Option<i64>,
+) -> Result<CustomerInfo, AuthorityError> {
+    check_certificate_days(online_certificate_days)?;
+    let changed = connection.execute(
+        "UPDATE customers SET online_certificate_days = ?2 WHERE name = ?1",
+        params![name, online_certificate_days],
+    )?;
+    if changed == 0 {
+        return Err(AuthorityError::invalid(format!(
+            "no customer named {name:?}"
+        )));
+    }
+    list_customers(connection)?
+        .into_iter()
+        .find(|customer| customer.name == name)
+        .ok_or_else(|| AuthorityError::invalid(format!("no customer named {name:?}")))
+}
+
 pub fn add_customer(
     connection: &Connection,
     name: &str,
+    online_certificate_days: Option<i64>,
     now_ms: i64,
 ) -> Result<CustomerInfo, AuthorityError> {
     check_customer_name(name)?;
+    check_certificate_days(online_certificate_days)?;
     match connection.execute(
-        "INSERT INTO customers (name, created_at_ms) VALUES (?1, ?2)",
-        params![name, now_ms],
+        "INSERT INTO customers (name, created_at_ms, online_certificate_days) VALUES (?1, ?2, ?3)",
+        params![name, now_ms, online_certificate_days],
     ) {
         Ok(_) => Ok(CustomerInfo {
             name: name.to_string(),
             created_at: timestamp(now_ms)?,
             servers: 0,
+            online_certificate_days: online_certificate_days
+                .unwrap_or(ONLINE_CERTIFICATE_DAYS_DEFAULT),
         }),
         Err(error) if is_constraint(&error) => Err(AuthorityError::CustomerExists {
             name: name.to_string(),
@@ -119,7 +178,8 @@ pub fn add_customer(
 pub fn list_customers(connection: &Connection) -> Result<Vec<CustomerInfo>, AuthorityError> {
     let mut statement = connection.prepare(
         "SELECT c.name, c.created_at_ms, \
-                (SELECT count(*) FROM servers s WHERE s.customer = c.name) \
+                (SELECT count(*) FROM servers s WHERE s.customer = c.name), \
+                c.online_certificate_days \
          FROM customers c ORDER BY c.name",
     )?;
     let rows = statement.query_map([], |row| {
@@ -127,14 +187,16 @@ pub fn list_customers(connection: &Connection) -> Result<Vec<CustomerInfo>, Auth
             row.get::<_, String>(0)?,
             row.get::<_, i64>(1)?,
             row.get::<_, i64>(2)?,
+            row.get::<_, Option<i64>>(3)?,
         ))
     })?;
     rows.map(|row| {
-        let (name, created_at_ms, servers) = row?;
+        let (name, created_at_ms, servers, days) = row?;
         Ok(CustomerInfo {
             name,
             created_at: timestamp(created_at_ms)?,
             servers: u64::try_from(servers).unwrap_or(0),
+            online_certificate_days: days.unwrap_or(ONLINE_CERTIFICATE_DAYS_DEFAULT),
         })
     })
     .collect()
@@ -170,8 +232,11 @@ pub fn server_info(row: &ServerRow) -> Result<ServerInfo, AuthorityError> {
         last_sync_at: optional(row.last_sync_at_ms)?,
         last_sequence: row.last_sequence,
         certificate_valid_until: optional(
-            row.last_sync_at_ms
-                .map(|ms| ms + tessera_core::sync::CERTIFICATE_VALIDITY_DAYS * DAY_MS),
+            row.certificate_valid_until_ms.or(
+                // Synced before migration 4: every certificate ran 366 days then.
+                row.last_sync_at_ms
+                    .map(|ms| ms + tessera_core::sync::CERTIFICATE_VALIDITY_DAYS * DAY_MS),
+            ),
         )?,
     })
 }
@@ -189,7 +254,7 @@ pub fn add_server(
                 name: customer.to_string(),
             });
         }
-        add_customer(&transaction, customer, now_ms)?;
+        add_customer(&transaction, customer, None, now_ms)?;
     }
     for _ in 0..ID_ATTEMPTS_MAX {
         let server_id = random_server_id()
@@ -550,7 +615,7 @@ mod tests {
         assert_eq!(server.public_key, None);
         assert_eq!(list_customers(&db).unwrap()[0].servers, 1);
         assert_eq!(
-            add_customer(&db, "acme", NOW_MS).unwrap_err().code(),
+            add_customer(&db, "acme", None, NOW_MS).unwrap_err().code(),
             "customer_exists"
         );
     }

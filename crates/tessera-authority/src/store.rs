@@ -18,6 +18,11 @@ pub const MIGRATIONS: &[(u32, &str)] = &[
     (1, include_str!("../migrations/0001_initial.sql")),
     (2, include_str!("../migrations/0002_sync_chain.sql")),
     (3, include_str!("../migrations/0003_history_points.sql")),
+    (
+        4,
+        include_str!("../migrations/0004_online_certificates.sql"),
+    ),
+    (5, include_str!("../migrations/0005_link_runs.sql")),
 ];
 
 /// How long a writer waits for another connection's lock (e.g. a backup) before failing.
@@ -105,10 +110,12 @@ pub struct ServerRow {
     pub bound_at_ms: Option<i64>,
     pub last_sequence: u64,
     pub last_sync_at_ms: Option<i64>,
+    /// The end of the certificate the last sync gave (NULL before migration 4: see
+    /// `registry::server_info`).
+    pub certificate_valid_until_ms: Option<i64>,
 }
 
-pub const SERVER_COLUMNS: &str =
-    "server_id, customer, created_at_ms, public_key, bound_at_ms, last_sequence, last_sync_at_ms";
+pub const SERVER_COLUMNS: &str = "server_id, customer, created_at_ms, public_key, bound_at_ms, last_sequence, last_sync_at_ms, certificate_valid_until_ms";
 
 impl ServerRow {
     pub fn from_row(row: &Row<'_>) -> rusqlite::Result<ServerRow> {
@@ -121,6 +128,7 @@ impl ServerRow {
             // Stored as a signed integer; the sync path never writes a negative one.
             last_sequence: u64::try_from(row.get::<_, i64>(5)?).unwrap_or(0),
             last_sync_at_ms: row.get(6)?,
+            certificate_valid_until_ms: row.get(7)?,
         })
     }
 }

@@ -29,6 +29,8 @@ use tessera_core::{PublicKey, SecretKey};
 use crate::chain::{self, Claim, FaultKind, Step};
 use crate::error::AuthorityError;
 use crate::history;
+use crate::links;
+use crate::registry;
 use crate::store::{self, DAY_MS, ServerRow, timestamp};
 
 /// What accepting a request does to the server ID's binding.
@@ -237,6 +239,16 @@ pub fn answer(
     .map(|row| row.key_id)
     .collect();
 
+    // Grants signed outside a donor's ledger: an alert, not a refusal (src/links.rs).
+    links::record(&transaction, &server.server_id, &asked.links, now_ms)?;
+    for detail in links::judge(&transaction, &asked.links, now_ms)? {
+        tracing::warn!(
+            server_id = asked.server_id,
+            code = links::GRANT_FORGED,
+            detail,
+            "grant forged"
+        );
+    }
     // History rewritten since the last sync is an alert, not a refusal (src/history.rs).
     let countersigned = match &asked.history {
         Some(heads) => {
@@ -267,13 +279,21 @@ pub fn answer(
     };
 
     let now = timestamp(now_ms)?;
+    // A file may wait weeks for its answer to be carried back: 366 days, the reference's
+    // rule. A server that syncs online does so daily: a short certificate, so a clone or a
+    // copy cut off from the vendor stops soon (docs/security.md).
+    let certificate_days = match channel {
+        Channel::Online => registry::online_certificate_days(&transaction, &server.customer)?,
+        Channel::File => CERTIFICATE_VALIDITY_DAYS,
+    };
+    let valid_until_ms = now_ms + certificate_days * DAY_MS;
     let certificate = ServerCertificate::sign(
         CertificatePayload {
             server_id: server.server_id.clone(),
             customer: server.customer.clone(),
             public_key: offered.to_base64(),
             issued_at: now,
-            valid_until: timestamp(now_ms + CERTIFICATE_VALIDITY_DAYS * DAY_MS)?,
+            valid_until: timestamp(valid_until_ms)?,
         },
         vendor,
     );
@@ -295,12 +315,13 @@ pub fn answer(
     match binding {
         Binding::Bind => transaction.execute(
             "UPDATE servers SET public_key = ?2, bound_at_ms = ?3, last_sequence = ?4, \
-                                last_sync_at_ms = ?3 WHERE server_id = ?1",
-            params![server.server_id, offered.to_base64(), now_ms, sequence],
+                                last_sync_at_ms = ?3, certificate_valid_until_ms = ?5 WHERE server_id = ?1",
+            params![server.server_id, offered.to_base64(), now_ms, sequence, valid_until_ms],
         )?,
         Binding::Keep => transaction.execute(
-            "UPDATE servers SET last_sequence = ?2, last_sync_at_ms = ?3 WHERE server_id = ?1",
-            params![server.server_id, sequence, now_ms],
+            "UPDATE servers SET last_sequence = ?2, last_sync_at_ms = ?3, \
+                                certificate_valid_until_ms = ?4 WHERE server_id = ?1",
+            params![server.server_id, sequence, now_ms, valid_until_ms],
         )?,
     };
     chain::record(
@@ -347,6 +368,7 @@ mod tests {
             bound_at_ms: public_key.map(|_| 0),
             last_sequence,
             last_sync_at_ms: None,
+            certificate_valid_until_ms: None,
         }
     }
 

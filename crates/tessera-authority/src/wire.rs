@@ -33,6 +33,18 @@ pub struct Health {
 #[serde(deny_unknown_fields)]
 pub struct NewCustomer {
     pub name: String,
+    /// How long a certificate from an online sync lasts for this customer's servers, 1 to
+    /// 366 days (default 30). Syncs by file always certify for 366 days.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub online_certificate_days: Option<i64>,
+}
+
+/// `POST /v1/customers/{name}/settings`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomerSettings {
+    /// As in [`NewCustomer`]; `null` resets to the default (30).
+    pub online_certificate_days: Option<i64>,
 }
 
 /// An element of `GET /v1/customers`; also the answer to `POST /v1/customers`.
@@ -42,6 +54,9 @@ pub struct CustomerInfo {
     pub created_at: Timestamp,
     /// License server IDs registered for this customer.
     pub servers: u64,
+    /// How long a certificate from an online sync lasts for this customer's servers.
+    #[serde(default)]
+    pub online_certificate_days: i64,
 }
 
 /// `POST /v1/servers`.

@@ -201,6 +201,7 @@ fn request(identity: &SecretKey, server_id: &str, sequence: u64, held: &[&str]) 
             pending_since: None,
             installation: None,
             history: None,
+            links: Vec::new(),
         },
         identity,
     )
@@ -214,8 +215,10 @@ fn ids(keys: &[LicenseKey]) -> Vec<&str> {
     keys.iter().map(LicenseKey::key_id).collect()
 }
 
+/// A sync's certificate: 30 days online by default (the vendor's choice per customer, 1 to
+/// 366), 366 days by file (the reference's rule for air-gapped servers).
 #[tokio::test]
-async fn first_sync_binds_the_key_pair_and_certifies_it_for_366_days() {
+async fn first_sync_binds_the_key_pair_and_certifies_it_30_days_online_and_366_by_file() {
     let h = Harness::new().await;
     let server_id = h.add_server("Acme Corp").await;
     let key = h.issue(&server_id, 30).await;
@@ -236,16 +239,46 @@ async fn first_sync_binds_the_key_pair_and_certifies_it_for_366_days() {
     assert_eq!(certificate.issued_at.as_millisecond(), START_MS);
     assert_eq!(
         certificate.valid_until.as_millisecond(),
-        START_MS + 366 * DAY_MS
+        START_MS + 30 * DAY_MS
     );
 
     let row = h.server_row(&server_id).await;
     assert_eq!(row["key_fingerprint"], ours.public_key().fingerprint());
     assert_eq!(row["last_sequence"], 1);
     assert_eq!(row["bound_at"], row["last_sync_at"]);
+    assert_eq!(
+        row["certificate_valid_until"],
+        jiff::Timestamp::from_millisecond(START_MS + 30 * DAY_MS)
+            .unwrap()
+            .to_string()
+    );
 
-    // A later sync extends the certificate from the time of that sync.
-    h.clock.advance_days(100);
+    // The vendor gives this customer 90 days: a later online sync certifies from its time.
+    let (status, body) = h
+        .admin_post(
+            "/v1/customers/Acme%20Corp/settings",
+            json!({"online_certificate_days": 90}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["online_certificate_days"], 90);
+    for days in [0, 367] {
+        let (status, body) = h
+            .admin_post(
+                "/v1/customers/Acme%20Corp/settings",
+                json!({"online_certificate_days": days}),
+            )
+            .await;
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("between 1 and 366"),
+            "{body}"
+        );
+    }
+    h.clock.advance_days(10);
     let later = h.sync(&request(&ours, &server_id, 2, &[])).await.unwrap();
     assert_eq!(
         later
@@ -254,7 +287,30 @@ async fn first_sync_binds_the_key_pair_and_certifies_it_for_366_days() {
             .payload
             .valid_until
             .as_millisecond(),
-        START_MS + 466 * DAY_MS
+        START_MS + 100 * DAY_MS
+    );
+
+    // By file: 366 days, whatever the customer's online setting.
+    h.clock.advance_days(10);
+    let file = serde_json::to_value(request(&ours, &server_id, 3, &[])).unwrap();
+    let (status, body) = h.admin_post("/v1/sync/process", file).await;
+    assert_eq!(status, 200, "{body}");
+    let by_file: SyncResponse = serde_json::from_value(body).unwrap();
+    assert_eq!(
+        by_file
+            .payload
+            .certificate
+            .payload
+            .valid_until
+            .as_millisecond(),
+        START_MS + (20 + 366) * DAY_MS
+    );
+    let row = h.server_row(&server_id).await;
+    assert_eq!(
+        row["certificate_valid_until"],
+        jiff::Timestamp::from_millisecond(START_MS + 386 * DAY_MS)
+            .unwrap()
+            .to_string()
     );
 }
 

@@ -14,8 +14,8 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tessera_authority::wire::{
-    AlertInfo, CustomerInfo, ErrorBody, IssueKey, KeyInfo, NewCustomer, NewServer, RenewKey,
-    ServerInfo,
+    AlertInfo, CustomerInfo, CustomerSettings, ErrorBody, IssueKey, KeyInfo, NewCustomer,
+    NewServer, RenewKey, ServerInfo,
 };
 use tessera_authority::{AuthorityConfig, SystemClock};
 use tessera_core::LicenseKey;
@@ -116,6 +116,19 @@ pub enum CustomerCommand {
         /// The customer's name.
         #[arg(long)]
         name: String,
+        /// How long a certificate from an online sync lasts for this customer's servers,
+        /// 1 to 366 days (default 30). A sync by file always certifies for 366 days.
+        #[arg(long)]
+        online_certificate_days: Option<i64>,
+    },
+    /// Change a customer's settings; they apply from each server's next sync.
+    Set {
+        /// The customer's name.
+        #[arg(long)]
+        name: String,
+        /// As for `customer add`; `default` resets it to 30.
+        #[arg(long)]
+        online_certificate_days: String,
     },
     /// List customers.
     List {
@@ -318,22 +331,64 @@ async fn customer(
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<()> {
     match command {
-        CustomerCommand::Add { name } => {
-            let added: CustomerInfo = remote.post("/v1/customers", &NewCustomer { name }).await?;
+        CustomerCommand::Add {
+            name,
+            online_certificate_days,
+        } => {
+            let added: CustomerInfo = remote
+                .post(
+                    "/v1/customers",
+                    &NewCustomer {
+                        name,
+                        online_certificate_days,
+                    },
+                )
+                .await?;
             writeln!(out, "{}", added.name)?;
+        }
+        CustomerCommand::Set {
+            name,
+            online_certificate_days,
+        } => {
+            let days = match online_certificate_days.as_str() {
+                "default" => None,
+                text => Some(text.parse::<i64>().map_err(|_| {
+                    anyhow::anyhow!(
+                        "--online-certificate-days {text:?}: expected a number of days or \"default\""
+                    )
+                })?),
+            };
+            let changed: CustomerInfo = remote
+                .post(
+                    &format!("/v1/customers/{}/settings", encode(&name)),
+                    &CustomerSettings {
+                        online_certificate_days: days,
+                    },
+                )
+                .await?;
+            writeln!(
+                out,
+                "{}: online syncs certify for {} days from the next sync",
+                changed.name, changed.online_certificate_days
+            )?;
         }
         CustomerCommand::List { json } => {
             let customers: Vec<CustomerInfo> = remote.get("/v1/customers").await?;
             if json {
                 return print_json(out, &customers);
             }
-            writeln!(out, "{:<32} {:>7}  CREATED", "CUSTOMER", "SERVERS")?;
+            writeln!(
+                out,
+                "{:<32} {:>7} {:>12}  CREATED",
+                "CUSTOMER", "SERVERS", "ONLINE CERT"
+            )?;
             for customer in customers {
                 writeln!(
                     out,
-                    "{:<32} {:>7}  {}",
+                    "{:<32} {:>7} {:>11}d  {}",
                     customer.name,
                     customer.servers,
+                    customer.online_certificate_days,
                     short_time(Some(customer.created_at))
                 )?;
             }

@@ -40,7 +40,7 @@ pub struct ServerArgs {
     /// The vendor authority's URL, for online sync.
     #[arg(long)]
     authority: Option<String>,
-    /// Automatic online sync: off, daily or weekly.
+    /// Automatic online sync: off, daily (the default with --authority) or weekly.
     #[arg(long)]
     sync_schedule: Option<String>,
     /// This host's number in its domain (with --hosts, or the domain section of the config).
@@ -112,7 +112,7 @@ impl ServerArgs {
             config.authority = self.authority;
         }
         if let Some(schedule) = self.sync_schedule {
-            config.sync_schedule = SyncSchedule::parse(&schedule)?;
+            config.sync_schedule = Some(SyncSchedule::parse(&schedule)?);
         }
         if self.domain_secret.is_some() {
             config.domain_secret = self.domain_secret;

@@ -768,6 +768,9 @@ fn online_and_air_gapped_servers_stay_licensed_across_a_key_renewal() {
             &online_id,
             "--authority",
             &authority.url,
+            // The test drives each sync (the default would sync at start by itself).
+            "--sync-schedule",
+            "off",
             "--trust",
             &trust,
         ],
@@ -947,6 +950,9 @@ fn online_and_air_gapped_servers_stay_licensed_across_a_key_renewal() {
             &online_id,
             "--authority",
             &authority.url,
+            // The test drives each sync (the default would sync at start by itself).
+            "--sync-schedule",
+            "off",
             "--trust",
             &trust,
         ],

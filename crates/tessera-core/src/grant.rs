@@ -142,6 +142,15 @@ pub enum GrantError {
         serial: u64,
         accepted: u64,
     },
+    #[error(
+        "the grant of key {key_id} from {donor} has serial {serial}, ahead of this server's clock ({now_ms} ms): a donor numbers its grants by its own time, so its ledger did not issue this one"
+    )]
+    SerialAhead {
+        key_id: String,
+        donor: String,
+        serial: u64,
+        now_ms: i64,
+    },
 }
 
 impl GrantError {
@@ -156,6 +165,7 @@ impl GrantError {
             GrantError::Expired { .. } => "grant_expired",
             GrantError::OtherReceiver { .. } => "grant_other_receiver",
             GrantError::Replayed { .. } => "grant_replayed",
+            GrantError::SerialAhead { .. } => "grant_serial_ahead",
         }
     }
 }

@@ -26,7 +26,7 @@ use crate::grant::{Grant, GrantError, GrantPayload, GrantSource};
 use crate::identity::PublicKey;
 use crate::key::{KeyError, LicenseKey, is_name};
 use crate::outcome::{Outcome, Refusal};
-use crate::sync::{ServerCertificate, SyncError, SyncResponse};
+use crate::sync::{LinkSide, ServerCertificate, SyncError, SyncResponse};
 
 mod lease_order;
 mod pair;
@@ -57,8 +57,16 @@ pub struct LedgerConfig {
     pub clock_skew_max_ms: i64,
 }
 
-/// Upper bound on a donation's renewal period and on usage report sizes.
+/// Upper bound on a donation's renewal period in a `Donate` command (what logs written by
+/// earlier versions may hold; servers refuse to start with a period above
+/// [`DONATION_RENEWAL_PERIOD_CAP_MS`]).
 pub const DONATION_RENEWAL_PERIOD_MS_MAX: i64 = 366 * 24 * 3600 * 1000;
+/// The longest a received grant is used after it is accepted (7 days), whatever the donor
+/// signed, and the most `[licenses] donation_renewal_period` may be. A receiver keeps a
+/// grant until it runs out, so this bounds how long a donor's recall, a donor's key removed,
+/// or a donor put back from a backup (which lends the same seats again) leaves seats counted
+/// twice (docs/security.md, T5/T7).
+pub const DONATION_RENEWAL_PERIOD_CAP_MS: i64 = 7 * 24 * 3600 * 1000;
 pub const USAGE_REPORT_COMPONENTS_MAX: usize = 1024;
 /// Most leases [`Ledger::lease_overview`] looks at: a component held by few of a million
 /// leases may list fewer holders than it has (its count is exact; `GET /v1/leases` pages).
@@ -182,6 +190,10 @@ fn next_number(previous: u64, at: i64) -> u64 {
     (previous + 1).max(u64::try_from(at).unwrap_or(0))
 }
 
+/// How far beyond this server's clock (and the clock skew allowed) a grant's serial may be.
+/// Serials are the donor's time in ms, plus one per grant issued within the same ms.
+const GRANT_SERIAL_AHEAD_MS: i64 = 60_000;
+
 /// The pool id of a grant received from `donor` for vendor key `key_id`.
 pub fn received_pool_id(key_id: &str, donor: &str) -> String {
     format!("{key_id}@{donor}")
@@ -225,6 +237,10 @@ pub struct SyncState {
     /// domain reports its own): the next request recomputes its chains there.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub countersigned: BTreeMap<String, crate::sync::Countersigned>,
+    /// The grant history of each neighbour link, as this server issued or accepted grants
+    /// (reported at every sync; docs/security.md, T10).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<crate::sync::LinkReport>,
 }
 
 /// Why syncs are blocked: the authority's refusal.
@@ -2014,6 +2030,16 @@ impl Ledger {
         self.donations
             .insert((key_id.into(), to.into()), donation.clone());
         self.issued_serials.insert(serial_key, serial);
+        let vendor_key_id = self.keys[key_id].key.payload.key_id.clone();
+        self.record_link(
+            LinkSide::Donor,
+            None,
+            to,
+            &vendor_key_id,
+            serial,
+            licenses,
+            at,
+        );
         let record = self.keys.get_mut(key_id).expect("checked");
         record.meta.neighbours.insert(to.into());
         self.recount_donated();
@@ -2120,6 +2146,16 @@ impl Ledger {
                 },
             );
             renewed.push(donation.clone());
+            let vendor_key_id = self.keys[&id.0].key.payload.key_id.clone();
+            self.record_link(
+                LinkSide::Donor,
+                None,
+                &id.1,
+                &vendor_key_id,
+                serial,
+                licenses,
+                at,
+            );
             self.recount_donated();
         }
         Outcome::DonationsRenewed {
@@ -2284,6 +2320,20 @@ impl Ledger {
             true => last.serial < accepted,
             false => last.serial <= accepted,
         };
+        // Serials are at least the donor's time in ms (`next_number`): one far ahead of this
+        // clock was not issued by the donor's ledger, and accepted it would make every real
+        // grant after it look like a replay.
+        let ahead_limit = at
+            .saturating_add(self.config.clock_skew_max_ms)
+            .saturating_add(GRANT_SERIAL_AHEAD_MS);
+        if u64::try_from(ahead_limit).is_ok_and(|limit| last.serial > limit) {
+            return rejected(GrantError::SerialAhead {
+                key_id: last.key_id.clone(),
+                donor: last.donor.clone(),
+                serial: last.serial,
+                now_ms: at,
+            });
+        }
         if replayed {
             return rejected(GrantError::Replayed {
                 key_id: last.key_id.clone(),
@@ -2292,7 +2342,10 @@ impl Ledger {
                 accepted,
             });
         }
-        let usable_until_ms = last.ends_at_ms() - self.config.clock_skew_max_ms;
+        let usable_until_ms = last
+            .ends_at_ms()
+            .min(at.saturating_add(DONATION_RENEWAL_PERIOD_CAP_MS))
+            - self.config.clock_skew_max_ms;
         if usable_until_ms <= at {
             return rejected(GrantError::Expired {
                 key_id: last.key_id.clone(),
@@ -2384,8 +2437,62 @@ impl Ledger {
             }
         }
         self.accepted_serials.insert(pool.clone(), last.serial);
+        self.record_link(
+            LinkSide::Receiver,
+            Some(&last.donor),
+            "",
+            &last.key_id,
+            last.serial,
+            last.licenses,
+            at,
+        );
         self.refresh_grant_due();
         self.grant_accepted(&pool, leases_ended)
+    }
+
+    /// Adds a grant serial to its link's history (see [`crate::sync::LinkReport`]): issued to
+    /// `to` (donor side: `donor` is `None`, this server), or accepted from `donor` (receiver
+    /// side: `to` is ignored, this server). Links silent for over 400 days are dropped.
+    #[allow(clippy::too_many_arguments)]
+    fn record_link(
+        &mut self,
+        side: LinkSide,
+        donor: Option<&str>,
+        to: &str,
+        key_id: &str,
+        serial: u64,
+        licenses: u32,
+        at: i64,
+    ) {
+        let Some(this) = self.config.server_id.clone() else {
+            return;
+        };
+        let (donor, receiver) = match side {
+            LinkSide::Donor => (this, to.to_string()),
+            LinkSide::Receiver => (donor.unwrap_or_default().to_string(), this),
+        };
+        let links = &mut self.sync.links;
+        let horizon = u64::try_from(at - 400 * 86_400_000).unwrap_or(0);
+        links.retain(|link| link.last_serial() >= horizon);
+        let index = match links.iter().position(|link| {
+            link.side == side
+                && link.donor == donor
+                && link.receiver == receiver
+                && link.key_id == key_id
+        }) {
+            Some(index) => index,
+            None => {
+                links.push(crate::sync::LinkReport {
+                    side,
+                    donor,
+                    receiver,
+                    key_id: key_id.to_string(),
+                    runs: Vec::new(),
+                });
+                links.len() - 1
+            }
+        };
+        links[index].record(serial, licenses);
     }
 
     fn grant_accepted(&self, pool: &str, leases_ended: u32) -> Outcome {

@@ -187,6 +187,81 @@ pub struct SyncRequestPayload {
     /// requests of servers older than it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history: Option<HistoryHeads>,
+    /// The grant history of every neighbour link this server donates or receives on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<LinkReport>,
+}
+
+/// Which side of a neighbour link a [`LinkReport`] comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkSide {
+    Donor,
+    Receiver,
+}
+
+impl LinkSide {
+    pub fn name(self) -> &'static str {
+        match self {
+            LinkSide::Donor => "donor",
+            LinkSide::Receiver => "receiver",
+        }
+    }
+}
+
+/// Grant serials of one license count: every serial from `first` to `last` that this side
+/// issued (donor) or accepted (receiver) gave `licenses`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkRun {
+    pub first: u64,
+    pub last: u64,
+    pub licenses: u32,
+}
+
+/// How many runs a link keeps (the oldest go first); a run ends only when the license count
+/// changes, so renewals do not add runs.
+pub const LINK_RUNS_MAX: usize = 64;
+
+/// One neighbour link's grant history as one side holds it in its ledger (docs/security.md,
+/// T10). Every sync request carries them; the vendor checks the receiver's runs against the
+/// donor's, so a grant the donor's ledger never issued (signed with the donor's key by
+/// whoever holds it) shows as a serial the donor never issued or with another count.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkReport {
+    pub side: LinkSide,
+    pub donor: String,
+    pub receiver: String,
+    /// The vendor key the grants are of.
+    pub key_id: String,
+    pub runs: Vec<LinkRun>,
+}
+
+impl LinkReport {
+    /// Adds a serial issued or accepted with `licenses`. Serials only grow on a link; one
+    /// at or below the last recorded is ignored.
+    pub fn record(&mut self, serial: u64, licenses: u32) {
+        match self.runs.last_mut() {
+            Some(run) if serial <= run.last => {}
+            Some(run) if run.licenses == licenses => run.last = serial,
+            _ => {
+                self.runs.push(LinkRun {
+                    first: serial,
+                    last: serial,
+                    licenses,
+                });
+                if self.runs.len() > LINK_RUNS_MAX {
+                    self.runs.remove(0);
+                }
+            }
+        }
+    }
+
+    /// The newest serial recorded.
+    pub fn last_serial(&self) -> u64 {
+        self.runs.last().map_or(0, |run| run.last)
+    }
 }
 
 /// A point of a hash chain: the position (the Raft log index, or the number of audit

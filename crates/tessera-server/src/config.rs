@@ -29,8 +29,8 @@ pub struct ConfigFile {
     pub body_limit_bytes: Option<usize>,
     /// The vendor authority's URL, for online synchronization.
     pub authority: Option<String>,
-    /// Automatic online synchronization: "off" (default), "daily" or "weekly". Each scheduled
-    /// sync is followed by the automatic key renewal.
+    /// Automatic online synchronization: "off", "daily" (the default with an authority URL)
+    /// or "weekly". Each scheduled sync is followed by the automatic key renewal.
     pub sync_schedule: Option<String>,
     /// Notification channels, per event kind.
     #[serde(default, rename = "notification")]
@@ -100,10 +100,12 @@ pub struct AdminUser {
     pub password_hash: String,
 }
 
-/// How often the server synchronizes with the vendor by itself.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// How often the server synchronizes with the vendor by itself, when it has an authority
+/// URL. Daily by default (see [`ServerConfig::sync_schedule`]): the vendor sees a clone, a
+/// rollback or a rewritten history within a day, and the authority's short online
+/// certificates (30 days by default) never lapse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SyncSchedule {
-    #[default]
     Off,
     Daily,
     Weekly,
@@ -154,7 +156,8 @@ pub struct ServerConfig {
     pub clock_skew_max: Duration,
     pub body_limit_bytes: usize,
     pub authority: Option<String>,
-    pub sync_schedule: SyncSchedule,
+    /// As set (`None`: not set); see [`ServerConfig::sync_schedule`].
+    pub sync_schedule: Option<SyncSchedule>,
     pub notifications: Vec<crate::events::NotificationRule>,
     pub admin_users: Vec<AdminUser>,
     /// `None`: a single host (a domain of one).
@@ -194,7 +197,7 @@ impl Default for ServerConfig {
             clock_skew_max: Duration::from_secs(30),
             body_limit_bytes: 64 * 1024,
             authority: None,
-            sync_schedule: SyncSchedule::Off,
+            sync_schedule: None,
             notifications: Vec::new(),
             admin_users: Vec::new(),
             domain: None,
@@ -213,6 +216,16 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
+    /// The automatic online sync in effect: as set, else daily with an authority URL and off
+    /// without one.
+    pub fn sync_schedule(&self) -> SyncSchedule {
+        self.sync_schedule.unwrap_or(if self.authority.is_some() {
+            SyncSchedule::Daily
+        } else {
+            SyncSchedule::Off
+        })
+    }
+
     /// How this host reaches its peers (Raft, pair, forwarded writes): `https` when it serves
     /// HTTPS itself (every host of a domain does, or none), else `http`.
     pub fn peer_scheme(&self) -> &'static str {
@@ -285,7 +298,7 @@ impl ServerConfig {
             self.authority = file.authority;
         }
         if let Some(schedule) = file.sync_schedule {
-            self.sync_schedule = SyncSchedule::parse(&schedule)?;
+            self.sync_schedule = Some(SyncSchedule::parse(&schedule)?);
         }
         if let Some(section) = file.domain {
             let host = section.host.ok_or_else(|| StartError::Config {
@@ -336,11 +349,14 @@ impl ServerConfig {
                 ),
             });
         }
-        if self.sync_schedule != SyncSchedule::Off && self.authority.is_none() {
+        if let Some(schedule) = self.sync_schedule
+            && schedule != SyncSchedule::Off
+            && self.authority.is_none()
+        {
             return Err(StartError::Config {
                 message: format!(
                     "sync_schedule = \"{}\" needs the authority's URL: set authority = \"http://...\"",
-                    self.sync_schedule.name()
+                    schedule.name()
                 ),
             });
         }

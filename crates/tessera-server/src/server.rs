@@ -267,6 +267,7 @@ pub async fn start(
         seen_pair_tags: Default::default(),
         last_clock_event_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
         next_sync_attempt_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
+        online_sync: tokio::sync::Mutex::new(()),
         config,
         consensus: consensus.clone(),
         stamper,

@@ -85,6 +85,9 @@ pub struct AppState {
     /// The scheduled sync does not run before this time (set after each attempt, so a failed
     /// attempt is retried after `SYNC_RETRY_MS`, not on every tick).
     pub next_sync_attempt_ms: std::sync::atomic::AtomicI64,
+    /// Held through an online sync: a scheduled sync and an administrator's one at the same
+    /// time would each begin a request, and only the newest is answerable.
+    pub online_sync: tokio::sync::Mutex<()>,
     /// Usage history and audit chain (`DATA/usage.sqlite3`), written in the background.
     pub history: crate::history::History,
     /// The state of the links to neighbour servers.
@@ -743,11 +746,18 @@ pub(crate) fn unexpected(outcome: Outcome) -> ApiError {
 
 impl AppState {
     /// Sends `sync_deadline_near` once per threshold (30, 7, 1 days) for the current deadline.
+    /// Only thresholds shorter than half the certificate's term count: a 30-day certificate
+    /// from an online sync is not "near its end" the day it was issued.
     fn notify_deadline(&self, now_ms: i64) {
-        let deadline_ms = self
-            .consensus
-            .read(|ledger| ledger.sync_state().deadline_ms());
-        let Some(deadline_ms) = deadline_ms else {
+        let certificate = self.consensus.read(|ledger| {
+            ledger.sync_state().certificate.as_ref().map(|c| {
+                (
+                    c.valid_until_ms(),
+                    c.valid_until_ms() - c.payload.issued_at.as_millisecond(),
+                )
+            })
+        });
+        let Some((deadline_ms, term_ms)) = certificate else {
             return;
         };
         let days_left = (deadline_ms - now_ms).div_euclid(86_400_000);
@@ -758,6 +768,7 @@ impl AppState {
         let Some(threshold) = DEADLINE_NOTICE_DAYS
             .iter()
             .copied()
+            .filter(|days| days_left < 0 || days * 2 * 86_400_000 < term_ms)
             .filter(|days| days_left <= *days && *days < notices.1)
             .min()
         else {

@@ -44,13 +44,18 @@ impl AppState {
                 other => return Err(unexpected(other)),
             };
         let server_id = self.config.server_id.clone().unwrap_or_default();
-        let keys = self.consensus.read(|ledger| {
-            ledger
-                .keys(at_ms)
-                .into_iter()
-                .filter(|view| view.key.payload.server_id.as_deref() == Some(server_id.as_str()))
-                .map(|view| view.key.payload.key_id)
-                .collect()
+        let (keys, links) = self.consensus.read(|ledger| {
+            (
+                ledger
+                    .keys(at_ms)
+                    .into_iter()
+                    .filter(|view| {
+                        view.key.payload.server_id.as_deref() == Some(server_id.as_str())
+                    })
+                    .map(|view| view.key.payload.key_id)
+                    .collect(),
+                ledger.sync_state().links.clone(),
+            )
         });
         let installation = installation(&self.config.data_dir);
         let history = self.history_heads(&installation).await?;
@@ -65,6 +70,7 @@ impl AppState {
             pending_since,
             installation: Some(installation),
             history: Some(history),
+            links,
         };
         Ok(SyncRequest::sign(payload, &self.identity))
     }
@@ -172,6 +178,9 @@ impl AppState {
                 message: "no authority URL configured: start the server with --authority URL, or sync by file (tessera sync export / import)".into(),
             });
         };
+        // One online sync at a time: each begins a request, and only the newest is
+        // answerable, so a second one started meanwhile would void the first.
+        let _one_at_a_time = self.online_sync.lock().await;
         let request = self.export_sync_request().await?;
         let url = format!("{}/v1/sync", authority.trim_end_matches('/'));
         let unreachable = |message: String| ApiError::AuthorityUnreachable {
@@ -436,7 +445,7 @@ impl AppState {
 
     /// Whether the automatic schedule calls for an online sync now.
     pub fn sync_due(&self, now_ms: i64) -> bool {
-        let Some(period_ms) = self.config.sync_schedule.period_ms() else {
+        let Some(period_ms) = self.config.sync_schedule().period_ms() else {
             return false;
         };
         if self.config.authority.is_none() || !self.consensus.is_primary() {
@@ -472,7 +481,7 @@ impl AppState {
                 .values()
                 .map(|key| key.payload.key_id.clone())
                 .collect(),
-            schedule: self.config.sync_schedule.name().to_string(),
+            schedule: self.config.sync_schedule().name().to_string(),
             authority: self.config.authority.clone(),
             blocked: sync.blocked.as_ref().map(|block| SyncBlocked {
                 code: block.code.clone(),

@@ -1194,7 +1194,7 @@ async fn start_syncing_server(
         trust: vec![dir.join("authority/vendor.pub")],
         server_id: Some(server_id.into()),
         authority: Some(authority.url()),
-        sync_schedule: tessera_server::config::SyncSchedule::Daily,
+        sync_schedule: Some(tessera_server::config::SyncSchedule::Daily),
         ..ServerConfig::default()
     };
     tessera_server::start(

@@ -7,7 +7,7 @@
 //! front of the log removes rows; the first row left keeps the `prev` it had, which is not
 //! checked against anything (what was purged is in the snapshot).
 //!
-//! [`check`] walks the rows at open: a row whose `chain` is not the hash of its contents was
+//! [`Walk`] checks the rows at open: a row whose `chain` is not the hash of its contents was
 //! edited in place; a row whose `prev` is not the chain of the row before it follows a row
 //! that was deleted, inserted or edited with its chain recomputed. Someone who recomputes the
 //! whole chain after an edit is not caught here (there is no secret on the customer's

@@ -48,6 +48,7 @@ impl Copy {
                 pending_since: Some(pending_since),
                 installation: Some(self.installation.clone()),
                 history: None,
+                links: Vec::new(),
             },
             &self.identity,
         )

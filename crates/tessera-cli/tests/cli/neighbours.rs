@@ -881,9 +881,10 @@ fn a_childs_station_crosses_its_parents_key_end_onto_the_renewal_bought_in_advan
         key: identity(root, &format!("{name}-data")),
     };
     let (hq, branch) = (node("hq"), node("branch"));
-    // Grants as long as the key, so one jump of the clocks to its end loses none of them.
-    write_config_with(root, &hq, &[(&branch, "child")], "40d");
-    write_config_with(root, &branch, &[(&hq, "parent")], "40d");
+    // Grants of the longest period (7 days): the clocks go to the key's end in jumps shorter
+    // than that, each followed by the renewal of the branch's grants.
+    write_config_with(root, &hq, &[(&branch, "child")], "7d");
+    write_config_with(root, &branch, &[(&hq, "parent")], "7d");
     let start = |node: &Node| {
         ServerProcess::spawn(
             &[
@@ -969,13 +970,49 @@ fn a_childs_station_crosses_its_parents_key_end_onto_the_renewal_bought_in_advan
                 .is_some_and(|k| k["state"] == "pending" && k["received"] == 1)
         },
     );
-    // Five minutes before the key's end a station on the branch checks out.
-    let now: jiff::Timestamp = status(&hq_url, &hq_token)["now"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    advance_both(key_end.duration_since(now).as_millis() as i64 - 300_000);
+    // Five minutes before the key's end a station on the branch checks out. The clocks get
+    // there in jumps of at most 6 days; after each, the branch's grants are renewed (its
+    // link syncs at the first tick after a jump) before the next.
+    let now_at_hq = || -> jiff::Timestamp {
+        status(&hq_url, &hq_token)["now"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let grants_until = || -> Vec<jiff::Timestamp> {
+        let listing: serde_json::Value =
+            serde_json::from_str(&at_branch(&["neighbours", "list", "--json"])).unwrap();
+        listing["neighbours"][0]["received"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["usable_until"].as_str().unwrap().parse().unwrap())
+            .collect()
+    };
+    loop {
+        let left_ms = key_end.duration_since(now_at_hq()).as_millis() as i64 - 300_000;
+        if left_ms <= 0 {
+            break;
+        }
+        let jump_ms = left_ms.min(6 * 86_400_000);
+        advance_both(jump_ms);
+        let landed = now_at_hq();
+        // Renewed: good for 5 more days, or to within a minute of the key's end.
+        let wanted_ms =
+            (5 * 86_400_000).min(key_end.duration_since(landed).as_millis() as i64 - 60_000);
+        poll_stepping(
+            "the branch's grants are renewed after a jump",
+            || {},
+            || {
+                let until = grants_until();
+                until.len() == 2
+                    && until
+                        .iter()
+                        .all(|u| u.duration_since(landed).as_millis() as i64 > wanted_ms)
+            },
+        );
+    }
     let lease: serde_json::Value = serde_json::from_str(&at_branch(&[
         "lease",
         "checkout",

@@ -427,3 +427,69 @@ fn history_rewritten_with_its_chains_recomputed_is_reported_to_the_vendor_at_the
     server.ok(&["sync"]);
     assert_eq!(kinds_for(&vendor.alerts(), &vendor.server_id).len(), 2);
 }
+
+/// Item 3 of #22: a server with an authority URL syncs daily by default, so at its start it
+/// syncs by itself; an online sync certifies it for its customer's online term (30 days
+/// unless the vendor chose otherwise: `tessera authority customer set`), and a 30-day
+/// certificate does not raise the 30-days-left warning the day it is issued.
+#[test]
+fn an_online_server_syncs_by_itself_and_is_certified_for_its_customers_online_term() {
+    let dir = tempfile::tempdir().unwrap();
+    let vendor = Vendor::start(dir.path());
+    let server = vendor.server(&dir.path().join("a"), true);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        let status = server.sync_status();
+        if status["synchronized"] == true {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no sync by itself within 20 s: {status}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(status["schedule"], "daily", "{status}");
+    let term_days = |status: &serde_json::Value| {
+        let at = |field: &str| {
+            status[field]
+                .as_str()
+                .unwrap()
+                .parse::<jiff::Timestamp>()
+                .unwrap()
+        };
+        at("deadline")
+            .duration_since(at("last_sync_at"))
+            .as_secs_f64()
+            / 86_400.0
+    };
+    assert!((term_days(&status) - 30.0).abs() < 0.01, "{status}");
+
+    vendor.ok(&[
+        "authority",
+        "customer",
+        "set",
+        "--name",
+        "acme",
+        "--online-certificate-days",
+        "90",
+    ]);
+    let listed = vendor.ok(&["authority", "customer", "list"]);
+    assert!(listed.contains("90d"), "{listed}");
+    server.ok(&["sync"]);
+    assert!((term_days(&server.sync_status()) - 90.0).abs() < 0.01);
+    let events = server.ok(&["events", "--json"]);
+    assert!(!events.contains("sync_deadline_near"), "{events}");
+    fails_with(
+        &vendor.args(&[
+            "authority",
+            "customer",
+            "set",
+            "--name",
+            "acme",
+            "--online-certificate-days",
+            "400",
+        ]),
+        "between 1 and 366",
+    );
+}

@@ -96,6 +96,9 @@ fn the_authority_and_a_server_run_over_https_with_a_private_ca() {
             &server_id,
             "--authority",
             &authority.url,
+            // The test drives each sync (the default would sync at start by itself).
+            "--sync-schedule",
+            "off",
             "--trust",
             &d("authority/vendor.pub"),
             "--tls-cert",

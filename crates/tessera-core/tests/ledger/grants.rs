@@ -788,3 +788,35 @@ fn a_key_bound_to_the_donor_needs_its_certificate_in_the_chain() {
     );
     assert_eq!(refusal(refused).code(), "donation_refused");
 }
+
+/// The cap on the renewal period (docs/security.md, T7): a donor that signs a grant for 30
+/// days (a modified donor, or one from before the cap) is used by the receiver at most 7
+/// days after it accepted it; its leases never run past that.
+#[test]
+fn a_grant_signed_for_longer_than_the_cap_is_used_seven_days_at_most() {
+    const DAY_MS: i64 = 24 * HOUR_MS;
+    let (mut parent, mut child, _) = network();
+    let outcome = parent.apply(
+        BASE_MS,
+        Command::Donate {
+            key_id: "k1".into(),
+            to: child.id.clone(),
+            receiver_public_key: child.public().to_base64(),
+            licenses: 4,
+            until_ms: BASE_MS + 40 * DAY_MS,
+            renewal_period_ms: 30 * DAY_MS,
+        },
+    );
+    assert!(matches!(outcome, Outcome::Donated { .. }), "{outcome:?}");
+    let accepted_at = BASE_MS + 1_000;
+    child.accept(accepted_at, parent.grant("k1", "child"));
+    let end = accepted_at + 7 * DAY_MS - SKEW_MS;
+    assert_eq!(child.checkouts(end - 10_000, 1), 1);
+    assert_eq!(child.ledger.leases()[0].expires_at_ms, end);
+    child.apply(end, Command::Expire);
+    assert_eq!(child.ledger.lease_count(), 0);
+    assert_eq!(
+        refusal(child.apply(end, checkout("late", "ws-late", "cad"))).code(),
+        "component_not_licensed"
+    );
+}

@@ -152,6 +152,15 @@ impl LicenseSettings {
                 *slot = value;
             }
         }
+        let cap =
+            Duration::from_millis(tessera_core::ledger::DONATION_RENEWAL_PERIOD_CAP_MS as u64);
+        if settings.donation_renewal_period > cap {
+            return Err(config_error(format!(
+                "[licenses] donation_renewal_period must be at most {}, not {}: a neighbour keeps donated licenses up to one period after they are recalled (docs/security.md)",
+                humantime::format_duration(cap),
+                humantime::format_duration(settings.donation_renewal_period)
+            )));
+        }
         Ok(settings)
     }
 }
@@ -300,6 +309,25 @@ mod tests {
             "server_id = \"hq\"\n[[neighbour]]\nid = \"branch-1\"\nurl = \"http://127.0.0.1:7410\"\npublic_key = \"{}\"\n{fields}\n",
             key()
         )
+    }
+
+    #[test]
+    fn a_donation_renewal_period_above_seven_days_is_refused_naming_the_cap() {
+        let with = |period: &str| {
+            parse(&format!(
+                "{}[licenses]\ndonation_renewal_period = \"{period}\"\n",
+                neighbour("relation = \"child\"")
+            ))
+        };
+        assert_eq!(
+            with("7d").unwrap().licenses.donation_renewal_period,
+            Duration::from_secs(7 * 86_400)
+        );
+        let error = with("8d").unwrap_err();
+        assert!(
+            error.contains("donation_renewal_period must be at most 7days, not 8days"),
+            "{error}"
+        );
     }
 
     #[test]

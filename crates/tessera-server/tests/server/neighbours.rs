@@ -1695,3 +1695,143 @@ async fn a_child_never_serves_a_donation_twice_from_the_old_and_the_renewal_pool
         "the branch serves {in_use} leases of a donation of 4 ({granted} new)"
     );
 }
+
+/// Attack T10: the customer owns the donor and signs a grant with its `server.key` that the
+/// donor's ledger never issued (serial after the real one, 6 licenses for a donation of 2).
+/// The receiver takes it (its signature is the donor's); both servers report their link
+/// histories at sync, and once the donor's history passes the forged serial the vendor sees
+/// `grant_forged` naming the receiver, the key, the serial and the count. A grant numbered
+/// far ahead of the receiver's clock (to make every real grant after it a replay) is refused
+/// at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_signed_outside_the_donors_ledger_is_reported_to_the_vendor() {
+    let vendor_dir = tempfile::tempdir().unwrap();
+    let vendor_clock = ManualClock::new(START_MS);
+    let (authority, hq) = super::authority_with_a_server_id(vendor_dir.path(), &vendor_clock).await;
+    let registered: serde_json::Value = super::vendor_post(
+        &authority,
+        "/v1/servers",
+        serde_json::json!({"customer": "acme", "create_customer": true}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let branch = registered["server_id"].as_str().unwrap().to_string();
+    let vendor_pub = vendor_dir.path().join("authority").join("vendor.pub");
+    let url = authority.url();
+    let net = Net::start_with(
+        &[(&hq, vec![child(&branch)]), (&branch, vec![parent(&hq)])],
+        |_, config| {
+            config.trust.push(vendor_pub.clone());
+            config.authority = Some(url.clone());
+        },
+    )
+    .await;
+    let pool = format!("K@{hq}");
+    let admin = net.admin(&hq);
+    admin
+        .import_key(net.key("K", 10).to_json_pretty())
+        .await
+        .unwrap();
+    let far = until(START_MS + 10 * 86_400_000);
+    admin.donate("K", &branch, 2, &far).await.unwrap();
+    assert_eq!(net.key_summary(&branch, &pool).await.unwrap().licenses, 2);
+    let alerts = || async {
+        let alerts: Vec<serde_json::Value> = tessera_tls::client_builder_exactly(None)
+            .unwrap()
+            .build()
+            .unwrap()
+            .get(format!("{}/v1/alerts", authority.url()))
+            .bearer_auth(&authority.admin_token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        alerts
+            .into_iter()
+            .filter(|a| a["kind"] == "grant_forged")
+            .collect::<Vec<_>>()
+    };
+    let sync = |id: &str| {
+        let state = net.server(id).state.clone();
+        async move { state.sync_online().await.unwrap() }
+    };
+    sync(&hq).await;
+    sync(&branch).await;
+    assert!(alerts().await.is_empty());
+
+    // Signed with hq's identity key, outside hq's ledger.
+    let forge = |serial_ahead_ms: u64, licenses: u32| {
+        net.server(&hq).state.consensus.read(|ledger| {
+            let (source, mut payload) = ledger.grant_to_sign("K", &branch).unwrap();
+            payload.serial += serial_ahead_ms;
+            payload.licenses = licenses;
+            Grant::issue(source, payload, &net.nodes[&hq].secret)
+        })
+    };
+    let push = |grant: Grant| {
+        let envelope = net.envelope(
+            &hq,
+            &branch,
+            "grants",
+            &GrantsPush {
+                grants: vec![grant],
+                returned_request: false,
+            },
+        );
+        let branch = branch.clone();
+        let net = &net;
+        async move {
+            let (status, body) = net.post(&branch, "/v1/neighbours/grants", &envelope).await;
+            assert_eq!(status, 200, "{body}");
+            serde_json::from_value::<tessera_server::neighbours::HeldAnswer>(body["body"].clone())
+                .unwrap()
+        }
+    };
+    let ahead = push(forge(2 * 86_400_000, 6)).await;
+    assert!(
+        ahead
+            .refused
+            .iter()
+            .any(|r| r.contains("grant_serial_ahead")),
+        "{:?}",
+        ahead.refused
+    );
+    let forged_serial = net
+        .server(&hq)
+        .state
+        .consensus
+        .read(|ledger| ledger.grant_to_sign("K", &branch).unwrap().1.serial + 5_000);
+    let taken = push(forge(5_000, 6)).await;
+    assert!(taken.refused.is_empty(), "{:?}", taken.refused);
+    assert_eq!(net.key_summary(&branch, &pool).await.unwrap().licenses, 6);
+    // The receiver reports it; the donor has not issued anything past it yet: not judged.
+    sync(&branch).await;
+    assert!(alerts().await.is_empty());
+    // The donor's next grant (the donation raised to 3) comes after the forged serial; its
+    // next sync reports it, and the forged serial lies in no run of the donor's.
+    net.advance(10_000);
+    vendor_clock.advance_ms(10_000);
+    admin.donate("K", &branch, 3, &far).await.unwrap();
+    // (The branch keeps counting the larger, forged grant until it lapses: at most the
+    // 7-day cap after it took it.)
+    assert_eq!(net.key_summary(&branch, &pool).await.unwrap().licenses, 6);
+    sync(&hq).await;
+    let found = alerts().await;
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["server_id"], branch.as_str());
+    let detail = found[0]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&format!("serial {forged_serial} for 6 licenses"))
+            && detail.contains(&format!("from {hq}"))
+            && detail.contains("never issued"),
+        "{detail}"
+    );
+    // Both sides sync again: the same forgery is not reported twice.
+    sync(&branch).await;
+    sync(&hq).await;
+    assert_eq!(alerts().await.len(), 1);
+}
