@@ -27,6 +27,8 @@ use crate::chain;
 use crate::error::AuthorityError;
 
 pub const GRANT_FORGED: &str = "grant_forged";
+/// A server trusts a vendor key that is not this vendor's.
+pub const VENDOR_KEY_ADDED: &str = "vendor_key_added";
 
 type Run = (u64, u64, u32);
 
@@ -198,6 +200,63 @@ pub fn judge(
                 chain::record_alert(connection, server_id, GRANT_FORGED, None, &detail, now_ms)?;
                 raised.push(detail);
             }
+        }
+    }
+    Ok(raised)
+}
+
+/// Records `vendor_key_added` (once per key and server) for every key the server trusts or
+/// added to its trust list that is not `vendor`'s own: keys signed by such a key are served
+/// by that server although the vendor never signed them (a verifying application refuses
+/// them). Returns the details of the new alerts.
+pub fn judge_trust(
+    connection: &Connection,
+    server_id: &str,
+    trust: &tessera_core::sync::TrustReport,
+    vendor: &str,
+    now_ms: i64,
+) -> Result<Vec<String>, AuthorityError> {
+    let mut foreign: Vec<(&str, Option<String>)> = Vec::new();
+    for change in &trust.changes {
+        for added in &change.added {
+            if added != vendor && !foreign.iter().any(|(f, _)| f == added) {
+                foreign.push((added, Some(change.at.to_string())));
+            }
+        }
+    }
+    for trusted in &trust.trusted {
+        if trusted != vendor && !foreign.iter().any(|(f, _)| f == trusted) {
+            foreign.push((trusted, None));
+        }
+    }
+    let mut raised = Vec::new();
+    for (fingerprint, since) in foreign {
+        let detail = format!(
+            "{server_id} trusts vendor key {fingerprint}{}, which is not this vendor's ({vendor}): it serves keys signed by it, which the vendor never issued",
+            since.map(|at| format!(" (added {at})")).unwrap_or_default()
+        );
+        let seen = connection
+            .query_row(
+                "SELECT 1 FROM alerts WHERE server_id = ?1 AND kind = ?2 AND detail LIKE ?3",
+                params![
+                    server_id,
+                    VENDOR_KEY_ADDED,
+                    format!("{server_id} trusts vendor key {fingerprint}%")
+                ],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        if !seen {
+            chain::record_alert(
+                connection,
+                server_id,
+                VENDOR_KEY_ADDED,
+                None,
+                &detail,
+                now_ms,
+            )?;
+            raised.push(detail);
         }
     }
     Ok(raised)

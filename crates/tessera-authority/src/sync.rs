@@ -249,6 +249,23 @@ pub fn answer(
             "grant forged"
         );
     }
+    if let Some(trust) = &asked.trust {
+        let vendor_fingerprint = vendor.public_key().fingerprint();
+        for detail in links::judge_trust(
+            &transaction,
+            &server.server_id,
+            trust,
+            &vendor_fingerprint,
+            now_ms,
+        )? {
+            tracing::warn!(
+                server_id = asked.server_id,
+                code = links::VENDOR_KEY_ADDED,
+                detail,
+                "foreign vendor key trusted"
+            );
+        }
+    }
     // History rewritten since the last sync is an alert, not a refusal (src/history.rs).
     let countersigned = match &asked.history {
         Some(heads) => {

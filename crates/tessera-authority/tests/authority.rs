@@ -202,6 +202,7 @@ fn request(identity: &SecretKey, server_id: &str, sequence: u64, held: &[&str]) 
             installation: None,
             history: None,
             links: Vec::new(),
+            trust: None,
         },
         identity,
     )

@@ -59,6 +59,10 @@ pub enum Command {
     /// The authority refused a sync as a clone or a rollback (`server_cloned`,
     /// `server_rolled_back`): automatic syncs stop until one succeeds.
     BlockSync { code: String, message: String },
+    /// The vendor keys the primary trusts (fingerprints), recorded when they differ from
+    /// the last recorded list: a change is kept and reported to the vendor at the next sync
+    /// (docs/security.md, the trust list).
+    RecordTrust { fingerprints: Vec<String> },
     /// Automatic key renewal: replaces keys by the renewal keys held for them, where the
     /// renewal covers the same components and at least as many licenses.
     RenewKeys,
@@ -125,6 +129,7 @@ impl Command {
             Command::BeginSync { .. } => "begin_sync",
             Command::CompleteSync { .. } => "complete_sync",
             Command::BlockSync { .. } => "block_sync",
+            Command::RecordTrust { .. } => "record_trust",
             Command::RenewKeys => "renew_keys",
             Command::AllocateKey { .. } => "allocate_key",
             Command::AllocateKeyToGroups { .. } => "allocate_key_to_groups",

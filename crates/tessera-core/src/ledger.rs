@@ -241,6 +241,14 @@ pub struct SyncState {
     /// (reported at every sync; docs/security.md, T10).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub links: Vec<crate::sync::LinkReport>,
+    /// The fingerprints of the vendor keys the primary trusts, as last recorded
+    /// (`RecordTrust`), sorted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted: Vec<String>,
+    /// The trust list's changes, oldest first (the last [`crate::sync::TRUST_CHANGES_MAX`]),
+    /// reported at every sync.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trust_changes: Vec<crate::sync::TrustChange>,
 }
 
 /// Why syncs are blocked: the authority's refusal.
@@ -821,6 +829,7 @@ impl Ledger {
             Command::BeginSync { nonce } => self.begin_sync(nonce, at),
             Command::CompleteSync { response } => self.complete_sync(response, at),
             Command::BlockSync { code, message } => self.block_sync(code, message, at),
+            Command::RecordTrust { fingerprints } => self.record_trust(fingerprints, at),
             Command::RenewKeys => self.renew_keys(at),
             Command::AllocateKey { key_id, stations } => self.allocate_key(key_id, *stations),
             Command::AllocateKeyToGroups { key_id, groups } => {
@@ -1214,6 +1223,41 @@ impl Ledger {
 
     /// The authority refused this server's sync chain: recorded, so that no host of the
     /// domain syncs on schedule again until a sync succeeds.
+    fn record_trust(&mut self, fingerprints: &[String], at: i64) -> Outcome {
+        let mut now: Vec<String> = fingerprints.to_vec();
+        now.sort();
+        now.dedup();
+        let added: Vec<String> = now
+            .iter()
+            .filter(|f| !self.sync.trusted.contains(f))
+            .cloned()
+            .collect();
+        let removed: Vec<String> = self
+            .sync
+            .trusted
+            .iter()
+            .filter(|f| !now.contains(f))
+            .cloned()
+            .collect();
+        if !added.is_empty() || !removed.is_empty() {
+            if let Ok(at) = jiff::Timestamp::from_millisecond(at) {
+                self.sync.trust_changes.push(crate::sync::TrustChange {
+                    at,
+                    added: added.clone(),
+                    removed: removed.clone(),
+                });
+            }
+            let excess = self
+                .sync
+                .trust_changes
+                .len()
+                .saturating_sub(crate::sync::TRUST_CHANGES_MAX);
+            self.sync.trust_changes.drain(..excess);
+            self.sync.trusted = now;
+        }
+        Outcome::TrustRecorded { added, removed }
+    }
+
     fn block_sync(&mut self, code: &str, message: &str, at: i64) -> Outcome {
         self.sync.blocked = Some(SyncBlock {
             code: code.to_string(),

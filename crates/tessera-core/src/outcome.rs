@@ -44,6 +44,12 @@ pub enum Outcome {
     SyncBlocked {
         code: String,
     },
+    /// The trust list recorded: what was added and removed since the last record (both
+    /// empty: unchanged).
+    TrustRecorded {
+        added: Vec<String>,
+        removed: Vec<String>,
+    },
     Synced {
         sequence: u64,
         imported: Vec<String>,

@@ -190,7 +190,32 @@ pub struct SyncRequestPayload {
     /// The grant history of every neighbour link this server donates or receives on.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub links: Vec<LinkReport>,
+    /// The vendor keys the server trusts and the changes its ledger recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust: Option<TrustReport>,
 }
+
+/// A change of the vendor keys a server trusts, as its ledger recorded it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustChange {
+    pub at: Timestamp,
+    /// Fingerprints of the keys added to the trust list, and of the keys removed.
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+/// The trust list a sync request reports: the fingerprints trusted now and the changes the
+/// ledger recorded (the last [`TRUST_CHANGES_MAX`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustReport {
+    pub trusted: Vec<String>,
+    pub changes: Vec<TrustChange>,
+}
+
+/// How many trust list changes a ledger keeps.
+pub const TRUST_CHANGES_MAX: usize = 64;
 
 /// Which side of a neighbour link a [`LinkReport`] comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]

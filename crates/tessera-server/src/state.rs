@@ -529,6 +529,7 @@ impl AppState {
         let now_ms = self.stamper.now_ms();
         self.notify_deadline(now_ms);
         self.check_alerts(now_ms);
+        self.record_trust(now_ms).await;
         let (next_expiry_ms, last_at_ms, vendor_time_ms) = self.consensus.read(|ledger| {
             (
                 ledger.next_expiry_ms(),
@@ -547,6 +548,73 @@ impl AppState {
         match self.propose_issuing(Command::Expire).await? {
             Outcome::Expired { leases_ended } => Ok(leases_ended),
             other => Err(unexpected(other)),
+        }
+    }
+
+    /// The fingerprints of the vendor keys this host trusts (its configuration), sorted.
+    pub fn trusted_fingerprints(&self) -> Vec<String> {
+        self.consensus.read(|ledger| {
+            let mut trusted: Vec<String> = ledger
+                .config()
+                .trusted_vendors
+                .iter()
+                .map(|key| key.fingerprint())
+                .collect();
+            trusted.sort();
+            trusted.dedup();
+            trusted
+        })
+    }
+
+    /// Records the trust list in the ledger when it differs from the one recorded last (the
+    /// primary's, at its first tick and after its configuration changed), with a
+    /// `trust_changed` event; the next sync reports it to the vendor (docs/security.md).
+    async fn record_trust(&self, now_ms: i64) {
+        let ours = self.trusted_fingerprints();
+        let recorded = self
+            .consensus
+            .read(|ledger| ledger.sync_state().trusted.clone());
+        if ours == recorded {
+            return;
+        }
+        let command = Command::RecordTrust { fingerprints: ours };
+        match self.propose_at(self.stamper.stamp_lenient(), command).await {
+            Ok(Outcome::TrustRecorded { added, removed })
+                if !(added.is_empty() && removed.is_empty()) =>
+            {
+                let (severity, message) = if recorded.is_empty() {
+                    (
+                        "info",
+                        format!("trust list recorded: vendor keys {}", added.join(", ")),
+                    )
+                } else {
+                    (
+                        "warning",
+                        format!(
+                            "the trust list changed: added {}, removed {}; the next sync reports it to the vendor",
+                            if added.is_empty() {
+                                "none".to_string()
+                            } else {
+                                added.join(", ")
+                            },
+                            if removed.is_empty() {
+                                "none".to_string()
+                            } else {
+                                removed.join(", ")
+                            }
+                        ),
+                    )
+                };
+                self.notifier.emit(
+                    now_ms,
+                    "trust_changed",
+                    severity,
+                    message,
+                    serde_json::json!({"added": added, "removed": removed}),
+                );
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "recording the trust list failed"),
         }
     }
 

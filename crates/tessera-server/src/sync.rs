@@ -16,7 +16,7 @@ use std::time::Duration;
 use tessera_api::{KeyUpdateReport, RenewalReport, SyncBlocked, SyncStatus, SyncSummary};
 use tessera_core::sync::{
     ChainPoint, HistoryHeads, PointCheck, SERVER_CLONED, SERVER_ROLLED_BACK, SyncRequest,
-    SyncRequestPayload, SyncResponse,
+    SyncRequestPayload, SyncResponse, TrustReport,
 };
 use tessera_core::{Command, Ledger, Outcome, Refusal, RenewalResult};
 
@@ -44,7 +44,7 @@ impl AppState {
                 other => return Err(unexpected(other)),
             };
         let server_id = self.config.server_id.clone().unwrap_or_default();
-        let (keys, links) = self.consensus.read(|ledger| {
+        let (keys, links, trust_changes) = self.consensus.read(|ledger| {
             (
                 ledger
                     .keys(at_ms)
@@ -55,8 +55,13 @@ impl AppState {
                     .map(|view| view.key.payload.key_id)
                     .collect(),
                 ledger.sync_state().links.clone(),
+                ledger.sync_state().trust_changes.clone(),
             )
         });
+        let trust = TrustReport {
+            trusted: self.trusted_fingerprints(),
+            changes: trust_changes,
+        };
         let installation = installation(&self.config.data_dir);
         let history = self.history_heads(&installation).await?;
         let payload = SyncRequestPayload {
@@ -71,6 +76,7 @@ impl AppState {
             installation: Some(installation),
             history: Some(history),
             links,
+            trust: Some(trust),
         };
         Ok(SyncRequest::sign(payload, &self.identity))
     }

@@ -1210,6 +1210,108 @@ async fn start_syncing_server(
     .unwrap()
 }
 
+/// The trust list (#22, item 1): the primary records the vendor keys it trusts in the ledger
+/// at its first tick; a key added later (the customer's own vendor key, to sign license keys
+/// of its own) raises `trust_changed`, and the next sync reports it: the vendor sees
+/// `vendor_key_added` with the key's fingerprint, once.
+#[tokio::test]
+async fn a_vendor_key_added_to_the_trust_list_is_recorded_and_reported_to_the_vendor() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let (authority, server_id) = authority_with_a_server_id(dir.path(), &clock).await;
+    let server = start_syncing_server(dir.path(), &clock, &authority, &server_id).await;
+    server.state.tick().await.unwrap();
+    let recorded = server
+        .state
+        .consensus
+        .read(|ledger| ledger.sync_state().trusted.clone());
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    server.state.sync_online().await.unwrap();
+    let alerts = || async {
+        let alerts: Vec<serde_json::Value> = tessera_tls::client_builder_exactly(None)
+            .unwrap()
+            .build()
+            .unwrap()
+            .get(format!("{}/v1/alerts", authority.url()))
+            .bearer_auth(&authority.admin_token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        alerts
+            .into_iter()
+            .filter(|a| a["kind"] == "vendor_key_added")
+            .collect::<Vec<_>>()
+    };
+    assert!(alerts().await.is_empty());
+    server.shutdown().await;
+
+    let own = SecretKey::from_seed([66; 32]);
+    std::fs::write(dir.path().join("own.pub"), own.public_key().to_file_text()).unwrap();
+    let config = ServerConfig {
+        data_dir: dir.path().join("data"),
+        listen: "127.0.0.1:0".into(),
+        trust: vec![
+            dir.path().join("authority/vendor.pub"),
+            dir.path().join("own.pub"),
+        ],
+        server_id: Some(server_id.clone()),
+        authority: Some(authority.url()),
+        ..ServerConfig::default()
+    };
+    let server = try_start(config, &clock).await.unwrap();
+    server.state.tick().await.unwrap();
+    let fingerprint = own.public_key().fingerprint();
+    let changes = server
+        .state
+        .consensus
+        .read(|ledger| ledger.sync_state().trust_changes.clone());
+    assert_eq!(
+        changes.len(),
+        2,
+        "the first record and the change: {changes:?}"
+    );
+    assert_eq!(changes[1].added, vec![fingerprint.clone()]);
+    let events = Client::new(&server.url(), Some(server.state.admin_token.clone()))
+        .events()
+        .await
+        .unwrap();
+    let changed: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "trust_changed" && e["severity"] == "warning")
+        .collect();
+    assert_eq!(changed.len(), 1, "{events:?}");
+    assert!(
+        changed[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&fingerprint),
+        "{changed:?}"
+    );
+    // Unchanged at the next tick: nothing more recorded.
+    server.state.tick().await.unwrap();
+    assert_eq!(
+        server
+            .state
+            .consensus
+            .read(|ledger| ledger.sync_state().trust_changes.len()),
+        2
+    );
+    server.state.sync_online().await.unwrap();
+    let found = alerts().await;
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["server_id"], server_id.as_str());
+    assert!(
+        found[0]["detail"].as_str().unwrap().contains(&fingerprint),
+        "{found:?}"
+    );
+    server.state.sync_online().await.unwrap();
+    assert_eq!(alerts().await.len(), 1, "reported once");
+    server.shutdown().await;
+}
+
 /// The scheduled update task against a real in-process authority, driven by the manual clock.
 #[tokio::test]
 async fn the_daily_schedule_syncs_when_due_and_retries_a_failure_after_15_minutes() {

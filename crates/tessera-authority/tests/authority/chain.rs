@@ -49,6 +49,7 @@ impl Copy {
                 installation: Some(self.installation.clone()),
                 history: None,
                 links: Vec::new(),
+                trust: None,
             },
             &self.identity,
         )
