@@ -26,6 +26,32 @@ use crate::error::AuthorityError;
 
 pub const AUDIT_REWRITTEN: &str = "audit_rewritten";
 pub const LOG_REWRITTEN: &str = "log_rewritten";
+pub const LEDGER_REWOUND: &str = "ledger_rewound";
+
+/// Compares the counters a request reports with the last report of the same server and
+/// keeps them; returns what is wrong (`leases_issued` only grows on a server, so less than
+/// the last report means its ledger forgot checkouts).
+pub fn judge_counters(
+    connection: &Connection,
+    server_id: &str,
+    counters: &tessera_core::sync::LedgerCounters,
+) -> Result<Option<String>, AuthorityError> {
+    let last: Option<i64> = connection.query_row(
+        "SELECT leases_issued FROM servers WHERE server_id = ?1",
+        params![server_id],
+        |row| row.get(0),
+    )?;
+    let now = i64::try_from(counters.leases_issued).unwrap_or(i64::MAX);
+    connection.execute(
+        "UPDATE servers SET leases_issued = ?2 WHERE server_id = ?1",
+        params![server_id, now],
+    )?;
+    Ok(last.filter(|last| now < *last).map(|last| {
+        format!(
+            "{server_id} reports {now} leases issued in all, fewer than the {last} it reported at its last sync: its ledger was rewritten to forget checkouts"
+        )
+    }))
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -165,6 +191,10 @@ pub fn countersign(
 
 /// Forgets a server's countersigned points (the vendor's reset, a new binding).
 pub fn clear(connection: &Connection, server_id: &str) -> Result<usize, AuthorityError> {
+    connection.execute(
+        "UPDATE servers SET leases_issued = NULL WHERE server_id = ?1",
+        params![server_id],
+    )?;
     Ok(connection.execute(
         "DELETE FROM history_points WHERE server_id = ?1",
         params![server_id],

@@ -23,6 +23,7 @@ pub const MIGRATIONS: &[(u32, &str)] = &[
         include_str!("../migrations/0004_online_certificates.sql"),
     ),
     (5, include_str!("../migrations/0005_link_runs.sql")),
+    (6, include_str!("../migrations/0006_counters.sql")),
 ];
 
 /// How long a writer waits for another connection's lock (e.g. a backup) before failing.

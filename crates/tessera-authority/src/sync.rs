@@ -249,6 +249,24 @@ pub fn answer(
             "grant forged"
         );
     }
+    if let Some(counters) = &asked.counters
+        && let Some(detail) = history::judge_counters(&transaction, &server.server_id, counters)?
+    {
+        chain::record_alert(
+            &transaction,
+            &server.server_id,
+            history::LEDGER_REWOUND,
+            Some(claim),
+            &detail,
+            now_ms,
+        )?;
+        tracing::warn!(
+            server_id = asked.server_id,
+            code = history::LEDGER_REWOUND,
+            detail,
+            "ledger rewound"
+        );
+    }
     if let Some(trust) = &asked.trust {
         let vendor_fingerprint = vendor.public_key().fingerprint();
         for detail in links::judge_trust(

@@ -203,6 +203,7 @@ fn request(identity: &SecretKey, server_id: &str, sequence: u64, held: &[&str]) 
             history: None,
             links: Vec::new(),
             trust: None,
+            counters: None,
         },
         identity,
     )

@@ -249,6 +249,15 @@ pub struct SyncState {
     /// reported at every sync.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trust_changes: Vec<crate::sync::TrustChange>,
+    /// Leases checked out in all (a lease renewed is counted once), reported at every sync:
+    /// it only grows, so a ledger rewritten to forget checkouts reports less than the vendor
+    /// already holds.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub leases_issued: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 /// Why syncs are blocked: the authority's refusal.
@@ -1168,6 +1177,7 @@ impl Ledger {
         let id = lease.id.clone();
         self.insert_lease(lease);
         self.tag(&id, share);
+        self.sync.leases_issued += 1;
         Outcome::LeaseGranted {
             lease: view,
             created: true,
@@ -3057,6 +3067,16 @@ impl Ledger {
     }
 
     /// Every donation to a neighbour, by key then neighbour.
+    /// The counters a sync request reports (see [`crate::sync::LedgerCounters`]).
+    pub fn counters(&self) -> crate::sync::LedgerCounters {
+        crate::sync::LedgerCounters {
+            leases_issued: self.sync.leases_issued,
+            leases_held: self.leases.len() as u64,
+            seats_donated: self.keys.values().map(|r| u64::from(r.donated)).sum(),
+            keys: self.keys.len() as u64,
+        }
+    }
+
     pub fn donations(&self) -> Vec<Donation> {
         self.donations.values().cloned().collect()
     }

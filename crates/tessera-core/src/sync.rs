@@ -193,6 +193,23 @@ pub struct SyncRequestPayload {
     /// The vendor keys the server trusts and the changes its ledger recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trust: Option<TrustReport>,
+    /// What the ledger holds and has issued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counters: Option<LedgerCounters>,
+}
+
+/// Counters of a server's ledger, reported at every sync (docs/security.md, T2).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerCounters {
+    /// Leases checked out in all, since the ledger began: it only grows.
+    pub leases_issued: u64,
+    /// Leases held now.
+    pub leases_held: u64,
+    /// Licenses donated to neighbours now.
+    pub seats_donated: u64,
+    /// License keys held (received pools included).
+    pub keys: u64,
 }
 
 /// A change of the vendor keys a server trusts, as its ledger recorded it.

@@ -529,7 +529,6 @@ impl AppState {
         let now_ms = self.stamper.now_ms();
         self.notify_deadline(now_ms);
         self.check_alerts(now_ms);
-        self.record_trust(now_ms).await;
         let (next_expiry_ms, last_at_ms, vendor_time_ms) = self.consensus.read(|ledger| {
             (
                 ledger.next_expiry_ms(),
@@ -542,13 +541,17 @@ impl AppState {
         self.stamper.observe(last_at_ms);
         self.stamper.observe_vendor(vendor_time_ms);
         let due = next_expiry_ms.is_some_and(|at| at <= now_ms);
-        if !due && now_ms.saturating_sub(last_at_ms) < TIME_BEACON_MS {
-            return Ok(0);
-        }
-        match self.propose_issuing(Command::Expire).await? {
-            Outcome::Expired { leases_ended } => Ok(leases_ended),
-            other => Err(unexpected(other)),
-        }
+        let ended = if due || now_ms.saturating_sub(last_at_ms) >= TIME_BEACON_MS {
+            match self.propose_issuing(Command::Expire).await? {
+                Outcome::Expired { leases_ended } => leases_ended,
+                other => return Err(unexpected(other)),
+            }
+        } else {
+            0
+        };
+        // After the expiry, so the leases it ends are counted there.
+        self.record_trust(now_ms).await;
+        Ok(ended)
     }
 
     /// The fingerprints of the vendor keys this host trusts (its configuration), sorted.

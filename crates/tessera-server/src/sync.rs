@@ -44,7 +44,7 @@ impl AppState {
                 other => return Err(unexpected(other)),
             };
         let server_id = self.config.server_id.clone().unwrap_or_default();
-        let (keys, links, trust_changes) = self.consensus.read(|ledger| {
+        let (keys, links, trust_changes, counters) = self.consensus.read(|ledger| {
             (
                 ledger
                     .keys(at_ms)
@@ -56,6 +56,7 @@ impl AppState {
                     .collect(),
                 ledger.sync_state().links.clone(),
                 ledger.sync_state().trust_changes.clone(),
+                ledger.counters(),
             )
         });
         let trust = TrustReport {
@@ -77,6 +78,7 @@ impl AppState {
             history: Some(history),
             links,
             trust: Some(trust),
+            counters: Some(counters),
         };
         Ok(SyncRequest::sign(payload, &self.identity))
     }

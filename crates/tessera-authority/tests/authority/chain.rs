@@ -50,6 +50,7 @@ impl Copy {
                 history: None,
                 links: Vec::new(),
                 trust: None,
+                counters: None,
             },
             &self.identity,
         )

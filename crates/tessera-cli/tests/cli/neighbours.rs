@@ -992,18 +992,21 @@ fn a_childs_station_crosses_its_parents_key_end_onto_the_renewal_bought_in_advan
     };
     loop {
         let left_ms = key_end.duration_since(now_at_hq()).as_millis() as i64 - 300_000;
-        if left_ms <= 0 {
+        if left_ms <= 86_400_000 {
+            // The grants renewed last run for days yet: straight to five minutes before.
+            advance_both(left_ms);
             break;
         }
-        let jump_ms = left_ms.min(6 * 86_400_000);
+        let jump_ms = (left_ms - 86_400_000).min(6 * 86_400_000);
         advance_both(jump_ms);
         let landed = now_at_hq();
-        // Renewed: good for 5 more days, or to within a minute of the key's end.
+        // Renewed: good for 5 more days, or to within a minute of the key's end. The clocks
+        // step a minute at a time meanwhile, so a link attempt that failed is retried.
         let wanted_ms =
             (5 * 86_400_000).min(key_end.duration_since(landed).as_millis() as i64 - 60_000);
         poll_stepping(
             "the branch's grants are renewed after a jump",
-            || {},
+            || advance_both(60_000),
             || {
                 let until = grants_until();
                 until.len() == 2

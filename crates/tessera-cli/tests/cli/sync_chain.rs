@@ -345,11 +345,13 @@ fn delete_audit_records_and_rechain(usage: &Path, like: &str) -> usize {
 }
 
 /// T12 and T2, detected at the next sync: the customer deletes lease records from the audit
-/// log and rewrites a checkout in the Raft log, each with its hash chain recomputed, so that
-/// neither the server's start nor `tessera audit verify --data` notices. The server's own
-/// `tessera audit verify` checks against the head the vendor countersigned and fails; the
-/// next sync is answered, and the vendor sees `audit_rewritten` and `log_rewritten` with the
-/// server ID. The sync after that countersigns the new heads: no new alert.
+/// log and rewrites two checkouts in the Raft log (one so that it replays to nothing, its
+/// seat free again), each with its hash chain recomputed, so that neither the server's start
+/// nor `tessera audit verify --data` notices. The server's own `tessera audit verify` checks
+/// against the head the vendor countersigned and fails; the next sync is answered, and the
+/// vendor sees `audit_rewritten`, `log_rewritten` and `ledger_rewound` (fewer leases issued
+/// than reported before) with the server ID. The sync after that countersigns the new heads:
+/// no new alert.
 #[test]
 fn history_rewritten_with_its_chains_recomputed_is_reported_to_the_vendor_at_the_next_sync() {
     let dir = tempfile::tempdir().unwrap();
@@ -400,9 +402,26 @@ fn history_rewritten_with_its_chains_recomputed_is_reported_to_the_vendor_at_the
         index,
         text.replace("\"ws-2\"", "\"ws-9\"").as_bytes(),
     );
+    // And T2 proper: ws-1's checkout made one that replays to nothing (a component the key
+    // does not cover), so its seat is free again.
+    let (index, entry): (i64, Vec<u8>) = rusqlite::Connection::open(&store)
+        .unwrap()
+        .query_row(
+            "SELECT log_index, entry FROM raft_log WHERE CAST(entry AS TEXT) LIKE '%\"ws-1\"%' ORDER BY log_index LIMIT 1",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .unwrap();
+    let text = String::from_utf8(entry).unwrap();
+    let forgotten = text.replace("\"cad\"", "\"gone\"");
+    assert_ne!(forgotten, text, "{text}");
+    super::rewrite_log_entry(&store, index, forgotten.as_bytes());
 
-    // The start notices nothing: both chains are whole.
+    // The start notices nothing: both chains are whole; ws-1's lease is forgotten.
     let server = vendor.server(&data, true);
+    let status: serde_json::Value =
+        serde_json::from_str(&server.ok(&["status", "--json"])).unwrap();
+    assert_eq!(status["leases"].as_array().unwrap().len(), 1, "{status}");
     fails_with(
         &[
             &["audit", "verify"][..],
@@ -415,7 +434,11 @@ fn history_rewritten_with_its_chains_recomputed_is_reported_to_the_vendor_at_the
     let alerts = vendor.alerts();
     let mut kinds = kinds_for(&alerts, &vendor.server_id);
     kinds.sort();
-    assert_eq!(kinds, ["audit_rewritten", "log_rewritten"], "{alerts:?}");
+    assert_eq!(
+        kinds,
+        ["audit_rewritten", "ledger_rewound", "log_rewritten"],
+        "{alerts:?}"
+    );
     let listed = vendor.ok(&["authority", "alerts"]);
     assert!(
         listed.contains("audit_rewritten")
@@ -425,7 +448,7 @@ fn history_rewritten_with_its_chains_recomputed_is_reported_to_the_vendor_at_the
     );
     // Countersigned again: the next sync raises nothing new.
     server.ok(&["sync"]);
-    assert_eq!(kinds_for(&vendor.alerts(), &vendor.server_id).len(), 2);
+    assert_eq!(kinds_for(&vendor.alerts(), &vendor.server_id).len(), 3);
 }
 
 /// Item 3 of #22: a server with an authority URL syncs daily by default, so at its start it
