@@ -7,13 +7,14 @@
 //! side); the authority keeps the latest report of each side (`link_runs`) and checks, after
 //! either side syncs, every serial the receiver reports as the start or end of a run:
 //!
-//! - within the range of serials the donor reported, it must lie in a donor run with the
-//!   same license count; otherwise the donor never issued it: **`grant_forged`**, recorded
-//!   for the receiver's server ID (or the donor's, if the receiver is not registered), once
-//!   per serial;
-//! - above the donor's newest reported serial, it may have been issued since the donor's
-//!   last sync: checked again after the donor's next one (serials are the donor's time in
-//!   ms, and a live link renews at least once a renewal period, at most 7 days);
+//! - up to the donor's last report, it must lie in a donor run with the same license count;
+//!   otherwise the donor never issued it: **`grant_forged`**, recorded for the receiver's
+//!   server ID (or the donor's, if the receiver is not registered), once per serial. "Up to
+//!   the last report" is up to the donor's newest reported serial, or up to the time the
+//!   donor stated in that request less a second, whichever is later: serials are the
+//!   donor's time in ms (`next_number`), so a grant issued after the report has a serial
+//!   above that time;
+//! - above that, it may have been issued since: checked again after the donor's next sync;
 //! - below the donor's oldest kept run: no longer checkable (each side keeps 64 runs).
 //!
 //! A serial inside a donor run with the same count may not have been issued itself, but it
@@ -32,16 +33,26 @@ pub const VENDOR_KEY_ADDED: &str = "vendor_key_added";
 
 type Run = (u64, u64, u32);
 
-/// Replaces `reporter`'s reported links with `links`.
+/// How far below a donor's stated time a serial it issued after its report may be (grants
+/// issued within one ms get serials one above the other).
+const SERIAL_MARGIN_MS: i64 = 1_000;
+
+/// Replaces `reporter`'s reported links with `links`, reported at `stated_ms` by the
+/// reporter's clock.
 pub fn record(
     connection: &Connection,
     reporter: &str,
     links: &[LinkReport],
+    stated_ms: i64,
     now_ms: i64,
 ) -> Result<(), AuthorityError> {
     connection.execute(
         "DELETE FROM link_runs WHERE reporter = ?1",
         params![reporter],
+    )?;
+    connection.execute(
+        "INSERT OR REPLACE INTO link_reporters (server_id, stated_ms) VALUES (?1, ?2)",
+        params![reporter, stated_ms],
     )?;
     let mut insert = connection.prepare_cached(
         "INSERT INTO link_runs (reporter, side, donor, receiver, key_id, first, last, licenses, reported_at_ms) \
@@ -96,15 +107,12 @@ fn runs(
     Ok(rows)
 }
 
-/// What is wrong with the receiver's runs against the donor's: (serial, licenses, why) for
-/// each serial the donor did not issue so.
-fn mismatches(donor: &[Run], receiver: &[Run]) -> Vec<(u64, u32, String)> {
-    let (Some(lowest), Some(highest)) = (
-        donor.iter().map(|r| r.0).min(),
-        donor.iter().map(|r| r.1).max(),
-    ) else {
-        return Vec::new();
-    };
+/// What is wrong with the receiver's runs against the donor's, given that the donor's
+/// report covers every serial up to `covered`: (serial, licenses, why) for each serial the
+/// donor did not issue so.
+fn mismatches(donor: &[Run], receiver: &[Run], covered: u64) -> Vec<(u64, u32, String)> {
+    let lowest = donor.iter().map(|r| r.0).min().unwrap_or(0);
+    let highest = donor.iter().map(|r| r.1).max().unwrap_or(0).max(covered);
     let mut found = Vec::new();
     for &(first, last, licenses) in receiver {
         for serial in [first, last] {
@@ -162,6 +170,18 @@ pub fn judge(
         if !checked.insert(id) {
             continue;
         }
+        // A donor that never reported link histories (an older server) is not checked.
+        let Some(stated_ms) = connection
+            .query_row(
+                "SELECT stated_ms FROM link_reporters WHERE server_id = ?1",
+                params![link.donor],
+                |row| row.get::<_, i64>(0),
+            )
+            .optional()?
+        else {
+            continue;
+        };
+        let covered = u64::try_from(stated_ms - SERIAL_MARGIN_MS).unwrap_or(0);
         let donor = runs(
             connection,
             LinkSide::Donor,
@@ -176,7 +196,7 @@ pub fn judge(
             &link.receiver,
             &link.key_id,
         )?;
-        for (serial, licenses, why) in mismatches(&donor, &receiver) {
+        for (serial, licenses, why) in mismatches(&donor, &receiver, covered) {
             let detail = format!(
                 "{} holds a grant of key {} from {} with serial {serial} for {licenses} licenses, and {why}: the grant was signed outside the donor's ledger",
                 link.receiver, link.key_id, link.donor
@@ -270,18 +290,22 @@ mod tests {
     fn a_receivers_serial_must_be_one_the_donor_issued_with_that_count() {
         let donor = vec![(100, 400, 2), (500, 900, 3)];
         // Issued: within a run, same count.
-        assert!(mismatches(&donor, &[(100, 300, 2), (600, 900, 3)]).is_empty());
+        assert!(mismatches(&donor, &[(100, 300, 2), (600, 900, 3)], 0).is_empty());
         // Above what the donor reported: not checked yet; below its oldest run: no longer.
-        assert!(mismatches(&donor, &[(950, 990, 7), (10, 20, 9)]).is_empty());
+        assert!(mismatches(&donor, &[(950, 990, 7), (10, 20, 9)], 0).is_empty());
         // Another count under an issued serial, and a serial in a gap between runs.
-        let found = mismatches(&donor, &[(200, 200, 6), (450, 450, 2)]);
+        let found = mismatches(&donor, &[(200, 200, 6), (450, 450, 2)], 0);
         assert_eq!(
             found.iter().map(|f| (f.0, f.1)).collect::<Vec<_>>(),
             vec![(200, 6), (450, 2)]
         );
         assert!(found[0].2.contains("issued 2 licenses"), "{found:?}");
         assert!(found[1].2.contains("never issued"), "{found:?}");
-        // No donor report: nothing to check.
-        assert!(mismatches(&[], &[(1, 2, 3)]).is_empty());
+        // Above the donor's newest serial but below the time it reported at: it would have
+        // been in the report.
+        assert_eq!(mismatches(&donor, &[(950, 950, 3)], 2_000).len(), 1);
+        // A donor that reported no run on this link never issued on it before its report.
+        assert_eq!(mismatches(&[], &[(1, 2, 3)], 2_000).len(), 2);
+        assert!(mismatches(&[], &[(1, 2, 3)], 0).is_empty());
     }
 }

@@ -240,7 +240,16 @@ pub fn answer(
     .collect();
 
     // Grants signed outside a donor's ledger: an alert, not a refusal (src/links.rs).
-    links::record(&transaction, &server.server_id, &asked.links, now_ms)?;
+    // Servers that send history heads report their links (even none); older ones do not.
+    if asked.history.is_some() {
+        links::record(
+            &transaction,
+            &server.server_id,
+            &asked.links,
+            asked.created_at.as_millisecond(),
+            now_ms,
+        )?;
+    }
     for detail in links::judge(&transaction, &asked.links, now_ms)? {
         tracing::warn!(
             server_id = asked.server_id,

@@ -109,6 +109,13 @@ pub fn examine(config: &ServerConfig) -> Result<Report, String> {
             remedy: RESTORE.into(),
         });
     }
+    if let Some(why) = &inspection.snapshot_break {
+        report.findings.push(Finding {
+            place: format!("{store_name}, snapshot"),
+            problem: why.clone(),
+            remedy: RESTORE.into(),
+        });
+    }
     for (index, why) in &inspection.chain_breaks {
         report.findings.push(Finding {
             place: format!("{store_name}, raft log entry {index}"),

@@ -2244,6 +2244,9 @@ async fn a_ledger_key_that_does_not_verify_stops_the_start_naming_it() {
     let text = String::from_utf8(data).unwrap();
     assert!(text.contains("\"licenses\":5,"), "{text}");
     let tampered = text.replace("\"licenses\":5,", "\"licenses\":500,");
+    let config = stored_config(dir.path());
+    let start = |config: ServerConfig| try_start(config, &clock);
+    // Edited in place: the snapshot no longer matches its digest.
     rusqlite::Connection::open(&store)
         .unwrap()
         .execute(
@@ -2251,8 +2254,15 @@ async fn a_ledger_key_that_does_not_verify_stops_the_start_naming_it() {
             [tampered.as_bytes()],
         )
         .unwrap();
-    let config = stored_config(dir.path());
-    let start = |config: ServerConfig| try_start(config, &clock);
+    let error = start(config.clone()).await.err().expect("refused to start");
+    let message = error.to_string();
+    assert!(
+        message.contains("snapshot: the snapshot does not match its digest")
+            && message.contains("raft.sqlite3"),
+        "{message}"
+    );
+    // Edited with the digest recomputed (T1 proper): the key in it does not verify.
+    rewrite_snapshot(&store, tampered.as_bytes());
     let error = start(config.clone()).await.err().expect("refused to start");
     let message = error.to_string();
     assert!(
@@ -2260,13 +2270,7 @@ async fn a_ledger_key_that_does_not_verify_stops_the_start_naming_it() {
         "{message}"
     );
     // Put back as it was, but trusting another vendor only: refused too, naming the key.
-    rusqlite::Connection::open(&store)
-        .unwrap()
-        .execute(
-            "UPDATE raft_snapshot SET data = ?1 WHERE id = 1",
-            [text.as_bytes()],
-        )
-        .unwrap();
+    rewrite_snapshot(&store, text.as_bytes());
     let other = dir.path().join("other.pub");
     std::fs::write(
         &other,
@@ -2289,6 +2293,24 @@ async fn a_ledger_key_that_does_not_verify_stops_the_start_naming_it() {
 }
 
 /// The configuration [`start_server`] uses, for tests that start by hand to see a refusal.
+/// Rewrites the stored snapshot's data as a root customer who read the source would: the
+/// data and its digest, so that only the checks of what it holds can notice.
+fn rewrite_snapshot(store: &Path, data: &[u8]) {
+    let connection = rusqlite::Connection::open(store).unwrap();
+    let meta: String = connection
+        .query_row("SELECT meta FROM raft_snapshot WHERE id = 1", [], |row| {
+            row.get(0)
+        })
+        .unwrap();
+    let digest = tessera_store::chain::snapshot_digest(&meta, data);
+    connection
+        .execute(
+            "UPDATE raft_snapshot SET data = ?1, digest = ?2 WHERE id = 1",
+            rusqlite::params![data, digest.as_slice()],
+        )
+        .unwrap();
+}
+
 /// Rewrites the Raft log entry at `index` as a root customer who read the source would: the
 /// entry, then the log's hash chain from it on recomputed, so that only the checks of what
 /// the entry carries can notice.

@@ -31,6 +31,17 @@ pub fn link(prev: &Hash, index: u64, entry: &[u8]) -> Hash {
     hasher.finalize().into()
 }
 
+/// The digest stored with the snapshot: SHA-256 of a context, the meta (JSON) and the data.
+/// Checked at every open (see `writer::load`): a snapshot edited on disk stops the start.
+pub fn snapshot_digest(meta: &str, data: &[u8]) -> Hash {
+    let mut hasher = Sha256::new();
+    hasher.update(b"tessera-snapshot/v1\n");
+    hasher.update(meta.as_bytes());
+    hasher.update(b"\n");
+    hasher.update(data);
+    hasher.finalize().into()
+}
+
 /// Why a stored row breaks the chain.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Break {

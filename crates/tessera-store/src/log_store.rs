@@ -78,6 +78,12 @@ impl LogStore {
         self.state().chain_breaks.clone()
     }
 
+    /// Why the stored snapshot did not match its digest when the store was opened, if it
+    /// did not. The server refuses to start with one.
+    pub fn snapshot_break(&self) -> Option<String> {
+        self.state().snapshot_break.clone()
+    }
+
     /// The epoch of the alone journal this host began and has not seen merged (a pair host
     /// serving alone), as last made durable by [`LogStore::set_alone_epoch`].
     pub fn alone_epoch(&self) -> Option<u64> {

@@ -13,6 +13,11 @@ const MIGRATIONS: &[(u32, &str, &str)] = &[
         "log_chain",
         include_str!("../migrations/0002_log_chain.sql"),
     ),
+    (
+        3,
+        "snapshot_digest",
+        include_str!("../migrations/0003_snapshot_digest.sql"),
+    ),
 ];
 
 /// The schema version this build writes.
@@ -35,6 +40,9 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             tx.execute_batch(sql)?;
             if version == 2 {
                 chain_existing_rows(&tx)?;
+            }
+            if version == 3 {
+                digest_existing_snapshot(&tx)?;
             }
             tx.pragma_update(None, "user_version", version)?;
             tx.commit()
@@ -64,6 +72,26 @@ fn chain_existing_rows(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
         let chain = crate::chain::link(&prev, u64::try_from(index).unwrap_or(0), &entry);
         update.execute(rusqlite::params![index, prev.as_slice(), chain.as_slice()])?;
         prev = chain;
+    }
+    Ok(())
+}
+
+/// Migration 3: the digest of the snapshot stored before it.
+fn digest_existing_snapshot(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    use rusqlite::OptionalExtension;
+    let row: Option<(String, Vec<u8>)> = tx
+        .query_row(
+            "SELECT meta, data FROM raft_snapshot WHERE id = 1",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .optional()?;
+    if let Some((meta, data)) = row {
+        let digest = crate::chain::snapshot_digest(&meta, &data);
+        tx.execute(
+            "UPDATE raft_snapshot SET digest = ?1 WHERE id = 1",
+            [digest.as_slice()],
+        )?;
     }
     Ok(())
 }

@@ -126,6 +126,8 @@ pub(crate) struct LoadedLog {
     pub entries: BTreeMap<u64, Entry>,
     /// Stored entries that break the log's hash chain, with why (see [`crate::chain`]).
     pub chain_breaks: Vec<(u64, String)>,
+    /// Why the stored snapshot does not match its digest, if it does not.
+    pub snapshot_break: Option<String>,
 }
 
 /// Counters of the writer, for metrics and for checking that group commit happens.
@@ -430,6 +432,7 @@ fn load(conn: &Connection) -> Result<Loaded, StoreError> {
         alone_epoch: decode(meta(META_ALONE_EPOCH)?)?,
         entries: BTreeMap::new(),
         chain_breaks: Vec::new(),
+        snapshot_break: snapshot_break(conn, true)?,
     };
     let mut walk = chain::Walk::default();
     let mut statement =
@@ -604,6 +607,31 @@ fn read_snapshot(conn: &Connection) -> Result<Option<StoredSnapshot>, String> {
     .map_err(|e| e.to_string())
 }
 
+/// Why the stored snapshot does not match its digest (`None`: it does, or there is none).
+/// `digested`: the schema has the digest column (a store not yet migrated has none to check).
+fn snapshot_break(conn: &Connection, digested: bool) -> Result<Option<String>, StoreError> {
+    if !digested {
+        return Ok(None);
+    }
+    let row: Option<(String, Vec<u8>, Option<Vec<u8>>)> = conn
+        .query_row(
+            "SELECT meta, data, digest FROM raft_snapshot WHERE id = 1",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+        )
+        .optional()?;
+    Ok(row.and_then(|(meta, data, digest)| match digest {
+        None => Some("the snapshot has no digest: it was put there by hand".to_string()),
+        Some(digest) if digest.as_slice() != chain::snapshot_digest(&meta, &data).as_slice() => {
+            Some(
+                "the snapshot does not match its digest: it was edited after it was written"
+                    .to_string(),
+            )
+        }
+        Some(_) => None,
+    }))
+}
+
 /// A BLOB (or TEXT) column, borrowed; `None` when NULL or of another type.
 fn blob<'r>(row: &'r rusqlite::Row<'_>, index: usize) -> rusqlite::Result<Option<&'r [u8]>> {
     use rusqlite::types::ValueRef;
@@ -707,10 +735,11 @@ fn commit<'a>(
                     .execute(params![sql_index(*index)])?;
             }
             Write::Snapshot { meta, data } => {
+                let digest = chain::snapshot_digest(meta, data);
                 tx.prepare_cached(
-                    "INSERT OR REPLACE INTO raft_snapshot (id, meta, data) VALUES (1, ?1, ?2)",
+                    "INSERT OR REPLACE INTO raft_snapshot (id, meta, data, digest) VALUES (1, ?1, ?2, ?3)",
                 )?
-                .execute(params![meta, data])?;
+                .execute(params![meta, data, digest.as_slice()])?;
             }
         }
     }
@@ -831,6 +860,8 @@ pub struct Inspection {
     /// Entries that break the log's hash chain, with why (the server does not start with
     /// one either).
     pub chain_breaks: Vec<(u64, String)>,
+    /// Why the snapshot does not match its digest, if it does not (nor with this).
+    pub snapshot_break: Option<String>,
 }
 
 /// Reads the store in the SQLite file at `path` read-only: no migration, no writer thread.
@@ -876,5 +907,6 @@ pub fn inspect(path: &Path) -> Result<Inspection, StoreError> {
         .into_iter()
         .map(|(index, why)| (index, why.to_string()))
         .collect();
+    inspection.snapshot_break = snapshot_break(&conn, version >= 3)?;
     Ok(inspection)
 }

@@ -478,3 +478,76 @@ async fn a_store_from_before_the_chain_is_chained_by_its_migration() {
     drop((log, sm));
     assert_ne!(original, stored_entry(dir.path(), 2));
 }
+
+/// A snapshot edited on disk (a lease row dropped, say) no longer matches the digest stored
+/// with it: the next open names it, and so does `inspect` (the doctor). Put back, it is
+/// whole again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_edited_on_disk_is_named_at_the_next_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (_log, mut sm) = open(dir.path());
+        apply(
+            &mut sm,
+            vec![membership(1, 1), begin_sync(1, 2, 5_000, "nonce-a")],
+        )
+        .await;
+        sm.get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+    }
+    let (log, sm) = open(dir.path());
+    assert_eq!(log.snapshot_break(), None);
+    drop((log, sm));
+    let data: Vec<u8> = rusqlite::Connection::open(db_path(dir.path()))
+        .unwrap()
+        .query_row("SELECT data FROM raft_snapshot WHERE id = 1", [], |row| {
+            row.get(0)
+        })
+        .unwrap();
+    let text = String::from_utf8(data.clone()).unwrap();
+    let edited = text.replace("nonce-a", "nonce-b");
+    assert_ne!(edited, text);
+    let put = |data: &[u8]| {
+        rusqlite::Connection::open(db_path(dir.path()))
+            .unwrap()
+            .execute("UPDATE raft_snapshot SET data = ?1 WHERE id = 1", [data])
+            .unwrap();
+    };
+    put(edited.as_bytes());
+    let (log, sm) = open(dir.path());
+    let why = log.snapshot_break().expect("named");
+    assert!(why.contains("does not match its digest"), "{why}");
+    drop((log, sm));
+    assert_eq!(
+        tessera_store::inspect(&db_path(dir.path()))
+            .unwrap()
+            .snapshot_break,
+        Some(why)
+    );
+    put(&data);
+    let (log, sm) = open(dir.path());
+    assert_eq!(log.snapshot_break(), None);
+    drop((log, sm));
+
+    // A store from before the digest (schema 2) gets it from its migration: an upgraded
+    // server starts.
+    {
+        let connection = rusqlite::Connection::open(db_path(dir.path())).unwrap();
+        connection
+            .execute("ALTER TABLE raft_snapshot DROP COLUMN digest", [])
+            .unwrap();
+        connection.pragma_update(None, "user_version", 2).unwrap();
+    }
+    assert_eq!(
+        tessera_store::inspect(&db_path(dir.path()))
+            .unwrap()
+            .snapshot_break,
+        None,
+        "nothing to check before the upgrade"
+    );
+    let (log, _sm) = open(dir.path());
+    assert_eq!(log.snapshot_break(), None);
+}

@@ -370,13 +370,19 @@ impl Consensus {
         // The log's hash chain is checked before anything is replayed: an entry edited on
         // disk stops the start, named (docs/security.md, T2).
         let breaks = log_store.chain_breaks();
-        if !breaks.is_empty() {
-            let named: Vec<String> = breaks
+        let snapshot_break = log_store.snapshot_break();
+        if !breaks.is_empty() || snapshot_break.is_some() {
+            let named: Vec<String> = snapshot_break
                 .iter()
-                .map(|(index, why)| format!("raft log entry {index}: {why}"))
+                .map(|why| format!("snapshot: {why}"))
+                .chain(
+                    breaks
+                        .iter()
+                        .map(|(index, why)| format!("raft log entry {index}: {why}")),
+                )
                 .collect();
             return Err(ConsensusError::Storage(format!(
-                "{shown}: the Raft log's hash chain is broken: {}. The data directory was edited: restore it from a backup (`tessera doctor` with the server's flags lists every finding and the way out)",
+                "{shown}: the Raft log's hash chain or its snapshot digest is broken: {}. The data directory was edited: restore it from a backup (`tessera doctor` with the server's flags lists every finding and the way out)",
                 named.join("; ")
             )));
         }
