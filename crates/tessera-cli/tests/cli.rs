@@ -532,18 +532,9 @@ fn an_edited_log_entry_stops_the_server_and_the_doctor_explains_it() {
     assert!(doctor.contains("no problem found"), "{doctor}");
 
     let store = data.join("raft.sqlite3");
-    let connection = rusqlite::Connection::open(&store).unwrap();
-    let (index, entry): (i64, Vec<u8>) = connection
-        .query_row(
-            "SELECT log_index, entry FROM raft_log WHERE CAST(entry AS TEXT) LIKE '%import_key%'",
-            [],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )
-        .unwrap();
-    let text = String::from_utf8(entry).unwrap();
+    let (index, text) = log_entry_like(&store, "%import_key%");
     let edited = text.replace("\"licenses\":2,", "\"licenses\":200,");
     assert_ne!(edited, text, "{text}");
-    drop(connection);
     let naive_edit = |entry: &str| {
         rusqlite::Connection::open(&store)
             .unwrap()
@@ -1268,35 +1259,21 @@ fn the_activity_log_has_a_line_per_checkout_checkin_and_denial_in_text_or_json()
     }
 }
 
-/// Rewrites the Raft log entry at `index` as a root customer who read the source would: the
-/// entry, then the log's hash chain from it on recomputed, so that only the checks of what
-/// the entry carries can notice.
+/// The first Raft log entry whose JSON is `LIKE` the pattern: (log index, JSON).
+fn log_entry_like(store: &Path, pattern: &str) -> (i64, String) {
+    let (index, entry): (i64, Vec<u8>) = rusqlite::Connection::open(store)
+        .unwrap()
+        .query_row(
+            "SELECT log_index, entry FROM raft_log WHERE CAST(entry AS TEXT) LIKE ?1 ORDER BY log_index LIMIT 1",
+            [pattern],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .unwrap();
+    (index, String::from_utf8(entry).unwrap())
+}
+
+/// Rewrites the Raft log entry at `index`, its hash chain recomputed (see
+/// `tessera_store::chain::tamper`).
 fn rewrite_log_entry(store: &Path, index: i64, entry: &[u8]) {
-    let connection = rusqlite::Connection::open(store).unwrap();
-    connection
-        .execute(
-            "UPDATE raft_log SET entry = ?1 WHERE log_index = ?2",
-            rusqlite::params![entry, index],
-        )
-        .unwrap();
-    let rows: Vec<(i64, Vec<u8>, Vec<u8>)> = connection
-        .prepare(
-            "SELECT log_index, entry, prev FROM raft_log WHERE log_index >= ?1 ORDER BY log_index",
-        )
-        .unwrap()
-        .query_map([index], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    let mut prev: tessera_store::chain::Hash = rows[0].2.as_slice().try_into().unwrap();
-    for (at, entry, _) in rows {
-        let chain = tessera_store::chain::link(&prev, at as u64, &entry);
-        connection
-            .execute(
-                "UPDATE raft_log SET prev = ?2, chain = ?3 WHERE log_index = ?1",
-                rusqlite::params![at, prev.as_slice(), chain.as_slice()],
-            )
-            .unwrap();
-        prev = chain;
-    }
+    tessera_store::chain::tamper::rewrite_entry(store, index, entry);
 }

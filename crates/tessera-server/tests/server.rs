@@ -1143,8 +1143,14 @@ async fn authority_with_a_server_id(
     )
     .await
     .unwrap();
+    let server_id = register_server_id(&authority).await;
+    (authority, server_id)
+}
+
+/// A new server ID the authority registers for customer acme.
+async fn register_server_id(authority: &tessera_authority::RunningAuthority) -> String {
     let server: serde_json::Value = vendor_post(
-        &authority,
+        authority,
         "/v1/servers",
         serde_json::json!({"customer": "acme", "create_customer": true}),
     )
@@ -1152,8 +1158,27 @@ async fn authority_with_a_server_id(
     .json()
     .await
     .unwrap();
-    let server_id = server["server_id"].as_str().unwrap().to_string();
-    (authority, server_id)
+    server["server_id"].as_str().unwrap().to_string()
+}
+
+/// The authority's alerts of `kind` (`GET /v1/alerts`).
+async fn vendor_alerts(
+    authority: &tessera_authority::RunningAuthority,
+    kind: &str,
+) -> Vec<serde_json::Value> {
+    let alerts: Vec<serde_json::Value> = tessera_tls::client_builder_exactly(None)
+        .unwrap()
+        .build()
+        .unwrap()
+        .get(format!("{}/v1/alerts", authority.url()))
+        .bearer_auth(&authority.admin_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    alerts.into_iter().filter(|a| a["kind"] == kind).collect()
 }
 
 /// An admin request to the authority.
@@ -1227,24 +1252,7 @@ async fn a_vendor_key_added_to_the_trust_list_is_recorded_and_reported_to_the_ve
         .read(|ledger| ledger.sync_state().trusted.clone());
     assert_eq!(recorded.len(), 1, "{recorded:?}");
     server.state.sync_online().await.unwrap();
-    let alerts = || async {
-        let alerts: Vec<serde_json::Value> = tessera_tls::client_builder_exactly(None)
-            .unwrap()
-            .build()
-            .unwrap()
-            .get(format!("{}/v1/alerts", authority.url()))
-            .bearer_auth(&authority.admin_token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        alerts
-            .into_iter()
-            .filter(|a| a["kind"] == "vendor_key_added")
-            .collect::<Vec<_>>()
-    };
+    let alerts = || vendor_alerts(&authority, "vendor_key_added");
     assert!(alerts().await.is_empty());
     server.shutdown().await;
 
@@ -2293,55 +2301,15 @@ async fn a_ledger_key_that_does_not_verify_stops_the_start_naming_it() {
 }
 
 /// The configuration [`start_server`] uses, for tests that start by hand to see a refusal.
-/// Rewrites the stored snapshot's data as a root customer who read the source would: the
-/// data and its digest, so that only the checks of what it holds can notice.
+/// Rewrites the stored snapshot's data, its digest recomputed.
 fn rewrite_snapshot(store: &Path, data: &[u8]) {
-    let connection = rusqlite::Connection::open(store).unwrap();
-    let meta: String = connection
-        .query_row("SELECT meta FROM raft_snapshot WHERE id = 1", [], |row| {
-            row.get(0)
-        })
-        .unwrap();
-    let digest = tessera_store::chain::snapshot_digest(&meta, data);
-    connection
-        .execute(
-            "UPDATE raft_snapshot SET data = ?1, digest = ?2 WHERE id = 1",
-            rusqlite::params![data, digest.as_slice()],
-        )
-        .unwrap();
+    tessera_store::chain::tamper::rewrite_snapshot(store, data);
 }
 
-/// Rewrites the Raft log entry at `index` as a root customer who read the source would: the
-/// entry, then the log's hash chain from it on recomputed, so that only the checks of what
-/// the entry carries can notice.
+/// Rewrites the Raft log entry at `index`, its hash chain recomputed (see
+/// `tessera_store::chain::tamper`).
 fn rewrite_log_entry(store: &Path, index: i64, entry: &[u8]) {
-    let connection = rusqlite::Connection::open(store).unwrap();
-    connection
-        .execute(
-            "UPDATE raft_log SET entry = ?1 WHERE log_index = ?2",
-            rusqlite::params![entry, index],
-        )
-        .unwrap();
-    let rows: Vec<(i64, Vec<u8>, Vec<u8>)> = connection
-        .prepare(
-            "SELECT log_index, entry, prev FROM raft_log WHERE log_index >= ?1 ORDER BY log_index",
-        )
-        .unwrap()
-        .query_map([index], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    let mut prev: tessera_store::chain::Hash = rows[0].2.as_slice().try_into().unwrap();
-    for (at, entry, _) in rows {
-        let chain = tessera_store::chain::link(&prev, at as u64, &entry);
-        connection
-            .execute(
-                "UPDATE raft_log SET prev = ?2, chain = ?3 WHERE log_index = ?1",
-                rusqlite::params![at, prev.as_slice(), chain.as_slice()],
-            )
-            .unwrap();
-        prev = chain;
-    }
+    tessera_store::chain::tamper::rewrite_entry(store, index, entry);
 }
 
 fn stored_config(dir: &Path) -> ServerConfig {

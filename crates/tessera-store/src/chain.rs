@@ -105,6 +105,68 @@ impl Walk {
     }
 }
 
+/// Tests of other crates only (feature `test-support`): edits made the way a root customer
+/// who read the source would make them, so that only the checks of what the data holds can
+/// notice. They panic on any error.
+#[cfg(feature = "test-support")]
+pub mod tamper {
+    use std::path::Path;
+
+    use rusqlite::{Connection, params};
+
+    use super::{Hash, link, snapshot_digest};
+
+    /// Rewrites the log entry at `index` of the store at `path`, then recomputes the hash
+    /// chain from it on.
+    pub fn rewrite_entry(path: &Path, index: i64, entry: &[u8]) {
+        let connection = Connection::open(path).expect("open the store");
+        connection
+            .execute(
+                "UPDATE raft_log SET entry = ?1 WHERE log_index = ?2",
+                params![entry, index],
+            )
+            .expect("rewrite the entry");
+        let rows: Vec<(i64, Vec<u8>, Vec<u8>)> = connection
+            .prepare(
+                "SELECT log_index, entry, prev FROM raft_log WHERE log_index >= ?1 ORDER BY log_index",
+            )
+            .and_then(|mut statement| {
+                statement
+                    .query_map([index], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+                    .collect()
+            })
+            .expect("read the entries");
+        let mut prev: Hash = rows[0].2.as_slice().try_into().expect("a chained entry");
+        for (at, entry, _) in rows {
+            let chain = link(&prev, at as u64, &entry);
+            connection
+                .execute(
+                    "UPDATE raft_log SET prev = ?2, chain = ?3 WHERE log_index = ?1",
+                    params![at, prev.as_slice(), chain.as_slice()],
+                )
+                .expect("rewrite the chain");
+            prev = chain;
+        }
+    }
+
+    /// Rewrites the stored snapshot's data, with its digest recomputed.
+    pub fn rewrite_snapshot(path: &Path, data: &[u8]) {
+        let connection = Connection::open(path).expect("open the store");
+        let meta: String = connection
+            .query_row("SELECT meta FROM raft_snapshot WHERE id = 1", [], |row| {
+                row.get(0)
+            })
+            .expect("a stored snapshot");
+        let digest = snapshot_digest(&meta, data);
+        connection
+            .execute(
+                "UPDATE raft_snapshot SET data = ?1, digest = ?2 WHERE id = 1",
+                params![data, digest.as_slice()],
+            )
+            .expect("rewrite the snapshot");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -388,15 +388,7 @@ fn history_rewritten_with_its_chains_recomputed_is_reported_to_the_vendor_at_the
     let intact = ok(&["audit", "verify", "--data", data.to_str().unwrap()]);
     assert!(intact.contains("audit chain intact"), "{intact}");
     let store = data.join("raft.sqlite3");
-    let (index, entry): (i64, Vec<u8>) = rusqlite::Connection::open(&store)
-        .unwrap()
-        .query_row(
-            "SELECT log_index, entry FROM raft_log WHERE CAST(entry AS TEXT) LIKE '%\"ws-2\"%' ORDER BY log_index LIMIT 1",
-            [],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )
-        .unwrap();
-    let text = String::from_utf8(entry).unwrap();
+    let (index, text) = super::log_entry_like(&store, "%\"ws-2\"%");
     super::rewrite_log_entry(
         &store,
         index,
@@ -404,15 +396,7 @@ fn history_rewritten_with_its_chains_recomputed_is_reported_to_the_vendor_at_the
     );
     // And T2 proper: ws-1's checkout made one that replays to nothing (a component the key
     // does not cover), so its seat is free again.
-    let (index, entry): (i64, Vec<u8>) = rusqlite::Connection::open(&store)
-        .unwrap()
-        .query_row(
-            "SELECT log_index, entry FROM raft_log WHERE CAST(entry AS TEXT) LIKE '%\"ws-1\"%' ORDER BY log_index LIMIT 1",
-            [],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )
-        .unwrap();
-    let text = String::from_utf8(entry).unwrap();
+    let (index, text) = super::log_entry_like(&store, "%\"ws-1\"%");
     let forgotten = text.replace("\"cad\"", "\"gone\"");
     assert_ne!(forgotten, text, "{text}");
     super::rewrite_log_entry(&store, index, forgotten.as_bytes());

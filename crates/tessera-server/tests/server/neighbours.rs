@@ -1708,16 +1708,7 @@ async fn a_grant_signed_outside_the_donors_ledger_is_reported_to_the_vendor() {
     let vendor_dir = tempfile::tempdir().unwrap();
     let vendor_clock = ManualClock::new(START_MS);
     let (authority, hq) = super::authority_with_a_server_id(vendor_dir.path(), &vendor_clock).await;
-    let registered: serde_json::Value = super::vendor_post(
-        &authority,
-        "/v1/servers",
-        serde_json::json!({"customer": "acme", "create_customer": true}),
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
-    let branch = registered["server_id"].as_str().unwrap().to_string();
+    let branch = super::register_server_id(&authority).await;
     let vendor_pub = vendor_dir.path().join("authority").join("vendor.pub");
     let url = authority.url();
     let net = Net::start_with(
@@ -1737,24 +1728,7 @@ async fn a_grant_signed_outside_the_donors_ledger_is_reported_to_the_vendor() {
     let far = until(START_MS + 10 * 86_400_000);
     admin.donate("K", &branch, 2, &far).await.unwrap();
     assert_eq!(net.key_summary(&branch, &pool).await.unwrap().licenses, 2);
-    let alerts = || async {
-        let alerts: Vec<serde_json::Value> = tessera_tls::client_builder_exactly(None)
-            .unwrap()
-            .build()
-            .unwrap()
-            .get(format!("{}/v1/alerts", authority.url()))
-            .bearer_auth(&authority.admin_token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        alerts
-            .into_iter()
-            .filter(|a| a["kind"] == "grant_forged")
-            .collect::<Vec<_>>()
-    };
+    let alerts = || super::vendor_alerts(&authority, "grant_forged");
     let sync = |id: &str| {
         let state = net.server(id).state.clone();
         async move { state.sync_online().await.unwrap() }
