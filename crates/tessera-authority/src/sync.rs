@@ -239,88 +239,14 @@ pub fn answer(
     .map(|row| row.key_id)
     .collect();
 
-    // Grants signed outside a donor's ledger: an alert, not a refusal (src/links.rs).
-    // Servers that send history heads report their links (even none); older ones do not.
-    if asked.history.is_some() {
-        links::record(
-            &transaction,
-            &server.server_id,
-            &asked.links,
-            asked.created_at.as_millisecond(),
-            now_ms,
-        )?;
-    }
-    for detail in links::judge(&transaction, &asked.links, now_ms)? {
-        tracing::warn!(
-            server_id = asked.server_id,
-            code = links::GRANT_FORGED,
-            detail,
-            "grant forged"
-        );
-    }
-    if let Some(counters) = &asked.counters
-        && let Some(detail) = history::judge_counters(&transaction, &server.server_id, counters)?
-    {
-        chain::record_alert(
-            &transaction,
-            &server.server_id,
-            history::LEDGER_REWOUND,
-            Some(claim),
-            &detail,
-            now_ms,
-        )?;
-        tracing::warn!(
-            server_id = asked.server_id,
-            code = history::LEDGER_REWOUND,
-            detail,
-            "ledger rewound"
-        );
-    }
-    if let Some(trust) = &asked.trust {
-        let vendor_fingerprint = vendor.public_key().fingerprint();
-        for detail in links::judge_trust(
-            &transaction,
-            &server.server_id,
-            trust,
-            &vendor_fingerprint,
-            now_ms,
-        )? {
-            tracing::warn!(
-                server_id = asked.server_id,
-                code = links::VENDOR_KEY_ADDED,
-                detail,
-                "foreign vendor key trusted"
-            );
-        }
-    }
-    // History rewritten since the last sync is an alert, not a refusal (src/history.rs).
-    let countersigned = match &asked.history {
-        Some(heads) => {
-            for (kind, detail) in history::judge(&transaction, &server.server_id, heads)? {
-                chain::record_alert(
-                    &transaction,
-                    &server.server_id,
-                    kind,
-                    Some(claim),
-                    &detail,
-                    now_ms,
-                )?;
-                tracing::warn!(
-                    server_id = asked.server_id,
-                    code = kind,
-                    detail,
-                    "history rewritten"
-                );
-            }
-            Some(history::countersign(
-                &transaction,
-                &server.server_id,
-                heads,
-                now_ms,
-            )?)
-        }
-        None => None,
-    };
+    let countersigned = judge_history(
+        &transaction,
+        &server.server_id,
+        asked,
+        claim,
+        vendor,
+        now_ms,
+    )?;
 
     let now = timestamp(now_ms)?;
     // A file may wait weeks for its answer to be carried back: 366 days, the reference's
@@ -388,6 +314,65 @@ pub fn answer(
         "sync answered"
     );
     Ok(response)
+}
+
+/// Judges what the request says about the server's own history (src/history.rs,
+/// src/links.rs): rewritten logs, rewound counters, forged grants, foreign vendor keys.
+/// Each finding is an alert, none a refusal. Returns the heads the response countersigns.
+fn judge_history(
+    transaction: &Connection,
+    server_id: &str,
+    asked: &tessera_core::sync::SyncRequestPayload,
+    claim: Claim<'_>,
+    vendor: &SecretKey,
+    now_ms: i64,
+) -> Result<Option<tessera_core::sync::Countersigned>, AuthorityError> {
+    // Found here and recorded below; the link and trust judges record their own (once each).
+    let mut found: Vec<(&'static str, String)> = Vec::new();
+    let mut raised: Vec<(&'static str, String)> = Vec::new();
+    // Servers that send history heads report their links (even none); older ones do not.
+    if asked.history.is_some() {
+        links::record(
+            transaction,
+            server_id,
+            &asked.links,
+            asked.created_at.as_millisecond(),
+            now_ms,
+        )?;
+    }
+    for detail in links::judge(transaction, &asked.links, now_ms)? {
+        raised.push((links::GRANT_FORGED, detail));
+    }
+    if let Some(counters) = &asked.counters
+        && let Some(detail) = history::judge_counters(transaction, server_id, counters)?
+    {
+        found.push((history::LEDGER_REWOUND, detail));
+    }
+    if let Some(trust) = &asked.trust {
+        let ours = vendor.public_key().fingerprint();
+        for detail in links::judge_trust(transaction, server_id, trust, &ours, now_ms)? {
+            raised.push((links::VENDOR_KEY_ADDED, detail));
+        }
+    }
+    let countersigned = match &asked.history {
+        Some(heads) => {
+            found.extend(history::judge(transaction, server_id, heads)?);
+            Some(history::countersign(transaction, server_id, heads, now_ms)?)
+        }
+        None => None,
+    };
+    for (kind, detail) in &found {
+        chain::record_alert(transaction, server_id, kind, Some(claim), detail, now_ms)?;
+    }
+    for (code, detail) in found.iter().chain(&raised) {
+        tracing::warn!(
+            server_id,
+            code,
+            detail,
+            "the server's history does not match what the vendor holds"
+        );
+    }
+    Ok(countersigned)
 }
 
 fn step_name(step: &Step) -> &'static str {
