@@ -12,14 +12,14 @@
 //! - **log**: the entry there, while it is still in the log, must still have the
 //!   countersigned hash; otherwise **`log_rewritten`**. An entry purged into a snapshot since
 //!   cannot be checked and is not an alert (snapshots are made every 50,000 commands).
-//! - A host that has countersigned points but reports none, or a point that was never
-//!   countersigned, rewrote its record of them: the same alerts.
+//! - A point that was never countersigned: the same alerts. A host that reports none is not
+//!   judged (a lost first answer leaves no point in its ledger).
 //!
 //! These alerts do not refuse the sync: the server gets its answer, and the vendor sees the
 //! alert (`tessera authority alerts`, the console) with the server ID and the host. The
 //! response countersigns the heads the request reported, which become the next points.
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use tessera_core::sync::{ChainPoint, Countersigned, HistoryHeads, PointCheck};
 
 use crate::error::AuthorityError;
@@ -28,27 +28,30 @@ pub const AUDIT_REWRITTEN: &str = "audit_rewritten";
 pub const LOG_REWRITTEN: &str = "log_rewritten";
 pub const LEDGER_REWOUND: &str = "ledger_rewound";
 
-/// Compares the counters a request reports with the last report of the same server and
-/// keeps them; returns what is wrong (`leases_issued` only grows on a server, so less than
-/// the last report means its ledger forgot checkouts).
+/// Compares the counters a request reports with the last report of the same host
+/// (`installation`) and keeps them; returns what is wrong (`leases_issued` only grows on a
+/// host, so less than its last report means its ledger forgot checkouts).
 pub fn judge_counters(
     connection: &Connection,
     server_id: &str,
+    installation: &str,
     counters: &tessera_core::sync::LedgerCounters,
 ) -> Result<Option<String>, AuthorityError> {
-    let last: Option<i64> = connection.query_row(
-        "SELECT leases_issued FROM servers WHERE server_id = ?1",
-        params![server_id],
-        |row| row.get(0),
-    )?;
+    let last: Option<i64> = connection
+        .query_row(
+            "SELECT leases_issued FROM ledger_counters WHERE server_id = ?1 AND installation = ?2",
+            params![server_id, installation],
+            |row| row.get(0),
+        )
+        .optional()?;
     let now = i64::try_from(counters.leases_issued).unwrap_or(i64::MAX);
     connection.execute(
-        "UPDATE servers SET leases_issued = ?2 WHERE server_id = ?1",
-        params![server_id, now],
+        "INSERT OR REPLACE INTO ledger_counters (server_id, installation, leases_issued) VALUES (?1, ?2, ?3)",
+        params![server_id, installation, now],
     )?;
     Ok(last.filter(|last| now < *last).map(|last| {
         format!(
-            "{server_id} reports {now} leases issued in all, fewer than the {last} it reported at its last sync: its ledger was rewritten to forget checkouts"
+            "host {installation} of {server_id} reports {now} leases issued in all, fewer than the {last} it reported at its last sync: its ledger was rewritten to forget checkouts"
         )
     }))
 }
@@ -112,13 +115,9 @@ fn judge_one(
 ) -> Option<String> {
     let last = countersigned.last()?;
     let host = format!("host {installation}");
-    let Some(check) = check else {
-        return Some(format!(
-            "{host} no longer knows the {} {} the vendor countersigned at its last sync: its record of the sync was removed",
-            kind.what(),
-            last.0
-        ));
-    };
+    // No check: this host's ledger holds no countersigned point, which is also what a lost
+    // first answer leaves (the retry is accepted as such by the sync chain). Not an alert.
+    let check = check?;
     let Some((at, signed)) = countersigned.iter().find(|(at, _)| *at == check.at) else {
         return Some(format!(
             "{host} recomputed its chain at {} {}, which the vendor never countersigned (last countersigned: {})",
@@ -192,7 +191,11 @@ pub fn countersign(
 /// Forgets a server's countersigned points (the vendor's reset, a new binding).
 pub fn clear(connection: &Connection, server_id: &str) -> Result<usize, AuthorityError> {
     connection.execute(
-        "UPDATE servers SET leases_issued = NULL WHERE server_id = ?1",
+        "DELETE FROM ledger_counters WHERE server_id = ?1",
+        params![server_id],
+    )?;
+    connection.execute(
+        "DELETE FROM link_reporters WHERE server_id = ?1",
         params![server_id],
     )?;
     Ok(connection.execute(
@@ -236,11 +239,8 @@ mod tests {
         assert!(deleted.contains("audit records were deleted"), "{deleted}");
         let unknown = judge_one(Kind::Audit, &signed, Some(&check(7, Some("aa"))), "h").unwrap();
         assert!(unknown.contains("never countersigned"), "{unknown}");
-        let forgotten = judge_one(Kind::Audit, &signed, None, "h").unwrap();
-        assert!(
-            forgotten.contains("record of the sync was removed"),
-            "{forgotten}"
-        );
+        // No point held (a lost first answer looks the same): not judged.
+        assert_eq!(judge_one(Kind::Audit, &signed, None, "h"), None);
         // A log entry purged into a snapshot cannot be checked; an edited one is named.
         assert_eq!(
             judge_one(Kind::Log, &signed, Some(&check(9, None)), "h"),

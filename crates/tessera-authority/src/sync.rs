@@ -343,8 +343,9 @@ fn judge_history(
     for detail in links::judge(transaction, &asked.links, now_ms)? {
         raised.push((links::GRANT_FORGED, detail));
     }
-    if let Some(counters) = &asked.counters
-        && let Some(detail) = history::judge_counters(transaction, server_id, counters)?
+    if let (Some(counters), Some(installation)) = (&asked.counters, &asked.installation)
+        && let Some(detail) =
+            history::judge_counters(transaction, server_id, installation, counters)?
     {
         found.push((history::LEDGER_REWOUND, detail));
     }

@@ -1788,8 +1788,8 @@ async fn a_grant_signed_outside_the_donors_ledger_is_reported_to_the_vendor() {
     assert!(alerts().await.is_empty());
     // The donor syncs later, having issued nothing since: every grant its ledger issued
     // before that time is in its report (serials are its time in ms), the forged one is not.
-    net.advance(10_000);
-    vendor_clock.advance_ms(10_000);
+    net.advance(10 * 60_000);
+    vendor_clock.advance_ms(10 * 60_000);
     sync(&hq).await;
     let found = alerts().await;
     assert_eq!(found.len(), 1, "{found:?}");
