@@ -4,22 +4,31 @@
 //! exceed the key, and after every merge every lease a station was told it holds is still
 //! there.
 //!
-//! The model of the log, as a two-voter Raft group runs it: only the primary (host 1)
-//! appends; an entry is committed once the backup has it too, and only then applied and
-//! acknowledged. Replication can fail in any step (the backup or the link is down, or the
-//! message is lost), so the primary's log can end in entries never committed nor acknowledged,
-//! and the backup may have entries it does not know are committed. A host that has not heard
-//! from the other for `alone_after_ms` applies its whole log (see `Ledger::set_alone`) and
-//! serves alone, journaling what it does (durable: a crash replays it). When both are up and
-//! linked again the primary commits its log, and one `MergeAlone` with both hosts' states
-//! enters it; a host serves again only once it knows the merge is committed (Recovering until
-//! then). Replication of the merge can be lost, and the hosts can lose each other again before
-//! it commits: a host still waiting then serves alone again, rebuilt from its whole log and
-//! its journal.
+//! Each host runs the pair machine the server runs (`tessera_engine::pair::PairMachine`):
+//! when to serve alone, in which epoch, when a lost journal forbids it, when to merge, when
+//! to serve paired again. The alone ledger and the merge's states come from the engine too.
+//! This file is only the machine's runtime on simulated hosts, and the world around it:
+//!
+//! - **The log**, as a two-voter Raft group runs it: only host 1 appends; an entry is
+//!   committed once host 2 has it too, and only then applied and acknowledged. Replication
+//!   can fail in any step (a host or the link is down, a host serves alone and refuses, or
+//!   the message is lost), so host 1's log can end in entries never committed nor
+//!   acknowledged, and host 2 may hold entries it does not know are committed (it learns the
+//!   commit index one round late).
+//! - **The link**: in contact, each host hears the other, with its mode; a host serving alone
+//!   refuses, so the other sees it reachable and alone but does not hear it.
+//! - **Durable** per host: the log and its commit index, the alone journal, and the alone
+//!   epoch recorded in the store. kill -9 loses the rest, the machine included.
+//! - **The merge task** of the host driving the merge: the other host's alone state
+//!   (`on_handover` there), one `MergeAlone` appended to the log, done once it is committed.
 
 use tessera_core::{
-    Command, Ledger, LedgerConfig, LicenseKey, LicenseKeyPayload, Outcome, SecretKey, Share,
-    Stamped,
+    AloneState, Command, Ledger, LedgerConfig, LicenseKey, LicenseKeyPayload, Outcome, SecretKey,
+    Share, Stamped,
+};
+use tessera_engine::pair::{
+    self as engine, Action, Broken, Host as HostFacts, JournalMark, Link, PairMachine, Route,
+    Rules, Timing,
 };
 
 use crate::rng::Rng;
@@ -27,36 +36,8 @@ use crate::{HOUR_MS, MINUTE_MS, Violation};
 
 const START_MS: i64 = 1_800_000_000_000;
 
-/// A pair rule deliberately broken, to show the checks catch it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PairBroken {
-    /// A host alone issues from all of a key's licenses, not only its share.
-    FullCapacityAlone,
-    /// A host going alone applies only the entries it knows are committed, not its whole log.
-    IgnoreLogTail,
-    /// The merge takes only the primary's state.
-    MergePrimaryOnly,
-}
-
-impl PairBroken {
-    pub fn flag(self) -> &'static str {
-        match self {
-            PairBroken::FullCapacityAlone => "full-capacity-alone",
-            PairBroken::IgnoreLogTail => "ignore-log-tail",
-            PairBroken::MergePrimaryOnly => "merge-primary-only",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<PairBroken> {
-        [
-            PairBroken::FullCapacityAlone,
-            PairBroken::IgnoreLogTail,
-            PairBroken::MergePrimaryOnly,
-        ]
-        .into_iter()
-        .find(|rule| rule.flag() == text)
-    }
-}
+/// A pair rule deliberately broken, to show the checks catch it: a mutation of the engine.
+pub type PairBroken = Broken;
 
 /// One pair run.
 #[derive(Clone, Debug)]
@@ -112,6 +93,14 @@ impl PairConfig {
         }
         line
     }
+
+    fn timing(&self) -> Timing {
+        Timing {
+            alone_after_ms: self.alone_after_ms,
+            // What was seen in this step counts as current.
+            recent_ms: self.step_ms,
+        }
+    }
 }
 
 /// What a pair run did.
@@ -147,19 +136,57 @@ impl PairReport {
     }
 }
 
-struct Host {
+/// The alone journal (durable).
+#[derive(Clone)]
+struct Journal {
     share: Share,
+    epoch: u64,
+    commands: Vec<Stamped>,
+}
+
+/// The merge task of the driving host.
+#[derive(Clone, Copy)]
+enum Task {
+    /// Asks the other host for its alone state at the next step.
+    Handover,
+    /// Its `MergeAlone` is at this index of host 1's log; done once committed there.
+    Committing(usize),
+}
+
+struct Host {
+    id: u64,
     /// Durable: the log and how much of it this host knows is committed.
     log: Vec<Stamped>,
     committed: usize,
-    /// Durable: what it did alone since it went alone.
-    journal: Vec<Stamped>,
-    went_alone: bool,
-    /// In memory: the committed ledger, and the ledger it serves from alone.
+    /// Durable: what it did alone, and the alone epoch its store records.
+    journal: Option<Journal>,
+    alone_epoch: Option<u64>,
+    /// In memory: the pair machine, the link as it sees it, the committed ledger, the ledger
+    /// it serves from alone, its alone state kept for a merge, its merge task.
+    machine: PairMachine,
+    link: Link,
     ledger: Ledger,
     alone: Option<Ledger>,
+    handed: Option<AloneState>,
+    task: Option<Task>,
+    /// Its log refuses the other host (closed while it serves alone).
+    routes_closed: bool,
     up: bool,
-    last_heard_ms: i64,
+}
+
+impl Host {
+    fn facts(&self, now: i64) -> HostFacts {
+        HostFacts {
+            me: self.id,
+            voters: vec![1, 2],
+            journal: self.journal.as_ref().map(|j| JournalMark {
+                share: j.share,
+                epoch: j.epoch,
+            }),
+            alone_epoch: self.alone_epoch,
+            wall_ms: now,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -177,6 +204,7 @@ enum Station {
 
 struct Pair {
     config: PairConfig,
+    rules: Rules,
     ledger_config: LedgerConfig,
     hosts: [Host; 2],
     stations: Vec<Station>,
@@ -187,9 +215,6 @@ struct Pair {
     next_fault_ms: i64,
     heal_ms: i64,
     next_lease: u64,
-    /// The primary's log index of the merge on its way (Recovering until a host knows it is
-    /// committed).
-    pending_merge: Option<usize>,
     /// Recent events, for a failure's report.
     trace: std::collections::VecDeque<String>,
     report: PairReport,
@@ -237,21 +262,29 @@ pub fn run(config: PairConfig) -> Result<PairReport, Violation> {
             },
         },
     ];
-    let host = |share| {
+    let rules = Rules::with_broken(config.broken);
+    let host = |id| {
         let mut ledger = Ledger::new(ledger_config.clone());
         for entry in &setup {
             ledger.apply(entry);
         }
         Host {
-            share,
+            id,
             log: setup.clone(),
             committed: setup.len(),
-            journal: Vec::new(),
-            went_alone: false,
+            journal: None,
+            alone_epoch: None,
+            machine: PairMachine::new(config.timing(), rules),
+            link: Link {
+                started_ms: START_MS,
+                ..Link::default()
+            },
             ledger,
             alone: None,
+            handed: None,
+            task: None,
+            routes_closed: false,
             up: true,
-            last_heard_ms: START_MS,
         }
     };
     let mut root = Rng::new(config.seed);
@@ -263,7 +296,8 @@ pub fn run(config: PairConfig) -> Result<PairReport, Violation> {
         })
         .collect();
     let mut pair = Pair {
-        hosts: [host(Share::Primary), host(Share::Backup)],
+        hosts: [host(1), host(2)],
+        rules,
         ledger_config,
         stations,
         linked: true,
@@ -273,7 +307,6 @@ pub fn run(config: PairConfig) -> Result<PairReport, Violation> {
         next_fault_ms: START_MS,
         heal_ms: i64::MIN,
         next_lease: 0,
-        pending_merge: None,
         trace: std::collections::VecDeque::new(),
         report: PairReport {
             seed: config.seed,
@@ -313,45 +346,49 @@ impl Pair {
         self.linked && self.hosts[0].up && self.hosts[1].up
     }
 
+    /// Replication can happen: both hosts up, linked, and neither refusing (alone).
+    fn replicating(&self) -> bool {
+        self.in_contact() && self.hosts.iter().all(|h| !h.routes_closed)
+    }
+
     fn step(&mut self) -> Result<(), Violation> {
         self.faults();
-        if self.in_contact() {
-            for host in &mut self.hosts {
-                host.last_heard_ms = self.now;
-            }
-            // Background replication catches up the backup and the commit index.
-            if !self.rng.chance_ppm(self.config.replication_loss_ppm) {
-                self.replicate();
-            }
-            if self.pending_merge.is_none()
-                && self.hosts.iter().any(|h| h.went_alone)
-                && self.hosts[0].committed == self.hosts[0].log.len()
-            {
-                self.start_merge();
-            }
-        } else if self.pending_merge.take().is_some() {
-            self.note("cut off again before the merge committed".into());
-            // Cut off again before the merge committed: a host still waiting for it serves
-            // alone again, from its whole log (the merge entry and what followed may be in
-            // it) and its journal, as after a restart.
-            for host in self.hosts.iter_mut().filter(|h| h.went_alone && h.up) {
-                host.alone = Some(alone_ledger(host, self.config.broken));
-            }
+        self.exchange();
+        // Background replication catches up host 2 and the commit index.
+        if self.replicating() && !self.rng.chance_ppm(self.config.replication_loss_ppm) {
+            self.replicate();
         }
-        self.finish_merge()?;
         for h in 0..2 {
-            let host = &self.hosts[h];
-            if host.up
-                && !host.went_alone
-                && self.now - host.last_heard_ms >= self.config.alone_after_ms
-            {
-                self.go_alone(h);
+            if self.hosts[h].up {
+                self.run_task(h)?;
+                self.tick(h);
             }
         }
         for s in 0..self.stations.len() {
             self.station(s)?;
         }
         self.check()
+    }
+
+    /// What each host learns of the other this step, as the Raft traffic would show it.
+    fn exchange(&mut self) {
+        if !self.in_contact() {
+            return;
+        }
+        let now = self.now;
+        let modes = [self.hosts[0].machine.mode(), self.hosts[1].machine.mode()];
+        let refusing = [self.hosts[0].routes_closed, self.hosts[1].routes_closed];
+        for h in 0..2 {
+            let other = 1 - h;
+            let link = &mut self.hosts[h].link;
+            link.reachable_ms = Some(now);
+            link.peer_mode = Some(modes[other]);
+            if refusing[other] {
+                link.peer_alone_ms = Some(now);
+            } else {
+                link.heard_ms = Some(now);
+            }
+        }
     }
 
     fn faults(&mut self) {
@@ -371,6 +408,10 @@ impl Pair {
                 0 => {
                     self.linked = false;
                     self.report.splits += 1;
+                    for host in &mut self.hosts {
+                        // A mode last heard goes stale at once.
+                        host.link.peer_mode = None;
+                    }
                     self.note(format!(
                         "the hosts are cut off until step {}",
                         (self.heal_ms - START_MS) / self.config.step_ms
@@ -390,14 +431,21 @@ impl Pair {
     fn kill(&mut self, h: usize) {
         self.report.kills += 1;
         self.note(format!("host {} killed", h + 1));
+        let timing = self.config.timing();
         let host = &mut self.hosts[h];
         host.up = false;
         host.alone = None;
+        host.handed = None;
+        host.task = None;
+        host.routes_closed = false;
+        host.machine = PairMachine::new(timing, self.rules);
         host.ledger = Ledger::new(self.ledger_config.clone());
+        self.hosts[1 - h].link.peer_mode = None;
     }
 
     fn restart(&mut self, h: usize) {
         self.note(format!("host {} restarts", h + 1));
+        let now = self.now;
         let host = &mut self.hosts[h];
         host.up = true;
         let mut ledger = Ledger::new(self.ledger_config.clone());
@@ -405,18 +453,18 @@ impl Pair {
             ledger.apply(entry);
         }
         host.ledger = ledger;
-        host.last_heard_ms = self.now;
-        if host.went_alone {
-            host.alone = Some(alone_ledger(host, self.config.broken));
-        }
+        host.link = Link {
+            started_ms: now,
+            ..Link::default()
+        };
     }
 
-    /// One round of replication: the backup gets the primary's new entries and learns the
-    /// commit index the primary had (so it learns of a commit one round late, as a Raft
-    /// follower does); the primary, its entries now on both, commits them all. Returns the
-    /// primary's outcomes by log index.
+    /// One round of replication: host 2 gets host 1's new entries and learns the commit
+    /// index host 1 had (so it learns of a commit one round late, as a Raft follower does);
+    /// host 1, its entries now on both, commits them all. Returns host 1's outcomes by log
+    /// index.
     fn replicate(&mut self) -> Vec<(usize, Outcome)> {
-        // Only the primary appends: the backup's log is a prefix of the primary's.
+        // Only host 1 appends: host 2's log is a prefix of host 1's.
         let have = self.hosts[1].log.len();
         let missing = self.hosts[0].log[have..].to_vec();
         self.hosts[1].log.extend(missing);
@@ -436,159 +484,235 @@ impl Pair {
         outcomes
     }
 
-    /// Which host a station reaches: the primary if it can, else the backup. While the hosts
-    /// are cut off from each other, a station reaches only the host on its side of the cut.
+    /// One look of host `h`'s machine at its link, its actions carried out.
+    fn tick(&mut self, h: usize) {
+        let now = self.now;
+        let host = &mut self.hosts[h];
+        let facts = host.facts(now);
+        let actions = host.machine.on_tick(now, &host.ledger, &facts, &host.link);
+        self.carry_out(h, actions);
+    }
+
+    fn carry_out(&mut self, h: usize, actions: Vec<Action>) {
+        let mut queue: std::collections::VecDeque<Action> = actions.into();
+        while let Some(action) = queue.pop_front() {
+            let host = &mut self.hosts[h];
+            match action {
+                Action::Mode { from, to } => {
+                    self.note(format!("host {} {from:?} → {to:?}", h + 1));
+                }
+                Action::AbortRecovery => host.task = None,
+                Action::GoAlone { share, epoch } => {
+                    // The journal keeps its commands; its epoch moves on.
+                    let journal = host.journal.get_or_insert(Journal {
+                        share,
+                        epoch,
+                        commands: Vec::new(),
+                    });
+                    journal.share = share;
+                    journal.epoch = journal.epoch.max(epoch);
+                    host.alone_epoch = Some(journal.epoch);
+                    host.routes_closed = true;
+                    let tail = host.log[host.committed..].to_vec();
+                    host.alone = Some(engine::alone_ledger(
+                        self.rules,
+                        host.ledger.clone(),
+                        tail,
+                        share,
+                        &journal.commands,
+                    ));
+                    host.handed = None;
+                    let next = host.machine.on_alone(true);
+                    queue.extend(next);
+                    let replayed = self.hosts[h]
+                        .journal
+                        .as_ref()
+                        .map_or(0, |j| j.commands.len());
+                    self.note(format!(
+                        "host {} goes alone ({share:?}, epoch {epoch}, {replayed} journaled)",
+                        h + 1
+                    ));
+                }
+                Action::JournalLost { begun, found } => {
+                    self.note(format!(
+                        "host {}: journal lost (began epoch {begun}, found {found:?})",
+                        h + 1
+                    ));
+                }
+                Action::OpenRoutes => host.routes_closed = false,
+                Action::KeepAloneState => {
+                    let epoch = host.journal.as_ref().map_or(0, |j| j.epoch);
+                    host.handed = host.alone.take().and_then(|ledger| ledger.alone_state());
+                    if let Some(state) = &mut host.handed {
+                        state.epoch = epoch;
+                    }
+                }
+                Action::StartRecovery => host.task = Some(Task::Handover),
+                Action::Rejoin => {
+                    host.alone_epoch = None;
+                    host.journal = None;
+                    host.handed = None;
+                    host.task = None;
+                    let next = host.machine.on_rejoined();
+                    queue.extend(next);
+                }
+            }
+        }
+    }
+
+    /// The merge task of host `h`, one step of it: the other host's alone state, then one
+    /// `MergeAlone` in host 1's log; done once committed there.
+    fn run_task(&mut self, h: usize) -> Result<(), Violation> {
+        match self.hosts[h].task {
+            None => Ok(()),
+            Some(Task::Handover) => {
+                if !self.in_contact() || h != 0 {
+                    // The RPC fails (or the driver does not lead the log): the task ends; the
+                    // machine starts it again.
+                    self.hosts[h].task = None;
+                    self.hosts[h].machine.on_recovery_finished(false);
+                    return Ok(());
+                }
+                let other = 1 - h;
+                let handed = match self.hosts[other].machine.on_handover() {
+                    Some(actions) => {
+                        self.carry_out(other, actions);
+                        self.hosts[other].handed.clone()
+                    }
+                    None => None,
+                };
+                let states = engine::merge_states(self.rules, self.hosts[h].handed.clone(), handed);
+                if states.is_empty() {
+                    self.hosts[h].task = None;
+                    self.hosts[h].machine.on_recovery_finished(true);
+                    return Ok(());
+                }
+                self.hosts[0].log.push(Stamped {
+                    at_ms: self.now.max(self.hosts[0].ledger.last_at_ms()),
+                    command: Command::MergeAlone { states },
+                });
+                let index = self.hosts[0].log.len() - 1;
+                self.hosts[h].task = Some(Task::Committing(index));
+                self.note(format!("merge proposed at index {index}"));
+                Ok(())
+            }
+            Some(Task::Committing(index)) => {
+                if self.hosts[0].committed <= index {
+                    return Ok(());
+                }
+                self.hosts[h].task = None;
+                self.hosts[h].machine.on_recovery_finished(true);
+                self.report.merges += 1;
+                self.check_merged()
+            }
+        }
+    }
+
+    /// Once the driving host knows the merge is committed, every lease a station was told it
+    /// holds must be in the merged ledger.
+    fn check_merged(&mut self) -> Result<(), Violation> {
+        let ledger = &self.hosts[0].ledger;
+        let mut problem = ledger
+            .check_invariants()
+            .err()
+            .map(|e| format!("after a merge: {e}"));
+        for (s, station) in self.stations.iter().enumerate() {
+            if let Station::Holding {
+                lease_id,
+                expires_at_ms,
+                ..
+            } = station
+                && *expires_at_ms > self.now
+                && ledger.lease(lease_id).is_none()
+            {
+                problem = Some(format!(
+                    "station {s} was told it holds lease {lease_id} until {expires_at_ms}; the merged ledger lost it"
+                ));
+            }
+        }
+        match problem {
+            Some(message) => Err(self.fail(message)),
+            None => Ok(()),
+        }
+    }
+
+    /// Which host a station reaches: host 1 if it can, else host 2. While the hosts are cut
+    /// off from each other, a station reaches only the host on its side of the cut.
     fn host_for(&self, s: usize) -> Option<usize> {
         let reachable = |h: usize| self.hosts[h].up && (self.linked || s % 2 == h);
         [0, 1].into_iter().find(|h| reachable(*h))
     }
 
-    fn go_alone(&mut self, h: usize) {
-        self.note(format!("host {} goes alone", h + 1));
-        let host = &mut self.hosts[h];
-        host.went_alone = true;
-        host.journal.clear();
-        host.alone = Some(alone_ledger(host, self.config.broken));
-    }
-
-    /// Both hosts are back and the primary's log is committed: the merge of what each did
-    /// alone enters the log. Neither serves until it knows the merge is committed.
-    fn start_merge(&mut self) {
-        let merged = match self.config.broken {
-            Some(PairBroken::MergePrimaryOnly) => 1,
-            _ => 2,
-        };
-        let states: Vec<_> = self.hosts[..merged]
-            .iter()
-            .filter_map(|h| h.alone.as_ref().and_then(Ledger::alone_state))
-            .collect();
-        self.hosts[0].log.push(Stamped {
-            at_ms: self.now,
-            command: Command::MergeAlone { states },
-        });
-        self.pending_merge = Some(self.hosts[0].log.len() - 1);
-        self.note(format!(
-            "merge proposed at index {}",
-            self.hosts[0].log.len() - 1
-        ));
-    }
-
-    /// A host that knows the merge is committed serves paired again; once the primary knows,
-    /// every lease a station was told it holds must be in the merged ledger.
-    fn finish_merge(&mut self) -> Result<(), Violation> {
-        let Some(index) = self.pending_merge else {
-            return Ok(());
-        };
-        let mut problem = None;
-        for host in self
-            .hosts
-            .iter_mut()
-            .filter(|h| h.committed > index && h.went_alone)
-        {
-            host.went_alone = false;
-            host.alone = None;
-            host.journal.clear();
-            if host.share != Share::Primary {
-                continue;
-            }
-            self.report.merges += 1;
-            if let Err(e) = host.ledger.check_invariants() {
-                problem = Some(format!("after a merge: {e}"));
-            }
-            for (s, station) in self.stations.iter().enumerate() {
-                if let Station::Holding {
-                    lease_id,
-                    expires_at_ms,
-                    ..
-                } = station
-                    && *expires_at_ms > self.now
-                    && host.ledger.lease(lease_id).is_none()
-                {
-                    problem = Some(format!(
-                        "station {s} was told it holds lease {lease_id} until {expires_at_ms}; the merged ledger lost it"
-                    ));
-                }
-            }
-        }
-        if let Some(message) = problem {
-            return Err(self.fail(message));
-        }
-        if self.hosts.iter().all(|h| !h.went_alone) {
-            self.pending_merge = None;
-        }
-        Ok(())
-    }
-
-    /// A station's request, to the host it reaches (see `host_for`). `None`: no answer.
+    /// A station's request, to the host it reaches (see `host_for`), routed as its machine
+    /// says. `None`: no answer.
     fn request(&mut self, s: usize, command: Command) -> Option<Outcome> {
         let h = self.host_for(s)?;
         let entry = Stamped {
             at_ms: self.now,
             command,
         };
-        if self.hosts[h].went_alone {
-            if self.pending_merge.is_some() {
-                // Recovering: the merge is on its way; no answer until it is committed.
-                return None;
-            }
-            // Alone: journaled, answered at once.
-            let host = &mut self.hosts[h];
-            let alone = host.alone.as_mut().expect("alone");
-            host.journal.push(entry.clone());
-            let before = match &entry.command {
-                Command::Heartbeat { lease_id, .. } => Some(alone.lease_share(lease_id)),
-                _ => None,
-            };
-            let outcome = alone.apply(&entry);
-            if let (Some(before), Outcome::LeaseRenewed { lease }) = (before, &outcome)
-                && alone.lease_share(&lease.lease_id) != before
-            {
-                self.report.takeovers += 1;
-            }
-            self.report.served_alone += 1;
-            let line = describe(&entry, &outcome);
-            self.note(format!("host {} alone: {line}", h + 1));
-            return Some(outcome);
-        }
-        if h == 1 {
-            // The backup forwards to the primary, which is down and not yet given up on.
-            return None;
-        }
-        if self.in_contact() && self.hosts[1].went_alone {
-            // Recovering: the backup served alone; the primary serves again only once that is
-            // merged (it would issue licenses the backup's stations hold).
-            return None;
-        }
-        self.hosts[0].log.push(entry);
-        if self.in_contact() && !self.rng.chance_ppm(self.config.replication_loss_ppm) {
-            let index = self.hosts[0].log.len() - 1;
-            // Committed: applied in log order, answered with its own outcome.
-            let outcome = self
-                .replicate()
-                .into_iter()
-                .find(|(i, _)| *i == index)
-                .map(|(_, outcome)| outcome);
-            if let Some(outcome) = &outcome {
-                let line = describe(&self.hosts[0].log[index], outcome);
-                let share = match outcome {
-                    Outcome::LeaseGranted { lease, .. } | Outcome::LeaseRenewed { lease } => {
-                        format!(" [{:?}]", self.hosts[0].ledger.lease_share(&lease.lease_id))
-                    }
-                    _ => String::new(),
+        let route = self.hosts[h].machine.route(self.now, &self.hosts[h].link);
+        match route {
+            Route::Recovering => None,
+            Route::Alone => {
+                // Journaled, answered at once.
+                let host = &mut self.hosts[h];
+                let alone = host.alone.as_mut()?;
+                host.journal.as_mut()?.commands.push(entry.clone());
+                let before = match &entry.command {
+                    Command::Heartbeat { lease_id, .. } => Some(alone.lease_share(lease_id)),
+                    _ => None,
                 };
-                self.note(format!("paired: {line}{share}"));
+                let outcome = alone.apply(&entry);
+                if let (Some(before), Outcome::LeaseRenewed { lease }) = (before, &outcome)
+                    && alone.lease_share(&lease.lease_id) != before
+                {
+                    self.report.takeovers += 1;
+                }
+                self.report.served_alone += 1;
+                let line = describe(&entry, &outcome);
+                self.note(format!("host {} alone: {line}", h + 1));
+                Some(outcome)
             }
-            return outcome;
+            Route::Consensus => {
+                if h == 1 {
+                    // Host 2 forwards to host 1, which it cannot reach.
+                    return None;
+                }
+                self.hosts[0].log.push(entry);
+                if self.replicating() && !self.rng.chance_ppm(self.config.replication_loss_ppm) {
+                    let index = self.hosts[0].log.len() - 1;
+                    // Committed: applied in log order, answered with its own outcome.
+                    let outcome = self
+                        .replicate()
+                        .into_iter()
+                        .find(|(i, _)| *i == index)
+                        .map(|(_, outcome)| outcome);
+                    if let Some(outcome) = &outcome {
+                        let line = describe(&self.hosts[0].log[index], outcome);
+                        let share = match outcome {
+                            Outcome::LeaseGranted { lease, .. }
+                            | Outcome::LeaseRenewed { lease } => format!(
+                                " [{:?}]",
+                                self.hosts[0].ledger.lease_share(&lease.lease_id)
+                            ),
+                            _ => String::new(),
+                        };
+                        self.note(format!("paired: {line}{share}"));
+                    }
+                    return outcome;
+                }
+                let line = format!(
+                    "{:?}",
+                    self.hosts[0].log[self.hosts[0].log.len() - 1]
+                        .command
+                        .name()
+                );
+                self.note(format!("paired, not acknowledged: {line}"));
+                self.report.unacknowledged += 1;
+                None
+            }
         }
-        let line = format!(
-            "{:?}",
-            self.hosts[0].log[self.hosts[0].log.len() - 1]
-                .command
-                .name()
-        );
-        self.note(format!("paired, not acknowledged: {line}"));
-        self.report.unacknowledged += 1;
-        None
     }
 
     fn station(&mut self, s: usize) -> Result<(), Violation> {
@@ -709,10 +833,10 @@ impl Pair {
                 .iter()
                 .map(|h| {
                     format!(
-                        "{:?}: up {}, alone {}, {} committed of {} entries",
-                        h.share,
+                        "host {}: up {}, {:?}, {} committed of {} entries",
+                        h.id,
                         h.up,
-                        h.went_alone,
+                        h.machine.mode(),
                         h.committed,
                         h.log.len()
                     )
@@ -726,34 +850,6 @@ impl Pair {
         }
         Ok(())
     }
-}
-
-/// A host going alone (or restarting alone): its whole log applied as the pair would, then
-/// alone from there, then what it journaled alone.
-fn alone_ledger(host: &Host, broken: Option<PairBroken>) -> Ledger {
-    let mut ledger = host.ledger.clone();
-    if broken != Some(PairBroken::IgnoreLogTail) {
-        for entry in &host.log[host.committed..] {
-            ledger.apply(entry);
-        }
-    }
-    if broken == Some(PairBroken::FullCapacityAlone) {
-        // On this host's copy only, its share is the whole key.
-        ledger.apply(&Stamped {
-            at_ms: ledger.last_at_ms(),
-            command: Command::SetPairSplit {
-                backup_percent: Some(match host.share {
-                    Share::Primary => 0,
-                    Share::Backup => 100,
-                }),
-            },
-        });
-    }
-    ledger.set_alone(Some(host.share));
-    for entry in &host.journal {
-        ledger.apply(entry);
-    }
-    ledger
 }
 
 /// One line for the trace: a station's command and its answer.

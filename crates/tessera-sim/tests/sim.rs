@@ -618,8 +618,9 @@ fn broken_pair_rules_are_caught() {
     for (rule, seed, what) in [
         (PairBroken::FullCapacityAlone, 1, "SAFETY"),
         (PairBroken::MergePrimaryOnly, 1, "lost it"),
-        // Rarer: the entry the backup did not know was committed must be a checkout.
-        (PairBroken::IgnoreLogTail, 22, "SAFETY"),
+        // Rarer: the entry the backup did not know was committed must be a checkout, and
+        // the primary must die before the backup learns the commit.
+        (PairBroken::IgnoreLogTail, 105, "SAFETY"),
     ] {
         let violation = pair::run(PairConfig {
             broken: Some(rule),

@@ -37,7 +37,7 @@ pub mod writer;
 use std::path::Path;
 use std::sync::Arc;
 
-use tessera_core::{Ledger, LedgerConfig, Share};
+use tessera_core::{Ledger, LedgerConfig, Stamped};
 
 pub use error::StoreError;
 pub use log_store::LogStore;
@@ -106,15 +106,11 @@ pub fn open_with(
     Ok((log, state_machine))
 }
 
-/// The ledger a redundant pair's host serves from when it cannot reach the other host: the
-/// applied ledger, then every entry of its log after it, committed or not (an entry it holds
-/// may have been acknowledged by the other host, which it cannot ask), then alone as `share`
-/// (see `tessera_core::Share`). A copy: the replicated ledger is not touched.
-pub fn alone_ledger(reader: &LedgerReader, log: &LogStore, share: Share) -> Ledger {
-    let (mut ledger, applied) = reader.copy_with_index();
-    for entry in log.proposals_after(applied) {
-        ledger.apply(&entry);
-    }
-    ledger.set_alone(Some(share));
-    ledger
+/// What a redundant pair's host builds its alone ledger from
+/// (`tessera_engine::pair::alone_ledger`): a copy of the applied ledger, and every command of
+/// its log after it, committed or not (an entry it holds may have been acknowledged by the
+/// other host, which it cannot ask). The replicated ledger is not touched.
+pub fn applied_and_log_tail(reader: &LedgerReader, log: &LogStore) -> (Ledger, Vec<Stamped>) {
+    let (ledger, applied) = reader.copy_with_index();
+    (ledger, log.proposals_after(applied))
 }

@@ -53,7 +53,7 @@ impl LogStore {
 
     /// The commands of the log's entries after `index` (all if `None`), in log order,
     /// committed or not: what a pair host going alone applies on top of its applied ledger
-    /// (see [`crate::alone_ledger`]).
+    /// (see [`crate::applied_and_log_tail`]).
     pub fn proposals_after(&self, index: Option<u64>) -> Vec<Stamped> {
         let start = index.map_or(0, |i| i.saturating_add(1));
         self.state()

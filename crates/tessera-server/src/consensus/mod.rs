@@ -759,10 +759,17 @@ impl Consensus {
     }
 
     /// The ledger this host would serve from alone, as `share`'s host of a redundant pair: a
-    /// copy of the applied ledger with every entry of its log after it (see
-    /// `tessera_store::alone_ledger`).
-    pub fn alone_ledger(&self, share: tessera_core::Share) -> Ledger {
-        tessera_store::alone_ledger(&self.inner.ledger, &self.inner.log, share)
+    /// copy of the applied ledger with every entry of its log after it, then `journal` (see
+    /// `tessera_engine::pair::alone_ledger`).
+    pub fn alone_ledger(
+        &self,
+        rules: tessera_engine::pair::Rules,
+        share: tessera_core::Share,
+        journal: &[tessera_core::Stamped],
+    ) -> Ledger {
+        let (applied, tail) =
+            tessera_store::applied_and_log_tail(&self.inner.ledger, &self.inner.log);
+        tessera_engine::pair::alone_ledger(rules, applied, tail, share, journal)
     }
 
     /// This host's Raft log hash chain as stored: its head and the chain value at `at`.

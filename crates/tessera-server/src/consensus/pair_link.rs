@@ -3,7 +3,7 @@
 //!
 //! - **heard**: the last time the other host answered one of this host's RPCs, or sent one
 //!   this host accepted. A host that has not heard from the other for
-//!   `crate::pair::ALONE_AFTER` serves alone.
+//!   `tessera_engine::pair::Timing::HOSTS` serves alone.
 //! - **reachable**: the last time anything came back at all, a refusal included: a host
 //!   serving alone refuses every Raft RPC (503 `pair_alone`), so the Raft log cannot move
 //!   while it issues from its share; the other host sees it is reachable and alone, and
@@ -15,8 +15,6 @@
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
 /// The error code a host serving alone answers every Raft RPC with.
 pub const PAIR_ALONE_CODE: &str = "pair_alone";
 /// Every Raft answer carries the answering host's pair mode in this header, so the host
@@ -26,50 +24,19 @@ pub const MODE_HEADER: &str = "x-tessera-pair-mode";
 /// How long the other host's mode, as its last message said, counts.
 pub const PEER_MODE_FRESH: Duration = Duration::from_secs(2);
 
-/// How a host of a redundant pair serves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Mode {
-    /// Not a pair (a single host or a domain).
-    Off,
-    /// In contact: every change is on both hosts before it is acknowledged.
-    Paired,
-    /// Cut off from the other host: serves stations from its own share, journaled.
-    Alone,
-    /// The hosts are back in contact; what each did alone is being merged. Serves nobody.
-    Recovering,
+pub use tessera_engine::pair::Mode;
+
+fn mode_code(mode: Mode) -> u8 {
+    match mode {
+        Mode::Off => 1,
+        Mode::Paired => 2,
+        Mode::Alone => 3,
+        Mode::Recovering => 4,
+    }
 }
 
-impl Mode {
-    pub fn name(self) -> &'static str {
-        match self {
-            Mode::Off => "off",
-            Mode::Paired => "paired",
-            Mode::Alone => "alone",
-            Mode::Recovering => "recovering",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Mode> {
-        [Mode::Off, Mode::Paired, Mode::Alone, Mode::Recovering]
-            .into_iter()
-            .find(|mode| mode.name() == text)
-    }
-
-    fn code(self) -> u8 {
-        match self {
-            Mode::Off => 1,
-            Mode::Paired => 2,
-            Mode::Alone => 3,
-            Mode::Recovering => 4,
-        }
-    }
-
-    fn from_code(code: u8) -> Option<Mode> {
-        [Mode::Off, Mode::Paired, Mode::Alone, Mode::Recovering]
-            .into_iter()
-            .find(|mode| mode.code() == code)
-    }
+fn mode_from_code(code: u8) -> Option<Mode> {
+    Mode::ALL.into_iter().find(|mode| mode_code(*mode) == code)
 }
 
 #[derive(Debug)]
@@ -99,7 +66,7 @@ impl Default for PairLink {
             reachable_ms: AtomicU64::new(0),
             peer_alone_ms: AtomicU64::new(0),
             gate: tokio::sync::RwLock::new(false),
-            own_mode: AtomicU8::new(Mode::Off.code()),
+            own_mode: AtomicU8::new(mode_code(Mode::Off)),
             peer_mode: AtomicU8::new(0),
             peer_mode_ms: AtomicU64::new(0),
             disturbed: AtomicU64::new(0),
@@ -132,7 +99,8 @@ impl PairLink {
         let now = self.now_ms();
         self.reachable_ms.store(now, Ordering::Relaxed);
         self.peer_alone_ms.store(now, Ordering::Relaxed);
-        self.peer_mode.store(Mode::Alone.code(), Ordering::SeqCst);
+        self.peer_mode
+            .store(mode_code(Mode::Alone), Ordering::SeqCst);
         self.peer_mode_ms.store(now, Ordering::SeqCst);
         self.disturbed.fetch_add(1, Ordering::SeqCst);
     }
@@ -142,7 +110,7 @@ impl PairLink {
         if !matches!(mode, Mode::Paired | Mode::Off) {
             self.disturbed.fetch_add(1, Ordering::SeqCst);
         }
-        self.peer_mode.store(mode.code(), Ordering::SeqCst);
+        self.peer_mode.store(mode_code(mode), Ordering::SeqCst);
         self.peer_mode_ms.store(self.now_ms(), Ordering::SeqCst);
     }
 
@@ -153,7 +121,7 @@ impl PairLink {
             .age(&self.peer_mode_ms)
             .is_some_and(|age| age < PEER_MODE_FRESH);
         fresh
-            .then(|| Mode::from_code(self.peer_mode.load(Ordering::SeqCst)))
+            .then(|| mode_from_code(self.peer_mode.load(Ordering::SeqCst)))
             .flatten()
     }
 
@@ -161,11 +129,11 @@ impl PairLink {
         if mode != Mode::Paired && mode != Mode::Off {
             self.disturbed.fetch_add(1, Ordering::SeqCst);
         }
-        self.own_mode.store(mode.code(), Ordering::SeqCst);
+        self.own_mode.store(mode_code(mode), Ordering::SeqCst);
     }
 
     pub fn own_mode(&self) -> Mode {
-        Mode::from_code(self.own_mode.load(Ordering::SeqCst)).unwrap_or(Mode::Off)
+        mode_from_code(self.own_mode.load(Ordering::SeqCst)).unwrap_or(Mode::Off)
     }
 
     /// See the field: compare before proposing and after the commit.
@@ -176,6 +144,24 @@ impl PairLink {
     /// The other host sent an RPC this host refused (it serves alone).
     pub fn reached_while_alone(&self) {
         self.reachable_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// The link as the pair machine reads it: now, and each time in this link's
+    /// milliseconds.
+    pub fn view(&self) -> (i64, tessera_engine::pair::Link) {
+        let at = |cell: &AtomicU64| match cell.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(ms as i64),
+        };
+        let link = tessera_engine::pair::Link {
+            // `now_ms` counts from 1 at the link's start.
+            started_ms: 1,
+            heard_ms: at(&self.heard_ms),
+            reachable_ms: at(&self.reachable_ms),
+            peer_alone_ms: at(&self.peer_alone_ms),
+            peer_mode: self.peer_mode(),
+        };
+        (self.now_ms() as i64, link)
     }
 
     /// Time since the other host last took part in Raft with this one (`None`: never since

@@ -223,7 +223,7 @@ async fn single_voter_restarts_with_the_same_ledger() {
     assert_eq!(node.read(|ledger| ledger.snapshot()), before);
     assert!(node.status().snapshot_index.is_some());
     // What it would serve from alone (as a pair's host): the same ledger, alone.
-    let alone = node.alone_ledger(tessera_core::Share::Primary);
+    let alone = node.alone_ledger(Default::default(), tessera_core::Share::Primary, &[]);
     assert_eq!(alone.alone(), Some(tessera_core::Share::Primary));
     assert_eq!(alone.snapshot(), before);
 

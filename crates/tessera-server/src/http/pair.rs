@@ -338,7 +338,7 @@ pub async fn rpc(
         }
         "handover" => serde_json::to_value(state.pair.handover(&state).await),
         "stopping" => {
-            state.pair.peer_stopping();
+            state.pair.peer_stopping(state.consensus.pair_link());
             Ok(serde_json::json!({}))
         }
         "history" => {

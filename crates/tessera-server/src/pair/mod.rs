@@ -1,35 +1,28 @@
 //! A redundant pair: a domain of two hosts that keeps serving when the hosts lose each other,
 //! without ever issuing, between them, more than a key holds (docs/pair.md).
 //!
-//! The ledger side (shares, serving alone, the merge) is `tessera_core::ledger::pair`; this
-//! module runs it on real hosts:
+//! The rules are `tessera_engine::pair` (when a host serves paired, alone or not at all, and
+//! when it merges); the ledger side (shares, serving alone, the merge) is
+//! `tessera_core::ledger::pair`. This module is their runtime on real hosts: it reads the
+//! link from the Raft traffic ([`PairLink`]), feeds the machine every [`PAIR_TICK`], and
+//! carries out its actions: the Raft routes closed while alone, the alone journal
+//! ([`journal::Journal`], fsync before each answer), the alone epoch in the store, the merge
+//! task (the other host's alone state, the Raft leader role, one `MergeAlone`).
 //!
-//! - **Paired**: every station command goes through Raft (both hosts hold it before it is
-//!   acknowledged). An entry proposed before and committed after the pair fell out of step is
-//!   not acknowledged (503 `pair_recovering`; the station retries, and checkout is
-//!   idempotent per station).
-//! - **Alone**: a host that has not heard from the other for [`ALONE_AFTER`] closes its Raft
-//!   routes (the log cannot move under it), builds its alone ledger (applied ledger + its
-//!   whole log + its journal) and serves stations from its own share, each command written to
-//!   the [`journal::Journal`] (fsync) before it is answered.
-//! - **Recovering**: the host owning the primary share drives the merge once it reaches the
-//!   other host: it asks for the other's alone state (`handover`: that host stops serving and
-//!   opens its Raft routes), becomes the Raft leader, and proposes one `MergeAlone` with both
-//!   states. Each host deletes its journal once its applied ledger shows its epoch merged,
-//!   and serves paired again. Cut off again before that: alone again, journal kept (new
-//!   epoch).
-//!
-//! Which share a host owns follows its host number (the lower one: the primary share), not
-//! the Raft role, which may move between the two.
+//! An entry proposed before and committed after the pair fell out of step is not
+//! acknowledged (503 `pair_recovering`; the station retries, and checkout is idempotent per
+//! station).
 
 pub mod journal;
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tessera_core::{AloneState, Applied, Command, Ledger, Outcome, Share, Stamped};
+use tessera_engine::pair::{self as engine, Action, JournalMark, PairMachine, Rules, Timing};
 
 use crate::consensus::Consensus;
 pub use crate::consensus::pair_link::Mode;
@@ -37,14 +30,8 @@ use crate::consensus::pair_link::PairLink;
 use crate::state::SharedState;
 use journal::Journal;
 
-/// A host that has not heard from the other for this long serves alone: ten Raft heartbeats,
-/// above the election timeout's upper bound (300 ms), so a late heartbeat does not split the
-/// pair, and short enough that stations see under a second without service when a host dies.
-pub const ALONE_AFTER: Duration = Duration::from_millis(500);
 /// How often each host looks at its link.
 pub const PAIR_TICK: Duration = Duration::from_millis(100);
-/// A refusal or answer younger than this counts as current.
-const RECENT: Duration = Duration::from_millis(300);
 /// How long the recovering host waits for the Raft leader role before it tries again.
 const LEAD_WAIT: Duration = Duration::from_secs(5);
 /// Timeout of a pair RPC to the other host.
@@ -86,19 +73,14 @@ pub struct Pair {
     inner: Mutex<Inner>,
 }
 
-#[derive(Default)]
 struct Inner {
-    mode: Option<Mode>,
+    machine: PairMachine,
     journal: Option<Journal>,
     alone: Option<Ledger>,
     /// Alone state handed over (the other host asked) or kept for the merge (this host
     /// drives it).
     handed: Option<AloneState>,
     recovery: Option<tokio::task::JoinHandle<()>>,
-    recovery_done: bool,
-    /// When the other host announced it stops; cleared once it is heard again well after
-    /// that (Raft answers in flight during its shutdown do not count).
-    peer_stopped: Option<std::time::Instant>,
     last_merge: Option<MergeReport>,
     last_error: Option<String>,
     last_status: Option<String>,
@@ -126,7 +108,16 @@ impl Pair {
     pub fn new(data_dir: PathBuf) -> Pair {
         Pair {
             data_dir,
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner {
+                machine: PairMachine::new(Timing::HOSTS, Rules::default()),
+                journal: None,
+                alone: None,
+                handed: None,
+                recovery: None,
+                last_merge: None,
+                last_error: None,
+                last_status: None,
+            }),
         }
     }
 
@@ -135,21 +126,17 @@ impl Pair {
     }
 
     pub fn mode(&self) -> Mode {
-        self.lock().mode.unwrap_or(Mode::Off)
+        self.lock().machine.mode()
     }
 
     /// Where a command goes now.
     pub fn route(&self, link: &PairLink) -> Route {
         let disturbed = link.disturbed();
-        match self.mode() {
-            Mode::Alone => Route::Alone,
-            Mode::Recovering => Route::Recovering,
-            Mode::Off => Route::Consensus { disturbed },
-            Mode::Paired => match link.peer_mode() {
-                Some(Mode::Alone | Mode::Recovering) => Route::Recovering,
-                _ if link.peer_alone_age().is_some_and(|age| age < RECENT) => Route::Recovering,
-                _ => Route::Consensus { disturbed },
-            },
+        let (now_ms, view) = link.view();
+        match self.lock().machine.route(now_ms, &view) {
+            engine::Route::Consensus => Route::Consensus { disturbed },
+            engine::Route::Alone => Route::Alone,
+            engine::Route::Recovering => Route::Recovering,
         }
     }
 
@@ -161,7 +148,7 @@ impl Pair {
     /// Applies a command to the alone ledger, journaled first. `None`: no longer alone.
     pub fn apply_alone(&self, entry: &Stamped) -> Option<Result<Applied, String>> {
         let mut inner = self.lock();
-        if inner.mode != Some(Mode::Alone) {
+        if inner.machine.mode() != Mode::Alone {
             return None;
         }
         let Inner { journal, alone, .. } = &mut *inner;
@@ -178,7 +165,7 @@ impl Pair {
     /// applied one.
     pub fn read<R>(&self, consensus: &Consensus, f: impl FnOnce(&Ledger) -> R) -> R {
         let inner = self.lock();
-        if inner.mode == Some(Mode::Alone)
+        if inner.machine.mode() == Mode::Alone
             && let Some(ledger) = &inner.alone
         {
             return f(ledger);
@@ -190,163 +177,85 @@ impl Pair {
     /// The other host asks for this host's alone state (it drives the merge): this host
     /// stops serving alone and opens its Raft routes.
     pub async fn handover(&self, state: &SharedState) -> Handover {
-        let answer = {
-            let mut inner = self.lock();
-            match inner.mode {
-                Some(Mode::Alone) => {
-                    let epoch = inner.journal.as_ref().map_or(0, |j| j.epoch);
-                    let handed = inner.alone.take().and_then(|ledger| ledger.alone_state());
-                    let handed = handed.map(|mut s| {
-                        s.epoch = epoch;
-                        s
-                    });
-                    inner.handed = handed.clone();
-                    self.set_mode(&mut inner, state, Mode::Recovering);
-                    Some(handed)
-                }
-                Some(Mode::Recovering) => Some(inner.handed.clone()),
-                _ => None,
-            }
+        let Some(actions) = self.lock().machine.on_handover() else {
+            return Handover { state: None };
         };
-        match answer {
-            Some(handed) => {
-                state.consensus.pair_link().set_serving_alone(false).await;
-                Handover { state: handed }
-            }
-            None => Handover { state: None },
+        self.carry_out(state, actions).await;
+        Handover {
+            state: self.lock().handed.clone(),
         }
     }
 
     /// The other host announced it stops (graceful shutdown).
-    pub fn peer_stopping(&self) {
-        self.lock().peer_stopped = Some(std::time::Instant::now());
+    pub fn peer_stopping(&self, link: &PairLink) {
+        let (now_ms, _) = link.view();
+        self.lock().machine.on_peer_stopping(now_ms);
     }
 
-    fn set_mode(&self, inner: &mut Inner, state: &SharedState, mode: Mode) {
-        let before = inner.mode;
-        inner.mode = Some(mode);
-        state.consensus.pair_link().set_own_mode(mode);
-        if before != Some(mode) && before.is_some() {
-            tracing::info!(from = ?before, to = ?mode, "pair mode");
-        }
-    }
-
-    /// One look at the link (every [`PAIR_TICK`]); see the module docs.
+    /// One look at the link (every [`PAIR_TICK`]): the machine decides, this host does.
     pub async fn tick(&self, state: &SharedState) {
         let consensus = &state.consensus;
-        let link = consensus.pair_link();
-        let me = consensus.node_id();
-        let voters = consensus.voter_ids();
-        let split = consensus.read(|ledger| ledger.pair_backup_percent());
-        let is_pair = voters.len() == 2 && voters.contains(&me) && split.is_some();
-        let own_share = if voters.first() == Some(&me) {
-            Share::Primary
-        } else {
-            Share::Backup
-        };
-        let heard = link.heard_age().unwrap_or_else(|| link.uptime());
-        let reachable = link.reachable_age().unwrap_or_else(|| link.uptime());
-        let peer_alone = link.peer_alone_age().is_some_and(|age| age < RECENT)
-            || link.peer_mode() == Some(Mode::Alone);
-        let peer_stopped = {
+        let actions = {
             let mut inner = self.lock();
-            // Heard or reached (a Raft request refused while alone) well after the
-            // announcement: it runs again.
-            if let Some(at) = inner.peer_stopped
-                && at
-                    .elapsed()
-                    .checked_sub(RECENT)
-                    .is_some_and(|since| heard.min(reachable) < since)
-            {
-                inner.peer_stopped = None;
-            }
-            inner.peer_stopped.is_some()
-        };
-        enum Next {
-            Stay,
-            GoAlone(Share),
-            Recover,
-            Paired,
-        }
-        let next = {
-            let mut inner = self.lock();
-            if inner.journal.is_none() && inner.mode.is_none() {
+            if inner.journal.is_none() && !inner.machine.started() {
                 match Journal::load(&self.data_dir) {
                     Ok(journal) => inner.journal = journal,
                     Err(e) => inner.last_error = Some(e),
                 }
             }
-            if !is_pair && inner.journal.is_none() {
-                self.set_mode(&mut inner, state, Mode::Off);
-                drop(inner);
-                self.report_status(state);
-                return;
-            }
-            let share = inner.journal.as_ref().map_or(own_share, |j| j.share);
-            match inner.mode.unwrap_or(Mode::Off) {
-                Mode::Off | Mode::Paired => {
-                    // A stopped host answers nothing more: no need to wait for silence.
-                    let gone = heard >= ALONE_AFTER || peer_stopped;
-                    if inner.journal.is_some() || (gone && !peer_alone) {
-                        Next::GoAlone(share)
-                    } else if peer_alone && share == Share::Primary {
-                        Next::Recover
-                    } else {
-                        self.set_mode(&mut inner, state, Mode::Paired);
-                        Next::Stay
-                    }
-                }
-                Mode::Alone => {
-                    // Requests the other host sent while it stopped do not start a recovery.
-                    if share == Share::Primary
-                        && reachable < RECENT
-                        && !peer_stopped
-                        && inner.recovery.is_none()
-                    {
-                        Next::Recover
-                    } else {
-                        Next::Stay
-                    }
-                }
-                Mode::Recovering => {
-                    let merged = consensus.read(|ledger| ledger.merged_epoch(share));
-                    // A lost journal (see `go_alone`) has nothing to hand over: this host is
-                    // one of the pair again once the other host serves paired, merged.
-                    let journal_epoch = inner.journal.as_ref().map_or(0, |j| j.epoch);
-                    let lost = consensus
-                        .alone_epoch()
-                        .is_some_and(|begun| begun > merged && journal_epoch < begun);
-                    let own_merged = if lost {
-                        heard < RECENT && link.peer_mode() == Some(Mode::Paired)
-                    } else {
-                        inner.journal.as_ref().is_none_or(|j| merged >= j.epoch)
-                    };
-                    let driver_done = share != Share::Primary || inner.recovery_done;
-                    if own_merged && driver_done {
-                        Next::Paired
-                    } else if heard >= ALONE_AFTER && reachable >= ALONE_AFTER {
-                        Next::GoAlone(share)
-                    } else {
-                        if share == Share::Primary
-                            && inner
-                                .recovery
-                                .as_ref()
-                                .is_none_or(|task| task.is_finished())
-                            && !inner.recovery_done
-                        {
-                            drop(inner);
-                            self.spawn_recovery(state);
-                        }
-                        Next::Stay
-                    }
-                }
-            }
+            let host = engine::Host {
+                me: consensus.node_id(),
+                voters: consensus.voter_ids().into_iter().collect(),
+                journal: inner.journal.as_ref().map(|j| JournalMark {
+                    share: j.share,
+                    epoch: j.epoch,
+                }),
+                alone_epoch: consensus.alone_epoch(),
+                wall_ms: state.stamper.now_ms(),
+            };
+            let (now_ms, link) = consensus.pair_link().view();
+            consensus.read(|ledger| inner.machine.on_tick(now_ms, ledger, &host, &link))
         };
-        match next {
-            Next::Stay => {}
-            Next::GoAlone(share) => self.go_alone(state, share).await,
-            Next::Recover => {
-                {
+        self.carry_out(state, actions).await;
+        self.report_status(state);
+    }
+
+    /// Carries out the machine's actions in order; a slow one's result goes back to the
+    /// machine, and its actions are carried out next.
+    async fn carry_out(&self, state: &SharedState, actions: Vec<Action>) {
+        let consensus = &state.consensus;
+        let link = consensus.pair_link();
+        let mut queue: VecDeque<Action> = actions.into();
+        while let Some(action) = queue.pop_front() {
+            match action {
+                Action::Mode { from, to } => {
+                    link.set_own_mode(to);
+                    if from.is_some() {
+                        tracing::info!(from = ?from, to = ?to, "pair mode");
+                    }
+                }
+                Action::AbortRecovery => {
+                    if let Some(task) = self.lock().recovery.take() {
+                        task.abort();
+                    }
+                }
+                Action::JournalLost { begun, found } => {
+                    let error = lost_journal_error(&self.data_dir, begun, found);
+                    let mut inner = self.lock();
+                    if inner.last_error.as_deref() != Some(error.as_str()) {
+                        tracing::error!(%error, "not serving alone");
+                        state.notifier.emit(
+                            state.stamper.now_ms(),
+                            "pair_journal_lost",
+                            "critical",
+                            error.clone(),
+                            serde_json::json!({"epoch": begun}),
+                        );
+                    }
+                    inner.last_error = Some(error);
+                }
+                Action::OpenRoutes => link.set_serving_alone(false).await,
+                Action::KeepAloneState => {
                     let mut inner = self.lock();
                     let epoch = inner.journal.as_ref().map_or(0, |j| j.epoch);
                     let own = inner.alone.take().and_then(|ledger| ledger.alone_state());
@@ -354,82 +263,44 @@ impl Pair {
                         s.epoch = epoch;
                         s
                     });
-                    inner.recovery_done = false;
-                    self.set_mode(&mut inner, state, Mode::Recovering);
                 }
-                link.set_serving_alone(false).await;
-                self.spawn_recovery(state);
-            }
-            Next::Paired => {
-                // The pair is one again: the replicated ledger is the truth, and no alone
-                // epoch of this host is open any more.
-                if consensus.alone_epoch().is_some()
-                    && let Err(e) = consensus.set_alone_epoch(None).await
-                {
-                    self.lock().last_error = Some(format!("clearing the alone epoch: {e}"));
-                    return;
+                Action::StartRecovery => self.spawn_recovery(state),
+                Action::GoAlone { share, epoch } => {
+                    let begun = self.go_alone(state, share, epoch).await;
+                    let next = self.lock().machine.on_alone(begun);
+                    queue.extend(next);
                 }
-                let mut inner = self.lock();
-                if let Some(journal) = inner.journal.take()
-                    && let Err(e) = journal.delete()
-                {
-                    inner.last_error = Some(e);
+                Action::Rejoin => {
+                    // The pair is one again: the replicated ledger is the truth, and no alone
+                    // epoch of this host is open any more.
+                    if consensus.alone_epoch().is_some()
+                        && let Err(e) = consensus.set_alone_epoch(None).await
+                    {
+                        self.lock().last_error = Some(format!("clearing the alone epoch: {e}"));
+                        continue;
+                    }
+                    let mut inner = self.lock();
+                    if let Some(journal) = inner.journal.take()
+                        && let Err(e) = journal.delete()
+                    {
+                        inner.last_error = Some(e);
+                    }
+                    inner.handed = None;
+                    inner.recovery = None;
+                    let next = inner.machine.on_rejoined();
+                    queue.extend(next);
                 }
-                inner.handed = None;
-                inner.recovery = None;
-                inner.recovery_done = false;
-                self.set_mode(&mut inner, state, Mode::Paired);
             }
         }
-        self.report_status(state);
     }
 
-    /// Starts (or restarts) serving alone: Raft routes closed first, then the alone ledger
-    /// built from the applied ledger, the whole log and the journal.
-    async fn go_alone(&self, state: &SharedState, share: Share) {
+    /// Starts (or restarts) serving alone in `epoch`: Raft routes closed first (waiting for
+    /// the RPCs in flight), the journal begun and the epoch recorded in the store, then the
+    /// alone ledger built from the applied ledger, the whole log and the journal. `false`:
+    /// nothing may be served alone (no journal or no record of its epoch).
+    async fn go_alone(&self, state: &SharedState, share: Share, epoch: u64) -> bool {
         let consensus = &state.consensus;
-        if let Some(task) = self.lock().recovery.take() {
-            task.abort();
-        }
-        let merged = consensus.read(|ledger| ledger.merged_epoch(share));
-        let epoch = {
-            let mut inner = self.lock();
-            // The store records each alone epoch begun until it is merged: a journal missing,
-            // or older than that record, was deleted or put back from a copy, and serving
-            // alone from it would issue the share's licenses a second time (attack T11).
-            let previous_epoch = inner.journal.as_ref().map_or(0, |j| j.epoch);
-            if let Some(begun) = consensus.alone_epoch()
-                && begun > merged
-                && previous_epoch < begun
-            {
-                let error = lost_journal_error(&self.data_dir, begun, inner.journal.as_ref());
-                if inner.last_error.as_deref() != Some(error.as_str()) {
-                    tracing::error!(%error, "not serving alone");
-                    state.notifier.emit(
-                        state.stamper.now_ms(),
-                        "pair_journal_lost",
-                        "critical",
-                        error.clone(),
-                        serde_json::json!({"epoch": begun}),
-                    );
-                }
-                inner.last_error = Some(error);
-                self.set_mode(&mut inner, state, Mode::Recovering);
-                None
-            } else {
-                drop(inner.journal.take());
-                Some(
-                    (merged + 1)
-                        .max(previous_epoch + 1)
-                        .max(state.stamper.now_ms().max(0) as u64),
-                )
-            }
-        };
-        // Refused: its Raft routes stay open (it holds nothing alone), so the pair can merge.
-        let Some(epoch) = epoch else {
-            consensus.pair_link().set_serving_alone(false).await;
-            return;
-        };
+        drop(self.lock().journal.take());
         consensus.pair_link().set_serving_alone(true).await;
         let began = Journal::begin(&self.data_dir, share, epoch);
         let recorded = match &began {
@@ -443,16 +314,12 @@ impl Pair {
         let journal = match (began, recorded) {
             (Ok(journal), Ok(())) => journal,
             (Err(e), _) | (Ok(_), Err(e)) => {
-                // Without a journal nothing may be served alone.
                 inner.last_error = Some(e);
-                self.set_mode(&mut inner, state, Mode::Recovering);
-                return;
+                return false;
             }
         };
-        let mut ledger = consensus.alone_ledger(share);
-        for entry in &journal.commands {
-            ledger.apply(entry);
-        }
+        let rules = inner.machine.rules();
+        let ledger = consensus.alone_ledger(rules, share, &journal.commands);
         tracing::warn!(
             ?share,
             epoch,
@@ -462,8 +329,7 @@ impl Pair {
         inner.journal = Some(journal);
         inner.alone = Some(ledger);
         inner.handed = None;
-        inner.recovery_done = false;
-        self.set_mode(&mut inner, state, Mode::Alone);
+        true
     }
 
     fn spawn_recovery(&self, state: &SharedState) {
@@ -474,7 +340,7 @@ impl Pair {
             let mut inner = pair.lock();
             match result {
                 Ok(report) => {
-                    inner.recovery_done = true;
+                    inner.machine.on_recovery_finished(true);
                     inner.last_error = None;
                     if report.is_some() {
                         inner.last_merge = report;
@@ -482,6 +348,7 @@ impl Pair {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "pair recovery");
+                    inner.machine.on_recovery_finished(false);
                     inner.last_error = Some(e);
                 }
             }
@@ -530,18 +397,11 @@ impl Pair {
         let voters: Vec<u64> = consensus.voter_ids().into_iter().collect();
         let split = consensus.read(|ledger| ledger.pair_backup_percent());
         let inner = self.lock();
-        let mode = inner.mode.unwrap_or(Mode::Off);
+        let mode = inner.machine.mode();
         let heard = link.heard_age();
-        let reachable = link.reachable_age();
         let peer = voters.iter().copied().find(|id| *id != me);
-        let peer_status = match (peer, heard, reachable) {
-            (None, _, _) => None,
-            (Some(_), _, _) if inner.peer_stopped.is_some() => Some(STOPPED),
-            (Some(_), Some(age), _) if age < ALONE_AFTER => Some(RUNNING),
-            (Some(_), _, Some(age)) if age < ALONE_AFTER => Some(RUNNING),
-            (Some(_), None, None) => Some(NOT_AVAILABLE),
-            (Some(_), _, _) => Some(DISCONNECTED),
-        };
+        let (now_ms, view) = link.view();
+        let peer_status = inner.machine.peer_status(now_ms, &view, peer.is_some());
         let lowest = voters.first().copied();
         let peer_is_primary = peer.is_some() && peer == lowest;
         let peer_mode = link.peer_mode();
@@ -552,7 +412,7 @@ impl Pair {
             .map(|f| f.lag_entries)
             .max()
             .unwrap_or(0);
-        let pair_status = pair_status_text(&StatusInputs {
+        let pair_status = engine::status_text(&engine::StatusInputs {
             hosts: voters.len(),
             mode,
             peer_status,
@@ -581,7 +441,7 @@ impl Pair {
                 status: if *id == me {
                     RUNNING
                 } else {
-                    peer_status.unwrap_or(NOT_AVAILABLE)
+                    peer_status.unwrap_or(engine::NOT_AVAILABLE)
                 }
                 .to_string(),
                 // The other host's mode only while it answers (else it is not known).
@@ -608,13 +468,13 @@ impl Pair {
     }
 }
 
-/// Why a host does not serve alone when its alone journal is missing or older than the
-/// epoch its store recorded.
-fn lost_journal_error(data_dir: &std::path::Path, begun: u64, journal: Option<&Journal>) -> String {
+/// Why a host does not serve alone when its alone journal is missing (`found: None`) or older
+/// than the epoch its store recorded.
+fn lost_journal_error(data_dir: &std::path::Path, begun: u64, found: Option<u64>) -> String {
     let path = data_dir.join(journal::JOURNAL_FILE_NAME);
-    let found = match journal {
+    let found = match found {
         None => "is missing".to_string(),
-        Some(journal) => format!("holds the older epoch {}", journal.epoch),
+        Some(epoch) => format!("holds the older epoch {epoch}"),
     };
     format!(
         "the alone journal {} {found}, but this host began serving alone in epoch {begun} and that epoch was not merged: the journal was deleted or put back from a copy, so this host does not serve alone (its leases of that epoch would be issued twice) and serves again once the pair has merged",
@@ -622,56 +482,10 @@ fn lost_journal_error(data_dir: &std::path::Path, begun: u64, journal: Option<&J
     )
 }
 
-/// What the pair status is computed from (one host's view).
-struct StatusInputs {
-    hosts: usize,
-    mode: Mode,
-    /// The other host's server status, `None` without another host.
-    peer_status: Option<&'static str>,
-    peer_mode: Option<Mode>,
-    peer_is_primary: bool,
-    split: Option<u8>,
-    /// Log entries the other host misses (leader's view; 0 elsewhere).
-    lag: u64,
-}
-
-/// The pair status as the reference names it: Recovering while either host merges or still
-/// holds alone state; the other host's absence named by its role; Pair not synced while the
-/// split is not set or the backup lags; else Paired and Available.
-fn pair_status_text(inputs: &StatusInputs) -> &'static str {
-    if inputs.hosts < 2 {
-        NOT_PAIRED
-    } else if inputs.mode == Mode::Recovering
-        || (inputs.peer_status == Some(RUNNING)
-            && matches!(inputs.peer_mode, Some(Mode::Recovering | Mode::Alone)))
-    {
-        RECOVERING
-    } else if inputs.peer_status != Some(RUNNING) {
-        if inputs.peer_is_primary {
-            PRIMARY_NOT_AVAILABLE
-        } else {
-            BACKUP_NOT_AVAILABLE
-        }
-    } else if inputs.split.is_none() || inputs.lag > SYNC_LAG_MAX {
-        PAIR_NOT_SYNCED
-    } else {
-        PAIRED_AND_AVAILABLE
-    }
-}
-
-/// The reference's statuses.
-pub const PAIRED_AND_AVAILABLE: &str = "Paired and Available";
-pub const BACKUP_NOT_AVAILABLE: &str = "Backup not available";
-pub const PRIMARY_NOT_AVAILABLE: &str = "Primary not available";
-pub const PAIR_NOT_SYNCED: &str = "Pair not synced";
-pub const RECOVERING: &str = "Recovering";
-pub const NOT_PAIRED: &str = "Not paired";
-pub const RUNNING: &str = "Running";
-pub const STOPPED: &str = "Stopped";
-pub const DISCONNECTED: &str = "Disconnected";
-pub const NOT_AVAILABLE: &str = "Backup not available";
-/// A backup missing more log entries than this is not in sync.
-pub const SYNC_LAG_MAX: u64 = 1_000;
+pub use engine::{
+    BACKUP_NOT_AVAILABLE, PAIR_NOT_SYNCED, PAIRED_AND_AVAILABLE, PRIMARY_NOT_AVAILABLE, RECOVERING,
+    RUNNING,
+};
 
 /// `GET /v1/pair` and `tessera pair status --json`.
 #[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
@@ -681,6 +495,7 @@ pub struct PairStatus {
     /// Recovering (or Not paired).
     pub pair_status: String,
     /// How this host serves: off, paired, alone, recovering.
+    #[schema(value_type = String, pattern = "^(off|paired|alone|recovering)$")]
     pub mode: Mode,
     pub backup_percent: Option<u8>,
     pub hosts: Vec<PairHost>,
@@ -704,6 +519,7 @@ pub struct PairHost {
     pub share: Share,
     /// Running, Stopped, Disconnected, Backup not available.
     pub status: String,
+    #[schema(value_type = Option<String>, pattern = "^(off|paired|alone|recovering)$")]
     pub mode: Option<Mode>,
     /// Holds the Raft leader role now (it moves back to the primary once it caught up).
     pub raft_leader: bool,
@@ -767,8 +583,11 @@ async fn recover(state: &SharedState) -> Result<Option<MergeReport>, String> {
         &serde_json::json!({"from": state.consensus.node_id()}),
     )
     .await?;
-    let own = state.pair.lock().handed.clone();
-    let states: Vec<AloneState> = own.into_iter().chain(handover.state).collect();
+    let (own, rules) = {
+        let inner = state.pair.lock();
+        (inner.handed.clone(), inner.machine.rules())
+    };
+    let states = engine::merge_states(rules, own, handover.state);
     if states.is_empty() {
         return Ok(None);
     }
@@ -840,81 +659,5 @@ pub async fn run(state: SharedState) {
     loop {
         interval.tick().await;
         state.pair.tick(&state).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn paired() -> StatusInputs {
-        StatusInputs {
-            hosts: 2,
-            mode: Mode::Paired,
-            peer_status: Some(RUNNING),
-            peer_mode: Some(Mode::Paired),
-            peer_is_primary: false,
-            split: Some(50),
-            lag: 0,
-        }
-    }
-
-    #[test]
-    fn the_pair_status_follows_the_reference() {
-        assert_eq!(pair_status_text(&paired()), PAIRED_AND_AVAILABLE);
-        let single = StatusInputs {
-            hosts: 1,
-            peer_status: None,
-            ..paired()
-        };
-        assert_eq!(pair_status_text(&single), NOT_PAIRED);
-        // The backup stopped, shut down or vanished: seen from the primary.
-        for status in [STOPPED, DISCONNECTED, NOT_AVAILABLE] {
-            let gone = StatusInputs {
-                mode: Mode::Alone,
-                peer_status: Some(status),
-                peer_mode: None,
-                ..paired()
-            };
-            assert_eq!(pair_status_text(&gone), BACKUP_NOT_AVAILABLE, "{status}");
-        }
-        // The primary gone: seen from the backup.
-        let primary_gone = StatusInputs {
-            mode: Mode::Alone,
-            peer_status: Some(DISCONNECTED),
-            peer_is_primary: true,
-            ..paired()
-        };
-        assert_eq!(pair_status_text(&primary_gone), PRIMARY_NOT_AVAILABLE);
-        // Both running: not synced while the split is unset or the backup lags.
-        let unsplit = StatusInputs {
-            split: None,
-            ..paired()
-        };
-        assert_eq!(pair_status_text(&unsplit), PAIR_NOT_SYNCED);
-        let lagging = StatusInputs {
-            lag: SYNC_LAG_MAX + 1,
-            ..paired()
-        };
-        assert_eq!(pair_status_text(&lagging), PAIR_NOT_SYNCED);
-        // Merging, on either side.
-        let merging = StatusInputs {
-            mode: Mode::Recovering,
-            ..paired()
-        };
-        assert_eq!(pair_status_text(&merging), RECOVERING);
-        let peer_alone = StatusInputs {
-            peer_mode: Some(Mode::Alone),
-            ..paired()
-        };
-        assert_eq!(pair_status_text(&peer_alone), RECOVERING);
-        // A recovering host whose peer vanished again still says Recovering until it goes
-        // alone again.
-        let lost_while_merging = StatusInputs {
-            mode: Mode::Recovering,
-            peer_status: Some(DISCONNECTED),
-            ..paired()
-        };
-        assert_eq!(pair_status_text(&lost_while_merging), RECOVERING);
     }
 }
