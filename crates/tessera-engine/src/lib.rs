@@ -10,6 +10,9 @@
 //!
 //! A rule written here is therefore the one the simulator checks and the one that ships.
 //!
+//! - [`link`]: the neighbour link (push and renewal timing, the grants a donor signs, what a
+//!   receiver holds and gives back, what a donor takes back and how it compares records).
 //! - [`pair`]: the redundant pair's Off / Paired / Alone / Recovering machine.
 
+pub mod link;
 pub mod pair;

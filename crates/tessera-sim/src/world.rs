@@ -11,6 +11,10 @@ use tessera_core::{
     received_pool_id,
 };
 
+use tessera_engine::link::{
+    self, Connection, Held, LinkMemory, LinkTiming, Returned, vendor_key_id,
+};
+
 use crate::rng::Rng;
 use crate::{BrokenRule, DAY_MS, HOUR_MS, MINUTE_MS, SimConfig, SimReport, Violation};
 
@@ -78,17 +82,6 @@ impl DriftClock {
     }
 }
 
-/// What a server knows about one link; lost when it crashes (as in the server, where it is
-/// per-host memory).
-#[derive(Clone, Debug, Default)]
-struct Link {
-    last_push_ms: Option<i64>,
-    last_renew_ms: Option<i64>,
-    /// Receiver side: grants given back (vendor key → serial, and from when they may be
-    /// reported, in this server's clock) the donor has not confirmed.
-    returned_pending: BTreeMap<String, (u64, i64)>,
-}
-
 #[derive(Clone, Debug)]
 enum StationState {
     Idle,
@@ -125,7 +118,9 @@ struct Server {
     down: Option<LedgerSnapshot>,
     restarts: u64,
     incarnation: u64,
-    links: BTreeMap<usize, Link>,
+    /// What it remembers of each link (the engine's [`LinkMemory`]); lost when it crashes,
+    /// as in the server, where it is per-host memory.
+    links: BTreeMap<usize, LinkMemory>,
     /// True time of the pending timer event (older ones are stale).
     timer_at: Option<i64>,
     /// Per received grant, as of the last apply that may have changed them: (donor, issued
@@ -133,14 +128,6 @@ struct Server {
     renew_points: Vec<(String, i64, i64, i64)>,
     stations: Vec<Station>,
     lease_seq: u64,
-}
-
-/// What a receiver says it holds from a donor.
-#[derive(Clone, Debug)]
-struct Held {
-    key_id: String,
-    serial: u64,
-    licenses: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -152,19 +139,20 @@ enum Body {
     },
     /// Receiver → donor, answering a push.
     HeldAnswer {
+        held: Vec<Held>,
         held_before: Vec<Held>,
-        returned: Vec<(String, u64)>,
+        returned: Vec<Returned>,
     },
     /// Receiver → donor.
     Renew {
         held: Vec<Held>,
-        returned: Vec<(String, u64)>,
+        returned: Vec<Returned>,
     },
     /// Donor → receiver, answering a renew.
     Renewed {
         grants: Vec<Grant>,
         returned_request: bool,
-        echo: Vec<(String, u64)>,
+        echo: Vec<Returned>,
     },
 }
 
@@ -342,10 +330,6 @@ struct World {
     trace: VecDeque<(i64, String)>,
     failed: Option<Violation>,
     report: SimReport,
-}
-
-fn vendor_key_id(pool: &str) -> &str {
-    pool.split('@').next().unwrap_or(pool)
 }
 
 fn ms(t: i64) -> Timestamp {
@@ -1113,10 +1097,10 @@ impl World {
         {
             self.apply(i, Command::Expire);
         }
-        let sync = self.config.sync_period_ms;
+        let timing = self.link_timing();
         for r in self.servers[i].sends_to.clone() {
-            let last = self.servers[i].links.entry(r).or_default().last_push_ms;
-            if last.is_none_or(|last| local - last >= sync) {
+            let link = self.servers[i].links.entry(r).or_default();
+            if link.push_due(local, &timing, Connection::Permanent) {
                 self.push(i, r);
             }
         }
@@ -1134,26 +1118,31 @@ impl World {
         }
     }
 
-    /// As the server decides it for a permanent connection: never renewed by this
-    /// incarnation, a sync period since the last renewal, or a grant with less than half of
-    /// its length left.
+    /// The engine's rule ([`LinkMemory::renewal_due`]) for a permanent connection, on the
+    /// grants' renewal points as of the last apply.
     fn renewal_due(&self, r: usize, d: usize, local: i64) -> bool {
-        let Some(last) = self.servers[r]
-            .links
-            .get(&d)
-            .and_then(|link| link.last_renew_ms)
-        else {
-            return true;
-        };
-        if local - last >= self.config.sync_period_ms {
-            return true;
-        }
         let donor = &self.servers[d].id;
-        self.servers[r]
+        let points = self.servers[r]
             .renew_points
             .iter()
-            .filter(|(from, _, _, usable_until)| from == donor && *usable_until > local)
-            .any(|(_, issued, until, _)| until - local < (until - issued) / 2)
+            .filter(|(from, ..)| from == donor)
+            .map(|(_, issued, until, usable)| (*issued, *until, *usable));
+        match self.servers[r].links.get(&d) {
+            Some(link) => {
+                link.renewal_due(local, &self.link_timing(), Connection::Permanent, points)
+            }
+            None => true,
+        }
+    }
+
+    /// The link timers of every simulated server.
+    fn link_timing(&self) -> LinkTiming {
+        LinkTiming {
+            sync_period_ms: self.config.sync_period_ms,
+            preliminary_renewal_ms: 0,
+            retry_ms: 0,
+            skew_ms: self.config.clock_skew_max_ms,
+        }
     }
 
     // ---- messages ----
@@ -1254,11 +1243,15 @@ impl World {
                 returned_request,
             } => self.on_push(to, from, grants, returned_request, from_incarnation),
             Body::HeldAnswer {
+                held,
                 held_before,
                 returned,
             } => {
-                self.take_back(to, from, &returned);
+                // As the server: compared as the records stood before the push, then what
+                // was given back is taken back, then what it holds now is acknowledged.
                 self.compare(to, from, &held_before);
+                self.take_back(to, from, &returned);
+                self.acknowledge(to, from, &held);
             }
             Body::Renew { held, returned } => {
                 self.on_renew(to, from, held, returned, from_incarnation)
@@ -1271,26 +1264,13 @@ impl World {
         }
     }
 
-    /// Donor side: the signed grants of every running donation to `r`, and whether `r`
-    /// should give back the grants of ended ones.
+    /// Donor side: the engine's [`link::grants_for`], signed with `d`'s identity.
     fn grants_for(&mut self, d: usize, r: usize) -> (Vec<Grant>, bool) {
         let local = self.local(d);
         let server = &self.servers[d];
         let to = &self.servers[r].id;
-        let mut grants = Vec::new();
-        let mut returned_request = false;
-        for donation in server.ledger.donations().iter().filter(|x| &x.to == to) {
-            if donation.outstanding.is_empty() {
-                continue;
-            }
-            if donation.ended || donation.donation_until_ms <= local {
-                returned_request = true;
-                continue;
-            }
-            if let Some((source, payload)) = server.ledger.grant_to_sign(&donation.key_id, to) {
-                grants.push(Grant::issue(source, payload, &server.secret));
-            }
-        }
+        let (grants, returned_request) =
+            link::grants_for(&server.ledger, to, local, &server.secret);
         self.report.grants_signed += grants.len() as u64;
         (grants, returned_request)
     }
@@ -1320,45 +1300,18 @@ impl World {
 
     /// Receiver side: what it holds from donor `d` and can still use.
     fn held_from(&self, r: usize, d: usize) -> Vec<Held> {
-        let local = self.local(r);
-        let donor = &self.servers[d].id;
-        self.servers[r]
-            .ledger
-            .received()
-            .into_iter()
-            .filter(|(_, rc)| &rc.donor == donor && rc.usable_until_ms > local)
-            .map(|(_, rc)| Held {
-                key_id: rc.grant.last().key_id.clone(),
-                serial: rc.serial,
-                licenses: rc.licenses,
-            })
-            .collect()
+        link::held_from(&self.servers[r].ledger, &self.servers[d].id, self.local(r))
     }
 
-    /// Receiver side: grants of `d` it no longer uses — those it gave back, and the serials
-    /// before the one it holds, unless an earlier, larger grant still counts.
-    fn returned_to(&self, r: usize, d: usize) -> Vec<(String, u64)> {
+    /// Receiver side: grants of `d` it no longer uses ([`LinkMemory::returned_to`]).
+    fn returned_to(&self, r: usize, d: usize) -> Vec<Returned> {
         let local = self.local(r);
-        let mut returned: BTreeMap<String, u64> = self.servers[r]
-            .links
-            .get(&d)
-            .map(|link| {
-                link.returned_pending
-                    .iter()
-                    .filter(|(_, (_, from))| *from <= local)
-                    .map(|(key_id, (serial, _))| (key_id.clone(), *serial))
-                    .collect()
-            })
-            .unwrap_or_default();
         let donor = &self.servers[d].id;
-        for view in self.servers[r].ledger.keys(local) {
-            let Some(rc) = view.received else { continue };
-            if &rc.donor == donor && rc.serial > 1 && rc.floor.is_empty() && view.ended_early == 0 {
-                let entry = returned.entry(rc.grant.last().key_id.clone()).or_insert(0);
-                *entry = (*entry).max(rc.serial - 1);
-            }
+        let ledger = &self.servers[r].ledger;
+        match self.servers[r].links.get(&d) {
+            Some(link) => link.returned_to(ledger, donor, local),
+            None => LinkMemory::default().returned_to(ledger, donor, local),
         }
-        returned.into_iter().collect()
     }
 
     fn on_push(
@@ -1370,16 +1323,18 @@ impl World {
         donor_incarnation: u64,
     ) {
         let held_before = self.held_from(r, d);
-        let keep: BTreeSet<String> = grants.iter().map(|g| g.last().key_id.clone()).collect();
+        let keep = link::kept(&grants);
         self.accept_grants(r, d, grants);
         if returned_request {
             self.release_absent(r, d, &keep);
         }
         let returned = self.returned_to(r, d);
+        let held = self.held_from(r, d);
         self.send(
             r,
             d,
             Body::HeldAnswer {
+                held,
                 held_before,
                 returned,
             },
@@ -1392,11 +1347,13 @@ impl World {
         d: usize,
         r: usize,
         held: Vec<Held>,
-        returned: Vec<(String, u64)>,
+        returned: Vec<Returned>,
         receiver_incarnation: u64,
     ) {
+        // As the server: what it gave back first, then compared and acknowledged.
         self.take_back(d, r, &returned);
         self.compare(d, r, &held);
+        self.acknowledge(d, r, &held);
         let to = self.servers[r].id.clone();
         let (grants, returned_request) = if self.config.broken == Some(BrokenRule::SignBeforeCommit)
         {
@@ -1517,15 +1474,15 @@ impl World {
         d: usize,
         grants: Vec<Grant>,
         returned_request: bool,
-        echo: Vec<(String, u64)>,
+        echo: Vec<Returned>,
     ) {
-        let link = self.servers[r].links.entry(d).or_default();
-        for (key_id, serial) in echo {
-            if link.returned_pending.get(&key_id).map(|(s, _)| *s) == Some(serial) {
-                link.returned_pending.remove(&key_id);
-            }
-        }
-        let keep: BTreeSet<String> = grants.iter().map(|g| g.last().key_id.clone()).collect();
+        let local = self.local(r);
+        self.servers[r]
+            .links
+            .entry(d)
+            .or_default()
+            .on_renewed(local, &echo, false);
+        let keep = link::kept(&grants);
         self.accept_grants(r, d, grants);
         if returned_request {
             self.release_absent(r, d, &keep);
@@ -1579,21 +1536,8 @@ impl World {
     /// calling back what it donated further from it.
     fn release_absent(&mut self, r: usize, d: usize, keep: &BTreeSet<String>) {
         let donor = self.servers[d].id.clone();
-        let pools: Vec<String> = self.servers[r]
-            .ledger
-            .received()
-            .into_iter()
-            .filter(|(_, rc)| rc.donor == donor && !keep.contains(&rc.grant.last().key_id))
-            .map(|(pool, _)| pool)
-            .collect();
-        for pool in pools {
-            let onward: Vec<String> = self.servers[r]
-                .ledger
-                .donations()
-                .into_iter()
-                .filter(|x| x.key_id == pool && !x.ended)
-                .map(|x| x.to)
-                .collect();
+        let release = link::to_release(&self.servers[r].ledger, &donor, keep);
+        for (pool, onward) in release {
             for to in onward {
                 if let Outcome::DonationEnded { .. } = self.apply(
                     r,
@@ -1627,11 +1571,11 @@ impl World {
                         Some(BrokenRule::ReturnAtOnce) => i64::MIN,
                         _ => stations_until_ms,
                     };
-                    let link = self.servers[r].links.entry(d).or_default();
-                    let entry = link.returned_pending.entry(key_id).or_insert((0, from));
-                    if serial >= entry.0 {
-                        *entry = (serial, from.max(entry.1));
-                    }
+                    self.servers[r]
+                        .links
+                        .entry(d)
+                        .or_default()
+                        .on_released(&key_id, serial, from);
                     let line = format!(
                         "{} released {pool} serial {serial}: {leases_ended} leases ended",
                         self.servers[r].id
@@ -1645,30 +1589,21 @@ impl World {
         }
     }
 
-    /// Donor side: the receiver no longer uses these grants.
-    fn take_back(&mut self, d: usize, r: usize, returned: &[(String, u64)]) {
+    /// Donor side: the receiver no longer uses these grants ([`link::take_back`]).
+    fn take_back(&mut self, d: usize, r: usize, returned: &[Returned]) {
         let to = self.servers[r].id.clone();
-        for (key_id, serial) in returned {
-            let donation = self.servers[d].ledger.donations().into_iter().find(|x| {
-                x.to == to
-                    && vendor_key_id(&x.key_id) == key_id
-                    && *serial <= x.serial
-                    && x.outstanding.iter().any(|o| o.serial <= *serial)
-            });
-            let Some(donation) = donation else { continue };
-            if let Outcome::GrantReturned { licenses_back, .. } = self.apply(
-                d,
-                Command::GrantReturned {
-                    key_id: donation.key_id.clone(),
-                    to: to.clone(),
-                    serial: *serial,
-                },
-            ) {
+        let commands = link::take_back(&self.servers[d].ledger, &to, returned);
+        for command in commands {
+            let Command::GrantReturned { key_id, serial, .. } = &command else {
+                continue;
+            };
+            let (key_id, serial) = (key_id.clone(), *serial);
+            if let Outcome::GrantReturned { licenses_back, .. } = self.apply(d, command) {
                 self.report.licenses_returned += u64::from(licenses_back);
                 if licenses_back > 0 {
                     let line = format!(
-                        "{} took back {licenses_back} of {} from {to} (returned serial {serial})",
-                        self.servers[d].id, donation.key_id
+                        "{} took back {licenses_back} of {key_id} from {to} (returned serial {serial})",
+                        self.servers[d].id
                     );
                     self.note(line);
                 }
@@ -1676,24 +1611,29 @@ impl World {
         }
     }
 
-    /// Donor side, license synchronization: what the receiver said it held must be a grant
-    /// this donor still counts.
+    /// Donor side, license synchronization: the engine's comparison of what the receiver
+    /// said it held with this donor's records ([`LinkMemory::compare_records`]).
     fn compare(&mut self, d: usize, r: usize, held: &[Held]) {
+        let local = self.local(d);
+        let timing = self.link_timing();
         let to = &self.servers[r].id;
-        let donations = self.servers[d].ledger.donations();
-        let mismatches = held
-            .iter()
-            .filter(|h| {
-                !donations.iter().any(|x| {
-                    &x.to == to
-                        && vendor_key_id(&x.key_id) == h.key_id
-                        && x.outstanding
-                            .iter()
-                            .any(|o| o.serial == h.serial && o.licenses == h.licenses)
-                })
-            })
-            .count();
-        self.report.mismatches += mismatches as u64;
+        let server = &self.servers[d];
+        let mismatches = match server.links.get(&r) {
+            Some(link) => link.compare_records(&server.ledger, to, held, local, &timing),
+            None => LinkMemory::default().compare_records(&server.ledger, to, held, local, &timing),
+        };
+        self.report.mismatches += mismatches.len() as u64;
+    }
+
+    /// Donor side: remembers which serial the receiver holds of each donation.
+    fn acknowledge(&mut self, d: usize, r: usize, held: &[Held]) {
+        let to = self.servers[r].id.clone();
+        let server = &mut self.servers[d];
+        server
+            .links
+            .entry(r)
+            .or_default()
+            .acknowledge(&server.ledger, &to, held);
     }
 
     // ---- administrators ----

@@ -29,6 +29,7 @@ use std::sync::Mutex;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tessera_core::{Command, Grant, Outcome, PublicKey, Refusal, UsageReport};
+use tessera_engine::link::{self, LinkMemory, LinkTiming};
 
 pub use tessera_api::{
     DonorSettings, HeldGrant as Held, NeighbourEnvelope as Envelope, ReturnedGrant as Returned,
@@ -125,26 +126,16 @@ pub struct RenewAnswer {
 }
 
 /// What this host knows about the link to one neighbour (not replicated: a new primary
-/// starts afresh and contacts every neighbour at once).
+/// starts afresh and contacts every neighbour at once): the protocol's memory
+/// ([`LinkMemory`], whose rules are `tessera_engine::link`) and what the console shows.
 #[derive(Clone, Debug, Default)]
 pub struct LinkState {
+    pub memory: LinkMemory,
     pub last_contact_ms: Option<i64>,
     pub last_error: Option<String>,
-    pub last_push_ms: Option<i64>,
-    pub last_renew_ms: Option<i64>,
-    pub last_report_ms: Option<i64>,
-    pub last_failure_ms: Option<i64>,
     pub donor_settings: Option<DonorSettings>,
     /// The last mismatch reported, so the same one is not notified every sync period.
     pub last_mismatch: Option<String>,
-    /// Donor side: per donation (key id as donated), the latest serial the receiver was seen
-    /// holding. A receiver that held a grant and then reports nothing, without having given
-    /// it back, lost it.
-    pub acknowledged: BTreeMap<String, u64>,
-    /// Receiver side: grants given back (vendor key id → serial, and from when the donor
-    /// may hear of it: once the stations of the ended leases stopped) the donor has not yet
-    /// confirmed hearing about.
-    pub returned_pending: BTreeMap<String, (u64, i64)>,
 }
 
 /// Per-neighbour link states.
@@ -175,9 +166,38 @@ fn refused(code: &'static str, message: String) -> ApiError {
     ApiError::Neighbour { code, message }
 }
 
-/// The vendor key id of a key or received pool id (`KEY@DONOR` → `KEY`).
-fn vendor_key_id(key_id: &str) -> &str {
-    key_id.split('@').next().unwrap_or(key_id)
+use tessera_engine::link::vendor_key_id;
+
+fn held_grants(held: Vec<link::Held>) -> Vec<Held> {
+    held.into_iter()
+        .map(|h| Held {
+            key_id: h.key_id,
+            serial: h.serial,
+            licenses: h.licenses,
+            in_use: h.in_use,
+        })
+        .collect()
+}
+
+fn engine_held(held: &[Held]) -> Vec<link::Held> {
+    held.iter()
+        .map(|h| link::Held {
+            key_id: h.key_id.clone(),
+            serial: h.serial,
+            licenses: h.licenses,
+            in_use: h.in_use,
+        })
+        .collect()
+}
+
+fn engine_returned(returned: &[Returned]) -> Vec<link::Returned> {
+    returned
+        .iter()
+        .map(|r| link::Returned {
+            key_id: r.key_id.clone(),
+            serial: r.serial,
+        })
+        .collect()
 }
 
 impl AppState {
@@ -196,6 +216,17 @@ impl AppState {
 
     fn skew_ms(&self) -> i64 {
         self.config.clock_skew_max.as_millis() as i64
+    }
+
+    /// The link timers of this server's configuration.
+    fn link_timing(&self) -> LinkTiming {
+        let licenses = &self.config.licenses;
+        LinkTiming {
+            sync_period_ms: licenses.sync_period.as_millis() as i64,
+            preliminary_renewal_ms: licenses.preliminary_renewal_interval.as_millis() as i64,
+            retry_ms: RETRY_MS,
+            skew_ms: self.skew_ms(),
+        }
     }
 
     /// Signs a message to a neighbour.
@@ -393,59 +424,24 @@ impl AppState {
     /// What this server holds from a donor: its received grants still usable.
     fn held_from(&self, donor: &str) -> Vec<Held> {
         let now_ms = self.stamper.now_ms();
-        self.consensus.read(|ledger| {
-            ledger
-                .keys(ledger.last_at_ms().max(now_ms))
-                .into_iter()
-                .filter_map(|view| {
-                    let received = view.received.as_ref()?;
-                    (received.donor == donor && received.usable_until_ms > now_ms).then(|| Held {
-                        key_id: view.key.payload.key_id.clone(),
-                        serial: received.serial,
-                        licenses: received.licenses,
-                        in_use: view.in_use,
-                    })
-                })
-                .collect()
-        })
+        held_grants(
+            self.consensus
+                .read(|ledger| link::held_from(ledger, donor, now_ms)),
+        )
     }
 
-    /// Receiver side: the grants of `donor` this server no longer uses. Those it gave back
-    /// whose stations stopped using them, and for each one it holds, the serials before it,
-    /// unless an earlier grant still counts here (then nothing is confirmed until it lapses).
+    /// Receiver side: the grants of `donor` this server no longer uses
+    /// ([`LinkMemory::returned_to`]).
     fn returned_to(&self, donor: &str) -> Vec<Returned> {
         let now_ms = self.stamper.now_ms();
-        let mut returned: BTreeMap<String, u64> = self
-            .links
-            .get(donor)
-            .returned_pending
+        let memory = self.links.get(donor).memory;
+        self.consensus
+            .read(|ledger| memory.returned_to(ledger, donor, now_ms))
             .into_iter()
-            .filter(|(_, (_, from_ms))| *from_ms <= now_ms)
-            .map(|(key_id, (serial, _))| (key_id, serial))
-            .collect();
-        let superseded: Vec<(String, u64)> = self.consensus.read(|ledger| {
-            ledger
-                .keys(ledger.last_at_ms())
-                .into_iter()
-                .filter_map(|view| {
-                    let received = view.received.as_ref()?;
-                    // Not while leases of a released grant still run: the donor counts them
-                    // under that grant until it hears of its return.
-                    (received.donor == donor
-                        && received.serial > 1
-                        && received.floor.is_empty()
-                        && view.ended_early == 0)
-                        .then(|| (view.key.payload.key_id.clone(), received.serial - 1))
-                })
-                .collect()
-        });
-        for (key_id, serial) in superseded {
-            let entry = returned.entry(key_id).or_insert(serial);
-            *entry = (*entry).max(serial);
-        }
-        returned
-            .into_iter()
-            .map(|(key_id, serial)| Returned { key_id, serial })
+            .map(|r| Returned {
+                key_id: r.key_id,
+                serial: r.serial,
+            })
             .collect()
     }
 
@@ -453,23 +449,8 @@ impl AppState {
     /// receiver should give back grants of ended ones.
     fn grants_for(&self, to: &str) -> (Vec<Grant>, bool) {
         let now_ms = self.stamper.now_ms();
-        self.consensus.read(|ledger| {
-            let mut grants = Vec::new();
-            let mut returned_request = false;
-            for donation in ledger.donations().iter().filter(|d| d.to == to) {
-                if donation.outstanding.is_empty() {
-                    continue;
-                }
-                if donation.ended || donation.donation_until_ms <= now_ms {
-                    returned_request = true;
-                    continue;
-                }
-                if let Some((source, payload)) = ledger.grant_to_sign(&donation.key_id, to) {
-                    grants.push(Grant::issue(source, payload, &self.identity));
-                }
-            }
-            (grants, returned_request)
-        })
+        self.consensus
+            .read(|ledger| link::grants_for(ledger, to, now_ms, &self.identity))
     }
 
     /// Receiver side of a push or renew answer: accepts each grant that comes from this
@@ -592,23 +573,10 @@ impl AppState {
     /// called back from its own receivers first. The returned grants are remembered until the
     /// donor has heard of them.
     async fn release_absent(&self, donor: &Neighbour, keep: &BTreeSet<String>) {
-        let pools: Vec<String> = self.consensus.read(|ledger| {
-            ledger
-                .received()
-                .into_iter()
-                .filter(|(_, r)| r.donor == donor.id && !keep.contains(&r.grant.last().key_id))
-                .map(|(pool, _)| pool)
-                .collect()
-        });
-        for pool in pools {
-            let onward: Vec<String> = self.consensus.read(|ledger| {
-                ledger
-                    .donations()
-                    .into_iter()
-                    .filter(|d| d.key_id == pool)
-                    .map(|d| d.to)
-                    .collect()
-            });
+        let release = self
+            .consensus
+            .read(|ledger| link::to_release(ledger, &donor.id, keep));
+        for (pool, onward) in release {
             for to in onward {
                 let ended = self
                     .propose_at(
@@ -643,11 +611,7 @@ impl AppState {
                 }) => {
                     let key_id = vendor_key_id(&pool).to_string();
                     self.links.update(&donor.id, |link| {
-                        let entry = link
-                            .returned_pending
-                            .entry(key_id.clone())
-                            .or_insert((0, stations_until_ms));
-                        *entry = (entry.0.max(serial), entry.1.max(stations_until_ms));
+                        link.memory.on_released(&key_id, serial, stations_until_ms);
                     });
                     self.history.key_event(
                         at_ms,
@@ -678,11 +642,7 @@ impl AppState {
     pub async fn receive_push(&self, envelope: Envelope) -> Result<Envelope, ApiError> {
         let (neighbour, push): (Neighbour, GrantsPush) = self.open_request(&envelope, "grants")?;
         let held_before = self.held_from(&neighbour.id);
-        let keep: BTreeSet<String> = push
-            .grants
-            .iter()
-            .filter_map(|g| g.links.last().map(|l| l.payload.key_id.clone()))
-            .collect();
+        let keep = link::kept(&push.grants);
         let refused = self.accept_grants(&neighbour, push.grants).await;
         if push.returned_request {
             self.release_absent(&neighbour, &keep).await;
@@ -739,38 +699,24 @@ impl AppState {
     /// Donor side: the receiver no longer uses these grants; the licenses come back now.
     /// Only serials this server issued and still counts are taken back.
     async fn take_back(&self, to: &str, returned: &[Returned]) -> Result<(), ApiError> {
-        for item in returned {
-            let donation = self.consensus.read(|ledger| {
-                ledger.donations().into_iter().find(|d| {
-                    d.to == to
-                        && vendor_key_id(&d.key_id) == item.key_id
-                        && item.serial <= d.serial
-                        && d.outstanding.iter().any(|o| o.serial <= item.serial)
-                })
-            });
-            let Some(donation) = donation else { continue };
+        let returned = engine_returned(returned);
+        let commands = self
+            .consensus
+            .read(|ledger| link::take_back(ledger, to, &returned));
+        for command in commands {
+            let Command::GrantReturned { key_id, serial, .. } = &command else {
+                continue;
+            };
+            let (key_id, serial) = (key_id.clone(), *serial);
             let at_ms = self.stamper.stamp_lenient();
-            match self
-                .propose_at(
-                    at_ms,
-                    Command::GrantReturned {
-                        key_id: donation.key_id.clone(),
-                        to: to.into(),
-                        serial: item.serial,
-                    },
-                )
-                .await
-            {
+            match self.propose_at(at_ms, command).await {
                 Ok(Outcome::GrantReturned { licenses_back, .. }) if licenses_back > 0 => {
                     self.notifier.emit(
                         at_ms,
                         "licenses_returned",
                         "info",
-                        format!(
-                            "neighbour {to} gave back {licenses_back} licenses of {}",
-                            donation.key_id
-                        ),
-                        serde_json::json!({"neighbour": to, "key_id": donation.key_id, "serial": item.serial, "licenses_back": licenses_back}),
+                        format!("neighbour {to} gave back {licenses_back} licenses of {key_id}"),
+                        serde_json::json!({"neighbour": to, "key_id": key_id, "serial": serial, "licenses_back": licenses_back}),
                     );
                 }
                 Ok(_) | Err(ApiError::Refused(Refusal::DonationNotFound { .. })) => {}
@@ -782,22 +728,10 @@ impl AppState {
 
     /// Donor side: remembers which serial the receiver holds of each donation.
     fn acknowledge(&self, to: &str, held: &[Held]) {
-        let donations = self.consensus.read(|ledger| ledger.donations());
-        self.links.update(to, |link| {
-            link.acknowledged.retain(|key_id, _| {
-                donations
-                    .iter()
-                    .any(|d| d.to == to && &d.key_id == key_id && !d.outstanding.is_empty())
-            });
-            for h in held {
-                if let Some(d) = donations
-                    .iter()
-                    .find(|d| d.to == to && vendor_key_id(&d.key_id) == h.key_id)
-                {
-                    let entry = link.acknowledged.entry(d.key_id.clone()).or_insert(0);
-                    *entry = (*entry).max(h.serial);
-                }
-            }
+        let held = engine_held(held);
+        self.links.update(to, |state| {
+            self.consensus
+                .read(|ledger| state.memory.acknowledge(ledger, to, &held));
         });
     }
 
@@ -809,52 +743,12 @@ impl AppState {
     /// both counts. Returns the mismatches.
     fn compare_records(&self, to: &str, held: &[Held]) -> Vec<String> {
         let now_ms = self.stamper.now_ms();
-        let skew_ms = self.skew_ms();
-        let donations = self.consensus.read(|ledger| ledger.donations());
-        let acknowledged = self.links.get(to).acknowledged;
-        let mut mismatches = Vec::new();
-        let mut seen = BTreeSet::new();
-        for donation in donations.iter().filter(|d| d.to == to) {
-            let key_id = vendor_key_id(&donation.key_id).to_string();
-            seen.insert(key_id.clone());
-            let counted = donation.counted();
-            let theirs = held.iter().find(|h| h.key_id == key_id);
-            let consistent = match theirs {
-                // One of the grants this server counts; or an earlier one of its own, replaced
-                // by a newer grant still on its way (an edited end date or count), giving no
-                // more than this server counts. A serial above the newest it issued is not its
-                // own: that, or more licenses than counted, is a real mismatch.
-                Some(h) => {
-                    donation
-                        .outstanding
-                        .iter()
-                        .any(|o| o.serial == h.serial && o.licenses == h.licenses)
-                        || (h.serial < donation.serial && h.licenses <= counted)
-                }
-                // Ended: the receiver gives it back (and says so once its stations stopped).
-                None if donation.ended || donation.donation_until_ms <= now_ms => true,
-                None => !acknowledged.get(&donation.key_id).is_some_and(|serial| {
-                    donation
-                        .outstanding
-                        .iter()
-                        .any(|o| o.serial >= *serial && o.lease_until_ms - 2 * skew_ms > now_ms)
-                }),
-            };
-            if !consistent {
-                let (their_licenses, their_serial) =
-                    theirs.map_or((0, 0), |h| (h.licenses, h.serial));
-                mismatches.push(format!(
-                    "neighbour {to} reports {their_licenses} licenses of key {key_id} received (grant serial {their_serial}), this server counts {counted} donated (serial {})",
-                    donation.serial
-                ));
-            }
-        }
-        for theirs in held.iter().filter(|h| !seen.contains(&h.key_id)) {
-            mismatches.push(format!(
-                "neighbour {to} reports {} licenses of key {} received (grant serial {}), this server counts 0 donated",
-                theirs.licenses, theirs.key_id, theirs.serial
-            ));
-        }
+        let timing = self.link_timing();
+        let memory = self.links.get(to).memory;
+        let held_now = engine_held(held);
+        let mismatches = self
+            .consensus
+            .read(|ledger| memory.compare_records(ledger, to, &held_now, now_ms, &timing));
         let summary = mismatches.join("; ");
         let previous = self.links.get(to).last_mismatch;
         if !mismatches.is_empty() && previous.as_deref() != Some(summary.as_str()) {
@@ -950,7 +844,7 @@ impl AppState {
                 let first = self.links.get(id).last_error.as_deref() != Some(error.as_str());
                 self.links.update(id, |link| {
                     link.last_error = Some(error.clone());
-                    link.last_failure_ms = Some(now_ms);
+                    link.memory.last_failure_ms = Some(now_ms);
                 });
                 self.metrics
                     .neighbour_errors
@@ -976,8 +870,9 @@ impl AppState {
     /// the receiver refused are an error.
     pub async fn push_grants(&self, neighbour: &Neighbour) -> Result<Vec<String>, String> {
         let now_ms = self.stamper.now_ms();
-        self.links
-            .update(&neighbour.id, |link| link.last_push_ms = Some(now_ms));
+        self.links.update(&neighbour.id, |link| {
+            link.memory.last_push_ms = Some(now_ms)
+        });
         let (grants, returned_request) = self.grants_for(&neighbour.id);
         let pushed: Vec<(String, u64)> = grants
             .iter()
@@ -1033,16 +928,14 @@ impl AppState {
     pub async fn request_renewal(&self, neighbour: &Neighbour) -> Result<(), String> {
         let now_ms = self.stamper.now_ms();
         let link = self.links.get(&neighbour.id);
-        let report_period_ms = link.donor_settings.map_or(
-            self.config.licenses.usage_report_period.as_millis() as i64,
-            |s| s.usage_report_period_ms,
-        );
-        let usage = match link.last_report_ms {
-            Some(last) if now_ms - last < report_period_ms => None,
-            _ => Some(self.usage_report(&neighbour.id, link.donor_settings)),
-        };
-        self.links
-            .update(&neighbour.id, |link| link.last_renew_ms = Some(now_ms));
+        let default_period_ms = self.config.licenses.usage_report_period.as_millis() as i64;
+        let usage = link
+            .memory
+            .usage_due(now_ms, default_period_ms)
+            .then(|| self.usage_report(&neighbour.id, link.donor_settings));
+        self.links.update(&neighbour.id, |link| {
+            link.memory.last_renew_ms = Some(now_ms)
+        });
         let returned = self.returned_to(&neighbour.id);
         let request = RenewRequest {
             held: self.held_from(&neighbour.id),
@@ -1060,28 +953,14 @@ impl AppState {
             .await;
         self.link_result(&neighbour.id, &result);
         let answer = result?;
+        let heard = engine_returned(&returned);
         self.links.update(&neighbour.id, |link| {
             link.donor_settings = Some(answer.settings);
-            if usage.is_some() {
-                link.last_report_ms = Some(now_ms);
-            }
+            link.memory.report_period_ms = Some(answer.settings.usage_report_period_ms);
             // The donor has heard of these.
-            for r in &returned {
-                if link
-                    .returned_pending
-                    .get(&r.key_id)
-                    .map(|(serial, _)| serial)
-                    == Some(&r.serial)
-                {
-                    link.returned_pending.remove(&r.key_id);
-                }
-            }
+            link.memory.on_renewed(now_ms, &heard, usage.is_some());
         });
-        let keep: BTreeSet<String> = answer
-            .grants
-            .iter()
-            .filter_map(|g| g.links.last().map(|l| l.payload.key_id.clone()))
-            .collect();
+        let keep = link::kept(&answer.grants);
         let refusals = self.accept_grants(neighbour, answer.grants).await;
         if answer.returned_request {
             self.release_absent(neighbour, &keep).await;
@@ -1186,101 +1065,37 @@ impl AppState {
             .collect()
     }
 
-    /// What is due on one link: as donor, the push (license synchronization) every
-    /// `sync_period` (for a periodic connection at most every `reconnect_period`); as
-    /// receiver, the renewal request when [`AppState::renewal_due`] says so.
+    /// What is due on one link: as donor, the push ([`LinkMemory::push_due`]); as receiver,
+    /// the renewal request ([`LinkMemory::renewal_due`]).
     async fn neighbour_due(&self, neighbour: &Neighbour, now_ms: i64) -> Vec<String> {
         let mut errors = Vec::new();
-        let link = self.links.get(&neighbour.id);
-        let retry_ok = link
-            .last_failure_ms
-            .is_none_or(|failed| now_ms - failed >= RETRY_MS);
-        if !retry_ok {
+        let memory = self.links.get(&neighbour.id).memory;
+        let timing = self.link_timing();
+        if memory.resting(now_ms, &timing) {
             return errors;
         }
-        let sync_ms = self.config.licenses.sync_period.as_millis() as i64;
-        let push_ms = match neighbour.connection {
-            Connection::Permanent => sync_ms,
-            Connection::Periodic { reconnect_period } => {
-                sync_ms.max(reconnect_period.as_millis() as i64)
-            }
+        let connection = match neighbour.connection {
+            Connection::Permanent => link::Connection::Permanent,
+            Connection::Periodic { reconnect_period } => link::Connection::Periodic {
+                reconnect_ms: reconnect_period.as_millis() as i64,
+            },
         };
         if neighbour.send
-            && link
-                .last_push_ms
-                .is_none_or(|last| now_ms - last >= push_ms)
+            && memory.push_due(now_ms, &timing, connection)
             && let Err(error) = self.push_grants(neighbour).await
         {
             errors.push(error);
         }
+        let grants = self
+            .consensus
+            .read(|ledger| link::grant_points(ledger, &neighbour.id));
         if neighbour.receive
-            && self.renewal_due(neighbour, &link, now_ms)
+            && memory.renewal_due(now_ms, &timing, connection, grants)
             && let Err(error) = self.request_renewal(neighbour).await
         {
             errors.push(error);
         }
         errors
-    }
-
-    /// Whether a receiver should ask this donor for a renewal now. Permanent connection: when
-    /// a grant has less than half of its length (issue → lease end) left, when a usage report
-    /// is due, and at least every `sync_period` (which also picks up donations whose push was
-    /// lost). Periodic connection: every `reconnect_period`, and when a grant has less than
-    /// `preliminary_renewal_interval` left.
-    fn renewal_due(&self, neighbour: &Neighbour, link: &LinkState, now_ms: i64) -> bool {
-        let Some(last) = link.last_renew_ms else {
-            return true;
-        };
-        // A grant given back whose stations stopped: the donor should hear of it now.
-        if link
-            .returned_pending
-            .values()
-            .any(|(_, from_ms)| *from_ms <= now_ms)
-        {
-            return true;
-        }
-        let since = now_ms - last;
-        let grants: Vec<(i64, i64, i64)> = self.consensus.read(|ledger| {
-            ledger
-                .received()
-                .into_iter()
-                .filter(|(_, r)| r.donor == neighbour.id)
-                .map(|(_, r)| {
-                    let last = r.grant.last();
-                    (
-                        last.issued_at.as_millisecond(),
-                        last.lease_until.as_millisecond(),
-                        r.usable_until_ms,
-                    )
-                })
-                .filter(|(_, _, usable_until)| *usable_until > now_ms)
-                .collect()
-        });
-        match neighbour.connection {
-            Connection::Permanent => {
-                let sync_ms = self.config.licenses.sync_period.as_millis() as i64;
-                let report_due = link.donor_settings.is_some_and(|s| {
-                    link.last_report_ms
-                        .is_none_or(|r| now_ms - r >= s.usage_report_period_ms)
-                });
-                since >= sync_ms
-                    || report_due
-                    || grants
-                        .iter()
-                        .any(|(issued, until, _)| until - now_ms < (until - issued) / 2)
-            }
-            Connection::Periodic { reconnect_period } => {
-                let preliminary_ms = self
-                    .config
-                    .licenses
-                    .preliminary_renewal_interval
-                    .as_millis() as i64;
-                since >= reconnect_period.as_millis() as i64
-                    || grants
-                        .iter()
-                        .any(|(_, _, usable_until)| usable_until - now_ms < preliminary_ms)
-            }
-        }
     }
 
     /// After an administrator changed a donation: send the grants now (best effort; the
