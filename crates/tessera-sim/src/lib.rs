@@ -26,15 +26,21 @@
 //! by more than the skew the ledgers allow for). Every command a server applies is stamped
 //! with its own clock.
 //!
-//! **Links**, as the server's neighbour module runs them (`tessera-server`, `neighbours`):
+//! **Links**, with the rules the server runs (`tessera_engine::link`: when to push and to
+//! renew, which grants a donor signs, what a receiver holds and gives back, what a donor takes
+//! back, acknowledges and compares); only the transport is the simulator's own. A share of
+//! the links ([`SimConfig::periodic_ppm`]) are periodic connections.
 //! - *push* (donor → receiver), after every donation change and every
-//!   [`SimConfig::sync_period_ms`]: the donor signs the latest grant of each running donation
+//!   [`SimConfig::sync_period_ms`] (a periodic link: at most every reconnect period): the
+//!   donor signs the latest grant of each running donation
 //!   (`grant_to_sign` + `Grant::issue`) and asks for ended ones back. The receiver applies
 //!   `AcceptGrant` for each, releases (`ReleaseGrant`) pools whose donation ended — after
 //!   ending and pushing its own onward donations from them — and answers with what it held
 //!   before and after, and what it no longer uses; the donor applies `GrantReturned` for those.
 //! - *renew* (receiver → donor) when a grant has less than half of its length left, at least
-//!   every sync period, and at once after a (re)start: the donor takes back what was
+//!   every sync period, when a grant it gave back should be reported, and at once after a
+//!   (re)start (a periodic link: every [`SimConfig::reconnect_ms`], and when a grant has less
+//!   than [`SimConfig::preliminary_renewal_ms`] left): the donor takes back what was
 //!   returned, **commits `RenewDonations` before it signs** the renewed grants, and answers
 //!   with them; the receiver uses them only once it has applied `AcceptGrant`.
 //! - Every message carries the sender's clock; a receiver refuses one whose clock differs
@@ -177,6 +183,7 @@
 //! println!("{}", report.summary());
 //! ```
 
+pub mod campaign;
 pub mod domain;
 pub mod pair;
 mod rng;
@@ -263,6 +270,11 @@ pub struct SimConfig {
     pub heartbeat_ms: i64,
     pub renewal_period_ms: i64,
     pub sync_period_ms: i64,
+    /// Share of the links (per million) that are periodic connections: the receiver asks
+    /// every `reconnect_ms`, and when a grant has less than `preliminary_renewal_ms` left.
+    pub periodic_ppm: u32,
+    pub reconnect_ms: i64,
+    pub preliminary_renewal_ms: i64,
     /// A server's timer runs at least this often (links due, expiry).
     pub tick_ms: i64,
     pub stations_per_server: usize,
@@ -329,6 +341,9 @@ impl SimConfig {
             heartbeat_ms: 40 * MINUTE_MS,
             renewal_period_ms: 48 * HOUR_MS,
             sync_period_ms: 24 * HOUR_MS,
+            periodic_ppm: 250_000,
+            reconnect_ms: 12 * HOUR_MS,
+            preliminary_renewal_ms: 12 * HOUR_MS,
             tick_ms: 2 * HOUR_MS,
             stations_per_server: 2,
             session_mean_ms: 8 * HOUR_MS,
@@ -370,6 +385,9 @@ impl SimConfig {
             retry_ms: (5 * MINUTE_MS, 30 * MINUTE_MS),
             renewal_period_ms: 12 * HOUR_MS,
             sync_period_ms: 4 * HOUR_MS,
+            periodic_ppm: 250_000,
+            reconnect_ms: 2 * HOUR_MS,
+            preliminary_renewal_ms: 3 * HOUR_MS,
             admin_interval_ms: DAY_MS,
             partition_interval_ms: 8 * HOUR_MS,
             partition_ms: (HOUR_MS, DAY_MS),

@@ -7,9 +7,11 @@
 //! tessera-sim --seeds 1..100 --held ledger   # many seeds, one line each
 //! tessera-sim --pair --seeds 1..200          # a redundant pair: splits, kills, merges
 //! tessera-sim --domain 3 --seeds 1..20        # a domain's real consensus on turmoil
+//! tessera-sim --campaign 10000 --jobs 2       # the campaign: pairs, networks, domains
 //! ```
 //!
-//! Options: `--seed N` or `--seeds A..B`, `--servers N`, `--days N`, `--fault-days N`,
+//! Options: `--campaign N [--jobs J] [--first-seed S]` (see `tessera_sim::campaign`),
+//! `--seed N` or `--seeds A..B`, `--servers N`, `--days N`, `--fault-days N`,
 //! `--contended`, `--no-double-count`, `--held station|ledger`, `--pair`, `--domain 3|5`,
 //! `--broken no-skew-margin|sign-before-commit|return-at-once` (with `--pair`:
 //! `full-capacity-alone|ignore-log-tail|merge-primary-only`; with `--domain`: `backup-answers|leader-restore`).
@@ -18,7 +20,7 @@ use std::process::ExitCode;
 
 use tessera_sim::{BrokenRule, HeldRule, SimConfig, try_simulate};
 
-const USAGE: &str = "usage: tessera-sim [--seed N | --seeds A..B] [--servers N] [--days N] [--fault-days N] [--contended] [--pair] [--domain 3|5] [--no-double-count] [--held station|ledger] [--broken no-skew-margin|sign-before-commit|return-at-once]";
+const USAGE: &str = "usage: tessera-sim [--campaign N [--jobs J] [--first-seed S]] [--seed N | --seeds A..B] [--servers N] [--days N] [--fault-days N] [--contended] [--pair] [--domain 3|5] [--no-double-count] [--held station|ledger] [--broken no-skew-margin|sign-before-commit|return-at-once]";
 
 struct Options {
     seeds: Vec<u64>,
@@ -34,6 +36,9 @@ struct Options {
     pair_broken: Option<tessera_sim::pair::PairBroken>,
     domain_broken: bool,
     domain_leader_restore: bool,
+    campaign: Option<u64>,
+    jobs: usize,
+    first_seed: u64,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -51,6 +56,9 @@ fn parse(args: &[String]) -> Result<Options, String> {
         pair_broken: None,
         domain_broken: false,
         domain_leader_restore: false,
+        campaign: None,
+        jobs: 2,
+        first_seed: 1,
     };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
@@ -90,6 +98,21 @@ fn parse(args: &[String]) -> Result<Options, String> {
                 )
             }
             "--contended" => options.contended = true,
+            "--campaign" => {
+                options.campaign = Some(value()?.parse().map_err(|_| "--campaign takes a number")?)
+            }
+            "--jobs" => {
+                options.jobs = value()?
+                    .parse()
+                    .ok()
+                    .filter(|jobs| *jobs > 0)
+                    .ok_or("--jobs takes a number above 0")?
+            }
+            "--first-seed" => {
+                options.first_seed = value()?
+                    .parse()
+                    .map_err(|_| "--first-seed takes a number")?
+            }
             "--pair" => options.pair = true,
             "--domain" => {
                 let hosts: usize = value()?.parse().map_err(|_| "--domain takes 3 or 5")?;
@@ -141,6 +164,20 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(n) = options.campaign {
+        let plan = tessera_sim::campaign::plan(n, options.first_seed);
+        let outcome = tessera_sim::campaign::run(&plan, options.jobs, |line| {
+            if line.starts_with("FAILED") {
+                println!("{line}");
+            }
+        });
+        println!("{}", outcome.summary());
+        return if outcome.failures.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
     let mut failed = 0;
     for &seed in &options.seeds {
         if let Some(hosts) = options.domain {

@@ -297,6 +297,8 @@ pub(crate) fn run(config: SimConfig) -> Result<SimReport, Violation> {
 }
 
 struct World {
+    /// Per link (donor, receiver): permanent or periodic.
+    connections: BTreeMap<(usize, usize), Connection>,
     config: SimConfig,
     /// Separate generators per concern: changing how stations behave does not move faults.
     net_rng: Rng,
@@ -439,6 +441,21 @@ impl World {
             servers[a].sends_to.push(b);
             servers[b].receives_from.push(a);
         }
+        // Which links are periodic connections (their own stream: the topology's draws stay).
+        let mut link_rng = root_rng.fork(7);
+        let mut connections = BTreeMap::new();
+        for (d, server) in servers.iter().enumerate() {
+            for &r in &server.sends_to {
+                let connection = if link_rng.chance_ppm(config.periodic_ppm) {
+                    Connection::Periodic {
+                        reconnect_ms: config.reconnect_ms,
+                    }
+                } else {
+                    Connection::Permanent
+                };
+                connections.insert((d, r), connection);
+            }
+        }
         let mut weight = vec![config.stations_per_server; config.servers];
         for i in (1..config.servers).rev() {
             if let Some(p) = parents[i] {
@@ -453,6 +470,7 @@ impl World {
         let end = start + config.days * DAY_MS;
         let quiet_at = start + config.fault_days.min(config.days) * DAY_MS;
         let mut world = World {
+            connections,
             net_rng,
             fault_rng,
             admin_rng,
@@ -1099,8 +1117,9 @@ impl World {
         }
         let timing = self.link_timing();
         for r in self.servers[i].sends_to.clone() {
+            let connection = self.connection(i, r);
             let link = self.servers[i].links.entry(r).or_default();
-            if link.push_due(local, &timing, Connection::Permanent) {
+            if link.push_due(local, &timing, connection) {
                 self.push(i, r);
             }
         }
@@ -1118,7 +1137,15 @@ impl World {
         }
     }
 
-    /// The engine's rule ([`LinkMemory::renewal_due`]) for a permanent connection, on the
+    /// How donor `d` and receiver `r` keep in touch.
+    fn connection(&self, d: usize, r: usize) -> Connection {
+        self.connections
+            .get(&(d, r))
+            .copied()
+            .unwrap_or(Connection::Permanent)
+    }
+
+    /// The engine's rule ([`LinkMemory::renewal_due`]) for the link's connection, on the
     /// grants' renewal points as of the last apply.
     fn renewal_due(&self, r: usize, d: usize, local: i64) -> bool {
         let donor = &self.servers[d].id;
@@ -1129,7 +1156,7 @@ impl World {
             .map(|(_, issued, until, usable)| (*issued, *until, *usable));
         match self.servers[r].links.get(&d) {
             Some(link) => {
-                link.renewal_due(local, &self.link_timing(), Connection::Permanent, points)
+                link.renewal_due(local, &self.link_timing(), self.connection(d, r), points)
             }
             None => true,
         }
@@ -1139,7 +1166,7 @@ impl World {
     fn link_timing(&self) -> LinkTiming {
         LinkTiming {
             sync_period_ms: self.config.sync_period_ms,
-            preliminary_renewal_ms: 0,
+            preliminary_renewal_ms: self.config.preliminary_renewal_ms,
             retry_ms: 0,
             skew_ms: self.config.clock_skew_max_ms,
         }
