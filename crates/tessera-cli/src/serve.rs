@@ -169,10 +169,13 @@ async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
+    #[cfg(debug_assertions)]
     let clock: Arc<dyn tessera_server::clock::Clock> = match &config.test_clock {
         Some(clock) => Arc::new(clock.clone()),
         None => Arc::new(SystemClock),
     };
+    #[cfg(not(debug_assertions))]
+    let clock: Arc<dyn tessera_server::clock::Clock> = Arc::new(SystemClock);
     let options = ServerOptions {
         config,
         clock,

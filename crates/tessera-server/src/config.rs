@@ -169,7 +169,9 @@ pub struct ServerConfig {
     /// builds the runtime; [`WORKER_THREADS_MAX`] at most.
     pub worker_threads: Option<usize>,
     /// Tests of real processes only (`tessera server --test-clock`): the server's clock is
-    /// this manual clock, moved by `POST /v1/test/clock` with the admin token.
+    /// this manual clock, moved by `POST /v1/test/clock` with the admin token. Debug builds
+    /// only: a release build has no way to move its clock.
+    #[cfg(debug_assertions)]
     pub test_clock: Option<crate::clock::ManualClock>,
     /// HTTPS: the certificate chain and key files (`tls_cert`, `tls_key`). The hosts of a
     /// domain or pair serving HTTPS reach each other over HTTPS too ([`Self::peer_scheme`]):
@@ -205,6 +207,7 @@ impl Default for ServerConfig {
             neighbours: Vec::new(),
             licenses: Default::default(),
             worker_threads: None,
+            #[cfg(debug_assertions)]
             test_clock: None,
             tls: None,
             tls_ca: None,

@@ -17,7 +17,8 @@
 //! - [`console`]: the web console (askama templates, htmx).
 //! - [`error`]: errors and the single table mapping them to HTTP.
 //! - [`clock`], [`ids`], [`metrics`]: time, lease ids, Prometheus.
-//! - [`fault_proxy`]: an HTTP proxy that cuts links between hosts, for partition tests.
+//! - `fault_proxy` (feature `test-support`, tests only): an HTTP proxy that cuts links
+//!   between hosts, for partition tests.
 
 pub mod alerts;
 pub mod audit;
@@ -30,6 +31,7 @@ pub mod doctor;
 pub mod domain;
 pub mod error;
 pub mod events;
+#[cfg(feature = "test-support")]
 pub mod fault_proxy;
 pub mod history;
 pub mod http;

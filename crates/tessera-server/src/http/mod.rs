@@ -154,13 +154,17 @@ async fn record_latency(
 /// `POST /v1/test/clock` in debug builds (the tests of real processes); no such route in a
 /// release build.
 fn test_routes() -> Router<SharedState> {
-    if cfg!(debug_assertions) {
+    #[cfg(debug_assertions)]
+    {
         Router::new().route("/v1/test/clock", post(advance_test_clock))
-    } else {
+    }
+    #[cfg(not(debug_assertions))]
+    {
         Router::new()
     }
 }
 
+#[cfg(debug_assertions)]
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AdvanceClock {
@@ -168,6 +172,7 @@ struct AdvanceClock {
 }
 
 /// Moves the test clock of a server started with `--test-clock` (404 otherwise).
+#[cfg(debug_assertions)]
 async fn advance_test_clock(
     State(state): State<SharedState>,
     _admin: extract::Admin,
