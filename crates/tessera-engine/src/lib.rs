@@ -13,6 +13,9 @@
 //! - [`link`]: the neighbour link (push and renewal timing, the grants a donor signs, what a
 //!   receiver holds and gives back, what a donor takes back and how it compares records).
 //! - [`pair`]: the redundant pair's Off / Paired / Alone / Recovering machine.
+//! - [`schedule`]: the primary's schedules (the expiry beacon, the automatic sync, the
+//!   sync-deadline warnings).
 
 pub mod link;
 pub mod pair;
+pub mod schedule;

@@ -178,6 +178,11 @@ impl ApiError {
     }
 }
 
+/// The error code of an answer, kept in the response's extensions: middleware recognises an
+/// error (forwarding on `not_primary`) by its type, without reading the body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ErrorCode(pub &'static str);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
@@ -188,6 +193,7 @@ impl IntoResponse for ApiError {
             },
         };
         let mut response = (status, axum::Json(body)).into_response();
+        response.extensions_mut().insert(ErrorCode(code));
         if let ApiError::Redirected { location, .. } = &self
             && let Ok(value) = axum::http::HeaderValue::from_str(location)
         {

@@ -17,9 +17,7 @@ use crate::error::ApiError;
 use crate::ids::LeaseIds;
 use crate::metrics::{ComponentGauges, Metrics};
 
-/// Without any command for this long, the primary proposes an `Expire` anyway, so the
-/// high-water mark of time in the log stays recent (clock set-back detection).
-pub const TIME_BEACON_MS: i64 = 60_000;
+pub use tessera_engine::schedule::TIME_BEACON_MS;
 /// Domain separation of the lease secret's signature ([`AppState::lease_secret`]).
 const LEASE_SECRET_CONTEXT: &[u8] = b"tessera-lease-secret/v1\n";
 /// Domain separation of lease ids derived from holder keys ([`AppState::holder_lease_id`]).
@@ -74,8 +72,8 @@ pub struct AppState {
     /// See [`derivation_key`].
     pub derivation_key: [u8; 32],
     pub notifier: crate::events::Notifier,
-    /// (deadline, smallest threshold in days already notified) for the 366-day warnings.
-    pub deadline_notices: std::sync::Mutex<(Option<i64>, i64)>,
+    /// The sync-deadline warnings raised (each threshold once per certificate).
+    pub deadline_notices: std::sync::Mutex<tessera_engine::schedule::DeadlineNotices>,
     /// What the primary's alerts already said (key ends, hosts, denials).
     pub alerts: crate::alerts::Alerts,
     /// Tags of the pair RPCs received lately (time, tag): a replay is refused.
@@ -107,8 +105,7 @@ pub struct AppState {
     pub pair: crate::pair::Pair,
 }
 
-/// Days before the sync deadline at which a `sync_deadline_near` notification goes out.
-pub const DEADLINE_NOTICE_DAYS: [i64; 3] = [30, 7, 1];
+pub use tessera_engine::schedule::DEADLINE_NOTICE_DAYS;
 
 pub type SharedState = Arc<AppState>;
 
@@ -529,9 +526,9 @@ impl AppState {
         let now_ms = self.stamper.now_ms();
         self.notify_deadline(now_ms);
         self.check_alerts(now_ms);
-        let (next_expiry_ms, last_at_ms, vendor_time_ms) = self.consensus.read(|ledger| {
+        let (due, last_at_ms, vendor_time_ms) = self.consensus.read(|ledger| {
             (
-                ledger.next_expiry_ms(),
+                tessera_engine::schedule::expire_due(now_ms, ledger),
                 ledger.last_at_ms(),
                 ledger.vendor_time_ms(),
             )
@@ -540,8 +537,7 @@ impl AppState {
         // the vendor's time floor.
         self.stamper.observe(last_at_ms);
         self.stamper.observe_vendor(vendor_time_ms);
-        let due = next_expiry_ms.is_some_and(|at| at <= now_ms);
-        let ended = if due || now_ms.saturating_sub(last_at_ms) >= TIME_BEACON_MS {
+        let ended = if due {
             match self.propose_issuing(Command::Expire).await? {
                 Outcome::Expired { leases_ended } => leases_ended,
                 other => return Err(unexpected(other)),
@@ -820,33 +816,19 @@ impl AppState {
     /// Only thresholds shorter than half the certificate's term count: a 30-day certificate
     /// from an online sync is not "near its end" the day it was issued.
     fn notify_deadline(&self, now_ms: i64) {
-        let certificate = self.consensus.read(|ledger| {
-            ledger.sync_state().certificate.as_ref().map(|c| {
-                (
-                    c.valid_until_ms(),
-                    c.valid_until_ms() - c.payload.issued_at.as_millisecond(),
-                )
-            })
-        });
-        let Some((deadline_ms, term_ms)) = certificate else {
-            return;
+        let notice = {
+            let mut notices = self.deadline_notices.lock().expect("notices lock");
+            self.consensus
+                .read(|ledger| notices.on_tick(now_ms, ledger))
         };
-        let days_left = (deadline_ms - now_ms).div_euclid(86_400_000);
-        let mut notices = self.deadline_notices.lock().expect("notices lock");
-        if notices.0 != Some(deadline_ms) {
-            *notices = (Some(deadline_ms), i64::MAX);
-        }
-        let Some(threshold) = DEADLINE_NOTICE_DAYS
-            .iter()
-            .copied()
-            .filter(|days| days_left < 0 || days * 2 * 86_400_000 < term_ms)
-            .filter(|days| days_left <= *days && *days < notices.1)
-            .min()
+        let Some(tessera_engine::schedule::DeadlineNotice {
+            deadline_ms,
+            days_left,
+            threshold_days: threshold,
+        }) = notice
         else {
             return;
         };
-        notices.1 = threshold;
-        drop(notices);
         let message = if days_left < 0 {
             format!(
                 "the server certificate expired at {}: this server issues no licenses from keys bound to its server ID until it synchronizes with the vendor",

@@ -453,18 +453,12 @@ impl AppState {
 
     /// Whether the automatic schedule calls for an online sync now.
     pub fn sync_due(&self, now_ms: i64) -> bool {
-        let Some(period_ms) = self.config.sync_schedule().period_ms() else {
-            return false;
-        };
         if self.config.authority.is_none() || !self.consensus.is_primary() {
             return false;
         }
-        let (last, blocked) = self.consensus.read(|ledger| {
-            let sync = ledger.sync_state();
-            (sync.last_sync_at_ms, sync.blocked.is_some())
-        });
-        // Blocked by the authority: only an administrator's sync tries again.
-        !blocked && last.is_none_or(|last_ms| now_ms - last_ms >= period_ms)
+        let period_ms = self.config.sync_schedule().period_ms();
+        self.consensus
+            .read(|ledger| tessera_engine::schedule::sync_due(now_ms, ledger, period_ms))
     }
 
     pub fn sync_status(&self) -> SyncStatus {

@@ -101,21 +101,14 @@ pub async fn forward_writes(
     let response = next
         .run(Request::from_parts(parts, Body::from(bytes.clone())))
         .await;
-    if forwarded || response.status() != StatusCode::SERVICE_UNAVAILABLE {
+    // Did leadership move while the write was in flight? (The answer's typed code, not its
+    // body.)
+    let not_primary = response.extensions().get::<crate::error::ErrorCode>()
+        == Some(&crate::error::ErrorCode("not_primary"));
+    if forwarded || !not_primary {
         return response;
     }
-    // Did leadership move while the write was in flight?
-    let (response_parts, response_body) = response.into_parts();
-    let response_bytes = axum::body::to_bytes(response_body, usize::MAX)
-        .await
-        .unwrap_or_default();
-    let code = serde_json::from_slice::<serde_json::Value>(&response_bytes)
-        .ok()
-        .and_then(|v| v["error"]["code"].as_str().map(str::to_string));
-    if code.as_deref() == Some("not_primary") {
-        return forward(&state, method, uri, headers, bytes).await;
-    }
-    Response::from_parts(response_parts, Body::from(response_bytes))
+    forward(&state, method, uri, headers, bytes).await
 }
 
 async fn forward(
