@@ -140,6 +140,7 @@ impl ApiError {
                     (StatusCode::SERVICE_UNAVAILABLE, "not_primary")
                 }
                 ConsensusError::NoQuorum => (StatusCode::SERVICE_UNAVAILABLE, "no_quorum"),
+                ConsensusError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
                 _ => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             },
             ApiError::ClockSetBack { .. } | ApiError::ClockBehindVendor { .. } => {

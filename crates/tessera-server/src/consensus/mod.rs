@@ -161,6 +161,12 @@ pub enum ConsensusError {
     Storage(String),
     #[error("consensus is shut down")]
     Shutdown,
+    /// More commands are waiting to be proposed than [`PROPOSAL_QUEUE_MAX`]: the station
+    /// retries (nothing was proposed).
+    #[error(
+        "this host has {PROPOSAL_QUEUE_MAX} commands waiting to be proposed: try again shortly"
+    )]
+    Overloaded,
     #[error("consensus configuration: {0}")]
     Config(String),
     #[error("consensus: {0}")]
@@ -243,7 +249,7 @@ struct Inner {
     placement: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     link: Arc<pair_link::PairLink>,
     /// Commands waiting to be proposed together (see [`batch_proposals`]).
-    proposals: tokio::sync::mpsc::UnboundedSender<(Stamped, Reply)>,
+    proposals: tokio::sync::mpsc::Sender<Queued>,
     /// The task asking openraft for a snapshot every
     /// [`tessera_store::SNAPSHOT_EVERY_COMMANDS`] commands (see [`trigger_snapshots`]);
     /// aborted with the last handle, as it holds a Raft handle of its own.
@@ -275,6 +281,23 @@ type Reply = tokio::sync::oneshot::Sender<Result<Applied, ConsensusError>>;
 pub const BATCH_COMMANDS_MAX: usize = 256;
 /// Batches proposed but not yet applied at any time.
 pub const BATCHES_IN_FLIGHT: usize = 4;
+/// Commands waiting to be proposed, at most: beyond this, a write is refused at once
+/// (`overloaded`) instead of the queue growing without bound while the log is slow or a
+/// quorum is missing. Far above what the benchmarks queue (one command per client).
+pub const PROPOSAL_QUEUE_MAX: usize = 65_536;
+
+type Queued = (Stamped, Reply);
+
+/// Queues a command for [`batch_proposals`], or refuses it when the queue is full.
+fn enqueue(
+    proposals: &tokio::sync::mpsc::Sender<Queued>,
+    item: Queued,
+) -> Result<(), ConsensusError> {
+    proposals.try_send(item).map_err(|error| match error {
+        tokio::sync::mpsc::error::TrySendError::Full(_) => ConsensusError::Overloaded,
+        tokio::sync::mpsc::error::TrySendError::Closed(_) => ConsensusError::Shutdown,
+    })
+}
 
 /// Proposes what the request handlers queued, as group commit: at most
 /// [`BATCHES_IN_FLIGHT`] entries are on their way through openraft at a time, and every
@@ -284,7 +307,7 @@ pub const BATCHES_IN_FLIGHT: usize = 4;
 /// handle is dropped.
 async fn batch_proposals(
     inner: std::sync::Weak<Inner>,
-    mut queue: tokio::sync::mpsc::UnboundedReceiver<(Stamped, Reply)>,
+    mut queue: tokio::sync::mpsc::Receiver<Queued>,
 ) {
     let in_flight = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
     let mut batch = Vec::new();
@@ -464,7 +487,7 @@ impl Consensus {
             voters
         };
 
-        let (proposals, queue) = tokio::sync::mpsc::unbounded_channel();
+        let (proposals, queue) = tokio::sync::mpsc::channel(PROPOSAL_QUEUE_MAX);
         let snapshots = tokio::spawn(trigger_snapshots(raft.clone(), ledger.snapshot_signal()));
         let consensus = Consensus {
             inner: Arc::new(Inner {
@@ -685,10 +708,7 @@ impl Consensus {
     /// proposals.
     pub async fn propose(&self, entry: Stamped) -> Result<Applied, ConsensusError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        self.inner
-            .proposals
-            .send((entry, reply))
-            .map_err(|_| ConsensusError::Shutdown)?;
+        enqueue(&self.inner.proposals, (entry, reply))?;
         answer.await.map_err(|_| ConsensusError::Shutdown)?
     }
 

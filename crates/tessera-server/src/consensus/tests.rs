@@ -276,3 +276,29 @@ async fn concurrent_proposals_share_entries_and_fsyncs() {
     );
     node.shutdown().await;
 }
+
+/// The proposal queue is bounded: a command beyond it is refused at once (`overloaded`, so
+/// the station retries), and one after shutdown is refused as such.
+#[test]
+fn a_full_proposal_queue_refuses_instead_of_growing() {
+    let (sender, mut receiver) = tokio::sync::mpsc::channel(1);
+    let item = || (begin_sync(1, "n"), tokio::sync::oneshot::channel().0);
+    super::enqueue(&sender, item()).expect("room for one");
+    assert!(matches!(
+        super::enqueue(&sender, item()),
+        Err(ConsensusError::Overloaded)
+    ));
+    assert!(receiver.try_recv().is_ok());
+    super::enqueue(&sender, item()).expect("room again once the batcher took it");
+    drop(receiver);
+    assert!(matches!(
+        super::enqueue(&sender, item()),
+        Err(ConsensusError::Shutdown)
+    ));
+    assert_eq!(
+        crate::error::ApiError::Consensus(ConsensusError::Overloaded)
+            .status_and_code()
+            .1,
+        "overloaded"
+    );
+}

@@ -103,12 +103,17 @@ pub async fn forward_writes(
         .await;
     // Did leadership move while the write was in flight? (The answer's typed code, not its
     // body.)
-    let not_primary = response.extensions().get::<crate::error::ErrorCode>()
-        == Some(&crate::error::ErrorCode("not_primary"));
-    if forwarded || !not_primary {
+    if forwarded || !is_not_primary(&response) {
         return response;
     }
     forward(&state, method, uri, headers, bytes).await
+}
+
+/// Whether an answer is this host's `not_primary` refusal (leadership moved while the write
+/// was in flight), by its typed code.
+fn is_not_primary(response: &Response) -> bool {
+    response.extensions().get::<crate::error::ErrorCode>()
+        == Some(&crate::error::ErrorCode("not_primary"))
 }
 
 async fn forward(
@@ -206,4 +211,28 @@ fn no_quorum_unreachable(primary: u64, addr: &str) -> Response {
         },
     };
     (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::response::IntoResponse;
+
+    use super::is_not_primary;
+    use crate::consensus::ConsensusError;
+    use crate::error::ApiError;
+
+    #[test]
+    fn not_primary_is_recognised_by_its_typed_code_not_by_a_body_saying_so() {
+        let moved = ApiError::Consensus(ConsensusError::NotPrimary { primary: None });
+        assert!(is_not_primary(&moved.into_response()));
+        let other = ApiError::Consensus(ConsensusError::NoQuorum);
+        assert!(!is_not_primary(&other.into_response()));
+        // A handler's own body naming the code (a forwarded answer, say) is not the refusal.
+        let lookalike = (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"error":{"code":"not_primary","message":"m"}}"#,
+        )
+            .into_response();
+        assert!(!is_not_primary(&lookalike));
+    }
 }

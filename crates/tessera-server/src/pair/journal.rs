@@ -16,8 +16,9 @@ pub struct Journal {
     conn: Connection,
     pub share: Share,
     pub epoch: u64,
-    /// Commands written, in order.
-    pub commands: Vec<Stamped>,
+    /// Commands written. They stay on disk only (read again by [`Journal::commands`] when an
+    /// alone ledger is rebuilt), so a long alone period does not grow this host's memory.
+    pub count: usize,
 }
 
 fn error(path: &Path, e: impl std::fmt::Display) -> String {
@@ -67,26 +68,34 @@ impl Journal {
             "backup" => Share::Backup,
             other => return Err(error(&path, format!("unknown share {other:?}"))),
         };
-        let mut commands = Vec::new();
-        {
-            let mut statement = conn
-                .prepare("SELECT entry FROM commands ORDER BY seq")
-                .map_err(|e| error(&path, e))?;
-            let rows = statement
-                .query_map([], |row| row.get::<_, String>(0))
-                .map_err(|e| error(&path, e))?;
-            for row in rows {
-                let text = row.map_err(|e| error(&path, e))?;
-                commands.push(serde_json::from_str(&text).map_err(|e| error(&path, e))?);
-            }
-        }
-        Ok(Some(Journal {
+        let mut journal = Journal {
             path,
             conn,
             share,
             epoch: epoch as u64,
-            commands,
-        }))
+            count: 0,
+        };
+        // Every stored command must read back: a journal that does not is named at load.
+        journal.count = journal.commands()?.len();
+        Ok(Some(journal))
+    }
+
+    /// The commands written, in order, read from the file.
+    pub fn commands(&self) -> Result<Vec<Stamped>, String> {
+        let path = &self.path;
+        let mut statement = self
+            .conn
+            .prepare("SELECT entry FROM commands ORDER BY seq")
+            .map_err(|e| error(path, e))?;
+        let rows = statement
+            .query_map([], |row| row.get::<_, String>(0))
+            .map_err(|e| error(path, e))?;
+        let mut commands = Vec::new();
+        for row in rows {
+            let text = row.map_err(|e| error(path, e))?;
+            commands.push(serde_json::from_str(&text).map_err(|e| error(path, e))?);
+        }
+        Ok(commands)
     }
 
     /// Starts a journal for a new alone period (an existing one keeps its commands; its
@@ -102,7 +111,7 @@ impl Journal {
                     conn,
                     share,
                     epoch,
-                    commands: Vec::new(),
+                    count: 0,
                 }
             }
         };
@@ -125,7 +134,7 @@ impl Journal {
         self.conn
             .execute("INSERT INTO commands (entry) VALUES (?1)", params![text])
             .map_err(|e| error(&self.path, e))?;
-        self.commands.push(entry.clone());
+        self.count += 1;
         Ok(())
     }
 
@@ -165,11 +174,12 @@ mod tests {
         drop(journal);
         let journal = Journal::load(dir.path()).unwrap().unwrap();
         assert_eq!((journal.share, journal.epoch), (Share::Backup, 5));
-        assert_eq!(journal.commands, vec![entry.clone()]);
+        assert_eq!(journal.commands().unwrap(), vec![entry.clone()]);
+        assert_eq!(journal.count, 1);
         drop(journal);
         let journal = Journal::begin(dir.path(), Share::Backup, 9).unwrap();
         assert_eq!(journal.epoch, 9);
-        assert_eq!(journal.commands, vec![entry]);
+        assert_eq!(journal.commands().unwrap(), vec![entry]);
         journal.delete().unwrap();
         assert!(Journal::load(dir.path()).unwrap().is_none());
     }

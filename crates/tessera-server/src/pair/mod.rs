@@ -318,12 +318,19 @@ impl Pair {
                 return false;
             }
         };
+        let commands = match journal.commands() {
+            Ok(commands) => commands,
+            Err(e) => {
+                inner.last_error = Some(e);
+                return false;
+            }
+        };
         let rules = inner.machine.rules();
-        let ledger = consensus.alone_ledger(rules, share, &journal.commands);
+        let ledger = consensus.alone_ledger(rules, share, &commands);
         tracing::warn!(
             ?share,
             epoch,
-            replayed = journal.commands.len(),
+            replayed = commands.len(),
             "the other host of the pair is out of reach: serving alone from this host's share"
         );
         inner.journal = Some(journal);
@@ -459,7 +466,7 @@ impl Pair {
             mode,
             backup_percent: split,
             hosts,
-            journal_commands: inner.journal.as_ref().map_or(0, |j| j.commands.len()),
+            journal_commands: inner.journal.as_ref().map_or(0, |j| j.count),
             alone_epoch: inner.journal.as_ref().map(|j| j.epoch),
             last_merge: inner.last_merge.clone(),
             last_error: inner.last_error.clone(),
