@@ -233,7 +233,7 @@ fn try_elsewhere(error: &ClientError) -> bool {
             *status == 503
                 && matches!(
                     code.as_str(),
-                    "no_quorum" | "not_primary" | "unavailable" | "pair_recovering"
+                    "no_quorum" | "not_primary" | "unavailable" | "pair_recovering" | "overloaded"
                 )
         }
         ClientError::Decode { .. }
@@ -1113,6 +1113,26 @@ mod tests {
         assert_eq!(machine_fingerprint(), Some(fingerprint.clone()));
         let id = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
         assert!(id.trim().is_empty() || !id.contains(&fingerprint));
+    }
+
+    #[test]
+    fn a_busy_or_leaderless_host_is_left_for_another_and_a_refusal_is_not() {
+        let api = |status: u16, code: &str| ClientError::Api {
+            status,
+            code: code.into(),
+            message: String::new(),
+        };
+        for code in [
+            "no_quorum",
+            "not_primary",
+            "unavailable",
+            "pair_recovering",
+            "overloaded",
+        ] {
+            assert!(try_elsewhere(&api(503, code)), "{code}");
+        }
+        assert!(!try_elsewhere(&api(409, "no_licenses_available")));
+        assert!(!try_elsewhere(&api(503, "clock_set_back")));
     }
 
     #[test]
