@@ -192,15 +192,15 @@ impl LinkMemory {
     }
 
     /// Receiver side: a grant of vendor key `key_id` was given back at `serial`; the donor may
-    /// hear of it from `from_ms` (once the stations of its ended leases stopped).
+    /// hear of it from `from_ms` (once the stations of its ended leases stopped). With an
+    /// earlier release still pending, the highest serial is reported, and only once the
+    /// stations of both have stopped.
     pub fn on_released(&mut self, key_id: &str, serial: u64, from_ms: i64) {
         let entry = self
             .returned_pending
             .entry(key_id.to_string())
             .or_insert((0, from_ms));
-        if serial >= entry.0 {
-            *entry = (serial, from_ms.max(entry.1));
-        }
+        *entry = (entry.0.max(serial), entry.1.max(from_ms));
     }
 
     /// Donor side: remembers which serial the receiver `to` holds of each donation.

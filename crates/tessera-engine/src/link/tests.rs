@@ -172,6 +172,13 @@ fn a_grant_given_back_is_reported_once_its_stations_stopped_and_taken_back_by_th
     };
     let stations_stop = BASE_MS + 5_000;
     memory.on_released("k1", serial, stations_stop);
+    // A release at a lower serial still pending keeps the later stop: its stations count.
+    let mut other = memory.clone();
+    other.on_released("k1", serial - 1, stations_stop + 1_000);
+    assert_eq!(
+        other.returned_pending["k1"],
+        (serial, stations_stop + 1_000)
+    );
     // Not before its stations stopped.
     assert!(
         memory

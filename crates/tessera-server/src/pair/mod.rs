@@ -216,13 +216,15 @@ impl Pair {
             let (now_ms, link) = consensus.pair_link().view();
             consensus.read(|ledger| inner.machine.on_tick(now_ms, ledger, &host, &link))
         };
-        self.carry_out(state, actions).await;
-        self.report_status(state);
+        if self.carry_out(state, actions).await {
+            self.report_status(state);
+        }
     }
 
     /// Carries out the machine's actions in order; a slow one's result goes back to the
-    /// machine, and its actions are carried out next.
-    async fn carry_out(&self, state: &SharedState, actions: Vec<Action>) {
+    /// machine, and its actions are carried out next. `false`: one failed and the rest were
+    /// left for the next tick.
+    async fn carry_out(&self, state: &SharedState, actions: Vec<Action>) -> bool {
         let consensus = &state.consensus;
         let link = consensus.pair_link();
         let mut queue: VecDeque<Action> = actions.into();
@@ -277,7 +279,7 @@ impl Pair {
                         && let Err(e) = consensus.set_alone_epoch(None).await
                     {
                         self.lock().last_error = Some(format!("clearing the alone epoch: {e}"));
-                        continue;
+                        return false;
                     }
                     let mut inner = self.lock();
                     if let Some(journal) = inner.journal.take()
@@ -292,6 +294,7 @@ impl Pair {
                 }
             }
         }
+        true
     }
 
     /// Starts (or restarts) serving alone in `epoch`: Raft routes closed first (waiting for
@@ -321,7 +324,10 @@ impl Pair {
         let commands = match journal.commands() {
             Ok(commands) => commands,
             Err(e) => {
+                // Kept: its epoch is recorded, and the next attempt reads it again (without
+                // it, the next tick would take the journal for lost).
                 inner.last_error = Some(e);
+                inner.journal = Some(journal);
                 return false;
             }
         };
