@@ -141,6 +141,17 @@ pub fn examine(config: &ServerConfig) -> Result<Report, String> {
             }
         }
     }
+    match crate::pair::journal::Journal::inspect(data) {
+        Ok(_) => {}
+        Err(error) => report.findings.push(Finding {
+            place: data
+                .join(crate::pair::journal::JOURNAL_FILE_NAME)
+                .display()
+                .to_string(),
+            problem: error.to_string(),
+            remedy: "the alone journal of a pair host was changed after it was written: this host does not serve alone until the pair has merged; start both hosts so the pair merges (the leases that journal held are lost: their stations check out again)".into(),
+        }),
+    }
     match crate::audit::verify_data_dir(data) {
         Ok(verification) => {
             report.audit_records = verification.records;

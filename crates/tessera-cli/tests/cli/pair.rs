@@ -536,6 +536,71 @@ fn a_host_whose_alone_journal_was_deleted_does_not_serve_its_share_again() {
     drop(host_2);
 }
 
+/// Attack T11 with the sqlite3 shell: the backup issues its whole share alone, is killed
+/// -9, and the last command of its alone journal (a checkout) is deleted, so that it would
+/// come back with one seat free again. The journal's hash chain and count name the edit: the
+/// doctor reports it, and the host does not serve alone until the pair has merged.
+#[test]
+fn a_host_whose_alone_journal_was_edited_names_the_edit_and_does_not_serve_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pair, host_1, host_2) = paired(dir.path());
+    host_1.kill_9();
+    wait_status(&pair.url(2), "Primary not available", "alone");
+    let issued: Vec<String> = ["ws-1", "ws-2", "ws-3"]
+        .iter()
+        .filter_map(|station| checkout(&pair.url(2), station).ok())
+        .collect();
+    assert_eq!(issued.len(), (LICENSES / 2) as usize, "the backup's share");
+    host_2.kill_9();
+
+    let journal = pair.root.join("data-2").join("pair-alone.sqlite3");
+    let connection = rusqlite::Connection::open(&journal).unwrap();
+    let deleted = connection
+        .execute(
+            "DELETE FROM commands WHERE seq = (SELECT MAX(seq) FROM commands)",
+            [],
+        )
+        .unwrap();
+    assert_eq!(deleted, 1);
+    drop(connection);
+
+    let config = pair.root.join("host-2.toml");
+    let doctor = tessera(&["doctor", "--config", config.to_str().unwrap()]);
+    let report = String::from_utf8_lossy(&doctor.stdout).to_string()
+        + &String::from_utf8_lossy(&doctor.stderr);
+    assert!(!doctor.status.success(), "{report}");
+    assert!(
+        report.contains("pair-alone.sqlite3") && report.contains("was edited after it was written"),
+        "{report}"
+    );
+
+    let host_2 = pair.start(2);
+    let status = wait_status(&pair.url(2), "Recovering", "recovering");
+    let reason = status["last_error"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("was edited after it was written")
+            && reason.contains("does not serve alone"),
+        "{status:#}"
+    );
+    let refused = checkout(&pair.url(2), "ws-4").unwrap_err();
+    assert!(
+        refused.contains("pair_recovering") || refused.contains("cannot reach"),
+        "{refused}"
+    );
+    let events = ok(&["events", "--server", &pair.url(2), "--token", &pair.token()]);
+    assert!(events.contains("pair_journal_lost"), "{events}");
+
+    // The primary comes back: the pair merges within the key, the edited journal is gone,
+    // and a new split is served alone again.
+    let host_1 = pair.start(1);
+    wait_status(&pair.url(1), "Paired and Available", "paired");
+    wait_status(&pair.url(2), "Paired and Available", "paired");
+    assert!(held_leases(&pair.url(1), &pair.token()).len() <= LICENSES as usize);
+    host_1.kill_9();
+    wait_status(&pair.url(2), "Primary not available", "alone");
+    drop(host_2);
+}
+
 #[test]
 fn a_partition_between_the_hosts_with_stations_on_both_sides_never_over_issues() {
     use tessera_server::fault_proxy::{self, Cuts};

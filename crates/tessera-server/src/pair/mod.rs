@@ -84,6 +84,9 @@ struct Inner {
     last_merge: Option<MergeReport>,
     last_error: Option<String>,
     last_status: Option<String>,
+    /// Why the journal on disk cannot be used (it was edited after it was written): the host
+    /// then does as if it were lost, and says why.
+    unusable_journal: Option<String>,
 }
 
 /// Answer of `POST /v1/pair/rpc/handover`.
@@ -117,6 +120,7 @@ impl Pair {
                 last_merge: None,
                 last_error: None,
                 last_status: None,
+                unusable_journal: None,
             }),
         }
     }
@@ -156,7 +160,7 @@ impl Pair {
             return None;
         };
         if let Err(e) = journal.append(entry) {
-            return Some(Err(e));
+            return Some(Err(e.to_string()));
         }
         Some(Ok(alone.apply_recording(entry)))
     }
@@ -197,10 +201,17 @@ impl Pair {
         let consensus = &state.consensus;
         let actions = {
             let mut inner = self.lock();
-            if inner.journal.is_none() && !inner.machine.started() {
+            if inner.journal.is_none()
+                && inner.unusable_journal.is_none()
+                && !inner.machine.started()
+            {
                 match Journal::load(&self.data_dir) {
                     Ok(journal) => inner.journal = journal,
-                    Err(e) => inner.last_error = Some(e),
+                    Err(e @ journal::JournalError::Tampered { .. }) => {
+                        inner.unusable_journal = Some(e.to_string());
+                        inner.last_error = Some(e.to_string());
+                    }
+                    Err(e) => inner.last_error = Some(e.to_string()),
                 }
             }
             let host = engine::Host {
@@ -242,8 +253,13 @@ impl Pair {
                     }
                 }
                 Action::JournalLost { begun, found } => {
-                    let error = lost_journal_error(&self.data_dir, begun, found);
                     let mut inner = self.lock();
+                    let error = lost_journal_error(
+                        &self.data_dir,
+                        begun,
+                        found,
+                        inner.unusable_journal.as_deref(),
+                    );
                     if inner.last_error.as_deref() != Some(error.as_str()) {
                         tracing::error!(%error, "not serving alone");
                         state.notifier.emit(
@@ -285,7 +301,13 @@ impl Pair {
                     if let Some(journal) = inner.journal.take()
                         && let Err(e) = journal.delete()
                     {
-                        inner.last_error = Some(e);
+                        inner.last_error = Some(e.to_string());
+                    }
+                    // A journal that could not be used was replaced by the merge.
+                    if inner.unusable_journal.take().is_some()
+                        && let Err(e) = Journal::discard(&self.data_dir)
+                    {
+                        inner.last_error = Some(e.to_string());
                     }
                     inner.handed = None;
                     inner.recovery = None;
@@ -306,6 +328,9 @@ impl Pair {
         drop(self.lock().journal.take());
         consensus.pair_link().set_serving_alone(true).await;
         let began = Journal::begin(&self.data_dir, share, epoch);
+        if let Err(e @ journal::JournalError::Tampered { .. }) = &began {
+            self.lock().unusable_journal = Some(e.to_string());
+        }
         let recorded = match &began {
             Ok(_) => consensus
                 .set_alone_epoch(Some(epoch))
@@ -316,7 +341,11 @@ impl Pair {
         let mut inner = self.lock();
         let journal = match (began, recorded) {
             (Ok(journal), Ok(())) => journal,
-            (Err(e), _) | (Ok(_), Err(e)) => {
+            (Err(e), _) => {
+                inner.last_error = Some(e.to_string());
+                return false;
+            }
+            (Ok(_), Err(e)) => {
                 inner.last_error = Some(e);
                 return false;
             }
@@ -326,7 +355,7 @@ impl Pair {
             Err(e) => {
                 // Kept: its epoch is recorded, and the next attempt reads it again (without
                 // it, the next tick would take the journal for lost).
-                inner.last_error = Some(e);
+                inner.last_error = Some(e.to_string());
                 inner.journal = Some(journal);
                 return false;
             }
@@ -483,7 +512,17 @@ impl Pair {
 
 /// Why a host does not serve alone when its alone journal is missing (`found: None`) or older
 /// than the epoch its store recorded.
-fn lost_journal_error(data_dir: &std::path::Path, begun: u64, found: Option<u64>) -> String {
+fn lost_journal_error(
+    data_dir: &std::path::Path,
+    begun: u64,
+    found: Option<u64>,
+    unusable: Option<&str>,
+) -> String {
+    if let Some(unusable) = unusable {
+        return format!(
+            "{unusable}, and this host began serving alone in epoch {begun} and that epoch was not merged: this host does not serve alone (the leases that journal held would be issued twice) and serves again once the pair has merged"
+        );
+    }
     let path = data_dir.join(journal::JOURNAL_FILE_NAME);
     let found = match found {
         None => "is missing".to_string(),
