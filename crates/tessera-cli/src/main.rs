@@ -372,8 +372,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
 /// `tessera doctor`: prints what it read and each finding; fails when something was found.
 fn run_doctor(server: serve::ServerArgs, json: bool) -> anyhow::Result<()> {
     let config = server.into_config()?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as i64);
     let report =
-        tessera_server::doctor::examine(&config).map_err(|error| anyhow::anyhow!(error))?;
+        tessera_server::doctor::examine(&config, now_ms).map_err(|error| anyhow::anyhow!(error))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -105,7 +105,13 @@ pub enum GrantError {
     #[error("unsupported grant format `{format}` version {version}")]
     UnsupportedFormat { format: String, version: u32 },
     #[error("the license key in the grant is not valid: {reason}")]
-    BadKey { reason: String },
+    BadKey {
+        reason: String,
+        /// The key's vendor is not on this server's trust list (see
+        /// [`KeyError::is_untrusted_vendor`](crate::KeyError::is_untrusted_vendor)).
+        #[serde(default)]
+        untrusted_vendor: bool,
+    },
     #[error("grant link {link} has an invalid signature: it was forged or altered")]
     BadSignature { link: usize },
     #[error("grant link {link} is invalid: {reason}")]
@@ -256,6 +262,7 @@ impl Grant {
         }
         let key = self.key.verify(trusted).map_err(|e| GrantError::BadKey {
             reason: e.to_string(),
+            untrusted_vendor: e.is_untrusted_vendor(),
         })?;
         if self.links.is_empty() || self.links.len() > GRANT_CHAIN_MAX {
             return Err(GrantError::Invalid {

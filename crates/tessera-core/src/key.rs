@@ -113,6 +113,14 @@ pub enum KeyError {
 }
 
 impl KeyError {
+    /// The key verifies as signed, but by a vendor key this server does not trust: the trust
+    /// list changed (or the key is another vendor's), rather than the key being edited.
+    pub fn is_untrusted_vendor(&self) -> bool {
+        matches!(self, KeyError::WrongVendor { .. })
+    }
+}
+
+impl KeyError {
     /// Stable machine-readable code for the JSON error body.
     pub fn code(&self) -> &'static str {
         match self {

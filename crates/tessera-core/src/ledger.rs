@@ -38,6 +38,7 @@ mod views;
 pub use lease_order::{LeaseCursor, LeaseOrder, LeaseSort, SortedLeasePage};
 
 pub use pair::{AloneLease, AloneState, Share};
+pub use snapshot::Unverified;
 
 /// Upper bound on a lease's time to live, so a mistaken request cannot pin a seat for years.
 pub const LEASE_TTL_MS_MAX: i64 = 7 * 24 * 3600 * 1000;

@@ -32,7 +32,7 @@ pub use ledger::{
     AloneLease, AloneState, Applied, Donation, KeyMeta, KeyState, KeyView, LeaseCursor,
     LeaseFilter, LeaseOrder, LeaseOverview, LeaseSort, LeaseView, Ledger, LedgerConfig,
     LedgerSnapshot, Outstanding, PENDING_DONATION_RETRY_MS, PendingDonation, Received,
-    RenewalResult, Share, SortedLeasePage, StoredKey, SyncBlock, SyncState, UsageReport,
-    received_pool_id,
+    RenewalResult, Share, SortedLeasePage, StoredKey, SyncBlock, SyncState, Unverified,
+    UsageReport, received_pool_id,
 };
 pub use outcome::{Outcome, Refusal};

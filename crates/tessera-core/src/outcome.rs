@@ -234,6 +234,22 @@ fn not_synchronized_message(deadline_ms: &Option<i64>) -> String {
 }
 
 impl Refusal {
+    /// A signed object refused because its vendor key is not on the trust list (rather than
+    /// because it was altered).
+    pub fn is_untrusted_vendor(&self) -> bool {
+        match self {
+            Refusal::KeyRejected { error } => error.is_untrusted_vendor(),
+            Refusal::SyncRejected { error } => error.is_untrusted_vendor(),
+            Refusal::GrantRejected {
+                error:
+                    crate::GrantError::BadKey {
+                        untrusted_vendor, ..
+                    },
+            } => *untrusted_vendor,
+            _ => false,
+        }
+    }
+
     /// Stable machine-readable code for the JSON error body.
     pub fn code(&self) -> &'static str {
         match self {

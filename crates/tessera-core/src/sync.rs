@@ -82,6 +82,14 @@ pub enum SyncError {
 }
 
 impl SyncError {
+    /// Signed by a vendor key this server does not trust (see
+    /// [`KeyError::is_untrusted_vendor`](crate::KeyError::is_untrusted_vendor)).
+    pub fn is_untrusted_vendor(&self) -> bool {
+        matches!(self, SyncError::WrongVendor { .. })
+    }
+}
+
+impl SyncError {
     /// Stable machine-readable code for the JSON error body.
     pub fn code(&self) -> &'static str {
         match self {

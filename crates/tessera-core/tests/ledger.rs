@@ -468,6 +468,42 @@ fn a_snapshot_restores_the_same_ledger() {
     from_json.check_invariants().unwrap();
 }
 
+/// A key that no longer verifies is named at start: as untrusted when its vendor left the
+/// trust list (the way out is trusting it again), not when the key was edited.
+#[test]
+fn a_key_that_does_not_verify_says_whether_its_vendor_is_untrusted_or_it_was_edited() {
+    let mut ledger = ledger();
+    let k1 = key("k1", &["cad"], 2, BASE_MS + 1_000_000);
+    import(&mut ledger, k1.clone());
+    assert!(ledger.unverified_keys().is_empty());
+    let import_k1 = Command::ImportKey { key: k1.clone() };
+    assert!(ledger.unverified_command(&import_k1).is_none());
+
+    let other_vendor = LedgerConfig {
+        trusted_vendors: vec![SecretKey::from_seed([8; 32]).public_key()],
+        ..ledger.config().clone()
+    };
+    let untrusted = Ledger::restore(other_vendor, ledger.snapshot());
+    let found = untrusted.unverified_keys();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].untrusted_vendor, "{found:?}");
+    assert_eq!(found[0].what, "license key k1");
+    let found = untrusted.unverified_command(&import_k1).unwrap();
+    assert!(
+        found.untrusted_vendor && found.to_string().contains("does not trust"),
+        "{found}"
+    );
+
+    let mut edited: serde_json::Value = serde_json::to_value(&k1).unwrap();
+    edited["payload"]["licenses"] = serde_json::json!(500);
+    let edited: LicenseKey = serde_json::from_value(edited).unwrap();
+    let found = ledger
+        .unverified_command(&Command::ImportKey { key: edited })
+        .unwrap();
+    assert!(!found.untrusted_vendor, "{found}");
+    assert!(found.to_string().contains("invalid signature"), "{found}");
+}
+
 // ---- synchronization with the vendor ----
 
 fn response(

@@ -40,9 +40,10 @@ pub struct Report {
 const RESTORE: &str = "restore the data directory from a backup taken before the change (docs/operations.md, \"Backups, and losing a disk\"); a server whose data directory went back in time is reported to the vendor at its next sync (server_rolled_back)";
 const TRUST: &str = "if the vendor rotated its key, add its new public key with --trust (keep the old one while keys signed by it are in use); otherwise the data directory was edited: restore it from a backup";
 
-/// Runs every check on `config`'s data directory. The server must be stopped (the store is
-/// read as it is on disk). An error: what could not be read at all.
-pub fn examine(config: &ServerConfig) -> Result<Report, String> {
+/// Runs every check on `config`'s data directory at `now_ms` (the wall clock: the time the
+/// server would start at). The server must be stopped (the store is read as it is on disk).
+/// An error: what could not be read at all.
+pub fn examine(config: &ServerConfig, now_ms: i64) -> Result<Report, String> {
     let data = &config.data_dir;
     let mut report = Report {
         data_dir: data.display().to_string(),
@@ -88,17 +89,54 @@ pub fn examine(config: &ServerConfig) -> Result<Report, String> {
         },
         None => Ledger::new(ledger_config),
     };
+    // The state now: the snapshot, then the committed entries after it (as a start replays
+    // them).
+    let mut now = ledger.clone();
+    for (index, batch) in &inspection.entries {
+        let after_snapshot = inspection.snapshot_index.is_none_or(|last| *index > last);
+        let committed = inspection
+            .committed_index
+            .is_some_and(|last| *index <= last);
+        if after_snapshot && committed {
+            for stamped in batch {
+                now.apply(stamped);
+            }
+        }
+    }
+    let sync = now.sync_state();
+    if let Some(block) = &sync.blocked {
+        report.findings.push(Finding {
+            place: format!("{store_name}, sync state"),
+            problem: format!(
+                "the vendor refused this server's last sync ({}): {}",
+                block.code, block.message
+            ),
+            remedy: "the vendor saw this server's data directory cloned or put back from a copy: it must reset the server ID (`tessera authority server reset ID`) before this server can sync again; run one copy only".into(),
+        });
+    }
+    if let Some(deadline) = sync.deadline_ms()
+        && deadline <= now_ms.max(now.last_at_ms())
+    {
+        report.findings.push(Finding {
+            place: format!("{store_name}, sync state"),
+            problem: format!(
+                "the vendor certificate ran out at {} (not synchronized with the vendor since): keys bound to this server issue nothing",
+                jiff::Timestamp::from_millisecond(deadline).unwrap_or(jiff::Timestamp::MAX)
+            ),
+            remedy: "synchronize with the vendor: `tessera sync` online, or `tessera sync export --out FILE` and `tessera sync import FILE` for an air-gapped server (docs/sync-and-renewal.md)".into(),
+        });
+    }
     report.snapshot = inspection.snapshot.is_some();
     report.log_entries = inspection.entries.len();
-    for (what, why) in ledger.unverified_keys() {
-        let remedy = if why.contains("does not trust") {
+    for found in ledger.unverified_keys() {
+        let remedy = if found.untrusted_vendor {
             TRUST
         } else {
             RESTORE
         };
         report.findings.push(Finding {
             place: format!("{store_name}, snapshot"),
-            problem: format!("{what} does not verify: {why}"),
+            problem: format!("{} does not verify: {}", found.what, found.why),
             remedy: remedy.into(),
         });
     }
@@ -125,8 +163,8 @@ pub fn examine(config: &ServerConfig) -> Result<Report, String> {
     }
     for (index, batch) in &inspection.entries {
         for stamped in batch {
-            if let Some(why) = ledger.unverified_command(&stamped.command) {
-                let remedy = if why.contains("does not trust") {
+            if let Some(found) = ledger.unverified_command(&stamped.command) {
+                let remedy = if found.untrusted_vendor {
                     TRUST
                 } else {
                     RESTORE
@@ -134,7 +172,7 @@ pub fn examine(config: &ServerConfig) -> Result<Report, String> {
                 report.findings.push(Finding {
                     place: format!("{store_name}, raft log entry {index}"),
                     problem: format!(
-                        "{why} (replayed, it would silently drop or add what it carries)"
+                        "{found} (replayed, it would silently drop or add what it carries)"
                     ),
                     remedy: remedy.into(),
                 });

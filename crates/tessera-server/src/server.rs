@@ -182,7 +182,7 @@ pub async fn start(
         consensus.shutdown().await;
         let named: Vec<String> = unverified_keys
             .iter()
-            .map(|(what, why)| format!("{what}: {why}"))
+            .map(|found| found.to_string())
             .chain(
                 unverified_entries
                     .iter()

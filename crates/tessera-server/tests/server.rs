@@ -924,6 +924,21 @@ async fn a_file_sync_makes_bound_keys_usable_until_366_days_pass() {
         .unwrap_err();
     assert_eq!(code(late), (503, "server_not_synchronized".into()));
     assert!(!f.client().status().await.unwrap().sync.synchronized);
+
+    // The doctor, on the stopped server, names the run-out certificate and the way out.
+    let config = ServerConfig {
+        data_dir: f.dir.path().join("data"),
+        trust: vec![f.dir.path().join("vendor.pub")],
+        server_id: Some("srv-test".into()),
+        ..ServerConfig::default()
+    };
+    let now = f.clock_now();
+    f.server.shutdown().await;
+    let report = tessera_server::doctor::examine(&config, now).unwrap();
+    let found: Vec<String> = report.findings.iter().map(|f| f.problem.clone()).collect();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].contains("vendor certificate ran out"), "{found:?}");
+    assert!(report.findings[0].remedy.contains("tessera sync export"));
 }
 
 #[tokio::test]

@@ -862,6 +862,10 @@ pub struct Inspection {
     pub chain_breaks: Vec<(u64, String)>,
     /// Why the snapshot does not match its digest, if it does not (nor with this).
     pub snapshot_break: Option<String>,
+    /// The last log index the snapshot holds.
+    pub snapshot_index: Option<u64>,
+    /// The last log index known committed.
+    pub committed_index: Option<u64>,
 }
 
 /// Reads the store in the SQLite file at `path` read-only: no migration, no writer thread.
@@ -908,5 +912,21 @@ pub fn inspect(path: &Path) -> Result<Inspection, StoreError> {
         .map(|(index, why)| (index, why.to_string()))
         .collect();
     inspection.snapshot_break = snapshot_break(&conn, version >= 3)?;
+    let snapshot_meta: Option<String> = conn
+        .query_row("SELECT meta FROM raft_snapshot WHERE id = 1", [], |row| {
+            row.get(0)
+        })
+        .optional()?;
+    inspection.snapshot_index = decode::<crate::types::SnapshotMeta>(snapshot_meta)?
+        .and_then(|meta| meta.last_log_id)
+        .map(|id| id.index);
+    let committed: Option<String> = conn
+        .query_row(
+            "SELECT value FROM raft_meta WHERE name = ?1",
+            [META_COMMITTED],
+            |row| row.get(0),
+        )
+        .optional()?;
+    inspection.committed_index = decode::<LogId>(committed)?.map(|id| id.index);
     Ok(inspection)
 }

@@ -221,6 +221,26 @@ fn a_copied_data_directory_is_refused_as_cloned_when_it_syncs_online() {
     // The original is not disturbed.
     original.ok(&["sync"]);
     assert!(original.sync_status()["blocked"].is_null());
+
+    // On the stopped copy, the doctor explains the block and the way out.
+    copy.process.terminate();
+    let doctor = tessera(&[
+        "doctor",
+        "--data",
+        b.to_str().unwrap(),
+        "--server-id",
+        &vendor.server_id,
+        "--trust",
+        vendor.trust.to_str().unwrap(),
+    ]);
+    let report = String::from_utf8_lossy(&doctor.stdout).to_string()
+        + &String::from_utf8_lossy(&doctor.stderr);
+    assert!(!doctor.status.success(), "{report}");
+    assert!(
+        report.contains("refused this server's last sync (server_cloned)")
+            && report.contains("tessera authority server reset"),
+        "{report}"
+    );
 }
 
 /// T4, by file: the same with the air-gapped flow; the vendor's `authority process` refuses.

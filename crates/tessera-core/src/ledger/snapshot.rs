@@ -3,6 +3,26 @@
 
 use super::*;
 
+/// A signed object the ledger or its log holds that does not verify (checked at every start,
+/// and by `tessera doctor`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unverified {
+    /// The object: "license key K", "received pool K (grant from D)", "import of license key
+    /// K", …
+    pub what: String,
+    /// Why it does not verify.
+    pub why: String,
+    /// Its vendor key is not on the trust list (the list changed, or another vendor's key):
+    /// the way out is trusting that key again, not restoring a backup.
+    pub untrusted_vendor: bool,
+}
+
+impl std::fmt::Display for Unverified {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.what, self.why)
+    }
+}
+
 impl Ledger {
     pub fn snapshot(&self) -> LedgerSnapshot {
         let mut leases: Vec<LeaseView> = self.leases.values().map(|lease| lease.view()).collect();
@@ -138,7 +158,7 @@ impl Ledger {
     /// or its vendor left the trust list: replaying it would make a key or a received pool
     /// silently vanish (or, edited the other way, appear). Checked over the whole stored log
     /// at every start.
-    pub fn unverified_command(&self, command: &Command) -> Option<String> {
+    pub fn unverified_command(&self, command: &Command) -> Option<Unverified> {
         let what = match command {
             Command::ImportKey { key } => format!("import of license key {}", key.key_id()),
             Command::AcceptGrant { grant } => match grant.links.last() {
@@ -153,7 +173,11 @@ impl Ledger {
         };
         self.verify_command(command)
             .err()
-            .map(|refusal| format!("{what}: {refusal}"))
+            .map(|refusal| Unverified {
+                what,
+                why: refusal.to_string(),
+                untrusted_vendor: refusal.is_untrusted_vendor(),
+            })
     }
 
     /// The keys this ledger holds (its own, received pools', and renewal keys held for
@@ -161,7 +185,7 @@ impl Ledger {
     /// the trusted vendor keys (and, for grants, this server's identity), with why: a
     /// snapshot or log edited on disk, or a vendor key removed from the trust list. Checked
     /// at every start.
-    pub fn unverified_keys(&self) -> Vec<(String, String)> {
+    pub fn unverified_keys(&self) -> Vec<Unverified> {
         let trusted = &self.config.trusted_vendors;
         let held = self
             .keys
@@ -172,12 +196,14 @@ impl Ledger {
             .renewals
             .iter()
             .map(|(renews, key)| (format!("{} (renewal of {renews})", key.key_id()), key));
-        let mut found: Vec<(String, String)> = held
+        let mut found: Vec<Unverified> = held
             .chain(renewals)
             .filter_map(|(id, key)| {
-                key.verify(trusted)
-                    .err()
-                    .map(|error| (format!("license key {id}"), error.to_string()))
+                key.verify(trusted).err().map(|error| Unverified {
+                    what: format!("license key {id}"),
+                    why: error.to_string(),
+                    untrusted_vendor: error.is_untrusted_vendor(),
+                })
             })
             .collect();
         if let (Some(server_id), Some(server_key)) = (
@@ -188,26 +214,35 @@ impl Ledger {
                 if let Some(received) = &record.received
                     && let Err(error) = received.grant.verify_signed(trusted, server_id, server_key)
                 {
-                    found.push((
-                        format!(
+                    let untrusted_vendor = matches!(
+                        error,
+                        GrantError::BadKey {
+                            untrusted_vendor: true,
+                            ..
+                        }
+                    );
+                    found.push(Unverified {
+                        what: format!(
                             "received pool {} (grant from {})",
                             record.id, received.donor
                         ),
-                        error.to_string(),
-                    ));
+                        why: error.to_string(),
+                        untrusted_vendor,
+                    });
                 }
             }
         }
         if let Some(certificate) = &self.sync.certificate
             && let Err(error) = certificate.verify(trusted)
         {
-            found.push((
-                format!(
+            found.push(Unverified {
+                what: format!(
                     "vendor certificate of server {}",
                     certificate.payload.server_id
                 ),
-                error.to_string(),
-            ));
+                why: error.to_string(),
+                untrusted_vendor: error.is_untrusted_vendor(),
+            });
         }
         found
     }

@@ -843,7 +843,7 @@ impl Consensus {
 
     /// The stored log entries carrying a signed object that does not verify, as
     /// (log index, what and why), read from the log itself (whether replayed yet or not).
-    pub fn unverified_log_entries(&self) -> Vec<(u64, String)> {
+    pub fn unverified_log_entries(&self) -> Vec<(u64, tessera_core::Unverified)> {
         let entries = self.inner.log.proposal_entries();
         self.read(|ledger| {
             entries
