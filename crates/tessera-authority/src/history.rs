@@ -28,10 +28,69 @@ pub const AUDIT_REWRITTEN: &str = "audit_rewritten";
 pub const LOG_REWRITTEN: &str = "log_rewritten";
 pub const LEDGER_REWOUND: &str = "ledger_rewound";
 
-/// Compares the counters a request reports with the last report of the same host
-/// (`installation`) and keeps them; returns what is wrong (`leases_issued` only grows on a
-/// host, so less than its last report means its ledger forgot checkouts).
+/// How many counter points of one host are kept.
+pub const COUNTER_POINTS_MAX: i64 = 256;
+
+/// Compares the counters a host states (at its own sync: `source` "sync"; relayed by a
+/// donor: the donor's server ID) with the points it stated before, and keeps them; returns
+/// what is wrong. `leases_issued` only grows on a host, so a point with fewer leases issued
+/// than an earlier one (by the time its ledger had applied), or more than a later one,
+/// means its ledger forgot checkouts: put back from a copy, or rewritten. Counters without
+/// a time (older servers) are compared with the last such report.
 pub fn judge_counters(
+    connection: &Connection,
+    server_id: &str,
+    installation: &str,
+    counters: &tessera_core::sync::LedgerCounters,
+    source: &str,
+) -> Result<Option<String>, AuthorityError> {
+    let Some(as_of_ms) = counters.as_of_ms else {
+        return judge_untimed_counters(connection, server_id, installation, counters);
+    };
+    let now = i64::try_from(counters.leases_issued).unwrap_or(i64::MAX);
+    // An earlier point with more leases issued, or a later one with fewer.
+    let contradiction: Option<(i64, i64, String)> = connection
+        .query_row(
+            "SELECT as_of_ms, leases_issued, source FROM counter_points \
+             WHERE server_id = ?1 AND installation = ?2 \
+               AND ((as_of_ms < ?3 AND leases_issued > ?4) OR (as_of_ms > ?3 AND leases_issued < ?4)) \
+             ORDER BY as_of_ms DESC LIMIT 1",
+            params![server_id, installation, as_of_ms, now],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+        )
+        .optional()?;
+    connection.execute(
+        "INSERT OR IGNORE INTO counter_points (server_id, installation, as_of_ms, leases_issued, source) \
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![server_id, installation, as_of_ms, now, source],
+    )?;
+    connection.execute(
+        "DELETE FROM counter_points WHERE server_id = ?1 AND installation = ?2 AND as_of_ms NOT IN \
+         (SELECT as_of_ms FROM counter_points WHERE server_id = ?1 AND installation = ?2 \
+          ORDER BY as_of_ms DESC LIMIT ?3)",
+        params![server_id, installation, COUNTER_POINTS_MAX],
+    )?;
+    let stated = |source: &str| match source {
+        "sync" => "at its sync".to_string(),
+        donor => format!("in its usage report to {donor}"),
+    };
+    Ok(contradiction.map(|(then_ms, then, then_source)| {
+        let when = |ms: i64| {
+            jiff::Timestamp::from_millisecond(ms)
+                .map_or_else(|_| ms.to_string(), |t| t.to_string())
+        };
+        format!(
+            "host {installation} of {server_id} states {now} leases issued as of {} ({}), but {then} as of {} ({}): leases issued only grow, so its ledger was put back from a copy or rewritten to forget checkouts",
+            when(as_of_ms),
+            stated(source),
+            when(then_ms),
+            stated(&then_source)
+        )
+    }))
+}
+
+/// [`judge_counters`] for counters without a time: compared with the last such report.
+fn judge_untimed_counters(
     connection: &Connection,
     server_id: &str,
     installation: &str,
@@ -195,6 +254,10 @@ pub fn clear(connection: &Connection, server_id: &str) -> Result<usize, Authorit
         params![server_id],
     )?;
     connection.execute(
+        "DELETE FROM counter_points WHERE server_id = ?1",
+        params![server_id],
+    )?;
+    connection.execute(
         "DELETE FROM link_reporters WHERE server_id = ?1",
         params![server_id],
     )?;
@@ -248,5 +311,59 @@ mod tests {
         );
         let log = judge_one(Kind::Log, &signed, Some(&check(9, Some("cc"))), "h").unwrap();
         assert!(log.contains("Raft log entry 9"), "{log}");
+    }
+
+    fn counters(as_of_ms: i64, leases_issued: u64) -> tessera_core::sync::LedgerCounters {
+        tessera_core::sync::LedgerCounters {
+            leases_issued,
+            as_of_ms: Some(as_of_ms),
+            leases_held: 0,
+            seats_donated: 0,
+            keys: 1,
+        }
+    }
+
+    /// Points of one host, from its syncs and relayed by its donor, in any order of arrival:
+    /// leases issued never go down with the time of the ledger, unless the ledger went back.
+    #[test]
+    fn counter_points_contradict_each_other_only_when_the_ledger_went_back() {
+        let connection = crate::store::open_in_memory();
+        connection
+            .execute_batch(
+                "INSERT INTO customers (name, created_at_ms) VALUES ('acme', 0);
+                 INSERT INTO servers (server_id, customer, created_at_ms) VALUES ('S', 'acme', 0);",
+            )
+            .unwrap();
+        let judge = |as_of: i64, leases: u64, source: &str| {
+            judge_counters(&connection, "S", "host", &counters(as_of, leases), source).unwrap()
+        };
+        // A genuine host: its own sync at t=100, then a relayed report made earlier (t=50,
+        // fewer leases) arriving later, then more.
+        assert_eq!(judge(100, 10, "sync"), None);
+        assert_eq!(judge(50, 7, "hq"), None);
+        assert_eq!(judge(100, 10, "hq"), None, "the same point again");
+        assert_eq!(judge(200, 12, "hq"), None);
+        // Put back to a copy: a later time with fewer leases issued than at t=200.
+        let rewound = judge(300, 9, "hq").unwrap();
+        assert!(
+            rewound.contains("states 9 leases issued")
+                && rewound.contains("but 12")
+                && rewound.contains("in its usage report to hq"),
+            "{rewound}"
+        );
+        // Arriving the other way round: an earlier time with more than a later point.
+        assert!(
+            judge(60, 11, "sync")
+                .unwrap()
+                .contains("states 11 leases issued")
+        );
+        // Another host of the same server is judged on its own.
+        assert_eq!(
+            judge_counters(&connection, "S", "other", &counters(400, 1), "sync").unwrap(),
+            None
+        );
+        // A reset forgets them.
+        clear(&connection, "S").unwrap();
+        assert_eq!(judge(500, 1, "sync"), None);
     }
 }

@@ -25,6 +25,7 @@ pub const MIGRATIONS: &[(u32, &str)] = &[
     (5, include_str!("../migrations/0005_link_runs.sql")),
     (6, include_str!("../migrations/0006_counters.sql")),
     (7, include_str!("../migrations/0007_link_reporters.sql")),
+    (8, include_str!("../migrations/0008_counter_points.sql")),
 ];
 
 /// How long a writer waits for another connection's lock (e.g. a backup) before failing.

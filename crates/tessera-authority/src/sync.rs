@@ -345,9 +345,40 @@ fn judge_history(
     }
     if let (Some(counters), Some(installation)) = (&asked.counters, &asked.installation)
         && let Some(detail) =
-            history::judge_counters(transaction, server_id, installation, counters)?
+            history::judge_counters(transaction, server_id, installation, counters, "sync")?
     {
         found.push((history::LEDGER_REWOUND, detail));
+    }
+    // What its receivers stated to this server: alerts on the receiver's server ID.
+    for relayed in &asked.relayed {
+        if relayed.server_id == server_id
+            || store::find_server(transaction, &relayed.server_id)?.is_none()
+        {
+            continue;
+        }
+        let heads = &relayed.heads;
+        if let Some(detail) = history::judge_counters(
+            transaction,
+            &relayed.server_id,
+            &heads.installation,
+            &heads.counters,
+            server_id,
+        )? {
+            chain::record_alert(
+                transaction,
+                &relayed.server_id,
+                history::LEDGER_REWOUND,
+                None,
+                &detail,
+                now_ms,
+            )?;
+            tracing::warn!(
+                server_id = relayed.server_id,
+                relayed_by = server_id,
+                detail,
+                "a receiver's ledger, as its donor relays it, went back"
+            );
+        }
     }
     if let Some(trust) = &asked.trust {
         let ours = vendor.public_key().fingerprint();

@@ -204,6 +204,7 @@ fn request(identity: &SecretKey, server_id: &str, sequence: u64, held: &[&str]) 
             links: Vec::new(),
             trust: None,
             counters: None,
+            relayed: Vec::new(),
         },
         identity,
     )

@@ -184,6 +184,10 @@ pub struct UsageReport {
     /// Licenses in use per component at the time of the report.
     #[serde(default)]
     pub in_use: BTreeMap<String, u32>,
+    /// The child's own ledger counters and log head (relayed to the vendor at this server's
+    /// sync). Absent from older children's reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heads: Option<crate::sync::ReportedHeads>,
 }
 
 /// The number after `previous` of a sequence others check for replays (a grant's serial per

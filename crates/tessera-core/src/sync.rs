@@ -204,6 +204,35 @@ pub struct SyncRequestPayload {
     /// What the ledger holds and has issued.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub counters: Option<LedgerCounters>,
+    /// What the neighbours this server donates to reported of their own ledgers with their
+    /// last usage report (their counters and log heads): the vendor checks a receiver's
+    /// counters even when it never syncs itself (an air-gapped child).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub relayed: Vec<RelayedHeads>,
+}
+
+/// A host's ledger counters and log head, as it states them in each usage report to its
+/// donor (docs/security.md, T2 and T5).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportedHeads {
+    /// The reporting host (see [`SyncRequestPayload::installation`]).
+    pub installation: String,
+    /// Its Raft log's last chain point.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<ChainPoint>,
+    pub counters: LedgerCounters,
+}
+
+/// A neighbour's [`ReportedHeads`], as the donor it reported to relays them at its sync.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayedHeads {
+    /// The neighbour's server ID.
+    pub server_id: String,
+    /// When the neighbour made its report (its clock).
+    pub reported_at: Timestamp,
+    pub heads: ReportedHeads,
 }
 
 /// Counters of a server's ledger, reported at every sync (docs/security.md, T2).
@@ -212,6 +241,10 @@ pub struct SyncRequestPayload {
 pub struct LedgerCounters {
     /// Leases checked out in all, since the ledger began: it only grows.
     pub leases_issued: u64,
+    /// The time of the last entry the ledger applied when it was counted: on one host, a
+    /// later time never has fewer `leases_issued`. Absent from older servers' reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub as_of_ms: Option<i64>,
     /// Leases held now.
     pub leases_held: u64,
     /// Licenses donated to neighbours now.

@@ -28,6 +28,22 @@ const AUTHORITY_TIMEOUT: Duration = Duration::from_secs(30);
 /// A failed scheduled sync is retried after this long.
 pub const SYNC_RETRY_MS: i64 = 15 * 60 * 1000;
 
+/// What the neighbours this server donates to stated of their own ledgers in their last
+/// usage reports, for the vendor.
+fn relayed_heads(ledger: &tessera_core::Ledger) -> Vec<tessera_core::sync::RelayedHeads> {
+    ledger
+        .usage_reports()
+        .iter()
+        .filter_map(|(server_id, report)| {
+            Some(tessera_core::sync::RelayedHeads {
+                server_id: server_id.clone(),
+                reported_at: timestamp(report.at_ms),
+                heads: report.heads.clone()?,
+            })
+        })
+        .collect()
+}
+
 impl AppState {
     /// Starts a sync: replicates the new sequence and nonce, returns the signed request.
     pub async fn export_sync_request(&self) -> Result<SyncRequest, ApiError> {
@@ -44,7 +60,7 @@ impl AppState {
                 other => return Err(unexpected(other)),
             };
         let server_id = self.config.server_id.clone().unwrap_or_default();
-        let (keys, links, trust_changes, counters) = self.consensus.read(|ledger| {
+        let (keys, links, trust_changes, counters, relayed) = self.consensus.read(|ledger| {
             (
                 ledger
                     .keys(at_ms)
@@ -57,6 +73,7 @@ impl AppState {
                 ledger.sync_state().links.clone(),
                 ledger.sync_state().trust_changes.clone(),
                 ledger.counters(),
+                relayed_heads(ledger),
             )
         });
         let trust = TrustReport {
@@ -79,6 +96,7 @@ impl AppState {
             links,
             trust: Some(trust),
             counters: Some(counters),
+            relayed,
         };
         Ok(SyncRequest::sign(payload, &self.identity))
     }

@@ -51,6 +51,7 @@ impl Copy {
                 links: Vec::new(),
                 trust: None,
                 counters: None,
+                relayed: Vec::new(),
             },
             &self.identity,
         )

@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// The longest installation hash or log hash a usage report may carry.
+const REPORTED_TEXT_MAX: usize = 128;
+
 impl Ledger {
     /// Creates or changes the donation of `licenses` from a key to a neighbour. A change is a
     /// new grant with the next serial; the previous grants stay counted until they lapse, so
@@ -677,6 +680,17 @@ impl Ledger {
         {
             return invalid(format!(
                 "a usage report names at most {USAGE_REPORT_COMPONENTS_MAX} valid component names"
+            ));
+        }
+        if let Some(heads) = &report.heads
+            && (heads.installation.len() > REPORTED_TEXT_MAX
+                || heads
+                    .log
+                    .as_ref()
+                    .is_some_and(|point| point.hash.len() > REPORTED_TEXT_MAX))
+        {
+            return invalid(format!(
+                "a usage report's installation and log hash are at most {REPORTED_TEXT_MAX} characters"
             ));
         }
         self.reports.insert(from.into(), report.clone());

@@ -195,6 +195,7 @@ impl Ledger {
     pub fn counters(&self) -> crate::sync::LedgerCounters {
         crate::sync::LedgerCounters {
             leases_issued: self.sync.leases_issued,
+            as_of_ms: Some(self.last_at_ms),
             leases_held: self.leases.len() as u64,
             seats_donated: self.keys.values().map(|r| u64::from(r.donated)).sum(),
             keys: self.keys.len() as u64,

@@ -929,10 +929,13 @@ impl AppState {
         let now_ms = self.stamper.now_ms();
         let link = self.links.get(&neighbour.id);
         let default_period_ms = self.config.licenses.usage_report_period.as_millis() as i64;
-        let usage = link
+        let mut usage = link
             .memory
             .usage_due(now_ms, default_period_ms)
             .then(|| self.usage_report(&neighbour.id, link.donor_settings));
+        if let Some(report) = usage.as_mut() {
+            report.heads = self.reported_heads().await;
+        }
         self.links.update(&neighbour.id, |link| {
             link.memory.last_renew_ms = Some(now_ms)
         });
@@ -981,6 +984,26 @@ impl AppState {
     /// The usage report for a donor: distinct stations per component that held a license
     /// from its grants during the counting period (the donor's setting), and the licenses of
     /// its grants in use now.
+    /// This host's ledger counters and log head, for a usage report: its donor relays them
+    /// to the vendor at its own sync (docs/security.md, T5 for a child that never syncs).
+    async fn reported_heads(&self) -> Option<tessera_core::sync::ReportedHeads> {
+        let log = match self.consensus.log_chain(None).await {
+            Ok(read) => read.head,
+            Err(error) => {
+                tracing::warn!(%error, "usage report: the log's hash chain is unreadable");
+                return None;
+            }
+        };
+        Some(tessera_core::sync::ReportedHeads {
+            installation: crate::sync::installation(&self.config.data_dir),
+            log: log.map(|(at, hash)| tessera_core::sync::ChainPoint {
+                at,
+                hash: hex::encode(hash),
+            }),
+            counters: self.consensus.read(|ledger| ledger.counters()),
+        })
+    }
+
     fn usage_report(&self, donor: &str, settings: Option<DonorSettings>) -> UsageReport {
         let now_ms = self.stamper.now_ms();
         let period_ms = settings.map_or(
@@ -1042,6 +1065,7 @@ impl AppState {
                 .map(|(c, s)| (c, s.len() as u32))
                 .collect(),
             in_use,
+            heads: None,
         }
     }
 

@@ -1806,3 +1806,107 @@ async fn a_grant_signed_outside_the_donors_ledger_is_reported_to_the_vendor() {
     sync(&hq).await;
     assert_eq!(alerts().await.len(), 1);
 }
+
+/// Attack T5 on a child that never syncs itself: its data directory is put back to a copy
+/// taken before its checkouts, to issue those seats again. Each usage report it sends its
+/// donor states its ledger's counters (with the time of the ledger's last entry); the donor
+/// relays them at its own sync, and the vendor, holding an earlier report with more leases
+/// issued, raises `ledger_rewound` on the child's server ID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_put_back_to_a_copy_is_reported_to_the_vendor_through_its_donor() {
+    let vendor_dir = tempfile::tempdir().unwrap();
+    let vendor_clock = ManualClock::new(START_MS);
+    let (authority, hq) = super::authority_with_a_server_id(vendor_dir.path(), &vendor_clock).await;
+    let branch = super::register_server_id(&authority).await;
+    let vendor_pub = vendor_dir.path().join("authority").join("vendor.pub");
+    let url = authority.url();
+    let mut net = Net::start_with(
+        &[(&hq, vec![child(&branch)]), (&branch, vec![parent(&hq)])],
+        |id, config| {
+            config.trust.push(vendor_pub.clone());
+            // The child is air-gapped: only its donor talks to the vendor.
+            if id == hq {
+                config.authority = Some(url.clone());
+            }
+        },
+    )
+    .await;
+    let admin = net.admin(&hq);
+    admin
+        .import_key(net.key("K", 10).to_json_pretty())
+        .await
+        .unwrap();
+    admin
+        .donate("K", &branch, 4, &until(START_MS + 10 * 86_400_000))
+        .await
+        .unwrap();
+    // hq is never stopped: its state serves every sync.
+    let hq_state = net.server(&hq).state.clone();
+    let sync_hq = || {
+        let state = hq_state.clone();
+        async move { state.sync_online().await.unwrap() }
+    };
+    sync_hq().await;
+
+    // The customer's copy of the child's data directory, before its checkouts.
+    net.stop(&branch).await;
+    let data = net.nodes[&branch].config.data_dir.clone();
+    let copy = net.dir.path().join("branch-copy");
+    // (Put back at the same path, the same host: the same installation, as a customer's
+    // restore is.)
+    let status = std::process::Command::new("cp")
+        .args(["-a", data.to_str().unwrap(), copy.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let address = net.nodes[&hq].config.neighbours[0]
+        .url
+        .trim_start_matches("http://")
+        .to_string();
+    net.boot(&branch, TcpListener::bind(&address).await.unwrap())
+        .await;
+
+    assert_eq!(net.checkouts(&branch, "ws", 3).await, 3);
+    net.tick(&branch).await;
+    let relayed = net.server(&hq).state.consensus.read(|ledger| {
+        ledger.usage_reports()[&branch]
+            .heads
+            .clone()
+            .expect("the report states the child's heads")
+    });
+    assert_eq!(relayed.counters.leases_issued, 3);
+    sync_hq().await;
+    let alerts = || super::vendor_alerts(&authority, "ledger_rewound");
+    assert!(alerts().await.is_empty());
+
+    // Put back where it was, started again: it issues the same seats again and reports as
+    // before.
+    net.stop(&branch).await;
+    std::fs::remove_dir_all(&data).unwrap();
+    let status = std::process::Command::new("cp")
+        .args(["-a", copy.to_str().unwrap(), data.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    net.boot(&branch, TcpListener::bind(&address).await.unwrap())
+        .await;
+    net.advance(10 * 60_000);
+    vendor_clock.advance_ms(10 * 60_000);
+    assert_eq!(net.checkouts(&branch, "again", 1).await, 1);
+    net.tick(&branch).await;
+    assert!(
+        alerts().await.is_empty(),
+        "nothing is known before the donor syncs"
+    );
+    sync_hq().await;
+    let found = alerts().await;
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["server_id"], branch.as_str());
+    let detail = found[0]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("states 1 leases issued")
+            && detail.contains("but 3")
+            && detail.contains(&format!("in its usage report to {hq}")),
+        "{detail}"
+    );
+}
