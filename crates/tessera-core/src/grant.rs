@@ -55,6 +55,12 @@ pub struct GrantPayload {
     pub lease_until: Timestamp,
     /// The donation end date set by the donor's administrator.
     pub donation_until: Timestamp,
+    /// The serial of the grant the donor's ledger issued on this link (key, receiver) just
+    /// before this one: the link's grants form a chain. A receiver holding a serial between
+    /// `prev_serial` and `serial` holds a grant the donor's ledger never issued (signed with
+    /// its key outside it, or the donor's ledger was put back): docs/security.md, T10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev_serial: Option<u64>,
 }
 
 impl GrantPayload {

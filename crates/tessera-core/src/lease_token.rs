@@ -502,6 +502,7 @@ mod tests {
                 issued_at: Timestamp::from_millisecond(NOW - 1000).unwrap(),
                 lease_until: Timestamp::from_millisecond(NOW + 3_600_000).unwrap(),
                 donation_until: Timestamp::from_millisecond(NOW + 3_600_000).unwrap(),
+                prev_serial: None,
             },
             &w.server,
         );

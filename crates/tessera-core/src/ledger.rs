@@ -99,6 +99,9 @@ pub struct Donation {
     pub renewal_period_ms: i64,
     /// Serial of the latest grant issued.
     pub serial: u64,
+    /// Serial of the grant issued on this link before it (see [`GrantPayload::prev_serial`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev_serial: Option<u64>,
     pub lease_until_ms: i64,
     pub renewed_at_ms: i64,
     /// Ended by an administrator (or moved to a renewal key): no more renewals.

@@ -102,6 +102,11 @@ pub enum Outcome {
         serial: u64,
         usable_until_ms: i64,
         leases_ended: u32,
+        /// The serial this server held from the donor that the donor's chain of grants does
+        /// not contain (see [`crate::GrantPayload::prev_serial`]): a grant signed outside the
+        /// donor's ledger, or a donor put back to a copy. Raise `grant_forged`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        unknown_to_donor: Option<u64>,
     },
     GrantReleased {
         key_id: String,

@@ -40,7 +40,8 @@ pub struct Event {
     /// receiver records differ; the message names both counts), `neighbour_link_failed`,
     /// `neighbour_link_restored`, `neighbour_refused` (a message from another server was
     /// refused here), and on the receiver `grant_refused`, `grant_reduced`, `grant_released`
-    /// (the donor called its licenses back). A redundant pair: `pair_status` (the pair status
+    /// (the donor called its licenses back), `grant_forged` (critical: it held a grant the
+    /// donor's chain of grants does not contain). A redundant pair: `pair_status` (the pair status
     /// changed; `info` for Paired and Available, else `warning`; details: the whole status).
     pub kind: String,
     /// `info`, `warning` or `error`.

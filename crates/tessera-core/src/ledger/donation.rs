@@ -105,12 +105,10 @@ impl Ledger {
                 Err(reason) => return refuse(reason),
             };
         let serial_key = received_pool_id(vendor_key_id, to);
-        let serial = next_number(
-            existing
-                .map_or(0, |d| d.serial)
-                .max(self.issued_serials.get(&serial_key).copied().unwrap_or(0)),
-            at,
-        );
+        let previous = existing
+            .map_or(0, |d| d.serial)
+            .max(self.issued_serials.get(&serial_key).copied().unwrap_or(0));
+        let serial = next_number(previous, at);
         let mut outstanding = existing.map(|d| d.outstanding.clone()).unwrap_or_default();
         push_outstanding(
             &mut outstanding,
@@ -128,6 +126,7 @@ impl Ledger {
             donation_until_ms: until_ms,
             renewal_period_ms,
             serial,
+            prev_serial: (previous > 0).then_some(previous),
             lease_until_ms,
             renewed_at_ms: at,
             ended: false,
@@ -233,12 +232,11 @@ impl Ledger {
             };
             let serial_key = received_pool_id(&record.key.payload.key_id, &id.1);
             let donation = self.donations.get_mut(&id).expect("listed");
-            donation.serial = next_number(
-                donation
-                    .serial
-                    .max(self.issued_serials.get(&serial_key).copied().unwrap_or(0)),
-                at,
-            );
+            let previous = donation
+                .serial
+                .max(self.issued_serials.get(&serial_key).copied().unwrap_or(0));
+            donation.serial = next_number(previous, at);
+            donation.prev_serial = (previous > 0).then_some(previous);
             self.issued_serials.insert(serial_key, donation.serial);
             donation.lease_until_ms = lease_until_ms;
             donation.renewed_at_ms = at;
@@ -353,6 +351,7 @@ impl Ledger {
                         donation_until_ms: pending.donation_until_ms,
                         renewal_period_ms: pending.renewal_period_ms,
                         serial: 0,
+                        prev_serial: None,
                         lease_until_ms: 0,
                         renewed_at_ms: 0,
                         ended: true,
@@ -465,6 +464,12 @@ impl Ledger {
                 ended_at: format_ms(last.ends_at_ms()),
             });
         }
+        // The donor's chain: the grant before this one on the link is `prev_serial`; a
+        // serial held here between the two was never issued by the donor's ledger.
+        let unknown_to_donor = last
+            .prev_serial
+            .filter(|prev| accepted > *prev && accepted < last.serial)
+            .map(|_| accepted);
         let mut received = Received {
             grant: grant.clone(),
             donor: last.donor.clone(),
@@ -480,14 +485,17 @@ impl Ledger {
             Some(record) => {
                 let current = record.received.as_ref().map_or(0, |r| r.serial);
                 if last.serial == current {
-                    return self.grant_accepted(&pool, 0);
+                    return self.grant_accepted(&pool, 0, None);
                 }
                 // The donor counts every earlier grant until it lapses, unless a later one
                 // gives as many licenses for as long: those stay usable here too, so a
                 // smaller or shorter grant never cuts a lease short.
                 if let Some(previous) = record.received.take() {
                     let mut floor = previous.floor;
-                    floor.push((previous.licenses, previous.usable_until_ms));
+                    // Not a grant the donor's ledger issued: it keeps nothing usable.
+                    if unknown_to_donor.is_none() {
+                        floor.push((previous.licenses, previous.usable_until_ms));
+                    }
                     floor.retain(|(licenses, until)| {
                         *until > at
                             && (*licenses > received.licenses || *until > received.usable_until_ms)
@@ -559,7 +567,7 @@ impl Ledger {
             at,
         );
         self.refresh_grant_due();
-        self.grant_accepted(&pool, leases_ended)
+        self.grant_accepted(&pool, leases_ended, unknown_to_donor)
     }
 
     /// Adds a grant serial to its link's history (see [`crate::sync::LinkReport`]): issued to
@@ -607,7 +615,12 @@ impl Ledger {
         links[index].record(serial, licenses);
     }
 
-    fn grant_accepted(&self, pool: &str, leases_ended: u32) -> Outcome {
+    fn grant_accepted(
+        &self,
+        pool: &str,
+        leases_ended: u32,
+        unknown_to_donor: Option<u64>,
+    ) -> Outcome {
         let record = &self.keys[pool];
         let received = record.received.as_ref().expect("a received pool");
         Outcome::GrantAccepted {
@@ -617,6 +630,7 @@ impl Ledger {
             serial: received.serial,
             usable_until_ms: received.usable_until_ms,
             leases_ended,
+            unknown_to_donor,
         }
     }
 

@@ -251,6 +251,9 @@ impl Ledger {
             issued_at: jiff::Timestamp::from_millisecond(donation.renewed_at_ms).ok()?,
             lease_until: jiff::Timestamp::from_millisecond(lease_until_ms).ok()?,
             donation_until: jiff::Timestamp::from_millisecond(donation_until_ms).ok()?,
+            prev_serial: donation
+                .prev_serial
+                .filter(|_| latest.serial == donation.serial),
         };
         Some((source, payload))
     }

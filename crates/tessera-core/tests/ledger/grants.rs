@@ -246,6 +246,60 @@ fn renewal_extends_the_grant_with_a_higher_serial_and_leases_continue() {
     assert!(child.ledger.leases()[0].expires_at_ms > old_end);
 }
 
+/// T10 on the receiver: each grant names the serial the donor's ledger issued before it on
+/// the link. A serial held in between was never issued by the donor's ledger (signed with
+/// its key outside it); a serial before it is only a grant the receiver missed.
+#[test]
+fn a_receiver_names_a_serial_the_donors_chain_skips_but_not_a_gap() {
+    let unknown = |outcome: Outcome| match outcome {
+        Outcome::GrantAccepted {
+            unknown_to_donor, ..
+        } => unknown_to_donor,
+        other => panic!("{other:?}"),
+    };
+    let (mut parent, mut child, _) = network();
+    parent.donate(BASE_MS, "k1", &child, 4, BASE_MS + 100 * HOUR_MS);
+    let first = parent.grant("k1", "child");
+    assert_eq!(first.last().prev_serial, None, "the link's first grant");
+    assert_eq!(unknown(child.accept(BASE_MS, first.clone())), None);
+
+    // Forged with the parent's own key: 9 licenses, a serial after the real one.
+    let (source, mut payload) = parent.ledger.grant_to_sign("k1", "child").unwrap();
+    payload.serial += 5_000;
+    payload.licenses = 9;
+    let forged_serial = payload.serial;
+    let forged = Grant::issue(source, payload, &parent.secret);
+    assert_eq!(unknown(child.accept(BASE_MS + 10, forged)), None);
+    assert_eq!(child.view("k1@parent").received.unwrap().licenses, 9);
+
+    // The parent's next real grant follows the first one: the forged serial is named.
+    let renew_at = BASE_MS + HOUR_MS / 2;
+    parent.apply(renew_at, Command::RenewDonations { to: "child".into() });
+    let second = parent.grant("k1", "child");
+    assert_eq!(second.last().prev_serial, Some(first.last().serial));
+    assert_eq!(
+        unknown(child.accept(renew_at, second.clone())),
+        Some(forged_serial)
+    );
+    // The forged grant's licenses are not kept usable until it lapses, as a real earlier
+    // grant's would be: the pool serves the real 4.
+    assert_eq!(child.view("k1@parent").received.unwrap().licenses, 4);
+    assert_eq!(child.checkouts(renew_at, 9), 4);
+
+    // A grant the child never got (the third) is a gap: the fourth is accepted quietly.
+    parent.apply(
+        renew_at + 1000,
+        Command::RenewDonations { to: "child".into() },
+    );
+    parent.apply(
+        renew_at + 2000,
+        Command::RenewDonations { to: "child".into() },
+    );
+    let fourth = parent.grant("k1", "child");
+    assert!(fourth.last().prev_serial > Some(second.last().serial));
+    assert_eq!(unknown(child.accept(renew_at + 2000, fourth)), None);
+}
+
 #[test]
 fn forged_inflated_foreign_expired_and_replayed_grants_are_refused() {
     let (mut parent, mut child, _) = network();

@@ -504,8 +504,25 @@ impl AppState {
                     licenses,
                     serial,
                     leases_ended,
+                    unknown_to_donor,
                     ..
                 }) => {
+                    if let Some(held) = unknown_to_donor {
+                        let message = format!(
+                            "this server held grant serial {held} of key {} from {}, which the donor's chain of grants does not contain (its grant {serial} follows serial {}): that grant was signed with the donor's key outside its ledger, or the donor's ledger was put back to a copy",
+                            last.key_id,
+                            neighbour.id,
+                            last.prev_serial.unwrap_or_default()
+                        );
+                        tracing::error!(%message, "grant_forged");
+                        self.notifier.emit(
+                            self.stamper.now_ms(),
+                            "grant_forged",
+                            "critical",
+                            message,
+                            serde_json::json!({"neighbour": neighbour.id, "key_id": last.key_id, "serial": held, "donor_serial": serial, "donor_prev_serial": last.prev_serial}),
+                        );
+                    }
                     if let Some(old) = renews {
                         self.notifier.emit(
                             self.stamper.now_ms(),

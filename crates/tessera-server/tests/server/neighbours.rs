@@ -1805,6 +1805,23 @@ async fn a_grant_signed_outside_the_donors_ledger_is_reported_to_the_vendor() {
     sync(&branch).await;
     sync(&hq).await;
     assert_eq!(alerts().await.len(), 1);
+
+    // On the receiver itself, with no sync: the donor's next real grant names the serial
+    // before it on the link, which skips the forged one.
+    assert!(net.messages(&branch, "grant_forged").await.is_empty());
+    net.advance(40 * 60_000);
+    vendor_clock.advance_ms(40 * 60_000);
+    net.tick(&branch).await;
+    let events = net.messages(&branch, "grant_forged").await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(
+        events[0].contains(&format!(
+            "held grant serial {forged_serial} of key K from {hq}"
+        )),
+        "{}",
+        events[0]
+    );
+    assert_eq!(net.key_summary(&branch, &pool).await.unwrap().licenses, 2);
 }
 
 /// Attack T5 on a child that never syncs itself: its data directory is put back to a copy
