@@ -59,10 +59,30 @@ pub fn judge_counters(
             |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
         )
         .optional()?;
+    // After an alert, the host's history starts again from the latest state known (the
+    // ledger as it is now), so one rewind is one alert.
+    let mut keep = (as_of_ms, now, source.to_string());
+    if contradiction.is_some() {
+        let latest: Option<(i64, i64, String)> = connection
+            .query_row(
+                "SELECT as_of_ms, leases_issued, source FROM counter_points \
+                 WHERE server_id = ?1 AND installation = ?2 ORDER BY as_of_ms DESC LIMIT 1",
+                params![server_id, installation],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+            )
+            .optional()?;
+        if let Some(latest) = latest.filter(|latest| latest.0 > as_of_ms) {
+            keep = latest;
+        }
+        connection.execute(
+            "DELETE FROM counter_points WHERE server_id = ?1 AND installation = ?2",
+            params![server_id, installation],
+        )?;
+    }
     connection.execute(
         "INSERT OR IGNORE INTO counter_points (server_id, installation, as_of_ms, leases_issued, source) \
          VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![server_id, installation, as_of_ms, now, source],
+        params![server_id, installation, keep.0, keep.1, keep.2],
     )?;
     connection.execute(
         "DELETE FROM counter_points WHERE server_id = ?1 AND installation = ?2 AND as_of_ms NOT IN \
@@ -351,12 +371,15 @@ mod tests {
                 && rewound.contains("in its usage report to hq"),
             "{rewound}"
         );
+        // One rewind, one alert: the ledger as it is now goes on from there.
+        assert_eq!(judge(400, 10, "sync"), None);
         // Arriving the other way round: an earlier time with more than a later point.
         assert!(
             judge(60, 11, "sync")
                 .unwrap()
                 .contains("states 11 leases issued")
         );
+        assert_eq!(judge(500, 10, "hq"), None);
         // Another host of the same server is judged on its own.
         assert_eq!(
             judge_counters(&connection, "S", "other", &counters(400, 1), "sync").unwrap(),

@@ -2315,6 +2315,55 @@ async fn a_ledger_key_that_does_not_verify_stops_the_start_naming_it() {
     server.shutdown().await;
 }
 
+/// Attack T1, second form: lease rows dropped from the snapshot, its digest recomputed, so
+/// the seat is issued again. Not detected on the server (no secret on it), but bounded
+/// (docs/security.md): the forgotten lease's next heartbeat is refused, so its station
+/// holds the seat only until the expiry its last answer named, one lease TTL at most.
+#[tokio::test]
+async fn lease_rows_dropped_from_the_snapshot_give_a_seat_twice_for_one_lease_ttl_at_most() {
+    let f = Fixture::start().await;
+    f.import(&f.key("k-one", &["cad"], 1)).await;
+    let (held, _) = f.client().checkout(&request("cad", "ws-1")).await.unwrap();
+    f.server.state.consensus.snapshot_now().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while f.server.state.consensus.status().snapshot_index.is_none() {
+        assert!(std::time::Instant::now() < deadline, "no snapshot written");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let store = f.dir.path().join("data").join("raft.sqlite3");
+    let secrets = f.secrets.clone();
+    let Fixture {
+        dir, clock, server, ..
+    } = f;
+    server.shutdown().await;
+    let data: Vec<u8> = rusqlite::Connection::open(&store)
+        .unwrap()
+        .query_row("SELECT data FROM raft_snapshot WHERE id = 1", [], |row| {
+            row.get(0)
+        })
+        .unwrap();
+    let mut snapshot: serde_json::Value = serde_json::from_slice(&data).unwrap();
+    assert_eq!(snapshot["leases"].as_array().unwrap().len(), 1);
+    snapshot["leases"] = serde_json::json!([]);
+    rewrite_snapshot(&store, &serde_json::to_vec(&snapshot).unwrap());
+
+    let server = try_start(stored_config(dir.path()), &clock)
+        .await
+        .expect("not detected on the server");
+    let client = Client::new(&server.url(), None).sharing_secrets(&secrets);
+    // The attack's gain: the seat is issued again.
+    client.checkout(&request("cad", "ws-2")).await.unwrap();
+    // Its bound: the forgotten lease's station is refused at its next heartbeat, and the
+    // lease it holds ends by the expiry it was given, within one lease TTL.
+    let refused = client.heartbeat(&held.lease_id).await.unwrap_err();
+    assert_eq!(code(refused).1, "lease_not_found");
+    assert!(
+        held.expires_at.as_millisecond() <= START_MS + LEASE_TTL.as_millis() as i64,
+        "{held:?}"
+    );
+    server.shutdown().await;
+}
+
 /// The configuration [`start_server`] uses, for tests that start by hand to see a refusal.
 /// Rewrites the stored snapshot's data, its digest recomputed.
 fn rewrite_snapshot(store: &Path, data: &[u8]) {

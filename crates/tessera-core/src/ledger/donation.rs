@@ -492,10 +492,10 @@ impl Ledger {
                 // smaller or shorter grant never cuts a lease short.
                 if let Some(previous) = record.received.take() {
                     let mut floor = previous.floor;
-                    // Not a grant the donor's ledger issued: it keeps nothing usable.
-                    if unknown_to_donor.is_none() {
-                        floor.push((previous.licenses, previous.usable_until_ms));
-                    }
+                    // Kept usable even when the donor's ledger never issued it (its leases and
+                    // the licenses donated on from it stay within what this pool allowed;
+                    // the 7-day cap bounds it): the event is the answer.
+                    floor.push((previous.licenses, previous.usable_until_ms));
                     floor.retain(|(licenses, until)| {
                         *until > at
                             && (*licenses > received.licenses || *until > received.usable_until_ms)

@@ -281,10 +281,7 @@ fn a_receiver_names_a_serial_the_donors_chain_skips_but_not_a_gap() {
         unknown(child.accept(renew_at, second.clone())),
         Some(forged_serial)
     );
-    // The forged grant's licenses are not kept usable until it lapses, as a real earlier
-    // grant's would be: the pool serves the real 4.
     assert_eq!(child.view("k1@parent").received.unwrap().licenses, 4);
-    assert_eq!(child.checkouts(renew_at, 9), 4);
 
     // A grant the child never got (the third) is a gap: the fourth is accepted quietly.
     parent.apply(
