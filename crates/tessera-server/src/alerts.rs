@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::events::{EventKind, Severity};
 use crate::state::{AppState, timestamp};
 
 /// Days before a key's end at which `key_expiring` goes out.
@@ -67,8 +68,8 @@ impl AppState {
         let me = self.consensus.node_id();
         self.notifier.emit(
             self.stamper.now_ms(),
-            "primary_changed",
-            "warning",
+            EventKind::PrimaryChanged,
+            Severity::Warning,
             format!("host {me} is now the primary of the domain (hosts {hosts:?})"),
             serde_json::json!({"primary": me, "hosts": hosts}),
         );
@@ -105,8 +106,8 @@ impl AppState {
                     entry.1 = 0;
                     self.notifier.emit(
                         now_ms,
-                        "key_expired",
-                        "error",
+                        EventKind::KeyExpired,
+                        Severity::Error,
                         format!(
                             "license key {key_id} ended at {}: its licenses are no longer issued",
                             timestamp(end_ms)
@@ -127,8 +128,8 @@ impl AppState {
             entry.1 = threshold;
             self.notifier.emit(
                 now_ms,
-                "key_expiring",
-                "warning",
+                EventKind::KeyExpiring,
+                Severity::Warning,
                 format!(
                     "license key {key_id} ends at {} (within {threshold} days): renew it with the vendor",
                     timestamp(end_ms)
@@ -152,8 +153,8 @@ impl AppState {
                 if state.1 {
                     self.notifier.emit(
                         now_ms,
-                        "domain_host_back",
-                        "info",
+                        EventKind::DomainHostBack,
+                        Severity::Info,
                         format!("host {} of the domain answers again", host.host),
                         serde_json::json!({"host": host.host, "address": host.address}),
                     );
@@ -166,8 +167,8 @@ impl AppState {
                 state.1 = true;
                 self.notifier.emit(
                     now_ms,
-                    "domain_host_lost",
-                    "error",
+                    EventKind::DomainHostLost,
+                    Severity::Error,
                     format!(
                         "host {} of the domain ({}) has not answered for {} s: the domain serves while a majority of its hosts does",
                         host.host,
@@ -195,8 +196,8 @@ impl AppState {
                 drop(exhausted);
                 self.notifier.emit(
                     now_ms,
-                    "component_exhausted",
-                    "warning",
+                    EventKind::ComponentExhausted,
+                    Severity::Warning,
                     format!(
                         "every license of component {component} is in use: a checkout was refused"
                     ),
@@ -225,8 +226,8 @@ impl AppState {
             drop(denials);
             self.notifier.emit(
                 now_ms,
-                "denial_spike",
-                "warning",
+                EventKind::DenialSpike,
+                Severity::Warning,
                 format!(
                     "{count} checkouts refused within {} s",
                     DENIAL_SPIKE_WINDOW_MS / 1000

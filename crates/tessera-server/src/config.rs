@@ -343,6 +343,25 @@ impl ServerConfig {
                 message: "peer_mtls needs tls_ca: the CA whose certificates the hosts of the domain show each other".into(),
             });
         }
+        for rule in &self.notifications {
+            if let Some(unknown) = rule.events.iter().find(|name| {
+                *name != "*"
+                    && !crate::events::EventKind::ALL
+                        .iter()
+                        .any(|kind| kind.as_str() == name.as_str())
+            }) {
+                let known: Vec<&str> = crate::events::EventKind::ALL
+                    .iter()
+                    .map(|kind| kind.as_str())
+                    .collect();
+                return Err(StartError::Config {
+                    message: format!(
+                        "a notification rule names the event kind {unknown:?}, which Tessera does not raise; the kinds are \"*\" and {}",
+                        known.join(", ")
+                    ),
+                });
+            }
+        }
         let ttl_ms = self.lease_ttl.as_millis();
         if !(3_000..=tessera_core::ledger::LEASE_TTL_MS_MAX as u128).contains(&ttl_ms) {
             return Err(StartError::Config {
@@ -394,4 +413,27 @@ pub fn parse_duration(name: &str, text: &str) -> Result<Duration, StartError> {
     humantime::parse_duration(text).map_err(|error| StartError::Config {
         message: format!("{name} = {text:?} is not a duration like \"30s\" or \"2m\": {error}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ServerConfig;
+
+    /// A notification rule with a misspelt kind would never fire: refused at start, named.
+    #[test]
+    fn a_notification_rule_naming_a_kind_tessera_does_not_raise_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tessera.toml");
+        let rule =
+            |events: &str| format!("[[notification]]\nevents = {events}\nhook = \"notify.sh\"\n");
+        std::fs::write(&path, rule(r#"["key_imported", "grant_forged", "*"]"#)).unwrap();
+        let config = ServerConfig::from_file(&path).unwrap();
+        assert_eq!(config.notifications[0].events.len(), 3);
+        std::fs::write(&path, rule(r#"["key_imported", "key_expird"]"#)).unwrap();
+        let error = ServerConfig::from_file(&path).err().unwrap().to_string();
+        assert!(
+            error.contains("\"key_expird\"") && error.contains("key_expiring"),
+            "{error}"
+        );
+    }
 }

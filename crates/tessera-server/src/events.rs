@@ -29,6 +29,141 @@ const WEBHOOK_FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
 pub const SIGNATURE_HEADER: &str = "x-tessera-signature";
 
+/// The kind of an event: what happened. Its name (`as_str`) is the `kind` of the event's
+/// JSON, of webhooks and of notification rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    ClockSetBack,
+    ComponentExhausted,
+    DenialSpike,
+    DomainHostBack,
+    DomainHostLost,
+    DonationEnded,
+    GrantForged,
+    GrantReduced,
+    GrantRefused,
+    GrantReleased,
+    KeyExpired,
+    KeyExpiring,
+    KeyImported,
+    KeyNotUpdated,
+    KeyRemoved,
+    KeyUpdated,
+    LicenseMismatch,
+    LicensesDonated,
+    LicensesReturned,
+    NeighbourLinkFailed,
+    NeighbourLinkRestored,
+    NeighbourRefused,
+    PairJournalLost,
+    PairStatus,
+    PrimaryChanged,
+    SyncBlocked,
+    SyncCompleted,
+    SyncDeadlineNear,
+    SyncFailed,
+    TrustChanged,
+}
+
+impl EventKind {
+    /// Every kind, for checking the kinds a notification rule names.
+    pub const ALL: &[EventKind] = &[
+        EventKind::ClockSetBack,
+        EventKind::ComponentExhausted,
+        EventKind::DenialSpike,
+        EventKind::DomainHostBack,
+        EventKind::DomainHostLost,
+        EventKind::DonationEnded,
+        EventKind::GrantForged,
+        EventKind::GrantReduced,
+        EventKind::GrantRefused,
+        EventKind::GrantReleased,
+        EventKind::KeyExpired,
+        EventKind::KeyExpiring,
+        EventKind::KeyImported,
+        EventKind::KeyNotUpdated,
+        EventKind::KeyRemoved,
+        EventKind::KeyUpdated,
+        EventKind::LicenseMismatch,
+        EventKind::LicensesDonated,
+        EventKind::LicensesReturned,
+        EventKind::NeighbourLinkFailed,
+        EventKind::NeighbourLinkRestored,
+        EventKind::NeighbourRefused,
+        EventKind::PairJournalLost,
+        EventKind::PairStatus,
+        EventKind::PrimaryChanged,
+        EventKind::SyncBlocked,
+        EventKind::SyncCompleted,
+        EventKind::SyncDeadlineNear,
+        EventKind::SyncFailed,
+        EventKind::TrustChanged,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::ClockSetBack => "clock_set_back",
+            EventKind::ComponentExhausted => "component_exhausted",
+            EventKind::DenialSpike => "denial_spike",
+            EventKind::DomainHostBack => "domain_host_back",
+            EventKind::DomainHostLost => "domain_host_lost",
+            EventKind::DonationEnded => "donation_ended",
+            EventKind::GrantForged => "grant_forged",
+            EventKind::GrantReduced => "grant_reduced",
+            EventKind::GrantRefused => "grant_refused",
+            EventKind::GrantReleased => "grant_released",
+            EventKind::KeyExpired => "key_expired",
+            EventKind::KeyExpiring => "key_expiring",
+            EventKind::KeyImported => "key_imported",
+            EventKind::KeyNotUpdated => "key_not_updated",
+            EventKind::KeyRemoved => "key_removed",
+            EventKind::KeyUpdated => "key_updated",
+            EventKind::LicenseMismatch => "license_mismatch",
+            EventKind::LicensesDonated => "licenses_donated",
+            EventKind::LicensesReturned => "licenses_returned",
+            EventKind::NeighbourLinkFailed => "neighbour_link_failed",
+            EventKind::NeighbourLinkRestored => "neighbour_link_restored",
+            EventKind::NeighbourRefused => "neighbour_refused",
+            EventKind::PairJournalLost => "pair_journal_lost",
+            EventKind::PairStatus => "pair_status",
+            EventKind::PrimaryChanged => "primary_changed",
+            EventKind::SyncBlocked => "sync_blocked",
+            EventKind::SyncCompleted => "sync_completed",
+            EventKind::SyncDeadlineNear => "sync_deadline_near",
+            EventKind::SyncFailed => "sync_failed",
+            EventKind::TrustChanged => "trust_changed",
+        }
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How much an event matters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Severity {
+    Info,
+    Warning,
+    Error,
+    /// The promise "never more licenses than sold" is at stake (a lost or edited journal, a
+    /// forged grant).
+    Critical,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Error => "error",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Event {
     pub id: u64,
@@ -122,11 +257,12 @@ impl Notifier {
     pub fn emit(
         &self,
         at_ms: i64,
-        kind: &str,
-        severity: &str,
+        kind: EventKind,
+        severity: Severity,
         message: String,
         details: serde_json::Value,
     ) {
+        let (kind, severity) = (kind.as_str(), severity.as_str());
         let event = Event {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             at: Timestamp::from_millisecond(at_ms).unwrap_or(Timestamp::UNIX_EPOCH),
@@ -138,7 +274,7 @@ impl Notifier {
             details,
         };
         match severity {
-            "error" => tracing::error!(kind, message = %event.message, "event"),
+            "error" | "critical" => tracing::error!(kind, message = %event.message, "event"),
             "warning" => tracing::warn!(kind, message = %event.message, "event"),
             _ => tracing::info!(kind, message = %event.message, "event"),
         }

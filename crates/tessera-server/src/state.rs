@@ -14,6 +14,7 @@ use crate::clock::Stamper;
 use crate::config::ServerConfig;
 use crate::consensus::Consensus;
 use crate::error::ApiError;
+use crate::events::{EventKind, Severity};
 use crate::ids::LeaseIds;
 use crate::metrics::{ComponentGauges, Metrics};
 
@@ -268,8 +269,8 @@ impl AppState {
                     .store(set_back.now_ms, std::sync::atomic::Ordering::Relaxed);
                 self.notifier.emit(
                     set_back.high_water_ms,
-                    "clock_set_back",
-                    "error",
+                    EventKind::ClockSetBack,
+                    Severity::Error,
                     error.to_string(),
                     serde_json::json!({"now_ms": set_back.now_ms, "high_water_ms": set_back.high_water_ms}),
                 );
@@ -461,8 +462,8 @@ impl AppState {
                 );
                 self.notifier.emit(
                     self.stamper.now_ms(),
-                    "key_imported",
-                    "info",
+                    EventKind::KeyImported,
+                    Severity::Info,
                     format!("license key {key_id} added"),
                     serde_json::json!({"key_id": key_id}),
                 );
@@ -503,8 +504,8 @@ impl AppState {
                 );
                 self.notifier.emit(
                     at_ms,
-                    "key_removed",
-                    if leases_ended > 0 { "warning" } else { "info" },
+                    EventKind::KeyRemoved,
+                    if leases_ended > 0 { Severity::Warning } else { Severity::Info },
                     format!(
                         "license key {key_id} was removed by the administrator; {leases_ended} leases ended"
                     ),
@@ -583,12 +584,12 @@ impl AppState {
             {
                 let (severity, message) = if recorded.is_empty() {
                     (
-                        "info",
+                        Severity::Info,
                         format!("trust list recorded: vendor keys {}", added.join(", ")),
                     )
                 } else {
                     (
-                        "warning",
+                        Severity::Warning,
                         format!(
                             "the trust list changed: added {}, removed {}; the next sync reports it to the vendor",
                             if added.is_empty() {
@@ -606,7 +607,7 @@ impl AppState {
                 };
                 self.notifier.emit(
                     now_ms,
-                    "trust_changed",
+                    EventKind::TrustChanged,
                     severity,
                     message,
                     serde_json::json!({"added": added, "removed": removed}),
@@ -617,11 +618,11 @@ impl AppState {
         }
     }
 
-    pub fn role(&self) -> &'static str {
+    pub fn role(&self) -> crate::consensus::HostRole {
         if self.consensus.is_primary() {
-            "primary"
+            crate::consensus::HostRole::Primary
         } else {
-            "backup"
+            crate::consensus::HostRole::Backup
         }
     }
 
@@ -792,7 +793,7 @@ impl AppState {
                 .set(i64::from(view.healthy));
             m.domain_host_is_primary
                 .get_or_create(&label)
-                .set(i64::from(view.role == "primary"));
+                .set(i64::from(view.role == crate::consensus::HostRole::Primary));
             if let Some(lag) = view.replication_lag {
                 m.domain_host_replication_lag
                     .get_or_create(&label)
@@ -842,8 +843,8 @@ impl AppState {
         };
         self.notifier.emit(
             now_ms,
-            "sync_deadline_near",
-            "warning",
+            EventKind::SyncDeadlineNear,
+            Severity::Warning,
             message,
             serde_json::json!({"deadline_ms": deadline_ms, "days_left": days_left, "threshold_days": threshold}),
         );

@@ -21,6 +21,7 @@ use tessera_core::sync::{
 use tessera_core::{Command, Ledger, Outcome, Refusal, RenewalResult};
 
 use crate::error::ApiError;
+use crate::events::{EventKind, Severity};
 use crate::state::{AppState, timestamp, unexpected};
 
 /// An online sync that takes longer than this is abandoned; the next attempt starts anew.
@@ -169,8 +170,8 @@ impl AppState {
                     .observe_vendor(self.consensus.read(|ledger| ledger.vendor_time_ms()));
                 self.notifier.emit(
                     at_ms,
-                    "sync_completed",
-                    "info",
+                    EventKind::SyncCompleted,
+                    Severity::Info,
                     format!(
                         "synchronized with the vendor (sequence {sequence}): {} keys added, {} revoked, {} renewal keys held; certificate valid until {}",
                         imported.len(),
@@ -262,8 +263,8 @@ impl AppState {
         }
         self.notifier.emit(
             at_ms,
-            "sync_blocked",
-            "error",
+            EventKind::SyncBlocked,
+            Severity::Error,
             format!(
                 "the vendor authority refused to synchronize ({code}): {message}; automatic syncs are stopped until the vendor resets this server's sync chain"
             ),
@@ -275,8 +276,8 @@ impl AppState {
     fn notify_sync_failed(&self, error: &ApiError) {
         self.notifier.emit(
             self.stamper.now_ms(),
-            "sync_failed",
-            "warning",
+            EventKind::SyncFailed,
+            Severity::Warning,
             format!("synchronization with the vendor failed: {error}"),
             serde_json::json!({"code": error.status_and_code().1}),
         );
@@ -324,8 +325,8 @@ impl AppState {
                     if pending.is_empty() {
                         self.notifier.emit(
                             at_ms,
-                            "key_updated",
-                            "info",
+                            EventKind::KeyUpdated,
+                            Severity::Info,
                             format!("license key {key_id} automatically updated: renewal key {renewal_key_id} added and allocated to every object of the old key"),
                             serde_json::json!({"key_id": key_id, "renewal_key_id": renewal_key_id}),
                         );
@@ -341,8 +342,8 @@ impl AppState {
                             .collect();
                         self.notifier.emit(
                             at_ms,
-                            "key_updated",
-                            "warning",
+                            EventKind::KeyUpdated,
+                            Severity::Warning,
                             format!(
                                 "license key {key_id} automatically updated: renewal key {renewal_key_id} added and allocated to every object of the old key except {}; the free licenses are checked again about every minute",
                                 missing.join(", ")
@@ -363,8 +364,8 @@ impl AppState {
                 } => {
                     self.notifier.emit(
                         at_ms,
-                        "key_not_updated",
-                        "warning",
+                        EventKind::KeyNotUpdated,
+                        Severity::Warning,
                         format!("license key {key_id} cannot be automatically updated: {reason}; allocate {renewal_key_id} by hand"),
                         serde_json::json!({"key_id": key_id, "renewal_key_id": renewal_key_id, "reason": reason}),
                     );

@@ -135,13 +135,36 @@ pub const MEMBERSHIP_TIMEOUT_MS: u64 = 60_000;
 /// How often the primary checks whether a lower-numbered host could take over.
 pub const PLACEMENT_PERIOD_MS: u64 = 300;
 
+/// What a host of a domain (or pair) does: the primary serves and proposes, a backup
+/// follows it and forwards writes to it. Its name is the `role` of the APIs' JSON.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostRole {
+    Primary,
+    Backup,
+}
+
+impl HostRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostRole::Primary => "primary",
+            HostRole::Backup => "backup",
+        }
+    }
+}
+
+impl std::fmt::Display for HostRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One host of the domain as seen from this host (see [`Consensus::domain_view`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct HostView {
     pub host: u64,
     pub address: Option<String>,
-    /// "primary" or "backup".
-    pub role: &'static str,
+    pub role: HostRole,
     pub healthy: bool,
     /// Log entries the host is missing compared to the primary (known on the primary only).
     pub replication_lag: Option<u64>,
@@ -622,9 +645,9 @@ impl Consensus {
         ids.into_iter()
             .map(|id| {
                 let role = if Some(id) == leader {
-                    "primary"
+                    HostRole::Primary
                 } else {
-                    "backup"
+                    HostRole::Backup
                 };
                 let address = self.address_of(id);
                 if id == me {
@@ -636,7 +659,11 @@ impl Consensus {
                     return HostView {
                         host: id,
                         address,
-                        role: if leading { "primary" } else { "backup" },
+                        role: if leading {
+                            HostRole::Primary
+                        } else {
+                            HostRole::Backup
+                        },
                         healthy,
                         replication_lag: leading.then_some(0),
                         last_contact_ms: leading.then_some(0),

@@ -232,7 +232,7 @@ async fn healthz(State(state): State<SharedState>) -> (StatusCode, axum::Json<He
     use crate::pair::Mode;
     let (status, role) = match state.pair.mode() {
         Mode::Alone => ("ok", "alone"),
-        Mode::Recovering => ("pair_recovering", state.role()),
+        Mode::Recovering => ("pair_recovering", state.role().as_str()),
         Mode::Off | Mode::Paired => {
             let me = state.consensus.node_id();
             let serving = state
@@ -240,7 +240,10 @@ async fn healthz(State(state): State<SharedState>) -> (StatusCode, axum::Json<He
                 .domain_view()
                 .iter()
                 .any(|host| host.host == me && host.healthy);
-            (if serving { "ok" } else { "no_quorum" }, state.role())
+            (
+                if serving { "ok" } else { "no_quorum" },
+                state.role().as_str(),
+            )
         }
     };
     let code = if status == "ok" {

@@ -36,6 +36,7 @@ pub use tessera_api::{
 };
 
 use crate::error::ApiError;
+use crate::events::{EventKind, Severity};
 use crate::state::{AppState, timestamp};
 use config::{Connection, Neighbour, Relation};
 
@@ -411,8 +412,8 @@ impl AppState {
             if notify {
                 self.notifier.emit(
                     now_ms,
-                    "neighbour_refused",
-                    "warning",
+                    EventKind::NeighbourRefused,
+                    Severity::Warning,
                     message,
                     serde_json::json!({"from": envelope.from, "kind": kind, "code": code}),
                 );
@@ -471,8 +472,8 @@ impl AppState {
                 );
                 self.notifier.emit(
                     self.stamper.now_ms(),
-                    "grant_refused",
-                    "error",
+                    EventKind::GrantRefused,
+                    Severity::Error,
                     message.clone(),
                     serde_json::json!({"neighbour": neighbour.id, "key_id": last.key_id, "serial": last.serial, "code": "grant_wrong_donor"}),
                 );
@@ -517,8 +518,8 @@ impl AppState {
                         tracing::error!(%message, "grant_forged");
                         self.notifier.emit(
                             self.stamper.now_ms(),
-                            "grant_forged",
-                            "critical",
+                            EventKind::GrantForged,
+                            Severity::Critical,
                             message,
                             serde_json::json!({"neighbour": neighbour.id, "key_id": last.key_id, "serial": held, "donor_serial": serial, "donor_prev_serial": last.prev_serial}),
                         );
@@ -526,8 +527,8 @@ impl AppState {
                     if let Some(old) = renews {
                         self.notifier.emit(
                             self.stamper.now_ms(),
-                            "key_updated",
-                            "info",
+                            EventKind::KeyUpdated,
+                            Severity::Info,
                             format!(
                                 "license key {old} renewed: neighbour {} now grants {licenses} licenses from the renewal key {} (pool {key_id})",
                                 neighbour.id, last.key_id
@@ -538,8 +539,8 @@ impl AppState {
                     if leases_ended > 0 {
                         self.notifier.emit(
                             self.stamper.now_ms(),
-                            "grant_reduced",
-                            "warning",
+                            EventKind::GrantReduced,
+                            Severity::Warning,
                             format!(
                                 "neighbour {} reduced the grant {key_id} to {licenses} licenses: {leases_ended} leases ended",
                                 neighbour.id
@@ -573,8 +574,8 @@ impl AppState {
                     }
                     self.notifier.emit(
                         self.stamper.now_ms(),
-                        "grant_refused",
-                        "error",
+                        EventKind::GrantRefused,
+                        Severity::Error,
                         message.clone(),
                         serde_json::json!({"neighbour": neighbour.id, "key_id": last.key_id, "serial": last.serial, "code": error.status_and_code().1}),
                     );
@@ -639,8 +640,8 @@ impl AppState {
                     );
                     self.notifier.emit(
                         at_ms,
-                        "grant_released",
-                        "warning",
+                        EventKind::GrantReleased,
+                        Severity::Warning,
                         format!(
                             "neighbour {} called back the licenses of {pool}: {leases_ended} leases ended",
                             donor.id
@@ -730,8 +731,8 @@ impl AppState {
                 Ok(Outcome::GrantReturned { licenses_back, .. }) if licenses_back > 0 => {
                     self.notifier.emit(
                         at_ms,
-                        "licenses_returned",
-                        "info",
+                        EventKind::LicensesReturned,
+                        Severity::Info,
                         format!("neighbour {to} gave back {licenses_back} licenses of {key_id}"),
                         serde_json::json!({"neighbour": to, "key_id": key_id, "serial": serial, "licenses_back": licenses_back}),
                     );
@@ -771,8 +772,8 @@ impl AppState {
         if !mismatches.is_empty() && previous.as_deref() != Some(summary.as_str()) {
             self.notifier.emit(
                 now_ms,
-                "license_mismatch",
-                "error",
+                EventKind::LicenseMismatch,
+                Severity::Error,
                 summary.clone(),
                 serde_json::json!({"neighbour": to, "mismatches": mismatches, "held": held}),
             );
@@ -850,8 +851,8 @@ impl AppState {
                 if recovered {
                     self.notifier.emit(
                         now_ms,
-                        "neighbour_link_restored",
-                        "info",
+                        EventKind::NeighbourLinkRestored,
+                        Severity::Info,
                         format!("the link to neighbour {id} works again"),
                         serde_json::json!({"neighbour": id}),
                     );
@@ -872,8 +873,8 @@ impl AppState {
                 if first {
                     self.notifier.emit(
                         now_ms,
-                        "neighbour_link_failed",
-                        "warning",
+                        EventKind::NeighbourLinkFailed,
+                        Severity::Warning,
                         error.clone(),
                         serde_json::json!({"neighbour": id}),
                     );
@@ -1282,8 +1283,8 @@ impl AppState {
         );
         self.notifier.emit(
             now_ms,
-            "licenses_donated",
-            "info",
+            EventKind::LicensesDonated,
+            Severity::Info,
             format!(
                 "{} licenses of key {} donated to {} until {}",
                 request.licenses,
@@ -1323,8 +1324,8 @@ impl AppState {
         );
         self.notifier.emit(
             at_ms,
-            "donation_ended",
-            "info",
+            EventKind::DonationEnded,
+            Severity::Info,
             format!("the donation of {key_id} to {to} ended: the licenses are called back"),
             serde_json::json!({"key_id": key_id, "to": to, "serial": donation.serial}),
         );

@@ -27,6 +27,7 @@ use tessera_engine::pair::{self as engine, Action, JournalMark, PairMachine, Rul
 use crate::consensus::Consensus;
 pub use crate::consensus::pair_link::Mode;
 use crate::consensus::pair_link::PairLink;
+use crate::events::{EventKind, Severity};
 use crate::state::SharedState;
 use journal::Journal;
 
@@ -264,8 +265,8 @@ impl Pair {
                         tracing::error!(%error, "not serving alone");
                         state.notifier.emit(
                             state.stamper.now_ms(),
-                            "pair_journal_lost",
-                            "critical",
+                            EventKind::PairJournalLost,
+                            Severity::Critical,
                             error.clone(),
                             serde_json::json!({"epoch": begun}),
                         );
@@ -417,13 +418,13 @@ impl Pair {
         state.metrics.set_pair_status(&text);
         if changed {
             let severity = if text == PAIRED_AND_AVAILABLE {
-                "info"
+                Severity::Info
             } else {
-                "warning"
+                Severity::Warning
             };
             state.notifier.emit(
                 state.stamper.now_ms(),
-                "pair_status",
+                EventKind::PairStatus,
                 severity,
                 format!("pair status: {text}"),
                 serde_json::to_value(&status).unwrap_or_default(),
@@ -470,9 +471,9 @@ impl Pair {
                 host: *id,
                 address: consensus.address(*id),
                 role: if Some(*id) == lowest {
-                    "primary"
+                    crate::consensus::HostRole::Primary
                 } else {
-                    "backup"
+                    crate::consensus::HostRole::Backup
                 }
                 .to_string(),
                 share: if Some(*id) == lowest {

@@ -216,7 +216,7 @@ async fn the_lowest_numbered_host_becomes_primary_and_backups_forward_writes() {
         .await
         .unwrap();
     assert!(created);
-    assert_eq!(domain.hosts[&2].state.role(), "backup");
+    assert_eq!(domain.hosts[&2].state.role().as_str(), "backup");
     let on_primary = domain.admin(1).status().await.unwrap();
     assert_eq!(lease_ids(&on_primary), vec![lease.lease_id.clone()]);
     // Heartbeat and checkin through the other backup.
