@@ -75,7 +75,9 @@ pub async fn pull_from(state: &SharedState, host: u64, addr: &str) -> Result<usi
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
         let request = serde_json::to_value(HistoryRequest { copied }).map_err(|e| e.to_string())?;
-        let answer: HistoryAnswer = crate::pair::call(state, addr, "history", &request).await?;
+        let answer: HistoryAnswer = crate::pair::call(state, addr, "history", &request)
+            .await
+            .map_err(|e| e.to_string())?;
         if answer.instance == state.history.instance() {
             return Err(format!(
                 "host {host} at {addr} has this host's own history (a copied data directory?)"

@@ -201,6 +201,48 @@ fn engine_returned(returned: &[Returned]) -> Vec<link::Returned> {
         .collect()
 }
 
+/// Why an exchange with a neighbour failed. Its text is the link's `last_error` and the
+/// `neighbour_link_failed` event's message.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    #[error("cannot reach neighbour {neighbour} at {url}: {detail}")]
+    Unreachable {
+        neighbour: String,
+        url: String,
+        detail: String,
+    },
+    #[error("neighbour {neighbour} answer: {detail}")]
+    AnswerLost { neighbour: String, detail: String },
+    /// The neighbour answered with an error status.
+    #[error("neighbour {neighbour} refused: {detail}")]
+    Refused {
+        neighbour: String,
+        status: u16,
+        detail: String,
+    },
+    #[error("neighbour {neighbour} sent a malformed answer: {detail}")]
+    Malformed { neighbour: String, detail: String },
+    /// Its answer's envelope was refused here (signature, time, kind).
+    #[error("answer of neighbour {neighbour} refused ({code}): {detail}")]
+    AnswerRefused {
+        neighbour: String,
+        code: String,
+        detail: String,
+    },
+    /// A receiver refused grants this server pushed.
+    #[error("neighbour {neighbour} refused grants: {}", refusals.join("; "))]
+    GrantsRefused {
+        neighbour: String,
+        refusals: Vec<String>,
+    },
+    /// This server refused grants a donor sent with its renewal.
+    #[error("grants of {neighbour} refused: {}", refusals.join("; "))]
+    GrantsNotAccepted {
+        neighbour: String,
+        refusals: Vec<String>,
+    },
+}
+
 impl AppState {
     fn neighbour(&self, id: &str) -> Option<&Neighbour> {
         self.config.neighbours.iter().find(|n| n.id == id)
@@ -798,7 +840,7 @@ impl AppState {
         kind: &str,
         answer_kind: &str,
         body: &B,
-    ) -> Result<A, String> {
+    ) -> Result<A, LinkError> {
         let envelope = self.seal(&neighbour.id, kind, body);
         let bytes = serde_json::to_vec(&envelope).expect("an envelope serializes");
         let url = format!("{}{path}", neighbour.url);
@@ -814,32 +856,43 @@ impl AppState {
             .body(bytes)
             .send()
             .await
-            .map_err(|e| format!("cannot reach neighbour {} at {url}: {e}", neighbour.id))?;
+            .map_err(|e| LinkError::Unreachable {
+                neighbour: neighbour.id.clone(),
+                url: url.clone(),
+                detail: e.to_string(),
+            })?;
         let status = response.status();
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| format!("neighbour {} answer: {e}", neighbour.id))?;
+        let bytes = response.bytes().await.map_err(|e| LinkError::AnswerLost {
+            neighbour: neighbour.id.clone(),
+            detail: e.to_string(),
+        })?;
         if !status.is_success() {
             let detail = serde_json::from_slice::<tessera_api::ErrorBody>(&bytes)
                 .map(|b| format!("{}: {}", b.error.code, b.error.message))
                 .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(format!("neighbour {} refused: {detail}", neighbour.id));
+            return Err(LinkError::Refused {
+                neighbour: neighbour.id.clone(),
+                status: status.as_u16(),
+                detail,
+            });
         }
-        let answer: Envelope = serde_json::from_slice(&bytes)
-            .map_err(|e| format!("neighbour {} sent a malformed answer: {e}", neighbour.id))?;
-        let (_, body) = self.open::<A>(&answer, answer_kind).map_err(|e| {
-            format!(
-                "answer of neighbour {} refused ({}): {e}",
-                neighbour.id,
-                e.status_and_code().1
-            )
-        })?;
+        let answer: Envelope =
+            serde_json::from_slice(&bytes).map_err(|e| LinkError::Malformed {
+                neighbour: neighbour.id.clone(),
+                detail: e.to_string(),
+            })?;
+        let (_, body) =
+            self.open::<A>(&answer, answer_kind)
+                .map_err(|e| LinkError::AnswerRefused {
+                    neighbour: neighbour.id.clone(),
+                    code: e.status_and_code().1.to_string(),
+                    detail: e.to_string(),
+                })?;
         Ok(body)
     }
 
     /// Records the result of an exchange as the link's state; a new error is notified.
-    fn link_result<T>(&self, id: &str, result: &Result<T, String>) {
+    fn link_result<T>(&self, id: &str, result: &Result<T, LinkError>) {
         let now_ms = self.stamper.now_ms();
         match result {
             Ok(_) => {
@@ -859,6 +912,7 @@ impl AppState {
                 }
             }
             Err(error) => {
+                let error = error.to_string();
                 let first = self.links.get(id).last_error.as_deref() != Some(error.as_str());
                 self.links.update(id, |link| {
                     link.last_error = Some(error.clone());
@@ -886,7 +940,7 @@ impl AppState {
     /// Donor side (license synchronization): sends the current grants to a receiver, takes
     /// back what it returned and compares its records. Returns the mismatches found; grants
     /// the receiver refused are an error.
-    pub async fn push_grants(&self, neighbour: &Neighbour) -> Result<Vec<String>, String> {
+    pub async fn push_grants(&self, neighbour: &Neighbour) -> Result<Vec<String>, LinkError> {
         let now_ms = self.stamper.now_ms();
         self.links.update(&neighbour.id, |link| {
             link.memory.last_push_ms = Some(now_ms)
@@ -900,7 +954,7 @@ impl AppState {
             grants,
             returned_request,
         };
-        let result: Result<HeldAnswer, String> = self
+        let result: Result<HeldAnswer, LinkError> = self
             .exchange(neighbour, "/v1/neighbours/grants", "grants", "held", &push)
             .await;
         let answer = match result {
@@ -918,16 +972,13 @@ impl AppState {
                 .iter()
                 .any(|h| &h.key_id == key_id && h.serial >= *serial)
         });
-        let error = (!answer.refused.is_empty() && !all_held).then(|| {
-            format!(
-                "neighbour {} refused grants: {}",
-                neighbour.id,
-                answer.refused.join("; ")
-            )
+        let error = (!answer.refused.is_empty() && !all_held).then(|| LinkError::GrantsRefused {
+            neighbour: neighbour.id.clone(),
+            refusals: answer.refused.clone(),
         });
         match &error {
             Some(error) => self.link_result::<()>(&neighbour.id, &Err(error.clone())),
-            None => self.link_result(&neighbour.id, &Ok::<(), String>(())),
+            None => self.link_result(&neighbour.id, &Ok::<(), LinkError>(())),
         }
         // The records are compared as they stood before the push, then what the receiver
         // gave back is taken back.
@@ -943,7 +994,7 @@ impl AppState {
     }
 
     /// Receiver side: asks a donor to renew its grants (with a usage report when due).
-    pub async fn request_renewal(&self, neighbour: &Neighbour) -> Result<(), String> {
+    pub async fn request_renewal(&self, neighbour: &Neighbour) -> Result<(), LinkError> {
         let now_ms = self.stamper.now_ms();
         let link = self.links.get(&neighbour.id);
         let default_period_ms = self.config.licenses.usage_report_period.as_millis() as i64;
@@ -963,7 +1014,7 @@ impl AppState {
             usage: usage.clone(),
             returned: returned.clone(),
         };
-        let result: Result<RenewAnswer, String> = self
+        let result: Result<RenewAnswer, LinkError> = self
             .exchange(
                 neighbour,
                 "/v1/neighbours/renew",
@@ -989,11 +1040,10 @@ impl AppState {
         if refusals.is_empty() {
             Ok(())
         } else {
-            let error = format!(
-                "grants of {} refused: {}",
-                neighbour.id,
-                refusals.join("; ")
-            );
+            let error = LinkError::GrantsNotAccepted {
+                neighbour: neighbour.id.clone(),
+                refusals,
+            };
             self.link_result::<()>(&neighbour.id, &Err(error.clone()));
             Err(error)
         }
@@ -1126,7 +1176,7 @@ impl AppState {
             && memory.push_due(now_ms, &timing, connection)
             && let Err(error) = self.push_grants(neighbour).await
         {
-            errors.push(error);
+            errors.push(error.to_string());
         }
         let grants = self
             .consensus
@@ -1135,7 +1185,7 @@ impl AppState {
             && memory.renewal_due(now_ms, &timing, connection, grants)
             && let Err(error) = self.request_renewal(neighbour).await
         {
-            errors.push(error);
+            errors.push(error.to_string());
         }
         errors
     }
@@ -1144,7 +1194,10 @@ impl AppState {
     /// schedule retries).
     pub async fn push_after_change(&self, to: &str) -> Option<String> {
         let neighbour = self.neighbour(to)?.clone();
-        self.push_grants(&neighbour).await.err()
+        self.push_grants(&neighbour)
+            .await
+            .err()
+            .map(|error| error.to_string())
     }
 
     /// `GET /v1/neighbours`.

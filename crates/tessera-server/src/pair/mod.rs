@@ -392,7 +392,7 @@ impl Pair {
                 Err(e) => {
                     tracing::warn!(error = %e, "pair recovery");
                     inner.machine.on_recovery_finished(false);
-                    inner.last_error = Some(e);
+                    inner.last_error = Some(e.to_string());
                 }
             }
         });
@@ -589,19 +589,48 @@ fn peer_address(state: &SharedState) -> Option<(u64, String)> {
     state.consensus.address(peer).map(|addr| (peer, addr))
 }
 
+/// Why a pair RPC or the merge failed (its text is the pair status's `last_error`).
+#[derive(Debug, thiserror::Error)]
+pub enum PairError {
+    #[error("a pair needs a domain_secret on both hosts")]
+    NoDomainSecret,
+    #[error("the pair has no other host")]
+    NoOtherHost,
+    #[error("cannot reach {addr}: {detail}")]
+    Unreachable { addr: String, detail: String },
+    #[error("{addr} answered {status}: {text}")]
+    Refused {
+        addr: String,
+        status: reqwest::StatusCode,
+        text: String,
+    },
+    #[error("{addr} answered {text:?}: {detail}")]
+    Malformed {
+        addr: String,
+        text: String,
+        detail: String,
+    },
+    #[error("waiting for the Raft leader role to merge (host {peer} leads)")]
+    NotLeading { peer: u64 },
+    #[error(transparent)]
+    Consensus(#[from] crate::consensus::ConsensusError),
+    #[error("the merge was refused: {0}")]
+    MergeRefused(String),
+}
+
 /// Sends a signed pair RPC to `addr` and decodes the answer.
 pub async fn call<T: serde::de::DeserializeOwned>(
     state: &SharedState,
     addr: &str,
     rpc: &str,
     body: &serde_json::Value,
-) -> Result<T, String> {
-    let bytes = serde_json::to_vec(body).map_err(|e| e.to_string())?;
+) -> Result<T, PairError> {
+    let bytes = serde_json::to_vec(body).expect("a JSON value serializes");
     let time_ms = state.stamper.now_ms();
     let tag = state
         .consensus
         .sign(&rpc_tag_subject(rpc, time_ms), &bytes)
-        .ok_or("a pair needs a domain_secret on both hosts")?;
+        .ok_or(PairError::NoDomainSecret)?;
     let answer = state
         .peer_http
         .post(state.peer_url(addr, &format!("/v1/pair/rpc/{rpc}")))
@@ -616,19 +645,33 @@ pub async fn call<T: serde::de::DeserializeOwned>(
         .body(bytes)
         .send()
         .await
-        .map_err(|e| format!("cannot reach {addr}: {e}"))?;
+        .map_err(|e| PairError::Unreachable {
+            addr: addr.to_string(),
+            detail: e.to_string(),
+        })?;
     let status = answer.status();
-    let text = answer.text().await.map_err(|e| e.to_string())?;
+    let text = answer.text().await.map_err(|e| PairError::Unreachable {
+        addr: addr.to_string(),
+        detail: e.to_string(),
+    })?;
     if !status.is_success() {
-        return Err(format!("{addr} answered {status}: {text}"));
+        return Err(PairError::Refused {
+            addr: addr.to_string(),
+            status,
+            text,
+        });
     }
-    serde_json::from_str(&text).map_err(|e| format!("{addr} answered {text:?}: {e}"))
+    serde_json::from_str(&text).map_err(|e| PairError::Malformed {
+        addr: addr.to_string(),
+        detail: e.to_string(),
+        text,
+    })
 }
 
 /// The driving host's merge: the other host's alone state, the Raft leader role, one
 /// `MergeAlone`. `Ok(None)`: nothing to merge.
-async fn recover(state: &SharedState) -> Result<Option<MergeReport>, String> {
-    let (peer, addr) = peer_address(state).ok_or("the pair has no other host")?;
+async fn recover(state: &SharedState) -> Result<Option<MergeReport>, PairError> {
+    let (peer, addr) = peer_address(state).ok_or(PairError::NoOtherHost)?;
     let handover: Handover = call(
         state,
         &addr,
@@ -647,9 +690,7 @@ async fn recover(state: &SharedState) -> Result<Option<MergeReport>, String> {
     let deadline = tokio::time::Instant::now() + LEAD_WAIT;
     while !state.consensus.is_primary() {
         if tokio::time::Instant::now() >= deadline {
-            return Err(format!(
-                "waiting for the Raft leader role to merge (host {peer} leads)"
-            ));
+            return Err(PairError::NotLeading { peer });
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -663,8 +704,7 @@ async fn recover(state: &SharedState) -> Result<Option<MergeReport>, String> {
             at_ms,
             command: Command::MergeAlone { states },
         })
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     match applied.outcome {
         Outcome::AloneMerged {
             leases_merged,
@@ -684,7 +724,7 @@ async fn recover(state: &SharedState) -> Result<Option<MergeReport>, String> {
                 leases_dropped,
             }))
         }
-        other => Err(format!("the merge was refused: {other:?}")),
+        other => Err(PairError::MergeRefused(format!("{other:?}"))),
     }
 }
 
@@ -694,7 +734,7 @@ pub async fn announce_stop(state: &SharedState) {
         return;
     }
     if let Some((_, addr)) = peer_address(state) {
-        let _: Result<serde_json::Value, String> = call(
+        let _: Result<serde_json::Value, PairError> = call(
             state,
             &addr,
             "stopping",
