@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::grant::Grant;
 use crate::key::LicenseKey;
-use crate::ledger::{AloneState, UsageReport};
+use crate::records::{AloneState, UsageReport};
 use crate::sync::SyncResponse;
 
 fn is_zero(value: &i64) -> bool {

@@ -21,6 +21,7 @@ pub mod key;
 pub mod lease_token;
 pub mod ledger;
 pub mod outcome;
+pub mod records;
 pub mod sync;
 
 pub use clock::Clock;

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::grant::GrantError;
 use crate::key::KeyError;
-use crate::ledger::{Donation, LeaseView, RenewalResult};
+use crate::records::{Donation, LeaseView, RenewalResult};
 use crate::sync::SyncError;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

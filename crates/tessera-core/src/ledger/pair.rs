@@ -34,48 +34,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 
 use super::{KeyRecord, Lease, LeaseView, Ledger, invalid};
 use crate::command::Command;
 use crate::outcome::{Outcome, Refusal};
-
-/// Which host's share of a key's licenses pays for a lease.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Share {
-    #[default]
-    Primary,
-    Backup,
-}
-
-impl Share {
-    pub fn other(self) -> Share {
-        match self {
-            Share::Primary => Share::Backup,
-            Share::Backup => Share::Primary,
-        }
-    }
-}
-
-/// A lease as one host left it while alone: for `MergeAlone`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AloneLease {
-    pub lease: LeaseView,
-    pub share: Share,
-}
-
-/// What one host held in its own share when the pair came back: every such lease.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AloneState {
-    pub share: Share,
-    /// Which of the host's alone periods this is (it only grows): a host drops its journal
-    /// once its applied ledger has merged this epoch of its share (`Ledger::merged_epoch`).
-    #[serde(default)]
-    pub epoch: u64,
-    pub leases: Vec<AloneLease>,
-}
+use crate::records::{AloneLease, AloneState, Share};
 
 /// The pair's state in the ledger.
 #[derive(Clone, Debug, Default)]
