@@ -1108,11 +1108,8 @@ impl World {
             return;
         }
         let local = self.local(i);
-        if self.servers[i]
-            .ledger
-            .next_expiry_ms()
-            .is_some_and(|at| at <= local)
-        {
+        // The primary's schedule, as the server runs it: a lease due, or the time beacon.
+        if tessera_engine::schedule::expire_due(local, &self.servers[i].ledger) {
             self.apply(i, Command::Expire);
         }
         let timing = self.link_timing();
@@ -1335,10 +1332,16 @@ impl World {
         let local = self.local(r);
         let donor = &self.servers[d].id;
         let ledger = &self.servers[r].ledger;
-        match self.servers[r].links.get(&d) {
-            Some(link) => link.returned_to(ledger, donor, local),
-            None => LinkMemory::default().returned_to(ledger, donor, local),
-        }
+        self.link_memory(r, d).returned_to(ledger, donor, local)
+    }
+
+    /// What server `s` remembers of its link with `other`: a fresh memory when it has none
+    /// (never in contact, or restarted since), as the server's runtime has.
+    fn link_memory(&self, s: usize, other: usize) -> std::borrow::Cow<'_, LinkMemory> {
+        self.servers[s].links.get(&other).map_or_else(
+            || std::borrow::Cow::Owned(LinkMemory::default()),
+            std::borrow::Cow::Borrowed,
+        )
     }
 
     fn on_push(
@@ -1645,10 +1648,9 @@ impl World {
         let timing = self.link_timing();
         let to = &self.servers[r].id;
         let server = &self.servers[d];
-        let mismatches = match server.links.get(&r) {
-            Some(link) => link.compare_records(&server.ledger, to, held, local, &timing),
-            None => LinkMemory::default().compare_records(&server.ledger, to, held, local, &timing),
-        };
+        let mismatches =
+            self.link_memory(d, r)
+                .compare_records(&server.ledger, to, held, local, &timing);
         self.report.mismatches += mismatches.len() as u64;
     }
 
