@@ -277,9 +277,13 @@ pub fn record(
     Ok(())
 }
 
-/// Clears a server's chain (the vendor's reset); returns how many links it had.
-pub fn clear(connection: &Connection, server_id: &str) -> Result<usize, AuthorityError> {
-    crate::history::clear(connection, server_id)?;
+/// Clears a server's chain (the vendor's reset, at `now_ms`); returns how many links it had.
+pub fn clear(
+    connection: &Connection,
+    server_id: &str,
+    now_ms: i64,
+) -> Result<usize, AuthorityError> {
+    crate::history::clear(connection, server_id, now_ms)?;
     Ok(connection.execute(
         "DELETE FROM sync_chain WHERE server_id = ?1",
         params![server_id],

@@ -47,6 +47,17 @@ pub fn judge_counters(
     let Some(as_of_ms) = counters.as_of_ms else {
         return judge_untimed_counters(connection, server_id, installation, counters);
     };
+    // Points from before the last alert or reset of this host are history already judged
+    // (a donor relays a receiver's last report until the next one): not judged again.
+    let floor: Option<i64> = connection.query_row(
+        "SELECT MAX(as_of_ms) FROM counter_points WHERE server_id = ?1 \
+         AND installation IN ('floor:' || ?2, 'floor:*')",
+        params![server_id, installation],
+        |row| row.get(0),
+    )?;
+    if floor.is_some_and(|floor| as_of_ms < floor) {
+        return Ok(None);
+    }
     let now = i64::try_from(counters.leases_issued).unwrap_or(i64::MAX);
     // An earlier point with more leases issued, or a later one with fewer.
     let contradiction: Option<(i64, i64, String)> = connection
@@ -74,6 +85,12 @@ pub fn judge_counters(
         if let Some(latest) = latest.filter(|latest| latest.0 > as_of_ms) {
             keep = latest;
         }
+        // The state kept is also the floor: nothing older is judged again.
+        connection.execute(
+            "INSERT OR REPLACE INTO counter_points (server_id, installation, as_of_ms, leases_issued, source) \
+             VALUES (?1, 'floor:' || ?2, ?3, ?4, 'floor')",
+            params![server_id, installation, keep.0, keep.1],
+        )?;
         connection.execute(
             "DELETE FROM counter_points WHERE server_id = ?1 AND installation = ?2",
             params![server_id, installation],
@@ -267,8 +284,13 @@ pub fn countersign(
     })
 }
 
-/// Forgets a server's countersigned points (the vendor's reset, a new binding).
-pub fn clear(connection: &Connection, server_id: &str) -> Result<usize, AuthorityError> {
+/// Forgets a server's countersigned points (the vendor's reset, a new binding, at
+/// `now_ms`): counter points stated before it are not judged any more.
+pub fn clear(
+    connection: &Connection,
+    server_id: &str,
+    now_ms: i64,
+) -> Result<usize, AuthorityError> {
     connection.execute(
         "DELETE FROM ledger_counters WHERE server_id = ?1",
         params![server_id],
@@ -276,6 +298,11 @@ pub fn clear(connection: &Connection, server_id: &str) -> Result<usize, Authorit
     connection.execute(
         "DELETE FROM counter_points WHERE server_id = ?1",
         params![server_id],
+    )?;
+    connection.execute(
+        "INSERT OR REPLACE INTO counter_points (server_id, installation, as_of_ms, leases_issued, source) \
+         VALUES (?1, 'floor:*', ?2, 0, 'floor')",
+        params![server_id, now_ms],
     )?;
     connection.execute(
         "DELETE FROM link_reporters WHERE server_id = ?1",
@@ -363,6 +390,11 @@ mod tests {
         assert_eq!(judge(50, 7, "hq"), None);
         assert_eq!(judge(100, 10, "hq"), None, "the same point again");
         assert_eq!(judge(200, 12, "hq"), None);
+        // Arriving the other way round: an earlier time with more than a later point.
+        let reversed = judge(150, 13, "hq").unwrap();
+        assert!(reversed.contains("states 13 leases issued") && reversed.contains("but 12"));
+        // One rewind, one alert: the same stale report relayed again is not judged again.
+        assert_eq!(judge(150, 13, "hq"), None);
         // Put back to a copy: a later time with fewer leases issued than at t=200.
         let rewound = judge(300, 9, "hq").unwrap();
         assert!(
@@ -371,22 +403,20 @@ mod tests {
                 && rewound.contains("in its usage report to hq"),
             "{rewound}"
         );
-        // One rewind, one alert: the ledger as it is now goes on from there.
+        // The ledger as it is now goes on from there; older reports are not judged again.
         assert_eq!(judge(400, 10, "sync"), None);
-        // Arriving the other way round: an earlier time with more than a later point.
-        assert!(
-            judge(60, 11, "sync")
-                .unwrap()
-                .contains("states 11 leases issued")
-        );
-        assert_eq!(judge(500, 10, "hq"), None);
+        assert_eq!(judge(250, 12, "hq"), None);
+        // But it may not go back again.
+        assert!(judge(500, 8, "sync").is_some());
         // Another host of the same server is judged on its own.
         assert_eq!(
             judge_counters(&connection, "S", "other", &counters(400, 1), "sync").unwrap(),
             None
         );
-        // A reset forgets them.
-        clear(&connection, "S").unwrap();
-        assert_eq!(judge(500, 1, "sync"), None);
+        // A reset forgets them, and what was stated before it.
+        clear(&connection, "S", 1_000).unwrap();
+        assert_eq!(judge(900, 50, "hq"), None);
+        assert_eq!(judge(1_500, 1, "sync"), None);
+        assert!(judge(1_600, 0, "sync").is_some());
     }
 }

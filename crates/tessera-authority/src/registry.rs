@@ -308,7 +308,7 @@ pub fn reset_server(
             server_id: server_id.to_string(),
         });
     }
-    let links = chain::clear(&transaction, server_id)?;
+    let links = chain::clear(&transaction, server_id, now_ms)?;
     chain::record_alert(
         &transaction,
         server_id,

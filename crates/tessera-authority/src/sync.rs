@@ -185,7 +185,7 @@ pub fn answer(
     // A new binding (first sync, or after a reset) starts a new chain.
     let links = match binding {
         Binding::Bind => {
-            chain::clear(&transaction, &server.server_id)?;
+            chain::clear(&transaction, &server.server_id, now_ms)?;
             Vec::new()
         }
         Binding::Keep => chain::load(&transaction, &server.server_id)?,
@@ -316,6 +316,9 @@ pub fn answer(
     Ok(response)
 }
 
+/// How many relayed receivers' heads one sync request is judged on.
+const RELAYED_MAX: usize = 1024;
+
 /// Judges what the request says about the server's own history (src/history.rs,
 /// src/links.rs): rewritten logs, rewound counters, forged grants, foreign vendor keys.
 /// Each finding is an alert, none a refusal. Returns the heads the response countersigns.
@@ -349,11 +352,24 @@ fn judge_history(
     {
         found.push((history::LEDGER_REWOUND, detail));
     }
-    // What its receivers stated to this server: alerts on the receiver's server ID.
-    for relayed in &asked.relayed {
-        if relayed.server_id == server_id
-            || store::find_server(transaction, &relayed.server_id)?.is_none()
-        {
+    // What its receivers stated to this server: alerts on the receiver's server ID. Only for
+    // a receiver this server reports donating to, of the same customer, and for a time the
+    // authority has reached: a donor cannot plant points for anyone else's server.
+    let customer = store::find_server(transaction, server_id)?.map(|row| row.customer);
+    for relayed in asked.relayed.iter().take(RELAYED_MAX) {
+        let receiver_of_ours = asked.links.iter().any(|link| {
+            link.side == tessera_core::sync::LinkSide::Donor
+                && link.donor == server_id
+                && link.receiver == relayed.server_id
+        });
+        let same_customer = store::find_server(transaction, &relayed.server_id)?
+            .is_some_and(|row| Some(&row.customer) == customer.as_ref());
+        let in_time = relayed
+            .heads
+            .counters
+            .as_of_ms
+            .is_none_or(|as_of| as_of <= now_ms.saturating_add(MAX_CLOCK_SKEW_MS));
+        if relayed.server_id == server_id || !receiver_of_ours || !same_customer || !in_time {
             continue;
         }
         let heads = &relayed.heads;

@@ -89,15 +89,13 @@ pub fn examine(config: &ServerConfig, now_ms: i64) -> Result<Report, String> {
         },
         None => Ledger::new(ledger_config),
     };
-    // The state now: the snapshot, then the committed entries after it (as a start replays
-    // them).
+    // The state now: the snapshot, then the entries after it. All of them: the committed
+    // index is stored lazily (it may lag the last commits by a moment), and a single host
+    // commits its whole log before it serves.
     let mut now = ledger.clone();
     for (index, batch) in &inspection.entries {
         let after_snapshot = inspection.snapshot_index.is_none_or(|last| *index > last);
-        let committed = inspection
-            .committed_index
-            .is_some_and(|last| *index <= last);
-        if after_snapshot && committed {
+        if after_snapshot {
             for stamped in batch {
                 now.apply(stamped);
             }
@@ -181,6 +179,16 @@ pub fn examine(config: &ServerConfig, now_ms: i64) -> Result<Report, String> {
     }
     match crate::pair::journal::Journal::inspect(data) {
         Ok(_) => {}
+        Err(error @ crate::pair::journal::JournalError::Io { .. }) => {
+            report.findings.push(Finding {
+                place: data
+                    .join(crate::pair::journal::JOURNAL_FILE_NAME)
+                    .display()
+                    .to_string(),
+                problem: format!("cannot be read: {error}"),
+                remedy: "stop the server first (the doctor reads a stopped server's files), and check the file's owner and permissions".into(),
+            })
+        }
         Err(error) => report.findings.push(Finding {
             place: data
                 .join(crate::pair::journal::JOURNAL_FILE_NAME)

@@ -327,3 +327,98 @@ async fn the_chain_survives_a_restart() {
     server.sync(&h, 4).await;
     assert_eq!(alerts(&h).await.len(), 1);
 }
+
+/// A donor relays the counters its receivers stated in their usage reports. The vendor
+/// judges them for a receiver the donor reports a link to, of the same customer, at a time
+/// the authority has reached; a customer cannot plant points (and false `ledger_rewound`
+/// alerts) on another customer's server, nor on a server it does not donate to.
+#[tokio::test]
+async fn relayed_counters_are_judged_only_for_the_donors_own_receivers() {
+    use tessera_core::sync::{LedgerCounters, LinkReport, LinkSide, RelayedHeads, ReportedHeads};
+    let h = Harness::new().await;
+    let donor = h.add_server("acme").await;
+    let receiver = h.add_server("acme").await;
+    let stranger = h.add_server("acme").await;
+    let victim = h.add_server("other corp").await;
+    let relay = |server_id: &str, as_of_ms: i64, leases_issued: u64| RelayedHeads {
+        server_id: server_id.into(),
+        reported_at: jiff::Timestamp::from_millisecond(as_of_ms).unwrap(),
+        heads: ReportedHeads {
+            installation: "branch:/var/lib/tessera".into(),
+            log: None,
+            counters: LedgerCounters {
+                leases_issued,
+                as_of_ms: Some(as_of_ms),
+                leases_held: 0,
+                seats_donated: 0,
+                keys: 1,
+            },
+        },
+    };
+    let link = |to: &str| LinkReport {
+        side: LinkSide::Donor,
+        donor: donor.clone(),
+        receiver: to.into(),
+        key_id: "K".into(),
+        runs: Vec::new(),
+    };
+    let mut copy = Copy::new(&donor, "hq:/var/lib/tessera");
+    let mut sync = async |sequence: u64, relayed: Vec<RelayedHeads>, links: Vec<LinkReport>| {
+        let mut request = copy.request(sequence);
+        request.payload.relayed = relayed;
+        request.payload.links = links;
+        let request = SyncRequest::sign(request.payload, &copy.identity);
+        let response = h.sync(&request).await.unwrap();
+        copy.accept(&response);
+    };
+    let day = 86_400_000;
+    // Planted: another customer's server, a server of ours we report no link to, a time
+    // far ahead of the authority's. None is judged.
+    sync(
+        1,
+        vec![
+            relay(&victim, START_MS - day, 50),
+            relay(&stranger, START_MS - day, 50),
+            relay(&receiver, START_MS + 30 * day, 50),
+        ],
+        vec![link(&receiver)],
+    )
+    .await;
+    sync(
+        2,
+        vec![
+            relay(&victim, START_MS - 1, 0),
+            relay(&stranger, START_MS - 1, 0),
+        ],
+        vec![link(&receiver)],
+    )
+    .await;
+    assert!(
+        alerts(&h)
+            .await
+            .iter()
+            .all(|alert| alert["kind"] != "ledger_rewound"),
+        "{:?}",
+        alerts(&h).await
+    );
+    // Its own receiver: a later report with fewer leases issued is a rewind.
+    sync(
+        3,
+        vec![relay(&receiver, START_MS - day, 5)],
+        vec![link(&receiver)],
+    )
+    .await;
+    sync(
+        4,
+        vec![relay(&receiver, START_MS - 1, 2)],
+        vec![link(&receiver)],
+    )
+    .await;
+    let found = alerts(&h).await;
+    let rewound: Vec<&Value> = found
+        .iter()
+        .filter(|alert| alert["kind"] == "ledger_rewound")
+        .collect();
+    assert_eq!(rewound.len(), 1, "{found:?}");
+    assert_eq!(rewound[0]["server_id"], receiver.as_str());
+}

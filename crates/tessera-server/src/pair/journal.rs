@@ -130,31 +130,6 @@ fn rows(conn: &Connection, path: &Path) -> Result<Vec<Row>, JournalError> {
         .map_err(|e| JournalError::io(path, e))
 }
 
-/// Chains the rows of a journal written before the chain existed (no head in its meta and
-/// no chain value in any row); returns the head.
-fn chain_unchained(conn: &Connection, path: &Path, rows: &[Row]) -> Result<Hash, JournalError> {
-    let mut prev = chain::GENESIS;
-    let tx = conn
-        .unchecked_transaction()
-        .map_err(|e| JournalError::io(path, e))?;
-    for (seq, entry, _, _) in rows {
-        let next = chain::link(&prev, *seq as u64, entry.as_bytes());
-        tx.execute(
-            "UPDATE commands SET prev = ?2, chain = ?3 WHERE seq = ?1",
-            params![seq, prev.as_slice(), next.as_slice()],
-        )
-        .map_err(|e| JournalError::io(path, e))?;
-        prev = next;
-    }
-    tx.execute(
-        "UPDATE meta SET count = ?1, head = ?2 WHERE id = 1",
-        params![rows.len() as i64, prev.as_slice()],
-    )
-    .map_err(|e| JournalError::io(path, e))?;
-    tx.commit().map_err(|e| JournalError::io(path, e))?;
-    Ok(prev)
-}
-
 /// Checks the stored chain against the meta's count and head; returns the head.
 fn verify(
     path: &Path,
@@ -247,12 +222,10 @@ impl Journal {
             "backup" => Share::Backup,
             other => return Err(JournalError::io(&path, format!("unknown share {other:?}"))),
         };
-        let unchained = head.is_none() && count.is_none() && stored.iter().all(|r| r.3.is_none());
-        let head = if unchained {
-            chain_unchained(&conn, &path, &stored)?
-        } else {
-            verify(&path, &stored, count, head)?
-        };
+        // A journal without its chain (its values cleared, or written by a version before
+        // the chain: one upgraded while serving alone) is not trusted either: the host
+        // serves again once the pair has merged.
+        let head = verify(&path, &stored, count, head)?;
         // Every stored command must read back: a journal that does not is named at load.
         for (seq, text, _, _) in &stored {
             serde_json::from_str::<Stamped>(text)
@@ -269,8 +242,7 @@ impl Journal {
     }
 
     /// `tessera doctor`'s check, on a stopped server, changing nothing: the number of
-    /// commands of the journal in `data_dir` (`None`: there is none), or what is wrong. A
-    /// journal written before the chain existed is not checked (it is chained at start).
+    /// commands of the journal in `data_dir` (`None`: there is none), or what is wrong.
     pub fn inspect(data_dir: &Path) -> Result<Option<usize>, JournalError> {
         let path = data_dir.join(JOURNAL_FILE_NAME);
         if !path.exists() {
@@ -287,10 +259,11 @@ impl Journal {
             )
             .map_err(|e| JournalError::io(&path, e))?;
         if chained < 4 {
-            let count: i64 = conn
-                .query_row("SELECT COUNT(*) FROM commands", [], |row| row.get(0))
-                .map_err(|e| JournalError::io(&path, e))?;
-            return Ok(Some(count as usize));
+            return Err(JournalError::tampered(
+                &path,
+                "it has no hash chain (columns removed, or written by a version before the chain)"
+                    .to_string(),
+            ));
         }
         let stored = rows(&conn, &path)?;
         type Meta = (Option<i64>, Option<Vec<u8>>);
@@ -394,7 +367,9 @@ impl Journal {
     /// The pair merged this host's alone state: the journal goes.
     pub fn delete(self) -> Result<(), JournalError> {
         let Journal { path, conn, .. } = self;
-        conn.execute_batch("DELETE FROM commands; DELETE FROM meta;")
+        // One transaction: a crash between the two leaves the journal whole, not a count
+        // without its commands (which would read as an edit).
+        conn.execute_batch("BEGIN; DELETE FROM commands; DELETE FROM meta; COMMIT;")
             .map_err(|e| JournalError::io(&path, e))?;
         drop(conn);
         remove_files(&path)
@@ -531,10 +506,10 @@ mod tests {
         assert!(why.contains("no record of its share"), "{why}");
     }
 
-    /// A journal written before the chain (no chain columns) is chained at load, and checked
-    /// from then on.
+    /// A journal without its chain (written before it, or its values cleared, or its
+    /// columns dropped, so that deleted rows pass) is not trusted.
     #[test]
-    fn a_journal_written_before_the_chain_is_chained_at_load() {
+    fn a_journal_without_its_chain_is_not_trusted() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(super::JOURNAL_FILE_NAME);
         let conn = Connection::open(&path).unwrap();
@@ -544,24 +519,32 @@ mod tests {
              INSERT INTO meta VALUES (1, 'primary', 7);",
         )
         .unwrap();
-        for n in 1..=2 {
-            conn.execute(
-                "INSERT INTO commands (entry) VALUES (?1)",
-                [serde_json::to_string(&entry(n)).unwrap()],
-            )
-            .unwrap();
-        }
-        assert_eq!(Journal::inspect(dir.path()).unwrap(), Some(2));
-        let mut journal = Journal::load(dir.path()).unwrap().unwrap();
-        assert_eq!(
-            (journal.share, journal.epoch, journal.count),
-            (Share::Primary, 7, 2)
-        );
-        journal.append(&entry(3)).unwrap();
-        drop(journal);
-        assert_eq!(Journal::inspect(dir.path()).unwrap(), Some(3));
-        conn.execute("DELETE FROM commands WHERE seq = 1", [])
-            .unwrap();
+        conn.execute(
+            "INSERT INTO commands (entry) VALUES (?1)",
+            [serde_json::to_string(&entry(1)).unwrap()],
+        )
+        .unwrap();
+        let why = tampered(dir.path());
+        assert!(why.contains("command 1"), "{why}");
+
+        let (dir, conn) = written();
+        conn.execute_batch(
+            "DELETE FROM commands WHERE seq = 3;
+             UPDATE meta SET count = NULL, head = NULL; UPDATE commands SET prev = NULL, chain = NULL;",
+        )
+        .unwrap();
         tampered(dir.path());
+
+        let (dir, conn) = written();
+        conn.execute_batch(
+            "DELETE FROM commands WHERE seq = 3; ALTER TABLE commands DROP COLUMN chain;",
+        )
+        .unwrap();
+        drop(conn);
+        let inspected = Journal::inspect(dir.path()).unwrap_err();
+        assert!(
+            inspected.to_string().contains("no hash chain"),
+            "{inspected}"
+        );
     }
 }

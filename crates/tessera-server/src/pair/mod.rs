@@ -209,6 +209,18 @@ impl Pair {
                 match Journal::load(&self.data_dir) {
                     Ok(journal) => inner.journal = journal,
                     Err(e @ journal::JournalError::Tampered { .. }) => {
+                        // With an open alone epoch the machine raises `pair_journal_lost`
+                        // (JournalLost); without one it would go unseen but for this.
+                        if consensus.alone_epoch().is_none() {
+                            tracing::error!(error = %e, "the alone journal was edited");
+                            state.notifier.emit(
+                                state.stamper.now_ms(),
+                                EventKind::PairJournalLost,
+                                Severity::Critical,
+                                e.to_string(),
+                                serde_json::json!({"epoch": null}),
+                            );
+                        }
                         inner.unusable_journal = Some(e.to_string());
                         inner.last_error = Some(e.to_string());
                     }
