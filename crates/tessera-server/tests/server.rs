@@ -2246,22 +2246,13 @@ async fn a_ledger_key_that_does_not_verify_stops_the_start_naming_it() {
     f.import(&f.key("k-five", &["cad"], 5)).await;
     f.server.state.consensus.snapshot_now().await.unwrap();
     // The store is the server's alone while it runs: wait for the snapshot, then stop it.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while f.server.state.consensus.status().snapshot_index.is_none() {
-        assert!(std::time::Instant::now() < deadline, "no snapshot written");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_snapshot(&f.server).await;
     let store = f.dir.path().join("data").join("raft.sqlite3");
     let Fixture {
         dir, clock, server, ..
     } = f;
     server.shutdown().await;
-    let data: Vec<u8> = rusqlite::Connection::open(&store)
-        .unwrap()
-        .query_row("SELECT data FROM raft_snapshot WHERE id = 1", [], |row| {
-            row.get(0)
-        })
-        .unwrap();
+    let data = stored_snapshot(&store);
     // A restart as it is: fine.
     start_server(dir.path(), &clock, 2).await.shutdown().await;
     let text = String::from_utf8(data).unwrap();
@@ -2325,23 +2316,14 @@ async fn lease_rows_dropped_from_the_snapshot_give_a_seat_twice_for_one_lease_tt
     f.import(&f.key("k-one", &["cad"], 1)).await;
     let (held, _) = f.client().checkout(&request("cad", "ws-1")).await.unwrap();
     f.server.state.consensus.snapshot_now().await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while f.server.state.consensus.status().snapshot_index.is_none() {
-        assert!(std::time::Instant::now() < deadline, "no snapshot written");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_snapshot(&f.server).await;
     let store = f.dir.path().join("data").join("raft.sqlite3");
     let secrets = f.secrets.clone();
     let Fixture {
         dir, clock, server, ..
     } = f;
     server.shutdown().await;
-    let data: Vec<u8> = rusqlite::Connection::open(&store)
-        .unwrap()
-        .query_row("SELECT data FROM raft_snapshot WHERE id = 1", [], |row| {
-            row.get(0)
-        })
-        .unwrap();
+    let data = stored_snapshot(&store);
     let mut snapshot: serde_json::Value = serde_json::from_slice(&data).unwrap();
     assert_eq!(snapshot["leases"].as_array().unwrap().len(), 1);
     snapshot["leases"] = serde_json::json!([]);
@@ -2365,6 +2347,26 @@ async fn lease_rows_dropped_from_the_snapshot_give_a_seat_twice_for_one_lease_tt
 }
 
 /// The configuration [`start_server`] uses, for tests that start by hand to see a refusal.
+/// Waits (polling, with a deadline) until the server has written the snapshot it was asked
+/// for: the store is the server's alone while it runs.
+async fn wait_for_snapshot(server: &RunningServer) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while server.state.consensus.status().snapshot_index.is_none() {
+        assert!(std::time::Instant::now() < deadline, "no snapshot written");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The stored snapshot's data (the ledger's JSON), read from the store file.
+fn stored_snapshot(store: &Path) -> Vec<u8> {
+    rusqlite::Connection::open(store)
+        .unwrap()
+        .query_row("SELECT data FROM raft_snapshot WHERE id = 1", [], |row| {
+            row.get(0)
+        })
+        .unwrap()
+}
+
 /// Rewrites the stored snapshot's data, its digest recomputed.
 fn rewrite_snapshot(store: &Path, data: &[u8]) {
     tessera_store::chain::tamper::rewrite_snapshot(store, data);

@@ -507,18 +507,7 @@ fn a_host_whose_alone_journal_was_deleted_does_not_serve_its_share_again() {
         reason.contains("alone journal") && reason.contains("is missing"),
         "{status:#}"
     );
-    // Not one more license: new stations are refused while it waits for the primary.
-    // (The host answers 503 pair_recovering; the client then tries the primary, which is
-    // down, so the last error it reports is either.)
-    for station in ["ws-4", "ws-5"] {
-        let refused = checkout(&pair.url(2), station).unwrap_err();
-        assert!(
-            refused.contains("pair_recovering") || refused.contains("cannot reach"),
-            "{refused}"
-        );
-    }
-    let events = ok(&["events", "--server", &pair.url(2), "--token", &pair.token()]);
-    assert!(events.contains("pair_journal_lost"), "{events}");
+    refuses_alone_and_says_so(&pair);
 
     // The primary comes back: the pair merges within the key, and the record is cleared.
     let host_1 = pair.start(1);
@@ -534,6 +523,21 @@ fn a_host_whose_alone_journal_was_deleted_does_not_serve_its_share_again() {
     host_1.kill_9();
     wait_status(&pair.url(2), "Primary not available", "alone");
     drop(host_2);
+}
+
+/// Host 2, cut off from host 1 and without a journal it may trust: not one more license
+/// (it answers 503 pair_recovering; the client then tries the primary, which is down, so
+/// the last error it reports is either), and the `pair_journal_lost` event says why.
+fn refuses_alone_and_says_so(pair: &PairDir) {
+    for station in ["ws-4", "ws-5"] {
+        let refused = checkout(&pair.url(2), station).unwrap_err();
+        assert!(
+            refused.contains("pair_recovering") || refused.contains("cannot reach"),
+            "{refused}"
+        );
+    }
+    let events = ok(&["events", "--server", &pair.url(2), "--token", &pair.token()]);
+    assert!(events.contains("pair_journal_lost"), "{events}");
 }
 
 /// Attack T11 with the sqlite3 shell: the backup issues its whole share alone, is killed
@@ -582,13 +586,7 @@ fn a_host_whose_alone_journal_was_edited_names_the_edit_and_does_not_serve_alone
             && reason.contains("does not serve alone"),
         "{status:#}"
     );
-    let refused = checkout(&pair.url(2), "ws-4").unwrap_err();
-    assert!(
-        refused.contains("pair_recovering") || refused.contains("cannot reach"),
-        "{refused}"
-    );
-    let events = ok(&["events", "--server", &pair.url(2), "--token", &pair.token()]);
-    assert!(events.contains("pair_journal_lost"), "{events}");
+    refuses_alone_and_says_so(&pair);
 
     // The primary comes back: the pair merges within the key, the edited journal is gone,
     // and a new split is served alone again.
