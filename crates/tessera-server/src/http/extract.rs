@@ -204,3 +204,29 @@ pub fn is_admin(headers: &axum::http::HeaderMap, state: &SharedState) -> bool {
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
+
+#[cfg(test)]
+mod tests {
+    use super::integral_numbers_as_integers;
+
+    /// Found by the API fuzzer: an integer field written as a float near 2^52 must read back
+    /// as that integer. It needs serde_json's exact float parsing (`float_roundtrip`); the
+    /// default fast path reads `-4463450244662550.0` one step off, as `…550.5`.
+    #[test]
+    fn an_integral_float_near_two_to_the_52_is_its_integer() {
+        for (text, integer) in [
+            ("-4463450244662550.0", -4_463_450_244_662_550_i64),
+            ("4503599627370495.0", 4_503_599_627_370_495),
+            ("2.0", 2),
+        ] {
+            let mut value: serde_json::Value =
+                serde_json::from_str(&format!("{{\"sent_at_ms\": {text}}}")).unwrap();
+            integral_numbers_as_integers(&mut value);
+            assert_eq!(
+                value["sent_at_ms"].as_i64(),
+                Some(integer),
+                "{text}: {value}"
+            );
+        }
+    }
+}
