@@ -29,8 +29,10 @@ pub mod console;
 pub mod data_dir;
 pub mod doctor;
 pub mod domain;
+pub mod domain_status;
 pub mod error;
 pub mod events;
+pub mod extract;
 #[cfg(feature = "test-support")]
 pub mod fault_proxy;
 pub mod history;

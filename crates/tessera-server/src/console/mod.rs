@@ -452,7 +452,7 @@ struct KeysPage {
     error: Option<String>,
     role: String,
     /// One tile per host of the domain (a single host shows one).
-    hosts: Vec<crate::http::domain::HostJson>,
+    hosts: Vec<crate::domain_status::HostJson>,
     /// A redundant pair: its status and each host's, as the reference names them.
     pair: Option<crate::pair::PairStatus>,
     server_id: String,
@@ -536,7 +536,7 @@ fn keys_page_refreshed(
         flash,
         error,
         role: status.role.clone(),
-        hosts: crate::http::domain::local_status(state).hosts,
+        hosts: crate::domain_status::local_status(state).hosts,
         pair: Some(state.pair.status(state)).filter(|pair| pair.mode != crate::pair::Mode::Off),
         server_id: status.server_id.clone().unwrap_or_else(|| "(none)".into()),
         lease_count: status.leases_total as usize,

@@ -10,8 +10,8 @@ use serde::Deserialize;
 
 use crate::audit::Verification;
 use crate::error::ApiError;
+use crate::extract::{Admin, ApiQuery};
 use crate::history::UsageEvent;
-use crate::http::{Admin, ApiQuery};
 use crate::state::{SharedState, timestamp};
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]

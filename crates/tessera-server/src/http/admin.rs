@@ -9,8 +9,8 @@ use tessera_api::{
 };
 use tessera_core::{LicenseKey, Refusal};
 
-use super::extract::{Admin, ApiBytes, ApiJson, ApiPath};
 use crate::error::ApiError;
+use crate::extract::{Admin, ApiBytes, ApiJson, ApiPath};
 use crate::state::{SharedState, key_summaries};
 
 /// Import a license key; the body is the key file as the vendor issued it.

@@ -6,8 +6,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use tessera_api::{CheckoutRequest, ErrorBody, Lease};
 
-use super::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::error::ApiError;
+use crate::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::state::SharedState;
 
 /// Where a checkout was sent from (set by the redirecting server in `Location`).
@@ -63,7 +63,7 @@ pub const LEASE_PAGE_MAX: u32 = 1000;
 ))]
 pub async fn list(
     State(state): State<SharedState>,
-    _admin: super::extract::Admin,
+    _admin: crate::extract::Admin,
     ApiQuery(query): ApiQuery<LeaseQuery>,
 ) -> Result<Json<tessera_api::LeasePage>, ApiError> {
     let limit = query.limit.unwrap_or(100);

@@ -3,7 +3,6 @@
 
 mod admin;
 pub mod domain;
-mod extract;
 pub mod forward;
 mod leases;
 mod neighbours;
@@ -25,7 +24,7 @@ use crate::error::ApiError;
 use crate::metrics::RouteLabel;
 use crate::state::SharedState;
 
-pub use extract::{Admin, ApiQuery};
+pub use crate::extract::{Admin, ApiQuery};
 pub use openapi::openapi_json;
 
 pub fn router(state: SharedState) -> Router {
@@ -175,8 +174,8 @@ struct AdvanceClock {
 #[cfg(debug_assertions)]
 async fn advance_test_clock(
     State(state): State<SharedState>,
-    _admin: extract::Admin,
-    extract::ApiJson(body): extract::ApiJson<AdvanceClock>,
+    _admin: crate::extract::Admin,
+    crate::extract::ApiJson(body): crate::extract::ApiJson<AdvanceClock>,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let Some(clock) = &state.config.test_clock else {
         return Err(ApiError::NoRoute {
@@ -296,10 +295,10 @@ pub struct StatusQuery {
 async fn status(
     State(state): State<SharedState>,
     headers: axum::http::HeaderMap,
-    extract::ApiQuery(query): extract::ApiQuery<StatusQuery>,
+    crate::extract::ApiQuery(query): crate::extract::ApiQuery<StatusQuery>,
 ) -> axum::Json<tessera_api::Status> {
     let mut status = state.status_with(query.summary.unwrap_or(false));
-    if !extract::is_admin(&headers, &state) {
+    if !crate::extract::is_admin(&headers, &state) {
         for lease in &mut status.leases {
             lease.lease_id.clear();
         }

@@ -8,8 +8,8 @@ use tessera_api::{
     DonateRequest, DonationSummary, ErrorBody, Identity, NeighbourEnvelope, Neighbours,
 };
 
-use super::extract::{Admin, ApiJson, ApiPath};
 use crate::error::ApiError;
+use crate::extract::{Admin, ApiJson, ApiPath};
 use crate::neighbours::Envelope;
 use crate::state::SharedState;
 

@@ -16,8 +16,8 @@ use axum::http::HeaderMap;
 use serde::Deserialize;
 use tessera_core::{Command, Outcome};
 
-use super::extract::{Admin, ApiBytes, ApiJson, ApiPath};
 use crate::error::ApiError;
+use crate::extract::{Admin, ApiBytes, ApiJson, ApiPath};
 use crate::pair::{Candidate, Mode, PAIR_AUTH_HEADER, PairStatus};
 use crate::state::SharedState;
 use tessera_api::ErrorBody;

@@ -6,8 +6,8 @@ use tessera_api::{ErrorBody, SyncStatus, SyncSummary};
 use tessera_core::Refusal;
 use tessera_core::sync::{SyncRequest, SyncResponse};
 
-use super::extract::{Admin, ApiBytes};
 use crate::error::ApiError;
+use crate::extract::{Admin, ApiBytes};
 use crate::state::SharedState;
 
 #[utoipa::path(get, path = "/v1/sync", responses((status = 200, body = SyncStatus)))]
