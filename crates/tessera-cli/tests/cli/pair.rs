@@ -482,13 +482,7 @@ fn a_pair_serves_alone_within_a_share_across_kill_9_of_either_host_and_merges_wi
 fn a_host_whose_alone_journal_was_deleted_does_not_serve_its_share_again() {
     let dir = tempfile::tempdir().unwrap();
     let (pair, host_1, host_2) = paired(dir.path());
-    host_1.kill_9();
-    wait_status(&pair.url(2), "Primary not available", "alone");
-    let issued: Vec<String> = ["ws-1", "ws-2", "ws-3"]
-        .iter()
-        .filter_map(|station| checkout(&pair.url(2), station).ok())
-        .collect();
-    assert_eq!(issued.len(), (LICENSES / 2) as usize, "the backup's share");
+    backup_issues_its_share_alone(&pair, host_1);
 
     host_2.kill_9();
     let data = pair.root.join("data-2");
@@ -525,6 +519,17 @@ fn a_host_whose_alone_journal_was_deleted_does_not_serve_its_share_again() {
     drop(host_2);
 }
 
+/// Host 1 killed -9: host 2 serves alone and issues its whole share (journaled).
+fn backup_issues_its_share_alone(pair: &PairDir, host_1: ServerProcess) {
+    host_1.kill_9();
+    wait_status(&pair.url(2), "Primary not available", "alone");
+    let issued: Vec<String> = ["ws-1", "ws-2", "ws-3"]
+        .iter()
+        .filter_map(|station| checkout(&pair.url(2), station).ok())
+        .collect();
+    assert_eq!(issued.len(), (LICENSES / 2) as usize, "the backup's share");
+}
+
 /// Host 2, cut off from host 1 and without a journal it may trust: not one more license
 /// (it answers 503 pair_recovering; the client then tries the primary, which is down, so
 /// the last error it reports is either), and the `pair_journal_lost` event says why.
@@ -548,13 +553,7 @@ fn refuses_alone_and_says_so(pair: &PairDir) {
 fn a_host_whose_alone_journal_was_edited_names_the_edit_and_does_not_serve_alone() {
     let dir = tempfile::tempdir().unwrap();
     let (pair, host_1, host_2) = paired(dir.path());
-    host_1.kill_9();
-    wait_status(&pair.url(2), "Primary not available", "alone");
-    let issued: Vec<String> = ["ws-1", "ws-2", "ws-3"]
-        .iter()
-        .filter_map(|station| checkout(&pair.url(2), station).ok())
-        .collect();
-    assert_eq!(issued.len(), (LICENSES / 2) as usize, "the backup's share");
+    backup_issues_its_share_alone(&pair, host_1);
     host_2.kill_9();
 
     let journal = pair.root.join("data-2").join("pair-alone.sqlite3");
