@@ -552,3 +552,21 @@ pub struct SyncSummary {
     #[schema(value_type = String, format = DateTime)]
     pub certificate_valid_until: Timestamp,
 }
+
+/// The result of checking the audit chain (`GET /v1/audit/verify`, `tessera audit verify`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[schema(as = Verification)]
+pub struct AuditVerification {
+    pub ok: bool,
+    /// Records checked (up to and including the first broken one).
+    pub records: i64,
+    /// The hash of the last record when the chain is intact.
+    pub head_hash: Option<String>,
+    /// The first broken record.
+    pub broken_seq: Option<i64>,
+    pub reason: Option<String>,
+    /// The record the vendor countersigned at this host's last sync, checked against the
+    /// hash it countersigned (absent when the vendor has countersigned none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub countersigned: Option<i64>,
+}

@@ -116,8 +116,7 @@ pub async fn run_audit(command: AuditCommand, remote: &Remote) -> anyhow::Result
     match command {
         AuditCommand::Verify { data, json } => {
             let verification = match data {
-                Some(dir) => tessera_server::audit::verify_data_dir(&dir)
-                    .map_err(|message| anyhow::anyhow!(message))?,
+                Some(dir) => tessera_server::audit::verify_data_dir(&dir)?,
                 None => serde_json::from_str(&admin_get(remote, "/v1/audit/verify").await?)?,
             };
             if json {

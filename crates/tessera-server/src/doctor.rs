@@ -40,34 +40,55 @@ pub struct Report {
 const RESTORE: &str = "restore the data directory from a backup taken before the change (docs/operations.md, \"Backups, and losing a disk\"); a server whose data directory went back in time is reported to the vendor at its next sync (server_rolled_back)";
 const TRUST: &str = "if the vendor rotated its key, add its new public key with --trust (keep the old one while keys signed by it are in use); otherwise the data directory was edited: restore it from a backup";
 
+/// Why the doctor could not examine a data directory at all.
+#[derive(Debug, thiserror::Error)]
+pub enum DoctorError {
+    #[error(transparent)]
+    Config(#[from] crate::error::StartError),
+    #[error("{}: {source}", path.display())]
+    ServerKey {
+        path: std::path::PathBuf,
+        source: tessera_core::identity::IdentityError,
+    },
+    #[error("{} does not exist: no server has run in this data directory", path.display())]
+    NoStore { path: std::path::PathBuf },
+    #[error("{}: {source}", path.display())]
+    Store {
+        path: std::path::PathBuf,
+        source: tessera_store::StoreError,
+    },
+}
+
 /// Runs every check on `config`'s data directory at `now_ms` (the wall clock: the time the
 /// server would start at). The server must be stopped (the store is read as it is on disk).
 /// An error: what could not be read at all.
-pub fn examine(config: &ServerConfig, now_ms: i64) -> Result<Report, String> {
+pub fn examine(config: &ServerConfig, now_ms: i64) -> Result<Report, DoctorError> {
     let data = &config.data_dir;
     let mut report = Report {
         data_dir: data.display().to_string(),
         ..Report::default()
     };
-    let trusted_vendors =
-        crate::server::load_trusted_vendors(config).map_err(|error| error.to_string())?;
+    let trusted_vendors = crate::server::load_trusted_vendors(config)?;
     let public = data.join(PUBLIC_FILE);
     let server_public_key = match std::fs::read_to_string(&public) {
-        Ok(text) => Some(
-            PublicKey::from_file_text(&text)
-                .map_err(|error| format!("{}: {error}", public.display()))?,
-        ),
+        Ok(text) => {
+            Some(
+                PublicKey::from_file_text(&text).map_err(|source| DoctorError::ServerKey {
+                    path: public.clone(),
+                    source,
+                })?,
+            )
+        }
         Err(_) => None,
     };
     let store = data.join(STORE_FILE_NAME);
     if !store.exists() {
-        return Err(format!(
-            "{} does not exist: no server has run in this data directory",
-            store.display()
-        ));
+        return Err(DoctorError::NoStore { path: store });
     }
-    let inspection =
-        tessera_store::inspect(&store).map_err(|error| format!("{}: {error}", store.display()))?;
+    let inspection = tessera_store::inspect(&store).map_err(|source| DoctorError::Store {
+        path: store.clone(),
+        source,
+    })?;
     let ledger_config = LedgerConfig {
         trusted_vendors,
         server_id: config.server_id.clone(),

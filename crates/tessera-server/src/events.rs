@@ -18,7 +18,7 @@ use sha2::Sha256;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-use crate::history::NotificationLog;
+use crate::history::{Notification, NotificationLog};
 
 /// How many recent events are kept in memory for the API and the console.
 pub const RECENT_EVENTS_MAX: usize = 500;
@@ -190,6 +190,36 @@ pub struct Event {
     pub details: serde_json::Value,
 }
 
+impl Event {
+    /// The row the usage history keeps of it (table `notification`).
+    pub fn stored(&self) -> Notification {
+        Notification {
+            id: self.id,
+            at_ms: self.at.as_millisecond(),
+            kind: self.kind.clone(),
+            severity: self.severity.clone(),
+            server_id: self.server_id.clone(),
+            host: self.host,
+            message: self.message.clone(),
+            details: self.details.clone(),
+        }
+    }
+
+    /// The event a stored row was made of.
+    pub fn from_stored(row: Notification) -> Event {
+        Event {
+            id: row.id,
+            at: Timestamp::from_millisecond(row.at_ms).unwrap_or(Timestamp::UNIX_EPOCH),
+            kind: row.kind,
+            severity: row.severity,
+            server_id: row.server_id,
+            host: row.host,
+            message: row.message,
+            details: row.details,
+        }
+    }
+}
+
 /// One `[[notification]]` entry of the configuration.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -285,7 +315,7 @@ impl Notifier {
             }
             recent.push_back(event.clone());
         }
-        self.store.record(&event);
+        self.store.record(event.stored());
         if let Some(queue) = &self.queue
             && queue.try_send(event).is_err()
         {

@@ -13,7 +13,8 @@
 //! - [`neighbours`]: links to neighbour servers: donations as signed grants, renewal,
 //!   license synchronization and usage reports.
 //! - [`events`]: notifications to the log, webhooks and user hooks.
-//! - [`history`], [`audit`]: usage history and the audit hash chain (`usage.sqlite3`).
+//! - [`history`], [`audit`]: usage history and the audit hash chain (`usage.sqlite3`),
+//!   stored by `tessera-store` (re-exported here).
 //! - [`console`]: the web console (askama templates, htmx).
 //! - [`error`]: errors and the single table mapping them to HTTP.
 //! - [`clock`], [`ids`], [`metrics`]: time, lease ids, Prometheus.
@@ -21,7 +22,7 @@
 //!   between hosts, for partition tests.
 
 pub mod alerts;
-pub mod audit;
+pub use tessera_store::audit;
 pub mod clock;
 pub mod config;
 pub mod consensus;
@@ -35,7 +36,7 @@ pub mod events;
 pub mod extract;
 #[cfg(feature = "test-support")]
 pub mod fault_proxy;
-pub mod history;
+pub use tessera_store::history;
 pub mod http;
 pub mod ids;
 pub mod lease_listing;

@@ -20,8 +20,22 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::history::UsageEvent;
+use crate::history::{HistoryError, UsageEvent};
+use crate::pair::PairError;
 use crate::state::SharedState;
+
+/// Why rows could not be copied or served.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerHistoryError {
+    #[error(transparent)]
+    History(#[from] HistoryError),
+    #[error("the history task stopped: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Call(#[from] PairError),
+    #[error("host {host} at {addr} has this host's own history (a copied data directory?)")]
+    OwnHistory { host: u64, addr: String },
+}
 
 /// How often each host pulls the other hosts' new rows.
 pub const PULL_EVERY: Duration = Duration::from_secs(2);
@@ -44,15 +58,15 @@ pub struct HistoryAnswer {
 }
 
 /// The answering side of the RPC.
-pub async fn answer(state: &SharedState, request: HistoryRequest) -> Result<HistoryAnswer, String> {
+pub async fn answer(
+    state: &SharedState,
+    request: HistoryRequest,
+) -> Result<HistoryAnswer, PeerHistoryError> {
     let state = state.clone();
     tokio::task::spawn_blocking(move || {
         let instance = state.history.instance().to_string();
         let after = request.copied.get(&instance).copied().unwrap_or(0);
-        let mut rows = state
-            .history
-            .own_rows_after(after, ROWS_PER_CALL + 1)
-            .map_err(|e| e.to_string())?;
+        let mut rows = state.history.own_rows_after(after, ROWS_PER_CALL + 1)?;
         let more = rows.len() > ROWS_PER_CALL;
         rows.truncate(ROWS_PER_CALL);
         Ok(HistoryAnswer {
@@ -61,27 +75,27 @@ pub async fn answer(state: &SharedState, request: HistoryRequest) -> Result<Hist
             more,
         })
     })
-    .await
-    .map_err(|e| e.to_string())?
+    .await?
 }
 
 /// Copies the new rows of the host at `addr`; returns how many arrived.
-pub async fn pull_from(state: &SharedState, host: u64, addr: &str) -> Result<usize, String> {
+pub async fn pull_from(
+    state: &SharedState,
+    host: u64,
+    addr: &str,
+) -> Result<usize, PeerHistoryError> {
     let mut total = 0;
     loop {
         let history_state = state.clone();
-        let copied = tokio::task::spawn_blocking(move || history_state.history.copied_up_to())
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        let request = serde_json::to_value(HistoryRequest { copied }).map_err(|e| e.to_string())?;
-        let answer: HistoryAnswer = crate::pair::call(state, addr, "history", &request)
-            .await
-            .map_err(|e| e.to_string())?;
+        let copied =
+            tokio::task::spawn_blocking(move || history_state.history.copied_up_to()).await??;
+        let request = serde_json::json!(HistoryRequest { copied });
+        let answer: HistoryAnswer = crate::pair::call(state, addr, "history", &request).await?;
         if answer.instance == state.history.instance() {
-            return Err(format!(
-                "host {host} at {addr} has this host's own history (a copied data directory?)"
-            ));
+            return Err(PeerHistoryError::OwnHistory {
+                host,
+                addr: addr.to_string(),
+            });
         }
         total += answer.rows.len();
         let more = answer.more && !answer.rows.is_empty();
@@ -92,8 +106,7 @@ pub async fn pull_from(state: &SharedState, host: u64, addr: &str) -> Result<usi
                 .history
                 .copy_rows(at_ms, &answer.instance, host, answer.rows)
         })
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
         if !more {
             return Ok(total);
         }
@@ -125,6 +138,7 @@ pub async fn run(state: SharedState) {
                 }
                 // Said once per cause: a host that is down is the pair's or domain's news.
                 Err(error) => {
+                    let error = error.to_string();
                     if last_error.get(&host) != Some(&error) {
                         tracing::debug!(host, %error, "cannot copy usage history rows yet");
                         last_error.insert(host, error);

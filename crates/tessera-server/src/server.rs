@@ -254,7 +254,10 @@ pub async fn start(
             .unwrap_or_else(|error| {
                 tracing::warn!(%error, "stored notifications unreadable: the list starts empty");
                 Vec::new()
-            }),
+            })
+            .into_iter()
+            .map(crate::events::Event::from_stored)
+            .collect(),
         history.notification_log(),
         external_http.clone(),
     );

@@ -299,7 +299,9 @@ impl AppState {
             }
             crate::pair::Route::Alone => match self.pair.apply_alone(&entry) {
                 Some(Ok(applied)) => applied,
-                Some(Err(journal_error)) => return Err(ApiError::Internal(journal_error)),
+                Some(Err(journal_error)) => {
+                    return Err(ApiError::Internal(journal_error.to_string()));
+                }
                 None => return Err(ApiError::PairRecovering),
             },
             crate::pair::Route::Recovering => return Err(ApiError::PairRecovering),

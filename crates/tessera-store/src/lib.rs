@@ -1,4 +1,6 @@
-//! SQLite storage for Tessera's replicated log and ledger state machine.
+//! Every SQLite file a Tessera server writes: the replicated log and ledger state machine
+//! (`raft.sqlite3`), the usage history with its audit chain (`usage.sqlite3`) and a pair
+//! host's alone journal (`pair-alone.sqlite3`). The server itself opens no database.
 //!
 //! Everything that changes the ledger is an entry of an openraft log; this crate stores that
 //! log durably and applies committed entries to the pure [`tessera_core::Ledger`].
@@ -6,8 +8,8 @@
 //! # Layout
 //! - [`types`]: the openraft type configuration ([`TypeConfig`]) and the log payload
 //!   ([`Proposal`]: a batch of stamped commands) / response (`Option<Vec<Applied>>`) types.
-//! - [`schema`]: the migration files under `migrations/`, applied in order and tracked by
-//!   `PRAGMA user_version`.
+//! - [`schema`]: the one migration runner, for the files under `migrations/<database>/`,
+//!   applied in order and tracked by `PRAGMA user_version`.
 //! - [`writer`]: the one thread that owns the SQLite write connection. It drains every queued
 //!   write into one transaction, so concurrent appends share one fsync (group commit).
 //! - [`log_store`]: [`LogStore`], openraft's `RaftLogStorage` + `RaftLogReader`. The log tail
@@ -16,7 +18,11 @@
 //!   builder; the ledger lives in memory and [`LedgerReader`] reads it without Raft.
 //! - [`chain`]: the hash chain through the log, written with every entry and checked at
 //!   every open (tamper evidence).
-//! - [`error`]: [`StoreError`], the crate's one error type.
+//! - [`history`]: the usage history, notifications and the audit chain (`usage.sqlite3`),
+//!   written by their own gathering writer thread; [`audit`]: the chain's rules and checks.
+//! - [`journal`]: a pair host's alone journal, hash-chained, written (fsync) before each
+//!   answer.
+//! - [`error`]: [`StoreError`], the log's error type.
 //!
 //! # Durability model
 //! The log and the vote are durable (WAL, `synchronous=FULL`); the committed log id is
@@ -26,8 +32,11 @@
 //! until the group commits it again, which a restarted single voter does before it serves
 //! anything, so it comes back with the same ledger.
 
+pub mod audit;
 pub mod chain;
 pub mod error;
+pub mod history;
+pub mod journal;
 pub mod log_store;
 pub mod schema;
 pub mod state_machine;

@@ -1,63 +1,101 @@
-//! Schema migrations: the files in `migrations/`, applied in order. The number of the last
-//! one applied is kept in `PRAGMA user_version`.
+//! Schema migrations of every SQLite file the server writes: the files under
+//! `migrations/<database>/`, applied in order by one runner ([`migrate_schema`]). The number
+//! of the last one applied is kept in `PRAGMA user_version`.
 
-use rusqlite::Connection;
+use rusqlite::{Connection, Transaction};
 
 use crate::error::StoreError;
 
-/// (version, name, SQL). Append only: never edit a migration that has shipped.
-const MIGRATIONS: &[(u32, &str, &str)] = &[
-    (1, "raft", include_str!("../migrations/0001_raft.sql")),
-    (
-        2,
-        "log_chain",
-        include_str!("../migrations/0002_log_chain.sql"),
-    ),
-    (
-        3,
-        "snapshot_digest",
-        include_str!("../migrations/0003_snapshot_digest.sql"),
-    ),
-];
-
-/// The schema version this build writes.
-pub fn latest_version() -> u32 {
-    MIGRATIONS.last().map_or(0, |(version, _, _)| *version)
+/// One migration: its version (1, 2, ...: the order it runs in), a name for errors, its SQL,
+/// and Rust that completes it in the same transaction (filling a new column or table from the
+/// rows already there).
+pub struct Migration {
+    pub version: u32,
+    pub name: &'static str,
+    pub sql: &'static str,
+    pub fill: Option<fn(&Transaction<'_>) -> rusqlite::Result<()>>,
 }
 
-/// Applies the migrations the database has not seen yet, each in its own transaction.
-pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+/// The migrations of one database file. Append only: never edit a migration that has
+/// shipped. Every SQLite file Tessera's server writes has one, under `migrations/<name>/`,
+/// run by [`migrate`].
+pub struct Schema {
+    pub migrations: &'static [Migration],
+}
+
+impl Schema {
+    /// The schema version this build writes.
+    pub fn latest_version(&self) -> u32 {
+        self.migrations.last().map_or(0, |m| m.version)
+    }
+}
+
+/// The replicated log, its vote and snapshot (`DATA/raft.sqlite3`).
+pub const RAFT: Schema = Schema {
+    migrations: &[
+        Migration {
+            version: 1,
+            name: "raft",
+            sql: include_str!("../migrations/raft/0001_raft.sql"),
+            fill: None,
+        },
+        Migration {
+            version: 2,
+            name: "log_chain",
+            sql: include_str!("../migrations/raft/0002_log_chain.sql"),
+            fill: Some(chain_existing_rows),
+        },
+        Migration {
+            version: 3,
+            name: "snapshot_digest",
+            sql: include_str!("../migrations/raft/0003_snapshot_digest.sql"),
+            fill: Some(digest_existing_snapshot),
+        },
+    ],
+};
+
+/// The schema version of the replicated log this build writes.
+pub fn latest_version() -> u32 {
+    RAFT.latest_version()
+}
+
+/// Applies the migrations of `schema` the database has not seen yet, each in its own
+/// transaction. The number of the last one applied is kept in `PRAGMA user_version`; a
+/// database written by a newer build is refused ([`StoreError::SchemaTooNew`]).
+pub fn migrate_schema(conn: &mut Connection, schema: &Schema) -> Result<(), StoreError> {
     let found: u32 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
-    if found > latest_version() {
+    if found > schema.latest_version() {
         return Err(StoreError::SchemaTooNew {
             found,
-            known: latest_version(),
+            known: schema.latest_version(),
         });
     }
-    for &(version, name, sql) in MIGRATIONS.iter().filter(|(v, _, _)| *v > found) {
+    for migration in schema.migrations.iter().filter(|m| m.version > found) {
         let apply = |conn: &mut Connection| -> rusqlite::Result<()> {
             let tx = conn.transaction()?;
-            tx.execute_batch(sql)?;
-            if version == 2 {
-                chain_existing_rows(&tx)?;
+            tx.execute_batch(migration.sql)?;
+            if let Some(fill) = migration.fill {
+                fill(&tx)?;
             }
-            if version == 3 {
-                digest_existing_snapshot(&tx)?;
-            }
-            tx.pragma_update(None, "user_version", version)?;
+            tx.pragma_update(None, "user_version", migration.version)?;
             tx.commit()
         };
         apply(conn).map_err(|source| StoreError::Migration {
-            version,
-            name,
+            version: migration.version,
+            name: migration.name,
             source,
         })?;
     }
     Ok(())
 }
 
+/// Migrates the replicated log's database ([`RAFT`]).
+pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    migrate_schema(conn, &RAFT)
+}
+
 /// Migration 2: chains the entries already in the log, in index order, from the zero hash.
-fn chain_existing_rows(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+fn chain_existing_rows(tx: &Transaction<'_>) -> rusqlite::Result<()> {
     let rows: Vec<(i64, Vec<u8>)> = {
         let mut statement =
             tx.prepare("SELECT log_index, entry FROM raft_log ORDER BY log_index")?;
@@ -77,7 +115,7 @@ fn chain_existing_rows(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
 }
 
 /// Migration 3: the digest of the snapshot stored before it.
-fn digest_existing_snapshot(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+fn digest_existing_snapshot(tx: &Transaction<'_>) -> rusqlite::Result<()> {
     use rusqlite::OptionalExtension;
     let row: Option<(String, Vec<u8>)> = tx
         .query_row(

@@ -446,7 +446,7 @@ async fn a_store_from_before_the_chain_is_chained_by_its_migration() {
     {
         let connection = rusqlite::Connection::open(db_path(dir.path())).unwrap();
         connection
-            .execute_batch(include_str!("../migrations/0001_raft.sql"))
+            .execute_batch(include_str!("../migrations/raft/0001_raft.sql"))
             .unwrap();
         connection.pragma_update(None, "user_version", 1).unwrap();
         for index in 1..=4 {

@@ -349,7 +349,7 @@ pub async fn rpc(
                 })?;
             let answer = crate::peer_history::answer(&state, request)
                 .await
-                .map_err(ApiError::Internal)?;
+                .map_err(|error| ApiError::Internal(error.to_string()))?;
             serde_json::to_value(answer)
         }
         other => {

@@ -13,7 +13,7 @@
 //! acknowledged (503 `pair_recovering`; the station retries, and checkout is idempotent per
 //! station).
 
-pub mod journal;
+pub use tessera_store::journal;
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -151,7 +151,7 @@ impl Pair {
     }
 
     /// Applies a command to the alone ledger, journaled first. `None`: no longer alone.
-    pub fn apply_alone(&self, entry: &Stamped) -> Option<Result<Applied, String>> {
+    pub fn apply_alone(&self, entry: &Stamped) -> Option<Result<Applied, journal::JournalError>> {
         let mut inner = self.lock();
         if inner.machine.mode() != Mode::Alone {
             return None;
@@ -161,7 +161,7 @@ impl Pair {
             return None;
         };
         if let Err(e) = journal.append(entry) {
-            return Some(Err(e.to_string()));
+            return Some(Err(e));
         }
         Some(Ok(alone.apply_recording(entry)))
     }

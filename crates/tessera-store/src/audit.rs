@@ -11,8 +11,9 @@
 use std::path::Path;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
-use serde::Serialize;
 use sha2::{Digest, Sha256};
+
+use crate::history::HistoryError;
 
 pub fn genesis() -> String {
     "0".repeat(64)
@@ -52,22 +53,7 @@ pub fn hash_of(connection: &Connection, seq: i64) -> rusqlite::Result<Option<Str
         .optional()
 }
 
-/// The result of checking the chain.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
-pub struct Verification {
-    pub ok: bool,
-    /// Records checked (up to and including the first broken one).
-    pub records: i64,
-    /// The hash of the last record when the chain is intact.
-    pub head_hash: Option<String>,
-    /// The first broken record.
-    pub broken_seq: Option<i64>,
-    pub reason: Option<String>,
-    /// The record the vendor countersigned at this host's last sync, checked against the
-    /// hash it countersigned (absent when the vendor has countersigned none).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub countersigned: Option<i64>,
-}
+pub use tessera_api::AuditVerification as Verification;
 
 /// Also checks an intact chain against the point the vendor countersigned (`at` records,
 /// the last one's hash): a history rewritten with the chain recomputed after it passes
@@ -214,12 +200,16 @@ fn verify_after(connection: &Connection, seq: i64, prev: String) -> rusqlite::Re
 }
 
 /// Checks the chain in a data directory's `usage.sqlite3`, read-only (offline use).
-pub fn verify_data_dir(data_dir: &Path) -> Result<Verification, String> {
+pub fn verify_data_dir(data_dir: &Path) -> Result<Verification, HistoryError> {
     let path = data_dir.join(crate::history::FILE);
+    let fail = |message: String| HistoryError {
+        path: path.display().to_string(),
+        message,
+    };
     if !path.exists() {
-        return Err(format!("{} does not exist", path.display()));
+        return Err(fail("does not exist".into()));
     }
     let connection = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    verify(&connection).map_err(|e| format!("{}: {e}", path.display()))
+        .map_err(|e| fail(e.to_string()))?;
+    verify(&connection).map_err(|e| fail(e.to_string()))
 }

@@ -4,7 +4,7 @@
 //! has not merged it yet"; it is deleted once the host's applied ledger shows the merge of
 //! its epoch (`Ledger::merged_epoch`).
 //!
-//! Its commands are hash-chained like the Raft log (`tessera_store::chain`): each row stores
+//! Its commands are hash-chained like the Raft log ([`crate::chain`]): each row stores
 //! `prev` and `chain = SHA-256(prev || seq || command)`, and the meta row keeps the count and
 //! the head, written in the transaction that appends the command. [`Journal::load`] walks the
 //! chain: a command edited, deleted (in the middle or at the end) or inserted is named, and
@@ -13,9 +13,10 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::chain::{self, Hash};
+use crate::schema::{Migration, Schema, migrate_schema};
 use rusqlite::{Connection, OptionalExtension, params};
 use tessera_core::{Share, Stamped};
-use tessera_store::chain::{self, Hash};
 
 pub const JOURNAL_FILE_NAME: &str = "pair-alone.sqlite3";
 
@@ -73,37 +74,49 @@ impl std::fmt::Display for JournalError {
 
 impl std::error::Error for JournalError {}
 
-fn open_connection(path: &Path) -> Result<Connection, JournalError> {
-    let conn = Connection::open(path).map_err(|e| JournalError::io(path, e))?;
-    conn.execute_batch(
-        "PRAGMA journal_mode = WAL;
-         PRAGMA synchronous = FULL;
-         CREATE TABLE IF NOT EXISTS meta (id INTEGER PRIMARY KEY CHECK (id = 1),
-                                          share TEXT NOT NULL, epoch INTEGER NOT NULL);
-         CREATE TABLE IF NOT EXISTS commands (seq INTEGER PRIMARY KEY AUTOINCREMENT,
-                                              entry TEXT NOT NULL);",
-    )
-    .map_err(|e| JournalError::io(path, e))?;
-    // The chain's columns (a journal written before them gets them, and is chained below).
+/// The journal's migrations (`migrations/journal/`), run by the store's one runner.
+pub const SCHEMA: Schema = Schema {
+    migrations: &[
+        Migration {
+            version: 1,
+            name: "alone_journal",
+            sql: include_str!("../migrations/journal/0001_alone_journal.sql"),
+            fill: None,
+        },
+        Migration {
+            version: 2,
+            name: "chain_columns",
+            sql: include_str!("../migrations/journal/0002_chain_columns.sql"),
+            fill: Some(add_chain_columns),
+        },
+    ],
+};
+
+/// Migration 2: the chain's columns a journal written before them lacks.
+fn add_chain_columns(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
     for (table, column, kind) in [
         ("meta", "count", "INTEGER"),
         ("meta", "head", "BLOB"),
         ("commands", "prev", "BLOB"),
         ("commands", "chain", "BLOB"),
     ] {
-        let present: bool = conn
-            .query_row(
-                "SELECT COUNT(*) FROM pragma_table_info(?1) WHERE name = ?2",
-                params![table, column],
-                |row| row.get::<_, i64>(0),
-            )
-            .map_err(|e| JournalError::io(path, e))?
-            > 0;
-        if !present {
-            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))
-                .map_err(|e| JournalError::io(path, e))?;
+        let present: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info(?1) WHERE name = ?2",
+            params![table, column],
+            |row| row.get(0),
+        )?;
+        if present == 0 {
+            tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
         }
     }
+    Ok(())
+}
+
+fn open_connection(path: &Path) -> Result<Connection, JournalError> {
+    let mut conn = Connection::open(path).map_err(|e| JournalError::io(path, e))?;
+    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")
+        .map_err(|e| JournalError::io(path, e))?;
+    migrate_schema(&mut conn, &SCHEMA).map_err(|e| JournalError::io(path, e))?;
     Ok(conn)
 }
 

@@ -5,7 +5,7 @@
 //! for the disk: events go through a bounded channel to one writer thread, which writes
 //! whatever has queued up in one transaction (WAL, `synchronous=NORMAL`). License events
 //! become rows of `usage_event`; every record is also appended to the audit hash chain
-//! (see [`crate::audit`]). Notifications ([`crate::events`]) are kept in `notification`, so
+//! (see [`crate::audit`]). The server's notifications ([`Notification`]) are kept in `notification`, so
 //! that the recent-events list and its ids outlive a restart. [`History::flush`] waits until
 //! everything sent so far is written.
 //!
@@ -26,19 +26,40 @@ use serde::Serialize;
 use tessera_core::LeaseView;
 
 use crate::audit;
-use crate::events::Event;
+use crate::schema::{Migration, Schema, migrate_schema};
 
 pub const FILE: &str = "usage.sqlite3";
 
-/// The schema, in order; `PRAGMA user_version` holds how many have been applied.
-const MIGRATIONS: &[&str] = &[
-    include_str!("../migrations/usage/0001_usage_and_audit.sql"),
-    include_str!("../migrations/usage/0002_notifications.sql"),
-    include_str!("../migrations/usage/0003_merged_history.sql"),
-    include_str!("../migrations/usage/0004_usage_hour.sql"),
-];
-/// The migration that creates the chart's hourly roll-up (filled from the events it finds).
-const ROLLUP_MIGRATION: usize = 4;
+/// The history's migrations (`migrations/usage/`), run by the store's one runner.
+pub const SCHEMA: Schema = Schema {
+    migrations: &[
+        Migration {
+            version: 1,
+            name: "usage_and_audit",
+            sql: include_str!("../migrations/usage/0001_usage_and_audit.sql"),
+            fill: None,
+        },
+        Migration {
+            version: 2,
+            name: "notifications",
+            sql: include_str!("../migrations/usage/0002_notifications.sql"),
+            fill: None,
+        },
+        Migration {
+            version: 3,
+            name: "merged_history",
+            sql: include_str!("../migrations/usage/0003_merged_history.sql"),
+            fill: None,
+        },
+        // The chart's hourly roll-up, filled from the events already stored.
+        Migration {
+            version: 4,
+            name: "usage_hour",
+            sql: include_str!("../migrations/usage/0004_usage_hour.sql"),
+            fill: Some(rebuild_rollup),
+        },
+    ],
+};
 /// The roll-up's unit: the chart's smallest bucket.
 const HOUR_MS: i64 = 3_600_000;
 
@@ -121,6 +142,20 @@ fn log_activity(
     );
 }
 
+/// One stored notification (table `notification`): the server's event as the API shows it,
+/// kept so that the recent-events list and its ids outlive a restart.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Notification {
+    pub id: u64,
+    pub at_ms: i64,
+    pub kind: String,
+    pub severity: String,
+    pub server_id: Option<String>,
+    pub host: Option<u64>,
+    pub message: String,
+    pub details: serde_json::Value,
+}
+
 /// One record of the audit chain before it is chained.
 #[derive(Clone, Debug)]
 pub struct AuditRecord {
@@ -172,7 +207,7 @@ enum Message {
         details: LeaseDetails,
     },
     /// A notification; a restarted server numbers its next one after the highest stored.
-    Notification(Event),
+    Notification(Notification),
     /// Rows another host of the pair or domain recorded (`origin`: its instance), each
     /// with its id there; copied once (see `crate::peer_history`).
     Copied {
@@ -220,8 +255,8 @@ impl Queue {
 pub struct NotificationLog(Queue);
 
 impl NotificationLog {
-    pub fn record(&self, event: &Event) {
-        self.0.send(Message::Notification(event.clone()));
+    pub fn record(&self, notification: Notification) {
+        self.0.send(Message::Notification(notification));
     }
 }
 
@@ -246,7 +281,7 @@ pub fn open(path: &Path) -> Result<Connection, HistoryError> {
         path: path.display().to_string(),
         message,
     };
-    let connection = Connection::open(path).map_err(|e| fail(e.to_string()))?;
+    let mut connection = Connection::open(path).map_err(|e| fail(e.to_string()))?;
     connection
         .busy_timeout(std::time::Duration::from_secs(5))
         .map_err(|e| fail(e.to_string()))?;
@@ -256,22 +291,7 @@ pub fn open(path: &Path) -> Result<Connection, HistoryError> {
     connection
         .pragma_update(None, "synchronous", "NORMAL")
         .map_err(|e| fail(e.to_string()))?;
-    let version: i64 = connection
-        .pragma_query_value(None, "user_version", |row| row.get(0))
-        .map_err(|e| fail(e.to_string()))?;
-    for (index, migration) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
-        let sql = format!(
-            "BEGIN; {migration}\nPRAGMA user_version = {}; COMMIT;",
-            index + 1
-        );
-        connection
-            .execute_batch(&sql)
-            .map_err(|e| fail(format!("migration {}: {e}", index + 1)))?;
-        if index + 1 == ROLLUP_MIGRATION {
-            rebuild_rollup(&connection)
-                .map_err(|e| fail(format!("filling the hourly usage roll-up: {e}")))?;
-        }
-    }
+    migrate_schema(&mut connection, &SCHEMA).map_err(|e| fail(e.to_string()))?;
     Ok(connection)
 }
 
@@ -326,7 +346,7 @@ impl History {
     }
 
     /// The newest `limit` stored notifications, oldest first.
-    pub fn notifications(&self, limit: usize) -> Result<Vec<Event>, HistoryError> {
+    pub fn notifications(&self, limit: usize) -> Result<Vec<Notification>, HistoryError> {
         let connection = self.reader()?;
         let mut statement = connection
             .prepare(
@@ -337,12 +357,10 @@ impl History {
             .map_err(|e| self.error(e))?;
         let rows = statement
             .query_map(params![limit as i64], |row| {
-                let at_ms: i64 = row.get(1)?;
                 let details: String = row.get(7)?;
-                Ok(Event {
+                Ok(Notification {
                     id: row.get::<_, i64>(0)? as u64,
-                    at: jiff::Timestamp::from_millisecond(at_ms)
-                        .unwrap_or(jiff::Timestamp::UNIX_EPOCH),
+                    at_ms: row.get(1)?,
                     kind: row.get(2)?,
                     severity: row.get(3)?,
                     server_id: row.get(4)?,
@@ -814,7 +832,7 @@ fn write_loop(mut connection: Connection, receiver: Receiver<Message>, hurry: &A
                         Message::Notification(event) => {
                             notification_insert.execute(params![
                                 event.id as i64,
-                                event.at.as_millisecond(),
+                                event.at_ms,
                                 event.kind,
                                 event.severity,
                                 event.server_id,
@@ -1079,21 +1097,16 @@ fn roll_up(
     Ok(())
 }
 
-/// Fills the roll-up from every event stored (once, when its migration runs).
-fn rebuild_rollup(connection: &Connection) -> rusqlite::Result<()> {
-    connection.execute_batch("BEGIN")?;
-    let result = (|| {
-        let components: Vec<String> = connection
-            .prepare("SELECT DISTINCT component FROM usage_event WHERE component IS NOT NULL")?
-            .query_map([], |row| row.get(0))?
-            .collect::<rusqlite::Result<_>>()?;
-        for component in &components {
-            roll_up(connection, component, None)?;
-        }
-        Ok(())
-    })();
-    connection.execute_batch(if result.is_ok() { "COMMIT" } else { "ROLLBACK" })?;
-    result
+/// Fills the roll-up from every event stored (once, in its migration's transaction).
+fn rebuild_rollup(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    let components: Vec<String> = tx
+        .prepare("SELECT DISTINCT component FROM usage_event WHERE component IS NOT NULL")?
+        .query_map([], |row| row.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for component in &components {
+        roll_up(tx, component, None)?;
+    }
+    Ok(())
 }
 
 /// The chart from the hourly roll-up: per component, the level carried into the range (the
@@ -1602,13 +1615,37 @@ mod tests {
     }
 
     #[test]
+    fn a_history_written_by_a_newer_tessera_is_refused_and_left_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(History::start(dir.path()).unwrap());
+        let path = dir.path().join(FILE);
+        let connection = Connection::open(&path).unwrap();
+        connection
+            .pragma_update(None, "user_version", SCHEMA.latest_version() + 1)
+            .unwrap();
+        drop(connection);
+        let Err(error) = History::start(dir.path()) else {
+            panic!("a newer schema was opened");
+        };
+        assert!(
+            error.to_string().contains("written by a newer Tessera"),
+            "{error}"
+        );
+        let connection = Connection::open(&path).unwrap();
+        let version: u32 = connection
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA.latest_version() + 1);
+    }
+
+    #[test]
     fn notifications_are_stored_as_sent_and_only_the_newest_are_kept() {
         let dir = tempfile::tempdir().unwrap();
         let history = History::start(dir.path()).unwrap();
         let log = history.notification_log();
-        let event = |id: u64| Event {
+        let event = |id: u64| Notification {
             id,
-            at: jiff::Timestamp::from_millisecond(1_000 * id as i64).unwrap(),
+            at_ms: 1_000 * id as i64,
             kind: "neighbour_refused".into(),
             severity: "warning".into(),
             server_id: Some("hq".into()),
@@ -1618,7 +1655,7 @@ mod tests {
         };
         let sent = NOTIFICATIONS_KEPT as u64 + 5;
         for id in 1..=sent {
-            log.record(&event(id));
+            log.record(event(id));
         }
         history.flush();
         let stored = history.notifications(usize::MAX).unwrap();

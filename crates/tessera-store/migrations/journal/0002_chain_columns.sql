@@ -1,0 +1,3 @@
+-- The chain's columns, for a journal written before them: added by the migration's Rust
+-- part (src/journal.rs, `add_chain_columns`) only where missing. Their values stay NULL, so
+-- such a journal is not trusted (its commands cannot be checked).
