@@ -13,6 +13,7 @@
 //! Nothing here does I/O, reads a clock or draws randomness: every input arrives as data,
 //! so every replica that applies the same entries reaches the same state.
 
+pub mod answer;
 pub mod clock;
 pub mod command;
 pub mod grant;

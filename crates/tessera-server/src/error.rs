@@ -100,6 +100,9 @@ pub enum ApiError {
     },
     #[error("internal error: {0}")]
     Internal(String),
+    /// The ledger answered a command with an outcome of another kind (a bug).
+    #[error("internal error: {0}")]
+    Unexpected(#[from] tessera_core::answer::Unexpected),
 }
 
 impl ApiError {
@@ -174,7 +177,9 @@ impl ApiError {
             }
             ApiError::PairRecovering => (StatusCode::SERVICE_UNAVAILABLE, "pair_recovering"),
             ApiError::Redirected { .. } => (StatusCode::TEMPORARY_REDIRECT, "component_elsewhere"),
-            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            ApiError::Internal(_) | ApiError::Unexpected(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
         }
     }
 }

@@ -13,6 +13,8 @@
 //! - [`neighbours`]: links to neighbour servers: donations as signed grants, renewal,
 //!   license synchronization and usage reports.
 //! - [`events`]: notifications to the log, webhooks and user hooks.
+//! - `effects`: the history, metrics and notifications an applied entry causes, in one
+//!   place, at the entry's time.
 //! - [`history`], [`audit`]: usage history and the audit hash chain (`usage.sqlite3`),
 //!   stored by `tessera-store` (re-exported here).
 //! - [`console`]: the web console (askama templates, htmx).
@@ -31,6 +33,7 @@ pub mod data_dir;
 pub mod doctor;
 pub mod domain;
 pub mod domain_status;
+mod effects;
 pub mod error;
 pub mod events;
 pub mod extract;

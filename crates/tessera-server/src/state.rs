@@ -8,7 +8,7 @@ use std::sync::Arc;
 use jiff::Timestamp;
 use tessera_api::{ComponentStatus, Holder, KeySummary, Lease, Status};
 use tessera_core::ledger::KeyState;
-use tessera_core::{Command, LeaseView, Ledger, LicenseKey, Outcome, SecretKey, Stamped};
+use tessera_core::{Command, LeaseView, Ledger, LicenseKey, Outcome, SecretKey, Stamped, answer};
 
 use crate::clock::Stamper;
 use crate::config::ServerConfig;
@@ -285,6 +285,7 @@ impl AppState {
         at_ms: i64,
         command: Command,
     ) -> Result<Outcome, ApiError> {
+        let cause = crate::effects::Cause::of(&command);
         let entry = Stamped { at_ms, command };
         let applied = match self.pair.route(self.consensus.pair_link()) {
             crate::pair::Route::Consensus { disturbed } => {
@@ -306,16 +307,7 @@ impl AppState {
             },
             crate::pair::Route::Recovering => return Err(ApiError::PairRecovering),
         };
-        if !applied.expired.is_empty() {
-            self.metrics
-                .expired_leases
-                .inc_by(applied.expired.len() as u64);
-            for lease in &applied.expired {
-                let covered = self.read(|ledger| ledger.key_components(&lease.key_id));
-                self.history
-                    .lease_event(at_ms, "server", "expired", lease, None, &covered);
-            }
-        }
+        self.record_effects(at_ms, &cause, &applied);
         match applied.outcome {
             Outcome::Refused { refusal } => Err(ApiError::Refused(refusal)),
             outcome => Ok(outcome),
@@ -369,25 +361,10 @@ impl AppState {
             .checkouts
             .get_or_create(&crate::metrics::OutcomeLabel { outcome: label })
             .inc();
-        match &result {
-            Ok(Outcome::LeaseGranted { lease, created }) => self.history.lease_event(
-                if *created {
-                    lease.issued_at_ms
-                } else {
-                    self.stamper.now_ms()
-                },
-                &lease.station,
-                if *created { "granted" } else { "existing" },
-                lease,
-                Some(&request.component),
-                &self.read(|ledger| ledger.key_components(&lease.key_id)),
-            ),
-            Err(ApiError::Refused(refusal)) => {
-                let now_ms = self.stamper.now_ms();
-                self.history.denial(now_ms, &request, refusal.code());
-                self.note_denial(&request.component, refusal.code(), now_ms);
-            }
-            _ => {}
+        if let Err(ApiError::Refused(refusal)) = &result {
+            let now_ms = self.stamper.now_ms();
+            self.history.denial(now_ms, &request, refusal.code());
+            self.note_denial(&request.component, refusal.code(), now_ms);
         }
         if let Err(ApiError::Refused(tessera_core::Refusal::NoLicensesAvailable { .. })) = &result {
             self.metrics
@@ -397,12 +374,8 @@ impl AppState {
                 })
                 .inc();
         }
-        match result? {
-            Outcome::LeaseGranted { lease, created } => {
-                Ok((self.lease_to_api(&lease, Some(&request.component)), created))
-            }
-            other => Err(unexpected(other)),
-        }
+        let answer::Granted { lease, created } = result?.try_into()?;
+        Ok((self.lease_to_api(&lease, Some(&request.component)), created))
     }
 
     pub async fn heartbeat(&self, lease_id: String) -> Result<Lease, ApiError> {
@@ -410,13 +383,8 @@ impl AppState {
             lease_id,
             lease_ttl_ms: self.lease_ttl_ms(),
         };
-        match self.propose_issuing(command).await? {
-            Outcome::LeaseRenewed { lease } => {
-                self.metrics.heartbeats.inc();
-                Ok(self.lease_to_api(&lease, None))
-            }
-            other => Err(unexpected(other)),
-        }
+        let answer::Renewed { lease } = self.propose_issuing(command).await?.try_into()?;
+        Ok(self.lease_to_api(&lease, None))
     }
 
     /// Checkin (station) or force-release (admin): both only give a license back, so they are
@@ -428,21 +396,8 @@ impl AppState {
             Command::Checkin { lease_id }
         };
         let at_ms = self.stamper.stamp_lenient();
-        match self.propose_at(at_ms, command).await? {
-            Outcome::LeaseReleased { lease } => {
-                self.metrics.checkins.inc();
-                let (actor, kind) = if forced {
-                    ("admin", "force_release")
-                } else {
-                    (lease.station.as_str(), "checkin")
-                };
-                let covered = self.read(|ledger| ledger.key_components(&lease.key_id));
-                self.history
-                    .lease_event(at_ms, actor, kind, &lease, None, &covered);
-                Ok(self.lease_to_api(&lease, None))
-            }
-            other => Err(unexpected(other)),
-        }
+        let answer::Released { lease } = self.propose_at(at_ms, command).await?.try_into()?;
+        Ok(self.lease_to_api(&lease, None))
     }
 
     pub async fn import_key(&self, key: LicenseKey) -> Result<String, ApiError> {
@@ -451,28 +406,10 @@ impl AppState {
         let command = Command::ImportKey { key };
         self.read(|ledger| ledger.verify_command(&command))
             .map_err(ApiError::Refused)?;
-        match self.propose_issuing(command).await? {
-            Outcome::KeyImported { key_id } => {
-                self.stamper
-                    .observe_vendor(self.read(|ledger| ledger.vendor_time_ms()));
-                self.history.key_event(
-                    self.stamper.now_ms(),
-                    "admin",
-                    "key_imported",
-                    &key_id,
-                    String::new(),
-                );
-                self.notifier.emit(
-                    self.stamper.now_ms(),
-                    EventKind::KeyImported,
-                    Severity::Info,
-                    format!("license key {key_id} added"),
-                    serde_json::json!({"key_id": key_id}),
-                );
-                Ok(key_id)
-            }
-            other => Err(unexpected(other)),
-        }
+        let answer::KeyImported { key_id } = self.propose_issuing(command).await?.try_into()?;
+        self.stamper
+            .observe_vendor(self.read(|ledger| ledger.vendor_time_ms()));
+        Ok(key_id)
     }
 
     pub async fn remove_key(&self, key_id: String) -> Result<(String, u32), ApiError> {
@@ -485,38 +422,38 @@ impl AppState {
                 .collect();
             (ending, ledger.key_components(&key_id))
         });
-        match self
+        let answer::KeyRemoved {
+            key_id,
+            leases_ended,
+        } = self
             .propose_at(at_ms, Command::RemoveKey { key_id })
             .await?
-        {
-            Outcome::KeyRemoved {
-                key_id,
-                leases_ended,
-            } => {
-                for lease in &ending {
-                    self.history
-                        .lease_event(at_ms, "admin", "key_removed", lease, None, &covered);
-                }
-                self.history.key_event(
-                    at_ms,
-                    "admin",
-                    "key_removed",
-                    &key_id,
-                    format!("{leases_ended} leases ended"),
-                );
-                self.notifier.emit(
-                    at_ms,
-                    EventKind::KeyRemoved,
-                    if leases_ended > 0 { Severity::Warning } else { Severity::Info },
-                    format!(
-                        "license key {key_id} was removed by the administrator; {leases_ended} leases ended"
-                    ),
-                    serde_json::json!({"key_id": key_id, "leases_ended": leases_ended}),
-                );
-                Ok((key_id, leases_ended))
-            }
-            other => Err(unexpected(other)),
+            .try_into()?;
+        for lease in &ending {
+            self.history
+                .lease_event(at_ms, "admin", "key_removed", lease, None, &covered);
         }
+        self.history.key_event(
+            at_ms,
+            "admin",
+            "key_removed",
+            &key_id,
+            format!("{leases_ended} leases ended"),
+        );
+        self.notifier.emit(
+            at_ms,
+            EventKind::KeyRemoved,
+            if leases_ended > 0 {
+                Severity::Warning
+            } else {
+                Severity::Info
+            },
+            format!(
+                "license key {key_id} was removed by the administrator; {leases_ended} leases ended"
+            ),
+            serde_json::json!({"key_id": key_id, "leases_ended": leases_ended}),
+        );
+        Ok((key_id, leases_ended))
     }
 
     /// One round of the primary's timer: propose `Expire` when a lease is due, or when no
@@ -541,10 +478,9 @@ impl AppState {
         self.stamper.observe(last_at_ms);
         self.stamper.observe_vendor(vendor_time_ms);
         let ended = if due {
-            match self.propose_issuing(Command::Expire).await? {
-                Outcome::Expired { leases_ended } => leases_ended,
-                other => return Err(unexpected(other)),
-            }
+            let answer::Expired { leases_ended } =
+                self.propose_issuing(Command::Expire).await?.try_into()?;
+            leases_ended
         } else {
             0
         };
@@ -580,8 +516,8 @@ impl AppState {
             return;
         }
         let command = Command::RecordTrust { fingerprints: ours };
-        match self.propose_at(self.stamper.stamp_lenient(), command).await {
-            Ok(Outcome::TrustRecorded { added, removed })
+        match answer::expect(self.propose_at(self.stamper.stamp_lenient(), command).await) {
+            Ok(answer::TrustRecorded { added, removed })
                 if !(added.is_empty() && removed.is_empty()) =>
             {
                 let (severity, message) = if recorded.is_empty() {
@@ -808,10 +744,6 @@ impl AppState {
             }
         }
     }
-}
-
-pub(crate) fn unexpected(outcome: Outcome) -> ApiError {
-    ApiError::Internal(format!("unexpected outcome {outcome:?}"))
 }
 
 impl AppState {

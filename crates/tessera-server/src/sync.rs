@@ -18,11 +18,11 @@ use tessera_core::sync::{
     ChainPoint, HistoryHeads, PointCheck, SERVER_CLONED, SERVER_ROLLED_BACK, SyncRequest,
     SyncRequestPayload, SyncResponse, TrustReport,
 };
-use tessera_core::{Command, Ledger, Outcome, Refusal, RenewalResult};
+use tessera_core::{Command, Ledger, Refusal, RenewalResult, answer};
 
 use crate::error::ApiError;
 use crate::events::{EventKind, Severity};
-use crate::state::{AppState, timestamp, unexpected};
+use crate::state::{AppState, timestamp};
 
 /// An online sync that takes longer than this is abandoned; the next attempt starts anew.
 const AUTHORITY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -50,16 +50,15 @@ impl AppState {
     pub async fn export_sync_request(&self) -> Result<SyncRequest, ApiError> {
         let nonce = self.ids.next_id();
         let at_ms = self.stamper.stamp_lenient();
-        let (sequence, nonce, last_response, pending_since) =
-            match self.propose_at(at_ms, Command::BeginSync { nonce }).await? {
-                Outcome::SyncBegun {
-                    sequence,
-                    nonce,
-                    last_response,
-                    pending_since,
-                } => (sequence, nonce, last_response, pending_since),
-                other => return Err(unexpected(other)),
-            };
+        let answer::SyncBegun {
+            sequence,
+            nonce,
+            last_response,
+            pending_since,
+        } = self
+            .propose_at(at_ms, Command::BeginSync { nonce })
+            .await?
+            .try_into()?;
         let server_id = self.config.server_id.clone().unwrap_or_default();
         let (keys, links, trust_changes, counters, relayed) = self.consensus.read(|ledger| {
             (
@@ -157,8 +156,12 @@ impl AppState {
         self.consensus
             .read(|ledger| ledger.verify_command(&command))
             .map_err(ApiError::Refused)?;
-        match self.propose_at(at_ms, command).await {
-            Ok(Outcome::Synced {
+        let synced = self
+            .propose_at(at_ms, command)
+            .await
+            .and_then(|outcome| Ok(answer::Synced::try_from(outcome)?));
+        match synced {
+            Ok(answer::Synced {
                 sequence,
                 imported,
                 revoked,
@@ -189,7 +192,6 @@ impl AppState {
                     certificate_valid_until: timestamp(certificate_valid_until_ms),
                 })
             }
-            Ok(other) => Err(unexpected(other)),
             Err(error) => {
                 self.notify_sync_failed(&error);
                 Err(error)
@@ -300,15 +302,14 @@ impl AppState {
             (None, None)
         };
         let at_ms = self.stamper.stamp_lenient();
-        let (renewed, leases_moved, leases_ended) =
-            match self.propose_at(at_ms, Command::RenewKeys).await? {
-                Outcome::KeysRenewed {
-                    renewed,
-                    leases_moved,
-                    leases_ended,
-                } => (renewed, leases_moved, leases_ended),
-                other => return Err(unexpected(other)),
-            };
+        let answer::KeysRenewed {
+            renewed,
+            leases_moved,
+            leases_ended,
+        } = self
+            .propose_at(at_ms, Command::RenewKeys)
+            .await?
+            .try_into()?;
         let mut renewals = Vec::new();
         for (key_id, result) in renewed {
             let report = match result {
@@ -401,28 +402,20 @@ impl AppState {
                 key_id: key_id.clone(),
                 neighbours,
             };
-            match self.propose_at(at_ms, command).await? {
-                Outcome::KeyAllocatedToNeighbours { .. } => {}
-                other => return Err(unexpected(other)),
-            }
+            answer::KeyAllocatedToNeighbours::try_from(self.propose_at(at_ms, command).await?)?;
         }
         if let Some(groups) = groups {
             let command = Command::AllocateKeyToGroups {
                 key_id: key_id.clone(),
                 groups,
             };
-            match self.propose_at(at_ms, command).await? {
-                Outcome::KeyAllocatedToGroups { .. } => {}
-                other => return Err(unexpected(other)),
-            }
+            answer::KeyAllocatedToGroups::try_from(self.propose_at(at_ms, command).await?)?;
         }
-        match self
-            .propose_at(at_ms, Command::AllocateKey { key_id, stations })
-            .await?
-        {
-            Outcome::KeyAllocated { .. } => Ok(()),
-            other => Err(unexpected(other)),
-        }
+        answer::KeyAllocated::try_from(
+            self.propose_at(at_ms, Command::AllocateKey { key_id, stations })
+                .await?,
+        )?;
+        Ok(())
     }
 
     pub async fn set_station_group(
@@ -431,13 +424,11 @@ impl AppState {
         stations: Vec<String>,
     ) -> Result<u32, ApiError> {
         let at_ms = self.stamper.stamp_lenient();
-        match self
+        let answer::StationGroupSet { stations, .. } = self
             .propose_at(at_ms, Command::SetStationGroup { group, stations })
             .await?
-        {
-            Outcome::StationGroupSet { stations, .. } => Ok(stations),
-            other => Err(unexpected(other)),
-        }
+            .try_into()?;
+        Ok(stations)
     }
 
     pub fn station_groups(&self) -> Vec<tessera_api::StationGroup> {

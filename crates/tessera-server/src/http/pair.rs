@@ -14,7 +14,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use serde::Deserialize;
-use tessera_core::{Command, Outcome};
+use tessera_core::Command;
 
 use crate::error::ApiError;
 use crate::extract::{Admin, ApiBytes, ApiJson, ApiPath};
@@ -167,13 +167,10 @@ const PAIRED_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 async fn set_split(state: &SharedState, backup_percent: Option<u8>) -> Result<(), ApiError> {
     let at_ms = state.stamper.stamp_lenient();
-    match state
-        .propose_at(at_ms, Command::SetPairSplit { backup_percent })
-        .await?
-    {
-        Outcome::PairSplitSet { .. } => Ok(()),
-        other => Err(ApiError::Internal(format!("unexpected outcome {other:?}"))),
-    }
+    let command = Command::SetPairSplit { backup_percent };
+    let _: tessera_core::answer::PairSplitSet =
+        tessera_core::answer::expect(state.propose_at(at_ms, command).await)?;
+    Ok(())
 }
 
 /// Undo the pair (only once no key is active): the other host leaves.

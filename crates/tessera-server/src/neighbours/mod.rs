@@ -28,7 +28,7 @@ use std::sync::Mutex;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tessera_core::{Command, Grant, Outcome, PublicKey, Refusal, UsageReport};
+use tessera_core::{Command, Grant, PublicKey, Refusal, UsageReport, answer};
 use tessera_engine::link::{self, LinkMemory, LinkTiming};
 
 pub use tessera_api::{
@@ -541,8 +541,8 @@ impl AppState {
                 Ok(()) => self.propose_issuing(command).await,
                 Err(refusal) => Err(ApiError::Refused(refusal)),
             };
-            match proposed {
-                Ok(Outcome::GrantAccepted {
+            match answer::expect(proposed) {
+                Ok(answer::GrantAccepted {
                     key_id,
                     licenses,
                     serial,
@@ -591,7 +591,6 @@ impl AppState {
                         );
                     }
                 }
-                Ok(_) => {}
                 Err(error) => {
                     let message = format!(
                         "grant of key {} from {} refused ({}): {error}",
@@ -654,16 +653,11 @@ impl AppState {
                 }
             }
             let at_ms = self.stamper.stamp_lenient();
-            match self
-                .propose_at(
-                    at_ms,
-                    Command::ReleaseGrant {
-                        key_id: pool.clone(),
-                    },
-                )
-                .await
-            {
-                Ok(Outcome::GrantReleased {
+            let command = Command::ReleaseGrant {
+                key_id: pool.clone(),
+            };
+            match answer::expect(self.propose_at(at_ms, command).await) {
+                Ok(answer::GrantReleased {
                     serial,
                     leases_ended,
                     stations_until_ms,
@@ -691,7 +685,6 @@ impl AppState {
                         serde_json::json!({"neighbour": donor.id, "key_id": pool, "serial": serial, "leases_ended": leases_ended}),
                     );
                 }
-                Ok(other) => tracing::warn!(?other, pool, "unexpected outcome of a release"),
                 // Still donated further (a receiver out of reach): it lapses by itself.
                 Err(error) => tracing::warn!(%error, pool, "cannot give the grant back yet"),
             }
@@ -769,8 +762,8 @@ impl AppState {
             };
             let (key_id, serial) = (key_id.clone(), *serial);
             let at_ms = self.stamper.stamp_lenient();
-            match self.propose_at(at_ms, command).await {
-                Ok(Outcome::GrantReturned { licenses_back, .. }) if licenses_back > 0 => {
+            match answer::expect(self.propose_at(at_ms, command).await) {
+                Ok(answer::GrantReturned { licenses_back, .. }) if licenses_back > 0 => {
                     self.notifier.emit(
                         at_ms,
                         EventKind::LicensesReturned,
@@ -1323,10 +1316,7 @@ impl AppState {
             until_ms,
             renewal_period_ms: self.config.licenses.donation_renewal_period.as_millis() as i64,
         };
-        let donation = match self.propose_issuing(command).await? {
-            Outcome::Donated { donation } => donation,
-            other => return Err(crate::state::unexpected(other)),
-        };
+        let answer::Donated { donation } = self.propose_issuing(command).await?.try_into()?;
         let now_ms = self.stamper.now_ms();
         self.history.admin_action(
             now_ms,
@@ -1365,10 +1355,8 @@ impl AppState {
             to: to.clone(),
         };
         let at_ms = self.stamper.stamp_lenient();
-        let donation = match self.propose_at(at_ms, command).await? {
-            Outcome::DonationEnded { donation } => donation,
-            other => return Err(crate::state::unexpected(other)),
-        };
+        let answer::DonationEnded { donation } =
+            self.propose_at(at_ms, command).await?.try_into()?;
         self.history.admin_action(
             at_ms,
             "admin",
