@@ -30,12 +30,13 @@ use crate::sync::{LinkSide, ServerCertificate, SyncError, SyncResponse};
 
 mod donation;
 mod invariants;
+pub use invariants::Violation;
 mod lease_order;
 mod pair;
 mod snapshot;
 mod views;
 
-pub use lease_order::{LeaseCursor, LeaseOrder, LeaseSort, SortedLeasePage};
+pub use lease_order::{BadCursor, LeaseCursor, LeaseOrder, LeaseSort, SortedLeasePage};
 
 pub use crate::records::{
     AloneLease, AloneState, Donation, LeaseView, Outstanding, RenewalResult, Share, UsageReport,

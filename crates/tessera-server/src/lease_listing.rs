@@ -61,9 +61,9 @@ impl AppState {
     ) -> Result<tessera_api::LeasePage, ApiError> {
         let page = self
             .read(|ledger| ledger.sorted_lease_page(filter, order, cursor, limit))
-            .map_err(|message| ApiError::BadRequest {
+            .map_err(|error| ApiError::BadRequest {
                 code: "invalid_query",
-                message,
+                message: error.to_string(),
             })?;
         let component = filter.component.filter(|c| !c.ends_with('*'));
         Ok(tessera_api::LeasePage {

@@ -291,7 +291,7 @@ async fn station_api(State(host): State<Arc<Host>>, Json(ask): Json<Ask>) -> Jso
             leases: ledger.leases().into_iter().map(|l| l.lease_id).collect(),
             log,
             applied: status.last_applied_index,
-            invariants: ledger.check_invariants(),
+            invariants: ledger.check_invariants().map_err(|violation| violation.0),
         });
         return Json(Answer::State(state));
     }

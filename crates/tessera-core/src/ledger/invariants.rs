@@ -2,23 +2,31 @@
 
 use super::*;
 
+/// An invariant the ledger broke, described (a bug: it stops a debug build and the
+/// simulation).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Violation(pub String);
+
 impl Ledger {
     /// Checks every invariant; returns the first violation found. Runs after every apply in
     /// debug builds (tests, simulation).
-    pub fn check_invariants(&self) -> Result<(), String> {
+    pub fn check_invariants(&self) -> Result<(), Violation> {
         let mut counted: HashMap<&str, u32> = HashMap::new();
         for (lease_id, lease) in &self.leases {
             if lease_id != &lease.id {
-                return Err(format!("lease {lease_id} stored under another id"));
+                return Err(Violation(format!(
+                    "lease {lease_id} stored under another id"
+                )));
             }
             let Some(record) = self.keys.get(&*lease.key_id) else {
-                return Err(format!(
+                return Err(Violation(format!(
                     "lease {lease_id} refers to missing key {}",
                     lease.key_id
-                ));
+                )));
             };
             if lease.expires_at_ms <= self.last_at_ms {
-                return Err(format!("lease {lease_id} outlived its expiry"));
+                return Err(Violation(format!("lease {lease_id} outlived its expiry")));
             }
             let until = match &record.received {
                 // Carried onto the pool of the renewal key while it is there (`lease_cap`).
@@ -33,43 +41,51 @@ impl Ledger {
                 None => self.carry_until_ms(record),
             };
             if lease.expires_at_ms > until {
-                return Err(format!("lease {lease_id} outlives its key"));
+                return Err(Violation(format!("lease {lease_id} outlives its key")));
             }
             if self.station_lease(&lease.station, &lease.key_id) != Some(lease_id) {
-                return Err(format!("lease {lease_id} missing from the station index"));
+                return Err(Violation(format!(
+                    "lease {lease_id} missing from the station index"
+                )));
             }
             if !self
                 .expiry
                 .contains(&(lease.expires_at_ms, lease_id.clone()))
             {
-                return Err(format!("lease {lease_id} missing from the expiry index"));
+                return Err(Violation(format!(
+                    "lease {lease_id} missing from the expiry index"
+                )));
             }
             *counted.entry(&*lease.key_id).or_default() += 1;
         }
         let indexed: usize = self.by_station.values().map(|held| held.len()).sum();
         if indexed != self.leases.len() || self.expiry.len() != self.leases.len() {
-            return Err("indexes hold entries for leases that do not exist".into());
+            return Err(Violation(
+                "indexes hold entries for leases that do not exist".into(),
+            ));
         }
         let mut donated: HashMap<&str, u32> = HashMap::new();
         for ((key_id, to), donation) in &self.donations {
             if !self.keys.contains_key(key_id) {
-                return Err(format!("donation of missing key {key_id} to {to}"));
+                return Err(Violation(format!(
+                    "donation of missing key {key_id} to {to}"
+                )));
             }
             *donated.entry(key_id.as_str()).or_default() += donation.counted();
         }
         for (key_id, record) in &self.keys {
             if donated.get(key_id.as_str()).copied().unwrap_or(0) != record.donated {
-                return Err(format!(
+                return Err(Violation(format!(
                     "key {key_id} counts {} donated, donations say otherwise",
                     record.donated
-                ));
+                )));
             }
             let in_use = counted.get(key_id.as_str()).copied().unwrap_or(0);
             if in_use != record.in_use {
-                return Err(format!(
+                return Err(Violation(format!(
                     "key {key_id} counts {} in use, leases say {in_use}",
                     record.in_use
-                ));
+                )));
             }
             let backup = self
                 .pair
@@ -82,27 +98,27 @@ impl Ledger {
                 })
                 .count() as u32;
             if backup != record.in_use_backup {
-                return Err(format!(
+                return Err(Violation(format!(
                     "key {key_id} counts {} leases of the backup share, tags say {backup}",
                     record.in_use_backup
-                ));
+                )));
             }
             let ended_early = self.ended_early.get(key_id).map_or(0, |e| e.len() as u32);
             if ended_early != record.ended_early {
-                return Err(format!(
+                return Err(Violation(format!(
                     "key {key_id} counts leases that ended early wrongly"
-                ));
+                )));
             }
             // Leases that ended early may exceed a pool that came back smaller: the donor
             // still counts the released grant they came from until they ran out. Nothing
             // else may be added then.
             let at = self.last_at_ms;
             if record.used() > record.licenses(at).max(ended_early) {
-                return Err(format!(
+                return Err(Violation(format!(
                     "key {key_id} over-issued: {in_use} leases, {ended_early} ended early and {} donated for {} licenses",
                     record.donated,
                     record.licenses(at)
-                ));
+                )));
             }
             // A pool that shrinks later: what still runs then fits in what is left then.
             if let Some(received) = &record.received {
@@ -124,10 +140,10 @@ impl Ledger {
                     let (renewal_room, renewal_counted) = self.renewal_pool_at(record, end);
                     let room = u64::from(received.capacity_at(end).max(ended_early)) + renewal_room;
                     if u64::from(running) + renewal_counted > room {
-                        return Err(format!(
+                        return Err(Violation(format!(
                             "pool {key_id} over-issued after {end}: {running} still running for {} licenses",
                             received.capacity_at(end)
-                        ));
+                        )));
                     }
                 }
             }

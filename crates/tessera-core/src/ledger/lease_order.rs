@@ -100,23 +100,21 @@ impl LeaseSort {
     }
 
     /// A cursor of this order, read back; `Err` says what is wrong with it.
-    fn parse_cursor(self, cursor: &str) -> Result<(Value<'_>, &str), String> {
+    fn parse_cursor(self, cursor: &str) -> Result<(Value<'_>, &str), BadCursor> {
         if self == LeaseSort::Id {
             return Ok((Value::None, cursor));
         }
         // Lease ids never contain `~`; a value may.
         let Some((value, id)) = cursor.rsplit_once('~') else {
-            return Err(format!(
-                "a cursor of sort={} is VALUE~LEASE_ID (the page's next or previous), not {cursor:?}",
-                self.name()
-            ));
+            return Err(BadCursor::NotOfThisOrder {
+                sort: self.name(),
+                cursor: cursor.to_string(),
+            });
         };
         let value = match self.value_kind() {
-            Kind::Time => Value::Time(value.parse().map_err(|_| {
-                format!(
-                    "the cursor's value must be a time in ms for sort={}, not {value:?}",
-                    self.name()
-                )
+            Kind::Time => Value::Time(value.parse().map_err(|_| BadCursor::NotATime {
+                sort: self.name(),
+                value: value.to_string(),
             })?),
             Kind::Text => Value::Text(value),
         };
@@ -129,6 +127,17 @@ impl LeaseSort {
             _ => Kind::Text,
         }
     }
+}
+
+/// A listing's cursor that is not one of its order (400 `invalid_query`).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BadCursor {
+    #[error(
+        "a cursor of sort={sort} is VALUE~LEASE_ID (the page's next or previous), not {cursor:?}"
+    )]
+    NotOfThisOrder { sort: &'static str, cursor: String },
+    #[error("the cursor's value must be a time in ms for sort={sort}, not {value:?}")]
+    NotATime { sort: &'static str, value: String },
 }
 
 enum Kind {
@@ -215,7 +224,7 @@ impl Ledger {
         order: LeaseOrder,
         cursor: Option<LeaseCursor<'_>>,
         limit: usize,
-    ) -> Result<SortedLeasePage, String> {
+    ) -> Result<SortedLeasePage, BadCursor> {
         let sort = order.sort;
         // The place of a lease in the listing's order: ascending `(value, id)`, or its
         // reverse.
