@@ -14,8 +14,8 @@ use axum::routing::get;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::http::SharedState;
 use crate::registry;
+use crate::state::SharedState;
 
 const COOKIE: &str = "tessera_authority";
 

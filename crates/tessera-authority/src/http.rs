@@ -1,8 +1,6 @@
 //! The HTTP API: routes, extractors and handlers. Handlers parse, then run one registry or
 //! sync operation on the database thread pool; the status mapping lives in [`crate::error`].
 
-use std::sync::{Arc, Mutex};
-
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
@@ -11,11 +9,10 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use rusqlite::Connection;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use tessera_core::LicenseKey;
 use tessera_core::sync::{SyncRequest, SyncResponse};
-use tessera_core::{Clock, LicenseKey, SecretKey};
 
 use crate::error::AuthorityError;
 use crate::ids::{constant_time_eq, normalize_server_id};
@@ -29,43 +26,7 @@ use crate::wire::{
 /// keys a server holds, a few KiB; anything near this is a mistake or an attack.
 pub const BODY_LIMIT_BYTES: usize = 64 * 1024;
 
-pub struct Shared {
-    /// One connection, used under the lock: the authority's load is a few syncs and admin
-    /// calls a minute, and one writer at a time is what SQLite does anyway.
-    pub database: Mutex<Connection>,
-    pub vendor: SecretKey,
-    pub vendor_pub_text: String,
-    pub admin_token: String,
-    pub clock: Arc<dyn Clock>,
-    /// Served over HTTPS: the console's cookie is `Secure`.
-    pub secure_cookies: bool,
-}
-
-pub type SharedState = Arc<Shared>;
-
-impl Shared {
-    /// Runs `operation` on the database off the async threads, at the clock reading taken
-    /// once the lock is held, so recorded times follow commit order.
-    pub(crate) async fn run<T, F>(self: &Arc<Self>, operation: F) -> Result<T, AuthorityError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Connection, &SecretKey, i64) -> Result<T, AuthorityError> + Send + 'static,
-    {
-        let shared = self.clone();
-        tokio::task::spawn_blocking(move || {
-            // A panic inside an operation drops its transaction, which rolls back, so the
-            // connection behind a poisoned lock is still consistent.
-            let mut database = shared
-                .database
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let now_ms = shared.clock.now_ms();
-            operation(&mut database, &shared.vendor, now_ms)
-        })
-        .await
-        .map_err(|e| AuthorityError::Internal(format!("database task failed: {e}")))?
-    }
-}
+pub use crate::state::{Shared, SharedState};
 
 pub fn router(state: SharedState) -> Router {
     Router::new()

@@ -9,6 +9,7 @@
 //! - [`registry`]: customers, server IDs, issuing, renewal keys, revocation, input bounds.
 //! - [`sync`]: the binding and replay rules and the signed sync response.
 //! - [`chain`]: the sync chain per server, its clone and rollback rules, the vendor's alerts.
+//! - [`state`]: the state the API and the console share (database, vendor key, clock).
 //! - [`http`]: routes, extractors (admin token, bounded JSON bodies), handlers.
 //! - [`wire`]: JSON bodies of the admin API, shared with the CLI.
 //! - [`error`]: the one error enum and its mapping to HTTP status and stable code.
@@ -27,6 +28,7 @@ pub mod ids;
 pub mod links;
 pub mod registry;
 pub mod service;
+pub mod state;
 pub mod store;
 pub mod sync;
 pub mod wire;

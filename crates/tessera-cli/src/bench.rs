@@ -31,21 +31,21 @@ const CYCLES_PER_CLIENT_MAX: usize = 10_000_000;
 pub struct BenchArgs {
     /// Concurrent clients (stations); one run per value.
     #[arg(long, value_delimiter = ',', default_value = "32,256")]
-    clients: Vec<usize>,
+    pub clients: Vec<usize>,
     /// Seconds per run.
     #[arg(long, default_value_t = 10)]
-    seconds: u64,
+    pub seconds: u64,
     /// Instead of throughput: hold this many active leases, report RSS and restart time.
     #[arg(long)]
-    leases: Option<usize>,
+    pub leases: Option<usize>,
     /// Run against a domain of this many `tessera server` processes (3 to 20) on loopback:
     /// cycles/s through the primary, then the failover gap after kill -9 of the primary.
     #[arg(long)]
-    domain: Option<usize>,
+    pub domain: Option<usize>,
     /// Run against a redundant pair of two `tessera server` processes: cycles/s, the
     /// failover gap after kill -9 of the primary, and the capacity the backup keeps alone.
     #[arg(long)]
-    pair: bool,
+    pub pair: bool,
 }
 
 pub(crate) struct RunResult {
@@ -88,15 +88,11 @@ impl RunResult {
     }
 }
 
+/// A single server's benchmark, or the ledger's in memory (`--leases`); `--pair` and
+/// `--domain` run `crate::domain`'s (chosen in `main`).
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(leases) = args.leases {
         return run_memory(leases).await;
-    }
-    if args.pair {
-        return crate::domain::bench_pair(&args.clients, args.seconds).await;
-    }
-    if let Some(hosts) = args.domain {
-        return crate::domain::bench(hosts, &args.clients, args.seconds).await;
     }
     if args.seconds == 0 || args.seconds > 600 {
         bail!("--seconds must be 1 to 600");

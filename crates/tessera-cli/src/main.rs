@@ -360,7 +360,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Neighbours { command, remote } => neighbours::run(command, &remote).await,
         Command::Domain { command, remote } => domain::run(command, &remote).await,
         Command::Pair { command, remote } => pair::run(command, &remote).await,
-        Command::Bench(args) => bench::run(args).await,
+        Command::Bench(args) => match (args.leases, args.pair, args.domain) {
+            (None, true, _) => domain::bench_pair(&args.clients, args.seconds).await,
+            (None, false, Some(hosts)) => domain::bench(hosts, &args.clients, args.seconds).await,
+            _ => bench::run(args).await,
+        },
         Command::Report { command, remote } => report::run_report(command, &remote).await,
         Command::Audit { command, remote } => report::run_audit(command, &remote).await,
         Command::Admin(command) => report::run_admin(command),

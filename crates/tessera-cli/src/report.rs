@@ -116,7 +116,7 @@ pub async fn run_audit(command: AuditCommand, remote: &Remote) -> anyhow::Result
     match command {
         AuditCommand::Verify { data, json } => {
             let verification = match data {
-                Some(dir) => tessera_server::audit::verify_data_dir(&dir)?,
+                Some(dir) => tessera_server::history::verify_data_dir(&dir)?,
                 None => serde_json::from_str(&admin_get(remote, "/v1/audit/verify").await?)?,
             };
             if json {
@@ -156,7 +156,7 @@ pub fn run_admin(command: AdminCommand) -> anyhow::Result<()> {
                 anyhow::bail!("no password on standard input");
             }
             let hash = tessera_server::console::hash_password(password)
-                .map_err(|message| anyhow::anyhow!("cannot hash: {message}"))?;
+                .map_err(|error| anyhow::anyhow!("cannot hash: {error}"))?;
             println!("{hash}");
             Ok(())
         }

@@ -100,7 +100,7 @@ pub fn init(dir: &Path) -> anyhow::Result<String> {
         );
     }
     let secret = SecretKey::from_seed(random_bytes()?);
-    write_private(&secret_path, &secret.to_file_text()).map_err(anyhow::Error::msg)?;
+    write_private(&secret_path, &secret.to_file_text())?;
     std::fs::write(dir.join(VENDOR_PUB), secret.public_key().to_file_text())?;
     Ok(secret.public_key().fingerprint())
 }

@@ -36,7 +36,8 @@ impl DataDir {
         } else {
             let seed = random_bytes().map_err(|e| fail(format!("no randomness: {e}")))?;
             let identity = SecretKey::from_seed(seed);
-            write_private(&identity_path, &identity.to_file_text()).map_err(&fail)?;
+            write_private(&identity_path, &identity.to_file_text())
+                .map_err(|e| fail(e.to_string()))?;
             std::fs::write(path.join(PUBLIC_FILE), identity.public_key().to_file_text())
                 .map_err(|e| fail(format!("cannot write {PUBLIC_FILE}: {e}")))?;
             identity
@@ -50,7 +51,7 @@ impl DataDir {
         } else {
             let token =
                 hex::encode(random_bytes().map_err(|e| fail(format!("no randomness: {e}")))?);
-            write_private(&token_path, &format!("{token}\n")).map_err(&fail)?;
+            write_private(&token_path, &format!("{token}\n")).map_err(|e| fail(e.to_string()))?;
             token
         };
         if admin_token.len() < 16 {
@@ -66,15 +67,32 @@ impl DataDir {
     }
 }
 
+/// A private file that could not be written.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {action} {}: {source}", path.display())]
+pub struct WriteError {
+    /// `create` or `write`.
+    pub action: &'static str,
+    pub path: std::path::PathBuf,
+    pub source: std::io::Error,
+}
+
 /// Writes a file readable by the owner only, and syncs it before returning.
-pub fn write_private(path: &Path, contents: &str) -> Result<(), String> {
+pub fn write_private(path: &Path, contents: &str) -> Result<(), WriteError> {
+    let fail = |action: &'static str| {
+        move |source| WriteError {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        .map_err(fail("create"))?;
     file.write_all(contents.as_bytes())
         .and_then(|()| file.sync_all())
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+        .map_err(fail("write"))
 }

@@ -219,7 +219,7 @@ pub fn examine(config: &ServerConfig, now_ms: i64) -> Result<Report, DoctorError
             remedy: "the alone journal of a pair host was changed after it was written: this host does not serve alone until the pair has merged; start both hosts so the pair merges (the leases that journal held are lost: their stations check out again)".into(),
         }),
     }
-    match crate::audit::verify_data_dir(data) {
+    match crate::history::verify_data_dir(data) {
         Ok(verification) => {
             report.audit_records = verification.records;
             if !verification.ok {

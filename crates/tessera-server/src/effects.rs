@@ -9,37 +9,11 @@
 //! a denial, and the denial records the request's user and host as the station sent them),
 //! and the leases a key's removal ends (read before the removal, which deletes them).
 
+use tessera_core::Outcome;
 use tessera_core::ledger::Applied;
-use tessera_core::{Command, Outcome};
 
 use crate::events::{EventKind, Severity};
-use crate::state::AppState;
-
-/// What of a command its effects need, taken before the command goes to the log (so the
-/// command itself is not copied).
-pub(crate) enum Cause {
-    Checkout { component: String },
-    Heartbeat,
-    Checkin,
-    ForceRelease,
-    ImportKey,
-    Other,
-}
-
-impl Cause {
-    pub(crate) fn of(command: &Command) -> Cause {
-        match command {
-            Command::Checkout { component, .. } => Cause::Checkout {
-                component: component.clone(),
-            },
-            Command::Heartbeat { .. } => Cause::Heartbeat,
-            Command::Checkin { .. } => Cause::Checkin,
-            Command::ForceRelease { .. } => Cause::ForceRelease,
-            Command::ImportKey { .. } => Cause::ImportKey,
-            _ => Cause::Other,
-        }
-    }
-}
+use crate::state::{AppState, Cause};
 
 impl AppState {
     /// Records what `applied` did, at the time `at_ms` of the entry `cause` was taken from.

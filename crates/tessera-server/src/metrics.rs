@@ -282,11 +282,11 @@ impl Metrics {
     /// Sets the pair status gauge (one label at 1, the others seen before at 0).
     pub fn set_pair_status(&self, status: &str) {
         for name in [
-            crate::pair::PAIRED_AND_AVAILABLE,
-            crate::pair::BACKUP_NOT_AVAILABLE,
-            crate::pair::PRIMARY_NOT_AVAILABLE,
-            crate::pair::PAIR_NOT_SYNCED,
-            crate::pair::RECOVERING,
+            tessera_engine::pair::PAIRED_AND_AVAILABLE,
+            tessera_engine::pair::BACKUP_NOT_AVAILABLE,
+            tessera_engine::pair::PRIMARY_NOT_AVAILABLE,
+            tessera_engine::pair::PAIR_NOT_SYNCED,
+            tessera_engine::pair::RECOVERING,
         ] {
             self.pair_status
                 .get_or_create(&PairStatusLabel {

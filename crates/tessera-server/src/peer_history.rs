@@ -90,7 +90,8 @@ pub async fn pull_from(
         let copied =
             tokio::task::spawn_blocking(move || history_state.history.copied_up_to()).await??;
         let request = serde_json::json!(HistoryRequest { copied });
-        let answer: HistoryAnswer = crate::pair::call(state, addr, "history", &request).await?;
+        let answer: HistoryAnswer =
+            crate::pair::runtime::call(state, addr, "history", &request).await?;
         if answer.instance == state.history.instance() {
             return Err(PeerHistoryError::OwnHistory {
                 host,

@@ -58,7 +58,7 @@ impl RunningServer {
     pub async fn shutdown(self) {
         if let Some(pair) = self.pair {
             pair.abort();
-            crate::pair::announce_stop(&self.state).await;
+            crate::pair::runtime::announce_stop(&self.state).await;
         }
         let _ = self.shutdown.send(true);
         if let Some(timers) = self.timers {
@@ -345,7 +345,7 @@ pub async fn start(
         let (pair_state, history_state) = (state.clone(), state.clone());
         tokio::spawn(async move {
             tokio::join!(
-                crate::pair::run(pair_state),
+                crate::pair::runtime::run(pair_state),
                 crate::peer_history::run(history_state)
             );
         })

@@ -76,7 +76,7 @@ pub struct AppState {
     /// The sync-deadline warnings raised (each threshold once per certificate).
     pub deadline_notices: std::sync::Mutex<tessera_engine::schedule::DeadlineNotices>,
     /// What the primary's alerts already said (key ends, hosts, denials).
-    pub alerts: crate::alerts::Alerts,
+    pub alerts: crate::alerts::said::Alerts,
     /// Tags of the pair RPCs received lately (time, tag): a replay is refused.
     pub seen_pair_tags: std::sync::Mutex<std::collections::VecDeque<(i64, String)>>,
     /// When a clock set back was last reported, so a stuck clock does not flood the channels.
@@ -90,9 +90,9 @@ pub struct AppState {
     /// Usage history and audit chain (`DATA/usage.sqlite3`), written in the background.
     pub history: crate::history::History,
     /// The state of the links to neighbour servers.
-    pub links: crate::neighbours::Links,
+    pub links: crate::neighbours::links::Links,
     /// What each neighbour serves, for redirecting checkouts (see `neighbours::redirect`).
-    pub served: crate::neighbours::redirect::ServedCache,
+    pub served: crate::neighbours::served::ServedCache,
     /// HTTP client for neighbour servers (no proxy: they are on the site's network).
     pub http: reqwest::Client,
     /// HTTP client for the other hosts of the domain or pair (forwarded writes, pair RPCs,
@@ -285,7 +285,7 @@ impl AppState {
         at_ms: i64,
         command: Command,
     ) -> Result<Outcome, ApiError> {
-        let cause = crate::effects::Cause::of(&command);
+        let cause = Cause::of(&command);
         let entry = Stamped { at_ms, command };
         let applied = match self.pair.route(self.consensus.pair_link()) {
             crate::pair::Route::Consensus { disturbed } => {
@@ -886,4 +886,30 @@ pub fn component_totals(ledger: &Ledger, now_ms: i64) -> BTreeMap<String, Compon
         }
     }
     components
+}
+
+/// What of a command its effects need, taken before the command goes to the log (so the
+/// command itself is not copied); `effects.rs` records them.
+pub(crate) enum Cause {
+    Checkout { component: String },
+    Heartbeat,
+    Checkin,
+    ForceRelease,
+    ImportKey,
+    Other,
+}
+
+impl Cause {
+    pub(crate) fn of(command: &Command) -> Cause {
+        match command {
+            Command::Checkout { component, .. } => Cause::Checkout {
+                component: component.clone(),
+            },
+            Command::Heartbeat { .. } => Cause::Heartbeat,
+            Command::Checkin { .. } => Cause::Checkin,
+            Command::ForceRelease { .. } => Cause::ForceRelease,
+            Command::ImportKey { .. } => Cause::ImportKey,
+            _ => Cause::Other,
+        }
+    }
 }

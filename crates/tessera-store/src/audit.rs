@@ -8,12 +8,8 @@
 //! [`verify`] names the first broken one. Cutting records off the end leaves a valid, shorter
 //! chain: keep the head hash printed by `tessera audit verify` somewhere else to detect that.
 
-use std::path::Path;
-
-use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use rusqlite::{Connection, OptionalExtension};
 use sha2::{Digest, Sha256};
-
-use crate::history::HistoryError;
 
 pub fn genesis() -> String {
     "0".repeat(64)
@@ -197,19 +193,4 @@ fn verify_after(connection: &Connection, seq: i64, prev: String) -> rusqlite::Re
         reason: None,
         countersigned: None,
     })
-}
-
-/// Checks the chain in a data directory's `usage.sqlite3`, read-only (offline use).
-pub fn verify_data_dir(data_dir: &Path) -> Result<Verification, HistoryError> {
-    let path = data_dir.join(crate::history::FILE);
-    let fail = |message: String| HistoryError {
-        path: path.display().to_string(),
-        message,
-    };
-    if !path.exists() {
-        return Err(fail("does not exist".into()));
-    }
-    let connection = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .map_err(|e| fail(e.to_string()))?;
-    verify(&connection).map_err(|e| fail(e.to_string()))
 }

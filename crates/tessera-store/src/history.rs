@@ -1280,6 +1280,21 @@ pub fn audit_len(connection: &Connection) -> rusqlite::Result<i64> {
         .map(|count| count.unwrap_or(0))
 }
 
+/// Checks the chain in a data directory's `usage.sqlite3`, read-only (offline use).
+pub fn verify_data_dir(data_dir: &Path) -> Result<audit::Verification, HistoryError> {
+    let path = data_dir.join(FILE);
+    let fail = |message: String| HistoryError {
+        path: path.display().to_string(),
+        message,
+    };
+    if !path.exists() {
+        return Err(fail("does not exist".into()));
+    }
+    let connection = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| fail(e.to_string()))?;
+    audit::verify(&connection).map_err(|e| fail(e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

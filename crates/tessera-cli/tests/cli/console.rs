@@ -149,7 +149,7 @@ fn reports_audit_and_password_hash_through_the_cli() {
 
 /// Changes the `actor` of record 2 behind the server's back; returns 2.
 fn tamper(data: &Path) -> i64 {
-    let verification = tessera_server::audit::verify_data_dir(data).unwrap();
+    let verification = tessera_server::history::verify_data_dir(data).unwrap();
     assert!(verification.ok && verification.records >= 2);
     let connection = rusqlite::Connection::open(data.join("usage.sqlite3")).unwrap();
     let changed = connection

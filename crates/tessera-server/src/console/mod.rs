@@ -1029,7 +1029,9 @@ async fn leases_table(
 }
 
 /// A console upload form's fields: its CSRF token and the file (if one was sent).
-async fn read_upload(multipart: &mut Multipart) -> Result<(String, Option<Bytes>), String> {
+async fn read_upload(
+    multipart: &mut Multipart,
+) -> Result<(String, Option<Bytes>), axum::extract::multipart::MultipartError> {
     let mut csrf = String::new();
     let mut file: Option<Bytes> = None;
     loop {
@@ -1046,7 +1048,7 @@ async fn read_upload(multipart: &mut Multipart) -> Result<(String, Option<Bytes>
                 }
             }
             Ok(None) => break,
-            Err(error) => return Err(format!("upload: {error}")),
+            Err(error) => return Err(error),
         }
     }
     Ok((csrf, file))
@@ -1060,7 +1062,9 @@ async fn upload_key(
 ) -> Response {
     let (csrf, file) = match read_upload(&mut multipart).await {
         Ok(upload) => upload,
-        Err(error) => return keys_page_with(&state, &user, None, Some(error)),
+        Err(error) => {
+            return keys_page_with(&state, &user, None, Some(format!("upload: {error}")));
+        }
     };
     if let Err(response) = user.check_csrf(&csrf) {
         return response;
@@ -1508,7 +1512,9 @@ async fn sync_response(
 ) -> Response {
     let (csrf, file) = match read_upload(&mut multipart).await {
         Ok(upload) => upload,
-        Err(error) => return sync_page_with(&state, &user, None, Some(error)),
+        Err(error) => {
+            return sync_page_with(&state, &user, None, Some(format!("upload: {error}")));
+        }
     };
     if let Err(response) = user.check_csrf(&csrf) {
         return response;

@@ -69,14 +69,23 @@ pub fn token_matches(presented: &str, token: &str) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Why a password could not be hashed.
+#[derive(Debug, thiserror::Error)]
+pub enum HashError {
+    #[error("no randomness for the salt: {0}")]
+    Randomness(#[from] std::io::Error),
+    #[error("{0}")]
+    Argon2(argon2::password_hash::Error),
+}
+
 /// An argon2id PHC string for `password` (`tessera admin hash-password`).
-pub fn hash_password(password: &str) -> Result<String, String> {
-    let bytes = crate::ids::random_bytes().map_err(|e| e.to_string())?;
-    let salt = SaltString::encode_b64(&bytes[..16]).map_err(|e| e.to_string())?;
+pub fn hash_password(password: &str) -> Result<String, HashError> {
+    let bytes = crate::ids::random_bytes()?;
+    let salt = SaltString::encode_b64(&bytes[..16]).map_err(HashError::Argon2)?;
     Argon2::default()
         .hash_password(password.as_bytes(), &salt)
         .map(|hash| hash.to_string())
-        .map_err(|e| e.to_string())
+        .map_err(HashError::Argon2)
 }
 
 pub fn verify_password(password: &str, phc: &str) -> bool {

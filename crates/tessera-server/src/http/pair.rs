@@ -96,7 +96,7 @@ pub async fn enable(
             ),
         ));
     }
-    let candidate: Candidate = crate::pair::call(
+    let candidate: Candidate = crate::pair::runtime::call(
         &state,
         &request.backup,
         "candidate",

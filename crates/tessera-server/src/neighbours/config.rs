@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use tessera_core::PublicKey;
 
-use crate::config::parse_duration;
+use crate::config::duration::parse_duration;
 use crate::error::StartError;
 
 /// `[[neighbour]]` as written in the file.

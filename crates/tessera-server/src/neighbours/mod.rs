@@ -20,16 +20,18 @@
 //! When a receiver stops asking (switched off, cut off), its grants run out after at most one
 //! renewal period and the donor's ledger takes the licenses back by itself.
 
+pub mod links;
+pub mod served;
+pub use links::{LinkState, Links};
 pub mod config;
 pub mod redirect;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tessera_core::{Command, Grant, PublicKey, Refusal, UsageReport, answer};
-use tessera_engine::link::{self, LinkMemory, LinkTiming};
+use tessera_engine::link::{self, LinkTiming};
 
 pub use tessera_api::{
     DonorSettings, HeldGrant as Held, NeighbourEnvelope as Envelope, ReturnedGrant as Returned,
@@ -124,43 +126,6 @@ pub struct RenewAnswer {
     /// As in [`GrantsPush`]: give back the grants of ended donations.
     #[serde(default)]
     pub returned_request: bool,
-}
-
-/// What this host knows about the link to one neighbour (not replicated: a new primary
-/// starts afresh and contacts every neighbour at once): the protocol's memory
-/// ([`LinkMemory`], whose rules are `tessera_engine::link`) and what the console shows.
-#[derive(Clone, Debug, Default)]
-pub struct LinkState {
-    pub memory: LinkMemory,
-    pub last_contact_ms: Option<i64>,
-    pub last_error: Option<String>,
-    pub donor_settings: Option<DonorSettings>,
-    /// The last mismatch reported, so the same one is not notified every sync period.
-    pub last_mismatch: Option<String>,
-}
-
-/// Per-neighbour link states.
-#[derive(Debug, Default)]
-pub struct Links {
-    states: Mutex<BTreeMap<String, LinkState>>,
-    /// The last refusal of an incoming message notified: (when, what).
-    last_refusal: Mutex<Option<(i64, String)>>,
-}
-
-impl Links {
-    pub fn get(&self, id: &str) -> LinkState {
-        self.states
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .cloned()
-            .unwrap_or_default()
-    }
-
-    fn update(&self, id: &str, change: impl FnOnce(&mut LinkState)) {
-        let mut links = self.states.lock().unwrap_or_else(|e| e.into_inner());
-        change(links.entry(id.to_string()).or_default());
-    }
 }
 
 fn refused(code: &'static str, message: String) -> ApiError {

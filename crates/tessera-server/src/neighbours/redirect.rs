@@ -6,8 +6,8 @@
 //!   licenses and how many are free. Any configured neighbour may ask, whatever the relation:
 //!   the answer gives counts only, no station or lease.
 //! - **When**: only when a checkout finds no key covering the component here. The answers are
-//!   kept for [`SERVED_FRESH_MS`]; that a neighbour could not be asked, for
-//!   [`SERVED_RETRY_MS`] (a switched-off neighbour costs one attempt every few seconds, not
+//!   kept for [`SERVED_FRESH_MS`](super::served::SERVED_FRESH_MS); that a neighbour could not be asked, for
+//!   [`SERVED_RETRY_MS`](super::served::SERVED_RETRY_MS) (a switched-off neighbour costs one attempt every few seconds, not
 //!   one per checkout, and a neighbour that was slow once is asked again soon). Each ask is
 //!   bounded by [`SERVED_TIMEOUT_MS`].
 //! - **Which**: among the neighbours serving the component, the first in configuration order
@@ -17,20 +17,14 @@
 //!   so marked never redirects it again, so two servers that each believe the other serves a
 //!   component cannot bounce a station between them.
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
-
 use serde::{Deserialize, Serialize};
 
 use super::Envelope;
 use super::config::Neighbour;
+use super::served::ServedComponent;
 use crate::error::ApiError;
 use crate::state::{AppState, component_totals};
 
-/// How long what a neighbour serves (or that it could not be asked) is trusted.
-pub const SERVED_FRESH_MS: i64 = 60_000;
-/// How long that a neighbour could not be asked is trusted.
-pub const SERVED_RETRY_MS: i64 = 10_000;
 /// How long one ask may take before the neighbour counts as unreachable.
 pub const SERVED_TIMEOUT_MS: u64 = 2_000;
 
@@ -42,49 +36,6 @@ pub struct ComponentsRequest {}
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ServedAnswer {
     pub components: Vec<ServedComponent>,
-}
-
-/// One component a server serves from its active keys (received pools included).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ServedComponent {
-    pub component: String,
-    /// Its licenses, without those donated on.
-    pub licenses: u32,
-    pub free: u32,
-}
-
-/// When a neighbour was asked, and what it answered (`None`: it could not be asked).
-type Asked = (i64, Option<Vec<ServedComponent>>);
-
-/// Per neighbour, when it was last asked and what it answered. Not replicated: each host
-/// asks for itself.
-#[derive(Debug, Default)]
-pub struct ServedCache {
-    answers: Mutex<BTreeMap<String, Asked>>,
-}
-
-impl ServedCache {
-    fn fresh(&self, id: &str, now_ms: i64) -> Option<Option<Vec<ServedComponent>>> {
-        let answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
-        answers
-            .get(id)
-            .filter(|(at, served)| {
-                let kept = if served.is_some() {
-                    SERVED_FRESH_MS
-                } else {
-                    SERVED_RETRY_MS
-                };
-                now_ms.saturating_sub(*at) < kept && *at <= now_ms
-            })
-            .map(|(_, served)| served.clone())
-    }
-
-    fn store(&self, id: &str, now_ms: i64, served: Option<Vec<ServedComponent>>) {
-        self.answers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.to_string(), (now_ms, served));
-    }
 }
 
 /// Where a station is sent: the neighbour and the URL to repeat the checkout at.
@@ -207,25 +158,5 @@ mod tests {
     fn a_server_id_is_encoded_into_the_query() {
         assert_eq!(url_component("hq-1.a_b~"), "hq-1.a_b~");
         assert_eq!(url_component("a b&c=d"), "a%20b%26c%3Dd");
-    }
-
-    #[test]
-    fn kept_answers_expire_after_a_minute_and_never_come_from_the_future() {
-        let cache = ServedCache::default();
-        cache.store("hq", 1_000, Some(vec![]));
-        assert_eq!(
-            cache.fresh("hq", 1_000 + SERVED_FRESH_MS - 1),
-            Some(Some(vec![]))
-        );
-        assert_eq!(cache.fresh("hq", 1_000 + SERVED_FRESH_MS), None);
-        assert_eq!(cache.fresh("hq", 999), None, "clock set back: ask again");
-        assert_eq!(cache.fresh("branch", 1_000), None);
-        // Unreachable: asked again sooner.
-        cache.store("branch", 1_000, None);
-        assert_eq!(
-            cache.fresh("branch", 1_000 + SERVED_RETRY_MS - 1),
-            Some(None)
-        );
-        assert_eq!(cache.fresh("branch", 1_000 + SERVED_RETRY_MS), None);
     }
 }

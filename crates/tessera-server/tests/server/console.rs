@@ -407,7 +407,7 @@ async fn the_audit_chain_names_the_first_tampered_record() {
     let verification: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(verification["ok"], false, "{body}");
     assert_eq!(verification["broken_seq"], 3, "{body}");
-    let offline = tessera_server::audit::verify_data_dir(&f.dir.path().join("data")).unwrap();
+    let offline = tessera_server::history::verify_data_dir(&f.dir.path().join("data")).unwrap();
     assert!(!offline.ok);
     assert_eq!(offline.broken_seq, Some(3));
 
@@ -415,7 +415,7 @@ async fn the_audit_chain_names_the_first_tampered_record() {
     connection
         .execute("DELETE FROM audit_log WHERE seq = 2", [])
         .unwrap();
-    let offline = tessera_server::audit::verify_data_dir(&f.dir.path().join("data")).unwrap();
+    let offline = tessera_server::history::verify_data_dir(&f.dir.path().join("data")).unwrap();
     assert_eq!(offline.broken_seq, Some(3));
     let (cookie, _) = login(&f).await;
     let (_, html) = page(&f, &cookie, "/events").await;

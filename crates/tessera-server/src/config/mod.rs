@@ -7,6 +7,9 @@ use serde::Deserialize;
 
 use crate::error::StartError;
 
+pub mod duration;
+pub use duration::parse_duration;
+
 /// The configuration file's shape. Every field is optional; defaults are in [`ServerConfig`].
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -407,12 +410,6 @@ impl ServerConfig {
     pub fn heartbeat_interval_s(&self) -> u64 {
         (self.lease_ttl.as_secs() / 3).max(1)
     }
-}
-
-pub fn parse_duration(name: &str, text: &str) -> Result<Duration, StartError> {
-    humantime::parse_duration(text).map_err(|error| StartError::Config {
-        message: format!("{name} = {text:?} is not a duration like \"30s\" or \"2m\": {error}"),
-    })
 }
 
 #[cfg(test)]

@@ -4,12 +4,12 @@
 //! ([`crate::events::Notifier`]) once per occurrence, not on every tick. The primary raises
 //! them (its timer), as it raises the others.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::events::{EventKind, Severity};
+
+pub mod said;
 use crate::state::{AppState, timestamp};
 
 /// Days before a key's end at which `key_expiring` goes out.
@@ -24,20 +24,6 @@ pub const DENIAL_SPIKE_NOTICE_MS: i64 = 10 * 60_000;
 /// A host of the domain unhealthy this long (real time, as Raft's own timers) is reported
 /// lost; a shorter gap (an election, a restart) is not.
 pub const HOST_LOST_AFTER: Duration = Duration::from_secs(3);
-
-#[derive(Default)]
-pub struct Alerts {
-    /// key id → (its end, the smallest threshold already said; 0: expired said).
-    keys: Mutex<HashMap<String, (i64, i64)>>,
-    /// component → when `component_exhausted` was last said.
-    exhausted: Mutex<HashMap<String, i64>>,
-    /// Times of the recent denials, and when a spike was last said.
-    denials: Mutex<(VecDeque<i64>, Option<i64>)>,
-    /// host → (unhealthy since, reported lost).
-    hosts: Mutex<BTreeMap<u64, (Option<Instant>, bool)>>,
-    /// This host was the primary at its last tick.
-    was_primary: AtomicBool,
-}
 
 impl AppState {
     /// The primary's periodic look: key ends, domain hosts, a new primary.
