@@ -36,6 +36,37 @@ pub fn sync_due(now_ms: i64, ledger: &Ledger, period_ms: Option<i64>) -> bool {
             .is_none_or(|last_ms| now_ms - last_ms >= period_ms)
 }
 
+/// A failed scheduled update (online sync and key renewal) is tried again after this long,
+/// not on every tick.
+pub const UPDATE_RETRY_MS: i64 = 15 * 60 * 1000;
+
+/// The scheduled key update ("check for updates" on a daily or weekly schedule): due when
+/// [`sync_due`] says so and the last attempt is [`UPDATE_RETRY_MS`] old. Only the primary
+/// runs it (backups would each call the authority); a new primary starts afresh.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UpdateSchedule {
+    next_attempt_ms: i64,
+}
+
+impl Default for UpdateSchedule {
+    fn default() -> UpdateSchedule {
+        UpdateSchedule {
+            next_attempt_ms: i64::MIN,
+        }
+    }
+}
+
+impl UpdateSchedule {
+    /// Whether to run the update now; `true` also counts as the attempt.
+    pub fn on_tick(&mut self, now_ms: i64, ledger: &Ledger, period_ms: Option<i64>) -> bool {
+        if now_ms < self.next_attempt_ms || !sync_due(now_ms, ledger, period_ms) {
+            return false;
+        }
+        self.next_attempt_ms = now_ms.saturating_add(UPDATE_RETRY_MS);
+        true
+    }
+}
+
 /// A `sync_deadline_near` warning that is due.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeadlineNotice {
@@ -125,5 +156,19 @@ mod tests {
     fn without_a_certificate_no_deadline_warning() {
         let ledger = Ledger::new(LedgerConfig::default());
         assert_eq!(DeadlineNotices::default().on_tick(0, &ledger), None);
+    }
+
+    #[test]
+    fn the_scheduled_update_is_tried_again_only_after_its_retry_time() {
+        let ledger = Ledger::new(LedgerConfig::default());
+        let day = 86_400_000;
+        let mut schedule = UpdateSchedule::default();
+        assert!(
+            !schedule.on_tick(0, &ledger, None),
+            "no schedule configured"
+        );
+        assert!(schedule.on_tick(0, &ledger, Some(day)), "never synced: due");
+        assert!(!schedule.on_tick(UPDATE_RETRY_MS - 1, &ledger, Some(day)));
+        assert!(schedule.on_tick(UPDATE_RETRY_MS, &ledger, Some(day)));
     }
 }

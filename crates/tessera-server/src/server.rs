@@ -269,7 +269,7 @@ pub async fn start(
         alerts: Default::default(),
         seen_pair_tags: Default::default(),
         last_clock_event_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
-        next_sync_attempt_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
+        update_schedule: Default::default(),
         online_sync: tokio::sync::Mutex::new(()),
         config,
         consensus: consensus.clone(),

@@ -81,9 +81,9 @@ pub struct AppState {
     pub seen_pair_tags: std::sync::Mutex<std::collections::VecDeque<(i64, String)>>,
     /// When a clock set back was last reported, so a stuck clock does not flood the channels.
     pub last_clock_event_ms: std::sync::atomic::AtomicI64,
-    /// The scheduled sync does not run before this time (set after each attempt, so a failed
-    /// attempt is retried after `SYNC_RETRY_MS`, not on every tick).
-    pub next_sync_attempt_ms: std::sync::atomic::AtomicI64,
+    /// The scheduled key update (`tessera_engine::schedule::UpdateSchedule`: when it is due,
+    /// and a failed attempt retried after its retry time, not on every tick).
+    pub update_schedule: std::sync::Mutex<tessera_engine::schedule::UpdateSchedule>,
     /// Held through an online sync: a scheduled sync and an administrator's one at the same
     /// time would each begin a request, and only the newest is answerable.
     pub online_sync: tokio::sync::Mutex<()>,

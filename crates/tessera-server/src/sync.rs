@@ -26,9 +26,6 @@ use crate::state::{AppState, timestamp};
 
 /// An online sync that takes longer than this is abandoned; the next attempt starts anew.
 const AUTHORITY_TIMEOUT: Duration = Duration::from_secs(30);
-/// A failed scheduled sync is retried after this long.
-pub const SYNC_RETRY_MS: i64 = 15 * 60 * 1000;
-
 /// What the neighbours this server donates to stated of their own ledgers in their last
 /// usage reports, for the vendor.
 fn relayed_heads(ledger: &tessera_core::Ledger) -> Vec<tessera_core::sync::RelayedHeads> {
@@ -448,16 +445,22 @@ impl AppState {
     /// it, sync online and renew keys, as "check for updates" does. Only the primary runs it
     /// (in a domain, backups would each call the authority). `None`: nothing was due.
     pub async fn run_scheduled_update(&self) -> Option<Result<KeyUpdateReport, ApiError>> {
-        use std::sync::atomic::Ordering;
         let now_ms = self.stamper.now_ms();
-        if !self.consensus.is_primary()
-            || now_ms < self.next_sync_attempt_ms.load(Ordering::SeqCst)
-            || !self.sync_due(now_ms)
-        {
+        if self.config.authority.is_none() || !self.consensus.is_primary() {
             return None;
         }
-        self.next_sync_attempt_ms
-            .store(now_ms + SYNC_RETRY_MS, Ordering::SeqCst);
+        let period_ms = self.config.sync_schedule().period_ms();
+        let due = {
+            let mut schedule = self
+                .update_schedule
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            self.consensus
+                .read(|ledger| schedule.on_tick(now_ms, ledger, period_ms))
+        };
+        if !due {
+            return None;
+        }
         Some(self.update_keys().await)
     }
 
