@@ -98,7 +98,50 @@ pub fn grant_points(ledger: &Ledger, donor: &str) -> Vec<GrantPoint> {
         .collect()
 }
 
+/// What a link's tick calls for (see [`LinkMemory::on_tick`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkAction {
+    /// Donor side: send the grants (license synchronization).
+    Push,
+    /// Receiver side: ask the donor to renew (with what was given back, and a usage report
+    /// when [`LinkMemory::usage_due`]).
+    RequestRenewal,
+}
+
+/// The roles this server plays on a link: it sends (donor), receives, or both (peers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Roles {
+    pub send: bool,
+    pub receive: bool,
+}
+
 impl LinkMemory {
+    /// One tick of a link: what is due now, in order. Nothing while a failed attempt is
+    /// recent ([`LinkMemory::resting`]); as donor the push ([`LinkMemory::push_due`]); as
+    /// receiver the renewal request ([`LinkMemory::renewal_due`], on `grants`, the renewal
+    /// points of what this server holds from the donor). The runtime carries the actions out
+    /// and reports back (`on_renewed`, `on_released`, `acknowledge`).
+    pub fn on_tick(
+        &self,
+        now_ms: i64,
+        timing: &LinkTiming,
+        connection: Connection,
+        roles: Roles,
+        grants: impl IntoIterator<Item = GrantPoint>,
+    ) -> Vec<LinkAction> {
+        let mut actions = Vec::new();
+        if self.resting(now_ms, timing) {
+            return actions;
+        }
+        if roles.send && self.push_due(now_ms, timing, connection) {
+            actions.push(LinkAction::Push);
+        }
+        if roles.receive && self.renewal_due(now_ms, timing, connection, grants) {
+            actions.push(LinkAction::RequestRenewal);
+        }
+        actions
+    }
+
     /// Whether a failed attempt is recent enough to leave the link alone for now.
     pub fn resting(&self, now_ms: i64, timing: &LinkTiming) -> bool {
         self.last_failure_ms

@@ -12,7 +12,7 @@ use tessera_core::{
 };
 
 use tessera_engine::link::{
-    self, Connection, Held, LinkMemory, LinkTiming, Returned, vendor_key_id,
+    self, Connection, Held, LinkAction, LinkMemory, LinkTiming, Returned, Roles, vendor_key_id,
 };
 
 use crate::rng::Rng;
@@ -1112,11 +1112,21 @@ impl World {
         if tessera_engine::schedule::expire_due(local, &self.servers[i].ledger) {
             self.apply(i, Command::Expire);
         }
-        let timing = self.link_timing();
+        // Each link's tick, as the server runs it (`LinkMemory::on_tick`), one role at a
+        // time: the simulated servers send to and receive from different sets.
+        let send = Roles {
+            send: true,
+            receive: false,
+        };
         for r in self.servers[i].sends_to.clone() {
-            let connection = self.connection(i, r);
-            let link = self.servers[i].links.entry(r).or_default();
-            if link.push_due(local, &timing, connection) {
+            let actions = self.link_memory(i, r).on_tick(
+                local,
+                &self.link_timing(),
+                self.connection(i, r),
+                send,
+                [],
+            );
+            if actions.contains(&LinkAction::Push) {
                 self.push(i, r);
             }
         }
@@ -1142,7 +1152,7 @@ impl World {
             .unwrap_or(Connection::Permanent)
     }
 
-    /// The engine's rule ([`LinkMemory::renewal_due`]) for the link's connection, on the
+    /// The engine's tick ([`LinkMemory::on_tick`]) for receiver `r` of donor `d`, on the
     /// grants' renewal points as of the last apply.
     fn renewal_due(&self, r: usize, d: usize, local: i64) -> bool {
         let donor = &self.servers[d].id;
@@ -1151,12 +1161,19 @@ impl World {
             .iter()
             .filter(|(from, ..)| from == donor)
             .map(|(_, issued, until, usable)| (*issued, *until, *usable));
-        match self.servers[r].links.get(&d) {
-            Some(link) => {
-                link.renewal_due(local, &self.link_timing(), self.connection(d, r), points)
-            }
-            None => true,
-        }
+        let receive = Roles {
+            send: false,
+            receive: true,
+        };
+        self.link_memory(r, d)
+            .on_tick(
+                local,
+                &self.link_timing(),
+                self.connection(d, r),
+                receive,
+                points,
+            )
+            .contains(&LinkAction::RequestRenewal)
     }
 
     /// The link timers of every simulated server.

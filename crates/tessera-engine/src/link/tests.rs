@@ -280,3 +280,63 @@ fn pushes_follow_the_sync_period_and_a_failure_rests_the_link() {
     assert!(memory.resting(BASE_MS + TIMING.retry_ms - 1, &TIMING));
     assert!(!memory.resting(BASE_MS + TIMING.retry_ms, &TIMING));
 }
+
+#[test]
+fn a_tick_calls_for_each_role_what_is_due_and_nothing_while_a_failure_rests() {
+    let both = Roles {
+        send: true,
+        receive: true,
+    };
+    let fresh = LinkMemory::default();
+    assert_eq!(
+        fresh.on_tick(BASE_MS, &TIMING, Connection::Permanent, both, []),
+        [LinkAction::Push, LinkAction::RequestRenewal],
+        "a link never used: push and ask at once"
+    );
+    let receive_only = Roles {
+        send: false,
+        receive: true,
+    };
+    assert_eq!(
+        fresh.on_tick(BASE_MS, &TIMING, Connection::Permanent, receive_only, []),
+        [LinkAction::RequestRenewal]
+    );
+    let done = LinkMemory {
+        last_push_ms: Some(BASE_MS),
+        last_renew_ms: Some(BASE_MS),
+        ..LinkMemory::default()
+    };
+    let later = BASE_MS + TIMING.sync_period_ms - 1;
+    assert!(
+        done.on_tick(later, &TIMING, Connection::Permanent, both, [])
+            .is_empty()
+    );
+    let failed = LinkMemory {
+        last_failure_ms: Some(BASE_MS),
+        ..LinkMemory::default()
+    };
+    assert!(
+        failed
+            .on_tick(
+                BASE_MS + TIMING.retry_ms - 1,
+                &TIMING,
+                Connection::Permanent,
+                both,
+                []
+            )
+            .is_empty(),
+        "a failure rests the link for its retry time"
+    );
+    assert_eq!(
+        failed
+            .on_tick(
+                BASE_MS + TIMING.retry_ms,
+                &TIMING,
+                Connection::Permanent,
+                both,
+                []
+            )
+            .len(),
+        2
+    );
+}

@@ -1115,35 +1115,33 @@ impl AppState {
             .collect()
     }
 
-    /// What is due on one link: as donor, the push ([`LinkMemory::push_due`]); as receiver,
-    /// the renewal request ([`LinkMemory::renewal_due`]).
+    /// What is due on one link (`tessera_engine::link::LinkMemory::on_tick`), carried out:
+    /// as donor the push, as receiver the renewal request.
     async fn neighbour_due(&self, neighbour: &Neighbour, now_ms: i64) -> Vec<String> {
-        let mut errors = Vec::new();
         let memory = self.links.get(&neighbour.id).memory;
-        let timing = self.link_timing();
-        if memory.resting(now_ms, &timing) {
-            return errors;
-        }
         let connection = match neighbour.connection {
             Connection::Permanent => link::Connection::Permanent,
             Connection::Periodic { reconnect_period } => link::Connection::Periodic {
                 reconnect_ms: reconnect_period.as_millis() as i64,
             },
         };
-        if neighbour.send
-            && memory.push_due(now_ms, &timing, connection)
-            && let Err(error) = self.push_grants(neighbour).await
-        {
-            errors.push(error.to_string());
-        }
+        let roles = link::Roles {
+            send: neighbour.send,
+            receive: neighbour.receive,
+        };
         let grants = self
             .consensus
             .read(|ledger| link::grant_points(ledger, &neighbour.id));
-        if neighbour.receive
-            && memory.renewal_due(now_ms, &timing, connection, grants)
-            && let Err(error) = self.request_renewal(neighbour).await
-        {
-            errors.push(error.to_string());
+        let actions = memory.on_tick(now_ms, &self.link_timing(), connection, roles, grants);
+        let mut errors = Vec::new();
+        for action in actions {
+            let done = match action {
+                link::LinkAction::Push => self.push_grants(neighbour).await.map(drop),
+                link::LinkAction::RequestRenewal => self.request_renewal(neighbour).await,
+            };
+            if let Err(error) = done {
+                errors.push(error.to_string());
+            }
         }
         errors
     }
