@@ -96,27 +96,39 @@ pub enum Channel {
 /// Rule 5, pure: a request's stated time may be at most a day ahead of the authority's
 /// clock; an online request at most a day behind; a request file at most 366 days behind
 /// (older, it is past any certificate it could renew). `Err` holds why.
-pub fn check_clock(channel: Channel, stated_ms: i64, now_ms: i64) -> Result<(), String> {
+pub fn check_clock(channel: Channel, stated_ms: i64, now_ms: i64) -> Result<(), ClockSkew> {
     let hours = |ms: i64| ms / 3_600_000;
     if stated_ms > now_ms.saturating_add(MAX_CLOCK_SKEW_MS) {
-        return Err(format!(
-            "{} hours ahead; at most {} allowed",
-            hours(stated_ms - now_ms),
-            hours(MAX_CLOCK_SKEW_MS)
-        ));
+        return Err(ClockSkew::Ahead {
+            hours: hours(stated_ms - now_ms),
+            allowed_hours: hours(MAX_CLOCK_SKEW_MS),
+        });
     }
     let (limit, what) = match channel {
         Channel::Online => (MAX_CLOCK_SKEW_MS, "an online request"),
         Channel::File => (CERTIFICATE_VALIDITY_DAYS * DAY_MS, "a request file"),
     };
     if stated_ms < now_ms.saturating_sub(limit) {
-        return Err(format!(
-            "{} hours behind; {what} may be at most {} hours behind",
-            hours(now_ms - stated_ms),
-            hours(limit)
-        ));
+        return Err(ClockSkew::Behind {
+            hours: hours(now_ms - stated_ms),
+            what,
+            allowed_hours: hours(limit),
+        });
     }
     Ok(())
+}
+
+/// How far a request's stated time is from the authority's clock ([`check_clock`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ClockSkew {
+    #[error("{hours} hours ahead; at most {allowed_hours} allowed")]
+    Ahead { hours: i64, allowed_hours: i64 },
+    #[error("{hours} hours behind; {what} may be at most {allowed_hours} hours behind")]
+    Behind {
+        hours: i64,
+        what: &'static str,
+        allowed_hours: i64,
+    },
 }
 
 /// Rule 1: the request is signed by the key it carries.
@@ -159,7 +171,8 @@ pub fn answer(
         }
     };
     let claim = Claim::of(asked);
-    if let Err(detail) = check_clock(channel, asked.created_at.as_millisecond(), now_ms) {
+    if let Err(skew) = check_clock(channel, asked.created_at.as_millisecond(), now_ms) {
+        let detail = skew.to_string();
         chain::record_alert(
             &transaction,
             &server.server_id,

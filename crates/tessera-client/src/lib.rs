@@ -192,18 +192,28 @@ pub struct Client {
 
 /// The HTTP client of the SDK: HTTPS (rustls) trusting the system's roots and `ca` (`None`:
 /// `$TESSERA_CA`, if set); `exactly`: not reading the environment.
-fn http_client(ca: Option<&std::path::Path>, exactly: bool) -> Result<reqwest::Client, String> {
+fn http_client(
+    ca: Option<&std::path::Path>,
+    exactly: bool,
+) -> Result<reqwest::Client, HttpSetupError> {
     let builder = if exactly {
         tessera_tls::client_builder_exactly(ca)
     } else {
         tessera_tls::client_builder(ca)
     };
-    builder
-        .map_err(|e| e.to_string())?
+    Ok(builder?
         .timeout(Duration::from_secs(10))
         .connect_timeout(Duration::from_secs(1))
-        .build()
-        .map_err(|e| e.to_string())
+        .build()?)
+}
+
+/// Why the SDK's HTTP client could not be set up.
+#[derive(Debug, thiserror::Error)]
+enum HttpSetupError {
+    #[error(transparent)]
+    Tls(#[from] tessera_tls::TlsError),
+    #[error(transparent)]
+    Http(#[from] reqwest::Error),
 }
 
 /// The header carrying a lease's secret on heartbeat and checkin.
@@ -289,8 +299,9 @@ impl Client {
     /// This client trusting the CA (PEM) in `path` for HTTPS, besides the system's roots
     /// (`--ca` of the CLI).
     pub fn with_ca_file(mut self, path: &std::path::Path) -> Result<Client, ClientError> {
-        self.http =
-            http_client(Some(path), true).map_err(|message| ClientError::Invalid { message })?;
+        self.http = http_client(Some(path), true).map_err(|error| ClientError::Invalid {
+            message: error.to_string(),
+        })?;
         self.setup_error = None;
         Ok(self)
     }

@@ -67,15 +67,32 @@ pub(crate) enum Write {
     Snapshot { meta: String, data: Vec<u8> },
 }
 
+/// A write that failed, as told to every writer whose write was in its transaction.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct WriteFailed(Arc<StoreError>);
+
+impl From<StoreError> for WriteFailed {
+    fn from(error: StoreError) -> WriteFailed {
+        WriteFailed(Arc::new(error))
+    }
+}
+
+impl From<rusqlite::Error> for WriteFailed {
+    fn from(error: rusqlite::Error) -> WriteFailed {
+        StoreError::from(error).into()
+    }
+}
+
 /// Whom to tell once the write is durable (or failed).
 pub(crate) enum Done {
     Flushed(IOFlushed<TypeConfig>),
-    Reply(oneshot::Sender<Result<(), String>>),
+    Reply(oneshot::Sender<Result<(), WriteFailed>>),
     Nothing,
 }
 
 impl Done {
-    fn notify(self, result: &Result<(), String>) {
+    fn notify(self, result: &Result<(), WriteFailed>) {
         match self {
             Done::Flushed(callback) => {
                 callback.io_completed(result.clone().map_err(io::Error::other));
@@ -99,8 +116,8 @@ enum Request {
     /// The committed log id as JSON (`None`: none), written with a later transaction of other
     /// writes (at most once every [`COMMITTED_RIDE_EVERY_MS`]) or alone when the writer idles.
     Committed(Option<String>),
-    LoadSnapshot(oneshot::Sender<Result<Option<StoredSnapshot>, String>>),
-    ReadChain(Option<u64>, oneshot::Sender<Result<ChainRead, String>>),
+    LoadSnapshot(oneshot::Sender<Result<Option<StoredSnapshot>, StoreError>>),
+    ReadChain(Option<u64>, oneshot::Sender<Result<ChainRead, StoreError>>),
 }
 
 /// The log's hash chain as stored: the last entry's (index, chain value), and the chain
@@ -252,11 +269,11 @@ impl Writer {
                 if let Err(mpsc::SendError(Request::Write(_, done))) =
                     tx.send(Request::Write(write, done))
                 {
-                    done.notify(&Err(StoreError::WriterStopped.to_string()));
+                    done.notify(&Err(StoreError::WriterStopped.into()));
                 }
             }
             Mode::Inline(inline) => inline.submit(write, done),
-            Mode::Stopped => done.notify(&Err(StoreError::WriterStopped.to_string())),
+            Mode::Stopped => done.notify(&Err(StoreError::WriterStopped.into())),
         }
     }
 
@@ -391,7 +408,7 @@ impl Inline {
 
     fn commit_now(&self, write: Write, done: Done) {
         let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        let result = commit(&mut conn, std::iter::once(&write)).map_err(|e| e.to_string());
+        let result = commit(&mut conn, std::iter::once(&write)).map_err(WriteFailed::from);
         if result.is_ok() {
             self.stats.record(1);
         }
@@ -557,7 +574,7 @@ fn write_batch(
             .map(|(write, _)| write)
             .chain(committed.as_ref()),
     )
-    .map_err(|e| e.to_string());
+    .map_err(WriteFailed::from);
     match &result {
         Ok(()) => stats.record((writes.len() + usize::from(committed.is_some())) as u64),
         Err(message) if writes.is_empty() => {
@@ -570,7 +587,7 @@ fn write_batch(
     }
 }
 
-fn read_chain(conn: &Connection, at: Option<u64>) -> Result<ChainRead, String> {
+fn read_chain(conn: &Connection, at: Option<u64>) -> Result<ChainRead, StoreError> {
     let hash =
         |bytes: Option<Vec<u8>>| bytes.and_then(|b| chain::Hash::try_from(b.as_slice()).ok());
     let head = conn
@@ -579,8 +596,7 @@ fn read_chain(conn: &Connection, at: Option<u64>) -> Result<ChainRead, String> {
             [],
             |row| Ok((row.get::<_, i64>(0)?, row.get::<_, Option<Vec<u8>>>(1)?)),
         )
-        .optional()
-        .map_err(|e| e.to_string())?
+        .optional()?
         .and_then(|(index, chain)| Some((u64::try_from(index).ok()?, hash(chain)?)));
     let at = match at {
         Some(index) => conn
@@ -589,22 +605,21 @@ fn read_chain(conn: &Connection, at: Option<u64>) -> Result<ChainRead, String> {
                 params![sql_index(index)],
                 |row| row.get::<_, Option<Vec<u8>>>(0),
             )
-            .optional()
-            .map_err(|e| e.to_string())?
+            .optional()?
             .and_then(hash),
         None => None,
     };
     Ok(ChainRead { head, at })
 }
 
-fn read_snapshot(conn: &Connection) -> Result<Option<StoredSnapshot>, String> {
-    conn.query_row(
-        "SELECT meta, data FROM raft_snapshot WHERE id = 1",
-        [],
-        |row| Ok((row.get(0)?, row.get(1)?)),
-    )
-    .optional()
-    .map_err(|e| e.to_string())
+fn read_snapshot(conn: &Connection) -> Result<Option<StoredSnapshot>, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT meta, data FROM raft_snapshot WHERE id = 1",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .optional()?)
 }
 
 /// Why the stored snapshot does not match its digest (`None`: it does, or there is none).
@@ -783,7 +798,7 @@ mod tests {
         drop(tx);
         let stats = WriterStats::default();
         run(migrated(dir.path()), rx, stats.clone(), HOUR, None);
-        assert_eq!(flushed.try_recv().expect("append answered"), Ok(()));
+        assert!(flushed.try_recv().expect("append answered").is_ok());
         // One transaction for the append and the newest committed id, none of its own.
         assert_eq!((stats.transactions(), stats.writes()), (1, 2));
         let conn = migrated(dir.path());
