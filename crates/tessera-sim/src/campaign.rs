@@ -67,12 +67,17 @@ impl Schedule {
                     .map(|report| report.summary())
                     .map_err(|violation| violation.to_string())
             }
+            #[cfg(feature = "domain")]
             Schedule::Domain { hosts, seed } => crate::domain::run(crate::domain::DomainConfig {
                 hosts,
                 ..crate::domain::DomainConfig::ci(seed)
             })
             .map(|report| report.summary())
             .map_err(|violation| violation.to_string()),
+            #[cfg(not(feature = "domain"))]
+            Schedule::Domain { hosts, seed } => Err(format!(
+                "--domain {hosts} --seed {seed}: built without the domain feature"
+            )),
         }
     }
 }
@@ -83,7 +88,12 @@ const NETWORK_DAYS: i64 = 20;
 /// The `n` schedules of a campaign whose seeds start at `first_seed`, in the mix of the
 /// module docs (every class gets at least one schedule once `n` ≥ 4).
 pub fn plan(n: u64, first_seed: u64) -> Vec<Schedule> {
-    let domains = (n * 3 / 100).max(n.min(1));
+    // Without the `domain` feature (networks and pairs only), no domain schedules.
+    let domains = if cfg!(feature = "domain") {
+        (n * 3 / 100).max(n.min(1))
+    } else {
+        0
+    };
     let networks = (n * 2 / 100).max(u64::from(n >= 2));
     let contended = (n * 30 / 100).max(u64::from(n >= 3));
     let pairs = n.saturating_sub(domains + networks + contended);

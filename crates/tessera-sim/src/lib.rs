@@ -184,6 +184,7 @@
 //! ```
 
 pub mod campaign;
+#[cfg(feature = "domain")]
 pub mod domain;
 pub mod pair;
 mod rng;

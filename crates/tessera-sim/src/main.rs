@@ -181,25 +181,8 @@ fn main() -> ExitCode {
     let mut failed = 0;
     for &seed in &options.seeds {
         if let Some(hosts) = options.domain {
-            let config = tessera_sim::domain::DomainConfig {
-                hosts,
-                broken_backup_answers: options.domain_broken,
-                broken_leader_restore: options.domain_leader_restore,
-                ..tessera_sim::domain::DomainConfig::ci(seed)
-            };
-            match tessera_sim::domain::run(config) {
-                Ok(report) => println!("{}", report.summary()),
-                Err(violation) => {
-                    let broken = match (options.domain_broken, options.domain_leader_restore) {
-                        (true, _) => " --broken backup-answers",
-                        (_, true) => " --broken leader-restore",
-                        _ => "",
-                    };
-                    println!(
-                        "FAILED: {violation} (replay: tessera-sim --domain {hosts} --seed {seed}{broken})"
-                    );
-                    failed += 1;
-                }
+            if !run_domain(&options, hosts, seed) {
+                failed += 1;
             }
             continue;
         }
@@ -257,4 +240,42 @@ fn main() -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// One domain schedule (`--domain N`): the server's real consensus on turmoil. `false`: it
+/// failed (the line says how to replay it).
+#[cfg(feature = "domain")]
+fn run_domain(options: &Options, hosts: usize, seed: u64) -> bool {
+    let config = tessera_sim::domain::DomainConfig {
+        hosts,
+        broken_backup_answers: options.domain_broken,
+        broken_leader_restore: options.domain_leader_restore,
+        ..tessera_sim::domain::DomainConfig::ci(seed)
+    };
+    match tessera_sim::domain::run(config) {
+        Ok(report) => {
+            println!("{}", report.summary());
+            true
+        }
+        Err(violation) => {
+            let broken = match (options.domain_broken, options.domain_leader_restore) {
+                (true, _) => " --broken backup-answers",
+                (_, true) => " --broken leader-restore",
+                _ => "",
+            };
+            println!(
+                "FAILED: {violation} (replay: tessera-sim --domain {hosts} --seed {seed}{broken})"
+            );
+            false
+        }
+    }
+}
+
+/// Built without the `domain` feature (networks and pairs only, without tessera-server).
+#[cfg(not(feature = "domain"))]
+fn run_domain(_options: &Options, hosts: usize, seed: u64) -> bool {
+    println!(
+        "FAILED: --domain {hosts} --seed {seed}: this tessera-sim was built without the domain feature (cargo build -p tessera-sim)"
+    );
+    false
 }

@@ -648,6 +648,7 @@ fn broken_pair_rules_are_caught() {
 /// turmoil's network: hosts killed and restarted, links cut; no seed may over-issue or lose
 /// an acknowledged lease, and every host converges.
 #[test]
+#[cfg(feature = "domain")]
 fn a_domain_on_a_simulated_network_never_over_issues_nor_loses_an_acknowledged_lease() {
     use tessera_sim::domain::{DomainConfig, run};
     for seed in 1..4 {
@@ -668,6 +669,7 @@ fn a_domain_on_a_simulated_network_never_over_issues_nor_loses_an_acknowledged_l
 /// itself. (openraft's election timeouts are not seeded, so a seed does not always replay the
 /// same elections: the test asks for one catch in ten seeds, where about six are caught.)
 #[test]
+#[cfg(feature = "domain")]
 fn the_domain_simulation_catches_a_restored_leader_splitting_the_log() {
     use tessera_sim::domain::{DomainConfig, run};
     let violations: Vec<String> = (1..=10)
@@ -690,6 +692,7 @@ fn the_domain_simulation_catches_a_restored_leader_splitting_the_log() {
 
 /// The checks can fail: a backup that answers checkouts from its own replica is caught.
 #[test]
+#[cfg(feature = "domain")]
 fn the_domain_simulation_catches_a_backup_issuing_from_its_replica() {
     use tessera_sim::domain::{DomainConfig, run};
     let caught = (1..4)
@@ -710,6 +713,7 @@ fn the_domain_simulation_catches_a_backup_issuing_from_its_replica() {
 /// pairs, contended networks, the CI network, 3- and 5-host domains — with seeds that differ
 /// from the other tests', through the same plan and runner as the long one.
 #[test]
+#[cfg(feature = "domain")]
 fn a_slice_of_the_campaign_passes_in_every_class() {
     use tessera_sim::campaign::{Schedule, plan, run};
     let plan = plan(20, 5_000);
