@@ -570,3 +570,29 @@ pub struct AuditVerification {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub countersigned: Option<i64>,
 }
+
+/// The answer of `GET /v1/domain`: a domain's hosts as one host sees them.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct DomainStatus {
+    /// The host whose view this is (the primary's when the answering host could reach it).
+    pub view_of: u64,
+    /// The host that answered the request.
+    pub answered_by: u64,
+    pub primary: Option<u64>,
+    /// Whether the view's host is the primary and has heard from a majority recently.
+    pub quorum: bool,
+    pub hosts: Vec<DomainHost>,
+}
+
+/// One host of [`DomainStatus`].
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[schema(as = HostJson)]
+pub struct DomainHost {
+    pub host: u64,
+    pub address: Option<String>,
+    /// `primary` or `backup`.
+    pub role: String,
+    pub healthy: bool,
+    pub replication_lag: Option<u64>,
+    pub last_contact_ms: Option<u64>,
+}

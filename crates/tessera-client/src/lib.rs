@@ -1076,27 +1076,8 @@ fn hosts_of(members: &serde_json::Value) -> Vec<u64> {
         .unwrap_or_default()
 }
 
-/// `GET /v1/domain`.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct DomainStatus {
-    /// The host whose view this is (the primary's when the answering host could reach it).
-    pub view_of: u64,
-    pub answered_by: u64,
-    pub primary: Option<u64>,
-    pub quorum: bool,
-    pub hosts: Vec<HostStatus>,
-}
-
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct HostStatus {
-    pub host: u64,
-    pub address: Option<String>,
-    /// "primary" or "backup".
-    pub role: String,
-    pub healthy: bool,
-    pub replication_lag: Option<u64>,
-    pub last_contact_ms: Option<u64>,
-}
+/// `GET /v1/domain` (the server's own type).
+pub use tessera_api::{DomainHost as HostStatus, DomainStatus};
 
 /// `value` for a URL query: unreserved characters as they are, every other byte as `%XX`.
 fn percent_encode(value: &str) -> String {

@@ -1,29 +1,7 @@
 //! A domain's hosts as this host sees them (`GET /v1/domain`, the console's domain panel):
 //! a view over the consensus, used by the HTTP and console layers only.
 
-/// The answer of `GET /v1/domain`.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
-pub struct DomainStatus {
-    /// The host whose view this is (the primary's when it could be reached).
-    pub view_of: u64,
-    /// The host that answered the request.
-    pub answered_by: u64,
-    pub primary: Option<u64>,
-    /// Whether the view's host is the primary and has heard from a majority recently.
-    pub quorum: bool,
-    pub hosts: Vec<HostJson>,
-}
-
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
-pub struct HostJson {
-    pub host: u64,
-    pub address: Option<String>,
-    /// `primary` or `backup`.
-    pub role: String,
-    pub healthy: bool,
-    pub replication_lag: Option<u64>,
-    pub last_contact_ms: Option<u64>,
-}
+pub use tessera_api::{DomainHost as HostJson, DomainStatus};
 
 impl From<crate::consensus::HostView> for HostJson {
     fn from(view: crate::consensus::HostView) -> HostJson {
